@@ -1,0 +1,89 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout: ``<run>/checkpoints/step_00000100/`` holds every rank's shards of the model and
+optimizer state plus ``trainer_state.json``. A checkpoint is written under
+``step_XXXXXXXX.tmp`` and renamed by rank 0 only after every rank has finished writing,
+so a folder without ``.tmp`` is always complete; leftovers of interrupted writes are ignored
+and cleaned up by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from normopt.errors import UserError
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+TRAINER_STATE = "trainer_state.json"
+
+
+def step_dir(checkpoint_dir: Path, step: int) -> Path:
+    return checkpoint_dir / f"step_{step:08d}"
+
+
+def complete_steps(checkpoint_dir: Path) -> list[int]:
+    """Steps with a complete checkpoint, ascending."""
+    if not checkpoint_dir.is_dir():
+        return []
+    steps = []
+    for child in checkpoint_dir.iterdir():
+        match = STEP_DIR.match(child.name)
+        if match and (child / TRAINER_STATE).is_file():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _state(model: nn.Module, optimizers: list) -> dict:
+    model_sd, optim_sd = get_state_dict(model, optimizers)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def save_checkpoint(checkpoint_dir: Path, step: int, model: nn.Module, optimizers: list,
+                    trainer_state: dict, is_main: bool, keep_latest_k: int) -> Path:
+    """Write a complete checkpoint for ``step`` on every rank, then prune old ones."""
+    final = step_dir(checkpoint_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if is_main:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    dcp.save(_state(model, optimizers), checkpoint_id=str(tmp))
+    _barrier()
+    if is_main:
+        (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in complete_steps(checkpoint_dir)[:-keep_latest_k]:
+            shutil.rmtree(step_dir(checkpoint_dir, old), ignore_errors=True)
+        for stale in checkpoint_dir.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizers: list) -> dict:
+    """Load model and optimizer state in place (any world size); return the trainer state."""
+    state_file = path / TRAINER_STATE
+    if not state_file.is_file():
+        raise UserError(f"checkpoint {path} is incomplete or missing ({TRAINER_STATE} not found)")
+    state = _state(model, optimizers)
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load checkpoint {path}: {reason[:300]}") from None
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return json.loads(state_file.read_text())

@@ -1,0 +1,322 @@
+"""Typed run configuration: YAML file + ``dotted.key=value`` overrides -> validated dataclasses.
+
+Every key has a type and a default here; a YAML file or a command-line override may only
+set keys that exist, with values of the right type. All checks run before any work starts
+and fail with :class:`~normopt.errors.UserError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from normopt.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+NormName = Literal["rmsnorm", "dyt", "derf", "derf_ema"]
+OptimName = Literal["adamw", "muon", "normuon"]
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/demo"  # the run directory: config, metrics, TensorBoard, checkpoints
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # file, folder, glob or hub dataset name; empty = built-in Shakespeare
+    hub_config: str = ""  # hub dataset configuration name, if the dataset has several
+    split: str = "train"
+    text_column: str = "text"
+    streaming: bool = False  # stream a hub dataset instead of downloading it whole
+    max_tokens: int = 0  # stop reading the corpus after this many tokens (0 = all)
+    tokenizer: str = ""  # a tokenizer.json; empty = train a byte-level BPE on the corpus
+    vocab_size: int = 8192  # for the trained BPE
+    val_fraction: float = 0.05  # tail of the token stream held out for evaluation
+    cache_dir: str = ""  # empty = $NORMOPT_CACHE or ~/.cache/normopt
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "debug"
+    norm: NormName = "rmsnorm"
+    # Optional overrides of the preset's shape (None = the preset's value).
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    ffn_hidden: int | None = None
+    tie_embeddings: bool | None = None
+    rope_theta: float | None = None
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    # DyT / Derf alpha initialisation per norm location (DyT paper: attention/FFN/final).
+    alpha_init_attn: float = 0.5
+    alpha_init_ffn: float = 0.5
+    alpha_init_final: float = 0.5
+    derf_shift_init: float = 0.0
+    # derf_ema: running input-scale estimate blended into the erf argument.
+    derf_ema_momentum: float = 0.99
+    derf_ema_blend: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    name: OptimName = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # Norm gains/biases, DyT/Derf scalars and embeddings get no weight decay unless set.
+    decay_norms_and_embeddings: bool = False
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    schedule: Literal["warmup_cosine", "constant", "wsd"] = "warmup_cosine"
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # final lr / peak lr for cosine and WSD
+    decay_fraction: float = 0.2  # WSD: share of steps spent in the final decay
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300  # optimizer steps
+    global_batch_size: int = 16  # sequences per optimizer step over all ranks
+    micro_batch_size: int = 16  # sequences per forward/backward on one rank
+    seq_len: int = 256
+    seed: int = 0
+    eval_interval: int = 100  # evaluate every N steps (and at the end); 0 = only at the end
+    eval_sequences: int = 256  # validation sequences per evaluation, over all ranks (0 = all)
+    log_interval: int = 10
+    # compute dtype (FSDP2 policy; master weights stay fp32). auto = bfloat16 on CUDA, float32
+    # on CPU (many CPUs lack native bf16 matmuls and run them 50x slower than fp32)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    mfu_probe: bool = True  # on CPU, measure the matmul peak at start for MFU
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # save every N steps (0 = only at the end)
+    keep_latest_k: int = 2
+    resume: str = "auto"  # auto | never | a step number
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Return ``value`` as ``annotation`` or raise a UserError naming ``key``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        non_none = [a for a in options if a is not type(None)]
+        return _coerce(key, value, non_none[0])
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise UserError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 3e-4 (no dot) as a string; accept any float literal
+            try:
+                value = float(value)
+            except ValueError:
+                raise UserError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):
+                raise UserError(f"{key}: expected a finite number, got {value!r}")
+            return float(value)
+        raise UserError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if value is None:
+            return ""
+        raise UserError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _apply(cfg: Config, key: str, value: Any, *, from_text: bool) -> None:
+    """Set ``cfg.<section>.<name> = value`` after checking that the key and type exist."""
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise UserError(f"{key}: config keys have the form section.name (e.g. optim.lr)")
+    section_name, name = parts
+    section_types = _section_types(Config)
+    if section_name not in section_types:
+        raise UserError(
+            f"{key}: unknown config section {section_name!r} "
+            f"(sections: {', '.join(section_types)})"
+        )
+    section = getattr(cfg, section_name)
+    field_types = _section_types(type(section))
+    if name not in field_types:
+        raise UserError(f"{key}: unknown config key")
+    annotation = field_types[name]
+    if from_text and not _accepts_plain_str(annotation):
+        try:
+            value = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise UserError(f"{key}: cannot parse value {value!r}") from None
+    setattr(section, name, _coerce(key, value, annotation))
+
+
+def _accepts_plain_str(annotation: Any) -> bool:
+    """Strings (paths, names) take the override text verbatim: ``data.path=`` means empty."""
+    return annotation is str
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (default: configs/demo.yaml), apply overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
+        raise UserError(f"{path}: cannot parse YAML ({first})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: top level must be a mapping of sections")
+    cfg = Config()
+    for section_name, entries in raw.items():
+        if not isinstance(entries, dict):
+            raise UserError(f"{section_name}: expected a mapping of keys, got {entries!r}")
+        for name, value in entries.items():
+            _apply(cfg, f"{section_name}.{name}", value, from_text=False)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r}: expected dotted.key=value")
+        key, value = item.split("=", 1)
+        _apply(cfg, key.strip(), value, from_text=True)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Rebuild a Config from :meth:`Config.to_dict` output (e.g. a saved config.yaml)."""
+    cfg = Config()
+    for section_name, entries in raw.items():
+        for name, value in (entries or {}).items():
+            _apply(cfg, f"{section_name}.{name}", value, from_text=False)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise UserError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Refuse impossible values; the model shape is checked against its preset too."""
+    from normopt.models.presets import PRESETS, resolve_model_args
+
+    _require(bool(cfg.run.dir.strip()), "run.dir", "must not be empty")
+    d = cfg.data
+    _require(d.vocab_size >= 260, "data.vocab_size", "must be at least 260 (256 bytes + specials)")
+    _require(0.0 < d.val_fraction < 0.5, "data.val_fraction", "must be in (0, 0.5)")
+    _require(d.max_tokens >= 0, "data.max_tokens", "must be >= 0")
+
+    m = cfg.model
+    _require(m.preset in PRESETS, "model.preset",
+             f"unknown preset {m.preset!r} (presets: {', '.join(PRESETS)})")
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden"):
+        value = getattr(m, name)
+        _require(value is None or value > 0, f"model.{name}", "must be positive")
+    _require(m.norm_eps > 0, "model.norm_eps", "must be positive")
+    _require(m.init_std > 0, "model.init_std", "must be positive")
+    for name in ("alpha_init_attn", "alpha_init_ffn", "alpha_init_final"):
+        _require(getattr(m, name) > 0, f"model.{name}", "must be positive")
+    _require(0.0 <= m.derf_ema_momentum < 1.0, "model.derf_ema_momentum", "must be in [0, 1)")
+    _require(0.0 <= m.derf_ema_blend <= 1.0, "model.derf_ema_blend", "must be in [0, 1]")
+    args = resolve_model_args(m, vocab_size=d.vocab_size)
+    _require(args.dim % args.n_heads == 0, "model.n_heads",
+             f"{args.n_heads} heads do not divide dim {args.dim}")
+    _require(args.head_dim % 2 == 0, "model.n_heads", f"head dim {args.head_dim} must be even for RoPE")
+    _require(args.n_heads % args.n_kv_heads == 0, "model.n_kv_heads",
+             f"{args.n_kv_heads} KV heads do not divide {args.n_heads} heads")
+
+    o = cfg.optim
+    _require(o.lr > 0, "optim.lr", "must be positive")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(0 <= o.beta1 < 1, "optim.beta1", "must be in [0, 1)")
+    _require(0 <= o.beta2 < 1, "optim.beta2", "must be in [0, 1)")
+    _require(o.eps > 0, "optim.eps", "must be positive")
+    _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
+
+    t = cfg.train
+    _require(t.steps > 0, "train.steps", "must be positive")
+    _require(t.global_batch_size > 0, "train.global_batch_size", "must be positive")
+    _require(t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
+    _require(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
+             f"{t.global_batch_size} is not a multiple of train.micro_batch_size ({t.micro_batch_size})")
+    _require(t.seq_len > 0, "train.seq_len", "must be positive")
+    _require(t.seed >= 0, "train.seed", "must be >= 0")
+    _require(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
+    _require(t.eval_sequences >= 0, "train.eval_sequences", "must be >= 0 (0 = the whole split)")
+    _require(t.log_interval > 0, "train.log_interval", "must be positive")
+
+    c = cfg.checkpoint
+    _require(c.interval >= 0, "checkpoint.interval", "must be >= 0 (0 = only at the end)")
+    _require(c.keep_latest_k >= 1, "checkpoint.keep_latest_k", "must be at least 1")
+    _require(c.resume in ("auto", "never") or c.resume.isdigit(), "checkpoint.resume",
+             f"{c.resume!r} is not auto, never or a step number")
+
+
+def check_world_size(cfg: Config, world_size: int) -> int:
+    """Return gradient-accumulation steps for ``world_size`` ranks, or refuse the split."""
+    t = cfg.train
+    per_step = t.micro_batch_size * world_size
+    _require(t.global_batch_size % per_step == 0, "train.global_batch_size",
+             f"{t.global_batch_size} sequences cannot be split into micro-batches of "
+             f"{t.micro_batch_size} on {world_size} ranks")
+    return t.global_batch_size // per_step

@@ -1,0 +1,193 @@
+"""Tokenise a corpus once into a flat token file, then memory-map it for training.
+
+Layout of a prepared corpus (one folder per corpus x tokenizer under the cache dir):
+``tokens.bin`` (documents' tokens, each followed by EOS, as uint16 or uint32),
+``tokenizer.json`` and ``meta.json`` (counts, EOS id, unigram entropy). The validation
+split is the tail ``val_fraction`` of the token stream, the training split everything
+before it: the two never share a token. Folders appear only when complete (written under a
+temporary name, then renamed), so an interrupted preparation is redone, never half-read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from normopt.data.corpus import CorpusSpec, default_cache_dir, iter_documents, resolve_corpus
+from normopt.data.tokenizer import eos_id, load_tokenizer, train_bpe
+from normopt.errors import UserError
+
+ENCODE_BATCH = 512
+# bytes of text per token assumed when capping tokenizer training at data.max_tokens
+BYTES_PER_TOKEN_GUESS = 4
+
+
+@dataclass
+class TokenData:
+    """A prepared corpus: the memory-mapped token stream and what is known about it."""
+
+    tokens: np.ndarray
+    val_start: int  # index of the first validation token
+    eos_id: int
+    vocab_size: int
+    unigram_entropy: float  # nats, over the training split
+    folder: Path
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.folder / "tokenizer.json"
+
+    def num_sequences(self, seq_len: int, split: str) -> int:
+        """Non-overlapping windows of seq_len + 1 tokens (inputs and shifted targets)."""
+        span = self.val_start if split == "train" else len(self.tokens) - self.val_start
+        return span // (seq_len + 1)
+
+    def sequences(self, indices: np.ndarray, seq_len: int, split: str) -> np.ndarray:
+        """Windows ``indices`` of a split as an int64 array of shape (len(indices), seq_len + 1)."""
+        base = 0 if split == "train" else self.val_start
+        starts = base + np.asarray(indices, dtype=np.int64) * (seq_len + 1)
+        window = np.arange(seq_len + 1, dtype=np.int64)
+        return self.tokens[starts[:, None] + window].astype(np.int64)
+
+
+def unigram_entropy(counts: np.ndarray) -> float:
+    """H = -sum_i p_i ln p_i (nats) with p_i = counts_i / sum(counts)."""
+    p = counts[counts > 0].astype(np.float64)
+    p /= p.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def _limited(docs: Iterator[str], max_bytes: int) -> Iterator[str]:
+    seen = 0
+    for doc in docs:
+        yield doc
+        seen += len(doc)
+        if max_bytes and seen >= max_bytes:
+            return
+
+
+def _tokenizer_identity(data_cfg) -> str:
+    if data_cfg.tokenizer:
+        path = Path(data_cfg.tokenizer).expanduser()
+        if not path.is_file():
+            raise UserError(f"data.tokenizer: no such file {path}")
+        return "file-" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return f"bpe{data_cfg.vocab_size}"
+
+
+def prepared_folder(data_cfg, spec: CorpusSpec) -> Path:
+    key = f"{spec.fingerprint()}-{_tokenizer_identity(data_cfg)}-max{data_cfg.max_tokens}"
+    return default_cache_dir(data_cfg.cache_dir) / "prepared" / key
+
+
+def prepare_corpus(data_cfg, log=print) -> Path:
+    """Make sure the corpus named by ``data_cfg`` is tokenised; return its folder.
+
+    Call it on one process (rank 0) while the others wait: it is idempotent and cheap when
+    the folder already exists.
+    """
+    spec = resolve_corpus(data_cfg)
+    folder = prepared_folder(data_cfg, spec)
+    if (folder / "meta.json").exists():
+        return folder
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _build(data_cfg, spec, tmp, log)
+        if folder.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _build(data_cfg, spec: CorpusSpec, out: Path, log) -> None:
+    started = time.perf_counter()
+    max_bytes = data_cfg.max_tokens * BYTES_PER_TOKEN_GUESS
+    if data_cfg.tokenizer:
+        tokenizer = load_tokenizer(data_cfg.tokenizer)
+    else:
+        log(f"training a byte-level BPE tokenizer (vocab {data_cfg.vocab_size}) on the corpus ...")
+        tokenizer = train_bpe(_limited(iter_documents(spec), max_bytes), data_cfg.vocab_size)
+    eos = eos_id(tokenizer)
+    vocab_size = tokenizer.get_vocab_size()
+    dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+    tokenizer.save(str(out / "tokenizer.json"))
+
+    log("tokenizing the corpus ...")
+    total, documents = 0, 0
+    with open(out / "tokens.bin", "wb") as f:
+        batch: list[str] = []
+        for doc in iter_documents(spec):
+            batch.append(doc)
+            if len(batch) == ENCODE_BATCH:
+                total, documents = _write_batch(f, tokenizer, batch, eos, dtype, total, documents,
+                                                data_cfg.max_tokens)
+                batch = []
+                if data_cfg.max_tokens and total >= data_cfg.max_tokens:
+                    break
+        if batch:
+            total, documents = _write_batch(f, tokenizer, batch, eos, dtype, total, documents,
+                                            data_cfg.max_tokens)
+    if total == 0:
+        raise UserError("the corpus is empty: no text was found in data.path")
+    tokens = np.memmap(out / "tokens.bin", dtype=dtype, mode="r")
+    val_start = int(total * (1.0 - data_cfg.val_fraction))
+    counts = np.bincount(tokens[:val_start], minlength=vocab_size)
+    meta = {
+        "source": spec.describe()[:2000],
+        "documents": documents,
+        "tokens": total,
+        "val_start": val_start,
+        "dtype": np.dtype(dtype).name,
+        "eos_id": eos,
+        "vocab_size": vocab_size,
+        "unigram_entropy_nats": unigram_entropy(counts),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    log(f"prepared {total:,} tokens from {documents:,} documents in {meta['seconds']:.1f}s")
+
+
+def _write_batch(f, tokenizer, batch, eos, dtype, total, documents, max_tokens):
+    for encoding in tokenizer.encode_batch(batch):
+        ids = np.asarray(encoding.ids + [eos], dtype=dtype)
+        if max_tokens:
+            ids = ids[: max(0, max_tokens - total)]
+        f.write(ids.tobytes())
+        total += len(ids)
+        documents += 1
+    return total, documents
+
+
+def load_token_data(folder: Path) -> TokenData:
+    meta = json.loads((folder / "meta.json").read_text())
+    tokens = np.memmap(folder / "tokens.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+    return TokenData(
+        tokens=tokens,
+        val_start=meta["val_start"],
+        eos_id=meta["eos_id"],
+        vocab_size=meta["vocab_size"],
+        unigram_entropy=meta["unigram_entropy_nats"],
+        folder=folder,
+    )
+
+
+def check_enough_data(data: TokenData, seq_len: int) -> None:
+    train, val = data.num_sequences(seq_len, "train"), data.num_sequences(seq_len, "val")
+    if train < 1 or val < 1:
+        raise UserError(
+            f"the corpus is too small: {len(data.tokens):,} tokens give {train} training and "
+            f"{val} validation sequences of train.seq_len={seq_len} (need at least one of each)"
+        )

@@ -1,0 +1,58 @@
+"""Run-directory logging: ``metrics.jsonl`` (one JSON object per line) and TensorBoard.
+
+Only rank 0 writes; other ranks get a logger whose methods do nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/Inf; keep them visible as strings
+    return value
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop lines logged after ``last_step`` (a resumed run re-logs them)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb_dir = run_dir / "tensorboard"
+        self._file = None
+        self._writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._file = open(self.path, "a", buffering=1)
+            self._writer = SummaryWriter(log_dir=str(self.tb_dir))
+
+    def log(self, record: dict, prefix: str = "train") -> None:
+        """Append ``record`` (must hold ``step``) and mirror its numbers to TensorBoard."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def text(self, tag: str, text: str) -> None:
+        if self.enabled:
+            self._writer.add_text(tag, text.replace("\n", "  \n"))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._writer.close()

@@ -1,0 +1,35 @@
+"""Dynamic Tanh (DyT, arXiv 2503.10622): a bounded, statistics-free replacement for norms."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def dyt(x: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """y = g * tanh(alpha * x) + b, evaluated in float32 so bf16 inputs stay accurate."""
+    y = torch.tanh(alpha.float() * x.float())
+    return (y * weight.float() + bias.float()).to(x.dtype)
+
+
+class DyT(nn.Module):
+    """g * tanh(a x) + b with a learnable scalar a (shape (1,) so FSDP can shard it) and
+    per-feature g, b."""
+
+    def __init__(self, dim: int, alpha_init: float = 0.5):
+        super().__init__()
+        self.alpha_init = alpha_init
+        self.alpha = nn.Parameter(torch.full((1,), alpha_init))
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dyt(x, self.alpha, self.weight, self.bias)
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.alpha, self.alpha_init)
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, alpha_init={self.alpha_init}"

@@ -1,0 +1,121 @@
+"""Model size presets and the analytic parameter count.
+
+Preset names give the parameter count at a 32768-token vocabulary (untied embeddings
+unless the preset ties them); the real count depends on the tokenizer and is printed by
+the trainer at start. ``1b`` follows Llama-3.2-1B's shape (dim 2048, 16 layers, 32 heads,
+8 KV heads, SwiGLU hidden 8192, tied embeddings, RoPE theta 500000).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+NAMING_VOCAB = 32768
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_hidden: int
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    alpha_init_attn: float = 0.5
+    alpha_init_ffn: float = 0.5
+    alpha_init_final: float = 0.5
+    derf_shift_init: float = 0.0
+    derf_ema_momentum: float = 0.99
+    derf_ema_blend: float = 0.5
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+def _preset(dim, n_layers, n_heads, n_kv_heads, ffn_hidden, tie=False, theta=10000.0) -> ModelArgs:
+    return ModelArgs(NAMING_VOCAB, dim, n_layers, n_heads, n_kv_heads, ffn_hidden, tie, theta)
+
+
+PRESETS: dict[str, ModelArgs] = {
+    # a few M parameters at an 8k vocab: well under a second per step on a laptop CPU
+    "debug": _preset(192, 4, 6, 2, 512),
+    # size ladder for spectral-scaling studies (77M ... 2.8B)
+    "77m": _preset(640, 8, 10, 5, 1792),
+    "124m": _preset(768, 12, 12, 4, 2048),
+    "350m": _preset(1024, 24, 16, 8, 2816),
+    "760m": _preset(1536, 24, 16, 8, 4352),
+    "1b": _preset(2048, 16, 32, 8, 8192, tie=True, theta=500000.0),
+    "1.4b": _preset(2048, 27, 16, 8, 5632),
+    "2.8b": _preset(2560, 32, 32, 8, 8192),
+}
+
+
+def resolve_model_args(model_cfg, vocab_size: int) -> ModelArgs:
+    """Preset shape + explicit overrides from the ``model`` config section."""
+    base = PRESETS[model_cfg.preset]
+    shape = {
+        name: getattr(model_cfg, name)
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden",
+                     "tie_embeddings", "rope_theta")
+    }
+    shape = {k: v for k, v in shape.items() if v is not None}
+    if "dim" in shape and "n_heads" not in shape:
+        # a width override keeps the preset's head size
+        shape["n_heads"] = max(1, shape["dim"] // base.head_dim)
+    n_heads = shape.get("n_heads", base.n_heads)
+    if "n_kv_heads" not in shape and n_heads % base.n_kv_heads:
+        shape["n_kv_heads"] = n_heads  # the preset's grouping no longer fits: plain MHA
+    return replace(
+        base,
+        vocab_size=vocab_size,
+        norm=model_cfg.norm,
+        norm_eps=model_cfg.norm_eps,
+        init_std=model_cfg.init_std,
+        alpha_init_attn=model_cfg.alpha_init_attn,
+        alpha_init_ffn=model_cfg.alpha_init_ffn,
+        alpha_init_final=model_cfg.alpha_init_final,
+        derf_shift_init=model_cfg.derf_shift_init,
+        derf_ema_momentum=model_cfg.derf_ema_momentum,
+        derf_ema_blend=model_cfg.derf_ema_blend,
+        **shape,
+    )
+
+
+def norm_param_count(norm: str, dim: int) -> int:
+    """Learnable parameters of one norm layer over ``dim`` features."""
+    return {
+        "rmsnorm": dim,  # gain g
+        "dyt": 2 * dim + 1,  # g, b, alpha
+        "derf": 2 * dim + 2,  # g, b, alpha, shift
+        "derf_ema": 2 * dim + 2,  # as derf; the running scale is a buffer
+    }[norm]
+
+
+def count_parameters(args: ModelArgs) -> int:
+    """Analytic parameter count.
+
+    N = V d (embedding) + L [2 d^2 + 2 d n_kv h + 3 d f + 2 norm(d)] + norm(d) + [V d if untied]
+    with h the head dim and f the SwiGLU hidden size.
+    """
+    d, kv = args.dim, args.n_kv_heads * args.head_dim
+    attention = d * d * 2 + 2 * d * kv
+    mlp = 3 * d * args.ffn_hidden
+    block = attention + mlp + 2 * norm_param_count(args.norm, d)
+    head = 0 if args.tie_embeddings else args.vocab_size * d
+    return args.vocab_size * d + args.n_layers * block + norm_param_count(args.norm, d) + head
+
+
+def count_flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N_matmul + 12 L d T (attention scores and values, causal
+    masking not discounted, as in the PaLM MFU convention). The embedding lookup is free;
+    a tied output head still costs its matmul."""
+    d, kv = args.dim, args.n_kv_heads * args.head_dim
+    per_layer = d * d * 2 + 2 * d * kv + 3 * d * args.ffn_hidden
+    matmul_params = args.n_layers * per_layer + args.vocab_size * d
+    return 6.0 * matmul_params + 12.0 * args.n_layers * d * seq_len

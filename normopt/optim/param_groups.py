@@ -1,0 +1,80 @@
+"""Sort a model's parameters into optimizer groups by role.
+
+Roles: ``matrix`` (the 2-D hidden weights of attention and MLP), ``head`` (an untied output
+projection), ``embedding`` (token embedding, and a tied head) and ``norm`` (norm gains and
+biases, DyT/Derf alpha and shift). Under Muon/NorMuon the matrices go to the Muon-family
+optimizer and everything else to AdamW; norms and embeddings take no weight decay unless
+``optim.decay_norms_and_embeddings`` is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from normopt.models.norms import NORM_TYPES
+
+
+@dataclass
+class ParamGroup:
+    role: str
+    optimizer: str  # "adamw" | "muon" | "normuon"
+    lr: float
+    weight_decay: float
+    names: list[str] = field(default_factory=list)
+    params: list[nn.Parameter] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+def parameter_roles(model: nn.Module) -> dict[str, str]:
+    """Map each parameter name (as in ``named_parameters``) to its role."""
+    norm_params = {
+        id(p) for module in model.modules() if isinstance(module, NORM_TYPES) for p in module.parameters()
+    }
+    embedding_params = {
+        id(p) for module in model.modules() if isinstance(module, nn.Embedding) for p in module.parameters()
+    }
+    roles = {}
+    for name, p in model.named_parameters():
+        if id(p) in norm_params:
+            roles[name] = "norm"
+        elif id(p) in embedding_params:
+            roles[name] = "embedding"
+        elif name.split(".")[-2:-1] == ["output"] or name.startswith("output."):
+            roles[name] = "head"
+        elif p.ndim == 2:
+            roles[name] = "matrix"
+        else:
+            roles[name] = "norm"  # any other vector or scalar is treated like a norm parameter
+    return roles
+
+
+def build_param_groups(model: nn.Module, optim_cfg) -> list[ParamGroup]:
+    """One ParamGroup per role that has parameters, with its optimizer, lr and weight decay."""
+    muon_family = optim_cfg.name in ("muon", "normuon")
+    no_decay = 0.0 if not optim_cfg.decay_norms_and_embeddings else optim_cfg.weight_decay
+    specs = {
+        "matrix": (optim_cfg.name if muon_family else "adamw", optim_cfg.lr, optim_cfg.weight_decay),
+        "head": ("adamw", optim_cfg.lr, optim_cfg.weight_decay),
+        "embedding": ("adamw", optim_cfg.lr, no_decay),
+        "norm": ("adamw", optim_cfg.lr, no_decay),
+    }
+    groups = {role: ParamGroup(role, *spec) for role, spec in specs.items()}
+    roles = parameter_roles(model)
+    for name, p in model.named_parameters():
+        group = groups[roles[name]]
+        group.names.append(name)
+        group.params.append(p)
+    return [g for g in groups.values() if g.params]
+
+
+def format_group_table(groups: list[ParamGroup]) -> str:
+    rows = [("group", "optimizer", "tensors", "parameters", "lr", "weight_decay")]
+    for g in groups:
+        rows.append((g.role, g.optimizer, str(len(g.params)), f"{g.numel:,}", f"{g.lr:g}", f"{g.weight_decay:g}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)

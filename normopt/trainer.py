@@ -1,0 +1,306 @@
+"""The training loop: config -> mesh -> data -> model -> FSDP2 -> optimizers -> steps.
+
+Read :meth:`Trainer.fit` top to bottom for the story of one run; everything else here is
+setup (``__init__``) and the small pieces the loop calls.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from normopt.checkpoint.manager import complete_steps, load_checkpoint, save_checkpoint, step_dir
+from normopt.config import Config, check_world_size, config_from_dict, save_config
+from normopt.data.batches import TrainBatches, eval_micro_batches
+from normopt.data.token_cache import check_enough_data, load_token_data, prepare_corpus
+from normopt.errors import UserError
+from normopt.metrics.flops import peak_flops
+from normopt.metrics.logger import MetricsLogger, truncate_metrics
+from normopt.models.derf import commit_running_scales
+from normopt.models.llama import Transformer, build_model
+from normopt.models.presets import count_flops_per_token, count_parameters, resolve_model_args
+from normopt.optim.builder import build_optimizers
+from normopt.optim.param_groups import format_group_table
+from normopt.parallel.distributed import DistInfo, all_reduce_sum
+from normopt.parallel.fsdp import DTYPES, apply_fsdp, resolve_dtype
+from normopt.parallel.grad_clip import clip_grad_norm_
+
+DIVERGED_EXIT_CODE = 3
+
+# Config keys that may differ between a checkpoint and the run resuming it: they change
+# bookkeeping, not the math of the steps already taken.
+RESUME_SAFE_KEYS = {
+    "run.dir", "data.cache_dir", "train.steps", "train.eval_interval", "train.eval_sequences",
+    "train.log_interval", "train.micro_batch_size", "train.device", "train.compile",
+    "train.mfu_probe", "checkpoint.interval", "checkpoint.keep_latest_k", "checkpoint.resume",
+}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        out.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
+    return out
+
+
+def check_resume_compatible(saved: Config, current: Config) -> None:
+    """Refuse to resume when a key that changes the math differs from the checkpoint's."""
+    old, new = _flatten(saved.to_dict()), _flatten(current.to_dict())
+    for key in sorted(old):
+        if key not in RESUME_SAFE_KEYS and old[key] != new.get(key):
+            raise UserError(
+                f"{key}: the run being resumed used {old[key]!r}, this config says {new.get(key)!r} "
+                f"(start a new run.dir to change it)"
+            )
+
+
+def on_main_then_share(fn, dist_info: DistInfo):
+    """Run ``fn`` on rank 0 only and re-raise its UserError on every rank, so that a
+    problem found by rank 0 (say, missing data) ends all ranks instead of hanging them."""
+    outcome = [None]
+    if dist_info.is_main:
+        try:
+            outcome[0] = ("ok", fn())
+        except UserError as exc:
+            outcome[0] = ("error", str(exc))
+    if dist_info.world_size > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    status, value = outcome[0]
+    if status == "error":
+        raise UserError(value)
+    return value
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dist_info: DistInfo):
+        self.cfg, self.dist = cfg, dist_info
+        self.log = print if dist_info.is_main else (lambda *a, **k: None)
+        t = cfg.train
+        self.accum_steps = check_world_size(cfg, dist_info.world_size)
+        self.dtype = resolve_dtype(t.dtype, dist_info.device)
+        self.run_dir = Path(cfg.run.dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.resume_from = self._find_resume_point()
+
+        folder = on_main_then_share(lambda: str(prepare_corpus(cfg.data, log=self.log)), dist_info)
+        self.data = load_token_data(Path(folder))
+        check_enough_data(self.data, t.seq_len)
+        self.batches = TrainBatches(self.data, t.seq_len, t.global_batch_size, t.micro_batch_size,
+                                    dist_info.rank, dist_info.world_size, t.seed, dist_info.device)
+
+        self.model_args = resolve_model_args(cfg.model, vocab_size=self.data.vocab_size)
+        self.model = self._build_model()
+        self.num_params = count_parameters(self.model_args)
+        self.flops_per_token = count_flops_per_token(self.model_args, t.seq_len)
+        self.optimizers = build_optimizers(self.model, cfg.optim)
+
+        self.start_step = 0
+        if self.resume_from is not None:
+            state = load_checkpoint(self.resume_from, self.model, self.optimizers.optimizers)
+            self.start_step = state["step"]
+
+        if dist_info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            if self.start_step == 0:
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+                shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+            else:
+                truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
+        self.metrics = MetricsLogger(self.run_dir, enabled=dist_info.is_main)
+        self.peak_flops, self.peak_source = peak_flops(dist_info.device, DTYPES[self.dtype], probe=t.mfu_probe)
+
+    # ------------------------------------------------------------------ setup pieces
+
+    def _find_resume_point(self) -> Path | None:
+        """The checkpoint to continue from, per ``checkpoint.resume``; refuse conflicts."""
+        mode = self.cfg.checkpoint.resume
+        steps = complete_steps(self.checkpoint_dir)
+        has_run = (self.run_dir / "metrics.jsonl").exists() or bool(steps)
+        if mode == "never":
+            if has_run:
+                raise UserError(f"run.dir {self.run_dir} already holds a run "
+                                f"(use checkpoint.resume=auto to continue it, or another run.dir)")
+            return None
+        if mode == "auto" and not steps:
+            return None
+        step = steps[-1] if mode == "auto" else int(mode)
+        if step not in steps:
+            raise UserError(f"checkpoint.resume: no complete checkpoint for step {step} in "
+                            f"{self.checkpoint_dir} (have: {', '.join(map(str, steps)) or 'none'})")
+        saved_path = self.run_dir / "config.yaml"
+        if saved_path.exists():
+            import yaml
+
+            try:
+                saved = config_from_dict(yaml.safe_load(saved_path.read_text()))
+            except UserError as exc:
+                raise UserError(f"{saved_path}: cannot read the saved config ({exc})") from None
+            check_resume_compatible(saved, self.cfg)
+        return step_dir(self.checkpoint_dir, step)
+
+    def _build_model(self) -> Transformer:
+        """Identical initial weights on every rank and for any world size: on CPU the full
+        model is initialised from the seed before sharding; on CUDA it is built on the meta
+        device, sharded, then initialised shard by shard."""
+        torch.manual_seed(self.cfg.train.seed)
+        on_cuda = self.dist.device.type == "cuda"
+        model = build_model(self.model_args, "meta" if on_cuda else "cpu")
+        if self.cfg.train.compile:
+            for block in model.layers:
+                block.compile()
+        apply_fsdp(model, self.dist.mesh, self.dtype)
+        if on_cuda:
+            model.to_empty(device=self.dist.device)
+            model.init_weights()
+        return model
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        self._print_header()
+        if self.start_step >= t.steps:
+            self.log(f"run already complete: {self.start_step} of {t.steps} steps "
+                     f"(raise train.steps to continue it)")
+            return self._summary(self._last_logged_eval())
+
+        tokens_per_step = t.global_batch_size * t.seq_len
+        progress = tqdm(total=t.steps, initial=self.start_step, disable=not self.dist.is_main,
+                        desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+        eval_loss = None
+        window_start, window_tokens = time.perf_counter(), 0
+        for step in range(self.start_step, t.steps):
+            done = step + 1
+            lr_factor = self.optimizers.apply_schedule(cfg.optim, step, t.steps)
+            loss, grad_norm = self._train_step(step)
+            window_tokens += tokens_per_step
+            progress.update(1)
+
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"loss became {loss} at step {done}; stopping "
+                                       f"(last checkpoint kept untouched)")
+            if done % t.log_interval == 0 or done == t.steps:
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_tokens / elapsed
+                record = {
+                    "step": done, "loss": loss, "lr": cfg.optim.lr * lr_factor,
+                    "grad_norm": grad_norm, "tokens": done * tokens_per_step,
+                    "tokens_per_s": tokens_per_s, "epoch": self.batches.epoch_of(done),
+                }
+                if self.peak_flops:
+                    record["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.dist.world_size)
+                self.metrics.log(record)
+                progress.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}",
+                                     tok_s=f"{tokens_per_s:,.0f}")
+            if (t.eval_interval and done % t.eval_interval == 0) or done == t.steps:
+                eval_loss = self.evaluate()
+                self.metrics.log({"step": done, "eval_loss": eval_loss}, prefix="eval")
+                if self.dist.is_main:
+                    progress.write(f"step {done}: eval_loss {eval_loss:.4f}")
+            if (cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0) or done == t.steps:
+                self.save(done)
+            if done % t.log_interval == 0 or done == t.steps:
+                window_start, window_tokens = time.perf_counter(), 0
+        progress.close()
+        return self._summary(eval_loss)
+
+    def _train_step(self, step: int) -> tuple[float, float]:
+        """Forward/backward over this rank's micro-batches, clip, step; return the global
+        mean loss of the step's batch and the gradient norm (identical on every rank)."""
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.dist.device)
+        micro_batches = list(self.batches.micro_batches(step))
+        for index, (inputs, targets) in enumerate(micro_batches):
+            # gradients are reduced across ranks once, after the last micro-batch
+            self.model.set_requires_gradient_sync(index == len(micro_batches) - 1)
+            logits = self.model(inputs)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / self.accum_steps
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = float(clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
+        self.optimizers.step()
+        self.optimizers.zero_grad()
+        commit_running_scales(self.model)
+        return float(all_reduce_sum(loss_sum)) / self.dist.world_size, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss over the validation windows, over all ranks."""
+        self.model.eval()
+        t = self.cfg.train
+        totals = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
+        for inputs, targets, weights in eval_micro_batches(
+                self.data, t.seq_len, t.eval_sequences, t.micro_batch_size,
+                self.dist.rank, self.dist.world_size, self.dist.device):
+            logits = self.model(inputs)
+            per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+            per_sequence = per_token.view(targets.shape).sum(dim=1)
+            totals[0] += (per_sequence * weights).sum().double()
+            totals[1] += weights.sum().double() * targets.shape[1]
+        all_reduce_sum(totals)
+        self.model.train()
+        return float(totals[0] / totals[1])
+
+    def save(self, step: int) -> None:
+        save_checkpoint(self.checkpoint_dir, step, self.model, self.optimizers.optimizers,
+                        {"tokens": step * self.cfg.train.global_batch_size * self.cfg.train.seq_len,
+                         "world_size": self.dist.world_size},
+                        self.dist.is_main, self.cfg.checkpoint.keep_latest_k)
+
+    # ------------------------------------------------------------------ reporting
+
+    def _print_header(self) -> None:
+        cfg, t, a = self.cfg, self.cfg.train, self.model_args
+        self.log(f"normopt: run.dir={self.run_dir}  ranks={self.dist.world_size} ({self.dist.device.type})  "
+                 f"dtype={self.dtype}")
+        self.log(f"model: preset={cfg.model.preset} norm={a.norm} dim={a.dim} layers={a.n_layers} "
+                 f"heads={a.n_heads}/{a.n_kv_heads} ffn={a.ffn_hidden} vocab={a.vocab_size} "
+                 f"tied={a.tie_embeddings}  parameters={self.num_params:,}")
+        self.log(f"data: {len(self.data.tokens):,} tokens, {self.batches.num_sequences:,} training "
+                 f"sequences of {t.seq_len}; unigram entropy {self.data.unigram_entropy:.3f} nats")
+        self.log(f"batch: {t.global_batch_size} sequences/step = {t.micro_batch_size} micro x "
+                 f"{self.accum_steps} accumulation x {self.dist.world_size} ranks")
+        self.log("optimizer groups:\n" + format_group_table(self.optimizers.groups))
+        if self.peak_flops:
+            self.log(f"peak: {self.peak_flops / 1e9:,.0f} GFLOP/s per rank ({self.peak_source})")
+        if self.start_step:
+            self.log(f"resumed from {self.resume_from} at step {self.start_step}")
+
+    def _last_logged_eval(self) -> float | None:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return None
+        evals = [json.loads(line)["eval_loss"] for line in path.read_text().splitlines()
+                 if '"eval_loss"' in line]
+        return evals[-1] if evals else None
+
+    def _summary(self, eval_loss: float | None) -> dict:
+        summary = {
+            "run_dir": str(self.run_dir),
+            "final_eval_loss": eval_loss,
+            "unigram_entropy": self.data.unigram_entropy,
+            "parameters": self.num_params,
+            "tensorboard": str(self.run_dir / "tensorboard"),
+        }
+        if eval_loss is not None:
+            self.log(f"final validation loss {eval_loss:.4f} nats vs unigram entropy "
+                     f"{self.data.unigram_entropy:.4f} nats of the training tokens")
+        self.log(f"TensorBoard logs: {summary['tensorboard']}  (tensorboard --logdir {self.run_dir})")
+        return summary
+
+    def close(self) -> None:
+        self.metrics.close()

@@ -1,0 +1,58 @@
+"""Shared test fixtures: a persistent corpus cache, small corpora, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# prepared corpora and tokenizers survive between test runs (and are shared by torchrun ranks)
+os.environ.setdefault("NORMOPT_CACHE", str(REPO_ROOT / ".cache" / "test"))
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# A model and batch small enough that a CPU step takes milliseconds.
+TINY_MODEL = [
+    "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
+]
+
+
+def write_corpus(folder: Path, documents: int = 40, words: int = 400, seed: int = 0) -> Path:
+    """Plain-text files with a learnable structure (repeated phrases drawn from a small set)."""
+    import random
+
+    rng = random.Random(seed)
+    phrases = [
+        "the quick brown fox jumps over the lazy dog", "to be or not to be that is the question",
+        "all the world is a stage and all the men and women merely players",
+        "now is the winter of our discontent", "a horse a horse my kingdom for a horse",
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(documents):
+        text = " ".join(rng.choice(phrases) for _ in range(words // 8))
+        (folder / f"doc_{d:03d}.txt").write_text(text + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def run_cli(args: list[str], timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` in the repo root, one process, captured output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *args], cwd=REPO_ROOT,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_run_args(run_dir: Path, corpus: Path, *extra: str) -> list[str]:
+    return [
+        f"run.dir={run_dir}", f"data.path={corpus}", "data.vocab_size=300",
+        *TINY_MODEL, "train.steps=6", "train.global_batch_size=4", "train.micro_batch_size=2",
+        "train.seq_len=32", "train.eval_interval=3", "train.eval_sequences=8", "train.log_interval=1",
+        "train.mfu_probe=false", "optim.warmup_steps=2", *extra,
+    ]
