@@ -80,6 +80,20 @@ class OptimConfig:
     # Norm gains/biases, DyT/Derf scalars and embeddings get no weight decay unless set.
     decay_norms_and_embeddings: bool = False
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # Muon / NorMuon (the 2-D hidden matrices; everything else stays on AdamW)
+    muon_lr: float | None = None  # None = optim.lr (sensible with scale_rule match_adamw)
+    muon_weight_decay: float | None = None  # None = optim.weight_decay
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    ns_steps_per_layer: str = ""  # "glob=steps,glob=steps", first match wins, e.g. "layers.0.*=8"
+    ns_coefficients: Literal["quintic", "polar_express"] = "quintic"
+    scale_rule: Literal["original", "match_adamw", "spectral"] = "match_adamw"
+    ns_mode: Literal["distributed", "replicated"] = "distributed"
+    # auto = bfloat16 on CUDA, float32 on CPU (see train.dtype)
+    ns_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    normuon_beta2: float = 0.95
+    normuon_eps: float = 1e-8
     schedule: Literal["warmup_cosine", "constant", "wsd"] = "warmup_cosine"
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # final lr / peak lr for cosine and WSD
@@ -290,6 +304,19 @@ def validate(cfg: Config) -> None:
     _require(o.eps > 0, "optim.eps", "must be positive")
     _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _require(o.muon_lr is None or o.muon_lr > 0, "optim.muon_lr", "must be positive")
+    _require(o.muon_weight_decay is None or o.muon_weight_decay >= 0, "optim.muon_weight_decay",
+             "must be >= 0")
+    _require(0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)")
+    _require(o.ns_steps >= 1, "optim.ns_steps", "must be at least 1")
+    _require(0 <= o.normuon_beta2 < 1, "optim.normuon_beta2", "must be in [0, 1)")
+    _require(o.normuon_eps > 0, "optim.normuon_eps", "must be positive")
+    from normopt.optim.param_groups import parse_ns_steps_rules
+
+    try:
+        parse_ns_steps_rules(o.ns_steps_per_layer)
+    except ValueError as exc:
+        raise UserError(f"optim.ns_steps_per_layer: {exc}") from None
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
 

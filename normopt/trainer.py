@@ -90,7 +90,7 @@ class Trainer:
         self.log = print if dist_info.is_main else (lambda *a, **k: None)
         t = cfg.train
         self.accum_steps = check_world_size(cfg, dist_info.world_size)
-        self.dtype = resolve_dtype(t.dtype, dist_info.device)
+        self.dtype = resolve_dtype(t.dtype, dist_info.device.type)
         self.run_dir = Path(cfg.run.dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.resume_from = self._find_resume_point()
@@ -105,7 +105,7 @@ class Trainer:
         self.model = self._build_model()
         self.num_params = count_parameters(self.model_args)
         self.flops_per_token = count_flops_per_token(self.model_args, t.seq_len)
-        self.optimizers = build_optimizers(self.model, cfg.optim)
+        self.optimizers = build_optimizers(self.model, cfg.optim, dist_info.device.type)
 
         self.start_step = 0
         if self.resume_from is not None:
@@ -182,6 +182,8 @@ class Trainer:
         progress = tqdm(total=t.steps, initial=self.start_step, disable=not self.dist.is_main,
                         desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
         eval_loss = None
+        if self.start_step == 0 and t.eval_interval:
+            self.metrics.log({"step": 0, "eval_loss": self.evaluate()}, prefix="eval")
         window_start, window_tokens = time.perf_counter(), 0
         for step in range(self.start_step, t.steps):
             done = step + 1

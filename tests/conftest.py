@@ -43,8 +43,12 @@ def tiny_corpus(tmp_path_factory) -> Path:
 
 
 def run_cli(args: list[str], timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python train.py ARGS`` in the repo root, one process, captured output."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    """``python train.py ARGS`` in the repo root, one process, captured output.
+
+    One intra-op thread: test models are too small to gain from more, and spinning
+    OpenMP threads slow to a crawl when another process holds the second core.
+    """
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *args], cwd=REPO_ROOT,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
 

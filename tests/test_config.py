@@ -44,6 +44,9 @@ def test_contract_keys_exist():
     ("model.preset=huge", "model.preset"),
     ("checkpoint.resume=sometimes", "checkpoint.resume"),
     ("data.val_fraction=0.9", "data.val_fraction"),
+    ("optim.ns_steps_per_layer=layers.0", "optim.ns_steps_per_layer"),
+    ("optim.ns_mode=sometimes", "optim.ns_mode"),
+    ("optim.momentum=1.0", "optim.momentum"),
 ])
 def test_bad_values_are_refused_naming_the_key(override, key):
     with pytest.raises(UserError) as info:

@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 from normopt.optim.lr_schedule import lr_factor
-from normopt.optim.param_groups import ParamGroup, build_param_groups
+from normopt.optim.muon import Muon, NorMuon, ns_steps_param_groups
+from normopt.optim.param_groups import ParamGroup, build_param_groups, parse_ns_steps_rules
+from normopt.parallel.fsdp import resolve_dtype
 
 
 class Optimizers:
@@ -44,15 +46,32 @@ def _torch_group(group: ParamGroup) -> dict:
             "weight_decay": group.weight_decay, "role": group.role}
 
 
-def build_optimizers(model: nn.Module, optim_cfg) -> Optimizers:
+def build_muon(group: ParamGroup, optim_cfg, device_type: str) -> Muon:
+    """Muon or NorMuon over the matrix group, one torch param group per NS step count."""
+    torch_groups = ns_steps_param_groups(
+        zip(group.names, group.params), parse_ns_steps_rules(optim_cfg.ns_steps_per_layer),
+        default_steps=optim_cfg.ns_steps,
+        lr=group.lr, peak_lr=group.lr, weight_decay=group.weight_decay, role=group.role,
+    )
+    common = dict(
+        momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov,
+        ns_coefficients=optim_cfg.ns_coefficients, scale_rule=optim_cfg.scale_rule,
+        ns_mode=optim_cfg.ns_mode, ns_dtype=resolve_dtype(optim_cfg.ns_dtype, device_type),
+    )
+    if group.optimizer == "normuon":
+        return NorMuon(torch_groups, beta2=optim_cfg.normuon_beta2, eps=optim_cfg.normuon_eps, **common)
+    return Muon(torch_groups, **common)
+
+
+def build_optimizers(model: nn.Module, optim_cfg, device_type: str = "cpu") -> Optimizers:
+    """AdamW for embeddings, head and norms (and matrices under ``adamw``); Muon or NorMuon
+    for the matrices under ``muon`` / ``normuon``. Build after ``fully_shard``."""
     groups = build_param_groups(model, optim_cfg)
-    adamw_groups = [_torch_group(g) for g in groups if g.optimizer == "adamw"]
     optimizers: list[torch.optim.Optimizer] = []
+    adamw_groups = [_torch_group(g) for g in groups if g.optimizer == "adamw"]
     if adamw_groups:
         optimizers.append(torch.optim.AdamW(
             adamw_groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps,
         ))
-    muon_groups = [g for g in groups if g.optimizer in ("muon", "normuon")]
-    if muon_groups:
-        raise NotImplementedError("muon/normuon are built by the Muon integration")
+    optimizers += [build_muon(g, optim_cfg, device_type) for g in groups if g.optimizer in ("muon", "normuon")]
     return Optimizers(optimizers, groups)

@@ -53,12 +53,28 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
     return roles
 
 
+def parse_ns_steps_rules(text: str) -> list[tuple[str, int]]:
+    """``"layers.0.*=8,re:w2=6"`` -> [("layers.0.*", 8), ("re:w2", 6)] (ValueError if malformed)."""
+    rules = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        pattern, sep, steps = item.rpartition("=")
+        if not sep or not pattern or not steps.strip().isdigit() or int(steps) < 1:
+            raise ValueError(f"{item!r} is not pattern=steps with steps >= 1")
+        rules.append((pattern.strip(), int(steps)))
+    return rules
+
+
 def build_param_groups(model: nn.Module, optim_cfg) -> list[ParamGroup]:
     """One ParamGroup per role that has parameters, with its optimizer, lr and weight decay."""
     muon_family = optim_cfg.name in ("muon", "normuon")
     no_decay = 0.0 if not optim_cfg.decay_norms_and_embeddings else optim_cfg.weight_decay
+    if muon_family:
+        matrix_lr = optim_cfg.lr if optim_cfg.muon_lr is None else optim_cfg.muon_lr
+        matrix_wd = optim_cfg.weight_decay if optim_cfg.muon_weight_decay is None else optim_cfg.muon_weight_decay
+    else:
+        matrix_lr, matrix_wd = optim_cfg.lr, optim_cfg.weight_decay
     specs = {
-        "matrix": (optim_cfg.name if muon_family else "adamw", optim_cfg.lr, optim_cfg.weight_decay),
+        "matrix": (optim_cfg.name if muon_family else "adamw", matrix_lr, matrix_wd),
         "head": ("adamw", optim_cfg.lr, optim_cfg.weight_decay),
         "embedding": ("adamw", optim_cfg.lr, no_decay),
         "norm": ("adamw", optim_cfg.lr, no_decay),

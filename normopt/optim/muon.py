@@ -1,0 +1,392 @@
+"""Muon and NorMuon for 2-D weight matrices, plain or FSDP2-sharded (DTensor Shard(0)).
+
+Notation: a weight W of shape (rows, cols). For ``nn.Linear`` the weight is stored as
+(out_features, in_features), so rows = out_features (one row per output neuron) and
+cols = in_features. g is the gradient, m the momentum buffer, lr the learning rate.
+
+Muon step (``momentum_update_``, ``nesterov_direction``, ``newton_schulz``,
+``update_scale``, ``apply_update_``):
+
+    m <- beta * m + g
+    U  = g + beta * m            (nesterov=True)   |   U = m   (nesterov=False)
+    O  = NS(U)                   (Newton-Schulz, ~ the polar factor of U)
+    W <- W * (1 - lr * wd)       (decoupled weight decay)
+    W <- W - lr * scale(rows, cols) * O
+
+NorMuon (arXiv 2510.05491) inserts a per-neuron second moment between NS and the update
+(``normuon_normalize``); v has one entry per ROW, i.e. per output feature:
+
+    v     <- beta2 * v + (1 - beta2) * mean_over_row(O^2)       (shape (rows,))
+    O_hat  = O / (sqrt(v) + eps)                                 (row-wise)
+    O_hat <- O_hat * ||O||_F / ||O_hat||_F                       (keep the update norm)
+
+and W is updated with O_hat in place of O.
+
+Distribution: the elementwise parts (momentum, Nesterov, weight decay, the update) run on
+each rank's local shard; NS (and NorMuon's row statistics, which need the whole row and
+the whole matrix norm) run on whole matrices through
+``normopt.parallel.distributed_ns.run_row_sharded_jobs``: each matrix has one owner rank
+in ``ns_mode="distributed"``, every rank computes every matrix in ``"replicated"``.
+Results equal single-process Muon bit for bit, since the owner sees the exact matrix.
+
+State (per parameter, same keys on every rank, DTensor Shard(0) like the parameter when
+the parameter is a DTensor): ``momentum_buffer`` (rows, cols); NorMuon adds
+``row_second_moment`` (rows,).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor, Shard
+
+from normopt.optim.newton_schulz import CoefficientSpec, coefficient_schedule, newton_schulz, resolve_ns_steps
+from normopt.parallel.distributed_ns import NS_MODES, ExchangeStats, RowShardedJob, ns_cost, run_row_sharded_jobs
+
+SCALE_RULES: tuple[str, ...] = ("original", "match_adamw", "spectral")
+
+_DTYPE_NAMES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}
+
+
+# --------------------------------------------------------------------------- pure math
+
+
+def matrix_dims(shape: Sequence[int]) -> tuple[int, int]:
+    """(rows, cols) of a weight matrix: for nn.Linear, (out_features, in_features)."""
+    if len(shape) != 2:
+        raise ValueError(f"Muon optimizes 2-D matrices, got shape {tuple(shape)}")
+    return int(shape[0]), int(shape[1])
+
+
+def update_scale(rows: int, cols: int, rule: str) -> float:
+    """Multiplier on the orthogonalized update of a rows x cols matrix.
+
+    original:    sqrt(max(1, rows / cols))      (Keller Jordan's Muon)
+    match_adamw: 0.2 * sqrt(max(rows, cols))    (Moonlight: update RMS ~ AdamW's 0.2-0.4)
+    spectral:    sqrt(rows / cols)              (spectral-norm / muP scaling)
+    """
+    if rule == "original":
+        return math.sqrt(max(1.0, rows / cols))
+    if rule == "match_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    if rule == "spectral":
+        return math.sqrt(rows / cols)
+    raise ValueError(f"scale_rule must be one of {SCALE_RULES}, got {rule!r}")
+
+
+def momentum_update_(buf: torch.Tensor, grad: torch.Tensor, beta: float) -> torch.Tensor:
+    """In place: m <- beta * m + g. Returns ``buf``."""
+    return buf.mul_(beta).add_(grad)
+
+
+def nesterov_direction(buf: torch.Tensor, grad: torch.Tensor, beta: float, nesterov: bool) -> torch.Tensor:
+    """The matrix fed to NS: g + beta * m with Nesterov, else m (``buf`` itself, not a copy)."""
+    return grad.add(buf, alpha=beta) if nesterov else buf
+
+
+def normuon_normalize(
+    O: torch.Tensor, v: torch.Tensor, beta2: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NorMuon's per-row normalization of an orthogonalized update O of shape (rows, cols).
+
+        v_new = beta2 * v + (1 - beta2) * mean(O^2, dim=cols)     (one value per row)
+        O_hat = O / (sqrt(v_new) + eps)                            (each row by its own scale)
+        O_hat = O_hat * ||O||_F / ||O_hat||_F
+
+    The last line keeps the Frobenius norm of the update, so the learning rate and the
+    scale rule keep their Muon meaning; only the distribution across rows changes. The
+    denominator is clamped at 1e-30 so an all-zero O gives zeros, not NaN.
+    Returns (O_hat, v_new); inputs are not modified.
+    """
+    v_new = v * beta2 + O.square().mean(dim=-1) * (1.0 - beta2)
+    O_hat = O / (v_new.sqrt() + eps).unsqueeze(-1)
+    ratio = O.norm() / O_hat.norm().clamp_min(1e-30)
+    return O_hat * ratio, v_new
+
+
+def apply_update_(param: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float, scale: float) -> None:
+    """In place: W <- W * (1 - lr * wd), then W <- W - lr * scale * update."""
+    if weight_decay != 0.0:
+        param.mul_(1.0 - lr * weight_decay)
+    param.add_(update.to(param.dtype), alpha=-lr * scale)
+
+
+# ----------------------------------------------------------------------- validation
+
+
+def resolve_ns_dtype(value: torch.dtype | str) -> torch.dtype:
+    """torch dtype from a dtype or a name ('bfloat16', 'bf16', 'float32', ...)."""
+    if isinstance(value, torch.dtype):
+        dtype = value
+    elif isinstance(value, str) and value.lower() in _DTYPE_NAMES:
+        dtype = _DTYPE_NAMES[value.lower()]
+    else:
+        raise ValueError(f"ns_dtype must be a floating torch dtype or one of {sorted(_DTYPE_NAMES)}, got {value!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"ns_dtype must be a floating dtype, got {dtype}")
+    return dtype
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _is_real(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.numel() == 1
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def validate_muon_group(group: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the first invalid hyperparameter of a param group."""
+    if not _is_real(group["lr"]) or float(group["lr"]) < 0.0:
+        raise ValueError(f"lr must be a number >= 0, got {group['lr']!r}")
+    if not _is_real(group["momentum"]) or not 0.0 <= float(group["momentum"]) < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {group['momentum']!r}")
+    if not isinstance(group["nesterov"], bool):
+        raise ValueError(f"nesterov must be a bool, got {group['nesterov']!r}")
+    if not _is_real(group["weight_decay"]) or float(group["weight_decay"]) < 0.0:
+        raise ValueError(f"weight_decay must be a number >= 0, got {group['weight_decay']!r}")
+    steps = group["ns_steps"]
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"ns_steps must be an integer >= 1, got {steps!r}")
+    coefficient_schedule(group["ns_coefficients"])  # raises ValueError naming ns_coefficients
+    if group["scale_rule"] not in SCALE_RULES:
+        raise ValueError(f"scale_rule must be one of {SCALE_RULES}, got {group['scale_rule']!r}")
+    resolve_ns_dtype(group["ns_dtype"])
+    if "beta2" in group and (not _is_real(group["beta2"]) or not 0.0 <= float(group["beta2"]) < 1.0):
+        raise ValueError(f"beta2 must be in [0, 1), got {group['beta2']!r}")
+    if "eps" in group and (not _is_real(group["eps"]) or not float(group["eps"]) > 0.0):
+        raise ValueError(f"eps must be a number > 0, got {group['eps']!r}")
+
+
+def ns_steps_param_groups(
+    named_params: Iterable[tuple[str, torch.nn.Parameter]],
+    rules: Mapping[str, int] | Sequence[tuple[str, int]] | None,
+    default_steps: int = 5,
+    **group_options: Any,
+) -> list[dict[str, Any]]:
+    """Split named matrices into param groups by their NS step count.
+
+    Each parameter's step count is ``resolve_ns_steps(name, rules, default_steps)`` (first
+    matching glob, or ``re:`` regex, wins). Returns one group per distinct count, in order
+    of first appearance: ``{"params": [...], "ns_steps": k, **group_options}``.
+    """
+    groups: dict[int, dict[str, Any]] = {}
+    for name, p in named_params:
+        k = resolve_ns_steps(name, rules, default_steps)
+        groups.setdefault(k, {"params": [], "ns_steps": k, **group_options})["params"].append(p)
+    return list(groups.values())
+
+
+# ------------------------------------------------------------------- the optimizers
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank stores: a DTensor's local shard (an alias under no_grad), or t."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _row_mesh(p: torch.Tensor):
+    """The 1-D mesh p's rows are sharded over, or None for a plain tensor."""
+    if not isinstance(p, DTensor):
+        return None
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise ValueError(
+            f"Muon supports plain tensors or DTensors sharded Shard(0) on a 1-D mesh (FSDP2); "
+            f"got placements {p.placements} on a {p.device_mesh.ndim}-D mesh"
+        )
+    return p.device_mesh
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon: momentum, Newton-Schulz orthogonalization, scaled update (see module doc).
+
+    Args:
+        params: 2-D matrices (plain tensors or FSDP2 DTensors) or param groups; every
+            hyperparameter below can be overridden per group.
+        lr: learning rate.
+        momentum: beta in m <- beta * m + g.
+        nesterov: feed g + beta * m (True) or m (False) to NS.
+        weight_decay: decoupled: W <- W * (1 - lr * weight_decay).
+        ns_steps: Newton-Schulz iterations (per group; see ``ns_steps_param_groups``).
+        ns_coefficients: 'quintic' | 'polar_express' | (a, b, c) | list of triples.
+        scale_rule: 'original' | 'match_adamw' | 'spectral' (see ``update_scale``).
+        ns_mode: 'distributed' (each matrix orthogonalized once, by its owner rank) or
+            'replicated' (every rank orthogonalizes every matrix). Optimizer-wide, not
+            saved in the state dict: it changes the cost, not the result.
+        ns_dtype: NS compute dtype (bf16 default); matrices travel in this dtype.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        ns_steps: int = 5,
+        ns_coefficients: CoefficientSpec = "quintic",
+        scale_rule: str = "match_adamw",
+        ns_mode: str = "distributed",
+        ns_dtype: torch.dtype | str = torch.bfloat16,
+    ):
+        defaults = dict(
+            lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+            ns_steps=ns_steps, ns_coefficients=ns_coefficients, scale_rule=scale_rule, ns_dtype=ns_dtype,
+        )
+        self._setup(params, defaults, ns_mode)
+
+    def _setup(self, params, defaults: dict[str, Any], ns_mode: str) -> None:
+        """Shared constructor body: validate ns_mode, then register the param groups."""
+        if ns_mode not in NS_MODES:
+            raise ValueError(f"ns_mode must be one of {NS_MODES}, got {ns_mode!r}")
+        self.ns_mode = ns_mode
+        # Timings and bytes of the last step's whole-matrix work (benchmarks, diagnostics).
+        self.last_step_stats: ExchangeStats | None = None
+        torch.optim.Optimizer.__init__(self, params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validate hyperparameters and shapes before registering the group."""
+        validate_muon_group({**self.defaults, **param_group})
+        params = param_group["params"]
+        # Materialize once: a generator would be exhausted by the shape check below.
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
+            matrix_dims(p.shape)
+        param_group = {**param_group, "params": params}
+        if isinstance(param_group.get("ns_dtype"), torch.dtype):
+            param_group["ns_dtype"] = _dtype_name(param_group["ns_dtype"])
+        super().add_param_group(param_group)
+        if isinstance(self.param_groups[-1]["ns_dtype"], torch.dtype):
+            # defaults given as a torch.dtype: store the name, which serializes anywhere.
+            self.param_groups[-1]["ns_dtype"] = _dtype_name(self.param_groups[-1]["ns_dtype"])
+
+    # -- hooks a subclass overrides ------------------------------------------------
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _make_job(self, U: torch.Tensor, p: torch.Tensor, state: dict, group: dict, mesh) -> RowShardedJob:
+        """Whole-matrix work for one parameter: O = NS(U) in the NS dtype."""
+        rows, cols = matrix_dims(p.shape)
+        ns_dtype = resolve_ns_dtype(group["ns_dtype"])
+        steps, coeffs = group["ns_steps"], group["ns_coefficients"]
+
+        def compute(full: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [newton_schulz(full[0], steps, coeffs, dtype=ns_dtype)]
+
+        # Cast before shipping: NS starts with this cast anyway, so the result is the
+        # same and the all_to_all carries bf16 instead of fp32.
+        return RowShardedJob(
+            inputs=[U.to(ns_dtype)], rows=rows, compute=compute,
+            output_specs=[((cols,), ns_dtype)], cost=ns_cost(rows, cols), mesh=mesh,
+        )
+
+    def _finish(self, p: torch.Tensor, outputs: list[torch.Tensor], state: dict, group: dict) -> None:
+        """Apply this rank's rows of the job outputs to its shard of p."""
+        rows, cols = matrix_dims(p.shape)
+        scale = update_scale(rows, cols, group["scale_rule"])
+        apply_update_(_local(p), outputs[0], float(group["lr"]), float(group["weight_decay"]), scale)
+
+    # -- the step ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step over every parameter that has a gradient.
+
+        Elementwise math runs on local shards; all whole-matrix work of the step goes
+        through one ``run_row_sharded_jobs`` call (one all_to_all pair per mesh).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        todo: list[tuple[torch.Tensor, dict, dict]] = []
+        jobs: list[RowShardedJob] = []
+        for group in self.param_groups:
+            beta = float(group["momentum"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                mesh = _row_mesh(p)
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, state)
+                grad = _local(p.grad)
+                buf = momentum_update_(_local(state["momentum_buffer"]), grad, beta)
+                U = nesterov_direction(buf, grad, beta, bool(group["nesterov"]))
+                jobs.append(self._make_job(U, p, state, group, mesh))
+                todo.append((p, state, group))
+        outputs, self.last_step_stats = run_row_sharded_jobs(jobs, self.ns_mode)
+        for (p, state, group), out in zip(todo, outputs):
+            self._finish(p, out, state, group)
+        return loss
+
+
+class NorMuon(Muon):
+    """Muon with NorMuon's per-neuron (per-row = per output feature) second moment.
+
+    After NS, each row of O is divided by the root of an EMA of its mean square and the
+    result is rescaled to ||O||_F (``normuon_normalize``); then the Muon update follows.
+    The row statistics need whole rows and the whole-matrix norm, so they run on the
+    matrix owner together with NS, which makes distributed NorMuon exact.
+
+    Extra args: beta2 (EMA decay of v), eps (added to sqrt(v)). State adds
+    ``row_second_moment`` of shape (rows,), a Shard(0) DTensor for sharded params.
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, ns_steps: int = 5, ns_coefficients: CoefficientSpec = "quintic",
+                 scale_rule: str = "match_adamw", ns_mode: str = "distributed",
+                 ns_dtype: torch.dtype | str = torch.bfloat16, beta2: float = 0.95, eps: float = 1e-8):
+        defaults = dict(
+            lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+            ns_steps=ns_steps, ns_coefficients=ns_coefficients, scale_rule=scale_rule, ns_dtype=ns_dtype,
+            beta2=beta2, eps=eps,
+        )
+        self._setup(params, defaults, ns_mode)
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        super()._init_state(p, state)
+        rows, _ = matrix_dims(p.shape)
+        local = torch.zeros(_local(p).shape[0], dtype=p.dtype, device=_local(p).device)
+        if isinstance(p, DTensor):
+            # Rows are sharded exactly like the parameter's, so each rank keeps (and
+            # checkpoints) the statistics of the rows it owns.
+            state["row_second_moment"] = DTensor.from_local(
+                local, p.device_mesh, [Shard(0)], shape=torch.Size([rows]), stride=(1,), run_check=False
+            )
+        else:
+            state["row_second_moment"] = local
+
+    def _make_job(self, U: torch.Tensor, p: torch.Tensor, state: dict, group: dict, mesh) -> RowShardedJob:
+        """Whole-matrix work: O = NS(U), then the row normalization and the new v."""
+        rows, cols = matrix_dims(p.shape)
+        ns_dtype = resolve_ns_dtype(group["ns_dtype"])
+        steps, coeffs = group["ns_steps"], group["ns_coefficients"]
+        beta2, eps = float(group["beta2"]), float(group["eps"])
+        v = _local(state["row_second_moment"])
+        update_dtype = p.dtype
+
+        def compute(full: list[torch.Tensor]) -> list[torch.Tensor]:
+            O = newton_schulz(full[0], steps, coeffs, dtype=ns_dtype).to(update_dtype)
+            O_hat, v_new = normuon_normalize(O, full[1], beta2, eps)
+            return [O_hat, v_new]
+
+        return RowShardedJob(
+            inputs=[U.to(ns_dtype), v], rows=rows, compute=compute,
+            output_specs=[((cols,), update_dtype), ((), v.dtype)], cost=ns_cost(rows, cols), mesh=mesh,
+        )
+
+    def _finish(self, p: torch.Tensor, outputs: list[torch.Tensor], state: dict, group: dict) -> None:
+        _local(state["row_second_moment"]).copy_(outputs[1])
+        super()._finish(p, outputs[:1], state, group)

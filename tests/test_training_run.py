@@ -1,0 +1,96 @@
+"""End-to-end runs through ``python train.py``: the run-directory contract, resuming,
+and learning on the real corpus with every norm."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from normopt.config import config_from_dict
+from tests.conftest import TINY_MODEL, run_cli, tiny_run_args
+
+
+def _lines(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_contract(tmp_path, tiny_corpus):
+    run_dir = tmp_path / "run"
+    proc = run_cli(tiny_run_args(run_dir, tiny_corpus, "checkpoint.interval=3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parameters=" in proc.stdout and "TensorBoard logs:" in proc.stdout
+
+    saved = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    assert saved.run.dir == str(run_dir) and saved.train.steps == 6
+
+    lines = _lines(run_dir)
+    train = [r for r in lines if "loss" in r]
+    evals = [r for r in lines if "eval_loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    for r in train:
+        assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= r.keys()
+        assert r["tokens"] == r["step"] * 4 * 32
+    assert [r["step"] for r in evals] == [0, 3, 6]
+
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000003", "step_00000006"]
+
+
+@pytest.mark.parametrize("optim", ["adamw", "normuon"])
+def test_finished_run_is_reused_and_extended_exactly(tmp_path, tiny_corpus, optim):
+    """Re-running a finished run does nothing; raising train.steps continues from its
+    checkpoint with the same losses as a run that went straight through (optimizer state,
+    including NorMuon's momentum and row second moments, restored through DCP)."""
+    args = ["optim.schedule=constant", "train.dtype=float32", f"optim.name={optim}"]
+    straight = tmp_path / "straight"
+    assert run_cli(tiny_run_args(straight, tiny_corpus, *args, "train.steps=9")).returncode == 0
+
+    resumed = tmp_path / "resumed"
+    assert run_cli(tiny_run_args(resumed, tiny_corpus, *args)).returncode == 0
+    before = (resumed / "metrics.jsonl").read_text()
+    again = run_cli(tiny_run_args(resumed, tiny_corpus, *args))
+    assert again.returncode == 0 and "run already complete" in again.stdout
+    assert (resumed / "metrics.jsonl").read_text() == before
+
+    extended = run_cli(tiny_run_args(resumed, tiny_corpus, *args, "train.steps=9"))
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert "resumed from" in extended.stdout
+    want = {r["step"]: r["loss"] for r in _lines(straight) if "loss" in r}
+    got = {r["step"]: r["loss"] for r in _lines(resumed) if "loss" in r}
+    assert got == want  # bit-identical, steps 1..9
+
+
+def test_resume_refuses_a_changed_model(tmp_path, tiny_corpus):
+    run_dir = tmp_path / "run"
+    assert run_cli(tiny_run_args(run_dir, tiny_corpus)).returncode == 0
+    proc = run_cli(tiny_run_args(run_dir, tiny_corpus, "model.norm=dyt"))
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "model.norm" in proc.stderr
+
+
+def test_resume_never_refuses_an_existing_run(tmp_path, tiny_corpus):
+    run_dir = tmp_path / "run"
+    assert run_cli(tiny_run_args(run_dir, tiny_corpus)).returncode == 0
+    proc = run_cli(tiny_run_args(run_dir, tiny_corpus, "checkpoint.resume=never"))
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+
+
+@pytest.mark.parametrize("norm, optim", [
+    ("rmsnorm", "adamw"), ("dyt", "adamw"), ("derf", "adamw"), ("derf_ema", "adamw"),
+    ("rmsnorm", "muon"), ("derf", "normuon"),
+])
+def test_real_corpus_validation_loss_falls(tmp_path, norm, optim):
+    run_dir = tmp_path / f"{norm}-{optim}"
+    proc = run_cli([
+        f"run.dir={run_dir}", "data.vocab_size=1024", *TINY_MODEL, f"model.norm={norm}",
+        f"optim.name={optim}",
+        "train.steps=40", "train.global_batch_size=8", "train.micro_batch_size=8", "train.seq_len=64",
+        "train.eval_interval=40", "train.eval_sequences=64", "train.mfu_probe=false",
+        "optim.lr=0.01", "optim.warmup_steps=5", "checkpoint.interval=0",
+    ])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = {r["step"]: r["eval_loss"] for r in _lines(run_dir) if "eval_loss" in r}
+    assert evals[40] < evals[0] - 0.5, evals

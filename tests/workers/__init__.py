@@ -1,0 +1,1 @@
+"""Scripts launched by tests under torchrun (one process per rank)."""

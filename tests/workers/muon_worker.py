@@ -1,0 +1,211 @@
+"""torchrun worker: FSDP2 Muon/NorMuon against a single-process reference.
+
+    torchrun --nproc_per_node=N tests/workers/muon_worker.py OUT.pt [--checkpoint-dir DIR]
+
+Every rank builds the same small model of uneven nn.Linear layers (same seed), wraps it
+with ``fully_shard`` and trains it for a few steps with Muon or NorMuon in both
+``ns_mode``s, with gradients either injected (the same deterministic full gradient,
+sliced to each rank's rows) or computed by a real forward/backward through FSDP2 on the
+same batch on every rank. Rank 0 also runs the identical math on a plain (non-DTensor)
+copy of the model, with no process group involved, and saves everything to OUT.pt for
+the test to compare. With --checkpoint-dir it also checks a DCP save/load round trip.
+
+Teardown releases the FSDP modules before destroy_process_group (see stack notes: 2-rank
+gloo FSDP2 processes otherwise crash at exit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+from normopt.optim.muon import Muon, NorMuon
+from normopt.parallel.distributed_ns import shard_rows
+
+# (out_features, in_features) of each nn.Linear: uneven, tall and wide, some with fewer
+# rows than ranks (empty shards), and a case with fewer matrices than ranks.
+CASES = {
+    "uneven": [(48, 32), (32, 80), (13, 7), (5, 64)],
+    "few": [(6, 5), (2, 9)],
+}
+# Per-case hyperparameters, chosen to exercise every option at least once.
+OPTIONS = {
+    "uneven": dict(lr=0.02, weight_decay=0.1, nesterov=True, scale_rule="match_adamw", ns_coefficients="quintic"),
+    "few": dict(lr=0.05, weight_decay=0.0, nesterov=False, scale_rule="original", ns_coefficients="polar_express"),
+}
+OPTIMIZERS = {"muon": Muon, "normuon": NorMuon}
+STEPS = 4
+BATCH = 6
+
+
+class LinearStack(nn.Module):
+    """Independent bias-free linear layers; loss = sum_i mean(tanh(W_i x_i)^2)."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(i, o, bias=False) for o, i in shapes)
+
+    def forward(self, xs):
+        return sum(torch.tanh(layer(x)).square().mean() for layer, x in zip(self.layers, xs))
+
+
+def build_model(case: str, seed: int, mesh=None) -> LinearStack:
+    torch.manual_seed(seed)
+    model = LinearStack(CASES[case])
+    if mesh is not None:
+        for layer in model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def param_groups(model: LinearStack) -> list[dict]:
+    """Two groups so per-group ns_steps is exercised: the first layer gets 3 NS steps."""
+    params = list(model.layers.parameters())
+    return [{"params": params[:1], "ns_steps": 3}, {"params": params[1:]}]
+
+
+def batch(case: str, step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(BATCH, i, generator=g) for _, i in CASES[case]]
+
+
+def injected_grad(shape, step: int, index: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7919 * step + index)
+    return torch.randn(*shape, generator=g)
+
+
+def set_grads(model: LinearStack, case: str, step: int, source: str) -> None:
+    """Fill p.grad for this step: a real backward, or the deterministic full gradient
+    restricted to this rank's rows (exactly what FSDP2's reduce-scatter would deliver)."""
+    if source == "backward":
+        model(batch(case, step)).backward()
+        return
+    for index, p in enumerate(model.layers.parameters()):
+        full = injected_grad(p.shape, step, index)
+        if isinstance(p, DTensor):
+            mesh = p.device_mesh
+            start, length = shard_rows(p.shape[0], mesh.size())[mesh.get_local_rank()]
+            p.grad = DTensor.from_local(full[start:start + length].clone(), mesh, [Shard(0)],
+                                        shape=p.shape, stride=p.stride(), run_check=False)
+        else:
+            p.grad = full
+
+
+def train(model: LinearStack, optimizer, case: str, source: str, steps: range) -> None:
+    for step in steps:
+        set_grads(model, case, step, source)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) parameters by name; collective when they are DTensors."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.full_tensor() if isinstance(p, DTensor) else p
+        out[name] = t.detach().clone()
+    return out
+
+
+def run_fsdp(case, opt_name, source, ns_mode, mesh) -> tuple[dict, list[int]]:
+    """Train the FSDP2 model; return full params and per-step jobs computed on this rank."""
+    model = build_model(case, seed=0, mesh=mesh)
+    optimizer = OPTIMIZERS[opt_name](param_groups(model), ns_mode=ns_mode, **OPTIONS[case])
+    jobs_computed = []
+    for step in range(STEPS):
+        set_grads(model, case, step, source)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        jobs_computed.append(optimizer.last_step_stats.jobs_computed)
+    params = full_params(model)
+    del model, optimizer
+    gc.collect()
+    return params, jobs_computed
+
+
+def run_reference(case, opt_name, source) -> dict:
+    """The same math on plain tensors in this one process: no DTensor, no communication."""
+    model = build_model(case, seed=0)
+    optimizer = OPTIMIZERS[opt_name](param_groups(model), **OPTIONS[case])
+    train(model, optimizer, case, source, range(STEPS))
+    return full_params(model)
+
+
+def checkpoint_round_trip(opt_name: str, mesh, directory: Path) -> dict:
+    """Train 2 steps, save with DCP, train 2 more (run A). A fresh model and optimizer
+    (different init) load the checkpoint and train the same 2 steps (run B)."""
+    case = "uneven"
+    model = build_model(case, seed=0, mesh=mesh)
+    optimizer = OPTIMIZERS[opt_name](param_groups(model), **OPTIONS[case])
+    train(model, optimizer, case, "backward", range(2))
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state_keys = sorted(optim_sd["state"])
+    state_fields = sorted({f"{k}:{field}" for k, v in optim_sd["state"].items() for field in v})
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / opt_name))
+    train(model, optimizer, case, "backward", range(2, 4))
+    continued = full_params(model)
+    del model, optimizer, model_sd, optim_sd
+    gc.collect()
+
+    model = build_model(case, seed=123, mesh=mesh)
+    optimizer = OPTIMIZERS[opt_name](param_groups(model), **OPTIONS[case])
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp.load(loaded, checkpoint_id=str(directory / opt_name))
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    train(model, optimizer, case, "backward", range(2, 4))
+    resumed = full_params(model)
+    del model, optimizer, model_sd, optim_sd, loaded
+    gc.collect()
+    return {"continued": continued, "resumed": resumed, "state_keys": state_keys, "state_fields": state_fields}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--checkpoint-dir", type=Path, default=None)
+    args = parser.parse_args()
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    results: dict = {"world_size": world, "fsdp": {}, "reference": {}, "jobs_computed": {}, "checkpoint": {},
+                     "initial": {case: full_params(build_model(case, seed=0)) for case in CASES}}
+    for case in CASES:
+        for opt_name in OPTIMIZERS:
+            for source in ("inject", "backward"):
+                if rank == 0:
+                    results["reference"][(case, opt_name, source)] = run_reference(case, opt_name, source)
+                for ns_mode in ("distributed", "replicated"):
+                    params, jobs = run_fsdp(case, opt_name, source, ns_mode, mesh)
+                    per_rank = [None] * world
+                    dist.all_gather_object(per_rank, jobs)
+                    results["fsdp"][(case, opt_name, source, ns_mode)] = params
+                    results["jobs_computed"][(case, opt_name, source, ns_mode)] = per_rank
+    if args.checkpoint_dir is not None:
+        for opt_name in OPTIMIZERS:
+            outcome = checkpoint_round_trip(opt_name, mesh, args.checkpoint_dir)
+            per_rank = [None] * world
+            dist.all_gather_object(per_rank, (outcome["state_keys"], outcome["state_fields"]))
+            outcome["state_keys_per_rank"] = per_rank
+            results["checkpoint"][opt_name] = outcome
+    if rank == 0:
+        torch.save(results, args.out)
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
