@@ -6,21 +6,39 @@ Exit status: 0 done; 2 user error (one line on stderr, no traceback); 3 the loss
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from normopt.errors import USER_ERROR_EXIT_CODE, UserError
 
 
-def train_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="train.py",
-        description="Train a Llama-style model (plain python = 1 rank; under torchrun = N ranks).",
-    )
+def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", default=None, help="YAML config (default: configs/demo.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override config keys, e.g. model.norm=derf optim.lr=1e-3")
+    return parser
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = _config_parser(
+        "train.py", "Train a Llama-style model (plain python = 1 rank; under torchrun = N ranks).")
     args = parser.parse_args(argv)
     return _guarded(lambda: _train(args.config, args.overrides))
+
+
+def check_main(argv: list[str] | None = None) -> int:
+    """Validate a config without training (launch scripts run this before torchrun, so a
+    bad config ends with one line and status 2 instead of torchrun's failure report)."""
+    args = _config_parser("normopt check", "Validate a config and print the resolved run.dir.").parse_args(argv)
+
+    def check() -> int:
+        from normopt.config import load_config
+
+        print(load_config(args.config, args.overrides).run.dir)
+        return 0
+
+    return _guarded(check)
 
 
 def _train(config_path, overrides) -> int:
@@ -51,7 +69,8 @@ def _guarded(fn) -> int:
     try:
         return fn()
     except UserError as exc:
-        print(f"normopt: error: {exc}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # every rank fails alike; one line is enough
+            print(f"normopt: error: {exc}", file=sys.stderr, flush=True)
         return USER_ERROR_EXIT_CODE
     except KeyboardInterrupt:
         print("normopt: interrupted", file=sys.stderr, flush=True)
@@ -60,10 +79,11 @@ def _guarded(fn) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": train_main}
+    commands = {"train": train_main, "check": check_main}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: normopt {train} ...\n\n"
-              "  train   train a model (same as python train.py; see normopt train --help)",
+        print("usage: normopt {train,check} ...\n\n"
+              "  train   train a model (same as python train.py; see normopt train --help)\n"
+              "  check   validate a config and print its run directory",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else USER_ERROR_EXIT_CODE
     return commands[argv[0]](argv[1:])

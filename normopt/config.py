@@ -28,7 +28,9 @@ OptimName = Literal["adamw", "muon", "normuon"]
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/demo"  # the run directory: config, metrics, TensorBoard, checkpoints
+    # the run directory (config, metrics, TensorBoard, checkpoints); empty = derived from
+    # the config file's name, the norm and the optimizer: runs/<config>-<norm>-<optim>
+    dir: str = ""
 
 
 @dataclass
@@ -241,8 +243,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise UserError(f"override {item!r}: expected dotted.key=value")
         key, value = item.split("=", 1)
         _apply(cfg, key.strip(), value, from_text=True)
+    if not cfg.run.dir.strip():
+        cfg.run.dir = default_run_dir(path.stem, cfg)
     validate(cfg)
     return cfg
+
+
+def default_run_dir(config_name: str, cfg: Config) -> str:
+    """runs/<config>-<norm>-<optim>: variants of one config land in separate runs."""
+    return f"runs/{config_name}-{cfg.model.norm}-{cfg.optim.name}"
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -271,7 +280,6 @@ def validate(cfg: Config) -> None:
     """Refuse impossible values; the model shape is checked against its preset too."""
     from normopt.models.presets import PRESETS, resolve_model_args
 
-    _require(bool(cfg.run.dir.strip()), "run.dir", "must not be empty")
     d = cfg.data
     _require(d.vocab_size >= 260, "data.vocab_size", "must be at least 260 (256 bytes + specials)")
     _require(0.0 < d.val_fraction < 0.5, "data.val_fraction", "must be in (0, 0.5)")

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from normopt.config import DEFAULT_CONFIG, check_world_size, load_config
 from normopt.errors import UserError
-from tests.conftest import run_cli
+from tests.conftest import REPO_ROOT, run_cli
 
 
 def test_demo_config_is_the_default_and_overrides_apply():
@@ -17,6 +19,12 @@ def test_demo_config_is_the_default_and_overrides_apply():
     assert cfg.model.norm == "derf" and cfg.optim.lr == 1e-3 and cfg.train.steps == 7
     assert cfg.data.path == ""
     assert load_config(DEFAULT_CONFIG).to_dict() == load_config(None).to_dict()
+
+
+def test_empty_run_dir_is_derived_from_config_norm_and_optimizer():
+    assert load_config(None).run.dir == "runs/demo-rmsnorm-adamw"
+    assert load_config(None, ["model.norm=derf", "optim.name=muon"]).run.dir == "runs/demo-derf-muon"
+    assert load_config(None, ["run.dir=elsewhere"]).run.dir == "elsewhere"
 
 
 def test_contract_keys_exist():
@@ -96,3 +104,11 @@ def test_cli_exits_2_with_one_line_and_leaves_runs_alone(tmp_path, args, key):
 def test_cli_missing_config_file_exits_2():
     proc = run_cli(["--config", "/no/such.yaml"], timeout=60)
     assert proc.returncode == 2 and "config file not found" in proc.stderr
+
+
+def test_launch_script_refuses_a_bad_config_before_torchrun():
+    proc = subprocess.run(["bash", str(REPO_ROOT / "launch" / "torchrun.sh"), "2", "model.n_heads=7"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "normopt: error: model.n_heads: 7 heads do not divide dim 192"
