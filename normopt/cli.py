@@ -50,19 +50,26 @@ def _train(config_path, overrides) -> int:
     from normopt.trainer import DIVERGED_EXIT_CODE, Trainer, TrainingDiverged
 
     dist_info = init_distributed(cfg.train.device)
-    trainer = None
+    failure: tuple[int, str] | None = None
     try:
         trainer = Trainer(cfg, dist_info)
-        trainer.fit()
-        return 0
-    except TrainingDiverged as exc:
-        print(f"normopt: {exc}", file=sys.stderr, flush=True)
-        return DIVERGED_EXIT_CODE
-    finally:
-        if trainer is not None:
+        try:
+            trainer.fit()
+        finally:
             trainer.close()
-        del trainer
-        shutdown_distributed()
+    except TrainingDiverged as exc:
+        failure = (DIVERGED_EXIT_CODE, f"normopt: {exc}")
+    except UserError as exc:
+        # keep only the text: the traceback would keep FSDP modules alive past teardown
+        failure = (USER_ERROR_EXIT_CODE, f"normopt: error: {exc}")
+    trainer = None
+    shutdown_distributed()
+    if failure is None:
+        return 0
+    code, message = failure
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+    return code
 
 
 def _guarded(fn) -> int:

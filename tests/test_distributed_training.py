@@ -37,6 +37,10 @@ def test_two_ranks_match_one_process(tmp_path, tiny_corpus, norm):
         assert losses.keys() == reference.keys()
         for step, loss in reference.items():
             assert abs(losses[step] - loss) < 1e-5, (other.name, step, losses[step], loss)
+        # the clipped global norm is computed over sharded gradients and must agree too
+        norms, ref_norms = _records(other, "grad_norm"), _records(single, "grad_norm")
+        for step in ref_norms:
+            assert abs(norms[step] - ref_norms[step]) <= 1e-5 * max(1.0, ref_norms[step])
         evals, ref_evals = _records(other, "eval_loss"), _records(single, "eval_loss")
         assert evals.keys() == ref_evals.keys()
         for step in evals:

@@ -94,3 +94,15 @@ def test_real_corpus_validation_loss_falls(tmp_path, norm, optim):
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = {r["step"]: r["eval_loss"] for r in _lines(run_dir) if "eval_loss" in r}
     assert evals[40] < evals[0] - 0.5, evals
+
+
+def test_damaged_checkpoint_exits_2_with_one_line(tmp_path, tiny_corpus):
+    run_dir = tmp_path / "run"
+    assert run_cli(tiny_run_args(run_dir, tiny_corpus)).returncode == 0
+    shards = sorted((run_dir / "checkpoints" / "step_00000006").glob("*.distcp"))
+    assert shards
+    shards[0].write_bytes(shards[0].read_bytes()[:100])
+    proc = run_cli(tiny_run_args(run_dir, tiny_corpus, "train.steps=8"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot load checkpoint" in lines[0], proc.stderr[-2000:]

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from normopt.errors import UserError
@@ -74,6 +75,15 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model: nn.Module, optimizer
     return final
 
 
+def _first_cause(exc: BaseException) -> str:
+    """A one-line reason, digging through DCP's per-rank failure wrapper."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        inner = next(iter(exc.failures.values()))  # (exception, traceback) of the first rank
+        exc = inner[0] if isinstance(inner, tuple) else inner
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizers: list) -> dict:
     """Load model and optimizer state in place (any world size); return the trainer state."""
     state_file = path / TRAINER_STATE
@@ -82,8 +92,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizers: list) -> dict:
     state = _state(model, optimizers)
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        reason = _first_cause(exc)
         raise UserError(f"cannot load checkpoint {path}: {reason[:300]}") from None
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return json.loads(state_file.read_text())

@@ -67,15 +67,13 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
     return DistInfo(rank, world_size, local_rank, device, mesh)
 
 
-def shutdown_distributed(*objects_holding_fsdp_modules: object) -> None:
-    """Release FSDP modules before destroying the process group.
+def shutdown_distributed() -> None:
+    """Collect released FSDP modules, then destroy the process group.
 
     On gloo, destroying the group (or exiting) while FSDP2 modules are alive aborts the
-    interpreter in a large share of runs; dropping them and collecting first avoids it.
-    Callers must pass their last references (``del`` inside the caller is still needed for
-    locals, so pass containers the caller then forgets).
+    interpreter in a large share of runs. Callers drop every reference to the model and
+    optimizers first (tracebacks included); the collection here frees what cycles remain.
     """
-    del objects_holding_fsdp_modules
     gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
