@@ -44,7 +44,7 @@ def check_main(argv: list[str] | None = None) -> int:
 def _train(config_path, overrides) -> int:
     from normopt.config import load_config
 
-    cfg = load_config(config_path, overrides)  # refuses bad configs before any heavy import
+    cfg = load_config(config_path, overrides)  # refuses bad configs before any rank starts work
 
     from normopt.parallel.distributed import init_distributed, shutdown_distributed
     from normopt.trainer import DIVERGED_EXIT_CODE, Trainer, TrainingDiverged

@@ -170,3 +170,13 @@ def test_resolve_ns_steps_globs_regexes_and_default():
         resolve_ns_steps("a", [("a", 0)], 5)
     with pytest.raises(ValueError, match="ns_steps"):
         resolve_ns_steps("a", ["a"], 5)
+
+
+def test_public_function_is_exported_from_the_package():
+    import normopt.optim
+    from normopt.optim.newton_schulz import QUINTIC
+
+    G = torch.randn(8, 5)
+    assert callable(normopt.optim.newton_schulz)
+    torch.testing.assert_close(normopt.optim.newton_schulz(G, steps=5, coefficients=QUINTIC),
+                               newton_schulz(G))

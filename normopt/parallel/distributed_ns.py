@@ -252,18 +252,18 @@ def _run_on_mesh(
         stats.cost_computed += jobs[j].cost
     del recv
 
-    def my_rows(j: int, r: int) -> list[torch.Tensor]:
+    def rows_of(outputs: list[torch.Tensor], j: int, r: int) -> list[torch.Tensor]:
         start, length = layouts[j][r]
-        return [o[start:start + length] for o in full_outputs[j]]
+        return [o[start:start + length] for o in outputs]
 
     if mode == "replicated":
-        return [my_rows(j, rank) for j in range(len(jobs))]
+        return [rows_of(full_outputs[j], j, rank) for j in range(len(jobs))]
 
     # 2) scatter: to every rank d, its rows of every result I own (in job order).
     t0 = time.perf_counter()
     send_pieces, send_splits = [], []
     for d in range(world):
-        send_pieces += [t.contiguous() for j in mine for t in my_rows(j, d)]
+        send_pieces += [t.contiguous() for j in mine for t in rows_of(full_outputs[j], j, d)]
         send_splits.append(sum(out_bytes(j, d) for j in mine))
     recv_splits = [sum(out_bytes(j, rank) for j in range(len(jobs)) if owners[j] == s) for s in range(world)]
     send = _pack(send_pieces, sum(send_splits), device)
