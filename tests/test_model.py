@@ -70,3 +70,15 @@ def test_attention_is_causal():
     changed[0, 8:] = (changed[0, 8:] + 1) % 100
     torch.testing.assert_close(model(tokens)[0, :8], model(changed)[0, :8])
     assert not torch.allclose(model(tokens)[0, 8:], model(changed)[0, 8:])
+
+
+def test_config_overrides_reach_the_model_args():
+    from normopt.config import load_config
+    from normopt.models.presets import resolve_model_args
+
+    cfg = load_config(None, ["model.norm=dyt", "model.alpha_init_ffn=0.2", "model.dim=256"])
+    args = resolve_model_args(cfg.model, vocab_size=1000)
+    assert (args.vocab_size, args.norm, args.alpha_init_ffn, args.dim) == (1000, "dyt", 0.2, 256)
+    assert args.head_dim == PRESETS["debug"].head_dim  # width override keeps the head size
+    args = resolve_model_args(load_config(None, ["model.n_heads=3"]).model, vocab_size=1000)
+    assert args.n_kv_heads == 3  # the preset's 2 KV heads cannot group 3 heads

@@ -8,7 +8,7 @@ the trainer at start. ``1b`` follows Llama-3.2-1B's shape (dim 2048, 16 layers, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 NAMING_VOCAB = 32768
 
@@ -57,34 +57,18 @@ PRESETS: dict[str, ModelArgs] = {
 
 
 def resolve_model_args(model_cfg, vocab_size: int) -> ModelArgs:
-    """Preset shape + explicit overrides from the ``model`` config section."""
+    """The preset's ModelArgs with every ``model`` config key of the same name that is set
+    (shape overrides are None unless given)."""
     base = PRESETS[model_cfg.preset]
-    shape = {
-        name: getattr(model_cfg, name)
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden",
-                     "tie_embeddings", "rope_theta")
-    }
-    shape = {k: v for k, v in shape.items() if v is not None}
-    if "dim" in shape and "n_heads" not in shape:
+    overrides = {f.name: getattr(model_cfg, f.name) for f in fields(ModelArgs)
+                 if getattr(model_cfg, f.name, None) is not None}
+    if "dim" in overrides and "n_heads" not in overrides:
         # a width override keeps the preset's head size
-        shape["n_heads"] = max(1, shape["dim"] // base.head_dim)
-    n_heads = shape.get("n_heads", base.n_heads)
-    if "n_kv_heads" not in shape and n_heads % base.n_kv_heads:
-        shape["n_kv_heads"] = n_heads  # the preset's grouping no longer fits: plain MHA
-    return replace(
-        base,
-        vocab_size=vocab_size,
-        norm=model_cfg.norm,
-        norm_eps=model_cfg.norm_eps,
-        init_std=model_cfg.init_std,
-        alpha_init_attn=model_cfg.alpha_init_attn,
-        alpha_init_ffn=model_cfg.alpha_init_ffn,
-        alpha_init_final=model_cfg.alpha_init_final,
-        derf_shift_init=model_cfg.derf_shift_init,
-        derf_ema_momentum=model_cfg.derf_ema_momentum,
-        derf_ema_blend=model_cfg.derf_ema_blend,
-        **shape,
-    )
+        overrides["n_heads"] = max(1, overrides["dim"] // base.head_dim)
+    n_heads = overrides.get("n_heads", base.n_heads)
+    if "n_kv_heads" not in overrides and n_heads % base.n_kv_heads:
+        overrides["n_kv_heads"] = n_heads  # the preset's grouping no longer fits: plain MHA
+    return replace(base, **overrides, vocab_size=vocab_size)
 
 
 def norm_param_count(norm: str, dim: int) -> int:
