@@ -1,6 +1,7 @@
 """Command line: ``normopt train`` (same as ``python train.py``) and friends.
 
-Exit status: 0 done; 2 user error (one line on stderr, no traceback); 3 the loss diverged.
+Exit status: 0 done; 2 user error (one line on stderr, no traceback); 3 the loss diverged;
+75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (resume with the same command).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def _train(config_path, overrides) -> int:
     cfg = load_config(config_path, overrides)  # refuses bad configs before any rank starts work
 
     from normopt.parallel.distributed import init_distributed, shutdown_distributed
-    from normopt.trainer import DIVERGED_EXIT_CODE, Trainer, TrainingDiverged
+    from normopt.checkpoint.preemption import PREEMPTED_EXIT_CODE
+    from normopt.trainer import DIVERGED_EXIT_CODE, Preempted, Trainer, TrainingDiverged
 
     dist_info = init_distributed(cfg.train.device)
     failure: tuple[int, str] | None = None
@@ -59,6 +61,8 @@ def _train(config_path, overrides) -> int:
             trainer.close()
     except TrainingDiverged as exc:
         failure = (DIVERGED_EXIT_CODE, f"normopt: {exc}")
+    except Preempted as exc:
+        failure = (PREEMPTED_EXIT_CODE, f"normopt: {exc}; run the same command to resume")
     except UserError as exc:
         # keep only the text: the traceback would keep FSDP modules alive past teardown
         failure = (USER_ERROR_EXIT_CODE, f"normopt: error: {exc}")

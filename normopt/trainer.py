@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from normopt.checkpoint.manager import complete_steps, load_checkpoint, save_checkpoint, step_dir
+from normopt.checkpoint.preemption import StopRequest
 from normopt.config import Config, check_world_size, config_from_dict, save_config
 from normopt.data.batches import TrainBatches, eval_micro_batches
 from normopt.data.token_cache import check_enough_data, load_token_data, prepare_corpus
@@ -46,6 +47,10 @@ RESUME_SAFE_KEYS = {
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class Preempted(RuntimeError):
+    """A stop signal arrived; a checkpoint of the last finished step was saved."""
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -121,6 +126,7 @@ class Trainer:
             else:
                 truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
         self.metrics = MetricsLogger(self.run_dir, enabled=dist_info.is_main)
+        self.stop_request = StopRequest()
         self.peak_flops, self.peak_source = peak_flops(dist_info.device, DTYPES[self.dtype], probe=t.mfu_probe)
 
     # ------------------------------------------------------------------ setup pieces
@@ -188,7 +194,7 @@ class Trainer:
         for step in range(self.start_step, t.steps):
             done = step + 1
             lr_factor = self.optimizers.apply_schedule(cfg.optim, step, t.steps)
-            loss, grad_norm = self._train_step(step)
+            loss, grad_norm, stop = self._train_step(step)
             window_tokens += tokens_per_step
             progress.update(1)
 
@@ -213,16 +219,21 @@ class Trainer:
                 self.metrics.log({"step": done, "eval_loss": eval_loss}, prefix="eval")
                 if self.dist.is_main:
                     progress.write(f"step {done}: eval_loss {eval_loss:.4f}")
-            if (cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0) or done == t.steps:
+            if (cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0) or done == t.steps or stop:
                 self.save(done)
+            if stop and done < t.steps:
+                progress.close()
+                raise Preempted(f"stopped by {self.stop_request.signal_name or 'a stop signal on another rank'} "
+                                f"after step {done}; checkpoint saved in {step_dir(self.checkpoint_dir, done)}")
             if done % t.log_interval == 0 or done == t.steps:
                 window_start, window_tokens = time.perf_counter(), 0
         progress.close()
         return self._summary(eval_loss)
 
-    def _train_step(self, step: int) -> tuple[float, float]:
-        """Forward/backward over this rank's micro-batches, clip, step; return the global
-        mean loss of the step's batch and the gradient norm (identical on every rank)."""
+    def _train_step(self, step: int) -> tuple[float, float, bool]:
+        """Forward/backward over this rank's micro-batches, clip, step. Returns the global
+        mean loss of the step's batch, the gradient norm and whether any rank was asked to
+        stop (all three identical on every rank)."""
         self.model.train()
         loss_sum = torch.zeros((), device=self.dist.device)
         micro_batches = list(self.batches.micro_batches(step))
@@ -237,7 +248,11 @@ class Trainer:
         self.optimizers.step()
         self.optimizers.zero_grad()
         commit_running_scales(self.model)
-        return float(all_reduce_sum(loss_sum)) / self.dist.world_size, grad_norm
+        # one collective carries the loss and the stop request
+        shared = torch.stack([loss_sum.float(), torch.tensor(float(self.stop_request.requested),
+                                                            device=loss_sum.device)])
+        all_reduce_sum(shared)
+        return float(shared[0]) / self.dist.world_size, grad_norm, bool(shared[1] > 0)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -261,7 +276,8 @@ class Trainer:
         save_checkpoint(self.checkpoint_dir, step, self.model, self.optimizers.optimizers,
                         {"tokens": step * self.cfg.train.global_batch_size * self.cfg.train.seq_len,
                          "world_size": self.dist.world_size},
-                        self.dist.is_main, self.cfg.checkpoint.keep_latest_k)
+                        self.dist.is_main, self.cfg.checkpoint.keep_latest_k,
+                        config_path=self.run_dir / "config.yaml")
 
     # ------------------------------------------------------------------ reporting
 
@@ -305,4 +321,5 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        self.stop_request.close()
         self.metrics.close()

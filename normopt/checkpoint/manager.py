@@ -1,7 +1,11 @@
 """Sharded checkpoints with torch.distributed.checkpoint (DCP).
 
 Layout: ``<run>/checkpoints/step_00000100/`` holds every rank's shards of the model and
-optimizer state plus ``trainer_state.json``. A checkpoint is written under
+optimizer state (including ``derf_ema`` running scales, which are model buffers),
+``trainer_state.json`` (step, tokens, world size), ``rng/rank_XXXXX.pt`` (each rank's RNG
+states) and a copy of the run's ``config.yaml``. The learning-rate schedule is a pure
+function of the step and the data order a function of (seed, step), so the step restores
+both. A checkpoint is written under
 ``step_XXXXXXXX.tmp`` and renamed by rank 0 only after every rank has finished writing,
 so a folder without ``.tmp`` is always complete; leftovers of interrupted writes are ignored
 and cleaned up by the next save.
@@ -10,10 +14,13 @@ and cleaned up by the next save.
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
@@ -52,8 +59,36 @@ def _state(model: nn.Module, optimizers: list) -> dict:
     return {"model": model_sd, "optim": optim_sd}
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def save_rng_state(folder: Path) -> None:
+    """This rank's torch (CPU and CUDA), numpy and Python RNG states."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    (folder / "rng").mkdir(exist_ok=True)
+    torch.save(state, folder / "rng" / f"rank_{_rank():05d}.pt")
+
+
+def load_rng_state(folder: Path) -> bool:
+    """Restore this rank's RNG states if the checkpoint has them; False if not."""
+    path = folder / "rng" / f"rank_{_rank():05d}.pt"
+    if not path.is_file():
+        return False
+    state = torch.load(path, weights_only=False)
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    return True
+
+
 def save_checkpoint(checkpoint_dir: Path, step: int, model: nn.Module, optimizers: list,
-                    trainer_state: dict, is_main: bool, keep_latest_k: int) -> Path:
+                    trainer_state: dict, is_main: bool, keep_latest_k: int,
+                    config_path: Path | None = None) -> Path:
     """Write a complete checkpoint for ``step`` on every rank, then prune old ones."""
     final = step_dir(checkpoint_dir, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -62,9 +97,12 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model: nn.Module, optimizer
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
     dcp.save(_state(model, optimizers), checkpoint_id=str(tmp))
+    save_rng_state(tmp)
     _barrier()
     if is_main:
         (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+        if config_path is not None and config_path.exists():
+            shutil.copyfile(config_path, tmp / "config.yaml")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in complete_steps(checkpoint_dir)[:-keep_latest_k]:
@@ -96,4 +134,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizers: list) -> dict:
         reason = _first_cause(exc)
         raise UserError(f"cannot load checkpoint {path}: {reason[:300]}") from None
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return json.loads(state_file.read_text())
+    trainer_state = json.loads(state_file.read_text())
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    # RNG streams belong to ranks: restore them only when every rank has its own again
+    if trainer_state.get("world_size") == world:
+        load_rng_state(path)
+    return trainer_state

@@ -1,0 +1,134 @@
+"""Interrupted runs: SIGKILL, stop signals, incomplete checkpoints, other world sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO_ROOT, run_cli, tiny_run_args
+from tests.torchrun import run_torchrun
+
+STEPS = 40
+
+
+def _args(run_dir, corpus, *extra):
+    return tiny_run_args(run_dir, corpus, f"train.steps={STEPS}", "train.eval_interval=10",
+                         "checkpoint.interval=3", "checkpoint.keep_latest_k=3",
+                         "optim.schedule=constant", "train.dtype=float32", *extra)
+
+
+def _losses(run_dir):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in lines if "loss" in r]
+    assert steps == sorted(set(steps)), "a step was logged twice"
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def _start(args):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(proc, run_dir, step, timeout=120):
+    """Block until metrics.jsonl shows ``step`` (or the process ends)."""
+    deadline = time.time() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists():
+            logged = [json.loads(x).get("step", 0) for x in path.read_text().splitlines() if x.strip()]
+            if logged and max(logged) >= step:
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"step {step} never appeared (exit {proc.poll()})")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_corpus):
+    out = {}
+    for optim in ("adamw", "muon"):
+        run_dir = tmp_path_factory.mktemp(f"ref-{optim}")
+        proc = run_cli(_args(run_dir, tiny_corpus, f"optim.name={optim}"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[optim] = _losses(run_dir)
+    return out
+
+
+@pytest.mark.parametrize("optim, kill_after", [("adamw", 7), ("muon", 14)])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_corpus, reference, optim, kill_after):
+    run_dir = tmp_path / "run"
+    args = _args(run_dir, tiny_corpus, f"optim.name={optim}")
+    proc = _start(args)
+    _wait_for_step(proc, run_dir, kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    assert _losses(run_dir) == reference[optim]
+
+
+def test_incomplete_checkpoint_is_never_loaded(tmp_path, tiny_corpus, reference):
+    """A checkpoint whose writing was cut short (a .tmp folder, or one without its
+    trainer state) is skipped in favour of the last complete one."""
+    run_dir = tmp_path / "run"
+    args = _args(run_dir, tiny_corpus)
+    assert run_cli([*args, "train.steps=9"]).returncode == 0
+    checkpoints = run_dir / "checkpoints"
+    (checkpoints / "step_00000012.tmp").mkdir()
+    (checkpoints / "step_00000012.tmp" / "__0_0.distcp").write_bytes(b"partial")
+    (checkpoints / "step_00000015").mkdir()  # renamed but never finished: no trainer_state.json
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "step_00000009 at step 9" in resumed.stdout
+    assert _losses(run_dir) == reference["adamw"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_stop_signal_checkpoints_and_exits_75(tmp_path, tiny_corpus, reference, sig):
+    run_dir = tmp_path / "run"
+    args = _args(run_dir, tiny_corpus)
+    proc = _start(args)
+    _wait_for_step(proc, run_dir, 5)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr[-2000:]
+    assert f"stopped by {sig.name}" in stderr
+    stopped_at = max(_losses(run_dir))
+    assert stopped_at < STEPS
+    assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "trainer_state.json").exists()
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _losses(run_dir) == reference["adamw"]
+
+
+def test_resume_on_another_number_of_ranks(tmp_path, tiny_corpus, reference):
+    """Model and optimizer state reshard through DCP; the data order does not depend on
+    the world size, so 1 rank then 2 ranks follows the 1-rank curve (fp32, 1e-5)."""
+    run_dir = tmp_path / "run"
+    args = _args(run_dir, tiny_corpus)
+    assert run_cli([*args, "train.steps=12"]).returncode == 0
+    run_torchrun(REPO_ROOT / "train.py", 2, args)
+    losses = _losses(run_dir)
+    assert losses.keys() == reference["adamw"].keys()
+    for step, loss in reference["adamw"].items():
+        assert abs(losses[step] - loss) < 1e-5, (step, losses[step], loss)
+
+
+def test_missing_shard_exits_2(tmp_path, tiny_corpus):
+    run_dir = tmp_path / "run"
+    args = _args(run_dir, tiny_corpus, "train.steps=3")
+    assert run_cli(args).returncode == 0
+    for shard in (run_dir / "checkpoints" / "step_00000003").glob("*.distcp"):
+        shard.unlink()
+    proc = run_cli([*args[:-1], "train.steps=6"])
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot load checkpoint" in lines[0], proc.stderr[-2000:]
