@@ -76,6 +76,29 @@ def _train(config_path, overrides) -> int:
     return code
 
 
+def export_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="normopt export",
+        description="Write a run's model weights as one safetensors file (config beside it).")
+    parser.add_argument("run_dir", help="the run directory")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
+    parser.add_argument("--out", default=None, help="output file (default: RUN_DIR/export/step_N.safetensors)")
+    args = parser.parse_args(argv)
+
+    def export() -> int:
+        from pathlib import Path
+
+        from normopt.checkpoint.export import export_safetensors
+
+        if not Path(args.run_dir).is_dir():
+            raise UserError(f"{args.run_dir}: no such run directory")
+        out = export_safetensors(Path(args.run_dir), args.step, Path(args.out) if args.out else None)
+        print(out)
+        return 0
+
+    return _guarded(export)
+
+
 def _guarded(fn) -> int:
     try:
         return fn()
@@ -90,11 +113,12 @@ def _guarded(fn) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": train_main, "check": check_main}
+    commands = {"train": train_main, "check": check_main, "export": export_main}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: normopt {train,check} ...\n\n"
+        print("usage: normopt {train,check,export} ...\n\n"
               "  train   train a model (same as python train.py; see normopt train --help)\n"
-              "  check   validate a config and print its run directory",
+              "  check   validate a config and print its run directory\n"
+              "  export  write a run's model weights as one safetensors file",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else USER_ERROR_EXIT_CODE
     return commands[argv[0]](argv[1:])

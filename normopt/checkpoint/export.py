@@ -1,0 +1,79 @@
+"""Consolidate a sharded checkpoint's model weights into one safetensors file.
+
+Runs in a single process with no process group: DCP reads every rank's shards of the
+``model.*`` entries only (optimizer state is never loaded), whatever the world size that
+wrote them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from normopt.checkpoint.manager import TRAINER_STATE, complete_steps, step_dir
+from normopt.errors import UserError
+
+MODEL_PREFIX = "model."
+
+
+def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
+    steps = complete_steps(run_dir / "checkpoints")
+    if not steps:
+        raise UserError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
+    if step is None:
+        return step_dir(run_dir / "checkpoints", steps[-1])
+    if step not in steps:
+        raise UserError(f"--step {step}: no complete checkpoint (have: {', '.join(map(str, steps))})")
+    return step_dir(run_dir / "checkpoints", step)
+
+
+def load_model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Full (unsharded) model tensors of a DCP checkpoint, keyed by parameter/buffer name."""
+    try:
+        metadata = FileSystemReader(str(checkpoint)).read_metadata()
+    except Exception as exc:
+        raise UserError(f"cannot read checkpoint {checkpoint}: {exc}") from None
+    model = {
+        key[len(MODEL_PREFIX):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata)
+    }
+    if not model:
+        raise UserError(f"checkpoint {checkpoint} holds no model weights")
+    state = {"model": model}
+    try:
+        with warnings.catch_warnings():  # "assuming ... a single process": exactly the intent
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    except BaseException as exc:  # DCP wraps read errors in a BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise UserError(f"cannot load checkpoint {checkpoint}: {type(exc).__name__}") from None
+    return state["model"]
+
+
+def export_safetensors(run_dir: Path, step: int | None = None, out: Path | None = None) -> Path:
+    """Write ``model.safetensors`` (and ``config.yaml`` beside it); return the file's path."""
+    from safetensors.torch import save_file
+
+    checkpoint = find_checkpoint(run_dir, step)
+    weights = load_model_weights(checkpoint)
+    out = out or run_dir / "export" / f"{checkpoint.name}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    trainer_state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    # a tied head is the same tensor under two names; safetensors wants distinct storage
+    tensors = {name: t.contiguous().clone() for name, t in weights.items()}
+    save_file(tensors, str(out), metadata={"format": "pt", "step": str(trainer_state["step"])})
+    config = checkpoint / "config.yaml"
+    if not config.exists():
+        config = run_dir / "config.yaml"
+    if config.exists():
+        shutil.copyfile(config, out.with_suffix(".config.yaml"))
+    return out
