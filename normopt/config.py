@@ -125,6 +125,7 @@ class CheckpointConfig:
     interval: int = 0  # save every N steps (0 = only at the end)
     keep_latest_k: int = 2
     resume: str = "auto"  # auto | never | a step number
+    async_save: bool = False  # write checkpoints in the background (the final one waits)
 
 
 @dataclass

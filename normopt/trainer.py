@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from normopt.checkpoint.manager import complete_steps, load_checkpoint, save_checkpoint, step_dir
+from normopt.checkpoint.manager import CheckpointWriter, complete_steps, load_checkpoint, step_dir
 from normopt.checkpoint.preemption import StopRequest
 from normopt.config import Config, check_world_size, config_from_dict, save_config
 from normopt.data.batches import TrainBatches, eval_micro_batches
@@ -41,7 +41,7 @@ DIVERGED_EXIT_CODE = 3
 RESUME_SAFE_KEYS = {
     "run.dir", "data.cache_dir", "train.steps", "train.eval_interval", "train.eval_sequences",
     "train.log_interval", "train.micro_batch_size", "train.device", "train.compile",
-    "train.mfu_probe", "checkpoint.interval", "checkpoint.keep_latest_k", "checkpoint.resume",
+    "train.mfu_probe", "checkpoint.interval", "checkpoint.keep_latest_k", "checkpoint.resume", "checkpoint.async_save",
 }
 
 
@@ -126,6 +126,8 @@ class Trainer:
             else:
                 truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
         self.metrics = MetricsLogger(self.run_dir, enabled=dist_info.is_main)
+        self.checkpointer = CheckpointWriter(self.checkpoint_dir, dist_info.is_main, cfg.checkpoint.keep_latest_k,
+                                             self.run_dir / "config.yaml", cfg.checkpoint.async_save)
         self.stop_request = StopRequest()
         self.peak_flops, self.peak_source = peak_flops(dist_info.device, DTYPES[self.dtype], probe=t.mfu_probe)
 
@@ -220,7 +222,8 @@ class Trainer:
                 if self.dist.is_main:
                     progress.write(f"step {done}: eval_loss {eval_loss:.4f}")
             if (cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0) or done == t.steps or stop:
-                self.save(done)
+                # the last checkpoint of a run (or of a preempted job) is written synchronously
+                self.save(done, block=done == t.steps or stop)
             if stop and done < t.steps:
                 progress.close()
                 raise Preempted(f"stopped by {self.stop_request.signal_name or 'a stop signal on another rank'} "
@@ -272,12 +275,10 @@ class Trainer:
         self.model.train()
         return float(totals[0] / totals[1])
 
-    def save(self, step: int) -> None:
-        save_checkpoint(self.checkpoint_dir, step, self.model, self.optimizers.optimizers,
-                        {"tokens": step * self.cfg.train.global_batch_size * self.cfg.train.seq_len,
-                         "world_size": self.dist.world_size},
-                        self.dist.is_main, self.cfg.checkpoint.keep_latest_k,
-                        config_path=self.run_dir / "config.yaml")
+    def save(self, step: int, block: bool = True) -> None:
+        trainer_state = {"tokens": step * self.cfg.train.global_batch_size * self.cfg.train.seq_len,
+                         "world_size": self.dist.world_size}
+        self.checkpointer.save(step, self.model, self.optimizers.optimizers, trainer_state, block=block)
 
     # ------------------------------------------------------------------ reporting
 
@@ -321,5 +322,6 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        self.checkpointer.wait()
         self.stop_request.close()
         self.metrics.close()

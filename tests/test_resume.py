@@ -60,10 +60,14 @@ def reference(tmp_path_factory, tiny_corpus):
     return out
 
 
-@pytest.mark.parametrize("optim, kill_after", [("adamw", 7), ("muon", 14)])
-def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_corpus, reference, optim, kill_after):
+@pytest.mark.parametrize("optim, kill_after, async_save", [
+    ("adamw", 7, False), ("muon", 14, False), ("adamw", 20, True),
+])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_corpus, reference, optim, kill_after, async_save):
+    """Killed anywhere (also while a checkpoint is being written, in the background or
+    not), the run resumes from its last complete checkpoint and logs the same losses."""
     run_dir = tmp_path / "run"
-    args = _args(run_dir, tiny_corpus, f"optim.name={optim}")
+    args = _args(run_dir, tiny_corpus, f"optim.name={optim}", f"checkpoint.async_save={str(async_save).lower()}")
     proc = _start(args)
     _wait_for_step(proc, run_dir, kill_after)
     proc.send_signal(signal.SIGKILL)

@@ -68,7 +68,7 @@ def save_rng_state(folder: Path) -> None:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
-    (folder / "rng").mkdir(exist_ok=True)
+    (folder / "rng").mkdir(parents=True, exist_ok=True)
     torch.save(state, folder / "rng" / f"rank_{_rank():05d}.pt")
 
 
@@ -86,31 +86,68 @@ def load_rng_state(folder: Path) -> bool:
     return True
 
 
-def save_checkpoint(checkpoint_dir: Path, step: int, model: nn.Module, optimizers: list,
-                    trainer_state: dict, is_main: bool, keep_latest_k: int,
-                    config_path: Path | None = None) -> Path:
-    """Write a complete checkpoint for ``step`` on every rank, then prune old ones."""
-    final = step_dir(checkpoint_dir, step)
-    tmp = final.with_name(final.name + ".tmp")
-    if is_main:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
-    dcp.save(_state(model, optimizers), checkpoint_id=str(tmp))
-    save_rng_state(tmp)
-    _barrier()
-    if is_main:
-        (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-        if config_path is not None and config_path.exists():
-            shutil.copyfile(config_path, tmp / "config.yaml")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in complete_steps(checkpoint_dir)[:-keep_latest_k]:
-            shutil.rmtree(step_dir(checkpoint_dir, old), ignore_errors=True)
-        for stale in checkpoint_dir.glob("step_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-    _barrier()
-    return final
+class CheckpointWriter:
+    """Writes complete checkpoints, optionally asynchronously.
+
+    Synchronous: every rank writes its shards, then rank 0 marks the checkpoint complete
+    (trainer state, config copy, rename) and prunes to ``keep_latest_k``. Asynchronous:
+    ``dcp.async_save`` copies the state to CPU memory and writes it in a background thread
+    while training goes on; the checkpoint is marked complete when the next save (or
+    :meth:`wait`) finds every rank's write finished. At most one write is in flight.
+    """
+
+    def __init__(self, checkpoint_dir: Path, is_main: bool, keep_latest_k: int,
+                 config_path: Path | None = None, async_save: bool = False):
+        self.checkpoint_dir, self.is_main, self.keep_latest_k = checkpoint_dir, is_main, keep_latest_k
+        self.config_path, self.async_save = config_path, async_save
+        self._pending = None  # (future, step, trainer_state)
+        # background writes coordinate over their own gloo group, away from training's collectives
+        self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+
+    def save(self, step: int, model: nn.Module, optimizers: list, trainer_state: dict,
+             block: bool = False) -> Path:
+        self.wait()
+        final = step_dir(self.checkpoint_dir, step)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.is_main:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        state = _state(model, optimizers)
+        if self.async_save and not block:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group)
+            save_rng_state(tmp)
+            self._pending = (future, step, trainer_state)
+            return final
+        dcp.save(state, checkpoint_id=str(tmp))
+        save_rng_state(tmp)
+        self._mark_complete(step, trainer_state)
+        return final
+
+    def wait(self) -> None:
+        """Finish the write in flight, if any, and mark it complete."""
+        if self._pending is None:
+            return
+        future, step, trainer_state = self._pending
+        self._pending = None
+        future.result()
+        self._mark_complete(step, trainer_state)
+
+    def _mark_complete(self, step: int, trainer_state: dict) -> None:
+        final = step_dir(self.checkpoint_dir, step)
+        tmp = final.with_name(final.name + ".tmp")
+        _barrier()  # every rank's shards are on disk
+        if self.is_main:
+            (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+            if self.config_path is not None and self.config_path.exists():
+                shutil.copyfile(self.config_path, tmp / "config.yaml")
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in complete_steps(self.checkpoint_dir)[:-self.keep_latest_k]:
+                shutil.rmtree(step_dir(self.checkpoint_dir, old), ignore_errors=True)
+            for stale in self.checkpoint_dir.glob("step_*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+        _barrier()
 
 
 def _first_cause(exc: BaseException) -> str:
