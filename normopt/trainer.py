@@ -149,7 +149,10 @@ class Trainer:
         if step not in steps:
             raise UserError(f"checkpoint.resume: no complete checkpoint for step {step} in "
                             f"{self.checkpoint_dir} (have: {', '.join(map(str, steps)) or 'none'})")
-        saved_path = self.run_dir / "config.yaml"
+        checkpoint = step_dir(self.checkpoint_dir, step)
+        saved_path = checkpoint / "config.yaml"
+        if not saved_path.exists():
+            saved_path = self.run_dir / "config.yaml"
         if saved_path.exists():
             import yaml
 
@@ -158,7 +161,7 @@ class Trainer:
             except UserError as exc:
                 raise UserError(f"{saved_path}: cannot read the saved config ({exc})") from None
             check_resume_compatible(saved, self.cfg)
-        return step_dir(self.checkpoint_dir, step)
+        return checkpoint
 
     def _build_model(self) -> Transformer:
         """Identical initial weights on every rank and for any world size: on CPU the full

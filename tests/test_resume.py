@@ -136,3 +136,16 @@ def test_missing_shard_exits_2(tmp_path, tiny_corpus):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "cannot load checkpoint" in lines[0], proc.stderr[-2000:]
+
+
+def test_checkpoint_of_another_model_exits_2(tmp_path, tiny_corpus):
+    """Even with every config copy gone, shapes that do not match are refused cleanly."""
+    run_dir = tmp_path / "run"
+    args = _args(run_dir, tiny_corpus, "train.steps=3")
+    assert run_cli(args).returncode == 0
+    (run_dir / "config.yaml").unlink()
+    (run_dir / "checkpoints" / "step_00000003" / "config.yaml").unlink()
+    proc = run_cli([*args[:-1], "train.steps=6", "model.ffn_hidden=96"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot load checkpoint" in lines[0]
