@@ -1,0 +1,1 @@
+"""Experiment-level tools that read finished run directories (reports over factorial cells)."""
