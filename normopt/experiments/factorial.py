@@ -1,0 +1,250 @@
+"""``normopt factorial SPEC``: run every cell of a norm x optimizer grid as an ordinary run.
+
+A spec (YAML) names a base config, settings for every cell, axes whose values are
+crossed, optional arms (extra settings crossed with the axes they do not set) and seeds::
+
+    base: configs/demo.yaml
+    root: runs/factorial-tiny            # one run directory per cell below it
+    set: {train.steps: 100}
+    axes:
+      model.norm: [rmsnorm, dyt, derf, derf_ema]
+      optim.name: [adamw, muon]
+    arms:
+      alpha0.3: {model.norm: derf, model.alpha_init_attn: 0.3}
+    seeds: [0, 1]
+
+Cell names join the axis values (``derf-muon-s0``; arms ``alpha0.3-muon-s0``). Each cell's
+folder gets a ``cell.json`` (name, coords, seed, arm, and the exit status once it ran) that
+``normopt report`` reads next to the run's own ``metrics.jsonl``. Cells run one after another
+on this machine (optionally each under torchrun with N ranks); finished cells are skipped,
+interrupted ones resume from their last checkpoint. ``--slurm`` writes one SLURM array job
+instead, one task per cell, each task running ``launch/slurm.sbatch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from normopt.config import REPO_ROOT, load_config
+from normopt.errors import UserError
+
+SPEC_KEYS = {"base", "root", "set", "axes", "arms", "seeds"}
+PREEMPTED_EXIT_CODE = 75  # normopt.checkpoint.preemption, spelled out to keep this import-light
+SHORT_AXIS_NAMES = {"model.norm": "norm", "optim.name": "optim"}
+
+
+@dataclass
+class CellSpec:
+    name: str
+    settings: dict[str, Any]  # dotted key -> value, applied over the base config
+    coords: dict[str, Any]
+    seed: int
+    arm: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+
+def _resolve_path(text: str, spec_dir: Path) -> Path:
+    """A path as given if it exists from here, else relative to the spec, else to the repo."""
+    for candidate in (Path(text), spec_dir / text, REPO_ROOT / text):
+        if candidate.exists():
+            return candidate
+    raise UserError(f"base: config file not found: {text}")
+
+
+def _format_value(value: Any) -> str:
+    return "" if value is None else (str(value).lower() if isinstance(value, bool) else str(value))
+
+
+def _value_label(value: Any) -> str:
+    return _format_value(value).replace("/", "_") or "none"
+
+
+def expand_cells(spec: dict[str, Any]) -> list[CellSpec]:
+    """Axes crossed with seeds, then every arm crossed with the axes it does not set."""
+    axes: dict[str, list] = spec["axes"]
+    seeds: list[int] = spec["seeds"]
+    common: dict[str, Any] = spec.get("set") or {}
+    cells: list[CellSpec] = []
+
+    def add(values: dict[str, Any], seed: int, arm: str | None, arm_settings: dict[str, Any]) -> None:
+        labels = [_value_label(v) for v in values.values()]
+        name = "-".join(([arm] if arm else []) + labels + [f"s{seed}"])
+        settings = {**common, **values, **arm_settings, "train.seed": seed}
+        coords = {SHORT_AXIS_NAMES.get(k, k): v for k, v in {**values, **arm_settings}.items()
+                  if k in axes}
+        cells.append(CellSpec(name, settings, coords, seed, arm))
+
+    for combo in itertools.product(*axes.values()):
+        for seed in seeds:
+            add(dict(zip(axes, combo)), seed, None, {})
+    for arm, arm_settings in (spec.get("arms") or {}).items():
+        free = [k for k in axes if k not in arm_settings]
+        for combo in itertools.product(*(axes[k] for k in free)):
+            for seed in seeds:
+                add(dict(zip(free, combo)), seed, arm, dict(arm_settings))
+    return cells
+
+
+def load_spec(path: str | Path) -> tuple[dict[str, Any], Path, list[CellSpec]]:
+    """Read and check a spec; every cell's config is validated before anything runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"spec file not found: {path}")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: cannot parse YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}: a spec is a mapping with keys {', '.join(sorted(SPEC_KEYS))}")
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise UserError(f"{path}: unknown spec key {sorted(unknown)[0]!r} (keys: {', '.join(sorted(SPEC_KEYS))})")
+    for key in ("base", "root", "axes", "seeds"):
+        if key not in spec:
+            raise UserError(f"{path}: missing spec key {key!r}")
+    axes = spec["axes"]
+    if not isinstance(axes, dict) or not axes or not all(isinstance(v, list) and v for v in axes.values()):
+        raise UserError(f"{path}: axes must map config keys to non-empty lists of values")
+    seeds = spec["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise UserError(f"{path}: seeds must be a non-empty list of integers >= 0")
+    for key in ("set", "arms"):
+        if spec.get(key) is not None and not isinstance(spec[key], dict):
+            raise UserError(f"{path}: {key} must be a mapping")
+    for arm, settings in (spec.get("arms") or {}).items():
+        if not isinstance(settings, dict) or not settings:
+            raise UserError(f"{path}: arm {arm!r} must map config keys to values")
+    base = _resolve_path(str(spec["base"]), path.parent)
+    root = Path(spec["root"])
+    cells = expand_cells(spec)
+    names = [c.name for c in cells]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise UserError(f"{path}: two cells would share the name {duplicate!r}")
+    for cell in cells:
+        cell.overrides = [f"{k}={_format_value(v)}" for k, v in cell.settings.items()]
+        cell.overrides.append(f"run.dir={root / cell.name}")
+        try:
+            load_config(base, cell.overrides)
+        except UserError as exc:
+            raise UserError(f"cell {cell.name}: {exc}") from None
+    return spec, base, cells
+
+
+def cell_is_complete(run_dir: Path, steps: int) -> bool:
+    from normopt.checkpoint.manager import complete_steps
+
+    done = complete_steps(run_dir / "checkpoints")
+    return bool(done) and done[-1] >= steps
+
+
+def write_cell_json(run_dir: Path, cell: CellSpec, **extra: Any) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"name": cell.name, "coords": cell.coords, "seed": cell.seed, "arm": cell.arm, **extra}
+    (run_dir / "cell.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def train_command(base: Path, cell: CellSpec, nproc: int) -> list[str]:
+    script = str(REPO_ROOT / "train.py")
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={nproc}", script, "--config", str(base), *cell.overrides]
+    return [sys.executable, script, "--config", str(base), *cell.overrides]
+
+
+def run_cells(base: Path, root: Path, cells: list[CellSpec], nproc: int = 1) -> int:
+    """Run the cells in order; return 0, or the status that stopped the grid (preemption)."""
+    for index, cell in enumerate(cells, start=1):
+        run_dir = root / cell.name
+        steps = load_config(base, cell.overrides).train.steps
+        if cell_is_complete(run_dir, steps):
+            print(f"[factorial] cell {index}/{len(cells)} {cell.name}: complete, skipped", flush=True)
+            continue
+        print(f"[factorial] cell {index}/{len(cells)} {cell.name}", flush=True)
+        write_cell_json(run_dir, cell)
+        status = subprocess.run(train_command(base, cell, nproc), cwd=REPO_ROOT).returncode
+        write_cell_json(run_dir, cell, exit_code=status)
+        if status == PREEMPTED_EXIT_CODE:
+            print(f"[factorial] stopped during {cell.name}; run the same command to resume", flush=True)
+            return status
+        if status not in (0, 3):  # 3 = diverged: a result, recorded for the report
+            raise UserError(f"cell {cell.name} failed with exit status {status} (see its output above)")
+    return 0
+
+
+def slurm_array_script(base: Path, root: Path, cells: list[CellSpec]) -> str:
+    """An sbatch array script: task i runs launch/slurm.sbatch for cell i."""
+    lines = [
+        "#!/usr/bin/env bash",
+        f"#SBATCH --array=0-{len(cells) - 1}",
+        "#SBATCH --job-name=normopt-factorial",
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --signal=B:USR1@300",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        f"#SBATCH --output={root}/slurm-%A_%a.out",
+        "# one cell per array task; sbatch options given on the command line override these",
+        f"cd {shlex.quote(str(REPO_ROOT))}",
+        "CELLS=(",
+        *(f"  {shlex.quote(' '.join(shlex.quote(o) for o in c.overrides))}  # {c.name}" for c in cells),
+        ")",
+        'eval "ARGS=(${CELLS[$SLURM_ARRAY_TASK_ID]})"',
+        f'exec bash launch/slurm.sbatch --config {shlex.quote(str(base))} "${{ARGS[@]}}"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def submit_slurm(base: Path, root: Path, cells: list[CellSpec], dry_run: bool) -> int:
+    script = slurm_array_script(base, root, cells)
+    path = root / "factorial.sbatch"
+    if dry_run:
+        print(script)
+        print(f"would write {path} and cell.json for {len(cells)} cells, then run: sbatch {path}")
+        return 0
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    for cell in cells:
+        write_cell_json(root / cell.name, cell)
+    try:
+        return subprocess.run(["sbatch", str(path)], check=False).returncode
+    except FileNotFoundError:
+        raise UserError("sbatch not found: is this a SLURM login node?") from None
+
+
+def factorial_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="normopt factorial",
+                                     description="Run every cell of a factorial spec, then report.")
+    parser.add_argument("spec", help="factorial spec (YAML)")
+    parser.add_argument("--nproc", type=int, default=1, help="ranks per cell (torchrun); default 1")
+    parser.add_argument("--slurm", action="store_true", help="submit one SLURM array job instead")
+    parser.add_argument("--dry-run", action="store_true", help="with --slurm: print, submit nothing")
+    args = parser.parse_args(argv)
+    if args.nproc < 1:
+        raise UserError("--nproc must be at least 1")
+    spec, base, cells = load_spec(args.spec)
+    root = Path(spec["root"])
+    print(f"[factorial] {len(cells)} cells under {root}: {', '.join(c.name for c in cells)}", flush=True)
+    if args.slurm:
+        return submit_slurm(base, root, cells, args.dry_run)
+    status = run_cells(base, root, cells, args.nproc)
+    if status:
+        return status
+    from normopt.experiments.report import main_table, write_report
+
+    summary = write_report(root)
+    print(main_table(summary))
+    for path in summary["files"].values():
+        print(f"wrote {path}")
+    return 0

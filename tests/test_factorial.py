@@ -1,0 +1,101 @@
+"""``normopt factorial``: spec validation, cell expansion, skip/resume, SLURM dry run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from normopt.errors import UserError
+from normopt.experiments.factorial import expand_cells, load_spec
+from tests.conftest import REPO_ROOT, TINY_MODEL
+
+
+def _spec(tmp_path, corpus, **changes):
+    spec = {
+        "base": "configs/demo.yaml",
+        "root": str(tmp_path / "grid"),
+        "set": {"data.path": str(corpus), "data.vocab_size": 300, "train.steps": 4,
+                "train.global_batch_size": 4, "train.micro_batch_size": 4, "train.seq_len": 32,
+                "train.eval_interval": 2, "train.eval_sequences": 8, "train.mfu_probe": False,
+                "optim.warmup_steps": 1, "checkpoint.interval": 2,
+                **{item.split("=")[0]: yaml.safe_load(item.split("=")[1]) for item in TINY_MODEL}},
+        "axes": {"model.norm": ["rmsnorm", "derf"], "optim.name": ["adamw"]},
+        "arms": {"alpha0.3": {"model.norm": "derf", "model.alpha_init_attn": 0.3}},
+        "seeds": [0],
+        **changes,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_cells_cross_axes_seeds_and_arms():
+    spec = {"axes": {"model.norm": ["rmsnorm", "derf"], "optim.name": ["adamw", "muon"]},
+            "arms": {"alpha0.3": {"model.norm": "derf", "model.alpha_init_ffn": 0.3}},
+            "seeds": [0, 1], "set": {"train.steps": 5}}
+    cells = expand_cells(spec)
+    names = [c.name for c in cells]
+    assert len(cells) == 2 * 2 * 2 + 2 * 2  # axes x seeds, arm x free axis (optim) x seeds
+    assert "derf-muon-s1" in names and "alpha0.3-adamw-s0" in names
+    arm = next(c for c in cells if c.name == "alpha0.3-muon-s1")
+    assert arm.settings == {"train.steps": 5, "optim.name": "muon", "model.norm": "derf",
+                            "model.alpha_init_ffn": 0.3, "train.seed": 1}
+    assert arm.coords == {"optim": "muon", "norm": "derf"} and arm.arm == "alpha0.3"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"axes": {"model.normm": ["derf"]}}, "model.normm"),
+    ({"axes": {"model.norm": ["layernorm"]}}, "model.norm"),
+    ({"seeds": []}, "seeds"),
+    ({"extra": 1}, "unknown spec key"),
+    ({"base": "configs/nope.yaml"}, "config file not found"),
+])
+def test_spec_errors(tmp_path, tiny_corpus, change, message):
+    with pytest.raises(UserError, match=message):
+        load_spec(_spec(tmp_path, tiny_corpus, **change))
+
+
+def _factorial(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "normopt.cli", "factorial", *map(str, args)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_grid_runs_skips_finished_cells_and_reports(tmp_path, tiny_corpus):
+    spec = _spec(tmp_path, tiny_corpus)
+    proc = _factorial(spec)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = tmp_path / "grid"
+    cells = sorted(p.name for p in root.iterdir() if p.is_dir())
+    assert cells == ["alpha0.3-adamw-s0", "derf-adamw-s0", "rmsnorm-adamw-s0"]
+    record = json.loads((root / "alpha0.3-adamw-s0" / "cell.json").read_text())
+    assert record == {"name": "alpha0.3-adamw-s0", "coords": {"optim": "adamw", "norm": "derf"},
+                      "seed": 0, "arm": "alpha0.3", "exit_code": 0}
+    assert (root / "report.md").exists() and (root / "summary.json").exists()
+
+    # interrupt one cell: drop its final checkpoint; the rerun resumes it and skips the rest
+    final = root / "derf-adamw-s0" / "checkpoints" / "step_00000004"
+    import shutil
+
+    shutil.rmtree(final)
+    again = _factorial(spec)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("complete, skipped") == 2
+    assert "resumed from" in again.stdout and final.exists()
+
+
+def test_slurm_dry_run_prints_an_array_job(tmp_path, tiny_corpus):
+    proc = _factorial(_spec(tmp_path, tiny_corpus), "--slurm", "--dry-run", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --array=0-2" in proc.stdout and "launch/slurm.sbatch" in proc.stdout
+    assert "derf-adamw-s0" in proc.stdout and not (tmp_path / "grid").exists()
+
+
+def test_bad_spec_exits_2_with_one_line(tmp_path, tiny_corpus):
+    proc = _factorial(_spec(tmp_path, tiny_corpus, seeds=["x"]), timeout=120)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "seeds" in proc.stderr
