@@ -99,3 +99,11 @@ def test_bad_spec_exits_2_with_one_line(tmp_path, tiny_corpus):
     proc = _factorial(_spec(tmp_path, tiny_corpus, seeds=["x"]), timeout=120)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "seeds" in proc.stderr
+
+
+def test_shipped_specs_are_valid():
+    specs = sorted((REPO_ROOT / "configs" / "factorial").glob("*.yaml"))
+    assert specs
+    for path in specs:
+        _, _, cells = load_spec(path)
+        assert len(cells) >= 6, path.name
