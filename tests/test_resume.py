@@ -113,16 +113,18 @@ def test_stop_signal_checkpoints_and_exits_75(tmp_path, tiny_corpus, reference, 
     assert _losses(run_dir) == reference["adamw"]
 
 
-def test_resume_on_another_number_of_ranks(tmp_path, tiny_corpus, reference):
-    """Model and optimizer state reshard through DCP; the data order does not depend on
-    the world size, so 1 rank then 2 ranks follows the 1-rank curve (fp32, 1e-5)."""
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_resume_on_another_number_of_ranks(tmp_path, tiny_corpus, reference, optim):
+    """Model and optimizer state (AdamW moments, Muon momentum) reshard through DCP; the
+    data order does not depend on the world size, so 1 rank then 2 ranks follows the
+    1-rank curve (fp32, 1e-5)."""
     run_dir = tmp_path / "run"
-    args = _args(run_dir, tiny_corpus)
+    args = _args(run_dir, tiny_corpus, f"optim.name={optim}")
     assert run_cli([*args, "train.steps=12"]).returncode == 0
     run_torchrun(REPO_ROOT / "train.py", 2, args)
     losses = _losses(run_dir)
-    assert losses.keys() == reference["adamw"].keys()
-    for step, loss in reference["adamw"].items():
+    assert losses.keys() == reference[optim].keys()
+    for step, loss in reference[optim].items():
         assert abs(losses[step] - loss) < 1e-5, (step, losses[step], loss)
 
 
