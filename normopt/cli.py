@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from normopt.errors import USER_ERROR_EXIT_CODE, UserError
+from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError
 
 
 def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -48,8 +48,7 @@ def _train(config_path, overrides) -> int:
     cfg = load_config(config_path, overrides)  # refuses bad configs before any rank starts work
 
     from normopt.parallel.distributed import init_distributed, shutdown_distributed
-    from normopt.checkpoint.preemption import PREEMPTED_EXIT_CODE
-    from normopt.trainer import DIVERGED_EXIT_CODE, Preempted, Trainer, TrainingDiverged
+    from normopt.trainer import Preempted, Trainer, TrainingDiverged
 
     dist_info = init_distributed(cfg.train.device)
     failure: tuple[int, str] | None = None

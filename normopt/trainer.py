@@ -34,8 +34,6 @@ from normopt.parallel.distributed import DistInfo, all_reduce_sum
 from normopt.parallel.fsdp import DTYPES, apply_fsdp, resolve_dtype
 from normopt.parallel.grad_clip import clip_grad_norm_
 
-DIVERGED_EXIT_CODE = 3
-
 # Config keys that may differ between a checkpoint and the run resuming it: they change
 # bookkeeping, not the math of the steps already taken.
 RESUME_SAFE_KEYS = {

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -62,7 +64,7 @@ def test_spec_errors(tmp_path, tiny_corpus, change, message):
 def _factorial(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "normopt.cli", "factorial", *map(str, args)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=timeout,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_grid_runs_skips_finished_cells_and_reports(tmp_path, tiny_corpus):
@@ -79,8 +81,6 @@ def test_grid_runs_skips_finished_cells_and_reports(tmp_path, tiny_corpus):
 
     # interrupt one cell: drop its final checkpoint; the rerun resumes it and skips the rest
     final = root / "derf-adamw-s0" / "checkpoints" / "step_00000004"
-    import shutil
-
     shutil.rmtree(final)
     again = _factorial(spec)
     assert again.returncode == 0, again.stderr[-3000:]

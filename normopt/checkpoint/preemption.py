@@ -2,7 +2,7 @@
 
 The handler only records the signal; the training loop agrees on it across ranks (one
 all-reduce it already does every step), saves a checkpoint and exits with
-``PREEMPTED_EXIT_CODE`` so that a wrapper (launch/slurm.sbatch) can requeue the job.
+``normopt.errors.PREEMPTED_EXIT_CODE`` (75) so that a wrapper (launch/slurm.sbatch) can requeue the job.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import signal
 import threading
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", i.e. resume me
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

@@ -36,10 +36,9 @@ from typing import Any
 import yaml
 
 from normopt.config import REPO_ROOT, load_config
-from normopt.errors import UserError
+from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, UserError
 
 SPEC_KEYS = {"base", "root", "set", "axes", "arms", "seeds"}
-PREEMPTED_EXIT_CODE = 75  # normopt.checkpoint.preemption, spelled out to keep this import-light
 SHORT_AXIS_NAMES = {"model.norm": "norm", "optim.name": "optim"}
 
 
@@ -177,7 +176,7 @@ def run_cells(base: Path, root: Path, cells: list[CellSpec], nproc: int = 1) -> 
         if status == PREEMPTED_EXIT_CODE:
             print(f"[factorial] stopped during {cell.name}; run the same command to resume", flush=True)
             return status
-        if status not in (0, 3):  # 3 = diverged: a result, recorded for the report
+        if status not in (0, DIVERGED_EXIT_CODE):  # a divergence is a result, recorded for the report
             raise UserError(f"cell {cell.name} failed with exit status {status} (see its output above)")
     return 0
 

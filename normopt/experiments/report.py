@@ -36,16 +36,12 @@ from typing import Any
 
 import yaml
 
-from normopt.errors import UserError
+from normopt.errors import DIVERGED_EXIT_CODE, UserError
 
 # A run whose loss ends this far above its own best value has blown up, even without a NaN.
 # One nat is far beyond seed noise or a late-training bump (both are hundredths of a nat) and
 # far below the rise of a real divergence (the loss returns towards ln(vocab), several nats).
 DIVERGENCE_NATS = 1.0
-# normopt.trainer.DIVERGED_EXIT_CODE, spelled out: importing the trainer would import torch.
-# The trainer stops *before* logging a non-finite loss, so a runner's record of this exit
-# status (cell.json "exit_code") is the only trace such a divergence leaves.
-DIVERGED_EXIT_CODE = 3
 Z95 = statistics.NormalDist().inv_cdf(0.975)  # 1.95996...: two-sided 95% normal quantile
 DEFAULT_FIXES: dict[str, str] = {"derf_ema": "derf"}
 NORM_ORDER = ("rmsnorm", "dyt", "derf", "derf_ema")
@@ -388,6 +384,8 @@ def assess_cell(cell: Cell, divergence_nats: float = DIVERGENCE_NATS) -> Assessm
             reasons["diverged"] = why
         if stopped_early(metrics.last_step, cell.steps):
             reasons["stopped_early"] = f"last logged step {metrics.last_step} < train.steps {cell.steps}"
+    # the trainer stops *before* logging a non-finite loss, so the runner's record of the exit
+    # status (cell.json "exit_code") is the only trace such a divergence leaves
     if cell.exit_code == DIVERGED_EXIT_CODE and "diverged" not in reasons:
         reasons["diverged"] = "exit status 3 (the trainer stopped on a non-finite loss)"
     flags = tuple(f for f in FLAGS if f in reasons)
