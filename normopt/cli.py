@@ -110,6 +110,12 @@ def report_cli(argv: list[str]) -> int:
     return _guarded(lambda: report_main(argv))
 
 
+def spectrum_cli(argv: list[str]) -> int:
+    from normopt.diagnostics.spectrum_fit import spectrum_main
+
+    return _guarded(lambda: spectrum_main(argv))
+
+
 def _guarded(fn) -> int:
     try:
         return fn()
@@ -125,14 +131,15 @@ def _guarded(fn) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"train": train_main, "check": check_main, "export": export_main, "report": report_cli,
-                "factorial": factorial_cli}
+                "factorial": factorial_cli, "spectrum": spectrum_cli}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: normopt {train,check,export,report,factorial} ...\n\n"
+        print("usage: normopt {train,check,export,report,factorial,spectrum} ...\n\n"
               "  train   train a model (same as python train.py; see normopt train --help)\n"
               "  check   validate a config and print its run directory\n"
               "  export  write a run's model weights as one safetensors file\n"
               "  report  statistics and plots over a folder of runs (norm x optimizer cells)\n"
-              "  factorial  run every cell of a norm x optimizer spec, then report",
+              "  factorial  run every cell of a norm x optimizer spec, then report\n"
+              "  spectrum  power laws of the NS-input spectrum in model size; NS steps per layer",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else USER_ERROR_EXIT_CODE
     return commands[argv[0]](argv[1:])

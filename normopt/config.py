@@ -129,6 +129,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    interval: int = 50  # norm-layer stats, spectral norms, NS spectrum every N steps (0 = off)
+    probe_sequences: int = 8  # validation windows in the fixed probe batch of the norm stats
+    power_iterations: int = 2  # per call, warm-started from the last call's vector
+    ns_spectrum: bool = True  # Muon/NorMuon runs: singular values of the matrices NS receives
+    ns_band: str = ""  # "lo,hi" target band of NS output singular values; empty = per coefficients
+    tail_buckets: int = 10  # eval loss by token-frequency bucket at every evaluation (0 = off)
+    histograms: bool = True  # TensorBoard histograms of pre-activations and spectral norms
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -136,6 +147,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -341,6 +353,19 @@ def validate(cfg: Config) -> None:
     _require(t.eval_sequences >= 0, "train.eval_sequences", "must be >= 0 (0 = the whole split)")
     _require(t.log_interval > 0, "train.log_interval", "must be positive")
 
+    d = cfg.diagnostics
+    _require(d.interval >= 0, "diagnostics.interval", "must be >= 0 (0 = off)")
+    _require(d.probe_sequences >= 1, "diagnostics.probe_sequences", "must be at least 1")
+    _require(d.power_iterations >= 1, "diagnostics.power_iterations", "must be at least 1")
+    _require(d.tail_buckets >= 0, "diagnostics.tail_buckets", "must be >= 0 (0 = off)")
+    if d.ns_band:
+        parts = d.ns_band.split(",")
+        try:
+            lo, hi = (float(x) for x in parts)
+        except ValueError:
+            lo = hi = float("nan")
+        _require(len(parts) == 2 and 0 < lo < 1 < hi, "diagnostics.ns_band",
+                 f"expected 'lo,hi' with 0 < lo < 1 < hi, got {d.ns_band!r}")
     c = cfg.checkpoint
     _require(c.interval >= 0, "checkpoint.interval", "must be >= 0 (0 = only at the end)")
     _require(c.keep_latest_k >= 1, "checkpoint.keep_latest_k", "must be at least 1")

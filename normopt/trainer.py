@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -22,6 +23,8 @@ from normopt.checkpoint.preemption import StopRequest
 from normopt.config import Config, check_world_size, config_from_dict, save_config
 from normopt.data.batches import TrainBatches, eval_micro_batches
 from normopt.data.token_cache import check_enough_data, load_token_data, prepare_corpus
+from normopt.diagnostics.collector import Diagnostics, DiagnosticsWriter
+from normopt.diagnostics.tail_tokens import bucket_losses, bucket_sums, frequency_buckets, token_counts
 from normopt.errors import UserError
 from normopt.metrics.flops import peak_flops
 from normopt.metrics.logger import MetricsLogger, truncate_metrics
@@ -35,7 +38,7 @@ from normopt.parallel.fsdp import DTYPES, apply_fsdp, resolve_dtype
 from normopt.parallel.grad_clip import clip_grad_norm_
 
 # Config keys that may differ between a checkpoint and the run resuming it: they change
-# bookkeeping, not the math of the steps already taken.
+# bookkeeping, not the math of the steps already taken (so may every diagnostics.* key).
 RESUME_SAFE_KEYS = {
     "run.dir", "data.cache_dir", "train.steps", "train.eval_interval", "train.eval_sequences",
     "train.log_interval", "train.micro_batch_size", "train.device", "train.compile",
@@ -63,7 +66,7 @@ def check_resume_compatible(saved: Config, current: Config) -> None:
     """Refuse to resume when a key that changes the math differs from the checkpoint's."""
     old, new = _flatten(saved.to_dict()), _flatten(current.to_dict())
     for key in sorted(old):
-        if key not in RESUME_SAFE_KEYS and old[key] != new.get(key):
+        if key not in RESUME_SAFE_KEYS and not key.startswith("diagnostics.") and old[key] != new.get(key):
             raise UserError(
                 f"{key}: the run being resumed used {old[key]!r}, this config says {new.get(key)!r} "
                 f"(start a new run.dir to change it)"
@@ -120,10 +123,13 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
             if self.start_step == 0:
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+                (self.run_dir / "diagnostics.jsonl").unlink(missing_ok=True)
                 shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
             else:
                 truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
+                truncate_metrics(self.run_dir / "diagnostics.jsonl", self.start_step)
         self.metrics = MetricsLogger(self.run_dir, enabled=dist_info.is_main)
+        self.diagnostics = self._build_diagnostics()
         self.checkpointer = CheckpointWriter(self.checkpoint_dir, dist_info.is_main, cfg.checkpoint.keep_latest_k,
                                              self.run_dir / "config.yaml", cfg.checkpoint.async_save)
         self.stop_request = StopRequest()
@@ -161,6 +167,20 @@ class Trainer:
             check_resume_compatible(saved, self.cfg)
         return checkpoint
 
+    def _build_diagnostics(self) -> Diagnostics:
+        d, t = self.cfg.diagnostics, self.cfg.train
+        self.token_bucket = None
+        if d.tail_buckets:
+            counts = token_counts(self.data.tokens[:self.data.val_start], self.data.vocab_size)
+            self.token_bucket = torch.from_numpy(frequency_buckets(counts, d.tail_buckets)).to(self.dist.device)
+            self.bucket_vocab = torch.bincount(self.token_bucket, minlength=d.tail_buckets).tolist()
+        probe_count = min(d.probe_sequences, self.data.num_sequences(t.seq_len, "val"))
+        probe = torch.from_numpy(self.data.sequences(np.arange(probe_count), t.seq_len, "val"))
+        writer = DiagnosticsWriter(self.run_dir / "diagnostics.jsonl", self.metrics.tensorboard,
+                                   enabled=self.dist.is_main, histograms=d.histograms)
+        return Diagnostics(d, self.model, self.optimizers, probe[:, :-1].to(self.dist.device), writer,
+                           self.dist.rank, self.dist.world_size)
+
     def _build_model(self) -> Transformer:
         """Identical initial weights on every rank and for any world size: on CPU the full
         model is initialised from the seed before sharding; on CUDA it is built on the meta
@@ -191,13 +211,18 @@ class Trainer:
         progress = tqdm(total=t.steps, initial=self.start_step, disable=not self.dist.is_main,
                         desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
         eval_loss = None
-        if self.start_step == 0 and t.eval_interval:
-            self.metrics.log({"step": 0, "eval_loss": self.evaluate()}, prefix="eval")
+        if self.start_step == 0:
+            self.diagnostics.run_record({"n_params": self.num_params, "n_layers": self.model_args.n_layers,
+                                         "norm": self.model_args.norm, "optim": cfg.optim.name, "steps": t.steps})
+            if self.cfg.diagnostics.interval:
+                self.diagnostics.after_step(0)
+            if t.eval_interval:
+                self._evaluate_and_log(0)
         window_start, window_tokens = time.perf_counter(), 0
         for step in range(self.start_step, t.steps):
             done = step + 1
             lr_factor = self.optimizers.apply_schedule(cfg.optim, step, t.steps)
-            loss, grad_norm, stop = self._train_step(step)
+            loss, grad_norm, stop = self._train_step(step, diagnose=self.diagnostics.due(done) or done == t.steps)
             window_tokens += tokens_per_step
             progress.update(1)
 
@@ -217,9 +242,10 @@ class Trainer:
                 self.metrics.log(record)
                 progress.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}",
                                      tok_s=f"{tokens_per_s:,.0f}")
+            if self.cfg.diagnostics.interval and (self.diagnostics.due(done) or done == t.steps):
+                self.diagnostics.after_step(done)
             if (t.eval_interval and done % t.eval_interval == 0) or done == t.steps:
-                eval_loss = self.evaluate()
-                self.metrics.log({"step": done, "eval_loss": eval_loss}, prefix="eval")
+                eval_loss = self._evaluate_and_log(done)
                 if self.dist.is_main:
                     progress.write(f"step {done}: eval_loss {eval_loss:.4f}")
             if (cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0) or done == t.steps or stop:
@@ -234,10 +260,11 @@ class Trainer:
         progress.close()
         return self._summary(eval_loss)
 
-    def _train_step(self, step: int) -> tuple[float, float, bool]:
+    def _train_step(self, step: int, diagnose: bool = False) -> tuple[float, float, bool]:
         """Forward/backward over this rank's micro-batches, clip, step. Returns the global
         mean loss of the step's batch, the gradient norm and whether any rank was asked to
-        stop (all three identical on every rank)."""
+        stop (all three identical on every rank). With ``diagnose``, the matrices the step
+        handed to Newton-Schulz are analysed before the gradients are cleared."""
         self.model.train()
         loss_sum = torch.zeros((), device=self.dist.device)
         micro_batches = list(self.batches.micro_batches(step))
@@ -250,6 +277,8 @@ class Trainer:
             loss_sum += loss.detach()
         grad_norm = float(clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
         self.optimizers.step()
+        if diagnose and self.cfg.diagnostics.interval:
+            self.diagnostics.after_optimizer_step(step + 1)
         self.optimizers.zero_grad()
         commit_running_scales(self.model)
         # one collective carries the loss and the stop request
@@ -259,22 +288,38 @@ class Trainer:
         return float(shared[0]) / self.dist.world_size, grad_norm, bool(shared[1] > 0)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean next-token loss over the validation windows, over all ranks."""
+    def evaluate(self) -> tuple[float, torch.Tensor | None]:
+        """Mean next-token loss over the validation windows, over all ranks, and (with
+        tail buckets) the per-bucket loss sums and token counts (see ``tail_tokens``)."""
         self.model.eval()
         t = self.cfg.train
         totals = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
+        n_buckets = self.cfg.diagnostics.tail_buckets
+        buckets = torch.zeros(2, n_buckets, dtype=torch.float64, device=self.dist.device)
         for inputs, targets, weights in eval_micro_batches(
                 self.data, t.seq_len, t.eval_sequences, t.micro_batch_size,
                 self.dist.rank, self.dist.world_size, self.dist.device):
             logits = self.model(inputs)
             per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-            per_sequence = per_token.view(targets.shape).sum(dim=1)
-            totals[0] += (per_sequence * weights).sum().double()
+            per_token = per_token.view(targets.shape)
+            totals[0] += (per_token.sum(dim=1) * weights).sum().double()
             totals[1] += weights.sum().double() * targets.shape[1]
-        all_reduce_sum(totals)
+            if n_buckets:
+                buckets += bucket_sums(per_token, self.token_bucket[targets], weights, n_buckets)
+        shared = torch.cat([totals, buckets.flatten()])  # one collective for both
+        all_reduce_sum(shared)
         self.model.train()
-        return float(totals[0] / totals[1])
+        return float(shared[0] / shared[1]), (shared[2:].view(2, n_buckets) if n_buckets else None)
+
+    def _evaluate_and_log(self, step: int) -> float:
+        eval_loss, buckets = self.evaluate()
+        self.metrics.log({"step": step, "eval_loss": eval_loss}, prefix="eval")
+        if buckets is not None:
+            started = time.perf_counter()
+            means, shares = bucket_losses(buckets)
+            # the split inside evaluate() is one index_add per micro-batch; count the rest
+            self.diagnostics.tail_tokens(step, means, shares, self.bucket_vocab, time.perf_counter() - started)
+        return eval_loss
 
     def save(self, step: int, block: bool = True) -> None:
         trainer_state = {"tokens": step * self.cfg.train.global_batch_size * self.cfg.train.seq_len,
@@ -325,4 +370,5 @@ class Trainer:
     def close(self) -> None:
         self.checkpointer.wait()
         self.stop_request.close()
+        self.diagnostics.writer.close()
         self.metrics.close()

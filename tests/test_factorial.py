@@ -85,7 +85,8 @@ def test_grid_runs_skips_finished_cells_and_reports(tmp_path, tiny_corpus):
     again = _factorial(spec)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("complete, skipped") == 2
-    assert "resumed from" in again.stdout and final.exists()
+    assert "resumed from" in (root / "derf-adamw-s0" / "train.log").read_text() and final.exists()
+    assert "derf-adamw-s0: eval loss" in again.stdout  # one line per cell that ran
 
 
 def test_slurm_dry_run_prints_an_array_job(tmp_path, tiny_corpus):

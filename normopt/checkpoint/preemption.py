@@ -1,4 +1,5 @@
-"""Stop at a step boundary when the scheduler asks: SIGTERM, or SLURM's warning SIGUSR1.
+"""Stop at a step boundary when the scheduler asks (SIGTERM, or SLURM's warning SIGUSR1) or
+the user presses Ctrl-C (SIGINT; a second Ctrl-C stops at once, without a checkpoint).
 
 The handler only records the signal; the training loop agrees on it across ranks (one
 all-reduce it already does every step), saves a checkpoint and exits with
@@ -10,7 +11,7 @@ from __future__ import annotations
 import signal
 import threading
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequest:
@@ -24,6 +25,8 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
 

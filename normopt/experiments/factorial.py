@@ -16,8 +16,9 @@ crossed, optional arms (extra settings crossed with the axes they do not set) an
 Cell names join the axis values (``derf-muon-s0``; arms ``alpha0.3-muon-s0``). Each cell's
 folder gets a ``cell.json`` (name, coords, seed, arm, and the exit status once it ran) that
 ``normopt report`` reads next to the run's own ``metrics.jsonl``. Cells run one after another
-on this machine (optionally each under torchrun with N ranks); finished cells are skipped,
-interrupted ones resume from their last checkpoint. ``--slurm`` writes one SLURM array job
+on this machine (optionally each under torchrun with N ranks) under one progress bar, each
+cell's output in its ``train.log``; finished cells are skipped, interrupted ones resume from
+their last checkpoint. ``--slurm`` writes one SLURM array job
 instead, one task per cell, each task running ``launch/slurm.sbatch``.
 """
 
@@ -29,14 +30,17 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm import tqdm
 
 from normopt.config import REPO_ROOT, load_config
 from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, UserError
+from normopt.experiments.report import final_eval_loss, main_table, read_metrics, write_report
 
 SPEC_KEYS = {"base", "root", "set", "axes", "arms", "seeds"}
 SHORT_AXIS_NAMES = {"model.norm": "norm", "optim.name": "optim"}
@@ -161,23 +165,77 @@ def train_command(base: Path, cell: CellSpec, nproc: int) -> list[str]:
     return [sys.executable, script, "--config", str(base), *cell.overrides]
 
 
-def run_cells(base: Path, root: Path, cells: list[CellSpec], nproc: int = 1) -> int:
-    """Run the cells in order; return 0, or the status that stopped the grid (preemption)."""
-    for index, cell in enumerate(cells, start=1):
-        run_dir = root / cell.name
-        steps = load_config(base, cell.overrides).train.steps
-        if cell_is_complete(run_dir, steps):
-            print(f"[factorial] cell {index}/{len(cells)} {cell.name}: complete, skipped", flush=True)
-            continue
-        print(f"[factorial] cell {index}/{len(cells)} {cell.name}", flush=True)
-        write_cell_json(run_dir, cell)
-        status = subprocess.run(train_command(base, cell, nproc), cwd=REPO_ROOT).returncode
-        write_cell_json(run_dir, cell, exit_code=status)
-        if status == PREEMPTED_EXIT_CODE:
-            print(f"[factorial] stopped during {cell.name}; run the same command to resume", flush=True)
-            return status
-        if status not in (0, DIVERGED_EXIT_CODE):  # a divergence is a result, recorded for the report
-            raise UserError(f"cell {cell.name} failed with exit status {status} (see its output above)")
+def steps_logged(run_dir: Path) -> int:
+    """The highest step in a run's metrics.jsonl so far (0 before the first line)."""
+    path = run_dir / "metrics.jsonl"
+    return (read_metrics(path).last_step or 0) if path.exists() else 0
+
+
+def _run_cell(command: list[str], run_dir: Path, bar: tqdm, done_before: int, verbose: bool) -> int:
+    """Run one cell's training to completion, moving the grid's bar as its metrics.jsonl
+    grows. The cell's own output goes to ``train.log`` in its run directory (or to the
+    terminal with ``verbose``). The first Ctrl-C reaches the cell too, which checkpoints and
+    exits 75; this waits for that."""
+    with open(run_dir / "train.log", "a") as log:
+        proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=None if verbose else log,
+                                stderr=None if verbose else subprocess.STDOUT)
+        try:
+            while proc.poll() is None:
+                time.sleep(0.5)
+                bar.n = done_before + steps_logged(run_dir)
+                bar.refresh()
+        except KeyboardInterrupt:
+            proc.wait()
+    return proc.returncode
+
+
+def _log_tail(run_dir: Path, lines: int = 15) -> str:
+    path = run_dir / "train.log"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+def run_cells(base: Path, root: Path, cells: list[CellSpec], nproc: int = 1, verbose: bool = False) -> int:
+    """Run the cells in order under one progress bar over all their steps; return 0, or the
+    status that stopped the grid (75: preempted or Ctrl-C, resumable)."""
+    steps = [load_config(base, cell.overrides).train.steps for cell in cells]
+    bar = tqdm(total=sum(steps), unit="step", dynamic_ncols=True, disable=verbose,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    done_before = 0
+    try:
+        for index, (cell, cell_steps) in enumerate(zip(cells, steps), start=1):
+            run_dir = root / cell.name
+            label = f"[factorial] cell {index}/{len(cells)} {cell.name}"
+            if cell_is_complete(run_dir, cell_steps):
+                done_before += cell_steps
+                bar.update(cell_steps)
+                bar.write(f"{label}: complete, skipped")
+                continue
+            bar.set_description(f"cell {index}/{len(cells)} {cell.name}")
+            if verbose:
+                print(label, flush=True)
+            write_cell_json(run_dir, cell)
+            started = time.perf_counter()
+            status = _run_cell(train_command(base, cell, nproc), run_dir, bar, done_before, verbose)
+            write_cell_json(run_dir, cell, exit_code=status)
+            done_before += cell_steps
+            bar.n = done_before
+            bar.refresh()
+            seconds = time.perf_counter() - started
+            if status == 0:
+                loss = final_eval_loss(read_metrics(run_dir / "metrics.jsonl").evals)
+                result = f"eval loss {loss:.4f}" if loss is not None else "no evaluation logged"
+                bar.write(f"{label}: {result} ({seconds:.0f} s)")
+            elif status == DIVERGED_EXIT_CODE:  # a divergence is a result, recorded for the report
+                bar.write(f"{label}: diverged at step {steps_logged(run_dir)} ({seconds:.0f} s)")
+            elif status == PREEMPTED_EXIT_CODE:
+                bar.write(f"{label}: stopped after a checkpoint; run the same command to resume")
+                return status
+            else:
+                tail = "" if verbose else f"\n{_log_tail(run_dir)}\n"
+                raise UserError(f"cell {cell.name} failed with exit status {status}"
+                                f"{tail}(full output: {run_dir / 'train.log'})")
+    finally:
+        bar.close()
     return 0
 
 
@@ -229,6 +287,8 @@ def factorial_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=1, help="ranks per cell (torchrun); default 1")
     parser.add_argument("--slurm", action="store_true", help="submit one SLURM array job instead")
     parser.add_argument("--dry-run", action="store_true", help="with --slurm: print, submit nothing")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show each cell's training output instead of one progress bar")
     args = parser.parse_args(argv)
     if args.nproc < 1:
         raise UserError("--nproc must be at least 1")
@@ -237,11 +297,9 @@ def factorial_main(argv: list[str] | None = None) -> int:
     print(f"[factorial] {len(cells)} cells under {root}: {', '.join(c.name for c in cells)}", flush=True)
     if args.slurm:
         return submit_slurm(base, root, cells, args.dry_run)
-    status = run_cells(base, root, cells, args.nproc)
+    status = run_cells(base, root, cells, args.nproc, args.verbose)
     if status:
         return status
-    from normopt.experiments.report import main_table, write_report
-
     summary = write_report(root)
     print(main_table(summary))
     for path in summary["files"].values():

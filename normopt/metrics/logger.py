@@ -48,6 +48,11 @@ class MetricsLogger:
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._writer.add_scalar(f"{prefix}/{key}", value, step)
 
+    @property
+    def tensorboard(self):
+        """The run's SummaryWriter (None on ranks other than 0)."""
+        return self._writer
+
     def text(self, tag: str, text: str) -> None:
         if self.enabled:
             self._writer.add_text(tag, text.replace("\n", "  \n"))

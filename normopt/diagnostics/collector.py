@@ -1,0 +1,225 @@
+"""Collect a run's diagnostics every K steps into ``diagnostics.jsonl`` and TensorBoard.
+
+One JSON object per line, each with ``step`` and ``kind``:
+
+* ``run`` (once, at the start of a fresh run): n_params, n_layers, norm, optim, steps.
+* ``norm``: per norm layer, on a fixed probe batch (the first ``probe_sequences``
+  validation windows, the same on every rank): type, saturation, alpha, shift,
+  scale_across_tokens, linearity_within_token, input_rms (see ``norm_stats``).
+* ``spectral_norm``: sigma_max of every 2-D weight (``spectral_norm``, power iteration).
+* ``ns_spectrum`` (Muon/NorMuon): per matrix NS receives, the singular-value quantiles of
+  its input, NS output deviation from 1 and the fewest NS steps into the band
+  (``ns_spectrum``); computed right after the optimizer step from the gradient and the
+  new momentum, exactly the matrix the step handed to NS (in float32).
+* ``tail_tokens`` (every evaluation): eval loss per token-frequency bucket (``tail_tokens``).
+
+Every record also carries ``seconds``: the wall time its collection took, so the cost
+share of diagnostics can be read off any run (``benchmarks/bench_diagnostics.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from normopt.diagnostics.norm_stats import NORM_TYPES, norm_layer_stats
+from normopt.diagnostics.ns_spectrum import default_band, ns_spectrum_record
+from normopt.diagnostics.spectral_norm import SpectralNormTracker
+from normopt.optim.muon import Muon
+
+QUANTILE_LEVELS = (0.01, 0.1, 0.5, 0.9, 0.99)
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/Inf (same convention as metrics.jsonl)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def block_index(name: str) -> int | None:
+    """``layers.3.attn.wq.weight`` -> 3; None outside the blocks."""
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit() else None
+
+
+def parse_band(text: str, coefficients) -> tuple[float, float]:
+    """``diagnostics.ns_band`` ("lo,hi"), or the coefficients' default band when empty."""
+    if text:
+        lo, hi = (float(x) for x in text.split(","))
+        return lo, hi
+    return default_band(coefficients)
+
+
+class DiagnosticsWriter:
+    """Rank 0 appends records to diagnostics.jsonl and mirrors numbers to TensorBoard."""
+
+    def __init__(self, path: Path, tb_writer, enabled: bool, histograms: bool):
+        self.path, self.tb, self.enabled, self.histograms = path, tb_writer, enabled, histograms
+        self._file = open(path, "a", buffering=1) if enabled else None  # noqa: SIM115 (closed in close())
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(_jsonable(record)) + "\n")
+        step, kind = record["step"], record["kind"]
+        for group in ("layers", "matrices"):
+            for name, values in record.get(group, {}).items():
+                items = values.items() if isinstance(values, dict) else [("value", values)]
+                for key, value in items:
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self.tb.add_scalar(f"diag_{kind}/{name}/{key}", value, step)
+                    elif isinstance(value, list) and key.startswith("sv_rel"):
+                        for level, q in zip(record.get("levels", ()), value):
+                            self.tb.add_scalar(f"diag_{kind}/{name}/{key}_q{level:g}", q, step)
+        if kind == "tail_tokens":
+            for index, loss in enumerate(record["bucket_loss"]):
+                if loss is not None:
+                    self.tb.add_scalar(f"diag_tail_tokens/bucket_{index}", loss, step)
+        if kind == "spectral_norm" and self.histograms and record["matrices"]:
+            self.tb.add_histogram("diag_spectral_norm/all_matrices",
+                                  torch.tensor(list(record["matrices"].values())), step)
+
+    def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        if self.enabled and self.histograms:
+            self.tb.add_histogram(tag, values.detach().float().flatten().cpu(), step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class Diagnostics:
+    """What the trainer calls: ``due(step)``, then ``after_optimizer_step`` (before the
+    gradients are cleared) and ``after_step``; ``tail_tokens`` after each evaluation."""
+
+    def __init__(self, cfg, model: nn.Module, optimizers, probe_inputs: torch.Tensor,
+                 writer: DiagnosticsWriter, rank: int, world_size: int):
+        self.cfg, self.model, self.optimizers = cfg, model, optimizers
+        self.probe_inputs, self.writer = probe_inputs, writer
+        self.rank, self.world_size = rank, world_size
+        self.spectral = SpectralNormTracker(cfg.power_iterations)
+        self.norm_layers = {name: m for name, m in model.named_modules() if isinstance(m, NORM_TYPES)}
+        self.seconds = 0.0  # total time spent collecting, all kinds
+
+    def due(self, step: int) -> bool:
+        return bool(self.cfg.interval) and step % self.cfg.interval == 0
+
+    def _timed_write(self, record: dict, started: float) -> None:
+        record["seconds"] = time.perf_counter() - started
+        self.seconds += record["seconds"]
+        self.writer.write(record)
+
+    # -- norm layers ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def norm_layer_record(self, step: int) -> dict:
+        """Forward the probe batch with hooks on every norm layer (eval mode: derf_ema's
+        running scale is not touched, so training is unchanged)."""
+        stats: dict[str, dict] = {}
+        preacts: dict[str, torch.Tensor] = {}
+
+        def hook(name):
+            def capture(module, args, output):
+                stats[name], z = norm_layer_stats(module, args[0])
+                if z is not None:
+                    preacts[name] = z
+            return capture
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in self.norm_layers.items()]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.model(self.probe_inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.model.train(was_training)
+        for name, z in preacts.items():
+            self.writer.histogram(f"diag_norm/{name}/preactivation", z, step)
+        return {"step": step, "kind": "norm", "layers": stats}
+
+    # -- weights --------------------------------------------------------------------
+
+    def spectral_norm_record(self, step: int) -> dict:
+        matrices = [(n, p) for n, p in self.model.named_parameters() if p.ndim == 2]
+        return {"step": step, "kind": "spectral_norm", "matrices": self.spectral(matrices)}
+
+    # -- Newton-Schulz --------------------------------------------------------------
+
+    def _ns_inputs(self):
+        """(name, group, U) for every Muon-family matrix: U = g + beta m (Nesterov) or m,
+        from the gradient and the momentum the step just used."""
+        name_of = {id(p): name for name, p in self.model.named_parameters()}
+        for optimizer in self.optimizers.optimizers:
+            if not isinstance(optimizer, Muon):
+                continue
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    state = optimizer.state.get(p)
+                    if p.grad is None or not state:
+                        continue
+                    buf, beta = state["momentum_buffer"], float(group["momentum"])
+                    U = p.grad.add(buf, alpha=beta) if group["nesterov"] else buf
+                    yield name_of[id(p)], group, U
+
+    @torch.no_grad()
+    def ns_spectrum_record(self, step: int) -> dict | None:
+        """Gather each matrix (all ranks, in the same order), analyse matrix i on rank
+        i % world_size, collect the records on every rank."""
+        todo = list(self._ns_inputs())
+        if not todo:
+            return None
+        mine: dict[str, dict] = {}
+        coefficients = None
+        band = None
+        for index, (name, group, U) in enumerate(todo):
+            full = U.full_tensor() if isinstance(U, DTensor) else U
+            coefficients = group["ns_coefficients"]
+            band = parse_band(self.cfg.ns_band, coefficients)
+            if index % self.world_size == self.rank:
+                record = ns_spectrum_record(full.float(), group["ns_steps"], coefficients, QUANTILE_LEVELS, band)
+                mine[name] = {"layer": block_index(name), **record}
+        if self.world_size > 1:
+            gathered: list = [None] * self.world_size
+            dist.all_gather_object(gathered, mine)
+            mine = {k: v for part in gathered for k, v in part.items()}
+        ordered = {name: mine[name] for name, _, _ in todo}
+        return {"step": step, "kind": "ns_spectrum",
+                "coefficients": coefficients if isinstance(coefficients, str) else "custom",
+                "levels": list(QUANTILE_LEVELS), "band": list(band), "matrices": ordered}
+
+    # -- what the trainer calls -----------------------------------------------------
+
+    def after_optimizer_step(self, step: int) -> None:
+        if self.cfg.ns_spectrum:
+            started = time.perf_counter()
+            record = self.ns_spectrum_record(step)
+            if record is not None:
+                self._timed_write(record, started)
+
+    def after_step(self, step: int) -> None:
+        started = time.perf_counter()
+        self._timed_write(self.norm_layer_record(step), started)
+        started = time.perf_counter()
+        self._timed_write(self.spectral_norm_record(step), started)
+
+    def tail_tokens(self, step: int, bucket_loss: list, bucket_share: list, bucket_vocab: list,
+                    seconds: float) -> None:
+        record = {"step": step, "kind": "tail_tokens", "bucket_loss": bucket_loss,
+                  "bucket_token_share": bucket_share, "bucket_vocab_size": bucket_vocab, "seconds": seconds}
+        self.seconds += seconds
+        self.writer.write(record)
+
+    def run_record(self, record: dict) -> None:
+        self.writer.write({"step": 0, "kind": "run", **record})

@@ -1,0 +1,109 @@
+"""What a normalization layer does to its input, measured on a probe batch.
+
+For a bounded layer y = g * f(z) + b with z its pre-activation (DyT: z = alpha x, f = tanh;
+Derf: z = alpha x + s, f = erf; derf_ema: z = alpha x / c + s, f = erf) and for RMSNorm
+(the unbounded reference, y = g * x / rms(x)), three numbers per layer:
+
+* saturation: the share of pre-activations where f's slope is below 10% of its maximum,
+      tanh: 1 - tanh(z)^2 < 0.1  <=>  |z| > atanh(sqrt(0.9)) ~ 1.818
+      erf:  exp(-z^2) < 0.1       <=>  |z| > sqrt(ln 10)    ~ 1.517
+  (f'(z) / f'(0) for both). RMSNorm has no saturation (None).
+* scale_across_tokens: does a token with twice the RMS come out larger? The least-squares
+  slope of log rms(core(x)_t) on log rms(x_t) over the probe's tokens t, where core is the
+  layer without its affine g, b (g and b are the same for every token). 1 = the scale
+  passes through (identity), 0 = it is discarded (RMSNorm, or erf saturated to +-1).
+* linearity_within_token: is the relative size of features within a token preserved? The
+  mean over tokens of R^2 = corr(x_t, core(x_t))^2 across the token's features: 1 for any
+  map that is linear within a token (identity, RMSNorm), 2/pi ~ 0.637 for a hard sign of
+  Gaussian features (fully saturated erf or tanh).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from normopt.models.derf import Derf, DerfEMA, blended_scale
+from normopt.models.dyt import DyT
+from normopt.models.rmsnorm import RMSNorm
+
+SLOPE_FRACTION = 0.1
+SATURATION_THRESHOLD = {
+    "tanh": math.atanh(math.sqrt(1.0 - SLOPE_FRACTION)),  # 1 - tanh^2 = 0.1
+    "erf": math.sqrt(math.log(1.0 / SLOPE_FRACTION)),  # exp(-z^2) = 0.1
+}
+NORM_TYPES = (RMSNorm, DyT, Derf)  # DerfEMA is a Derf
+
+
+def saturation_share(z: torch.Tensor, function: str) -> float:
+    """Share of entries of z with f'(z) < 0.1 f'(0), i.e. |z| > SATURATION_THRESHOLD[f]."""
+    return float((z.float().abs() > SATURATION_THRESHOLD[function]).float().mean())
+
+
+def token_rms(x: torch.Tensor) -> torch.Tensor:
+    """rms over the last (feature) dim, one value per token: sqrt(mean_i x_i^2)."""
+    return x.float().pow(2).mean(dim=-1).sqrt()
+
+
+def scale_across_tokens(x: torch.Tensor, y: torch.Tensor) -> float:
+    """beta = cov(log r_x, log r_y) / var(log r_x) over tokens, r = token_rms; NaN when
+    all tokens have the same input scale (the slope is undefined)."""
+    lx = token_rms(x).clamp_min(1e-30).log().flatten().double()
+    ly = token_rms(y).clamp_min(1e-30).log().flatten().double()
+    dx = lx - lx.mean()
+    var = (dx * dx).mean()
+    if float(var) <= 1e-12 * max(1.0, float(lx.abs().max())) ** 2:
+        return float("nan")
+    return float((dx * (ly - ly.mean())).mean() / var)
+
+
+def linearity_within_token(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean over tokens of corr(x_t, y_t)^2 across features; tokens whose input or output
+    is constant (no defined correlation) are left out; NaN if none is left."""
+    x = x.double().flatten(0, -2)
+    y = y.double().flatten(0, -2)
+    dx = x - x.mean(dim=-1, keepdim=True)
+    dy = y - y.mean(dim=-1, keepdim=True)
+    sxx, syy, sxy = (dx * dx).sum(-1), (dy * dy).sum(-1), (dx * dy).sum(-1)
+    scale_x, scale_y = x.abs().amax(-1).clamp_min(1e-300), y.abs().amax(-1).clamp_min(1e-300)
+    defined = (sxx > 1e-20 * scale_x**2 * x.shape[-1]) & (syy > 1e-20 * scale_y**2 * y.shape[-1])
+    if not bool(defined.any()):
+        return float("nan")
+    r2 = sxy[defined] ** 2 / (sxx[defined] * syy[defined])
+    return float(r2.mean())
+
+
+def preactivation_and_core(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, str | None]:
+    """(z, core(x), f) for a norm layer: its pre-activation (None for RMSNorm), its output
+    without the affine g, b, and the name of its bounded function (None for RMSNorm)."""
+    x = x.float()
+    if isinstance(module, RMSNorm):
+        return None, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.eps), None
+    if isinstance(module, DyT):
+        z = module.alpha.float() * x
+        return z, torch.tanh(z), "tanh"
+    if isinstance(module, Derf):
+        scale = blended_scale(module.running_mean_square, module.blend) if isinstance(module, DerfEMA) else 1.0
+        z = module.alpha.float() * (x / scale) + module.shift.float()
+        return z, torch.erf(z), "erf"
+    raise TypeError(f"not a normopt norm layer: {type(module).__name__}")
+
+
+def norm_layer_stats(module: nn.Module, x: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
+    """The per-layer record (see the module docstring) and the pre-activations (for a
+    histogram; None for RMSNorm)."""
+    z, core, function = preactivation_and_core(module, x)
+    record = {
+        "type": {RMSNorm: "rmsnorm", DyT: "dyt", Derf: "derf", DerfEMA: "derf_ema"}[type(module)],
+        "saturation": saturation_share(z, function) if z is not None else None,
+        "alpha": float(module.alpha.detach()) if hasattr(module, "alpha") else None,
+        "shift": float(module.shift.detach()) if hasattr(module, "shift") else None,
+        "scale_across_tokens": scale_across_tokens(x, core),
+        "linearity_within_token": linearity_within_token(x, core),
+        "input_rms": float(token_rms(x).mean()),
+    }
+    if isinstance(module, DerfEMA):
+        record["running_scale"] = float(blended_scale(module.running_mean_square, module.blend))
+    return record, z

@@ -1,0 +1,99 @@
+"""Largest singular value of every weight matrix, by warm-started power iteration.
+
+For W (m x n) and a unit vector v, one iteration is
+
+    v <- W^T W v / ||W^T W v||,     sigma ~ ||W v||
+
+which converges to the top right singular vector at rate (sigma_2 / sigma_1)^2 per
+iteration. Keeping v between calls (weights move little in K steps) makes a couple of
+iterations per call enough.
+
+FSDP2 shards a matrix by rows (Shard(0)): rank i holds W_i. Then W v is row-local
+(u_i = W_i v) and W^T W v = sum_i W_i^T u_i is one all-reduce of an n-vector, so no rank
+ever gathers the matrix; ||W v||^2 = sum_i ||u_i||^2 is one more all-reduce of a scalar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
+
+
+def _row_shard(weight: torch.Tensor) -> tuple[torch.Tensor, dist.ProcessGroup | None]:
+    """This rank's rows of ``weight`` and the group to sum over (None: the whole matrix is here)."""
+    if isinstance(weight, DTensor):
+        placements = weight.placements
+        if len(placements) == 1 and isinstance(placements[0], Shard) and placements[0].dim == 0:
+            return weight.to_local(), weight.device_mesh.get_group()
+        return weight.full_tensor(), None  # another layout: gather (not used by normopt's FSDP2)
+    return weight, None
+
+
+def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+@torch.no_grad()
+def power_iteration(weight: torch.Tensor, v: torch.Tensor, iterations: int,
+                    max_iterations: int | None = None, tol: float = 1e-4) -> tuple[float, torch.Tensor]:
+    """(sigma_max estimate, updated unit vector v), starting from ``v``.
+
+    Runs at least ``iterations`` steps, then continues (up to ``max_iterations``) while the
+    estimate ||W v|| still grows by more than ``tol`` relative per step: a warm vector that
+    still fits stops at once, one the weights moved away from keeps iterating. The estimate
+    never exceeds sigma_max. ``weight`` may be a plain tensor or a row-sharded DTensor (then
+    every rank of its mesh calls this with the same v; all get the same result).
+    """
+    rows, group = _row_shard(weight)
+    rows = rows.float()
+    v = v.float() / v.float().norm().clamp_min(1e-30)
+    limit = max(iterations, max_iterations or iterations)
+    previous = 0.0
+    for done in range(1, limit + 1):
+        u = rows @ v
+        # W^T W v and ||W v||^2 for the current v in one collective
+        packed = _all_reduce(torch.cat([rows.mT @ u, u.pow(2).sum().reshape(1)]), group)
+        w, sigma = packed[:-1], float(packed[-1].sqrt())
+        norm = w.norm()
+        if float(norm) == 0.0:  # W v = 0: W is zero (or v in its null space)
+            break
+        v = w / norm
+        if done >= iterations and sigma - previous <= tol * sigma:
+            break
+        previous = sigma
+    sq = _all_reduce((rows @ v).pow(2).sum().reshape(1), group)
+    return float(sq.sqrt()), v
+
+
+def start_vector(n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """A deterministic random unit vector (the same on every rank)."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(n, generator=g, dtype=torch.float32)
+    return (v / v.norm()).to(device)
+
+
+class SpectralNormTracker:
+    """Warm-started power iteration over named matrices: at least ``cold_iterations`` the
+    first time a matrix is seen, at least ``iterations`` after that, and more (up to
+    ``max_iterations``) while the estimate still moves by more than ``tol``."""
+
+    def __init__(self, iterations: int = 2, cold_iterations: int = 20, max_iterations: int = 100,
+                 tol: float = 1e-4):
+        self.iterations, self.cold_iterations = iterations, cold_iterations
+        self.max_iterations, self.tol = max_iterations, tol
+        self.vectors: dict[str, torch.Tensor] = {}
+
+    def __call__(self, named_matrices: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
+        sigmas = {}
+        for index, (name, weight) in enumerate(named_matrices):
+            v = self.vectors.get(name)
+            iterations = self.iterations
+            if v is None:
+                v, iterations = start_vector(weight.shape[1], index, weight.device), self.cold_iterations
+            sigmas[name], self.vectors[name] = power_iteration(weight, v, iterations, self.max_iterations, self.tol)
+        return sigmas

@@ -1,0 +1,57 @@
+"""Evaluation loss split by how frequent the target token is in the training split.
+
+Buckets hold equal shares of the training tokens: sort the vocabulary by training count,
+most frequent first; a token type whose cumulative share *before* it is F goes to bucket
+floor(F * n) (capped at n - 1). Bucket 0 is the head (a few very frequent types), the
+last bucket the tail (many rare types, and every type never seen in training). A type is
+never split, so a type holding more than 1/n of the tokens leaves the next bucket(s) empty.
+Equal-mass buckets give each bucket a similar number of validation tokens, so their losses
+are about equally precise (deciles of the vocabulary would leave the rare ones nearly empty).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def token_counts(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 26) -> np.ndarray:
+    """Occurrences of every token id in ``tokens`` (read in chunks: it may be a memmap)."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for start in range(0, len(tokens), chunk):
+        counts += np.bincount(np.asarray(tokens[start:start + chunk]), minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def frequency_buckets(counts: np.ndarray, n_buckets: int) -> np.ndarray:
+    """bucket[token_id] in 0..n_buckets-1 by equal shares of training mass (module doc)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    order = np.argsort(-counts, kind="stable")
+    total = counts.sum()
+    share_before = (np.cumsum(counts[order]) - counts[order]) / total if total > 0 else np.zeros(len(order))
+    ranked = np.minimum((share_before * n_buckets).astype(np.int64), n_buckets - 1)
+    ranked[counts[order] == 0] = n_buckets - 1
+    buckets = np.empty(len(counts), dtype=np.int64)
+    buckets[order] = ranked
+    return buckets
+
+
+def bucket_sums(per_token_loss: torch.Tensor, bucket_ids: torch.Tensor, weights: torch.Tensor,
+                n_buckets: int) -> torch.Tensor:
+    """(2, n) float64: per bucket, the weighted sum of losses and the weighted token count.
+    ``per_token_loss`` and ``bucket_ids`` have the shape of the targets (B, T), ``weights``
+    shape (B,) (0 for padding windows)."""
+    w = weights.double()[:, None].expand_as(per_token_loss).flatten()
+    ids = bucket_ids.flatten()
+    out = torch.zeros(2, n_buckets, dtype=torch.float64, device=per_token_loss.device)
+    out[0].index_add_(0, ids, per_token_loss.double().flatten() * w)
+    out[1].index_add_(0, ids, w)
+    return out
+
+
+def bucket_losses(sums: torch.Tensor) -> tuple[list[float | None], list[float]]:
+    """Mean loss per bucket (None where empty) and each bucket's share of the tokens."""
+    loss, count = sums[0].tolist(), sums[1].tolist()
+    total = sum(count)
+    means = [l / c if c > 0 else None for l, c in zip(loss, count)]
+    return means, [c / total if total > 0 else 0.0 for c in count]

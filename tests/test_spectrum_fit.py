@@ -1,0 +1,239 @@
+"""normopt spectrum: power-law fits over synthetic runs with planted exponents per depth group."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from normopt.cli import main
+from normopt.diagnostics.ns_spectrum import DEFAULT_BANDS, fewest_ns_steps
+from normopt.diagnostics.spectrum_fit import (
+    analyze,
+    depth_group,
+    discover_runs,
+    fit_power_law,
+    ns_steps_per_layer,
+    parse_size,
+    read_diagnostics,
+    run_quantiles,
+)
+from normopt.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LEVELS = [0.01, 0.1, 0.5, 0.9, 0.99]
+C_LEVEL = {0.01: 0.4, 0.1: 1.0, 0.5: 2.0, 0.9: 3.0, 0.99: 3.5}
+GROUP_C = {"early": 0.1, "mid": 1.0, "late": 1e4}
+BETA = {"early": -0.1, "mid": -0.25, "late": -0.9}
+PLANNED_STEPS = 200
+# (folder, n_params, n_layers): three sizes, the middle one with two seeds (two points)
+RUNS = [("s20m", 20_000_000, 6), ("s80m-a", 80_000_000, 9), ("s80m-b", 80_000_000, 9),
+        ("sweep/s320m", 320_000_000, 12)]
+
+
+def planted(group: str, level: float, n_params: float) -> float:
+    return GROUP_C[group] * C_LEVEL[level] * n_params ** BETA[group]
+
+
+def matrix_entry(layer: int | None, values: list[float]) -> dict:
+    return {"layer": layer, "ns_steps": 5, "sv_rel_fro": values, "sv_rel_max": [10 * v for v in values],
+            "ns_out_dev": [0.5] * len(values), "ns_out_max_dev": 0.9, "min_ns_steps": [7] * len(values),
+            "min_ns_steps_all": 7}
+
+
+def spectrum_line(step: int, n_params: int, n_layers: int, factor: float, garbage: bool = False) -> str:
+    """One ns_spectrum record: two matrices per block whose quantiles are the planted ones
+    times factor * 1.1 and factor / 1.1 (geometric mean over the pair: planted * factor),
+    plus an embedding outside the blocks holding nonsense."""
+    matrices = {"tok_embeddings.weight": matrix_entry(None, [0.9] * 5)}
+    for layer in range(n_layers):
+        group = depth_group(layer, n_layers)
+        for name, jitter in (("attn.wq", 1.1), ("ffn.w2", 1 / 1.1)):
+            values = [0.5 if garbage else planted(group, lv, n_params) * factor * jitter for lv in LEVELS]
+            matrices[f"layers.{layer}.{name}.weight"] = matrix_entry(layer, values)
+    return json.dumps({"step": step, "kind": "ns_spectrum", "coefficients": "quintic", "levels": LEVELS,
+                       "band": [0.6, 1.25], "matrices": matrices})
+
+
+def write_run(folder: Path, n_params: int, n_layers: int) -> Path:
+    """Records at 0 and 50 (before the 50% burn-in: garbage), then 100, 150, 200 whose
+    factors 1.3, 1, 1/1.3 average out geometrically; an unknown kind and a cut-off last line."""
+    lines = [json.dumps({"step": 0, "kind": "run", "n_params": n_params, "n_layers": n_layers,
+                         "norm": "derf", "optim": "muon", "steps": PLANNED_STEPS}),
+             spectrum_line(0, n_params, n_layers, 1.0, garbage=True),
+             json.dumps({"step": 10, "kind": "norm_stats", "saturation": 0.1}),
+             spectrum_line(50, n_params, n_layers, 1.0, garbage=True),
+             spectrum_line(100, n_params, n_layers, 1.3),
+             spectrum_line(150, n_params, n_layers, 1.0),
+             spectrum_line(200, n_params, n_layers, 1 / 1.3)]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "diagnostics.jsonl"
+    path.write_text("\n".join(lines) + '\n{"step": 210, "kind": "ns_spec')
+    return path
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    for name, n_params, n_layers in RUNS:
+        write_run(tmp_path / "runs" / name, n_params, n_layers)
+    (tmp_path / "runs" / "adamw").mkdir()
+    (tmp_path / "runs" / "adamw" / "diagnostics.jsonl").write_text(
+        json.dumps({"step": 0, "kind": "run", "n_params": 5, "n_layers": 1, "steps": 10}) + "\n")
+    return tmp_path / "runs"
+
+
+def fit_of(summary, group, level):
+    return next(f for f in summary["fits"] if f["group"] == group and f["level"] == level)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_depth_groups():
+    assert [depth_group(i, 4) for i in range(4)] == ["early", "early", "mid", "late"]
+    assert [depth_group(i, 3) for i in range(3)] == ["early", "mid", "late"]
+    assert [depth_group(i, 12) for i in range(12)] == ["early"] * 4 + ["mid"] * 4 + ["late"] * 4
+    assert [depth_group(i, 4, n_groups=2) for i in range(4)] == ["early", "early", "late", "late"]
+    assert depth_group(5, 6, n_groups=6) == "g5"
+    with pytest.raises(ValueError):
+        depth_group(6, 6)
+
+
+def test_fit_power_law_and_sizes():
+    c, beta, r2 = fit_power_law([1e6, 1e7, 1e8], [2 * m**-0.5 for m in (1e6, 1e7, 1e8)])
+    assert c == pytest.approx(2, rel=1e-9) and beta == pytest.approx(-0.5, abs=1e-12) and r2 == pytest.approx(1)
+    assert fit_power_law([1e6, 1e7], [0.1, 0.2])[2] == pytest.approx(1.0)  # two points: a perfect line
+    assert fit_power_law([1e6, 1e7], [0.1, 0.1])[2] is None
+    c, beta, r2 = fit_power_law([1, math.e, math.e, math.e**2], [1, math.e**2, 1, math.e])  # y = 0, 2, 0, 1
+    assert beta == pytest.approx(0.5) and math.log(c) == pytest.approx(0.25) and r2 == pytest.approx(0.5 / 2.75)
+    with pytest.raises(ValueError, match="two distinct"):
+        fit_power_law([1e6, 1e6], [0.1, 0.2])
+    assert parse_size("1.1B") == pytest.approx(1.1e9) and parse_size("350M") == 3.5e8
+    assert parse_size("1.1e9") == pytest.approx(1.1e9) and parse_size("125k") == 1.25e5
+    assert parse_size("77m") == 7.7e7 and parse_size("2.8G") == pytest.approx(2.8e9)
+    for bad in ("", "1.1X", "big", "0"):
+        with pytest.raises(Exception):
+            parse_size(bad)
+
+
+def test_reading_skips_partial_last_line_and_keeps_the_last_duplicate(tmp_path):
+    path = tmp_path / "diagnostics.jsonl"
+    path.write_text('{"step": 0, "kind": "run", "n_params": 9, "n_layers": 1}\n'
+                    '{"step": 5, "kind": "ns_spectrum", "matrices": {}, "v": 1}\n'
+                    '{"step": 5, "kind": "ns_spectrum", "matrices": {}, "v": 2}\n{"step": 7, "ki')
+    run, records = read_diagnostics(path)
+    assert run["n_params"] == 9 and [r["v"] for r in records] == [2]
+    path.write_text('{"step": 0, "kind": "run"}\nnot json\n{"step": 5, "kind": "ns_spectrum"}\n')
+    with pytest.raises(UserError, match="diagnostics.jsonl:2: unreadable"):
+        read_diagnostics(path)
+
+
+def test_run_averages_exclude_burn_in_and_outside_blocks(root):
+    runs = {run.folder.name: run for run in discover_runs(root)}
+    assert set(runs) == {"s20m", "s80m-a", "s80m-b", "s320m"}  # the AdamW run has no records
+    averages = run_quantiles(runs["s20m"], burn_in=0.5)
+    assert set(averages) == {(g, lv) for g in ("early", "mid", "late") for lv in LEVELS}
+    for (group, level), q in averages.items():
+        assert q == pytest.approx(planted(group, level, 20e6), rel=1e-12)
+    # with no burn-in the 2 garbage records (all 0.5) of 5 pull every value up: 0.5^0.4 q^0.6
+    q = planted("late", 0.1, 20e6)
+    assert run_quantiles(runs["s20m"], burn_in=0.0)[("late", 0.1)] == pytest.approx(0.5**0.4 * q**0.6, rel=1e-12)
+
+
+# --------------------------------------------------------------------------- fits and recommendation
+
+
+def test_fit_recovers_planted_power_laws(root):
+    summary = analyze(root)
+    assert len(summary["fits"]) == 15 and len(summary["runs"]) == 4
+    for group in ("early", "mid", "late"):
+        for level in LEVELS:
+            fit = fit_of(summary, group, level)
+            assert fit["beta"] == pytest.approx(BETA[group], abs=1e-6)
+            assert fit["c"] == pytest.approx(GROUP_C[group] * C_LEVEL[level], rel=1e-6)
+            assert fit["r2"] == pytest.approx(1.0, abs=1e-9)
+            assert (fit["n_runs"], fit["n_sizes"]) == (4, 3)
+    other = analyze(root, quantity="sv_rel_max")
+    assert fit_of(other, "mid", 0.5)["c"] == pytest.approx(10 * GROUP_C["mid"] * C_LEVEL[0.5], rel=1e-6)
+    assert other["recommendation"] is None and any("sv_rel_fro" in n for n in other["notes"])
+
+
+def test_recommendation_matches_fewest_steps_of_the_planted_prediction(root):
+    target = 1.1e9
+    summary = analyze(root, target_params=target, target_layers=24, level=0.1)
+    rec = summary["recommendation"]
+    band = DEFAULT_BANDS["quintic"]
+    expected = {g: fewest_ns_steps(planted(g, 0.1, target), band, "quintic") for g in ("early", "mid", "late")}
+    assert {g["group"]: g["ns_steps"] for g in rec["groups"]} == expected
+    assert expected["late"] > expected["mid"] >= expected["early"] >= 1
+    predicted = {p["level"]: p["q"] for p in rec["groups"][2]["predicted"]}
+    assert predicted[0.1] == pytest.approx(planted("late", 0.1, target), rel=1e-6)
+    assert [g["layers"] for g in rec["groups"]] == ["0-7", "8-15", "16-23"]
+    rules = rec["ns_steps_per_layer"].split(",")
+    assert len(rules) == 24 and rules[0] == f"layers.0.*={expected['early']}"
+    assert rules[23] == f"layers.23.*={expected['late']}" and rules[8] == f"layers.8.*={expected['mid']}"
+    # a stricter level asks more of the smaller quantile
+    strict = analyze(root, target_params=target, level=0.01)["recommendation"]["groups"]
+    assert strict[2]["ns_steps"] == fewest_ns_steps(planted("late", 0.01, target))
+    # defaults: the largest run's size and depth
+    default = analyze(root)
+    assert default["settings"]["target_params"] == 320e6 and default["settings"]["target_layers"] == 12
+
+
+def test_ns_steps_per_layer_string():
+    assert ns_steps_per_layer({"early": 6, "mid": 7, "late": 9}, 3) == "layers.0.*=6,layers.1.*=7,layers.2.*=9"
+    assert ns_steps_per_layer({"early": 0, "late": 9}, 3) == "layers.0.*=1,layers.2.*=9"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_plot_and_json(root, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["spectrum", str(root), "--target-params", "1.1B", "--target-layers", "6", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "beta" in printed and "-0.9000" in printed and "-0.2500" in printed
+    assert "optim.ns_steps_per_layer=layers.0.*=" in printed and "layers.5.*=" in printed
+    assert f"wrote {out / 'spectrum.png'}" in printed
+    assert (out / "spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    on_disk = json.loads((out / "spectrum.json").read_text())
+    assert on_disk["settings"]["target_params"] == pytest.approx(1.1e9)
+    assert on_disk["recommendation"]["ns_steps_per_layer"].count(",") == 5
+    assert main(["spectrum", str(root), "--burn-in", "0.6"]) == 0  # default out: ROOT
+    assert (root / "spectrum.png").is_file() and (root / "spectrum.json").is_file()
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("normopt: error: "), err
+    return err
+
+
+def test_cli_user_errors(tmp_path, capsys):
+    assert main(["spectrum", str(tmp_path / "nowhere")]) == 2
+    assert "no such folder" in _one_line_error(capsys)
+    assert main(["spectrum", str(tmp_path)]) == 2
+    assert "no diagnostics.jsonl with ns_spectrum records" in _one_line_error(capsys)
+    write_run(tmp_path / "a", 20_000_000, 6)
+    write_run(tmp_path / "b", 20_000_000, 6)
+    assert main(["spectrum", str(tmp_path)]) == 2
+    assert "at least 2 model sizes" in _one_line_error(capsys)
+    write_run(tmp_path / "c", 80_000_000, 6)
+    assert main(["spectrum", str(tmp_path), "--level", "0.2"]) == 2
+    assert "not a fitted quantile level" in _one_line_error(capsys)
+    assert main(["spectrum", str(tmp_path), "--coefficients", "cubic"]) == 2
+    assert "unknown name" in _one_line_error(capsys)
+    assert main(["spectrum", str(tmp_path), "--burn-in", "1.5"]) == 2
+    assert "--burn-in" in _one_line_error(capsys)
+
+
+def test_cli_module_entry_point_exits_2_with_one_line(tmp_path):
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "normopt.cli", "spectrum", str(tmp_path / "missing")],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no such folder" in proc.stderr
