@@ -89,8 +89,9 @@ class Cell:
 
 
 def variant_label(norm: str | None, arm: str | None) -> str:
-    """``norm`` for a norm's base cells, ``norm[arm]`` for an arm of it."""
-    return f"{norm}[{arm}]" if arm else str(norm)
+    """``norm`` for a norm's base cells, ``norm[arm]`` for an arm of it; an arm named after
+    its own norm (a spec's ``derf_ema: {model.norm: derf_ema, ...}``) is just ``norm``."""
+    return f"{norm}[{arm}]" if arm and arm != norm else str(norm)
 
 
 def parse_metric(value: Any) -> float:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from normopt.config import REPO_ROOT, load_config
 from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, UserError
-from normopt.experiments.report import final_eval_loss, main_table, read_metrics, write_report
+from normopt.experiments.report import final_eval_loss, print_summary, read_metrics, write_report
 
 SPEC_KEYS = {"base", "root", "set", "axes", "arms", "seeds"}
 SHORT_AXIS_NAMES = {"model.norm": "norm", "optim.name": "optim"}
@@ -300,8 +300,5 @@ def factorial_main(argv: list[str] | None = None) -> int:
     status = run_cells(base, root, cells, args.nproc, args.verbose)
     if status:
         return status
-    summary = write_report(root)
-    print(main_table(summary))
-    for path in summary["files"].values():
-        print(f"wrote {path}")
+    print_summary(write_report(root))
     return 0

@@ -296,14 +296,22 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     summary = write_report(args.root, args.out, baseline_norm=args.baseline_norm,
                            reference_optim=args.reference_optim, smoothing=args.smoothing,
                            fixes={**DEFAULT_FIXES, **dict(args.fix)})
+    print_summary(summary)
+    return 0
+
+
+def print_summary(summary: Mapping[str, Any]) -> None:
+    """The main table, interactions and fix recoveries, left-out cells, files written."""
     print(main_table(summary))
     if summary["interactions"]:
         print()
         print(interaction_table(summary))
+    if summary["recoveries"]:
+        print()
+        print(recovery_table(summary))
     left_out = [c["name"] for c in summary["cells"] if not c["included"]]
     if left_out:
         print(f"\nleft out ({len(left_out)}): {', '.join(left_out)} (see report.md)")
     print()
     for path in summary["files"].values():
         print(f"wrote {path}")
-    return 0
