@@ -375,6 +375,10 @@ def analyze(root: str | Path, *, burn_in: float = DEFAULT_BURN_IN, quantity: str
                 "level": level, "target_params": float(target_params or largest.n_params),
                 "target_layers": target_layers or largest.n_layers, "coefficients": coefficients,
                 "band": [float(v) for v in band], "max_steps": max_steps}
+    span = math.log10(settings["target_params"] / sizes[-1])
+    if span > 1:  # a power law fitted over a narrow range says little this far out
+        notes.append(f"the target is {span:.1f} decades above the largest run "
+                     f"({format_size(sizes[-1])}): an extrapolation, read it as a trend")
     recommendation = _recommendation(fits, settings, notes)
     return {"settings": settings,
             "runs": [{"folder": str(r.folder), "n_params": r.n_params, "n_layers": r.n_layers,
