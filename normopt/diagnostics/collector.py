@@ -20,7 +20,6 @@ share of diagnostics can be read off any run (``benchmarks/bench_diagnostics.py`
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -32,19 +31,10 @@ from torch.distributed.tensor import DTensor
 from normopt.diagnostics.norm_stats import NORM_TYPES, norm_layer_stats
 from normopt.diagnostics.ns_spectrum import default_band, ns_spectrum_record
 from normopt.diagnostics.spectral_norm import SpectralNormTracker
+from normopt.metrics.logger import jsonable
 from normopt.optim.muon import Muon
 
 QUANTILE_LEVELS = (0.01, 0.1, 0.5, 0.9, 0.99)
-
-
-def _jsonable(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/Inf (same convention as metrics.jsonl)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def block_index(name: str) -> int | None:
@@ -71,7 +61,7 @@ class DiagnosticsWriter:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(_jsonable(record)) + "\n")
+        self._file.write(json.dumps(jsonable(record)) + "\n")
         step, kind = record["step"], record["kind"]
         for group in ("layers", "matrices"):
             for name, values in record.get(group, {}).items():

@@ -40,6 +40,7 @@ from typing import Any
 
 from normopt.diagnostics.ns_spectrum import DEFAULT_MAX_STEPS, default_band, fewest_ns_steps_joint
 from normopt.errors import UserError
+from normopt.metrics.jsonl import read_step_records
 from normopt.optim.newton_schulz import coefficient_schedule
 
 DIAGNOSTICS_FILE = "diagnostics.jsonl"
@@ -88,22 +89,9 @@ def read_diagnostics(path: Path) -> tuple[dict | None, list[dict]]:
     An unterminated last line that does not parse is skipped (a killed writer leaves one);
     any other bad line is a UserError.
     """
-    try:
-        lines = path.read_text().split("\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read ({exc})") from None
+    records, _ = read_step_records(path, "diagnostics", lambda record: record)
     run, spectra = None, {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                raise ValueError("not an object with an integer 'step'")
-        except ValueError as exc:
-            if number == len(lines):  # a terminated file ends with "", so this line is partial
-                continue
-            raise UserError(f"{path}:{number}: unreadable diagnostics line ({exc})") from None
+    for record in records:
         if record.get("kind") == "run":
             run = record
         elif record.get("kind") == "ns_spectrum":

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from normopt.errors import DIVERGED_EXIT_CODE, UserError
+from normopt.metrics.jsonl import read_step_records
 
 # A run whose loss ends this far above its own best value has blown up, even without a NaN.
 # One nat is far beyond seed noise or a late-training bump (both are hundredths of a nat) and
@@ -106,39 +107,20 @@ def read_metrics(path: Path) -> Metrics:
     """Parse ``metrics.jsonl``. A later line for a step replaces an earlier one (a resumed run
     that was not truncated logs some steps twice). An unterminated last line that does not
     parse is skipped (a killed writer leaves one); any other bad line is a UserError."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read metrics ({exc})") from None
-    lines = text.split("\n")  # a terminated file ends with "", so only a partial line can be last
+    def parse(record: dict[str, Any]) -> tuple[int, float | None, float | None]:
+        return (record["step"],
+                parse_metric(record["loss"]) if "loss" in record else None,
+                parse_metric(record["eval_loss"]) if "eval_loss" in record else None)
+
+    records, partial = read_step_records(path, "metrics", parse)
     train: dict[int, float] = {}
     evals: dict[int, float] = {}
-    last_step = None
-    partial = False
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-            if "step" not in record:
-                raise ValueError("no 'step'")
-            step = record["step"]
-            if isinstance(step, bool) or not isinstance(step, int):
-                raise ValueError(f"step {step!r} is not an integer")
-            loss = parse_metric(record["loss"]) if "loss" in record else None
-            eval_loss = parse_metric(record["eval_loss"]) if "eval_loss" in record else None
-        except ValueError as exc:
-            if number == len(lines):
-                partial = True
-                continue
-            raise UserError(f"{path}:{number}: unreadable metrics line ({exc})") from None
-        last_step = step if last_step is None else max(last_step, step)
+    for step, loss, eval_loss in records:
         if loss is not None:
             train[step] = loss
         if eval_loss is not None:
             evals[step] = eval_loss
+    last_step = max((step for step, _, _ in records), default=None)
     return Metrics(tuple(sorted(train.items())), tuple(sorted(evals.items())), last_step, partial)
 
 
@@ -237,44 +219,22 @@ def read_diagnostics(path: Path) -> Diagnostics:
     other kinds are ignored. Numbers may be null or "nan"/"inf"/"-inf". As in ``read_metrics``,
     an unterminated last line that does not parse is skipped and any other bad line is a
     UserError."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read diagnostics ({exc})") from None
-    lines = text.split("\n")  # a terminated file ends with "", so only a partial line can be last
-    saturation: dict[int, dict[str, float]] = {}
-    spectral: dict[int, list[float]] = {}
-    tails: dict[int, TailTokens] = {}
-    partial = False
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-            step, kind = record.get("step"), record.get("kind")
-            if isinstance(step, bool) or not isinstance(step, int):
-                raise ValueError(f"step {step!r} is not an integer")
-            if not isinstance(kind, str):
-                raise ValueError(f"kind {kind!r} is not a string")
-            if kind == "norm":
-                parsed: Any = _saturations(record)
-            elif kind == "spectral_norm":
-                parsed = _spectral_norms(record)
-            elif kind == "tail_tokens":
-                parsed = _tail_tokens(step, record)
-        except ValueError as exc:
-            if number == len(lines):
-                partial = True
-                continue
-            raise UserError(f"{path}:{number}: unreadable diagnostics line ({exc})") from None
-        if kind == "norm":
-            saturation[step] = parsed
-        elif kind == "spectral_norm":
-            spectral[step] = parsed
-        elif kind == "tail_tokens":
-            tails[step] = parsed
+    readers = {"norm": _saturations, "spectral_norm": _spectral_norms,
+               "tail_tokens": lambda r: _tail_tokens(r["step"], r)}
+
+    def parse(record: dict[str, Any]) -> tuple[str, int, Any]:
+        kind = record.get("kind")
+        if not isinstance(kind, str):
+            raise ValueError(f"kind {kind!r} is not a string")
+        reader = readers.get(kind)
+        return kind, record["step"], reader(record) if reader else None
+
+    records, partial = read_step_records(path, "diagnostics", parse)
+    by_kind: dict[str, dict[int, Any]] = {kind: {} for kind in readers}
+    for kind, step, parsed in records:
+        if kind in by_kind:
+            by_kind[kind][step] = parsed  # a later line for a step replaces an earlier one
+    saturation, spectral, tails = by_kind["norm"], by_kind["spectral_norm"], by_kind["tail_tokens"]
     saturation = {s: layers for s, layers in sorted(saturation.items()) if layers}
     return Diagnostics(
         saturation=tuple((s, _mean(list(layers.values()))) for s, layers in saturation.items()),

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from normopt.errors import UserError
+from normopt.metrics.logger import jsonable
 from normopt.experiments.cells import (  # noqa: F401  (re-exported)
     CELL_FILES,
     DIVERGENCE_NATS,
@@ -227,17 +228,6 @@ def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
     return "\n".join(parts) + "\n"
 
 
-def _jsonable(value: Any) -> Any:
-    """JSON-safe copy: tuples -> lists, non-finite floats -> "nan"/"inf"/"-inf" (as metrics.jsonl)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 # --------------------------------------------------------------------------- edges
 
 
@@ -267,7 +257,7 @@ def write_report(root: str | Path, out: str | Path | None = None, *, baseline_no
     summary["files"] = {name: str(p) for name, p in files.items()}
     files["report"].write_text(render_markdown(summary, {n: p.name for n, p in plots.items()},
                                                {n: p.name for n, p in diagnostic_plots.items()}))
-    files["summary"].write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+    files["summary"].write_text(json.dumps(jsonable(summary), indent=2) + "\n")
     return summary
 
 

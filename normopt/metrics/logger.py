@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 
-def _jsonable(value):
+def jsonable(value):
+    """``value`` with every non-finite float (also inside dicts and lists) as its string:
+    JSON has no NaN/Inf, and "nan"/"inf" keep them visible (readers parse them back)."""
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/Inf; keep them visible as strings
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
     return value
 
 
@@ -42,7 +49,7 @@ class MetricsLogger:
         """Append ``record`` (must hold ``step``) and mirror its numbers to TensorBoard."""
         if not self.enabled:
             return
-        self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        self._file.write(json.dumps(jsonable(record)) + "\n")
         step = record["step"]
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
