@@ -61,10 +61,16 @@ class ModelConfig:
     rope_theta: float | None = None
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    # DyT / Derf alpha initialisation per norm location (DyT paper: attention/FFN/final).
-    alpha_init_attn: float = 0.5
-    alpha_init_ffn: float = 0.5
-    alpha_init_final: float = 0.5
+    # DyT / Derf alpha init per norm location; auto = the norm's reference LM value
+    # (DyT 0.8 / 0.2 / 0.2, Derf 0.5; see normopt/models/norms.py)
+    alpha_init_attn: float | Literal["auto"] = "auto"
+    alpha_init_ffn: float | Literal["auto"] = "auto"
+    alpha_init_final: float | Literal["auto"] = "auto"
+    # DyT / Derf per-feature bias b; auto = as the reference code (DyT: no, Derf: yes)
+    norm_bias: bool | Literal["auto"] = "auto"
+    # learnable scalar on the token embedding: auto = sqrt(dim) for dyt/derf/derf_ema and
+    # none for rmsnorm (the reference models); none; or a number (its init)
+    embed_scale: float | Literal["auto", "none"] = "auto"
     derf_shift_init: float = 0.0
     # derf_ema: running input-scale estimate blended into the erf argument.
     derf_ema_momentum: float = 0.99
@@ -164,7 +170,13 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if value is None and type(None) in options:
             return None
         non_none = [a for a in options if a is not type(None)]
-        return _coerce(key, value, non_none[0])
+        errors = []
+        for option in non_none:  # the first type that takes the value wins
+            try:
+                return _coerce(key, value, option)
+            except UserError as exc:
+                errors.append(str(exc).split(": ", 1)[1])
+        raise UserError(f"{key}: {' or '.join(errors)}")
     if origin is Literal:
         choices = typing.get_args(annotation)
         if value not in choices:
@@ -307,7 +319,12 @@ def validate(cfg: Config) -> None:
     _require(m.norm_eps > 0, "model.norm_eps", "must be positive")
     _require(m.init_std > 0, "model.init_std", "must be positive")
     for name in ("alpha_init_attn", "alpha_init_ffn", "alpha_init_final"):
-        _require(getattr(m, name) > 0, f"model.{name}", "must be positive")
+        value = getattr(m, name)
+        _require(value == "auto" or value > 0, f"model.{name}", "must be positive or auto")
+    _require(not (m.norm == "rmsnorm" and m.norm_bias is True), "model.norm_bias",
+             "rmsnorm has no bias (use auto or false)")
+    _require(m.embed_scale in ("auto", "none") or m.embed_scale > 0, "model.embed_scale",
+             "must be auto, none or a positive number")
     _require(0.0 <= m.derf_ema_momentum < 1.0, "model.derf_ema_momentum", "must be in [0, 1)")
     _require(0.0 <= m.derf_ema_blend <= 1.0, "model.derf_ema_blend", "must be in [0, 1]")
     args = resolve_model_args(m, vocab_size=d.vocab_size)

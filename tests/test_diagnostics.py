@@ -21,7 +21,7 @@ from normopt.diagnostics.norm_stats import (
 from normopt.diagnostics.ns_spectrum import singular_value_quantiles
 from normopt.diagnostics.spectral_norm import SpectralNormTracker, power_iteration, start_vector
 from normopt.diagnostics.tail_tokens import bucket_losses, bucket_sums, frequency_buckets
-from normopt.models.derf import Derf, DerfEMA
+from normopt.models.derf import Derf, DerfEMA, commit_running_scales
 from normopt.models.dyt import DyT
 from normopt.models.rmsnorm import RMSNorm
 from tests.conftest import run_cli, tiny_run_args
@@ -65,11 +65,15 @@ def test_layer_saturation_uses_the_layers_own_preactivation():
 
 
 def test_derf_ema_divides_by_its_running_scale():
-    layer = DerfEMA(4, alpha_init=1.0)
-    layer.running_mean_square.fill_(4.0)  # c = 0.5 + 0.5 * 2 = 1.5
+    layer = DerfEMA(4, alpha_init=1.0, momentum=0.0)
+    layer.train()
+    for scale in (1.0, 2.0):  # the input RMS doubles: c = 0.5 + 0.5 * 2 = 1.5
+        layer(torch.full((3, 4), scale))
+        commit_running_scales(layer)
     x = torch.full((3, 4), 3.0)
     record, z = norm_layer_stats(layer, x)
     assert torch.allclose(z, torch.full_like(x, 2.0)) and record["running_scale"] == pytest.approx(1.5)
+    assert record["effective_alpha"] == pytest.approx(1.0 / 1.5)
 
 
 # --------------------------------------------------------------------------- scale blindness

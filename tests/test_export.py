@@ -41,7 +41,9 @@ def test_export_consolidates_two_rank_checkpoint(tmp_path, tiny_corpus):
     model = build_model(resolve_model_args(cfg.model, vocab), "meta")
     model.to_empty(device="cpu")
     model.load_state_dict(weights, strict=True)  # every parameter and derf_ema buffer present
-    assert not torch.equal(weights["layers.0.attn_norm.running_mean_square"], torch.ones(1))
+    assert weights["layers.0.attn_norm.commits"].item() == 6  # one commit per step
+    assert weights["layers.0.attn_norm.reference_mean_square"].item() > 0
+    assert "embed_scale" in weights  # derf_ema scales its embedding (model.embed_scale: auto)
 
 
 def test_export_without_checkpoint_exits_2(tmp_path):

@@ -15,9 +15,63 @@ from normopt.models.presets import PRESETS, count_parameters
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("norm", ["rmsnorm", "dyt", "derf", "derf_ema"])
 def test_parameter_count_matches_analytic_formula(preset, norm):
-    args = replace(PRESETS[preset], vocab_size=32768, norm=norm)
-    model = build_model(args, "meta")  # no memory: even 2.8B builds instantly
-    assert sum(p.numel() for p in model.parameters()) == count_parameters(args)
+    for bias, scale in ((True, None), (False, 3.0)):
+        args = replace(PRESETS[preset], vocab_size=32768, norm=norm, norm_bias=bias, embed_scale=scale)
+        model = build_model(args, "meta")  # no memory: even 2.8B builds instantly
+        assert sum(p.numel() for p in model.parameters()) == count_parameters(args)
+
+
+def _resolved(*overrides, vocab_size=8192):
+    from normopt.config import load_config
+    from normopt.models.presets import resolve_model_args
+
+    return resolve_model_args(load_config(None, list(overrides)).model, vocab_size=vocab_size)
+
+
+def test_auto_settings_follow_the_reference_models():
+    """DyT: LLaMA code (no bias, alpha 0.8/0.2/0.2); Derf: GPT-2 code (bias) at alpha 0.5;
+    bounded norms scale the embedding by sqrt(dim), RMSNorm does not."""
+    dyt, derf, ema, rms = (_resolved(f"model.norm={n}") for n in ("dyt", "derf", "derf_ema", "rmsnorm"))
+    assert (dyt.norm_bias, dyt.alpha_init_attn, dyt.alpha_init_ffn, dyt.alpha_init_final) == (False, 0.8, 0.2, 0.2)
+    assert (derf.norm_bias, derf.alpha_init_attn, derf.alpha_init_ffn) == (True, 0.5, 0.5)
+    assert ema.norm_bias and ema.embed_scale == derf.embed_scale == dyt.embed_scale == math.sqrt(192)
+    assert rms.embed_scale is None
+    assert _resolved("model.norm=derf", "model.embed_scale=none").embed_scale is None
+    assert _resolved("model.norm=rmsnorm", "model.embed_scale=2.5").embed_scale == 2.5
+    assert _resolved("model.norm=dyt", "model.dim=256").embed_scale == 16.0
+
+
+@pytest.mark.parametrize("norm", ["dyt", "derf", "derf_ema"])
+def test_embed_scale_sets_the_first_norms_input_rms(norm):
+    """At init the first norm sees RMS ~ sqrt(dim) * init_std, not init_std."""
+    torch.manual_seed(0)
+    args = _resolved(f"model.norm={norm}")
+    model = build_model(args)
+    seen = {}
+    model.layers[0].attn_norm.register_forward_hook(lambda m, a, out: seen.setdefault("x", a[0]))
+    model(torch.randint(0, args.vocab_size, (4, 64)))
+    rms = seen["x"].pow(2).mean().sqrt().item()
+    assert rms == pytest.approx(math.sqrt(args.dim) * args.init_std, rel=0.05)
+    assert isinstance(model.embed_scale, torch.nn.Parameter) and model.embed_scale.shape == (1,)
+
+
+def test_embed_scale_none_is_the_unscaled_model_bit_for_bit():
+    """embed_scale=none: no extra parameter, the same initial weights (the RNG stream is
+    untouched) and the same outputs as the scaled model with its scale set to 1."""
+    explicit = ("model.norm=derf", "model.norm_bias=true", "model.alpha_init_attn=0.5",
+                "model.alpha_init_ffn=0.5", "model.alpha_init_final=0.5")
+    torch.manual_seed(0)
+    plain = build_model(_resolved(*explicit, "model.embed_scale=none"))
+    torch.manual_seed(0)
+    unit = build_model(_resolved(*explicit, "model.embed_scale=1"))
+    assert plain.embed_scale is None and "embed_scale" not in plain.state_dict()
+    plain_state = plain.state_dict()
+    assert {k: v for k, v in unit.state_dict().items() if k != "embed_scale"}.keys() == plain_state.keys()
+    for key, value in unit.state_dict().items():
+        if key != "embed_scale":
+            assert torch.equal(value, plain_state[key]), key
+    tokens = torch.randint(0, 8192, (2, 32))
+    assert torch.equal(plain(tokens), unit(tokens))
 
 
 def test_preset_names_match_their_size():

@@ -97,51 +97,107 @@ def test_bf16_is_safe_for_large_inputs(cls):
     torch.testing.assert_close(y16.float(), y32, rtol=2e-2, atol=2e-2)
 
 
+def _commit_steps(ema, inputs):
+    """One optimizer step per input: a training forward, then the commit."""
+    ema.train()
+    for x in inputs:
+        ema(x)
+        commit_running_scales(ema)
+
+
 def test_derf_ema_starts_as_derf_and_follows_the_formula():
     torch.manual_seed(1)
     ema, plain = DerfEMA(16, momentum=0.9, blend=0.5), Derf(16)
-    plain.load_state_dict({k: v for k, v in ema.state_dict().items() if k != "running_mean_square"})
+    plain.load_state_dict({k: v for k, v in ema.state_dict().items() if k in dict(plain.named_parameters())})
     x = torch.randn(6, 16) * 5
-    ema.eval()
-    torch.testing.assert_close(ema(x), plain(x))  # r = 1 at init -> c = 1
+    torch.testing.assert_close(ema.eval()(x), plain(x), rtol=0, atol=0)  # no commit yet: c = 1
+    steps = [[torch.randn(6, 16) * 5, torch.randn(6, 16) * 3], [torch.randn(6, 16) * 7]]
     ema.train()
-    batches = [torch.randn(6, 16) * 5, torch.randn(6, 16) * 3]
-    for b in batches:
-        ema(b)
-    commit_running_scales(ema)
-    observed = sum(b.pow(2).mean() for b in batches) / 2
-    expected_r = 0.9 * 1.0 + 0.1 * observed
-    torch.testing.assert_close(ema.running_mean_square, expected_r.reshape(1))
-    c = 0.5 + 0.5 * expected_r.sqrt()
+    r, v1 = 0.0, None
+    for micro_batches in steps:
+        for b in micro_batches:
+            ema(b)
+        commit_running_scales(ema)
+        v = sum(b.double().pow(2).mean() for b in micro_batches) / len(micro_batches)
+        v1 = v if v1 is None else v1
+        r = 0.9 * r + 0.1 * v
+    assert ema.commits.item() == 2
+    torch.testing.assert_close(ema.reference_mean_square, v1.reshape(1))
+    torch.testing.assert_close(ema.running_mean_square, r.reshape(1))
+    c = 0.5 + 0.5 * (r / (1 - 0.9 ** 2) / v1).sqrt()
+    torch.testing.assert_close(ema.input_scale(), c.float().reshape(1))
     p = {n: t.detach() for n, t in ema.named_parameters()}
-    ref = p["weight"] * torch.erf(p["alpha"] * x / c + p["shift"]) + p["bias"]
+    ref = p["weight"] * torch.erf(p["alpha"] * x / c.float() + p["shift"]) + p["bias"]
     torch.testing.assert_close(ema.eval()(x), ref)
-    assert "running_mean_square" in ema.state_dict()
-    assert "pending_sum" not in ema.state_dict()
+    state = ema.state_dict()
+    assert {"running_mean_square", "reference_mean_square", "commits"} <= set(state)
+    assert "pending_sum" not in state
+
+
+def test_derf_ema_stationary_inputs_keep_c_at_one():
+    """The same statistic every step: bias correction and r* make c = 1 at every step."""
+    torch.manual_seed(3)
+    ema = DerfEMA(32, momentum=0.99, blend=0.5)
+    x = torch.randn(8, 32) * 0.03
+    for _ in range(2000):
+        _commit_steps(ema, [x])
+        assert abs(ema.input_scale().item() - 1.0) < 1e-6
+
+
+def test_derf_ema_is_scale_equivariant():
+    """Scaling every input by a constant changes no c."""
+    torch.manual_seed(4)
+    small, large = DerfEMA(16, momentum=0.9), DerfEMA(16, momentum=0.9)
+    inputs = [torch.randn(4, 16) * (1 + 0.05 * t) for t in range(50)]
+    _commit_steps(small, inputs)
+    _commit_steps(large, [x * 1000 for x in inputs])
+    torch.testing.assert_close(small.input_scale(), large.input_scale())
+    assert small.input_scale().item() > 1.5  # the inputs grew 3.45-fold
+
+
+@pytest.mark.parametrize("k", [4.0, 0.25])
+def test_derf_ema_follows_k_fold_growth(k):
+    """Inputs whose RMS changes k-fold and stays: c -> (1 - lambda) + lambda k."""
+    torch.manual_seed(5)
+    ema = DerfEMA(16, momentum=0.95, blend=0.7)
+    x = torch.randn(8, 16)
+    _commit_steps(ema, [x] * 5 + [x * k] * 600)
+    assert math.isclose(ema.input_scale().item(), 0.3 + 0.7 * k, rel_tol=1e-5)
 
 
 def test_derf_ema_eval_mode_collects_nothing():
     ema = DerfEMA(8).eval()
     ema(torch.randn(2, 8) * 10)
     commit_running_scales(ema)
-    assert ema.running_mean_square.item() == 1.0
+    assert ema.commits.item() == 0 and ema.input_scale().item() == 1.0
 
 
-def test_derf_ema_rescales_large_inputs_away_from_saturation():
-    """With inputs of RMS 20, plain Derf (alpha 0.5) saturates most features; derf_ema does
-    not once its running scale has adapted."""
+def test_derf_ema_state_round_trip():
+    torch.manual_seed(6)
+    ema, copy = DerfEMA(16, momentum=0.9), DerfEMA(16, momentum=0.9)
+    _commit_steps(ema, [torch.randn(4, 16) * s for s in (1.0, 2.0, 3.0)])
+    copy.load_state_dict(ema.state_dict())
+    x = torch.randn(4, 16) * 3
+    torch.testing.assert_close(copy.eval()(x), ema.eval()(x), rtol=0, atol=0)
+    _commit_steps(ema, [x])
+    _commit_steps(copy, [x])
+    assert torch.equal(copy.running_mean_square, ema.running_mean_square)
+
+
+def test_derf_ema_rescales_grown_inputs_away_from_saturation():
+    """Inputs that grow from RMS 1 to RMS 20: plain Derf (alpha 0.5) saturates most features;
+    derf_ema (blend 1) brings the argument back to its starting size."""
     torch.manual_seed(2)
     ema, plain = DerfEMA(64, momentum=0.0, blend=1.0), Derf(64)
-    x = torch.randn(32, 64) * 20
-    ema.train()
-    ema(x)
-    commit_running_scales(ema)
+    start, x = torch.randn(32, 64), torch.randn(32, 64) * 20
+    _commit_steps(ema, [start, x])
 
     def saturated(module):
-        arg = module.alpha * x / (ema.running_mean_square.sqrt() if module is ema else 1.0)
+        arg = module.alpha * x / module.input_scale()
         slope = torch.exp(-arg.pow(2))  # erf'(z) / erf'(0)
         return (slope < 0.1).float().mean().item()
 
     assert saturated(plain) > 0.8
     assert saturated(ema) < 0.05
-    assert math.isclose(ema.running_mean_square.item(), x.pow(2).mean().item(), rel_tol=1e-5)
+    assert math.isclose(ema.input_scale().item(), (x.pow(2).mean() / start.pow(2).mean()).sqrt().item(),
+                        rel_tol=1e-5)

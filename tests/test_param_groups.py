@@ -15,10 +15,20 @@ from normopt.optim.muon import Muon, NorMuon
 from normopt.optim.param_groups import build_param_groups, format_group_table, parse_ns_steps_rules
 
 
-def _model(norm="derf", tie=False):
+def _model(norm="derf", tie=False, embed_scale=None):
     args = replace(PRESETS["debug"], vocab_size=300, dim=32, n_heads=4, n_kv_heads=2, n_layers=2,
-                   ffn_hidden=48, norm=norm, tie_embeddings=tie)
+                   ffn_hidden=48, norm=norm, tie_embeddings=tie, embed_scale=embed_scale)
     return build_model(args)
+
+
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_embed_scale_goes_to_adamw_without_decay(optim):
+    model = _model(embed_scale=32 ** 0.5)
+    cfg = load_config(None, [f"optim.name={optim}", "optim.weight_decay=0.1"])
+    groups = {g.role: g for g in build_param_groups(model, cfg.optim)}
+    embedding = groups["embedding"]
+    assert sorted(embedding.names) == ["embed_scale", "tok_embeddings.weight"]
+    assert embedding.optimizer == "adamw" and embedding.weight_decay == 0
 
 
 @pytest.mark.parametrize("optim", ["adamw", "muon", "normuon"])

@@ -21,7 +21,25 @@ from normopt.experiments.cells import (
 from normopt.experiments.report import report_main, write_report
 from normopt.experiments.statistics import build_summary, describe, ema_smooth
 
-Z = 1.959963984540054  # two-sided 95% normal quantile
+T1 = 12.706204736174698  # two-sided 95% t quantile, 1 degree of freedom (tables)
+
+
+def t95_by_integration(df: float) -> float:
+    """The 97.5% t quantile found independently of normopt's incomplete beta: bisection on
+    Simpson's rule over the density from 0 (P(0 < T < t) = 0.475)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def mass(t: float, n: int = 4000) -> float:
+        h = t / n
+        f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+        return h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 60.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mass(mid) < 0.475 else (lo, mid)
+    return (lo + hi) / 2
+
 STEPS = 100
 
 # final eval losses of the included cells, seeds 0 and 1 (the published pattern: Derf trails
@@ -126,7 +144,10 @@ def test_gaps_with_welch_standard_error(report):
     gap = by(summary["gaps"], variant="derf", optim="adamw")
     assert gap["value"] == pytest.approx(3.32 - 3.01)
     assert gap["se"] == pytest.approx(math.sqrt(0.0008 / 2 + 0.0002 / 2))  # s^2 = 0.04^2/2, 0.02^2/2
-    assert gap["ci95"] == pytest.approx([0.31 - Z * gap["se"], 0.31 + Z * gap["se"]])
+    # Welch-Satterthwaite: (4e-4 + 1e-4)^2 / ((4e-4)^2 / 1 + (1e-4)^2 / 1) = 1.4706 degrees of freedom
+    assert gap["df"] == pytest.approx(2.5e-7 / 1.7e-7)
+    t = t95_by_integration(gap["df"])
+    assert gap["ci95"] == pytest.approx([0.31 - t * gap["se"], 0.31 + t * gap["se"]], rel=1e-5)
     assert by(summary["gaps"], variant="derf", optim="muon")["value"] == pytest.approx(0.97)
     assert by(summary["gaps"], variant="dyt", optim="muon")["value"] == pytest.approx(0.29)
     assert not [g for g in summary["gaps"] if g["variant"] == "rmsnorm"]
@@ -142,13 +163,18 @@ def test_interaction_and_its_intervals(report):
                        [("derf", "muon"), ("rmsnorm", "muon"), ("derf", "adamw"), ("rmsnorm", "adamw")]))
     assert se == pytest.approx(math.sqrt(0.001))
     assert item["se"] == pytest.approx(se)
-    assert item["ci95"] == pytest.approx([0.66 - Z * se, 0.66 + Z * se])
+    # Welch-Satterthwaite over four groups of 2: 0.001^2 / (1e-8 + 1.6e-7 + 1.6e-7 + 1e-8) = 2.94 df
+    assert item["df"] == pytest.approx(1e-6 / 3.4e-7)
+    t = t95_by_integration(item["df"])
+    assert item["ci95"] == pytest.approx([0.66 - t * se, 0.66 + t * se], rel=1e-5)
     # paired per seed: s0 = 3.88-2.90-3.30+3.00 = 0.68, s1 = 3.90-2.94-3.34+3.02 = 0.64
     paired = item["paired"]
     assert paired["n_seeds"] == 2
     assert paired["per_seed"] == pytest.approx({"0": 0.68, "1": 0.64})
     assert paired["value"] == pytest.approx(0.66)
     assert paired["se"] == pytest.approx(0.02)  # stdev(0.68, 0.64) / sqrt(2)
+    assert paired["df"] == 1
+    assert paired["ci95"] == pytest.approx([0.66 - T1 * 0.02, 0.66 + T1 * 0.02])
     assert by(summary["interactions"], variant="dyt", optim="muon")["value"] == pytest.approx(0.29 - 0.11)
     assert not [i for i in summary["interactions"] if i["optim"] == "adamw"]
 
@@ -159,12 +185,23 @@ def test_fix_recovery_share(report):
     assert ema["base_norm"] == "derf"
     assert ema["gap_base"] == pytest.approx(0.97) and ema["gap_fix"] == pytest.approx(0.15)
     assert ema["share"] == pytest.approx((0.97 - 0.15) / 0.97)  # 84.5%
-    # delta method over a = 3.89, b = 2.92, c = 3.07 with variances of the means 1e-4, 4e-4, 1e-4
-    a, b, c = 3.89, 2.92, 3.07
-    se = math.sqrt(((c - b) / (a - b) ** 2) ** 2 * 1e-4 + ((a - c) / (a - b) ** 2) ** 2 * 4e-4
-                   + (1 / (a - b)) ** 2 * 1e-4)
-    assert ema["se"] == pytest.approx(se)
-    assert ema["ci95"] == pytest.approx([ema["share"] - Z * se, ema["share"] + Z * se])
+    # Fieller over a = L[derf], b = L[rmsnorm], c = L[derf_ema] under Muon, variances of the
+    # means 1e-4, 4e-4, 1e-4: N = a - c, D = a - b, var N = 2e-4, var D = 5e-4, cov = 1e-4;
+    # df = Welch for N - R D = (1 - R) a + R b - c at R = share
+    r = ema["share"]
+    w = [(1 - r) ** 2 * 1e-4, r ** 2 * 4e-4, 1e-4]
+    df = sum(w) ** 2 / sum(x * x for x in w)
+    assert ema["df"] == pytest.approx(df)
+    t2 = t95_by_integration(df) ** 2
+    n, d = 3.89 - 3.07, 3.89 - 2.92
+    A, B, C = d * d - t2 * 5e-4, n * d - t2 * 1e-4, n * n - t2 * 2e-4
+    roots = sorted([(B - math.sqrt(B * B - A * C)) / A, (B + math.sqrt(B * B - A * C)) / A])
+    assert ema["ci95"] == pytest.approx(roots, rel=1e-5)
+    assert roots[0] < r < roots[1]
+    # share of the interaction: gain / ((a - b) - (L[derf, adamw] - L[rmsnorm, adamw]))
+    assert ema["interaction"] == pytest.approx(0.66)
+    assert ema["interaction_share"] == pytest.approx(0.82 / 0.66)
+    assert ema["paired"]["n_seeds"] == 2 and ema["paired"]["value"] == pytest.approx(r)
     alpha = by(summary["recoveries"], fix=ALPHA_ARM, optim="muon")
     assert alpha["base_norm"] == "derf"
     assert alpha["share"] == pytest.approx((3.89 - 3.11) / 0.97)  # 80.4%
@@ -222,7 +259,8 @@ def test_cli_prints_table_and_paths(report, tmp_path, capsys):
     out = tmp_path / "out"
     assert report_main([str(root), "--out", str(out), "--smoothing", "0.5"]) == 0
     printed = capsys.readouterr().out
-    assert "3.0100 ± 0.0141 (n=2)" in printed and "+0.3100 ± 0.0224" in printed
+    assert "3.0100 ± 0.0141 (n=2)" in printed and "+0.3100 [+0.1716, +0.4484]" in printed
+    assert printed.startswith("- **dyt × muon**: interaction +0.180 nats") and "**derf × muon**: interaction +0.660" in printed
     assert f"wrote {out / 'report.md'}" in printed and f"wrote {out / 'summary.json'}" in printed
     assert json.loads((out / "summary.json").read_text())["settings"]["smoothing"] == 0.5
 
@@ -241,7 +279,9 @@ def test_one_seed_gives_no_interval(tmp_path):
     item = by(summary["interactions"], variant="derf", optim="muon")
     assert item["value"] == pytest.approx(3.89 - 2.90 - 3.30 + 3.00) and item["ci95"] is None
     assert item["paired"]["n_seeds"] == 1 and item["paired"]["se"] is None  # only seed 0 is in all four
-    assert any("no interval (n=1 in" in note for note in summary["notes"])
+    one_seed = [note for note in summary["notes"] if "without an interval" in note]
+    assert len(one_seed) == 1 and summary["notes"][0] == one_seed[0]  # one sentence, first
+    assert "1 seed in" in one_seed[0] and "derf/adamw" in one_seed[0] and "derf/muon" not in one_seed[0]
 
 
 def test_explicit_arm_from_cell_json_wins(tmp_path):

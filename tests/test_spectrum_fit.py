@@ -1,4 +1,5 @@
-"""normopt spectrum: power-law fits over synthetic runs with planted exponents per depth group."""
+"""normopt spectrum: power-law fits over synthetic runs with planted exponents per depth group
+and matrix type."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import pytest
 from normopt.cli import main
 from normopt.diagnostics.ns_spectrum import DEFAULT_BANDS, fewest_ns_steps
 from normopt.diagnostics.spectrum_fit import (
+    MODEL_SIZE,
     analyze,
     depth_group,
     discover_runs,
     fit_power_law,
+    matrix_type,
     ns_steps_per_layer,
     parse_size,
     read_diagnostics,
@@ -29,6 +32,7 @@ LEVELS = [0.01, 0.1, 0.5, 0.9, 0.99]
 C_LEVEL = {0.01: 0.4, 0.1: 1.0, 0.5: 2.0, 0.9: 3.0, 0.99: 3.5}
 GROUP_C = {"early": 0.1, "mid": 1.0, "late": 1e4}
 BETA = {"early": -0.1, "mid": -0.25, "late": -0.9}
+JITTER = {"attn.wq": 1.1, "ffn.w2": 1 / 1.1}  # per matrix type: ffn.w2 has the smaller quantiles
 PLANNED_STEPS = 200
 # (folder, n_params, n_layers): three sizes, the middle one with two seeds (two points)
 RUNS = [("s20m", 20_000_000, 6), ("s80m-a", 80_000_000, 9), ("s80m-b", 80_000_000, 9),
@@ -39,20 +43,23 @@ def planted(group: str, level: float, n_params: float) -> float:
     return GROUP_C[group] * C_LEVEL[level] * n_params ** BETA[group]
 
 
-def matrix_entry(layer: int | None, values: list[float]) -> dict:
-    return {"layer": layer, "ns_steps": 5, "sv_rel_fro": values, "sv_rel_max": [10 * v for v in values],
+def matrix_entry(layer: int | None, values: list) -> dict:
+    """A logged matrix; the momentum buffer's quantiles are twice the NS input's (null stays null)."""
+    times = lambda k: [None if v is None else k * v for v in values]  # noqa: E731
+    return {"layer": layer, "ns_steps": 5, "sv_rel_fro": values, "sv_rel_max": times(10),
+            "momentum_sv_rel_fro": times(2), "momentum_sv_rel_max": times(10),
             "ns_out_dev": [0.5] * len(values), "ns_out_max_dev": 0.9, "min_ns_steps": [7] * len(values),
             "min_ns_steps_all": 7}
 
 
 def spectrum_line(step: int, n_params: int, n_layers: int, factor: float, garbage: bool = False) -> str:
-    """One ns_spectrum record: two matrices per block whose quantiles are the planted ones
-    times factor * 1.1 and factor / 1.1 (geometric mean over the pair: planted * factor),
-    plus an embedding outside the blocks holding nonsense."""
+    """One ns_spectrum record: two matrices per block (types attn.wq and ffn.w2) whose
+    quantiles are the planted ones times factor * JITTER[type], plus an embedding outside
+    the blocks holding nonsense."""
     matrices = {"tok_embeddings.weight": matrix_entry(None, [0.9] * 5)}
     for layer in range(n_layers):
         group = depth_group(layer, n_layers)
-        for name, jitter in (("attn.wq", 1.1), ("ffn.w2", 1 / 1.1)):
+        for name, jitter in JITTER.items():
             values = [0.5 if garbage else planted(group, lv, n_params) * factor * jitter for lv in LEVELS]
             matrices[f"layers.{layer}.{name}.weight"] = matrix_entry(layer, values)
     return json.dumps({"step": step, "kind": "ns_spectrum", "coefficients": "quintic", "levels": LEVELS,
@@ -86,8 +93,8 @@ def root(tmp_path) -> Path:
     return tmp_path / "runs"
 
 
-def fit_of(summary, group, level):
-    return next(f for f in summary["fits"] if f["group"] == group and f["level"] == level)
+def fit_of(summary, group, mtype, level):
+    return next(f for f in summary["fits"] if (f["group"], f["type"], f["level"]) == (group, mtype, level))
 
 
 # --------------------------------------------------------------------------- pieces
@@ -136,12 +143,15 @@ def test_run_averages_exclude_burn_in_and_outside_blocks(root):
     runs = {run.folder.name: run for run in discover_runs(root)}
     assert set(runs) == {"s20m", "s80m-a", "s80m-b", "s320m"}  # the AdamW run has no records
     averages = run_quantiles(runs["s20m"], burn_in=0.5)
-    assert set(averages) == {(g, lv) for g in ("early", "mid", "late") for lv in LEVELS}
-    for (group, level), q in averages.items():
-        assert q == pytest.approx(planted(group, level, 20e6), rel=1e-12)
+    assert set(averages) == {(g, t, lv) for g in ("early", "mid", "late") for t in JITTER for lv in LEVELS}
+    for (group, mtype, level), q in averages.items():  # one value per type: no mean over types
+        assert q == pytest.approx(planted(group, level, 20e6) * JITTER[mtype], rel=1e-12)
     # with no burn-in the 2 garbage records (all 0.5) of 5 pull every value up: 0.5^0.4 q^0.6
-    q = planted("late", 0.1, 20e6)
-    assert run_quantiles(runs["s20m"], burn_in=0.0)[("late", 0.1)] == pytest.approx(0.5**0.4 * q**0.6, rel=1e-12)
+    q = planted("late", 0.1, 20e6) * JITTER["ffn.w2"]
+    assert run_quantiles(runs["s20m"], burn_in=0.0)[("late", "ffn.w2", 0.1)] == pytest.approx(
+        0.5**0.4 * q**0.6, rel=1e-12)
+    momentum = run_quantiles(runs["s20m"], field="momentum_sv_rel_fro")
+    assert momentum[("mid", "attn.wq", 0.5)] == pytest.approx(2 * averages[("mid", "attn.wq", 0.5)], rel=1e-12)
 
 
 # --------------------------------------------------------------------------- fits and recommendation
@@ -149,17 +159,25 @@ def test_run_averages_exclude_burn_in_and_outside_blocks(root):
 
 def test_fit_recovers_planted_power_laws(root):
     summary = analyze(root)
-    assert len(summary["fits"]) == 15 and len(summary["runs"]) == 4
+    assert len(summary["fits"]) == 30 and len(summary["runs"]) == 4  # 3 groups x 2 types x 5 levels
     for group in ("early", "mid", "late"):
-        for level in LEVELS:
-            fit = fit_of(summary, group, level)
-            assert fit["beta"] == pytest.approx(BETA[group], abs=1e-6)
-            assert fit["c"] == pytest.approx(GROUP_C[group] * C_LEVEL[level], rel=1e-6)
-            assert fit["r2"] == pytest.approx(1.0, abs=1e-9)
-            assert (fit["n_runs"], fit["n_sizes"]) == (4, 3)
+        for mtype, jitter in JITTER.items():
+            for level in LEVELS:
+                fit = fit_of(summary, group, mtype, level)
+                assert fit["beta"] == pytest.approx(BETA[group], abs=1e-6)
+                assert fit["c"] == pytest.approx(GROUP_C[group] * C_LEVEL[level] * jitter, rel=1e-6)
+                assert fit["r2"] == pytest.approx(1.0, abs=1e-9)
+                assert (fit["n_runs"], fit["n_sizes"]) == (4, 3)
+    assert summary["unusable"] == [] and summary["settings"]["model_size"] == MODEL_SIZE
     other = analyze(root, quantity="sv_rel_max")
-    assert fit_of(other, "mid", 0.5)["c"] == pytest.approx(10 * GROUP_C["mid"] * C_LEVEL[0.5], rel=1e-6)
+    assert fit_of(other, "mid", "attn.wq", 0.5)["c"] == pytest.approx(
+        10 * GROUP_C["mid"] * C_LEVEL[0.5] * 1.1, rel=1e-6)
     assert other["recommendation"] is None and any("sv_rel_fro" in n for n in other["notes"])
+    momentum = analyze(root, source="momentum")
+    assert momentum["settings"]["field"] == "momentum_sv_rel_fro"
+    assert fit_of(momentum, "late", "ffn.w2", 0.1)["c"] == pytest.approx(
+        2 * fit_of(summary, "late", "ffn.w2", 0.1)["c"], rel=1e-6)
+    assert momentum["recommendation"] is not None and any("momentum buffer" in n for n in momentum["notes"])
 
 
 def test_recommendation_matches_fewest_steps_of_the_planted_prediction(root):
@@ -167,18 +185,30 @@ def test_recommendation_matches_fewest_steps_of_the_planted_prediction(root):
     summary = analyze(root, target_params=target, target_layers=24, level=0.1)
     rec = summary["recommendation"]
     band = DEFAULT_BANDS["quintic"]
-    expected = {g: fewest_ns_steps(planted(g, 0.1, target), band, "quintic") for g in ("early", "mid", "late")}
+    # ffn.w2 has the smaller quantiles, so it sets each group's steps
+    worst = JITTER["ffn.w2"]
+    expected = {g: fewest_ns_steps(planted(g, 0.1, target) * worst, band, "quintic") for g in ("early", "mid", "late")}
     assert {g["group"]: g["ns_steps"] for g in rec["groups"]} == expected
+    assert {g["worst_type"] for g in rec["groups"]} == {"ffn.w2"}
     assert expected["late"] > expected["mid"] >= expected["early"] >= 1
-    predicted = {p["level"]: p["q"] for p in rec["groups"][2]["predicted"]}
-    assert predicted[0.1] == pytest.approx(planted("late", 0.1, target), rel=1e-6)
+    late = {t["type"]: t for t in rec["groups"][2]["types"]}
+    predicted = {p["level"]: p["q"] for p in late["ffn.w2"]["predicted"]}
+    assert predicted[0.1] == pytest.approx(planted("late", 0.1, target) * worst, rel=1e-6)
+    assert late["attn.wq"]["ns_steps"] == fewest_ns_steps(planted("late", 0.1, target) * JITTER["attn.wq"])
     assert [g["layers"] for g in rec["groups"]] == ["0-7", "8-15", "16-23"]
     rules = rec["ns_steps_per_layer"].split(",")
     assert len(rules) == 24 and rules[0] == f"layers.0.*={expected['early']}"
     assert rules[23] == f"layers.23.*={expected['late']}" and rules[8] == f"layers.8.*={expected['mid']}"
     # a stricter level asks more of the smaller quantile
     strict = analyze(root, target_params=target, level=0.01)["recommendation"]["groups"]
-    assert strict[2]["ns_steps"] == fewest_ns_steps(planted("late", 0.01, target))
+    assert strict[2]["ns_steps"] == fewest_ns_steps(planted("late", 0.01, target) * worst)
+    # a band NS does not map into itself: a group can need more steps than its worst type alone, said so
+    loose = analyze(root, band=(0.7, 1.2), level=0.5)
+    late = next(g for g in loose["recommendation"]["groups"] if g["group"] == "late")
+    worst_alone = next(t["ns_steps"] for t in late["types"] if t["type"] == late["worst_type"])
+    assert late["ns_steps"] > worst_alone
+    assert any(n.startswith(f"late: every type in the band at once takes {late['ns_steps']} steps")
+               for n in loose["notes"])
     # defaults: the largest run's size and depth
     default = analyze(root)
     assert default["settings"]["target_params"] == 320e6 and default["settings"]["target_layers"] == 12
@@ -189,6 +219,110 @@ def test_ns_steps_per_layer_string():
     assert ns_steps_per_layer({"early": 0, "late": 9}, 3) == "layers.0.*=1,layers.2.*=9"
 
 
+# --------------------------------------------------------------------------- matrix types
+
+
+def test_matrix_type_from_names():
+    assert matrix_type("layers.3.attn.wq.weight") == "attn.wq"
+    assert matrix_type("layers.3.ffn.w2.weight") == "ffn.w2"
+    assert matrix_type("layers.11.attn.wkv_a.weight") == "attn.wkv_a"
+    assert matrix_type("layers.0.ffn.experts.w1.weight") == "ffn.experts.w1"
+    assert matrix_type("layers.0.ffn.experts.7.w1.weight") == "ffn.experts.w1"  # experts pool into one type
+    assert matrix_type("_orig_mod.layers.2.attn.wo.weight") == "attn.wo"
+    assert matrix_type("layers.2.attn.wo") == "attn.wo"
+    assert matrix_type("output.weight") == "output"
+
+
+def write_typed_run(folder: Path, n_params: int, n_layers: int, value) -> None:
+    """Two records after the burn-in (steps 100 and 200 of 200), matrices attn.wq and ffn.w2
+    in every block, quantile = value(group, type, level, step)."""
+    lines = [json.dumps({"step": 0, "kind": "run", "n_params": n_params, "n_layers": n_layers, "steps": 200})]
+    for step in (100, 200):
+        matrices = {f"layers.{layer}.{t}.weight": matrix_entry(
+            layer, [value(depth_group(layer, n_layers), t, lv, step) for lv in LEVELS])
+            for layer in range(n_layers) for t in JITTER}
+        lines.append(json.dumps({"step": step, "kind": "ns_spectrum", "coefficients": "quintic",
+                                 "levels": LEVELS, "band": [0.6, 1.25], "matrices": matrices}))
+    folder.mkdir(parents=True)
+    (folder / "diagnostics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_recommendation_follows_the_worst_type(tmp_path):
+    """attn.wq's small quantiles fall fast with size in the early blocks, ffn.w2's in the late
+    ones: each group takes the steps of its worst type, whichever it is."""
+    beta = {("early", "attn.wq"): -0.6, ("early", "ffn.w2"): -0.05, ("mid", "attn.wq"): -0.05,
+            ("mid", "ffn.w2"): -0.05, ("late", "attn.wq"): -0.05, ("late", "ffn.w2"): -0.6}
+
+    def quantile(group, mtype, level, n_params):  # q = 0.3 C_level (M / 1e7)^beta
+        return 0.3 * C_LEVEL[level] * (n_params / 1e7) ** beta[(group, mtype)]
+
+    for n_params in (10_000_000, 100_000_000):
+        write_typed_run(tmp_path / f"m{n_params}", n_params, 3,
+                        lambda g, t, lv, step, m=n_params: quantile(g, t, lv, m))
+    target = 1e9
+    rec = analyze(tmp_path, target_params=target, target_layers=6, level=0.1)["recommendation"]
+    steps = {key: fewest_ns_steps(quantile(*key, 0.1, target)) for key in beta}
+    assert steps[("early", "attn.wq")] > steps[("early", "ffn.w2")]
+    assert steps[("late", "ffn.w2")] > steps[("late", "attn.wq")]
+    groups = {g["group"]: g for g in rec["groups"]}
+    assert groups["early"]["worst_type"] == "attn.wq" and groups["late"]["worst_type"] == "ffn.w2"
+    assert groups["early"]["ns_steps"] == steps[("early", "attn.wq")]
+    assert groups["late"]["ns_steps"] == steps[("late", "ffn.w2")]
+    assert {t["type"]: t["ns_steps"] for t in groups["early"]["types"]} == {
+        "attn.wq": steps[("early", "attn.wq")], "ffn.w2": steps[("early", "ffn.w2")]}
+    by_layer = [steps[("early", "attn.wq")]] * 2 + [steps[("mid", "ffn.w2")]] * 2 + [steps[("late", "ffn.w2")]] * 2
+    assert rec["ns_steps_per_layer"] == ",".join(f"layers.{i}.*={k}" for i, k in enumerate(by_layer))
+
+
+def test_zero_and_missing_quantiles_are_reported(tmp_path, capsys):
+    """The small run logs one zero at late ffn.w2 q0.01 (of 2 values) and one null at mid
+    attn.wq q0.5; the large run logs only zeros at late ffn.w2 q0.01: counted, named, that
+    cell gets no fit, and the means use the remaining values."""
+    def value(n_params):
+        def at(group, mtype, level, step):
+            q = planted(group, level, n_params) * JITTER[mtype]
+            if (group, mtype, level) == ("late", "ffn.w2", 0.01) and (step == 100 or n_params > 5e7):
+                return 0.0
+            if (group, mtype, level, step, n_params) == ("mid", "attn.wq", 0.5, 200, 2e7):
+                return None
+            return q
+        return at
+
+    for n_params in (20_000_000, 80_000_000):
+        write_typed_run(tmp_path / f"m{n_params // 1_000_000}", n_params, 3, value(n_params))
+    summary = analyze(tmp_path, level=0.01)
+    small, large = str(tmp_path / "m20"), str(tmp_path / "m80")
+    rows = {(r["group"], r["type"], r["level"]): r for r in summary["unusable"]}
+    assert rows[("late", "ffn.w2", 0.01)] == {"group": "late", "type": "ffn.w2", "level": 0.01, "values": 4,
+                                               "zero": 3, "missing": 0, "runs": [small, large],
+                                               "runs_without_value": [large]}
+    assert rows[("mid", "attn.wq", 0.5)]["missing"] == 1 and rows[("mid", "attn.wq", 0.5)]["runs"] == [small]
+    assert len(rows) == 2
+    note = next(n for n in summary["notes"] if n.startswith("ffn.w2 late q0.01:"))
+    assert "3 of 4 values are 0" in note and "excluded" in note and f"no point left for {large}" in note
+    assert "NS cannot bring a zero singular value into the band" in note  # 0.01 >= --level
+    assert any(n.startswith("attn.wq mid q0.5: 1 of 4 missing or non-finite (in") for n in summary["notes"])
+    assert not any(f["group"] == "late" and f["type"] == "ffn.w2" and f["level"] == 0.01 for f in summary["fits"])
+    assert "ffn.w2 late: only one model size has data at q0.01, no fit" in summary["notes"]
+    point = next(p for p in summary["points"] if p["run"] == small and (p["group"], p["type"], p["level"])
+                 == ("late", "ffn.w2", 0.01))
+    assert point["q"] == pytest.approx(planted("late", 0.01, 20e6) * JITTER["ffn.w2"])  # the nonzero value
+    assert fit_of(summary, "mid", "attn.wq", 0.5)["beta"] == pytest.approx(BETA["mid"], abs=1e-9)
+    # the late ffn.w2 type has no fit at the tracked level: said, not silently left out
+    assert "ffn.w2 late: no fit at q0.01, so it does not enter the late steps" in summary["notes"]
+    assert main(["spectrum", str(tmp_path), "--level", "0.01"]) == 0
+    assert "ffn.w2 late q0.01: 3 of 4 values are 0" in capsys.readouterr().out
+
+
+def test_momentum_source_needs_momentum_fields(tmp_path):
+    for n_params in (20_000_000, 80_000_000):
+        path = write_run(tmp_path / f"m{n_params}", n_params, 3)
+        path.write_text(path.read_text().replace('"momentum_sv_rel_fro"', '"old_field"'))
+    assert analyze(tmp_path)["recommendation"] is not None
+    with pytest.raises(UserError, match="no 'momentum_sv_rel_fro'.*--source ns_input"):
+        analyze(tmp_path, source="momentum")
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -197,11 +331,14 @@ def test_cli_writes_plot_and_json(root, tmp_path, capsys):
     assert main(["spectrum", str(root), "--target-params", "1.1B", "--target-layers", "6", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "beta" in printed and "-0.9000" in printed and "-0.2500" in printed
+    assert printed.startswith(MODEL_SIZE) and "total learnable parameters including the token embedding" in printed
+    assert "worst type" in printed and "ffn.w2" in printed
     assert "optim.ns_steps_per_layer=layers.0.*=" in printed and "layers.5.*=" in printed
     assert f"wrote {out / 'spectrum.png'}" in printed
     assert (out / "spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     on_disk = json.loads((out / "spectrum.json").read_text())
     assert on_disk["settings"]["target_params"] == pytest.approx(1.1e9)
+    assert on_disk["settings"]["model_size"] == MODEL_SIZE
     assert on_disk["recommendation"]["ns_steps_per_layer"].count(",") == 5
     assert main(["spectrum", str(root), "--burn-in", "0.6"]) == 0  # default out: ROOT
     assert (root / "spectrum.png").is_file() and (root / "spectrum.json").is_file()

@@ -5,12 +5,15 @@ One JSON object per line, each with ``step`` and ``kind``:
 * ``run`` (once, at the start of a fresh run): n_params, n_layers, norm, optim, steps.
 * ``norm``: per norm layer, on a fixed probe batch (the first ``probe_sequences``
   validation windows, the same on every rank): type, saturation, alpha, shift,
-  scale_across_tokens, linearity_within_token, input_rms (see ``norm_stats``).
+  scale_across_tokens, linearity_within_token, input_rms (see ``norm_stats``), and for
+  derf_ema the running scale c and the effective alpha alpha / c; with an embedding scale,
+  its value (``embed_scale``).
 * ``spectral_norm``: sigma_max of every 2-D weight (``spectral_norm``, power iteration).
 * ``ns_spectrum`` (Muon/NorMuon): per matrix NS receives, the singular-value quantiles of
   its input, NS output deviation from 1 and the fewest NS steps into the band
   (``ns_spectrum``); computed right after the optimizer step from the gradient and the
-  new momentum, exactly the matrix the step handed to NS (in float32).
+  new momentum, exactly the matrix the step handed to NS (in float32); with Nesterov also
+  the quantiles of the momentum buffer itself (``momentum_sv_rel_*``).
 * ``tail_tokens`` (every evaluation): eval loss per token-frequency bucket (``tail_tokens``).
 
 Every record also carries ``seconds``: the wall time its collection took, so the cost
@@ -69,9 +72,11 @@ class DiagnosticsWriter:
                 for key, value in items:
                     if isinstance(value, (int, float)) and not isinstance(value, bool):
                         self.tb.add_scalar(f"diag_{kind}/{name}/{key}", value, step)
-                    elif isinstance(value, list) and key.startswith("sv_rel"):
+                    elif isinstance(value, list) and "sv_rel" in key:
                         for level, q in zip(record.get("levels", ()), value):
                             self.tb.add_scalar(f"diag_{kind}/{name}/{key}_q{level:g}", q, step)
+        if "embed_scale" in record:
+            self.tb.add_scalar("diag_norm/embed_scale", record["embed_scale"], step)
         if kind == "tail_tokens":
             for index, loss in enumerate(record["bucket_loss"]):
                 if loss is not None:
@@ -137,7 +142,11 @@ class Diagnostics:
             self.model.train(was_training)
         for name, z in preacts.items():
             self.writer.histogram(f"diag_norm/{name}/preactivation", z, step)
-        return {"step": step, "kind": "norm", "layers": stats}
+        record = {"step": step, "kind": "norm", "layers": stats}
+        scale = getattr(self.model, "embed_scale", None)
+        if scale is not None:  # a collective on sharded models: every rank calls this
+            record["embed_scale"] = float((scale.full_tensor() if isinstance(scale, DTensor) else scale).detach())
+        return record
 
     # -- weights --------------------------------------------------------------------
 
@@ -148,8 +157,9 @@ class Diagnostics:
     # -- Newton-Schulz --------------------------------------------------------------
 
     def _ns_inputs(self):
-        """(name, group, U) for every Muon-family matrix: U = g + beta m (Nesterov) or m,
-        from the gradient and the momentum the step just used."""
+        """(name, group, U, m) for every Muon-family matrix, from the gradient and the
+        momentum the step just used: U = g + beta m and the momentum buffer m (Nesterov),
+        or U = m and None (no Nesterov: NS received the buffer itself)."""
         name_of = {id(p): name for name, p in self.model.named_parameters()}
         for optimizer in self.optimizers.optimizers:
             if not isinstance(optimizer, Muon):
@@ -160,31 +170,37 @@ class Diagnostics:
                     if p.grad is None or not state:
                         continue
                     buf, beta = state["momentum_buffer"], float(group["momentum"])
-                    U = p.grad.add(buf, alpha=beta) if group["nesterov"] else buf
-                    yield name_of[id(p)], group, U
+                    if group["nesterov"]:
+                        yield name_of[id(p)], group, p.grad.add(buf, alpha=beta), buf
+                    else:
+                        yield name_of[id(p)], group, buf, None
 
     @torch.no_grad()
     def ns_spectrum_record(self, step: int) -> dict | None:
         """Gather each matrix (all ranks, in the same order), analyse matrix i on rank
-        i % world_size, collect the records on every rank."""
+        i % world_size, collect the records on every rank. With Nesterov the momentum
+        buffer is gathered and analysed too (its quantiles differ from the NS input's);
+        without, the NS input is the buffer and its quantiles are reused."""
         todo = list(self._ns_inputs())
         if not todo:
             return None
         mine: dict[str, dict] = {}
         coefficients = None
         band = None
-        for index, (name, group, U) in enumerate(todo):
+        for index, (name, group, U, buf) in enumerate(todo):
             full = U.full_tensor() if isinstance(U, DTensor) else U
+            momentum = buf.full_tensor() if isinstance(buf, DTensor) else buf
             coefficients = group["ns_coefficients"]
             band = parse_band(self.cfg.ns_band, coefficients)
             if index % self.world_size == self.rank:
-                record = ns_spectrum_record(full.float(), group["ns_steps"], coefficients, QUANTILE_LEVELS, band)
+                record = ns_spectrum_record(full.float(), group["ns_steps"], coefficients, QUANTILE_LEVELS, band,
+                                            momentum=None if momentum is None else momentum.float())
                 mine[name] = {"layer": block_index(name), **record}
         if self.world_size > 1:
             gathered: list = [None] * self.world_size
             dist.all_gather_object(gathered, mine)
             mine = {k: v for part in gathered for k, v in part.items()}
-        ordered = {name: mine[name] for name, _, _ in todo}
+        ordered = {name: mine[name] for name, *_ in todo}
         return {"step": step, "kind": "ns_spectrum",
                 "coefficients": coefficients if isinstance(coefficients, str) else "custom",
                 "levels": list(QUANTILE_LEVELS), "band": list(band), "matrices": ordered}

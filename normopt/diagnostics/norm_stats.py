@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from normopt.models.derf import Derf, DerfEMA, blended_scale
+from normopt.models.derf import Derf, DerfEMA
 from normopt.models.dyt import DyT
 from normopt.models.rmsnorm import RMSNorm
 
@@ -85,8 +85,7 @@ def preactivation_and_core(module: nn.Module, x: torch.Tensor) -> tuple[torch.Te
         z = module.alpha.float() * x
         return z, torch.tanh(z), "tanh"
     if isinstance(module, Derf):
-        scale = blended_scale(module.running_mean_square, module.blend) if isinstance(module, DerfEMA) else 1.0
-        z = module.alpha.float() * (x / scale) + module.shift.float()
+        z = module.alpha.float() * (x / module.input_scale()) + module.shift.float()
         return z, torch.erf(z), "erf"
     raise TypeError(f"not a normopt norm layer: {type(module).__name__}")
 
@@ -105,5 +104,7 @@ def norm_layer_stats(module: nn.Module, x: torch.Tensor) -> tuple[dict, torch.Te
         "input_rms": float(token_rms(x).mean()),
     }
     if isinstance(module, DerfEMA):
-        record["running_scale"] = float(blended_scale(module.running_mean_square, module.blend))
+        scale = float(module.input_scale())
+        record["running_scale"] = scale  # c
+        record["effective_alpha"] = record["alpha"] / scale  # alpha / c
     return record, z

@@ -200,10 +200,13 @@ def fewest_ns_steps_joint(sigma_rel_fro: SigmaLike, band: Band | None = None,
 
 def ns_spectrum_record(G: torch.Tensor, steps: int = 5, coefficients: CoefficientSpec = "quintic",
                        levels: Sequence[float] = DEFAULT_LEVELS, band: Band | None = None,
-                       max_steps: int = DEFAULT_MAX_STEPS) -> dict:
+                       max_steps: int = DEFAULT_MAX_STEPS, momentum: torch.Tensor | None = None) -> dict:
     """Everything the diagnostics log says about one matrix G handed to NS:
 
     - "sv_rel_max", "sv_rel_fro": quantiles at ``levels`` (``singular_value_quantiles``)
+    - "momentum_sv_rel_max", "momentum_sv_rel_fro": the same quantiles of the momentum
+      buffer m. Pass ``momentum`` = m when it differs from G (Nesterov: G = g + beta m; one
+      more SVD); leave it None when G is m itself (no Nesterov): G's quantiles are repeated.
     - "ns_steps": ``steps``, the configuration the deviations below are measured at
     - "ns_out_dev": |p_steps(q) - 1| at each sv_rel_fro quantile q
     - "ns_out_max_dev": max over ALL singular values sigma of X_0 of |p_steps(sigma) - 1|
@@ -216,9 +219,13 @@ def ns_spectrum_record(G: torch.Tensor, steps: int = 5, coefficients: Coefficien
     rel_max, rel_fro = relative_singular_values(G)
     q_max, q_fro = _quantiles(rel_max, levels), _quantiles(rel_fro, levels)
     in_band = _in_band_by_step(_as_float64(q_fro), band, coefficients, max_steps)
+    m_quantiles = ({"sv_rel_max": list(q_max), "sv_rel_fro": list(q_fro)} if momentum is None
+                   else singular_value_quantiles(momentum, levels))
     return {
         "sv_rel_max": q_max,
         "sv_rel_fro": q_fro,
+        "momentum_sv_rel_max": m_quantiles["sv_rel_max"],
+        "momentum_sv_rel_fro": m_quantiles["sv_rel_fro"],
         "ns_steps": steps,
         "ns_out_dev": ns_output_deviation(q_fro, steps, coefficients).tolist(),
         "ns_out_max_dev": float(ns_output_deviation(rel_fro, steps, coefficients).max()),

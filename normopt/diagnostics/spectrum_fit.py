@@ -1,29 +1,20 @@
-"""``normopt spectrum ROOT``: power laws of the NS-input spectrum in model size, and the
-fewest Newton-Schulz steps per depth they imply for a bigger model.
+"""``normopt spectrum ROOT``: power laws in model size of the spectrum NS receives, per depth
+group and matrix type, and the fewest Newton-Schulz steps per depth they imply.
 
-Input: every ``diagnostics.jsonl`` below ROOT (one run directory each). The lines used are
+Input: every ``diagnostics.jsonl`` below ROOT: its "run" line (n_params, n_layers, steps)
+and its "ns_spectrum" records (per matrix: layer, sv_rel_fro, momentum_sv_rel_fro, ...;
+see ``ns_spectrum.ns_spectrum_record``). Model size M is ``n_params`` (``MODEL_SIZE``).
+Pipeline (after arXiv 2606.04058: the quantiles follow power laws in M per layer type):
 
-    {"step": 0, "kind": "run", "n_params": M, "n_layers": n, "steps": T, ...}
-    {"step": s, "kind": "ns_spectrum", "coefficients": "quintic", "levels": [...],
-     "band": [lo, hi], "matrices": {name: {"layer": l or null, "sv_rel_fro": [...],
-                                           "sv_rel_max": [...], ...}, ...}}
-
-(the per-matrix fields are ``ns_spectrum.ns_spectrum_record``'s). Other kinds are ignored.
-
-Pipeline (after arXiv 2606.04058, which finds these quantiles follow power laws in M):
-
-1. Depth groups: block l of n goes to group floor(G l / n) of G (default G = 3: "early"
-   l < n/3, "mid" n/3 <= l < 2n/3, "late" the rest). Matrices outside blocks are skipped.
-2. Burn-in: per run only records with step >= burn_in * T count. For each group and level
-   the run's value is the geometric mean exp(mean(log q)) over the group's matrices and
-   those records (the quantiles span decades, and the fit is in log space anyway).
-3. Fit per group and level over runs (one point per run): log q = log c + beta log M,
-   ordinary least squares, R^2 in log space.
-4. Recommendation at a target size M*: q(M*) = c M*^beta (capped at 1, the largest a
-   singular value of X_0 can be), then the fewest NS steps that bring the predicted
-   quantiles at levels >= --level all into the band at once
-   (``ns_spectrum.fewest_ns_steps_joint``; with the quintic band, which NS maps into
-   itself, that is just ``fewest_ns_steps`` of the level's quantile).
+1. Cells: block l of n goes to depth group floor(G l / n) of G (G = 3: early, mid, late
+   thirds); a matrix's type is its role in the block (``matrix_type``: attn.wq, ffn.w2).
+2. Per run, from the records with step >= burn_in * T, the value of a (group, type, level)
+   cell is the geometric mean exp(mean(log q)) over the cell's matrices (one shape) and
+   records. Zero and missing quantiles have no log: they are counted and reported.
+3. Fit per cell over runs: log q = log c + beta log M, least squares, R^2 in log space.
+4. At a target size M*: q(M*) = min(c M*^beta, 1); per type the fewest NS steps bringing
+   its quantiles at levels >= --level into the band (``fewest_ns_steps_joint``), per
+   group the worst type's (``recommend_steps``).
 """
 
 from __future__ import annotations
@@ -32,8 +23,8 @@ import argparse
 import json
 import math
 import re
-from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,12 +36,17 @@ from normopt.optim.newton_schulz import coefficient_schedule
 
 DIAGNOSTICS_FILE = "diagnostics.jsonl"
 QUANTITIES = ("sv_rel_fro", "sv_rel_max")
+SOURCES = {"ns_input": "", "momentum": "momentum_"}  # field prefix in the ns_spectrum record
 GROUP_NAMES = {1: ("all",), 2: ("early", "late"), 3: ("early", "mid", "late")}
 DEFAULT_BURN_IN = 0.5
 DEFAULT_LEVEL = 0.1
+MODEL_SIZE = ("M = n_params of the run line: total learnable parameters including the token embedding "
+              "(and the output head when untied; a tied head counts once)")
+
+Cell = tuple[str, str, float]  # (depth group, matrix type, quantile level)
 
 
-# --------------------------------------------------------------------------- depth groups
+# --------------------------------------------------------------------------- cells
 
 
 def group_names(n_groups: int) -> tuple[str, ...]:
@@ -66,6 +62,21 @@ def depth_group(layer: int, n_layers: int, n_groups: int = 3) -> str:
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} is not in 0..{n_layers - 1}")
     return group_names(n_groups)[(n_groups * layer) // n_layers]
+
+
+def matrix_type(name: str) -> str:
+    """A matrix's role in its block: the dotted path after the block index (the first
+    all-digit part), minus a trailing ``.weight`` and any later all-digit part (an expert
+    index), so one type holds matrices of one shape:
+
+        layers.3.attn.wq.weight -> attn.wq        layers.3.ffn.w2.weight -> ffn.w2
+        layers.0.attn.wkv_a.weight -> attn.wkv_a  layers.1.ffn.experts.7.w1.weight -> ffn.experts.w1
+
+    A name without a block index keeps its whole path (``output.weight`` -> ``output``)."""
+    parts = name.split(".")
+    parts = parts[:-1] if len(parts) > 1 and parts[-1] == "weight" else parts
+    block = next((i for i, part in enumerate(parts) if part.isdigit()), -1)
+    return ".".join(p for p in parts[block + 1:] if not p.isdigit()) or name
 
 
 # --------------------------------------------------------------------------- reading
@@ -130,7 +141,7 @@ def discover_runs(root: Path) -> list[RunSpectra]:
     return runs
 
 
-# --------------------------------------------------------------------------- per-run averages
+# --------------------------------------------------------------------------- per-run values
 
 
 def post_burn_in(run: RunSpectra, burn_in: float) -> list[dict]:
@@ -140,42 +151,57 @@ def post_burn_in(run: RunSpectra, burn_in: float) -> list[dict]:
     return [r for r in run.records if r["step"] >= burn_in * total]
 
 
-def geometric_mean(values: Iterable[float]) -> float | None:
-    """exp(mean(log v)) over the finite positive values; None when there are none."""
-    logs = [math.log(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v) and v > 0]
+def value_kind(value: Any) -> str:
+    """"ok" for a finite q > 0, "zero" for q <= 0 (no logarithm), "missing" for anything
+    else: null, a non-finite float, or the "nan"/"inf" string the log writes for one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "missing"
+    return "ok" if value > 0 else "zero"
+
+
+def geometric_mean(values: Sequence[Any]) -> float | None:
+    """exp(mean(log v)) over the values ``value_kind`` calls "ok"; None when there are none."""
+    logs = [math.log(v) for v in values if value_kind(v) == "ok"]
     return math.exp(math.fsum(logs) / len(logs)) if logs else None
 
 
-def _group_samples(run: RunSpectra, records: Sequence[dict], quantity: str,
-                   n_groups: int) -> dict[tuple[str, float], list[float]]:
-    """(group, level) -> every logged quantile of ``quantity`` in those records."""
-    samples: dict[tuple[str, float], list[float]] = defaultdict(list)
-    for record in records:
+def run_samples(run: RunSpectra, burn_in: float = DEFAULT_BURN_IN, field: str = "sv_rel_fro",
+                n_groups: int = 3) -> dict[Cell, list[Any]]:
+    """(group, type, level) -> every logged value of ``field`` in the post-burn-in records,
+    zeros and missing values included."""
+    samples: dict[Cell, list[Any]] = defaultdict(list)
+    for record in post_burn_in(run, burn_in):
         levels = [float(v) for v in record.get("levels", ())]
         for name, matrix in record.get("matrices", {}).items():
             layer = matrix.get("layer")
             if layer is None:
                 continue
-            values = matrix.get(quantity)
+            values = matrix.get(field)
+            where = f"{run.folder / DIAGNOSTICS_FILE}: step {record['step']}, {name}"
+            if values is None and field.startswith(SOURCES["momentum"]):
+                raise UserError(f"{where}: no {field!r} (logged before momentum quantiles were); "
+                                f"use --source ns_input")
             if not isinstance(values, list) or len(values) != len(levels):
-                raise UserError(f"{run.folder / DIAGNOSTICS_FILE}: step {record['step']}, {name}: "
-                                f"{quantity!r} should list one value per level {levels}")
+                raise UserError(f"{where}: {field!r} should list one value per level {levels}")
             try:
                 group = depth_group(layer, run.n_layers, n_groups)
             except ValueError as exc:
-                raise UserError(f"{run.folder / DIAGNOSTICS_FILE}: {name}: {exc}") from None
+                raise UserError(f"{where}: {exc}") from None
             for level, value in zip(levels, values):
-                samples[(group, level)].append(value)
+                samples[(group, matrix_type(name), level)].append(value)
     return samples
 
 
-def run_quantiles(run: RunSpectra, burn_in: float = DEFAULT_BURN_IN, quantity: str = "sv_rel_fro",
-                  n_groups: int = 3) -> dict[tuple[str, float], float]:
-    """(group, level) -> geometric mean of the level's quantile over the group's matrices
-    and the post-burn-in records. Empty when no record is past the burn-in."""
-    samples = _group_samples(run, post_burn_in(run, burn_in), quantity, n_groups)
-    means = {key: geometric_mean(values) for key, values in samples.items()}
-    return {key: value for key, value in means.items() if value is not None}
+def cell_means(samples: Mapping[Cell, Sequence[Any]]) -> dict[Cell, float]:
+    """(group, type, level) -> ``geometric_mean`` of the cell's values (over its matrices and
+    records); cells without a usable value are left out."""
+    return {cell: q for cell, values in samples.items() if (q := geometric_mean(values)) is not None}
+
+
+def run_quantiles(run: RunSpectra, burn_in: float = DEFAULT_BURN_IN, field: str = "sv_rel_fro",
+                  n_groups: int = 3) -> dict[Cell, float]:
+    """``cell_means`` of ``run_samples``: a run's value per (group, type, level)."""
+    return cell_means(run_samples(run, burn_in, field, n_groups))
 
 
 # --------------------------------------------------------------------------- fits
@@ -183,9 +209,10 @@ def run_quantiles(run: RunSpectra, burn_in: float = DEFAULT_BURN_IN, quantity: s
 
 @dataclass(frozen=True)
 class PowerLawFit:
-    """q(M) = c M^beta for one depth group and quantile level."""
+    """q(M) = c M^beta for one depth group, matrix type and quantile level."""
 
     group: str
+    type: str
     level: float
     c: float
     beta: float
@@ -218,21 +245,53 @@ def fit_power_law(sizes: Sequence[float], values: Sequence[float]) -> tuple[floa
 
 
 def fit_all(points: Sequence[Mapping[str, Any]], groups: Sequence[str]) -> tuple[list[PowerLawFit], list[str]]:
-    """One fit per (group, level) seen in ``points`` ({"group", "level", "n_params", "q"}, one
-    per run); (group, level) pairs with fewer than two sizes are skipped with a note."""
-    by_key: dict[tuple[str, float], list[tuple[float, float]]] = defaultdict(list)
+    """One fit per (group, type, level) seen in ``points`` ({"group", "type", "level",
+    "n_params", "q"}, one per run); cells with fewer than two sizes get a note instead (one
+    per group and type)."""
+    by_cell: dict[Cell, list[tuple[float, float]]] = defaultdict(list)
     for p in points:
-        by_key[(p["group"], p["level"])].append((p["n_params"], p["q"]))
-    fits, notes = [], []
-    for group, level in sorted(by_key, key=lambda k: (groups.index(k[0]), k[1])):
-        pairs = by_key[(group, level)]
+        by_cell[(p["group"], p["type"], p["level"])].append((p["n_params"], p["q"]))
+    fits, unfitted = [], defaultdict(list)
+    for cell in sorted(by_cell, key=lambda k: (groups.index(k[0]), k[1], k[2])):
+        pairs = by_cell[cell]
         sizes = {m for m, _ in pairs}
         if len(sizes) < 2:
-            notes.append(f"{group} level {level}: only one model size has data, no fit")
+            unfitted[cell[:2]].append(f"q{cell[2]:g}")
             continue
         c, beta, r2 = fit_power_law([m for m, _ in pairs], [q for _, q in pairs])
-        fits.append(PowerLawFit(group, level, c, beta, r2, len(pairs), len(sizes)))
-    return fits, notes
+        fits.append(PowerLawFit(*cell, c, beta, r2, len(pairs), len(sizes)))
+    return fits, [f"{_label(*key)}: only one model size has data at {', '.join(levels)}, no fit"
+                  for key, levels in unfitted.items()]
+
+
+def unusable_cells(samples: Mapping[str, Mapping[Cell, list[Any]]], level: float) -> tuple[list[dict], list[str]]:
+    """Each (group, type, level) with zero or missing values in ``samples`` (run folder ->
+    ``run_samples``): their counts over all runs, the runs with any, the runs left with no
+    usable value (no point), and a note line."""
+    rows, notes = [], []
+    for cell in sorted({cell for per_run in samples.values() for cell in per_run}):
+        kinds = {run: Counter(map(value_kind, per_run.get(cell, ()))) for run, per_run in samples.items()}
+        total = sum(kinds.values(), Counter())
+        if total["zero"] + total["missing"] == 0:
+            continue
+        rows.append(row := {"group": cell[0], "type": cell[1], "level": cell[2], "values": total.total(),
+                            "zero": total["zero"], "missing": total["missing"],
+                            "runs": [r for r, k in kinds.items() if k["zero"] + k["missing"]],
+                            "runs_without_value": [r for r, k in kinds.items() if k and not k["ok"]]})
+        what = [f"{row['zero']} of {row['values']} values are 0"] if row["zero"] else []
+        what += [f"{row['missing']} of {row['values']} missing or non-finite"] if row["missing"] else []
+        note = f"{_label(*cell)}: {', '.join(what)} (in {', '.join(row['runs'])}); the means and the fit excluded them"
+        if row["runs_without_value"]:
+            note += f"; no point left for {', '.join(row['runs_without_value'])}"
+        if row["zero"] and cell[2] >= level:
+            note += "; NS cannot bring a zero singular value into the band"
+        notes.append(note)
+    return rows, notes
+
+
+def _label(group: str, mtype: str, level: float | None = None) -> str:
+    """'ffn.w2 late q0.1': how notes name a cell."""
+    return f"{mtype} {group}" + ("" if level is None else f" q{level:g}")
 
 
 # --------------------------------------------------------------------------- recommendation
@@ -263,21 +322,33 @@ def format_size(n_params: float) -> str:
 def recommend_steps(fits: Sequence[PowerLawFit], target_params: float, level: float,
                     coefficients: str, band: Sequence[float],
                     max_steps: int = DEFAULT_MAX_STEPS) -> dict[str, dict[str, Any]]:
-    """Per depth group: the predicted quantiles q(M*) = min(c M*^beta, 1) at every fitted
-    level, and "ns_steps", the fewest steps bringing those at levels >= ``level`` into
-    ``band`` at once (None if ``max_steps`` do not). Groups without a fit at ``level`` are
-    left out."""
-    by_group: dict[str, list[PowerLawFit]] = defaultdict(list)
+    """Per depth group:
+
+    - "types": per matrix type with a fit at ``level``, the predicted quantiles
+      q(M*) = min(c M*^beta, 1) at every fitted level and "ns_steps", the fewest steps
+      bringing those at levels >= ``level`` into ``band`` at once (None: not in ``max_steps``)
+    - "worst_type": the type needing the most steps (None counts as most; on a tie the
+      smaller predicted q at ``level``)
+    - "ns_steps": the fewest steps bringing every type's tracked quantiles in at once. With
+      the quintic band, which NS maps into itself, that is the worst type's count; a band
+      NS can leave again (polar_express overshoots) can need more than any type alone.
+    """
+    by_cell: dict[tuple[str, str], list[PowerLawFit]] = defaultdict(list)
     for fit in fits:
-        by_group[fit.group].append(fit)
-    out = {}
-    for group, group_fits in by_group.items():
-        if not any(f.level == level for f in group_fits):
-            continue
-        predicted = {f.level: min(f.predict(target_params), 1.0) for f in group_fits}
-        tracked = [q for lv, q in predicted.items() if lv >= level]
-        out[group] = {"predicted": predicted,
-                      "ns_steps": fewest_ns_steps_joint(tracked, tuple(band), coefficients, max_steps)}
+        by_cell[(fit.group, fit.type)].append(fit)
+    joint = lambda qs: fewest_ns_steps_joint(qs, tuple(band), coefficients, max_steps)  # noqa: E731
+    out: dict[str, dict[str, Any]] = {}
+    for (group, mtype), cell in by_cell.items():
+        if any(f.level == level for f in cell):
+            predicted = {f.level: min(f.predict(target_params), 1.0) for f in cell}
+            tracked = [q for lv, q in predicted.items() if lv >= level]
+            out.setdefault(group, {"types": {}})["types"][mtype] = {
+                "predicted": predicted, "tracked": tracked, "ns_steps": joint(tracked)}
+    for entry in out.values():
+        types = entry["types"]
+        entry["worst_type"] = max(types, key=lambda t: (math.inf if types[t]["ns_steps"] is None
+                                                        else types[t]["ns_steps"], -types[t]["predicted"][level]))
+        entry["ns_steps"] = joint([q for t in types.values() for q in t.pop("tracked")])
     return out
 
 
@@ -293,161 +364,163 @@ def ns_steps_per_layer(steps_by_group: Mapping[str, int | None], n_layers: int, 
     return ",".join(rules)
 
 
-def _layer_ranges(n_layers: int, n_groups: int) -> dict[str, str]:
-    """group -> "first-last" block indices of a model of ``n_layers``."""
-    members: dict[str, list[int]] = defaultdict(list)
-    for layer in range(n_layers):
-        members[depth_group(layer, n_layers, n_groups)].append(layer)
-    return {g: f"{ls[0]}-{ls[-1]}" if len(ls) > 1 else str(ls[0]) for g, ls in members.items()}
-
-
 # --------------------------------------------------------------------------- analysis
 
 
-def _ns_setting(run: RunSpectra) -> tuple[str, tuple[float, float]]:
-    """(coefficient name, band) of a run's last ns_spectrum record (band defaulted by name)."""
-    last = run.records[-1]
-    coefficients = str(last.get("coefficients", "quintic"))
-    band = last.get("band")
-    try:
-        return coefficients, (tuple(float(v) for v in band) if band else default_band(coefficients))
-    except ValueError as exc:
-        raise UserError(f"{run.folder / DIAGNOSTICS_FILE}: {exc}") from None
-
-
-def analyze(root: str | Path, *, burn_in: float = DEFAULT_BURN_IN, quantity: str = "sv_rel_fro",
-            n_groups: int = 3, target_params: float | None = None, target_layers: int | None = None,
-            level: float = DEFAULT_LEVEL, coefficients: str | None = None,
-            band: Sequence[float] | None = None, max_steps: int = DEFAULT_MAX_STEPS) -> dict[str, Any]:
-    """Read the runs under ``root``, fit the power laws and build the recommendation.
-
-    Returns a JSON-ready summary: settings, runs (with their averaged points), fits,
-    recommendation (None when ``quantity`` is not the NS input's sv_rel_fro) and notes.
-    Coefficients and band default to those logged by the largest run.
-    """
-    if not 0.0 <= burn_in < 1.0:
-        raise UserError(f"--burn-in must be in [0, 1), got {burn_in}")
-    if quantity not in QUANTITIES:
-        raise UserError(f"--quantity must be one of {QUANTITIES}, got {quantity!r}")
-    root = Path(root)
-    groups = group_names(n_groups)
-    notes: list[str] = []
-    runs, points = [], []
-    for run in discover_runs(root):
-        averages = run_quantiles(run, burn_in, quantity, n_groups)
-        if not averages:
-            notes.append(f"{run.folder}: no ns_spectrum record after the burn-in, left out")
-            continue
-        runs.append(run)
-        points += [{"run": str(run.folder), "n_params": run.n_params, "group": g, "level": lv, "q": q}
-                   for (g, lv), q in averages.items()]
-    sizes = sorted({run.n_params for run in runs})
-    if len(sizes) < 2:
-        found = ", ".join(format_size(m) for m in sizes) or "none"
-        raise UserError(f"{root}: need runs of at least 2 model sizes after the burn-in, found {found}")
-    fits, fit_notes = fit_all(points, groups)
-    notes += fit_notes
-
+def _ns_config(runs: Sequence[RunSpectra], coefficients: str | None, band: Sequence[float] | None,
+               notes: list[str]) -> tuple[str, tuple[float, ...]]:
+    """(coefficients, band) to recommend for: as given, else as the largest run's last record
+    logs them; a band not given nor logged for those coefficients is their default band."""
+    name = lambda run: str(run.records[-1].get("coefficients", "quintic"))  # noqa: E731
     largest = max(runs, key=lambda r: (r.n_params, r.n_layers))
-    logged_coefficients, logged_band = _ns_setting(largest)
-    if len({_ns_setting(r)[0] for r in runs}) > 1:
-        notes.append(f"runs log different NS coefficients; recommending for {coefficients or logged_coefficients}")
-    coefficients = coefficients or logged_coefficients
+    if len({name(r) for r in runs}) > 1:
+        notes.append(f"runs log different NS coefficients; recommending for {coefficients or name(largest)}")
+    coefficients = coefficients or name(largest)
     try:
         coefficient_schedule(coefficients)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    if band is None:
-        band = logged_band if coefficients == logged_coefficients else _default_band_or_error(coefficients)
-    settings = {"root": str(root), "burn_in": burn_in, "quantity": quantity, "groups": list(groups),
-                "level": level, "target_params": float(target_params or largest.n_params),
-                "target_layers": target_layers or largest.n_layers, "coefficients": coefficients,
-                "band": [float(v) for v in band], "max_steps": max_steps}
-    span = math.log10(settings["target_params"] / sizes[-1])
-    if span > 1:  # a power law fitted over a narrow range says little this far out
-        notes.append(f"the target is {span:.1f} decades above the largest run "
-                     f"({format_size(sizes[-1])}): an extrapolation, read it as a trend")
-    recommendation = _recommendation(fits, settings, notes)
-    return {"settings": settings,
-            "runs": [{"folder": str(r.folder), "n_params": r.n_params, "n_layers": r.n_layers,
-                      "planned_steps": r.planned_steps, "records_used": len(post_burn_in(r, burn_in))}
-                     for r in runs],
-            "points": points, "fits": [asdict(f) for f in fits],
-            "recommendation": recommendation, "notes": notes}
-
-
-def _default_band_or_error(coefficients: str) -> tuple[float, float]:
+    if band is None and coefficients == name(largest):
+        band = largest.records[-1].get("band")
     try:
-        return default_band(coefficients)
+        return coefficients, tuple(float(v) for v in (band or default_band(coefficients)))
     except ValueError as exc:
         raise UserError(f"{exc} (use --band LO,HI)") from None
 
 
-def _recommendation(fits: Sequence[PowerLawFit], settings: Mapping[str, Any],
+def analyze(root: str | Path, *, burn_in: float = DEFAULT_BURN_IN, quantity: str = "sv_rel_fro",
+            source: str = "ns_input", n_groups: int = 3, target_params: float | None = None,
+            target_layers: int | None = None, level: float = DEFAULT_LEVEL, coefficients: str | None = None,
+            band: Sequence[float] | None = None, max_steps: int = DEFAULT_MAX_STEPS) -> dict[str, Any]:
+    """Read the runs under ``root``, fit the power laws and build the recommendation.
+
+    Returns a JSON-ready summary: settings (with the model-size convention), runs, points
+    (one per run and cell), fits, unusable (zero or missing values per cell),
+    recommendation (None unless ``quantity`` is sv_rel_fro) and notes. ``source``
+    "momentum" fits the momentum buffer's quantiles instead of the NS input's.
+    Coefficients and band default to those logged by the largest run.
+    """
+    if not 0.0 <= burn_in < 1.0:
+        raise UserError(f"--burn-in must be in [0, 1), got {burn_in}")
+    if quantity not in QUANTITIES or source not in SOURCES:
+        raise UserError(f"--quantity must be one of {QUANTITIES} and --source one of {tuple(SOURCES)}")
+    root, field, groups = Path(root), SOURCES[source] + quantity, group_names(n_groups)
+    notes: list[str] = []
+    runs, points, samples = [], [], {}
+    for run in discover_runs(root):
+        samples[str(run.folder)] = per_run = run_samples(run, burn_in, field, n_groups)
+        if not (means := cell_means(per_run)):
+            notes.append(f"{run.folder}: no usable ns_spectrum value after the burn-in, left out")
+            continue
+        runs.append(run)
+        points += [{"run": str(run.folder), "n_params": run.n_params, "group": g, "type": t, "level": lv, "q": q}
+                   for (g, t, lv), q in means.items()]
+    sizes = sorted({run.n_params for run in runs})
+    if len(sizes) < 2:
+        found = ", ".join(format_size(m) for m in sizes) or "none"
+        raise UserError(f"{root}: need runs of at least 2 model sizes after the burn-in, found {found}")
+    unusable, unusable_notes = unusable_cells(samples, level)
+    fits, fit_notes = fit_all(points, groups)
+    notes += unusable_notes + fit_notes
+    coefficients, band = _ns_config(runs, coefficients, band, notes)
+    largest = max(runs, key=lambda r: (r.n_params, r.n_layers))
+    settings = {"root": str(root), "model_size": MODEL_SIZE, "burn_in": burn_in, "quantity": quantity,
+                "source": source, "field": field, "groups": list(groups), "level": level,
+                "target_params": float(target_params or largest.n_params),
+                "target_layers": target_layers or largest.n_layers, "coefficients": coefficients,
+                "band": list(band), "max_steps": max_steps}
+    span = math.log10(settings["target_params"] / sizes[-1])
+    if span > 1:  # a power law fitted over a narrow range says little this far out
+        notes.append(f"the target is {span:.1f} decades above the largest run "
+                     f"({format_size(sizes[-1])}): an extrapolation, read it as a trend")
+    cells = {(p["group"], p["type"]) for p in points}
+    return {"settings": settings,
+            "runs": [{"folder": str(r.folder), "n_params": r.n_params, "n_layers": r.n_layers,
+                      "planned_steps": r.planned_steps, "records_used": len(post_burn_in(r, burn_in))}
+                     for r in runs],
+            "points": points, "fits": [asdict(f) for f in fits], "unusable": unusable,
+            "recommendation": _recommendation(fits, cells, settings, notes), "notes": notes}
+
+
+def _recommendation(fits: Sequence[PowerLawFit], cells: set[tuple[str, str]], settings: Mapping[str, Any],
                     notes: list[str]) -> dict[str, Any] | None:
+    """``recommend_steps`` as JSON (groups in depth order, their block ranges in the target
+    model, the ns_steps_per_layer value), with a note for every type or group that has fits
+    but none at --level (left out of the steps), every group out of reach, and every group
+    whose joint count exceeds its worst type's."""
     if settings["quantity"] != "sv_rel_fro":
         notes.append("no NS-step recommendation: NS sees sv_rel_fro, not " + settings["quantity"])
         return None
-    level, n_groups = settings["level"], len(settings["groups"])
+    if settings["source"] == "momentum":
+        notes.append("recommending from the momentum buffer's quantiles: what NS receives without "
+                     "Nesterov; with Nesterov it receives g + beta m (--source ns_input)")
+    level, n_groups, n_layers = settings["level"], len(settings["groups"]), settings["target_layers"]
     fitted_levels = sorted({f.level for f in fits})
     if level not in fitted_levels:
         raise UserError(f"--level {level} is not a fitted quantile level; choose one of {fitted_levels}")
     per_group = recommend_steps(fits, settings["target_params"], level, settings["coefficients"],
                                 settings["band"], settings["max_steps"])
+    fitted = {(f.group, f.type) for f in fits}
+    for group, mtype in sorted(fitted - {(g, t) for g, e in per_group.items() for t in e["types"]}):
+        notes.append(f"{_label(group, mtype)}: no fit at q{level:g}, so it does not enter the {group} steps")
+    for group in sorted({g for g, _ in cells} - set(per_group), key=settings["groups"].index):
+        notes.append(f"{group}: no matrix type has a fit at q{level:g}; its blocks are left to optim.ns_steps")
     steps = {g: r["ns_steps"] for g, r in per_group.items()}
     for group, value in steps.items():
+        worst = per_group[group]["worst_type"]
         if value is None:
-            notes.append(f"{group}: the predicted quantiles do not reach the band within "
-                         f"{settings['max_steps']} steps; left to optim.ns_steps")
-    n_layers = settings["target_layers"]
-    ranges = _layer_ranges(n_layers, n_groups)
-    ordered = [g for g in settings["groups"] if g in per_group]
-    return {"groups": [{"group": g, "layers": ranges.get(g), "ns_steps": steps[g],
-                        "predicted": [{"level": lv, "q": q} for lv, q in sorted(per_group[g]["predicted"].items())]}
-                       for g in ordered],
+            notes.append(f"{group}: the predicted quantiles of {worst} (or of all types at once) do not reach "
+                         f"the band within {settings['max_steps']} steps; left to optim.ns_steps")
+        elif value != per_group[group]["types"][worst]["ns_steps"]:
+            notes.append(f"{group}: every type in the band at once takes {value} steps, more than {worst} alone "
+                         f"(the schedule leaves the band again after entering it)")
+    members = defaultdict(list)
+    for layer in range(n_layers):
+        members[depth_group(layer, n_layers, n_groups)].append(layer)
+    return {"groups": [{"group": g, "layers": "-".join(map(str, sorted({members[g][0], members[g][-1]})))
+                        if members[g] else None, "ns_steps": steps[g], "worst_type": per_group[g]["worst_type"],
+                        "types": [{"type": t, "ns_steps": e["ns_steps"],
+                                   "predicted": [{"level": lv, "q": q} for lv, q in sorted(e["predicted"].items())]}
+                                  for t, e in sorted(per_group[g]["types"].items())]}
+                       for g in settings["groups"] if g in per_group],
             "ns_steps_per_layer": ns_steps_per_layer(steps, n_layers, n_groups)}
 
 
 # --------------------------------------------------------------------------- output
 
 
-def _figure(**kwargs):
-    """A matplotlib Figure without pyplot: no global backend state, PNGs drawn by Agg."""
+def plot_spectrum(summary: Mapping[str, Any], path: Path) -> None:
+    """Log-log q vs M at the --level quantile, one panel per depth group, one color per
+    matrix type: a run's averaged quantile as points, the fitted line drawn out to the
+    target size (dotted line)."""
     try:
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # no pyplot: no global backend state, PNG by Agg
     except ImportError:
         raise UserError("the spectrum plot needs matplotlib: pip install matplotlib") from None
-    return Figure(layout="constrained", **kwargs)
-
-
-def plot_spectrum(summary: Mapping[str, Any], path: Path) -> None:
-    """Log-log q vs M, one panel per depth group: a run's averaged quantiles as points, one
-    color per level, and the fitted lines drawn out to the target size (dotted line)."""
-    settings = summary["settings"]
-    groups = [g for g in settings["groups"] if any(p["group"] == g for p in summary["points"])]
-    levels = sorted({p["level"] for p in summary["points"]})
-    fig = _figure(figsize=(4.2 * len(groups), 3.8))
+    s = summary["settings"]
+    points = [p for p in summary["points"] if p["level"] == s["level"]] or summary["points"]
+    level = points[0]["level"]
+    groups = [g for g in s["groups"] if any(p["group"] == g for p in points)]
+    types = sorted({p["type"] for p in points})
+    fig = Figure(layout="constrained", figsize=(4.2 * len(groups), 3.8))
     axes = fig.subplots(1, len(groups), squeeze=False, sharey=True)[0]
-    colors = {lv: f"C{i % 10}" for i, lv in enumerate(levels)}
-    sizes = [p["n_params"] for p in summary["points"]]
-    lo, hi = min(sizes), max(max(sizes), settings["target_params"])
+    lo, hi = min(p["n_params"] for p in points), max(max(p["n_params"] for p in points), s["target_params"])
     grid = [lo * (hi / lo) ** (i / 50) for i in range(51)]
     for ax, group in zip(axes, groups):
-        for lv in levels:
-            pts = [p for p in summary["points"] if p["group"] == group and p["level"] == lv]
-            ax.scatter([p["n_params"] for p in pts], [p["q"] for p in pts], color=colors[lv], s=18)
-            fit = next((f for f in summary["fits"] if f["group"] == group and f["level"] == lv), None)
-            label = f"q{lv:g}" + (f": beta={fit['beta']:.3f}" if fit else "")
+        for i, mtype in enumerate(types):
+            pts = [p for p in points if p["group"] == group and p["type"] == mtype]
+            ax.scatter([p["n_params"] for p in pts], [p["q"] for p in pts], color=f"C{i % 10}", s=18)
+            fit = next((f for f in summary["fits"] if (f["group"], f["type"], f["level"]) == (group, mtype, level)),
+                       None)
             if fit:
-                ax.plot(grid, [fit["c"] * m ** fit["beta"] for m in grid], color=colors[lv], lw=1.2, label=label)
-        ax.axvline(settings["target_params"], color="0.5", ls=":", lw=1)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(f"{group} layers")
-        ax.set_xlabel("parameters M")
+                ax.plot(grid, [fit["c"] * m ** fit["beta"] for m in grid], color=f"C{i % 10}", lw=1.2,
+                        label=f"{mtype}: beta={fit['beta']:.3f}")
+        ax.axvline(s["target_params"], color="0.5", ls=":", lw=1)
+        ax.set(xscale="log", yscale="log", title=f"{group} layers, q{level:g}", xlabel="parameters M (n_params)")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel(f"{settings['quantity']} quantile (after burn-in)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[0].set_ylabel(f"{s['field']} quantile (after burn-in)")
     fig.savefig(path, dpi=110)
 
 
@@ -471,25 +544,29 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def fits_table(summary: Mapping[str, Any]) -> str:
     s = summary["settings"]
-    head = (f"log q = log c + beta log M ({s['quantity']} quantiles, geometric mean over matrices and records "
-            f"from {s['burn_in']:.0%} of training on; {len(summary['runs'])} runs)")
-    rows = [[f["group"], f"{f['level']:g}", f"{f['c']:.4g}", f"{f['beta']:+.4f}",
+    head = (f"{s['model_size']}\nlog q = log c + beta log M ({s['field']} quantiles, geometric mean over a "
+            f"type's matrices and the records from {s['burn_in']:.0%} of training on; {len(summary['runs'])} runs)")
+    rows = [[f["group"], f["type"], f"{f['level']:g}", f"{f['c']:.4g}", f"{f['beta']:+.4f}",
              "-" if f["r2"] is None else f"{f['r2']:.4f}", str(f["n_runs"])] for f in summary["fits"]]
-    return head + "\n" + _table(["group", "level", "c", "beta", "R^2", "runs"], rows)
+    return head + "\n" + _table(["group", "type", "level", "c", "beta", "R^2", "runs"], rows)
 
 
 def recommendation_table(summary: Mapping[str, Any]) -> str:
     s, rec = summary["settings"], summary["recommendation"]
-    levels = sorted({p["level"] for g in rec["groups"] for p in g["predicted"]})
-    head = (f"NS steps for M* = {format_size(s['target_params'])} params, {s['target_layers']} layers "
+    levels = sorted({p["level"] for g in rec["groups"] for t in g["types"] for p in t["predicted"]})
+    head = (f"NS steps for M* = {format_size(s['target_params'])} params (n_params), {s['target_layers']} layers "
             f"({s['coefficients']}, band [{s['band'][0]:g}, {s['band'][1]:g}], quantiles >= {s['level']:g} in band)")
-    rows = []
+    rows, summary_rows = [], []
     for g in rec["groups"]:
-        q = {p["level"]: p["q"] for p in g["predicted"]}
-        rows.append([g["group"], g["layers"] or "-", *(f"{q[lv]:.3g}" if lv in q else "-" for lv in levels),
-                     "-" if g["ns_steps"] is None else str(g["ns_steps"])])
-    table = _table(["group", "layers", *(f"q{lv:g}(M*)" for lv in levels), "ns_steps"], rows)
-    return f"{head}\n{table}\n\noptim.ns_steps_per_layer={rec['ns_steps_per_layer']}"
+        steps = "-" if g["ns_steps"] is None else str(g["ns_steps"])
+        summary_rows.append([g["group"], g["layers"] or "-", steps, g["worst_type"]])
+        for t in g["types"]:
+            q = {p["level"]: p["q"] for p in t["predicted"]}
+            rows.append([g["group"], t["type"], *(f"{q[lv]:.3g}" if lv in q else "-" for lv in levels),
+                         "-" if t["ns_steps"] is None else str(t["ns_steps"])])
+    per_type = _table(["group", "type", *(f"q{lv:g}(M*)" for lv in levels), "ns_steps"], rows)
+    per_group = _table(["group", "layers", "ns_steps", "worst type"], summary_rows)
+    return f"{head}\n{per_type}\n\n{per_group}\n\noptim.ns_steps_per_layer={rec['ns_steps_per_layer']}"
 
 
 def _parse_band(text: str) -> tuple[float, float]:
@@ -504,25 +581,28 @@ def _parse_band(text: str) -> tuple[float, float]:
 
 def spectrum_main(argv: Sequence[str] | None = None) -> int:
     """``normopt spectrum ROOT [--burn-in 0.5] [--target-params 1.1B] [--target-layers N]
-    [--level 0.1] [--out DIR] ...``: fit, print the tables, write spectrum.png and
-    spectrum.json. Raises UserError (exit 2 in the CLI) for a missing ROOT, no
-    ns_spectrum records, or fewer than two model sizes."""
+    [--level 0.1] [--source ns_input|momentum] [--out DIR] ...``: fit, print the tables,
+    write spectrum.png and spectrum.json. Raises UserError (exit 2 in the CLI) for a
+    missing ROOT, no ns_spectrum records, or fewer than two model sizes."""
     parser = argparse.ArgumentParser(
         prog="normopt spectrum",
         description="Fit power laws of the NS-input singular-value quantiles in model size, per depth "
-                    "group, and recommend Newton-Schulz steps per layer for a target size.")
+                    "group and matrix type, and recommend Newton-Schulz steps per layer for a target size.")
     parser.add_argument("root", help="folder searched recursively for run directories with diagnostics.jsonl")
     parser.add_argument("--burn-in", type=float, default=DEFAULT_BURN_IN,
                         help="use records from this fraction of the planned steps on (default 0.5)")
     parser.add_argument("--target-params", type=parse_size, default=None,
-                        help="model size to recommend for, e.g. 1.1e9, 1.1B, 350M (default: largest run)")
+                        help="model size to recommend for, counted like n_params (all parameters, embeddings "
+                             "included), e.g. 1.1e9, 1.1B, 350M (default: largest run)")
     parser.add_argument("--target-layers", type=int, default=None,
                         help="blocks of the target model (default: n_layers of the largest run)")
     parser.add_argument("--level", type=float, default=DEFAULT_LEVEL,
                         help="smallest quantile level that must reach the band (default 0.1)")
     parser.add_argument("--quantity", choices=QUANTITIES, default="sv_rel_fro",
                         help="sigma / ||G||_F (what NS sees; default) or sigma / sigma_max (fits only)")
-    parser.add_argument("--groups", type=int, default=3, help="number of depth groups (default 3)")
+    parser.add_argument("--source", choices=tuple(SOURCES), default="ns_input",
+                        help="quantiles of the matrix fed to NS (default) or of the momentum buffer")
+    parser.add_argument("--groups", type=int, default=3, dest="n_groups", help="number of depth groups (default 3)")
     parser.add_argument("--coefficients", default=None,
                         help="NS coefficients to recommend for (default: as logged by the largest run)")
     parser.add_argument("--band", type=_parse_band, default=None, metavar="LO,HI",
@@ -532,10 +612,8 @@ def spectrum_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.target_layers is not None and args.target_layers < 1:
         raise UserError(f"--target-layers must be >= 1, got {args.target_layers}")
-    summary = write_spectrum(args.root, args.out, burn_in=args.burn_in, quantity=args.quantity,
-                             n_groups=args.groups, target_params=args.target_params,
-                             target_layers=args.target_layers, level=args.level,
-                             coefficients=args.coefficients, band=args.band, max_steps=args.max_steps)
+    options = {key: value for key, value in vars(args).items() if key not in ("root", "out")}
+    summary = write_spectrum(args.root, args.out, **options)
     print(fits_table(summary))
     if summary["recommendation"] is not None:
         print()

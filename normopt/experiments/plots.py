@@ -17,7 +17,7 @@ from typing import Any
 
 from normopt.errors import UserError
 from normopt.experiments.cells import Cell
-from normopt.experiments.statistics import Z95, ema_smooth
+from normopt.experiments.statistics import ema_smooth
 
 
 def _figure(**kwargs):
@@ -123,26 +123,37 @@ def plot_final_losses(summary: Mapping[str, Any], path: Path) -> None:
 
 
 def plot_gaps(summary: Mapping[str, Any], path: Path) -> None:
-    """Gap to the baseline per variant, one bar per optimizer, error bars = 95% normal interval."""
+    """Gap to the baseline per variant, one bar per optimizer, error bars = the gap's 95% t
+    interval; a bar without an interval (a group with one seed) has no error bar and says so."""
     variants = [v for v in summary["variants"] if v != summary["settings"]["baseline_norm"]]
     optims = summary["optims"]
     gaps = {(g["variant"], g["optim"]): g for g in summary["gaps"]}
     fig = _figure(figsize=(max(4.5, 1.2 * len(variants) * len(optims)), 4.2))
     ax = fig.subplots()
     width = 0.8 / max(1, len(optims))
+    without_interval = 0
     for k, optim in enumerate(optims):
-        xs, values, errors = [], [], []
+        xs, values = [], []
         for x, variant in enumerate(variants):
             gap = gaps.get((variant, optim))
-            if gap is not None:
-                xs.append(x + (k - (len(optims) - 1) / 2) * width)
-                values.append(gap["value"])
-                errors.append(Z95 * gap["se"] if gap["se"] is not None else 0.0)
-        ax.bar(xs, values, width, yerr=errors, capsize=3, label=optim, color=f"C{k % 10}", alpha=0.8)
+            if gap is None:
+                continue
+            xs.append(x + (k - (len(optims) - 1) / 2) * width)
+            values.append(gap["value"])
+            if gap["ci95"] is not None:
+                lo, hi = gap["ci95"]
+                ax.errorbar(xs[-1], gap["value"], yerr=[[gap["value"] - lo], [hi - gap["value"]]],
+                            color="black", capsize=3, lw=0.9)
+            else:
+                without_interval += 1
+                ax.annotate("1 seed:\nno interval", (xs[-1], gap["value"]), textcoords="offset points",
+                            xytext=(0, 3 if gap["value"] >= 0 else -14), ha="center", fontsize=6)
+        ax.bar(xs, values, width, label=optim, color=f"C{k % 10}", alpha=0.8)
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xticks(range(len(variants)), [_tick_label(v) for v in variants], fontsize=7)
     ax.set_ylabel(f"gap to {summary['settings']['baseline_norm']} (nats)")
-    ax.set_title("gap to the baseline norm per optimizer (95% normal interval)")
+    ax.set_title("gap to the baseline norm per optimizer" +
+                 (" (95% t interval)" if without_interval < len(gaps) else " (1 seed: no intervals)"))
     ax.grid(alpha=0.3, axis="y")
     if optims:
         ax.legend()

@@ -62,7 +62,6 @@ from normopt.experiments.statistics import (  # noqa: F401  (re-exported)
     DEFAULT_FIXES,
     NORM_ORDER,
     OPTIM_ORDER,
-    Z95,
     GroupStats,
     build_summary,
     compute_gaps,
@@ -72,9 +71,7 @@ from normopt.experiments.statistics import (  # noqa: F401  (re-exported)
     describe,
     diagnostics_numbers,
     ema_smooth,
-    normal_interval,
     paired_contrast,
-    recovery_share,
 )
 
 PLOT_FILES = {"loss_curves": "loss_curves.png", "final_eval_loss": "final_eval_loss.png",
@@ -104,32 +101,43 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def _pct_ci(ci: Sequence[float] | None, note: str | None = None) -> str:
+    if ci is None:
+        return f"no interval ({note})" if note else "no interval"
+    return f"[{100 * ci[0]:.1f}%, {100 * ci[1]:.1f}%]"
+
+
 def main_table(summary: Mapping[str, Any]) -> str:
     """Final eval loss mean ± sample std (n) per variant x optimizer, with the gap to the
-    baseline (± Welch se) beside each."""
+    baseline and its 95% t interval beside each."""
     groups = {(g["variant"], g["optim"]): g for g in summary["groups"]}
     gaps = {(g["variant"], g["optim"]): g for g in summary["gaps"]}
     base = summary["settings"]["baseline_norm"]
     header = ["variant"]
     for optim in summary["optims"]:
-        header += [f"{optim} final eval loss", f"gap to {base} ({optim})"]
+        header += [f"{optim} final eval loss", f"gap to {base} ({optim}), 95% CI"]
     rows = []
     for variant in summary["variants"]:
         row = [variant]
         for optim in summary["optims"]:
             g = groups.get((variant, optim))
             row.append("—" if g is None or not g["n"] else
-                       f"{_num(g['mean'])} ± {_num(g['std'])} (n={g['n']})")
+                       f"{_num(g['mean'])} ± {_num(g['std'])} (n={g['n']})" if g["n"] > 1 else
+                       f"{_num(g['mean'])} (n=1)")
             gap = gaps.get((variant, optim))
             row.append("—" if gap is None else
-                       f"{_num(gap['value'], sign=True)} ± {_num(gap['se'])}" if gap["se"] is not None
-                       else f"{_num(gap['value'], sign=True)} (n=1, no se)")
+                       f"{_num(gap['value'], sign=True)} {_ci(gap['ci95'])}" if gap["ci95"] is not None
+                       else _num(gap["value"], sign=True))
         rows.append(row)
     return _table(header, rows)
 
 
 def interaction_table(summary: Mapping[str, Any]) -> str:
-    """interaction = gap(O) - gap(reference) with its 95% interval, unpaired and paired."""
+    """interaction = gap(O) - gap(reference) with its 95% t interval, unpaired and paired."""
     rows = []
     for item in summary["interactions"]:
         paired = item["paired"]
@@ -137,16 +145,49 @@ def interaction_table(summary: Mapping[str, Any]) -> str:
                      _num(item["value"], sign=True), _ci(item["ci95"]),
                      "—" if paired is None else f"{_num(paired['value'], sign=True)} {_ci(paired['ci95'])} "
                                                 f"({paired['n_seeds']} seeds)"])
-    return _table(["variant", "optimizer", "interaction (nats)", "95% CI (independent means)",
-                   "paired per-seed estimate"], rows)
+    return _table(["variant", "optimizer", "interaction (nats)", "95% CI (independent means, Welch t)",
+                   "paired per-seed estimate, 95% CI (t, k−1 df)"], rows)
 
 
 def recovery_table(summary: Mapping[str, Any]) -> str:
     rows = [[r["fix"], r["base_norm"], r["optim"], _num(r["gap_base"], sign=True), _num(r["gap_fix"], sign=True),
-             "—" if r["share"] is None else f"{100 * r['share']:.1f}%",
-             "no interval" if r["ci95"] is None else f"[{100 * r['ci95'][0]:.1f}%, {100 * r['ci95'][1]:.1f}%]"]
+             _pct(r["share"]), _pct_ci(r["ci95"], r["ci_note"]),
+             _pct(r["interaction_share"]),
+             "—" if r["interaction"] is None else _pct_ci(r["interaction_ci95"], r["interaction_ci_note"])]
             for r in summary["recoveries"]]
-    return _table(["fix", "of", "optimizer", "gap of the norm", "gap of the fix", "recovered", "95% CI"], rows)
+    return _table(["fix", "of", "optimizer", "gap of the norm", "gap of the fix", "share of the gap recovered",
+                   "95% CI (Fieller)", "share of the interaction recovered", "95% CI (Fieller)"], rows)
+
+
+def _excludes_zero(ci: Sequence[float] | None) -> bool:
+    return ci is not None and (ci[0] > 0 or ci[1] < 0)
+
+
+def answer_paragraph(summary: Mapping[str, Any]) -> str:
+    """The short answer the report opens with: each norm's interaction with each optimizer
+    (with its interval and whether it excludes 0) and each fix's recovered shares."""
+    s = summary["settings"]
+    lines = []
+    for item in summary["interactions"]:
+        ci = item["ci95"]
+        verdict = ("no interval (1 seed)" if ci is None else
+                   "its 95% interval excludes 0" if _excludes_zero(ci) else "its 95% interval includes 0")
+        lines.append(f"- **{item['variant']} × {item['optim']}**: interaction {_num(item['value'], 3, True)} nats "
+                     f"{'' if ci is None else _ci(ci, 3) + ' '}({verdict}): the gap to {s['baseline_norm']} is "
+                     f"{'larger' if item['value'] > 0 else 'smaller'} under {item['optim']} than under "
+                     f"{item['reference_optim']}.")
+    for r in summary["recoveries"]:
+        if r["share"] is None:
+            continue
+        text = (f"- **{r['fix']}** (fix of {r['base_norm']}, under {r['optim']}): recovers {_pct(r['share'])} "
+                f"of the gap {_pct_ci(r['ci95'], r['ci_note'])}")
+        if r["interaction_share"] is not None:
+            text += f" and {_pct(r['interaction_share'])} of the interaction " \
+                    f"{_pct_ci(r['interaction_ci95'], r['interaction_ci_note'])}"
+        lines.append(text + ".")
+    if not lines:
+        return "No interaction or recovery is computable from these cells (see the notes)."
+    return "\n".join(lines)
 
 
 def cell_table(summary: Mapping[str, Any]) -> str:
@@ -194,20 +235,25 @@ def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
     parts = [
         "# normopt factorial report", "",
         (f"{len(cells)} cells, {kept} included, {len(cells) - kept} left out. Baseline norm: "
-         f"`{s['baseline_norm']}`; reference optimizer: `{s['reference_optim']}`. Losses in nats."), "",
+         f"`{s['baseline_norm']}`; reference optimizer: `{s['reference_optim']}`. Losses in nats "
+         f"(final validation loss). Intervals: {s['interval']}."), "",
+        "## Answer", "",
+        answer_paragraph(summary), "",
         "## Final eval loss and gap to the baseline", "",
         (f"mean ± sample std over seeds (n cells); gap = mean(norm) − mean({s['baseline_norm']}) under "
-         "the same optimizer, ± Welch standard error sqrt(s1²/n1 + s2²/n2)."), "",
+         "the same optimizer, with its 95% t interval (Welch-Satterthwaite degrees of freedom)."), "",
         main_table(summary), "",
         "## Interaction", "",
         (f"interaction = gap under the optimizer − gap under {s['reference_optim']} = "
-         "(L[n,O] − L[base,O]) − (L[n,ref] − L[base,ref]). 95% CI: ±1.96·sqrt(Σ s²/n) over the four "
-         "group means (independent means, normal approximation; anti-conservative with few seeds). "
-         "Paired: the same contrast per seed, over the seeds present in all four groups."), "",
+         "(L[n,O] − L[base,O]) − (L[n,ref] − L[base,ref]). 95% CI: t quantile with Welch-Satterthwaite "
+         "degrees of freedom × sqrt(Σ s²/n) over the four independent group means. Paired: the same "
+         "contrast per seed over the seeds present in all four groups, t with k−1 degrees of freedom."), "",
         interaction_table(summary), "",
         "## Fix recovery", "",
-        ("recovered = (gap(norm, O) − gap(fix, O)) / gap(norm, O) under each non-reference optimizer; "
-         f"95% CI by the delta method. Fixes: {fixes}; an arm of a norm is a fix of that norm."), "",
+        ("gain = L[norm, O] − L[fix, O]; share of the gap = gain / gap(norm, O); share of the interaction "
+         "= gain / interaction(norm, O) (needs the norm's cells under the reference optimizer). Both are "
+         "ratios, so their 95% intervals are Fieller's (unbounded, hence not given, when the denominator's "
+         f"own interval contains 0). Fixes: {fixes}; an arm of a norm is a fix of that norm."), "",
         recovery_table(summary), "",
         "## Plots", "",
     ]
@@ -291,7 +337,9 @@ def report_main(argv: Sequence[str] | None = None) -> int:
 
 
 def print_summary(summary: Mapping[str, Any]) -> None:
-    """The main table, interactions and fix recoveries, left-out cells, files written."""
+    """The answer, the main table, interactions and fix recoveries, left-out cells, files written."""
+    print(answer_paragraph(summary))
+    print()
     print(main_table(summary))
     if summary["interactions"]:
         print()

@@ -4,10 +4,17 @@ Definitions (the docstrings below give the formulas):
 
 * group = the included cells of one (variant, optimizer); variant = the norm, or
   ``norm[arm]`` for an arm; statistics over a group's cells (its seeds): mean, sample std;
-* gap(v, O) = mean(v, O) - mean(baseline, O), standard error from Welch's formula;
-* interaction(v, O) = gap(v, O) - gap(v, reference); 95% interval by a normal approximation
-  over the four independent means, plus a paired per-seed estimate where seeds match;
-* recovered share of a fix F of norm n under O = (gap(n, O) - gap(F, O)) / gap(n, O).
+* gap(v, O) = mean(v, O) - mean(baseline, O), with a Welch t interval;
+* interaction(v, O) = gap(v, O) - gap(v, reference), with a t interval from the four
+  independent means (Welch-Satterthwaite degrees of freedom), plus a paired per-seed
+  estimate (t with k - 1 degrees of freedom) where seeds match;
+* recovered share of a fix F of norm n under O, of the gap: (gap(n, O) - gap(F, O)) / gap(n, O),
+  and of the interaction: (gap(n, O) - gap(F, O)) / interaction(n, O), each with Fieller's
+  interval for a ratio.
+
+Every interval is a two-sided 95% interval that holds its coverage at 2-5 seeds under
+normal seed-to-seed variation (:mod:`normopt.experiments.student_t`); with one seed in a
+group there is no interval, and the summary says so once.
 
 Cells that are missing, diverged, stopped early or cannot be placed (see
 :func:`normopt.experiments.cells.assess_cell`) are listed with their flags and left out of
@@ -32,8 +39,10 @@ from normopt.experiments.cells import (
     assign_arms,
     fix_base,
 )
+from normopt.experiments.student_t import LEVEL, fieller_interval, t_interval, welch_df
 
-Z95 = statistics.NormalDist().inv_cdf(0.975)  # 1.95996...: two-sided 95% normal quantile
+INTERVAL_METHOD = ("95% t intervals: Welch-Satterthwaite degrees of freedom for independent means, "
+                   "k-1 for paired per-seed contrasts, Fieller's interval for recovered shares")
 DEFAULT_FIXES: dict[str, str] = {"derf_ema": "derf"}
 NORM_ORDER = ("rmsnorm", "dyt", "derf", "derf_ema")
 OPTIM_ORDER = ("adamw", "muon", "normuon")
@@ -72,54 +81,108 @@ def describe(values: Sequence[float], seeds: Sequence[int | None] = ()) -> Group
     )
 
 
-def normal_interval(value: float, se: float | None, z: float = Z95) -> tuple[float, float] | None:
-    """value -/+ z * se (z = 1.96 for 95%); None without a standard error."""
-    return None if se is None else (value - z * se, value + z * se)
+@dataclass(frozen=True)
+class Contrast:
+    """C = sum_i c_i mean_i over independent groups: its value, standard error
+    se = sqrt(sum_i c_i^2 s_i^2 / n_i), Welch-Satterthwaite degrees of freedom and 95% t
+    interval (se, df and ci None when a group has n < 2: its variance is unknown)."""
+
+    value: float
+    se: float | None
+    df: float | None
+    ci95: tuple[float, float] | None
 
 
-def contrast(terms: Sequence[tuple[float, GroupStats]]) -> tuple[float, float | None]:
-    """A linear contrast of independent group means, C = sum_i c_i * mean_i, with standard
-    error se(C) = sqrt(sum_i c_i^2 * s_i^2 / n_i) (s_i the sample std; for C = mean_1 - mean_2
-    this is Welch's se). se is None when any group has n < 2: its variance is unknown."""
+def contrast(terms: Sequence[tuple[float, GroupStats]]) -> Contrast:
+    """The contrast of ``terms`` = [(c_i, group_i), ...] (see :class:`Contrast`)."""
     value = sum(c * g.mean for c, g in terms)
     if any(g.n < 2 for _, g in terms):
-        return value, None
-    return value, math.sqrt(sum(c * c * g.std ** 2 / g.n for c, g in terms))
+        return Contrast(value, None, None, None)
+    weights = [c * c * g.std ** 2 / g.n for c, g in terms]
+    se = math.sqrt(sum(weights))
+    df = welch_df(weights, [g.n for _, g in terms])
+    return Contrast(value, se, df, t_interval(value, se, df))
+
+
+def _common_seeds(groups: Sequence[GroupStats]) -> list[int]:
+    return sorted(set.intersection(*(set(g.by_seed) for g in groups))) if groups else []
 
 
 def paired_contrast(terms: Sequence[tuple[float, GroupStats]]) -> dict[str, Any] | None:
     """The same contrast per seed, over the seeds present in every group:
-    d_s = sum_i c_i * x_{i,s}; estimate mean(d), se = stdev(d) / sqrt(k), k = number of seeds.
-    Pairing removes variation that a seed shares across cells (data order, init draws).
-    None when no seed is common to all groups; se None when k = 1."""
-    common = set.intersection(*(set(g.by_seed) for _, g in terms))
+    d_s = sum_i c_i * x_{i,s}; estimate mean(d), se = stdev(d) / sqrt(k), 95% t interval with
+    k - 1 degrees of freedom, k = number of seeds. Pairing removes variation that a seed
+    shares across cells (data order, init draws). None when no seed is common to all
+    groups; se None when k = 1."""
+    common = _common_seeds([g for _, g in terms])
     if not common:
         return None
-    per_seed = {s: sum(c * g.by_seed[s] for c, g in terms) for s in sorted(common)}
+    per_seed = {s: sum(c * g.by_seed[s] for c, g in terms) for s in common}
     d = list(per_seed.values())
-    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) >= 2 else None
+    k = len(d)
+    se = statistics.stdev(d) / math.sqrt(k) if k >= 2 else None
     value = statistics.fmean(d)
-    return {"n_seeds": len(d), "value": value, "se": se, "ci95": normal_interval(value, se),
+    return {"n_seeds": k, "value": value, "se": se, "df": k - 1 if k >= 2 else None,
+            "ci95": t_interval(value, se, k - 1 if k >= 2 else None),
             "per_seed": {str(s): v for s, v in per_seed.items()}}
 
 
-def recovery_share(base: GroupStats, fix: GroupStats, baseline: GroupStats) -> tuple[float | None, float | None]:
-    """Share of the base norm's gap a fix recovers, R = (gap_n - gap_F) / gap_n
-    = (a - c) / (a - b) with a = mean(base norm), b = mean(baseline), c = mean(fix).
-    Its se is the delta method over the three independent means:
-    var(R) = (dR/da)^2 va + (dR/db)^2 vb + (dR/dc)^2 vc, dR/da = (c - b) / (a - b)^2,
-    dR/db = (a - c) / (a - b)^2, dR/dc = -1 / (a - b), v = s^2 / n. R is None when gap_n = 0;
-    se is None when a group has n < 2."""
-    a, b, c = base.mean, baseline.mean, fix.mean
-    gap = a - b
-    if gap == 0:
-        return None, None
-    share = (a - c) / gap
-    if min(base.n, fix.n, baseline.n) < 2:
-        return share, None
-    grads = ((c - b) / gap ** 2, (a - c) / gap ** 2, -1.0 / gap)
-    variances = (base.std ** 2 / base.n, baseline.std ** 2 / baseline.n, fix.std ** 2 / fix.n)
-    return share, math.sqrt(sum(g * g * v for g, v in zip(grads, variances)))
+def ratio_of_contrasts(numerator: Mapping[Any, float], denominator: Mapping[Any, float],
+                       groups: Mapping[Any, GroupStats]) -> dict[str, Any]:
+    """R = N / D for two contrasts of the same independent group means, N = sum_i a_i m_i,
+    D = sum_i b_i m_i (coefficients keyed by group), with Fieller's 95% interval:
+    var N = sum a_i^2 v_i, var D = sum b_i^2 v_i, cov = sum a_i b_i v_i (v_i = s_i^2 / n_i),
+    degrees of freedom Welch-Satterthwaite for N - R D at the estimate. ``ci95`` is None
+    with a ``reason`` when a group has n < 2, or when D is not distinguishable from 0 (the
+    Fieller set is then unbounded)."""
+    keys = set(numerator) | set(denominator)
+    a = {k: numerator.get(k, 0.0) for k in keys}
+    b = {k: denominator.get(k, 0.0) for k in keys}
+    num = sum(a[k] * groups[k].mean for k in keys)
+    den = sum(b[k] * groups[k].mean for k in keys)
+    out: dict[str, Any] = {"value": None if den == 0 else num / den, "ci95": None, "df": None, "reason": None}
+    if den == 0:
+        out["reason"] = "the denominator is 0"
+        return out
+    if any(groups[k].n < 2 for k in keys):
+        out["reason"] = "n=1 in a group"
+        return out
+    v = {k: groups[k].std ** 2 / groups[k].n for k in keys}
+    ratio = num / den
+    df = welch_df([(a[k] - ratio * b[k]) ** 2 * v[k] for k in keys], [groups[k].n for k in keys])
+    if df is None:
+        out["ci95"], out["df"] = (ratio, ratio), None
+        return out
+    ci = fieller_interval(num, den, sum(a[k] ** 2 * v[k] for k in keys), sum(b[k] ** 2 * v[k] for k in keys),
+                          sum(a[k] * b[k] * v[k] for k in keys), df)
+    out.update(ci95=ci, df=df, reason=None if ci is not None else "unbounded: the denominator's interval contains 0")
+    return out
+
+
+def paired_ratio(numerator: Mapping[Any, float], denominator: Mapping[Any, float],
+                 groups: Mapping[Any, GroupStats]) -> dict[str, Any] | None:
+    """R = mean(N_s) / mean(D_s) over the seeds common to every group, with Fieller's
+    interval from the per-seed sample (co)variances / k and k - 1 degrees of freedom."""
+    keys = sorted(set(numerator) | set(denominator))
+    common = _common_seeds([groups[k] for k in keys])
+    if not common:
+        return None
+    n_s = [sum(c * groups[k].by_seed[s] for k, c in numerator.items()) for s in common]
+    d_s = [sum(c * groups[k].by_seed[s] for k, c in denominator.items()) for s in common]
+    k = len(common)
+    num, den = statistics.fmean(n_s), statistics.fmean(d_s)
+    out: dict[str, Any] = {"n_seeds": k, "value": None if den == 0 else num / den, "ci95": None, "reason": None}
+    if den == 0:
+        out["reason"] = "the denominator is 0"
+    elif k < 2:
+        out["reason"] = "1 seed"
+    else:
+        var_n, var_d = statistics.variance(n_s) / k, statistics.variance(d_s) / k
+        cov = statistics.covariance(n_s, d_s) / k
+        out["ci95"] = fieller_interval(num, den, var_n, var_d, cov, k - 1)
+        if out["ci95"] is None:
+            out["reason"] = "unbounded: the denominator's interval contains 0"
+    return out
 
 
 def ema_smooth(values: Sequence[float], beta: float) -> list[float]:
@@ -192,59 +255,74 @@ def _usable(groups: Groups, keys: Sequence[tuple[str, str]], label: str, notes: 
     return not empty
 
 
-def _note_small(groups: Groups, keys: Sequence[tuple[str, str]], label: str, notes: list[str]) -> None:
-    """With n = 1 a group's variance is unknown: say that the estimate has no interval."""
-    small = ["/".join(k) for k in keys if groups[k].n < 2]
-    if small:
-        notes.append(f"{label}: no interval (n=1 in {', '.join(small)})")
+def one_seed_note(groups: Groups) -> str | None:
+    """One sentence for the groups whose variance is unknown (n = 1), or None."""
+    single = ["/".join(k) for k, g in groups.items() if g.n == 1]
+    if not single:
+        return None
+    if len(single) == sum(1 for g in groups.values() if g.n > 0):
+        return ("1 seed per cell: every gap, interaction and share below is an estimate without "
+                "an interval (an interval needs at least 2 seeds per group).")
+    return (f"1 seed in {', '.join(single)}: contrasts involving these groups are estimates without "
+            f"an interval (an interval needs at least 2 seeds per group).")
 
 
 def compute_gaps(groups: Groups, variants: Sequence[str], optims: Sequence[str], base: str,
                  notes: list[str]) -> list[dict[str, Any]]:
-    """gap(v, O) = mean(v, O) - mean(base, O), se = sqrt(s_v^2/n_v + s_b^2/n_b) (Welch)."""
+    """gap(v, O) = mean(v, O) - mean(base, O), se = sqrt(s_v^2/n_v + s_b^2/n_b), 95% t interval
+    with Welch-Satterthwaite degrees of freedom."""
     gaps = []
     for variant in variants:
         for optim in optims:
             if variant == base or (variant, optim) not in groups:
                 continue
             keys = [(variant, optim), (base, optim)]
-            label = f"gap {variant} vs {base} under {optim}"
-            if not _usable(groups, keys, label, notes):
+            if not _usable(groups, keys, f"gap {variant} vs {base} under {optim}", notes):
                 continue
-            value, se = contrast([(1.0, groups[keys[0]]), (-1.0, groups[keys[1]])])
-            _note_small(groups, keys, label, notes)
-            gaps.append({"variant": variant, "optim": optim, "baseline": base, "value": value, "se": se,
-                         "ci95": normal_interval(value, se), "n": [groups[k].n for k in keys]})
+            c = contrast([(1.0, groups[keys[0]]), (-1.0, groups[keys[1]])])
+            gaps.append({"variant": variant, "optim": optim, "baseline": base, "value": c.value, "se": c.se,
+                         "df": c.df, "ci95": c.ci95, "n": [groups[k].n for k in keys]})
     return gaps
+
+
+def _interaction_terms(variant: str, optim: str, base: str, reference: str) -> dict[tuple[str, str], float]:
+    """The coefficients of L[v,O] - L[base,O] - L[v,ref] + L[base,ref]."""
+    return {(variant, optim): 1.0, (base, optim): -1.0, (variant, reference): -1.0, (base, reference): 1.0}
 
 
 def compute_interactions(groups: Groups, variants: Sequence[str], optims: Sequence[str], base: str,
                          reference: str, notes: list[str]) -> list[dict[str, Any]]:
     """interaction(v, O) = (L[v,O] - L[base,O]) - (L[v,ref] - L[base,ref]) for O != ref, with a
-    95% normal interval from the four independent means and the paired per-seed estimate."""
+    95% t interval from the four independent means (Welch-Satterthwaite degrees of freedom)
+    and the paired per-seed estimate (t, k - 1 degrees of freedom)."""
     items = []
     for variant in variants:
         for optim in optims:
             if variant == base or optim == reference or (variant, optim) not in groups:
                 continue
-            keys = [(variant, optim), (base, optim), (variant, reference), (base, reference)]
-            label = f"interaction {variant} x {optim}"
-            if not _usable(groups, keys, label, notes):
+            coefficients = _interaction_terms(variant, optim, base, reference)
+            if not _usable(groups, list(coefficients), f"interaction {variant} x {optim}", notes):
                 continue
-            terms = [(c, groups[k]) for c, k in zip((1.0, -1.0, -1.0, 1.0), keys)]
-            value, se = contrast(terms)
-            _note_small(groups, keys, label, notes)
+            terms = [(c, groups[k]) for k, c in coefficients.items()]
+            c = contrast(terms)
             items.append({
-                "variant": variant, "optim": optim, "reference_optim": reference, "value": value, "se": se,
-                "ci95": normal_interval(value, se), "n": [groups[k].n for k in keys],
-                "method": "independent means, normal approximation", "paired": paired_contrast(terms)})
+                "variant": variant, "optim": optim, "reference_optim": reference, "value": c.value, "se": c.se,
+                "df": c.df, "ci95": c.ci95, "n": [groups[k].n for k in coefficients],
+                "method": "independent means, Welch t", "paired": paired_contrast(terms)})
     return items
 
 
 def compute_recoveries(groups: Groups, fixes_of: Mapping[str, str], optims: Sequence[str], base: str,
                        reference: str, notes: list[str]) -> list[dict[str, Any]]:
-    """For each fix F of norm n (``fixes_of[F] = n``) and optimizer O != ref: the recovered share
-    (gap(n, O) - gap(F, O)) / gap(n, O), with a delta-method 95% normal interval."""
+    """For each fix F of norm n (``fixes_of[F] = n``) and optimizer O != ref, the fix's gain
+    L[n,O] - L[F,O] as a share of
+
+    * n's gap under O:                  share = (L[n,O] - L[F,O]) / (L[n,O] - L[base,O]);
+    * n's interaction with O (if n has cells under ref):
+      interaction_share = (L[n,O] - L[F,O]) / ((L[n,O] - L[base,O]) - (L[n,ref] - L[base,ref])),
+
+    each with Fieller's 95% interval over independent means and, where seeds match, over
+    per-seed paired contrasts (``paired`` / ``interaction_paired``)."""
     items = []
     for fix, target in fixes_of.items():
         for optim in optims:
@@ -254,19 +332,27 @@ def compute_recoveries(groups: Groups, fixes_of: Mapping[str, str], optims: Sequ
             label = f"recovery of {target}'s gap by {fix} under {optim}"
             if not _usable(groups, keys, label, notes):
                 continue
-            g_n, g_f, g_b = (groups[k] for k in keys)
-            share, se = recovery_share(g_n, g_f, g_b)
-            gap_n, gap_se = contrast([(1.0, g_n), (-1.0, g_b)])
-            if share is None:
+            gain = {(target, optim): 1.0, (fix, optim): -1.0}
+            gap = {(target, optim): 1.0, (base, optim): -1.0}
+            share = ratio_of_contrasts(gain, gap, groups)
+            gap_n = contrast([(1.0, groups[keys[0]]), (-1.0, groups[keys[2]])])
+            if share["value"] is None:
                 notes.append(f"{label}: {target} has no gap to recover")
-            elif gap_se is not None and abs(gap_n) < 2 * gap_se:
-                notes.append(f"{label}: {target}'s gap is within 2 se of 0, the share is unreliable")
-            _note_small(groups, keys, label, notes)
-            items.append({
-                "fix": fix, "base_norm": target, "optim": optim, "gap_base": gap_n,
-                "gap_fix": g_f.mean - g_b.mean, "share": share, "se": se,
-                "ci95": None if share is None else normal_interval(share, se),
-                "method": "delta method, normal approximation"})
+            item = {"fix": fix, "base_norm": target, "optim": optim, "gap_base": gap_n.value,
+                    "gap_fix": groups[keys[1]].mean - groups[keys[2]].mean,
+                    "share": share["value"], "ci95": share["ci95"], "df": share["df"],
+                    "ci_note": share["reason"], "paired": paired_ratio(gain, gap, groups),
+                    "interaction": None, "interaction_share": None, "interaction_ci95": None,
+                    "interaction_ci_note": None, "interaction_paired": None,
+                    "method": "Fieller's interval (t, Welch-Satterthwaite df; paired: k-1 df)"}
+            inter = _interaction_terms(target, optim, base, reference)
+            if all(k in groups and groups[k].n for k in inter):
+                ratio = ratio_of_contrasts(gain, inter, groups)
+                item.update(interaction=sum(c * groups[k].mean for k, c in inter.items()),
+                            interaction_share=ratio["value"], interaction_ci95=ratio["ci95"],
+                            interaction_ci_note=ratio["reason"],
+                            interaction_paired=paired_ratio(gain, inter, groups))
+            items.append(item)
     return items
 
 
@@ -305,12 +391,14 @@ def build_summary(cells: Sequence[Cell], *, baseline_norm: str = "rmsnorm", refe
         if cell.diagnostics is not None and cell.diagnostics.partial_last_line:
             notes.append(f"{cell.name}: skipped an unterminated last line of diagnostics.jsonl")
 
+    if (note := one_seed_note(groups)) is not None:
+        notes.insert(0, note)
     gaps = compute_gaps(groups, variants, optims, baseline_norm, notes)
     interactions = compute_interactions(groups, variants, optims, baseline_norm, reference_optim, notes)
     recoveries = compute_recoveries(groups, fixes_of, optims, baseline_norm, reference_optim, notes)
     return {
         "settings": {"baseline_norm": baseline_norm, "reference_optim": reference_optim, "fixes": fixes,
-                     "divergence_nats": divergence_nats, "interval": "95% normal approximation (z=1.96)"},
+                     "divergence_nats": divergence_nats, "interval": INTERVAL_METHOD, "level": LEVEL},
         "variants": variants,
         "optims": optims,
         "cells": [_cell_record(c, a, fixes_of.get(c.variant) if c.norm else None) for c, a in assessed],

@@ -4,19 +4,26 @@ Derf is bounded like DyT but saturates faster (erf approaches +-1 sooner than ta
 makes it sensitive to the growth of activations: large inputs are compressed (saturation)
 and their magnitude is discarded (scale blindness).
 
-``derf_ema`` reintroduces a running estimate of the input scale. With x the layer input,
-r a running mean of E[x^2] and lambda the blend weight:
+``derf_ema`` reintroduces a running estimate of how much the input scale has grown since
+the layer started. With x the layer input, m the EMA momentum, lambda the blend weight and
+v_t = mean(x^2) over the global batch of optimizer step t (every micro-batch, every rank):
 
-    r_t = m * r_{t-1} + (1 - m) * mean_over_global_batch(x^2)     (once per optimizer step)
-    c   = (1 - lambda) + lambda * sqrt(r)
-    y   = g * erf(alpha * x / c + s) + b
+    r_t  = m r_{t-1} + (1 - m) v_t,   r_0 = 0            (once per optimizer step)
+    rh_t = r_t / (1 - m^t)                               (bias-corrected EMA)
+    r*   = v_1                                           (the first committed statistic)
+    c    = (1 - lambda) + lambda sqrt(rh_t / r*)         (c = 1 before the first commit)
+    y    = g * erf(alpha x / c + s) + b
 
-r starts at 1, so a fresh layer is exactly Derf; as activations grow, c grows with them and
-large inputs are rescaled before erf saturates, while per-token magnitude differences (a
-token twice as large gives twice the argument) survive because c is shared by all tokens.
-r is a buffer: saved with the model, and updated from statistics averaged over every
-data-parallel rank and micro-batch of the step, so it is identical on every rank and the
-same for any number of ranks.
+c is unitless: multiplying every input by a constant leaves it unchanged, so the layer is
+scale-equivariant in its running statistic, starts as plain Derf (c = 1 until activations
+grow), and when the input RMS grows k-fold and stays there, c tends to (1 - lambda) + lambda k.
+Large inputs are then rescaled before erf saturates, while per-token magnitude differences
+survive because c is shared by all tokens. alpha / c is the layer's effective alpha.
+
+The statistics are float64 buffers (a float32 EMA drifts by ~eps / (1 - m) from a constant
+input), saved with the model and updated from statistics averaged over every data-parallel
+rank and micro-batch of the step, so they are identical on every rank and the same for any
+number of ranks.
 """
 
 from __future__ import annotations
@@ -27,15 +34,13 @@ from torch import nn
 
 
 def derf(x: torch.Tensor, alpha: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
-         bias: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """y = g * erf(alpha * x / scale + s) + b, evaluated in float32."""
+         bias: torch.Tensor | None, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """y = g * erf(alpha * x / scale + s) (+ b), evaluated in float32."""
     arg = alpha.float() * (x.float() / scale) + shift.float()
-    return (torch.erf(arg) * weight.float() + bias.float()).to(x.dtype)
-
-
-def blended_scale(running_mean_square: torch.Tensor, blend: float) -> torch.Tensor:
-    """c = (1 - lambda) + lambda * sqrt(r)."""
-    return (1.0 - blend) + blend * running_mean_square.sqrt()
+    y = torch.erf(arg) * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
 
 
 def ema_update(running: torch.Tensor, observed: torch.Tensor, momentum: float) -> torch.Tensor:
@@ -43,59 +48,95 @@ def ema_update(running: torch.Tensor, observed: torch.Tensor, momentum: float) -
     return running * momentum + observed * (1.0 - momentum)
 
 
-class Derf(nn.Module):
-    """g * erf(a x + s) + b with learnable scalars a, s (shape (1,)) and per-feature g, b."""
+def blended_scale(running: torch.Tensor, reference: torch.Tensor, commits: torch.Tensor,
+                  momentum: float, blend: float) -> torch.Tensor:
+    """c = (1 - lambda) + lambda sqrt(rh / r*) with rh = r / (1 - m^n) after n >= 1 commits;
+    c = 1 before the first commit (n = 0) or when r* = 0 (an all-zero first input)."""
+    started = (commits > 0) & (reference > 0)
+    corrected = running / (1.0 - momentum ** commits.clamp(min=1))
+    ratio = torch.where(started, corrected / torch.where(started, reference, torch.ones_like(reference)),
+                        torch.ones_like(running))
+    return (1.0 - blend) + blend * ratio.sqrt()
 
-    def __init__(self, dim: int, alpha_init: float = 0.5, shift_init: float = 0.0):
+
+class Derf(nn.Module):
+    """g * erf(a x + s) + b with learnable scalars a, s (shape (1,)) and per-feature g and
+    (with ``bias``, as in Derf's reference code) b."""
+
+    def __init__(self, dim: int, alpha_init: float = 0.5, shift_init: float = 0.0, bias: bool = True):
         super().__init__()
         self.alpha_init, self.shift_init = alpha_init, shift_init
         self.alpha = nn.Parameter(torch.full((1,), alpha_init))
         self.shift = nn.Parameter(torch.full((1,), shift_init))
         self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def input_scale(self) -> torch.Tensor | float:
+        """The divisor of x inside erf: 1 for plain Derf."""
+        return 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return derf(x, self.alpha, self.shift, self.weight, self.bias)
+        return derf(x, self.alpha, self.shift, self.weight, self.bias, self.input_scale())
 
     def reset_parameters(self) -> None:
         nn.init.constant_(self.alpha, self.alpha_init)
         nn.init.constant_(self.shift, self.shift_init)
         nn.init.ones_(self.weight)
-        nn.init.zeros_(self.bias)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, alpha_init={self.alpha_init}, shift_init={self.shift_init}"
+        return (f"{self.weight.shape[0]}, alpha_init={self.alpha_init}, shift_init={self.shift_init}, "
+                f"bias={self.bias is not None}")
 
 
 class DerfEMA(Derf):
-    """Derf whose argument is divided by a blended running input scale (see module doc).
+    """Derf whose argument is divided by the blended growth of its input scale (module doc).
 
-    In training mode each forward adds E[x^2] of its micro-batch to a pending sum; the
-    trainer folds the pending statistics into ``running_mean_square`` once per optimizer
-    step with :func:`commit_running_scales`, which averages them over all ranks.
+    In training mode each forward adds mean(x^2) of its micro-batch to a pending sum; the
+    trainer folds the pending statistics into the running estimate once per optimizer step
+    with :func:`commit_running_scales`, which averages them over all ranks.
     """
 
     def __init__(self, dim: int, alpha_init: float = 0.5, shift_init: float = 0.0,
-                 momentum: float = 0.99, blend: float = 0.5):
-        super().__init__(dim, alpha_init, shift_init)
+                 momentum: float = 0.99, blend: float = 0.5, bias: bool = True):
+        super().__init__(dim, alpha_init, shift_init, bias)
         self.momentum, self.blend = momentum, blend
-        self.register_buffer("running_mean_square", torch.ones(1))
-        self.register_buffer("pending_sum", torch.zeros(1), persistent=False)
-        self.register_buffer("pending_count", torch.zeros(1), persistent=False)
+        f64 = torch.float64
+        self.register_buffer("running_mean_square", torch.zeros(1, dtype=f64))  # r (not bias-corrected)
+        self.register_buffer("reference_mean_square", torch.zeros(1, dtype=f64))  # r*
+        self.register_buffer("commits", torch.zeros(1, dtype=f64))  # n
+        self.register_buffer("pending_sum", torch.zeros(1, dtype=f64), persistent=False)
+        self.register_buffer("pending_count", torch.zeros(1, dtype=f64), persistent=False)
+
+    def input_scale(self) -> torch.Tensor:
+        return blended_scale(self.running_mean_square, self.reference_mean_square, self.commits,
+                             self.momentum, self.blend).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             with torch.no_grad():
-                self.pending_sum += x.detach().float().pow(2).mean()
+                self.pending_sum += x.detach().float().pow(2).mean().double()
                 self.pending_count += 1
-        scale = blended_scale(self.running_mean_square, self.blend)
-        return derf(x, self.alpha, self.shift, self.weight, self.bias, scale)
+        return super().forward(x)
+
+    def commit(self, total: torch.Tensor, count: torch.Tensor) -> None:
+        """Fold the step's statistic v = total / count into r and record r* on the first
+        commit; a step with no forward (count 0) changes nothing. Tensor ops only, so a
+        step costs no host synchronisation."""
+        seen = count > 0
+        observed = total / count.clamp(min=1)
+        first = seen & (self.commits == 0)
+        self.reference_mean_square.copy_(torch.where(first, observed, self.reference_mean_square))
+        self.running_mean_square.copy_(torch.where(
+            seen, ema_update(self.running_mean_square, observed, self.momentum), self.running_mean_square))
+        self.commits.add_(seen.to(self.commits.dtype))
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        self.running_mean_square.fill_(1.0)
-        self.pending_sum.zero_()
-        self.pending_count.zero_()
+        for buffer in (self.running_mean_square, self.reference_mean_square, self.commits,
+                       self.pending_sum, self.pending_count):
+            buffer.zero_()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, momentum={self.momentum}, blend={self.blend}"
@@ -103,7 +144,7 @@ class DerfEMA(Derf):
 
 @torch.no_grad()
 def commit_running_scales(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
-    """Fold every DerfEMA layer's pending E[x^2] into its running estimate.
+    """Fold every DerfEMA layer's pending statistics into its running estimate.
 
     One all-reduce carries all layers' statistics, so the buffers stay identical on every
     rank. Call it once per optimizer step, on every rank.
@@ -115,9 +156,6 @@ def commit_running_scales(model: nn.Module, group: dist.ProcessGroup | None = No
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
     for layer, (total, count) in zip(layers, stats):
-        if count > 0:
-            layer.running_mean_square.copy_(
-                ema_update(layer.running_mean_square, total / count, layer.momentum)
-            )
+        layer.commit(total, count)
         layer.pending_sum.zero_()
         layer.pending_count.zero_()

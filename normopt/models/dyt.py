@@ -6,22 +6,25 @@ import torch
 from torch import nn
 
 
-def dyt(x: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """y = g * tanh(alpha * x) + b, evaluated in float32 so bf16 inputs stay accurate."""
-    y = torch.tanh(alpha.float() * x.float())
-    return (y * weight.float() + bias.float()).to(x.dtype)
+def dyt(x: torch.Tensor, alpha: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = g * tanh(alpha * x) (+ b), evaluated in float32 so bf16 inputs stay accurate."""
+    y = torch.tanh(alpha.float() * x.float()) * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
 
 
 class DyT(nn.Module):
     """g * tanh(a x) + b with a learnable scalar a (shape (1,) so FSDP can shard it) and
-    per-feature g, b."""
+    per-feature g and (with ``bias``) b. DyT's LLaMA reference code has no b; its paper's
+    formula and vision models keep it."""
 
-    def __init__(self, dim: int, alpha_init: float = 0.5):
+    def __init__(self, dim: int, alpha_init: float = 0.5, bias: bool = True):
         super().__init__()
         self.alpha_init = alpha_init
         self.alpha = nn.Parameter(torch.full((1,), alpha_init))
         self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dyt(x, self.alpha, self.weight, self.bias)
@@ -29,7 +32,8 @@ class DyT(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.constant_(self.alpha, self.alpha_init)
         nn.init.ones_(self.weight)
-        nn.init.zeros_(self.bias)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, alpha_init={self.alpha_init}"
+        return f"{self.weight.shape[0]}, alpha_init={self.alpha_init}, bias={self.bias is not None}"

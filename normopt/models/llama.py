@@ -64,10 +64,17 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """With ``args.embed_scale`` set, the token embedding is multiplied by a learnable scalar
+    initialised to it (the DyT and Derf reference models use sqrt(dim): bounded norms have no
+    statistics to undo the embedding's small scale, so without it the first norm sees inputs
+    of RMS ~init_std and alpha acts sqrt(dim) times weaker)."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # shape (1,), not (), so that FSDP2 can shard it like the norms' scalars
+        self.embed_scale = None if args.embed_scale is None else nn.Parameter(torch.full((1,), args.embed_scale))
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = build_norm(args, "final")
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
@@ -84,6 +91,8 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits of shape (batch, seq, vocab) for token ids of shape (batch, seq)."""
         h = self.tok_embeddings(tokens)
+        if self.embed_scale is not None:
+            h = h * self.embed_scale
         cos, sin = self.rope(tokens.shape[1], tokens.device)
         for layer in self.layers:
             h = layer(h, cos, sin)
@@ -96,6 +105,8 @@ class Transformer(nn.Module):
         std = self.args.init_std
         out_std = std / math.sqrt(2 * self.args.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, std=std)
+        if self.embed_scale is not None:
+            self.embed_scale.fill_(self.args.embed_scale)
         for layer in self.layers:
             for linear in (layer.attn.wq, layer.attn.wk, layer.attn.wv, layer.ffn.w1, layer.ffn.w3):
                 nn.init.normal_(linear.weight, std=std)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from normopt.models.norms import REFERENCE_BIAS, reference_alpha, reference_embed_scale
+
 NAMING_VOCAB = 32768
 
 
@@ -32,6 +34,8 @@ class ModelArgs:
     derf_shift_init: float = 0.0
     derf_ema_momentum: float = 0.99
     derf_ema_blend: float = 0.5
+    norm_bias: bool = True  # DyT/Derf keep a per-feature bias b
+    embed_scale: float | None = None  # learnable scalar on the token embedding, its init
 
     @property
     def head_dim(self) -> int:
@@ -58,7 +62,8 @@ PRESETS: dict[str, ModelArgs] = {
 
 def resolve_model_args(model_cfg, vocab_size: int) -> ModelArgs:
     """The preset's ModelArgs with every ``model`` config key of the same name that is set
-    (shape overrides are None unless given)."""
+    (shape overrides are None unless given), and ``auto`` alpha inits, norm bias and
+    embedding scale resolved to the reference values of the norm (see ``models.norms``)."""
     base = PRESETS[model_cfg.preset]
     overrides = {f.name: getattr(model_cfg, f.name) for f in fields(ModelArgs)
                  if getattr(model_cfg, f.name, None) is not None}
@@ -68,31 +73,45 @@ def resolve_model_args(model_cfg, vocab_size: int) -> ModelArgs:
     n_heads = overrides.get("n_heads", base.n_heads)
     if "n_kv_heads" not in overrides and n_heads % base.n_kv_heads:
         overrides["n_kv_heads"] = n_heads  # the preset's grouping no longer fits: plain MHA
+    norm, dim = overrides.get("norm", base.norm), overrides.get("dim", base.dim)
+    for location in ("attn", "ffn", "final"):
+        key = f"alpha_init_{location}"
+        if overrides.get(key) == "auto":
+            overrides[key] = reference_alpha(norm, location)
+    if overrides.get("norm_bias") == "auto":
+        overrides["norm_bias"] = REFERENCE_BIAS[norm]
+    scale = overrides.pop("embed_scale", None)
+    overrides["embed_scale"] = (reference_embed_scale(norm, dim) if scale == "auto"
+                                else None if scale in (None, "none") else float(scale))
     return replace(base, **overrides, vocab_size=vocab_size)
 
 
-def norm_param_count(norm: str, dim: int) -> int:
+def norm_param_count(norm: str, dim: int, bias: bool = True) -> int:
     """Learnable parameters of one norm layer over ``dim`` features."""
+    b = dim if bias else 0
     return {
         "rmsnorm": dim,  # gain g
-        "dyt": 2 * dim + 1,  # g, b, alpha
-        "derf": 2 * dim + 2,  # g, b, alpha, shift
-        "derf_ema": 2 * dim + 2,  # as derf; the running scale is a buffer
+        "dyt": dim + b + 1,  # g, b, alpha
+        "derf": dim + b + 2,  # g, b, alpha, shift
+        "derf_ema": dim + b + 2,  # as derf; the running statistics are buffers
     }[norm]
 
 
 def count_parameters(args: ModelArgs) -> int:
     """Analytic parameter count.
 
-    N = V d (embedding) + L [2 d^2 + 2 d n_kv h + 3 d f + 2 norm(d)] + norm(d) + [V d if untied]
+    N = V d (embedding) + [1 embedding scale] + L [2 d^2 + 2 d n_kv h + 3 d f + 2 norm(d)]
+        + norm(d) + [V d if untied]
     with h the head dim and f the SwiGLU hidden size.
     """
     d, kv = args.dim, args.n_kv_heads * args.head_dim
     attention = d * d * 2 + 2 * d * kv
     mlp = 3 * d * args.ffn_hidden
-    block = attention + mlp + 2 * norm_param_count(args.norm, d)
+    norm = norm_param_count(args.norm, d, args.norm_bias)
+    block = attention + mlp + 2 * norm
     head = 0 if args.tie_embeddings else args.vocab_size * d
-    return args.vocab_size * d + args.n_layers * block + norm_param_count(args.norm, d) + head
+    scale = 0 if args.embed_scale is None else 1
+    return args.vocab_size * d + scale + args.n_layers * block + norm + head
 
 
 def count_flops_per_token(args: ModelArgs, seq_len: int) -> float:

@@ -1,7 +1,8 @@
 """Sort a model's parameters into optimizer groups by role.
 
 Roles: ``matrix`` (the 2-D hidden weights of attention and MLP), ``head`` (an untied output
-projection), ``embedding`` (token embedding, and a tied head) and ``norm`` (norm gains and
+projection), ``embedding`` (token embedding, a tied head, and the embedding scale of
+bounded-norm models) and ``norm`` (norm gains and
 biases, DyT/Derf alpha and shift). Under Muon/NorMuon the matrices go to the Muon-family
 optimizer and everything else to AdamW; norms and embeddings take no weight decay unless
 ``optim.decay_norms_and_embeddings`` is set.
@@ -38,6 +39,8 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
     embedding_params = {
         id(p) for module in model.modules() if isinstance(module, nn.Embedding) for p in module.parameters()
     }
+    if getattr(model, "embed_scale", None) is not None:
+        embedding_params.add(id(model.embed_scale))
     roles = {}
     for name, p in model.named_parameters():
         if id(p) in norm_params:
