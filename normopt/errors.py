@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # Exit statuses of a training process, in one place for the CLI, runners and reports.
 USER_ERROR_EXIT_CODE = 2
-DIVERGED_EXIT_CODE = 3  # the loss became NaN/Inf; no checkpoint of the bad step was written
+DIVERGED_EXIT_CODE = 3  # the loss or gradient norm became NaN/Inf; stopped before that update
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; resume me
 
 

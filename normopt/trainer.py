@@ -226,9 +226,6 @@ class Trainer:
             window_tokens += tokens_per_step
             progress.update(1)
 
-            if not math.isfinite(loss):
-                raise TrainingDiverged(f"loss became {loss} at step {done}; stopping "
-                                       f"(last checkpoint kept untouched)")
             if done % t.log_interval == 0 or done == t.steps:
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_tokens / elapsed
@@ -276,16 +273,22 @@ class Trainer:
             loss.backward()
             loss_sum += loss.detach()
         grad_norm = float(clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
+        # one collective carries the loss and the stop request, before any weight changes:
+        # a non-finite loss or gradient norm (both identical on every rank) stops the run
+        # here, so no checkpoint ever holds the weights of a bad update
+        shared = torch.stack([loss_sum.float(), torch.tensor(float(self.stop_request.requested),
+                                                            device=loss_sum.device)])
+        all_reduce_sum(shared)
+        loss = float(shared[0]) / self.dist.world_size
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise TrainingDiverged(f"at step {step + 1} the loss is {loss} and the gradient norm {grad_norm}; "
+                                   f"stopping before the update (last checkpoint kept untouched)")
         self.optimizers.step()
         if diagnose and self.cfg.diagnostics.interval:
             self.diagnostics.after_optimizer_step(step + 1)
         self.optimizers.zero_grad()
         commit_running_scales(self.model)
-        # one collective carries the loss and the stop request
-        shared = torch.stack([loss_sum.float(), torch.tensor(float(self.stop_request.requested),
-                                                            device=loss_sum.device)])
-        all_reduce_sum(shared)
-        return float(shared[0]) / self.dist.world_size, grad_norm, bool(shared[1] > 0)
+        return loss, grad_norm, bool(shared[1] > 0)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, torch.Tensor | None]:

@@ -106,3 +106,23 @@ def test_damaged_checkpoint_exits_2_with_one_line(tmp_path, tiny_corpus):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "cannot load checkpoint" in lines[0], proc.stderr[-2000:]
+
+
+def test_nan_stops_before_the_update_and_every_checkpoint_is_finite(tmp_path, tiny_corpus):
+    """A huge lr makes the gradient norm non-finite within a few steps: the run exits 3 before
+    applying that update, so every checkpoint it wrote holds finite tensors."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    run_dir = tmp_path / "run"
+    proc = run_cli(tiny_run_args(run_dir, tiny_corpus, "optim.lr=1e4", "optim.grad_clip=0",
+                                 "checkpoint.interval=1", "checkpoint.keep_latest_k=100", "train.steps=12"))
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "stopping before the update" in proc.stderr
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert checkpoints, "the run stopped before its first checkpoint: raise train.steps or lower optim.lr"
+    for checkpoint in checkpoints:
+        dcp_to_torch_save(checkpoint, tmp_path / "full.pt")
+        state = torch.load(tmp_path / "full.pt", weights_only=False)  # a file this test just wrote
+        tensors = [t for t in state["model"].values() if torch.is_tensor(t)]
+        assert tensors and all(torch.isfinite(t.float()).all() for t in tensors), checkpoint.name
