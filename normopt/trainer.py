@@ -316,7 +316,10 @@ class Trainer:
 
     def _evaluate_and_log(self, step: int) -> float:
         eval_loss, buckets = self.evaluate()
-        self.metrics.log({"step": step, "eval_loss": eval_loss}, prefix="eval")
+        # the unigram entropy is the loss of the best model that ignores context: the
+        # report compares every cell's final loss with it
+        self.metrics.log({"step": step, "eval_loss": eval_loss, "unigram_entropy": self.data.unigram_entropy},
+                         prefix="eval")
         if buckets is not None:
             started = time.perf_counter()
             means, shares = bucket_losses(buckets)

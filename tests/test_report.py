@@ -368,3 +368,27 @@ def test_user_errors(tmp_path):
     (run_dir / "metrics.jsonl").write_text("[1, 2]\n{}\n")
     with pytest.raises(UserError, match="unreadable metrics line"):
         write_report(tmp_path / "single")
+
+
+def test_cells_that_learned_no_context_are_flagged(tmp_path):
+    """Eval lines carry the unigram entropy of the training tokens; a cell whose final loss
+    is not 0.1 nats below it is flagged (kept in the statistics) and named in one note and
+    in the report's answer."""
+    for (norm, optim), (final, _) in FINALS.items():
+        folder = write_cell(tmp_path, norm, optim, 0, final)
+        lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        for record in lines:
+            if "eval_loss" in record:
+                record["unigram_entropy"] = 3.35  # derf/muon (3.88) above, derf/adamw (3.30) within 0.1
+        (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    summary = write_report(tmp_path)
+    flagged = {c["name"] for c in summary["cells"] if c["learned_no_context"]}
+    assert flagged == {"derf-muon-s0", "derf-adamw-s0"}
+    assert by(summary["cells"], name="rmsnorm-adamw-s0")["unigram_entropy"] == 3.35
+    assert by(summary["groups"], variant="derf", optim="muon")["n"] == 1  # kept in the statistics
+    notes = [n for n in summary["notes"] if "learned almost no context" in n]
+    assert len(notes) == 1 and "2 of 8 cells" in notes[0]
+    report = (tmp_path / "report.md").read_text()
+    answer = report.split("## Answer", 1)[1].split("##", 1)[0]
+    assert "**Caution**: 2 of 8 cells learned almost no context" in answer
+    assert "+0.530 (learned no context)" in report  # 3.88 - 3.35 in the cell table

@@ -37,6 +37,11 @@ from normopt.metrics.jsonl import read_step_records
 # One nat is far beyond seed noise or a late-training bump (both are hundredths of a nat) and
 # far below the rise of a real divergence (the loss returns towards ln(vocab), several nats).
 DIVERGENCE_NATS = 1.0
+# A cell whose final eval loss is not at least this far below the unigram entropy of its
+# training tokens (the loss of the best model that ignores context) learned almost nothing
+# beyond token frequencies: it is kept in the statistics, but flagged, since gaps between
+# such cells measure noise more than the norm or the optimizer.
+CONTEXT_MARGIN_NATS = 0.1
 CELL_FILES = ("config.yaml", "cell.json", "metrics.jsonl")
 DIAGNOSTICS_FILE = "diagnostics.jsonl"
 FLAGS = ("missing", "diverged", "stopped_early", "unplaced")
@@ -65,6 +70,7 @@ class Metrics:
     evals: tuple[tuple[int, float], ...]  # eval_loss (step 0 = before training)
     last_step: int | None  # the largest step of any line; None for an empty file
     partial_last_line: bool = False  # an unterminated last line was skipped
+    unigram_entropy: float | None = None  # of the training tokens (eval lines carry it)
 
 
 @dataclass(frozen=True)
@@ -107,21 +113,24 @@ def read_metrics(path: Path) -> Metrics:
     """Parse ``metrics.jsonl``. A later line for a step replaces an earlier one (a resumed run
     that was not truncated logs some steps twice). An unterminated last line that does not
     parse is skipped (a killed writer leaves one); any other bad line is a UserError."""
-    def parse(record: dict[str, Any]) -> tuple[int, float | None, float | None]:
+    def parse(record: dict[str, Any]) -> tuple[int, float | None, float | None, float | None]:
         return (record["step"],
                 parse_metric(record["loss"]) if "loss" in record else None,
-                parse_metric(record["eval_loss"]) if "eval_loss" in record else None)
+                parse_metric(record["eval_loss"]) if "eval_loss" in record else None,
+                parse_metric(record["unigram_entropy"]) if "unigram_entropy" in record else None)
 
     records, partial = read_step_records(path, "metrics", parse)
     train: dict[int, float] = {}
     evals: dict[int, float] = {}
-    for step, loss, eval_loss in records:
+    entropy = None
+    for step, loss, eval_loss, unigram in records:
         if loss is not None:
             train[step] = loss
         if eval_loss is not None:
             evals[step] = eval_loss
-    last_step = max((step for step, _, _ in records), default=None)
-    return Metrics(tuple(sorted(train.items())), tuple(sorted(evals.items())), last_step, partial)
+        entropy = unigram if unigram is not None else entropy
+    last_step = max((step for step, *_ in records), default=None)
+    return Metrics(tuple(sorted(train.items())), tuple(sorted(evals.items())), last_step, partial, entropy)
 
 
 # --------------------------------------------------------------------------- diagnostics.jsonl
@@ -429,6 +438,14 @@ class Assessment:
     final_eval_loss: float | None
     flags: tuple[str, ...]  # subset of FLAGS; empty = the cell counts
     reasons: tuple[str, ...]  # one human-readable line per flag
+
+
+def learned_no_context(final_loss: float | None, unigram_entropy: float | None,
+                       margin: float = CONTEXT_MARGIN_NATS) -> bool | None:
+    """True when final_loss > unigram_entropy - margin; None when either is unknown."""
+    if final_loss is None or unigram_entropy is None:
+        return None
+    return final_loss > unigram_entropy - margin
 
 
 def final_eval_loss(evals: Sequence[tuple[int, float]]) -> float | None:

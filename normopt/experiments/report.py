@@ -185,16 +185,30 @@ def answer_paragraph(summary: Mapping[str, Any]) -> str:
             text += f" and {_pct(r['interaction_share'])} of the interaction " \
                     f"{_pct_ci(r['interaction_ci95'], r['interaction_ci_note'])}"
         lines.append(text + ".")
+    flat = [c["name"] for c in summary["cells"] if c.get("learned_no_context")]
+    if flat:
+        lines.insert(0, f"- **Caution**: {len(flat)} of {len(summary['cells'])} cells learned almost no context "
+                        f"(final loss within 0.1 nats of, or above, the unigram entropy of their training "
+                        f"tokens): {', '.join(flat)}. Their gaps measure noise more than the norm or the optimizer.")
     if not lines:
         return "No interaction or recovery is computable from these cells (see the notes)."
     return "\n".join(lines)
 
 
+def _below_unigram(cell: Mapping[str, Any]) -> str:
+    if cell["unigram_entropy"] is None or cell["final_eval_loss"] is None:
+        return "—"
+    text = _num(cell["final_eval_loss"] - cell["unigram_entropy"], 3, True)
+    return f"{text} (learned no context)" if cell["learned_no_context"] else text
+
+
 def cell_table(summary: Mapping[str, Any]) -> str:
     rows = [[c["name"], c["variant"] or "—", str(c["optim"] or "—"), str(c["seed"]), _num(c["final_eval_loss"]),
+             _below_unigram(c),
              f"{c['last_step'] if c['last_step'] is not None else '—'} / {c['steps'] if c['steps'] is not None else '?'}",
              ", ".join(c["flags"]) or "ok"] for c in summary["cells"]]
-    return _table(["cell", "variant", "optimizer", "seed", "final eval loss", "last step / steps", "flags"], rows)
+    return _table(["cell", "variant", "optimizer", "seed", "final eval loss", "minus unigram entropy",
+                   "last step / steps", "flags"], rows)
 
 
 def _bucket_losses(losses: Sequence[float | None] | None, step: int | None) -> str:

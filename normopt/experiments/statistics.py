@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from normopt.experiments.cells import (
+    CONTEXT_MARGIN_NATS,
     DIVERGENCE_NATS,
     Assessment,
     Cell,
@@ -38,6 +39,7 @@ from normopt.experiments.cells import (
     assess_cell,
     assign_arms,
     fix_base,
+    learned_no_context,
 )
 from normopt.experiments.student_t import LEVEL, fieller_interval, t_interval, welch_df
 
@@ -393,6 +395,13 @@ def build_summary(cells: Sequence[Cell], *, baseline_norm: str = "rmsnorm", refe
 
     if (note := one_seed_note(groups)) is not None:
         notes.insert(0, note)
+    flat = [c.name for c, a in assessed if c.metrics is not None
+            and learned_no_context(a.final_eval_loss, c.metrics.unigram_entropy)]
+    if flat:
+        notes.insert(0, f"{len(flat)} of {len(assessed)} cells end less than {CONTEXT_MARGIN_NATS} nats below the "
+                        f"unigram entropy of their training tokens, i.e. they learned almost no context "
+                        f"({', '.join(flat)}): gaps and interactions involving them measure noise more than "
+                        f"the norm or the optimizer.")
     gaps = compute_gaps(groups, variants, optims, baseline_norm, notes)
     interactions = compute_interactions(groups, variants, optims, baseline_norm, reference_optim, notes)
     recoveries = compute_recoveries(groups, fixes_of, optims, baseline_norm, reference_optim, notes)
@@ -420,6 +429,9 @@ def _cell_record(cell: Cell, assessment: Assessment, fix_of: str | None) -> dict
         "variant": cell.variant if cell.norm is not None else None,
         "optim": cell.optim, "seed": cell.seed, "fix_of": fix_of, "steps": cell.steps,
         "last_step": metrics.last_step if metrics else None, "final_eval_loss": assessment.final_eval_loss,
+        "unigram_entropy": metrics.unigram_entropy if metrics else None,
+        "learned_no_context": learned_no_context(assessment.final_eval_loss,
+                                                 metrics.unigram_entropy if metrics else None),
         "flags": list(assessment.flags), "reasons": list(assessment.reasons), "included": not assessment.flags,
         "partial_last_line": bool(metrics and metrics.partial_last_line),
         "diagnostics": None if cell.diagnostics is None else diagnostics_numbers(cell.diagnostics),
