@@ -2,7 +2,7 @@
 
 Runs in a single process with no process group: DCP reads every rank's shards of the
 ``model.*`` entries only (optimizer state is never loaded), whatever the world size that
-wrote them.
+wrote them, through the safe reader and tensor-only planner (nothing is unpickled).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from normopt.checkpoint.manager import TRAINER_STATE, complete_steps, step_dir
+from normopt.checkpoint.manager import TRAINER_STATE, user_error_inside, complete_steps, step_dir
+from normopt.checkpoint.safe_dcp import SafeReader, TensorOnlyPlanner, read_metadata
 from normopt.errors import UserError
 
 MODEL_PREFIX = "model."
@@ -36,10 +36,7 @@ def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
 
 def load_model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """Full (unsharded) model tensors of a DCP checkpoint, keyed by parameter/buffer name."""
-    try:
-        metadata = FileSystemReader(str(checkpoint)).read_metadata()
-    except Exception as exc:
-        raise UserError(f"cannot read checkpoint {checkpoint}: {exc}") from None
+    metadata = read_metadata(checkpoint)  # UserError for crafted or unreadable metadata
     model = {
         key[len(MODEL_PREFIX):]: torch.empty(meta.size, dtype=meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
@@ -51,10 +48,14 @@ def load_model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():  # "assuming ... a single process": exactly the intent
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+            dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True,
+                     storage_reader=SafeReader(str(checkpoint)), planner=TensorOnlyPlanner(str(checkpoint)))
     except BaseException as exc:  # DCP wraps read errors in a BaseException
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
+        cause = user_error_inside(exc)
+        if cause is not None:
+            raise cause from None
         raise UserError(f"cannot load checkpoint {checkpoint}: {type(exc).__name__}") from None
     return state["model"]
 

@@ -2,8 +2,11 @@
 
 Layout: ``<run>/checkpoints/step_00000100/`` holds every rank's shards of the model and
 optimizer state (including ``derf_ema`` running scales, which are model buffers),
-``trainer_state.json`` (step, tokens, world size), ``rng/rank_XXXXX.pt`` (each rank's RNG
-states) and a copy of the run's ``config.yaml``. The learning-rate schedule is a pure
+``trainer_state.json`` (step, tokens, world size), ``non_tensor_state.json`` (optimizer
+hyperparameters and any other non-tensor entry), ``rng/rank_XXXXX.safetensors`` (each rank's
+RNG states: tensors, with the Python and numpy scalars as JSON metadata) and a copy of the
+run's ``config.yaml``. Nothing in a checkpoint is pickled, and loading one never unpickles
+anything but DCP's own metadata types (see ``safe_dcp``). The learning-rate schedule is a pure
 function of the step and the data order a function of (seed, step), so the step restores
 both. A checkpoint is written under
 ``step_XXXXXXXX.tmp`` and renamed by rank 0 only after every rank has finished writing,
@@ -27,6 +30,14 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from normopt.checkpoint.safe_dcp import (
+    SafeReader,
+    TensorOnlyPlanner,
+    merge_tensors,
+    read_non_tensor_state,
+    split_tensors,
+    write_non_tensor_state,
+)
 from normopt.errors import UserError
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -63,26 +74,49 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _rng_path(folder: Path) -> Path:
+    return folder / "rng" / f"rank_{_rank():05d}.safetensors"
+
+
 def save_rng_state(folder: Path) -> None:
-    """This rank's torch (CPU and CUDA), numpy and Python RNG states."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This rank's torch (CPU and CUDA), numpy and Python RNG states, as safetensors with
+    the non-tensor parts in its JSON metadata."""
+    from safetensors.torch import save_file
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    (folder / "rng").mkdir(parents=True, exist_ok=True)
-    torch.save(state, folder / "rng" / f"rank_{_rank():05d}.pt")
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    meta = {"numpy": json.dumps([kind, int(pos), int(has_gauss), float(cached)]),
+            "python": json.dumps([version, list(python_state), gauss_next])}
+    _rng_path(folder).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(_rng_path(folder)), metadata=meta)
 
 
 def load_rng_state(folder: Path) -> bool:
     """Restore this rank's RNG states if the checkpoint has them; False if not."""
-    path = folder / "rng" / f"rank_{_rank():05d}.pt"
+    from safetensors import safe_open
+
+    path = _rng_path(folder)
     if not path.is_file():
+        if list((folder / "rng").glob("*.pt")):
+            raise UserError(f"{folder / 'rng'}: pickled RNG states of an older normopt; refusing to "
+                            f"unpickle them (start a new run.dir)")
         return False
-    state = torch.load(path, weights_only=False)
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        kind, pos, has_gauss, cached = json.loads(meta["numpy"])
+        version, python_state, gauss_next = json.loads(meta["python"])
+        np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+        random.setstate((version, tuple(python_state), gauss_next))
+        torch.set_rng_state(tensors["torch"])
+        if "cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["cuda"])
+    except Exception as exc:
+        raise UserError(f"{path}: unreadable RNG state ({type(exc).__name__})") from None
     return True
 
 
@@ -113,13 +147,16 @@ class CheckpointWriter:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
-        state = _state(model, optimizers)
+        tensors, non_tensors = split_tensors(_state(model, optimizers))
+        if self.is_main:
+            tmp.mkdir(parents=True, exist_ok=True)
+            write_non_tensor_state(tmp, non_tensors)
         if self.async_save and not block:
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group)
+            future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._group)
             save_rng_state(tmp)
             self._pending = (future, step, trainer_state)
             return final
-        dcp.save(state, checkpoint_id=str(tmp))
+        dcp.save(tensors, checkpoint_id=str(tmp))
         save_rng_state(tmp)
         self._mark_complete(step, trainer_state)
         return final
@@ -150,6 +187,19 @@ class CheckpointWriter:
         _barrier()
 
 
+def user_error_inside(exc: BaseException) -> UserError | None:
+    """A UserError raised by the safe reader or planner, possibly wrapped by DCP per rank."""
+    if isinstance(exc, UserError):
+        return exc
+    if isinstance(exc, CheckpointException) and exc.failures:
+        for inner in exc.failures.values():
+            inner = inner[0] if isinstance(inner, tuple) else inner
+            if isinstance(inner, UserError):
+                return inner
+    cause = exc.__cause__ or exc.__context__
+    return user_error_inside(cause) if cause is not None and cause is not exc else None
+
+
 def _first_cause(exc: BaseException) -> str:
     """A one-line reason, digging through DCP's per-rank failure wrapper."""
     if isinstance(exc, CheckpointException) and exc.failures:
@@ -164,12 +214,20 @@ def load_checkpoint(path: Path, model: nn.Module, optimizers: list) -> dict:
     state_file = path / TRAINER_STATE
     if not state_file.is_file():
         raise UserError(f"checkpoint {path} is incomplete or missing ({TRAINER_STATE} not found)")
-    state = _state(model, optimizers)
+    tensors, _ = split_tensors(_state(model, optimizers))
+    non_tensors = read_non_tensor_state(path)
     try:
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(tensors, checkpoint_id=str(path), storage_reader=SafeReader(str(path)),
+                 planner=TensorOnlyPlanner(str(path)))
+    except UserError:
+        raise
     except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        cause = user_error_inside(exc)
+        if cause is not None:
+            raise cause from None
         reason = _first_cause(exc)
         raise UserError(f"cannot load checkpoint {path}: {reason[:300]}") from None
+    state = merge_tensors(tensors, non_tensors)
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
     trainer_state = json.loads(state_file.read_text())
     world = dist.get_world_size() if dist.is_initialized() else 1
