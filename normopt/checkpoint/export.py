@@ -45,15 +45,16 @@ def load_model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     if not model:
         raise UserError(f"checkpoint {checkpoint} holds no model weights")
     state = {"model": model}
+    reader = SafeReader(str(checkpoint))
     try:
         with warnings.catch_warnings():  # "assuming ... a single process": exactly the intent
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True,
-                     storage_reader=SafeReader(str(checkpoint)), planner=TensorOnlyPlanner(str(checkpoint)))
+                     storage_reader=reader, planner=TensorOnlyPlanner(str(checkpoint)))
     except BaseException as exc:  # DCP wraps read errors in a BaseException
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        cause = user_error_inside(exc)
+        cause = reader.refusal or user_error_inside(exc)
         if cause is not None:
             raise cause from None
         raise UserError(f"cannot load checkpoint {checkpoint}: {type(exc).__name__}") from None

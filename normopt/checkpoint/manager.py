@@ -34,6 +34,7 @@ from normopt.checkpoint.safe_dcp import (
     SafeReader,
     TensorOnlyPlanner,
     merge_tensors,
+    read_metadata,
     read_non_tensor_state,
     split_tensors,
     write_non_tensor_state,
@@ -215,14 +216,15 @@ def load_checkpoint(path: Path, model: nn.Module, optimizers: list) -> dict:
     if not state_file.is_file():
         raise UserError(f"checkpoint {path} is incomplete or missing ({TRAINER_STATE} not found)")
     tensors, _ = split_tensors(_state(model, optimizers))
+    read_metadata(path)  # refuses crafted metadata and pickled entries with one line
     non_tensors = read_non_tensor_state(path)
+    reader = SafeReader(str(path))
     try:
-        dcp.load(tensors, checkpoint_id=str(path), storage_reader=SafeReader(str(path)),
-                 planner=TensorOnlyPlanner(str(path)))
+        dcp.load(tensors, checkpoint_id=str(path), storage_reader=reader, planner=TensorOnlyPlanner(str(path)))
     except UserError:
         raise
     except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
-        cause = user_error_inside(exc)
+        cause = reader.refusal or user_error_inside(exc)
         if cause is not None:
             raise cause from None
         reason = _first_cause(exc)

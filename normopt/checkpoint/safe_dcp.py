@@ -65,17 +65,23 @@ class MetadataUnpickler(pickle.Unpickler):
 class SafeReader(FileSystemReader):
     """A FileSystemReader whose metadata goes through :class:`MetadataUnpickler`."""
 
+    refusal: UserError | None = None  # the first refusal, which DCP may wrap or retry past
+
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
         try:
             with self.fs.create_stream(path, "rb") as stream:
                 metadata = MetadataUnpickler(stream, str(path)).load()
-        except UserError:
+            if not isinstance(metadata, Metadata):
+                raise UserError(f"{path}: not DCP checkpoint metadata")
+        except UserError as exc:
+            self.refusal = self.refusal or exc
             raise
         except Exception as exc:
-            raise UserError(f"{path}: cannot read checkpoint metadata ({type(exc).__name__})") from None
-        if not isinstance(metadata, Metadata):
-            raise UserError(f"{path}: not DCP checkpoint metadata")
+            error = UserError(f"{path}: cannot read checkpoint metadata ({type(exc).__name__})")
+            if kwargs.get("rank") is None:  # DCP falls back to per-rank files that need not exist
+                self.refusal = self.refusal or error
+            raise error from None
         return metadata
 
 
@@ -88,18 +94,26 @@ class TensorOnlyPlanner(DefaultLoadPlanner):
 
     def set_up_planner(self, state_dict, metadata: Metadata | None = None, is_coordinator: bool = False) -> None:
         if metadata is not None:
-            pickled = sorted(k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
-            if pickled:
-                raise UserError(f"{self.source}: refusing a checkpoint with pickled entries ({pickled[0]}"
-                                f"{' and more' if len(pickled) > 1 else ''}); normopt writes tensors only")
+            refuse_pickled_entries(metadata, self.source)
         super().set_up_planner(state_dict, metadata, is_coordinator)
 
     def load_bytes(self, read_item, value) -> None:  # never reached after set_up_planner's check
         raise UserError(f"{self.source}: refusing to unpickle checkpoint entry {read_item.dest_index.fqn}")
 
 
+def refuse_pickled_entries(metadata: Metadata, source: str) -> None:
+    pickled = sorted(k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
+    if pickled:
+        raise UserError(f"{source}: refusing a checkpoint with pickled entries ({pickled[0]}"
+                        f"{' and more' if len(pickled) > 1 else ''}); normopt writes tensors only")
+
+
 def read_metadata(checkpoint: Path) -> Metadata:
-    return SafeReader(str(checkpoint)).read_metadata()
+    """The checkpoint's metadata, read safely and checked for byte entries before DCP sees
+    it (DCP would log its own tracebacks around a refusal)."""
+    metadata = SafeReader(str(checkpoint)).read_metadata()
+    refuse_pickled_entries(metadata, str(checkpoint))
+    return metadata
 
 
 # --------------------------------------------------------------------------- non-tensor state

@@ -1,0 +1,136 @@
+"""A checkpoint is data, not code: crafted files that would run a command on load are
+refused with exit status 2 and one line, and the command never runs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from normopt.checkpoint.safe_dcp import merge_tensors, split_tensors
+from tests.conftest import REPO_ROOT, run_cli, tiny_run_args
+
+
+class _Payload:
+    """Unpickling this runs ``touch MARKER``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_corpus):
+    run_dir = tmp_path_factory.mktemp("safety") / "run"
+    proc = run_cli(tiny_run_args(run_dir, tiny_corpus, "checkpoint.interval=3", "optim.name=muon"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def _copy(finished_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    return run_dir, run_dir / "checkpoints" / "step_00000006"
+
+
+def _resume(run_dir, corpus):
+    return run_cli(tiny_run_args(run_dir, corpus, "checkpoint.interval=3", "optim.name=muon", "train.steps=9"))
+
+
+def _export(run_dir):
+    return subprocess.run([sys.executable, "-m", "normopt.cli", "export", str(run_dir)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _refused(proc, words):
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    return proc.returncode == 2 and words in lines[-1] and "Traceback" not in proc.stderr
+
+
+def test_crafted_metadata_is_refused(finished_run, tmp_path, tiny_corpus):
+    run_dir, checkpoint = _copy(finished_run, tmp_path)
+    marker = tmp_path / "marker"
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    resume = _resume(run_dir, tiny_corpus)
+    assert _refused(resume, "refusing to load posix.system"), resume.stderr[-2000:]
+    export = _export(run_dir)
+    assert _refused(export, "refusing to load posix.system"), export.stderr[-2000:]
+    assert not marker.exists()
+
+
+def test_pickled_entry_is_refused(finished_run, tmp_path, tiny_corpus):
+    """A byte entry (which DCP would read with torch.load(weights_only=False)) is refused
+    before any entry is read."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    run_dir, checkpoint = _copy(finished_run, tmp_path)
+    marker = tmp_path / "marker"
+    torch.save(_Payload(marker), checkpoint / "evil.distcp")
+    size = (checkpoint / "evil.distcp").stat().st_size
+    metadata = pickle.loads((checkpoint / ".metadata").read_bytes())  # the test's own file
+    key = "optim.param_groups.0.lr"
+    metadata.state_dict_metadata[key] = BytesStorageMetadata()
+    metadata.storage_data[MetadataIndex(key)] = _StorageInfo("evil.distcp", 0, size)
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(metadata))
+    resume = _resume(run_dir, tiny_corpus)
+    assert _refused(resume, "refusing a checkpoint with pickled entries"), resume.stderr[-2000:]
+    export = _export(run_dir)
+    assert _refused(export, "refusing a checkpoint with pickled entries"), export.stderr[-2000:]
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["rank_00000.safetensors", "rank_00000.pt"])
+def test_crafted_rng_state_is_refused(finished_run, tmp_path, tiny_corpus, name):
+    run_dir, checkpoint = _copy(finished_run, tmp_path)
+    marker = tmp_path / "marker"
+    for old in (checkpoint / "rng").iterdir():
+        old.unlink()
+    torch.save(_Payload(marker), checkpoint / "rng" / name)
+    resume = _resume(run_dir, tiny_corpus)
+    words = "unreadable RNG state" if name.endswith(".safetensors") else "refusing to unpickle"
+    assert _refused(resume, words), resume.stderr[-2000:]
+    assert not marker.exists()
+
+
+def test_checkpoint_holds_no_pickle(finished_run):
+    """Every file normopt writes into a checkpoint is JSON, YAML, safetensors or tensor shards,
+    and DCP's metadata declares no byte entry."""
+    from normopt.checkpoint.safe_dcp import read_metadata
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    checkpoint = finished_run / "checkpoints" / "step_00000006"
+    names = sorted(p.name for p in checkpoint.rglob("*") if p.is_file())
+    assert names == [".metadata", "__0_0.distcp", "config.yaml", "non_tensor_state.json",
+                     "rank_00000.safetensors", "trainer_state.json"]
+    metadata = read_metadata(checkpoint)
+    assert not [k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
+
+
+def test_split_and_merge_round_trip():
+    state = {"model": {"w": torch.ones(2)},
+             "optim": {"state": {"w": {"exp_avg": torch.zeros(2), "step": torch.tensor(3.0), "count": 4}},
+                       "param_groups": [{"lr": 0.1, "betas": (0.9, 0.95), "nesterov": True, "name": None,
+                                         "ns_coefficients": [(1.0, 2.0, 3.0)], "params": ["w"]},
+                                        {"lr": 0.2, "betas": (0.8, 0.9), "params": []}]}}
+    tensors, moved = split_tensors(state)
+    assert all(torch.is_tensor(v) for v in _leaves(tensors))
+    restored = merge_tensors(tensors, moved)
+    assert restored["optim"]["param_groups"] == state["optim"]["param_groups"]
+    assert restored["optim"]["state"]["w"]["count"] == 4
+    assert restored["optim"]["state"]["w"]["exp_avg"] is state["optim"]["state"]["w"]["exp_avg"]
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _leaves(value)
+    else:
+        yield tree
