@@ -36,6 +36,7 @@ from normopt.optim.param_groups import format_group_table
 from normopt.parallel.distributed import DistInfo, all_reduce_sum
 from normopt.parallel.fsdp import DTYPES, apply_fsdp, resolve_dtype
 from normopt.parallel.grad_clip import clip_grad_norm_
+from normopt.run_lock import RunLock
 
 # Config keys that may differ between a checkpoint and the run resuming it: they change
 # bookkeeping, not the math of the steps already taken (so may every diagnostics.* key).
@@ -99,6 +100,8 @@ class Trainer:
         self.dtype = resolve_dtype(t.dtype, dist_info.device.type)
         self.run_dir = Path(cfg.run.dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.lock = RunLock(self.run_dir)
+        on_main_then_share(self.lock.acquire, dist_info)  # before anything in run.dir is read
         self.resume_from = self._find_resume_point()
 
         folder = on_main_then_share(lambda: str(prepare_corpus(cfg.data, log=self.log)), dist_info)
@@ -374,6 +377,12 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        try:
+            self._close()
+        finally:
+            self.lock.release()
+
+    def _close(self) -> None:
         self.checkpointer.wait()
         self.stop_request.close()
         self.diagnostics.writer.close()

@@ -126,3 +126,35 @@ def test_nan_stops_before_the_update_and_every_checkpoint_is_finite(tmp_path, ti
         state = torch.load(tmp_path / "full.pt", weights_only=False)  # a file this test just wrote
         tensors = [t for t in state["model"].values() if torch.is_tensor(t)]
         assert tensors and all(torch.isfinite(t.float()).all() for t in tensors), checkpoint.name
+
+
+def test_one_writer_per_run_directory(tmp_path, tiny_corpus):
+    """While a run holds run.dir, a second writer exits 2 naming it and touches nothing; after
+    the holder dies (SIGKILL), the lock is free again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO_ROOT
+
+    run_dir = tmp_path / "run"
+    args = tiny_run_args(run_dir, tiny_corpus, "train.steps=100000", "train.eval_interval=0")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), *args], cwd=REPO_ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text():
+            assert time.time() < deadline and first.poll() is None, "the first run did not start"
+            time.sleep(0.2)
+        second = run_cli(tiny_run_args(run_dir, tiny_corpus, "train.seed=1"))
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"is in use by another run (pid {first.pid} on" in second.stderr
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    after_kill = run_cli(tiny_run_args(run_dir, tiny_corpus, "train.steps=2"))
+    assert after_kill.returncode == 0, after_kill.stderr[-2000:]  # the dead holder's lock is gone
