@@ -251,7 +251,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
         raise UserError(f"{path}: cannot parse YAML ({first})") from None
@@ -365,7 +367,7 @@ def validate(cfg: Config) -> None:
     _require(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
              f"{t.global_batch_size} is not a multiple of train.micro_batch_size ({t.micro_batch_size})")
     _require(t.seq_len > 0, "train.seq_len", "must be positive")
-    _require(t.seed >= 0, "train.seed", "must be >= 0")
+    _require(0 <= t.seed < 2 ** 64, "train.seed", "must be in [0, 2^64)")
     _require(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
     _require(t.eval_sequences >= 0, "train.eval_sequences", "must be >= 0 (0 = the whole split)")
     _require(t.log_interval > 0, "train.log_interval", "must be positive")

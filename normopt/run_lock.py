@@ -27,8 +27,11 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock or raise a UserError naming the process that holds it."""
+        folder = self.path.parent
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"run.dir {folder} exists and is not a folder")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise UserError(f"run.dir {self.path.parent}: cannot create {LOCK_FILE} "

@@ -121,16 +121,7 @@ class Trainer:
             state = load_checkpoint(self.resume_from, self.model, self.optimizers.optimizers)
             self.start_step = state["step"]
 
-        if dist_info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-            if self.start_step == 0:
-                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-                (self.run_dir / "diagnostics.jsonl").unlink(missing_ok=True)
-                shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
-            else:
-                truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
-                truncate_metrics(self.run_dir / "diagnostics.jsonl", self.start_step)
+        on_main_then_share(self._prepare_run_dir, dist_info)
         self.metrics = MetricsLogger(self.run_dir, enabled=dist_info.is_main)
         self.diagnostics = self._build_diagnostics()
         self.checkpointer = CheckpointWriter(self.checkpoint_dir, dist_info.is_main, cfg.checkpoint.keep_latest_k,
@@ -139,6 +130,24 @@ class Trainer:
         self.peak_flops, self.peak_source = peak_flops(dist_info.device, DTYPES[self.dtype], probe=t.mfu_probe)
 
     # ------------------------------------------------------------------ setup pieces
+
+    def _prepare_run_dir(self) -> None:
+        """Rank 0: save the resolved config (not over a finished run's: re-running it with
+        fewer steps changes nothing) and drop logs past the resume point."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.start_step < self.cfg.train.steps or not (self.run_dir / "config.yaml").exists():
+                save_config(self.cfg, self.run_dir / "config.yaml")
+            if self.start_step == 0:
+                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+                (self.run_dir / "diagnostics.jsonl").unlink(missing_ok=True)
+                shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+            else:
+                truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
+                truncate_metrics(self.run_dir / "diagnostics.jsonl", self.start_step)
+        except OSError as exc:
+            raise UserError(f"run.dir {self.run_dir}: {exc.strerror or type(exc).__name__}"
+                            f"{' (' + exc.filename + ')' if exc.filename else ''}") from None
 
     def _find_resume_point(self) -> Path | None:
         """The checkpoint to continue from, per ``checkpoint.resume``; refuse conflicts."""
@@ -167,6 +176,8 @@ class Trainer:
                 saved = config_from_dict(yaml.safe_load(saved_path.read_text()))
             except UserError as exc:
                 raise UserError(f"{saved_path}: cannot read the saved config ({exc})") from None
+            except (yaml.YAMLError, UnicodeDecodeError, AttributeError, TypeError) as exc:
+                raise UserError(f"{saved_path}: cannot read the saved config ({type(exc).__name__})") from None
             check_resume_compatible(saved, self.cfg)
         return checkpoint
 

@@ -7,7 +7,6 @@ wrote them, through the safe reader and tensor-only planner (nothing is unpickle
 
 from __future__ import annotations
 
-import json
 import shutil
 import warnings
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from normopt.checkpoint.manager import TRAINER_STATE, user_error_inside, complete_steps, step_dir
+from normopt.checkpoint.manager import complete_steps, read_trainer_state, step_dir, user_error_inside
 from normopt.checkpoint.safe_dcp import SafeReader, TensorOnlyPlanner, read_metadata
 from normopt.errors import UserError
 
@@ -69,7 +68,7 @@ def export_safetensors(run_dir: Path, step: int | None = None, out: Path | None 
     weights = load_model_weights(checkpoint)
     out = out or run_dir / "export" / f"{checkpoint.name}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
-    trainer_state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    trainer_state = read_trainer_state(checkpoint)
     # a tied head is the same tensor under two names; safetensors wants distinct storage
     tensors = {name: t.contiguous().clone() for name, t in weights.items()}
     save_file(tensors, str(out), metadata={"format": "pt", "step": str(trainer_state["step"])})

@@ -188,6 +188,18 @@ class CheckpointWriter:
         _barrier()
 
 
+def read_trainer_state(checkpoint: Path) -> dict:
+    """The checkpoint's trainer_state.json, which must hold an integer step."""
+    path = checkpoint / TRAINER_STATE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or isinstance(state["step"], bool):
+        raise UserError(f"{path}: no integer step")
+    return state
+
+
 def user_error_inside(exc: BaseException) -> UserError | None:
     """A UserError raised by the safe reader or planner, possibly wrapped by DCP per rank."""
     if isinstance(exc, UserError):
@@ -231,7 +243,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizers: list) -> dict:
         raise UserError(f"cannot load checkpoint {path}: {reason[:300]}") from None
     state = merge_tensors(tensors, non_tensors)
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    trainer_state = json.loads(state_file.read_text())
+    trainer_state = read_trainer_state(path)
     world = dist.get_world_size() if dist.is_initialized() else 1
     # RNG streams belong to ranks: restore them only when every rank has its own again
     if trainer_state.get("world_size") == world:

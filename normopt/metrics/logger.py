@@ -10,6 +10,8 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+from normopt.errors import UserError
+
 
 def jsonable(value):
     """``value`` with every non-finite float (also inside dicts and lists) as its string:
@@ -27,8 +29,19 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop lines logged after ``last_step`` (a resumed run re-logs them)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    lines = path.read_text(errors="replace").splitlines()
+    kept = []
+    for index, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if index == len(lines) - 1:
+                continue  # a torn last line: the writer was killed mid-line
+            raise UserError(f"{path}: line {index + 1} is not JSON") from None
+        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 

@@ -10,6 +10,7 @@ optimizer and everything else to AdamW; norms and embeddings take no weight deca
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -63,6 +64,11 @@ def parse_ns_steps_rules(text: str) -> list[tuple[str, int]]:
         pattern, sep, steps = item.rpartition("=")
         if not sep or not pattern or not steps.strip().isdigit() or int(steps) < 1:
             raise ValueError(f"{item!r} is not pattern=steps with steps >= 1")
+        if pattern.strip().startswith("re:"):
+            try:
+                re.compile(pattern.strip()[3:])
+            except re.error as exc:
+                raise ValueError(f"{item!r}: invalid regular expression ({exc})") from None
         rules.append((pattern.strip(), int(steps)))
     return rules
 
