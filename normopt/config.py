@@ -112,7 +112,7 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 300  # optimizer steps
     global_batch_size: int = 16  # sequences per optimizer step over all ranks
-    micro_batch_size: int = 16  # sequences per forward/backward on one rank
+    micro_batch_size: int = 16  # at most this many sequences per forward/backward on one rank
     seq_len: int = 256
     seed: int = 0
     eval_interval: int = 100  # evaluate every N steps (and at the end); 0 = only at the end
@@ -364,8 +364,6 @@ def validate(cfg: Config) -> None:
     _require(t.steps > 0, "train.steps", "must be positive")
     _require(t.global_batch_size > 0, "train.global_batch_size", "must be positive")
     _require(t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
-    _require(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
-             f"{t.global_batch_size} is not a multiple of train.micro_batch_size ({t.micro_batch_size})")
     _require(t.seq_len > 0, "train.seq_len", "must be positive")
     _require(0 <= t.seed < 2 ** 64, "train.seed", "must be in [0, 2^64)")
     _require(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
@@ -392,11 +390,23 @@ def validate(cfg: Config) -> None:
              f"{c.resume!r} is not auto, never or a step number")
 
 
-def check_world_size(cfg: Config, world_size: int) -> int:
-    """Return gradient-accumulation steps for ``world_size`` ranks, or refuse the split."""
+def micro_batch_plan(global_batch_size: int, micro_batch_max: int, world_size: int) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) for ``world_size`` ranks: each rank takes
+    global / W sequences per step, in micro-batches of the largest size <= the configured
+    ``train.micro_batch_size`` that divides them. Any split gives the same math, since every
+    micro-batch's mean loss is weighted 1 / (W * accumulation). Only a global batch that W
+    does not divide is refused, naming the rank counts that do."""
+    if global_batch_size % world_size:
+        fits = [n for n in range(1, global_batch_size + 1) if global_batch_size % n == 0]
+        raise UserError(f"train.global_batch_size: {global_batch_size} sequences cannot be split evenly over "
+                        f"{world_size} ranks (rank counts that divide it: {', '.join(map(str, fits))}; or "
+                        f"choose a global batch that is a multiple of {world_size})")
+    per_rank = global_batch_size // world_size
+    micro = max(d for d in range(1, min(micro_batch_max, per_rank) + 1) if per_rank % d == 0)
+    return micro, per_rank // micro
+
+
+def check_world_size(cfg: Config, world_size: int) -> tuple[int, int]:
+    """The micro-batch plan of ``cfg`` on ``world_size`` ranks (see :func:`micro_batch_plan`)."""
     t = cfg.train
-    per_step = t.micro_batch_size * world_size
-    _require(t.global_batch_size % per_step == 0, "train.global_batch_size",
-             f"{t.global_batch_size} sequences cannot be split into micro-batches of "
-             f"{t.micro_batch_size} on {world_size} ranks")
-    return t.global_batch_size // per_step
+    return micro_batch_plan(t.global_batch_size, t.micro_batch_size, world_size)

@@ -96,7 +96,7 @@ class Trainer:
         self.cfg, self.dist = cfg, dist_info
         self.log = print if dist_info.is_main else (lambda *a, **k: None)
         t = cfg.train
-        self.accum_steps = check_world_size(cfg, dist_info.world_size)
+        self.micro_batch, self.accum_steps = check_world_size(cfg, dist_info.world_size)
         self.dtype = resolve_dtype(t.dtype, dist_info.device.type)
         self.run_dir = Path(cfg.run.dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -107,7 +107,7 @@ class Trainer:
         folder = on_main_then_share(lambda: str(prepare_corpus(cfg.data, log=self.log)), dist_info)
         self.data = load_token_data(Path(folder))
         check_enough_data(self.data, t.seq_len)
-        self.batches = TrainBatches(self.data, t.seq_len, t.global_batch_size, t.micro_batch_size,
+        self.batches = TrainBatches(self.data, t.seq_len, t.global_batch_size, self.micro_batch,
                                     dist_info.rank, dist_info.world_size, t.seed, dist_info.device)
 
         self.model_args = resolve_model_args(cfg.model, vocab_size=self.data.vocab_size)
@@ -136,6 +136,7 @@ class Trainer:
         fewer steps changes nothing) and drop logs past the resume point."""
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock.record_holder()
             if self.start_step < self.cfg.train.steps or not (self.run_dir / "config.yaml").exists():
                 save_config(self.cfg, self.run_dir / "config.yaml")
             if self.start_step == 0:
@@ -314,7 +315,7 @@ class Trainer:
         n_buckets = self.cfg.diagnostics.tail_buckets
         buckets = torch.zeros(2, n_buckets, dtype=torch.float64, device=self.dist.device)
         for inputs, targets, weights in eval_micro_batches(
-                self.data, t.seq_len, t.eval_sequences, t.micro_batch_size,
+                self.data, t.seq_len, t.eval_sequences, self.micro_batch,
                 self.dist.rank, self.dist.world_size, self.dist.device):
             logits = self.model(inputs)
             per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
@@ -357,8 +358,9 @@ class Trainer:
                  f"tied={a.tie_embeddings}  parameters={self.num_params:,}")
         self.log(f"data: {len(self.data.tokens):,} tokens, {self.batches.num_sequences:,} training "
                  f"sequences of {t.seq_len}; unigram entropy {self.data.unigram_entropy:.3f} nats")
-        self.log(f"batch: {t.global_batch_size} sequences/step = {t.micro_batch_size} micro x "
-                 f"{self.accum_steps} accumulation x {self.dist.world_size} ranks")
+        self.log(f"batch: {t.global_batch_size} sequences/step = {self.micro_batch} micro x "
+                 f"{self.accum_steps} accumulation x {self.dist.world_size} ranks "
+                 f"(train.micro_batch_size {t.micro_batch_size} is the largest micro-batch allowed)")
         self.log("optimizer groups:\n" + format_group_table(self.optimizers.groups))
         if self.peak_flops:
             self.log(f"peak: {self.peak_flops / 1e9:,.0f} GFLOP/s per rank ({self.peak_source})")

@@ -47,7 +47,6 @@ def test_contract_keys_exist():
     ("model.norm=layernorm", "model.norm"),
     ("model.n_heads=5", "model.n_heads"),
     ("model.n_kv_heads=4", "model.n_kv_heads"),
-    ("train.global_batch_size=10", "train.global_batch_size"),
     ("train.compile=maybe", "train.compile"),
     ("model.preset=huge", "model.preset"),
     ("checkpoint.resume=sometimes", "checkpoint.resume"),
@@ -62,10 +61,15 @@ def test_bad_values_are_refused_naming_the_key(override, key):
     assert str(info.value).startswith(key)
 
 
-def test_world_size_split_is_checked():
+def test_micro_batch_is_an_upper_bound_and_only_the_rank_split_must_divide():
     cfg = load_config(None, ["train.global_batch_size=16", "train.micro_batch_size=4"])
-    assert check_world_size(cfg, 2) == 2
-    with pytest.raises(UserError, match="train.global_batch_size"):
+    assert check_world_size(cfg, 2) == (4, 2)  # 8 per rank: 4 x 2
+    assert check_world_size(load_config(None, ["train.global_batch_size=16"]), 2) == (8, 1)  # demo x 2 ranks
+    assert check_world_size(load_config(None, ["train.global_batch_size=24", "train.micro_batch_size=5"]),
+                            2) == (4, 3)  # 12 per rank: the largest divisor <= 5
+    assert check_world_size(load_config(None, ["train.global_batch_size=64", "train.micro_batch_size=32"]),
+                            8) == (8, 1)
+    with pytest.raises(UserError, match="16 sequences cannot be split evenly over 3 ranks .*1, 2, 4, 8, 16"):
         check_world_size(cfg, 3)
 
 
