@@ -13,5 +13,5 @@ else
   nproc=1
 fi
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-"$PYTHON" -m normopt.cli check "$@" >/dev/null || exit $?
+"$PYTHON" -m normopt.cli check --nproc "$nproc" "$@" >/dev/null || exit $?
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$nproc" train.py "$@"

@@ -31,12 +31,20 @@ def train_main(argv: list[str] | None = None) -> int:
 def check_main(argv: list[str] | None = None) -> int:
     """Validate a config without training (launch scripts run this before torchrun, so a
     bad config ends with one line and status 2 instead of torchrun's failure report)."""
-    args = _config_parser("normopt check", "Validate a config and print the resolved run.dir.").parse_args(argv)
+    parser = _config_parser("normopt check", "Validate a config and print the resolved run.dir.")
+    parser.add_argument("--nproc", type=int, default=1, help="validate for this many ranks (default 1)")
+    args = parser.parse_args(argv)
 
     def check() -> int:
-        from normopt.config import load_config
+        from normopt.config import check_world_size, load_config
 
-        print(load_config(args.config, args.overrides).run.dir)
+        if args.nproc < 1:
+            raise UserError(f"--nproc must be at least 1, got {args.nproc}")
+        cfg = load_config(args.config, args.overrides)
+        micro, accum = check_world_size(cfg, args.nproc)
+        print(cfg.run.dir)
+        print(f"batch: {cfg.train.global_batch_size} sequences/step = {micro} micro x {accum} accumulation "
+              f"x {args.nproc} ranks", file=sys.stderr)
         return 0
 
     return _guarded(check)
