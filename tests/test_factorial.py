@@ -55,6 +55,9 @@ def test_cells_cross_axes_seeds_and_arms():
     ({"seeds": []}, "seeds"),
     ({"extra": 1}, "unknown spec key"),
     ({"base": "configs/nope.yaml"}, "config file not found"),
+    ({"root": ""}, "root must be a non-empty folder path"),
+    ({"root": ["a", "b"]}, "root must be a non-empty folder path"),
+    ({"root": "tests/conftest.py"}, "exists and is not a folder"),
 ])
 def test_spec_errors(tmp_path, tiny_corpus, change, message):
     with pytest.raises(UserError, match=message):

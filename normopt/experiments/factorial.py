@@ -128,7 +128,11 @@ def load_spec(path: str | Path) -> tuple[dict[str, Any], Path, list[CellSpec]]:
         if not isinstance(settings, dict) or not settings:
             raise UserError(f"{path}: arm {arm!r} must map config keys to values")
     base = _resolve_path(str(spec["base"]), path.parent)
+    if not isinstance(spec["root"], str) or not spec["root"].strip():
+        raise UserError(f"{path}: root must be a non-empty folder path, got {spec['root']!r}")
     root = Path(spec["root"])
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{path}: root {root} exists and is not a folder")
     cells = expand_cells(spec)
     names = [c.name for c in cells]
     duplicate = next((n for n in names if names.count(n) > 1), None)
