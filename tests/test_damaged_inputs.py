@@ -79,3 +79,10 @@ def test_hostile_config_values(tmp_path):
     load_config(None, [f"train.seed={2 ** 64 - 1}"])
     with pytest.raises(UserError, match="invalid regular expression"):
         load_config(None, ["optim.ns_steps_per_layer=re:[=3"])  # checked under AdamW too
+
+
+def test_cache_dir_that_is_a_file(tmp_path, tiny_corpus):
+    (tmp_path / "cache").write_text("x")
+    proc = run_cli(tiny_run_args(tmp_path / "run", tiny_corpus, f"data.cache_dir={tmp_path / 'cache'}",
+                                 "data.vocab_size=301"))  # a corpus not prepared yet
+    assert _one_line_exit_2(proc, "data.cache_dir: cannot create"), proc.stderr[-2000:]

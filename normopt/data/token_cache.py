@@ -100,7 +100,11 @@ def prepare_corpus(data_cfg, log=print) -> Path:
         return folder
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:  # a cache folder that is a file, read-only, or on a full disk
+        raise UserError(f"data.cache_dir: cannot create {tmp.parent} "
+                        f"({exc.strerror or type(exc).__name__})") from None
     try:
         _build(data_cfg, spec, tmp, log)
         if folder.exists():  # another process finished first
