@@ -24,7 +24,7 @@ def _env(**extra):
 
 def test_dry_run_prints_the_multi_node_launch():
     proc = subprocess.run(
-        ["bash", str(SCRIPT), "--config", "configs/demo.yaml", "model.norm=derf"],
+        ["bash", str(SCRIPT), "--config", "configs/demo.yaml", "model.norm=derf", "train.global_batch_size=64"],
         capture_output=True, text=True, timeout=120,
         env=_env(NORMOPT_DRY_RUN="1", SLURM_JOB_ID="777", SLURM_NNODES="4", NORMOPT_GPUS_PER_NODE="8",
                  NORMOPT_RDZV_HOST="node001"),
@@ -33,9 +33,20 @@ def test_dry_run_prints_the_multi_node_launch():
     out = proc.stdout
     assert "run.dir: runs/demo-derf-adamw" in out
     for piece in ["--nnodes=4", "--nproc_per_node=8", "--rdzv_backend=c10d", "--rdzv_endpoint=node001:29500",
-                  "--rdzv_id=normopt-777", "SIGUSR1", "train.py --config configs/demo.yaml model.norm=derf",
+                  "--rdzv_id=normopt-777", "SIGUSR1",
+                  "train.py --config configs/demo.yaml model.norm=derf train.global_batch_size=64",
                   "scontrol requeue 777"]:
         assert piece in out, piece
+
+
+def test_batch_that_the_job_cannot_split_is_refused_before_launch():
+    """The config is checked for the job's real rank count (4 nodes x 8 GPUs = 32 ranks)."""
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--config", "configs/demo.yaml"], capture_output=True, text=True, timeout=120,
+        env=_env(NORMOPT_DRY_RUN="1", SLURM_JOB_ID="777", SLURM_NNODES="4", NORMOPT_GPUS_PER_NODE="8"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("normopt: error: train.global_batch_size: 16 sequences cannot be "
+                                          "split evenly over 32 ranks")
 
 
 def test_bad_config_is_refused_before_launch():
