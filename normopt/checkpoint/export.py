@@ -15,7 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from normopt.checkpoint.manager import complete_steps, read_trainer_state, step_dir, user_error_inside
+from normopt.checkpoint.manager import complete_steps, read_trainer_state, step_dir
 from normopt.checkpoint.safe_dcp import SafeReader, TensorOnlyPlanner, read_metadata
 from normopt.errors import UserError
 
@@ -44,18 +44,14 @@ def load_model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     if not model:
         raise UserError(f"checkpoint {checkpoint} holds no model weights")
     state = {"model": model}
-    reader = SafeReader(str(checkpoint))
     try:
         with warnings.catch_warnings():  # "assuming ... a single process": exactly the intent
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True,
-                     storage_reader=reader, planner=TensorOnlyPlanner(str(checkpoint)))
+                     storage_reader=SafeReader(str(checkpoint)), planner=TensorOnlyPlanner(str(checkpoint)))
     except BaseException as exc:  # DCP wraps read errors in a BaseException
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        cause = reader.refusal or user_error_inside(exc)
-        if cause is not None:
-            raise cause from None
         raise UserError(f"cannot load checkpoint {checkpoint}: {type(exc).__name__}") from None
     return state["model"]
 

@@ -200,19 +200,6 @@ def read_trainer_state(checkpoint: Path) -> dict:
     return state
 
 
-def user_error_inside(exc: BaseException) -> UserError | None:
-    """A UserError raised by the safe reader or planner, possibly wrapped by DCP per rank."""
-    if isinstance(exc, UserError):
-        return exc
-    if isinstance(exc, CheckpointException) and exc.failures:
-        for inner in exc.failures.values():
-            inner = inner[0] if isinstance(inner, tuple) else inner
-            if isinstance(inner, UserError):
-                return inner
-    cause = exc.__cause__ or exc.__context__
-    return user_error_inside(cause) if cause is not None and cause is not exc else None
-
-
 def _first_cause(exc: BaseException) -> str:
     """A one-line reason, digging through DCP's per-rank failure wrapper."""
     if isinstance(exc, CheckpointException) and exc.failures:
@@ -227,23 +214,20 @@ def load_checkpoint(path: Path, model: nn.Module, optimizers: list) -> dict:
     state_file = path / TRAINER_STATE
     if not state_file.is_file():
         raise UserError(f"checkpoint {path} is incomplete or missing ({TRAINER_STATE} not found)")
-    tensors, _ = split_tensors(_state(model, optimizers))
-    read_metadata(path)  # refuses crafted metadata and pickled entries with one line
+    trainer_state = read_trainer_state(path)
+    # crafted metadata and pickled entries are refused here, in one line, before DCP
+    # (which would log tracebacks around them) reads anything
+    read_metadata(path)
     non_tensors = read_non_tensor_state(path)
-    reader = SafeReader(str(path))
+    tensors, _ = split_tensors(_state(model, optimizers))
     try:
-        dcp.load(tensors, checkpoint_id=str(path), storage_reader=reader, planner=TensorOnlyPlanner(str(path)))
-    except UserError:
-        raise
+        dcp.load(tensors, checkpoint_id=str(path), storage_reader=SafeReader(str(path)),
+                 planner=TensorOnlyPlanner(str(path)))
     except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
-        cause = reader.refusal or user_error_inside(exc)
-        if cause is not None:
-            raise cause from None
         reason = _first_cause(exc)
         raise UserError(f"cannot load checkpoint {path}: {reason[:300]}") from None
     state = merge_tensors(tensors, non_tensors)
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    trainer_state = read_trainer_state(path)
     world = dist.get_world_size() if dist.is_initialized() else 1
     # RNG streams belong to ranks: restore them only when every rank has its own again
     if trainer_state.get("world_size") == world:

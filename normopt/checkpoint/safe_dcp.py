@@ -65,23 +65,17 @@ class MetadataUnpickler(pickle.Unpickler):
 class SafeReader(FileSystemReader):
     """A FileSystemReader whose metadata goes through :class:`MetadataUnpickler`."""
 
-    refusal: UserError | None = None  # the first refusal, which DCP may wrap or retry past
-
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
         try:
             with self.fs.create_stream(path, "rb") as stream:
                 metadata = MetadataUnpickler(stream, str(path)).load()
-            if not isinstance(metadata, Metadata):
-                raise UserError(f"{path}: not DCP checkpoint metadata")
-        except UserError as exc:
-            self.refusal = self.refusal or exc
+        except UserError:
             raise
         except Exception as exc:
-            error = UserError(f"{path}: cannot read checkpoint metadata ({type(exc).__name__})")
-            if kwargs.get("rank") is None:  # DCP falls back to per-rank files that need not exist
-                self.refusal = self.refusal or error
-            raise error from None
+            raise UserError(f"{path}: cannot read checkpoint metadata ({type(exc).__name__})") from None
+        if not isinstance(metadata, Metadata):
+            raise UserError(f"{path}: not DCP checkpoint metadata")
         return metadata
 
 
@@ -143,6 +137,9 @@ def _decode(value: Any) -> Any:
     return value
 
 
+_NOTHING = object()  # a subtree with no leaves left
+
+
 def split_tensors(tree: Any, path: tuple = ()) -> tuple[Any, dict[str, Any]]:
     """(the tree with only its tensor leaves, {json path: non-tensor leaf}). A dict or list
     node is walked; a tensor leaf stays; any other leaf moves to the JSON side, keyed by the
@@ -166,8 +163,6 @@ def split_tensors(tree: Any, path: tuple = ()) -> tuple[Any, dict[str, Any]]:
         return {"__list__": kept} if kept else _NOTHING, moved
     return _NOTHING, {json.dumps(_encode(path)): _encode(tree)}
 
-
-_NOTHING = object()
 
 
 def merge_tensors(tree: Any, moved: dict[str, Any]) -> Any:
