@@ -392,3 +392,19 @@ def test_cells_that_learned_no_context_are_flagged(tmp_path):
     answer = report.split("## Answer", 1)[1].split("##", 1)[0]
     assert "**Caution**: 2 of 8 cells learned almost no context" in answer
     assert "+0.530 (learned no context)" in report  # 3.88 - 3.35 in the cell table
+
+
+def test_no_interaction_share_without_an_interaction_penalty(tmp_path):
+    """When the norm's gap is smaller under the optimizer than under the reference, there is
+    no penalty to recover: no interaction share is reported, and a note says why."""
+    finals = {**FINALS, ("derf", "adamw"): (3.90, 3.94)}  # gap 0.91 under AdamW
+    finals[("derf", "muon")] = (3.50, 3.52)  # gap 0.59 under Muon: interaction -0.33
+    for (norm, optim), pair in finals.items():
+        for seed, final in enumerate(pair):
+            write_cell(tmp_path, norm, optim, seed, final)
+    summary = build_summary(discover_cells(tmp_path))
+    ema = by(summary["recoveries"], fix="derf_ema", optim="muon")
+    assert ema["interaction"] == pytest.approx(0.59 - 0.91)
+    assert ema["interaction_share"] is None and ema["interaction_ci95"] is None
+    assert ema["share"] is not None  # the share of the gap is still reported
+    assert any("no interaction penalty under muon" in note for note in summary["notes"])

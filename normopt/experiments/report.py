@@ -153,7 +153,7 @@ def recovery_table(summary: Mapping[str, Any]) -> str:
     rows = [[r["fix"], r["base_norm"], r["optim"], _num(r["gap_base"], sign=True), _num(r["gap_fix"], sign=True),
              _pct(r["share"]), _pct_ci(r["ci95"], r["ci_note"]),
              _pct(r["interaction_share"]),
-             "—" if r["interaction"] is None else _pct_ci(r["interaction_ci95"], r["interaction_ci_note"])]
+             "—" if r["interaction_share"] is None else _pct_ci(r["interaction_ci95"], r["interaction_ci_note"])]
             for r in summary["recoveries"]]
     return _table(["fix", "of", "optimizer", "gap of the norm", "gap of the fix", "share of the gap recovered",
                    "95% CI (Fieller)", "share of the interaction recovered", "95% CI (Fieller)"], rows)

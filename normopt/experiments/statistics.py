@@ -348,10 +348,16 @@ def compute_recoveries(groups: Groups, fixes_of: Mapping[str, str], optims: Sequ
                     "interaction_ci_note": None, "interaction_paired": None,
                     "method": "Fieller's interval (t, Welch-Satterthwaite df; paired: k-1 df)"}
             inter = _interaction_terms(target, optim, base, reference)
-            if all(k in groups and groups[k].n for k in inter):
+            interaction = (sum(c * groups[k].mean for k, c in inter.items())
+                           if all(k in groups and groups[k].n for k in inter) else None)
+            if interaction is not None and interaction <= 0:
+                # no penalty to recover: a share of a negative interaction would read as a recovery
+                item["interaction"] = interaction
+                notes.append(f"{label}: {target} has no interaction penalty under {optim} "
+                             f"({interaction:+.4f} nats), so no share of it is reported")
+            elif interaction is not None:
                 ratio = ratio_of_contrasts(gain, inter, groups)
-                item.update(interaction=sum(c * groups[k].mean for k, c in inter.items()),
-                            interaction_share=ratio["value"], interaction_ci95=ratio["ci95"],
+                item.update(interaction=interaction, interaction_share=ratio["value"], interaction_ci95=ratio["ci95"],
                             interaction_ci_note=ratio["reason"],
                             interaction_paired=paired_ratio(gain, inter, groups))
             items.append(item)
