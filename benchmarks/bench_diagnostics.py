@@ -25,6 +25,9 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from normopt.run_dir import RunDir  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,7 +62,7 @@ def main() -> None:
         on_dir, off_dir = Path(tmp) / "on", Path(tmp) / "off"
         wall_on = run(on_dir, args.config, common)
         wall_off = run(off_dir, args.config, [*common, "diagnostics.interval=0", "diagnostics.tail_buckets=0"])
-        kinds = seconds_by_kind(on_dir / "diagnostics.jsonl")
+        kinds = seconds_by_kind(RunDir(on_dir).diagnostics)
         diagnostics = yaml.safe_load((on_dir / "config.yaml").read_text())["diagnostics"]
     total = sum(kinds.values())
     print(f"config {args.config} {' '.join(common)}  (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")

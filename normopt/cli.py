@@ -13,7 +13,7 @@ import sys
 from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError
 
 
-def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", default=None, help="YAML config (default: configs/demo.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -22,7 +22,7 @@ def _config_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    parser = _config_parser(
+    parser = config_parser(
         "train.py", "Train a Llama-style model (plain python = 1 rank; under torchrun = N ranks).")
     args = parser.parse_args(argv)
     return _guarded(lambda: _train(args.config, args.overrides))
@@ -31,7 +31,7 @@ def train_main(argv: list[str] | None = None) -> int:
 def check_main(argv: list[str] | None = None) -> int:
     """Validate a config without training (launch scripts run this before torchrun, so a
     bad config ends with one line and status 2 instead of torchrun's failure report)."""
-    parser = _config_parser("normopt check", "Validate a config and print the resolved run.dir.")
+    parser = config_parser("normopt check", "Validate a config and print the resolved run.dir.")
     parser.add_argument("--nproc", type=int, default=1, help="validate for this many ranks (default 1)")
     args = parser.parse_args(argv)
 
@@ -112,6 +112,12 @@ def factorial_cli(argv: list[str]) -> int:
     return _guarded(lambda: factorial_main(argv))
 
 
+def launch_cli(argv: list[str]) -> int:
+    from normopt.launch import launch_main
+
+    return _guarded(lambda: launch_main(argv))
+
+
 def report_cli(argv: list[str]) -> int:
     from normopt.experiments.report import report_main
 
@@ -119,7 +125,7 @@ def report_cli(argv: list[str]) -> int:
 
 
 def spectrum_cli(argv: list[str]) -> int:
-    from normopt.diagnostics.spectrum_fit import spectrum_main
+    from normopt.experiments.spectrum_report import spectrum_main
 
     return _guarded(lambda: spectrum_main(argv))
 
@@ -139,10 +145,11 @@ def _guarded(fn) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"train": train_main, "check": check_main, "export": export_main, "report": report_cli,
-                "factorial": factorial_cli, "spectrum": spectrum_cli}
+                "factorial": factorial_cli, "spectrum": spectrum_cli, "launch": launch_cli}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: normopt {train,check,export,report,factorial,spectrum} ...\n\n"
+        print("usage: normopt {train,launch,check,export,report,factorial,spectrum} ...\n\n"
               "  train   train a model (same as python train.py; see normopt train --help)\n"
+              "  launch  train on N ranks (a torchrun that keeps the exit statuses 0/2/3/75)\n"
               "  check   validate a config and print its run directory\n"
               "  export  write a run's model weights as one safetensors file\n"
               "  report  statistics and plots over a folder of runs (norm x optimizer cells)\n"

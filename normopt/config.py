@@ -18,19 +18,35 @@ from typing import Any, Literal
 import yaml
 
 from normopt.errors import UserError
+from normopt.models.norms import NORM_NAMES, norm_class
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
-NormName = Literal["rmsnorm", "dyt", "derf", "derf_ema"]
+NormName = Literal[NORM_NAMES]  # the norm registry's names
 OptimName = Literal["adamw", "muon", "normuon"]
+
+# What a key changes, read from the tag on its field (``role(...)``; untagged = MATH). It
+# decides where the key may differ: between a checkpoint and the run resuming it
+# (normopt.checkpoint.resume_policy) and between cells of one arm (normopt.experiments.arms).
+ROLE = "role"
+MATH = "math"  # the training math: fixed for a run's life; cells that differ are different arms
+LENGTH = "length"  # how many steps a run takes: raising it continues a finished run
+EVALUATION = "evaluation"  # what the validation loss is measured on; the training is the same
+EXECUTION = "execution"  # how the same math is run or recorded (device, split, logs, checkpoints)
+ROLES = (MATH, LENGTH, EVALUATION, EXECUTION)
+
+
+def role(name: str, default: Any) -> Any:
+    """A config field with ``default`` whose key has the role ``name`` (see ROLES)."""
+    return field(default=default, metadata={ROLE: name})
 
 
 @dataclass
 class RunConfig:
     # the run directory (config, metrics, TensorBoard, checkpoints); empty = derived from
     # the config file's name, the norm and the optimizer: runs/<config>-<norm>-<optim>
-    dir: str = ""
+    dir: str = role(EXECUTION, "")
 
 
 @dataclass
@@ -44,7 +60,7 @@ class DataConfig:
     tokenizer: str = ""  # a tokenizer.json; empty = train a byte-level BPE on the corpus
     vocab_size: int = 8192  # for the trained BPE
     val_fraction: float = 0.05  # tail of the token stream held out for evaluation
-    cache_dir: str = ""  # empty = $NORMOPT_CACHE or ~/.cache/normopt
+    cache_dir: str = role(EXECUTION, "")  # empty = $NORMOPT_CACHE or ~/.cache/normopt
 
 
 @dataclass
@@ -61,15 +77,15 @@ class ModelConfig:
     rope_theta: float | None = None
     norm_eps: float = 1e-5
     init_std: float = 0.02
-    # DyT / Derf alpha init per norm location; auto = the norm's reference LM value
-    # (DyT 0.8 / 0.2 / 0.2, Derf 0.5; see normopt/models/norms.py)
+    # bounded norms' alpha init per norm location; auto = the norm's reference LM value
+    # (see normopt/models/norms.py)
     alpha_init_attn: float | Literal["auto"] = "auto"
     alpha_init_ffn: float | Literal["auto"] = "auto"
     alpha_init_final: float | Literal["auto"] = "auto"
-    # DyT / Derf per-feature bias b; auto = as the reference code (DyT: no, Derf: yes)
+    # per-feature bias b of norms that can have one; auto = as the norm's reference code
     norm_bias: bool | Literal["auto"] = "auto"
-    # learnable scalar on the token embedding: auto = sqrt(dim) for dyt/derf/derf_ema and
-    # none for rmsnorm (the reference models); none; or a number (its init)
+    # learnable scalar on the token embedding: auto = sqrt(dim) for bounded norms and none
+    # for normalising ones (the reference models); none; or a number (its init)
     embed_scale: float | Literal["auto", "none"] = "auto"
     derf_shift_init: float = 0.0
     # derf_ema: running input-scale estimate blended into the erf argument.
@@ -94,10 +110,13 @@ class OptimConfig:
     momentum: float = 0.95
     nesterov: bool = True
     ns_steps: int = 5
-    ns_steps_per_layer: str = ""  # "glob=steps,glob=steps", first match wins, e.g. "layers.0.*=8"
+    # "pattern=steps,...", first match wins; a glob, or re:regex (see optim/ns_rules.py),
+    # e.g. "layers.0.*=8,re:w2=6"
+    ns_steps_per_layer: str = ""
     ns_coefficients: Literal["quintic", "polar_express"] = "quintic"
     scale_rule: Literal["original", "match_adamw", "spectral"] = "match_adamw"
-    ns_mode: Literal["distributed", "replicated"] = "distributed"
+    # where NS runs, not what it computes: both modes give bit-identical updates
+    ns_mode: Literal["distributed", "replicated"] = role(EXECUTION, "distributed")
     # auto = bfloat16 on CUDA, float32 on CPU (see train.dtype)
     ns_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     normuon_beta2: float = 0.95
@@ -110,39 +129,40 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300  # optimizer steps
+    steps: int = role(LENGTH, 300)  # optimizer steps
     global_batch_size: int = 16  # sequences per optimizer step over all ranks
-    micro_batch_size: int = 16  # at most this many sequences per forward/backward on one rank
+    micro_batch_size: int = role(EXECUTION, 16)  # at most this many sequences per forward/backward on one rank
     seq_len: int = 256
     seed: int = 0
-    eval_interval: int = 100  # evaluate every N steps (and at the end); 0 = only at the end
-    eval_sequences: int = 256  # validation sequences per evaluation, over all ranks (0 = all)
-    log_interval: int = 10
+    eval_interval: int = role(EXECUTION, 100)  # evaluate every N steps (and at the end); 0 = only at the end
+    eval_sequences: int = role(EVALUATION, 256)  # validation sequences per evaluation, over all ranks (0 = all)
+    log_interval: int = role(EXECUTION, 10)
     # compute dtype (FSDP2 policy; master weights stay fp32). auto = bfloat16 on CUDA, float32
     # on CPU (many CPUs lack native bf16 matmuls and run them 50x slower than fp32)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: bool = False
-    mfu_probe: bool = True  # on CPU, measure the matmul peak at start for MFU
+    device: Literal["auto", "cpu", "cuda"] = role(EXECUTION, "auto")
+    compile: bool = role(EXECUTION, False)
+    mfu_probe: bool = role(EXECUTION, True)  # on CPU, measure the matmul peak at start for MFU
 
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 0  # save every N steps (0 = only at the end)
-    keep_latest_k: int = 2
-    resume: str = "auto"  # auto | never | a step number
-    async_save: bool = False  # write checkpoints in the background (the final one waits)
+    interval: int = role(EXECUTION, 0)  # save every N steps (0 = only at the end)
+    keep_latest_k: int = role(EXECUTION, 2)
+    resume: str = role(EXECUTION, "auto")  # auto | never | a step number
+    async_save: bool = role(EXECUTION, False)  # write checkpoints in the background (the final one waits)
 
 
 @dataclass
 class DiagnosticsConfig:
-    interval: int = 50  # norm-layer stats, spectral norms, NS spectrum every N steps (0 = off)
-    probe_sequences: int = 8  # validation windows in the fixed probe batch of the norm stats
-    power_iterations: int = 2  # per call, warm-started from the last call's vector
-    ns_spectrum: bool = True  # Muon/NorMuon runs: singular values of the matrices NS receives
-    ns_band: str = ""  # "lo,hi" target band of NS output singular values; empty = per coefficients
-    tail_buckets: int = 10  # eval loss by token-frequency bucket at every evaluation (0 = off)
-    histograms: bool = True  # TensorBoard histograms of pre-activations and spectral norms
+    # diagnostics observe the run and never change it
+    interval: int = role(EXECUTION, 50)  # norm-layer stats, spectral norms, NS spectrum every N steps (0 = off)
+    probe_sequences: int = role(EXECUTION, 8)  # validation windows in the fixed probe batch of the norm stats
+    power_iterations: int = role(EXECUTION, 2)  # per call, warm-started from the last call's vector
+    ns_spectrum: bool = role(EXECUTION, True)  # Muon/NorMuon runs: singular values of the matrices NS receives
+    ns_band: str = role(EXECUTION, "")  # "lo,hi" target band of NS output singular values; empty = per coefficients
+    tail_buckets: int = role(EXECUTION, 10)  # eval loss by token-frequency bucket at every evaluation (0 = off)
+    histograms: bool = role(EXECUTION, True)  # TensorBoard histograms of pre-activations and spectral norms
 
 
 @dataclass
@@ -157,6 +177,12 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def keys_with_role(*roles: str) -> frozenset[str]:
+    """The dotted keys ("section.name") whose role is one of ``roles`` (untagged = MATH)."""
+    return frozenset(f"{section}.{f.name}" for section, cls in typing.get_type_hints(Config).items()
+                     for f in dataclasses.fields(cls) if f.metadata.get(ROLE, MATH) in roles)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -281,6 +307,18 @@ def default_run_dir(config_name: str, cfg: Config) -> str:
     return f"runs/{config_name}-{cfg.model.norm}-{cfg.optim.name}"
 
 
+def resolve_dtype(dtype_name: str, device_type: str) -> str:
+    """The concrete name behind ``train.dtype`` or ``optim.ns_dtype`` on ``device_type``.
+
+    ``auto`` means bfloat16 on CUDA and float32 on CPU, where bf16 matmuls are often
+    emulated (about 50x slower than float32 on AVX2-only x86); other names pass through.
+    The names map to torch dtypes in ``normopt.dtypes``.
+    """
+    if dtype_name == "auto":
+        return "bfloat16" if device_type == "cuda" else "float32"
+    return dtype_name
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Rebuild a Config from :meth:`Config.to_dict` output (e.g. a saved config.yaml)."""
     cfg = Config()
@@ -323,8 +361,8 @@ def validate(cfg: Config) -> None:
     for name in ("alpha_init_attn", "alpha_init_ffn", "alpha_init_final"):
         value = getattr(m, name)
         _require(value == "auto" or value > 0, f"model.{name}", "must be positive or auto")
-    _require(not (m.norm == "rmsnorm" and m.norm_bias is True), "model.norm_bias",
-             "rmsnorm has no bias (use auto or false)")
+    _require(not (m.norm_bias is True and not norm_class(m.norm).supports_bias), "model.norm_bias",
+             f"{m.norm} has no bias (use auto or false)")
     _require(m.embed_scale in ("auto", "none") or m.embed_scale > 0, "model.embed_scale",
              "must be auto, none or a positive number")
     _require(0.0 <= m.derf_ema_momentum < 1.0, "model.derf_ema_momentum", "must be in [0, 1)")
@@ -351,10 +389,10 @@ def validate(cfg: Config) -> None:
     _require(o.ns_steps >= 1, "optim.ns_steps", "must be at least 1")
     _require(0 <= o.normuon_beta2 < 1, "optim.normuon_beta2", "must be in [0, 1)")
     _require(o.normuon_eps > 0, "optim.normuon_eps", "must be positive")
-    from normopt.optim.param_groups import parse_ns_steps_rules
+    from normopt.optim.ns_rules import NSStepRules
 
-    try:
-        parse_ns_steps_rules(o.ns_steps_per_layer)
+    try:  # under every optimizer: a bad rule is a typo worth refusing before any work
+        NSStepRules.parse(o.ns_steps_per_layer)
     except ValueError as exc:
         raise UserError(f"optim.ns_steps_per_layer: {exc}") from None
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")

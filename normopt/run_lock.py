@@ -6,7 +6,7 @@ before anything in it is read or written and keeps it until the run ends. Lockin
 directory creates no file, so a run refused for another reason leaves an existing run
 directory untouched; the kernel releases the lock when the holder exits in any way (even
 SIGKILL), so it is never stale. Once the holder starts writing, it records its host and
-pid in ``<run.dir>/.lock``, which a refused second writer names.
+pid in the run directory's ``.lock`` file, which a refused second writer names.
 """
 
 from __future__ import annotations
@@ -15,16 +15,14 @@ import fcntl
 import json
 import os
 import socket
-from pathlib import Path
 
 from normopt.errors import UserError
-
-HOLDER_FILE = ".lock"
+from normopt.run_dir import RunDir
 
 
 class RunLock:
-    def __init__(self, run_dir: Path):
-        self.folder = Path(run_dir)
+    def __init__(self, run: RunDir):
+        self.folder, self.holder_file = run.path, run.lock
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -47,11 +45,11 @@ class RunLock:
     def record_holder(self) -> None:
         """Write this process's host and pid beside the run (call once writing starts)."""
         info = {"host": socket.gethostname(), "pid": os.getpid()}
-        (self.folder / HOLDER_FILE).write_text(json.dumps(info) + "\n")
+        self.holder_file.write_text(json.dumps(info) + "\n")
 
     def _holder(self) -> str:
         try:
-            info = json.loads((self.folder / HOLDER_FILE).read_text())
+            info = json.loads(self.holder_file.read_text())
             return f"pid {info['pid']} on {info['host']}"
         except (OSError, ValueError, KeyError, TypeError):
             return "its process has not started writing yet"

@@ -18,33 +18,30 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from normopt.checkpoint.manager import CheckpointWriter, complete_steps, load_checkpoint, step_dir
+from normopt.checkpoint.manager import CheckpointWriter, load_checkpoint
 from normopt.checkpoint.preemption import StopRequest
-from normopt.config import Config, check_world_size, config_from_dict, save_config
+from normopt.checkpoint.resume_policy import find_resume_point
+from normopt.config import Config, check_world_size, resolve_dtype, save_config
 from normopt.data.batches import TrainBatches, eval_micro_batches
 from normopt.data.token_cache import check_enough_data, load_token_data, prepare_corpus
 from normopt.diagnostics.collector import Diagnostics, DiagnosticsWriter
 from normopt.diagnostics.tail_tokens import bucket_losses, bucket_sums, frequency_buckets, token_counts
+from normopt.dtypes import DTYPES
 from normopt.errors import UserError
+from normopt.memory_budget import available_bytes, check_fits, estimate_memory
 from normopt.metrics.flops import peak_flops
-from normopt.metrics.logger import MetricsLogger, truncate_metrics
+from normopt.metrics.jsonl import truncate_after
+from normopt.metrics.logger import MetricsLogger
 from normopt.models.derf import commit_running_scales
 from normopt.models.llama import Transformer, build_model
 from normopt.models.presets import count_flops_per_token, count_parameters, resolve_model_args
 from normopt.optim.builder import build_optimizers
 from normopt.optim.param_groups import format_group_table
 from normopt.parallel.distributed import DistInfo, all_reduce_sum
-from normopt.parallel.fsdp import DTYPES, apply_fsdp, resolve_dtype
+from normopt.parallel.fsdp import apply_fsdp
 from normopt.parallel.grad_clip import clip_grad_norm_
+from normopt.run_dir import RunDir
 from normopt.run_lock import RunLock
-
-# Config keys that may differ between a checkpoint and the run resuming it: they change
-# bookkeeping, not the math of the steps already taken (so may every diagnostics.* key).
-RESUME_SAFE_KEYS = {
-    "run.dir", "data.cache_dir", "train.steps", "train.eval_interval", "train.eval_sequences",
-    "train.log_interval", "train.micro_batch_size", "train.device", "train.compile",
-    "train.mfu_probe", "checkpoint.interval", "checkpoint.keep_latest_k", "checkpoint.resume", "checkpoint.async_save",
-}
 
 
 class TrainingDiverged(RuntimeError):
@@ -53,25 +50,6 @@ class TrainingDiverged(RuntimeError):
 
 class Preempted(RuntimeError):
     """A stop signal arrived; a checkpoint of the last finished step was saved."""
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        out.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
-    return out
-
-
-def check_resume_compatible(saved: Config, current: Config) -> None:
-    """Refuse to resume when a key that changes the math differs from the checkpoint's."""
-    old, new = _flatten(saved.to_dict()), _flatten(current.to_dict())
-    for key in sorted(old):
-        if key not in RESUME_SAFE_KEYS and not key.startswith("diagnostics.") and old[key] != new.get(key):
-            raise UserError(
-                f"{key}: the run being resumed used {old[key]!r}, this config says {new.get(key)!r} "
-                f"(start a new run.dir to change it)"
-            )
 
 
 def on_main_then_share(fn, dist_info: DistInfo):
@@ -98,11 +76,10 @@ class Trainer:
         t = cfg.train
         self.micro_batch, self.accum_steps = check_world_size(cfg, dist_info.world_size)
         self.dtype = resolve_dtype(t.dtype, dist_info.device.type)
-        self.run_dir = Path(cfg.run.dir)
-        self.checkpoint_dir = self.run_dir / "checkpoints"
-        self.lock = RunLock(self.run_dir)
+        self.run = RunDir(cfg.run.dir)
+        self.lock = RunLock(self.run)
         on_main_then_share(self.lock.acquire, dist_info)  # before anything in run.dir is read
-        self.resume_from = self._find_resume_point()
+        self.resume_from = find_resume_point(self.run, cfg)
 
         folder = on_main_then_share(lambda: str(prepare_corpus(cfg.data, log=self.log)), dist_info)
         self.data = load_token_data(Path(folder))
@@ -111,8 +88,13 @@ class Trainer:
                                     dist_info.rank, dist_info.world_size, t.seed, dist_info.device)
 
         self.model_args = resolve_model_args(cfg.model, vocab_size=self.data.vocab_size)
-        self.model = self._build_model()
         self.num_params = count_parameters(self.model_args)
+        self.memory = estimate_memory(self.num_params, cfg.optim.name, dist_info.world_size, self.micro_batch,
+                                      t.seq_len, self.data.vocab_size)
+        # rank 0 decides for all (an error raised on one rank alone would hang the others)
+        on_main_then_share(lambda: check_fits(self.memory, *available_bytes(dist_info.device.type,
+                                                                            dist_info.device.index)), dist_info)
+        self.model = self._build_model()
         self.flops_per_token = count_flops_per_token(self.model_args, t.seq_len)
         self.optimizers = build_optimizers(self.model, cfg.optim, dist_info.device.type)
 
@@ -122,10 +104,10 @@ class Trainer:
             self.start_step = state["step"]
 
         on_main_then_share(self._prepare_run_dir, dist_info)
-        self.metrics = MetricsLogger(self.run_dir, enabled=dist_info.is_main)
+        self.metrics = MetricsLogger(self.run, enabled=dist_info.is_main)
         self.diagnostics = self._build_diagnostics()
-        self.checkpointer = CheckpointWriter(self.checkpoint_dir, dist_info.is_main, cfg.checkpoint.keep_latest_k,
-                                             self.run_dir / "config.yaml", cfg.checkpoint.async_save)
+        self.checkpointer = CheckpointWriter(self.run, dist_info.is_main, cfg.checkpoint.keep_latest_k,
+                                             cfg.checkpoint.async_save)
         self.stop_request = StopRequest()
         self.peak_flops, self.peak_source = peak_flops(dist_info.device, DTYPES[self.dtype], probe=t.mfu_probe)
 
@@ -134,53 +116,22 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         """Rank 0: save the resolved config (not over a finished run's: re-running it with
         fewer steps changes nothing) and drop logs past the resume point."""
+        run = self.run
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            run.path.mkdir(parents=True, exist_ok=True)
             self.lock.record_holder()
-            if self.start_step < self.cfg.train.steps or not (self.run_dir / "config.yaml").exists():
-                save_config(self.cfg, self.run_dir / "config.yaml")
+            if self.start_step < self.cfg.train.steps or not run.config.exists():
+                save_config(self.cfg, run.config)
             if self.start_step == 0:
-                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-                (self.run_dir / "diagnostics.jsonl").unlink(missing_ok=True)
-                shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+                run.metrics.unlink(missing_ok=True)
+                run.diagnostics.unlink(missing_ok=True)
+                shutil.rmtree(run.tensorboard, ignore_errors=True)
             else:
-                truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
-                truncate_metrics(self.run_dir / "diagnostics.jsonl", self.start_step)
+                truncate_after(run.metrics, self.start_step)
+                truncate_after(run.diagnostics, self.start_step)
         except OSError as exc:
-            raise UserError(f"run.dir {self.run_dir}: {exc.strerror or type(exc).__name__}"
+            raise UserError(f"run.dir {run}: {exc.strerror or type(exc).__name__}"
                             f"{' (' + exc.filename + ')' if exc.filename else ''}") from None
-
-    def _find_resume_point(self) -> Path | None:
-        """The checkpoint to continue from, per ``checkpoint.resume``; refuse conflicts."""
-        mode = self.cfg.checkpoint.resume
-        steps = complete_steps(self.checkpoint_dir)
-        has_run = (self.run_dir / "metrics.jsonl").exists() or bool(steps)
-        if mode == "never":
-            if has_run:
-                raise UserError(f"run.dir {self.run_dir} already holds a run "
-                                f"(use checkpoint.resume=auto to continue it, or another run.dir)")
-            return None
-        if mode == "auto" and not steps:
-            return None
-        step = steps[-1] if mode == "auto" else int(mode)
-        if step not in steps:
-            raise UserError(f"checkpoint.resume: no complete checkpoint for step {step} in "
-                            f"{self.checkpoint_dir} (have: {', '.join(map(str, steps)) or 'none'})")
-        checkpoint = step_dir(self.checkpoint_dir, step)
-        saved_path = checkpoint / "config.yaml"
-        if not saved_path.exists():
-            saved_path = self.run_dir / "config.yaml"
-        if saved_path.exists():
-            import yaml
-
-            try:
-                saved = config_from_dict(yaml.safe_load(saved_path.read_text()))
-            except UserError as exc:
-                raise UserError(f"{saved_path}: cannot read the saved config ({exc})") from None
-            except (yaml.YAMLError, UnicodeDecodeError, AttributeError, TypeError) as exc:
-                raise UserError(f"{saved_path}: cannot read the saved config ({type(exc).__name__})") from None
-            check_resume_compatible(saved, self.cfg)
-        return checkpoint
 
     def _build_diagnostics(self) -> Diagnostics:
         d, t = self.cfg.diagnostics, self.cfg.train
@@ -191,7 +142,7 @@ class Trainer:
             self.bucket_vocab = torch.bincount(self.token_bucket, minlength=d.tail_buckets).tolist()
         probe_count = min(d.probe_sequences, self.data.num_sequences(t.seq_len, "val"))
         probe = torch.from_numpy(self.data.sequences(np.arange(probe_count), t.seq_len, "val"))
-        writer = DiagnosticsWriter(self.run_dir / "diagnostics.jsonl", self.metrics.tensorboard,
+        writer = DiagnosticsWriter(self.run.diagnostics, self.metrics.tensorboard,
                                    enabled=self.dist.is_main, histograms=d.histograms)
         return Diagnostics(d, self.model, self.optimizers, probe[:, :-1].to(self.dist.device), writer,
                            self.dist.rank, self.dist.world_size)
@@ -266,7 +217,7 @@ class Trainer:
             if stop and done < t.steps:
                 progress.close()
                 raise Preempted(f"stopped by {self.stop_request.signal_name or 'a stop signal on another rank'} "
-                                f"after step {done}; checkpoint saved in {step_dir(self.checkpoint_dir, done)}")
+                                f"after step {done}; checkpoint saved in {self.run.checkpoint(done)}")
             if done % t.log_interval == 0 or done == t.steps:
                 window_start, window_tokens = time.perf_counter(), 0
         progress.close()
@@ -351,11 +302,12 @@ class Trainer:
 
     def _print_header(self) -> None:
         cfg, t, a = self.cfg, self.cfg.train, self.model_args
-        self.log(f"normopt: run.dir={self.run_dir}  ranks={self.dist.world_size} ({self.dist.device.type})  "
+        self.log(f"normopt: run.dir={self.run}  ranks={self.dist.world_size} ({self.dist.device.type})  "
                  f"dtype={self.dtype}")
         self.log(f"model: preset={cfg.model.preset} norm={a.norm} dim={a.dim} layers={a.n_layers} "
                  f"heads={a.n_heads}/{a.n_kv_heads} ffn={a.ffn_hidden} vocab={a.vocab_size} "
                  f"tied={a.tie_embeddings}  parameters={self.num_params:,}")
+        self.log(f"memory: {self.memory.describe()}")
         self.log(f"data: {len(self.data.tokens):,} tokens, {self.batches.num_sequences:,} training "
                  f"sequences of {t.seq_len}; unigram entropy {self.data.unigram_entropy:.3f} nats")
         self.log(f"batch: {t.global_batch_size} sequences/step = {self.micro_batch} micro x "
@@ -368,7 +320,7 @@ class Trainer:
             self.log(f"resumed from {self.resume_from} at step {self.start_step}")
 
     def _last_logged_eval(self) -> float | None:
-        path = self.run_dir / "metrics.jsonl"
+        path = self.run.metrics
         if not path.exists():
             return None
         evals = [json.loads(line)["eval_loss"] for line in path.read_text().splitlines()
@@ -377,16 +329,16 @@ class Trainer:
 
     def _summary(self, eval_loss: float | None) -> dict:
         summary = {
-            "run_dir": str(self.run_dir),
+            "run_dir": str(self.run),
             "final_eval_loss": eval_loss,
             "unigram_entropy": self.data.unigram_entropy,
             "parameters": self.num_params,
-            "tensorboard": str(self.run_dir / "tensorboard"),
+            "tensorboard": str(self.run.tensorboard),
         }
         if eval_loss is not None:
             self.log(f"final validation loss {eval_loss:.4f} nats vs unigram entropy "
                      f"{self.data.unigram_entropy:.4f} nats of the training tokens")
-        self.log(f"TensorBoard logs: {summary['tensorboard']}  (tensorboard --logdir {self.run_dir})")
+        self.log(f"TensorBoard logs: {summary['tensorboard']}  (tensorboard --logdir {self.run})")
         return summary
 
     def close(self) -> None:

@@ -44,7 +44,7 @@ def test_contract_keys_exist():
     ("optim.lr=-1", "optim.lr"),
     ("optim.lr=fast", "optim.lr"),
     ("train.steps=1.5", "train.steps"),
-    ("model.norm=layernorm", "model.norm"),
+    ("model.norm=batchnorm", "model.norm"),
     ("model.n_heads=5", "model.n_heads"),
     ("model.n_kv_heads=4", "model.n_kv_heads"),
     ("train.compile=maybe", "train.compile"),
@@ -110,9 +110,8 @@ def test_cli_missing_config_file_exits_2():
     assert proc.returncode == 2 and "config file not found" in proc.stderr
 
 
-def test_launch_script_refuses_a_bad_config_before_torchrun():
-    proc = subprocess.run(["bash", str(REPO_ROOT / "launch" / "torchrun.sh"), "2", "model.n_heads=7"],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHON": sys.executable})
+def test_launcher_refuses_a_bad_config_before_starting_ranks():
+    proc = subprocess.run([sys.executable, "-m", "normopt.cli", "launch", "--nproc", "2", "model.n_heads=7"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "normopt: error: model.n_heads: 7 heads do not divide dim 192"

@@ -86,3 +86,74 @@ def test_cache_dir_that_is_a_file(tmp_path, tiny_corpus):
     proc = run_cli(tiny_run_args(tmp_path / "run", tiny_corpus, f"data.cache_dir={tmp_path / 'cache'}",
                                  "data.vocab_size=301"))  # a corpus not prepared yet
     assert _one_line_exit_2(proc, "data.cache_dir: cannot create"), proc.stderr[-2000:]
+
+
+def test_model_too_large_for_memory_is_refused_before_allocating(tmp_path, tiny_corpus):
+    """~275B parameters: the lower bound alone exceeds any machine this runs on; refused with
+    the estimate, before any weight exists and without a traceback."""
+    proc = run_cli(tiny_run_args(tmp_path / "run", tiny_corpus, "model.dim=16384", "model.n_layers=80",
+                                 "model.n_heads=128", "model.n_kv_heads=8", "model.ffn_hidden=53248"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("normopt: error: the model does not fit: it needs at least ")
+    assert "GiB are available" in line and "Traceback" not in proc.stderr
+
+
+def test_memory_estimate_formula():
+    from normopt.memory_budget import GIB, check_fits, estimate_memory
+
+    est = estimate_memory(params=1_000_000, optimizer="adamw", world_size=4, micro_batch=2, seq_len=8,
+                          vocab_size=100)
+    assert est.state_bytes == 1_000_000 * 16 // 4  # fp32 weight + grad + two AdamW moments, sharded
+    assert est.logits_bytes == 2 * 4 * 2 * 8 * 100
+    assert estimate_memory(1_000_000, "muon", 1, 1, 1, 1).state_bytes == 12_000_000
+    check_fits(est, est.total_bytes, "exact fit")  # fits: no error
+    with pytest.raises(UserError, match="does not fit"):
+        check_fits(est, est.total_bytes - 1, "one byte short")
+    check_fits(est, None, "unknown")  # unknown memory: never refuse
+    assert GIB == 2 ** 30
+
+
+FULL_DISK_AT_SECOND_SAVE = """
+import errno, os, sys
+import torch.distributed.checkpoint as dcp
+from normopt.checkpoint import manager
+from normopt.cli import main
+
+real_save, calls = dcp.save, []
+
+def save(state, checkpoint_id):
+    calls.append(checkpoint_id)
+    if len(calls) < 2:
+        return real_save(state, checkpoint_id=checkpoint_id)
+    with open(os.path.join(checkpoint_id, "__0_0.distcp"), "wb") as f:  # a torn shard, as a full disk leaves
+        f.write(b"partial")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), checkpoint_id)
+
+manager.dcp.save = save
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, tiny_corpus):
+    """The second checkpoint's write fails with ENOSPC: one line naming the cause, exit 2,
+    the partial folder removed, the first checkpoint intact and resumable."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    run_dir = tmp_path / "run"
+    args = tiny_run_args(run_dir, tiny_corpus, "checkpoint.interval=2", "checkpoint.keep_latest_k=5")
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK_AT_SECOND_SAVE, *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "No space left on device" in line and "Traceback" not in proc.stderr
+    assert "step_00000002 is kept" in line
+    folders = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert folders == ["step_00000002"]
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr

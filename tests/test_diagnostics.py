@@ -23,6 +23,9 @@ from normopt.diagnostics.spectral_norm import SpectralNormTracker, power_iterati
 from normopt.diagnostics.tail_tokens import bucket_losses, bucket_sums, frequency_buckets
 from normopt.models.derf import Derf, DerfEMA, commit_running_scales
 from normopt.models.dyt import DyT
+from normopt.models.layernorm import LayerNorm
+from normopt.models.norm_layer import NormConfig
+from normopt.models.norms import NORM_NAMES, build_norm
 from normopt.models.rmsnorm import RMSNorm
 from tests.conftest import run_cli, tiny_run_args
 
@@ -97,6 +100,25 @@ def test_scale_blindness_of_identity_rmsnorm_and_saturated_erf():
     small, _ = norm_layer_stats(Derf(256, alpha_init=0.01), x)
     assert small["scale_across_tokens"] == pytest.approx(1.0, abs=1e-3)
     assert small["linearity_within_token"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_layernorm_is_scale_blind_and_linear_without_saturation():
+    """LayerNorm, like RMSNorm, removes each token's scale (here: the centred features'
+    scale) and is affine within a token; it has no pre-activation to saturate."""
+    x = _tokens_with_scales()
+    ln, z = norm_layer_stats(LayerNorm(256, eps=1e-12), x)
+    assert z is None and ln["type"] == "layernorm"
+    assert ln["saturation"] is None and ln["alpha"] is None and ln["shift"] is None
+    assert ln["scale_across_tokens"] == pytest.approx(0.0, abs=1e-2)
+    assert ln["linearity_within_token"] == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", NORM_NAMES)
+def test_every_registered_norm_has_a_record_under_its_name(name):
+    record, z = norm_layer_stats(build_norm(NormConfig(name), 16, "attn"), torch.randn(8, 16))
+    assert record["type"] == name
+    assert (z is None) == (record["saturation"] is None)
+    assert 0.0 <= record["linearity_within_token"] <= 1.0 + 1e-9
 
 
 def test_scale_across_tokens_is_undefined_without_scale_variation():

@@ -51,7 +51,7 @@ def test_cells_cross_axes_seeds_and_arms():
 
 @pytest.mark.parametrize("change, message", [
     ({"axes": {"model.normm": ["derf"]}}, "model.normm"),
-    ({"axes": {"model.norm": ["layernorm"]}}, "model.norm"),
+    ({"axes": {"model.norm": ["batchnorm"]}}, "model.norm"),
     ({"seeds": []}, "seeds"),
     ({"extra": 1}, "unknown spec key"),
     ({"base": "configs/nope.yaml"}, "config file not found"),
@@ -111,3 +111,40 @@ def test_shipped_specs_are_valid():
     for path in specs:
         _, _, cells = load_spec(path)
         assert len(cells) >= 6, path.name
+
+
+def test_multi_rank_cells_keep_diverged_and_preempted_statuses(tmp_path, tiny_corpus):
+    """Under --nproc 2 each cell runs through ``normopt launch``: a diverged cell is recorded
+    with status 3 and the grid goes on; SIGTERM during the next cell stops it after a
+    checkpoint, recorded as 75 (preempted), and the runner exits 75."""
+    import signal
+    import time
+
+    spec = _spec(tmp_path, tiny_corpus, axes={"optim.lr": [1e4, 1e-3], "optim.name": ["adamw"]}, arms={})
+    data = yaml.safe_load(spec.read_text())
+    data["set"].update({"optim.grad_clip": 0, "train.steps": 400, "train.eval_interval": 0,
+                        "checkpoint.interval": 0, "train.log_interval": 1})
+    spec.write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen([sys.executable, "-m", "normopt.cli", "factorial", str(spec), "--nproc", "2"],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    root = tmp_path / "grid"
+    cells = sorted(p.name for p in root.iterdir()) if root.exists() else []
+    deadline = time.time() + 300
+    second = None
+    while time.time() < deadline and proc.poll() is None:
+        records = [json.loads(p.read_text()) for p in root.glob("*/cell.json")] if root.exists() else []
+        running = [r for r in records if "exit_code" not in r]
+        metrics = [root / r["name"] / "metrics.jsonl" for r in running]
+        if any(r.get("exit_code") == 3 for r in records) and metrics and metrics[0].exists() \
+                and '"step": 3,' in metrics[0].read_text():
+            second = running[0]["name"]
+            break
+        time.sleep(0.1)
+    assert second is not None, (cells, proc.communicate())
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 75, stderr[-3000:]
+    statuses = {p.parent.name: json.loads(p.read_text()).get("exit_code") for p in root.glob("*/cell.json")}
+    assert sorted(statuses.values()) == [3, 75], statuses
+    assert statuses[second] == 75

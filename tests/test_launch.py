@@ -32,9 +32,8 @@ def test_dry_run_prints_the_multi_node_launch():
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "run.dir: runs/demo-derf-adamw" in out
-    for piece in ["--nnodes=4", "--nproc_per_node=8", "--rdzv_backend=c10d", "--rdzv_endpoint=node001:29500",
-                  "--rdzv_id=normopt-777", "SIGUSR1",
-                  "train.py --config configs/demo.yaml model.norm=derf train.global_batch_size=64",
+    for piece in ["normopt.cli launch --nproc 8 --nnodes 4 --master-addr node001 --master-port 29500 "
+                  "--config configs/demo.yaml model.norm=derf train.global_batch_size=64",
                   "scontrol requeue 777"]:
         assert piece in out, piece
 

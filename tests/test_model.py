@@ -9,14 +9,19 @@ import pytest
 import torch
 
 from normopt.models.llama import build_model
+from normopt.models.norm_layer import NormConfig
+from normopt.models.norms import NORM_NAMES, NORMS
 from normopt.models.presets import PRESETS, count_parameters
+
+BOUNDED = [name for name, cls in NORMS.items() if cls.bounded()]
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-@pytest.mark.parametrize("norm", ["rmsnorm", "dyt", "derf", "derf_ema"])
+@pytest.mark.parametrize("norm", NORM_NAMES)
 def test_parameter_count_matches_analytic_formula(preset, norm):
     for bias, scale in ((True, None), (False, 3.0)):
-        args = replace(PRESETS[preset], vocab_size=32768, norm=norm, norm_bias=bias, embed_scale=scale)
+        args = replace(PRESETS[preset], vocab_size=32768, norm_config=NormConfig(norm, bias=bias),
+                       embed_scale=scale)
         model = build_model(args, "meta")  # no memory: even 2.8B builds instantly
         assert sum(p.numel() for p in model.parameters()) == count_parameters(args)
 
@@ -30,18 +35,22 @@ def _resolved(*overrides, vocab_size=8192):
 
 def test_auto_settings_follow_the_reference_models():
     """DyT: LLaMA code (no bias, alpha 0.8/0.2/0.2); Derf: GPT-2 code (bias) at alpha 0.5;
-    bounded norms scale the embedding by sqrt(dim), RMSNorm does not."""
-    dyt, derf, ema, rms = (_resolved(f"model.norm={n}") for n in ("dyt", "derf", "derf_ema", "rmsnorm"))
-    assert (dyt.norm_bias, dyt.alpha_init_attn, dyt.alpha_init_ffn, dyt.alpha_init_final) == (False, 0.8, 0.2, 0.2)
-    assert (derf.norm_bias, derf.alpha_init_attn, derf.alpha_init_ffn) == (True, 0.5, 0.5)
-    assert ema.norm_bias and ema.embed_scale == derf.embed_scale == dyt.embed_scale == math.sqrt(192)
-    assert rms.embed_scale is None
+    bounded norms scale the embedding by sqrt(dim), RMSNorm and LayerNorm do not; LayerNorm
+    keeps its bias."""
+    dyt, derf, ema, rms, ln = (_resolved(f"model.norm={n}") for n in ("dyt", "derf", "derf_ema", "rmsnorm",
+                                                                       "layernorm"))
+    d, e = dyt.norm_config, derf.norm_config
+    assert (d.bias, d.alpha_init_attn, d.alpha_init_ffn, d.alpha_init_final) == (False, 0.8, 0.2, 0.2)
+    assert (e.bias, e.alpha_init_attn, e.alpha_init_ffn) == (True, 0.5, 0.5)
+    assert ema.norm_config.bias and ema.embed_scale == derf.embed_scale == dyt.embed_scale == math.sqrt(192)
+    assert rms.embed_scale is None and not rms.norm_config.bias
+    assert ln.embed_scale is None and ln.norm_config.bias
     assert _resolved("model.norm=derf", "model.embed_scale=none").embed_scale is None
     assert _resolved("model.norm=rmsnorm", "model.embed_scale=2.5").embed_scale == 2.5
     assert _resolved("model.norm=dyt", "model.dim=256").embed_scale == 16.0
 
 
-@pytest.mark.parametrize("norm", ["dyt", "derf", "derf_ema"])
+@pytest.mark.parametrize("norm", BOUNDED)
 def test_embed_scale_sets_the_first_norms_input_rms(norm):
     """At init the first norm sees RMS ~ sqrt(dim) * init_std, not init_std."""
     torch.manual_seed(0)
@@ -132,7 +141,35 @@ def test_config_overrides_reach_the_model_args():
 
     cfg = load_config(None, ["model.norm=dyt", "model.alpha_init_ffn=0.2", "model.dim=256"])
     args = resolve_model_args(cfg.model, vocab_size=1000)
-    assert (args.vocab_size, args.norm, args.alpha_init_ffn, args.dim) == (1000, "dyt", 0.2, 256)
+    assert (args.vocab_size, args.norm, args.norm_config.alpha_init_ffn, args.dim) == (1000, "dyt", 0.2, 256)
     assert args.head_dim == PRESETS["debug"].head_dim  # width override keeps the head size
     args = resolve_model_args(load_config(None, ["model.n_heads=3"]).model, vocab_size=1000)
     assert args.n_kv_heads == 3  # the preset's 2 KV heads cannot group 3 heads
+
+
+@pytest.mark.parametrize("norm", NORM_NAMES)
+def test_a_model_builds_and_runs_for_every_registered_norm(norm):
+    """The config's name reaches every norm location as the registered class, with the
+    resolved settings, and the model trains (finite loss, gradients on the norms)."""
+    torch.manual_seed(0)
+    args = _resolved(f"model.norm={norm}", "model.dim=32", "model.n_heads=4", "model.n_layers=2",
+                     vocab_size=100)
+    model = build_model(args)
+    layers = [model.norm] + [m for block in model.layers for m in (block.attn_norm, block.ffn_norm)]
+    assert all(type(m) is NORMS[norm] for m in layers)
+    tokens = torch.randint(0, 100, (2, 16))
+    loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for m in layers for p in m.parameters())
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(args)
+
+
+def test_norm_bias_only_where_the_layer_can_have_one():
+    from normopt.config import load_config
+    from normopt.errors import UserError
+
+    with pytest.raises(UserError, match="model.norm_bias: rmsnorm has no bias"):
+        load_config(None, ["model.norm=rmsnorm", "model.norm_bias=true"])
+    plain = build_model(_resolved("model.norm=layernorm", "model.norm_bias=false"))
+    assert plain.norm.bias is None and [n for n, _ in plain.norm.named_parameters()] == ["weight"]

@@ -12,10 +12,10 @@ from normopt.optim.muon import (
     Muon,
     NorMuon,
     normuon_normalize,
-    ns_steps_param_groups,
     update_scale,
 )
 from normopt.optim.newton_schulz import newton_schulz
+from normopt.optim.ns_rules import ns_steps_param_groups
 
 QUINTIC = [(3.4445, -4.7750, 2.0315)] * 5
 
@@ -110,6 +110,29 @@ def test_default_bf16_step_uses_library_ns():
     opt.step()
     expected = W0 - 0.02 * (0.2 * math.sqrt(8)) * newton_schulz(g + 0.95 * g)
     torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [Muon, NorMuon])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_ns_input_is_the_matrix_the_step_orthogonalized(cls, nesterov):
+    W0, grads = toy((6, 4), steps=2, seed=3)
+    p, idle = torch.nn.Parameter(W0.clone()), torch.nn.Parameter(W0.clone())
+    opt = cls([p, idle], lr=0.02, momentum=0.9, nesterov=nesterov, ns_dtype="float64")
+    assert opt.ns_input(p) is None and opt.momentum_buffer(p) is None  # not stepped yet
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    m = opt.momentum_buffer(p)
+    assert m is opt.state[p]["momentum_buffer"]
+    torch.testing.assert_close(m, 0.9 * grads[0] + grads[1], rtol=0, atol=1e-12)
+    U = opt.ns_input(p)
+    if nesterov:
+        assert torch.equal(U, grads[1].add(m, alpha=0.9))
+    else:
+        assert U is m
+    assert opt.ns_input(idle) is None  # no gradient, never stepped
+    p.grad = None
+    assert opt.ns_input(p) is None
 
 
 def test_normuon_normalize_keeps_norm_and_equalizes_rows():

@@ -14,7 +14,6 @@ from normopt.optim.newton_schulz import (
     coefficients_for_steps,
     newton_schulz,
     ns_scalar_map,
-    resolve_ns_steps,
 )
 
 # What 5 quintic steps do to singular values of the normalized input that exceed ~1.5e-3
@@ -152,24 +151,6 @@ def test_coefficient_schedules():
         coefficients_for_steps("quintic", -1)
     with pytest.raises(ValueError, match="shape"):
         newton_schulz(torch.ones(3))
-
-
-def test_resolve_ns_steps_globs_regexes_and_default():
-    rules = [
-        ("layers.0.*", 8),
-        ("re:attention\\.w[qk]", 3),
-        ("*.feed_forward.w2.weight", 7),
-    ]
-    assert resolve_ns_steps("layers.0.attention.wq.weight", rules, 5) == 8  # first match wins
-    assert resolve_ns_steps("layers.3.attention.wk.weight", rules, 5) == 3
-    assert resolve_ns_steps("layers.3.attention.wv.weight", rules, 5) == 5
-    assert resolve_ns_steps("layers.3.feed_forward.w2.weight", rules, 5) == 7
-    assert resolve_ns_steps("anything", None, 4) == 4
-    assert resolve_ns_steps("layers.1.x", {"layers.1.*": 2}, 5) == 2
-    with pytest.raises(ValueError, match="ns_steps"):
-        resolve_ns_steps("a", [("a", 0)], 5)
-    with pytest.raises(ValueError, match="ns_steps"):
-        resolve_ns_steps("a", ["a"], 5)
 
 
 def test_public_function_is_exported_from_the_package():

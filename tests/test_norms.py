@@ -1,4 +1,4 @@
-"""Norm layers against direct evaluations of their formulas."""
+"""Norm layers against direct evaluations of their formulas, and the norm registry."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from normopt.models.derf import Derf, DerfEMA, commit_running_scales
 from normopt.models.dyt import DyT
+from normopt.models.layernorm import LayerNorm
+from normopt.models.norm_layer import NormConfig
+from normopt.models.norms import NORM_NAMES, NORM_TYPES, NORMS, build_norm, norm_class
 from normopt.models.rmsnorm import RMSNorm
 
 torch.manual_seed(0)
@@ -87,7 +91,28 @@ def test_alpha_and_shift_are_learned(cls):
         assert not torch.equal(getattr(norm, name).detach(), before), name
 
 
-@pytest.mark.parametrize("cls", [RMSNorm, DyT, Derf, DerfEMA])
+@pytest.mark.parametrize("bias", [True, False])
+def test_layernorm_matches_torch_layer_norm_and_grads(bias):
+    norm = LayerNorm(16, eps=1e-5, bias=bias)
+    assert [n for n, _ in norm.named_parameters()] == (["weight", "bias"] if bias else ["weight"])
+    _randomise(norm)
+    x = torch.randn(3, 5, 16) * 4 + 2
+
+    def ref(x, p):
+        return F.layer_norm(x, (16,), p["weight"], p.get("bias"), 1e-5)
+
+    def formula(x, p):
+        centred = x - x.mean(-1, keepdim=True)
+        y = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5) * p["weight"]
+        return y + p["bias"] if "bias" in p else y
+
+    params = {n: p.detach().double() for n, p in norm.named_parameters()}
+    torch.testing.assert_close(norm(x).double(), ref(x.double(), params), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norm(x).double(), formula(x.double(), params), rtol=1e-5, atol=1e-6)
+    _check_grads(norm, x, ref)
+
+
+@pytest.mark.parametrize("cls", NORM_TYPES)
 def test_bf16_is_safe_for_large_inputs(cls):
     """bf16 activations far outside erf/tanh's linear range stay finite and close to fp32."""
     norm = cls(32)
@@ -201,3 +226,55 @@ def test_derf_ema_rescales_grown_inputs_away_from_saturation():
     assert saturated(ema) < 0.05
     assert math.isclose(ema.input_scale().item(), (x.pow(2).mean() / start.pow(2).mean()).sqrt().item(),
                         rel_tol=1e-5)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_lists_the_five_norms_by_their_own_names():
+    assert NORM_NAMES == ("rmsnorm", "dyt", "derf", "derf_ema", "layernorm")
+    assert all(cls.name == name and norm_class(name) is cls for name, cls in NORMS.items())
+    assert {name for name, cls in NORMS.items() if cls.bounded()} == {"dyt", "derf", "derf_ema"}
+    assert {name: cls.fix_of for name, cls in NORMS.items() if cls.fix_of} == {"derf_ema": "derf"}
+    with pytest.raises(ValueError, match="unknown norm 'batchnorm'"):
+        norm_class("batchnorm")
+
+
+@pytest.mark.parametrize("name", NORM_NAMES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_param_count_is_the_layers_real_parameter_count(name, bias):
+    cfg = NormConfig(name, bias=bias)
+    for location in ("attn", "ffn", "final"):
+        layer = build_norm(cfg, 24, location)
+        assert type(layer) is NORMS[name]
+        assert sum(p.numel() for p in layer.parameters()) == NORMS[name].param_count(24, cfg)
+
+
+def test_layers_read_their_settings_from_the_norm_config():
+    cfg = NormConfig("derf_ema", eps=1e-3, alpha_init_attn=0.7, alpha_init_ffn=0.3, alpha_init_final=0.2,
+                     shift_init=0.1, ema_momentum=0.9, ema_blend=0.25, bias=False)
+    ema = build_norm(cfg, 8, "ffn")
+    assert (ema.alpha.item(), ema.shift.item(), ema.momentum, ema.blend, ema.bias) == \
+        (pytest.approx(0.3), pytest.approx(0.1), 0.9, 0.25, None)
+    assert build_norm(cfg, 8, "attn").alpha.item() == pytest.approx(0.7)
+    assert build_norm(NormConfig("dyt", alpha_init_final=0.2), 8, "final").alpha.item() == pytest.approx(0.2)
+    assert build_norm(NormConfig("rmsnorm", eps=1e-3), 8, "attn").eps == 1e-3
+    assert build_norm(NormConfig("layernorm", eps=1e-3, bias=False), 8, "attn").eps == 1e-3
+
+
+@pytest.mark.parametrize("name", NORM_NAMES)
+def test_output_is_the_affine_of_the_core_the_diagnostics_read(name):
+    """y = g * core(x) + b, with core = f(preactivation) for a bounded layer."""
+    torch.manual_seed(7)
+    layer = build_norm(NormConfig(name), 16, "attn")
+    _randomise(layer)
+    x = torch.randn(4, 16) * 3
+    p = dict(layer.named_parameters())
+    expected = layer.core(x) * p["weight"] + (p["bias"] if "bias" in p else 0)
+    torch.testing.assert_close(layer(x), expected)
+    z = layer.preactivation(x)
+    if layer.bounded():
+        f = {"tanh": torch.tanh, "erf": torch.erf}[layer.saturating_function]
+        torch.testing.assert_close(layer.core(x), f(z))
+    else:
+        assert z is None

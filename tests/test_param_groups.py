@@ -9,15 +9,17 @@ import torch
 
 from normopt.config import load_config
 from normopt.models.llama import build_model
+from normopt.models.norm_layer import NormConfig
+from normopt.models.norms import NORM_NAMES
 from normopt.models.presets import PRESETS
 from normopt.optim.builder import build_optimizers
 from normopt.optim.muon import Muon, NorMuon
-from normopt.optim.param_groups import build_param_groups, format_group_table, parse_ns_steps_rules
+from normopt.optim.param_groups import build_param_groups, format_group_table
 
 
 def _model(norm="derf", tie=False, embed_scale=None):
     args = replace(PRESETS["debug"], vocab_size=300, dim=32, n_heads=4, n_kv_heads=2, n_layers=2,
-                   ffn_hidden=48, norm=norm, tie_embeddings=tie, embed_scale=embed_scale)
+                   ffn_hidden=48, norm_config=NormConfig(norm), tie_embeddings=tie, embed_scale=embed_scale)
     return build_model(args)
 
 
@@ -46,6 +48,17 @@ def test_groups_by_role(optim):
     assert groups["matrix"].lr == (0.05 if optim != "adamw" else cfg.optim.lr)
     assert sum(g.numel for g in groups.values()) == sum(p.numel() for p in model.parameters())
     assert "matrix" in format_group_table(list(groups.values()))
+
+
+@pytest.mark.parametrize("norm", NORM_NAMES)
+def test_every_registered_norms_parameters_are_norm_parameters(norm):
+    """Whatever the norm, every parameter of its layers lands in the no-decay norm group."""
+    model = _model(norm)
+    groups = {g.role: g for g in build_param_groups(model, load_config(None).optim)}
+    layer_params = {f"{name}.{p}" for name, m in model.named_modules() if name.endswith("norm")
+                    for p, _ in m.named_parameters()}
+    assert layer_params and set(groups["norm"].names) == layer_params
+    assert groups["norm"].weight_decay == 0
 
 
 def test_tied_head_is_an_embedding():
@@ -77,11 +90,3 @@ def test_muon_optimizer_gets_matrices_and_per_layer_steps():
     opts.set_lr_factor(0.5)
     assert all(g["lr"] == 0.5 * g["peak_lr"] for o in opts.optimizers for g in o.param_groups)
     assert not isinstance(build_optimizers(model, load_config(None).optim).optimizers[-1], Muon)
-
-
-def test_parse_ns_steps_rules():
-    assert parse_ns_steps_rules("") == []
-    assert parse_ns_steps_rules("layers.0.*=8, re:w2=6") == [("layers.0.*", 8), ("re:w2", 6)]
-    for bad in ["layers.0", "x=0", "=3", "x=y"]:
-        with pytest.raises(ValueError):
-            parse_ns_steps_rules(bad)

@@ -11,13 +11,8 @@ import yaml
 
 from normopt.config import Config
 from normopt.errors import UserError
-from normopt.experiments.cells import (
-    Metrics,
-    assess_cell,
-    discover_cells,
-    divergence_reason,
-    read_metrics,
-)
+from normopt.experiments.cell_assessment import assess_cell, divergence_reason
+from normopt.experiments.cell_reading import Metrics, discover_cells, read_metrics
 from normopt.experiments.report import report_main, write_report
 from normopt.experiments.statistics import build_summary, describe, ema_smooth
 
@@ -346,15 +341,6 @@ def test_describe_and_smoothing():
     # debiased EMA = weighted mean with weights beta^(t-i): (0.5*1 + 2) / 1.5, (0.25*1 + 0.5*2 + 3) / 1.75
     assert ema_smooth([1.0, 2.0, 3.0], 0.5) == pytest.approx([1.0, 2.5 / 1.5, 4.25 / 1.75])
     assert ema_smooth([4.0, 2.0], 0.0) == [4.0, 2.0]
-
-
-def test_report_re_exports_what_other_modules_import():
-    # normopt.experiments.factorial imports these from report (they predate the split)
-    from normopt.experiments import cells, report, statistics
-
-    assert report.final_eval_loss is cells.final_eval_loss and report.read_metrics is cells.read_metrics
-    assert report.build_summary is statistics.build_summary and callable(report.main_table)
-    assert callable(report.write_report)
 
 
 def test_user_errors(tmp_path):

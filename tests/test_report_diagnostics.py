@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from normopt.errors import UserError
-from normopt.experiments.cells import TailTokens, discover_cells, read_diagnostics
+from normopt.experiments.cell_reading import TailTokens, discover_cells, read_diagnostics
 from normopt.experiments.report import write_report
 from normopt.experiments.statistics import build_summary, diagnostics_numbers
 from tests.test_report import write_cell

@@ -13,18 +13,17 @@ import pytest
 
 from normopt.cli import main
 from normopt.diagnostics.ns_spectrum import DEFAULT_BANDS, fewest_ns_steps
-from normopt.diagnostics.spectrum_fit import (
+from normopt.experiments.spectrum_fit import (
     MODEL_SIZE,
-    analyze,
     depth_group,
     discover_runs,
     fit_power_law,
     matrix_type,
     ns_steps_per_layer,
-    parse_size,
-    read_diagnostics,
+    read_ns_spectrum,
     run_quantiles,
 )
+from normopt.experiments.spectrum_report import analyze, parse_size
 from normopt.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -132,11 +131,11 @@ def test_reading_skips_partial_last_line_and_keeps_the_last_duplicate(tmp_path):
     path.write_text('{"step": 0, "kind": "run", "n_params": 9, "n_layers": 1}\n'
                     '{"step": 5, "kind": "ns_spectrum", "matrices": {}, "v": 1}\n'
                     '{"step": 5, "kind": "ns_spectrum", "matrices": {}, "v": 2}\n{"step": 7, "ki')
-    run, records = read_diagnostics(path)
+    run, records = read_ns_spectrum(path)
     assert run["n_params"] == 9 and [r["v"] for r in records] == [2]
     path.write_text('{"step": 0, "kind": "run"}\nnot json\n{"step": 5, "kind": "ns_spectrum"}\n')
     with pytest.raises(UserError, match="diagnostics.jsonl:2: unreadable"):
-        read_diagnostics(path)
+        read_ns_spectrum(path)
 
 
 def test_run_averages_exclude_burn_in_and_outside_blocks(root):

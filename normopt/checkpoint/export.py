@@ -15,22 +15,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from normopt.checkpoint.manager import complete_steps, read_trainer_state, step_dir
+from normopt.checkpoint.manager import read_trainer_state
 from normopt.checkpoint.safe_dcp import SafeReader, TensorOnlyPlanner, read_metadata
 from normopt.errors import UserError
+from normopt.run_dir import RunDir
 
 MODEL_PREFIX = "model."
-
-
-def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
-    steps = complete_steps(run_dir / "checkpoints")
-    if not steps:
-        raise UserError(f"{run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
-    if step is None:
-        return step_dir(run_dir / "checkpoints", steps[-1])
-    if step not in steps:
-        raise UserError(f"--step {step}: no complete checkpoint (have: {', '.join(map(str, steps))})")
-    return step_dir(run_dir / "checkpoints", step)
 
 
 def load_model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -57,20 +47,20 @@ def load_model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def export_safetensors(run_dir: Path, step: int | None = None, out: Path | None = None) -> Path:
-    """Write ``model.safetensors`` (and ``config.yaml`` beside it); return the file's path."""
+    """Write the weights of ``step``'s checkpoint (default: the latest complete one) as one
+    safetensors file, the config it was trained with beside it; return the file's path."""
     from safetensors.torch import save_file
 
-    checkpoint = find_checkpoint(run_dir, step)
+    run = RunDir(run_dir)
+    checkpoint = run.find_checkpoint(step, "--step")
     weights = load_model_weights(checkpoint)
-    out = out or run_dir / "export" / f"{checkpoint.name}.safetensors"
+    out = out or run.export / f"{checkpoint.name}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     trainer_state = read_trainer_state(checkpoint)
     # a tied head is the same tensor under two names; safetensors wants distinct storage
     tensors = {name: t.contiguous().clone() for name, t in weights.items()}
     save_file(tensors, str(out), metadata={"format": "pt", "step": str(trainer_state["step"])})
-    config = checkpoint / "config.yaml"
-    if not config.exists():
-        config = run_dir / "config.yaml"
-    if config.exists():
+    config = run.config_of(checkpoint)
+    if config is not None:
         shutil.copyfile(config, out.with_suffix(".config.yaml"))
     return out

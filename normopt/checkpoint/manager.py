@@ -1,14 +1,14 @@
 """Sharded checkpoints with torch.distributed.checkpoint (DCP).
 
-Layout: ``<run>/checkpoints/step_00000100/`` holds every rank's shards of the model and
-optimizer state (including ``derf_ema`` running scales, which are model buffers),
-``trainer_state.json`` (step, tokens, world size), ``non_tensor_state.json`` (optimizer
-hyperparameters and any other non-tensor entry), ``rng/rank_XXXXX.safetensors`` (each rank's
-RNG states: tensors, with the Python and numpy scalars as JSON metadata) and a copy of the
-run's ``config.yaml``. Nothing in a checkpoint is pickled, and loading one never unpickles
-anything but DCP's own metadata types (see ``safe_dcp``). The learning-rate schedule is a pure
-function of the step and the data order a function of (seed, step), so the step restores
-both. A checkpoint is written under
+Layout (the names are :mod:`normopt.run_dir`'s): ``<run>/checkpoints/step_00000100/`` holds
+every rank's shards of the model and optimizer state (including ``derf_ema`` running scales,
+which are model buffers), ``trainer_state.json`` (step, tokens, world size),
+``non_tensor_state.json`` (optimizer hyperparameters and any other non-tensor entry),
+``rng/rank_XXXXX.safetensors`` (each rank's RNG states: tensors, with the Python and numpy
+scalars as JSON metadata) and a copy of the run's ``config.yaml``. Nothing in a checkpoint is
+pickled, and loading one never unpickles anything but DCP's own metadata types (see
+``safe_dcp``). The learning-rate schedule is a pure function of the step and the data order a
+function of (seed, step), so the step restores both. A checkpoint is written under
 ``step_XXXXXXXX.tmp`` and renamed by rank 0 only after every rank has finished writing,
 so a folder without ``.tmp`` is always complete; leftovers of interrupted writes are ignored
 and cleaned up by the next save.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -40,25 +39,7 @@ from normopt.checkpoint.safe_dcp import (
     write_non_tensor_state,
 )
 from normopt.errors import UserError
-
-STEP_DIR = re.compile(r"^step_(\d{8})$")
-TRAINER_STATE = "trainer_state.json"
-
-
-def step_dir(checkpoint_dir: Path, step: int) -> Path:
-    return checkpoint_dir / f"step_{step:08d}"
-
-
-def complete_steps(checkpoint_dir: Path) -> list[int]:
-    """Steps with a complete checkpoint, ascending."""
-    if not checkpoint_dir.is_dir():
-        return []
-    steps = []
-    for child in checkpoint_dir.iterdir():
-        match = STEP_DIR.match(child.name)
-        if match and (child / TRAINER_STATE).is_file():
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+from normopt.run_dir import CONFIG_FILE, TRAINER_STATE, RunDir
 
 
 def _barrier() -> None:
@@ -131,10 +112,8 @@ class CheckpointWriter:
     :meth:`wait`) finds every rank's write finished. At most one write is in flight.
     """
 
-    def __init__(self, checkpoint_dir: Path, is_main: bool, keep_latest_k: int,
-                 config_path: Path | None = None, async_save: bool = False):
-        self.checkpoint_dir, self.is_main, self.keep_latest_k = checkpoint_dir, is_main, keep_latest_k
-        self.config_path, self.async_save = config_path, async_save
+    def __init__(self, run: RunDir, is_main: bool, keep_latest_k: int, async_save: bool = False):
+        self.run, self.is_main, self.keep_latest_k, self.async_save = run, is_main, keep_latest_k, async_save
         self._pending = None  # (future, step, trainer_state)
         # background writes coordinate over their own gloo group, away from training's collectives
         self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
@@ -142,23 +121,29 @@ class CheckpointWriter:
     def save(self, step: int, model: nn.Module, optimizers: list, trainer_state: dict,
              block: bool = False) -> Path:
         self.wait()
-        final = step_dir(self.checkpoint_dir, step)
-        tmp = final.with_name(final.name + ".tmp")
+        final, tmp = self.run.checkpoint(step), self.run.partial_checkpoint(step)
         if self.is_main:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            self.run.checkpoints.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
         tensors, non_tensors = split_tensors(_state(model, optimizers))
-        if self.is_main:
-            tmp.mkdir(parents=True, exist_ok=True)
-            write_non_tensor_state(tmp, non_tensors)
+        failure = None
+        try:
+            if self.is_main:
+                tmp.mkdir(parents=True, exist_ok=True)
+                write_non_tensor_state(tmp, non_tensors)
+            if self.async_save and not block:
+                future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._group)
+                save_rng_state(tmp)
+            else:
+                dcp.save(tensors, checkpoint_id=str(tmp))
+                save_rng_state(tmp)
+        except (OSError, CheckpointException) as exc:
+            failure = _first_cause(exc)
+        self._agree_written(step, failure)
         if self.async_save and not block:
-            future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._group)
-            save_rng_state(tmp)
             self._pending = (future, step, trainer_state)
             return final
-        dcp.save(tensors, checkpoint_id=str(tmp))
-        save_rng_state(tmp)
         self._mark_complete(step, trainer_state)
         return final
 
@@ -168,22 +153,45 @@ class CheckpointWriter:
             return
         future, step, trainer_state = self._pending
         self._pending = None
-        future.result()
+        failure = None
+        try:
+            future.result()
+        except (OSError, CheckpointException) as exc:
+            failure = _first_cause(exc)
+        self._agree_written(step, failure)
         self._mark_complete(step, trainer_state)
 
+    def _agree_written(self, step: int, failure: str | None) -> None:
+        """Every rank learns whether any rank's write failed (a full disk, a read-only
+        folder); if one did, rank 0 removes the partial checkpoint, the previous complete
+        one stays, and all ranks stop with the reason in one line."""
+        failed = torch.tensor([0 if failure is None else 1])
+        if dist.is_initialized():
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if not failed.item():
+            return
+        partial = self.run.partial_checkpoint(step)
+        if self.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        _barrier()
+        previous = self.run.complete_steps()
+        kept = f"the last complete checkpoint {self.run.checkpoint(previous[-1])} is kept" if previous \
+            else "no earlier checkpoint exists"
+        raise UserError(f"writing checkpoint step {step} failed ({failure or 'on another rank'}); the partial "
+                        f"checkpoint was removed and {kept}")
+
     def _mark_complete(self, step: int, trainer_state: dict) -> None:
-        final = step_dir(self.checkpoint_dir, step)
-        tmp = final.with_name(final.name + ".tmp")
+        final, tmp = self.run.checkpoint(step), self.run.partial_checkpoint(step)
         _barrier()  # every rank's shards are on disk
         if self.is_main:
             (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-            if self.config_path is not None and self.config_path.exists():
-                shutil.copyfile(self.config_path, tmp / "config.yaml")
+            if self.run.config.exists():
+                shutil.copyfile(self.run.config, tmp / CONFIG_FILE)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            for old in complete_steps(self.checkpoint_dir)[:-self.keep_latest_k]:
-                shutil.rmtree(step_dir(self.checkpoint_dir, old), ignore_errors=True)
-            for stale in self.checkpoint_dir.glob("step_*.tmp"):
+            for old in self.run.complete_steps()[:-self.keep_latest_k]:
+                shutil.rmtree(self.run.checkpoint(old), ignore_errors=True)
+            for stale in self.run.partial_checkpoints():
                 shutil.rmtree(stale, ignore_errors=True)
         _barrier()
 

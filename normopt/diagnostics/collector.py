@@ -31,10 +31,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from normopt.diagnostics.norm_stats import NORM_TYPES, norm_layer_stats
+from normopt.diagnostics.norm_stats import norm_layer_stats
 from normopt.diagnostics.ns_spectrum import default_band, ns_spectrum_record
 from normopt.diagnostics.spectral_norm import SpectralNormTracker
 from normopt.metrics.logger import jsonable
+from normopt.models.norms import NORM_TYPES
 from normopt.optim.muon import Muon
 
 QUANTILE_LEVELS = (0.01, 0.1, 0.5, 0.9, 0.99)
@@ -157,23 +158,19 @@ class Diagnostics:
     # -- Newton-Schulz --------------------------------------------------------------
 
     def _ns_inputs(self):
-        """(name, group, U, m) for every Muon-family matrix, from the gradient and the
-        momentum the step just used: U = g + beta m and the momentum buffer m (Nesterov),
-        or U = m and None (no Nesterov: NS received the buffer itself)."""
+        """(name, group, U, m) for every Muon-family matrix the step just updated: U the
+        matrix NS received (``Muon.ns_input``) and m the momentum buffer, or None when U
+        is the buffer itself (no Nesterov)."""
         name_of = {id(p): name for name, p in self.model.named_parameters()}
         for optimizer in self.optimizers.optimizers:
             if not isinstance(optimizer, Muon):
                 continue
             for group in optimizer.param_groups:
                 for p in group["params"]:
-                    state = optimizer.state.get(p)
-                    if p.grad is None or not state:
+                    U = optimizer.ns_input(p)
+                    if U is None:
                         continue
-                    buf, beta = state["momentum_buffer"], float(group["momentum"])
-                    if group["nesterov"]:
-                        yield name_of[id(p)], group, p.grad.add(buf, alpha=beta), buf
-                    else:
-                        yield name_of[id(p)], group, buf, None
+                    yield name_of[id(p)], group, U, optimizer.momentum_buffer(p) if group["nesterov"] else None
 
     @torch.no_grad()
     def ns_spectrum_record(self, step: int) -> dict | None:

@@ -1,13 +1,15 @@
 """What a normalization layer does to its input, measured on a probe batch.
 
 For a bounded layer y = g * f(z) + b with z its pre-activation (DyT: z = alpha x, f = tanh;
-Derf: z = alpha x + s, f = erf; derf_ema: z = alpha x / c + s, f = erf) and for RMSNorm
-(the unbounded reference, y = g * x / rms(x)), three numbers per layer:
+Derf: z = alpha x + s, f = erf; derf_ema: z = alpha x / c + s, f = erf) and for a
+normalising (unbounded) layer such as RMSNorm (y = g * x / rms(x)) or LayerNorm, three
+numbers per layer; each layer supplies its own z and core (see
+:class:`~normopt.models.norm_layer.NormLayer`), so nothing here names a norm:
 
 * saturation: the share of pre-activations where f's slope is below 10% of its maximum,
       tanh: 1 - tanh(z)^2 < 0.1  <=>  |z| > atanh(sqrt(0.9)) ~ 1.818
       erf:  exp(-z^2) < 0.1       <=>  |z| > sqrt(ln 10)    ~ 1.517
-  (f'(z) / f'(0) for both). RMSNorm has no saturation (None).
+  (f'(z) / f'(0) for both). Unbounded layers have no saturation (None).
 * scale_across_tokens: does a token with twice the RMS come out larger? The least-squares
   slope of log rms(core(x)_t) on log rms(x_t) over the probe's tokens t, where core is the
   layer without its affine g, b (g and b are the same for every token). 1 = the scale
@@ -16,6 +18,9 @@ Derf: z = alpha x + s, f = erf; derf_ema: z = alpha x / c + s, f = erf) and for 
   mean over tokens of R^2 = corr(x_t, core(x_t))^2 across the token's features: 1 for any
   map that is linear within a token (identity, RMSNorm), 2/pi ~ 0.637 for a hard sign of
   Gaussian features (fully saturated erf or tanh).
+
+Layers with numbers of their own add them (derf_ema: its running scale c and effective
+alpha alpha / c).
 """
 
 from __future__ import annotations
@@ -25,16 +30,13 @@ import math
 import torch
 from torch import nn
 
-from normopt.models.derf import Derf, DerfEMA
-from normopt.models.dyt import DyT
-from normopt.models.rmsnorm import RMSNorm
+from normopt.models.norm_layer import NormLayer
 
 SLOPE_FRACTION = 0.1
 SATURATION_THRESHOLD = {
     "tanh": math.atanh(math.sqrt(1.0 - SLOPE_FRACTION)),  # 1 - tanh^2 = 0.1
     "erf": math.sqrt(math.log(1.0 / SLOPE_FRACTION)),  # exp(-z^2) = 0.1
 }
-NORM_TYPES = (RMSNorm, DyT, Derf)  # DerfEMA is a Derf
 
 
 def saturation_share(z: torch.Tensor, function: str) -> float:
@@ -75,36 +77,20 @@ def linearity_within_token(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(r2.mean())
 
 
-def preactivation_and_core(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, str | None]:
-    """(z, core(x), f) for a norm layer: its pre-activation (None for RMSNorm), its output
-    without the affine g, b, and the name of its bounded function (None for RMSNorm)."""
-    x = x.float()
-    if isinstance(module, RMSNorm):
-        return None, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.eps), None
-    if isinstance(module, DyT):
-        z = module.alpha.float() * x
-        return z, torch.tanh(z), "tanh"
-    if isinstance(module, Derf):
-        z = module.alpha.float() * (x / module.input_scale()) + module.shift.float()
-        return z, torch.erf(z), "erf"
-    raise TypeError(f"not a normopt norm layer: {type(module).__name__}")
-
-
 def norm_layer_stats(module: nn.Module, x: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
     """The per-layer record (see the module docstring) and the pre-activations (for a
-    histogram; None for RMSNorm)."""
-    z, core, function = preactivation_and_core(module, x)
+    histogram; None for an unbounded layer)."""
+    if not isinstance(module, NormLayer):
+        raise TypeError(f"not a normopt norm layer: {type(module).__name__}")
+    z, core = module.preactivation(x), module.core(x)
     record = {
-        "type": {RMSNorm: "rmsnorm", DyT: "dyt", Derf: "derf", DerfEMA: "derf_ema"}[type(module)],
-        "saturation": saturation_share(z, function) if z is not None else None,
+        "type": module.name,
+        "saturation": saturation_share(z, module.saturating_function) if z is not None else None,
         "alpha": float(module.alpha.detach()) if hasattr(module, "alpha") else None,
         "shift": float(module.shift.detach()) if hasattr(module, "shift") else None,
         "scale_across_tokens": scale_across_tokens(x, core),
         "linearity_within_token": linearity_within_token(x, core),
         "input_rms": float(token_rms(x).mean()),
     }
-    if isinstance(module, DerfEMA):
-        scale = float(module.input_scale())
-        record["running_scale"] = scale  # c
-        record["effective_alpha"] = record["alpha"] / scale  # alpha / c
+    record.update(module.diagnostic_extras())
     return record, z

@@ -16,7 +16,7 @@ crossed, optional arms (extra settings crossed with the axes they do not set) an
 Cell names join the axis values (``derf-muon-s0``; arms ``alpha0.3-muon-s0``). Each cell's
 folder gets a ``cell.json`` (name, coords, seed, arm, and the exit status once it ran) that
 ``normopt report`` reads next to the run's own ``metrics.jsonl``. Cells run one after another
-on this machine (optionally each under torchrun with N ranks) under one progress bar, each
+on this machine (optionally each under ``normopt launch`` with N ranks) under one progress bar, each
 cell's output in its ``train.log``; finished cells are skipped, interrupted ones resume from
 their last checkpoint. ``--slurm`` writes one SLURM array job
 instead, one task per cell, each task running ``launch/slurm.sbatch``.
@@ -28,6 +28,7 @@ import argparse
 import itertools
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -40,7 +41,10 @@ from tqdm import tqdm
 
 from normopt.config import REPO_ROOT, load_config
 from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, UserError
-from normopt.experiments.report import final_eval_loss, print_summary, read_metrics, write_report
+from normopt.experiments.cell_assessment import final_eval_loss
+from normopt.experiments.cell_reading import read_metrics
+from normopt.experiments.report import print_summary, write_report
+from normopt.run_dir import CELL_FILE, RunDir
 
 SPEC_KEYS = {"base", "root", "set", "axes", "arms", "seeds"}
 SHORT_AXIS_NAMES = {"model.norm": "norm", "optim.name": "optim"}
@@ -148,53 +152,57 @@ def load_spec(path: str | Path) -> tuple[dict[str, Any], Path, list[CellSpec]]:
     return spec, base, cells
 
 
-def cell_is_complete(run_dir: Path, steps: int) -> bool:
-    from normopt.checkpoint.manager import complete_steps
-
-    done = complete_steps(run_dir / "checkpoints")
+def cell_is_complete(run: RunDir, steps: int) -> bool:
+    done = run.complete_steps()
     return bool(done) and done[-1] >= steps
 
 
-def write_cell_json(run_dir: Path, cell: CellSpec, **extra: Any) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
+def write_cell_json(run: RunDir, cell: CellSpec, **extra: Any) -> None:
+    run.path.mkdir(parents=True, exist_ok=True)
     record = {"name": cell.name, "coords": cell.coords, "seed": cell.seed, "arm": cell.arm, **extra}
-    (run_dir / "cell.json").write_text(json.dumps(record, indent=2) + "\n")
+    run.cell_json.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def train_command(base: Path, cell: CellSpec, nproc: int) -> list[str]:
-    script = str(REPO_ROOT / "train.py")
+    """One process for one rank; ``normopt launch`` for several, so that the cell's status
+    (3 diverged, 75 preempted) reaches the runner as it is, not as torchrun's 1."""
     if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={nproc}", script, "--config", str(base), *cell.overrides]
-    return [sys.executable, script, "--config", str(base), *cell.overrides]
+        return [sys.executable, "-m", "normopt.cli", "launch", f"--nproc={nproc}", "--config", str(base),
+                *cell.overrides]
+    return [sys.executable, str(REPO_ROOT / "train.py"), "--config", str(base), *cell.overrides]
 
 
-def steps_logged(run_dir: Path) -> int:
-    """The highest step in a run's metrics.jsonl so far (0 before the first line)."""
-    path = run_dir / "metrics.jsonl"
-    return (read_metrics(path).last_step or 0) if path.exists() else 0
+def steps_logged(run: RunDir) -> int:
+    """The highest step in a run's metrics log so far (0 before the first line)."""
+    return (read_metrics(run.metrics).last_step or 0) if run.metrics.exists() else 0
 
 
-def _run_cell(command: list[str], run_dir: Path, bar: tqdm, done_before: int, verbose: bool) -> int:
-    """Run one cell's training to completion, moving the grid's bar as its metrics.jsonl
-    grows. The cell's own output goes to ``train.log`` in its run directory (or to the
-    terminal with ``verbose``). The first Ctrl-C reaches the cell too, which checkpoints and
-    exits 75; this waits for that."""
-    with open(run_dir / "train.log", "a") as log:
+def _run_cell(command: list[str], run: RunDir, bar: tqdm, done_before: int, verbose: bool) -> int:
+    """Run one cell's training to completion, moving the grid's bar as its metrics log
+    grows. The cell's own output goes to the train log in its run directory (or to the
+    terminal with ``verbose``). The first Ctrl-C reaches the cell too (same process group),
+    which checkpoints and exits 75; SIGTERM and SIGUSR1 sent to the runner (a scheduler's
+    stop) are forwarded to the cell, to the same end. This waits for that."""
+    with open(run.train_log, "a") as log:
         proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=None if verbose else log,
                                 stderr=None if verbose else subprocess.STDOUT)
+        forward = lambda signum, frame: proc.poll() is None and proc.send_signal(signum)  # noqa: E731
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         try:
             while proc.poll() is None:
                 time.sleep(0.5)
-                bar.n = done_before + steps_logged(run_dir)
+                bar.n = done_before + steps_logged(run)
                 bar.refresh()
         except KeyboardInterrupt:
             proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return proc.returncode
 
 
-def _log_tail(run_dir: Path, lines: int = 15) -> str:
-    path = run_dir / "train.log"
+def _log_tail(run: RunDir, lines: int = 15) -> str:
+    path = run.train_log
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
@@ -207,9 +215,9 @@ def run_cells(base: Path, root: Path, cells: list[CellSpec], nproc: int = 1, ver
     done_before = 0
     try:
         for index, (cell, cell_steps) in enumerate(zip(cells, steps), start=1):
-            run_dir = root / cell.name
+            run = RunDir(root / cell.name)
             label = f"[factorial] cell {index}/{len(cells)} {cell.name}"
-            if cell_is_complete(run_dir, cell_steps):
+            if cell_is_complete(run, cell_steps):
                 done_before += cell_steps
                 bar.update(cell_steps)
                 bar.write(f"{label}: complete, skipped")
@@ -217,27 +225,27 @@ def run_cells(base: Path, root: Path, cells: list[CellSpec], nproc: int = 1, ver
             bar.set_description(f"cell {index}/{len(cells)} {cell.name}")
             if verbose:
                 print(label, flush=True)
-            write_cell_json(run_dir, cell)
+            write_cell_json(run, cell)
             started = time.perf_counter()
-            status = _run_cell(train_command(base, cell, nproc), run_dir, bar, done_before, verbose)
-            write_cell_json(run_dir, cell, exit_code=status)
+            status = _run_cell(train_command(base, cell, nproc), run, bar, done_before, verbose)
+            write_cell_json(run, cell, exit_code=status)
             done_before += cell_steps
             bar.n = done_before
             bar.refresh()
             seconds = time.perf_counter() - started
             if status == 0:
-                loss = final_eval_loss(read_metrics(run_dir / "metrics.jsonl").evals)
+                loss = final_eval_loss(read_metrics(run.metrics).evals)
                 result = f"eval loss {loss:.4f}" if loss is not None else "no evaluation logged"
                 bar.write(f"{label}: {result} ({seconds:.0f} s)")
             elif status == DIVERGED_EXIT_CODE:  # a divergence is a result, recorded for the report
-                bar.write(f"{label}: diverged at step {steps_logged(run_dir)} ({seconds:.0f} s)")
+                bar.write(f"{label}: diverged at step {steps_logged(run)} ({seconds:.0f} s)")
             elif status == PREEMPTED_EXIT_CODE:
                 bar.write(f"{label}: stopped after a checkpoint; run the same command to resume")
                 return status
             else:
-                tail = "" if verbose else f"\n{_log_tail(run_dir)}\n"
+                tail = "" if verbose else f"\n{_log_tail(run)}\n"
                 raise UserError(f"cell {cell.name} failed with exit status {status}"
-                                f"{tail}(full output: {run_dir / 'train.log'})")
+                                f"{tail}(full output: {run.train_log})")
     finally:
         bar.close()
     return 0
@@ -272,12 +280,12 @@ def submit_slurm(base: Path, root: Path, cells: list[CellSpec], dry_run: bool) -
     path = root / "factorial.sbatch"
     if dry_run:
         print(script)
-        print(f"would write {path} and cell.json for {len(cells)} cells, then run: sbatch {path}")
+        print(f"would write {path} and {CELL_FILE} for {len(cells)} cells, then run: sbatch {path}")
         return 0
     root.mkdir(parents=True, exist_ok=True)
     path.write_text(script)
     for cell in cells:
-        write_cell_json(root / cell.name, cell)
+        write_cell_json(RunDir(root / cell.name), cell)
     try:
         return subprocess.run(["sbatch", str(path)], check=False).returncode
     except FileNotFoundError:
@@ -288,7 +296,7 @@ def factorial_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="normopt factorial",
                                      description="Run every cell of a factorial spec, then report.")
     parser.add_argument("spec", help="factorial spec (YAML)")
-    parser.add_argument("--nproc", type=int, default=1, help="ranks per cell (torchrun); default 1")
+    parser.add_argument("--nproc", type=int, default=1, help="ranks per cell (normopt launch); default 1")
     parser.add_argument("--slurm", action="store_true", help="submit one SLURM array job instead")
     parser.add_argument("--dry-run", action="store_true", help="with --slurm: print, submit nothing")
     parser.add_argument("-v", "--verbose", action="store_true",

@@ -5,6 +5,7 @@ Losses: training curves per cell (``plot_loss_curves``), final eval losses per g
 cells' ``diagnostics.jsonl``: norm-layer saturation (``plot_saturation``), mean spectral norm
 of the weight matrices (``plot_spectral_norm``) and loss by token-frequency bucket
 (``plot_tail_tokens``). Every plot has one color per variant, in the summary's variant order.
+``figure`` is how every experiment plot (the spectrum fit's too) gets its matplotlib Figure.
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from normopt.errors import UserError
-from normopt.experiments.cells import Cell
+from normopt.experiments.cell_reading import Cell
 from normopt.experiments.statistics import ema_smooth
 
 
-def _figure(**kwargs):
+def figure(**kwargs):
     """A matplotlib Figure without pyplot: no global backend state, PNGs drawn by Agg."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise UserError("the report's plots need matplotlib: pip install matplotlib") from None
+        raise UserError("the plots need matplotlib: pip install matplotlib") from None
     return Figure(layout="constrained", **kwargs)
 
 
@@ -46,7 +47,7 @@ def plot_loss_curves(cells: Sequence[Cell], summary: Mapping[str, Any], path: Pa
     records = {r["path"]: r for r in summary["cells"]}
     colors = {v: f"C{i % 10}" for i, v in enumerate(summary["variants"])}
     optims = summary["optims"]
-    fig = _figure(figsize=(5.5 * max(1, len(optims)), 4.2))
+    fig = figure(figsize=(5.5 * max(1, len(optims)), 4.2))
     axes = fig.subplots(1, max(1, len(optims)), sharey=True, squeeze=False)[0]
     focus: list[float] = []  # included values past the first 10% of training set the y range
     for ax, optim in zip(axes, optims):
@@ -92,7 +93,7 @@ def plot_final_losses(summary: Mapping[str, Any], path: Path) -> None:
     variants, optims = summary["variants"], summary["optims"]
     groups = {(g["variant"], g["optim"]): g for g in summary["groups"]}
     colors = {v: f"C{i % 10}" for i, v in enumerate(variants)}
-    fig = _figure(figsize=(max(4.0, 1.1 * len(variants)) * max(1, len(optims)), 4.2))
+    fig = figure(figsize=(max(4.0, 1.1 * len(variants)) * max(1, len(optims)), 4.2))
     axes = fig.subplots(1, max(1, len(optims)), sharey=True, squeeze=False)[0]
     for ax, optim in zip(axes, optims):
         for x, variant in enumerate(variants):
@@ -128,7 +129,7 @@ def plot_gaps(summary: Mapping[str, Any], path: Path) -> None:
     variants = [v for v in summary["variants"] if v != summary["settings"]["baseline_norm"]]
     optims = summary["optims"]
     gaps = {(g["variant"], g["optim"]): g for g in summary["gaps"]}
-    fig = _figure(figsize=(max(4.5, 1.2 * len(variants) * len(optims)), 4.2))
+    fig = figure(figsize=(max(4.5, 1.2 * len(variants) * len(optims)), 4.2))
     ax = fig.subplots()
     width = 0.8 / max(1, len(optims))
     without_interval = 0
@@ -176,7 +177,7 @@ def _panels(members: Sequence[tuple[Cell, Mapping[str, Any]]], summary: Mapping[
             height: float = 4.2):
     """A figure with one column per optimizer that has a member; returns (fig, axes[row][col], optims)."""
     optims = [o for o in summary["optims"] if any(c.optim == o for c, _ in members)]
-    fig = _figure(figsize=(5.5 * max(1, len(optims)), height * rows))
+    fig = figure(figsize=(5.5 * max(1, len(optims)), height * rows))
     axes = fig.subplots(rows, max(1, len(optims)), sharex=True, sharey="row", squeeze=False)
     return fig, axes, optims
 

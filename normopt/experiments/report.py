@@ -3,15 +3,15 @@
 ``normopt report ROOT`` reads the cells under ROOT (one subfolder per training run) and writes
 ``report.md``, ``summary.json`` and PNG plots. The work is split by stage:
 
-* :mod:`normopt.experiments.cells`: reading run directories (metrics.jsonl, config.yaml,
-  cell.json, diagnostics.jsonl), inferring arms and flagging cells;
+* :mod:`normopt.experiments.cell_reading`: reading run directories (metrics, config,
+  cell.json, diagnostics);
+* :mod:`normopt.experiments.arms` and :mod:`normopt.experiments.cell_assessment`: placing
+  cells into arms and flagging the cells that cannot count;
 * :mod:`normopt.experiments.statistics`: group statistics, gaps, interactions, fix recovery
   and ``build_summary`` (the content of summary.json), with the formulas;
 * :mod:`normopt.experiments.plots`: the PNG plots;
 * this module: the markdown report, ``write_report`` (all of the above for one root) and the
   ``normopt report`` command line (``report_main``).
-
-The names other code imported from this module before the split are re-exported here.
 """
 
 from __future__ import annotations
@@ -24,32 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from normopt.errors import UserError
-from normopt.metrics.logger import jsonable
-from normopt.experiments.cells import (  # noqa: F401  (re-exported)
-    CELL_FILES,
-    DIVERGENCE_NATS,
-    FLAGS,
-    Assessment,
-    Cell,
-    Diagnostics,
-    Metrics,
-    TailTokens,
-    assess_cell,
-    assign_arms,
-    discover_cells,
-    divergence_reason,
-    final_eval_loss,
-    fix_base,
-    flatten_config,
-    infer_arm,
-    load_cell,
-    parse_metric,
-    read_diagnostics,
-    read_metrics,
-    reference_settings,
-    stopped_early,
-    variant_label,
-)
+from normopt.experiments.cell_reading import discover_cells
 from normopt.experiments.plots import (
     plot_final_losses,
     plot_gaps,
@@ -58,21 +33,9 @@ from normopt.experiments.plots import (
     plot_spectral_norm,
     plot_tail_tokens,
 )
-from normopt.experiments.statistics import (  # noqa: F401  (re-exported)
-    DEFAULT_FIXES,
-    NORM_ORDER,
-    OPTIM_ORDER,
-    GroupStats,
-    build_summary,
-    compute_gaps,
-    compute_interactions,
-    compute_recoveries,
-    contrast,
-    describe,
-    diagnostics_numbers,
-    ema_smooth,
-    paired_contrast,
-)
+from normopt.experiments.statistics import DEFAULT_FIXES, build_summary
+from normopt.experiments.tables import markdown_table
+from normopt.metrics.logger import jsonable
 
 PLOT_FILES = {"loss_curves": "loss_curves.png", "final_eval_loss": "final_eval_loss.png",
               "gaps": "gaps.png"}
@@ -94,11 +57,6 @@ def _num(x: float | None, digits: int = 4, sign: bool = False) -> str:
 
 def _ci(ci: Sequence[float] | None, digits: int = 4) -> str:
     return "no interval" if ci is None else f"[{_num(ci[0], digits, True)}, {_num(ci[1], digits, True)}]"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def _pct(x: float | None) -> str:
@@ -133,7 +91,7 @@ def main_table(summary: Mapping[str, Any]) -> str:
                        f"{_num(gap['value'], sign=True)} {_ci(gap['ci95'])}" if gap["ci95"] is not None
                        else _num(gap["value"], sign=True))
         rows.append(row)
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def interaction_table(summary: Mapping[str, Any]) -> str:
@@ -145,8 +103,8 @@ def interaction_table(summary: Mapping[str, Any]) -> str:
                      _num(item["value"], sign=True), _ci(item["ci95"]),
                      "—" if paired is None else f"{_num(paired['value'], sign=True)} {_ci(paired['ci95'])} "
                                                 f"({paired['n_seeds']} seeds)"])
-    return _table(["variant", "optimizer", "interaction (nats)", "95% CI (independent means, Welch t)",
-                   "paired per-seed estimate, 95% CI (t, k−1 df)"], rows)
+    return markdown_table(["variant", "optimizer", "interaction (nats)", "95% CI (independent means, Welch t)",
+                           "paired per-seed estimate, 95% CI (t, k−1 df)"], rows)
 
 
 def recovery_table(summary: Mapping[str, Any]) -> str:
@@ -155,8 +113,9 @@ def recovery_table(summary: Mapping[str, Any]) -> str:
              _pct(r["interaction_share"]),
              "—" if r["interaction_share"] is None else _pct_ci(r["interaction_ci95"], r["interaction_ci_note"])]
             for r in summary["recoveries"]]
-    return _table(["fix", "of", "optimizer", "gap of the norm", "gap of the fix", "share of the gap recovered",
-                   "95% CI (Fieller)", "share of the interaction recovered", "95% CI (Fieller)"], rows)
+    return markdown_table(["fix", "of", "optimizer", "gap of the norm", "gap of the fix",
+                           "share of the gap recovered", "95% CI (Fieller)", "share of the interaction recovered",
+                           "95% CI (Fieller)"], rows)
 
 
 def _excludes_zero(ci: Sequence[float] | None) -> bool:
@@ -207,8 +166,8 @@ def cell_table(summary: Mapping[str, Any]) -> str:
              _below_unigram(c),
              f"{c['last_step'] if c['last_step'] is not None else '—'} / {c['steps'] if c['steps'] is not None else '?'}",
              ", ".join(c["flags"]) or "ok"] for c in summary["cells"]]
-    return _table(["cell", "variant", "optimizer", "seed", "final eval loss", "minus unigram entropy",
-                   "last step / steps", "flags"], rows)
+    return markdown_table(["cell", "variant", "optimizer", "seed", "final eval loss", "minus unigram entropy",
+                           "last step / steps", "flags"], rows)
 
 
 def _bucket_losses(losses: Sequence[float | None] | None, step: int | None) -> str:
@@ -234,8 +193,8 @@ def diagnostics_table(summary: Mapping[str, Any]) -> str:
                                                          f"(step {steps[0]} → {steps[1]})",
             _bucket_losses(d["tail_bucket_loss"], d["tail_tokens_step"]),
             ", ".join(c["flags"]) or "ok"])
-    return _table(["cell", "variant", "optimizer", "seed", "final saturation", "final mean spectral norm",
-                   "spectral norm growth", "loss per token bucket, head → tail (nats)", "flags"], rows)
+    return markdown_table(["cell", "variant", "optimizer", "seed", "final saturation", "final mean spectral norm",
+                           "spectral norm growth", "loss per token bucket, head → tail (nats)", "flags"], rows)
 
 
 def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],

@@ -17,7 +17,7 @@ normal seed-to-seed variation (:mod:`normopt.experiments.student_t`); with one s
 group there is no interval, and the summary says so once.
 
 Cells that are missing, diverged, stopped early or cannot be placed (see
-:func:`normopt.experiments.cells.assess_cell`) are listed with their flags and left out of
+:func:`normopt.experiments.cell_assessment.assess_cell`) are listed with their flags and left out of
 every statistic. ``build_summary`` gathers everything as plain data (summary.json), including
 each cell's diagnostics numbers (``diagnostics_numbers``), which are descriptive only.
 """
@@ -30,23 +30,23 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from normopt.experiments.cells import (
+from normopt.experiments.arms import assign_arms, fix_base
+from normopt.experiments.cell_assessment import (
     CONTEXT_MARGIN_NATS,
     DIVERGENCE_NATS,
     Assessment,
-    Cell,
-    Diagnostics,
     assess_cell,
-    assign_arms,
-    fix_base,
     learned_no_context,
 )
+from normopt.experiments.cell_reading import Cell, Diagnostics
 from normopt.experiments.student_t import LEVEL, fieller_interval, t_interval, welch_df
+from normopt.models.norms import NORM_NAMES, NORMS
 
 INTERVAL_METHOD = ("95% t intervals: Welch-Satterthwaite degrees of freedom for independent means, "
                    "k-1 for paired per-seed contrasts, Fieller's interval for recovered shares")
-DEFAULT_FIXES: dict[str, str] = {"derf_ema": "derf"}
-NORM_ORDER = ("rmsnorm", "dyt", "derf", "derf_ema")
+# the norm registry's fixes (derf_ema of derf) and its order
+DEFAULT_FIXES: dict[str, str] = {name: cls.fix_of for name, cls in NORMS.items() if cls.fix_of is not None}
+NORM_ORDER = NORM_NAMES
 OPTIM_ORDER = ("adamw", "muon", "normuon")
 
 

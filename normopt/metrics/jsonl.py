@@ -1,4 +1,4 @@
-"""Reading the run directory's JSON-lines logs (metrics.jsonl, diagnostics.jsonl).
+"""Reading and truncating the run directory's JSON-lines logs (metrics, diagnostics).
 
 Both are appended to one line at a time, so a killed writer can leave an unterminated last
 line; that line is skipped. Any other line that does not parse is a UserError naming the
@@ -47,3 +47,24 @@ def read_step_records(path: Path, what: str, parse: Callable[[dict[str, Any]], T
                 continue
             raise UserError(f"{path}:{number}: unreadable {what} line ({exc})") from None
     return parsed, partial
+
+
+def truncate_after(path: Path, last_step: int) -> None:
+    """Drop the lines logged after ``last_step`` (a resumed run logs them again) and a torn
+    last line; a missing file is left missing."""
+    if not path.exists():
+        return
+    lines = path.read_text(errors="replace").splitlines()
+    kept = []
+    for index, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if index == len(lines) - 1:
+                continue  # a torn last line: the writer was killed mid-line
+            raise UserError(f"{path}: line {index + 1} is not JSON") from None
+        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))

@@ -1,4 +1,4 @@
-"""Run-directory logging: ``metrics.jsonl`` (one JSON object per line) and TensorBoard.
+"""Run-directory logging: the metrics log (one JSON object per line) and TensorBoard.
 
 Only rank 0 writes; other ranks get a logger whose methods do nothing.
 """
@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from pathlib import Path
 
-from normopt.errors import UserError
+from normopt.run_dir import RunDir
 
 
 def jsonable(value):
@@ -25,38 +24,16 @@ def jsonable(value):
     return value
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop lines logged after ``last_step`` (a resumed run re-logs them)."""
-    if not path.exists():
-        return
-    lines = path.read_text(errors="replace").splitlines()
-    kept = []
-    for index, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if index == len(lines) - 1:
-                continue  # a torn last line: the writer was killed mid-line
-            raise UserError(f"{path}: line {index + 1} is not JSON") from None
-        if isinstance(record, dict) and record.get("step", 0) <= last_step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run: RunDir, enabled: bool):
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.tb_dir = run_dir / "tensorboard"
         self._file = None
         self._writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._file = open(self.path, "a", buffering=1)
-            self._writer = SummaryWriter(log_dir=str(self.tb_dir))
+            self._file = open(run.metrics, "a", buffering=1)
+            self._writer = SummaryWriter(log_dir=str(run.tensorboard))
 
     def log(self, record: dict, prefix: str = "train") -> None:
         """Append ``record`` (must hold ``step``) and mirror its numbers to TensorBoard."""
@@ -72,10 +49,6 @@ class MetricsLogger:
     def tensorboard(self):
         """The run's SummaryWriter (None on ranks other than 0)."""
         return self._writer
-
-    def text(self, tag: str, text: str) -> None:
-        if self.enabled:
-            self._writer.add_text(tag, text.replace("\n", "  \n"))
 
     def close(self) -> None:
         if self.enabled:

@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from normopt.models.norm_layer import Location, NormConfig, NormLayer
+
 
 def derf(x: torch.Tensor, alpha: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
          bias: torch.Tensor | None, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
@@ -59,9 +61,12 @@ def blended_scale(running: torch.Tensor, reference: torch.Tensor, commits: torch
     return (1.0 - blend) + blend * ratio.sqrt()
 
 
-class Derf(nn.Module):
+class Derf(NormLayer):
     """g * erf(a x + s) + b with learnable scalars a, s (shape (1,)) and per-feature g and
     (with ``bias``, as in Derf's reference code) b."""
+
+    name = "derf"
+    saturating_function = "erf"
 
     def __init__(self, dim: int, alpha_init: float = 0.5, shift_init: float = 0.0, bias: bool = True):
         super().__init__()
@@ -71,12 +76,27 @@ class Derf(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
+    @classmethod
+    def from_config(cls, dim: int, cfg: NormConfig, location: Location) -> Derf:
+        return cls(dim, cfg.alpha_init(location), cfg.shift_init, bias=cfg.bias)
+
+    @classmethod
+    def param_count(cls, dim: int, cfg: NormConfig) -> int:
+        return dim + (dim if cfg.bias else 0) + 2  # g, b, alpha, shift; derf_ema's statistics are buffers
+
     def input_scale(self) -> torch.Tensor | float:
         """The divisor of x inside erf: 1 for plain Derf."""
         return 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return derf(x, self.alpha, self.shift, self.weight, self.bias, self.input_scale())
+
+    def preactivation(self, x: torch.Tensor) -> torch.Tensor:
+        """z = alpha x / c + s, the argument of erf (c = 1 for plain Derf)."""
+        return self.alpha.float() * (x.float() / self.input_scale()) + self.shift.float()
+
+    def core(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.erf(self.preactivation(x))
 
     def reset_parameters(self) -> None:
         nn.init.constant_(self.alpha, self.alpha_init)
@@ -98,6 +118,9 @@ class DerfEMA(Derf):
     with :func:`commit_running_scales`, which averages them over all ranks.
     """
 
+    name = "derf_ema"
+    fix_of = Derf.name
+
     def __init__(self, dim: int, alpha_init: float = 0.5, shift_init: float = 0.0,
                  momentum: float = 0.99, blend: float = 0.5, bias: bool = True):
         super().__init__(dim, alpha_init, shift_init, bias)
@@ -108,6 +131,10 @@ class DerfEMA(Derf):
         self.register_buffer("commits", torch.zeros(1, dtype=f64))  # n
         self.register_buffer("pending_sum", torch.zeros(1, dtype=f64), persistent=False)
         self.register_buffer("pending_count", torch.zeros(1, dtype=f64), persistent=False)
+
+    @classmethod
+    def from_config(cls, dim: int, cfg: NormConfig, location: Location) -> DerfEMA:
+        return cls(dim, cfg.alpha_init(location), cfg.shift_init, cfg.ema_momentum, cfg.ema_blend, bias=cfg.bias)
 
     def input_scale(self) -> torch.Tensor:
         return blended_scale(self.running_mean_square, self.reference_mean_square, self.commits,
@@ -137,6 +164,11 @@ class DerfEMA(Derf):
         for buffer in (self.running_mean_square, self.reference_mean_square, self.commits,
                        self.pending_sum, self.pending_count):
             buffer.zero_()
+
+    def diagnostic_extras(self) -> dict[str, float]:
+        """The running scale c and the effective alpha alpha / c."""
+        scale = float(self.input_scale())
+        return {"running_scale": scale, "effective_alpha": float(self.alpha.detach()) / scale}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, momentum={self.momentum}, blend={self.blend}"

@@ -53,9 +53,9 @@ class Block(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.attn_norm = build_norm(args, "attn")
+        self.attn_norm = build_norm(args.norm_config, args.dim, "attn")
         self.attn = Attention(args)
-        self.ffn_norm = build_norm(args, "ffn")
+        self.ffn_norm = build_norm(args.norm_config, args.dim, "ffn")
         self.ffn = FeedForward(args)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -76,7 +76,7 @@ class Transformer(nn.Module):
         # shape (1,), not (), so that FSDP2 can shard it like the norms' scalars
         self.embed_scale = None if args.embed_scale is None else nn.Parameter(torch.full((1,), args.embed_scale))
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
-        self.norm = build_norm(args, "final")
+        self.norm = build_norm(args.norm_config, args.dim, "final")
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight

@@ -1,7 +1,12 @@
-"""Build the normalisation layer a config names, at a given location in the network, and
-the reference-model defaults that ``auto`` settings resolve to.
+"""The norm registry: the normalisation layers a config can name, how to build one from the
+``model`` config section, and the reference-model defaults that ``auto`` settings resolve to.
 
-Reference defaults (read from the published language-model code):
+Everything else (parameter count, config validation, diagnostics, parameter groups, the
+report's ordering) asks this module or the layer classes, never a norm's name. Adding a
+norm is one :class:`~normopt.models.norm_layer.NormLayer` subclass in its own module and
+one line in :data:`NORMS`.
+
+Reference defaults of the bounded norms (read from the published language-model code):
 
 * DyT, LLaMA code (jiachenzhu/DyT, ``other_tasks/LLaMA``): y = g * tanh(alpha x), no bias;
   alpha init 0.8 / 0.2 / 0.2 for attention / FFN / final norms (its smallest published
@@ -11,31 +16,48 @@ Reference defaults (read from the published language-model code):
   bias kept; alpha init a command-line flag (its code default is 1.0; the Derf paper's
   default and the Derf x Muon study's setting is 0.5, used here); the same learnable
   sqrt(dim) embedding scale.
-* RMSNorm: no alpha, no bias, no embedding scale (Llama).
+
+Normalising (unbounded) norms have no alpha and no embedding scale, and keep a bias when
+they can have one: RMSNorm (Llama) has none, LayerNorm has its standard b.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
-
-from torch import nn
 
 from normopt.models.derf import Derf, DerfEMA
 from normopt.models.dyt import DyT
+from normopt.models.layernorm import LayerNorm
+from normopt.models.norm_layer import Location, NormConfig, NormLayer
 from normopt.models.rmsnorm import RMSNorm
 
-NORM_TYPES = (RMSNorm, DyT, Derf, DerfEMA)
-BOUNDED_NORMS = ("dyt", "derf", "derf_ema")
-Location = Literal["attn", "ffn", "final"]
+# one line per norm; the order is the order of config messages and of the report's rows
+NORMS: dict[str, type[NormLayer]] = {cls.name: cls for cls in (
+    RMSNorm,
+    DyT,
+    Derf,
+    DerfEMA,
+    LayerNorm,
+)}
+NORM_NAMES: tuple[str, ...] = tuple(NORMS)
+NORM_TYPES: tuple[type[NormLayer], ...] = tuple(NORMS.values())
 
-# alpha init per location and whether the layer has a bias b, for `auto` settings
+# alpha init per location and whether the layer has a bias b, for `auto` settings of the
+# bounded norms (module docstring)
 REFERENCE_ALPHA: dict[str, dict[str, float]] = {
     "dyt": {"attn": 0.8, "ffn": 0.2, "final": 0.2},
     "derf": {"attn": 0.5, "ffn": 0.5, "final": 0.5},
     "derf_ema": {"attn": 0.5, "ffn": 0.5, "final": 0.5},
 }
-REFERENCE_BIAS: dict[str, bool] = {"rmsnorm": False, "dyt": False, "derf": True, "derf_ema": True}
+REFERENCE_BIAS: dict[str, bool] = {"dyt": False, "derf": True, "derf_ema": True}
+
+
+def norm_class(name: str) -> type[NormLayer]:
+    """The layer class registered as ``name``."""
+    try:
+        return NORMS[name]
+    except KeyError:
+        raise ValueError(f"unknown norm {name!r} (norms: {', '.join(NORM_NAMES)})") from None
 
 
 def reference_alpha(norm: str, location: Location) -> float:
@@ -43,23 +65,47 @@ def reference_alpha(norm: str, location: Location) -> float:
     return REFERENCE_ALPHA.get(norm, {}).get(location, 0.5)
 
 
+def reference_bias(norm: str) -> bool:
+    """Whether ``auto`` gives ``norm`` a bias b: as its reference code for a bounded norm,
+    otherwise whenever the layer can have one."""
+    return REFERENCE_BIAS.get(norm, norm_class(norm).supports_bias)
+
+
 def reference_embed_scale(norm: str, dim: int) -> float | None:
-    """The embedding scale ``auto`` means: sqrt(dim) for bounded norms, none for RMSNorm."""
-    return math.sqrt(dim) if norm in BOUNDED_NORMS else None
+    """The embedding scale ``auto`` means: sqrt(dim) for bounded norms, none otherwise."""
+    return math.sqrt(dim) if norm_class(norm).bounded() else None
 
 
-def build_norm(args, location: Location) -> nn.Module:
-    """The ``args.norm`` layer over ``args.dim`` features, with the alpha init of ``location``
-    (``args`` is a resolved :class:`~normopt.models.presets.ModelArgs`)."""
-    alpha = {"attn": args.alpha_init_attn, "ffn": args.alpha_init_ffn,
-             "final": args.alpha_init_final}[location]
-    if args.norm == "rmsnorm":
-        return RMSNorm(args.dim, args.norm_eps)
-    if args.norm == "dyt":
-        return DyT(args.dim, alpha, bias=args.norm_bias)
-    if args.norm == "derf":
-        return Derf(args.dim, alpha, args.derf_shift_init, bias=args.norm_bias)
-    if args.norm == "derf_ema":
-        return DerfEMA(args.dim, alpha, args.derf_shift_init,
-                       args.derf_ema_momentum, args.derf_ema_blend, bias=args.norm_bias)
-    raise ValueError(f"unknown norm {args.norm!r}")
+def resolve_norm_config(model_cfg) -> NormConfig:
+    """The :class:`NormConfig` of a ``model`` config section, ``auto`` resolved for its norm.
+
+    The one place the flat ``model.*`` norm keys (``norm``, ``norm_eps``,
+    ``alpha_init_*``, ``norm_bias``, ``derf_shift_init``, ``derf_ema_*``) are read.
+    """
+    name = model_cfg.norm
+
+    def alpha(location: Location) -> float:
+        value = getattr(model_cfg, f"alpha_init_{location}")
+        return reference_alpha(name, location) if value == "auto" else value
+
+    return NormConfig(
+        name=name,
+        eps=model_cfg.norm_eps,
+        alpha_init_attn=alpha("attn"),
+        alpha_init_ffn=alpha("ffn"),
+        alpha_init_final=alpha("final"),
+        shift_init=model_cfg.derf_shift_init,
+        ema_momentum=model_cfg.derf_ema_momentum,
+        ema_blend=model_cfg.derf_ema_blend,
+        bias=reference_bias(name) if model_cfg.norm_bias == "auto" else model_cfg.norm_bias,
+    )
+
+
+def build_norm(cfg: NormConfig, dim: int, location: Location) -> NormLayer:
+    """The ``cfg.name`` layer over ``dim`` features, with the alpha init of ``location``."""
+    return norm_class(cfg.name).from_config(dim, cfg, location)
+
+
+def norm_param_count(cfg: NormConfig, dim: int) -> int:
+    """Learnable parameters of one ``cfg.name`` layer over ``dim`` features."""
+    return norm_class(cfg.name).param_count(dim, cfg)

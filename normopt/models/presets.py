@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from normopt.models.norms import REFERENCE_BIAS, reference_alpha, reference_embed_scale
+from normopt.models.norm_layer import NormConfig
+from normopt.models.norms import norm_param_count, reference_embed_scale, resolve_norm_config
 
 NAMING_VOCAB = 32768
 
@@ -25,21 +26,18 @@ class ModelArgs:
     ffn_hidden: int
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
-    norm: str = "rmsnorm"
-    norm_eps: float = 1e-5
     init_std: float = 0.02
-    alpha_init_attn: float = 0.5
-    alpha_init_ffn: float = 0.5
-    alpha_init_final: float = 0.5
-    derf_shift_init: float = 0.0
-    derf_ema_momentum: float = 0.99
-    derf_ema_blend: float = 0.5
-    norm_bias: bool = True  # DyT/Derf keep a per-feature bias b
+    norm_config: NormConfig = NormConfig()  # every norm layer's settings
     embed_scale: float | None = None  # learnable scalar on the token embedding, its init
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def norm(self) -> str:
+        """The norm's registry name."""
+        return self.norm_config.name
 
 
 def _preset(dim, n_layers, n_heads, n_kv_heads, ffn_hidden, tie=False, theta=10000.0) -> ModelArgs:
@@ -62,8 +60,9 @@ PRESETS: dict[str, ModelArgs] = {
 
 def resolve_model_args(model_cfg, vocab_size: int) -> ModelArgs:
     """The preset's ModelArgs with every ``model`` config key of the same name that is set
-    (shape overrides are None unless given), and ``auto`` alpha inits, norm bias and
-    embedding scale resolved to the reference values of the norm (see ``models.norms``)."""
+    (shape overrides are None unless given), the norm settings read by
+    :func:`~normopt.models.norms.resolve_norm_config`, and an ``auto`` embedding scale
+    resolved to the reference value of the norm (see ``models.norms``)."""
     base = PRESETS[model_cfg.preset]
     overrides = {f.name: getattr(model_cfg, f.name) for f in fields(ModelArgs)
                  if getattr(model_cfg, f.name, None) is not None}
@@ -73,28 +72,12 @@ def resolve_model_args(model_cfg, vocab_size: int) -> ModelArgs:
     n_heads = overrides.get("n_heads", base.n_heads)
     if "n_kv_heads" not in overrides and n_heads % base.n_kv_heads:
         overrides["n_kv_heads"] = n_heads  # the preset's grouping no longer fits: plain MHA
-    norm, dim = overrides.get("norm", base.norm), overrides.get("dim", base.dim)
-    for location in ("attn", "ffn", "final"):
-        key = f"alpha_init_{location}"
-        if overrides.get(key) == "auto":
-            overrides[key] = reference_alpha(norm, location)
-    if overrides.get("norm_bias") == "auto":
-        overrides["norm_bias"] = REFERENCE_BIAS[norm]
+    norm_config = overrides["norm_config"] = resolve_norm_config(model_cfg)
+    dim = overrides.get("dim", base.dim)
     scale = overrides.pop("embed_scale", None)
-    overrides["embed_scale"] = (reference_embed_scale(norm, dim) if scale == "auto"
+    overrides["embed_scale"] = (reference_embed_scale(norm_config.name, dim) if scale == "auto"
                                 else None if scale in (None, "none") else float(scale))
     return replace(base, **overrides, vocab_size=vocab_size)
-
-
-def norm_param_count(norm: str, dim: int, bias: bool = True) -> int:
-    """Learnable parameters of one norm layer over ``dim`` features."""
-    b = dim if bias else 0
-    return {
-        "rmsnorm": dim,  # gain g
-        "dyt": dim + b + 1,  # g, b, alpha
-        "derf": dim + b + 2,  # g, b, alpha, shift
-        "derf_ema": dim + b + 2,  # as derf; the running statistics are buffers
-    }[norm]
 
 
 def count_parameters(args: ModelArgs) -> int:
@@ -107,7 +90,7 @@ def count_parameters(args: ModelArgs) -> int:
     d, kv = args.dim, args.n_kv_heads * args.head_dim
     attention = d * d * 2 + 2 * d * kv
     mlp = 3 * d * args.ffn_hidden
-    norm = norm_param_count(args.norm, d, args.norm_bias)
+    norm = norm_param_count(args.norm_config, d)
     block = attention + mlp + 2 * norm
     head = 0 if args.tie_embeddings else args.vocab_size * d
     scale = 0 if args.embed_scale is None else 1

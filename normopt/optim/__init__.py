@@ -1,4 +1,4 @@
-"""Optimizers: AdamW grouping, Muon, NorMuon, Newton-Schulz, LR schedules.
+"""Optimizers: AdamW grouping, Muon, NorMuon, Newton-Schulz, per-layer NS step rules, LR schedules.
 
 ``normopt.optim.newton_schulz`` is the Newton-Schulz function itself (its module is
 ``normopt.optim.newton_schulz`` in ``sys.modules`` and stays importable with ``from ...

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normopt.config import resolve_dtype
 from normopt.optim.lr_schedule import lr_factor
-from normopt.optim.muon import Muon, NorMuon, ns_steps_param_groups
-from normopt.optim.param_groups import ParamGroup, build_param_groups, parse_ns_steps_rules
-from normopt.parallel.fsdp import resolve_dtype
+from normopt.optim.muon import Muon, NorMuon
+from normopt.optim.ns_rules import NSStepRules, ns_steps_param_groups
+from normopt.optim.param_groups import ParamGroup, build_param_groups
 
 
 class Optimizers:
@@ -49,7 +50,7 @@ def _torch_group(group: ParamGroup) -> dict:
 def build_muon(group: ParamGroup, optim_cfg, device_type: str) -> Muon:
     """Muon or NorMuon over the matrix group, one torch param group per NS step count."""
     torch_groups = ns_steps_param_groups(
-        zip(group.names, group.params), parse_ns_steps_rules(optim_cfg.ns_steps_per_layer),
+        zip(group.names, group.params), NSStepRules.parse(optim_cfg.ns_steps_per_layer),
         default_steps=optim_cfg.ns_steps,
         lr=group.lr, peak_lr=group.lr, weight_decay=group.weight_decay, role=group.role,
     )

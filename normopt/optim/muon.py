@@ -31,29 +31,24 @@ Results equal single-process Muon bit for bit, since the owner sees the exact ma
 
 State (per parameter, same keys on every rank, DTensor Shard(0) like the parameter when
 the parameter is a DTensor): ``momentum_buffer`` (rows, cols); NorMuon adds
-``row_second_moment`` (rows,).
+``row_second_moment`` (rows,). Code outside the optimizer (diagnostics) reads the matrix
+NS received and the momentum through ``ns_input`` and ``momentum_buffer``, not the keys.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor, Shard
 
-from normopt.optim.newton_schulz import CoefficientSpec, coefficient_schedule, newton_schulz, resolve_ns_steps
+from normopt.dtypes import dtype_name, floating_dtype
+from normopt.optim.newton_schulz import CoefficientSpec, coefficient_schedule, newton_schulz
 from normopt.parallel.distributed_ns import NS_MODES, ExchangeStats, RowShardedJob, ns_cost, run_row_sharded_jobs
 
 SCALE_RULES: tuple[str, ...] = ("original", "match_adamw", "spectral")
-
-_DTYPE_NAMES = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
-}
 
 
 # --------------------------------------------------------------------------- pure math
@@ -123,20 +118,9 @@ def apply_update_(param: torch.Tensor, update: torch.Tensor, lr: float, weight_d
 
 
 def resolve_ns_dtype(value: torch.dtype | str) -> torch.dtype:
-    """torch dtype from a dtype or a name ('bfloat16', 'bf16', 'float32', ...)."""
-    if isinstance(value, torch.dtype):
-        dtype = value
-    elif isinstance(value, str) and value.lower() in _DTYPE_NAMES:
-        dtype = _DTYPE_NAMES[value.lower()]
-    else:
-        raise ValueError(f"ns_dtype must be a floating torch dtype or one of {sorted(_DTYPE_NAMES)}, got {value!r}")
-    if not dtype.is_floating_point:
-        raise ValueError(f"ns_dtype must be a floating dtype, got {dtype}")
-    return dtype
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    """torch dtype from a dtype or a name ('bfloat16', 'bf16', 'float32', ...; see
+    ``normopt.dtypes``); ValueError naming ``ns_dtype`` otherwise."""
+    return floating_dtype(value, "ns_dtype")
 
 
 def _is_real(x: Any) -> bool:
@@ -166,25 +150,6 @@ def validate_muon_group(group: Mapping[str, Any]) -> None:
         raise ValueError(f"beta2 must be in [0, 1), got {group['beta2']!r}")
     if "eps" in group and (not _is_real(group["eps"]) or not float(group["eps"]) > 0.0):
         raise ValueError(f"eps must be a number > 0, got {group['eps']!r}")
-
-
-def ns_steps_param_groups(
-    named_params: Iterable[tuple[str, torch.nn.Parameter]],
-    rules: Mapping[str, int] | Sequence[tuple[str, int]] | None,
-    default_steps: int = 5,
-    **group_options: Any,
-) -> list[dict[str, Any]]:
-    """Split named matrices into param groups by their NS step count.
-
-    Each parameter's step count is ``resolve_ns_steps(name, rules, default_steps)`` (first
-    matching glob, or ``re:`` regex, wins). Returns one group per distinct count, in order
-    of first appearance: ``{"params": [...], "ns_steps": k, **group_options}``.
-    """
-    groups: dict[int, dict[str, Any]] = {}
-    for name, p in named_params:
-        k = resolve_ns_steps(name, rules, default_steps)
-        groups.setdefault(k, {"params": [], "ns_steps": k, **group_options})["params"].append(p)
-    return list(groups.values())
 
 
 # ------------------------------------------------------------------- the optimizers
@@ -217,7 +182,7 @@ class Muon(torch.optim.Optimizer):
         momentum: beta in m <- beta * m + g.
         nesterov: feed g + beta * m (True) or m (False) to NS.
         weight_decay: decoupled: W <- W * (1 - lr * weight_decay).
-        ns_steps: Newton-Schulz iterations (per group; see ``ns_steps_param_groups``).
+        ns_steps: Newton-Schulz iterations (per group; see ``ns_rules.ns_steps_param_groups``).
         ns_coefficients: 'quintic' | 'polar_express' | (a, b, c) | list of triples.
         scale_rule: 'original' | 'match_adamw' | 'spectral' (see ``update_scale``).
         ns_mode: 'distributed' (each matrix orthogonalized once, by its owner rank) or
@@ -264,11 +229,11 @@ class Muon(torch.optim.Optimizer):
             matrix_dims(p.shape)
         param_group = {**param_group, "params": params}
         if isinstance(param_group.get("ns_dtype"), torch.dtype):
-            param_group["ns_dtype"] = _dtype_name(param_group["ns_dtype"])
+            param_group["ns_dtype"] = dtype_name(param_group["ns_dtype"])
         super().add_param_group(param_group)
         if isinstance(self.param_groups[-1]["ns_dtype"], torch.dtype):
             # defaults given as a torch.dtype: store the name, which serializes anywhere.
-            self.param_groups[-1]["ns_dtype"] = _dtype_name(self.param_groups[-1]["ns_dtype"])
+            self.param_groups[-1]["ns_dtype"] = dtype_name(self.param_groups[-1]["ns_dtype"])
 
     # -- hooks a subclass overrides ------------------------------------------------
 
@@ -296,6 +261,35 @@ class Muon(torch.optim.Optimizer):
         rows, cols = matrix_dims(p.shape)
         scale = update_scale(rows, cols, group["scale_rule"])
         apply_update_(_local(p), outputs[0], float(group["lr"]), float(group["weight_decay"]), scale)
+
+    # -- what diagnostics read --------------------------------------------------------
+
+    def momentum_buffer(self, p: torch.Tensor) -> torch.Tensor | None:
+        """p's momentum m as the last step left it (a DTensor when p is one), or None
+        before p's first step."""
+        state = self.state.get(p)
+        return state["momentum_buffer"] if state else None
+
+    def ns_input(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The matrix the last step orthogonalized for p, before the cast to the NS dtype.
+
+        U = g + beta * m with Nesterov, else m itself (``nesterov_direction``), built from
+        p.grad and the momentum the step just updated, so it is only meaningful between
+        ``step`` and ``zero_grad``. A DTensor when p is one (whole-tensor arithmetic, the
+        same numbers the step computed on each shard). None if p has no gradient or has
+        not been stepped yet.
+        """
+        buf = self.momentum_buffer(p)
+        if p.grad is None or buf is None:
+            return None
+        group = self._group_of(p)
+        return nesterov_direction(buf, p.grad, float(group["momentum"]), bool(group["nesterov"]))
+
+    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("parameter is not managed by this optimizer")
 
     # -- the step ----------------------------------------------------------------------
 

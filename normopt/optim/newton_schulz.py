@@ -28,9 +28,7 @@ Two coefficient choices ship:
 
 from __future__ import annotations
 
-import fnmatch
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Union
 
 import torch
@@ -143,14 +141,31 @@ def newton_schulz(
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    X = frobenius_normalize(X, eps)
     for a, b, c in schedule:
-        A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        X = ns_step(X, a, b, c)
     if transposed:
         X = X.mT
     return X.to(G.dtype)
+
+
+def frobenius_normalize(X: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """X_0 = X / (||X||_F + eps), the norm taken per matrix over the last two dims.
+
+    Every singular value of X_0 lies in [0, 1]; eps keeps an all-zero X at zero.
+    """
+    return X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+
+
+def ns_step(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
+    """One iteration: A = X X^T, X <- a X + (b A + c A^2) X.
+
+    Maps each singular value s of X to a s + b s^3 + c s^5 and keeps the singular vectors.
+    Cheapest when X is wide (rows <= cols), since A is rows x rows.
+    """
+    A = X @ X.mT
+    B = b * A + c * (A @ A)
+    return a * X + B @ X
 
 
 def ns_scalar_map(
@@ -169,37 +184,3 @@ def ns_scalar_map(
         sigma = sigma * (a + sq * (b + c * sq))
     return sigma
 
-
-def _compile_pattern(pattern: str):
-    """A predicate name -> bool: regex when prefixed 're:', else a glob (fnmatchcase)."""
-    if pattern.startswith("re:"):
-        regex = re.compile(pattern[3:])
-        return lambda name: regex.search(name) is not None
-    return lambda name: fnmatch.fnmatchcase(name, pattern)
-
-
-def resolve_ns_steps(
-    name: str,
-    rules: Mapping[str, int] | Sequence[tuple[str, int]] | None,
-    default: int,
-) -> int:
-    """Number of NS steps for the parameter called ``name``.
-
-    ``rules`` is an ordered list of (pattern, steps) pairs (or a dict, in insertion
-    order); the first matching pattern wins, and ``default`` applies when none matches.
-    A pattern is a glob matched against the full name (``layers.*.attention.wv.weight``)
-    unless it starts with ``re:``, in which case the rest is a regular expression
-    searched anywhere in the name (``re:layers\\.(0|1)\\..*ffn``).
-    """
-    if not rules:
-        return default
-    pairs = rules.items() if isinstance(rules, Mapping) else rules
-    for pair in pairs:
-        if not isinstance(pair, Sequence) or isinstance(pair, str) or len(pair) != 2:
-            raise ValueError(f"ns_steps rules: expected (pattern, steps) pairs, got {pair!r}")
-        pattern, steps = pair
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"ns_steps rules: steps for {pattern!r} must be an integer >= 1, got {steps!r}")
-        if _compile_pattern(str(pattern))(name):
-            return steps
-    return default

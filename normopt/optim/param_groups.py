@@ -10,7 +10,6 @@ optimizer and everything else to AdamW; norms and embeddings take no weight deca
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -55,22 +54,6 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
         else:
             roles[name] = "norm"  # any other vector or scalar is treated like a norm parameter
     return roles
-
-
-def parse_ns_steps_rules(text: str) -> list[tuple[str, int]]:
-    """``"layers.0.*=8,re:w2=6"`` -> [("layers.0.*", 8), ("re:w2", 6)] (ValueError if malformed)."""
-    rules = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        pattern, sep, steps = item.rpartition("=")
-        if not sep or not pattern or not steps.strip().isdigit() or int(steps) < 1:
-            raise ValueError(f"{item!r} is not pattern=steps with steps >= 1")
-        if pattern.strip().startswith("re:"):
-            try:
-                re.compile(pattern.strip()[3:])
-            except re.error as exc:
-                raise ValueError(f"{item!r}: invalid regular expression ({exc})") from None
-        rules.append((pattern.strip(), int(steps)))
-    return rules
 
 
 def build_param_groups(model: nn.Module, optim_cfg) -> list[ParamGroup]:

@@ -3,9 +3,10 @@
 Newton-Schulz needs the whole matrix, while FSDP2 leaves each rank a slice of rows. The
 pattern here (the one NorMuon's FSDP2 implementation uses) gives every matrix one owner:
 
-    1. one all_to_all_single sends each owner the row-slices of the matrices it owns,
-    2. each owner runs the computation on its whole matrices (nobody repeats that work),
-    3. a second all_to_all_single sends every rank its rows of every result.
+    1. gather: one all_to_all_single sends each owner the row-slices of the matrices it owns,
+    2. compute: each owner runs the computation on its whole matrices (nobody repeats that work),
+    3. scatter: a second all_to_all_single sends every rank its rows of every result
+       (``_gather``, ``_compute_mine`` and ``_scatter``, run in turn by ``_run_on_mesh``).
 
 All matrices of one optimizer step travel in that single pair of collectives. Pieces of
 mixed dtypes (a bf16 momentum, an fp32 per-row statistic) are packed as raw bytes into
@@ -28,13 +29,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-NSMode = Literal["distributed", "replicated"]
 NS_MODES: tuple[str, ...] = ("distributed", "replicated")
 
 # Every piece starts at a multiple of this many bytes inside the packed buffer, so a
@@ -189,97 +188,160 @@ def _all_to_all_bytes(
     return recv
 
 
-def _run_on_mesh(
-    jobs: list[RowShardedJob], mesh: DeviceMesh, mode: str, stats: ExchangeStats
-) -> list[list[torch.Tensor]]:
-    """Gather -> compute on owners -> scatter for the jobs sharded over one 1-D mesh."""
+@dataclass
+class _MeshPlan:
+    """Who holds and who computes what, for the jobs sharded over one 1-D mesh.
+
+    Every rank derives the same plan from the same jobs, so no handshake is needed.
+    layouts[j][r] = (start, length) of rank r's rows of job j; in_specs[j] = (trailing
+    shape, dtype) of each input of job j; owners[j] = the rank computing job j
+    (distributed mode; empty in replicated mode); computes_on[j] = every rank computing
+    job j; mine = the jobs this rank computes, in job order.
+    """
+
+    jobs: list[RowShardedJob]
+    world: int
+    rank: int
+    group: dist.ProcessGroup
+    device: torch.device
+    layouts: list[list[tuple[int, int]]]
+    in_specs: list[list[tuple[tuple[int, ...], torch.dtype]]]
+    owners: list[int]
+    computes_on: list[list[int]]
+    mine: list[int]
+
+    def in_bytes(self, j: int, r: int) -> int:
+        """Packed bytes of rank r's rows of job j's inputs."""
+        return sum(_padded_nbytes(_numel(self.layouts[j][r][1], tr), dt) for tr, dt in self.in_specs[j])
+
+    def out_bytes(self, j: int, r: int) -> int:
+        """Packed bytes of rank r's rows of job j's outputs."""
+        return sum(_padded_nbytes(_numel(self.layouts[j][r][1], tr), dt) for tr, dt in self.jobs[j].output_specs)
+
+    def rows_of(self, outputs: list[torch.Tensor], j: int, r: int) -> list[torch.Tensor]:
+        """Rank r's rows of job j's full outputs (views)."""
+        start, length = self.layouts[j][r]
+        return [o[start:start + length] for o in outputs]
+
+
+def _plan(jobs: list[RowShardedJob], mesh: DeviceMesh, mode: str) -> _MeshPlan:
+    """Check the local row counts and decide who computes each job (see ``_MeshPlan``)."""
     if mesh.ndim != 1:
         raise ValueError(f"row-sharded jobs need a 1-D DeviceMesh, got {mesh.ndim}-D")
     world, rank = mesh.size(), mesh.get_local_rank()
-    group = mesh.get_group()
-    device = jobs[0].inputs[0].device
     layouts = [shard_rows(job.rows, world) for job in jobs]
     for job, layout in zip(jobs, layouts):
         _check_local_rows(job, layout[rank][1], rank)
-    in_specs = [_input_layout(job) for job in jobs]
-
     if mode == "distributed":
         owners = assign_owners([job.cost for job in jobs], world)
         computes_on = [[o] for o in owners]
     else:  # replicated: every rank computes every job
         owners = []
         computes_on = [list(range(world)) for _ in jobs]
-    mine = [j for j in range(len(jobs)) if rank in computes_on[j]]
-    stats.owners.extend(owners)
+    return _MeshPlan(
+        jobs=jobs, world=world, rank=rank, group=mesh.get_group(), device=jobs[0].inputs[0].device,
+        layouts=layouts, in_specs=[_input_layout(job) for job in jobs], owners=owners,
+        computes_on=computes_on, mine=[j for j in range(len(jobs)) if rank in computes_on[j]],
+    )
 
-    def in_bytes(j: int, r: int) -> int:
-        return sum(_padded_nbytes(_numel(layouts[j][r][1], tr), dt) for tr, dt in in_specs[j])
 
-    def out_bytes(j: int, r: int) -> int:
-        return sum(_padded_nbytes(_numel(layouts[j][r][1], tr), dt) for tr, dt in jobs[j].output_specs)
+def _gather(plan: _MeshPlan, stats: ExchangeStats) -> tuple[torch.Tensor, list[int]]:
+    """First collective: every rank sends each computing rank its row-slices of the inputs
+    of the jobs that rank computes (in job order; to every rank in replicated mode).
 
-    # 1) gather: to every rank d, my slices of the jobs d computes (in job order).
+    Returns this rank's receive buffer and its per-source byte counts: the slices of
+    every job in ``plan.mine`` from source 0, then from source 1, and so on.
+    """
     send_pieces, send_splits = [], []
-    for d in range(world):
-        todo = [j for j in range(len(jobs)) if d in computes_on[j]]
-        send_pieces += [t.contiguous() for j in todo for t in jobs[j].inputs]
-        send_splits.append(sum(in_bytes(j, rank) for j in todo))
-    recv_splits = [sum(in_bytes(j, s) for j in mine) for s in range(world)]
+    for d in range(plan.world):
+        todo = [j for j in range(len(plan.jobs)) if d in plan.computes_on[j]]
+        send_pieces += [t.contiguous() for j in todo for t in plan.jobs[j].inputs]
+        send_splits.append(sum(plan.in_bytes(j, plan.rank) for j in todo))
+    recv_splits = [sum(plan.in_bytes(j, s) for j in plan.mine) for s in range(plan.world)]
     t0 = time.perf_counter()
-    send = _pack(send_pieces, sum(send_splits), device)
+    send = _pack(send_pieces, sum(send_splits), plan.device)
     stats.comm_s += time.perf_counter() - t0
-    recv = _all_to_all_bytes(send, send_splits, recv_splits, group, stats)
-    del send, send_pieces
+    recv = _all_to_all_bytes(send, send_splits, recv_splits, plan.group, stats)
+    return recv, recv_splits
 
-    # Slices from source s of job j sit at offsets[s][j]; concatenating over s in rank
-    # order rebuilds the full matrix exactly (chunk layout is contiguous and ordered).
+
+def _compute_mine(
+    plan: _MeshPlan, recv: torch.Tensor, recv_splits: list[int], stats: ExchangeStats
+) -> dict[int, list[torch.Tensor]]:
+    """Rebuild each job this rank computes from the gathered slices and run it.
+
+    Slices from source s of job j sit back to back in source s's part of ``recv``;
+    concatenating them over s in rank order rebuilds the full inputs exactly (the chunk
+    layout is contiguous and ordered). Moves nothing between ranks. Returns the full
+    outputs of each job in ``plan.mine``, keyed by job index.
+    """
     full_outputs: dict[int, list[torch.Tensor]] = {}
-    src_offset = [sum(recv_splits[:s]) for s in range(world)]
-    for j in mine:
+    src_offset = [sum(recv_splits[:s]) for s in range(plan.world)]
+    for j in plan.mine:
         t0 = time.perf_counter()
-        parts: list[list[torch.Tensor]] = [[] for _ in in_specs[j]]
-        for s in range(world):
-            n_rows = layouts[j][s][1]
-            for i, (tr, dt) in enumerate(in_specs[j]):
+        parts: list[list[torch.Tensor]] = [[] for _ in plan.in_specs[j]]
+        for s in range(plan.world):
+            n_rows = plan.layouts[j][s][1]
+            for i, (tr, dt) in enumerate(plan.in_specs[j]):
                 parts[i].append(_view(recv, src_offset[s], n_rows, tr, dt))
                 src_offset[s] += _padded_nbytes(_numel(n_rows, tr), dt)
         full_inputs = [torch.cat(p, dim=0) for p in parts]
         t1 = time.perf_counter()
-        full_outputs[j] = _compute(jobs[j], full_inputs)
+        full_outputs[j] = _compute(plan.jobs[j], full_inputs)
         stats.compute_s += time.perf_counter() - t1
         stats.comm_s += t1 - t0  # unpacking counts as communication overhead
         stats.jobs_computed += 1
-        stats.cost_computed += jobs[j].cost
-    del recv
+        stats.cost_computed += plan.jobs[j].cost
+    return full_outputs
 
-    def rows_of(outputs: list[torch.Tensor], j: int, r: int) -> list[torch.Tensor]:
-        start, length = layouts[j][r]
-        return [o[start:start + length] for o in outputs]
 
-    if mode == "replicated":
-        return [rows_of(full_outputs[j], j, rank) for j in range(len(jobs))]
+def _scatter(
+    plan: _MeshPlan, full_outputs: dict[int, list[torch.Tensor]], stats: ExchangeStats
+) -> list[list[torch.Tensor]]:
+    """Second collective (distributed mode): each owner sends every rank that rank's rows
+    of every result it owns (in job order).
 
-    # 2) scatter: to every rank d, its rows of every result I own (in job order).
+    Empties ``full_outputs`` once they are packed, so the full results are freed before
+    the receive buffer is allocated. Returns this rank's rows of every job's outputs, as
+    views into the receive buffer.
+    """
     t0 = time.perf_counter()
     send_pieces, send_splits = [], []
-    for d in range(world):
-        send_pieces += [t.contiguous() for j in mine for t in rows_of(full_outputs[j], j, d)]
-        send_splits.append(sum(out_bytes(j, d) for j in mine))
-    recv_splits = [sum(out_bytes(j, rank) for j in range(len(jobs)) if owners[j] == s) for s in range(world)]
-    send = _pack(send_pieces, sum(send_splits), device)
+    for d in range(plan.world):
+        send_pieces += [t.contiguous() for j in plan.mine for t in plan.rows_of(full_outputs[j], j, d)]
+        send_splits.append(sum(plan.out_bytes(j, d) for j in plan.mine))
+    recv_splits = [sum(plan.out_bytes(j, plan.rank) for j in range(len(plan.jobs)) if plan.owners[j] == s)
+                   for s in range(plan.world)]
+    send = _pack(send_pieces, sum(send_splits), plan.device)
     stats.comm_s += time.perf_counter() - t0
-    del send_pieces, full_outputs
-    recv = _all_to_all_bytes(send, send_splits, recv_splits, group, stats)
+    del send_pieces
+    full_outputs.clear()
+    recv = _all_to_all_bytes(send, send_splits, recv_splits, plan.group, stats)
 
-    results: list[list[torch.Tensor]] = [[] for _ in jobs]
-    src_offset = [sum(recv_splits[:s]) for s in range(world)]
-    for j in range(len(jobs)):
-        s = owners[j]
-        n_mine = layouts[j][rank][1]
-        for tr, dt in jobs[j].output_specs:
+    results: list[list[torch.Tensor]] = [[] for _ in plan.jobs]
+    src_offset = [sum(recv_splits[:s]) for s in range(plan.world)]
+    for j, job in enumerate(plan.jobs):
+        s = plan.owners[j]
+        n_mine = plan.layouts[j][plan.rank][1]
+        for tr, dt in job.output_specs:
             results[j].append(_view(recv, src_offset[s], n_mine, tr, dt))
             src_offset[s] += _padded_nbytes(_numel(n_mine, tr), dt)
     return results
+
+
+def _run_on_mesh(
+    jobs: list[RowShardedJob], mesh: DeviceMesh, mode: str, stats: ExchangeStats
+) -> list[list[torch.Tensor]]:
+    """Gather -> compute on the computing ranks -> scatter, for the jobs sharded over one
+    1-D mesh. Replicated mode skips the scatter: every rank already holds every result."""
+    plan = _plan(jobs, mesh, mode)
+    stats.owners.extend(plan.owners)
+    recv, recv_splits = _gather(plan, stats)
+    full_outputs = _compute_mine(plan, recv, recv_splits, stats)
+    del recv
+    if mode == "replicated":
+        return [plan.rows_of(full_outputs[j], j, plan.rank) for j in range(len(jobs))]
+    return _scatter(plan, full_outputs, stats)
 
 
 def run_row_sharded_jobs(

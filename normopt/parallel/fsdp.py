@@ -7,15 +7,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def resolve_dtype(dtype_name: str, device_type: str) -> str:
-    """``auto`` means bfloat16 on CUDA and float32 on CPU, where bf16 matmuls are often
-    emulated (about 50x slower than float32 on AVX2-only x86)."""
-    if dtype_name == "auto":
-        return "bfloat16" if device_type == "cuda" else "float32"
-    return dtype_name
+from normopt.dtypes import DTYPES
 
 
 def mixed_precision_policy(dtype_name: str) -> MixedPrecisionPolicy:

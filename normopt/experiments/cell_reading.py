@@ -1,65 +1,42 @@
-"""Reading a factorial experiment's cells: run directories, their metrics, arms and flags.
+"""Reading a factorial experiment's cells: run directories and what the report uses of them.
 
 A cell is one run directory (one subfolder of the experiment root). The report reads only
-what runs leave behind:
+what runs leave behind (file names: :mod:`normopt.run_dir`):
 
-* ``metrics.jsonl``: training lines ``{"step", "loss", ...}`` and evaluation lines
+* the metrics log: training lines ``{"step", "loss", ...}`` and evaluation lines
   ``{"step", "eval_loss"}`` (non-finite numbers spelled "nan"/"inf"/"-inf");
-* ``config.yaml``: the cell's coordinates (``model.norm``, ``optim.name``, ``train.seed``),
-  its length (``train.steps``) and the settings an arm is inferred from;
+* the config: the cell's coordinates (``model.norm``, ``optim.name``, ``train.seed``), its
+  length (``train.steps``) and the settings an arm is inferred from;
 * ``cell.json`` (optional, written by a factorial runner): ``{"name", "coords": {axis: value},
-  "seed", "arm", "exit_code"}``; what it names wins over config.yaml;
-* ``diagnostics.jsonl`` (optional, written by the trainer): one record a line,
+  "seed", "arm", "exit_code"}``; what it names wins over the config;
+* the diagnostics log (optional, written by the trainer): one record a line,
   ``{"step", "kind", ...}``; ``read_diagnostics`` keeps the kinds the report shows (norm-layer
   saturation, spectral norms of the weight matrices, loss by token-frequency bucket).
 
-Besides reading, this module places cells: their arm (settings that differ from the baseline
-norm's cells, ``assign_arms``), the norm an arm or fix variant is a fix of (``fix_base``), and
-the per-cell assessment that flags cells which are missing, diverged, stopped early or cannot
-be placed (``assess_cell``); flagged cells are left out of every statistic.
+Placing cells into arms is :mod:`normopt.experiments.arms`; flagging cells that cannot count
+is :mod:`normopt.experiments.cell_assessment`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from normopt.errors import DIVERGED_EXIT_CODE, UserError
+from normopt.errors import UserError
 from normopt.metrics.jsonl import read_step_records
+from normopt.run_dir import MARKER_FILES, RunDir
 
-# A run whose loss ends this far above its own best value has blown up, even without a NaN.
-# One nat is far beyond seed noise or a late-training bump (both are hundredths of a nat) and
-# far below the rise of a real divergence (the loss returns towards ln(vocab), several nats).
-DIVERGENCE_NATS = 1.0
-# A cell whose final eval loss is not at least this far below the unigram entropy of its
-# training tokens (the loss of the best model that ignores context) learned almost nothing
-# beyond token frequencies: it is kept in the statistics, but flagged, since gaps between
-# such cells measure noise more than the norm or the optimizer.
-CONTEXT_MARGIN_NATS = 0.1
-CELL_FILES = ("config.yaml", "cell.json", "metrics.jsonl")
-DIAGNOSTICS_FILE = "diagnostics.jsonl"
-FLAGS = ("missing", "diverged", "stopped_early", "unplaced")
-# cell.json coordinate axes, under the names a runner may use (short or the config key)
-NORM_AXES = ("norm", "model.norm")
-OPTIM_AXES = ("optim", "optim.name")
-SEED_AXES = ("seed", "train.seed")
-# Config keys that never make an arm: the cell's own coordinates, bookkeeping, and execution
-# choices that do the same math (placement, accumulation split, logging cadence).
-NON_ARM_SECTIONS = frozenset({"run", "checkpoint", "diagnostics"})
-NON_ARM_KEYS = frozenset({
-    "model.norm", "optim.name", "train.seed", "data.cache_dir", "train.device", "train.compile",
-    "train.mfu_probe", "train.log_interval", "train.eval_interval", "train.micro_batch_size",
-    "optim.ns_mode",
-})
-
-
-# --------------------------------------------------------------------------- reading cells
+# A cell's coordinates: the config keys, and the cell.json axes naming them under the names a
+# runner may use (short or the config key)
+NORM_KEY, OPTIM_KEY, SEED_KEY = "model.norm", "optim.name", "train.seed"
+NORM_AXES = ("norm", NORM_KEY)
+OPTIM_AXES = ("optim", OPTIM_KEY)
+SEED_AXES = ("seed", SEED_KEY)
 
 
 @dataclass(frozen=True)
@@ -310,19 +287,18 @@ def _as_int(value: Any, what: str, path: Path) -> int | None:
 def load_cell(folder: Path) -> Cell:
     """Read one cell folder. Coordinates come from cell.json where it names them, else from
     config.yaml (norm = model.norm, optimizer = optim.name, seed = train.seed)."""
-    info = _read_cell_json(folder / "cell.json")
-    config = _read_config(folder / "config.yaml")
+    run = RunDir(folder)
+    info = _read_cell_json(run.cell_json)
+    config = _read_config(run.config)
     coords = info.get("coords", {})
-    norm = _first(coords, NORM_AXES) or config.get("model.norm")
-    optim = _first(coords, OPTIM_AXES) or config.get("optim.name")
+    norm = _first(coords, NORM_AXES) or config.get(NORM_KEY)
+    optim = _first(coords, OPTIM_AXES) or config.get(OPTIM_KEY)
     seed = info.get("seed")
     if seed is None:
         seed = _first(coords, SEED_AXES)
     if seed is None:
-        seed = config.get("train.seed")
+        seed = config.get(SEED_KEY)
     arm = info.get("arm")
-    metrics_path = folder / "metrics.jsonl"
-    diagnostics_path = folder / DIAGNOSTICS_FILE
     return Cell(
         name=str(info.get("name") or folder.name),
         path=folder,
@@ -332,178 +308,24 @@ def load_cell(folder: Path) -> Cell:
         arm=None if arm is None or arm == "" else str(arm),
         arm_explicit="arm" in info,
         config=config,
-        steps=_as_int(config.get("train.steps"), "train.steps", folder / "config.yaml"),
-        metrics=read_metrics(metrics_path) if metrics_path.is_file() else None,
-        exit_code=_as_int(info.get("exit_code"), "exit_code", folder / "cell.json"),
-        diagnostics=read_diagnostics(diagnostics_path) if diagnostics_path.is_file() else None,
+        steps=_as_int(config.get("train.steps"), "train.steps", run.config),
+        metrics=read_metrics(run.metrics) if run.metrics.is_file() else None,
+        exit_code=_as_int(info.get("exit_code"), "exit_code", run.cell_json),
+        diagnostics=read_diagnostics(run.diagnostics) if run.diagnostics.is_file() else None,
     )
 
 
 def discover_cells(root: Path) -> list[Cell]:
-    """Every direct subfolder of ``root`` holding config.yaml, cell.json or metrics.jsonl is a
-    cell (hidden folders are skipped); sorted by folder name."""
+    """Every direct subfolder of ``root`` holding one of the run directory's MARKER_FILES
+    (config.yaml, cell.json, metrics.jsonl) is a cell (hidden folders are skipped); sorted by
+    folder name."""
     if not root.is_dir():
         raise UserError(f"{root}: no such folder")
     folders = [d for d in sorted(root.iterdir())
-               if d.is_dir() and not d.name.startswith(".") and any((d / f).is_file() for f in CELL_FILES)]
+               if d.is_dir() and not d.name.startswith(".") and RunDir(d).has_marker()]
     if not folders:
         hint = ("; it looks like a single run directory: pass the folder that holds the cells"
-                if any((root / f).is_file() for f in CELL_FILES) else "")
+                if RunDir(root).has_marker() else "")
         raise UserError(f"{root}: no cells found (expected subfolders with "
-                        f"{', '.join(CELL_FILES)}){hint}")
+                        f"{', '.join(MARKER_FILES)}){hint}")
     return [load_cell(d) for d in folders]
-
-
-# --------------------------------------------------------------------------- arms
-
-
-def _arm_keys(key: str) -> bool:
-    return key.split(".", 1)[0] not in NON_ARM_SECTIONS and key not in NON_ARM_KEYS
-
-
-def reference_settings(configs: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], list[str]]:
-    """The settings all ``configs`` agree on (arm-relevant keys only), and the keys on which
-    they disagree. Empty input -> ({}, [])."""
-    if not configs:
-        return {}, []
-    shared: dict[str, Any] = {}
-    disputed = []
-    for key in sorted(set().union(*configs)):
-        if not _arm_keys(key):
-            continue
-        values = [c.get(key) for c in configs]
-        if all(v == values[0] for v in values):
-            shared[key] = values[0]
-        else:
-            disputed.append(key)
-    return shared, disputed
-
-
-def infer_arm(config: Mapping[str, Any], reference: Mapping[str, Any]) -> str | None:
-    """The arm of a cell = its settings that differ from ``reference`` (keys present in both),
-    as ``"key=value,..."`` sorted by key; the section prefix is dropped unless two differing
-    keys share a name. None when nothing differs."""
-    diffs = {k: config[k] for k in sorted(reference) if k in config and config[k] != reference[k]}
-    if not diffs:
-        return None
-    leaves = [k.split(".", 1)[-1] for k in diffs]
-    names = leaves if len(set(leaves)) == len(leaves) else list(diffs)
-    return ",".join(f"{name}={value}" for name, value in zip(names, diffs.values()))
-
-
-def assign_arms(cells: Sequence[Cell], baseline_norm: str) -> tuple[list[Cell], list[str]]:
-    """Give every cell its arm; returns (cells, notes).
-
-    Rule: an arm in cell.json (the key "arm", null = base cells) is taken as written. Any other
-    cell with a config.yaml gets ``infer_arm(config, ref[O])`` where ref[O] holds the settings
-    shared by all baseline-norm cells of its optimizer O that are base cells; model.norm,
-    optim.name, train.seed and the NON_ARM keys never count. So a Derf cell trained with
-    model.alpha_init_*=0.3 where the baseline cells keep 0.5 is the arm
-    ``derf[alpha_init_attn=0.3,alpha_init_ffn=0.3,alpha_init_final=0.3]``.
-    """
-    notes = []
-    refs: dict[str, dict[str, Any]] = {}
-    for optim in sorted({c.optim for c in cells if c.optim is not None}):
-        base_configs = [c.config for c in cells
-                        if c.norm == baseline_norm and c.optim == optim and c.config
-                        and not (c.arm_explicit and c.arm is not None)]
-        refs[optim], disputed = reference_settings(base_configs)
-        if disputed:
-            notes.append(f"{baseline_norm} cells under {optim} differ in {', '.join(disputed)}: "
-                         f"they are pooled, and those keys define no arm")
-    assigned = []
-    for cell in cells:
-        if not cell.arm_explicit and cell.config and cell.optim in refs:
-            cell = replace(cell, arm=infer_arm(cell.config, refs[cell.optim]))
-        assigned.append(cell)
-    return assigned, notes
-
-
-def fix_base(variant: str, norm: str | None, arm: str | None, fixes: Mapping[str, str],
-             baseline_norm: str) -> str | None:
-    """The norm a variant is a fix of, or None. Rule, first match wins: ``fixes[variant]``;
-    ``fixes[norm]`` (an arm of a fix norm fixes the same norm); the variant's own norm when it
-    is an arm. Fixes of the baseline norm are none (the baseline has no gap to recover)."""
-    base = fixes.get(variant) or (fixes.get(norm) if norm is not None else None)
-    if base is None and arm is not None:
-        base = norm
-    return None if base in (None, baseline_norm, variant) else base
-
-
-# --------------------------------------------------------------------------- per cell
-
-
-@dataclass(frozen=True)
-class Assessment:
-    final_eval_loss: float | None
-    flags: tuple[str, ...]  # subset of FLAGS; empty = the cell counts
-    reasons: tuple[str, ...]  # one human-readable line per flag
-
-
-def learned_no_context(final_loss: float | None, unigram_entropy: float | None,
-                       margin: float = CONTEXT_MARGIN_NATS) -> bool | None:
-    """True when final_loss > unigram_entropy - margin; None when either is unknown."""
-    if final_loss is None or unigram_entropy is None:
-        return None
-    return final_loss > unigram_entropy - margin
-
-
-def final_eval_loss(evals: Sequence[tuple[int, float]]) -> float | None:
-    """The eval_loss of the last evaluation after training started (step > 0), else None:
-    the step-0 evaluation measures the initialisation, not the run."""
-    after_start = [value for step, value in evals if step > 0]
-    return after_start[-1] if after_start else None
-
-
-def divergence_reason(metrics: Metrics, nats: float = DIVERGENCE_NATS) -> str | None:
-    """Why a run counts as diverged, or None. Diverged = (a) any logged loss or eval_loss is
-    NaN/Inf, or (b) for the train loss or the eval loss series, last - min(series) > ``nats``:
-    the run ended more than ``nats`` above the best value it had reached."""
-    for name, series in (("loss", metrics.train), ("eval_loss", metrics.evals)):
-        for step, value in series:
-            if not math.isfinite(value):
-                return f"{name} was {value} at step {step}"
-    for name, series in (("loss", metrics.train), ("eval_loss", metrics.evals)):
-        if len(series) >= 2:
-            best_step, best = min(series, key=lambda sv: sv[1])
-            last_step, last = series[-1]
-            if last - best > nats:
-                return (f"{name} ended at {last:.3f} (step {last_step}), {last - best:.2f} nats above "
-                        f"its best {best:.3f} (step {best_step})")
-    return None
-
-
-def stopped_early(last_step: int | None, steps: int | None) -> bool | None:
-    """last logged step < train.steps; None when either is unknown."""
-    if last_step is None or steps is None:
-        return None
-    return last_step < steps
-
-
-def assess_cell(cell: Cell, divergence_nats: float = DIVERGENCE_NATS) -> Assessment:
-    """Flag a cell: unplaced (no norm or optimizer known), missing (no metrics.jsonl or no
-    evaluation after step 0), diverged (``divergence_reason`` or exit status 3 recorded in
-    cell.json), stopped_early (``stopped_early``). A flagged cell is left out of every statistic."""
-    reasons: dict[str, str] = {}
-    if cell.norm is None or cell.optim is None:
-        reasons["unplaced"] = "no norm or optimizer in cell.json or config.yaml"
-    final = None
-    metrics = cell.metrics
-    if metrics is None:
-        reasons["missing"] = "no metrics.jsonl"
-    else:
-        final = final_eval_loss(metrics.evals)
-        if final is None:
-            reasons["missing"] = "no evaluation after step 0 in metrics.jsonl"
-        why = divergence_reason(metrics, divergence_nats)
-        if why:
-            reasons["diverged"] = why
-        if stopped_early(metrics.last_step, cell.steps):
-            reasons["stopped_early"] = f"last logged step {metrics.last_step} < train.steps {cell.steps}"
-    # the trainer stops *before* logging a non-finite loss, so the runner's record of the exit
-    # status (cell.json "exit_code") is the only trace such a divergence leaves
-    if cell.exit_code == DIVERGED_EXIT_CODE and "diverged" not in reasons:
-        reasons["diverged"] = "exit status 3 (the trainer stopped on a non-finite loss)"
-    flags = tuple(f for f in FLAGS if f in reasons)
-    return Assessment(final, flags, tuple(f"{f}: {reasons[f]}" for f in flags))
-

@@ -1,0 +1,77 @@
+"""Whether and from where a run continues: ``checkpoint.resume`` against its run directory.
+
+A resumed run must do the math the checkpoint was trained with, so the checkpoint's config
+and the new one may differ only in keys whose role (``normopt.config``) is not MATH:
+
+* EXECUTION keys (device, micro-batch split, NS placement, logging, checkpointing,
+  diagnostics, run.dir) compute or record the same steps;
+* LENGTH (``train.steps``) may be raised to continue a finished run;
+* EVALUATION (``train.eval_sequences``) changes only what later evaluations measure.
+
+The report's notion of an arm (``normopt.experiments.arms``) reads the same tags but is
+stricter: there only EXECUTION keys may differ within an arm, because runs of different
+lengths or measured on different validation sequences are not comparable cells.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from normopt.config import EVALUATION, EXECUTION, LENGTH, Config, config_from_dict, keys_with_role
+from normopt.errors import UserError
+from normopt.run_dir import RunDir
+
+RESUME_SAFE_KEYS = keys_with_role(EXECUTION, LENGTH, EVALUATION)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        out.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
+    return out
+
+
+def check_resume_compatible(saved: Config, current: Config) -> None:
+    """Refuse to resume when a key outside RESUME_SAFE_KEYS differs from the checkpoint's."""
+    old, new = _flatten(saved.to_dict()), _flatten(current.to_dict())
+    for key in sorted(old):
+        if key not in RESUME_SAFE_KEYS and old[key] != new.get(key):
+            raise UserError(
+                f"{key}: the run being resumed used {old[key]!r}, this config says {new.get(key)!r} "
+                f"(start a new run.dir to change it)"
+            )
+
+
+def read_saved_config(path: Path) -> Config:
+    """The config saved at ``path`` (a run's or a checkpoint's config.yaml); UserError naming
+    the file when it cannot be read back."""
+    try:
+        return config_from_dict(yaml.safe_load(path.read_text()))
+    except UserError as exc:
+        raise UserError(f"{path}: cannot read the saved config ({exc})") from None
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError, TypeError) as exc:
+        raise UserError(f"{path}: cannot read the saved config ({type(exc).__name__})") from None
+
+
+def find_resume_point(run: RunDir, cfg: Config) -> Path | None:
+    """The checkpoint ``cfg`` continues from, per ``checkpoint.resume``: auto = the latest
+    complete one (None in a new run directory), never = None (refusing a run directory that
+    already holds a run), a step number = that step's. Refuses a checkpoint whose config
+    differs from ``cfg`` in a key that changes the math."""
+    mode = cfg.checkpoint.resume
+    steps = run.complete_steps()
+    if mode == "never":
+        if run.metrics.exists() or steps:
+            raise UserError(f"run.dir {run} already holds a run "
+                            f"(use checkpoint.resume=auto to continue it, or another run.dir)")
+        return None
+    if mode == "auto" and not steps:
+        return None
+    checkpoint = run.find_checkpoint(None if mode == "auto" else int(mode), "checkpoint.resume")
+    saved = run.config_of(checkpoint)
+    if saved is not None:
+        check_resume_compatible(read_saved_config(saved), cfg)
+    return checkpoint

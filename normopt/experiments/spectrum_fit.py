@@ -1,0 +1,338 @@
+"""Power laws in model size of the spectrum Newton-Schulz receives, per depth group and matrix
+type, and the fewest NS steps per depth they imply (``normopt spectrum``; the command, the
+analysis over a folder of runs and its outputs are :mod:`normopt.experiments.spectrum_report`).
+
+Input: the diagnostics log of each run: its "run" line (n_params, n_layers, steps) and its
+"ns_spectrum" records (per matrix: layer, sv_rel_fro, momentum_sv_rel_fro, ...; see
+``ns_spectrum.ns_spectrum_record``). Model size M is ``n_params`` (``MODEL_SIZE``).
+Pipeline (after arXiv 2606.04058: the quantiles follow power laws in M per layer type):
+
+1. Cells: block l of n goes to depth group floor(G l / n) of G (G = 3: early, mid, late
+   thirds); a matrix's type is its role in the block (``matrix_type``: attn.wq, ffn.w2).
+2. Per run, from the records with step >= burn_in * T, the value of a (group, type, level)
+   cell is the geometric mean exp(mean(log q)) over the cell's matrices (one shape) and
+   records. Zero and missing quantiles have no log: they are counted and reported.
+3. Fit per cell over runs: log q = log c + beta log M, least squares, R^2 in log space.
+4. At a target size M*: q(M*) = min(c M*^beta, 1); per type the fewest NS steps bringing
+   its quantiles at levels >= --level into the band (``fewest_ns_steps_joint``), per
+   group the worst type's (``recommend_steps``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from normopt.diagnostics.ns_spectrum import DEFAULT_MAX_STEPS, fewest_ns_steps_joint
+from normopt.errors import UserError
+from normopt.metrics.jsonl import read_step_records
+from normopt.run_dir import DIAGNOSTICS_FILE, RunDir
+
+QUANTITIES = ("sv_rel_fro", "sv_rel_max")
+SOURCES = {"ns_input": "", "momentum": "momentum_"}  # field prefix in the ns_spectrum record
+GROUP_NAMES = {1: ("all",), 2: ("early", "late"), 3: ("early", "mid", "late")}
+DEFAULT_BURN_IN = 0.5
+DEFAULT_LEVEL = 0.1
+MODEL_SIZE = ("M = n_params of the run line: total learnable parameters including the token embedding "
+              "(and the output head when untied; a tied head counts once)")
+
+Cell = tuple[str, str, float]  # (depth group, matrix type, quantile level)
+
+
+# --------------------------------------------------------------------------- cells
+
+
+def group_names(n_groups: int) -> tuple[str, ...]:
+    """Names of the depth groups, shallowest first: early/mid/late for 3, g0..g{G-1} past 3."""
+    if n_groups < 1:
+        raise UserError(f"--groups must be >= 1, got {n_groups}")
+    return GROUP_NAMES.get(n_groups, tuple(f"g{i}" for i in range(n_groups)))
+
+
+def depth_group(layer: int, n_layers: int, n_groups: int = 3) -> str:
+    """Group of block ``layer`` (0-based) among ``n_layers``: index floor(G * layer / n_layers),
+    i.e. the equal thirds early l < n/3, mid n/3 <= l < 2n/3, late the rest for G = 3."""
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} is not in 0..{n_layers - 1}")
+    return group_names(n_groups)[(n_groups * layer) // n_layers]
+
+
+def matrix_type(name: str) -> str:
+    """A matrix's role in its block: the dotted path after the block index (the first
+    all-digit part), minus a trailing ``.weight`` and any later all-digit part (an expert
+    index), so one type holds matrices of one shape:
+
+        layers.3.attn.wq.weight -> attn.wq        layers.3.ffn.w2.weight -> ffn.w2
+        layers.0.attn.wkv_a.weight -> attn.wkv_a  layers.1.ffn.experts.7.w1.weight -> ffn.experts.w1
+
+    A name without a block index keeps its whole path (``output.weight`` -> ``output``)."""
+    parts = name.split(".")
+    parts = parts[:-1] if len(parts) > 1 and parts[-1] == "weight" else parts
+    block = next((i for i, part in enumerate(parts) if part.isdigit()), -1)
+    return ".".join(p for p in parts[block + 1:] if not p.isdigit()) or name
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class RunSpectra:
+    """One run directory's model size and its ns_spectrum records, in step order."""
+
+    folder: Path
+    n_params: int
+    n_layers: int
+    planned_steps: int | None
+    records: tuple[dict, ...]
+
+
+def read_ns_spectrum(path: Path) -> tuple[dict | None, list[dict]]:
+    """(the last "run" line, the "ns_spectrum" lines sorted by step) of a diagnostics.jsonl.
+
+    A later line for a step replaces an earlier one (a resumed run logs some steps twice).
+    An unterminated last line that does not parse is skipped (a killed writer leaves one);
+    any other bad line is a UserError.
+    """
+    records, _ = read_step_records(path, "diagnostics", lambda record: record)
+    run, spectra = None, {}
+    for record in records:
+        if record.get("kind") == "run":
+            run = record
+        elif record.get("kind") == "ns_spectrum":
+            spectra[record["step"]] = record
+    return run, [spectra[s] for s in sorted(spectra)]
+
+
+def _positive_int(run: Mapping[str, Any], key: str, path: Path, required: bool = True) -> int | None:
+    value = run.get(key)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{path}: the run line needs a positive integer {key!r}, got {value!r}")
+    return value
+
+
+def load_run(path: Path) -> RunSpectra | None:
+    """The run in ``path`` (a diagnostics.jsonl), or None when it has no ns_spectrum records
+    (an AdamW run, or one stopped before the first)."""
+    run, records = read_ns_spectrum(path)
+    if not records:
+        return None
+    if run is None:
+        raise UserError(f"{path}: ns_spectrum records but no 'run' line (model size unknown)")
+    return RunSpectra(path.parent, _positive_int(run, "n_params", path), _positive_int(run, "n_layers", path),
+                      _positive_int(run, "steps", path, required=False), tuple(records))
+
+
+def discover_runs(root: Path) -> list[RunSpectra]:
+    """Every run below ``root`` (recursively) whose diagnostics.jsonl has ns_spectrum records."""
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder")
+    runs = [run for path in sorted(root.rglob(DIAGNOSTICS_FILE)) if (run := load_run(path)) is not None]
+    if not runs:
+        raise UserError(f"{root}: no {DIAGNOSTICS_FILE} with ns_spectrum records below it")
+    return runs
+
+
+# --------------------------------------------------------------------------- per-run values
+
+
+def post_burn_in(run: RunSpectra, burn_in: float) -> list[dict]:
+    """Records with step >= burn_in * T, T the planned steps (the last record's step when
+    the run line has none)."""
+    total = run.planned_steps if run.planned_steps is not None else run.records[-1]["step"]
+    return [r for r in run.records if r["step"] >= burn_in * total]
+
+
+def value_kind(value: Any) -> str:
+    """"ok" for a finite q > 0, "zero" for q <= 0 (no logarithm), "missing" for anything
+    else: null, a non-finite float, or the "nan"/"inf" string the log writes for one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "missing"
+    return "ok" if value > 0 else "zero"
+
+
+def geometric_mean(values: Sequence[Any]) -> float | None:
+    """exp(mean(log v)) over the values ``value_kind`` calls "ok"; None when there are none."""
+    logs = [math.log(v) for v in values if value_kind(v) == "ok"]
+    return math.exp(math.fsum(logs) / len(logs)) if logs else None
+
+
+def run_samples(run: RunSpectra, burn_in: float = DEFAULT_BURN_IN, field: str = "sv_rel_fro",
+                n_groups: int = 3) -> dict[Cell, list[Any]]:
+    """(group, type, level) -> every logged value of ``field`` in the post-burn-in records,
+    zeros and missing values included."""
+    samples: dict[Cell, list[Any]] = defaultdict(list)
+    for record in post_burn_in(run, burn_in):
+        levels = [float(v) for v in record.get("levels", ())]
+        for name, matrix in record.get("matrices", {}).items():
+            layer = matrix.get("layer")
+            if layer is None:
+                continue
+            values = matrix.get(field)
+            where = f"{RunDir(run.folder).diagnostics}: step {record['step']}, {name}"
+            if values is None and field.startswith(SOURCES["momentum"]):
+                raise UserError(f"{where}: no {field!r} (logged before momentum quantiles were); "
+                                f"use --source ns_input")
+            if not isinstance(values, list) or len(values) != len(levels):
+                raise UserError(f"{where}: {field!r} should list one value per level {levels}")
+            try:
+                group = depth_group(layer, run.n_layers, n_groups)
+            except ValueError as exc:
+                raise UserError(f"{where}: {exc}") from None
+            for level, value in zip(levels, values):
+                samples[(group, matrix_type(name), level)].append(value)
+    return samples
+
+
+def cell_means(samples: Mapping[Cell, Sequence[Any]]) -> dict[Cell, float]:
+    """(group, type, level) -> ``geometric_mean`` of the cell's values (over its matrices and
+    records); cells without a usable value are left out."""
+    return {cell: q for cell, values in samples.items() if (q := geometric_mean(values)) is not None}
+
+
+def run_quantiles(run: RunSpectra, burn_in: float = DEFAULT_BURN_IN, field: str = "sv_rel_fro",
+                  n_groups: int = 3) -> dict[Cell, float]:
+    """``cell_means`` of ``run_samples``: a run's value per (group, type, level)."""
+    return cell_means(run_samples(run, burn_in, field, n_groups))
+
+
+# --------------------------------------------------------------------------- fits
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """q(M) = c M^beta for one depth group, matrix type and quantile level."""
+
+    group: str
+    type: str
+    level: float
+    c: float
+    beta: float
+    r2: float | None  # None when every q is equal (R^2 undefined)
+    n_runs: int
+    n_sizes: int
+
+    def predict(self, n_params: float) -> float:
+        return self.c * n_params**self.beta
+
+
+def fit_power_law(sizes: Sequence[float], values: Sequence[float]) -> tuple[float, float, float | None]:
+    """(c, beta, R^2) of the least-squares line log q = log c + beta log M.
+
+    With x = log M, y = log q: beta = S_xy / S_xx, log c = mean(y) - beta mean(x),
+    R^2 = 1 - SS_res / SS_tot (None if SS_tot = 0; exactly 1 for two points).
+    Needs at least two distinct sizes.
+    """
+    x = [math.log(m) for m in sizes]
+    y = [math.log(q) for q in values]
+    mx, my = math.fsum(x) / len(x), math.fsum(y) / len(y)
+    sxx = math.fsum((a - mx) ** 2 for a in x)
+    if sxx == 0:
+        raise ValueError("a power-law fit needs at least two distinct model sizes")
+    beta = math.fsum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx
+    log_c = my - beta * mx
+    ss_tot = math.fsum((b - my) ** 2 for b in y)
+    ss_res = math.fsum((b - log_c - beta * a) ** 2 for a, b in zip(x, y))
+    return math.exp(log_c), beta, (1.0 - ss_res / ss_tot if ss_tot > 0 else None)
+
+
+def fit_all(points: Sequence[Mapping[str, Any]], groups: Sequence[str]) -> tuple[list[PowerLawFit], list[str]]:
+    """One fit per (group, type, level) seen in ``points`` ({"group", "type", "level",
+    "n_params", "q"}, one per run); cells with fewer than two sizes get a note instead (one
+    per group and type)."""
+    by_cell: dict[Cell, list[tuple[float, float]]] = defaultdict(list)
+    for p in points:
+        by_cell[(p["group"], p["type"], p["level"])].append((p["n_params"], p["q"]))
+    fits, unfitted = [], defaultdict(list)
+    for cell in sorted(by_cell, key=lambda k: (groups.index(k[0]), k[1], k[2])):
+        pairs = by_cell[cell]
+        sizes = {m for m, _ in pairs}
+        if len(sizes) < 2:
+            unfitted[cell[:2]].append(f"q{cell[2]:g}")
+            continue
+        c, beta, r2 = fit_power_law([m for m, _ in pairs], [q for _, q in pairs])
+        fits.append(PowerLawFit(*cell, c, beta, r2, len(pairs), len(sizes)))
+    return fits, [f"{cell_label(*key)}: only one model size has data at {', '.join(levels)}, no fit"
+                  for key, levels in unfitted.items()]
+
+
+def unusable_cells(samples: Mapping[str, Mapping[Cell, list[Any]]], level: float) -> tuple[list[dict], list[str]]:
+    """Each (group, type, level) with zero or missing values in ``samples`` (run folder ->
+    ``run_samples``): their counts over all runs, the runs with any, the runs left with no
+    usable value (no point), and a note line."""
+    rows, notes = [], []
+    for cell in sorted({cell for per_run in samples.values() for cell in per_run}):
+        kinds = {run: Counter(map(value_kind, per_run.get(cell, ()))) for run, per_run in samples.items()}
+        total = sum(kinds.values(), Counter())
+        if total["zero"] + total["missing"] == 0:
+            continue
+        rows.append(row := {"group": cell[0], "type": cell[1], "level": cell[2], "values": total.total(),
+                            "zero": total["zero"], "missing": total["missing"],
+                            "runs": [r for r, k in kinds.items() if k["zero"] + k["missing"]],
+                            "runs_without_value": [r for r, k in kinds.items() if k and not k["ok"]]})
+        what = [f"{row['zero']} of {row['values']} values are 0"] if row["zero"] else []
+        what += [f"{row['missing']} of {row['values']} missing or non-finite"] if row["missing"] else []
+        note = f"{cell_label(*cell)}: {', '.join(what)} (in {', '.join(row['runs'])}); the means and the fit excluded them"
+        if row["runs_without_value"]:
+            note += f"; no point left for {', '.join(row['runs_without_value'])}"
+        if row["zero"] and cell[2] >= level:
+            note += "; NS cannot bring a zero singular value into the band"
+        notes.append(note)
+    return rows, notes
+
+
+def cell_label(group: str, mtype: str, level: float | None = None) -> str:
+    """'ffn.w2 late q0.1': how notes name a cell."""
+    return f"{mtype} {group}" + ("" if level is None else f" q{level:g}")
+
+
+# --------------------------------------------------------------------------- recommendation
+
+def recommend_steps(fits: Sequence[PowerLawFit], target_params: float, level: float,
+                    coefficients: str, band: Sequence[float],
+                    max_steps: int = DEFAULT_MAX_STEPS) -> dict[str, dict[str, Any]]:
+    """Per depth group:
+
+    - "types": per matrix type with a fit at ``level``, the predicted quantiles
+      q(M*) = min(c M*^beta, 1) at every fitted level and "ns_steps", the fewest steps
+      bringing those at levels >= ``level`` into ``band`` at once (None: not in ``max_steps``)
+    - "worst_type": the type needing the most steps (None counts as most; on a tie the
+      smaller predicted q at ``level``)
+    - "ns_steps": the fewest steps bringing every type's tracked quantiles in at once. With
+      the quintic band, which NS maps into itself, that is the worst type's count; a band
+      NS can leave again (polar_express overshoots) can need more than any type alone.
+    """
+    by_cell: dict[tuple[str, str], list[PowerLawFit]] = defaultdict(list)
+    for fit in fits:
+        by_cell[(fit.group, fit.type)].append(fit)
+    joint = lambda qs: fewest_ns_steps_joint(qs, tuple(band), coefficients, max_steps)  # noqa: E731
+    out: dict[str, dict[str, Any]] = {}
+    for (group, mtype), cell in by_cell.items():
+        if any(f.level == level for f in cell):
+            predicted = {f.level: min(f.predict(target_params), 1.0) for f in cell}
+            tracked = [q for lv, q in predicted.items() if lv >= level]
+            out.setdefault(group, {"types": {}})["types"][mtype] = {
+                "predicted": predicted, "tracked": tracked, "ns_steps": joint(tracked)}
+    for entry in out.values():
+        types = entry["types"]
+        entry["worst_type"] = max(types, key=lambda t: (math.inf if types[t]["ns_steps"] is None
+                                                        else types[t]["ns_steps"], -types[t]["predicted"][level]))
+        entry["ns_steps"] = joint([q for t in types.values() for q in t.pop("tracked")])
+    return out
+
+
+def ns_steps_per_layer(steps_by_group: Mapping[str, int | None], n_layers: int, n_groups: int = 3) -> str:
+    """The ``optim.ns_steps_per_layer`` value "layers.0.*=k0,layers.1.*=k1,..." for a model of
+    ``n_layers`` blocks, each block taking its depth group's steps (at least 1, the config's
+    minimum); blocks of groups without a recommendation are left to optim.ns_steps."""
+    rules = []
+    for layer in range(n_layers):
+        steps = steps_by_group.get(depth_group(layer, n_layers, n_groups))
+        if steps is not None:
+            rules.append(f"layers.{layer}.*={max(1, steps)}")
+    return ",".join(rules)

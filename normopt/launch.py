@@ -1,0 +1,205 @@
+"""``normopt launch``: start N training ranks on this node and keep normopt's exit statuses.
+
+torchrun reports any failing rank as status 1 with a traceback, lets SIGUSR1 kill it while
+its ranks train on as orphans, and starts each rank in a session of its own, so that neither
+a preemption (75) nor a divergence (3) survives it and killing its process group leaves
+the ranks running. This launcher is the small part of torchrun that normopt needs, with
+those three things done the way a scheduler and the factorial runner expect:
+
+* **statuses**: the ranks already agree on how a run ends (one all-reduce per step), so they
+  exit with the same status; the launcher exits with it (0 done, 2 user error, 3 diverged,
+  75 stopped after a checkpoint) and prints one line saying which. A rank that crashes
+  (any other status, or a signal) makes the launcher stop the others and exit 1.
+* **signals**: SIGTERM, SIGUSR1 and SIGINT sent to the launcher are forwarded to every rank,
+  which checkpoints and exits 75. The ranks live in a process group of their own so that a
+  Ctrl-C at the terminal reaches them once, through the launcher (a second Ctrl-C is the
+  trainer's "stop now, no checkpoint").
+* **lifetime**: every rank is started with the kernel's parent-death signal set to SIGKILL,
+  so a launcher that is killed outright (``kill -9``, a killed process group) takes its
+  ranks with it: never orphans, never a second writer after a restart.
+
+Multi-node jobs run one launcher per node with ``--nnodes``, ``--node-rank`` (default: the
+``SLURM_NODEID`` that srun sets) and the address of node 0 (``--master-addr``); ranks meet
+through torch's env:// rendezvous, as torchrun's static rendezvous does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# statuses the ranks agree on; anything else from a rank is a crash
+AGREED_STATUSES = {
+    0: "finished",
+    USER_ERROR_EXIT_CODE: "stopped on a user error (see the line above)",
+    DIVERGED_EXIT_CODE: "stopped: the loss or gradient norm became NaN/Inf (no update applied)",
+    PREEMPTED_EXIT_CODE: "stopped after a checkpoint; run the same command to resume",
+}
+CRASH_EXIT_CODE = 1
+# after the first rank ends, the others get this long to end the same way before being killed
+AGREEMENT_GRACE_S = 60.0
+CRASH_GRACE_S = 5.0
+TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train.py"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: a new process group, and SIGKILL when the launcher dies."""
+    os.setpgid(0, 0)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: no parent-death signal; the forwarding still holds
+        pass
+
+
+def default_nproc() -> int:
+    """The visible GPUs, else 1 (CPU ranks use gloo)."""
+    try:
+        import torch
+
+        return max(torch.cuda.device_count(), 1)
+    except Exception:  # a broken CUDA install should not stop a CPU launch
+        return 1
+
+
+def rank_env(base: dict[str, str], *, local_rank: int, nproc: int, node_rank: int, nnodes: int,
+             master_addr: str, master_port: int) -> dict[str, str]:
+    """The env:// rendezvous variables torch.distributed reads, for one rank."""
+    return {**base, "RANK": str(node_rank * nproc + local_rank), "LOCAL_RANK": str(local_rank),
+            "WORLD_SIZE": str(nnodes * nproc), "LOCAL_WORLD_SIZE": str(nproc),
+            "GROUP_RANK": str(node_rank), "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
+
+
+def agreed_status(statuses: list[int | None]) -> int:
+    """The launcher's status from the ranks' statuses (None: killed by the launcher after
+    another rank had ended). All ranks agreeing on a known status gives that status; a crash
+    anywhere gives 1."""
+    ended = [s for s in statuses if s is not None]
+    if ended and all(s == ended[0] for s in ended) and ended[0] in AGREED_STATUSES and len(ended) == len(statuses):
+        return ended[0]
+    return CRASH_EXIT_CODE
+
+
+def describe(status: int) -> str:
+    return AGREED_STATUSES.get(status, "a rank failed (its output is above)")
+
+
+class RankGroup:
+    """The rank processes of this node: start, forward signals, wait, stop."""
+
+    def __init__(self, command: list[str], envs: list[dict[str, str]]) -> None:
+        self.procs = [subprocess.Popen(command, env=env, preexec_fn=_die_with_parent) for env in envs]
+
+    def forward(self, signum: int) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    def kill_remaining(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.procs:
+            proc.wait()
+
+    def wait(self) -> list[int | None]:
+        """Wait for every rank; once one has ended, give the rest a grace period to end the
+        same way, then kill them. Returns each rank's status (None: killed here)."""
+        first_end: float | None = None
+        grace = AGREEMENT_GRACE_S
+        while True:
+            codes = [proc.poll() for proc in self.procs]
+            if all(code is not None for code in codes):
+                return [_status(code) for code in codes]
+            ended = [code for code in codes if code is not None]
+            if ended and first_end is None:
+                first_end = time.monotonic()
+                grace = AGREEMENT_GRACE_S if _status(ended[0]) in AGREED_STATUSES else CRASH_GRACE_S
+            if first_end is not None and time.monotonic() - first_end > grace:
+                running = [i for i, code in enumerate(codes) if code is None]
+                self.kill_remaining()
+                return [None if i in running else _status(proc.returncode) for i, proc in enumerate(self.procs)]
+            time.sleep(0.1)
+
+
+def _status(returncode: int) -> int:
+    """A process's exit status, a death by signal counted as 128 + the signal (as a shell does)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="normopt launch", allow_abbrev=False, description="Train on N ranks of this node (one launcher per node for "
+        "multi-node jobs), keeping normopt's exit statuses (0 done, 2 user error, 3 diverged, 75 "
+        "stopped after a checkpoint) and forwarding SIGTERM/SIGUSR1/SIGINT to every rank.",
+        epilog="Everything after the launcher's options goes to training: --config PATH and section.key=value.")
+    parser.add_argument("--nproc", type=int, default=None, help="ranks on this node (default: visible GPUs, else 1)")
+    parser.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1)")
+    parser.add_argument("--node-rank", type=int, default=None,
+                        help="this node's index (default: $SLURM_NODEID, else 0)")
+    parser.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (default 127.0.0.1)")
+    parser.add_argument("--master-port", type=int, default=None,
+                        help="rendezvous port on node 0 (default: a free port on one node, 29500 on several)")
+    return parser
+
+
+def _validate(train_args: list[str], world: int) -> None:
+    """Refuse a bad config (or a batch that cannot be split over the ranks) here, once, with
+    one line and status 2, before any rank starts."""
+    from normopt.cli import config_parser
+    from normopt.config import check_world_size, load_config
+
+    args = config_parser("normopt launch", "").parse_args(train_args)
+    check_world_size(load_config(args.config, args.overrides), world)
+
+
+def launch_main(argv: list[str]) -> int:
+    args, train_args = _parser().parse_known_args(argv)
+    nproc = args.nproc if args.nproc is not None else default_nproc()
+    if nproc < 1 or args.nnodes < 1:
+        raise UserError("--nproc and --nnodes must be at least 1")
+    node_rank = args.node_rank if args.node_rank is not None else int(os.environ.get("SLURM_NODEID", "0"))
+    if not 0 <= node_rank < args.nnodes:
+        raise UserError(f"--node-rank {node_rank} is not in 0..{args.nnodes - 1}")
+    world = nproc * args.nnodes
+    _validate(train_args, world)
+    if args.master_port is not None:
+        port = args.master_port
+    elif args.nnodes == 1:
+        from normopt.parallel.distributed import free_port
+
+        port = free_port()
+    else:
+        port = 29500
+    envs = [rank_env(dict(os.environ), local_rank=i, nproc=nproc, node_rank=node_rank, nnodes=args.nnodes,
+                     master_addr=args.master_addr, master_port=port) for i in range(nproc)]
+    command = [sys.executable, str(TRAIN_SCRIPT), *train_args]
+    group = RankGroup(command, envs)
+    previous = {sig: signal.signal(sig, lambda signum, frame: group.forward(signum)) for sig in FORWARDED_SIGNALS}
+    try:
+        statuses = group.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        group.kill_remaining()
+    status = agreed_status(statuses)
+    if status == CRASH_EXIT_CODE:
+        detail = ", ".join(f"rank {node_rank * nproc + i}: " + ("stopped by the launcher" if s is None else f"status {s}")
+                           for i, s in enumerate(statuses))
+        print(f"normopt launch: {world} rank(s) did not agree on how the run ended ({detail}); exit 1",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"normopt launch: {world} rank(s) {describe(status)} (exit {status})", file=sys.stderr, flush=True)
+    return status

@@ -1,0 +1,99 @@
+"""``normopt launch``: real 2-rank jobs (gloo) keep normopt's exit statuses, take signals
+through the launcher, and never outlive it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from normopt.launch import CRASH_EXIT_CODE, agreed_status
+from tests.conftest import REPO_ROOT, tiny_run_args
+
+
+def _launch(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "normopt.cli", "launch", "--nproc", "2", *args],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 180) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(f'"step": {step},' in line for line in metrics.read_text().splitlines()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} never logged: {proc.communicate()}")
+
+
+def _rank_pids(launcher_pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher_pid)], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
+
+
+def test_agreed_status_rules():
+    assert agreed_status([75, 75]) == 75
+    assert agreed_status([3, 3, 3]) == 3
+    assert agreed_status([0, 0]) == 0
+    assert agreed_status([0, 1]) == CRASH_EXIT_CODE  # one rank crashed
+    assert agreed_status([75, None]) == CRASH_EXIT_CODE  # a rank had to be killed
+    assert agreed_status([137, 137]) == CRASH_EXIT_CODE  # killed by a signal is not a status
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_to_the_launcher_checkpoints_and_exits_75(tmp_path, tiny_corpus, sig):
+    run_dir = tmp_path / "run"
+    proc = _launch(tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
+                                 "checkpoint.interval=0"))
+    _wait_for_step(proc, run_dir, 3)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 75, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == ("normopt launch: 2 rank(s) stopped after a checkpoint; run the "
+                                               "same command to resume (exit 75)")
+    assert "Traceback" not in stderr
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert (run_dir / "checkpoints" / f"step_{max(steps):08d}" / "trainer_state.json").exists()
+
+
+def test_ranks_die_with_a_killed_launcher(tmp_path, tiny_corpus):
+    run_dir = tmp_path / "run"
+    proc = _launch(tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
+                                 "checkpoint.interval=0"))
+    _wait_for_step(proc, run_dir, 2)
+    ranks = _rank_pids(proc.pid)
+    assert len(ranks) == 2
+    proc.kill()
+    proc.communicate(timeout=30)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(pid) for pid in ranks):
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in ranks), "a rank outlived its launcher"
+
+
+def test_divergence_and_user_error_keep_their_status(tmp_path, tiny_corpus):
+    proc = _launch(tiny_run_args(tmp_path / "run", tiny_corpus, "optim.lr=1e4", "optim.grad_clip=0",
+                                 "train.steps=30", "train.eval_interval=0"))
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 3, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("normopt launch: 2 rank(s) stopped: the loss or gradient")
+    proc = _launch(tiny_run_args(tmp_path / "run2", tiny_corpus, "train.global_batch_size=3"))
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert stderr.strip().startswith("normopt: error: train.global_batch_size: 3 sequences cannot be split")
