@@ -25,7 +25,7 @@ from normopt.config import Config, check_world_size, resolve_dtype, save_config
 from normopt.data.batches import TrainBatches, eval_micro_batches
 from normopt.data.token_cache import check_enough_data, load_token_data, prepare_corpus
 from normopt.diagnostics.collector import Diagnostics, DiagnosticsWriter
-from normopt.diagnostics.tail_tokens import bucket_losses, bucket_sums, frequency_buckets, token_counts
+from normopt.diagnostics.tail_tokens import TailTokenBuckets
 from normopt.dtypes import DTYPES
 from normopt.errors import UserError
 from normopt.memory_budget import available_bytes, check_fits, estimate_memory
@@ -135,17 +135,14 @@ class Trainer:
 
     def _build_diagnostics(self) -> Diagnostics:
         d, t = self.cfg.diagnostics, self.cfg.train
-        self.token_bucket = None
-        if d.tail_buckets:
-            counts = token_counts(self.data.tokens[:self.data.val_start], self.data.vocab_size)
-            self.token_bucket = torch.from_numpy(frequency_buckets(counts, d.tail_buckets)).to(self.dist.device)
-            self.bucket_vocab = torch.bincount(self.token_bucket, minlength=d.tail_buckets).tolist()
+        tail = TailTokenBuckets(self.data.tokens[:self.data.val_start], self.data.vocab_size, d.tail_buckets,
+                                self.dist.device) if d.tail_buckets else None
         probe_count = min(d.probe_sequences, self.data.num_sequences(t.seq_len, "val"))
         probe = torch.from_numpy(self.data.sequences(np.arange(probe_count), t.seq_len, "val"))
         writer = DiagnosticsWriter(self.run.diagnostics, self.metrics.tensorboard,
                                    enabled=self.dist.is_main, histograms=d.histograms)
         return Diagnostics(d, self.model, self.optimizers, probe[:, :-1].to(self.dist.device), writer,
-                           self.dist.rank, self.dist.world_size)
+                           self.dist.rank, self.dist.world_size, tail)
 
     def _build_model(self) -> Transformer:
         """Identical initial weights on every rank and for any world size: on CPU the full
@@ -263,8 +260,8 @@ class Trainer:
         self.model.eval()
         t = self.cfg.train
         totals = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
-        n_buckets = self.cfg.diagnostics.tail_buckets
-        buckets = torch.zeros(2, n_buckets, dtype=torch.float64, device=self.dist.device)
+        tail = self.diagnostics.tail
+        buckets = tail.zeros() if tail else torch.zeros(0, dtype=torch.float64, device=self.dist.device)
         for inputs, targets, weights in eval_micro_batches(
                 self.data, t.seq_len, t.eval_sequences, self.micro_batch,
                 self.dist.rank, self.dist.world_size, self.dist.device):
@@ -273,12 +270,12 @@ class Trainer:
             per_token = per_token.view(targets.shape)
             totals[0] += (per_token.sum(dim=1) * weights).sum().double()
             totals[1] += weights.sum().double() * targets.shape[1]
-            if n_buckets:
-                buckets += bucket_sums(per_token, self.token_bucket[targets], weights, n_buckets)
+            if tail:
+                buckets += tail.sums(per_token, targets, weights)
         shared = torch.cat([totals, buckets.flatten()])  # one collective for both
         all_reduce_sum(shared)
         self.model.train()
-        return float(shared[0] / shared[1]), (shared[2:].view(2, n_buckets) if n_buckets else None)
+        return float(shared[0] / shared[1]), (shared[2:].view(2, tail.n_buckets) if tail else None)
 
     def _evaluate_and_log(self, step: int) -> float:
         eval_loss, buckets = self.evaluate()
@@ -287,10 +284,7 @@ class Trainer:
         self.metrics.log({"step": step, "eval_loss": eval_loss, "unigram_entropy": self.data.unigram_entropy},
                          prefix="eval")
         if buckets is not None:
-            started = time.perf_counter()
-            means, shares = bucket_losses(buckets)
-            # the split inside evaluate() is one index_add per micro-batch; count the rest
-            self.diagnostics.tail_tokens(step, means, shares, self.bucket_vocab, time.perf_counter() - started)
+            self.diagnostics.tail_tokens(step, buckets)
         return eval_loss
 
     def save(self, step: int, block: bool = True) -> None:

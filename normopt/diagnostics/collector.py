@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 from normopt.diagnostics.norm_stats import norm_layer_stats
 from normopt.diagnostics.ns_spectrum import default_band, ns_spectrum_record
 from normopt.diagnostics.spectral_norm import SpectralNormTracker
+from normopt.diagnostics.tail_tokens import TailTokenBuckets
 from normopt.metrics.logger import jsonable
 from normopt.models.norms import NORM_TYPES
 from normopt.optim.muon import Muon
@@ -100,8 +101,9 @@ class Diagnostics:
     gradients are cleared) and ``after_step``; ``tail_tokens`` after each evaluation."""
 
     def __init__(self, cfg, model: nn.Module, optimizers, probe_inputs: torch.Tensor,
-                 writer: DiagnosticsWriter, rank: int, world_size: int):
+                 writer: DiagnosticsWriter, rank: int, world_size: int, tail: TailTokenBuckets | None = None):
         self.cfg, self.model, self.optimizers = cfg, model, optimizers
+        self.tail = tail  # evaluation loss by token frequency (None: diagnostics.tail_buckets = 0)
         self.probe_inputs, self.writer = probe_inputs, writer
         self.rank, self.world_size = rank, world_size
         self.spectral = SpectralNormTracker(cfg.power_iterations)
@@ -217,12 +219,10 @@ class Diagnostics:
         started = time.perf_counter()
         self._timed_write(self.spectral_norm_record(step), started)
 
-    def tail_tokens(self, step: int, bucket_loss: list, bucket_share: list, bucket_vocab: list,
-                    seconds: float) -> None:
-        record = {"step": step, "kind": "tail_tokens", "bucket_loss": bucket_loss,
-                  "bucket_token_share": bucket_share, "bucket_vocab_size": bucket_vocab, "seconds": seconds}
-        self.seconds += seconds
-        self.writer.write(record)
+    def tail_tokens(self, step: int, sums: torch.Tensor) -> None:
+        """Write one evaluation's loss by frequency bucket (``sums`` all-reduced over ranks)."""
+        started = time.perf_counter()
+        self._timed_write(self.tail.record(step, sums), started)
 
     def run_record(self, record: dict) -> None:
         self.writer.write({"step": 0, "kind": "run", **record})

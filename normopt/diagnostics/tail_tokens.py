@@ -55,3 +55,27 @@ def bucket_losses(sums: torch.Tensor) -> tuple[list[float | None], list[float]]:
     total = sum(count)
     means = [l / c if c > 0 else None for l, c in zip(loss, count)]
     return means, [c / total if total > 0 else 0.0 for c in count]
+
+
+class TailTokenBuckets:
+    """The evaluation's split by token frequency: which bucket every token id is in (from
+    the training split's counts), and the per-bucket loss sums of one evaluation."""
+
+    def __init__(self, train_tokens: np.ndarray, vocab_size: int, n_buckets: int, device: torch.device):
+        self.n_buckets = n_buckets
+        counts = token_counts(train_tokens, vocab_size)
+        self.bucket_of = torch.from_numpy(frequency_buckets(counts, n_buckets)).to(device)
+        self.vocab_per_bucket = torch.bincount(self.bucket_of, minlength=n_buckets).tolist()
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(2, self.n_buckets, dtype=torch.float64, device=self.bucket_of.device)
+
+    def sums(self, per_token_loss: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(2, n) loss sums and token counts of one micro-batch (see :func:`bucket_sums`)."""
+        return bucket_sums(per_token_loss, self.bucket_of[targets], weights, self.n_buckets)
+
+    def record(self, step: int, sums: torch.Tensor) -> dict:
+        """The diagnostics record of one evaluation from its all-reduced sums."""
+        means, shares = bucket_losses(sums)
+        return {"step": step, "kind": "tail_tokens", "bucket_loss": means, "bucket_token_share": shares,
+                "bucket_vocab_size": self.vocab_per_bucket}
