@@ -21,9 +21,9 @@ def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def train_main(argv: list[str] | None = None) -> int:
+def train_main(argv: list[str] | None = None, prog: str = "train.py") -> int:
     parser = config_parser(
-        "train.py", "Train a Llama-style model (plain python = 1 rank; under torchrun = N ranks).")
+        prog, "Train a Llama-style model (plain python = 1 rank; under torchrun = N ranks).")
     args = parser.parse_args(argv)
     return _guarded(lambda: _train(args.config, args.overrides))
 
@@ -86,7 +86,7 @@ def _train(config_path, overrides) -> int:
 def export_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="normopt export",
-        description="Write a run's model weights as one safetensors file (config beside it).")
+        description="Write a run's model weights as one safetensors file, with its config and tokenizer beside it.")
     parser.add_argument("run_dir", help="the run directory")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
     parser.add_argument("--out", default=None, help="output file (default: RUN_DIR/export/step_N.safetensors)")
@@ -104,6 +104,12 @@ def export_main(argv: list[str] | None = None) -> int:
         return 0
 
     return _guarded(export)
+
+
+def sample_cli(argv: list[str]) -> int:
+    from normopt.sample import sample_main
+
+    return _guarded(lambda: sample_main(argv))
 
 
 def factorial_cli(argv: list[str]) -> int:
@@ -142,23 +148,31 @@ def _guarded(fn) -> int:
         return 130
 
 
+USAGE = """usage: normopt {train,launch,check,export,sample,report,factorial,spectrum} ...
+
+  train   train a model (same as python train.py; see normopt train --help)
+  launch  train on N ranks (a torchrun that keeps the exit statuses 0/2/3/75)
+  check   validate a config and print its run directory
+  export  write a run's model weights as one safetensors file, with its tokenizer and config
+  sample  generate text from a run's latest (or exported) checkpoint on the CPU
+  report  statistics and plots over a folder of runs (norm x optimizer cells)
+  factorial  run every cell of a norm x optimizer spec, then report
+  spectrum  power laws of the NS-input spectrum in model size; NS steps per layer"""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": train_main, "check": check_main, "export": export_main, "report": report_cli,
+    commands = {"train": lambda rest: train_main(rest, prog="normopt train"), "check": check_main,
+                "export": export_main, "sample": sample_cli, "report": report_cli,
                 "factorial": factorial_cli, "spectrum": spectrum_cli, "launch": launch_cli}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: normopt {train,launch,check,export,report,factorial,spectrum} ...\n\n"
-              "  train   train a model (same as python train.py; see normopt train --help)\n"
-              "  launch  train on N ranks (a torchrun that keeps the exit statuses 0/2/3/75)\n"
-              "  check   validate a config and print its run directory\n"
-              "  export  write a run's model weights as one safetensors file\n"
-              "  report  statistics and plots over a folder of runs (norm x optimizer cells)\n"
-              "  factorial  run every cell of a norm x optimizer spec, then report\n"
-              "  spectrum  power laws of the NS-input spectrum in model size; NS steps per layer",
-              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if argv and argv[0] in ("-h", "--help") else USER_ERROR_EXIT_CODE
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if not argv or argv[0] not in commands:
+        problem = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"{USAGE}\n\nnormopt: error: {problem}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
     return commands[argv[0]](argv[1:])
-
 
 if __name__ == "__main__":
     sys.exit(main())

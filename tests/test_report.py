@@ -14,7 +14,9 @@ from normopt.errors import UserError
 from normopt.experiments.cell_assessment import assess_cell, divergence_reason
 from normopt.experiments.cell_reading import Metrics, discover_cells, read_metrics
 from normopt.experiments.report import report_main, write_report
-from normopt.experiments.statistics import build_summary, describe, ema_smooth
+from normopt.experiments import plots
+from normopt.experiments.report import collapse_notes
+from normopt.experiments.statistics import build_summary, centred_half_width, centred_smooth, describe, ema_smooth
 
 T1 = 12.706204736174698  # two-sided 95% t quantile, 1 degree of freedom (tables)
 
@@ -394,3 +396,87 @@ def test_no_interaction_share_without_an_interaction_penalty(tmp_path):
     assert ema["interaction_share"] is None and ema["interaction_ci95"] is None
     assert ema["share"] is not None  # the share of the gap is still reported
     assert any("no interaction penalty under muon" in note for note in summary["notes"])
+
+
+# --------------------------------------------------------------------------- plots and report that cannot mislead
+
+
+def drawn_figures(monkeypatch) -> list:
+    """Every Figure the plot functions create, kept for inspection."""
+    made = []
+
+    def keep(**kwargs):
+        made.append(figure(**kwargs))
+        return made[-1]
+
+    figure = plots.figure
+    monkeypatch.setattr(plots, "figure", keep)
+    return made
+
+
+def test_centred_smoothing_has_no_lag():
+    line = [10.0 - 0.1 * t for t in range(200)]  # a falling straight line: a centred mean is exact
+    assert centred_smooth(line, 9) == pytest.approx(line)
+    assert all(a > b for a, b in zip(ema_smooth(line, 0.9)[1:], line[1:]))  # the trailing EMA lags above
+    assert centred_half_width(0.9) == 9 and centred_half_width(0.0) == 0
+    assert centred_smooth([5.0, 1.0, 3.0], 9) == [5.0, 1.0, 3.0]  # a tenth of 3 points: no window
+    noisy = [1.0, 3.0] * 50
+    assert centred_smooth(noisy, 2)[10] == pytest.approx(sum(noisy[8:13]) / 5)
+
+
+def test_loss_curves_show_logged_points_units_and_styles(report, monkeypatch, tmp_path):
+    root, summary = report
+    made = drawn_figures(monkeypatch)
+    plots.plot_loss_curves(discover_cells(root), summary, tmp_path / "curves.png", 0.9)
+    (fig,) = made
+    assert "centred mean" in fig._suptitle.get_text() and "no lag" in fig._suptitle.get_text()
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "loss (nats)" and ax.get_xlabel() == "step"
+    lines = [line for line in ax.get_lines() if len(line.get_xdata()) == 10]  # train: 10 logged points
+    logged = [line for line in lines if line.get_linewidth() < 0.5]
+    assert logged and all(line.get_marker() == "." for line in logged)
+    smoothed = [line for line in lines if line.get_linewidth() == 1.0]
+    assert len({line.get_marker() for line in smoothed}) > 1  # not told apart by color alone
+    assert len({str(line.get_linestyle()) for line in smoothed}) > 1  # seeds differ in line style
+
+
+def test_one_seed_group_has_no_error_bar(tmp_path, monkeypatch):
+    for norm in ("rmsnorm", "derf"):
+        write_cell(tmp_path, norm, "adamw", 0, 3.0 if norm == "rmsnorm" else 3.3)
+    summary = build_summary(discover_cells(tmp_path))
+    made = drawn_figures(monkeypatch)
+    plots.plot_final_losses(summary, tmp_path / "final.png")
+    plots.plot_gaps(summary, tmp_path / "gaps.png")
+    for fig in made:
+        texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+        assert texts and all(t == "1 seed:\nno interval" for t in texts)
+    final_ax = made[0].axes[0]
+    assert not final_ax.containers  # no errorbar container: no bar drawn
+
+
+def test_report_opens_with_the_setup(report):
+    root, summary = report
+    setup = summary["setup"]
+    assert setup["steps"] == [STEPS] and setup["tokens"] == [STEPS * 16 * 256]
+    assert setup["data"] == ["built-in corpus"] and setup["seeds"] == [0, 1, 2]
+    assert setup["parameters_from"] == ["config.yaml"] and all(4e6 < n < 5e6 for n in setup["parameters"])
+    assert setup["normopt"]["version"] or setup["normopt"]["commit"]
+    assert json.loads((root / "summary.json").read_text())["setup"]["tokens"] == [409600]
+    text = (root / "report.md").read_text()
+    head = text.split("## Answer")[0]
+    assert "parameters (from config.yaml)" in head
+    assert "100 steps × 16 sequences × 256 tokens = 410k training tokens" in head
+    assert "built-in corpus" in head and "seeds**: 0 / 1 / 2" in head and "normopt" in head.split("# normopt")[1]
+    assert text.index("## Answer") < text.index("## Final eval loss")
+
+
+def test_repeated_notes_collapse_into_one_line():
+    names = ["a-s1", "a-s10", "b-s1"]
+    notes = ["first", "a-s1: skipped an unterminated last line of metrics.jsonl",
+             "a-s10 left out: diverged: exit status 3", "b-s1 left out: diverged: exit status 3",
+             "a-s10: skipped an unterminated last line of metrics.jsonl", "b-s1: something else"]
+    assert collapse_notes(notes, names) == [
+        "first", "skipped an unterminated last line of metrics.jsonl — 2 cells: a-s1, a-s10",
+        "left out: diverged: exit status 3 — 2 cells: a-s10, b-s1", "b-s1: something else"]
+    assert collapse_notes(["a-s1 left out: missing: no metrics.jsonl"], names) == [
+        "a-s1 left out: missing: no metrics.jsonl"]

@@ -10,12 +10,14 @@ import pytest
 
 from normopt.errors import UserError
 from normopt.experiments.cell_reading import TailTokens, discover_cells, read_diagnostics
+from normopt.experiments import plots
+from normopt.experiments.diagnostic_plots import plot_saturation_layers
 from normopt.experiments.report import write_report
 from normopt.experiments.statistics import build_summary, diagnostics_numbers
 from tests.test_report import write_cell
 
 PNG = b"\x89PNG\r\n\x1a\n"
-DIAGNOSTIC_PLOTS = ("saturation.png", "spectral_norm.png", "tail_tokens.png")
+DIAGNOSTIC_PLOTS = ("saturation.png", "saturation_layers.png", "spectral_norm.png", "tail_tokens.png")
 
 
 def norm_record(step: int, saturations: dict[str, float | str | None], kind: str = "derf") -> dict:
@@ -221,3 +223,39 @@ def test_bad_lines_are_user_errors(tmp_path, line, message):
         read_diagnostics(path)
     path.write_text(f'{{"step": 0, "kind": "run"}}\n{line}')  # the same line, unterminated and last: skipped
     assert read_diagnostics(path).partial_last_line
+
+
+def test_per_layer_saturation_and_run_record_are_read(tmp_path):
+    root = build(tmp_path)
+    diagnostics = read_diagnostics(root / "derf-muon-s0" / "diagnostics.jsonl")
+    assert [s for s, _ in diagnostics.saturation_by_step] == [50, 100]
+    assert diagnostics.saturation_by_step[1][1] == {"layers.0.attn_norm": 0.5, "layers.0.ffn_norm": 0.7}
+    assert diagnostics.run["n_params"] == 12345678 and diagnostics.run["norm"] == "derf"
+    assert read_diagnostics(root / "rmsnorm-muon-s0" / "diagnostics.jsonl").run is None
+
+
+def test_saturation_heat_map_shows_every_layer(report, monkeypatch, tmp_path):
+    """One saturated layer among unsaturated ones is visible per layer, not averaged away."""
+    root, summary = report
+    made = []
+
+    def keep(**kwargs):
+        made.append(figure(**kwargs))
+        return made[-1]
+
+    figure = plots.figure
+    monkeypatch.setattr("normopt.experiments.diagnostic_plots.figure", keep)
+    assert plot_saturation_layers(discover_cells(root), summary, tmp_path / "layers.png")
+    (fig,) = made
+    maps = [ax for ax in fig.axes if ax.images]
+    assert len(maps) == 2  # the two derf cells; RMSNorm cells have no bounded layer
+    grid = maps[1].images[0].get_array()  # derf-muon-s0: layers x steps
+    assert grid.shape == (3, 2) and grid[1, 1] == pytest.approx(0.7) and grid.mask[2, 1]  # null: grey
+    assert [t.get_text() for t in maps[1].get_yticklabels()] == list(LAYERS)
+    assert [t.get_text() for t in maps[1].get_xticklabels()] == ["50", "100"]
+
+
+def test_setup_takes_parameters_from_the_run_record(report):
+    _, summary = report
+    assert 12345678 in summary["setup"]["parameters"]
+    assert summary["setup"]["parameters_from"] == ["config.yaml", "run record"]  # dyt-adamw, rmsnorm-muon: no record

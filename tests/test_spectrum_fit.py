@@ -25,6 +25,7 @@ from normopt.experiments.spectrum_fit import (
 )
 from normopt.experiments.spectrum_report import analyze, parse_size
 from normopt.errors import UserError
+from normopt.optim.ns_rules import NSStepRules
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LEVELS = [0.01, 0.1, 0.5, 0.9, 0.99]
@@ -36,6 +37,15 @@ PLANNED_STEPS = 200
 # (folder, n_params, n_layers): three sizes, the middle one with two seeds (two points)
 RUNS = [("s20m", 20_000_000, 6), ("s80m-a", 80_000_000, 9), ("s80m-b", 80_000_000, 9),
         ("sweep/s320m", 320_000_000, 12)]
+
+
+def per_layer_steps(text: str, n_layers: int, default: int = 0) -> list[int]:
+    """What optim.ns_steps_per_layer=TEXT gives each block's matrices (``default``: no rule)."""
+    rules = NSStepRules.parse(text)
+    steps = [{rules.steps_for(f"layers.{i}.{t}.weight", default) for t in ("attention.wq", "feed_forward.w2")}
+             for i in range(n_layers)]
+    assert all(len(s) == 1 for s in steps)
+    return [s.pop() for s in steps]
 
 
 def planted(group: str, level: float, n_params: float) -> float:
@@ -195,9 +205,11 @@ def test_recommendation_matches_fewest_steps_of_the_planted_prediction(root):
     assert predicted[0.1] == pytest.approx(planted("late", 0.1, target) * worst, rel=1e-6)
     assert late["attn.wq"]["ns_steps"] == fewest_ns_steps(planted("late", 0.1, target) * JITTER["attn.wq"])
     assert [g["layers"] for g in rec["groups"]] == ["0-7", "8-15", "16-23"]
-    rules = rec["ns_steps_per_layer"].split(",")
-    assert len(rules) == 24 and rules[0] == f"layers.0.*={expected['early']}"
-    assert rules[23] == f"layers.23.*={expected['late']}" and rules[8] == f"layers.8.*={expected['mid']}"
+    rules = per_layer_steps(rec["ns_steps_per_layer"], 24)
+    assert len(rules) == 24 and rules[0] == expected['early']
+    assert rules[23] == expected['late'] and rules[8] == expected['mid']
+    assert rules == [expected["early"]] * 8 + [expected["mid"]] * 8 + [expected["late"]] * 8
+    assert len(rec["ns_steps_per_layer"].split(",")) <= 6  # ranges, not one rule per block
     # a stricter level asks more of the smaller quantile
     strict = analyze(root, target_params=target, level=0.01)["recommendation"]["groups"]
     assert strict[2]["ns_steps"] == fewest_ns_steps(planted("late", 0.01, target) * worst)
@@ -216,6 +228,50 @@ def test_recommendation_matches_fewest_steps_of_the_planted_prediction(root):
 def test_ns_steps_per_layer_string():
     assert ns_steps_per_layer({"early": 6, "mid": 7, "late": 9}, 3) == "layers.0.*=6,layers.1.*=7,layers.2.*=9"
     assert ns_steps_per_layer({"early": 0, "late": 9}, 3) == "layers.0.*=1,layers.2.*=9"
+    assert ns_steps_per_layer({"early": 6, "mid": 5, "late": 5}, 16) == "layers.[0-5].*=6,layers.[6-9].*=5,layers.1[0-5].*=5"
+
+
+@pytest.mark.parametrize("n_groups", [1, 2, 3, 4, 7])
+def test_compact_ns_steps_round_trip_to_the_same_steps_per_block(n_groups):
+    """The compact rules parse with optim's rule syntax and give every block its group's steps,
+    blocks of groups without steps none, and nothing outside the blocks (output.weight)."""
+    from normopt.experiments.spectrum_fit import group_names
+
+    names = group_names(n_groups)
+    for n_layers in [*range(1, 40), 64, 99, 100, 101, 128, 250]:
+        for pattern in ({g: 3 + i % 2 for i, g in enumerate(names)}, {g: 4 + i for i, g in enumerate(names)},
+                        {g: (None if i == 1 else 6) for i, g in enumerate(names)}):
+            text = ns_steps_per_layer(pattern, n_layers, n_groups)
+            expected = [pattern[depth_group(i, n_layers, n_groups)] or 0 for i in range(n_layers)]
+            assert per_layer_steps(text, n_layers) == expected, (n_layers, text)
+            rules = NSStepRules.parse(text)
+            assert rules.steps_for("output.weight", 0) == 0 and rules.steps_for(f"layers.{n_layers}.w.weight", 0) == 0
+            runs = sum(1 for i in range(n_layers) if i == 0 or expected[i] != expected[i - 1])
+            assert len(rules.rules) <= 2 * runs * len(str(n_layers))  # a few rules per run of equal steps
+
+
+def test_crossing_quantile_fits_are_flagged_and_give_no_advice(tmp_path, capsys):
+    """ffn.w2's q0.1 rises with size while its median falls: past some size the fitted q0.1 is
+    above the median, a distribution that cannot be; its group gets no steps, said so."""
+    def quantile(group, mtype, level, n_params):
+        beta = 0.3 if (group, mtype, level) == ("late", "ffn.w2", 0.1) else -0.05
+        return 0.05 * C_LEVEL[level] * (n_params / 1e7) ** beta
+
+    for n_params in (10_000_000, 100_000_000):
+        write_typed_run(tmp_path / f"m{n_params}", n_params, 3,
+                        lambda g, t, lv, step, m=n_params: quantile(g, t, lv, m))
+    summary = analyze(tmp_path, target_params=1e10, target_layers=6, level=0.1)
+    groups = {g["group"]: g for g in summary["recommendation"]["groups"]}
+    assert groups["late"]["ns_steps"] is None and groups["late"]["crossed_types"] == ["ffn.w2"]
+    w2 = next(t for t in groups["late"]["types"] if t["type"] == "ffn.w2")
+    assert [0.1, 0.5] in w2["crossed"] and w2["ns_steps"] is None
+    assert groups["early"]["ns_steps"] is not None and not groups["early"]["crossed_types"]
+    assert any(n.startswith("ffn.w2 late: the quantile fits cross at M*") and "q0.1 above q0.5" in n
+               for n in summary["notes"])
+    steps = per_layer_steps(summary["recommendation"]["ns_steps_per_layer"], 6)
+    assert steps[4:] == [0, 0] and steps[0] == groups["early"]["ns_steps"]  # late blocks left to optim.ns_steps
+    assert main(["spectrum", str(tmp_path), "--target-params", "1e10", "--target-layers", "6"]) == 0
+    assert "crossed" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- matrix types
@@ -270,7 +326,7 @@ def test_recommendation_follows_the_worst_type(tmp_path):
     assert {t["type"]: t["ns_steps"] for t in groups["early"]["types"]} == {
         "attn.wq": steps[("early", "attn.wq")], "ffn.w2": steps[("early", "ffn.w2")]}
     by_layer = [steps[("early", "attn.wq")]] * 2 + [steps[("mid", "ffn.w2")]] * 2 + [steps[("late", "ffn.w2")]] * 2
-    assert rec["ns_steps_per_layer"] == ",".join(f"layers.{i}.*={k}" for i, k in enumerate(by_layer))
+    assert per_layer_steps(rec["ns_steps_per_layer"], 6) == by_layer
 
 
 def test_zero_and_missing_quantiles_are_reported(tmp_path, capsys):
@@ -332,13 +388,14 @@ def test_cli_writes_plot_and_json(root, tmp_path, capsys):
     assert "beta" in printed and "-0.9000" in printed and "-0.2500" in printed
     assert printed.startswith(MODEL_SIZE) and "total learnable parameters including the token embedding" in printed
     assert "worst type" in printed and "ffn.w2" in printed
-    assert "optim.ns_steps_per_layer=layers.0.*=" in printed and "layers.5.*=" in printed
+    line = next(l for l in printed.splitlines() if l.startswith("optim.ns_steps_per_layer=layers."))
+    assert all(per_layer_steps(line.split("=", 1)[1], 6))
     assert f"wrote {out / 'spectrum.png'}" in printed
     assert (out / "spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     on_disk = json.loads((out / "spectrum.json").read_text())
     assert on_disk["settings"]["target_params"] == pytest.approx(1.1e9)
     assert on_disk["settings"]["model_size"] == MODEL_SIZE
-    assert on_disk["recommendation"]["ns_steps_per_layer"].count(",") == 5
+    assert all(per_layer_steps(on_disk["recommendation"]["ns_steps_per_layer"], 6))
     assert main(["spectrum", str(root), "--burn-in", "0.6"]) == 0  # default out: ROOT
     assert (root / "spectrum.png").is_file() and (root / "spectrum.json").is_file()
 

@@ -46,21 +46,58 @@ def load_model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
+EXPORT_FILE_MODE = 0o644
+EXPORT_DIR_MODE = 0o755
+
+
+def export_paths(weights: Path) -> dict[str, Path]:
+    """The files of one export, named after its weights file ``step_N.safetensors``."""
+    return {"weights": weights, "config": weights.with_suffix(".config.yaml"),
+            "tokenizer": weights.with_suffix(".tokenizer.json")}
+
+
+def run_tokenizer(run: RunDir, config: Path | None) -> Path:
+    """The tokenizer.json the run trained with (see ``prepared_tokenizer``)."""
+    import yaml
+
+    from normopt.config import config_from_dict
+    from normopt.data.token_cache import prepared_tokenizer
+
+    if config is None:
+        raise UserError(f"{run.path}: no config.yaml, so the run's tokenizer is unknown")
+    cfg = config_from_dict(yaml.safe_load(config.read_text()))
+    path = prepared_tokenizer(cfg.data)
+    if path is None:
+        where = cfg.data.tokenizer or "the prepared corpus under data.cache_dir"
+        raise UserError(f"the run's tokenizer is gone ({where}); prepare the corpus again with the run's "
+                        f"config (e.g. a 0-step run) or set data.tokenizer")
+    return path
+
+
 def export_safetensors(run_dir: Path, step: int | None = None, out: Path | None = None) -> Path:
     """Write the weights of ``step``'s checkpoint (default: the latest complete one) as one
-    safetensors file, the config it was trained with beside it; return the file's path."""
+    safetensors file, with the config it was trained with and its tokenizer beside it
+    (``export_paths``), so the export needs nothing else; return the weights file's path.
+    Files are 0644 and a created folder 0755 whatever the checkpoint's own modes (a DCP
+    checkpoint may be private to its writer; an export is meant to be shared)."""
     from safetensors.torch import save_file
 
     run = RunDir(run_dir)
     checkpoint = run.find_checkpoint(step, "--step")
+    config = run.config_of(checkpoint)
+    tokenizer = run_tokenizer(run, config)  # before writing anything: an export is complete or absent
     weights = load_model_weights(checkpoint)
-    out = out or run.export / f"{checkpoint.name}.safetensors"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = export_paths(out or run.export / f"{checkpoint.name}.safetensors")
+    folder = paths["weights"].parent
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        folder.chmod(EXPORT_DIR_MODE)
     trainer_state = read_trainer_state(checkpoint)
     # a tied head is the same tensor under two names; safetensors wants distinct storage
     tensors = {name: t.contiguous().clone() for name, t in weights.items()}
-    save_file(tensors, str(out), metadata={"format": "pt", "step": str(trainer_state["step"])})
-    config = run.config_of(checkpoint)
-    if config is not None:
-        shutil.copyfile(config, out.with_suffix(".config.yaml"))
-    return out
+    save_file(tensors, str(paths["weights"]), metadata={"format": "pt", "step": str(trainer_state["step"])})
+    shutil.copyfile(config, paths["config"])
+    shutil.copyfile(tokenizer, paths["tokenizer"])
+    for path in paths.values():
+        path.chmod(EXPORT_FILE_MODE)
+    return paths["weights"]

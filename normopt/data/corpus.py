@@ -105,11 +105,23 @@ def resolve_corpus(data_cfg) -> CorpusSpec:
         if len(builders) > 1:
             raise UserError(f"data.path {path!r} mixes file types ({', '.join(sorted(builders))})")
         return CorpusSpec("files", files, builders.pop(), text_column=data_cfg.text_column)
-    looks_local = path.startswith((".", "/", "~")) or Path(path).suffix in TEXT_SUFFIXES
-    if looks_local or path.count("/") > 1:
-        raise UserError(f"data.path {path!r}: no such file or folder")
+    if looks_local(path):
+        raise UserError(f"data.path: no such file or folder: {path}")
     return CorpusSpec("hub", name=path, hub_config=data_cfg.hub_config, split=data_cfg.split,
                       text_column=data_cfg.text_column, streaming=data_cfg.streaming)
+
+
+def looks_local(path: str) -> bool:
+    """Whether a ``data.path`` that names nothing on disk was meant as a local path, so that
+    it is refused as missing instead of being looked up on the hub. A hub dataset id is a
+    bare ``name`` or exactly ``owner/name``; anything else is local: a path starting with
+    '/', '.' or '~', one with a backslash or a second '/', one ending in a readable file
+    suffix (.txt, .jsonl, ...), and an ``owner/name`` whose ``owner`` is a local folder."""
+    if path.startswith(("/", ".", "~")) or "\\" in path or path.count("/") > 1:
+        return True
+    if Path(path).suffix in TEXT_SUFFIXES:
+        return True
+    return "/" in path and os.path.isdir(path.split("/", 1)[0])
 
 
 def _local_files(path: str) -> tuple[str, ...] | None:

@@ -11,6 +11,7 @@ temporary name, then renamed), so an interrupted preparation is redone, never ha
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -88,6 +89,17 @@ def prepared_folder(data_cfg, spec: CorpusSpec) -> Path:
     return default_cache_dir(data_cfg.cache_dir) / "prepared" / key
 
 
+def prepared_tokenizer(data_cfg) -> Path | None:
+    """The tokenizer.json a run with ``data_cfg`` trained with, without preparing anything:
+    the configured data.tokenizer, else the one in the corpus's prepared folder (None when
+    that folder is gone, e.g. a cleared cache or another machine)."""
+    if data_cfg.tokenizer:
+        path = Path(data_cfg.tokenizer).expanduser()
+        return path if path.is_file() else None
+    path = prepared_folder(data_cfg, resolve_corpus(data_cfg)) / "tokenizer.json"
+    return path if path.is_file() else None
+
+
 def prepare_corpus(data_cfg, log=print) -> Path:
     """Make sure the corpus named by ``data_cfg`` is tokenised; return its folder.
 
@@ -122,8 +134,12 @@ def _build(data_cfg, spec: CorpusSpec, out: Path, log) -> None:
     if data_cfg.tokenizer:
         tokenizer = load_tokenizer(data_cfg.tokenizer)
     else:
+        # open the source before saying anything: a missing dataset fails without a word on tokenizers
+        documents = iter_documents(spec)
+        first = next(documents, None)
         log(f"training a byte-level BPE tokenizer (vocab {data_cfg.vocab_size}) on the corpus ...")
-        tokenizer = train_bpe(_limited(iter_documents(spec), max_bytes), data_cfg.vocab_size)
+        texts = itertools.chain([] if first is None else [first], documents)
+        tokenizer = train_bpe(_limited(texts, max_bytes), data_cfg.vocab_size)
     eos = eos_id(tokenizer)
     vocab_size = tokenizer.get_vocab_size()
     dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32

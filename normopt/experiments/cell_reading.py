@@ -139,6 +139,9 @@ class Diagnostics:
     spectral_norm: tuple[tuple[int, float], ...]  # (step, mean spectral norm over the matrices)
     tail_tokens: TailTokens | None  # the tail_tokens record with the largest step
     partial_last_line: bool = False  # an unterminated last line was skipped
+    # (step, layer name -> saturation) for every step with a bounded layer: what a mean hides
+    saturation_by_step: tuple[tuple[int, Mapping[str, float]], ...] = ()
+    run: Mapping[str, Any] | None = None  # the last "run" record (n_params, n_layers, ...), if any
 
     @property
     def empty(self) -> bool:
@@ -201,12 +204,12 @@ def _tail_tokens(step: int, record: Mapping[str, Any]) -> TailTokens:
 def read_diagnostics(path: Path) -> Diagnostics:
     """Parse ``diagnostics.jsonl``: one JSON object a line with an integer "step" and a "kind".
     Kept: "norm" (per-layer ``saturation``), "spectral_norm" (``matrices``: name -> spectral
-    norm) and "tail_tokens" (``bucket_loss``, ``bucket_token_share``, ``bucket_vocab_size``);
-    other kinds are ignored. Numbers may be null or "nan"/"inf"/"-inf". As in ``read_metrics``,
-    an unterminated last line that does not parse is skipped and any other bad line is a
-    UserError."""
+    norm), "run" (the run's description, as written) and "tail_tokens" (``bucket_loss``,
+    ``bucket_token_share``, ``bucket_vocab_size``); other kinds are ignored. Numbers may be
+    null or "nan"/"inf"/"-inf". As in ``read_metrics``, an unterminated last line that does
+    not parse is skipped and any other bad line is a UserError."""
     readers = {"norm": _saturations, "spectral_norm": _spectral_norms,
-               "tail_tokens": lambda r: _tail_tokens(r["step"], r)}
+               "tail_tokens": lambda r: _tail_tokens(r["step"], r), "run": dict}
 
     def parse(record: dict[str, Any]) -> tuple[str, int, Any]:
         kind = record.get("kind")
@@ -228,6 +231,8 @@ def read_diagnostics(path: Path) -> Diagnostics:
         spectral_norm=tuple((s, _mean(v)) for s, v in sorted(spectral.items()) if v),
         tail_tokens=tails[max(tails)] if tails else None,
         partial_last_line=partial,
+        saturation_by_step=tuple(saturation.items()),
+        run=by_kind["run"][max(by_kind["run"])] if by_kind["run"] else None,
     )
 
 

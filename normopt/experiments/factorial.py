@@ -12,6 +12,7 @@ crossed, optional arms (extra settings crossed with the axes they do not set) an
     arms:
       alpha0.3: {model.norm: derf, model.alpha_init_attn: 0.3}
     seeds: [0, 1]
+    slurm: {gpus_per_node: 8, options: [--time=24:00:00]}   # optional, for --slurm
 
 Cell names join the axis values (``derf-muon-s0``; arms ``alpha0.3-muon-s0``). Each cell's
 folder gets a ``cell.json`` (name, coords, seed, arm, and the exit status once it ran) that
@@ -19,7 +20,11 @@ folder gets a ``cell.json`` (name, coords, seed, arm, and the exit status once i
 on this machine (optionally each under ``normopt launch`` with N ranks) under one progress bar, each
 cell's output in its ``train.log``; finished cells are skipped, interrupted ones resume from
 their last checkpoint. ``--slurm`` writes one SLURM array job
-instead, one task per cell, each task running ``launch/slurm.sbatch``.
+instead, one task per cell, each task running ``launch/slurm.sbatch`` on one node with the
+spec's ``slurm.gpus_per_node`` GPUs (or ``--gpus-per-node``; 8 if neither says). Every cell's
+global batch must split evenly over the ranks it will run on (``--nproc``, or the GPUs of a
+SLURM node): that is checked when the spec is read, before anything runs. ``--dry-run`` lists
+the cells and what would happen to each (or prints the SLURM script) and runs nothing.
 """
 
 from __future__ import annotations
@@ -39,14 +44,16 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from normopt.config import REPO_ROOT, load_config
+from normopt.config import REPO_ROOT, check_world_size, load_config
 from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, UserError
 from normopt.experiments.cell_assessment import final_eval_loss
 from normopt.experiments.cell_reading import read_metrics
 from normopt.experiments.report import print_summary, write_report
 from normopt.run_dir import CELL_FILE, RunDir
 
-SPEC_KEYS = {"base", "root", "set", "axes", "arms", "seeds"}
+SPEC_KEYS = {"base", "root", "set", "axes", "arms", "seeds", "slurm"}
+SLURM_KEYS = {"gpus_per_node", "options"}
+DEFAULT_GPUS_PER_NODE = 8
 SHORT_AXIS_NAMES = {"model.norm": "norm", "optim.name": "optim"}
 
 
@@ -102,15 +109,41 @@ def expand_cells(spec: dict[str, Any]) -> list[CellSpec]:
     return cells
 
 
-def load_spec(path: str | Path) -> tuple[dict[str, Any], Path, list[CellSpec]]:
-    """Read and check a spec; every cell's config is validated before anything runs."""
-    path = Path(path)
+def _check_slurm_section(spec: dict[str, Any], path: Path) -> None:
+    section = spec.get("slurm")
+    if section is None:
+        return
+    if not isinstance(section, dict) or set(section) - SLURM_KEYS:
+        raise UserError(f"{path}: slurm must be a mapping with keys {', '.join(sorted(SLURM_KEYS))}")
+    gpus = section.get("gpus_per_node", DEFAULT_GPUS_PER_NODE)
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise UserError(f"{path}: slurm.gpus_per_node must be an integer >= 1, got {gpus!r}")
+    options = section.get("options", [])
+    if not isinstance(options, list) or not all(isinstance(o, str) and o.startswith("-") for o in options):
+        raise UserError(f"{path}: slurm.options must be a list of sbatch options like --time=04:00:00")
+
+
+def spec_gpus_per_node(spec: dict[str, Any]) -> int:
+    """GPUs per node a SLURM array task asks for: the spec's slurm.gpus_per_node, else 8."""
+    section = spec.get("slurm")
+    return section.get("gpus_per_node", DEFAULT_GPUS_PER_NODE) if isinstance(section, dict) else DEFAULT_GPUS_PER_NODE
+
+
+def read_spec_file(path: Path) -> Any:
+    """The spec file's YAML, unchecked (``load_spec`` checks it)."""
     if not path.is_file():
         raise UserError(f"spec file not found: {path}")
     try:
-        spec = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: cannot parse YAML ({str(exc).splitlines()[0]})") from None
+
+
+def load_spec(path: str | Path, world_size: int | None = None) -> tuple[dict[str, Any], Path, list[CellSpec]]:
+    """Read and check a spec; every cell's config is validated before anything runs, and
+    with ``world_size`` also whether its global batch splits evenly over that many ranks."""
+    path = Path(path)
+    spec = read_spec_file(path)
     if not isinstance(spec, dict):
         raise UserError(f"{path}: a spec is a mapping with keys {', '.join(sorted(SPEC_KEYS))}")
     unknown = set(spec) - SPEC_KEYS
@@ -131,6 +164,7 @@ def load_spec(path: str | Path) -> tuple[dict[str, Any], Path, list[CellSpec]]:
     for arm, settings in (spec.get("arms") or {}).items():
         if not isinstance(settings, dict) or not settings:
             raise UserError(f"{path}: arm {arm!r} must map config keys to values")
+    _check_slurm_section(spec, path)
     base = _resolve_path(str(spec["base"]), path.parent)
     if not isinstance(spec["root"], str) or not spec["root"].strip():
         raise UserError(f"{path}: root must be a non-empty folder path, got {spec['root']!r}")
@@ -146,7 +180,9 @@ def load_spec(path: str | Path) -> tuple[dict[str, Any], Path, list[CellSpec]]:
         cell.overrides = [f"{k}={_format_value(v)}" for k, v in cell.settings.items()]
         cell.overrides.append(f"run.dir={root / cell.name}")
         try:
-            load_config(base, cell.overrides)
+            cfg = load_config(base, cell.overrides)
+            if world_size is not None:
+                check_world_size(cfg, world_size)
         except UserError as exc:
             raise UserError(f"cell {cell.name}: {exc}") from None
     return spec, base, cells
@@ -251,21 +287,26 @@ def run_cells(base: Path, root: Path, cells: list[CellSpec], nproc: int = 1, ver
     return 0
 
 
-def slurm_array_script(base: Path, root: Path, cells: list[CellSpec]) -> str:
-    """An sbatch array script: task i runs launch/slurm.sbatch for cell i."""
+def slurm_array_script(base: Path, root: Path, cells: list[CellSpec], gpus_per_node: int = DEFAULT_GPUS_PER_NODE,
+                       options: list[str] | tuple[str, ...] = ()) -> str:
+    """An sbatch array script: task i runs launch/slurm.sbatch for cell i on one node of
+    ``gpus_per_node`` GPUs (exported as NORMOPT_GPUS_PER_NODE, so the launcher starts that
+    many ranks whatever the node has); ``options`` become extra #SBATCH lines."""
     lines = [
         "#!/usr/bin/env bash",
         f"#SBATCH --array=0-{len(cells) - 1}",
         "#SBATCH --job-name=normopt-factorial",
         "#SBATCH --nodes=1",
         "#SBATCH --ntasks-per-node=1",
-        "#SBATCH --gpus-per-node=8",
+        f"#SBATCH --gpus-per-node={gpus_per_node}",
         "#SBATCH --signal=B:USR1@300",
         "#SBATCH --requeue",
         "#SBATCH --open-mode=append",
         f"#SBATCH --output={root}/slurm-%A_%a.out",
+        *(f"#SBATCH {option}" for option in options),
         "# one cell per array task; sbatch options given on the command line override these",
         f"cd {shlex.quote(str(REPO_ROOT))}",
+        f"export NORMOPT_GPUS_PER_NODE={gpus_per_node}",
         "CELLS=(",
         *(f"  {shlex.quote(' '.join(shlex.quote(o) for o in c.overrides))}  # {c.name}" for c in cells),
         ")",
@@ -275,21 +316,44 @@ def slurm_array_script(base: Path, root: Path, cells: list[CellSpec]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def submit_slurm(base: Path, root: Path, cells: list[CellSpec], dry_run: bool) -> int:
-    script = slurm_array_script(base, root, cells)
+def submit_slurm(base: Path, root: Path, cells: list[CellSpec], dry_run: bool, gpus_per_node: int,
+                 spec_options: list[str], extra_options: list[str]) -> int:
+    """Write the array script (the spec's options in it) and submit it with ``sbatch``, the
+    command line's options first (sbatch lets them override the script's)."""
+    script = slurm_array_script(base, root, cells, gpus_per_node, spec_options)
     path = root / "factorial.sbatch"
+    command = ["sbatch", *extra_options, str(path)]
     if dry_run:
         print(script)
-        print(f"would write {path} and {CELL_FILE} for {len(cells)} cells, then run: sbatch {path}")
+        print(f"would write {path} and {CELL_FILE} for {len(cells)} cells, then run: {shlex.join(command)}")
         return 0
     root.mkdir(parents=True, exist_ok=True)
     path.write_text(script)
     for cell in cells:
         write_cell_json(RunDir(root / cell.name), cell)
     try:
-        return subprocess.run(["sbatch", str(path)], check=False).returncode
+        return subprocess.run(command, check=False).returncode
     except FileNotFoundError:
         raise UserError("sbatch not found: is this a SLURM login node?") from None
+
+
+def cell_plan(run: RunDir, steps: int) -> str:
+    """What running a cell would do now: skip it, resume it, or start it."""
+    done = run.complete_steps()
+    if done and done[-1] >= steps:
+        return "complete, would skip"
+    if done:
+        return f"would resume from step {done[-1]} of {steps}"
+    return f"new, {steps} steps"
+
+
+def print_plan(base: Path, root: Path, cells: list[CellSpec]) -> None:
+    """``--dry-run`` without ``--slurm``: one line per cell (name and plan), then its overrides."""
+    for index, cell in enumerate(cells, start=1):
+        steps = load_config(base, cell.overrides).train.steps
+        print(f"cell {index}/{len(cells)} {cell.name}: {cell_plan(RunDir(root / cell.name), steps)}")
+        print(f"  {shlex.join(cell.overrides)}")
+    print(f"dry run: nothing was run (base config {base})")
 
 
 def factorial_main(argv: list[str] | None = None) -> int:
@@ -298,17 +362,40 @@ def factorial_main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", help="factorial spec (YAML)")
     parser.add_argument("--nproc", type=int, default=1, help="ranks per cell (normopt launch); default 1")
     parser.add_argument("--slurm", action="store_true", help="submit one SLURM array job instead")
-    parser.add_argument("--dry-run", action="store_true", help="with --slurm: print, submit nothing")
+    parser.add_argument("--gpus-per-node", type=int, default=None,
+                        help="with --slurm: GPUs (ranks) per cell (default: the spec's slurm.gpus_per_node, else 8)")
+    parser.add_argument("--sbatch-option", action="append", default=[], metavar="OPTION",
+                        help="with --slurm: an extra sbatch option, e.g. --sbatch-option=--time=04:00:00 "
+                             "(repeatable; overrides the script's)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the cells and what would happen to each (with --slurm: print the script); "
+                             "run and submit nothing")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show each cell's training output instead of one progress bar")
     args = parser.parse_args(argv)
     if args.nproc < 1:
         raise UserError("--nproc must be at least 1")
-    spec, base, cells = load_spec(args.spec)
+    if args.gpus_per_node is not None and args.gpus_per_node < 1:
+        raise UserError("--gpus-per-node must be at least 1")
+    if not args.slurm and (args.gpus_per_node is not None or args.sbatch_option):
+        raise UserError("--gpus-per-node and --sbatch-option apply to --slurm only (use --nproc here)")
+    bad = next((o for o in args.sbatch_option if not o.startswith("-")), None)
+    if bad is not None:
+        raise UserError(f"--sbatch-option: expected an sbatch option like --time=04:00:00, got {bad!r}")
+    if args.slurm:  # a malformed slurm section is refused by load_spec before this count is used
+        raw = read_spec_file(Path(args.spec))
+        world_size = args.gpus_per_node or spec_gpus_per_node(raw if isinstance(raw, dict) else {})
+    else:
+        world_size = args.nproc
+    spec, base, cells = load_spec(args.spec, world_size)
     root = Path(spec["root"])
     print(f"[factorial] {len(cells)} cells under {root}: {', '.join(c.name for c in cells)}", flush=True)
     if args.slurm:
-        return submit_slurm(base, root, cells, args.dry_run)
+        return submit_slurm(base, root, cells, args.dry_run, world_size,
+                            (spec.get("slurm") or {}).get("options", []), args.sbatch_option)
+    if args.dry_run:
+        print_plan(base, root, cells)
+        return 0
     status = run_cells(base, root, cells, args.nproc, args.verbose)
     if status:
         return status

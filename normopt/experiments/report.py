@@ -9,7 +9,9 @@
   cells into arms and flagging the cells that cannot count;
 * :mod:`normopt.experiments.statistics`: group statistics, gaps, interactions, fix recovery
   and ``build_summary`` (the content of summary.json), with the formulas;
-* :mod:`normopt.experiments.plots`: the PNG plots;
+* :mod:`normopt.experiments.run_setup`: the setup the report opens with (model size, steps,
+  tokens, data, seeds, code version);
+* :mod:`normopt.experiments.plots` and :mod:`normopt.experiments.diagnostic_plots`: the PNG plots;
 * this module: the markdown report, ``write_report`` (all of the above for one root) and the
   ``normopt report`` command line (``report_main``).
 """
@@ -25,14 +27,14 @@ from typing import Any
 
 from normopt.errors import UserError
 from normopt.experiments.cell_reading import discover_cells
-from normopt.experiments.plots import (
-    plot_final_losses,
-    plot_gaps,
-    plot_loss_curves,
+from normopt.experiments.diagnostic_plots import (
     plot_saturation,
+    plot_saturation_layers,
     plot_spectral_norm,
     plot_tail_tokens,
 )
+from normopt.experiments.plots import plot_final_losses, plot_gaps, plot_loss_curves, smoothing_label
+from normopt.experiments.run_setup import experiment_setup, setup_lines
 from normopt.experiments.statistics import DEFAULT_FIXES, build_summary
 from normopt.experiments.tables import markdown_table
 from normopt.metrics.logger import jsonable
@@ -40,8 +42,10 @@ from normopt.metrics.logger import jsonable
 PLOT_FILES = {"loss_curves": "loss_curves.png", "final_eval_loss": "final_eval_loss.png",
               "gaps": "gaps.png"}
 # written only when some cell logged the records each one draws
-DIAGNOSTIC_PLOT_FILES = {"saturation": "saturation.png", "spectral_norm": "spectral_norm.png",
-                         "tail_tokens": "tail_tokens.png"}
+DIAGNOSTIC_PLOT_FILES = {"saturation": "saturation.png", "saturation_layers": "saturation_layers.png",
+                         "spectral_norm": "spectral_norm.png", "tail_tokens": "tail_tokens.png"}
+DIAGNOSTIC_DRAWERS = {"saturation": plot_saturation, "saturation_layers": plot_saturation_layers,
+                      "spectral_norm": plot_spectral_norm, "tail_tokens": plot_tail_tokens}
 
 
 # --------------------------------------------------------------------------- markdown
@@ -197,6 +201,36 @@ def diagnostics_table(summary: Mapping[str, Any]) -> str:
                            "spectral norm growth", "loss per token bucket, head → tail (nats)", "flags"], rows)
 
 
+def collapse_notes(notes: Sequence[str], cell_names: Sequence[str]) -> list[str]:
+    """The notes with those that say the same of several cells ("a: skipped ...", "b: skipped
+    ...", or "a left out: diverged: ...") merged into one line naming the cells, at the place of
+    the first; a note said of one cell, or of no cell, stays as it is. Eight identical lines hide
+    the ninth, different one; one line per distinct statement does not."""
+    names = sorted(cell_names, key=len, reverse=True)  # "a-s10" must not be read as "a-s1"
+    said: dict[str, list[str]] = {}  # statement -> the cells it is said of, in order
+    order: list[tuple[str, str]] = []  # ("note", text) or ("statement", key)
+    for note in notes:
+        name = next((n for n in names if note.startswith((f"{n}: ", f"{n} left out: "))), None)
+        if name is None:
+            order.append(("note", note))
+            continue
+        rest = note[len(name):]
+        key = rest.removeprefix(" ") if rest.startswith(" left out: ") else rest.removeprefix(": ")
+        if key not in said:
+            said[key] = []
+            order.append(("statement", key))
+        said[key].append(name)
+    lines = []
+    for kind, text in order:
+        if kind == "note":
+            lines.append(text)
+        elif len(said[text]) == 1:
+            lines.append(f"{said[text][0]} {text}" if text.startswith("left out: ") else f"{said[text][0]}: {text}")
+        else:
+            lines.append(f"{text} — {len(said[text])} cells: {', '.join(said[text])}")
+    return lines
+
+
 def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
                     diagnostic_plots: Mapping[str, str] | None = None) -> str:
     """report.md: the tables, the plots (paths relative to report.md), the diagnostics (only when
@@ -205,8 +239,10 @@ def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
     cells = summary["cells"]
     kept = sum(c["included"] for c in cells)
     fixes = ", ".join(f"`{k}` → `{v}`" for k, v in s["fixes"].items()) or "none declared"
-    parts = [
-        "# normopt factorial report", "",
+    parts = ["# normopt factorial report", ""]
+    if "setup" in summary:
+        parts += [*setup_lines(summary["setup"]), ""]
+    parts += [
         (f"{len(cells)} cells, {kept} included, {len(cells) - kept} left out. Baseline norm: "
          f"`{s['baseline_norm']}`; reference optimizer: `{s['reference_optim']}`. Losses in nats "
          f"(final validation loss). Intervals: {s['interval']}."), "",
@@ -243,7 +279,7 @@ def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
         ]
         parts += [f"![{name}]({path})" for name, path in (diagnostic_plots or {}).items()]
     parts += ["", "## Cells", "", cell_table(summary), "", "## Notes", ""]
-    parts += [f"- {note}" for note in summary["notes"]] or ["- none"]
+    parts += [f"- {note}" for note in collapse_notes(summary["notes"], [c["name"] for c in cells])] or ["- none"]
     return "\n".join(parts) + "\n"
 
 
@@ -268,11 +304,12 @@ def write_report(root: str | Path, out: str | Path | None = None, *, baseline_no
     plot_loss_curves(cells, summary, plots["loss_curves"], smoothing)
     plot_final_losses(summary, plots["final_eval_loss"])
     plot_gaps(summary, plots["gaps"])
-    drawers = {"saturation": plot_saturation, "spectral_norm": plot_spectral_norm, "tail_tokens": plot_tail_tokens}
     diagnostic_plots = {name: out / filename for name, filename in DIAGNOSTIC_PLOT_FILES.items()
-                        if drawers[name](cells, summary, out / filename)}
+                        if DIAGNOSTIC_DRAWERS[name](cells, summary, out / filename)}
     files = {"report": out / "report.md", "summary": out / "summary.json", **plots, **diagnostic_plots}
     summary["settings"]["smoothing"] = smoothing
+    summary["settings"]["smoothing_window"] = smoothing_label(smoothing)
+    summary["setup"] = experiment_setup(cells)
     summary["files"] = {name: str(p) for name, p in files.items()}
     files["report"].write_text(render_markdown(summary, {n: p.name for n, p in plots.items()},
                                                {n: p.name for n, p in diagnostic_plots.items()}))
@@ -298,7 +335,9 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="where to write report.md, summary.json, plots (default: ROOT)")
     parser.add_argument("--baseline-norm", default="rmsnorm", help="norm the gaps are measured against")
     parser.add_argument("--reference-optim", default="adamw", help="optimizer the interactions are measured against")
-    parser.add_argument("--smoothing", type=float, default=0.9, help="EMA factor for the train-loss curves, in [0, 1)")
+    parser.add_argument("--smoothing", type=float, default=0.9,
+                        help="train-loss smoothing in [0, 1): a centred mean over about (1+s)/(1-s) logged points "
+                             "(0 = none)")
     parser.add_argument("--fix", type=_parse_fix, action="append", default=[], metavar="VARIANT=NORM",
                         help=f"declare a fix arm (added to the defaults {DEFAULT_FIXES})")
     args = parser.parse_args(argv)

@@ -171,6 +171,12 @@ def _recommendation(fits: Sequence[PowerLawFit], cells: set[tuple[str, str]], se
     steps = {g: r["ns_steps"] for g, r in per_group.items()}
     for group, value in steps.items():
         worst = per_group[group]["worst_type"]
+        for mtype in per_group[group]["crossed_types"]:
+            pairs = ", ".join(f"q{lo:g} above q{hi:g}" for lo, hi in per_group[group]["types"][mtype]["crossed"])
+            notes.append(f"{cell_label(group, mtype)}: the quantile fits cross at M* ({pairs}): no NS-steps advice "
+                         f"for {group}; its blocks are left to optim.ns_steps")
+        if per_group[group]["crossed_types"]:
+            continue
         if value is None:
             notes.append(f"{group}: the predicted quantiles of {worst} (or of all types at once) do not reach "
                          f"the band within {settings['max_steps']} steps; left to optim.ns_steps")
@@ -182,7 +188,9 @@ def _recommendation(fits: Sequence[PowerLawFit], cells: set[tuple[str, str]], se
         members[depth_group(layer, n_layers, n_groups)].append(layer)
     return {"groups": [{"group": g, "layers": "-".join(map(str, sorted({members[g][0], members[g][-1]})))
                         if members[g] else None, "ns_steps": steps[g], "worst_type": per_group[g]["worst_type"],
+                        "crossed_types": per_group[g]["crossed_types"],
                         "types": [{"type": t, "ns_steps": e["ns_steps"],
+                                   "crossed": [list(pair) for pair in e["crossed"]],
                                    "predicted": [{"level": lv, "q": q} for lv, q in sorted(e["predicted"].items())]}
                                   for t, e in sorted(per_group[g]["types"].items())]}
                        for g in settings["groups"] if g in per_group],
@@ -252,12 +260,12 @@ def recommendation_table(summary: Mapping[str, Any]) -> str:
             f"({s['coefficients']}, band [{s['band'][0]:g}, {s['band'][1]:g}], quantiles >= {s['level']:g} in band)")
     rows, summary_rows = [], []
     for g in rec["groups"]:
-        steps = "-" if g["ns_steps"] is None else str(g["ns_steps"])
+        steps = "crossed" if g["crossed_types"] else "-" if g["ns_steps"] is None else str(g["ns_steps"])
         summary_rows.append([g["group"], g["layers"] or "-", steps, g["worst_type"]])
         for t in g["types"]:
             q = {p["level"]: p["q"] for p in t["predicted"]}
             rows.append([g["group"], t["type"], *(f"{q[lv]:.3g}" if lv in q else "-" for lv in levels),
-                         "-" if t["ns_steps"] is None else str(t["ns_steps"])])
+                         "crossed" if t["crossed"] else "-" if t["ns_steps"] is None else str(t["ns_steps"])])
     per_type = text_table(["group", "type", *(f"q{lv:g}(M*)" for lv in levels), "ns_steps"], rows)
     per_group = text_table(["group", "layers", "ns_steps", "worst type"], summary_rows)
     return f"{head}\n{per_type}\n\n{per_group}\n\noptim.ns_steps_per_layer={rec['ns_steps_per_layer']}"

@@ -200,6 +200,27 @@ def ema_smooth(values: Sequence[float], beta: float) -> list[float]:
     return smoothed
 
 
+def centred_half_width(smoothing: float) -> int:
+    """Half-width (in logged points) of the centred window matching an EMA factor: an EMA of
+    factor beta averages over about (1 + beta) / (1 - beta) points, so beta = 0.9 gives 19
+    points (half-width 9); beta = 0 gives 0 (the raw values)."""
+    return int(round((1 + smoothing) / (1 - smoothing))) // 2
+
+
+def centred_smooth(values: Sequence[float], half_width: int) -> list[float]:
+    """Mean over a window centred on each point: s_t = mean(x_{t-k} .. x_{t+k}), with k shrunk
+    near the ends (k = min(half_width, t, n-1-t)) so the window stays centred. Unlike a trailing
+    EMA, a falling loss curve is not drawn late (above its logged values). The window never
+    spans more than about a tenth of the curve (half_width <= n // 20): on a short, strongly
+    curved run a wide mean would lift the curve above its points just as a lag does."""
+    half_width = min(half_width, len(values) // 20)
+    smoothed = []
+    for t in range(len(values)):
+        k = min(half_width, t, len(values) - 1 - t)
+        smoothed.append(statistics.fmean(values[t - k:t + k + 1]))
+    return smoothed
+
+
 def diagnostics_numbers(diagnostics: Diagnostics) -> dict[str, Any]:
     """A cell's diagnostics in a few numbers (None where the cell logged no such record):
 

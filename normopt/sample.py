@@ -1,0 +1,125 @@
+"""``normopt sample RUN_DIR --prompt TEXT``: text from a trained run, on the CPU.
+
+The weights come from the run's export of that step when there is one (``normopt export``
+writes ``export/step_N.safetensors`` with its config and tokenizer beside it), else straight
+from the checkpoint through the exporter's reader (tensors only; nothing is unpickled). The
+model is the plain single-process Transformer; generation is a simple loop that re-runs the
+model over the last ``train.seq_len`` tokens at every step (no KV cache: meant for the small
+models this framework trains, to see what a run has learned).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from normopt.checkpoint.export import export_paths, load_model_weights, run_tokenizer
+from normopt.config import Config, config_from_dict
+from normopt.errors import UserError
+from normopt.run_dir import RunDir
+
+
+@dataclass
+class LoadedRun:
+    model: torch.nn.Module
+    tokenizer: object  # tokenizers.Tokenizer
+    cfg: Config
+    step: int
+    source: Path  # the export file or checkpoint folder the weights came from
+
+
+def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
+    """The run's model at ``step`` (default: latest complete checkpoint) in eval mode on the
+    CPU, with the config and tokenizer it was trained with."""
+    from safetensors.torch import load_file
+
+    from normopt.data.tokenizer import load_tokenizer
+    from normopt.models.llama import build_model
+    from normopt.models.presets import resolve_model_args
+
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    checkpoint = run.find_checkpoint(step, "--step")
+    exported = export_paths(run.export / f"{checkpoint.name}.safetensors")
+    if all(path.is_file() for path in exported.values()):
+        source, weights = exported["weights"], load_file(str(exported["weights"]))
+        config, tokenizer_path = exported["config"], exported["tokenizer"]
+    else:
+        config = run.config_of(checkpoint)
+        tokenizer_path = run_tokenizer(run, config)
+        source, weights = checkpoint, load_model_weights(checkpoint)
+    cfg = config_from_dict(yaml.safe_load(config.read_text()))
+    vocab = weights["tok_embeddings.weight"].shape[0]
+    model = build_model(resolve_model_args(cfg.model, vocab), "cpu")  # non-persistent buffers initialised
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"{source}: the weights do not fit the run's config "
+                        f"({str(exc).splitlines()[0]})") from None
+    model.eval()
+    return LoadedRun(model, load_tokenizer(tokenizer_path), cfg, int(checkpoint.name.split("_")[1]), source)
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int, context: int,
+             temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
+             stop_id: int | None = None) -> list[int]:
+    """Append up to ``max_new_tokens`` tokens to ``prompt_ids`` (returned without the prompt),
+    each drawn from the model's next-token distribution over the last ``context`` tokens:
+    greedy at temperature 0, else softmax(logits / T) restricted to the ``top_k`` most likely.
+    Stops early after ``stop_id`` (the end-of-document token)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = list(prompt_ids)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        window = torch.tensor([ids[-context:]], dtype=torch.long)
+        logits = model(window)[0, -1].float()
+        if temperature == 0:
+            token = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k is not None and top_k < logits.numel():
+                threshold = torch.topk(logits, top_k).values[-1]
+                logits = logits.masked_fill(logits < threshold, float("-inf"))
+            token = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
+        ids.append(token)
+        new.append(token)
+        if token == stop_id:
+            break
+    return new
+
+
+def sample_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="normopt sample",
+        description="Generate text from a run's checkpoint (or its export) on the CPU and print it.")
+    parser.add_argument("run_dir", help="the run directory")
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k must be >= 1, got {args.top_k}")
+    from normopt.data.tokenizer import EOS_CANDIDATES
+
+    loaded = load_run(Path(args.run_dir), args.step)
+    prompt_ids = loaded.tokenizer.encode(args.prompt).ids
+    if not prompt_ids:
+        raise UserError("--prompt: the prompt encodes to no tokens")
+    stop = next((i for name in EOS_CANDIDATES if (i := loaded.tokenizer.token_to_id(name)) is not None), None)
+    new = generate(loaded.model, prompt_ids, args.max_new_tokens, loaded.cfg.train.seq_len, args.temperature,
+                   args.top_k, args.seed, stop)
+    print(args.prompt + loaded.tokenizer.decode(new))
+    return 0

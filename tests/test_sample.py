@@ -1,0 +1,63 @@
+"""``normopt sample``: text from a trained run's checkpoint or export, on the CPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO_ROOT, run_cli, tiny_run_args
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "normopt.cli", *map(str, args)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_corpus):
+    run_dir = tmp_path_factory.mktemp("sample") / "run"
+    proc = run_cli(tiny_run_args(run_dir, tiny_corpus, "checkpoint.interval=3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_sample_prints_the_prompt_and_its_continuation(finished_run, capsys):
+    from normopt.cli import main
+
+    greedy = ["sample", str(finished_run), "--prompt", "to be or", "--max-new-tokens", "6", "--temperature", "0"]
+    assert main(greedy) == 0
+    text = capsys.readouterr().out.rstrip("\n")
+    assert text.startswith("to be or") and len(text) > len("to be or")
+    # the same text from the export, and from an earlier step on request
+    assert main(["export", str(finished_run)]) == 0 and capsys.readouterr()
+    assert main(greedy) == 0 and capsys.readouterr().out.rstrip("\n") == text
+    assert main(["sample", str(finished_run), "--prompt", "to be", "--step", "3", "--top-k", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("to be")
+    assert main(["sample", str(finished_run), "--prompt", "x", "--step", "4"]) == 2
+    assert "no complete checkpoint for step 4" in capsys.readouterr().err
+
+
+def test_generation_keeps_to_the_context_and_stops_at_eos():
+    from normopt.sample import generate
+
+    seen = []
+
+    class Last(torch.nn.Module):  # next token = last token + 1 (mod 10); records its input lengths
+        def forward(self, tokens):
+            seen.append(tokens.shape[1])
+            return torch.nn.functional.one_hot((tokens + 1) % 10, 10).float() * 50
+
+    assert generate(Last(), [1, 2], 6, context=3, temperature=0) == [3, 4, 5, 6, 7, 8]
+    assert max(seen) == 3
+    assert generate(Last(), [1], 6, context=3, temperature=1.0, top_k=1, stop_id=4) == [2, 3, 4]
+
+
+def test_unknown_command_and_train_prog():
+    proc = _cli("bogus", timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("normopt: error: unknown command 'bogus'")
+    assert "usage: normopt" in proc.stderr
+    help_text = _cli("train", "--help", timeout=60)
+    assert help_text.returncode == 0 and help_text.stdout.startswith("usage: normopt train")
