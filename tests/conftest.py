@@ -60,3 +60,13 @@ def tiny_run_args(run_dir: Path, corpus: Path, *extra: str) -> list[str]:
         "train.seq_len=32", "train.eval_interval=3", "train.eval_sequences=8", "train.log_interval=1",
         "train.mfu_probe=false", "optim.warmup_steps=2", *extra,
     ]
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, tiny_corpus) -> Path:
+    """A finished 6-step AdamW run on the tiny model with checkpoints at steps 3 and 6,
+    trained once per session. Tests that damage or resume it work on a copy."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    proc = run_cli(tiny_run_args(run_dir, tiny_corpus, "checkpoint.interval=3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir

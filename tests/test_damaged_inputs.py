@@ -12,14 +12,6 @@ from normopt.errors import UserError
 from tests.conftest import run_cli, tiny_run_args
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_corpus):
-    run_dir = tmp_path_factory.mktemp("damaged") / "run"
-    proc = run_cli(tiny_run_args(run_dir, tiny_corpus, "checkpoint.interval=3"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
-
-
 def _copy(run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)

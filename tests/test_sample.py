@@ -5,23 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, run_cli, tiny_run_args
+from tests.conftest import REPO_ROOT
 
 
 def _cli(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "normopt.cli", *map(str, args)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_corpus):
-    run_dir = tmp_path_factory.mktemp("sample") / "run"
-    proc = run_cli(tiny_run_args(run_dir, tiny_corpus, "checkpoint.interval=3"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
 
 
 def test_sample_prints_the_prompt_and_its_continuation(finished_run, capsys):
