@@ -35,6 +35,9 @@ CELL_FILE = "cell.json"
 TRAIN_LOG = "train.log"
 EXPORT_DIR = "export"
 LOCK_FILE = ".lock"
+# An experiment root (a factorial's ``root``, one run directory per cell below it) holds the
+# spec's axes and report settings (see ``experiments.report_axes``).
+EXPERIMENT_FILE = "experiment.json"
 # Any of these makes a folder a run directory (a cell written by a factorial runner may hold
 # only its cell.json before its run starts).
 MARKER_FILES = (CONFIG_FILE, CELL_FILE, METRICS_FILE)

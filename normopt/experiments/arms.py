@@ -24,26 +24,30 @@ def _sections(keys: frozenset[str]) -> frozenset[str]:
     return frozenset(key.split(".", 1)[0] for key in keys)
 
 
+# the norm x optimizer study's coordinates; a report over other axes passes its own
 COORDINATE_KEYS = frozenset({NORM_KEY, OPTIM_KEY, SEED_KEY})
-NON_ARM_KEYS = keys_with_role(EXECUTION) | COORDINATE_KEYS
+EXECUTION_KEYS = keys_with_role(EXECUTION)
+NON_ARM_KEYS = EXECUTION_KEYS | COORDINATE_KEYS
 # Sections made only of EXECUTION keys: a key of theirs that this version's schema does not
 # know (a config.yaml written by another version) makes no arm either.
 NON_ARM_SECTIONS = _sections(keys_with_role(EXECUTION)) - _sections(keys_with_role(MATH, LENGTH, EVALUATION))
 
 
-def _arm_keys(key: str) -> bool:
-    return key.split(".", 1)[0] not in NON_ARM_SECTIONS and key not in NON_ARM_KEYS
+def _arm_keys(key: str, coordinate_keys: frozenset[str] = COORDINATE_KEYS) -> bool:
+    return (key.split(".", 1)[0] not in NON_ARM_SECTIONS and key not in EXECUTION_KEYS
+            and key not in coordinate_keys)
 
 
-def reference_settings(configs: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], list[str]]:
-    """The settings all ``configs`` agree on (arm-relevant keys only), and the keys on which
-    they disagree. Empty input -> ({}, [])."""
+def reference_settings(configs: Sequence[Mapping[str, Any]],
+                       coordinate_keys: frozenset[str] = COORDINATE_KEYS) -> tuple[dict[str, Any], list[str]]:
+    """The settings all ``configs`` agree on (arm-relevant keys only: not EXECUTION, not a
+    coordinate), and the keys on which they disagree. Empty input -> ({}, [])."""
     if not configs:
         return {}, []
     shared: dict[str, Any] = {}
     disputed = []
     for key in sorted(set().union(*configs)):
-        if not _arm_keys(key):
+        if not _arm_keys(key, coordinate_keys):
             continue
         values = [c.get(key) for c in configs]
         if all(v == values[0] for v in values):
@@ -65,8 +69,10 @@ def infer_arm(config: Mapping[str, Any], reference: Mapping[str, Any]) -> str | 
     return ",".join(f"{name}={value}" for name, value in zip(names, diffs.values()))
 
 
-def assign_arms(cells: Sequence[Cell], baseline_norm: str) -> tuple[list[Cell], list[str]]:
-    """Give every cell its arm; returns (cells, notes).
+def assign_arms(cells: Sequence[Cell], baseline_norm: str,
+                coordinate_keys: frozenset[str] = COORDINATE_KEYS) -> tuple[list[Cell], list[str]]:
+    """Give every cell its arm; returns (cells, notes). ``coordinate_keys``: the keys that place
+    a cell (the report's axes and the seed; default the norm x optimizer study's).
 
     Rule: an arm in cell.json (the key "arm", null = base cells) is taken as written. Any other
     cell with a config.yaml gets ``infer_arm(config, ref[O])`` where ref[O] holds the settings
@@ -81,7 +87,7 @@ def assign_arms(cells: Sequence[Cell], baseline_norm: str) -> tuple[list[Cell], 
         base_configs = [c.config for c in cells
                         if c.norm == baseline_norm and c.optim == optim and c.config
                         and not (c.arm_explicit and c.arm is not None)]
-        refs[optim], disputed = reference_settings(base_configs)
+        refs[optim], disputed = reference_settings(base_configs, coordinate_keys)
         if disputed:
             notes.append(f"{baseline_norm} cells under {optim} differ in {', '.join(disputed)}: "
                          f"they are pooled, and those keys define no arm")

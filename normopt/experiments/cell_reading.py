@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ class Cell:
     metrics: Metrics | None  # None = no metrics.jsonl
     exit_code: int | None = None  # the run's exit status, if a runner recorded it
     diagnostics: Diagnostics | None = None  # None = no diagnostics.jsonl
+    coords: Mapping[str, Any] = field(default_factory=dict)  # cell.json's axis -> value, as written
 
     @property
     def variant(self) -> str:
@@ -317,6 +318,7 @@ def load_cell(folder: Path) -> Cell:
         metrics=read_metrics(run.metrics) if run.metrics.is_file() else None,
         exit_code=_as_int(info.get("exit_code"), "exit_code", run.cell_json),
         diagnostics=read_diagnostics(run.diagnostics) if run.diagnostics.is_file() else None,
+        coords=dict(coords),
     )
 
 

@@ -13,6 +13,14 @@ crossed, optional arms (extra settings crossed with the axes they do not set) an
       alpha0.3: {model.norm: derf, model.alpha_init_attn: 0.3}
     seeds: [0, 1]
     slurm: {gpus_per_node: 8, options: [--time=24:00:00]}   # optional, for --slurm
+    report: {compare: model.norm, baseline: rmsnorm, across: optim.name, reference: adamw}
+
+``report`` (optional) says what the report compares (:mod:`normopt.experiments.report_axes`):
+the axis whose levels are measured against a baseline level, the axis across which those gaps
+are compared (at a reference level), and ``fixes`` (level -> the level whose gap it recovers).
+Without it: norm x optimizer when both are axes, else the first axis against its first level
+across the second axis. The runner writes the axes and these settings into the root's
+``experiment.json``, where ``normopt report ROOT`` finds them.
 
 Cell names join the axis values (``derf-muon-s0``; arms ``alpha0.3-muon-s0``). Each cell's
 folder gets a ``cell.json`` (name, coords, seed, arm, and the exit status once it ran) that
@@ -48,13 +56,12 @@ from normopt.config import REPO_ROOT, check_world_size, load_config
 from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, UserError
 from normopt.experiments.cell_assessment import final_eval_loss
 from normopt.experiments.cell_reading import read_metrics
+from normopt.experiments.factorial_slurm import check_slurm_section, spec_gpus_per_node, submit_slurm
 from normopt.experiments.report import print_summary, write_report
-from normopt.run_dir import CELL_FILE, RunDir
+from normopt.experiments.report_axes import SHORT_AXIS_NAMES, axes_from_levels, write_experiment_file
+from normopt.run_dir import RunDir
 
-SPEC_KEYS = {"base", "root", "set", "axes", "arms", "seeds", "slurm"}
-SLURM_KEYS = {"gpus_per_node", "options"}
-DEFAULT_GPUS_PER_NODE = 8
-SHORT_AXIS_NAMES = {"model.norm": "norm", "optim.name": "optim"}
+SPEC_KEYS = {"base", "root", "set", "axes", "arms", "seeds", "slurm", "report"}
 
 
 @dataclass
@@ -109,26 +116,6 @@ def expand_cells(spec: dict[str, Any]) -> list[CellSpec]:
     return cells
 
 
-def _check_slurm_section(spec: dict[str, Any], path: Path) -> None:
-    section = spec.get("slurm")
-    if section is None:
-        return
-    if not isinstance(section, dict) or set(section) - SLURM_KEYS:
-        raise UserError(f"{path}: slurm must be a mapping with keys {', '.join(sorted(SLURM_KEYS))}")
-    gpus = section.get("gpus_per_node", DEFAULT_GPUS_PER_NODE)
-    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
-        raise UserError(f"{path}: slurm.gpus_per_node must be an integer >= 1, got {gpus!r}")
-    options = section.get("options", [])
-    if not isinstance(options, list) or not all(isinstance(o, str) and o.startswith("-") for o in options):
-        raise UserError(f"{path}: slurm.options must be a list of sbatch options like --time=04:00:00")
-
-
-def spec_gpus_per_node(spec: dict[str, Any]) -> int:
-    """GPUs per node a SLURM array task asks for: the spec's slurm.gpus_per_node, else 8."""
-    section = spec.get("slurm")
-    return section.get("gpus_per_node", DEFAULT_GPUS_PER_NODE) if isinstance(section, dict) else DEFAULT_GPUS_PER_NODE
-
-
 def read_spec_file(path: Path) -> Any:
     """The spec file's YAML, unchecked (``load_spec`` checks it)."""
     if not path.is_file():
@@ -164,7 +151,13 @@ def load_spec(path: str | Path, world_size: int | None = None) -> tuple[dict[str
     for arm, settings in (spec.get("arms") or {}).items():
         if not isinstance(settings, dict) or not settings:
             raise UserError(f"{path}: arm {arm!r} must map config keys to values")
-    _check_slurm_section(spec, path)
+    check_slurm_section(spec, path)
+    if spec.get("report") is not None and not isinstance(spec["report"], dict):
+        raise UserError(f"{path}: report must be a mapping")
+    try:
+        axes_from_levels(axes, spec.get("report"))
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
     base = _resolve_path(str(spec["base"]), path.parent)
     if not isinstance(spec["root"], str) or not spec["root"].strip():
         raise UserError(f"{path}: root must be a non-empty folder path, got {spec['root']!r}")
@@ -287,56 +280,6 @@ def run_cells(base: Path, root: Path, cells: list[CellSpec], nproc: int = 1, ver
     return 0
 
 
-def slurm_array_script(base: Path, root: Path, cells: list[CellSpec], gpus_per_node: int = DEFAULT_GPUS_PER_NODE,
-                       options: list[str] | tuple[str, ...] = ()) -> str:
-    """An sbatch array script: task i runs launch/slurm.sbatch for cell i on one node of
-    ``gpus_per_node`` GPUs (exported as NORMOPT_GPUS_PER_NODE, so the launcher starts that
-    many ranks whatever the node has); ``options`` become extra #SBATCH lines."""
-    lines = [
-        "#!/usr/bin/env bash",
-        f"#SBATCH --array=0-{len(cells) - 1}",
-        "#SBATCH --job-name=normopt-factorial",
-        "#SBATCH --nodes=1",
-        "#SBATCH --ntasks-per-node=1",
-        f"#SBATCH --gpus-per-node={gpus_per_node}",
-        "#SBATCH --signal=B:USR1@300",
-        "#SBATCH --requeue",
-        "#SBATCH --open-mode=append",
-        f"#SBATCH --output={root}/slurm-%A_%a.out",
-        *(f"#SBATCH {option}" for option in options),
-        "# one cell per array task; sbatch options given on the command line override these",
-        f"cd {shlex.quote(str(REPO_ROOT))}",
-        f"export NORMOPT_GPUS_PER_NODE={gpus_per_node}",
-        "CELLS=(",
-        *(f"  {shlex.quote(' '.join(shlex.quote(o) for o in c.overrides))}  # {c.name}" for c in cells),
-        ")",
-        'eval "ARGS=(${CELLS[$SLURM_ARRAY_TASK_ID]})"',
-        f'exec bash launch/slurm.sbatch --config {shlex.quote(str(base))} "${{ARGS[@]}}"',
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def submit_slurm(base: Path, root: Path, cells: list[CellSpec], dry_run: bool, gpus_per_node: int,
-                 spec_options: list[str], extra_options: list[str]) -> int:
-    """Write the array script (the spec's options in it) and submit it with ``sbatch``, the
-    command line's options first (sbatch lets them override the script's)."""
-    script = slurm_array_script(base, root, cells, gpus_per_node, spec_options)
-    path = root / "factorial.sbatch"
-    command = ["sbatch", *extra_options, str(path)]
-    if dry_run:
-        print(script)
-        print(f"would write {path} and {CELL_FILE} for {len(cells)} cells, then run: {shlex.join(command)}")
-        return 0
-    root.mkdir(parents=True, exist_ok=True)
-    path.write_text(script)
-    for cell in cells:
-        write_cell_json(RunDir(root / cell.name), cell)
-    try:
-        return subprocess.run(command, check=False).returncode
-    except FileNotFoundError:
-        raise UserError("sbatch not found: is this a SLURM login node?") from None
-
-
 def cell_plan(run: RunDir, steps: int) -> str:
     """What running a cell would do now: skip it, resume it, or start it."""
     done = run.complete_steps()
@@ -392,10 +335,12 @@ def factorial_main(argv: list[str] | None = None) -> int:
     print(f"[factorial] {len(cells)} cells under {root}: {', '.join(c.name for c in cells)}", flush=True)
     if args.slurm:
         return submit_slurm(base, root, cells, args.dry_run, world_size,
-                            (spec.get("slurm") or {}).get("options", []), args.sbatch_option)
+                            (spec.get("slurm") or {}).get("options", []), args.sbatch_option,
+                            spec["axes"], spec.get("report"))
     if args.dry_run:
         print_plan(base, root, cells)
         return 0
+    write_experiment_file(root, spec["axes"], spec.get("report"))
     status = run_cells(base, root, cells, args.nproc, args.verbose)
     if status:
         return status

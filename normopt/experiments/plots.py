@@ -204,7 +204,9 @@ def plot_gaps(summary: Mapping[str, Any], path: Path) -> None:
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xticks(range(len(variants)), [_tick_label(v) for v in variants], fontsize=7)
     ax.set_ylabel(f"gap to {summary['settings']['baseline_norm']} (nats)")
-    ax.set_title("gap to the baseline norm per optimizer" +
+    s = summary["settings"]
+    ax.set_title(f"gap to the baseline {s.get('compare_noun', 'norm')}"
+                 f"{' per ' + s['across_noun'] if s.get('across_noun', 'optimizer') else ''}" +
                  (" (95% t interval)" if without_interval < len(gaps) else " (1 seed: no intervals)"))
     ax.grid(alpha=0.3, axis="y")
     if optims:

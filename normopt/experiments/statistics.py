@@ -3,16 +3,21 @@
 Definitions (the docstrings below give the formulas):
 
 * group = the included cells of one (variant, optimizer); variant = the norm, or
-  ``norm[arm]`` for an arm; statistics over a group's cells (its seeds): mean, sample std;
+  ``norm[arm]`` for an arm; statistics over a group's cells (its seeds): mean, sample std.
+  "norm" and "optimizer" stand for the report's compared and across axes
+  (:mod:`normopt.experiments.report_axes`; any config keys), and with strata every statistic
+  is computed within each stratum;
 * gap(v, O) = mean(v, O) - mean(baseline, O), with a Welch t interval;
 * interaction(v, O) = gap(v, O) - gap(v, reference), with a t interval from the four
   independent means (Welch-Satterthwaite degrees of freedom), plus a paired per-seed
   estimate (t with k - 1 degrees of freedom) where seeds match;
 * recovered share of a fix F of norm n under O, of the gap: (gap(n, O) - gap(F, O)) / gap(n, O),
   and of the interaction: (gap(n, O) - gap(F, O)) / interaction(n, O), each with Fieller's
-  interval for a ratio.
+  interval for a ratio;
+* the split of a difference over token-frequency buckets, head to tail
+  (:mod:`normopt.experiments.tail_classes`).
 
-Every interval is a two-sided 95% interval that holds its coverage at 2-5 seeds under
+The estimators are in :mod:`normopt.experiments.contrasts`. Every interval is a two-sided 95% interval that holds its coverage at 2-5 seeds under
 normal seed-to-seed variation (:mod:`normopt.experiments.student_t`); with one seed in a
 group there is no interval, and the summary says so once.
 
@@ -24,10 +29,9 @@ each cell's diagnostics numbers (``diagnostics_numbers``), which are descriptive
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 from normopt.experiments.arms import assign_arms, fix_base
@@ -38,8 +42,18 @@ from normopt.experiments.cell_assessment import (
     assess_cell,
     learned_no_context,
 )
-from normopt.experiments.cell_reading import Cell, Diagnostics
-from normopt.experiments.student_t import LEVEL, fieller_interval, t_interval, welch_df
+from normopt.experiments.cell_reading import NORM_KEY, OPTIM_KEY, Cell, Diagnostics
+from normopt.experiments.contrasts import (
+    GroupStats,
+    contrast,
+    describe,
+    paired_contrast,
+    paired_ratio,
+    ratio_of_contrasts,
+)
+from normopt.experiments.report_axes import SINGLE_COLUMN, ReportAxes, place_cells, stratum_of
+from normopt.experiments.student_t import LEVEL
+from normopt.experiments.tail_classes import tail_comparisons
 from normopt.models.norms import NORM_NAMES, NORMS
 
 INTERVAL_METHOD = ("95% t intervals: Welch-Satterthwaite degrees of freedom for independent means, "
@@ -51,140 +65,6 @@ OPTIM_ORDER = ("adamw", "muon", "normuon")
 
 
 # --------------------------------------------------------------------------- statistics
-
-
-@dataclass(frozen=True)
-class GroupStats:
-    """Final eval losses of one group's included cells."""
-
-    n: int
-    mean: float | None  # sum(x) / n
-    std: float | None  # sample std, sqrt(sum((x - mean)^2) / (n - 1)); None for n < 2
-    by_seed: Mapping[int, float]  # seed -> final loss (mean over cells sharing a seed)
-
-    @property
-    def sem(self) -> float | None:
-        """Standard error of the mean, std / sqrt(n)."""
-        return None if self.std is None else self.std / math.sqrt(self.n)
-
-
-def describe(values: Sequence[float], seeds: Sequence[int | None] = ()) -> GroupStats:
-    """n, mean and sample standard deviation (n - 1 in the denominator) of ``values``."""
-    values = list(values)
-    by_seed: dict[int, list[float]] = {}
-    for seed, value in zip(seeds, values):
-        if seed is not None:
-            by_seed.setdefault(seed, []).append(value)
-    return GroupStats(
-        n=len(values),
-        mean=statistics.fmean(values) if values else None,
-        std=statistics.stdev(values) if len(values) >= 2 else None,
-        by_seed={s: statistics.fmean(v) for s, v in sorted(by_seed.items())},
-    )
-
-
-@dataclass(frozen=True)
-class Contrast:
-    """C = sum_i c_i mean_i over independent groups: its value, standard error
-    se = sqrt(sum_i c_i^2 s_i^2 / n_i), Welch-Satterthwaite degrees of freedom and 95% t
-    interval (se, df and ci None when a group has n < 2: its variance is unknown)."""
-
-    value: float
-    se: float | None
-    df: float | None
-    ci95: tuple[float, float] | None
-
-
-def contrast(terms: Sequence[tuple[float, GroupStats]]) -> Contrast:
-    """The contrast of ``terms`` = [(c_i, group_i), ...] (see :class:`Contrast`)."""
-    value = sum(c * g.mean for c, g in terms)
-    if any(g.n < 2 for _, g in terms):
-        return Contrast(value, None, None, None)
-    weights = [c * c * g.std ** 2 / g.n for c, g in terms]
-    se = math.sqrt(sum(weights))
-    df = welch_df(weights, [g.n for _, g in terms])
-    return Contrast(value, se, df, t_interval(value, se, df))
-
-
-def _common_seeds(groups: Sequence[GroupStats]) -> list[int]:
-    return sorted(set.intersection(*(set(g.by_seed) for g in groups))) if groups else []
-
-
-def paired_contrast(terms: Sequence[tuple[float, GroupStats]]) -> dict[str, Any] | None:
-    """The same contrast per seed, over the seeds present in every group:
-    d_s = sum_i c_i * x_{i,s}; estimate mean(d), se = stdev(d) / sqrt(k), 95% t interval with
-    k - 1 degrees of freedom, k = number of seeds. Pairing removes variation that a seed
-    shares across cells (data order, init draws). None when no seed is common to all
-    groups; se None when k = 1."""
-    common = _common_seeds([g for _, g in terms])
-    if not common:
-        return None
-    per_seed = {s: sum(c * g.by_seed[s] for c, g in terms) for s in common}
-    d = list(per_seed.values())
-    k = len(d)
-    se = statistics.stdev(d) / math.sqrt(k) if k >= 2 else None
-    value = statistics.fmean(d)
-    return {"n_seeds": k, "value": value, "se": se, "df": k - 1 if k >= 2 else None,
-            "ci95": t_interval(value, se, k - 1 if k >= 2 else None),
-            "per_seed": {str(s): v for s, v in per_seed.items()}}
-
-
-def ratio_of_contrasts(numerator: Mapping[Any, float], denominator: Mapping[Any, float],
-                       groups: Mapping[Any, GroupStats]) -> dict[str, Any]:
-    """R = N / D for two contrasts of the same independent group means, N = sum_i a_i m_i,
-    D = sum_i b_i m_i (coefficients keyed by group), with Fieller's 95% interval:
-    var N = sum a_i^2 v_i, var D = sum b_i^2 v_i, cov = sum a_i b_i v_i (v_i = s_i^2 / n_i),
-    degrees of freedom Welch-Satterthwaite for N - R D at the estimate. ``ci95`` is None
-    with a ``reason`` when a group has n < 2, or when D is not distinguishable from 0 (the
-    Fieller set is then unbounded)."""
-    keys = set(numerator) | set(denominator)
-    a = {k: numerator.get(k, 0.0) for k in keys}
-    b = {k: denominator.get(k, 0.0) for k in keys}
-    num = sum(a[k] * groups[k].mean for k in keys)
-    den = sum(b[k] * groups[k].mean for k in keys)
-    out: dict[str, Any] = {"value": None if den == 0 else num / den, "ci95": None, "df": None, "reason": None}
-    if den == 0:
-        out["reason"] = "the denominator is 0"
-        return out
-    if any(groups[k].n < 2 for k in keys):
-        out["reason"] = "n=1 in a group"
-        return out
-    v = {k: groups[k].std ** 2 / groups[k].n for k in keys}
-    ratio = num / den
-    df = welch_df([(a[k] - ratio * b[k]) ** 2 * v[k] for k in keys], [groups[k].n for k in keys])
-    if df is None:
-        out["ci95"], out["df"] = (ratio, ratio), None
-        return out
-    ci = fieller_interval(num, den, sum(a[k] ** 2 * v[k] for k in keys), sum(b[k] ** 2 * v[k] for k in keys),
-                          sum(a[k] * b[k] * v[k] for k in keys), df)
-    out.update(ci95=ci, df=df, reason=None if ci is not None else "unbounded: the denominator's interval contains 0")
-    return out
-
-
-def paired_ratio(numerator: Mapping[Any, float], denominator: Mapping[Any, float],
-                 groups: Mapping[Any, GroupStats]) -> dict[str, Any] | None:
-    """R = mean(N_s) / mean(D_s) over the seeds common to every group, with Fieller's
-    interval from the per-seed sample (co)variances / k and k - 1 degrees of freedom."""
-    keys = sorted(set(numerator) | set(denominator))
-    common = _common_seeds([groups[k] for k in keys])
-    if not common:
-        return None
-    n_s = [sum(c * groups[k].by_seed[s] for k, c in numerator.items()) for s in common]
-    d_s = [sum(c * groups[k].by_seed[s] for k, c in denominator.items()) for s in common]
-    k = len(common)
-    num, den = statistics.fmean(n_s), statistics.fmean(d_s)
-    out: dict[str, Any] = {"n_seeds": k, "value": None if den == 0 else num / den, "ci95": None, "reason": None}
-    if den == 0:
-        out["reason"] = "the denominator is 0"
-    elif k < 2:
-        out["reason"] = "1 seed"
-    else:
-        var_n, var_d = statistics.variance(n_s) / k, statistics.variance(d_s) / k
-        cov = statistics.covariance(n_s, d_s) / k
-        out["ci95"] = fieller_interval(num, den, var_n, var_d, cov, k - 1)
-        if out["ci95"] is None:
-            out["reason"] = "unbounded: the denominator's interval contains 0"
-    return out
 
 
 def ema_smooth(values: Sequence[float], beta: float) -> list[float]:
@@ -254,20 +134,22 @@ def diagnostics_numbers(diagnostics: Diagnostics) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the summary
 
 
-def _order(values: Iterable[str], canonical: Sequence[str], first: str) -> list[str]:
+def _order(values: Iterable[str], canonical: Sequence[str], first: str | None) -> list[str]:
     rank = {name: i for i, name in enumerate(canonical)}
     return sorted(set(values), key=lambda v: (v != first, rank.get(v, len(rank)), v))
 
 
-def _variant_order(cells: Sequence[Cell], baseline_norm: str) -> list[str]:
-    """Baseline first, then norms in NORM_ORDER (others by name), each norm's arms after it."""
-    rank = {name: i for i, name in enumerate(NORM_ORDER)}
-    keys = {(c.norm != baseline_norm, rank.get(c.norm, len(rank)), c.norm, c.arm is not None, c.arm or ""): c.variant
+def _variant_order(cells: Sequence[Cell], baseline: str, canonical: Sequence[str]) -> list[str]:
+    """Baseline first, then the compared axis's levels in ``canonical`` order (others by name),
+    each level's arms after it."""
+    rank = {name: i for i, name in enumerate(canonical)}
+    keys = {(c.norm != baseline, rank.get(c.norm, len(rank)), c.norm, c.arm is not None, c.arm or ""): c.variant
             for c in cells if c.norm is not None and c.optim is not None}
     return [keys[k] for k in sorted(keys)]
 
 
 Groups = Mapping[tuple[str, str], GroupStats]  # (variant, optimizer) -> its included cells
+Stratum = tuple[tuple[str, "str | None"], ...]  # (key, level) of each stratum axis; () without strata
 
 
 def _usable(groups: Groups, keys: Sequence[tuple[str, str]], label: str, notes: list[str]) -> bool:
@@ -336,16 +218,19 @@ def compute_interactions(groups: Groups, variants: Sequence[str], optims: Sequen
 
 
 def compute_recoveries(groups: Groups, fixes_of: Mapping[str, str], optims: Sequence[str], base: str,
-                       reference: str, notes: list[str]) -> list[dict[str, Any]]:
-    """For each fix F of norm n (``fixes_of[F] = n``) and optimizer O != ref, the fix's gain
-    L[n,O] - L[F,O] as a share of
+                       reference: str | None, notes: list[str]) -> list[dict[str, Any]]:
+    """For each fix F of norm n (``fixes_of[F] = n``) and optimizer O != ref (every column when
+    there is no reference), the fix's gain L[n,O] - L[F,O] as a share of
 
     * n's gap under O:                  share = (L[n,O] - L[F,O]) / (L[n,O] - L[base,O]);
     * n's interaction with O (if n has cells under ref):
       interaction_share = (L[n,O] - L[F,O]) / ((L[n,O] - L[base,O]) - (L[n,ref] - L[base,ref])),
 
     each with Fieller's 95% interval over independent means and, where seeds match, over
-    per-seed paired contrasts (``paired`` / ``interaction_paired``)."""
+    per-seed paired contrasts (``paired`` / ``interaction_paired``). A share needs something to
+    recover: where n is no worse than the baseline (gap <= 0), or has no interaction penalty,
+    that share is not reported and a note says why (a share of a negative gap would read as a
+    recovery when the fix moved away from the baseline)."""
     items = []
     for fix, target in fixes_of.items():
         for optim in optims:
@@ -359,18 +244,21 @@ def compute_recoveries(groups: Groups, fixes_of: Mapping[str, str], optims: Sequ
             gap = {(target, optim): 1.0, (base, optim): -1.0}
             share = ratio_of_contrasts(gain, gap, groups)
             gap_n = contrast([(1.0, groups[keys[0]]), (-1.0, groups[keys[2]])])
-            if share["value"] is None:
-                notes.append(f"{label}: {target} has no gap to recover")
+            if gap_n.value <= 0:
+                notes.append(f"{label}: {target} has no gap to recover ({gap_n.value:+.4f} nats: it is no worse "
+                             f"than {base}), so no share of it is reported")
+                share = {"value": None, "ci95": None, "df": None, "reason": "no gap to recover"}
             item = {"fix": fix, "base_norm": target, "optim": optim, "gap_base": gap_n.value,
                     "gap_fix": groups[keys[1]].mean - groups[keys[2]].mean,
                     "share": share["value"], "ci95": share["ci95"], "df": share["df"],
-                    "ci_note": share["reason"], "paired": paired_ratio(gain, gap, groups),
+                    "ci_note": share["reason"],
+                    "paired": None if share["value"] is None else paired_ratio(gain, gap, groups),
                     "interaction": None, "interaction_share": None, "interaction_ci95": None,
                     "interaction_ci_note": None, "interaction_paired": None,
                     "method": "Fieller's interval (t, Welch-Satterthwaite df; paired: k-1 df)"}
-            inter = _interaction_terms(target, optim, base, reference)
+            inter = {} if reference is None else _interaction_terms(target, optim, base, reference)
             interaction = (sum(c * groups[k].mean for k, c in inter.items())
-                           if all(k in groups and groups[k].n for k in inter) else None)
+                           if inter and all(k in groups and groups[k].n for k in inter) else None)
             if interaction is not None and interaction <= 0:
                 # no penalty to recover: a share of a negative interaction would read as a recovery
                 item["interaction"] = interaction
@@ -385,33 +273,67 @@ def compute_recoveries(groups: Groups, fixes_of: Mapping[str, str], optims: Sequ
     return items
 
 
-def build_summary(cells: Sequence[Cell], *, baseline_norm: str = "rmsnorm", reference_optim: str = "adamw",
-                  fixes: Mapping[str, str] | None = None,
+def _canonical_orders(axes: ReportAxes) -> tuple[Sequence[str], Sequence[str]]:
+    """The level orders of the compared and the across axis: the spec's, else the registry's
+    norms and the known optimizers."""
+    compare = axes.order.get(axes.compare) or (NORM_ORDER if axes.compare == NORM_KEY else ())
+    across = axes.order.get(axes.across or "") or (OPTIM_ORDER if axes.across == OPTIM_KEY else ())
+    return compare, across
+
+
+def _stratum_label(stratum: Stratum) -> str:
+    return ", ".join(f"{key}={level}" for key, level in stratum)
+
+
+def _prefixed(notes: Sequence[str], stratum: Stratum) -> list[str]:
+    return [f"[{_stratum_label(stratum)}] {note}" for note in notes] if stratum else list(notes)
+
+
+def build_summary(cells: Sequence[Cell], *, axes: ReportAxes | None = None, baseline_norm: str | None = None,
+                  reference_optim: str | None = None, fixes: Mapping[str, str] | None = None,
                   divergence_nats: float = DIVERGENCE_NATS) -> dict[str, Any]:
     """Everything the report shows, as plain data (the content of summary.json): cells with
-    their flags, groups (included cells only), gaps, interactions, recoveries and notes."""
-    fixes = dict(DEFAULT_FIXES if fixes is None else fixes)
-    cells, notes = assign_arms(cells, baseline_norm)
+    their flags, groups (included cells only), gaps, interactions, recoveries and notes.
+
+    ``axes`` (default: norm x optimizer) says which config keys are compared
+    (:mod:`normopt.experiments.report_axes`); ``baseline_norm`` / ``reference_optim`` override
+    its baseline and reference levels; ``fixes`` its fixes (default: the axes', else the norm
+    registry's when the compared axis is the norm). With strata every statistic is computed per
+    stratum, and each record names its ``stratum``."""
+    axes = axes or ReportAxes()
+    if baseline_norm is not None:
+        axes = replace(axes, baseline=baseline_norm)
+    if reference_optim is not None:
+        axes = replace(axes, reference=reference_optim)
+    if fixes is None:
+        fixes = axes.fixes if axes.fixes is not None else (DEFAULT_FIXES if axes.compare == NORM_KEY else {})
+    fixes = dict(fixes)
+    base, reference = axes.baseline, axes.reference if axes.across is not None else None
+    compare_order, across_order = _canonical_orders(axes)
+
+    placed = place_cells(cells, axes)
+    strata = list(dict.fromkeys(stratum_of(c, axes) for c in placed))
+    notes: list[str] = []
+    by_name: dict[str, Cell] = {}
+    for stratum in strata:
+        members, arm_notes = assign_arms([c for c in placed if stratum_of(c, axes) == stratum], base,
+                                         axes.coordinate_keys)
+        notes += _prefixed(arm_notes, stratum)
+        by_name.update({c.name: c for c in members})
+    cells = [by_name[c.name] for c in placed]
     assessed = [(cell, assess_cell(cell, divergence_nats)) for cell in cells]
-    variants = _variant_order(cells, baseline_norm)
-    optims = _order((c.optim for c in cells if c.optim is not None), OPTIM_ORDER, reference_optim)
+    variants = _variant_order(cells, base, compare_order)
+    optims = _order((c.optim for c in cells if c.optim is not None), across_order, reference or SINGLE_COLUMN)
     norm_of = {c.variant: (c.norm, c.arm) for c in cells if c.norm is not None}
-    fixes_of = {v: t for v in variants if (t := fix_base(v, *norm_of[v], fixes, baseline_norm)) is not None}
+    fixes_of = {v: t for v in variants if (t := fix_base(v, *norm_of[v], fixes, base)) is not None}
+    compare_noun, across_noun = axes.noun(axes.compare), axes.noun(axes.across)
 
-    groups: dict[tuple[str, str], GroupStats] = {}
-    for variant in variants:
-        for optim in optims:
-            members = [(c, a) for c, a in assessed if c.variant == variant and c.optim == optim]
-            if members:
-                kept = [(c, a) for c, a in members if not a.flags]
-                groups[variant, optim] = describe([a.final_eval_loss for _, a in kept], [c.seed for c, _ in kept])
-
-    if baseline_norm not in variants:
-        notes.append(f"no {baseline_norm} cells: no gaps, interactions or recoveries "
-                     f"(norms found: {', '.join(sorted({c.norm for c in cells if c.norm}))})")
-    if reference_optim not in optims:
-        notes.append(f"no {reference_optim} cells: no interactions or recoveries "
-                     f"(optimizers found: {', '.join(optims)})")
+    if base not in variants:
+        notes.append(f"no {base} cells: no gaps, interactions or recoveries "
+                     f"({compare_noun} levels found: {', '.join(sorted({c.norm for c in cells if c.norm}))})")
+    if axes.across is not None and reference not in optims:
+        notes.append(f"no {reference} cells: no interactions or recoveries "
+                     f"({across_noun} levels found: {', '.join(optims)})")
     for cell, assessment in assessed:
         if assessment.flags:
             notes.append(f"{cell.name} left out: {'; '.join(assessment.reasons)}")
@@ -420,7 +342,35 @@ def build_summary(cells: Sequence[Cell], *, baseline_norm: str = "rmsnorm", refe
         if cell.diagnostics is not None and cell.diagnostics.partial_last_line:
             notes.append(f"{cell.name}: skipped an unterminated last line of diagnostics.jsonl")
 
-    if (note := one_seed_note(groups)) is not None:
+    all_groups: dict[tuple[str, ...], GroupStats] = {}
+    group_records, gaps, interactions, recoveries, tail = [], [], [], [], []
+    for stratum in strata:
+        members = [(c, a) for c, a in assessed if stratum_of(c, axes) == stratum]
+        groups: dict[tuple[str, str], GroupStats] = {}
+        for variant in variants:
+            for optim in optims:
+                in_group = [(c, a) for c, a in members if c.variant == variant and c.optim == optim]
+                if in_group:
+                    kept = [(c, a) for c, a in in_group if not a.flags]
+                    groups[variant, optim] = describe([a.final_eval_loss for _, a in kept], [c.seed for c, _ in kept])
+        tag = {"stratum": dict(stratum)} if axes.strata else {}
+        label = _stratum_label(stratum)
+        all_groups.update({((label,) if label else ()) + key: g for key, g in groups.items()})
+        stratum_notes: list[str] = []
+        group_records += [{"variant": v, "norm": norm_of[v][0], "arm": norm_of[v][1], "optim": o, "n": g.n,
+                           "mean": g.mean, "std": g.std, "sem": g.sem, "seeds": list(g.by_seed),
+                           "cells": [c.name for c, a in members if c.variant == v and c.optim == o and not a.flags],
+                           **tag} for (v, o), g in groups.items()]
+        gaps += [{**g, **tag} for g in compute_gaps(groups, variants, optims, base, stratum_notes)]
+        if reference is not None:
+            interactions += [{**i, **tag} for i in
+                             compute_interactions(groups, variants, optims, base, reference, stratum_notes)]
+        recoveries += [{**r, **tag} for r in
+                       compute_recoveries(groups, fixes_of, optims, base, reference, stratum_notes)]
+        tail += [{**t, **tag} for t in tail_comparisons(members, variants, optims, base, reference)]
+        notes += _prefixed(stratum_notes, stratum)
+
+    if (note := one_seed_note(all_groups)) is not None:
         notes.insert(0, note)
     flat = [c.name for c, a in assessed if c.metrics is not None
             and learned_no_context(a.final_eval_loss, c.metrics.unigram_entropy)]
@@ -428,30 +378,28 @@ def build_summary(cells: Sequence[Cell], *, baseline_norm: str = "rmsnorm", refe
         notes.insert(0, f"{len(flat)} of {len(assessed)} cells end less than {CONTEXT_MARGIN_NATS} nats below the "
                         f"unigram entropy of their training tokens, i.e. they learned almost no context "
                         f"({', '.join(flat)}): gaps and interactions involving them measure noise more than "
-                        f"the norm or the optimizer.")
-    gaps = compute_gaps(groups, variants, optims, baseline_norm, notes)
-    interactions = compute_interactions(groups, variants, optims, baseline_norm, reference_optim, notes)
-    recoveries = compute_recoveries(groups, fixes_of, optims, baseline_norm, reference_optim, notes)
+                        f"the {compare_noun} or the {across_noun or compare_noun}.")
     return {
-        "settings": {"baseline_norm": baseline_norm, "reference_optim": reference_optim, "fixes": fixes,
+        "settings": {"baseline_norm": base, "reference_optim": reference, "fixes": fixes,
+                     "axes": axes.to_json(), "compare_noun": compare_noun, "across_noun": across_noun,
                      "divergence_nats": divergence_nats, "interval": INTERVAL_METHOD, "level": LEVEL},
         "variants": variants,
         "optims": optims,
-        "cells": [_cell_record(c, a, fixes_of.get(c.variant) if c.norm else None) for c, a in assessed],
-        "groups": [{"variant": v, "norm": norm_of[v][0], "arm": norm_of[v][1], "optim": o, "n": g.n,
-                    "mean": g.mean, "std": g.std, "sem": g.sem, "seeds": list(g.by_seed),
-                    "cells": [c.name for c, a in assessed if c.variant == v and c.optim == o and not a.flags]}
-                   for (v, o), g in groups.items()],
+        "cells": [_cell_record(c, a, fixes_of.get(c.variant) if c.norm else None,
+                               _stratum_label(stratum_of(c, axes))) for c, a in assessed],
+        "groups": group_records,
         "gaps": gaps,
         "interactions": interactions,
         "recoveries": recoveries,
+        "tail_classes": tail,
         "notes": notes,
     }
 
 
-def _cell_record(cell: Cell, assessment: Assessment, fix_of: str | None) -> dict[str, Any]:
+def _cell_record(cell: Cell, assessment: Assessment, fix_of: str | None, stratum: str) -> dict[str, Any]:
     metrics = cell.metrics
     return {
+        **({"stratum": stratum} if stratum else {}),
         "name": cell.name, "path": str(cell.path), "norm": cell.norm, "arm": cell.arm,
         "variant": cell.variant if cell.norm is not None else None,
         "optim": cell.optim, "seed": cell.seed, "fix_of": fix_of, "steps": cell.steps,

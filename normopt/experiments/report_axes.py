@@ -1,0 +1,250 @@
+"""Which config keys a report compares, and at which levels.
+
+A factorial report reads its cells along two axes:
+
+* the **compared** axis (rows; ``model.norm`` in the norm x optimizer study): every level is
+  measured against its **baseline** level (``rmsnorm``): gap = mean(level) - mean(baseline);
+* the **across** axis (columns; ``optim.name``): the gaps are compared between each of its
+  levels and its **reference** level (``adamw``): interaction = gap(level) - gap(reference).
+
+Any config key can be either axis (``optim.muon_params`` x ``optim.name``, ``data.path`` x
+``model.norm``, ...). A spec with one axis has no across axis (gaps only, no interactions);
+every further axis is a **stratum**: the analysis is repeated for each combination of its
+levels (``model.norm`` x ``optim.name`` x ``optim.muon_params`` gives one norm x optimizer
+analysis per Muon assignment). ``fixes`` maps a level of the compared axis to the level
+whose gap it is meant to recover (``derf_ema`` -> ``derf``; in a component ablation with
+baseline ``all``, ``vo_ffn`` -> ``none`` reads as the share of Muon's advantage over AdamW
+that Muon on the VO and FFN matrices carries).
+
+Where the settings come from, first found wins: the command line of ``normopt report``; the
+experiment file a factorial runner writes into its root (:data:`EXPERIMENT_FILE`, the spec's
+``axes`` and ``report`` sections); the norm x optimizer defaults when the cells vary in norm
+and optimizer; else the axes recorded in the cells' ``cell.json`` in spec order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from normopt.errors import UserError
+from normopt.experiments.cell_reading import NORM_AXES, NORM_KEY, OPTIM_AXES, OPTIM_KEY, SEED_KEY, Cell
+from normopt.run_dir import EXPERIMENT_FILE
+
+# cell.json may name an axis by a short name (the factorial runner writes these two so)
+SHORT_AXIS_NAMES = {NORM_KEY: "norm", OPTIM_KEY: "optim"}
+AXIS_ALIASES = {NORM_KEY: NORM_AXES, OPTIM_KEY: OPTIM_AXES}
+# how the report's prose names an axis
+AXIS_NOUNS = {NORM_KEY: "norm", OPTIM_KEY: "optimizer"}
+DEFAULT_LEVELS = {NORM_KEY: "rmsnorm", OPTIM_KEY: "adamw"}
+# the one column label of a report without an across axis
+SINGLE_COLUMN = "all"
+REPORT_KEYS = {"compare", "baseline", "across", "reference", "fixes"}
+
+
+@dataclass(frozen=True)
+class ReportAxes:
+    """The axes and levels a report compares (module docstring). ``order`` lists each axis's
+    levels in the order the spec gave them (tables follow it; unknown levels go last)."""
+
+    compare: str = NORM_KEY
+    baseline: str = "rmsnorm"
+    across: str | None = OPTIM_KEY
+    reference: str | None = "adamw"
+    strata: tuple[str, ...] = ()
+    fixes: Mapping[str, str] | None = None  # None = the norm registry's fixes (norm axis only)
+    order: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def is_norm_by_optimizer(self) -> bool:
+        return self.compare == NORM_KEY and self.across == OPTIM_KEY
+
+    @property
+    def coordinate_keys(self) -> frozenset[str]:
+        """Keys that place a cell rather than make an arm of it."""
+        return frozenset({self.compare, SEED_KEY, *self.strata} | ({self.across} if self.across else set()))
+
+    def noun(self, key: str | None) -> str:
+        return AXIS_NOUNS.get(key or "", key or "")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"compare": self.compare, "baseline": self.baseline, "across": self.across,
+                "reference": self.reference, "strata": list(self.strata),
+                "fixes": None if self.fixes is None else dict(self.fixes),
+                "order": {k: list(v) for k, v in self.order.items()}}
+
+
+def level_label(value: Any) -> str:
+    """A config value as a level name: lists joined by commas, booleans lower case, None "none"."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(level_label(v) for v in value)
+    return str(value)
+
+
+def cell_level(cell: Cell, key: str) -> str | None:
+    """The cell's level on axis ``key``: what its cell.json coords name (under the key or its
+    short name), else its config's value; None when neither has it."""
+    if key == NORM_KEY and cell.norm is not None:
+        return cell.norm
+    if key == OPTIM_KEY and cell.optim is not None:
+        return cell.optim
+    for name in AXIS_ALIASES.get(key, (key,)):
+        if name in cell.coords:
+            return level_label(cell.coords[name])
+    return level_label(cell.config[key]) if key in cell.config else None
+
+
+def place_cells(cells: Sequence[Cell], axes: ReportAxes) -> list[Cell]:
+    """The cells with ``norm`` = their level on the compared axis and ``optim`` = their level on
+    the across axis (SINGLE_COLUMN without one): the statistics read these two fields."""
+    if axes.is_norm_by_optimizer:
+        return list(cells)
+    return [replace(cell, norm=cell_level(cell, axes.compare),
+                    optim=cell_level(cell, axes.across) if axes.across else SINGLE_COLUMN) for cell in cells]
+
+
+def stratum_of(cell: Cell, axes: ReportAxes) -> tuple[tuple[str, str | None], ...]:
+    return tuple((key, cell_level(cell, key)) for key in axes.strata)
+
+
+def _full_key(name: str) -> str:
+    return {short: key for key, short in SHORT_AXIS_NAMES.items()}.get(name, name)
+
+
+def axes_from_levels(levels: Mapping[str, Sequence[Any]], report: Mapping[str, Any] | None = None) -> ReportAxes:
+    """ReportAxes for a spec's ``axes`` (key -> levels, in order) and its optional ``report``
+    section. Defaults: norm x optimizer when both are axes (baseline rmsnorm, reference adamw
+    where present); else the first axis compared at its first level, the second (if any) as
+    the across axis at its first level; the rest are strata."""
+    report = dict(report or {})
+    unknown = set(report) - REPORT_KEYS
+    if unknown:
+        raise UserError(f"report: unknown key {sorted(unknown)[0]!r} (keys: {', '.join(sorted(REPORT_KEYS))})")
+    order = {key: tuple(level_label(v) for v in values) for key, values in levels.items()}
+    keys = list(order)
+    if NORM_KEY in order and OPTIM_KEY in order:
+        compare, across = NORM_KEY, OPTIM_KEY
+    else:
+        compare = keys[0] if keys else NORM_KEY
+        across = keys[1] if len(keys) > 1 else None
+    compare = report.get("compare", compare)
+    across = report.get("across", across if across != compare else None)
+    for name, key in (("compare", compare), ("across", across)):
+        if key is not None and key not in order:
+            raise UserError(f"report.{name}: {key!r} is not an axis (axes: {', '.join(keys)})")
+    if across == compare:
+        raise UserError(f"report: compare and across are the same axis {compare!r}")
+
+    def level(key: str | None, given: Any) -> str | None:
+        if key is None:
+            if given is not None:
+                raise UserError("report.reference needs an across axis")
+            return None
+        if given is not None:
+            label = level_label(given)
+            if label not in order[key]:
+                raise UserError(f"report: {label!r} is not a level of {key} ({', '.join(order[key])})")
+            return label
+        default = DEFAULT_LEVELS.get(key)
+        return default if default in order[key] else order[key][0]
+
+    fixes = report.get("fixes")
+    if fixes is not None and (not isinstance(fixes, Mapping)
+                              or not all(level_label(k) in order[compare] and level_label(v) in order[compare]
+                                         for k, v in fixes.items())):
+        raise UserError(f"report.fixes must map levels of {compare} to levels of {compare}")
+    return ReportAxes(
+        compare=compare, baseline=level(compare, report.get("baseline")),
+        across=across, reference=level(across, report.get("reference")),
+        strata=tuple(k for k in keys if k not in (compare, across)),
+        fixes=None if fixes is None else {level_label(k): level_label(v) for k, v in fixes.items()},
+        order=order)
+
+
+def infer_axes(cells: Sequence[Cell]) -> ReportAxes:
+    """Axes for cells without an experiment file: the keys their cell.json coords name, in the
+    order written (a factorial runner writes them in spec order), with levels in order of first
+    appearance; norm x optimizer when the cells name no coords or name both."""
+    levels: dict[str, list[str]] = {}
+    for cell in cells:
+        for name in cell.coords:
+            key = _full_key(name)
+            label = cell_level(cell, key)
+            if label is not None and label not in levels.setdefault(key, []):
+                levels[key].append(label)
+    if not levels or (NORM_KEY in levels and OPTIM_KEY in levels):
+        return ReportAxes(strata=tuple(k for k in levels if k not in (NORM_KEY, OPTIM_KEY)))
+    return axes_from_levels(levels)
+
+
+def write_experiment_file(root: Path, levels: Mapping[str, Sequence[Any]], report: Mapping[str, Any] | None) -> None:
+    """The spec's axes and report settings, for ``normopt report ROOT`` to read later."""
+    root.mkdir(parents=True, exist_ok=True)
+    record = {"axes": {k: [level_label(v) for v in values] for k, values in levels.items()},
+              "report": dict(report or {})}
+    (root / EXPERIMENT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_experiment_file(root: Path) -> ReportAxes | None:
+    """ReportAxes from ``root``'s experiment file; None when there is none."""
+    path = root / EXPERIMENT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read ({exc})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("axes"), dict) or not record["axes"]:
+        raise UserError(f"{path}: expected an object with a non-empty 'axes' object")
+    try:
+        return axes_from_levels(record["axes"], record.get("report"))
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+def override_axes(axes: ReportAxes, *, compare: str | None = None, baseline: str | None = None,
+                  across: str | None = None, reference: str | None = None,
+                  fixes: Mapping[str, str] | None = None) -> ReportAxes:
+    """``axes`` with the command line's choices applied (``across="none"``: no across axis).
+    A changed compared axis drops its old baseline and fixes; a changed across axis its
+    reference; levels not given then default as in :func:`axes_from_levels`."""
+    changes: dict[str, Any] = {}
+    if compare is not None and compare != axes.compare:
+        if compare == axes.across:
+            changes.update(across=axes.compare, reference=axes.baseline)
+        changes.update(compare=compare, fixes=None,
+                       baseline=_default_level(compare, axes.order))
+    if across is not None:
+        key = None if across == "none" else across
+        if key != axes.across:
+            changes.update(across=key, reference=None if key is None else _default_level(key, axes.order))
+    result = replace(axes, **changes)
+    strata = tuple(k for k in (*axes.strata, axes.compare, axes.across)
+                   if k is not None and k not in (result.compare, result.across))
+    result = replace(result, strata=strata)
+    if baseline is not None:
+        result = replace(result, baseline=baseline)
+    if reference is not None:
+        if result.across is None:
+            raise UserError("--reference needs an across axis")
+        result = replace(result, reference=reference)
+    if fixes:
+        result = replace(result, fixes={**(result.fixes or {}), **fixes})
+    return result
+
+
+def _default_level(key: str, order: Mapping[str, Sequence[str]]) -> str:
+    default = DEFAULT_LEVELS.get(key)
+    levels = order.get(key, ())
+    if default is not None and (not levels or default in levels):
+        return default
+    if not levels:
+        raise UserError(f"no levels known for {key}: give the baseline/reference level on the command line")
+    return levels[0]
