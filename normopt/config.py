@@ -162,6 +162,7 @@ class DiagnosticsConfig:
     power_iterations: int = role(EXECUTION, 2)  # per call, warm-started from the last call's vector
     ns_spectrum: bool = role(EXECUTION, True)  # Muon/NorMuon runs: singular values of the matrices NS receives
     ns_band: str = role(EXECUTION, "")  # "lo,hi" target band of NS output singular values; empty = per coefficients
+    isotropy: bool = role(EXECUTION, True)  # singular-value entropy of each block matrix's update and weight
     tail_buckets: int = role(EXECUTION, 10)  # eval loss by token-frequency bucket at every evaluation (0 = off)
     histograms: bool = role(EXECUTION, True)  # TensorBoard histograms of pre-activations and spectral norms
 

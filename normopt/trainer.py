@@ -226,7 +226,8 @@ class Trainer:
         """Forward/backward over this rank's micro-batches, clip, step. Returns the global
         mean loss of the step's batch, the gradient norm and whether any rank was asked to
         stop (all three identical on every rank). With ``diagnose``, the matrices the step
-        handed to Newton-Schulz are analysed before the gradients are cleared."""
+        handed to Newton-Schulz and the update it applied are analysed before the gradients
+        are cleared."""
         self.model.train()
         loss_sum = torch.zeros((), device=self.dist.device)
         micro_batches = list(self.batches.micro_batches(step))
@@ -248,6 +249,8 @@ class Trainer:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise TrainingDiverged(f"at step {step + 1} the loss is {loss} and the gradient norm {grad_norm}; "
                                    f"stopping before the update (last checkpoint kept untouched)")
+        if diagnose and self.cfg.diagnostics.interval:
+            self.diagnostics.before_optimizer_step()  # the update is measured against these weights
         self.optimizers.step()
         if diagnose and self.cfg.diagnostics.interval:
             self.diagnostics.after_optimizer_step(step + 1)

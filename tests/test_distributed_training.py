@@ -55,7 +55,8 @@ def test_two_ranks_match_one_process_with_muon(tmp_path, tiny_corpus, optim):
     matrices, so 2 ranks follow the 1-process loss curve (fp32, 1e-5: only the order of
     gradient summation differs). The diagnostics agree too: norm-layer stats on the probe
     batch, power iteration over row shards (one all-reduce per iteration instead of a
-    gather) and the NS spectrum of gathered matrices analysed on their owner rank."""
+    gather), and the NS spectrum and the isotropy of updates and weights of gathered
+    matrices analysed on their owner rank."""
     common = [f"optim.name={optim}", "model.norm=derf", "train.dtype=float32", "train.steps=8",
               "optim.lr=0.02", "optim.ns_steps_per_layer=layers.0.*=7", "diagnostics.interval=4"]
     single, double = tmp_path / "single", tmp_path / "double"
@@ -85,7 +86,8 @@ def _assert_same_diagnostics(single, double):
         return {(r["step"], r["kind"]): _numbers({k: v for k, v in r.items() if k != "seconds"}) for r in lines}
     reference, other = load(single), load(double)
     assert reference.keys() == other.keys()
-    assert {(4, "ns_spectrum"), (8, "ns_spectrum"), (8, "norm"), (8, "spectral_norm")} <= reference.keys()
+    assert {(4, "ns_spectrum"), (8, "ns_spectrum"), (8, "norm"), (8, "spectral_norm"),
+            (4, "isotropy"), (8, "isotropy")} <= reference.keys()
     for key, numbers in reference.items():
         assert numbers.keys() == other[key].keys(), key
         for path, value in numbers.items():

@@ -268,3 +268,19 @@ def test_no_share_of_a_gap_that_is_not_there(tmp_path):
     assert item["share"] is None and item["ci95"] is None and item["gap_base"] < 0
     assert any("none has no gap to recover" in note for note in summary["notes"])
     assert "recovers" not in (tmp_path / "report.md").read_text().split("## Final eval loss")[0]
+
+
+def test_isotropy_is_reported_per_cell_and_type(tmp_path):
+    folder = write_cell(tmp_path, {"optim.name": "muon"}, 0, 3.0, {"norm": "rmsnorm", "optim": "muon"})
+    groups = {"attn.wq/early": (0.9, 0.5), "attn.wq/late": (0.7, 0.3), "ffn.w2/early": (0.95, None)}
+    record = {"step": 100, "kind": "isotropy", "groups": {
+        key: {"update_entropy": u, "update_erank": 3.0, "weight_entropy": w, "weight_erank": 2.0}
+        for key, (u, w) in groups.items()}}
+    (folder / "diagnostics.jsonl").write_text(json.dumps(record) + "\n")
+    summary = write_report(tmp_path)
+    numbers = summary["cells"][0]["diagnostics"]
+    assert numbers["update_isotropy"] == {k: u for k, (u, _) in groups.items()}
+    text = (tmp_path / "report.md").read_text()
+    # attn.wq: update mean (0.9 + 0.7) / 2, weight mean (0.5 + 0.3) / 2; ffn.w2's weight is undefined
+    assert "| cell | variant | optimizer | step | attn.wq | ffn.w2 |" in text
+    assert "| 100 | 0.80 / 0.40 | 0.95 / — |" in text

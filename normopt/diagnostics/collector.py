@@ -14,6 +14,16 @@ One JSON object per line, each with ``step`` and ``kind``:
   (``ns_spectrum``); computed right after the optimizer step from the gradient and the
   new momentum, exactly the matrix the step handed to NS (in float32); with Nesterov also
   the quantiles of the momentum buffer itself (``momentum_sv_rel_*``).
+* ``isotropy`` (``diagnostics.isotropy``): how evenly the update the optimizer step applied,
+  Delta W = W_after - W_before (weight decay, lr and scale included; the parameters' own
+  float32 arithmetic), and the weight W after it spread their energy over singular
+  directions, for every 2-D matrix of the blocks (``isotropy``: energy shares
+  p_i = s_i^2 / sum_j s_j^2). ``matrices``: name -> layer, type (``matrix_type``: attn.wq,
+  ffn.w2, ...), group (``depth_group``: early/mid/late thirds of the depth; with fewer
+  than 3 blocks one group per block), update_entropy and weight_entropy (H / log r in
+  [0, 1], 1 = all singular values equal), update_erank and weight_erank (exp H in [1, r]);
+  None where undefined (an all-zero update). ``groups``: "type/group" -> the mean of each
+  of the four numbers over that cell's matrices. ``measure`` names the shares ("energy").
 * ``tail_tokens`` (every evaluation): eval loss per token-frequency bucket (``tail_tokens``).
 
 Every record also carries ``seconds``: the wall time its collection took, so the cost
@@ -31,21 +41,36 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from normopt.diagnostics.isotropy import MEASURES, cell_means, isotropy
 from normopt.diagnostics.norm_stats import norm_layer_stats
 from normopt.diagnostics.ns_spectrum import default_band, ns_spectrum_record
 from normopt.diagnostics.spectral_norm import SpectralNormTracker
 from normopt.diagnostics.tail_tokens import TailTokenBuckets
+from normopt.experiments.spectrum_fit import depth_group, matrix_type
 from normopt.metrics.logger import jsonable
 from normopt.models.norms import NORM_TYPES
 from normopt.optim.muon import Muon
 
 QUANTILE_LEVELS = (0.01, 0.1, 0.5, 0.9, 0.99)
+ISOTROPY_FIELDS = tuple(f"{source}_{measure}" for source in ("update", "weight") for measure in MEASURES)
 
 
 def block_index(name: str) -> int | None:
     """``layers.3.attn.wq.weight`` -> 3; None outside the blocks."""
     parts = name.split(".")
     return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit() else None
+
+
+def full_matrix(t: torch.Tensor) -> torch.Tensor:
+    """The whole matrix of a (sharded) DTensor: a collective, every rank calls it in turn."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def isotropy_cell(name: str, n_layers: int) -> tuple[int, str, str]:
+    """(block index, matrix type, depth group) of a block matrix: groups are thirds of the
+    depth, or one per block with fewer than 3 blocks."""
+    layer = block_index(name)
+    return layer, matrix_type(name), depth_group(layer, n_layers, min(3, n_layers))
 
 
 def parse_band(text: str, coefficients) -> tuple[float, float]:
@@ -68,7 +93,7 @@ class DiagnosticsWriter:
             return
         self._file.write(json.dumps(jsonable(record)) + "\n")
         step, kind = record["step"], record["kind"]
-        for group in ("layers", "matrices"):
+        for group in ("layers", "matrices", "groups"):
             for name, values in record.get(group, {}).items():
                 items = values.items() if isinstance(values, dict) else [("value", values)]
                 for key, value in items:
@@ -109,6 +134,8 @@ class Diagnostics:
         self.spectral = SpectralNormTracker(cfg.power_iterations)
         self.norm_layers = {name: m for name, m in model.named_modules() if isinstance(m, NORM_TYPES)}
         self.seconds = 0.0  # total time spent collecting, all kinds
+        self._before: dict[str, torch.Tensor] | None = None  # block matrices before a diagnosed step
+        self._snapshot_seconds = 0.0
 
     def due(self, step: int) -> bool:
         return bool(self.cfg.interval) and step % self.cfg.interval == 0
@@ -148,7 +175,7 @@ class Diagnostics:
         record = {"step": step, "kind": "norm", "layers": stats}
         scale = getattr(self.model, "embed_scale", None)
         if scale is not None:  # a collective on sharded models: every rank calls this
-            record["embed_scale"] = float((scale.full_tensor() if isinstance(scale, DTensor) else scale).detach())
+            record["embed_scale"] = float(full_matrix(scale).detach())
         return record
 
     # -- weights --------------------------------------------------------------------
@@ -187,8 +214,7 @@ class Diagnostics:
         coefficients = None
         band = None
         for index, (name, group, U, buf) in enumerate(todo):
-            full = U.full_tensor() if isinstance(U, DTensor) else U
-            momentum = buf.full_tensor() if isinstance(buf, DTensor) else buf
+            full, momentum = full_matrix(U), None if buf is None else full_matrix(buf)
             coefficients = group["ns_coefficients"]
             band = parse_band(self.cfg.ns_band, coefficients)
             if index % self.world_size == self.rank:
@@ -204,7 +230,54 @@ class Diagnostics:
                 "coefficients": coefficients if isinstance(coefficients, str) else "custom",
                 "levels": list(QUANTILE_LEVELS), "band": list(band), "matrices": ordered}
 
+    # -- isotropy of updates and weights --------------------------------------------
+
+    def _block_matrices(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.ndim == 2 and block_index(n) is not None]
+
+    @torch.no_grad()
+    def _snapshot_block_matrices(self) -> None:
+        """Copy this rank's shard of every block matrix: one more copy of those weights,
+        held from just before the step until the record is written."""
+        started = time.perf_counter()
+        self._before = {name: p.detach().clone() for name, p in self._block_matrices()}
+        self._snapshot_seconds = time.perf_counter() - started
+
+    @torch.no_grad()
+    def isotropy_record(self, step: int) -> dict | None:
+        """Update Delta W = W - (the snapshot) and weight W of every block matrix, both
+        gathered on all ranks in the same order, matrix i analysed on rank i % world_size,
+        the per-matrix results collected on every rank; then the means per type and group."""
+        before, self._before = self._before, None
+        if not before:
+            return None
+        todo = self._block_matrices()
+        n_layers = 1 + max(block_index(name) for name, _ in todo)
+        mine: dict[str, dict] = {}
+        for index, (name, p) in enumerate(todo):
+            weight = p.detach()
+            update, weight = full_matrix(weight - before.pop(name)), full_matrix(weight)
+            if index % self.world_size == self.rank:
+                layer, mtype, group = isotropy_cell(name, n_layers)
+                mine[name] = {"layer": layer, "type": mtype, "group": group,
+                              **{f"update_{k}": v for k, v in isotropy(update).items()},
+                              **{f"weight_{k}": v for k, v in isotropy(weight).items()}}
+        if self.world_size > 1:
+            gathered: list = [None] * self.world_size
+            dist.all_gather_object(gathered, mine)
+            mine = {k: v for part in gathered for k, v in part.items()}
+        ordered = {name: mine[name] for name, _ in todo}
+        cells = {name: f"{r['type']}/{r['group']}" for name, r in ordered.items()}
+        return {"step": step, "kind": "isotropy", "measure": "energy",
+                "groups": cell_means(ordered, cells, ISOTROPY_FIELDS), "matrices": ordered}
+
     # -- what the trainer calls -----------------------------------------------------
+
+    def before_optimizer_step(self) -> None:
+        """On a diagnosed step, just before ``optimizer.step()``: keep what the isotropy
+        record needs to measure the update the step applies."""
+        if self.cfg.isotropy:
+            self._snapshot_block_matrices()
 
     def after_optimizer_step(self, step: int) -> None:
         if self.cfg.ns_spectrum:
@@ -212,6 +285,11 @@ class Diagnostics:
             record = self.ns_spectrum_record(step)
             if record is not None:
                 self._timed_write(record, started)
+        if self.cfg.isotropy:
+            started = time.perf_counter()
+            record = self.isotropy_record(step)
+            if record is not None:  # the snapshot's time counts too
+                self._timed_write(record, started - self._snapshot_seconds)
 
     def after_step(self, step: int) -> None:
         started = time.perf_counter()

@@ -11,7 +11,8 @@ what runs leave behind (file names: :mod:`normopt.run_dir`):
   "seed", "arm", "exit_code"}``; what it names wins over the config;
 * the diagnostics log (optional, written by the trainer): one record a line,
   ``{"step", "kind", ...}``; ``read_diagnostics`` keeps the kinds the report shows (norm-layer
-  saturation, spectral norms of the weight matrices, loss by token-frequency bucket).
+  saturation, spectral norms of the weight matrices, loss by token-frequency bucket, the
+  singular-value isotropy of updates and weights).
 
 Placing cells into arms is :mod:`normopt.experiments.arms`; flagging cells that cannot count
 is :mod:`normopt.experiments.cell_assessment`.
@@ -126,6 +127,20 @@ class TailTokens:
 
 
 @dataclass(frozen=True)
+class Isotropy:
+    """One ``isotropy`` record's means per "type/group" cell (``attn.wq/early``; see
+    ``normopt.diagnostics.collector``): for the update the optimizer step applied and for
+    the weights after it, the normalised singular-value entropy (energy shares; 1 = all
+    singular values equal, 0 = rank one) and the effective rank; None = undefined."""
+
+    step: int
+    update_entropy: Mapping[str, float | None]
+    update_erank: Mapping[str, float | None]
+    weight_entropy: Mapping[str, float | None]
+    weight_erank: Mapping[str, float | None]
+
+
+@dataclass(frozen=True)
 class Diagnostics:
     """What the report shows of one cell's ``diagnostics.jsonl``: per-step series sorted by step,
     one value per step (a later record for a step replaces an earlier one, as in metrics.jsonl).
@@ -143,6 +158,7 @@ class Diagnostics:
     # (step, layer name -> saturation) for every step with a bounded layer: what a mean hides
     saturation_by_step: tuple[tuple[int, Mapping[str, float]], ...] = ()
     run: Mapping[str, Any] | None = None  # the last "run" record (n_params, n_layers, ...), if any
+    isotropy: Isotropy | None = None  # the isotropy record with the largest step
 
     @property
     def empty(self) -> bool:
@@ -202,15 +218,27 @@ def _tail_tokens(step: int, record: Mapping[str, Any]) -> TailTokens:
                       tuple(sizes))
 
 
+def _isotropy(step: int, record: Mapping[str, Any]) -> Isotropy:
+    cells = _mapping(record, "groups")
+    if not all(isinstance(v, Mapping) for v in cells.values()):
+        raise ValueError("'groups' is not an object of objects")
+    columns = {field: {str(cell): _optional_metric(values.get(field)) for cell, values in cells.items()}
+               for field in ("update_entropy", "update_erank", "weight_entropy", "weight_erank")}
+    return Isotropy(step, **columns)
+
+
 def read_diagnostics(path: Path) -> Diagnostics:
     """Parse ``diagnostics.jsonl``: one JSON object a line with an integer "step" and a "kind".
     Kept: "norm" (per-layer ``saturation``), "spectral_norm" (``matrices``: name -> spectral
-    norm), "run" (the run's description, as written) and "tail_tokens" (``bucket_loss``,
-    ``bucket_token_share``, ``bucket_vocab_size``); other kinds are ignored. Numbers may be
-    null or "nan"/"inf"/"-inf". As in ``read_metrics``, an unterminated last line that does
-    not parse is skipped and any other bad line is a UserError."""
+    norm), "run" (the run's description, as written), "tail_tokens" (``bucket_loss``,
+    ``bucket_token_share``, ``bucket_vocab_size``) and "isotropy" (``groups``: "type/group"
+    -> update_entropy, update_erank, weight_entropy, weight_erank); other kinds are
+    ignored. Numbers may be null or "nan"/"inf"/"-inf". As in ``read_metrics``, an
+    unterminated last line that does not parse is skipped and any other bad line is a
+    UserError."""
     readers = {"norm": _saturations, "spectral_norm": _spectral_norms,
-               "tail_tokens": lambda r: _tail_tokens(r["step"], r), "run": dict}
+               "tail_tokens": lambda r: _tail_tokens(r["step"], r), "run": dict,
+               "isotropy": lambda r: _isotropy(r["step"], r)}
 
     def parse(record: dict[str, Any]) -> tuple[str, int, Any]:
         kind = record.get("kind")
@@ -234,6 +262,7 @@ def read_diagnostics(path: Path) -> Diagnostics:
         partial_last_line=partial,
         saturation_by_step=tuple(saturation.items()),
         run=by_kind["run"][max(by_kind["run"])] if by_kind["run"] else None,
+        isotropy=by_kind["isotropy"][max(by_kind["isotropy"])] if by_kind["isotropy"] else None,
     )
 
 

@@ -250,6 +250,37 @@ def diagnostics_table(summary: Mapping[str, Any]) -> str:
                            "spectral norm growth", "loss per token bucket, head → tail (nats)", "flags"], rows)
 
 
+def _type_of(cell_key: str) -> str:
+    return cell_key.split("/", 1)[0]
+
+
+def isotropy_table(summary: Mapping[str, Any]) -> str | None:
+    """One row per cell with an isotropy record: per matrix type, the normalised singular-value
+    entropy of the applied update and of the weights (mean over the type's depth groups), as
+    "update / weight"; None when no cell logged one."""
+    rows, types = [], []
+    for c in summary["cells"]:
+        d = c.get("diagnostics") or {}
+        for key in d.get("update_isotropy") or {}:
+            if _type_of(key) not in types:
+                types.append(_type_of(key))
+    if not types:
+        return None
+
+    def mean_of(values: Mapping[str, float | None], matrix_type: str) -> float | None:
+        kept = [v for k, v in values.items() if _type_of(k) == matrix_type and v is not None]
+        return sum(kept) / len(kept) if kept else None
+
+    for c in summary["cells"]:
+        d = c.get("diagnostics") or {}
+        if d.get("update_isotropy") is None:
+            continue
+        cells = [f"{_num(mean_of(d['update_isotropy'], t), 2)} / {_num(mean_of(d['weight_isotropy'], t), 2)}"
+                 for t in types]
+        rows.append([c["name"], *_placement(summary, c), str(d["isotropy_step"]), *cells])
+    return markdown_table(["cell", *_placement_columns(summary), "step", *types], rows)
+
+
 def collapse_notes(notes: Sequence[str], cell_names: Sequence[str]) -> list[str]:
     """The notes with those that say the same of several cells ("a: skipped ...", "b: skipped
     ...", or "a left out: diverged: ...") merged into one line naming the cells, at the place of
@@ -369,6 +400,16 @@ def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
              "bucket, most frequent tokens first, at the last record (— = empty bucket)."), "",
             diagnostics_table(summary), "",
         ]
+        isotropy = isotropy_table(summary)
+        if isotropy is not None:
+            parts += [
+                ("Isotropy of the update each optimizer step applied (W after − W before) and of the weights, "
+                 "at the last diagnostics step: the normalised singular-value entropy "
+                 "−Σ p_i log p_i / log r with p_i = s_i² / Σ s_j² (1 = every direction moved equally, "
+                 "0 = rank one), mean over the matrices of each type and depth group, shown as "
+                 "update / weight per matrix type; per depth group and the effective ranks in summary.json."),
+                "", isotropy, "",
+            ]
         parts += [f"![{name}]({path})" for name, path in (diagnostic_plots or {}).items()]
     parts += ["", "## Cells", "", cell_table(summary), "", "## Notes", ""]
     parts += [f"- {note}" for note in collapse_notes(summary["notes"], [c["name"] for c in cells])] or ["- none"]

@@ -111,8 +111,13 @@ def diagnostics_numbers(diagnostics: Diagnostics) -> dict[str, Any]:
       (``spectral_norm_steps`` = [first, last]); None with one record or a first mean of 0;
     * tail_bucket_loss: the last tail_tokens record's loss per token-frequency bucket (nats,
       head -> tail, None = empty bucket), at ``tail_tokens_step``, with its token shares and
-      vocabulary sizes."""
+      vocabulary sizes;
+    * update_isotropy, weight_isotropy: the last isotropy record's normalised singular-value
+      entropy (1 = isotropic, 0 = rank one) of the applied updates and of the weights, per
+      "type/group" cell (mean over the cell's matrices), at ``isotropy_step``; their
+      effective ranks in update_effective_rank, weight_effective_rank."""
     saturation, spectral, tail = diagnostics.saturation, diagnostics.spectral_norm, diagnostics.tail_tokens
+    iso = diagnostics.isotropy
     growth = None
     if len(spectral) >= 2 and spectral[0][1] != 0:
         growth = spectral[-1][1] / spectral[0][1]
@@ -127,6 +132,11 @@ def diagnostics_numbers(diagnostics: Diagnostics) -> dict[str, Any]:
         "tail_bucket_loss": list(tail.bucket_loss) if tail else None,
         "tail_bucket_token_share": list(tail.bucket_token_share) if tail else None,
         "tail_bucket_vocab_size": list(tail.bucket_vocab_size) if tail else None,
+        "isotropy_step": iso.step if iso else None,
+        "update_isotropy": dict(iso.update_entropy) if iso else None,
+        "weight_isotropy": dict(iso.weight_entropy) if iso else None,
+        "update_effective_rank": dict(iso.update_erank) if iso else None,
+        "weight_effective_rank": dict(iso.weight_erank) if iso else None,
         "partial_last_line": diagnostics.partial_last_line,
     }
 
