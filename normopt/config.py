@@ -105,6 +105,10 @@ class OptimConfig:
     decay_norms_and_embeddings: bool = False
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     # Muon / NorMuon (the 2-D hidden matrices; everything else stays on AdamW)
+    # which block matrices Muon/NorMuon takes, the rest going to AdamW with the AdamW settings:
+    # all | none | qk | vo | ffn | vo_ffn | attn (by component, models/matrix_roles.py), or
+    # parameter-name globs (a YAML list, or comma-separated: "layers.*.attn.wv.weight,layers.0.*")
+    muon_params: str | list[str] = "all"
     muon_lr: float | None = None  # None = optim.lr (sensible with scale_rule match_adamw)
     muon_weight_decay: float | None = None  # None = optim.weight_decay
     momentum: float = 0.95
@@ -210,6 +214,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if value not in choices:
             raise UserError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -397,6 +406,9 @@ def validate(cfg: Config) -> None:
         NSStepRules.parse(o.ns_steps_per_layer)
     except ValueError as exc:
         raise UserError(f"optim.ns_steps_per_layer: {exc}") from None
+    from normopt.models.matrix_roles import parse_muon_params
+
+    parse_muon_params(o.muon_params)  # a misspelt set is refused under every optimizer
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
 

@@ -49,16 +49,18 @@ def test_two_ranks_match_one_process(tmp_path, tiny_corpus, norm):
     assert reference[8] < reference[1] - 0.1
 
 
-@pytest.mark.parametrize("optim", ["muon", "normuon"])
-def test_two_ranks_match_one_process_with_muon(tmp_path, tiny_corpus, optim):
+@pytest.mark.parametrize("optim,muon_params", [("muon", "all"), ("normuon", "vo_ffn")])
+def test_two_ranks_match_one_process_with_muon(tmp_path, tiny_corpus, optim, muon_params):
     """Distributed Newton-Schulz inside the trainer: the owner rank orthogonalises whole
     matrices, so 2 ranks follow the 1-process loss curve (fp32, 1e-5: only the order of
     gradient summation differs). The diagnostics agree too: norm-layer stats on the probe
     batch, power iteration over row shards (one all-reduce per iteration instead of a
     gather), and the NS spectrum and the isotropy of updates and weights of gathered
-    matrices analysed on their owner rank."""
+    matrices analysed on their owner rank. With ``vo_ffn`` the query and key matrices go to
+    AdamW and only the rest through distributed NS."""
     common = [f"optim.name={optim}", "model.norm=derf", "train.dtype=float32", "train.steps=8",
-              "optim.lr=0.02", "optim.ns_steps_per_layer=layers.0.*=7", "diagnostics.interval=4"]
+              "optim.lr=0.02", "optim.ns_steps_per_layer=layers.0.*=7", "diagnostics.interval=4",
+              f"optim.muon_params={muon_params}"]
     single, double = tmp_path / "single", tmp_path / "double"
     proc = run_cli(tiny_run_args(single, tiny_corpus, *common))
     assert proc.returncode == 0, proc.stderr[-3000:]

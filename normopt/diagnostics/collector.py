@@ -46,8 +46,8 @@ from normopt.diagnostics.norm_stats import norm_layer_stats
 from normopt.diagnostics.ns_spectrum import default_band, ns_spectrum_record
 from normopt.diagnostics.spectral_norm import SpectralNormTracker
 from normopt.diagnostics.tail_tokens import TailTokenBuckets
-from normopt.experiments.spectrum_fit import depth_group, matrix_type
 from normopt.metrics.logger import jsonable
+from normopt.models.matrix_roles import depth_group, matrix_type
 from normopt.models.norms import NORM_TYPES
 from normopt.optim.muon import Muon
 

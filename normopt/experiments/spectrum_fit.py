@@ -30,11 +30,11 @@ from typing import Any
 from normopt.diagnostics.ns_spectrum import DEFAULT_MAX_STEPS, fewest_ns_steps_joint
 from normopt.errors import UserError
 from normopt.metrics.jsonl import read_step_records
+from normopt.models.matrix_roles import depth_group, group_names, matrix_type
 from normopt.run_dir import DIAGNOSTICS_FILE, RunDir
 
 QUANTITIES = ("sv_rel_fro", "sv_rel_max")
 SOURCES = {"ns_input": "", "momentum": "momentum_"}  # field prefix in the ns_spectrum record
-GROUP_NAMES = {1: ("all",), 2: ("early", "late"), 3: ("early", "mid", "late")}
 DEFAULT_BURN_IN = 0.5
 DEFAULT_LEVEL = 0.1
 MODEL_SIZE = ("M = n_params of the run line: total learnable parameters including the token embedding "
@@ -44,36 +44,6 @@ Cell = tuple[str, str, float]  # (depth group, matrix type, quantile level)
 
 
 # --------------------------------------------------------------------------- cells
-
-
-def group_names(n_groups: int) -> tuple[str, ...]:
-    """Names of the depth groups, shallowest first: early/mid/late for 3, g0..g{G-1} past 3."""
-    if n_groups < 1:
-        raise UserError(f"--groups must be >= 1, got {n_groups}")
-    return GROUP_NAMES.get(n_groups, tuple(f"g{i}" for i in range(n_groups)))
-
-
-def depth_group(layer: int, n_layers: int, n_groups: int = 3) -> str:
-    """Group of block ``layer`` (0-based) among ``n_layers``: index floor(G * layer / n_layers),
-    i.e. the equal thirds early l < n/3, mid n/3 <= l < 2n/3, late the rest for G = 3."""
-    if not 0 <= layer < n_layers:
-        raise ValueError(f"layer {layer} is not in 0..{n_layers - 1}")
-    return group_names(n_groups)[(n_groups * layer) // n_layers]
-
-
-def matrix_type(name: str) -> str:
-    """A matrix's role in its block: the dotted path after the block index (the first
-    all-digit part), minus a trailing ``.weight`` and any later all-digit part (an expert
-    index), so one type holds matrices of one shape:
-
-        layers.3.attn.wq.weight -> attn.wq        layers.3.ffn.w2.weight -> ffn.w2
-        layers.0.attn.wkv_a.weight -> attn.wkv_a  layers.1.ffn.experts.7.w1.weight -> ffn.experts.w1
-
-    A name without a block index keeps its whole path (``output.weight`` -> ``output``)."""
-    parts = name.split(".")
-    parts = parts[:-1] if len(parts) > 1 and parts[-1] == "weight" else parts
-    block = next((i for i, part in enumerate(parts) if part.isdigit()), -1)
-    return ".".join(p for p in parts[block + 1:] if not p.isdigit()) or name
 
 
 # --------------------------------------------------------------------------- reading

@@ -3,8 +3,10 @@
 Roles: ``matrix`` (the 2-D hidden weights of attention and MLP), ``head`` (an untied output
 projection), ``embedding`` (token embedding, a tied head, and the embedding scale of
 bounded-norm models) and ``norm`` (norm gains and
-biases, DyT/Derf alpha and shift). Under Muon/NorMuon the matrices go to the Muon-family
-optimizer and everything else to AdamW; norms and embeddings take no weight decay unless
+biases, DyT/Derf alpha and shift). Under Muon/NorMuon the matrices that ``optim.muon_params``
+selects (all by default; :mod:`normopt.models.matrix_roles`) go to the Muon-family optimizer,
+the other matrices form the group ``matrix_adamw`` (AdamW with the AdamW lr and weight decay),
+and everything else goes to AdamW; norms and embeddings take no weight decay unless
 ``optim.decay_norms_and_embeddings`` is set.
 """
 
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from normopt.models.matrix_roles import check_globs_match, muon_selector
 from normopt.models.norms import NORM_TYPES
 
 
@@ -57,7 +60,8 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
 
 
 def build_param_groups(model: nn.Module, optim_cfg) -> list[ParamGroup]:
-    """One ParamGroup per role that has parameters, with its optimizer, lr and weight decay."""
+    """One ParamGroup per role that has parameters, with its optimizer, lr and weight decay
+    (under Muon/NorMuon, the matrices ``optim.muon_params`` leaves out are ``matrix_adamw``)."""
     muon_family = optim_cfg.name in ("muon", "normuon")
     no_decay = 0.0 if not optim_cfg.decay_norms_and_embeddings else optim_cfg.weight_decay
     if muon_family:
@@ -67,12 +71,17 @@ def build_param_groups(model: nn.Module, optim_cfg) -> list[ParamGroup]:
         matrix_lr, matrix_wd = optim_cfg.lr, optim_cfg.weight_decay
     specs = {
         "matrix": (optim_cfg.name if muon_family else "adamw", matrix_lr, matrix_wd),
+        "matrix_adamw": ("adamw", optim_cfg.lr, optim_cfg.weight_decay),
         "head": ("adamw", optim_cfg.lr, optim_cfg.weight_decay),
         "embedding": ("adamw", optim_cfg.lr, no_decay),
         "norm": ("adamw", optim_cfg.lr, no_decay),
     }
     groups = {role: ParamGroup(role, *spec) for role, spec in specs.items()}
     roles = parameter_roles(model)
+    if muon_family:
+        check_globs_match(optim_cfg.muon_params, [n for n, r in roles.items() if r == "matrix"])
+        on_muon = muon_selector(optim_cfg.muon_params)
+        roles = {n: "matrix_adamw" if r == "matrix" and not on_muon(n) else r for n, r in roles.items()}
     for name, p in model.named_parameters():
         group = groups[roles[name]]
         group.names.append(name)
