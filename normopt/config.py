@@ -60,6 +60,12 @@ class DataConfig:
     tokenizer: str = ""  # a tokenizer.json; empty = train a byte-level BPE on the corpus
     vocab_size: int = 8192  # for the trained BPE
     val_fraction: float = 0.05  # tail of the token stream held out for evaluation
+    # data.path synthetic:assoc (normopt/data/synthetic_assoc.py): key -> value pairs with
+    # Zipf-distributed keys; the vocabulary is 2 x classes + 1 (data.vocab_size is not used)
+    synthetic_classes: int = 1024
+    synthetic_zipf: float = 1.0  # p(key k) proportional to (k + 1)^-zipf
+    synthetic_tokens: int = 2_000_000
+    synthetic_seed: int = 0  # the data's own seed: train.seed never changes the data
     cache_dir: str = role(EXECUTION, "")  # empty = $NORMOPT_CACHE or ~/.cache/normopt
 
 
@@ -360,6 +366,14 @@ def validate(cfg: Config) -> None:
     _require(d.vocab_size >= 260, "data.vocab_size", "must be at least 260 (256 bytes + specials)")
     _require(0.0 < d.val_fraction < 0.5, "data.val_fraction", "must be in (0, 0.5)")
     _require(d.max_tokens >= 0, "data.max_tokens", "must be >= 0")
+    _require(2 <= d.synthetic_classes <= 1_000_000, "data.synthetic_classes", "must be in [2, 1000000]")
+    _require(d.synthetic_zipf >= 0, "data.synthetic_zipf", "must be >= 0 (0 = uniform keys)")
+    _require(d.synthetic_tokens >= 1000, "data.synthetic_tokens", "must be at least 1000")
+    _require(d.synthetic_seed >= 0, "data.synthetic_seed", "must be >= 0")
+    from normopt.data.synthetic_assoc import AssocSpec, is_synthetic
+
+    if is_synthetic(d.path):
+        AssocSpec.from_config(d)  # an unknown synthetic:NAME is refused here
 
     m = cfg.model
     _require(m.preset in PRESETS, "model.preset",

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from normopt.data.corpus import CorpusSpec, default_cache_dir, iter_documents, resolve_corpus
+from normopt.data.synthetic_assoc import AssocSpec, build_assoc, is_synthetic
 from normopt.data.tokenizer import eos_id, load_tokenizer, train_bpe
 from normopt.errors import UserError
 
@@ -93,11 +94,22 @@ def prepared_tokenizer(data_cfg) -> Path | None:
     """The tokenizer.json a run with ``data_cfg`` trained with, without preparing anything:
     the configured data.tokenizer, else the one in the corpus's prepared folder (None when
     that folder is gone, e.g. a cleared cache or another machine)."""
-    if data_cfg.tokenizer:
+    if data_cfg.tokenizer and not is_synthetic(data_cfg.path):
         path = Path(data_cfg.tokenizer).expanduser()
         return path if path.is_file() else None
-    path = prepared_folder(data_cfg, resolve_corpus(data_cfg)) / "tokenizer.json"
+    path = _folder_and_builder(data_cfg, print)[0] / "tokenizer.json"
     return path if path.is_file() else None
+
+
+def _folder_and_builder(data_cfg, log):
+    """The prepared folder of ``data_cfg``'s corpus and the function that fills a folder
+    with it: tokenising a text corpus, or generating a synthetic one."""
+    if is_synthetic(data_cfg.path):
+        spec = AssocSpec.from_config(data_cfg)
+        return (default_cache_dir(data_cfg.cache_dir) / "prepared" / spec.key,
+                lambda out: build_assoc(spec, out, log))
+    spec = resolve_corpus(data_cfg)
+    return prepared_folder(data_cfg, spec), lambda out: _build(data_cfg, spec, out, log)
 
 
 def prepare_corpus(data_cfg, log=print) -> Path:
@@ -106,8 +118,7 @@ def prepare_corpus(data_cfg, log=print) -> Path:
     Call it on one process (rank 0) while the others wait: it is idempotent and cheap when
     the folder already exists.
     """
-    spec = resolve_corpus(data_cfg)
-    folder = prepared_folder(data_cfg, spec)
+    folder, build = _folder_and_builder(data_cfg, log)
     if (folder / "meta.json").exists():
         return folder
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
@@ -118,7 +129,7 @@ def prepare_corpus(data_cfg, log=print) -> Path:
         raise UserError(f"data.cache_dir: cannot create {tmp.parent} "
                         f"({exc.strerror or type(exc).__name__})") from None
     try:
-        _build(data_cfg, spec, tmp, log)
+        build(tmp)
         if folder.exists():  # another process finished first
             shutil.rmtree(tmp)
         else:
