@@ -167,7 +167,7 @@ class CheckpointConfig:
 @dataclass
 class DiagnosticsConfig:
     # diagnostics observe the run and never change it
-    interval: int = role(EXECUTION, 50)  # norm-layer stats, spectral norms, NS spectrum every N steps (0 = off)
+    interval: int = role(EXECUTION, 50)  # norm stats, spectral norms, NS spectrum, isotropy every N steps (0 = off)
     probe_sequences: int = role(EXECUTION, 8)  # validation windows in the fixed probe batch of the norm stats
     power_iterations: int = role(EXECUTION, 2)  # per call, warm-started from the last call's vector
     ns_spectrum: bool = role(EXECUTION, True)  # Muon/NorMuon runs: singular values of the matrices NS receives
