@@ -107,15 +107,23 @@ def interaction_table(summary: Mapping[str, Any], stratum: Mapping[str, str] | N
 
 
 def recovery_table(summary: Mapping[str, Any], stratum: Mapping[str, str] | None = None) -> str:
-    rows = [[r["fix"], r["base_norm"], r["optim"], _num(r["gap_base"], sign=True), _num(r["gap_fix"], sign=True),
-             _pct(r["share"]), _pct_ci(r["ci95"], r["ci_note"]),
-             _pct(r["interaction_share"]),
-             "—" if r["interaction_share"] is None else _pct_ci(r["interaction_ci95"], r["interaction_ci_note"])]
-            for r in in_stratum(summary["recoveries"], stratum)]
+    """Each fix's recovered shares of its target's gap (and interaction) with Fieller intervals;
+    without an across axis there is neither an across column nor an interaction share."""
+    single = summary["settings"]["axes"]["across"] is None
     compare_noun, across_noun = _nouns(summary)
-    return markdown_table(["fix", "of", across_noun or "—", f"gap of the {compare_noun}", "gap of the fix",
-                           "share of the gap recovered", "95% CI (Fieller)", "share of the interaction recovered",
-                           "95% CI (Fieller)"], rows)
+    rows = []
+    for r in in_stratum(summary["recoveries"], stratum):
+        row = [r["fix"], r["base_norm"], *([] if single else [r["optim"]]), _num(r["gap_base"], sign=True),
+               _num(r["gap_fix"], sign=True), _pct(r["share"]), _pct_ci(r["ci95"], r["ci_note"])]
+        if not single:
+            row += [_pct(r["interaction_share"]),
+                    "—" if r["interaction_share"] is None else _pct_ci(r["interaction_ci95"], r["interaction_ci_note"])]
+        rows.append(row)
+    header = ["fix", "of", *([] if single else [across_noun]), f"gap of the {compare_noun}", "gap of the fix",
+              "share of the gap recovered", "95% CI (Fieller)"]
+    if not single:
+        header += ["share of the interaction recovered", "95% CI (Fieller)"]
+    return markdown_table(header, rows)
 
 
 def _excludes_zero(ci: Sequence[float] | None) -> bool:

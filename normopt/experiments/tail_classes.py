@@ -116,7 +116,8 @@ def tail_comparisons(members: Sequence[tuple[Cell, Assessment]], variants: Seque
         result = compare_buckets(group(*first), group(*second))
         if result is None:
             continue
-        label = (lambda g: f"{g[1]} ({g[0]})") if kind == "across" else (lambda g: f"{g[0]} ({g[1]})")
+        label = ((lambda g: f"{g[1]} ({g[0]})") if kind == "across" else
+                 (lambda g: f"{g[0]} ({g[1]})") if reference is not None else (lambda g: g[0]))
         item = {"kind": kind, "first": {"variant": first[0], "optim": first[1]},
                 "second": {"variant": second[0], "optim": second[1]},
                 "first_label": label(first), "second_label": label(second), **result}
