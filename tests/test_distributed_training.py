@@ -15,6 +15,7 @@ def _records(run_dir, key):
     return {r["step"]: r[key] for r in lines if key in r}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["derf_ema"])
 def test_two_ranks_match_one_process(tmp_path, tiny_corpus, norm):
     """Same global batch, fp32: per-step losses agree to 1e-5 whether the batch is split

@@ -154,6 +154,7 @@ def test_shipped_specs_are_valid():
     assert gpus["gpu_124m.yaml"] == 1 and gpus["paper_1b.yaml"] == 8
 
 
+@pytest.mark.slow
 def test_multi_rank_cells_keep_diverged_and_preempted_statuses(tmp_path, tiny_corpus):
     """Under --nproc 2 each cell runs through ``normopt launch``: a diverged cell is recorded
     with status 3 and the grid goes on; SIGTERM during the next cell stops it after a

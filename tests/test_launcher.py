@@ -72,6 +72,7 @@ def test_signal_to_the_launcher_checkpoints_and_exits_75(tmp_path, tiny_corpus, 
     assert (run_dir / "checkpoints" / f"step_{max(steps):08d}" / "trainer_state.json").exists()
 
 
+@pytest.mark.slow
 def test_ranks_die_with_a_killed_launcher(tmp_path, tiny_corpus):
     run_dir = tmp_path / "run"
     proc = _launch(tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
