@@ -97,6 +97,27 @@ class ModelConfig:
     # derf_ema: running input-scale estimate blended into the erf argument.
     derf_ema_momentum: float = 0.99
     derf_ema_blend: float = 0.5
+    # attention: gqa (grouped-query) or mla (DeepSeek-V2 latent attention, models/mla.py);
+    # None = the preset's. The MLA shape keys left unset (or 0) follow the head size.
+    attention: Literal["gqa", "mla"] | None = None
+    q_lora_rank: int | None = None  # query latent size; 0 = queries straight from x
+    kv_lora_rank: int | None = None  # the shared key-value latent
+    qk_nope_head_dim: int | None = None  # per-head query/key dims without RoPE
+    qk_rope_head_dim: int | None = None  # per-head RoPE dims (one RoPE key shared by the heads)
+    v_head_dim: int | None = None
+    # feed-forward: dense SwiGLU or moe (routed SwiGLU experts, models/moe.py); None = the
+    # preset's. Unset MoE sizes: 8 experts, hidden ffn_hidden / 2 (the dense active size).
+    ffn: Literal["dense", "moe"] | None = None
+    n_experts: int | None = None
+    moe_top_k: int | None = None  # experts per token
+    moe_hidden: int | None = None  # each expert's SwiGLU hidden size
+    n_shared_experts: int | None = None  # always-on experts of hidden moe_hidden
+    moe_score: Literal["softmax", "sigmoid"] | None = None
+    # load balancing: aux_loss (DeepSeek-V2 balance loss, coefficient moe_aux_coef),
+    # aux_free (DeepSeek-V3 per-expert routing bias, step moe_bias_rate) or none
+    moe_balance: Literal["aux_loss", "aux_free", "none"] | None = None
+    moe_aux_coef: float | None = None
+    moe_bias_rate: float | None = None
 
 
 @dataclass
@@ -392,7 +413,19 @@ def validate(cfg: Config) -> None:
              "must be auto, none or a positive number")
     _require(0.0 <= m.derf_ema_momentum < 1.0, "model.derf_ema_momentum", "must be in [0, 1)")
     _require(0.0 <= m.derf_ema_blend <= 1.0, "model.derf_ema_blend", "must be in [0, 1]")
+    for name in ("q_lora_rank", "n_shared_experts"):
+        _require(getattr(m, name) is None or getattr(m, name) >= 0, f"model.{name}", "must be >= 0")
+    for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_experts", "moe_top_k",
+                 "moe_hidden"):
+        _require(getattr(m, name) is None or getattr(m, name) > 0, f"model.{name}", "must be positive")
+    for name in ("moe_aux_coef", "moe_bias_rate"):
+        _require(getattr(m, name) is None or getattr(m, name) >= 0, f"model.{name}", "must be >= 0")
     args = resolve_model_args(m, vocab_size=d.vocab_size)
+    if args.attention == "mla":
+        _require(args.qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim", f"{args.qk_rope_head_dim} must be even for RoPE")
+    if args.ffn == "moe":
+        _require(args.moe_top_k <= args.n_experts, "model.moe_top_k",
+                 f"{args.moe_top_k} experts per token but only {args.n_experts} experts")
     _require(args.dim % args.n_heads == 0, "model.n_heads",
              f"{args.n_heads} heads do not divide dim {args.dim}")
     _require(args.head_dim % 2 == 0, "model.n_heads", f"head dim {args.head_dim} must be even for RoPE")

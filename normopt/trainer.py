@@ -34,7 +34,9 @@ from normopt.metrics.jsonl import truncate_after
 from normopt.metrics.logger import MetricsLogger
 from normopt.models.derf import commit_running_scales
 from normopt.models.llama import Transformer, build_model
-from normopt.models.presets import count_flops_per_token, count_parameters, resolve_model_args
+from normopt.models.moe import commit_expert_loads, load_summary, moe_routers
+from normopt.models.presets import (count_active_parameters, count_flops_per_token, count_parameters,
+                                    resolve_model_args)
 from normopt.optim.builder import build_optimizers
 from normopt.optim.param_groups import format_group_table
 from normopt.parallel.distributed import DistInfo, all_reduce_sum
@@ -95,6 +97,9 @@ class Trainer:
         on_main_then_share(lambda: check_fits(self.memory, *available_bytes(dist_info.device.type,
                                                                             dist_info.device.index)), dist_info)
         self.model = self._build_model()
+        self.moe = bool(moe_routers(self.model))
+        self.expert_loads: torch.Tensor | None = None  # summed over the logging window
+        self.aux_loss_sum, self.window_steps = 0.0, 0  # over the logging window's steps
         self.flops_per_token = count_flops_per_token(self.model_args, t.seq_len)
         self.optimizers = build_optimizers(self.model, cfg.optim, dist_info.device.type)
 
@@ -187,7 +192,9 @@ class Trainer:
         for step in range(self.start_step, t.steps):
             done = step + 1
             lr_factor = self.optimizers.apply_schedule(cfg.optim, step, t.steps)
-            loss, grad_norm, stop = self._train_step(step, diagnose=self.diagnostics.due(done) or done == t.steps)
+            loss, grad_norm, stop, aux_loss = self._train_step(step, diagnose=self.diagnostics.due(done)
+                                                               or done == t.steps)
+            self.aux_loss_sum, self.window_steps = self.aux_loss_sum + aux_loss, self.window_steps + 1
             window_tokens += tokens_per_step
             progress.update(1)
 
@@ -201,6 +208,8 @@ class Trainer:
                 }
                 if self.peak_flops:
                     record["mfu"] = self.mfu(tokens_per_s)  # null where the peak is underestimated
+                if self.moe:
+                    record.update(self._moe_window_record())
                 self.metrics.log(record)
                 progress.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}",
                                      tok_s=f"{tokens_per_s:,.0f}")
@@ -222,28 +231,35 @@ class Trainer:
         progress.close()
         return self._summary(eval_loss)
 
-    def _train_step(self, step: int, diagnose: bool = False) -> tuple[float, float, bool]:
+    def _train_step(self, step: int, diagnose: bool = False) -> tuple[float, float, bool, float]:
         """Forward/backward over this rank's micro-batches, clip, step. Returns the global
-        mean loss of the step's batch, the gradient norm and whether any rank was asked to
-        stop (all three identical on every rank). With ``diagnose``, the matrices the step
-        handed to Newton-Schulz and the update it applied are analysed before the gradients
-        are cleared."""
+        mean loss (cross-entropy) of the step's batch, the gradient norm, whether any rank
+        was asked to stop and the MoE balance loss (0 without MoE; all four identical on
+        every rank). The balance loss is added to the loss that is differentiated. With
+        ``diagnose``, the matrices the step handed to Newton-Schulz and the update it
+        applied are analysed before the gradients are cleared."""
         self.model.train()
         loss_sum = torch.zeros((), device=self.dist.device)
+        aux_sum = torch.zeros((), device=self.dist.device)
         micro_batches = list(self.batches.micro_batches(step))
         for index, (inputs, targets) in enumerate(micro_batches):
             # gradients are reduced across ranks once, after the last micro-batch
             self.model.set_requires_gradient_sync(index == len(micro_batches) - 1)
-            logits = self.model(inputs)
+            if self.moe:
+                logits, aux = self.model(inputs, with_aux=True)
+                aux = aux / self.accum_steps
+                aux_sum += aux.detach()
+            else:
+                logits, aux = self.model(inputs), None
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()) / self.accum_steps
-            loss.backward()
+            (loss if aux is None else loss + aux).backward()
             loss_sum += loss.detach()
         grad_norm = float(clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip))
         # one collective carries the loss and the stop request, before any weight changes:
         # a non-finite loss or gradient norm (both identical on every rank) stops the run
         # here, so no checkpoint ever holds the weights of a bad update
         shared = torch.stack([loss_sum.float(), torch.tensor(float(self.stop_request.requested),
-                                                            device=loss_sum.device)])
+                                                            device=loss_sum.device), aux_sum.float()])
         all_reduce_sum(shared)
         loss = float(shared[0]) / self.dist.world_size
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -256,7 +272,18 @@ class Trainer:
             self.diagnostics.after_optimizer_step(step + 1)
         self.optimizers.zero_grad()
         commit_running_scales(self.model)
-        return loss, grad_norm, bool(shared[1] > 0)
+        counts = commit_expert_loads(self.model, self.model_args.moe_bias_rate)
+        if counts is not None:
+            counts = counts.cpu()
+            self.expert_loads = counts if self.expert_loads is None else self.expert_loads + counts
+        return loss, grad_norm, bool(shared[1] > 0), float(shared[2]) / self.dist.world_size
+
+    def _moe_window_record(self) -> dict:
+        """The logging window's MoE numbers: mean balance loss per step, and per layer the
+        tokens routed to each expert, the load entropy and max/mean load; then a new window."""
+        record = {"moe_aux_loss": self.aux_loss_sum / max(1, self.window_steps), **load_summary(self.expert_loads)}
+        self.expert_loads, self.aux_loss_sum, self.window_steps = None, 0.0, 0
+        return record
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, torch.Tensor | None]:
@@ -306,6 +333,13 @@ class Trainer:
         self.log(f"model: preset={cfg.model.preset} norm={a.norm} dim={a.dim} layers={a.n_layers} "
                  f"heads={a.n_heads}/{a.n_kv_heads} ffn={a.ffn_hidden} vocab={a.vocab_size} "
                  f"tied={a.tie_embeddings}  parameters={self.num_params:,}")
+        if a.attention == "mla":
+            self.log(f"attention: mla q_lora={a.q_lora_rank} kv_lora={a.kv_lora_rank} qk_nope={a.qk_nope_head_dim} "
+                     f"qk_rope={a.qk_rope_head_dim} v={a.v_head_dim}")
+        if a.ffn == "moe":
+            self.log(f"ffn: moe {a.n_experts} experts (hidden {a.moe_hidden}), top-{a.moe_top_k} {a.moe_score}, "
+                     f"{a.n_shared_experts} shared, balance {a.moe_balance}; active parameters "
+                     f"{count_active_parameters(a):,} of {self.num_params:,}")
         self.log(f"memory: {self.memory.describe()}")
         self.log(f"data: {len(self.data.tokens):,} tokens, {self.batches.num_sequences:,} training "
                  f"sequences of {t.seq_len}; unigram entropy {self.data.unigram_entropy:.3f} nats")

@@ -48,7 +48,7 @@ def results(request, tmp_path_factory):
 
 
 def test_fsdp_muon_and_normuon_equal_single_process(results):
-    assert len(results["fsdp"]) == 2 * 2 * 2 * 2  # case x optimizer x grad source x ns_mode
+    assert len(results["fsdp"]) == len(CASES) * 2 * 2 * 2  # case x optimizer x grad source x ns_mode
     for (case, opt, source, mode), params in results["fsdp"].items():
         reference = results["reference"][(case, opt, source)]
         assert params.keys() == reference.keys()

@@ -224,6 +224,6 @@ def test_non_matrix_params_and_bad_group_overrides_are_refused():
     with pytest.raises(ValueError, match="2-D"):
         Muon([torch.nn.Parameter(torch.randn(3))])
     with pytest.raises(ValueError, match="2-D"):
-        Muon([torch.nn.Parameter(torch.randn(2, 3, 4))])
+        Muon([torch.nn.Parameter(torch.randn(2, 3, 4, 5))])
     with pytest.raises(ValueError, match="scale_rule"):
         Muon([{"params": [torch.nn.Parameter(torch.randn(3, 3))], "scale_rule": "nope"}])

@@ -17,8 +17,9 @@ from normopt.optim.builder import build_optimizers
 from normopt.optim.param_groups import build_param_groups, format_group_table
 
 # per named set, the matrix types (of normopt's Llama block) that Muon must take
+GQA_DENSE = {"attn.wq", "attn.wk", "attn.wv", "attn.wo", "ffn.w1", "ffn.w2", "ffn.w3"}
 EXPECTED = {
-    "all": set(COMPONENTS), "none": set(),
+    "all": GQA_DENSE, "none": set(),
     "qk": {"attn.wq", "attn.wk"}, "vo": {"attn.wv", "attn.wo"}, "ffn": {"ffn.w1", "ffn.w2", "ffn.w3"},
     "vo_ffn": {"attn.wv", "attn.wo", "ffn.w1", "ffn.w2", "ffn.w3"},
     "attn": {"attn.wq", "attn.wk", "attn.wv", "attn.wo"},
@@ -48,7 +49,7 @@ def test_named_sets_pick_matrices_by_role(preset, subset):
     on_muon = groups["matrix"].names if "matrix" in groups else []
     on_adamw = groups["matrix_adamw"].names if "matrix_adamw" in groups else []
     assert {matrix_type(n) for n in on_muon} == EXPECTED[subset]
-    assert {matrix_type(n) for n in on_adamw} == set(COMPONENTS) - EXPECTED[subset]
+    assert {matrix_type(n) for n in on_adamw} == GQA_DENSE - EXPECTED[subset]
     assert all(component(n) is not None for n in on_muon + on_adamw)
     n_layers = model.args.n_layers
     assert len(on_muon) == n_layers * len(EXPECTED[subset])
@@ -59,6 +60,30 @@ def test_named_sets_pick_matrices_by_role(preset, subset):
     # embeddings, head (untied) and norms never move
     assert "tok_embeddings.weight" in groups["embedding"].names
     assert groups["head"].names == ["output.weight"] if not model.args.tie_embeddings else "head" not in groups
+
+
+LATENT_EXPERTS = {"attn.wq_a", "attn.wq_b", "attn.wkv_a", "attn.wkv_b", "attn.wo", "ffn.experts.w1",
+                  "ffn.experts.w2", "ffn.experts.w3", "ffn.shared.w1", "ffn.shared.w2", "ffn.shared.w3"}
+EXPECTED_LATENT = {
+    "all": LATENT_EXPERTS, "none": set(), "qk": {"attn.wq_a", "attn.wq_b"}, "vo": {"attn.wo"},
+    "ffn": {t for t in LATENT_EXPERTS if t.startswith("ffn.")},
+    "vo_ffn": {"attn.wo"} | {t for t in LATENT_EXPERTS if t.startswith("ffn.")},
+    "attn": {t for t in LATENT_EXPERTS if t.startswith("attn.")},
+}
+
+
+@pytest.mark.parametrize("subset", sorted(MUON_SETS))
+def test_named_sets_on_latent_attention_and_experts(subset):
+    """MLA's joint key-value matrices are the component kv: only attn and all take them;
+    routed and shared experts are ffn; the router is never a block matrix."""
+    assert set(EXPECTED_LATENT) == set(MUON_SETS) and LATENT_EXPERTS <= set(COMPONENTS)
+    args = replace(PRESETS["debug-mla-moe"], vocab_size=300, n_layers=2, n_shared_experts=1)
+    groups = _groups(build_model(args, "meta"), "optim.name=normuon", f"optim.muon_params={subset}")
+    on_muon = groups["matrix"].names if "matrix" in groups else []
+    on_adamw = groups["matrix_adamw"].names if "matrix_adamw" in groups else []
+    assert {matrix_type(n) for n in on_muon} == EXPECTED_LATENT[subset]
+    assert {matrix_type(n) for n in on_adamw} == LATENT_EXPERTS - EXPECTED_LATENT[subset]
+    assert groups["router"].names == ["layers.0.ffn.router.gate.weight", "layers.1.ffn.router.gate.weight"]
 
 
 @pytest.mark.parametrize("optim", ["muon", "normuon", "adamw"])

@@ -196,6 +196,8 @@ class Diagnostics:
                 continue
             for group in optimizer.param_groups:
                 for p in group["params"]:
+                    if p.ndim != 2:  # expert stacks: their isotropy record covers each expert
+                        continue
                     U = optimizer.ns_input(p)
                     if U is None:
                         continue
@@ -233,7 +235,8 @@ class Diagnostics:
     # -- isotropy of updates and weights --------------------------------------------
 
     def _block_matrices(self) -> list[tuple[str, torch.Tensor]]:
-        return [(n, p) for n, p in self.model.named_parameters() if p.ndim == 2 and block_index(n) is not None]
+        return [(n, p) for n, p in self.model.named_parameters()
+                if p.ndim in (2, 3) and block_index(n) is not None and "router" not in n.split(".")]
 
     @torch.no_grad()
     def _snapshot_block_matrices(self) -> None:
@@ -254,19 +257,25 @@ class Diagnostics:
         todo = self._block_matrices()
         n_layers = 1 + max(block_index(name) for name, _ in todo)
         mine: dict[str, dict] = {}
+        names: list[str] = []
         for index, (name, p) in enumerate(todo):
             weight = p.detach()
             update, weight = full_matrix(weight - before.pop(name)), full_matrix(weight)
+            # an expert stack (E, rows, cols) is E matrices, named <stack>.<expert>
+            parts = ([(name, update, weight)] if update.ndim == 2 else
+                     [(f"{name}.{e}", update[e], weight[e]) for e in range(update.shape[0])])
+            names += [part[0] for part in parts]
             if index % self.world_size == self.rank:
-                layer, mtype, group = isotropy_cell(name, n_layers)
-                mine[name] = {"layer": layer, "type": mtype, "group": group,
-                              **{f"update_{k}": v for k, v in isotropy(update).items()},
-                              **{f"weight_{k}": v for k, v in isotropy(weight).items()}}
+                for part_name, part_update, part_weight in parts:
+                    layer, mtype, group = isotropy_cell(part_name, n_layers)
+                    mine[part_name] = {"layer": layer, "type": mtype, "group": group,
+                                       **{f"update_{k}": v for k, v in isotropy(part_update).items()},
+                                       **{f"weight_{k}": v for k, v in isotropy(part_weight).items()}}
         if self.world_size > 1:
             gathered: list = [None] * self.world_size
             dist.all_gather_object(gathered, mine)
             mine = {k: v for part in gathered for k, v in part.items()}
-        ordered = {name: mine[name] for name, _ in todo}
+        ordered = {name: mine[name] for name in names}
         cells = {name: f"{r['type']}/{r['group']}" for name, r in ordered.items()}
         return {"step": step, "kind": "isotropy", "measure": "energy",
                 "groups": cell_means(ordered, cells, ISOTROPY_FIELDS), "matrices": ordered}

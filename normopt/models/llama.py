@@ -1,4 +1,5 @@
-"""Llama-style decoder: token embedding, RoPE, grouped-query attention, SwiGLU MLP,
+"""Llama-style decoder: token embedding, RoPE, attention (grouped-query, or latent:
+models/mla.py), a SwiGLU feed-forward (dense, or a mixture of experts: models/moe.py),
 pre-norm residual blocks, final norm and output head (tied or untied)."""
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normopt.models.mla import LatentAttention
+from normopt.models.moe import MoEFeedForward
 from normopt.models.norms import build_norm
 from normopt.models.presets import ModelArgs
 from normopt.models.rope import apply_rope, rope_frequencies
@@ -34,33 +37,67 @@ class Attention(nn.Module):
         )
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
+    def input_matrices(self) -> list[torch.Tensor]:
+        return [self.wq.weight, self.wk.weight, self.wv.weight]
+
+    def output_matrices(self) -> list[torch.Tensor]:
+        return [self.wo.weight]
+
+    def norms(self) -> list[nn.Module]:
+        return []
+
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.ffn_hidden, bias=False)
-        self.w3 = nn.Linear(args.dim, args.ffn_hidden, bias=False)
-        self.w2 = nn.Linear(args.ffn_hidden, args.dim, bias=False)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
+    def input_matrices(self) -> list[torch.Tensor]:
+        return [self.w1.weight, self.w3.weight]
+
+    def output_matrices(self) -> list[torch.Tensor]:
+        return [self.w2.weight]
+
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then + ffn(norm(.))."""
+    """x + attn(norm(x)), then + ffn(norm(.)); forward also returns the block's auxiliary
+    loss (the MoE balance loss; zero for a dense block)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.attn_norm = build_norm(args.norm_config, args.dim, "attn")
-        self.attn = Attention(args)
+        self.attn = LatentAttention(args) if args.attention == "mla" else Attention(args)
         self.ffn_norm = build_norm(args.norm_config, args.dim, "ffn")
-        self.ffn = FeedForward(args)
+        self.moe = args.ffn == "moe"
+        self.ffn = MoEFeedForward(args, FeedForward) if self.moe else FeedForward(args.dim, args.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.attn(self.attn_norm(x), cos, sin)
-        return x + self.ffn(self.ffn_norm(x))
+        if self.moe:
+            out, aux = self.ffn(self.ffn_norm(x))
+            return x + out, aux
+        return x + self.ffn(self.ffn_norm(x)), x.new_zeros((), dtype=torch.float32)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        """N(0, std) for the matrices reading the block input, N(0, out_std) for those
+        writing into the residual stream, norms to their init."""
+        for weight in self.attn.input_matrices() + self.ffn.input_matrices():
+            nn.init.normal_(weight, std=std)
+        for weight in self.attn.output_matrices() + self.ffn.output_matrices():
+            nn.init.normal_(weight, std=out_std)
+        for norm in (*self.attn.norms(), self.attn_norm, self.ffn_norm):
+            norm.reset_parameters()
+        if self.moe:
+            self.ffn.router.expert_bias.zero_()
+            self.ffn.router.load_counts.zero_()
 
 
 class Transformer(nn.Module):
@@ -85,35 +122,35 @@ class Transformer(nn.Module):
     def rope(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (seq_len, str(device))
         if key not in self._rope_cache:
-            self._rope_cache[key] = rope_frequencies(self.args.head_dim, seq_len, self.args.rope_theta, device)
+            self._rope_cache[key] = rope_frequencies(self.args.rope_dim, seq_len, self.args.rope_theta, device)
         return self._rope_cache[key]
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits of shape (batch, seq, vocab) for token ids of shape (batch, seq)."""
+    def forward(self, tokens: torch.Tensor, with_aux: bool = False):
+        """Logits of shape (batch, seq, vocab) for token ids of shape (batch, seq); with
+        ``with_aux``, (logits, the sum of the blocks' auxiliary losses)."""
         h = self.tok_embeddings(tokens)
         if self.embed_scale is not None:
             h = h * self.embed_scale
         cos, sin = self.rope(tokens.shape[1], tokens.device)
+        aux = None
         for layer in self.layers:
-            h = layer(h, cos, sin)
-        return self.output(self.norm(h))
+            h, layer_aux = layer(h, cos, sin)
+            aux = layer_aux if aux is None else aux + layer_aux
+        logits = self.output(self.norm(h))
+        return (logits, aux) if with_aux else logits
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """N(0, std) for embeddings and linears; the residual-branch outputs (wo, w2) use
-        std / sqrt(2 L) so the residual stream's variance does not grow with depth."""
+        """N(0, std) for embeddings and linears (router and experts included); the
+        residual-branch outputs (wo, w2) use std / sqrt(2 L) so the residual stream's
+        variance does not grow with depth."""
         std = self.args.init_std
         out_std = std / math.sqrt(2 * self.args.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, std=std)
         if self.embed_scale is not None:
             self.embed_scale.fill_(self.args.embed_scale)
         for layer in self.layers:
-            for linear in (layer.attn.wq, layer.attn.wk, layer.attn.wv, layer.ffn.w1, layer.ffn.w3):
-                nn.init.normal_(linear.weight, std=std)
-            nn.init.normal_(layer.attn.wo.weight, std=out_std)
-            nn.init.normal_(layer.ffn.w2.weight, std=out_std)
-            layer.attn_norm.reset_parameters()
-            layer.ffn_norm.reset_parameters()
+            layer.init_weights(std, out_std)
         self.norm.reset_parameters()
         if not self.args.tie_embeddings:
             nn.init.normal_(self.output.weight, std=std)

@@ -8,8 +8,10 @@ spectrum report.
 * type: the dotted path inside its block without ``.weight`` or an expert index
   (``layers.3.attn.wq.weight`` -> ``attn.wq``); one type holds matrices of one shape;
 * component: what the type does in the block, the unit component ablations work with:
-  ``q``, ``k``, ``v``, ``o`` (attention) and ``ffn``; a new kind of matrix is one line in
-  :data:`COMPONENTS`;
+  ``q``, ``k``, ``v``, ``o`` (attention), ``kv`` (latent attention's joint key-value
+  projections, which are neither k nor v alone) and ``ffn`` (dense or expert); a new kind
+  of matrix is one line in :data:`COMPONENTS`. Under MLA the sets ``qk`` and ``vo`` hold
+  the query and output matrices only; ``attn`` and ``all`` hold the ``kv`` matrices too;
 * depth group: early / mid / late thirds of the blocks (fewer groups for shallow models).
 """
 
@@ -20,15 +22,27 @@ from collections.abc import Callable, Iterable, Sequence
 
 from normopt.errors import UserError
 
-# matrix type -> component; the attention of normopt's Llama (models/llama.py) and its SwiGLU
+# matrix type -> component: grouped-query attention and the dense SwiGLU (models/llama.py),
+# latent attention (models/mla.py), routed and shared experts (models/moe.py; the router
+# is not a block matrix: it goes to AdamW unless a muon_params glob names it)
 COMPONENTS = {
     "attn.wq": "q",
     "attn.wk": "k",
     "attn.wv": "v",
     "attn.wo": "o",
+    "attn.wq_a": "q",
+    "attn.wq_b": "q",
+    "attn.wkv_a": "kv",
+    "attn.wkv_b": "kv",
     "ffn.w1": "ffn",
     "ffn.w2": "ffn",
     "ffn.w3": "ffn",
+    "ffn.experts.w1": "ffn",
+    "ffn.experts.w2": "ffn",
+    "ffn.experts.w3": "ffn",
+    "ffn.shared.w1": "ffn",
+    "ffn.shared.w2": "ffn",
+    "ffn.shared.w3": "ffn",
 }
 # ``optim.muon_params`` named sets: the components whose matrices the Muon-family optimizer
 # takes (None = every block matrix); "Muon Outperforms Adam in Tail-End Associative Memory
@@ -40,7 +54,7 @@ MUON_SETS: dict[str, frozenset[str] | None] = {
     "vo": frozenset({"v", "o"}),
     "ffn": frozenset({"ffn"}),
     "vo_ffn": frozenset({"v", "o", "ffn"}),
-    "attn": frozenset({"q", "k", "v", "o"}),
+    "attn": frozenset({"q", "k", "v", "o", "kv"}),
 }
 GROUP_NAMES = {1: ("all",), 2: ("early", "late"), 3: ("early", "mid", "late")}
 
@@ -61,7 +75,7 @@ def matrix_type(name: str) -> str:
 
 
 def component(name: str) -> str | None:
-    """The component (q, k, v, o, ffn) of a block matrix by its parameter name; None for a
+    """The component (q, k, v, o, kv, ffn) of a block matrix by its parameter name; None for a
     matrix of no known component."""
     return COMPONENTS.get(matrix_type(name))
 

@@ -4,12 +4,22 @@ Preset names give the parameter count at a 32768-token vocabulary (untied embedd
 unless the preset ties them); the real count depends on the tokenizer and is printed by
 the trainer at start. ``1b`` follows Llama-3.2-1B's shape (dim 2048, 16 layers, 32 heads,
 8 KV heads, SwiGLU hidden 8192, tied embeddings, RoPE theta 500000).
+
+Attention is grouped-query (``gqa``) or DeepSeek-V2 latent attention (``mla``,
+models/mla.py); the feed-forward is a dense SwiGLU or a mixture of SwiGLU experts (``moe``,
+models/moe.py). Switching a dense GQA preset to ``mla`` or ``moe`` fills the shape keys
+left at 0 from it (:func:`fill_derived_shapes`): MLA as DeepSeek-V2-Lite relative to the
+head size h (no query latent, KV latent 4h, RoPE dims h/2, no-RoPE and value dims h); MoE
+as 8 experts, top-2, hidden f/2, no shared experts: the same active feed-forward size as
+the dense model, 4x its total.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from normopt.models.mla import mla_attention_flops, mla_matmul_params, mla_param_count
+from normopt.models.moe import moe_param_counts
 from normopt.models.norm_layer import NormConfig
 from normopt.models.norms import norm_param_count, reference_embed_scale, resolve_norm_config
 
@@ -29,10 +39,32 @@ class ModelArgs:
     init_std: float = 0.02
     norm_config: NormConfig = NormConfig()  # every norm layer's settings
     embed_scale: float | None = None  # learnable scalar on the token embedding, its init
+    attention: str = "gqa"  # gqa | mla
+    # MLA (0 = derived from the head size, see the module doc; q_lora_rank 0 = no query latent)
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    ffn: str = "dense"  # dense | moe
+    # MoE (0 = derived from the dense shape)
+    n_experts: int = 0
+    moe_top_k: int = 2
+    moe_hidden: int = 0  # each expert's SwiGLU hidden size
+    n_shared_experts: int = 0  # always-on experts of the same hidden size
+    moe_score: str = "softmax"  # softmax | sigmoid
+    moe_balance: str = "aux_loss"  # aux_loss | aux_free | none
+    moe_aux_coef: float = 0.01
+    moe_bias_rate: float = 1e-3  # aux_free: bias step per optimizer step
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions per head that RoPE rotates."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
 
     @property
     def norm(self) -> str:
@@ -40,13 +72,30 @@ class ModelArgs:
         return self.norm_config.name
 
 
-def _preset(dim, n_layers, n_heads, n_kv_heads, ffn_hidden, tie=False, theta=10000.0) -> ModelArgs:
-    return ModelArgs(NAMING_VOCAB, dim, n_layers, n_heads, n_kv_heads, ffn_hidden, tie, theta)
+def _preset(dim, n_layers, n_heads, n_kv_heads, ffn_hidden, tie=False, theta=10000.0, **latent_moe) -> ModelArgs:
+    return fill_derived_shapes(ModelArgs(NAMING_VOCAB, dim, n_layers, n_heads, n_kv_heads, ffn_hidden, tie, theta,
+                                         **latent_moe))
+
+
+def fill_derived_shapes(args: ModelArgs) -> ModelArgs:
+    """MLA and MoE shape keys left at 0 filled from the dense GQA shape (module doc)."""
+    h, filled = args.head_dim, {}
+    if args.attention == "mla":
+        defaults = dict(kv_lora_rank=4 * h, qk_nope_head_dim=h, qk_rope_head_dim=max(2, h // 2), v_head_dim=h)
+        filled.update({k: v for k, v in defaults.items() if not getattr(args, k)})
+    if args.ffn == "moe":
+        defaults = dict(n_experts=8, moe_hidden=max(1, args.ffn_hidden // 2))
+        filled.update({k: v for k, v in defaults.items() if not getattr(args, k)})
+    return replace(args, **filled) if filled else args
 
 
 PRESETS: dict[str, ModelArgs] = {
     # a few M parameters at an 8k vocab: well under a second per step on a laptop CPU
     "debug": _preset(192, 4, 6, 2, 512),
+    # the debug shape with latent attention (query latent too) and/or 8 experts, top-2
+    "debug-mla": _preset(192, 4, 6, 2, 512, attention="mla", q_lora_rank=96),
+    "debug-moe": _preset(192, 4, 6, 2, 512, ffn="moe"),
+    "debug-mla-moe": _preset(192, 4, 6, 2, 512, attention="mla", q_lora_rank=96, ffn="moe"),
     # size ladder for spectral-scaling studies (77M ... 2.8B)
     "77m": _preset(640, 8, 10, 5, 1792),
     "124m": _preset(768, 12, 12, 4, 2048),
@@ -55,6 +104,12 @@ PRESETS: dict[str, ModelArgs] = {
     "1b": _preset(2048, 16, 32, 8, 8192, tie=True, theta=500000.0),
     "1.4b": _preset(2048, 27, 16, 8, 5632),
     "2.8b": _preset(2560, 32, 32, 8, 8192),
+    # ~0.97B total, ~0.27B active (32k vocabulary): MLA (query latent 512, KV latent 256) and 32 fine-grained
+    # experts (hidden 512), top-4, plus 2 shared experts; a GPU model in the range of the
+    # MLA/MoE/Muon study's larger models
+    "mla-moe-1b": _preset(1024, 16, 16, 16, 4096, attention="mla", q_lora_rank=512, kv_lora_rank=256,
+                          qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, ffn="moe", n_experts=32,
+                          moe_top_k=4, moe_hidden=512, n_shared_experts=2),
 }
 
 
@@ -77,31 +132,60 @@ def resolve_model_args(model_cfg, vocab_size: int) -> ModelArgs:
     scale = overrides.pop("embed_scale", None)
     overrides["embed_scale"] = (reference_embed_scale(norm_config.name, dim) if scale == "auto"
                                 else None if scale in (None, "none") else float(scale))
-    return replace(base, **overrides, vocab_size=vocab_size)
+    return fill_derived_shapes(replace(base, **overrides, vocab_size=vocab_size))
 
 
-def count_parameters(args: ModelArgs) -> int:
-    """Analytic parameter count.
+def _attention_params(args: ModelArgs, with_norms: bool = True) -> int:
+    """One block's attention: GQA 2 d^2 + 2 d n_kv h; MLA see ``mla_param_count``."""
+    if args.attention == "mla":
+        norm = (lambda features: norm_param_count(args.norm_config, features)) if with_norms else (lambda f: 0)
+        return mla_param_count(args, norm)
+    return 2 * args.dim * args.dim + 2 * args.dim * args.n_kv_heads * args.head_dim
 
-    N = V d (embedding) + [1 embedding scale] + L [2 d^2 + 2 d n_kv h + 3 d f + 2 norm(d)]
-        + norm(d) + [V d if untied]
-    with h the head dim and f the SwiGLU hidden size.
-    """
-    d, kv = args.dim, args.n_kv_heads * args.head_dim
-    attention = d * d * 2 + 2 * d * kv
-    mlp = 3 * d * args.ffn_hidden
+
+def _ffn_params(args: ModelArgs, active: bool) -> int:
+    """One block's feed-forward: dense 3 d f; MoE its total or per-token active count."""
+    if args.ffn == "moe":
+        return moe_param_counts(args)[1 if active else 0]
+    return 3 * args.dim * args.ffn_hidden
+
+
+def _count(args: ModelArgs, active: bool) -> int:
+    d = args.dim
     norm = norm_param_count(args.norm_config, d)
-    block = attention + mlp + 2 * norm
+    block = _attention_params(args) + _ffn_params(args, active) + 2 * norm
     head = 0 if args.tie_embeddings else args.vocab_size * d
     scale = 0 if args.embed_scale is None else 1
     return args.vocab_size * d + scale + args.n_layers * block + norm + head
 
 
+def count_parameters(args: ModelArgs) -> int:
+    """Analytic parameter count.
+
+    N = V d (embedding) + [1 embedding scale] + L [attention + ffn + 2 norm(d)]
+        + norm(d) + [V d if untied]
+    with attention = 2 d^2 + 2 d n_kv h for GQA (h the head dim; MLA: ``mla_param_count``)
+    and ffn = 3 d f for a dense SwiGLU of hidden size f (MoE: router + every expert,
+    ``moe_param_counts``).
+    """
+    return _count(args, active=False)
+
+
+def count_active_parameters(args: ModelArgs) -> int:
+    """Parameters a token passes through: as ``count_parameters`` with only the router,
+    the top-k routed experts and the shared experts of each MoE layer; equal to it for a
+    dense model."""
+    return _count(args, active=True)
+
+
 def count_flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N_matmul + 12 L d T (attention scores and values, causal
-    masking not discounted, as in the PaLM MFU convention). The embedding lookup is free;
-    a tied output head still costs its matmul."""
-    d, kv = args.dim, args.n_kv_heads * args.head_dim
-    per_layer = d * d * 2 + 2 * d * kv + 3 * d * args.ffn_hidden
-    matmul_params = args.n_layers * per_layer + args.vocab_size * d
-    return 6.0 * matmul_params + 12.0 * args.n_layers * d * seq_len
+    """Training FLOPs per token: 6 N_matmul + L A(T), with N_matmul the matrices a token is
+    multiplied by (attention projections, router, active experts, output head) and A(T)
+    the attention scores and values, 12 d T for GQA (causal masking not discounted, as in
+    the PaLM MFU convention; MLA: ``mla_attention_flops``). The embedding lookup is free; a
+    tied output head still costs its matmul."""
+    d = args.dim
+    attention = mla_matmul_params(args) if args.attention == "mla" else _attention_params(args)
+    matmul_params = args.n_layers * (attention + _ffn_params(args, active=True)) + args.vocab_size * d
+    scores = mla_attention_flops(args, seq_len) if args.attention == "mla" else 12.0 * d * seq_len
+    return 6.0 * matmul_params + args.n_layers * scores

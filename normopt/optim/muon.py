@@ -1,4 +1,5 @@
-"""Muon and NorMuon for 2-D weight matrices, plain or FSDP2-sharded (DTensor Shard(0)).
+"""Muon and NorMuon for 2-D weight matrices and 3-D stacks of them (MoE experts stored as
+(experts, rows, cols)), plain or FSDP2-sharded (DTensor Shard(0)).
 
 Notation: a weight W of shape (rows, cols). For ``nn.Linear`` the weight is stored as
 (out_features, in_features), so rows = out_features (one row per output neuron) and
@@ -21,6 +22,11 @@ NorMuon (arXiv 2510.05491) inserts a per-neuron second moment between NS and the
     O_hat <- O_hat * ||O||_F / ||O_hat||_F                       (keep the update norm)
 
 and W is updated with O_hat in place of O.
+
+A 3-D stack is E independent matrices: NS runs batched over the leading dim (each matrix
+normalised and iterated on its own), the update scale is that of one (rows, cols) matrix,
+and NorMuon keeps v of shape (E, rows) with the Frobenius rescale per matrix. FSDP2 shards
+a stack along its leading (expert) dim, and the stack travels to its owner like any matrix.
 
 Distribution: the elementwise parts (momentum, Nesterov, weight decay, the update) run on
 each rank's local shard; NS (and NorMuon's row statistics, which need the whole row and
@@ -55,10 +61,16 @@ SCALE_RULES: tuple[str, ...] = ("original", "match_adamw", "spectral")
 
 
 def matrix_dims(shape: Sequence[int]) -> tuple[int, int]:
-    """(rows, cols) of a weight matrix: for nn.Linear, (out_features, in_features)."""
-    if len(shape) != 2:
-        raise ValueError(f"Muon optimizes 2-D matrices, got shape {tuple(shape)}")
-    return int(shape[0]), int(shape[1])
+    """(rows, cols) of a weight matrix, or of each matrix of a 3-D stack (experts, rows,
+    cols): for nn.Linear, (out_features, in_features)."""
+    if len(shape) not in (2, 3):
+        raise ValueError(f"Muon optimizes 2-D matrices or 3-D stacks of them, got shape {tuple(shape)}")
+    return int(shape[-2]), int(shape[-1])
+
+
+def stack_size(shape: Sequence[int]) -> int:
+    """Matrices in a parameter: 1 for a matrix, E for an (E, rows, cols) stack."""
+    return int(shape[0]) if len(shape) == 3 else 1
 
 
 def update_scale(rows: int, cols: int, rule: str) -> float:
@@ -96,6 +108,7 @@ def normuon_normalize(
         O_hat = O / (sqrt(v_new) + eps)                            (each row by its own scale)
         O_hat = O_hat * ||O||_F / ||O_hat||_F
 
+    For a stack O of shape (E, rows, cols), v is (E, rows) and the norms are per matrix.
     The last line keeps the Frobenius norm of the update, so the learning rate and the
     scale rule keep their Muon meaning; only the distribution across rows changes. The
     denominator is clamped at 1e-30 so an all-zero O gives zeros, not NaN.
@@ -103,7 +116,10 @@ def normuon_normalize(
     """
     v_new = v * beta2 + O.square().mean(dim=-1) * (1.0 - beta2)
     O_hat = O / (v_new.sqrt() + eps).unsqueeze(-1)
-    ratio = O.norm() / O_hat.norm().clamp_min(1e-30)
+    if O.ndim == 2:
+        ratio = O.norm() / O_hat.norm().clamp_min(1e-30)
+    else:  # a stack (..., rows, cols): each matrix keeps its own norm
+        ratio = O.norm(dim=(-2, -1), keepdim=True) / O_hat.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
     return O_hat * ratio, v_new
 
 
@@ -241,7 +257,8 @@ class Muon(torch.optim.Optimizer):
         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _make_job(self, U: torch.Tensor, p: torch.Tensor, state: dict, group: dict, mesh) -> RowShardedJob:
-        """Whole-matrix work for one parameter: O = NS(U) in the NS dtype."""
+        """Whole-matrix work for one parameter: O = NS(U) in the NS dtype (batched over a
+        stack's matrices)."""
         rows, cols = matrix_dims(p.shape)
         ns_dtype = resolve_ns_dtype(group["ns_dtype"])
         steps, coeffs = group["ns_steps"], group["ns_coefficients"]
@@ -252,8 +269,9 @@ class Muon(torch.optim.Optimizer):
         # Cast before shipping: NS starts with this cast anyway, so the result is the
         # same and the all_to_all carries bf16 instead of fp32.
         return RowShardedJob(
-            inputs=[U.to(ns_dtype)], rows=rows, compute=compute,
-            output_specs=[((cols,), ns_dtype)], cost=ns_cost(rows, cols), mesh=mesh,
+            inputs=[U.to(ns_dtype)], rows=p.shape[0], compute=compute,
+            output_specs=[(tuple(p.shape[1:]), ns_dtype)], cost=stack_size(p.shape) * ns_cost(rows, cols),
+            mesh=mesh,
         )
 
     def _finish(self, p: torch.Tensor, outputs: list[torch.Tensor], state: dict, group: dict) -> None:
@@ -335,7 +353,8 @@ class NorMuon(Muon):
     matrix owner together with NS, which makes distributed NorMuon exact.
 
     Extra args: beta2 (EMA decay of v), eps (added to sqrt(v)). State adds
-    ``row_second_moment`` of shape (rows,), a Shard(0) DTensor for sharded params.
+    ``row_second_moment`` of shape (rows,) ((E, rows) for a stack), a Shard(0) DTensor for
+    sharded params.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
@@ -351,13 +370,15 @@ class NorMuon(Muon):
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         super()._init_state(p, state)
-        rows, _ = matrix_dims(p.shape)
-        local = torch.zeros(_local(p).shape[0], dtype=p.dtype, device=_local(p).device)
+        matrix_dims(p.shape)
+        local = torch.zeros(_local(p).shape[:-1], dtype=p.dtype, device=_local(p).device)
         if isinstance(p, DTensor):
-            # Rows are sharded exactly like the parameter's, so each rank keeps (and
-            # checkpoints) the statistics of the rows it owns.
+            # Rows (experts of a stack) are sharded exactly like the parameter's, so each
+            # rank keeps (and checkpoints) the statistics of the rows it owns.
+            shape = torch.Size(p.shape[:-1])
             state["row_second_moment"] = DTensor.from_local(
-                local, p.device_mesh, [Shard(0)], shape=torch.Size([rows]), stride=(1,), run_check=False
+                local, p.device_mesh, [Shard(0)], shape=shape, stride=torch.empty(shape, device="meta").stride(),
+                run_check=False,
             )
         else:
             state["row_second_moment"] = local
@@ -377,8 +398,9 @@ class NorMuon(Muon):
             return [O_hat, v_new]
 
         return RowShardedJob(
-            inputs=[U.to(ns_dtype), v], rows=rows, compute=compute,
-            output_specs=[((cols,), update_dtype), ((), v.dtype)], cost=ns_cost(rows, cols), mesh=mesh,
+            inputs=[U.to(ns_dtype), v], rows=p.shape[0], compute=compute,
+            output_specs=[(tuple(p.shape[1:]), update_dtype), (tuple(p.shape[1:-1]), v.dtype)],
+            cost=stack_size(p.shape) * ns_cost(rows, cols), mesh=mesh,
         )
 
     def _finish(self, p: torch.Tensor, outputs: list[torch.Tensor], state: dict, group: dict) -> None:

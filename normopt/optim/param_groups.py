@@ -1,13 +1,14 @@
 """Sort a model's parameters into optimizer groups by role.
 
-Roles: ``matrix`` (the 2-D hidden weights of attention and MLP), ``head`` (an untied output
-projection), ``embedding`` (token embedding, a tied head, and the embedding scale of
-bounded-norm models) and ``norm`` (norm gains and
-biases, DyT/Derf alpha and shift). Under Muon/NorMuon the matrices that ``optim.muon_params``
-selects (all by default; :mod:`normopt.models.matrix_roles`) go to the Muon-family optimizer,
-the other matrices form the group ``matrix_adamw`` (AdamW with the AdamW lr and weight decay),
-and everything else goes to AdamW; norms and embeddings take no weight decay unless
-``optim.decay_norms_and_embeddings`` is set.
+Roles: ``matrix`` (the hidden weights of attention and feed-forward: 2-D matrices and the
+3-D expert stacks of MoE layers), ``router`` (an MoE layer's gate), ``head`` (an untied
+output projection), ``embedding`` (token embedding, a tied head, and the embedding scale of
+bounded-norm models) and ``norm`` (norm gains and biases, DyT/Derf alpha and shift). Under
+Muon/NorMuon the matrices that ``optim.muon_params`` selects (all by default;
+:mod:`normopt.models.matrix_roles`) go to the Muon-family optimizer, the other matrices form
+the group ``matrix_adamw`` (AdamW with the AdamW lr and weight decay), and everything else
+goes to AdamW: the router too, unless ``optim.muon_params`` names it in a glob. Norms and
+embeddings take no weight decay unless ``optim.decay_norms_and_embeddings`` is set.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from normopt.models.matrix_roles import check_globs_match, muon_selector
+from normopt.models.matrix_roles import check_globs_match, muon_selector, parse_muon_params
+from normopt.models.moe import Router
 from normopt.models.norms import NORM_TYPES
 
 
@@ -44,15 +46,18 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
     }
     if getattr(model, "embed_scale", None) is not None:
         embedding_params.add(id(model.embed_scale))
+    router_params = {id(p) for module in model.modules() if isinstance(module, Router) for p in module.parameters()}
     roles = {}
     for name, p in model.named_parameters():
         if id(p) in norm_params:
             roles[name] = "norm"
         elif id(p) in embedding_params:
             roles[name] = "embedding"
+        elif id(p) in router_params:
+            roles[name] = "router"
         elif name.split(".")[-2:-1] == ["output"] or name.startswith("output."):
             roles[name] = "head"
-        elif p.ndim == 2:
+        elif p.ndim in (2, 3):
             roles[name] = "matrix"
         else:
             roles[name] = "norm"  # any other vector or scalar is treated like a norm parameter
@@ -72,6 +77,7 @@ def build_param_groups(model: nn.Module, optim_cfg) -> list[ParamGroup]:
     specs = {
         "matrix": (optim_cfg.name if muon_family else "adamw", matrix_lr, matrix_wd),
         "matrix_adamw": ("adamw", optim_cfg.lr, optim_cfg.weight_decay),
+        "router": ("adamw", optim_cfg.lr, optim_cfg.weight_decay),
         "head": ("adamw", optim_cfg.lr, optim_cfg.weight_decay),
         "embedding": ("adamw", optim_cfg.lr, no_decay),
         "norm": ("adamw", optim_cfg.lr, no_decay),
@@ -79,9 +85,12 @@ def build_param_groups(model: nn.Module, optim_cfg) -> list[ParamGroup]:
     groups = {role: ParamGroup(role, *spec) for role, spec in specs.items()}
     roles = parameter_roles(model)
     if muon_family:
-        check_globs_match(optim_cfg.muon_params, [n for n, r in roles.items() if r == "matrix"])
+        check_globs_match(optim_cfg.muon_params, [n for n, r in roles.items() if r in ("matrix", "router")])
         on_muon = muon_selector(optim_cfg.muon_params)
-        roles = {n: "matrix_adamw" if r == "matrix" and not on_muon(n) else r for n, r in roles.items()}
+        named_by_glob = not isinstance(parse_muon_params(optim_cfg.muon_params), str)
+        roles = {n: "matrix_adamw" if r == "matrix" and not on_muon(n)
+                 else "matrix" if r == "router" and named_by_glob and on_muon(n) else r
+                 for n, r in roles.items()}
     for name, p in model.named_parameters():
         group = groups[roles[name]]
         group.names.append(name)

@@ -33,27 +33,43 @@ from normopt.optim.muon import Muon, NorMuon
 from normopt.parallel.distributed_ns import shard_rows
 
 # (out_features, in_features) of each nn.Linear: uneven, tall and wide, some with fewer
-# rows than ranks (empty shards), and a case with fewer matrices than ranks.
+# rows than ranks (empty shards), and a case with fewer matrices than ranks; (experts, out,
+# in) is a 3-D expert stack as MoE layers store them, sharded over the experts (2 experts on
+# 3 ranks: one rank holds none).
 CASES = {
     "uneven": [(48, 32), (32, 80), (13, 7), (5, 64)],
     "few": [(6, 5), (2, 9)],
+    "experts": [(3, 12, 8), (2, 6, 10), (7, 9)],
 }
 # Per-case hyperparameters, chosen to exercise every option at least once.
 OPTIONS = {
     "uneven": dict(lr=0.02, weight_decay=0.1, nesterov=True, scale_rule="match_adamw", ns_coefficients="quintic"),
     "few": dict(lr=0.05, weight_decay=0.0, nesterov=False, scale_rule="original", ns_coefficients="polar_express"),
+    "experts": dict(lr=0.03, weight_decay=0.05, nesterov=True, scale_rule="spectral", ns_coefficients="quintic"),
 }
 OPTIMIZERS = {"muon": Muon, "normuon": NorMuon}
 STEPS = 4
 BATCH = 6
 
 
+class Experts(nn.Module):
+    """A 3-D weight (experts, out, in): every expert applied to the whole batch."""
+
+    def __init__(self, experts: int, out_features: int, in_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, out_features, in_features) / in_features ** 0.5)
+
+    def forward(self, x):
+        return torch.einsum("bi,eoi->beo", x, self.weight)
+
+
 class LinearStack(nn.Module):
-    """Independent bias-free linear layers; loss = sum_i mean(tanh(W_i x_i)^2)."""
+    """Independent bias-free linear layers (or expert stacks); loss = sum_i mean(tanh(W_i x_i)^2)."""
 
     def __init__(self, shapes):
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(i, o, bias=False) for o, i in shapes)
+        self.layers = nn.ModuleList(nn.Linear(s[1], s[0], bias=False) if len(s) == 2 else Experts(*s)
+                                    for s in shapes)
 
     def forward(self, xs):
         return sum(torch.tanh(layer(x)).square().mean() for layer, x in zip(self.layers, xs))
@@ -77,7 +93,7 @@ def param_groups(model: LinearStack) -> list[dict]:
 
 def batch(case: str, step: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
-    return [torch.randn(BATCH, i, generator=g) for _, i in CASES[case]]
+    return [torch.randn(BATCH, shape[-1], generator=g) for shape in CASES[case]]
 
 
 def injected_grad(shape, step: int, index: int) -> torch.Tensor:
