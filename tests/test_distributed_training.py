@@ -50,7 +50,8 @@ def test_two_ranks_match_one_process(tmp_path, tiny_corpus, norm):
     assert reference[8] < reference[1] - 0.1
 
 
-@pytest.mark.parametrize("optim,muon_params", [("muon", "all"), ("normuon", "vo_ffn")])
+@pytest.mark.parametrize("optim,muon_params", [
+    ("muon", "all"), pytest.param("normuon", "vo_ffn", marks=pytest.mark.slow)])
 def test_two_ranks_match_one_process_with_muon(tmp_path, tiny_corpus, optim, muon_params):
     """Distributed Newton-Schulz inside the trainer: the owner rank orthogonalises whole
     matrices, so 2 ranks follow the 1-process loss curve (fp32, 1e-5: only the order of
@@ -71,6 +72,33 @@ def test_two_ranks_match_one_process_with_muon(tmp_path, tiny_corpus, optim, muo
     for step, loss in reference.items():
         assert abs(losses[step] - loss) < 1e-5, (step, losses[step], loss)
     assert reference[8] < reference[1] - 0.1
+    _assert_same_diagnostics(single, double)
+
+
+@pytest.mark.parametrize("optim,balance", [("muon", "aux_free"), ("normuon", "aux_loss")])
+def test_two_ranks_match_one_process_with_latent_attention_and_experts(tmp_path, tiny_corpus, optim, balance):
+    """An MLA + MoE model (8 experts, top-2, one shared expert) under Muon/NorMuon: expert
+    stacks sharded over the experts go through distributed NS, the balance loss is per
+    sequence and the aux-free bias steps with loads summed over the ranks, so 2 ranks
+    follow the 1-process curve (fp32, 1e-5) and route exactly the same tokens."""
+    common = [f"optim.name={optim}", "model.attention=mla", "model.ffn=moe", "model.n_shared_experts=1",
+              f"model.moe_balance={balance}", "model.moe_aux_coef=0.05", "model.moe_bias_rate=0.01",
+              "train.dtype=float32", "train.steps=8", "optim.lr=0.02", "diagnostics.interval=4"]
+    single, double = tmp_path / "single", tmp_path / "double"
+    proc = run_cli(tiny_run_args(single, tiny_corpus, *common))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ffn: moe 8 experts" in proc.stdout and "attention: mla" in proc.stdout
+    run_torchrun(REPO_ROOT / "train.py", 2, tiny_run_args(double, tiny_corpus, *common))
+    reference, losses = _records(single, "loss"), _records(double, "loss")
+    assert losses.keys() == reference.keys() and len(reference) == 8
+    for step, loss in reference.items():
+        assert abs(losses[step] - loss) < 1e-5, (step, losses[step], loss)
+    assert reference[8] < reference[1] - 0.1
+    assert _records(double, "moe_tokens_per_expert") == _records(single, "moe_tokens_per_expert")
+    aux, ref_aux = _records(double, "moe_aux_loss"), _records(single, "moe_aux_loss")
+    for step in ref_aux:
+        assert abs(aux[step] - ref_aux[step]) < 1e-6
+        assert (ref_aux[step] > 0.05) == (balance == "aux_loss")  # 2 layers x coef x (>= 1)
     _assert_same_diagnostics(single, double)
 
 

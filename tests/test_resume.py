@@ -17,9 +17,13 @@ from tests.torchrun import run_torchrun
 STEPS = 40
 
 
-# the Muon runs here put only some matrices on Muon (the others on AdamW as matrix_adamw), so
-# both kinds of optimizer state of the block matrices go through a kill and a reshard
-OPTIM_SETTINGS = {"adamw": ["optim.name=adamw"], "muon": ["optim.name=muon", "optim.muon_params=vo_ffn"]}
+# the Muon runs here train a latent-attention + mixture-of-experts model (expert stacks, the
+# aux-free routing bias, a buffer that must survive too) and put only some matrices on Muon
+# (the others on AdamW as matrix_adamw), so both kinds of optimizer state of the block
+# matrices go through a kill and a reshard
+OPTIM_SETTINGS = {"adamw": ["optim.name=adamw"],
+                  "muon": ["optim.name=muon", "optim.muon_params=vo_ffn", "model.attention=mla", "model.ffn=moe",
+                           "model.moe_balance=aux_free", "model.moe_bias_rate=0.01"]}
 
 
 def _args(run_dir, corpus, *extra):

@@ -1,0 +1,71 @@
+"""benchmarks/scaling_model.py: its shapes, FLOP formula, loads and traffic against the framework."""
+
+from __future__ import annotations
+
+import importlib.util
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from normopt.models.llama import build_model
+from normopt.models.presets import PRESETS
+from normopt.optim.newton_schulz import newton_schulz
+from normopt.parallel.distributed_ns import assign_owners, ns_cost
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling_model.py"
+_spec = importlib.util.spec_from_file_location("scaling_model", _PATH)
+sm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sm)
+
+OPTS = Namespace(tokens_per_rank=8192, mfu=0.4, peak_tflops=989.0, bandwidth_gbps=50.0)
+SPF = lambda rows, cols: 1.0 / 400e12  # noqa: E731
+
+
+def test_1b_shapes_match_the_built_models_muon_matrices():
+    model = build_model(PRESETS["1b"], "meta")
+    built = [(n, *p.shape) for n, p in model.named_parameters() if n.startswith("layers.") and p.ndim == 2]
+    assert sm.muon_shapes(PRESETS["1b"]) == built
+    assert len(built) == 16 * 7
+
+
+@pytest.mark.parametrize("rows, cols", [(24, 40), (40, 24), (32, 32)])
+def test_ns_flops_equals_a_direct_count_of_newton_schulz(rows, cols):
+    with FlopCounterMode(display=False) as counter:
+        newton_schulz(torch.randn(rows, cols), steps=5, dtype=torch.float32)
+    assert sm.ns_flops(rows, cols) == counter.get_total_flops()
+
+
+def test_loads_equal_what_assign_owners_gives():
+    args = PRESETS["debug"]  # 4 layers: 28 matrices of 4 shapes
+    shapes = sm.muon_shapes(args)
+    owners = assign_owners([ns_cost(r, c) for _, r, c in shapes], 3)
+    flops = [0.0] * 3
+    for (_, r, c), o in zip(shapes, owners):
+        flops[o] += sm.ns_flops(r, c)
+    row = sm.predict("debug", args, 3, SPF, OPTS)
+    assert row["ns_tflop_max"] * 1e12 == pytest.approx(max(flops), rel=1e-12)
+    assert row["ns_tflop_mean"] * 1e12 == pytest.approx(sum(flops) / 3, rel=1e-12)
+    assert row["balance"] == pytest.approx(max(flops) / (sum(flops) / 3), rel=1e-12)
+    assert row["speedup"] == pytest.approx(sum(flops) / max(flops), rel=1e-12)
+
+
+def test_gather_traffic_is_every_shard_not_held_by_its_owner():
+    shapes = [("a", 13, 4), ("b", 2, 6)]  # 13 rows on 3 ranks: 5, 5, 3; 2 rows: 1, 1, 0
+    sent, recv = sm.gather_bytes(shapes, owners=[0, 2], world=3)
+    assert sent == [1 * 6 * 2, (5 * 4 + 1 * 6) * 2, 3 * 4 * 2]
+    assert recv == [(5 + 3) * 4 * 2, 0, (1 + 1) * 6 * 2]
+
+
+def test_one_rank_has_speedup_one_and_no_communication():
+    row = sm.predict("1b", PRESETS["1b"], 1, SPF, OPTS)
+    assert row["speedup"] == 1.0 and row["balance"] == 1.0
+    assert row["comm_mb_max"] == 0.0 and row["comm_ms"] == 0.0
+    assert row["wall_pct"] == 0.0
+
+
+def test_crossover_needs_every_larger_count_over_the_threshold():
+    assert sm.crossover([(8, 0.5), (64, 1.2), (256, 0.9), (1024, 1.1)]) == 1024
+    assert sm.crossover([(8, 0.5), (64, 0.9)]) is None
