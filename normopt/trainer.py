@@ -273,15 +273,14 @@ class Trainer:
         self.optimizers.zero_grad()
         commit_running_scales(self.model)
         counts = commit_expert_loads(self.model, self.model_args.moe_bias_rate)
-        if counts is not None:
-            counts = counts.cpu()
+        if counts is not None:  # kept on the device: read at logging steps only
             self.expert_loads = counts if self.expert_loads is None else self.expert_loads + counts
         return loss, grad_norm, bool(shared[1] > 0), float(shared[2]) / self.dist.world_size
 
     def _moe_window_record(self) -> dict:
         """The logging window's MoE numbers: mean balance loss per step, and per layer the
         tokens routed to each expert, the load entropy and max/mean load; then a new window."""
-        record = {"moe_aux_loss": self.aux_loss_sum / max(1, self.window_steps), **load_summary(self.expert_loads)}
+        record = {"moe_aux_loss": self.aux_loss_sum / max(1, self.window_steps), **load_summary(self.expert_loads.cpu())}
         self.expert_loads, self.aux_loss_sum, self.window_steps = None, 0.0, 0
         return record
 
