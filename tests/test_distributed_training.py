@@ -50,8 +50,9 @@ def test_two_ranks_match_one_process(tmp_path, tiny_corpus, norm):
     assert reference[8] < reference[1] - 0.1
 
 
+# the default run covers distributed Muon/NorMuon training through the MLA + MoE test below
 @pytest.mark.parametrize("optim,muon_params", [
-    ("muon", "all"), pytest.param("normuon", "vo_ffn", marks=pytest.mark.slow)])
+    pytest.param("muon", "all", marks=pytest.mark.slow), pytest.param("normuon", "vo_ffn", marks=pytest.mark.slow)])
 def test_two_ranks_match_one_process_with_muon(tmp_path, tiny_corpus, optim, muon_params):
     """Distributed Newton-Schulz inside the trainer: the owner rank orthogonalises whole
     matrices, so 2 ranks follow the 1-process loss curve (fp32, 1e-5: only the order of

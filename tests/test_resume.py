@@ -23,7 +23,7 @@ STEPS = 40
 # matrices go through a kill and a reshard
 OPTIM_SETTINGS = {"adamw": ["optim.name=adamw"],
                   "muon": ["optim.name=muon", "optim.muon_params=vo_ffn", "model.attention=mla", "model.ffn=moe",
-                           "model.moe_balance=aux_free", "model.moe_bias_rate=0.01"]}
+                           "model.n_experts=4", "model.moe_balance=aux_free", "model.moe_bias_rate=0.01"]}
 
 
 def _args(run_dir, corpus, *extra):
