@@ -115,6 +115,9 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))
 
+    # eager under train.compile: the per-expert token counts change every step, and each new
+    # count would otherwise trigger a recompilation of the loop
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum over each token's chosen experts of g_i SwiGLU_i(x), for x (tokens, dim) and
         idx, weights (tokens, k). Tokens are sorted by expert and each expert multiplies its
