@@ -235,6 +235,7 @@ def test_batched_ns_and_normuon_normalise_each_matrix_on_its_own():
         torch.testing.assert_close(O_hat[e].norm(), batched[e].norm())
 
 
+@pytest.mark.slow  # ~20 s of inductor compilation on 2 cores
 def test_compiled_mla_moe_blocks_match_eager():
     """``train.compile`` compiles each block; the expert loop stays eager (its per-expert
     token counts change with every batch), the rest is compiled and gives the same output."""
