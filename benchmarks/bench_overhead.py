@@ -26,7 +26,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from normopt.parallel.distributed import free_port  # noqa: E402
 
 EXTRA_WORK = (
     "one all-reduce of 3 numbers per step (loss, stop request, MoE balance loss): every rank "
@@ -109,12 +110,6 @@ def worker(args) -> None:
         Path(args.worker_out).write_text(json.dumps(gathered))
     del trainer, minimal, minimal_optim
     shutdown_distributed()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(args, optim: str) -> dict:

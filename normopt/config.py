@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from normopt.errors import UserError
+from normopt.models.moe import BALANCE, SCORES
 from normopt.models.norms import NORM_NAMES, norm_class
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -112,10 +113,10 @@ class ModelConfig:
     moe_top_k: int | None = None  # experts per token
     moe_hidden: int | None = None  # each expert's SwiGLU hidden size
     n_shared_experts: int | None = None  # always-on experts of hidden moe_hidden
-    moe_score: Literal["softmax", "sigmoid"] | None = None
+    moe_score: Literal[SCORES] | None = None
     # load balancing: aux_loss (DeepSeek-V2 balance loss, coefficient moe_aux_coef),
     # aux_free (DeepSeek-V3 per-expert routing bias, step moe_bias_rate) or none
-    moe_balance: Literal["aux_loss", "aux_free", "none"] | None = None
+    moe_balance: Literal[BALANCE] | None = None
     moe_aux_coef: float | None = None
     moe_bias_rate: float | None = None
 

@@ -125,7 +125,7 @@ class GroupedExperts(nn.Module):
         k = idx.shape[-1]
         flat = idx.flatten()
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()
+        counts = expert_counts(idx, self.w1.shape[0]).tolist()
         token = order // k
         gate = weights.flatten()[order].unsqueeze(-1).to(x.dtype)
         out = torch.zeros_like(x)

@@ -135,11 +135,10 @@ def resolve_model_args(model_cfg, vocab_size: int) -> ModelArgs:
     return fill_derived_shapes(replace(base, **overrides, vocab_size=vocab_size))
 
 
-def _attention_params(args: ModelArgs, with_norms: bool = True) -> int:
+def _attention_params(args: ModelArgs) -> int:
     """One block's attention: GQA 2 d^2 + 2 d n_kv h; MLA see ``mla_param_count``."""
     if args.attention == "mla":
-        norm = (lambda features: norm_param_count(args.norm_config, features)) if with_norms else (lambda f: 0)
-        return mla_param_count(args, norm)
+        return mla_param_count(args, lambda features: norm_param_count(args.norm_config, features))
     return 2 * args.dim * args.dim + 2 * args.dim * args.n_kv_heads * args.head_dim
 
 
