@@ -20,6 +20,7 @@ import yaml
 from normopt.errors import UserError
 from normopt.models.moe import BALANCE, SCORES
 from normopt.models.norms import NORM_NAMES, norm_class
+from normopt.parallel.distributed_ns import DEFAULT_BUCKET_MB
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
@@ -149,6 +150,15 @@ class OptimConfig:
     scale_rule: Literal["original", "match_adamw", "spectral"] = "match_adamw"
     # where NS runs, not what it computes: both modes give bit-identical updates
     ns_mode: Literal["distributed", "replicated"] = role(EXECUTION, "distributed")
+    # MiB of whole matrices per all_to_all bucket (0 = one bucket per step), and whether a
+    # bucket's collectives overlap the NS of its neighbours; neither changes a bit
+    ns_bucket_mb: float = role(EXECUTION, DEFAULT_BUCKET_MB)
+    ns_overlap: bool = role(EXECUTION, True)
+    # same-shape matrices stacked into one batched NS (1 = one at a time), and each matrix's
+    # NS split into row blocks computed by a team of ranks (1 = one owner per matrix); both
+    # are independent of the rank count but may change the last bits (other kernels)
+    ns_batch_size: int = 1
+    ns_row_blocks: int = 1
     # auto = bfloat16 on CUDA, float32 on CPU (see train.dtype)
     ns_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     normuon_beta2: float = 0.95
@@ -446,6 +456,9 @@ def validate(cfg: Config) -> None:
              "must be >= 0")
     _require(0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)")
     _require(o.ns_steps >= 1, "optim.ns_steps", "must be at least 1")
+    _require(o.ns_bucket_mb >= 0, "optim.ns_bucket_mb", "must be >= 0 (0 = one bucket)")
+    _require(o.ns_batch_size >= 1, "optim.ns_batch_size", "must be at least 1")
+    _require(o.ns_row_blocks >= 1, "optim.ns_row_blocks", "must be at least 1")
     _require(0 <= o.normuon_beta2 < 1, "optim.normuon_beta2", "must be in [0, 1)")
     _require(o.normuon_eps > 0, "optim.normuon_eps", "must be positive")
     from normopt.optim.ns_rules import NSStepRules

@@ -24,7 +24,7 @@ from normopt.parallel.distributed_ns import (
     shard_rows,
 )
 from tests.torchrun import run_torchrun
-from tests.workers.muon_worker import CASES
+from tests.workers.muon_worker import CASES, MATH_OPTIONS, OPTIMIZERS, RUNS, VARIANTS
 
 WORKER = Path(__file__).parent / "workers" / "muon_worker.py"
 _RUNS: dict[int, dict] = {}
@@ -48,30 +48,74 @@ def results(request, tmp_path_factory):
 
 
 def test_fsdp_muon_and_normuon_equal_single_process(results):
-    assert len(results["fsdp"]) == len(CASES) * 2 * 2 * 2  # case x optimizer x grad source x ns_mode
-    for (case, opt, source, mode), params in results["fsdp"].items():
-        reference = results["reference"][(case, opt, source)]
+    assert len(results["fsdp"]) == len(RUNS) * 2 * 2  # run x optimizer x ns_mode
+    for (case, opt, source, mode, variant), params in results["fsdp"].items():
+        math = tuple(sorted((k, v) for k, v in VARIANTS[variant].items() if k in MATH_OPTIONS))
+        reference = results["reference"][(case, opt, source, math)]
         assert params.keys() == reference.keys()
         for name in reference:
             diff = (params[name] - reference[name]).abs().max().item()
             assert torch.equal(params[name], reference[name]), (
-                f"{results['world_size']} ranks {case}/{opt}/{source}/{mode} {name}: max diff {diff}"
+                f"{results['world_size']} ranks {case}/{opt}/{source}/{mode}/{variant} {name}: max diff {diff}"
             )
         # the comparison is not vacuous: every matrix moved away from its initialization
         for name, initial in results["initial"][case].items():
             assert (params[name] - initial).abs().max() > 1e-3, f"{case}/{opt}/{mode} {name} did not train"
 
 
+def _per_step(results, key, field):
+    """(rank 0, rank 1, ...) values of ``field`` for each step of run ``key``."""
+    return [tuple(step[field] for step in ranks) for ranks in zip(*results["exchange"][key])]
+
+
 def test_each_matrix_is_orthogonalized_once_per_step_when_distributed(results):
     world = results["world_size"]
-    for (case, _, _, mode), per_rank in results["jobs_computed"].items():
+    for (case, opt, source, mode, variant), _ in results["exchange"].items():
+        if variant not in ("default", "buckets", "buckets_sync"):
+            continue
         n_matrices = len(CASES[case])
-        per_step = list(zip(*per_rank))  # (rank0, rank1, ...) counts for each step
-        for counts in per_step:
+        for counts in _per_step(results, (case, opt, source, mode, variant), "jobs"):
             if mode == "distributed":
                 assert sum(counts) == n_matrices, counts
             else:
                 assert list(counts) == [n_matrices] * world, counts
+
+
+def test_batched_ns_stacks_same_shape_matrices(results):
+    """Case "repeated": one matrix alone in its param group, then 2 + 2 + 2 of equal shapes
+    (6 after the first): batches of 2 make 4 jobs; batches of 3 (with row blocks) also 4."""
+    world = results["world_size"]
+    for opt in OPTIMIZERS:
+        for variant in ("batched", "row_blocks_batched"):
+            counts = _per_step(results, ("repeated", opt, "inject", "distributed", variant), "jobs")
+            team = min(VARIANTS[variant].get("ns_row_blocks", 1), world) if world > 1 else 1
+            assert all(sum(c) == 4 * team for c in counts), (variant, counts)
+
+
+def test_small_buckets_bound_the_exchange_buffers(results):
+    """One bucket per job: peak buffer bytes stay near a few jobs' worth, below the
+    one-bucket peak, which holds every matrix of the step at once."""
+    if results["world_size"] == 1:
+        pytest.skip("a 1-rank mesh computes locally, without buffers")
+    for opt in ("muon", "normuon"):
+        key = ("uneven", opt, "inject", "distributed")
+        one = _per_step(results, key + ("default",), "peak")
+        small = _per_step(results, key + ("buckets",), "peak")
+        buckets = _per_step(results, key + ("buckets",), "buckets")
+        assert all(b == (len(CASES["uneven"]),) * results["world_size"] for b in buckets), buckets
+        assert max(map(max, small)) < max(map(max, one)), (small, one)
+
+
+def test_row_blocks_put_every_rank_to_work_with_fewer_matrices_than_ranks(results):
+    """Case "few" has 2 matrices: one owner each leaves a third rank idle; with 3 row
+    blocks a team of min(3, ranks) ranks computes each matrix together."""
+    world = results["world_size"]
+    for opt in OPTIMIZERS:
+        owners = _per_step(results, ("few", opt, "inject", "distributed", "default"), "jobs")
+        teams = _per_step(results, ("few", opt, "inject", "distributed", "row_blocks"), "jobs")
+        if world == 3:
+            assert all(sorted(c) == [0, 1, 1] for c in owners), owners
+        assert all(c == (2,) * world for c in teams), teams
 
 
 def test_checkpoint_round_trip_under_two_ranks(tmp_path_factory):
@@ -116,12 +160,12 @@ def test_assign_owners_balances_llama_shapes():
 
 def test_plain_jobs_run_locally_without_communication():
     a, v = torch.randn(4, 3), torch.randn(4)
-    job = RowShardedJob(inputs=[a, v], rows=4, compute=lambda t: [t[0] * 2, t[1] + 1],
+    job = RowShardedJob(inputs=[a, v], rows=4, compute=lambda t, team: [t[0] * 2, t[1] + 1],
                         output_specs=[((3,), torch.float32), ((), torch.float32)])
     (out,), stats = run_row_sharded_jobs([job], mode="distributed")
     assert torch.equal(out[0], a * 2) and torch.equal(out[1], v + 1)
     assert stats.bytes_sent == 0 and stats.jobs_computed == 1
-    bad = RowShardedJob(inputs=[a], rows=4, compute=lambda t: [t[0][:2]], output_specs=[((3,), torch.float32)])
+    bad = RowShardedJob(inputs=[a], rows=4, compute=lambda t, team: [t[0][:2]], output_specs=[((3,), torch.float32)])
     with pytest.raises(ValueError, match="compute returned"):
         run_row_sharded_jobs([bad])
     with pytest.raises(ValueError, match="ns_mode"):

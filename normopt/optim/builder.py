@@ -58,6 +58,8 @@ def build_muon(group: ParamGroup, optim_cfg, device_type: str) -> Muon:
         momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov,
         ns_coefficients=optim_cfg.ns_coefficients, scale_rule=optim_cfg.scale_rule,
         ns_mode=optim_cfg.ns_mode, ns_dtype=resolve_dtype(optim_cfg.ns_dtype, device_type),
+        ns_batch_size=optim_cfg.ns_batch_size, ns_row_blocks=optim_cfg.ns_row_blocks,
+        ns_bucket_mb=optim_cfg.ns_bucket_mb, ns_overlap=optim_cfg.ns_overlap,
     )
     if group.optimizer == "normuon":
         return NorMuon(torch_groups, beta2=optim_cfg.normuon_beta2, eps=optim_cfg.normuon_eps, **common)

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,7 +53,14 @@ from torch.distributed.tensor import DTensor, Shard
 
 from normopt.dtypes import dtype_name, floating_dtype
 from normopt.optim.newton_schulz import CoefficientSpec, coefficient_schedule, newton_schulz
-from normopt.parallel.distributed_ns import NS_MODES, ExchangeStats, RowShardedJob, ns_cost, run_row_sharded_jobs
+from normopt.parallel.distributed_ns import (
+    DEFAULT_BUCKET_MB,
+    NS_MODES,
+    ExchangeStats,
+    RowShardedJob,
+    ns_cost,
+    run_row_sharded_jobs,
+)
 
 SCALE_RULES: tuple[str, ...] = ("original", "match_adamw", "spectral")
 
@@ -188,6 +196,45 @@ def _row_mesh(p: torch.Tensor):
     return p.device_mesh
 
 
+def batch_by_shape(keys: Sequence[object], batch_size: int) -> list[list[int]]:
+    """Indices of items with equal keys (shape, mesh), in order of first appearance, cut
+    into batches of at most ``batch_size``. Depends only on the keys and their order,
+    never on the rank count, so every world size (one process included) stacks the same
+    matrices together and batched NS stays bit-identical across them."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"ns_batch_size must be an integer >= 1, got {batch_size!r}")
+    by_key: dict[object, list[int]] = {}
+    for i, key in enumerate(keys):
+        by_key.setdefault(key, []).append(i)
+    return [idx[k:k + batch_size] for idx in by_key.values() for k in range(0, len(idx), batch_size)]
+
+
+def _stack(full: list[torch.Tensor]) -> torch.Tensor:
+    """One matrix (or expert stack) as is; several stacked along a new leading dim."""
+    return full[0] if len(full) == 1 else torch.stack(full)
+
+
+def _unstack(X: torch.Tensor, n: int) -> list[torch.Tensor]:
+    return [X] if n == 1 else list(X.unbind(0))
+
+
+@dataclass
+class _Pending:
+    """A parameter whose momentum this step has updated, waiting for its NS."""
+
+    p: torch.Tensor
+    state: dict
+    grad: torch.Tensor
+    buf: torch.Tensor
+    beta: float
+    nesterov: bool
+    mesh: Any
+
+    def direction(self) -> torch.Tensor:
+        """This rank's rows of U (``nesterov_direction``), built when its bucket is sent."""
+        return nesterov_direction(self.buf, self.grad, self.beta, self.nesterov)
+
+
 class Muon(torch.optim.Optimizer):
     """Muon: momentum, Newton-Schulz orthogonalization, scaled update (see module doc).
 
@@ -205,6 +252,15 @@ class Muon(torch.optim.Optimizer):
             'replicated' (every rank orthogonalizes every matrix). Optimizer-wide, not
             saved in the state dict: it changes the cost, not the result.
         ns_dtype: NS compute dtype (bf16 default); matrices travel in this dtype.
+        ns_batch_size: same-shape matrices of a param group orthogonalized together in
+            one batched NS, at most this many (1: one at a time). Batches depend on the
+            parameter order only, so results do not depend on the rank count.
+        ns_row_blocks: NS of every matrix computed in this many row blocks, shared by a
+            team of min(blocks, ranks) ranks (``normopt.parallel.row_block_team``).
+        ns_bucket_mb: MiB of whole matrices per exchange bucket (0: one bucket).
+        ns_overlap: overlap each bucket's collectives with the NS of its neighbours.
+        ns_mode, ns_bucket_mb and ns_overlap change where and when NS runs, never its bits;
+        ns_batch_size and ns_row_blocks may change the last bits (different kernels).
     """
 
     def __init__(
@@ -219,18 +275,27 @@ class Muon(torch.optim.Optimizer):
         scale_rule: str = "match_adamw",
         ns_mode: str = "distributed",
         ns_dtype: torch.dtype | str = torch.bfloat16,
+        **execution: Any,
     ):
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
             ns_steps=ns_steps, ns_coefficients=ns_coefficients, scale_rule=scale_rule, ns_dtype=ns_dtype,
         )
-        self._setup(params, defaults, ns_mode)
+        self._setup(params, defaults, ns_mode, **execution)
 
-    def _setup(self, params, defaults: dict[str, Any], ns_mode: str) -> None:
-        """Shared constructor body: validate ns_mode, then register the param groups."""
+    def _setup(self, params, defaults: dict[str, Any], ns_mode: str, ns_batch_size: int = 1, ns_row_blocks: int = 1,
+               ns_bucket_mb: float = DEFAULT_BUCKET_MB, ns_overlap: bool = True) -> None:
+        """Shared constructor body: validate the optimizer-wide NS options, then register
+        the param groups."""
         if ns_mode not in NS_MODES:
             raise ValueError(f"ns_mode must be one of {NS_MODES}, got {ns_mode!r}")
-        self.ns_mode = ns_mode
+        batch_by_shape([], ns_batch_size)  # raises ValueError naming ns_batch_size
+        if not isinstance(ns_row_blocks, int) or isinstance(ns_row_blocks, bool) or ns_row_blocks < 1:
+            raise ValueError(f"ns_row_blocks must be an integer >= 1, got {ns_row_blocks!r}")
+        if not _is_real(ns_bucket_mb) or float(ns_bucket_mb) < 0.0:
+            raise ValueError(f"ns_bucket_mb must be a number >= 0, got {ns_bucket_mb!r}")
+        self.ns_mode, self.ns_batch_size, self.ns_row_blocks = ns_mode, ns_batch_size, ns_row_blocks
+        self.ns_bucket_mb, self.ns_overlap = float(ns_bucket_mb), bool(ns_overlap)
         # Timings and bytes of the last step's whole-matrix work (benchmarks, diagnostics).
         self.last_step_stats: ExchangeStats | None = None
         torch.optim.Optimizer.__init__(self, params, defaults)
@@ -256,22 +321,25 @@ class Muon(torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _make_job(self, U: torch.Tensor, p: torch.Tensor, state: dict, group: dict, mesh) -> RowShardedJob:
-        """Whole-matrix work for one parameter: O = NS(U) in the NS dtype (batched over a
-        stack's matrices)."""
-        rows, cols = matrix_dims(p.shape)
+    def _make_job(self, batch: list[_Pending], group: dict, mesh) -> RowShardedJob:
+        """Whole-matrix work for a batch of same-shape parameters: O = NS(U), stacked along
+        a new leading dim when the batch holds more than one matrix (a stack's matrices are
+        batched already)."""
+        p0 = batch[0].p
+        rows, cols = matrix_dims(p0.shape)
         ns_dtype = resolve_ns_dtype(group["ns_dtype"])
         steps, coeffs = group["ns_steps"], group["ns_coefficients"]
 
-        def compute(full: list[torch.Tensor]) -> list[torch.Tensor]:
-            return [newton_schulz(full[0], steps, coeffs, dtype=ns_dtype)]
+        def compute(full: list[torch.Tensor], team) -> list[torch.Tensor]:
+            return _unstack(newton_schulz(_stack(full), steps, coeffs, dtype=ns_dtype, team=team), len(full))
 
         # Cast before shipping: NS starts with this cast anyway, so the result is the
         # same and the all_to_all carries bf16 instead of fp32.
         return RowShardedJob(
-            inputs=[U.to(ns_dtype)], rows=p.shape[0], compute=compute,
-            output_specs=[(tuple(p.shape[1:]), ns_dtype)], cost=stack_size(p.shape) * ns_cost(rows, cols),
-            mesh=mesh,
+            inputs=lambda: [item.direction().to(ns_dtype) for item in batch], rows=p0.shape[0], compute=compute,
+            output_specs=[(tuple(p0.shape[1:]), ns_dtype)] * len(batch),
+            input_specs=[(tuple(p0.shape[1:]), ns_dtype)] * len(batch),
+            cost=len(batch) * stack_size(p0.shape) * ns_cost(rows, cols), mesh=mesh,
         )
 
     def _finish(self, p: torch.Tensor, outputs: list[torch.Tensor], state: dict, group: dict) -> None:
@@ -322,25 +390,35 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        todo: list[tuple[torch.Tensor, dict, dict]] = []
+        todo: list[tuple[list[_Pending], dict]] = []
         jobs: list[RowShardedJob] = []
         for group in self.param_groups:
-            beta = float(group["momentum"])
+            beta, nesterov = float(group["momentum"]), bool(group["nesterov"])
+            pending: list[_Pending] = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                mesh = _row_mesh(p)
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state)
                 grad = _local(p.grad)
                 buf = momentum_update_(_local(state["momentum_buffer"]), grad, beta)
-                U = nesterov_direction(buf, grad, beta, bool(group["nesterov"]))
-                jobs.append(self._make_job(U, p, state, group, mesh))
-                todo.append((p, state, group))
-        outputs, self.last_step_stats = run_row_sharded_jobs(jobs, self.ns_mode)
-        for (p, state, group), out in zip(todo, outputs):
-            self._finish(p, out, state, group)
+                pending.append(_Pending(p, state, grad, buf, beta, nesterov, _row_mesh(p)))
+            for idx in batch_by_shape([(tuple(it.p.shape), it.mesh) for it in pending], self.ns_batch_size):
+                batch = [pending[i] for i in idx]
+                jobs.append(self._make_job(batch, group, batch[0].mesh))
+                todo.append((batch, group))
+
+        def apply(j: int, outputs: list[torch.Tensor]) -> None:
+            batch, group = todo[j]
+            n = len(batch)  # outputs: kind 0 of every matrix, then kind 1, ...
+            for i, item in enumerate(batch):
+                self._finish(item.p, outputs[i::n], item.state, group)
+
+        _, self.last_step_stats = run_row_sharded_jobs(
+            jobs, self.ns_mode, row_blocks=self.ns_row_blocks, bucket_mb=self.ns_bucket_mb,
+            overlap=self.ns_overlap, on_result=apply,
+        )
         return loss
 
 
@@ -360,13 +438,14 @@ class NorMuon(Muon):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, ns_steps: int = 5, ns_coefficients: CoefficientSpec = "quintic",
                  scale_rule: str = "match_adamw", ns_mode: str = "distributed",
-                 ns_dtype: torch.dtype | str = torch.bfloat16, beta2: float = 0.95, eps: float = 1e-8):
+                 ns_dtype: torch.dtype | str = torch.bfloat16, beta2: float = 0.95, eps: float = 1e-8,
+                 **execution: Any):
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
             ns_steps=ns_steps, ns_coefficients=ns_coefficients, scale_rule=scale_rule, ns_dtype=ns_dtype,
             beta2=beta2, eps=eps,
         )
-        self._setup(params, defaults, ns_mode)
+        self._setup(params, defaults, ns_mode, **execution)
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         super()._init_state(p, state)
@@ -383,24 +462,32 @@ class NorMuon(Muon):
         else:
             state["row_second_moment"] = local
 
-    def _make_job(self, U: torch.Tensor, p: torch.Tensor, state: dict, group: dict, mesh) -> RowShardedJob:
-        """Whole-matrix work: O = NS(U), then the row normalization and the new v."""
-        rows, cols = matrix_dims(p.shape)
+    def _make_job(self, batch: list[_Pending], group: dict, mesh) -> RowShardedJob:
+        """Whole-matrix work: O = NS(U), then the row normalization and the new v (per
+        matrix of the batch). Inputs: every U, then every v; outputs: every O_hat, then
+        every v_new."""
+        p0 = batch[0].p
+        rows, cols = matrix_dims(p0.shape)
         ns_dtype = resolve_ns_dtype(group["ns_dtype"])
         steps, coeffs = group["ns_steps"], group["ns_coefficients"]
         beta2, eps = float(group["beta2"]), float(group["eps"])
-        v = _local(state["row_second_moment"])
-        update_dtype = p.dtype
+        update_dtype, n = p0.dtype, len(batch)
+        v_dtype = _local(batch[0].state["row_second_moment"]).dtype
 
-        def compute(full: list[torch.Tensor]) -> list[torch.Tensor]:
-            O = newton_schulz(full[0], steps, coeffs, dtype=ns_dtype).to(update_dtype)
-            O_hat, v_new = normuon_normalize(O, full[1], beta2, eps)
-            return [O_hat, v_new]
+        def compute(full: list[torch.Tensor], team) -> list[torch.Tensor]:
+            O = newton_schulz(_stack(full[:n]), steps, coeffs, dtype=ns_dtype, team=team).to(update_dtype)
+            O_hat, v_new = normuon_normalize(O, _stack(full[n:]), beta2, eps)
+            return _unstack(O_hat, n) + _unstack(v_new, n)
 
+        def inputs() -> list[torch.Tensor]:
+            return ([item.direction().to(ns_dtype) for item in batch]
+                    + [_local(item.state["row_second_moment"]) for item in batch])
+
+        out_specs = [(tuple(p0.shape[1:]), update_dtype)] * n + [(tuple(p0.shape[1:-1]), v_dtype)] * n
         return RowShardedJob(
-            inputs=[U.to(ns_dtype), v], rows=p.shape[0], compute=compute,
-            output_specs=[(tuple(p.shape[1:]), update_dtype), (tuple(p.shape[1:-1]), v.dtype)],
-            cost=stack_size(p.shape) * ns_cost(rows, cols), mesh=mesh,
+            inputs=inputs, rows=p0.shape[0], compute=compute, output_specs=out_specs,
+            input_specs=[(tuple(p0.shape[1:]), ns_dtype)] * n + [(tuple(p0.shape[1:-1]), v_dtype)] * n,
+            cost=n * stack_size(p0.shape) * ns_cost(rows, cols), mesh=mesh,
         )
 
     def _finish(self, p: torch.Tensor, outputs: list[torch.Tensor], state: dict, group: dict) -> None:

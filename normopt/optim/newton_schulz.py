@@ -33,6 +33,8 @@ from typing import Union
 
 import torch
 
+from normopt.parallel.row_block_team import RowBlockTeam, blocked_ns_step
+
 Coefficients = tuple[float, float, float]
 CoefficientSpec = Union[str, Coefficients, Sequence[Coefficients]]
 
@@ -110,6 +112,7 @@ def newton_schulz(
     coefficients: CoefficientSpec = "quintic",
     dtype: torch.dtype | None = torch.bfloat16,
     eps: float = DEFAULT_EPS,
+    team: RowBlockTeam | None = None,
 ) -> torch.Tensor:
     """Approximate the polar factor U V^T of G (or of each matrix in a batch).
 
@@ -128,6 +131,9 @@ def newton_schulz(
         coefficients: 'quintic', 'polar_express', one (a, b, c) triple, or a per-step list.
         dtype: compute dtype (bf16 by default, as in Muon); None computes in G's dtype.
         eps: added to the Frobenius norm so an all-zero G maps to zeros, not NaN.
+        team: run every step in row blocks (``blocked_ns_step``): the blocks this process
+            computes and how it gathers the rest (``normopt.parallel.row_block_team``).
+            None runs the plain ``ns_step``.
 
     Returns:
         Tensor of G's shape and dtype. The cast to ``dtype`` happens before anything else,
@@ -143,7 +149,7 @@ def newton_schulz(
         X = X.mT
     X = frobenius_normalize(X, eps)
     for a, b, c in schedule:
-        X = ns_step(X, a, b, c)
+        X = ns_step(X, a, b, c) if team is None else blocked_ns_step(X, a, b, c, team)
     if transposed:
         X = X.mT
     return X.to(G.dtype)

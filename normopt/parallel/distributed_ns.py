@@ -1,27 +1,33 @@
 """Whole-matrix computations on row-sharded (FSDP2 Shard(0)) matrices.
 
-Newton-Schulz needs the whole matrix, while FSDP2 leaves each rank a slice of rows. The
-pattern here (the one NorMuon's FSDP2 implementation uses) gives every matrix one owner:
+Newton-Schulz needs the whole matrix, while FSDP2 leaves each rank a slice of rows. Each
+matrix goes to the rank (or the team of ranks, ``row_blocks > 1``) that computes it:
 
-    1. gather: one all_to_all_single sends each owner the row-slices of the matrices it owns,
-    2. compute: each owner runs the computation on its whole matrices (nobody repeats that work),
-    3. scatter: a second all_to_all_single sends every rank its rows of every result
-       (``_gather``, ``_compute_mine`` and ``_scatter``, run in turn by ``_run_on_mesh``).
+    1. gather: an all_to_all sends each computing rank the row-slices of its matrices,
+    2. compute: each computing rank runs the job's pure ``compute`` on whole matrices,
+    3. scatter: a second all_to_all sends every rank its rows of every result.
 
-All matrices of one optimizer step travel in that single pair of collectives. Pieces of
-mixed dtypes (a bf16 momentum, an fp32 per-row statistic) are packed as raw bytes into
-one uint8 buffer with per-rank uneven splits, so nothing is up-cast, padded to a common
-shape, or sent twice. Owners are chosen greedily so that NS FLOPs are balanced.
+The step's jobs go in buckets of at most ``bucket_bytes`` of whole inputs, in job order.
+With ``overlap`` the gather of bucket k+1 and the scatter of bucket k-1 are in flight
+(async collectives) while bucket k computes, and each bucket's results are handed to
+``on_result`` (which applies the update) as soon as they arrive, so the buffers held at
+once are those of about three buckets, not of the model (``ExchangeStats.peak_buffer_bytes``).
 
-``mode="replicated"`` is the baseline: the first collective sends every slice to every
-rank (an all-gather), every rank computes every matrix and keeps its own rows.
+Owners are chosen greedily (longest job first to the least-loaded rank, loads carried
+from bucket to bucket) so that NS FLOPs are balanced within each bucket and over the
+step. Who computes a job never changes its result: a computing rank sees the exact bits
+of the whole matrix. ``mode="replicated"`` is the baseline in which every rank computes
+every job (the first collective becomes an all-gather, there is no scatter).
+
+With ``row_blocks = P > 1`` a job is computed by a team of s = min(P, ranks) ranks that
+all receive the whole input and split NS row block by row block
+(``normopt.parallel.row_block_team``); member i of a team scatters the result rows to
+the ranks d with d % s == i. A single process runs the same P blocks in a loop, so the
+bits do not depend on the rank count.
 
 The module knows nothing about Muon: a ``RowShardedJob`` carries its inputs, its output
-layout and a pure ``compute`` function from full inputs to full outputs.
-
-Row layout: FSDP2 and DTensor ``Shard(0)`` split ``rows`` like ``torch.chunk``: every
-rank gets ceil(rows / world) rows except the tail, which may be short or empty
-(13 rows on 3 ranks: 5, 5, 3; 2 rows on 3 ranks: 1, 1, 0). ``shard_rows`` reproduces it.
+layout and a pure ``compute`` function from full inputs to full outputs. Row layout:
+``shard_rows`` (torch.chunk style, like Shard(0)).
 """
 
 from __future__ import annotations
@@ -34,39 +40,76 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-NS_MODES: tuple[str, ...] = ("distributed", "replicated")
+from normopt.parallel.packed_exchange import PendingExchange, numel_of, pack, padded_nbytes, post_all_to_all, view_piece
+from normopt.parallel.row_block_team import GroupTeam, RowBlockTeam
+from normopt.parallel.row_layout import shard_rows
 
-# Every piece starts at a multiple of this many bytes inside the packed buffer, so a
-# received byte range can be reinterpreted in place as any dtype (view needs alignment).
-_ALIGN = 16
+NS_MODES: tuple[str, ...] = ("distributed", "replicated")
+DEFAULT_BUCKET_MB = 32.0
+
+Spec = tuple[tuple[int, ...], torch.dtype]  # (trailing shape, dtype) of a row-sharded tensor
+OnResult = Callable[[int, list[torch.Tensor]], None]
+
+__all__ = ["NS_MODES", "DEFAULT_BUCKET_MB", "RowShardedJob", "ExchangeStats", "ns_cost", "assign_owners",
+           "shard_rows", "run_row_sharded_jobs"]
 
 
 @dataclass
 class RowShardedJob:
     """One whole-matrix computation whose inputs and outputs are split by rows.
 
-    inputs: this rank's row-slices (for a plain, unsharded job: the whole tensors); all
-        share the leading dimension, and trailing shapes and dtypes agree on every rank.
+    inputs: this rank's row-slices (for a plain, unsharded job: the whole tensors), or a
+        function returning them, called when the job's bucket is sent (so inputs built
+        from momentum need not all exist at once); all share the leading dimension.
     rows: the full leading dimension.
-    compute: pure function from the full inputs to the full outputs, each output with
-        ``rows`` as its leading dimension.
+    compute: pure function (full inputs, team) -> full outputs, each output with ``rows``
+        as its leading dimension; ``team`` is the ``RowBlockTeam`` to hand to
+        ``newton_schulz`` (None unless ``row_blocks > 1``).
     output_specs: (trailing shape, dtype) of each output, known to every rank in advance
         so that receive sizes can be computed without an extra handshake.
     cost: relative compute cost, used to balance owners (see ``ns_cost``).
     mesh: 1-D DeviceMesh the rows are sharded over; None for an unsharded job.
+    input_specs: (trailing shape, dtype) of each input; required when ``inputs`` is a
+        function, derived from the tensors otherwise.
     """
 
-    inputs: list[torch.Tensor]
+    inputs: list[torch.Tensor] | Callable[[], list[torch.Tensor]]
     rows: int
-    compute: Callable[[list[torch.Tensor]], list[torch.Tensor]]
-    output_specs: list[tuple[tuple[int, ...], torch.dtype]]
+    compute: Callable[[list[torch.Tensor], RowBlockTeam | None], list[torch.Tensor]]
+    output_specs: list[Spec]
     cost: float = 1.0
     mesh: DeviceMesh | None = None
+    input_specs: list[Spec] | None = None
+
+    def specs(self) -> list[Spec]:
+        if self.input_specs is not None:
+            return self.input_specs
+        if callable(self.inputs):
+            raise ValueError("a RowShardedJob whose inputs are a function needs input_specs")
+        return [(tuple(t.shape[1:]), t.dtype) for t in self.inputs]
+
+    def load(self, expected_rows: int, rank: int) -> list[torch.Tensor]:
+        """This rank's input slices, checked against the Shard(0) layout."""
+        tensors = list(self.inputs() if callable(self.inputs) else self.inputs)
+        for t in tensors:
+            if t.shape[0] != expected_rows:
+                raise ValueError(
+                    f"row-sharded job with {self.rows} rows: rank {rank} holds {t.shape[0]} rows, "
+                    f"expected {expected_rows} (torch.chunk-style Shard(0) layout)"
+                )
+        return tensors
 
 
 @dataclass
 class ExchangeStats:
-    """What one ``run_row_sharded_jobs`` call did on this rank (wall seconds, bytes)."""
+    """What one ``run_row_sharded_jobs`` call did on this rank.
+
+    compute_s: seconds inside ``compute`` (NS), minus a team's all-gathers.
+    comm_s: visible communication: packing, unpacking and time blocked waiting on
+        collectives (transfers that finish while this rank computes are not counted).
+    peak_buffer_bytes: most bytes held at once by the exchange's send and receive
+        buffers, whole inputs and whole outputs.
+    """
 
     compute_s: float = 0.0
     comm_s: float = 0.0
@@ -75,6 +118,17 @@ class ExchangeStats:
     jobs_computed: int = 0
     cost_computed: float = 0.0
     owners: list[int] = field(default_factory=list)
+    buckets: int = 0
+    peak_buffer_bytes: int = 0
+    _held: int = 0
+
+    def hold(self, nbytes: int) -> int:
+        self._held += nbytes
+        self.peak_buffer_bytes = max(self.peak_buffer_bytes, self._held)
+        return nbytes
+
+    def release(self, nbytes: int) -> None:
+        self._held -= nbytes
 
 
 def ns_cost(rows: int, cols: int) -> float:
@@ -86,16 +140,17 @@ def ns_cost(rows: int, cols: int) -> float:
     return float(rows) * float(cols) * float(min(rows, cols))
 
 
-def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
+def assign_owners(costs: Sequence[float], world_size: int, loads: list[float] | None = None) -> list[int]:
     """Owner rank of each job: greedy longest-processing-time balancing.
 
     Jobs go heaviest first (ties: lower index first) to the currently least-loaded rank
-    (ties: lower rank), which keeps the max load within 4/3 of optimal. Deterministic,
-    so every rank computes the same assignment without communicating.
+    (ties: lower rank), which keeps the max load within 4/3 of optimal. ``loads`` (one per
+    rank, updated in place) carries the load of earlier buckets. Deterministic, so every
+    rank computes the same assignment without communicating.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    loads = [0.0] * world_size
+    loads = [0.0] * world_size if loads is None else loads
     owners = [0] * len(costs)
     for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
         rank = min(range(world_size), key=lambda r: (loads[r], r))
@@ -104,67 +159,52 @@ def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
     return owners
 
 
-def shard_rows(rows: int, world_size: int) -> list[tuple[int, int]]:
-    """(start, length) of each rank's rows under torch.chunk-style Shard(0) sharding.
-
-    chunk = ceil(rows / world); rank r holds rows [r * chunk, min(rows, (r + 1) * chunk)),
-    empty when r * chunk >= rows.
-    """
-    chunk = -(-rows // world_size) if rows else 0
-    out = []
-    for r in range(world_size):
-        start = min(rows, r * chunk)
-        out.append((start, min(rows, start + chunk) - start))
-    return out
-
-
-def _padded_nbytes(numel: int, dtype: torch.dtype) -> int:
-    """Bytes one piece occupies in a packed buffer: numel * itemsize, rounded up to _ALIGN."""
-    n = numel * dtype.itemsize
-    return -(-n // _ALIGN) * _ALIGN
+def bucket_jobs(nbytes: Sequence[int], bucket_bytes: float) -> list[list[int]]:
+    """Consecutive job indices whose whole inputs add up to at most ``bucket_bytes``; a job
+    larger than that is a bucket of its own; ``bucket_bytes <= 0``: one bucket."""
+    buckets: list[list[int]] = [[]]
+    total = 0
+    for j, n in enumerate(nbytes):
+        if buckets[-1] and bucket_bytes > 0 and total + n > bucket_bytes:
+            buckets.append([])
+            total = 0
+        buckets[-1].append(j)
+        total += n
+    return buckets if buckets[0] else []
 
 
-def _numel(rows: int, trailing: tuple[int, ...]) -> int:
-    n = rows
-    for d in trailing:
-        n *= d
-    return n
+def plan_teams(costs: Sequence[float], nbytes: Sequence[int], world: int, row_blocks: int,
+               bucket_bytes: float) -> tuple[list[list[int]], list[list[int]]]:
+    """(buckets, computes_on) of distributed mode: the buckets of job indices and the
+    ranks computing each job (one owner, or a team of min(row_blocks, world) consecutive
+    ranks; ranks past the last whole team compute nothing)."""
+    size = min(row_blocks, world)
+    teams = world // size
+    buckets = bucket_jobs(nbytes, bucket_bytes)
+    computes_on: list[list[int]] = [[] for _ in costs]
+    loads = [0.0] * teams
+    for bucket in buckets:
+        for j, t in zip(bucket, assign_owners([costs[j] for j in bucket], teams, loads)):
+            computes_on[j] = list(range(t * size, (t + 1) * size))
+    return buckets, computes_on
 
 
-def _pack(pieces: Sequence[torch.Tensor], total_bytes: int, device: torch.device) -> torch.Tensor:
-    """Copy ``pieces`` back to back (each _ALIGN-aligned) into one uint8 buffer."""
-    buf = torch.empty(total_bytes, dtype=torch.uint8, device=device)
-    offset = 0
-    for t in pieces:
-        n = t.numel() * t.element_size()
-        if n:
-            buf[offset:offset + n].view(t.dtype).copy_(t.reshape(-1))
-        offset += _padded_nbytes(t.numel(), t.dtype)
-    assert offset == total_bytes, (offset, total_bytes)
-    return buf
+_TEAM_GROUPS: dict[tuple[tuple[int, ...], int], list[dist.ProcessGroup]] = {}
 
 
-def _view(buf: torch.Tensor, offset: int, rows: int, trailing: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The piece of shape (rows, *trailing) stored at byte ``offset`` of ``buf`` (no copy)."""
-    n = _numel(rows, trailing) * dtype.itemsize
-    return buf[offset:offset + n].view(dtype).view(rows, *trailing)
+def _team_groups(mesh: DeviceMesh, size: int) -> list[dist.ProcessGroup]:
+    """One process group per team of ``size`` consecutive mesh ranks, created once (every
+    rank creates every group, in the same order, as ``new_group`` requires)."""
+    ranks = tuple(int(r) for r in mesh.mesh.flatten().tolist())
+    key = (ranks, size)
+    if key not in _TEAM_GROUPS:
+        _TEAM_GROUPS[key] = [dist.new_group(list(ranks[t * size:(t + 1) * size]))
+                             for t in range(len(ranks) // size)]
+    return _TEAM_GROUPS[key]
 
 
-def _input_layout(job: RowShardedJob) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    return [(tuple(t.shape[1:]), t.dtype) for t in job.inputs]
-
-
-def _check_local_rows(job: RowShardedJob, expected: int, rank: int) -> None:
-    for t in job.inputs:
-        if t.shape[0] != expected:
-            raise ValueError(
-                f"row-sharded job with {job.rows} rows: rank {rank} holds {t.shape[0]} rows, "
-                f"expected {expected} (torch.chunk-style Shard(0) layout)"
-            )
-
-
-def _compute(job: RowShardedJob, full_inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    outputs = job.compute(full_inputs)
+def _compute(job: RowShardedJob, full_inputs: list[torch.Tensor], team: RowBlockTeam | None) -> list[torch.Tensor]:
+    outputs = job.compute(full_inputs, team)
     if len(outputs) != len(job.output_specs):
         raise ValueError(f"compute returned {len(outputs)} outputs, output_specs lists {len(job.output_specs)}")
     for out, (trailing, dtype) in zip(outputs, job.output_specs):
@@ -175,17 +215,8 @@ def _compute(job: RowShardedJob, full_inputs: list[torch.Tensor]) -> list[torch.
     return outputs
 
 
-def _all_to_all_bytes(
-    send: torch.Tensor, send_splits: list[int], recv_splits: list[int], group, stats: ExchangeStats
-) -> torch.Tensor:
-    """One uneven all_to_all_single on uint8 buffers; times it into ``stats.comm_s``."""
-    recv = torch.empty(sum(recv_splits), dtype=torch.uint8, device=send.device)
-    t0 = time.perf_counter()
-    dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
-    stats.comm_s += time.perf_counter() - t0
-    stats.bytes_sent += sum(send_splits)
-    stats.bytes_received += sum(recv_splits)
-    return recv
+def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
@@ -193,10 +224,9 @@ class _MeshPlan:
     """Who holds and who computes what, for the jobs sharded over one 1-D mesh.
 
     Every rank derives the same plan from the same jobs, so no handshake is needed.
-    layouts[j][r] = (start, length) of rank r's rows of job j; in_specs[j] = (trailing
-    shape, dtype) of each input of job j; owners[j] = the rank computing job j
-    (distributed mode; empty in replicated mode); computes_on[j] = every rank computing
-    job j; mine = the jobs this rank computes, in job order.
+    layouts[j][r] = (start, length) of rank r's rows of job j; buckets = job indices per
+    bucket, in order; computes_on[j] = the ranks computing job j (its owner, its team, or
+    every rank when replicated); team = this rank's ``RowBlockTeam`` (None: plain NS).
     """
 
     jobs: list[RowShardedJob]
@@ -205,172 +235,234 @@ class _MeshPlan:
     group: dist.ProcessGroup
     device: torch.device
     layouts: list[list[tuple[int, int]]]
-    in_specs: list[list[tuple[tuple[int, ...], torch.dtype]]]
-    owners: list[int]
+    in_specs: list[list[Spec]]
+    buckets: list[list[int]]
     computes_on: list[list[int]]
-    mine: list[int]
+    team: RowBlockTeam | None
+    replicated: bool
 
     def in_bytes(self, j: int, r: int) -> int:
         """Packed bytes of rank r's rows of job j's inputs."""
-        return sum(_padded_nbytes(_numel(self.layouts[j][r][1], tr), dt) for tr, dt in self.in_specs[j])
+        return sum(padded_nbytes(numel_of(self.layouts[j][r][1], tr), dt) for tr, dt in self.in_specs[j])
 
     def out_bytes(self, j: int, r: int) -> int:
         """Packed bytes of rank r's rows of job j's outputs."""
-        return sum(_padded_nbytes(_numel(self.layouts[j][r][1], tr), dt) for tr, dt in self.jobs[j].output_specs)
+        return sum(padded_nbytes(numel_of(self.layouts[j][r][1], tr), dt) for tr, dt in self.jobs[j].output_specs)
 
     def rows_of(self, outputs: list[torch.Tensor], j: int, r: int) -> list[torch.Tensor]:
         """Rank r's rows of job j's full outputs (views)."""
         start, length = self.layouts[j][r]
         return [o[start:start + length] for o in outputs]
 
+    def mine(self, k: int) -> list[int]:
+        """The jobs of bucket k this rank computes, in job order."""
+        return [j for j in self.buckets[k] if self.rank in self.computes_on[j]]
 
-def _plan(jobs: list[RowShardedJob], mesh: DeviceMesh, mode: str) -> _MeshPlan:
-    """Check the local row counts and decide who computes each job (see ``_MeshPlan``)."""
+    def source(self, j: int, d: int) -> int:
+        """The rank that sends rank d its rows of job j's result: team member d % size."""
+        team = self.computes_on[j]
+        return team[d % len(team)]
+
+
+def _plan(jobs: list[RowShardedJob], mesh: DeviceMesh, mode: str, row_blocks: int, bucket_bytes: float) -> _MeshPlan:
     if mesh.ndim != 1:
         raise ValueError(f"row-sharded jobs need a 1-D DeviceMesh, got {mesh.ndim}-D")
     world, rank = mesh.size(), mesh.get_local_rank()
-    layouts = [shard_rows(job.rows, world) for job in jobs]
-    for job, layout in zip(jobs, layouts):
-        _check_local_rows(job, layout[rank][1], rank)
+    in_specs = [job.specs() for job in jobs]
+    full_bytes = [sum(padded_nbytes(numel_of(job.rows, tr), dt) for tr, dt in specs)
+                  for job, specs in zip(jobs, in_specs)]
+    team: RowBlockTeam | None = RowBlockTeam(row_blocks) if row_blocks > 1 else None
     if mode == "distributed":
-        owners = assign_owners([job.cost for job in jobs], world)
-        computes_on = [[o] for o in owners]
-    else:  # replicated: every rank computes every job
-        owners = []
+        buckets, computes_on = plan_teams([job.cost for job in jobs], full_bytes, world, row_blocks, bucket_bytes)
+        size = min(row_blocks, world)
+        if size > 1:
+            groups = _team_groups(mesh, size)
+            t = rank // size
+            team = GroupTeam(row_blocks, groups[t], rank % size, size) if t < len(groups) else None
+    else:  # replicated: every rank computes every job, every block
+        buckets = bucket_jobs(full_bytes, bucket_bytes)
         computes_on = [list(range(world)) for _ in jobs]
+    first = jobs[0].inputs if not callable(jobs[0].inputs) else None
+    device = first[0].device if first else torch.device(mesh.device_type)
     return _MeshPlan(
-        jobs=jobs, world=world, rank=rank, group=mesh.get_group(), device=jobs[0].inputs[0].device,
-        layouts=layouts, in_specs=[_input_layout(job) for job in jobs], owners=owners,
-        computes_on=computes_on, mine=[j for j in range(len(jobs)) if rank in computes_on[j]],
+        jobs=jobs, world=world, rank=rank, group=mesh.get_group(), device=device,
+        layouts=[shard_rows(job.rows, world) for job in jobs], in_specs=in_specs, buckets=buckets,
+        computes_on=computes_on, team=team, replicated=mode == "replicated",
     )
 
 
-def _gather(plan: _MeshPlan, stats: ExchangeStats) -> tuple[torch.Tensor, list[int]]:
-    """First collective: every rank sends each computing rank its row-slices of the inputs
-    of the jobs that rank computes (in job order; to every rank in replicated mode).
-
-    Returns this rank's receive buffer and its per-source byte counts: the slices of
-    every job in ``plan.mine`` from source 0, then from source 1, and so on.
-    """
-    send_pieces, send_splits = [], []
-    for d in range(plan.world):
-        todo = [j for j in range(len(plan.jobs)) if d in plan.computes_on[j]]
-        send_pieces += [t.contiguous() for j in todo for t in plan.jobs[j].inputs]
-        send_splits.append(sum(plan.in_bytes(j, plan.rank) for j in todo))
-    recv_splits = [sum(plan.in_bytes(j, s) for j in plan.mine) for s in range(plan.world)]
+def _post(send_pieces: list[torch.Tensor], send_splits: list[int], recv_splits: list[int], plan: _MeshPlan,
+          stats: ExchangeStats) -> PendingExchange:
+    """Pack and start one all_to_all; counts packing as visible communication."""
     t0 = time.perf_counter()
-    send = _pack(send_pieces, sum(send_splits), plan.device)
+    send = pack(send_pieces, sum(send_splits), plan.device)
+    pending = post_all_to_all(send, send_splits, recv_splits, plan.group)
     stats.comm_s += time.perf_counter() - t0
-    recv = _all_to_all_bytes(send, send_splits, recv_splits, plan.group, stats)
-    return recv, recv_splits
+    stats.hold(sum(send_splits) + sum(recv_splits))
+    stats.bytes_sent += sum(send_splits)
+    stats.bytes_received += sum(recv_splits)
+    return pending
 
 
-def _compute_mine(
-    plan: _MeshPlan, recv: torch.Tensor, recv_splits: list[int], stats: ExchangeStats
-) -> dict[int, list[torch.Tensor]]:
-    """Rebuild each job this rank computes from the gathered slices and run it.
+def _wait(pending: PendingExchange, stats: ExchangeStats) -> None:
+    sent = pending.send.numel() if pending.send is not None else 0
+    stats.comm_s += pending.wait()
+    stats.release(sent)
 
-    Slices from source s of job j sit back to back in source s's part of ``recv``;
-    concatenating them over s in rank order rebuilds the full inputs exactly (the chunk
-    layout is contiguous and ordered). Moves nothing between ranks. Returns the full
-    outputs of each job in ``plan.mine``, keyed by job index.
-    """
-    full_outputs: dict[int, list[torch.Tensor]] = {}
-    src_offset = [sum(recv_splits[:s]) for s in range(plan.world)]
-    for j in plan.mine:
+
+def _post_gather(plan: _MeshPlan, k: int, stats: ExchangeStats) -> PendingExchange:
+    """Send each computing rank this rank's row-slices of bucket k's jobs it computes."""
+    bucket = plan.buckets[k]
+    local = {j: plan.jobs[j].load(plan.layouts[j][plan.rank][1], plan.rank) for j in bucket}
+    pieces, send_splits = [], []
+    for d in range(plan.world):
+        todo = [j for j in bucket if d in plan.computes_on[j]]
+        pieces += [t.contiguous() for j in todo for t in local[j]]
+        send_splits.append(sum(plan.in_bytes(j, plan.rank) for j in todo))
+    recv_splits = [sum(plan.in_bytes(j, s) for j in plan.mine(k)) for s in range(plan.world)]
+    return _post(pieces, send_splits, recv_splits, plan, stats)
+
+
+def _compute_bucket(plan: _MeshPlan, k: int, gathered: PendingExchange,
+                    stats: ExchangeStats) -> dict[int, list[torch.Tensor]]:
+    """Rebuild each job of bucket k this rank computes from the gathered slices (source
+    s's slices sit back to back in its part of the buffer; concatenating over s in rank
+    order rebuilds the exact matrix) and run it. Returns the full outputs by job index."""
+    recv, outputs = gathered.recv, {}
+    src_offset = [sum(gathered.recv_splits[:s]) for s in range(plan.world)]
+    for j in plan.mine(k):
         t0 = time.perf_counter()
         parts: list[list[torch.Tensor]] = [[] for _ in plan.in_specs[j]]
         for s in range(plan.world):
             n_rows = plan.layouts[j][s][1]
             for i, (tr, dt) in enumerate(plan.in_specs[j]):
-                parts[i].append(_view(recv, src_offset[s], n_rows, tr, dt))
-                src_offset[s] += _padded_nbytes(_numel(n_rows, tr), dt)
+                parts[i].append(view_piece(recv, src_offset[s], n_rows, tr, dt))
+                src_offset[s] += padded_nbytes(numel_of(n_rows, tr), dt)
         full_inputs = [torch.cat(p, dim=0) for p in parts]
+        held = stats.hold(_nbytes(full_inputs))
+        team_comm = getattr(plan.team, "comm_s", 0.0)
         t1 = time.perf_counter()
-        full_outputs[j] = _compute(plan.jobs[j], full_inputs)
-        stats.compute_s += time.perf_counter() - t1
-        stats.comm_s += t1 - t0  # unpacking counts as communication overhead
+        outputs[j] = _compute(plan.jobs[j], full_inputs, plan.team)
+        t2 = time.perf_counter()
+        team_comm = getattr(plan.team, "comm_s", 0.0) - team_comm
+        stats.compute_s += t2 - t1 - team_comm
+        stats.comm_s += t1 - t0 + team_comm  # unpacking and a team's all-gathers
+        stats.release(held)
+        stats.hold(_nbytes(outputs[j]))
         stats.jobs_computed += 1
         stats.cost_computed += plan.jobs[j].cost
-    return full_outputs
+    stats.release(recv.numel())
+    return outputs
 
 
-def _scatter(
-    plan: _MeshPlan, full_outputs: dict[int, list[torch.Tensor]], stats: ExchangeStats
-) -> list[list[torch.Tensor]]:
-    """Second collective (distributed mode): each owner sends every rank that rank's rows
-    of every result it owns (in job order).
-
-    Empties ``full_outputs`` once they are packed, so the full results are freed before
-    the receive buffer is allocated. Returns this rank's rows of every job's outputs, as
-    views into the receive buffer.
-    """
-    t0 = time.perf_counter()
-    send_pieces, send_splits = [], []
+def _post_scatter(plan: _MeshPlan, k: int, outputs: dict[int, list[torch.Tensor]],
+                  stats: ExchangeStats) -> PendingExchange:
+    """Send every rank its rows of each result of bucket k this rank is the source of.
+    Empties ``outputs`` once packed, so the full results are freed."""
+    mine = plan.mine(k)
+    pieces, send_splits = [], []
     for d in range(plan.world):
-        send_pieces += [t.contiguous() for j in plan.mine for t in plan.rows_of(full_outputs[j], j, d)]
-        send_splits.append(sum(plan.out_bytes(j, d) for j in plan.mine))
-    recv_splits = [sum(plan.out_bytes(j, plan.rank) for j in range(len(plan.jobs)) if plan.owners[j] == s)
+        todo = [j for j in mine if plan.source(j, d) == plan.rank]
+        pieces += [t.contiguous() for j in todo for t in plan.rows_of(outputs[j], j, d)]
+        send_splits.append(sum(plan.out_bytes(j, d) for j in todo))
+    recv_splits = [sum(plan.out_bytes(j, plan.rank) for j in plan.buckets[k] if plan.source(j, plan.rank) == s)
                    for s in range(plan.world)]
-    send = _pack(send_pieces, sum(send_splits), plan.device)
-    stats.comm_s += time.perf_counter() - t0
-    del send_pieces
-    full_outputs.clear()
-    recv = _all_to_all_bytes(send, send_splits, recv_splits, plan.group, stats)
-
-    results: list[list[torch.Tensor]] = [[] for _ in plan.jobs]
-    src_offset = [sum(recv_splits[:s]) for s in range(plan.world)]
-    for j, job in enumerate(plan.jobs):
-        s = plan.owners[j]
-        n_mine = plan.layouts[j][plan.rank][1]
-        for tr, dt in job.output_specs:
-            results[j].append(_view(recv, src_offset[s], n_mine, tr, dt))
-            src_offset[s] += _padded_nbytes(_numel(n_mine, tr), dt)
-    return results
+    pending = _post(pieces, send_splits, recv_splits, plan, stats)
+    stats.release(sum(_nbytes(o) for o in outputs.values()))
+    outputs.clear()
+    return pending
 
 
-def _run_on_mesh(
-    jobs: list[RowShardedJob], mesh: DeviceMesh, mode: str, stats: ExchangeStats
-) -> list[list[torch.Tensor]]:
-    """Gather -> compute on the computing ranks -> scatter, for the jobs sharded over one
-    1-D mesh. Replicated mode skips the scatter: every rank already holds every result."""
-    plan = _plan(jobs, mesh, mode)
-    stats.owners.extend(plan.owners)
-    recv, recv_splits = _gather(plan, stats)
-    full_outputs = _compute_mine(plan, recv, recv_splits, stats)
-    del recv
-    if mode == "replicated":
-        return [plan.rows_of(full_outputs[j], j, plan.rank) for j in range(len(jobs))]
-    return _scatter(plan, full_outputs, stats)
+def _finish_scatter(plan: _MeshPlan, k: int, pending: PendingExchange, on_result: OnResult,
+                    stats: ExchangeStats) -> None:
+    """Wait for bucket k's result rows and hand each job's rows to ``on_result``."""
+    _wait(pending, stats)
+    src_offset = [sum(pending.recv_splits[:s]) for s in range(plan.world)]
+    n_mine = lambda j: plan.layouts[j][plan.rank][1]  # noqa: E731
+    for j in plan.buckets[k]:
+        s = plan.source(j, plan.rank)
+        rows = []
+        for tr, dt in plan.jobs[j].output_specs:
+            rows.append(view_piece(pending.recv, src_offset[s], n_mine(j), tr, dt))
+            src_offset[s] += padded_nbytes(numel_of(n_mine(j), tr), dt)
+        on_result(j, rows)
+    stats.release(pending.recv.numel())
+
+
+def _run_on_mesh(jobs: list[RowShardedJob], mesh: DeviceMesh, mode: str, row_blocks: int, bucket_bytes: float,
+                 overlap: bool, stats: ExchangeStats, on_result: OnResult) -> None:
+    """Bucket by bucket: gather -> compute -> scatter; with ``overlap`` the next gather and
+    the previous scatter are in flight during the compute. Every rank posts the
+    collectives in the same order: G0, G1, S0, G2, S1, ... (G0, S0, G1, S1, ... without)."""
+    plan = _plan(jobs, mesh, mode, row_blocks, bucket_bytes)
+    stats.buckets += len(plan.buckets)
+    if not plan.replicated:
+        stats.owners.extend(c[0] for c in plan.computes_on)
+    n = len(plan.buckets)
+    gather = _post_gather(plan, 0, stats) if n else None
+    in_flight: tuple[int, PendingExchange] | None = None
+    for k in range(n):
+        current = gather
+        _wait(current, stats)
+        if overlap and k + 1 < n:
+            gather = _post_gather(plan, k + 1, stats)
+        outputs = _compute_bucket(plan, k, current, stats)
+        del current
+        if plan.replicated:
+            for j in plan.buckets[k]:
+                on_result(j, plan.rows_of(outputs[j], j, plan.rank))
+            stats.release(sum(_nbytes(o) for o in outputs.values()))
+        else:
+            scatter = _post_scatter(plan, k, outputs, stats)
+            if in_flight is not None:
+                _finish_scatter(plan, *in_flight, on_result, stats)
+                in_flight = None
+            if overlap:
+                in_flight = (k, scatter)
+            else:
+                _finish_scatter(plan, k, scatter, on_result, stats)
+        if not overlap and k + 1 < n:
+            gather = _post_gather(plan, k + 1, stats)
+    if in_flight is not None:
+        _finish_scatter(plan, *in_flight, on_result, stats)
 
 
 def run_row_sharded_jobs(
-    jobs: Sequence[RowShardedJob], mode: str = "distributed"
-) -> tuple[list[list[torch.Tensor]], ExchangeStats]:
-    """Run every job's ``compute`` on its full rows and return each rank's rows of the outputs.
+    jobs: Sequence[RowShardedJob], mode: str = "distributed", *, row_blocks: int = 1,
+    bucket_mb: float = DEFAULT_BUCKET_MB, overlap: bool = True, on_result: OnResult | None = None,
+) -> tuple[list[list[torch.Tensor]] | None, ExchangeStats]:
+    """Run every job's ``compute`` on its full rows and give each rank its rows of the outputs.
 
     Jobs without a mesh (plain tensors) and jobs on a 1-rank mesh are computed locally
-    with no communication. Jobs on a larger mesh are grouped by mesh; each group costs
-    exactly two all_to_all_single calls in ``distributed`` mode (one in ``replicated``).
-    Every rank of a mesh must call this with the same jobs in the same order (same
-    shapes, dtypes, costs), which holds for optimizer steps over the same param groups.
+    with no communication. Jobs on a larger mesh are grouped by mesh and exchanged in
+    buckets of ``bucket_mb`` MiB of whole inputs (0: one bucket), with ``overlap`` of
+    communication and compute. Every rank of a mesh must call this with the same jobs in
+    the same order (same shapes, dtypes, costs), which holds for optimizer steps over the
+    same param groups. ``row_blocks`` splits every job's NS (see the module docstring).
 
-    Returns (outputs, stats): outputs[j] lists job j's outputs restricted to this rank's
-    rows (views into a receive buffer or the computed tensors: copy before keeping).
+    ``on_result(j, rows)`` receives job j's outputs restricted to this rank's rows as soon
+    as they arrive (views into a buffer that is freed afterwards: copy to keep). Without
+    it, the rows of every job are returned as outputs[j] (every buffer stays alive).
+    Returns (outputs or None, stats).
     """
     if mode not in NS_MODES:
         raise ValueError(f"ns_mode must be one of {NS_MODES}, got {mode!r}")
+    if not isinstance(row_blocks, int) or row_blocks < 1:
+        raise ValueError(f"ns_row_blocks must be an integer >= 1, got {row_blocks!r}")
     stats = ExchangeStats()
-    results: list[list[torch.Tensor] | None] = [None] * len(jobs)
+    collected: list[list[torch.Tensor] | None] = [None] * len(jobs)
+    deliver = on_result or collected.__setitem__
+    local_team = RowBlockTeam(row_blocks) if row_blocks > 1 else None
     by_mesh: list[tuple[DeviceMesh, list[int]]] = []
     for j, job in enumerate(jobs):
         if job.mesh is None or job.mesh.size() == 1:
-            _check_local_rows(job, job.rows, 0)
+            inputs = job.load(job.rows, 0)
             t0 = time.perf_counter()
-            results[j] = _compute(job, [t for t in job.inputs])
+            out = _compute(job, inputs, local_team)
             stats.compute_s += time.perf_counter() - t0
             stats.jobs_computed += 1
             stats.cost_computed += job.cost
+            deliver(j, out)
             continue
         for mesh, members in by_mesh:
             if mesh == job.mesh:
@@ -379,7 +471,6 @@ def run_row_sharded_jobs(
         else:
             by_mesh.append((job.mesh, [j]))
     for mesh, members in by_mesh:
-        outs = _run_on_mesh([jobs[j] for j in members], mesh, mode, stats)
-        for j, out in zip(members, outs):
-            results[j] = out
-    return results, stats  # type: ignore[return-value]
+        _run_on_mesh([jobs[j] for j in members], mesh, mode, row_blocks, bucket_mb * 2**20, overlap, stats,
+                     lambda i, rows, members=members: deliver(members[i], rows))
+    return (None if on_result else collected), stats  # type: ignore[return-value]

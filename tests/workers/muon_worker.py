@@ -40,14 +40,34 @@ CASES = {
     "uneven": [(48, 32), (32, 80), (13, 7), (5, 64)],
     "few": [(6, 5), (2, 9)],
     "experts": [(3, 12, 8), (2, 6, 10), (7, 9)],
+    "repeated": [(12, 8), (12, 8), (12, 8), (5, 10), (5, 10), (2, 6, 4), (2, 6, 4)],  # for batched NS
 }
 # Per-case hyperparameters, chosen to exercise every option at least once.
 OPTIONS = {
     "uneven": dict(lr=0.02, weight_decay=0.1, nesterov=True, scale_rule="match_adamw", ns_coefficients="quintic"),
     "few": dict(lr=0.05, weight_decay=0.0, nesterov=False, scale_rule="original", ns_coefficients="polar_express"),
     "experts": dict(lr=0.03, weight_decay=0.05, nesterov=True, scale_rule="spectral", ns_coefficients="quintic"),
+    "repeated": dict(lr=0.02, weight_decay=0.1, nesterov=True, scale_rule="match_adamw", ns_coefficients="quintic"),
 }
 OPTIMIZERS = {"muon": Muon, "normuon": NorMuon}
+# How the distributed step is executed. Buckets of ~1 byte put every job in a bucket of its
+# own (the most collectives in flight); ns_batch_size and ns_row_blocks are part of the
+# math, so the single-process reference runs with them too.
+VARIANTS = {
+    "default": {},
+    "buckets": dict(ns_bucket_mb=1e-6),
+    "buckets_sync": dict(ns_bucket_mb=1e-6, ns_overlap=False),
+    "batched": dict(ns_batch_size=2, ns_bucket_mb=1e-6),
+    "row_blocks": dict(ns_row_blocks=3, ns_bucket_mb=1e-6),
+    "row_blocks_batched": dict(ns_row_blocks=2, ns_batch_size=3),
+}
+MATH_OPTIONS = ("ns_batch_size", "ns_row_blocks")
+# (case, gradient source, variant) of every run, each with both optimizers and ns_modes.
+RUNS = [(case, source, "default") for case in ("uneven", "few", "experts") for source in ("inject", "backward")] + [
+    ("uneven", "inject", "buckets"), ("experts", "inject", "buckets"), ("uneven", "inject", "buckets_sync"),
+    ("repeated", "inject", "batched"), ("few", "inject", "row_blocks"), ("uneven", "inject", "row_blocks"),
+    ("repeated", "inject", "row_blocks_batched"),
+]
 STEPS = 4
 BATCH = 6
 
@@ -134,26 +154,29 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_fsdp(case, opt_name, source, ns_mode, mesh) -> tuple[dict, list[int]]:
-    """Train the FSDP2 model; return full params and per-step jobs computed on this rank."""
+def run_fsdp(case, opt_name, source, ns_mode, mesh, variant="default") -> tuple[dict, list[dict]]:
+    """Train the FSDP2 model; return full params and, per step, what this rank's exchange
+    did (jobs computed, buckets, peak buffer bytes)."""
     model = build_model(case, seed=0, mesh=mesh)
-    optimizer = OPTIMIZERS[opt_name](param_groups(model), ns_mode=ns_mode, **OPTIONS[case])
-    jobs_computed = []
+    optimizer = OPTIMIZERS[opt_name](param_groups(model), ns_mode=ns_mode, **OPTIONS[case], **VARIANTS[variant])
+    exchange = []
     for step in range(STEPS):
         set_grads(model, case, step, source)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        jobs_computed.append(optimizer.last_step_stats.jobs_computed)
+        stats = optimizer.last_step_stats
+        exchange.append(dict(jobs=stats.jobs_computed, buckets=stats.buckets, peak=stats.peak_buffer_bytes))
     params = full_params(model)
     del model, optimizer
     gc.collect()
-    return params, jobs_computed
+    return params, exchange
 
 
-def run_reference(case, opt_name, source) -> dict:
+def run_reference(case, opt_name, source, variant="default") -> dict:
     """The same math on plain tensors in this one process: no DTensor, no communication."""
     model = build_model(case, seed=0)
-    optimizer = OPTIMIZERS[opt_name](param_groups(model), **OPTIONS[case])
+    math = {k: v for k, v in VARIANTS[variant].items() if k in MATH_OPTIONS}
+    optimizer = OPTIMIZERS[opt_name](param_groups(model), **OPTIONS[case], **math)
     train(model, optimizer, case, source, range(STEPS))
     return full_params(model)
 
@@ -196,19 +219,21 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
-    results: dict = {"world_size": world, "fsdp": {}, "reference": {}, "jobs_computed": {}, "checkpoint": {},
+    results: dict = {"world_size": world, "fsdp": {}, "reference": {}, "exchange": {}, "checkpoint": {},
                      "initial": {case: full_params(build_model(case, seed=0)) for case in CASES}}
-    for case in CASES:
+    for case, source, variant in RUNS:
         for opt_name in OPTIMIZERS:
-            for source in ("inject", "backward"):
-                if rank == 0:
-                    results["reference"][(case, opt_name, source)] = run_reference(case, opt_name, source)
-                for ns_mode in ("distributed", "replicated"):
-                    params, jobs = run_fsdp(case, opt_name, source, ns_mode, mesh)
-                    per_rank = [None] * world
-                    dist.all_gather_object(per_rank, jobs)
-                    results["fsdp"][(case, opt_name, source, ns_mode)] = params
-                    results["jobs_computed"][(case, opt_name, source, ns_mode)] = per_rank
+            if rank == 0:
+                math = tuple(sorted((k, v) for k, v in VARIANTS[variant].items() if k in MATH_OPTIONS))
+                if (case, opt_name, source, math) not in results["reference"]:
+                    results["reference"][(case, opt_name, source, math)] = run_reference(
+                        case, opt_name, source, variant)
+            for ns_mode in ("distributed", "replicated"):
+                params, exchange = run_fsdp(case, opt_name, source, ns_mode, mesh, variant)
+                per_rank = [None] * world
+                dist.all_gather_object(per_rank, exchange)
+                results["fsdp"][(case, opt_name, source, ns_mode, variant)] = params
+                results["exchange"][(case, opt_name, source, ns_mode, variant)] = per_rank
     if args.checkpoint_dir is not None:
         for opt_name in OPTIMIZERS:
             outcome = checkpoint_round_trip(opt_name, mesh, args.checkpoint_dir)
