@@ -41,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from normopt.optim.muon import Muon  # noqa: E402
+from normopt.parallel.distributed_ns import DEFAULT_BUCKET_MB  # noqa: E402
 
 FULL = dict(dim=2048, kv_dim=512, ffn_dim=8192, layers=16)
 
@@ -96,6 +97,18 @@ def attach_random_grads(model: nn.Module, seed: int) -> None:
             p.grad = torch.randn(p.shape, generator=g)
 
 
+# What each timed configuration passes to Muon besides the NS settings. "overlap" is the
+# default distributed step; the others switch one thing off (or on) against it.
+VARIANTS = {
+    "replicated": dict(ns_mode="replicated"),
+    "overlap": dict(ns_mode="distributed"),
+    "no overlap": dict(ns_mode="distributed", ns_overlap=False),
+    "one bucket": dict(ns_mode="distributed", ns_bucket_mb=0, ns_overlap=False),
+    "batched": dict(ns_mode="distributed", ns_batch_size=4),
+}
+SINGLE_VARIANTS = ("overlap", "batched")  # a single process has nothing to distribute or overlap
+
+
 def time_steps(optimizer: Muon, steps: int, barrier=lambda: None) -> list[dict]:
     """One warm-up step, then ``steps`` timed steps: wall time and the step's NS stats."""
     optimizer.step()
@@ -107,12 +120,14 @@ def time_steps(optimizer: Muon, steps: int, barrier=lambda: None) -> list[dict]:
         wall = time.perf_counter() - t0
         s = optimizer.last_step_stats
         out.append(dict(step_s=wall, ns_s=s.compute_s, comm_s=s.comm_s, bytes_sent=s.bytes_sent,
-                        jobs=s.jobs_computed))
+                        jobs=s.jobs_computed, buckets=s.buckets, peak=s.peak_buffer_bytes))
     return out
 
 
-def optimizer_for(model: nn.Module, args, ns_mode: str) -> Muon:
-    return Muon(model.parameters(), lr=1e-4, ns_steps=args.ns_steps, ns_mode=ns_mode, ns_dtype=args.ns_dtype)
+def optimizer_for(model: nn.Module, args, variant: str) -> Muon:
+    options = dict(VARIANTS[variant])
+    options.setdefault("ns_bucket_mb", args.bucket_mb)
+    return Muon(model.parameters(), lr=1e-4, ns_steps=args.ns_steps, ns_dtype=args.ns_dtype, **options)
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 512, repeats: int = 3) -> float:
@@ -162,12 +177,12 @@ def worker(args) -> None:
     fully_shard(model, mesh=mesh)
     attach_random_grads(model, seed=rank)
     report = {}
-    for ns_mode in ("replicated", "distributed"):
-        optimizer = optimizer_for(model, args, ns_mode)
+    for variant in args.variants:
+        optimizer = optimizer_for(model, args, variant)
         steps = time_steps(optimizer, args.steps, barrier=dist.barrier)
         per_rank = [None] * world
         dist.all_gather_object(per_rank, steps)
-        report[ns_mode] = per_rank
+        report[variant] = per_rank
         del optimizer
         gc.collect()
     if rank == 0:
@@ -192,16 +207,18 @@ def summarize(per_rank: list[list[dict]]) -> dict:
         ns_mean_s=med([statistics.mean(r["ns_s"] for r in s) for s in steps]),
         comm_s=med([max(r["comm_s"] for r in s) for s in steps]),
         mb_sent=med([max(r["bytes_sent"] for r in s) for s in steps]) / 2**20,
+        peak_mb=max(r["peak"] for s in steps for r in s) / 2**20,
+        buckets=steps[0][0]["buckets"],
         jobs=[r["jobs"] for r in steps[0]],
     )
 
 
-def run_single_process(args) -> dict:
+def run_single_process(args, variant: str) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = Stack(args)
     attach_random_grads(model, seed=0)
-    steps = time_steps(optimizer_for(model, args, "distributed"), args.steps)
+    steps = time_steps(optimizer_for(model, args, variant), args.steps)
     return summarize([steps])
 
 
@@ -217,7 +234,8 @@ def run_ranks(args, nproc: int) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", __file__, "--worker-out", str(out),
                "--scale", str(args.scale), "--layers", str(args.layers), "--steps", str(args.steps),
-               "--ns-steps", str(args.ns_steps), "--ns-dtype", args.ns_dtype]
+               "--ns-steps", str(args.ns_steps), "--ns-dtype", args.ns_dtype, "--bucket-mb", str(args.bucket_mb),
+               "--variants", *args.variants]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -234,6 +252,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
     parser.add_argument("--ns-steps", type=int, default=5)
     parser.add_argument("--ns-dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    parser.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB, help="optim.ns_bucket_mb")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = scaled_config(parser.parse_args())
     if args.worker_out is not None:
@@ -252,22 +272,36 @@ def main() -> None:
           f"steps; {dtype_note}")
     print(f"gloo; 1 intra-op thread per process; {os.cpu_count()} CPU cores; median of {args.steps} steps "
           f"after 1 warm-up")
-    rows = [("single process", run_single_process(args))]
-    ratios = []
+    single = {v: run_single_process(args, v) for v in SINGLE_VARIANTS if v in args.variants}
+    rows = [(f"1 process {v}", r) for v, r in single.items()]
+    results = {}
     for nproc in args.ranks:
-        result = run_ranks(args, nproc)
-        rows += [("replicated NS", result["replicated"]), ("distributed NS", result["distributed"])]
-        ratios.append((nproc, result["distributed"]["ns_max_s"] / result["replicated"]["ns_max_s"],
-                       result["distributed"]["step_s"] / result["replicated"]["step_s"]))
-    print(f"{'mode':<16}{'ranks':>6}{'step_s':>9}{'NS_s/rank(max)':>16}{'NS_s/rank(mean)':>17}"
-          f"{'comm_s':>9}{'MiB_sent/rank':>15}  matrices/rank")
+        results[nproc] = run_ranks(args, nproc)
+        rows += [(v, r) for v, r in results[nproc].items()]
+    print(f"{'configuration':<22}{'ranks':>6}{'step_s':>9}{'NS_s/rank(max)':>16}{'(mean)':>8}"
+          f"{'comm_s':>9}{'comm%':>7}{'MiB_sent/rank':>15}{'buckets':>8}{'peak_MiB':>9}  jobs/rank")
     for label, r in rows:
-        print(f"{label:<16}{r['ranks']:>6}{r['step_s']:>9.3f}{r['ns_max_s']:>16.3f}{r['ns_mean_s']:>17.3f}"
-              f"{r['comm_s']:>9.3f}{r['mb_sent']:>15.1f}  {r['jobs']}")
-    for nproc, ns_ratio, step_ratio in ratios:
+        print(f"{label:<22}{r['ranks']:>6}{r['step_s']:>9.3f}{r['ns_max_s']:>16.3f}{r['ns_mean_s']:>8.3f}"
+              f"{r['comm_s']:>9.3f}{100 * r['comm_s'] / r['step_s']:>7.1f}{r['mb_sent']:>15.1f}{r['buckets']:>8}"
+              f"{r['peak_mb']:>9.1f}  {r['jobs']}")
+    print("comm_s: visible communication (packing, unpacking, time blocked on collectives) on the slowest "
+          "rank; peak_MiB: most exchange buffers held at once")
+    base = single.get("overlap")
+    for nproc, result in results.items():
         note = "  (more ranks than cores: ranks time-share)" if nproc > (os.cpu_count() or 1) else ""
-        print(f"{nproc} ranks: distributed/replicated per-rank NS time = {ns_ratio:.2f}, "
-              f"step time = {step_ratio:.2f}{note}")
+        line = []
+        ratio = lambda a, b, key: result[a][key] / result[b][key]  # noqa: E731
+        if "replicated" in result and "overlap" in result:
+            line.append(f"distributed/replicated NS per rank {ratio('overlap', 'replicated', 'ns_max_s'):.2f}")
+        if "overlap" in result and "no overlap" in result:
+            line.append(f"overlap on/off step {ratio('overlap', 'no overlap', 'step_s'):.2f}")
+        if "batched" in result and "overlap" in result:
+            line.append(f"batched on/off step {ratio('batched', 'overlap', 'step_s'):.2f}")
+        if base and "overlap" in result:
+            line.append(f"step / single process {result['overlap']['step_s'] / base['step_s']:.2f}")
+        print(f"{nproc} ranks: " + ", ".join(line) + note)
+    if "batched" in single and base:
+        print(f"1 process: batched/one-at-a-time step {single['batched']['step_s'] / base['step_s']:.2f}")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,40 @@ def rank_loads(values: list[float], owners: list[int], world: int) -> list[float
     return loads
 
 
+def team_gather_bytes(shapes: list[tuple[str, int, int]], teams: list[list[int]], world: int,
+                      itemsize: int = BF16_BYTES) -> tuple[list[int], list[int]]:
+    """``gather_bytes`` when each matrix goes to every rank of its team (``ns_row_blocks``):
+    rank r sends its row shard to each team member other than itself."""
+    sent, recv = [0] * world, [0] * world
+    for (_, rows, cols), team in zip(shapes, teams):
+        for r, (_, length) in enumerate(shard_rows(rows, world)):
+            for member in team:
+                if member != r and length:
+                    sent[r] += length * cols * itemsize
+                    recv[member] += length * cols * itemsize
+    return sent, recv
+
+
+def team_allgather_bytes(rows: int, cols: int, blocks: int, size: int, steps: int = 5,
+                         itemsize: int = BF16_BYTES) -> int:
+    """Bytes one member of a ``size``-rank team receives in the all-gathers of a row-block
+    NS (``row_block_team``): per step A (m x m) and X (m x n), each member's blocks padded
+    to the largest member's row count w, so (size - 1) * w * (m + n) elements per step."""
+    m, n = min(rows, cols), max(rows, cols)
+    layout = shard_rows(m, blocks)
+    w = max(sum(layout[b][1] for b in range(i, blocks, size)) for i in range(size))
+    return steps * (size - 1) * w * (m + n) * itemsize
+
+
+def member_shares(rows: int, cols: int, blocks: int, size: int) -> list[float]:
+    """Share of a matrix's NS FLOPs each team member computes: every product of a
+    row-block step is linear in the block's rows, so member i does sum(r_b) / m of the
+    work over its blocks b = i, i + size, ..."""
+    m = min(rows, cols)
+    layout = shard_rows(m, blocks)
+    return [sum(layout[b][1] for b in range(i, blocks, size)) / m for i in range(size)]
+
+
 def gather_bytes(shapes: list[tuple[str, int, int]], owners: list[int], world: int,
                  itemsize: int = BF16_BYTES) -> tuple[list[int], list[int]]:
     """(sent[r], received[r]) in all_to_all #1: rank r sends its torch.chunk row shard
@@ -106,17 +140,28 @@ def matrix_ns_times(shapes: list[tuple[str, int, int]], seconds_per_flop) -> lis
     return [ns_flops(r, c) * seconds_per_flop(r, c) for _, r, c in shapes]
 
 
-def predict(name: str, args: ModelArgs, world: int, seconds_per_flop, opts) -> dict:
-    """One table row: model ``name`` on ``world`` ranks (see the module docstring)."""
+def predict(name: str, args: ModelArgs, world: int, seconds_per_flop, opts, row_blocks: int = 1) -> dict:
+    """One table row: model ``name`` on ``world`` ranks (see the module docstring). With
+    ``row_blocks`` P > 1 each matrix goes to a team of s = min(P, world) ranks (teams of
+    consecutive ranks, owners over teams by ``assign_owners``) that split its NS by rows."""
     shapes = muon_shapes(args)
-    owners = assign_owners([ns_cost(r, c) for _, r, c in shapes], world)
-    flops = rank_loads([ns_flops(r, c) for _, r, c in shapes], owners, world)
-    times = matrix_ns_times(shapes, seconds_per_flop)
-    loads = rank_loads(times, owners, world)
+    size = min(row_blocks, world)
+    n_teams = world // size
+    team_of = assign_owners([ns_cost(r, c) for _, r, c in shapes], n_teams)
+    teams = [list(range(t * size, (t + 1) * size)) for t in team_of]
+    owners = [team[0] for team in teams]
+    flop_each, times = [ns_flops(r, c) for _, r, c in shapes], matrix_ns_times(shapes, seconds_per_flop)
+    flops, loads, team_recv = [0.0] * world, [0.0] * world, [0] * world
+    for (_, r, c), team, f, t in zip(shapes, teams, flop_each, times):
+        for member, share in zip(team, member_shares(r, c, row_blocks, size) if size > 1 else [1.0]):
+            flops[member] += f * share
+            loads[member] += t * share
+            if size > 1:
+                team_recv[member] += team_allgather_bytes(r, c, row_blocks, size)
     total, ns_max = sum(times), max(loads)
     ideal = total / world
-    sent, recv = gather_bytes(shapes, owners, world)
-    moved = [2 * (s + r) for s, r in zip(sent, recv)]  # both collectives, sent + received
+    sent, recv = team_gather_bytes(shapes, teams, world)
+    moved = [2 * (s + r) + a for s, r, a in zip(sent, recv, team_recv)]  # both collectives + team all-gathers
     step = step_time_s(count_parameters(args), opts.tokens_per_rank, opts.mfu, opts.peak_tflops)
     wall = max(0.0, ns_max - ideal) / step  # clamp float round-off at an exact split
     return dict(
@@ -127,6 +172,8 @@ def predict(name: str, args: ModelArgs, world: int, seconds_per_flop, opts) -> d
         speedup=total / ns_max if ns_max else 1.0,
         comm_mb_max=max(moved) / 1e6, comm_mb_mean=sum(moved) / world / 1e6,
         comm_ms=comm_time_s(sent, recv, opts.bandwidth_gbps) * 1e3,
+        team_comm_ms=max(team_recv) / (opts.team_bandwidth_gbps * 1e9) * 1e3 if size > 1 else 0.0,
+        row_blocks=row_blocks, owners=owners,
         step_s=step, wall_pct=100.0 * wall, floor_pct=100.0 * max(times) / step,
         over_threshold=wall > WALL_THRESHOLD,
     )
@@ -196,6 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=[], help="rank counts added to 8 64 256 1024")
     p.add_argument("--ns-tflops", type=float, default=400.0, help="ASSUMED effective bf16 NS TFLOP/s per GPU")
     p.add_argument("--bandwidth-gbps", type=float, default=50.0, help="ASSUMED GB/s per rank, each direction")
+    p.add_argument("--row-blocks", type=int, nargs="+", default=[2, 4, 8],
+                   help="ns_row_blocks to compare against one owner per matrix at 256+ ranks")
+    p.add_argument("--team-bandwidth-gbps", type=float, default=400.0,
+                   help="ASSUMED GB/s per rank inside a row-block team (consecutive ranks: one node)")
     p.add_argument("--tokens-per-rank", type=int, default=8192)
     p.add_argument("--mfu", type=float, default=0.4)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100/H200: 989)")
@@ -239,6 +290,21 @@ def main(argv: list[str] | None = None) -> None:
         verdict = (f"the one-owner wall costs >1% of the step from {n} ranks on" if n
                    else f"not within {max(ranks)} ranks")
         print(f"  {name}: {verdict}  (wall %: " + ", ".join(f"{w}: {x:.2f}" for w, x in scan) + ")")
+    big = [w for w in ranks if w >= 256]
+    if big and opts.row_blocks:
+        print(f"\nRow-block teams (optim.ns_row_blocks = P: a team of min(P, ranks) consecutive ranks splits each "
+              f"matrix's NS; team all-gathers at ASSUMED {opts.team_bandwidth_gbps:g} GB/s):")
+        head = f"{'model':<6}{'ranks':>6}{'P':>4}{'NS ms/rk':>10}{'max/mean':>9}{'wall %':>8}{'team comm ms':>13}"
+        print(head)
+        print("-" * len(head))
+        for name, a in zoo.items():
+            for w in big:
+                for P in [1, *opts.row_blocks]:
+                    r = predict(name, a, w, spf, opts, row_blocks=P)
+                    rows.append(r) if P > 1 else None
+                    flag = "  <-- wall > 1% of step" if r["over_threshold"] else ""
+                    print(f"{name:<6}{w:>6}{P:>4}{r['ns_ms_max']:>10.2f}{r['balance']:>9.2f}{r['wall_pct']:>8.2f}"
+                          f"{r['team_comm_ms']:>13.2f}{flag}")
     if opts.json:
         Path(opts.json).write_text(json.dumps(rows, indent=1))
         print(f"rows written to {opts.json}")

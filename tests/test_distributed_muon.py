@@ -93,8 +93,9 @@ def test_batched_ns_stacks_same_shape_matrices(results):
 
 
 def test_small_buckets_bound_the_exchange_buffers(results):
-    """One bucket per job: peak buffer bytes stay near a few jobs' worth, below the
-    one-bucket peak, which holds every matrix of the step at once."""
+    """Tiny buckets (a job or two each): no rank holds more buffer bytes at once than with
+    one bucket, which holds every matrix of the step; a rank whose peak is one big matrix
+    keeps that peak."""
     if results["world_size"] == 1:
         pytest.skip("a 1-rank mesh computes locally, without buffers")
     for opt in ("muon", "normuon"):
@@ -102,8 +103,10 @@ def test_small_buckets_bound_the_exchange_buffers(results):
         one = _per_step(results, key + ("default",), "peak")
         small = _per_step(results, key + ("buckets",), "peak")
         buckets = _per_step(results, key + ("buckets",), "buckets")
-        assert all(b == (len(CASES["uneven"]),) * results["world_size"] for b in buckets), buckets
-        assert max(map(max, small)) < max(map(max, one)), (small, one)
+        assert all(1 < b[0] <= len(CASES["uneven"]) and len(set(b)) == 1 for b in buckets), buckets
+        for step_small, step_one in zip(small, one):  # never more, and less in total over ranks
+            assert all(a <= b for a, b in zip(step_small, step_one)), (small, one)
+            assert sum(step_small) < sum(step_one), (small, one)
 
 
 def test_row_blocks_put_every_rank_to_work_with_fewer_matrices_than_ranks(results):

@@ -13,9 +13,9 @@ With ``overlap`` the gather of bucket k+1 and the scatter of bucket k-1 are in f
 ``on_result`` (which applies the update) as soon as they arrive, so the buffers held at
 once are those of about three buckets, not of the model (``ExchangeStats.peak_buffer_bytes``).
 
-Owners are chosen greedily (longest job first to the least-loaded rank, loads carried
-from bucket to bucket) so that NS FLOPs are balanced within each bucket and over the
-step. Who computes a job never changes its result: a computing rank sees the exact bits
+Owners are chosen greedily over the whole step (longest job first to the least-loaded
+rank), and each rank's jobs are then spread over the buckets by cost, so that every
+bucket holds about the same share of every rank's NS FLOPs (``plan_teams``). Who computes a job never changes its result: a computing rank sees the exact bits
 of the whole matrix. ``mode="replicated"`` is the baseline in which every rank computes
 every job (the first collective becomes an all-gather, there is no scatter).
 
@@ -140,17 +140,16 @@ def ns_cost(rows: int, cols: int) -> float:
     return float(rows) * float(cols) * float(min(rows, cols))
 
 
-def assign_owners(costs: Sequence[float], world_size: int, loads: list[float] | None = None) -> list[int]:
+def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
     """Owner rank of each job: greedy longest-processing-time balancing.
 
     Jobs go heaviest first (ties: lower index first) to the currently least-loaded rank
-    (ties: lower rank), which keeps the max load within 4/3 of optimal. ``loads`` (one per
-    rank, updated in place) carries the load of earlier buckets. Deterministic, so every
+    (ties: lower rank), which keeps the max load within 4/3 of optimal. Deterministic, so every
     rank computes the same assignment without communicating.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    loads = [0.0] * world_size if loads is None else loads
+    loads = [0.0] * world_size
     owners = [0] * len(costs)
     for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
         rank = min(range(world_size), key=lambda r: (loads[r], r))
@@ -175,18 +174,35 @@ def bucket_jobs(nbytes: Sequence[int], bucket_bytes: float) -> list[list[int]]:
 
 def plan_teams(costs: Sequence[float], nbytes: Sequence[int], world: int, row_blocks: int,
                bucket_bytes: float) -> tuple[list[list[int]], list[list[int]]]:
-    """(buckets, computes_on) of distributed mode: the buckets of job indices and the
-    ranks computing each job (one owner, or a team of min(row_blocks, world) consecutive
-    ranks; ranks past the last whole team compute nothing)."""
+    """(buckets, computes_on) of distributed mode.
+
+    computes_on[j]: the ranks computing job j: one owner, or a team of
+    s = min(row_blocks, world) consecutive ranks (ranks past the last whole team compute
+    nothing); jobs go to teams by ``assign_owners`` over the whole step.
+
+    buckets: K = ceil(total bytes / bucket_bytes) buckets (1 when bucket_bytes <= 0). Each
+    team's jobs, in job order, are spread over the K buckets by their cumulative cost
+    (a job goes to the bucket holding the midpoint of its cost), so every bucket asks
+    about 1/K of every team's work: ranks that wait for each other at every bucket wait
+    little. Buckets hold about ``bucket_bytes`` of whole inputs each.
+    """
     size = min(row_blocks, world)
-    teams = world // size
-    buckets = bucket_jobs(nbytes, bucket_bytes)
-    computes_on: list[list[int]] = [[] for _ in costs]
-    loads = [0.0] * teams
-    for bucket in buckets:
-        for j, t in zip(bucket, assign_owners([costs[j] for j in bucket], teams, loads)):
-            computes_on[j] = list(range(t * size, (t + 1) * size))
-    return buckets, computes_on
+    n_teams = world // size
+    team_of = assign_owners(costs, n_teams)
+    computes_on = [list(range(t * size, (t + 1) * size)) for t in team_of]
+    total = sum(nbytes)
+    k_count = max(1, -(-total // int(bucket_bytes))) if bucket_bytes > 0 and total else 1
+    loads = [0.0] * n_teams
+    for j, t in enumerate(team_of):
+        loads[t] += costs[j]
+    done = [0.0] * n_teams
+    bucket_of = []
+    for j, t in enumerate(team_of):
+        mid = (done[t] + costs[j] / 2) / loads[t] if loads[t] > 0 else 0.0
+        bucket_of.append(min(k_count - 1, int(mid * k_count)))
+        done[t] += costs[j]
+    buckets = [[j for j in range(len(costs)) if bucket_of[j] == k] for k in range(k_count)]
+    return [b for b in buckets if b], computes_on
 
 
 _TEAM_GROUPS: dict[tuple[tuple[int, ...], int], list[dist.ProcessGroup]] = {}
