@@ -10,14 +10,21 @@ parameters need ~15 GB per copy and ~45 TFLOP of NS per step, so by default ever
 dimension is divided by --scale 4 (the mix of shapes and the 112 matrices, which matter
 for owner balancing, are kept); the header says what ran.
 
-Each configuration runs in fresh processes (torchrun, gloo, one intra-op thread per
-rank; the single-process baseline also uses one thread), with random gradients and
-timed optimizer steps after one warm-up step. NS runs in bf16 where the CPU has native
-bf16 matmuls and in fp32 where bf16 is emulated (--ns-dtype auto, printed). Reported per configuration: median step
-time (slowest rank), per-rank NS compute time (max and mean over ranks), communication
-time and bytes. "NS time" is the time spent inside the whole-matrix computations, i.e.
-the work distributed NS divides between ranks; the ratio distributed / replicated of
-the per-rank maximum is the headline number.
+Each rank count runs as one torchrun job (gloo, one intra-op thread per rank) with random
+gradients. Inside the job every configuration is timed round robin, one step each per
+round after a warm-up step, so drift of the machine hits all of them alike; the
+single-process baseline ("1 process") runs in the same job on rank 0 alone, on an
+unsharded copy, while the other ranks wait at a barrier. NS runs in bf16 where the CPU has
+native bf16 matmuls and in fp32 where bf16 is emulated (--ns-dtype auto, printed).
+
+Configurations (--variants): "replicated" (every rank runs every NS), "overlap" (the
+default distributed step: buckets of --bucket-mb with async gather/scatter overlapping
+NS), "no overlap" (same buckets, each collective waited for at once), "one bucket" (the
+whole step in one gather/scatter pair, as before buckets existed), "batched" (overlap
+plus ns_batch_size 4). Reported per configuration: median over rounds of the slowest
+rank's step time, per-rank NS compute time (max and mean over ranks), visible
+communication (packing, unpacking, time blocked on a collective), MiB sent, buckets and the
+peak bytes of exchange buffers held at once. The last lines print the ratios.
 """
 
 from __future__ import annotations
@@ -109,19 +116,15 @@ VARIANTS = {
 SINGLE_VARIANTS = ("overlap", "batched")  # a single process has nothing to distribute or overlap
 
 
-def time_steps(optimizer: Muon, steps: int, barrier=lambda: None) -> list[dict]:
-    """One warm-up step, then ``steps`` timed steps: wall time and the step's NS stats."""
+def timed_step(optimizer: Muon, barrier=lambda: None) -> dict:
+    """One optimizer step after a barrier: wall time and the step's NS stats."""
+    barrier()
+    t0 = time.perf_counter()
     optimizer.step()
-    out = []
-    for _ in range(steps):
-        barrier()
-        t0 = time.perf_counter()
-        optimizer.step()
-        wall = time.perf_counter() - t0
-        s = optimizer.last_step_stats
-        out.append(dict(step_s=wall, ns_s=s.compute_s, comm_s=s.comm_s, bytes_sent=s.bytes_sent,
-                        jobs=s.jobs_computed, buckets=s.buckets, peak=s.peak_buffer_bytes))
-    return out
+    wall = time.perf_counter() - t0
+    s = optimizer.last_step_stats
+    return dict(step_s=wall, ns_s=s.compute_s, comm_s=s.comm_s, bytes_sent=s.bytes_sent,
+                jobs=s.jobs_computed, buckets=s.buckets, peak=s.peak_buffer_bytes)
 
 
 def optimizer_for(model: nn.Module, args, variant: str) -> Muon:
@@ -162,7 +165,10 @@ def choose_ns_dtype(requested: str) -> tuple[str, str]:
 
 
 def worker(args) -> None:
-    """Under torchrun: FSDP2-shard the stack, time replicated and distributed NS."""
+    """Under torchrun: FSDP2-shard the stack and time every variant, round robin: one step
+    of each variant per round, then (rank 0 alone, the others waiting at a barrier) one
+    step of each single-process variant on an unsharded copy. Interleaving keeps the
+    ratios honest on a machine whose speed drifts between runs."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -176,19 +182,33 @@ def worker(args) -> None:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     attach_random_grads(model, seed=rank)
+    optimizers = {v: optimizer_for(model, args, v) for v in args.variants}
+    singles = {}
+    if rank == 0:
+        torch.manual_seed(0)
+        plain = Stack(args)
+        attach_random_grads(plain, seed=0)
+        singles = {v: optimizer_for(plain, args, v) for v in SINGLE_VARIANTS if v in args.variants}
+    for optimizer in [*optimizers.values(), *singles.values()]:  # warm-up
+        optimizer.step()
+    dist.barrier()
+    timings: dict[str, list[dict]] = {v: [] for v in [*optimizers, *(f"1 process {v}" for v in SINGLE_VARIANTS)]}
+    for _ in range(args.steps):
+        for variant, optimizer in optimizers.items():
+            timings[variant].append(timed_step(optimizer, dist.barrier))
+        for variant, optimizer in singles.items():
+            timings[f"1 process {variant}"].append(timed_step(optimizer))
+        dist.barrier()
     report = {}
-    for variant in args.variants:
-        optimizer = optimizer_for(model, args, variant)
-        steps = time_steps(optimizer, args.steps, barrier=dist.barrier)
+    for name, steps in timings.items():
         per_rank = [None] * world
         dist.all_gather_object(per_rank, steps)
-        report[variant] = per_rank
-        del optimizer
-        gc.collect()
+        if per_rank[0]:
+            report[name] = per_rank[:1] if name.startswith("1 process") else per_rank
     if rank == 0:
         Path(args.worker_out).write_text(json.dumps(report))
     dist.barrier()
-    del model
+    del model, optimizers, singles
     gc.collect()
     dist.destroy_process_group()
 
@@ -211,15 +231,6 @@ def summarize(per_rank: list[list[dict]]) -> dict:
         buckets=steps[0][0]["buckets"],
         jobs=[r["jobs"] for r in steps[0]],
     )
-
-
-def run_single_process(args, variant: str) -> dict:
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = Stack(args)
-    attach_random_grads(model, seed=0)
-    steps = time_steps(optimizer_for(model, args, variant), args.steps)
-    return summarize([steps])
 
 
 def free_port() -> int:
@@ -249,7 +260,7 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=4, help="divide dim, kv_dim and ffn_dim by this")
     parser.add_argument("--layers", type=int, default=FULL["layers"])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
+    parser.add_argument("--steps", type=int, default=3, help="timed rounds after one warm-up step")
     parser.add_argument("--ns-steps", type=int, default=5)
     parser.add_argument("--ns-dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     parser.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB, help="optim.ns_bucket_mb")
@@ -272,9 +283,7 @@ def main() -> None:
           f"steps; {dtype_note}")
     print(f"gloo; 1 intra-op thread per process; {os.cpu_count()} CPU cores; median of {args.steps} steps "
           f"after 1 warm-up")
-    single = {v: run_single_process(args, v) for v in SINGLE_VARIANTS if v in args.variants}
-    rows = [(f"1 process {v}", r) for v, r in single.items()]
-    results = {}
+    rows, results = [], {}
     for nproc in args.ranks:
         results[nproc] = run_ranks(args, nproc)
         rows += [(v, r) for v, r in results[nproc].items()]
@@ -284,24 +293,27 @@ def main() -> None:
         print(f"{label:<22}{r['ranks']:>6}{r['step_s']:>9.3f}{r['ns_max_s']:>16.3f}{r['ns_mean_s']:>8.3f}"
               f"{r['comm_s']:>9.3f}{100 * r['comm_s'] / r['step_s']:>7.1f}{r['mb_sent']:>15.1f}{r['buckets']:>8}"
               f"{r['peak_mb']:>9.1f}  {r['jobs']}")
+    print("Each torchrun job times its configurations round robin; '1 process' rows ran in the same job on "
+          "rank 0 alone (unsharded copy) while the other ranks waited.")
     print("comm_s: visible communication (packing, unpacking, time blocked on collectives) on the slowest "
           "rank; peak_MiB: most exchange buffers held at once")
-    base = single.get("overlap")
     for nproc, result in results.items():
         note = "  (more ranks than cores: ranks time-share)" if nproc > (os.cpu_count() or 1) else ""
+        ratio = lambda a, b, key="step_s": result[a][key] / result[b][key]  # noqa: E731
         line = []
-        ratio = lambda a, b, key: result[a][key] / result[b][key]  # noqa: E731
-        if "replicated" in result and "overlap" in result:
+        if {"replicated", "overlap"} <= result.keys():
             line.append(f"distributed/replicated NS per rank {ratio('overlap', 'replicated', 'ns_max_s'):.2f}")
-        if "overlap" in result and "no overlap" in result:
-            line.append(f"overlap on/off step {ratio('overlap', 'no overlap', 'step_s'):.2f}")
-        if "batched" in result and "overlap" in result:
-            line.append(f"batched on/off step {ratio('batched', 'overlap', 'step_s'):.2f}")
-        if base and "overlap" in result:
-            line.append(f"step / single process {result['overlap']['step_s'] / base['step_s']:.2f}")
+        if {"overlap", "1 process overlap"} <= result.keys():
+            line.append(f"step / 1 process {ratio('overlap', '1 process overlap'):.2f}")
+        if {"overlap", "no overlap"} <= result.keys():
+            line.append(f"overlap on/off step {ratio('overlap', 'no overlap'):.2f}")
+        if {"batched", "overlap"} <= result.keys():
+            line.append(f"batched on/off step {ratio('batched', 'overlap'):.2f}")
+        if {"1 process batched", "1 process overlap"} <= result.keys():
+            line.append(f"1 process batched on/off {ratio('1 process batched', '1 process overlap'):.2f}")
+        if "overlap" in result:
+            line.append(f"comm visible {100 * result['overlap']['comm_s'] / result['overlap']['step_s']:.1f}% of the step")
         print(f"{nproc} ranks: " + ", ".join(line) + note)
-    if "batched" in single and base:
-        print(f"1 process: batched/one-at-a-time step {single['batched']['step_s'] / base['step_s']:.2f}")
 
 
 if __name__ == "__main__":
