@@ -48,7 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from normopt.optim.muon import Muon  # noqa: E402
-from normopt.parallel.distributed_ns import DEFAULT_BUCKET_MB  # noqa: E402
+from normopt.parallel.ns_plan import DEFAULT_BUCKET_MB  # noqa: E402
 
 FULL = dict(dim=2048, kv_dim=512, ffn_dim=8192, layers=16)
 
@@ -283,9 +283,12 @@ def main() -> None:
           f"steps; {dtype_note}")
     print(f"gloo; 1 intra-op thread per process; {os.cpu_count()} CPU cores; median of {args.steps} steps "
           f"after 1 warm-up")
+    print(f"timing {len(args.variants)} configurations x {args.steps} rounds at {args.ranks} ranks ...", flush=True)
     rows, results = [], {}
     for nproc in args.ranks:
+        t0 = time.perf_counter()
         results[nproc] = run_ranks(args, nproc)
+        print(f"  {nproc} rank(s) timed in {time.perf_counter() - t0:.0f} s", flush=True)
         rows += [(v, r) for v, r in results[nproc].items()]
     print(f"{'configuration':<22}{'ranks':>6}{'step_s':>9}{'NS_s/rank(max)':>16}{'(mean)':>8}"
           f"{'comm_s':>9}{'comm%':>7}{'MiB_sent/rank':>15}{'buckets':>8}{'peak_MiB':>9}  jobs/rank")

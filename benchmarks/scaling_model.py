@@ -26,7 +26,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from normopt.models.presets import PRESETS, ModelArgs, count_parameters  # noqa: E402
-from normopt.parallel.distributed_ns import assign_owners, ns_cost, shard_rows  # noqa: E402
+from normopt.parallel.ns_plan import assign_owners, ns_cost  # noqa: E402
+from normopt.parallel.row_layout import shard_rows  # noqa: E402
 
 BF16_BYTES = 2
 LLAMA3_VOCAB = 128256

@@ -20,7 +20,7 @@ import yaml
 from normopt.errors import UserError
 from normopt.models.moe import BALANCE, SCORES
 from normopt.models.norms import NORM_NAMES, norm_class
-from normopt.parallel.distributed_ns import DEFAULT_BUCKET_MB
+from normopt.parallel.ns_plan import DEFAULT_BUCKET_MB
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"

@@ -16,13 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from normopt.parallel.distributed_ns import (
-    RowShardedJob,
-    assign_owners,
-    ns_cost,
-    run_row_sharded_jobs,
-    shard_rows,
-)
+from normopt.parallel.distributed_ns import RowShardedJob, run_row_sharded_jobs
+from normopt.parallel.ns_plan import assign_owners, ns_cost
+from normopt.parallel.row_layout import shard_rows
 from tests.torchrun import run_torchrun
 from tests.workers.muon_worker import CASES, MATH_OPTIONS, OPTIMIZERS, RUNS, VARIANTS
 

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from normopt.models.llama import build_model
 from normopt.models.presets import PRESETS
 from normopt.optim.newton_schulz import newton_schulz
-from normopt.parallel.distributed_ns import assign_owners, ns_cost
+from normopt.parallel.ns_plan import assign_owners, ns_cost
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling_model.py"
 _spec = importlib.util.spec_from_file_location("scaling_model", _PATH)

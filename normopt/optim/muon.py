@@ -31,9 +31,13 @@ a stack along its leading (expert) dim, and the stack travels to its owner like 
 Distribution: the elementwise parts (momentum, Nesterov, weight decay, the update) run on
 each rank's local shard; NS (and NorMuon's row statistics, which need the whole row and
 the whole matrix norm) run on whole matrices through
-``normopt.parallel.distributed_ns.run_row_sharded_jobs``: each matrix has one owner rank
-in ``ns_mode="distributed"``, every rank computes every matrix in ``"replicated"``.
-Results equal single-process Muon bit for bit, since the owner sees the exact matrix.
+``normopt.parallel.distributed_ns.run_row_sharded_jobs``: each matrix (or batch of
+same-shape matrices, ``ns_batch_size``) has one owner rank, or a team of ranks splitting it
+in row blocks (``ns_row_blocks``), in ``ns_mode="distributed"``; every rank computes every
+matrix in ``"replicated"``. The exchange runs in buckets whose collectives overlap NS, and
+each bucket's update is applied as it arrives. Results equal single-process Muon (with the
+same ``ns_batch_size`` and ``ns_row_blocks``) bit for bit, since the owner sees the exact
+matrix and batches and blocks do not depend on the ranks.
 
 State (per parameter, same keys on every rank, DTensor Shard(0) like the parameter when
 the parameter is a DTensor): ``momentum_buffer`` (rows, cols); NorMuon adds
@@ -52,15 +56,10 @@ import torch
 from torch.distributed.tensor import DTensor, Shard
 
 from normopt.dtypes import dtype_name, floating_dtype
+from normopt.optim.ns_batches import batch_by_shape, stack_batch, unstack_batch
 from normopt.optim.newton_schulz import CoefficientSpec, coefficient_schedule, newton_schulz
-from normopt.parallel.distributed_ns import (
-    DEFAULT_BUCKET_MB,
-    NS_MODES,
-    ExchangeStats,
-    RowShardedJob,
-    ns_cost,
-    run_row_sharded_jobs,
-)
+from normopt.parallel.distributed_ns import NS_MODES, ExchangeStats, RowShardedJob, run_row_sharded_jobs
+from normopt.parallel.ns_plan import DEFAULT_BUCKET_MB, ns_cost
 
 SCALE_RULES: tuple[str, ...] = ("original", "match_adamw", "spectral")
 
@@ -196,28 +195,6 @@ def _row_mesh(p: torch.Tensor):
     return p.device_mesh
 
 
-def batch_by_shape(keys: Sequence[object], batch_size: int) -> list[list[int]]:
-    """Indices of items with equal keys (shape, mesh), in order of first appearance, cut
-    into batches of at most ``batch_size``. Depends only on the keys and their order,
-    never on the rank count, so every world size (one process included) stacks the same
-    matrices together and batched NS stays bit-identical across them."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"ns_batch_size must be an integer >= 1, got {batch_size!r}")
-    by_key: dict[object, list[int]] = {}
-    for i, key in enumerate(keys):
-        by_key.setdefault(key, []).append(i)
-    return [idx[k:k + batch_size] for idx in by_key.values() for k in range(0, len(idx), batch_size)]
-
-
-def _stack(full: list[torch.Tensor]) -> torch.Tensor:
-    """One matrix (or expert stack) as is; several stacked along a new leading dim."""
-    return full[0] if len(full) == 1 else torch.stack(full)
-
-
-def _unstack(X: torch.Tensor, n: int) -> list[torch.Tensor]:
-    return [X] if n == 1 else list(X.unbind(0))
-
-
 @dataclass
 class _Pending:
     """A parameter whose momentum this step has updated, waiting for its NS."""
@@ -331,7 +308,7 @@ class Muon(torch.optim.Optimizer):
         steps, coeffs = group["ns_steps"], group["ns_coefficients"]
 
         def compute(full: list[torch.Tensor], team) -> list[torch.Tensor]:
-            return _unstack(newton_schulz(_stack(full), steps, coeffs, dtype=ns_dtype, team=team), len(full))
+            return unstack_batch(newton_schulz(stack_batch(full), steps, coeffs, dtype=ns_dtype, team=team), len(full))
 
         # Cast before shipping: NS starts with this cast anyway, so the result is the
         # same and the all_to_all carries bf16 instead of fp32.
@@ -384,7 +361,8 @@ class Muon(torch.optim.Optimizer):
         """One optimizer step over every parameter that has a gradient.
 
         Elementwise math runs on local shards; all whole-matrix work of the step goes
-        through one ``run_row_sharded_jobs`` call (one all_to_all pair per mesh).
+        through one ``run_row_sharded_jobs`` call, which applies each job's update
+        (``_finish``) as soon as its rows arrive.
         """
         loss = None
         if closure is not None:
@@ -475,9 +453,9 @@ class NorMuon(Muon):
         v_dtype = _local(batch[0].state["row_second_moment"]).dtype
 
         def compute(full: list[torch.Tensor], team) -> list[torch.Tensor]:
-            O = newton_schulz(_stack(full[:n]), steps, coeffs, dtype=ns_dtype, team=team).to(update_dtype)
-            O_hat, v_new = normuon_normalize(O, _stack(full[n:]), beta2, eps)
-            return _unstack(O_hat, n) + _unstack(v_new, n)
+            O = newton_schulz(stack_batch(full[:n]), steps, coeffs, dtype=ns_dtype, team=team).to(update_dtype)
+            O_hat, v_new = normuon_normalize(O, stack_batch(full[n:]), beta2, eps)
+            return unstack_batch(O_hat, n) + unstack_batch(v_new, n)
 
         def inputs() -> list[torch.Tensor]:
             return ([item.direction().to(ns_dtype) for item in batch]

@@ -30,7 +30,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from normopt.optim.muon import Muon, NorMuon
-from normopt.parallel.distributed_ns import shard_rows
+from normopt.parallel.row_layout import shard_rows
 
 # (out_features, in_features) of each nn.Linear: uneven, tall and wide, some with fewer
 # rows than ranks (empty shards), and a case with fewer matrices than ranks; (experts, out,

@@ -1,0 +1,37 @@
+"""Batches of same-shape matrices for one batched Newton-Schulz (``optim.ns_batch_size``).
+
+Small matrices leave a GPU (and, at debug sizes, a CPU) idle between kernel launches;
+stacking same-shape matrices into one (k, m, n) tensor runs each NS product as one batched
+matmul. Batches are cut from the parameter order alone, so every world size, one process
+included, stacks the same matrices and distributed results stay bit-identical to a single
+process with the same batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def batch_by_shape(keys: Sequence[object], batch_size: int) -> list[list[int]]:
+    """Indices of items with equal keys (shape, mesh), in order of first appearance, cut
+    into batches of at most ``batch_size``. Depends only on the keys and their order,
+    never on the rank count, so every world size (one process included) stacks the same
+    matrices together and batched NS stays bit-identical across them."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"ns_batch_size must be an integer >= 1, got {batch_size!r}")
+    by_key: dict[object, list[int]] = {}
+    for i, key in enumerate(keys):
+        by_key.setdefault(key, []).append(i)
+    return [idx[k:k + batch_size] for idx in by_key.values() for k in range(0, len(idx), batch_size)]
+
+
+def stack_batch(full: list[torch.Tensor]) -> torch.Tensor:
+    """One matrix (or expert stack) as is; several stacked along a new leading dim."""
+    return full[0] if len(full) == 1 else torch.stack(full)
+
+
+def unstack_batch(X: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """Inverse of ``stack_batch`` for a batch of n: views of X's leading dim."""
+    return [X] if n == 1 else list(X.unbind(0))
