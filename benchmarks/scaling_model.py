@@ -6,7 +6,10 @@
 
 Every block matrix has ONE owner (``assign_owners`` over ``ns_cost``, the framework's own
 code). Per step: all_to_all #1 gathers each matrix's row shards (bf16) to its owner, the
-owner runs NS, all_to_all #2 scatters the result rows back. For every model x rank count
+owner runs NS, all_to_all #2 scatters the result rows back. With ``--row-blocks`` it also
+prints, at 256 ranks and more, teams of ranks splitting each matrix's NS in row blocks
+(``optim.ns_row_blocks``: ``member_shares``, ``team_allgather_bytes``). Buckets and overlap
+(``optim.ns_bucket_mb``, ``ns_overlap``) change when bytes move, not how many. For every model x rank count
 this prints the per-rank NS work and time, load balance, speedup over one rank, the
 communication per rank, a training step time, and the "wall cost": the NS time the
 slowest owner spends above the ideal even split (total / ranks), as a share of the step.

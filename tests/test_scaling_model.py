@@ -69,3 +69,18 @@ def test_one_rank_has_speedup_one_and_no_communication():
 def test_crossover_needs_every_larger_count_over_the_threshold():
     assert sm.crossover([(8, 0.5), (64, 1.2), (256, 0.9), (1024, 1.1)]) == 1024
     assert sm.crossover([(8, 0.5), (64, 0.9)]) is None
+
+
+def test_row_block_teams_split_the_largest_matrix():
+    """1b on 256 ranks: one owner per matrix leaves the slowest rank one whole FFN matrix;
+    teams of 4 (P = 4) each split one, a quarter per member, at the price of all-gathers."""
+    opts = Namespace(**vars(OPTS), team_bandwidth_gbps=400.0)
+    one = sm.predict("1b", PRESETS["1b"], 256, SPF, opts, row_blocks=1)
+    four = sm.predict("1b", PRESETS["1b"], 256, SPF, opts, row_blocks=4)
+    assert four["ns_ms_max"] == pytest.approx(one["ns_ms_max"] / 4, rel=1e-9)
+    assert four["wall_pct"] < one["wall_pct"]
+    assert one["team_comm_ms"] == 0.0 and four["team_comm_ms"] > 0.0
+    # blocks of 683, 683, 682 rows: member 0 computes blocks 0 and 2, member 1 block 1
+    assert sm.member_shares(2048, 8192, 3, 2) == pytest.approx([1365 / 2048, 683 / 2048])
+    # per step: (size - 1) * w * (m + n) elements, w = the largest member's rows
+    assert sm.team_allgather_bytes(2048, 8192, 3, 2, steps=1) == 1 * 1365 * (2048 + 8192) * 2
