@@ -39,7 +39,7 @@ def test_run_directory_contract(tmp_path, tiny_corpus):
     assert checkpoints == ["step_00000003", "step_00000006"]
 
 
-@pytest.mark.parametrize("optim", ["adamw", "normuon"])
+@pytest.mark.parametrize("optim", [pytest.param("adamw", marks=pytest.mark.slow), "normuon"])
 def test_finished_run_is_reused_and_extended_exactly(tmp_path, tiny_corpus, optim):
     """Re-running a finished run does nothing; raising train.steps continues from its
     checkpoint with the same losses as a run that went straight through (optimizer state,
