@@ -298,7 +298,7 @@ class Muon(torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _make_job(self, batch: list[_Pending], group: dict, mesh) -> RowShardedJob:
+    def _make_job(self, batch: list[_Pending], group: dict) -> RowShardedJob:
         """Whole-matrix work for a batch of same-shape parameters: O = NS(U), stacked along
         a new leading dim when the batch holds more than one matrix (a stack's matrices are
         batched already)."""
@@ -316,7 +316,7 @@ class Muon(torch.optim.Optimizer):
             inputs=lambda: [item.direction().to(ns_dtype) for item in batch], rows=p0.shape[0], compute=compute,
             output_specs=[(tuple(p0.shape[1:]), ns_dtype)] * len(batch),
             input_specs=[(tuple(p0.shape[1:]), ns_dtype)] * len(batch),
-            cost=len(batch) * stack_size(p0.shape) * ns_cost(rows, cols), mesh=mesh,
+            cost=len(batch) * stack_size(p0.shape) * ns_cost(rows, cols), mesh=batch[0].mesh,
         )
 
     def _finish(self, p: torch.Tensor, outputs: list[torch.Tensor], state: dict, group: dict) -> None:
@@ -384,7 +384,7 @@ class Muon(torch.optim.Optimizer):
                 pending.append(_Pending(p, state, grad, buf, beta, nesterov, _row_mesh(p)))
             for idx in batch_by_shape([(tuple(it.p.shape), it.mesh) for it in pending], self.ns_batch_size):
                 batch = [pending[i] for i in idx]
-                jobs.append(self._make_job(batch, group, batch[0].mesh))
+                jobs.append(self._make_job(batch, group))
                 todo.append((batch, group))
 
         def apply(j: int, outputs: list[torch.Tensor]) -> None:
@@ -440,7 +440,7 @@ class NorMuon(Muon):
         else:
             state["row_second_moment"] = local
 
-    def _make_job(self, batch: list[_Pending], group: dict, mesh) -> RowShardedJob:
+    def _make_job(self, batch: list[_Pending], group: dict) -> RowShardedJob:
         """Whole-matrix work: O = NS(U), then the row normalization and the new v (per
         matrix of the batch). Inputs: every U, then every v; outputs: every O_hat, then
         every v_new."""
@@ -465,7 +465,7 @@ class NorMuon(Muon):
         return RowShardedJob(
             inputs=inputs, rows=p0.shape[0], compute=compute, output_specs=out_specs,
             input_specs=[(tuple(p0.shape[1:]), ns_dtype)] * n + [(tuple(p0.shape[1:-1]), v_dtype)] * n,
-            cost=n * stack_size(p0.shape) * ns_cost(rows, cols), mesh=mesh,
+            cost=n * stack_size(p0.shape) * ns_cost(rows, cols), mesh=batch[0].mesh,
         )
 
     def _finish(self, p: torch.Tensor, outputs: list[torch.Tensor], state: dict, group: dict) -> None:

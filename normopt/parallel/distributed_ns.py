@@ -7,16 +7,17 @@ matrix goes to the rank (or the team of ranks, ``row_blocks > 1``) that computes
     2. compute: each computing rank runs the job's pure ``compute`` on whole matrices,
     3. scatter: a second all_to_all sends every rank its rows of every result.
 
-The step's jobs go in buckets of at most ``bucket_bytes`` of whole inputs, in job order.
-With ``overlap`` the gather of bucket k+1 and the scatter of bucket k-1 are in flight
+The step's jobs go in buckets of about ``bucket_bytes`` of whole inputs each (job order
+in replicated mode; by cost per rank in distributed mode, see below). With ``overlap`` the gather of bucket k+1 and the scatter of bucket k-1 are in flight
 (async collectives) while bucket k computes, and each bucket's results are handed to
 ``on_result`` (which applies the update) as soon as they arrive, so the buffers held at
 once are those of about three buckets, not of the model (``ExchangeStats.peak_buffer_bytes``).
 
 Owners are chosen greedily over the whole step (longest job first to the least-loaded
 rank), and each rank's jobs are then spread over the buckets by cost, so that every
-bucket holds about the same share of every rank's NS FLOPs (``plan_teams``). Who computes a job never changes its result: a computing rank sees the exact bits
-of the whole matrix. ``mode="replicated"`` is the baseline in which every rank computes
+bucket holds about the same share of every rank's NS FLOPs (``plan_teams``). Who
+computes a job never changes its result: a computing rank sees the exact bits of the
+whole matrix. ``mode="replicated"`` is the baseline in which every rank computes
 every job (the first collective becomes an all-gather, there is no scatter).
 
 With ``row_blocks = P > 1`` a job is computed by a team of s = min(P, ranks) ranks that
@@ -40,10 +41,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from normopt.parallel.ns_plan import bucket_jobs, plan_teams
+from normopt.parallel.ns_plan import DEFAULT_BUCKET_MB, bucket_jobs, plan_teams
 from normopt.parallel.packed_exchange import PendingExchange, numel_of, pack, padded_nbytes, post_all_to_all, view_piece
 from normopt.parallel.row_block_team import GroupTeam, RowBlockTeam
-from normopt.parallel.ns_plan import DEFAULT_BUCKET_MB
 from normopt.parallel.row_layout import shard_rows
 
 NS_MODES: tuple[str, ...] = ("distributed", "replicated")
@@ -131,16 +131,17 @@ class ExchangeStats:
         self._held -= nbytes
 
 
-_TEAM_GROUPS: dict[tuple[tuple[int, ...], int], list[dist.ProcessGroup]] = {}
+_TEAM_GROUPS: dict[tuple[dist.ProcessGroup, int], list[dist.ProcessGroup]] = {}
 
 
 def _team_groups(mesh: DeviceMesh, size: int) -> list[dist.ProcessGroup]:
     """One process group per team of ``size`` consecutive mesh ranks, created once (every
-    rank creates every group, in the same order, as ``new_group`` requires)."""
-    ranks = tuple(int(r) for r in mesh.mesh.flatten().tolist())
-    key = (ranks, size)
+    rank creates every group, in the same order, as ``new_group`` requires). Keyed by the
+    mesh's process group, so a new process group never reuses teams of an old one."""
+    ranks = [int(r) for r in mesh.mesh.flatten().tolist()]
+    key = (mesh.get_group(), size)
     if key not in _TEAM_GROUPS:
-        _TEAM_GROUPS[key] = [dist.new_group(list(ranks[t * size:(t + 1) * size]))
+        _TEAM_GROUPS[key] = [dist.new_group(ranks[t * size:(t + 1) * size])
                              for t in range(len(ranks) // size)]
     return _TEAM_GROUPS[key]
 
@@ -282,11 +283,11 @@ def _compute_bucket(plan: _MeshPlan, k: int, gathered: PendingExchange,
                 src_offset[s] += padded_nbytes(numel_of(n_rows, tr), dt)
         full_inputs = [torch.cat(p, dim=0) for p in parts]
         held = stats.hold(_nbytes(full_inputs))
-        team_comm = getattr(plan.team, "comm_s", 0.0)
+        team_comm = plan.team.comm_s if plan.team else 0.0
         t1 = time.perf_counter()
         outputs[j] = _compute(plan.jobs[j], full_inputs, plan.team)
         t2 = time.perf_counter()
-        team_comm = getattr(plan.team, "comm_s", 0.0) - team_comm
+        team_comm = (plan.team.comm_s if plan.team else 0.0) - team_comm
         stats.compute_s += t2 - t1 - team_comm
         stats.comm_s += t1 - t0 + team_comm  # unpacking and a team's all-gathers
         stats.release(held)

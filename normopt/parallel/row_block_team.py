@@ -40,6 +40,8 @@ class RowBlockTeam:
         if blocks < 1:
             raise ValueError(f"ns_row_blocks must be >= 1, got {blocks}")
         self.blocks = blocks
+        self.comm_s = 0.0  # seconds in all-gathers (none without a team of ranks)
+        self.bytes_received = 0
 
     @property
     def mine(self) -> list[int]:
@@ -58,8 +60,6 @@ class GroupTeam(RowBlockTeam):
     def __init__(self, blocks: int, group: dist.ProcessGroup, member: int, size: int):
         super().__init__(blocks)
         self.group, self.member, self.size = group, member, size
-        self.comm_s = 0.0
-        self.bytes_received = 0
 
     @property
     def mine(self) -> list[int]:
