@@ -165,7 +165,10 @@ class CheckpointWriter:
         """Every rank learns whether any rank's write failed (a full disk, a read-only
         folder); if one did, rank 0 removes the partial checkpoint, the previous complete
         one stays, and all ranks stop with the reason in one line."""
-        failed = torch.tensor([0 if failure is None else 1])
+        device = torch.device("cpu")
+        if dist.is_initialized() and dist.get_backend() == "nccl":  # nccl reduces CUDA tensors only
+            device = torch.device("cuda", torch.cuda.current_device())
+        failed = torch.tensor([0 if failure is None else 1], device=device)
         if dist.is_initialized():
             dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         if not failed.item():
