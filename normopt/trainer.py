@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -39,7 +38,8 @@ from normopt.models.presets import (count_active_parameters, count_flops_per_tok
                                     resolve_model_args)
 from normopt.optim.builder import build_optimizers
 from normopt.optim.param_groups import format_group_table
-from normopt.parallel.distributed import DistInfo, all_reduce_sum
+from normopt.parallel import collectives
+from normopt.parallel.distributed import DistInfo
 from normopt.parallel.fsdp import apply_fsdp
 from normopt.parallel.grad_clip import clip_grad_norm_
 from normopt.run_dir import RunDir
@@ -57,15 +57,13 @@ class Preempted(RuntimeError):
 def on_main_then_share(fn, dist_info: DistInfo):
     """Run ``fn`` on rank 0 only and re-raise its UserError on every rank, so that a
     problem found by rank 0 (say, missing data) ends all ranks instead of hanging them."""
-    outcome = [None]
+    outcome = None
     if dist_info.is_main:
         try:
-            outcome[0] = ("ok", fn())
+            outcome = ("ok", fn())
         except UserError as exc:
-            outcome[0] = ("error", str(exc))
-    if dist_info.world_size > 1:
-        dist.broadcast_object_list(outcome, src=0)
-    status, value = outcome[0]
+            outcome = ("error", str(exc))
+    status, value = collectives.broadcast_object(outcome, src=0)
     if status == "error":
         raise UserError(value)
     return value
@@ -260,7 +258,7 @@ class Trainer:
         # here, so no checkpoint ever holds the weights of a bad update
         shared = torch.stack([loss_sum.float(), torch.tensor(float(self.stop_request.requested),
                                                             device=loss_sum.device), aux_sum.float()])
-        all_reduce_sum(shared)
+        collectives.all_reduce_sum(shared)
         loss = float(shared[0]) / self.dist.world_size
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise TrainingDiverged(f"at step {step + 1} the loss is {loss} and the gradient norm {grad_norm}; "
@@ -304,7 +302,7 @@ class Trainer:
             if tail:
                 buckets += tail.sums(per_token, targets, weights)
         shared = torch.cat([totals, buckets.flatten()])  # one collective for both
-        all_reduce_sum(shared)
+        collectives.all_reduce_sum(shared)
         self.model.train()
         return float(shared[0] / shared[1]), (shared[2:].view(2, tail.n_buckets) if tail else None)
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
@@ -39,12 +38,8 @@ from normopt.checkpoint.safe_dcp import (
     write_non_tensor_state,
 )
 from normopt.errors import UserError
+from normopt.parallel import collectives
 from normopt.run_dir import CONFIG_FILE, TRAINER_STATE, RunDir
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _state(model: nn.Module, optimizers: list) -> dict:
@@ -52,12 +47,8 @@ def _state(model: nn.Module, optimizers: list) -> dict:
     return {"model": model_sd, "optim": optim_sd}
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def _rng_path(folder: Path) -> Path:
-    return folder / "rng" / f"rank_{_rank():05d}.safetensors"
+    return folder / "rng" / f"rank_{collectives.rank():05d}.safetensors"
 
 
 def save_rng_state(folder: Path) -> None:
@@ -116,7 +107,7 @@ class CheckpointWriter:
         self.run, self.is_main, self.keep_latest_k, self.async_save = run, is_main, keep_latest_k, async_save
         self._pending = None  # (future, step, trainer_state)
         # background writes coordinate over their own gloo group, away from training's collectives
-        self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        self._group = collectives.new_group(backend="gloo") if async_save else None
 
     def save(self, step: int, model: nn.Module, optimizers: list, trainer_state: dict,
              block: bool = False) -> Path:
@@ -125,7 +116,7 @@ class CheckpointWriter:
         if self.is_main:
             self.run.checkpoints.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
-        _barrier()
+        collectives.barrier()
         tensors, non_tensors = split_tensors(_state(model, optimizers))
         failure = None
         try:
@@ -165,18 +156,12 @@ class CheckpointWriter:
         """Every rank learns whether any rank's write failed (a full disk, a read-only
         folder); if one did, rank 0 removes the partial checkpoint, the previous complete
         one stays, and all ranks stop with the reason in one line."""
-        device = torch.device("cpu")
-        if dist.is_initialized() and dist.get_backend() == "nccl":  # nccl reduces CUDA tensors only
-            device = torch.device("cuda", torch.cuda.current_device())
-        failed = torch.tensor([0 if failure is None else 1], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-        if not failed.item():
+        if not collectives.any_rank(failure is not None):
             return
         partial = self.run.partial_checkpoint(step)
         if self.is_main:
             shutil.rmtree(partial, ignore_errors=True)
-        _barrier()
+        collectives.barrier()
         previous = self.run.complete_steps()
         kept = f"the last complete checkpoint {self.run.checkpoint(previous[-1])} is kept" if previous \
             else "no earlier checkpoint exists"
@@ -185,7 +170,7 @@ class CheckpointWriter:
 
     def _mark_complete(self, step: int, trainer_state: dict) -> None:
         final, tmp = self.run.checkpoint(step), self.run.partial_checkpoint(step)
-        _barrier()  # every rank's shards are on disk
+        collectives.barrier()  # every rank's shards are on disk
         if self.is_main:
             (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
             if self.run.config.exists():
@@ -196,7 +181,7 @@ class CheckpointWriter:
                 shutil.rmtree(self.run.checkpoint(old), ignore_errors=True)
             for stale in self.run.partial_checkpoints():
                 shutil.rmtree(stale, ignore_errors=True)
-        _barrier()
+        collectives.barrier()
 
 
 def read_trainer_state(checkpoint: Path) -> dict:
@@ -239,7 +224,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizers: list) -> dict:
         raise UserError(f"cannot load checkpoint {path}: {reason[:300]}") from None
     state = merge_tensors(tensors, non_tensors)
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = collectives.world_size()
     # RNG streams belong to ranks: restore them only when every rank has its own again
     if trainer_state.get("world_size") == world:
         load_rng_state(path)

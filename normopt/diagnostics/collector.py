@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -50,6 +49,7 @@ from normopt.metrics.logger import jsonable
 from normopt.models.matrix_roles import depth_group, matrix_type
 from normopt.models.norms import NORM_TYPES
 from normopt.optim.muon import Muon
+from normopt.parallel import collectives
 
 QUANTILE_LEVELS = (0.01, 0.1, 0.5, 0.9, 0.99)
 ISOTROPY_FIELDS = tuple(f"{source}_{measure}" for source in ("update", "weight") for measure in MEASURES)
@@ -224,9 +224,7 @@ class Diagnostics:
                                             momentum=None if momentum is None else momentum.float())
                 mine[name] = {"layer": block_index(name), **record}
         if self.world_size > 1:
-            gathered: list = [None] * self.world_size
-            dist.all_gather_object(gathered, mine)
-            mine = {k: v for part in gathered for k, v in part.items()}
+            mine = {k: v for part in collectives.all_gather_object(mine) for k, v in part.items()}
         ordered = {name: mine[name] for name, *_ in todo}
         return {"step": step, "kind": "ns_spectrum",
                 "coefficients": coefficients if isinstance(coefficients, str) else "custom",
@@ -272,9 +270,7 @@ class Diagnostics:
                                        **{f"update_{k}": v for k, v in isotropy(part_update).items()},
                                        **{f"weight_{k}": v for k, v in isotropy(part_weight).items()}}
         if self.world_size > 1:
-            gathered: list = [None] * self.world_size
-            dist.all_gather_object(gathered, mine)
-            mine = {k: v for part in gathered for k, v in part.items()}
+            mine = {k: v for part in collectives.all_gather_object(mine) for k, v in part.items()}
         ordered = {name: mine[name] for name in names}
         cells = {name: f"{r['type']}/{r['group']}" for name, r in ordered.items()}
         return {"step": step, "kind": "isotropy", "measure": "energy",

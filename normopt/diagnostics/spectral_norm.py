@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
+from normopt.parallel import collectives
 
 
 def _row_shard(weight: torch.Tensor) -> tuple[torch.Tensor, dist.ProcessGroup | None]:
@@ -34,7 +35,7 @@ def _row_shard(weight: torch.Tensor) -> tuple[torch.Tensor, dist.ProcessGroup | 
 
 def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     if group is not None:
-        dist.all_reduce(t, group=group)
+        collectives.all_reduce_sum(t, group)
     return t
 
 

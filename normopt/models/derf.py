@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from normopt.models.norm_layer import Location, NormConfig, NormLayer
+from normopt.parallel import collectives
 
 
 def derf(x: torch.Tensor, alpha: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
@@ -185,8 +186,7 @@ def commit_running_scales(model: nn.Module, group: dist.ProcessGroup | None = No
     if not layers:
         return
     stats = torch.cat([torch.cat([m.pending_sum, m.pending_count]) for m in layers]).view(-1, 2)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+    collectives.all_reduce_sum(stats, group)
     for layer, (total, count) in zip(layers, stats):
         layer.commit(total, count)
         layer.pending_sum.zero_()

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from normopt.parallel import collectives
 
 SCORES = ("softmax", "sigmoid")
 BALANCE = ("aux_loss", "aux_free", "none")
@@ -194,8 +195,7 @@ def commit_expert_loads(model: nn.Module, bias_rate: float, group: dist.ProcessG
     if not routers:
         return None
     counts = torch.stack([r.load_counts for r in routers])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+    collectives.all_reduce_sum(counts, group)
     for router, layer_counts in zip(routers, counts):
         router.update_bias(layer_counts, bias_rate)
         router.load_counts.zero_()

@@ -78,9 +78,3 @@ def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
 
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a small tensor over all ranks (identity when not distributed)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from normopt.parallel import collectives
 from normopt.parallel.ns_plan import DEFAULT_BUCKET_MB, bucket_jobs, plan_teams
 from normopt.parallel.packed_exchange import PendingExchange, numel_of, pack, padded_nbytes, post_all_to_all, view_piece
 from normopt.parallel.row_block_team import GroupTeam, RowBlockTeam
@@ -141,7 +142,7 @@ def _team_groups(mesh: DeviceMesh, size: int) -> list[dist.ProcessGroup]:
     ranks = [int(r) for r in mesh.mesh.flatten().tolist()]
     key = (mesh.get_group(), size)
     if key not in _TEAM_GROUPS:
-        _TEAM_GROUPS[key] = [dist.new_group(ranks[t * size:(t + 1) * size])
+        _TEAM_GROUPS[key] = [collectives.new_group(ranks[t * size:(t + 1) * size])
                              for t in range(len(ranks) // size)]
     return _TEAM_GROUPS[key]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
+from normopt.parallel import collectives
 
 
 def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -35,8 +35,7 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     device = (sharded + replicated)[0].device if sharded or replicated else torch.device("cpu")
     sharded_sq = torch.stack(sharded).sum() if sharded else torch.zeros((), device=device)
     replicated_sq = torch.stack(replicated).sum() if replicated else torch.zeros((), device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(sharded_sq, op=dist.ReduceOp.SUM)
+    collectives.all_reduce_sum(sharded_sq)
     return (sharded_sq + replicated_sq).sqrt()
 
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+from normopt.parallel import collectives
 
 ALIGN = 16
 
@@ -82,5 +82,5 @@ def post_all_to_all(send: torch.Tensor, send_splits: list[int], recv_splits: lis
                     async_op: bool = True) -> PendingExchange:
     """Start one uneven all_to_all_single on uint8 buffers (in rank order of ``group``)."""
     recv = torch.empty(sum(recv_splits), dtype=torch.uint8, device=send.device)
-    work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group, async_op=async_op)
+    work = collectives.all_to_all_single(recv, send, recv_splits, send_splits, group=group, async_op=async_op)
     return PendingExchange(work=work if async_op else None, send=send, recv=recv, recv_splits=recv_splits)

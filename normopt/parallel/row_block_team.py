@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from normopt.parallel.row_layout import shard_rows
+from normopt.parallel import collectives
 
 
 class RowBlockTeam:
@@ -75,8 +76,7 @@ class GroupTeam(RowBlockTeam):
         shape = (*mine.shape[:-2], width, mine.shape[-1])
         padded = torch.zeros(shape, dtype=mine.dtype, device=mine.device)
         padded[..., :mine.shape[-2], :] = mine
-        gathered = [torch.empty_like(padded) for _ in range(self.size)]
-        dist.all_gather(gathered, padded, group=self.group)
+        gathered = collectives.all_gather(padded, self.group)
         ordered, offsets = [], [0] * self.size
         for b in range(self.blocks):
             i, length = b % self.size, layout[b][1]
