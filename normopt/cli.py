@@ -55,9 +55,12 @@ def _train(config_path, overrides) -> int:
 
     cfg = load_config(config_path, overrides)  # refuses bad configs before any rank starts work
 
-    from normopt.parallel.distributed import init_distributed, shutdown_distributed
+    from normopt.determinism import use_deterministic_kernels
+    from normopt.parallel.distributed import init_distributed, pick_device_type, shutdown_distributed
     from normopt.trainer import Preempted, Trainer, TrainingDiverged
 
+    if cfg.train.deterministic:  # before CUDA starts (cuBLAS reads its workspace setting once)
+        use_deterministic_kernels(pick_device_type(cfg.train.device))
     dist_info = init_distributed(cfg.train.device)
     failure: tuple[int, str] | None = None
     try:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from normopt.errors import UserError
+from normopt.models.activation_checkpoint import MODES as ACTIVATION_CHECKPOINTING
 from normopt.models.moe import BALANCE, SCORES
 from normopt.models.norms import NORM_NAMES, norm_class
 from normopt.parallel.ns_plan import DEFAULT_BUCKET_MB
@@ -156,8 +157,9 @@ class OptimConfig:
     ns_overlap: bool = role(EXECUTION, True)
     # same-shape matrices stacked into one batched NS (1 = one at a time), and each matrix's
     # NS split into row blocks computed by a team of ranks (1 = one owner per matrix); both
-    # are independent of the rank count but may change the last bits (other kernels)
-    ns_batch_size: int = 1
+    # are independent of the rank count but may change the last bits (other kernels);
+    # ns_batch_size auto = 8 on CUDA, 1 on CPU (optim/ns_batches.py)
+    ns_batch_size: int | Literal["auto"] = "auto"
     ns_row_blocks: int = 1
     # auto = bfloat16 on CUDA, float32 on CPU (see train.dtype)
     ns_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -183,7 +185,15 @@ class TrainConfig:
     # on CPU (many CPUs lack native bf16 matmuls and run them 50x slower than fp32)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = role(EXECUTION, "auto")
+    # torch.compile each block's computation (the GPU configs turn it on; train.compile=false
+    # turns it off); the compiled model is tested against eager within float tolerance
     compile: bool = role(EXECUTION, False)
+    # deterministic kernels (CUDA: bit-identical resume, at some throughput; CPU kernels
+    # already are): torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG, cuDNN
+    deterministic: bool = role(EXECUTION, False)
+    # none | block: recompute each block in backward, keeping only block inputs
+    # (models/activation_checkpoint.py); the math is unchanged
+    activation_checkpointing: Literal[ACTIVATION_CHECKPOINTING] = role(EXECUTION, "none")
     mfu_probe: bool = role(EXECUTION, True)  # on CPU, measure the matmul peak at start for MFU
     peak_tflops: float = role(EXECUTION, 0.0)  # peak TFLOP/s of one rank for MFU; 0 = datasheet or probe
 
@@ -457,7 +467,7 @@ def validate(cfg: Config) -> None:
     _require(0 <= o.momentum < 1, "optim.momentum", "must be in [0, 1)")
     _require(o.ns_steps >= 1, "optim.ns_steps", "must be at least 1")
     _require(o.ns_bucket_mb >= 0, "optim.ns_bucket_mb", "must be >= 0 (0 = one bucket)")
-    _require(o.ns_batch_size >= 1, "optim.ns_batch_size", "must be at least 1")
+    _require(o.ns_batch_size == "auto" or o.ns_batch_size >= 1, "optim.ns_batch_size", "must be auto or at least 1")
     _require(o.ns_row_blocks >= 1, "optim.ns_row_blocks", "must be at least 1")
     _require(0 <= o.normuon_beta2 < 1, "optim.normuon_beta2", "must be in [0, 1)")
     _require(o.normuon_eps > 0, "optim.normuon_eps", "must be positive")

@@ -27,7 +27,8 @@ from normopt.diagnostics.collector import Diagnostics, DiagnosticsWriter
 from normopt.diagnostics.tail_tokens import TailTokenBuckets
 from normopt.dtypes import DTYPES
 from normopt.errors import UserError
-from normopt.memory_budget import available_bytes, check_fits, estimate_memory
+from normopt.memory_budget import available_bytes, check_fits, estimate_memory, memory_advice
+from normopt.metrics.device_stats import SectionTimer, pop_peak_memory
 from normopt.metrics.flops import MfuMeter, peak_flops
 from normopt.metrics.jsonl import truncate_after
 from normopt.metrics.logger import MetricsLogger
@@ -90,16 +91,18 @@ class Trainer:
         self.model_args = resolve_model_args(cfg.model, vocab_size=self.data.vocab_size)
         self.num_params = count_parameters(self.model_args)
         self.memory = estimate_memory(self.num_params, cfg.optim.name, dist_info.world_size, self.micro_batch,
-                                      t.seq_len, self.data.vocab_size)
+                                      t.seq_len, self.data.vocab_size, self.model_args, DTYPES[self.dtype].itemsize,
+                                      t.activation_checkpointing)
         # rank 0 decides for all (an error raised on one rank alone would hang the others)
-        on_main_then_share(lambda: check_fits(self.memory, *available_bytes(dist_info.device.type,
-                                                                            dist_info.device.index)), dist_info)
+        on_main_then_share(self._check_memory, dist_info)
         self.model = self._build_model()
         self.moe = bool(moe_routers(self.model))
         self.expert_loads: torch.Tensor | None = None  # summed over the logging window
         self.aux_loss_sum, self.window_steps = 0.0, 0  # over the logging window's steps
         self.flops_per_token = count_flops_per_token(self.model_args, t.seq_len)
         self.optimizers = build_optimizers(self.model, cfg.optim, dist_info.device.type)
+        self.ns_flops_per_step = self.optimizers.ns_flops_per_step()
+        self.optimizer_timer = SectionTimer(dist_info.device)
 
         self.start_step = 0
         if self.resume_from is not None:
@@ -117,6 +120,15 @@ class Trainer:
         self.mfu = MfuMeter(self.peak_flops, self.peak_source, self.flops_per_token, dist_info.world_size, self.log)
 
     # ------------------------------------------------------------------ setup pieces
+
+    def _check_memory(self) -> None:
+        """Refuse a run above the lower bound; advise (before the model is built) when the
+        estimate with activations exceeds the device."""
+        available, where = available_bytes(self.dist.device.type, self.dist.device.index)
+        check_fits(self.memory, available, where)
+        advice = memory_advice(self.memory, available, self.micro_batch, self.cfg.train.activation_checkpointing)
+        if advice:
+            self.log(advice)
 
     def _prepare_run_dir(self) -> None:
         """Rank 0: save the resolved config (not over a finished run's: re-running it with
@@ -156,9 +168,10 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed)
         on_cuda = self.dist.device.type == "cuda"
         model = build_model(self.model_args, "meta" if on_cuda else "cpu")
-        if self.cfg.train.compile:
-            for block in model.layers:
-                block.compile()
+        for block in model.layers:
+            block.activation_checkpointing = self.cfg.train.activation_checkpointing == "block"
+            if self.cfg.train.compile:
+                block.compile_forward()
         apply_fsdp(model, self.dist.mesh, self.dtype)
         if on_cuda:
             model.to_empty(device=self.dist.device)
@@ -204,8 +217,14 @@ class Trainer:
                     "grad_norm": grad_norm, "tokens": done * tokens_per_step,
                     "tokens_per_s": tokens_per_s, "epoch": self.batches.epoch_of(done),
                 }
+                optimizer_s = self.optimizer_timer.pop_seconds()
+                record["optimizer_step_s"] = optimizer_s / (window_tokens // tokens_per_step)
+                record["optimizer_share"] = optimizer_s / elapsed
                 if self.peak_flops:
                     record["mfu"] = self.mfu(tokens_per_s)  # null where the peak is underestimated
+                    if self.ns_flops_per_step:
+                        record["mfu_with_ns"] = self.mfu(tokens_per_s, self.ns_flops_per_step / tokens_per_step)
+                record.update(pop_peak_memory(self.dist.device))
                 if self.moe:
                     record.update(self._moe_window_record())
                 self.metrics.log(record)
@@ -265,7 +284,8 @@ class Trainer:
                                    f"stopping before the update (last checkpoint kept untouched)")
         if diagnose and self.cfg.diagnostics.interval:
             self.diagnostics.before_optimizer_step()  # the update is measured against these weights
-        self.optimizers.step()
+        with self.optimizer_timer.section():
+            self.optimizers.step()
         if diagnose and self.cfg.diagnostics.interval:
             self.diagnostics.after_optimizer_step(step + 1)
         self.optimizers.zero_grad()
@@ -326,7 +346,8 @@ class Trainer:
     def _print_header(self) -> None:
         cfg, t, a = self.cfg, self.cfg.train, self.model_args
         self.log(f"normopt: run.dir={self.run}  ranks={self.dist.world_size} ({self.dist.device.type})  "
-                 f"dtype={self.dtype}")
+                 f"dtype={self.dtype}  compile={t.compile}  deterministic={t.deterministic}  "
+                 f"activation_checkpointing={t.activation_checkpointing}")
         self.log(f"model: preset={cfg.model.preset} norm={a.norm} dim={a.dim} layers={a.n_layers} "
                  f"heads={a.n_heads}/{a.n_kv_heads} ffn={a.ffn_hidden} vocab={a.vocab_size} "
                  f"tied={a.tie_embeddings}  parameters={self.num_params:,}")
@@ -345,7 +366,13 @@ class Trainer:
                  f"(train.micro_batch_size {t.micro_batch_size} is the largest micro-batch allowed)")
         self.log("optimizer groups:\n" + format_group_table(self.optimizers.groups))
         if self.peak_flops:
-            self.log(f"peak: {self.peak_flops / 1e9:,.0f} GFLOP/s per rank ({self.peak_source})")
+            self.log(f"peak: {self.peak_flops / 1e9:,.0f} GFLOP/s per rank ({self.peak_source}); mfu counts the "
+                     f"model's forward and backward FLOPs ({self.flops_per_token / 1e9:.3g} GFLOP per token)")
+            if self.ns_flops_per_step:
+                model_flops = self.flops_per_token * t.global_batch_size * t.seq_len
+                self.log(f"Newton-Schulz: {self.ns_flops_per_step / 1e12:.3g} TFLOP per step "
+                         f"({self.ns_flops_per_step / model_flops:.1%} of the model's), not in mfu; "
+                         f"mfu_with_ns counts them too")
         if self.start_step:
             self.log(f"resumed from {self.resume_from} at step {self.start_step}")
 

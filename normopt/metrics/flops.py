@@ -97,10 +97,12 @@ class MfuMeter:
         self.log = log
         self.warned = False
 
-    def __call__(self, tokens_per_s: float) -> float | None:
+    def __call__(self, tokens_per_s: float, extra_flops_per_token: float = 0.0) -> float | None:
+        """MFU of the model's FLOPs, plus ``extra_flops_per_token`` (the optimizer's Newton-
+        Schulz FLOPs per token, for ``mfu_with_ns``)."""
         if not self.peak:
             return None
-        mfu = self.flops_per_token * tokens_per_s / (self.peak * self.world_size)
+        mfu = (self.flops_per_token + extra_flops_per_token) * tokens_per_s / (self.peak * self.world_size)
         if mfu <= 1.0:
             return mfu
         if not self.warned:

@@ -119,6 +119,8 @@ class DerfEMA(Derf):
     with :func:`commit_running_scales`, which averages them over all ranks.
     """
 
+    forward_statistics = ("pending_sum", "pending_count")  # see models/activation_checkpoint.py
+
     name = "derf_ema"
     fix_of = Derf.name
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normopt.models.activation_checkpoint import checkpointed_call
 from normopt.models.mla import LatentAttention
 from normopt.models.moe import MoEFeedForward
 from normopt.models.norms import build_norm
@@ -77,8 +78,20 @@ class Block(nn.Module):
         self.ffn_norm = build_norm(args.norm_config, args.dim, "ffn")
         self.moe = args.ffn == "moe"
         self.ffn = MoEFeedForward(args, FeedForward) if self.moe else FeedForward(args.dim, args.ffn_hidden)
+        # recompute the block in backward (models/activation_checkpoint.py); set by the trainer
+        self.activation_checkpointing = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpointed_call(self, self._forward, x, cos, sin)
+        return self._forward(x, cos, sin)
+
+    def compile_forward(self) -> None:
+        """Compile the block's computation (not FSDP2's hooks around it, nor the activation
+        checkpoint, which must stay eager to mark its recomputation)."""
+        self._forward = torch.compile(self._forward)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.attn(self.attn_norm(x), cos, sin)
         if self.moe:
             out, aux = self.ffn(self.ffn_norm(x))

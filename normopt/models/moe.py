@@ -82,6 +82,8 @@ def load_entropy(counts: torch.Tensor) -> float:
 
 
 class Router(nn.Module):
+    forward_statistics = ("load_counts",)  # see models/activation_checkpoint.py
+
     def __init__(self, dim: int, n_experts: int, top_k: int, score: str, balance: str):
         super().__init__()
         self.n_experts, self.top_k, self.score, self.balance = n_experts, top_k, score, balance

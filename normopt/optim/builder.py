@@ -8,6 +8,7 @@ from torch import nn
 from normopt.config import resolve_dtype
 from normopt.optim.lr_schedule import lr_factor
 from normopt.optim.muon import Muon, NorMuon
+from normopt.optim.ns_batches import resolve_ns_batch_size
 from normopt.optim.ns_rules import NSStepRules, ns_steps_param_groups
 from normopt.optim.param_groups import ParamGroup, build_param_groups
 
@@ -26,6 +27,10 @@ class Optimizers:
     def step(self) -> None:
         for opt in self.optimizers:
             opt.step()
+
+    def ns_flops_per_step(self) -> float:
+        """Newton-Schulz FLOPs of one optimizer step (0 without Muon or NorMuon)."""
+        return sum(opt.ns_flops_per_step() for opt in self.optimizers if isinstance(opt, Muon))
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
@@ -58,7 +63,7 @@ def build_muon(group: ParamGroup, optim_cfg, device_type: str) -> Muon:
         momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov,
         ns_coefficients=optim_cfg.ns_coefficients, scale_rule=optim_cfg.scale_rule,
         ns_mode=optim_cfg.ns_mode, ns_dtype=resolve_dtype(optim_cfg.ns_dtype, device_type),
-        ns_batch_size=optim_cfg.ns_batch_size, ns_row_blocks=optim_cfg.ns_row_blocks,
+        ns_batch_size=resolve_ns_batch_size(optim_cfg.ns_batch_size, device_type), ns_row_blocks=optim_cfg.ns_row_blocks,
         ns_bucket_mb=optim_cfg.ns_bucket_mb, ns_overlap=optim_cfg.ns_overlap,
     )
     if group.optimizer == "normuon":

@@ -57,7 +57,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from normopt.dtypes import dtype_name, floating_dtype
 from normopt.optim.ns_batches import batch_by_shape, stack_batch, unstack_batch
-from normopt.optim.newton_schulz import CoefficientSpec, coefficient_schedule, newton_schulz
+from normopt.optim.newton_schulz import CoefficientSpec, coefficient_schedule, newton_schulz, ns_flops
 from normopt.parallel.distributed_ns import NS_MODES, ExchangeStats, RowShardedJob, run_row_sharded_jobs
 from normopt.parallel.ns_plan import DEFAULT_BUCKET_MB, ns_cost
 
@@ -353,6 +353,16 @@ class Muon(torch.optim.Optimizer):
             if any(q is p for q in group["params"]):
                 return group
         raise KeyError("parameter is not managed by this optimizer")
+
+    def ns_flops_per_step(self) -> float:
+        """Newton-Schulz FLOPs of one step over every matrix (whole-matrix shapes, each
+        expert of a stack counted; see ``ns_flops``), whichever rank runs them."""
+        total = 0.0
+        for group in self.param_groups:
+            for p in group["params"]:
+                rows, cols = matrix_dims(p.shape)
+                total += stack_size(p.shape) * ns_flops(rows, cols, int(group["ns_steps"]))
+        return total
 
     # -- the step ----------------------------------------------------------------------
 

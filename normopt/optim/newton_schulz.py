@@ -155,6 +155,17 @@ def newton_schulz(
     return X.to(G.dtype)
 
 
+def ns_flops(rows: int, cols: int, steps: int) -> float:
+    """Floating-point operations of ``steps`` NS steps on one rows x cols matrix, on its
+    smaller Gram side (m = min, n = max dimension):
+
+        A = X X^T: 2 m^2 n;   b A + c A A: 2 m^3;   (...) X: 2 m^2 n   ->  steps (4 m^2 n + 2 m^3)
+
+    (the elementwise terms, O(m^2 + m n), are left out)."""
+    m, n = min(rows, cols), max(rows, cols)
+    return float(steps) * (4.0 * m * m * n + 2.0 * m ** 3)
+
+
 def frobenius_normalize(X: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
     """X_0 = X / (||X||_F + eps), the norm taken per matrix over the last two dims.
 

@@ -13,6 +13,20 @@ from collections.abc import Sequence
 
 import torch
 
+# optim.ns_batch_size=auto: on CUDA, same-shape matrices are batched (measured on an H200,
+# 124M preset, eager: Muon 219.6k tokens/s at batch 1, 257.9k at 8); on a CPU the matmuls
+# are long enough that batching gains nothing, and one at a time keeps the reference math
+AUTO_NS_BATCH_SIZE = {"cuda": 8, "cpu": 1}
+
+
+def resolve_ns_batch_size(batch_size: int | str, device_type: str) -> int:
+    """The number behind ``optim.ns_batch_size`` on ``device_type`` (``auto``: see
+    AUTO_NS_BATCH_SIZE; part of the math like ``train.dtype=auto``, so a run resumed on
+    another device type may differ in the last bits)."""
+    if batch_size == "auto":
+        return AUTO_NS_BATCH_SIZE.get(device_type, 1)
+    return batch_size
+
 
 def batch_by_shape(keys: Sequence[object], batch_size: int) -> list[list[int]]:
     """Indices of items with equal keys (shape, mesh), in order of first appearance, cut
