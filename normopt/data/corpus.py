@@ -32,7 +32,7 @@ TEXT_SUFFIXES = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json
 class CorpusSpec:
     """What to read; ``describe()`` is its identity in cache keys."""
 
-    kind: str  # "files" or "hub"
+    kind: str  # "builtin", "files" or "hub"
     files: tuple[str, ...] = ()
     builder: str = ""  # datasets builder for files: text | json | parquet
     name: str = ""  # hub dataset name
@@ -42,6 +42,11 @@ class CorpusSpec:
     streaming: bool = False
 
     def describe(self) -> str:
+        if self.kind == "builtin":
+            # names and sizes, not paths or times: a cache prepared on one machine and
+            # copied to another (a GPU node without network) keeps its key
+            stats = [f"{Path(f).name}:{os.path.getsize(f)}" for f in self.files]
+            return "|".join(["builtin", BUILTIN_PACKAGE, *stats])
         if self.kind == "files":
             stats = [f"{f}:{os.path.getsize(f)}:{int(os.path.getmtime(f))}" for f in self.files]
             return "|".join(["files", self.builder, self.text_column, *stats])
@@ -98,7 +103,7 @@ def resolve_corpus(data_cfg) -> CorpusSpec:
     if not path:
         folder = ensure_builtin_corpus(default_cache_dir(data_cfg.cache_dir))
         files = tuple(sorted(str(p) for p in folder.glob(f"*{BUILTIN_MEMBER_SUFFIX}")))
-        return CorpusSpec("files", files, "text", text_column="text")
+        return CorpusSpec("builtin", files, "text", text_column="text")
     files = _local_files(path)
     if files is not None:
         builders = {TEXT_SUFFIXES[Path(f).suffix] for f in files}
@@ -152,7 +157,7 @@ def iter_documents(spec: CorpusSpec) -> Iterator[str]:
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     try:
-        if spec.kind == "files":
+        if spec.kind in ("builtin", "files"):
             kwargs = {"sample_by": "document"} if spec.builder == "text" else {}
             ds = datasets.load_dataset(spec.builder, data_files=list(spec.files), split="train", **kwargs)
         else:
