@@ -10,15 +10,8 @@ import argparse
 import os
 import sys
 
+from normopt.cli_args import config_parser
 from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError
-
-
-def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", default=None, help="YAML config (default: configs/demo.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="override config keys, e.g. model.norm=derf optim.lr=1e-3")
-    return parser
 
 
 def train_main(argv: list[str] | None = None, prog: str = "train.py") -> int:
@@ -98,7 +91,7 @@ def export_main(argv: list[str] | None = None) -> int:
     def export() -> int:
         from pathlib import Path
 
-        from normopt.checkpoint.export import export_safetensors
+        from normopt.export import export_safetensors
 
         if not Path(args.run_dir).is_dir():
             raise UserError(f"{args.run_dir}: no such run directory")

@@ -2,8 +2,8 @@
 
 Config keys (``train.dtype``, ``optim.ns_dtype``) and optimizer arguments name dtypes by
 string, so that configs, checkpoints and param groups hold plain text. Every such name
-is turned into a torch dtype here, and nowhere else. What ``auto`` means is a config
-decision (it depends on the device) and lives with the keys: ``normopt.config.resolve_dtype``.
+is turned into a torch dtype here, and nowhere else; so is what ``auto`` means
+(:func:`resolve_dtype`: it depends on the device).
 """
 
 from __future__ import annotations
@@ -39,3 +39,14 @@ def floating_dtype(value: torch.dtype | str, what: str = "dtype") -> torch.dtype
 def dtype_name(dtype: torch.dtype) -> str:
     """The canonical name of a torch dtype: torch.bfloat16 -> 'bfloat16'."""
     return str(dtype).removeprefix("torch.")
+
+
+def resolve_dtype(dtype_name: str, device_type: str) -> str:
+    """The concrete name behind ``train.dtype`` or ``optim.ns_dtype`` on ``device_type``.
+
+    ``auto`` means bfloat16 on CUDA and float32 on CPU, where bf16 matmuls are often
+    emulated (about 50x slower than float32 on AVX2-only x86); other names pass through.
+    """
+    if dtype_name == "auto":
+        return "bfloat16" if device_type == "cuda" else "float32"
+    return dtype_name

@@ -158,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
 def _validate(train_args: list[str], world: int) -> None:
     """Refuse a bad config (or a batch that cannot be split over the ranks) here, once, with
     one line and status 2, before any rank starts."""
-    from normopt.cli import config_parser
+    from normopt.cli_args import config_parser
     from normopt.config import check_world_size, load_config
 
     args = config_parser("normopt launch", "").parse_args(train_args)

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from normopt.errors import UserError
 
 GIB = 1024 ** 3
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "muon": 4, "normuon": 4}
 # the share by which the estimate may fall short of the measured peak (module docstring)
 ESTIMATE_UNDERCOUNT = 0.10
 
@@ -77,20 +76,11 @@ def activation_bytes_per_token(args, compute_bytes: int) -> int:
     exp (float32 per head) and the input of the output projection; a SwiGLU keeps w1's and
     w3's outputs, silu's output and the product (4 hidden vectors per expert a token visits).
     """
-    d, w = args.dim, compute_bytes
-    norms = 2 * (2 * 4 * d + w * d)
-    if args.attention == "mla":
-        qk = args.n_heads * (args.qk_nope_head_dim + args.qk_rope_head_dim)
-        latents = (args.q_lora_rank or 0) + args.kv_lora_rank + args.qk_rope_head_dim
-        attention = w * (2 * qk + 2 * args.n_heads * args.v_head_dim + latents) + 4 * args.n_heads
-    else:
-        kv = args.n_kv_heads * args.head_dim
-        attention = w * (3 * d + 2 * kv) + 4 * args.n_heads
-    if args.ffn == "moe":
-        ffn = 4 * w * args.moe_hidden * (args.moe_top_k + args.n_shared_experts) + 4 * 2 * args.n_experts
-    else:
-        ffn = 4 * w * args.ffn_hidden
-    return norms + attention + ffn
+    from normopt.models.components import attention_class, feed_forward_class
+
+    norms = 2 * (2 * 4 * args.dim + compute_bytes * args.dim)
+    return (norms + attention_class(args.attention).saved_bytes_per_token(args, compute_bytes)
+            + feed_forward_class(args.ffn).saved_bytes_per_token(args, compute_bytes))
 
 
 def estimate_activations(args, micro_batch: int, seq_len: int, compute_bytes: int,
@@ -107,7 +97,9 @@ def estimate_memory(params: int, optimizer: str, world_size: int, micro_batch: i
                     vocab_size: int, args=None, compute_bytes: int = 4,
                     activation_checkpointing: str = "none") -> MemoryEstimate:
     """The lower bound of the module docstring and, given the model's ``args``, the estimate."""
-    per_param = 4 + 4 + OPTIMIZER_STATE_BYTES.get(optimizer, 4)
+    from normopt.optim.registry import optimizer_spec
+
+    per_param = 4 + 4 + optimizer_spec(optimizer).state_bytes
     state = -(-params * per_param // world_size)
     logits = 2 * 4 * micro_batch * seq_len * vocab_size
     activations = 0 if args is None else estimate_activations(args, micro_batch, seq_len, compute_bytes,

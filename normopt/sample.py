@@ -15,10 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
-
-from normopt.checkpoint.export import export_paths, load_model_weights, run_tokenizer
-from normopt.config import Config, config_from_dict
+from normopt.export import export_paths, load_model_weights, run_tokenizer
+from normopt.config import Config, read_saved_config
 from normopt.errors import UserError
 from normopt.run_dir import RunDir
 
@@ -53,7 +51,7 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
         config = run.config_of(checkpoint)
         tokenizer_path = run_tokenizer(run, config)
         source, weights = checkpoint, load_model_weights(checkpoint)
-    cfg = config_from_dict(yaml.safe_load(config.read_text()))
+    cfg = read_saved_config(config)
     vocab = weights["tok_embeddings.weight"].shape[0]
     model = build_model(resolve_model_args(cfg.model, vocab), "cpu")  # non-persistent buffers initialised
     try:

@@ -19,22 +19,21 @@ from tqdm import tqdm
 
 from normopt.checkpoint.manager import CheckpointWriter, load_checkpoint
 from normopt.checkpoint.preemption import StopRequest
-from normopt.checkpoint.resume_policy import find_resume_point
-from normopt.config import Config, check_world_size, resolve_dtype, save_config
+from normopt.resume_policy import find_resume_point
+from normopt.config import Config, save_config
 from normopt.data.batches import TrainBatches, eval_micro_batches
 from normopt.data.token_cache import check_enough_data, load_token_data, prepare_corpus
 from normopt.diagnostics.collector import Diagnostics, DiagnosticsWriter
 from normopt.diagnostics.tail_tokens import TailTokenBuckets
-from normopt.dtypes import DTYPES
+from normopt.dtypes import DTYPES, resolve_dtype
 from normopt.errors import UserError
 from normopt.memory_budget import available_bytes, check_fits, estimate_memory, memory_advice
 from normopt.metrics.device_stats import SectionTimer, pop_peak_memory
 from normopt.metrics.flops import MfuMeter, peak_flops
 from normopt.metrics.jsonl import truncate_after
 from normopt.metrics.logger import MetricsLogger
-from normopt.models.derf import commit_running_scales
+from normopt.models.components import attention_class, feed_forward_class
 from normopt.models.llama import Transformer, build_model
-from normopt.models.moe import commit_expert_loads, load_summary, moe_routers
 from normopt.models.presets import (count_active_parameters, count_flops_per_token, count_parameters,
                                     resolve_model_args)
 from normopt.optim.builder import build_optimizers
@@ -75,7 +74,7 @@ class Trainer:
         self.cfg, self.dist = cfg, dist_info
         self.log = print if dist_info.is_main else (lambda *a, **k: None)
         t = cfg.train
-        self.micro_batch, self.accum_steps = check_world_size(cfg, dist_info.world_size)
+        self.micro_batch, self.accum_steps = t.micro_batch_plan(dist_info.world_size)
         self.dtype = resolve_dtype(t.dtype, dist_info.device.type)
         self.run = RunDir(cfg.run.dir)
         self.lock = RunLock(self.run)
@@ -96,8 +95,8 @@ class Trainer:
         # rank 0 decides for all (an error raised on one rank alone would hang the others)
         on_main_then_share(self._check_memory, dist_info)
         self.model = self._build_model()
-        self.moe = bool(moe_routers(self.model))
-        self.expert_loads: torch.Tensor | None = None  # summed over the logging window
+        self.moe = self.model.routed
+        self.step_statistics: dict[str, torch.Tensor] = {}  # the model's, summed over the logging window
         self.aux_loss_sum, self.window_steps = 0.0, 0  # over the logging window's steps
         self.flops_per_token = count_flops_per_token(self.model_args, t.seq_len)
         self.optimizers = build_optimizers(self.model, cfg.optim, dist_info.device.type)
@@ -289,17 +288,16 @@ class Trainer:
         if diagnose and self.cfg.diagnostics.interval:
             self.diagnostics.after_optimizer_step(step + 1)
         self.optimizers.zero_grad()
-        commit_running_scales(self.model)
-        counts = commit_expert_loads(self.model, self.model_args.moe_bias_rate)
-        if counts is not None:  # kept on the device: read at logging steps only
-            self.expert_loads = counts if self.expert_loads is None else self.expert_loads + counts
+        for key, value in self.model.end_optimizer_step().items():  # kept on the device until logged
+            self.step_statistics[key] = value + self.step_statistics[key] if key in self.step_statistics else value
         return loss, grad_norm, bool(shared[1] > 0), float(shared[2]) / self.dist.world_size
 
     def _moe_window_record(self) -> dict:
         """The logging window's MoE numbers: mean balance loss per step, and per layer the
         tokens routed to each expert, the load entropy and max/mean load; then a new window."""
-        record = {"moe_aux_loss": self.aux_loss_sum / max(1, self.window_steps), **load_summary(self.expert_loads.cpu())}
-        self.expert_loads, self.aux_loss_sum, self.window_steps = None, 0.0, 0
+        record = {"moe_aux_loss": self.aux_loss_sum / max(1, self.window_steps),
+                  **self.model.step_statistics_record(self.step_statistics)}
+        self.step_statistics, self.aux_loss_sum, self.window_steps = {}, 0.0, 0
         return record
 
     @torch.no_grad()
@@ -351,13 +349,10 @@ class Trainer:
         self.log(f"model: preset={cfg.model.preset} norm={a.norm} dim={a.dim} layers={a.n_layers} "
                  f"heads={a.n_heads}/{a.n_kv_heads} ffn={a.ffn_hidden} vocab={a.vocab_size} "
                  f"tied={a.tie_embeddings}  parameters={self.num_params:,}")
-        if a.attention == "mla":
-            self.log(f"attention: mla q_lora={a.q_lora_rank} kv_lora={a.kv_lora_rank} qk_nope={a.qk_nope_head_dim} "
-                     f"qk_rope={a.qk_rope_head_dim} v={a.v_head_dim}")
-        if a.ffn == "moe":
-            self.log(f"ffn: moe {a.n_experts} experts (hidden {a.moe_hidden}), top-{a.moe_top_k} {a.moe_score}, "
-                     f"{a.n_shared_experts} shared, balance {a.moe_balance}; active parameters "
-                     f"{count_active_parameters(a):,} of {self.num_params:,}")
+        for line in (attention_class(a.attention).describe(a),
+                     feed_forward_class(a.ffn).describe(a, self.num_params, count_active_parameters(a))):
+            if line:
+                self.log(line)
         self.log(f"memory: {self.memory.describe()}")
         self.log(f"data: {len(self.data.tokens):,} tokens, {self.batches.num_sequences:,} training "
                  f"sequences of {t.seq_len}; unigram entropy {self.data.unigram_entropy:.3f} nats")

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from normopt.config import DataConfig
+from normopt.data.config import DataConfig
 from normopt.data.batches import TrainBatches, eval_micro_batches, global_batch_indices, rank_share
-from normopt.data.token_cache import check_enough_data, load_token_data, prepare_corpus, unigram_entropy
+from normopt.data.prepared_layout import unigram_entropy
+from normopt.data.token_cache import check_enough_data, load_token_data, prepare_corpus
 from normopt.errors import UserError
 
 

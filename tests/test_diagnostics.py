@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from normopt.checkpoint.export import load_model_weights
+from normopt.export import load_model_weights
 from normopt.diagnostics.norm_stats import (
     SATURATION_THRESHOLD,
     linearity_within_token,

@@ -34,7 +34,8 @@ def _metrics(run_dir):
 
 
 def test_deterministic_is_an_execution_key_refusing_non_booleans():
-    from normopt.config import EXECUTION, keys_with_role
+    from normopt.config import keys_with_role
+    from normopt.key_roles import EXECUTION
 
     assert "train.deterministic" in keys_with_role(EXECUTION)
     assert load_config(None, ["train.deterministic=true"]).train.deterministic is True

@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from normopt.config import EXECUTION, keys_with_role, load_config
+from normopt.config import keys_with_role, load_config
+from normopt.key_roles import EXECUTION
 from normopt.errors import UserError
 from normopt.metrics import flops
 from normopt.metrics.flops import MfuMeter, measure_matmul_flops, peak_flops

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from normopt.checkpoint.export import load_model_weights
+from normopt.export import load_model_weights
 from normopt.diagnostics.collector import ISOTROPY_FIELDS, DiagnosticsWriter, isotropy_cell
 from normopt.diagnostics.isotropy import cell_means, effective_rank, isotropy, normalised_entropy
 from normopt.errors import UserError

@@ -17,7 +17,8 @@ from normopt.data.synthetic_assoc import (
     value_permutation,
     zipf_probabilities,
 )
-from normopt.data.token_cache import load_token_data, prepare_corpus, unigram_entropy
+from normopt.data.prepared_layout import unigram_entropy
+from normopt.data.token_cache import load_token_data, prepare_corpus
 from normopt.errors import UserError
 from tests.conftest import run_cli
 

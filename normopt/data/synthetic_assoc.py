@@ -29,13 +29,13 @@ diagnostic put frequent keys and their values in the head buckets and rare ones 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from normopt.data.prepared_layout import TOKENIZER_FILE, TOKENS_FILE, write_meta
 from normopt.errors import UserError
 
 SYNTHETIC_PREFIX = "synthetic:"
@@ -114,26 +114,13 @@ def assoc_tokenizer(classes: int):
 def build_assoc(spec: AssocSpec, out: Path, log) -> dict:
     """Write the prepared-corpus layout (tokens.bin, tokenizer.json, meta.json) into ``out``;
     returns the meta."""
-    from normopt.data.token_cache import unigram_entropy
-
     started = time.perf_counter()
     log(f"generating the associative-memory corpus ({spec.classes} keys, Zipf {spec.zipf:g}, "
         f"{spec.tokens:,} tokens, seed {spec.seed}) ...")
     tokens = generate_assoc(spec)
-    tokens.tofile(out / "tokens.bin")
-    assoc_tokenizer(spec.classes).save(str(out / "tokenizer.json"))
+    tokens.tofile(out / TOKENS_FILE)
+    assoc_tokenizer(spec.classes).save(str(out / TOKENIZER_FILE))
     val_start = int(len(tokens) * (1.0 - spec.val_fraction))
     val_start -= val_start % 2  # the validation split starts on a key
-    meta = {
-        "source": spec.key,
-        "documents": 1,
-        "tokens": len(tokens),
-        "val_start": val_start,
-        "dtype": tokens.dtype.name,
-        "eos_id": 2 * spec.classes,
-        "vocab_size": spec.vocab_size,
-        "unigram_entropy_nats": unigram_entropy(np.bincount(tokens[:val_start], minlength=spec.vocab_size)),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    return meta
+    return write_meta(out, source=spec.key, documents=1, tokens=tokens, val_start=val_start, eos_id=2 * spec.classes,
+                      vocab_size=spec.vocab_size, seconds=time.perf_counter() - started)

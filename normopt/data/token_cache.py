@@ -24,6 +24,7 @@ import numpy as np
 
 from normopt.data.corpus import CorpusSpec, default_cache_dir, iter_documents, resolve_corpus
 from normopt.data.synthetic_assoc import AssocSpec, build_assoc, is_synthetic
+from normopt.data.prepared_layout import META_FILE, TOKENIZER_FILE, TOKENS_FILE, write_meta
 from normopt.data.tokenizer import eos_id, load_tokenizer, train_bpe
 from normopt.errors import UserError
 
@@ -45,7 +46,7 @@ class TokenData:
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.folder / "tokenizer.json"
+        return self.folder / TOKENIZER_FILE
 
     def num_sequences(self, seq_len: int, split: str) -> int:
         """Non-overlapping windows of seq_len + 1 tokens (inputs and shifted targets)."""
@@ -58,13 +59,6 @@ class TokenData:
         starts = base + np.asarray(indices, dtype=np.int64) * (seq_len + 1)
         window = np.arange(seq_len + 1, dtype=np.int64)
         return self.tokens[starts[:, None] + window].astype(np.int64)
-
-
-def unigram_entropy(counts: np.ndarray) -> float:
-    """H = -sum_i p_i ln p_i (nats) with p_i = counts_i / sum(counts)."""
-    p = counts[counts > 0].astype(np.float64)
-    p /= p.sum()
-    return float(-(p * np.log(p)).sum())
 
 
 def _limited(docs: Iterator[str], max_bytes: int) -> Iterator[str]:
@@ -97,7 +91,7 @@ def prepared_tokenizer(data_cfg) -> Path | None:
     if data_cfg.tokenizer and not is_synthetic(data_cfg.path):
         path = Path(data_cfg.tokenizer).expanduser()
         return path if path.is_file() else None
-    path = _folder_and_builder(data_cfg, print)[0] / "tokenizer.json"
+    path = _folder_and_builder(data_cfg, print)[0] / TOKENIZER_FILE
     return path if path.is_file() else None
 
 
@@ -119,7 +113,7 @@ def prepare_corpus(data_cfg, log=print) -> Path:
     the folder already exists.
     """
     folder, build = _folder_and_builder(data_cfg, log)
-    if (folder / "meta.json").exists():
+    if (folder / META_FILE).exists():
         return folder
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -154,11 +148,11 @@ def _build(data_cfg, spec: CorpusSpec, out: Path, log) -> None:
     eos = eos_id(tokenizer)
     vocab_size = tokenizer.get_vocab_size()
     dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    tokenizer.save(str(out / "tokenizer.json"))
+    tokenizer.save(str(out / TOKENIZER_FILE))
 
     log("tokenizing the corpus ...")
     total, documents = 0, 0
-    with open(out / "tokens.bin", "wb") as f:
+    with open(out / TOKENS_FILE, "wb") as f:
         batch: list[str] = []
         for doc in iter_documents(spec):
             batch.append(doc)
@@ -173,21 +167,10 @@ def _build(data_cfg, spec: CorpusSpec, out: Path, log) -> None:
                                             data_cfg.max_tokens)
     if total == 0:
         raise UserError("the corpus is empty: no text was found in data.path")
-    tokens = np.memmap(out / "tokens.bin", dtype=dtype, mode="r")
-    val_start = int(total * (1.0 - data_cfg.val_fraction))
-    counts = np.bincount(tokens[:val_start], minlength=vocab_size)
-    meta = {
-        "source": spec.describe()[:2000],
-        "documents": documents,
-        "tokens": total,
-        "val_start": val_start,
-        "dtype": np.dtype(dtype).name,
-        "eos_id": eos,
-        "vocab_size": vocab_size,
-        "unigram_entropy_nats": unigram_entropy(counts),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    tokens = np.memmap(out / TOKENS_FILE, dtype=dtype, mode="r")
+    meta = write_meta(out, source=spec.describe()[:2000], documents=documents, tokens=tokens,
+                      val_start=int(total * (1.0 - data_cfg.val_fraction)), eos_id=eos, vocab_size=vocab_size,
+                      seconds=time.perf_counter() - started)
     log(f"prepared {total:,} tokens from {documents:,} documents in {meta['seconds']:.1f}s")
 
 
@@ -203,8 +186,8 @@ def _write_batch(f, tokenizer, batch, eos, dtype, total, documents, max_tokens):
 
 
 def load_token_data(folder: Path) -> TokenData:
-    meta = json.loads((folder / "meta.json").read_text())
-    tokens = np.memmap(folder / "tokens.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+    meta = json.loads((folder / META_FILE).read_text())
+    tokens = np.memmap(folder / TOKENS_FILE, dtype=np.dtype(meta["dtype"]), mode="r")
     return TokenData(
         tokens=tokens,
         val_start=meta["val_start"],

@@ -5,7 +5,7 @@ differs from the baseline norm's cells under the same optimizer (``assign_arms``
 cell with ``model.alpha_init_*=0.3`` is the arm ``derf[alpha_init_attn=0.3,...]`` and the
 report treats it as a variant of its own. Keys that never make an arm are the coordinates and
 the keys whose role (:mod:`normopt.config`) is EXECUTION: they compute or record the same math.
-That is stricter than what a resumed run may change (:mod:`normopt.checkpoint.resume_policy`):
+That is stricter than what a resumed run may change (:mod:`normopt.resume_policy`):
 cells of different ``train.steps`` (LENGTH) or measured on different validation sequences
 (EVALUATION) are not comparable, so those keys do make arms.
 """
@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from normopt.config import EVALUATION, EXECUTION, LENGTH, MATH, keys_with_role
+from normopt.config import keys_with_role
+from normopt.key_roles import EVALUATION, EXECUTION, LENGTH, MATH
 from normopt.experiments.cell_reading import NORM_KEY, OPTIM_KEY, SEED_KEY, Cell
 
 

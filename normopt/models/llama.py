@@ -1,70 +1,21 @@
-"""Llama-style decoder: token embedding, RoPE, attention (grouped-query, or latent:
-models/mla.py), a SwiGLU feed-forward (dense, or a mixture of experts: models/moe.py),
-pre-norm residual blocks, final norm and output head (tied or untied)."""
+"""Llama-style decoder: token embedding, RoPE, pre-norm residual blocks of an attention and a
+feed-forward (registry names: models/components.py), final norm and output head (tied or
+untied)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from normopt.models.activation_checkpoint import checkpointed_call
-from normopt.models.mla import LatentAttention
-from normopt.models.moe import MoEFeedForward
+from normopt.models.components import attention_class, feed_forward_class
+from normopt.models.derf import commit_running_scales
+from normopt.models.moe import commit_expert_loads, load_summary
 from normopt.models.norms import build_norm
 from normopt.models.presets import ModelArgs
-from normopt.models.rope import apply_rope, rope_frequencies
-
-
-class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
-        )
-        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
-
-    def input_matrices(self) -> list[torch.Tensor]:
-        return [self.wq.weight, self.wk.weight, self.wv.weight]
-
-    def output_matrices(self) -> list[torch.Tensor]:
-        return [self.wo.weight]
-
-    def norms(self) -> list[nn.Module]:
-        return []
-
-
-class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-    def input_matrices(self) -> list[torch.Tensor]:
-        return [self.w1.weight, self.w3.weight]
-
-    def output_matrices(self) -> list[torch.Tensor]:
-        return [self.w2.weight]
+from normopt.models.rope import rope_frequencies
 
 
 class Block(nn.Module):
@@ -74,10 +25,10 @@ class Block(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.attn_norm = build_norm(args.norm_config, args.dim, "attn")
-        self.attn = LatentAttention(args) if args.attention == "mla" else Attention(args)
+        self.attn = attention_class(args.attention)(args)
         self.ffn_norm = build_norm(args.norm_config, args.dim, "ffn")
-        self.moe = args.ffn == "moe"
-        self.ffn = MoEFeedForward(args, FeedForward) if self.moe else FeedForward(args.dim, args.ffn_hidden)
+        self.ffn = feed_forward_class(args.ffn).build(args)
+        self.moe = self.ffn.routed
         # recompute the block in backward (models/activation_checkpoint.py); set by the trainer
         self.activation_checkpointing = False
 
@@ -151,6 +102,27 @@ class Transformer(nn.Module):
             aux = layer_aux if aux is None else aux + layer_aux
         logits = self.output(self.norm(h))
         return (logits, aux) if with_aux else logits
+
+    @property
+    def routed(self) -> bool:
+        """Whether any block routes tokens to experts (its forward then has a balance loss)."""
+        return any(block.moe for block in self.layers)
+
+    @torch.no_grad()
+    def end_optimizer_step(self) -> dict[str, torch.Tensor]:
+        """Fold the layers' cross-rank state once per optimizer step, on every rank (one
+        all-reduce per kind): derf_ema's running input scales, the MoE routers' expert loads
+        and with them the aux-free routing biases. Returns the step's statistics worth
+        logging, kept on the device (``expert_loads``: tokens per (MoE layer, expert))."""
+        commit_running_scales(self)
+        counts = commit_expert_loads(self, self.args.moe_bias_rate)
+        return {} if counts is None else {"expert_loads": counts}
+
+    @staticmethod
+    def step_statistics_record(summed: dict[str, torch.Tensor]) -> dict:
+        """Metrics fields of :meth:`end_optimizer_step`'s statistics summed over a logging
+        window (per MoE layer: tokens per expert, load entropy, max over mean load)."""
+        return load_summary(summed["expert_loads"].cpu()) if "expert_loads" in summed else {}
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -10,7 +10,7 @@ spectrum report.
 * component: what the type does in the block, the unit component ablations work with:
   ``q``, ``k``, ``v``, ``o`` (attention), ``kv`` (latent attention's joint key-value
   projections, which are neither k nor v alone) and ``ffn`` (dense or expert); a new kind
-  of matrix is one line in :data:`COMPONENTS`. Under MLA the sets ``qk`` and ``vo`` hold
+  of matrix is one entry in its component class's ``matrix_components``. Under MLA the sets ``qk`` and ``vo`` hold
   the query and output matrices only; ``attn`` and ``all`` hold the ``kv`` matrices too;
 * depth group: early / mid / late thirds of the blocks (fewer groups for shallow models).
 """
@@ -21,29 +21,12 @@ import fnmatch
 from collections.abc import Callable, Iterable, Sequence
 
 from normopt.errors import UserError
+from normopt.models.components import matrix_components
 
-# matrix type -> component: grouped-query attention and the dense SwiGLU (models/llama.py),
-# latent attention (models/mla.py), routed and shared experts (models/moe.py; the router
-# is not a block matrix: it goes to AdamW unless a muon_params glob names it)
-COMPONENTS = {
-    "attn.wq": "q",
-    "attn.wk": "k",
-    "attn.wv": "v",
-    "attn.wo": "o",
-    "attn.wq_a": "q",
-    "attn.wq_b": "q",
-    "attn.wkv_a": "kv",
-    "attn.wkv_b": "kv",
-    "ffn.w1": "ffn",
-    "ffn.w2": "ffn",
-    "ffn.w3": "ffn",
-    "ffn.experts.w1": "ffn",
-    "ffn.experts.w2": "ffn",
-    "ffn.experts.w3": "ffn",
-    "ffn.shared.w1": "ffn",
-    "ffn.shared.w2": "ffn",
-    "ffn.shared.w3": "ffn",
-}
+# matrix type -> component, from each registered attention and feed-forward's
+# ``matrix_components`` (the router is not a block matrix: it goes to AdamW unless a
+# muon_params glob names it)
+COMPONENTS = matrix_components()
 # ``optim.muon_params`` named sets: the components whose matrices the Muon-family optimizer
 # takes (None = every block matrix); "Muon Outperforms Adam in Tail-End Associative Memory
 # Learning" (2025) ablates VO and FFN (associative memories) against QK

@@ -23,11 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normopt.key_roles import require
 from normopt.models.norms import build_norm
 from normopt.models.rope import apply_rope
 
 
 class LatentAttention(nn.Module):
+    name = "mla"
+    # the joint key-value projections are neither k nor v alone (models/matrix_roles.py)
+    matrix_components = {"attn.wq": "q", "attn.wo": "o", "attn.wq_a": "q", "attn.wq_b": "q", "attn.wkv_a": "kv",
+                         "attn.wkv_b": "kv"}
     def __init__(self, args):
         super().__init__()
         self.n_heads = args.n_heads
@@ -75,6 +80,48 @@ class LatentAttention(nn.Module):
 
     def norms(self) -> list[nn.Module]:
         return [self.q_norm, self.kv_norm] if self.q_lora_rank > 0 else [self.kv_norm]
+
+    # -- what the registry asks (models/components.py) --------------------------------
+
+    @classmethod
+    def fill_shapes(cls, args) -> dict:
+        """Shape keys left at 0, relative to the head size h as in DeepSeek-V2-Lite."""
+        h = args.head_dim
+        defaults = dict(kv_lora_rank=4 * h, qk_nope_head_dim=h, qk_rope_head_dim=max(2, h // 2), v_head_dim=h)
+        return {k: v for k, v in defaults.items() if not getattr(args, k)}
+
+    @classmethod
+    def check_shapes(cls, args) -> None:
+        require(args.qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim",
+                f"{args.qk_rope_head_dim} must be even for RoPE")
+
+    @classmethod
+    def rope_dim(cls, args) -> int:
+        return args.qk_rope_head_dim
+
+    @classmethod
+    def param_count(cls, args, norm_params) -> int:
+        return mla_param_count(args, norm_params)
+
+    @classmethod
+    def matmul_params(cls, args) -> int:
+        return mla_matmul_params(args)
+
+    @classmethod
+    def score_flops(cls, args, seq_len: int) -> float:
+        return mla_attention_flops(args, seq_len)
+
+    @classmethod
+    def saved_bytes_per_token(cls, args, compute_bytes: int) -> int:
+        """q and k (all heads), v and the output, the latents, the float32 log-sum-exp."""
+        qk = args.n_heads * (args.qk_nope_head_dim + args.qk_rope_head_dim)
+        latents = (args.q_lora_rank or 0) + args.kv_lora_rank + args.qk_rope_head_dim
+        return compute_bytes * (2 * qk + 2 * args.n_heads * args.v_head_dim + latents) + 4 * args.n_heads
+
+    @classmethod
+    def describe(cls, args) -> str | None:
+        return (f"attention: mla q_lora={args.q_lora_rank} kv_lora={args.kv_lora_rank} qk_nope={args.qk_nope_head_dim} "
+                f"qk_rope={args.qk_rope_head_dim} v={args.v_head_dim}")
 
 
 def mla_param_count(args, norm_params) -> int:

@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from normopt.key_roles import require
+from normopt.models.swiglu import SwiGLU
 from normopt.parallel import collectives
 
 SCORES = ("softmax", "sigmoid")
@@ -145,11 +147,15 @@ class GroupedExperts(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
-    def __init__(self, args, dense_ffn_cls):
+    name = "moe"
+    routed = True  # forward returns (output, balance loss)
+    matrix_components = {f"ffn.{part}.{w}": "ffn" for part in ("experts", "shared") for w in ("w1", "w2", "w3")}
+
+    def __init__(self, args):
         super().__init__()
         self.router = Router(args.dim, args.n_experts, args.moe_top_k, args.moe_score, args.moe_balance)
         self.experts = GroupedExperts(args.n_experts, args.dim, args.moe_hidden)
-        self.shared = (dense_ffn_cls(args.dim, args.n_shared_experts * args.moe_hidden)
+        self.shared = (SwiGLU(args.dim, args.n_shared_experts * args.moe_hidden)
                        if args.n_shared_experts > 0 else None)
         self.aux_coef = args.moe_aux_coef if args.moe_balance == "aux_loss" else 0.0
 
@@ -170,6 +176,39 @@ class MoEFeedForward(nn.Module):
     def output_matrices(self) -> list[torch.Tensor]:
         shared = self.shared.output_matrices() if self.shared is not None else []
         return [self.experts.w2, *shared]
+
+    # -- what the registry asks (models/components.py) --------------------------------
+
+    @classmethod
+    def build(cls, args) -> MoEFeedForward:
+        return cls(args)
+
+    @classmethod
+    def check_shapes(cls, args) -> None:
+        require(args.moe_top_k <= args.n_experts, "model.moe_top_k",
+                f"{args.moe_top_k} experts per token but only {args.n_experts} experts")
+
+    @classmethod
+    def fill_shapes(cls, args) -> dict:
+        """Unset sizes: 8 experts of hidden ffn_hidden / 2 (the dense active size at top-2)."""
+        defaults = dict(n_experts=8, moe_hidden=max(1, args.ffn_hidden // 2))
+        return {k: v for k, v in defaults.items() if not getattr(args, k)}
+
+    @classmethod
+    def param_counts(cls, args) -> tuple[int, int]:
+        return moe_param_counts(args)
+
+    @classmethod
+    def saved_bytes_per_token(cls, args, compute_bytes: int) -> int:
+        """4 hidden vectors per expert a token visits (routed and shared), and the float32
+        router scores."""
+        return 4 * compute_bytes * args.moe_hidden * (args.moe_top_k + args.n_shared_experts) + 4 * 2 * args.n_experts
+
+    @classmethod
+    def describe(cls, args, total_params: int, active_params: int) -> str | None:
+        return (f"ffn: moe {args.n_experts} experts (hidden {args.moe_hidden}), top-{args.moe_top_k} {args.moe_score}, "
+                f"{args.n_shared_experts} shared, balance {args.moe_balance}; active parameters "
+                f"{active_params:,} of {total_params:,}")
 
 
 def moe_param_counts(args) -> tuple[int, int]:

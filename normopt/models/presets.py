@@ -5,10 +5,11 @@ unless the preset ties them); the real count depends on the tokenizer and is pri
 the trainer at start. ``1b`` follows Llama-3.2-1B's shape (dim 2048, 16 layers, 32 heads,
 8 KV heads, SwiGLU hidden 8192, tied embeddings, RoPE theta 500000).
 
-Attention is grouped-query (``gqa``) or DeepSeek-V2 latent attention (``mla``,
-models/mla.py); the feed-forward is a dense SwiGLU or a mixture of SwiGLU experts (``moe``,
-models/moe.py). Switching a dense GQA preset to ``mla`` or ``moe`` fills the shape keys
-left at 0 from it (:func:`fill_derived_shapes`): MLA as DeepSeek-V2-Lite relative to the
+Attention and feed-forward are registry names (models/components.py): grouped-query
+(``gqa``), DeepSeek-V2 latent attention (``mla``) or sliding-window attention (``swa``); a
+dense SwiGLU or a mixture of SwiGLU experts (``moe``). Switching a dense GQA preset to another
+component fills the shape keys left at 0 from it (:func:`fill_derived_shapes`, each
+component's ``fill_shapes``): MLA as DeepSeek-V2-Lite relative to the
 head size h (no query latent, KV latent 4h, RoPE dims h/2, no-RoPE and value dims h); MoE
 as 8 experts, top-2, hidden f/2, no shared experts: the same active feed-forward size as
 the dense model, 4x its total.
@@ -18,8 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from normopt.models.mla import mla_attention_flops, mla_matmul_params, mla_param_count
-from normopt.models.moe import moe_param_counts
+from normopt.models.components import attention_class, feed_forward_class
 from normopt.models.norm_layer import NormConfig
 from normopt.models.norms import norm_param_count, reference_embed_scale, resolve_norm_config
 
@@ -39,14 +39,15 @@ class ModelArgs:
     init_std: float = 0.02
     norm_config: NormConfig = NormConfig()  # every norm layer's settings
     embed_scale: float | None = None  # learnable scalar on the token embedding, its init
-    attention: str = "gqa"  # gqa | mla
+    attention: str = "gqa"  # an attention registry name (models/components.py)
+    attention_window: int = 0  # swa: keys per query (0 = its default)
     # MLA (0 = derived from the head size, see the module doc; q_lora_rank 0 = no query latent)
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
-    ffn: str = "dense"  # dense | moe
+    ffn: str = "dense"  # a feed-forward registry name (models/components.py)
     # MoE (0 = derived from the dense shape)
     n_experts: int = 0
     moe_top_k: int = 2
@@ -64,7 +65,7 @@ class ModelArgs:
     @property
     def rope_dim(self) -> int:
         """Dimensions per head that RoPE rotates."""
-        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+        return attention_class(self.attention).rope_dim(self)
 
     @property
     def norm(self) -> str:
@@ -78,14 +79,8 @@ def _preset(dim, n_layers, n_heads, n_kv_heads, ffn_hidden, tie=False, theta=100
 
 
 def fill_derived_shapes(args: ModelArgs) -> ModelArgs:
-    """MLA and MoE shape keys left at 0 filled from the dense GQA shape (module doc)."""
-    h, filled = args.head_dim, {}
-    if args.attention == "mla":
-        defaults = dict(kv_lora_rank=4 * h, qk_nope_head_dim=h, qk_rope_head_dim=max(2, h // 2), v_head_dim=h)
-        filled.update({k: v for k, v in defaults.items() if not getattr(args, k)})
-    if args.ffn == "moe":
-        defaults = dict(n_experts=8, moe_hidden=max(1, args.ffn_hidden // 2))
-        filled.update({k: v for k, v in defaults.items() if not getattr(args, k)})
+    """Component shape keys left at 0 filled from the dense GQA shape (module doc)."""
+    filled = {**attention_class(args.attention).fill_shapes(args), **feed_forward_class(args.ffn).fill_shapes(args)}
     return replace(args, **filled) if filled else args
 
 
@@ -136,17 +131,14 @@ def resolve_model_args(model_cfg, vocab_size: int) -> ModelArgs:
 
 
 def _attention_params(args: ModelArgs) -> int:
-    """One block's attention: GQA 2 d^2 + 2 d n_kv h; MLA see ``mla_param_count``."""
-    if args.attention == "mla":
-        return mla_param_count(args, lambda features: norm_param_count(args.norm_config, features))
-    return 2 * args.dim * args.dim + 2 * args.dim * args.n_kv_heads * args.head_dim
+    """One block's attention (its latent norms included): the registered class's count."""
+    return attention_class(args.attention).param_count(args, lambda features: norm_param_count(args.norm_config,
+                                                                                               features))
 
 
 def _ffn_params(args: ModelArgs, active: bool) -> int:
-    """One block's feed-forward: dense 3 d f; MoE its total or per-token active count."""
-    if args.ffn == "moe":
-        return moe_param_counts(args)[1 if active else 0]
-    return 3 * args.dim * args.ffn_hidden
+    """One block's feed-forward: its total or per-token active count."""
+    return feed_forward_class(args.ffn).param_counts(args)[1 if active else 0]
 
 
 def _count(args: ModelArgs, active: bool) -> int:
@@ -163,9 +155,9 @@ def count_parameters(args: ModelArgs) -> int:
 
     N = V d (embedding) + [1 embedding scale] + L [attention + ffn + 2 norm(d)]
         + norm(d) + [V d if untied]
-    with attention = 2 d^2 + 2 d n_kv h for GQA (h the head dim; MLA: ``mla_param_count``)
-    and ffn = 3 d f for a dense SwiGLU of hidden size f (MoE: router + every expert,
-    ``moe_param_counts``).
+    with attention = 2 d^2 + 2 d n_kv h for GQA and SWA (h the head dim; MLA:
+    ``mla_param_count``) and ffn = 3 d f for a dense SwiGLU of hidden size f (MoE: router +
+    every expert, ``moe_param_counts``).
     """
     return _count(args, active=False)
 
@@ -181,10 +173,9 @@ def count_flops_per_token(args: ModelArgs, seq_len: int) -> float:
     """Training FLOPs per token: 6 N_matmul + L A(T), with N_matmul the matrices a token is
     multiplied by (attention projections, router, active experts, output head) and A(T)
     the attention scores and values, 12 d T for GQA (causal masking not discounted, as in
-    the PaLM MFU convention; MLA: ``mla_attention_flops``). The embedding lookup is free; a
-    tied output head still costs its matmul."""
-    d = args.dim
-    attention = mla_matmul_params(args) if args.attention == "mla" else _attention_params(args)
-    matmul_params = args.n_layers * (attention + _ffn_params(args, active=True)) + args.vocab_size * d
-    scores = mla_attention_flops(args, seq_len) if args.attention == "mla" else 12.0 * d * seq_len
-    return 6.0 * matmul_params + args.n_layers * scores
+    the PaLM MFU convention; SWA 12 d min(T, w); MLA: ``mla_attention_flops``). The embedding
+    lookup is free; a tied output head still costs its matmul."""
+    attention = attention_class(args.attention)
+    matmul_params = (args.n_layers * (attention.matmul_params(args) + _ffn_params(args, active=True))
+                     + args.vocab_size * args.dim)
+    return 6.0 * matmul_params + args.n_layers * attention.score_flops(args, seq_len)

@@ -20,12 +20,13 @@ from torch import nn
 from normopt.models.matrix_roles import check_globs_match, muon_selector, parse_muon_params
 from normopt.models.moe import Router
 from normopt.models.norms import NORM_TYPES
+from normopt.optim.registry import FALLBACK, optimizer_spec
 
 
 @dataclass
 class ParamGroup:
     role: str
-    optimizer: str  # "adamw" | "muon" | "normuon"
+    optimizer: str  # a name of the optimizer registry (optim/registry.py)
     lr: float
     weight_decay: float
     names: list[str] = field(default_factory=list)
@@ -34,6 +35,11 @@ class ParamGroup:
     @property
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
+
+    def torch_group(self) -> dict:
+        """The group as a torch optimizer param group (``peak_lr`` is what the schedule scales)."""
+        return {"params": self.params, "lr": self.lr, "peak_lr": self.lr, "weight_decay": self.weight_decay,
+                "role": self.role}
 
 
 def parameter_roles(model: nn.Module) -> dict[str, str]:
@@ -67,7 +73,8 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
 def build_param_groups(model: nn.Module, optim_cfg) -> list[ParamGroup]:
     """One ParamGroup per role that has parameters, with its optimizer, lr and weight decay
     (under Muon/NorMuon, the matrices ``optim.muon_params`` leaves out are ``matrix_adamw``)."""
-    muon_family = optim_cfg.name in ("muon", "normuon")
+    muon_family = optimizer_spec(optim_cfg.name).matrices_only
+    others = FALLBACK if muon_family else optim_cfg.name  # what takes the non-matrix roles
     no_decay = 0.0 if not optim_cfg.decay_norms_and_embeddings else optim_cfg.weight_decay
     if muon_family:
         matrix_lr = optim_cfg.lr if optim_cfg.muon_lr is None else optim_cfg.muon_lr
@@ -75,12 +82,12 @@ def build_param_groups(model: nn.Module, optim_cfg) -> list[ParamGroup]:
     else:
         matrix_lr, matrix_wd = optim_cfg.lr, optim_cfg.weight_decay
     specs = {
-        "matrix": (optim_cfg.name if muon_family else "adamw", matrix_lr, matrix_wd),
-        "matrix_adamw": ("adamw", optim_cfg.lr, optim_cfg.weight_decay),
-        "router": ("adamw", optim_cfg.lr, optim_cfg.weight_decay),
-        "head": ("adamw", optim_cfg.lr, optim_cfg.weight_decay),
-        "embedding": ("adamw", optim_cfg.lr, no_decay),
-        "norm": ("adamw", optim_cfg.lr, no_decay),
+        "matrix": (optim_cfg.name, matrix_lr, matrix_wd),
+        "matrix_adamw": (FALLBACK, optim_cfg.lr, optim_cfg.weight_decay),
+        "router": (others, optim_cfg.lr, optim_cfg.weight_decay),
+        "head": (others, optim_cfg.lr, optim_cfg.weight_decay),
+        "embedding": (others, optim_cfg.lr, no_decay),
+        "norm": (others, optim_cfg.lr, no_decay),
     }
     groups = {role: ParamGroup(role, *spec) for role, spec in specs.items()}
     roles = parameter_roles(model)

@@ -1,7 +1,7 @@
 """Whether and from where a run continues: ``checkpoint.resume`` against its run directory.
 
 A resumed run must do the math the checkpoint was trained with, so the checkpoint's config
-and the new one may differ only in keys whose role (``normopt.config``) is not MATH:
+and the new one may differ only in keys whose role (``normopt.key_roles``) is not MATH:
 
 * EXECUTION keys (device, micro-batch split, NS placement, logging, checkpointing,
   diagnostics, run.dir) compute or record the same steps;
@@ -17,43 +17,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
-from normopt.config import EVALUATION, EXECUTION, LENGTH, Config, config_from_dict, keys_with_role
+from normopt.config import Config, flat_config, keys_with_role, read_saved_config
 from normopt.errors import UserError
+from normopt.key_roles import EVALUATION, EXECUTION, LENGTH
 from normopt.run_dir import RunDir
 
 RESUME_SAFE_KEYS = keys_with_role(EXECUTION, LENGTH, EVALUATION)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        out.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
-    return out
-
-
 def check_resume_compatible(saved: Config, current: Config) -> None:
     """Refuse to resume when a key outside RESUME_SAFE_KEYS differs from the checkpoint's."""
-    old, new = _flatten(saved.to_dict()), _flatten(current.to_dict())
+    old, new = flat_config(saved.to_dict()), flat_config(current.to_dict())
     for key in sorted(old):
         if key not in RESUME_SAFE_KEYS and old[key] != new.get(key):
             raise UserError(
                 f"{key}: the run being resumed used {old[key]!r}, this config says {new.get(key)!r} "
                 f"(start a new run.dir to change it)"
             )
-
-
-def read_saved_config(path: Path) -> Config:
-    """The config saved at ``path`` (a run's or a checkpoint's config.yaml); UserError naming
-    the file when it cannot be read back."""
-    try:
-        return config_from_dict(yaml.safe_load(path.read_text()))
-    except UserError as exc:
-        raise UserError(f"{path}: cannot read the saved config ({exc})") from None
-    except (yaml.YAMLError, UnicodeDecodeError, AttributeError, TypeError) as exc:
-        raise UserError(f"{path}: cannot read the saved config ({type(exc).__name__})") from None
 
 
 def find_resume_point(run: RunDir, cfg: Config) -> Path | None:

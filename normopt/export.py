@@ -58,14 +58,12 @@ def export_paths(weights: Path) -> dict[str, Path]:
 
 def run_tokenizer(run: RunDir, config: Path | None) -> Path:
     """The tokenizer.json the run trained with (see ``prepared_tokenizer``)."""
-    import yaml
-
-    from normopt.config import config_from_dict
+    from normopt.config import read_saved_config
     from normopt.data.token_cache import prepared_tokenizer
 
     if config is None:
         raise UserError(f"{run.path}: no config.yaml, so the run's tokenizer is unknown")
-    cfg = config_from_dict(yaml.safe_load(config.read_text()))
+    cfg = read_saved_config(config)
     path = prepared_tokenizer(cfg.data)
     if path is None:
         where = cfg.data.tokenizer or "the prepared corpus under data.cache_dir"

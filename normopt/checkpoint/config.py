@@ -1,0 +1,21 @@
+"""The ``checkpoint`` config section: when checkpoints are written, kept and resumed from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from normopt.key_roles import EXECUTION, require, role
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = role(EXECUTION, 0)  # save every N steps (0 = only at the end)
+    keep_latest_k: int = role(EXECUTION, 2)
+    resume: str = role(EXECUTION, "auto")  # auto | never | a step number
+    async_save: bool = role(EXECUTION, False)  # write checkpoints in the background (the final one waits)
+
+    def validate(self) -> None:
+        require(self.interval >= 0, "checkpoint.interval", "must be >= 0 (0 = only at the end)")
+        require(self.keep_latest_k >= 1, "checkpoint.keep_latest_k", "must be at least 1")
+        require(self.resume in ("auto", "never") or self.resume.isdigit(), "checkpoint.resume",
+                f"{self.resume!r} is not auto, never or a step number")

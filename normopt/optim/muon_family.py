@@ -1,0 +1,39 @@
+"""Muon and NorMuon as the registry builds them: the block matrices, one torch param group
+per Newton-Schulz step count, the NS settings of the ``optim`` section."""
+
+from __future__ import annotations
+
+from normopt.dtypes import resolve_dtype
+from normopt.optim.muon import Muon, NorMuon
+from normopt.optim.ns_batches import resolve_ns_batch_size
+from normopt.optim.ns_rules import ns_steps_param_groups
+from normopt.optim.spec import OptimizerSpec
+
+
+def _torch_groups(groups: list, optim_cfg) -> list[dict]:
+    return [torch_group for g in groups for torch_group in ns_steps_param_groups(
+        zip(g.names, g.params), optim_cfg.ns_step_rules(), default_steps=optim_cfg.ns_steps,
+        lr=g.lr, peak_lr=g.lr, weight_decay=g.weight_decay, role=g.role)]
+
+
+def _ns_options(optim_cfg, device_type: str) -> dict:
+    return dict(
+        momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov,
+        ns_coefficients=optim_cfg.ns_coefficients, scale_rule=optim_cfg.scale_rule,
+        ns_mode=optim_cfg.ns_mode, ns_dtype=resolve_dtype(optim_cfg.ns_dtype, device_type),
+        ns_batch_size=resolve_ns_batch_size(optim_cfg.ns_batch_size, device_type),
+        ns_row_blocks=optim_cfg.ns_row_blocks, ns_bucket_mb=optim_cfg.ns_bucket_mb, ns_overlap=optim_cfg.ns_overlap,
+    )
+
+
+def build_muon(groups: list, optim_cfg, device_type: str) -> Muon:
+    return Muon(_torch_groups(groups, optim_cfg), **_ns_options(optim_cfg, device_type))
+
+
+def build_normuon(groups: list, optim_cfg, device_type: str) -> NorMuon:
+    return NorMuon(_torch_groups(groups, optim_cfg), beta2=optim_cfg.normuon_beta2, eps=optim_cfg.normuon_eps,
+                   **_ns_options(optim_cfg, device_type))
+
+
+MUON = OptimizerSpec("muon", build_muon, state_bytes=4, matrices_only=True)  # one float32 momentum
+NORMUON = OptimizerSpec("normuon", build_normuon, state_bytes=4, matrices_only=True)  # + per-row second moment

@@ -1,0 +1,77 @@
+"""The ``run`` and ``train`` config sections: the run directory, the step budget and batch,
+the precision and device, and how the same math is executed (compile, determinism,
+activation checkpointing, logging)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from normopt.errors import UserError
+from normopt.key_roles import EVALUATION, EXECUTION, LENGTH, require, role
+from normopt.models.activation_checkpoint import MODES as ACTIVATION_CHECKPOINTING
+
+
+@dataclass
+class RunConfig:
+    # the run directory (config, metrics, TensorBoard, checkpoints); empty = derived from
+    # the config file's name, the norm and the optimizer: runs/<config>-<norm>-<optim>
+    dir: str = role(EXECUTION, "")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = role(LENGTH, 300)  # optimizer steps
+    global_batch_size: int = 16  # sequences per optimizer step over all ranks
+    micro_batch_size: int = role(EXECUTION, 16)  # at most this many sequences per forward/backward on one rank
+    seq_len: int = 256
+    seed: int = 0
+    eval_interval: int = role(EXECUTION, 100)  # evaluate every N steps (and at the end); 0 = only at the end
+    eval_sequences: int = role(EVALUATION, 256)  # validation sequences per evaluation, over all ranks (0 = all)
+    log_interval: int = role(EXECUTION, 10)
+    # compute dtype (FSDP2 policy; master weights stay fp32). auto = bfloat16 on CUDA, float32
+    # on CPU (many CPUs lack native bf16 matmuls and run them 50x slower than fp32)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = role(EXECUTION, "auto")
+    # torch.compile each block's computation (the GPU configs turn it on; train.compile=false
+    # turns it off); the compiled model is tested against eager within float tolerance
+    compile: bool = role(EXECUTION, False)
+    # deterministic kernels (CUDA: bit-identical resume, at some throughput; CPU kernels
+    # already are): torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG, cuDNN
+    deterministic: bool = role(EXECUTION, False)
+    # none | block: recompute each block in backward, keeping only block inputs
+    # (models/activation_checkpoint.py); the math is unchanged
+    activation_checkpointing: Literal[ACTIVATION_CHECKPOINTING] = role(EXECUTION, "none")
+    mfu_probe: bool = role(EXECUTION, True)  # on CPU, measure the matmul peak at start for MFU
+    peak_tflops: float = role(EXECUTION, 0.0)  # peak TFLOP/s of one rank for MFU; 0 = datasheet or probe
+
+    def validate(self) -> None:
+        require(self.steps > 0, "train.steps", "must be positive")
+        require(self.global_batch_size > 0, "train.global_batch_size", "must be positive")
+        require(self.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
+        require(self.seq_len > 0, "train.seq_len", "must be positive")
+        require(0 <= self.seed < 2 ** 64, "train.seed", "must be in [0, 2^64)")
+        require(self.eval_interval >= 0, "train.eval_interval", "must be >= 0")
+        require(self.eval_sequences >= 0, "train.eval_sequences", "must be >= 0 (0 = the whole split)")
+        require(self.log_interval > 0, "train.log_interval", "must be positive")
+        require(self.peak_tflops >= 0, "train.peak_tflops", "must be >= 0 (0 = datasheet or probe)")
+
+    def micro_batch_plan(self, world_size: int) -> tuple[int, int]:
+        """(micro-batch, accumulation steps) on ``world_size`` ranks (:func:`micro_batch_plan`)."""
+        return micro_batch_plan(self.global_batch_size, self.micro_batch_size, world_size)
+
+
+def micro_batch_plan(global_batch_size: int, micro_batch_max: int, world_size: int) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) for ``world_size`` ranks: each rank takes
+    global / W sequences per step, in micro-batches of the largest size <= the configured
+    ``train.micro_batch_size`` that divides them. Any split gives the same math, since every
+    micro-batch's mean loss is weighted 1 / (W * accumulation). Only a global batch that W
+    does not divide is refused, naming the rank counts that do."""
+    if global_batch_size % world_size:
+        fits = [n for n in range(1, global_batch_size + 1) if global_batch_size % n == 0]
+        raise UserError(f"train.global_batch_size: {global_batch_size} sequences cannot be split evenly over "
+                        f"{world_size} ranks (rank counts that divide it: {', '.join(map(str, fits))}; or "
+                        f"choose a global batch that is a multiple of {world_size})")
+    per_rank = global_batch_size // world_size
+    micro = max(d for d in range(1, min(micro_batch_max, per_rank) + 1) if per_rank % d == 0)
+    return micro, per_rank // micro
