@@ -50,12 +50,6 @@ EXPORT_FILE_MODE = 0o644
 EXPORT_DIR_MODE = 0o755
 
 
-def export_paths(weights: Path) -> dict[str, Path]:
-    """The files of one export, named after its weights file ``step_N.safetensors``."""
-    return {"weights": weights, "config": weights.with_suffix(".config.yaml"),
-            "tokenizer": weights.with_suffix(".tokenizer.json")}
-
-
 def run_tokenizer(run: RunDir, config: Path | None) -> Path:
     """The tokenizer.json the run trained with (see ``prepared_tokenizer``)."""
     from normopt.config import read_saved_config
@@ -75,7 +69,7 @@ def run_tokenizer(run: RunDir, config: Path | None) -> Path:
 def export_safetensors(run_dir: Path, step: int | None = None, out: Path | None = None) -> Path:
     """Write the weights of ``step``'s checkpoint (default: the latest complete one) as one
     safetensors file, with the config it was trained with and its tokenizer beside it
-    (``export_paths``), so the export needs nothing else; return the weights file's path.
+    (``RunDir.export_files``), so the export needs nothing else; return the weights file's path.
     Files are 0644 and a created folder 0755 whatever the checkpoint's own modes (a DCP
     checkpoint may be private to its writer; an export is meant to be shared)."""
     from safetensors.torch import save_file
@@ -85,7 +79,7 @@ def export_safetensors(run_dir: Path, step: int | None = None, out: Path | None 
     config = run.config_of(checkpoint)
     tokenizer = run_tokenizer(run, config)  # before writing anything: an export is complete or absent
     weights = load_model_weights(checkpoint)
-    paths = export_paths(out or run.export / f"{checkpoint.name}.safetensors")
+    paths = run.export_files(out or run.export / f"{checkpoint.name}.safetensors")
     folder = paths["weights"].parent
     if not folder.exists():
         folder.mkdir(parents=True)

@@ -6,16 +6,19 @@ One run = one folder (``run.dir``)::
     metrics.jsonl        training and evaluation lines, one JSON object a line
     diagnostics.jsonl    diagnostics records (norm stats, spectral norms, NS spectrum, ...)
     tensorboard/         TensorBoard event files
-    checkpoints/         step_XXXXXXXX/ per complete checkpoint (``.tmp`` while being written),
-                         each with trainer_state.json and a copy of config.yaml
+    checkpoints/         step_XXXXXXXX/ per complete checkpoint (``.tmp`` while being written):
+                         DCP shards, trainer_state.json, non_tensor_state.json,
+                         rng/rank_XXXXX.safetensors and a copy of config.yaml
     cell.json            written by a factorial runner: the cell's name, coordinates, exit status
     train.log            a factorial cell's console output
-    export/              consolidated weights written by ``normopt export``
+    export/              ``normopt export``: step_XXXXXXXX.safetensors with .config.yaml and
+                         .tokenizer.json beside it
     .lock                host and pid of the process writing the run (see ``run_lock``)
 
 The trainer, the checkpoint writer, the exporter, the factorial runner and the readers of
-finished runs (report, spectrum fit) all go through :class:`RunDir`, so the layout is spelled
-out here only. Nothing here imports torch: the readers stay light.
+finished runs (report, spectrum fit) all go through :class:`RunDir` and the names here (the
+kinds of diagnostics records too), so the layout is spelled out here only. Nothing here
+imports torch: the readers stay light.
 """
 
 from __future__ import annotations
@@ -47,6 +50,24 @@ MARKER_FILES = (CONFIG_FILE, CELL_FILE, METRICS_FILE)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 PARTIAL_SUFFIX = ".tmp"
 TRAINER_STATE = "trainer_state.json"
+NON_TENSOR_STATE = "non_tensor_state.json"  # optimizer hyperparameters and other non-tensor entries
+RNG_DIR = "rng"  # one safetensors file of RNG states per rank
+
+
+def rng_file(rank: int) -> str:
+    return f"rank_{rank:05d}.safetensors"
+
+
+class RecordKind:
+    """The ``kind`` of each diagnostics.jsonl record (``{"step", "kind", ...}`` a line):
+    writers (diagnostics/) and readers (report, spectrum fit) use these names."""
+
+    RUN = "run"  # once, at the start of a fresh run: n_params, n_layers, norm, optim, steps
+    NORM = "norm"  # norm-layer statistics on the probe batch
+    SPECTRAL_NORM = "spectral_norm"
+    NS_SPECTRUM = "ns_spectrum"
+    ISOTROPY = "isotropy"
+    TAIL_TOKENS = "tail_tokens"
 
 
 @dataclass(frozen=True)
@@ -72,6 +93,11 @@ class RunDir:
     @property
     def diagnostics(self) -> Path:
         return self.path / DIAGNOSTICS_FILE
+
+    def export_files(self, weights: Path) -> dict[str, Path]:
+        """The files of one export, named after its weights file ``step_N.safetensors``."""
+        return {"weights": weights, "config": weights.with_suffix(".config.yaml"),
+                "tokenizer": weights.with_suffix(".tokenizer.json")}
 
     @property
     def tensorboard(self) -> Path:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from normopt.export import export_paths, load_model_weights, run_tokenizer
+from normopt.export import load_model_weights, run_tokenizer
 from normopt.config import Config, read_saved_config
 from normopt.errors import UserError
 from normopt.run_dir import RunDir
@@ -43,7 +43,7 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
     if not run.path.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
     checkpoint = run.find_checkpoint(step, "--step")
-    exported = export_paths(run.export / f"{checkpoint.name}.safetensors")
+    exported = run.export_files(run.export / f"{checkpoint.name}.safetensors")
     if all(path.is_file() for path in exported.values()):
         source, weights = exported["weights"], load_file(str(exported["weights"]))
         config, tokenizer_path = exported["config"], exported["tokenizer"]

@@ -39,7 +39,7 @@ from normopt.checkpoint.safe_dcp import (
 )
 from normopt.errors import UserError
 from normopt.parallel import collectives
-from normopt.run_dir import CONFIG_FILE, TRAINER_STATE, RunDir
+from normopt.run_dir import CONFIG_FILE, RNG_DIR, TRAINER_STATE, RunDir, rng_file
 
 
 def _state(model: nn.Module, optimizers: list) -> dict:
@@ -48,7 +48,7 @@ def _state(model: nn.Module, optimizers: list) -> dict:
 
 
 def _rng_path(folder: Path) -> Path:
-    return folder / "rng" / f"rank_{collectives.rank():05d}.safetensors"
+    return folder / RNG_DIR / rng_file(collectives.rank())
 
 
 def save_rng_state(folder: Path) -> None:
@@ -73,8 +73,8 @@ def load_rng_state(folder: Path) -> bool:
 
     path = _rng_path(folder)
     if not path.is_file():
-        if list((folder / "rng").glob("*.pt")):
-            raise UserError(f"{folder / 'rng'}: pickled RNG states of an older normopt; refusing to "
+        if list((folder / RNG_DIR).glob("*.pt")):
+            raise UserError(f"{folder / RNG_DIR}: pickled RNG states of an older normopt; refusing to "
                             f"unpickle them (start a new run.dir)")
         return False
     try:

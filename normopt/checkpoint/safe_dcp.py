@@ -30,8 +30,9 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 from normopt.errors import UserError
+from normopt.run_dir import NON_TENSOR_STATE
 
-NON_TENSOR_FILE = "non_tensor_state.json"
+NON_TENSOR_FILE = NON_TENSOR_STATE
 
 _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {

@@ -50,6 +50,7 @@ from normopt.models.matrix_roles import depth_group, matrix_type
 from normopt.models.norms import NORM_TYPES
 from normopt.optim.muon import Muon
 from normopt.parallel import collectives
+from normopt.run_dir import RecordKind
 
 QUANTILE_LEVELS = (0.01, 0.1, 0.5, 0.9, 0.99)
 ISOTROPY_FIELDS = tuple(f"{source}_{measure}" for source in ("update", "weight") for measure in MEASURES)
@@ -104,11 +105,11 @@ class DiagnosticsWriter:
                             self.tb.add_scalar(f"diag_{kind}/{name}/{key}_q{level:g}", q, step)
         if "embed_scale" in record:
             self.tb.add_scalar("diag_norm/embed_scale", record["embed_scale"], step)
-        if kind == "tail_tokens":
+        if kind == RecordKind.TAIL_TOKENS:
             for index, loss in enumerate(record["bucket_loss"]):
                 if loss is not None:
                     self.tb.add_scalar(f"diag_tail_tokens/bucket_{index}", loss, step)
-        if kind == "spectral_norm" and self.histograms and record["matrices"]:
+        if kind == RecordKind.SPECTRAL_NORM and self.histograms and record["matrices"]:
             self.tb.add_histogram("diag_spectral_norm/all_matrices",
                                   torch.tensor(list(record["matrices"].values())), step)
 
@@ -172,7 +173,7 @@ class Diagnostics:
             self.model.train(was_training)
         for name, z in preacts.items():
             self.writer.histogram(f"diag_norm/{name}/preactivation", z, step)
-        record = {"step": step, "kind": "norm", "layers": stats}
+        record = {"step": step, "kind": RecordKind.NORM, "layers": stats}
         scale = getattr(self.model, "embed_scale", None)
         if scale is not None:  # a collective on sharded models: every rank calls this
             record["embed_scale"] = float(full_matrix(scale).detach())
@@ -182,7 +183,7 @@ class Diagnostics:
 
     def spectral_norm_record(self, step: int) -> dict:
         matrices = [(n, p) for n, p in self.model.named_parameters() if p.ndim == 2]
-        return {"step": step, "kind": "spectral_norm", "matrices": self.spectral(matrices)}
+        return {"step": step, "kind": RecordKind.SPECTRAL_NORM, "matrices": self.spectral(matrices)}
 
     # -- Newton-Schulz --------------------------------------------------------------
 
@@ -226,7 +227,7 @@ class Diagnostics:
         if self.world_size > 1:
             mine = {k: v for part in collectives.all_gather_object(mine) for k, v in part.items()}
         ordered = {name: mine[name] for name, *_ in todo}
-        return {"step": step, "kind": "ns_spectrum",
+        return {"step": step, "kind": RecordKind.NS_SPECTRUM,
                 "coefficients": coefficients if isinstance(coefficients, str) else "custom",
                 "levels": list(QUANTILE_LEVELS), "band": list(band), "matrices": ordered}
 
@@ -273,7 +274,7 @@ class Diagnostics:
             mine = {k: v for part in collectives.all_gather_object(mine) for k, v in part.items()}
         ordered = {name: mine[name] for name in names}
         cells = {name: f"{r['type']}/{r['group']}" for name, r in ordered.items()}
-        return {"step": step, "kind": "isotropy", "measure": "energy",
+        return {"step": step, "kind": RecordKind.ISOTROPY, "measure": "energy",
                 "groups": cell_means(ordered, cells, ISOTROPY_FIELDS), "matrices": ordered}
 
     # -- what the trainer calls -----------------------------------------------------
@@ -308,4 +309,4 @@ class Diagnostics:
         self._timed_write(self.tail.record(step, sums), started)
 
     def run_record(self, record: dict) -> None:
-        self.writer.write({"step": 0, "kind": "run", **record})
+        self.writer.write({"step": 0, "kind": RecordKind.RUN, **record})

@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from normopt.run_dir import RecordKind
+
 
 def token_counts(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 26) -> np.ndarray:
     """Occurrences of every token id in ``tokens`` (read in chunks: it may be a memmap)."""
@@ -77,5 +79,5 @@ class TailTokenBuckets:
     def record(self, step: int, sums: torch.Tensor) -> dict:
         """The diagnostics record of one evaluation from its all-reduced sums."""
         means, shares = bucket_losses(sums)
-        return {"step": step, "kind": "tail_tokens", "bucket_loss": means, "bucket_token_share": shares,
+        return {"step": step, "kind": RecordKind.TAIL_TOKENS, "bucket_loss": means, "bucket_token_share": shares,
                 "bucket_vocab_size": self.vocab_per_bucket}
