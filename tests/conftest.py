@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.processes import REPO_ROOT, child_env
+
 # prepared corpora and tokenizers survive between test runs (and are shared by torchrun ranks)
 os.environ.setdefault("NORMOPT_CACHE", str(REPO_ROOT / ".cache" / "test"))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -48,9 +49,8 @@ def run_cli(args: list[str], timeout: float = 600, env: dict | None = None) -> s
     One intra-op thread: test models are too small to gain from more, and spinning
     OpenMP threads slow to a crawl when another process holds the second core.
     """
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *args], cwd=REPO_ROOT,
-                          env=full_env, capture_output=True, text=True, timeout=timeout)
+                          env=child_env(env), capture_output=True, text=True, timeout=timeout)
 
 
 def tiny_run_args(run_dir: Path, corpus: Path, *extra: str) -> list[str]:
@@ -62,11 +62,16 @@ def tiny_run_args(run_dir: Path, corpus: Path, *extra: str) -> list[str]:
     ]
 
 
+# what finished_run was trained with: a test that resumes a copy passes these too
+FINISHED_RUN_ARGS = ("checkpoint.interval=3", "optim.name=muon")
+
+
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory, tiny_corpus) -> Path:
-    """A finished 6-step AdamW run on the tiny model with checkpoints at steps 3 and 6,
-    trained once per session. Tests that damage or resume it work on a copy."""
+    """A finished 6-step Muon run on the tiny model (AdamW for the rest: both kinds of
+    optimizer state) with checkpoints at steps 3 and 6, trained once per session. Tests
+    that damage or resume it work on a copy."""
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    proc = run_cli(tiny_run_args(run_dir, tiny_corpus, "checkpoint.interval=3"))
+    proc = run_cli(tiny_run_args(run_dir, tiny_corpus, *FINISHED_RUN_ARGS))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir

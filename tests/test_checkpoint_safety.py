@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from normopt.checkpoint.safe_dcp import merge_tensors, split_tensors
-from tests.conftest import REPO_ROOT, run_cli, tiny_run_args
+from tests.conftest import FINISHED_RUN_ARGS, REPO_ROOT, run_cli, tiny_run_args
 
 
 class _Payload:
@@ -26,14 +26,6 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_corpus):
-    run_dir = tmp_path_factory.mktemp("safety") / "run"
-    proc = run_cli(tiny_run_args(run_dir, tiny_corpus, "checkpoint.interval=3", "optim.name=muon"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
-
-
 def _copy(finished_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
@@ -41,7 +33,7 @@ def _copy(finished_run, tmp_path):
 
 
 def _resume(run_dir, corpus):
-    return run_cli(tiny_run_args(run_dir, corpus, "checkpoint.interval=3", "optim.name=muon", "train.steps=9"))
+    return run_cli(tiny_run_args(run_dir, corpus, *FINISHED_RUN_ARGS, "train.steps=9"))
 
 
 def _export(run_dir):

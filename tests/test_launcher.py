@@ -7,30 +7,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from normopt.launch import CRASH_EXIT_CODE, agreed_status
-from tests.conftest import REPO_ROOT, tiny_run_args
-
-
-def _launch(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "normopt.cli", "launch", "--nproc", "2", *args],
-                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 180) -> None:
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any(f'"step": {step},' in line for line in metrics.read_text().splitlines()):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} never logged: {proc.communicate()}")
+from tests.conftest import tiny_run_args
+from tests.processes import start, wait_for_step
 
 
 def _rank_pids(launcher_pid: int) -> list[int]:
@@ -60,9 +44,9 @@ def test_agreed_status_rules():
 @pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_signal_to_the_launcher_checkpoints_and_exits_75(tmp_path, tiny_corpus, sig):
     run_dir = tmp_path / "run"
-    proc = _launch(tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
-                                 "checkpoint.interval=0"))
-    _wait_for_step(proc, run_dir, 3)
+    proc = start(tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
+                               "checkpoint.interval=0"), launcher=True)
+    wait_for_step(proc, run_dir, 3)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 75, stderr[-3000:]
@@ -76,9 +60,9 @@ def test_signal_to_the_launcher_checkpoints_and_exits_75(tmp_path, tiny_corpus, 
 @pytest.mark.slow
 def test_ranks_die_with_a_killed_launcher(tmp_path, tiny_corpus):
     run_dir = tmp_path / "run"
-    proc = _launch(tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
-                                 "checkpoint.interval=0"))
-    _wait_for_step(proc, run_dir, 2)
+    proc = start(tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
+                               "checkpoint.interval=0"), launcher=True)
+    wait_for_step(proc, run_dir, 2)
     ranks = _rank_pids(proc.pid)
     assert len(ranks) == 2
     proc.kill()
@@ -90,12 +74,12 @@ def test_ranks_die_with_a_killed_launcher(tmp_path, tiny_corpus):
 
 
 def test_divergence_and_user_error_keep_their_status(tmp_path, tiny_corpus):
-    proc = _launch(tiny_run_args(tmp_path / "run", tiny_corpus, "optim.lr=1e4", "optim.grad_clip=0",
-                                 "train.steps=30", "train.eval_interval=0"))
+    proc = start(tiny_run_args(tmp_path / "run", tiny_corpus, "optim.lr=1e4", "optim.grad_clip=0",
+                               "train.steps=30", "train.eval_interval=0"), launcher=True)
     _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 3, stderr[-3000:]
     assert stderr.strip().splitlines()[-1].startswith("normopt launch: 2 rank(s) stopped: the loss or gradient")
-    proc = _launch(tiny_run_args(tmp_path / "run2", tiny_corpus, "train.global_batch_size=3"))
+    proc = start(tiny_run_args(tmp_path / "run2", tiny_corpus, "train.global_batch_size=3"), launcher=True)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert stderr.strip().startswith("normopt: error: train.global_batch_size: 3 sequences cannot be split")

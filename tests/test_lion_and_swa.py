@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from normopt.config import load_config
 from normopt.memory_budget import estimate_memory

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from tests.conftest import REPO_ROOT, run_cli, tiny_run_args
+from tests.processes import start, wait_for_step
 from tests.torchrun import run_torchrun
 
 STEPS = 40
@@ -39,25 +36,6 @@ def _losses(run_dir):
     return {r["step"]: r["loss"] for r in lines if "loss" in r}
 
 
-def _start(args):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), *args], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for_step(proc, run_dir, step, timeout=120):
-    """Block until metrics.jsonl shows ``step`` (or the process ends)."""
-    deadline = time.time() + timeout
-    path = run_dir / "metrics.jsonl"
-    while time.time() < deadline and proc.poll() is None:
-        if path.exists():
-            logged = [json.loads(x).get("step", 0) for x in path.read_text().splitlines() if x.strip()]
-            if logged and max(logged) >= step:
-                return
-        time.sleep(0.01)
-    raise AssertionError(f"step {step} never appeared (exit {proc.poll()})")
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_corpus):
     out = {}
@@ -77,8 +55,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_corpus, reference, 
     not), the run resumes from its last complete checkpoint and logs the same losses."""
     run_dir = tmp_path / "run"
     args = _args(run_dir, tiny_corpus, *OPTIM_SETTINGS[optim], f"checkpoint.async_save={str(async_save).lower()}")
-    proc = _start(args)
-    _wait_for_step(proc, run_dir, kill_after)
+    proc = start(args)
+    wait_for_step(proc, run_dir, kill_after)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
@@ -111,8 +89,8 @@ def test_incomplete_checkpoint_is_never_loaded(tmp_path, tiny_corpus, reference)
 def test_stop_signal_checkpoints_and_exits_75(tmp_path, tiny_corpus, reference, sig):
     run_dir = tmp_path / "run"
     args = _args(run_dir, tiny_corpus)
-    proc = _start(args)
-    _wait_for_step(proc, run_dir, 5)
+    proc = start(args)
+    wait_for_step(proc, run_dir, 5)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stderr[-2000:]

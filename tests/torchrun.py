@@ -6,19 +6,11 @@ gloo, exactly as a user's ``torchrun --nproc_per_node=N`` would run them.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.processes import REPO_ROOT, child_env, free_port
 
 
 def run_torchrun(
@@ -40,13 +32,7 @@ def run_torchrun(
         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
         str(script), *args,
     ]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH", "")) if p
-    )
-    proc = subprocess.run(
-        cmd, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"torchrun failed with exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"

@@ -1,0 +1,49 @@
+"""Starting normopt processes from tests: their environment, ports, and waiting for a step.
+
+Every test that runs ``train.py``, the launcher or torchrun goes through here, so that
+they all run with one intra-op thread (test models gain nothing from more, and spinning
+OpenMP threads crawl when another process holds the second core), unbuffered output and
+the repository on the path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from normopt.parallel.distributed import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+__all__ = ["REPO_ROOT", "child_env", "free_port", "start", "wait_for_step"]
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def start(args: list[str], launcher: bool = False) -> subprocess.Popen:
+    """``train.py ARGS`` (or ``normopt launch --nproc 2 ARGS``) in the background, output piped."""
+    command = ([sys.executable, "-m", "normopt.cli", "launch", "--nproc", "2"] if launcher
+               else [sys.executable, str(REPO_ROOT / "train.py")])
+    return subprocess.Popen([*command, *args], cwd=REPO_ROOT, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 180) -> None:
+    """Block until the run's metrics.jsonl logs ``step`` (or more); fail if the process ends first."""
+    deadline = time.time() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists():
+            logged = [json.loads(x).get("step", 0) for x in path.read_text().splitlines() if x.strip().endswith("}")]
+            if logged and max(logged) >= step:
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} never appeared (exit {proc.poll()})")
