@@ -8,7 +8,7 @@ import pytest
 from normopt.checkpoint.resume_policy import RESUME_SAFE_KEYS, check_resume_compatible, find_resume_point
 from normopt.config import EVALUATION, EXECUTION, LENGTH, MATH, ROLES, Config, keys_with_role, save_config
 from normopt.errors import UserError
-from normopt.experiments.arms import COORDINATE_KEYS, NON_ARM_KEYS, NON_ARM_SECTIONS, reference_settings
+from normopt.report.arms import COORDINATE_KEYS, NON_ARM_KEYS, NON_ARM_SECTIONS, reference_settings
 from normopt.run_dir import RunDir
 
 

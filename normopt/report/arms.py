@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from normopt.config import EVALUATION, EXECUTION, LENGTH, MATH, keys_with_role
-from normopt.experiments.cell_reading import NORM_KEY, OPTIM_KEY, SEED_KEY, Cell
+from normopt.report.cell_reading import NORM_KEY, OPTIM_KEY, SEED_KEY, Cell
 
 
 def _sections(keys: frozenset[str]) -> frozenset[str]:
