@@ -109,7 +109,7 @@ def sample_cli(argv: list[str]) -> int:
 
 
 def factorial_cli(argv: list[str]) -> int:
-    from normopt.experiments.factorial import factorial_main
+    from normopt.factorial.runner import factorial_main
 
     return _guarded(lambda: factorial_main(argv))
 
@@ -121,13 +121,13 @@ def launch_cli(argv: list[str]) -> int:
 
 
 def report_cli(argv: list[str]) -> int:
-    from normopt.experiments.report import report_main
+    from normopt.report.writer import report_main
 
     return _guarded(lambda: report_main(argv))
 
 
 def spectrum_cli(argv: list[str]) -> int:
-    from normopt.experiments.spectrum_report import spectrum_main
+    from normopt.spectrum.report import spectrum_main
 
     return _guarded(lambda: spectrum_main(argv))
 

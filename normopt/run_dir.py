@@ -39,7 +39,7 @@ TRAIN_LOG = "train.log"
 EXPORT_DIR = "export"
 LOCK_FILE = ".lock"
 # An experiment root (a factorial's ``root``, one run directory per cell below it) holds the
-# spec's axes and report settings (see ``experiments.report_axes``).
+# spec's axes and report settings (see ``normopt.report.axes``).
 EXPERIMENT_FILE = "experiment.json"
 # Any of these makes a folder a run directory (a cell written by a factorial runner may hold
 # only its cell.json before its run starts).

@@ -9,7 +9,7 @@ from normopt.resume_policy import RESUME_SAFE_KEYS, check_resume_compatible, fin
 from normopt.config import Config, keys_with_role, save_config
 from normopt.key_roles import EVALUATION, EXECUTION, LENGTH, MATH, ROLES
 from normopt.errors import UserError
-from normopt.experiments.arms import COORDINATE_KEYS, NON_ARM_KEYS, NON_ARM_SECTIONS, reference_settings
+from normopt.report.arms import COORDINATE_KEYS, NON_ARM_KEYS, NON_ARM_SECTIONS, reference_settings
 from normopt.run_dir import RunDir
 
 

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from normopt.errors import UserError
-from normopt.experiments.factorial import expand_cells, load_spec, spec_gpus_per_node
+from normopt.factorial.slurm import spec_gpus_per_node
+from normopt.factorial.spec import expand_cells, load_spec
 from tests.conftest import REPO_ROOT, TINY_MODEL
 
 

@@ -11,12 +11,13 @@ import yaml
 
 from normopt.config import Config
 from normopt.errors import UserError
-from normopt.experiments.cell_assessment import assess_cell, divergence_reason
-from normopt.experiments.cell_reading import Metrics, discover_cells, read_metrics
-from normopt.experiments.report import report_main, write_report
-from normopt.experiments import plots
-from normopt.experiments.report import collapse_notes
-from normopt.experiments.statistics import build_summary, centred_half_width, centred_smooth, describe, ema_smooth
+from normopt.report import plots
+from normopt.report.cell_assessment import assess_cell, divergence_reason
+from normopt.report.cell_reading import Metrics, discover_cells, read_metrics
+from normopt.report.notes import collapse_notes
+from normopt.report.smoothing import centred_half_width, centred_smooth, ema_smooth
+from normopt.report.statistics import build_summary, describe
+from normopt.report.writer import report_main, write_report
 
 T1 = 12.706204736174698  # two-sided 95% t quantile, 1 degree of freedom (tables)
 

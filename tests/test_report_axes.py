@@ -12,16 +12,16 @@ import yaml
 
 from normopt.config import Config
 from normopt.errors import UserError
-from normopt.experiments.report import report_main, write_report
-from normopt.experiments.report_axes import (
+from normopt.report.axes import (
     ReportAxes,
     axes_from_levels,
     infer_axes,
     read_experiment_file,
     write_experiment_file,
 )
-from normopt.experiments.cell_reading import discover_cells
-from normopt.experiments.student_t import t_quantile
+from normopt.report.cell_reading import discover_cells
+from normopt.report.student_t import t_quantile
+from normopt.report.writer import report_main, write_report
 from tests.test_report import metrics_lines, t95_by_integration
 
 STEPS = 100

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from normopt.errors import UserError
-from normopt.experiments.cell_reading import TailTokens, discover_cells, read_diagnostics
-from normopt.experiments import plots
-from normopt.experiments.diagnostic_plots import plot_saturation_layers
-from normopt.experiments.report import write_report
-from normopt.experiments.statistics import build_summary, diagnostics_numbers
+from normopt.report import plots
+from normopt.report.cell_reading import TailTokens, discover_cells, read_diagnostics
+from normopt.report.diagnostic_plots import plot_saturation_layers
+from normopt.report.statistics import build_summary, diagnostics_numbers
+from normopt.report.writer import write_report
 from tests.test_report import write_cell
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -244,7 +244,7 @@ def test_saturation_heat_map_shows_every_layer(report, monkeypatch, tmp_path):
         return made[-1]
 
     figure = plots.figure
-    monkeypatch.setattr("normopt.experiments.diagnostic_plots.figure", keep)
+    monkeypatch.setattr("normopt.report.diagnostic_plots.figure", keep)
     assert plot_saturation_layers(discover_cells(root), summary, tmp_path / "layers.png")
     (fig,) = made
     maps = [ax for ax in fig.axes if ax.images]

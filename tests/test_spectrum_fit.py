@@ -13,7 +13,7 @@ import pytest
 
 from normopt.cli import main
 from normopt.diagnostics.ns_spectrum import DEFAULT_BANDS, fewest_ns_steps
-from normopt.experiments.spectrum_fit import (
+from normopt.spectrum.fit import (
     MODEL_SIZE,
     depth_group,
     discover_runs,
@@ -23,7 +23,7 @@ from normopt.experiments.spectrum_fit import (
     read_ns_spectrum,
     run_quantiles,
 )
-from normopt.experiments.spectrum_report import analyze, parse_size
+from normopt.spectrum.report import analyze, parse_size
 from normopt.errors import UserError
 from normopt.optim.ns_rules import NSStepRules
 
@@ -235,7 +235,7 @@ def test_ns_steps_per_layer_string():
 def test_compact_ns_steps_round_trip_to_the_same_steps_per_block(n_groups):
     """The compact rules parse with optim's rule syntax and give every block its group's steps,
     blocks of groups without steps none, and nothing outside the blocks (output.weight)."""
-    from normopt.experiments.spectrum_fit import group_names
+    from normopt.spectrum.fit import group_names
 
     names = group_names(n_groups)
     for n_layers in [*range(1, 40), 64, 99, 100, 101, 128, 250]:

@@ -14,8 +14,8 @@ what runs leave behind (file names: :mod:`normopt.run_dir`):
   saturation, spectral norms of the weight matrices, loss by token-frequency bucket, the
   singular-value isotropy of updates and weights).
 
-Placing cells into arms is :mod:`normopt.experiments.arms`; flagging cells that cannot count
-is :mod:`normopt.experiments.cell_assessment`.
+Placing cells into arms is :mod:`normopt.report.arms`; flagging cells that cannot count
+is :mod:`normopt.report.cell_assessment`.
 """
 
 from __future__ import annotations

@@ -3,20 +3,22 @@
 ``normopt report ROOT`` reads the cells under ROOT (one subfolder per training run) and writes
 ``report.md``, ``summary.json`` and PNG plots. The work is split by stage:
 
-* :mod:`normopt.experiments.cell_reading`: reading run directories (metrics, config,
+* :mod:`normopt.report.cell_reading`: reading run directories (metrics, config,
   cell.json, diagnostics);
-* :mod:`normopt.experiments.report_axes`: which config keys are compared (norm x optimizer by
+* :mod:`normopt.report.axes`: which config keys are compared (norm x optimizer by
   default; any axes a spec names);
-* :mod:`normopt.experiments.arms` and :mod:`normopt.experiments.cell_assessment`: placing
+* :mod:`normopt.report.arms` and :mod:`normopt.report.cell_assessment`: placing
   cells into arms and flagging the cells that cannot count;
-* :mod:`normopt.experiments.statistics`: group statistics, gaps, interactions, fix recovery
+* :mod:`normopt.report.statistics`: group statistics, gaps, interactions, fix recovery
   and ``build_summary`` (the content of summary.json), with the formulas
-  (:mod:`normopt.experiments.contrasts` the estimators, :mod:`normopt.experiments.tail_classes`
+  (:mod:`normopt.report.contrasts` the estimators, :mod:`normopt.report.tail_classes`
   the head/tail split);
-* :mod:`normopt.experiments.run_setup`: the setup the report opens with (model size, steps,
+* :mod:`normopt.report.run_setup`: the setup the report opens with (model size, steps,
   tokens, data, seeds, code version);
-* :mod:`normopt.experiments.plots` and :mod:`normopt.experiments.diagnostic_plots`: the PNG plots;
-* :mod:`normopt.experiments.report_markdown`: report.md;
+* :mod:`normopt.report.plots` and :mod:`normopt.report.diagnostic_plots`: the PNG plots
+  (:mod:`normopt.report.smoothing` the centred mean drawn over the loss curves);
+* :mod:`normopt.report.markdown`: report.md (:mod:`normopt.report.notes` merges a note said of
+  several cells into one line, :mod:`normopt.report.tables` the table syntax);
 * this module: ``write_report`` (all of the above for one root) and the ``normopt report``
   command line (``report_main``).
 """
@@ -31,24 +33,23 @@ from pathlib import Path
 from typing import Any
 
 from normopt.errors import UserError
-from normopt.experiments.cell_reading import Cell, discover_cells
-from normopt.experiments.diagnostic_plots import (
-    plot_saturation,
-    plot_saturation_layers,
-    plot_spectral_norm,
-    plot_tail_tokens,
-)
-from normopt.experiments.plots import plot_final_losses, plot_gaps, plot_loss_curves, smoothing_label
-from normopt.experiments.report_axes import (
+from normopt.metrics.logger import jsonable
+from normopt.report.axes import (
     ReportAxes,
     infer_axes,
     override_axes,
     place_cells,
     read_experiment_file,
 )
-from normopt.experiments.report_markdown import (
+from normopt.report.cell_reading import Cell, discover_cells
+from normopt.report.diagnostic_plots import (
+    plot_saturation,
+    plot_saturation_layers,
+    plot_spectral_norm,
+    plot_tail_tokens,
+)
+from normopt.report.markdown import (
     answer_paragraph,
-    collapse_notes,
     in_stratum,
     interaction_table,
     main_table,
@@ -58,9 +59,9 @@ from normopt.experiments.report_markdown import (
     stratum_label,
     stratum_prefix,
 )
-from normopt.experiments.run_setup import experiment_setup
-from normopt.experiments.statistics import DEFAULT_FIXES, build_summary
-from normopt.metrics.logger import jsonable
+from normopt.report.plots import plot_final_losses, plot_gaps, plot_loss_curves, smoothing_label
+from normopt.report.run_setup import experiment_setup
+from normopt.report.statistics import DEFAULT_FIXES, build_summary
 
 PLOT_FILES = {"loss_curves": "loss_curves.png", "final_eval_loss": "final_eval_loss.png",
               "gaps": "gaps.png"}
@@ -100,7 +101,7 @@ def write_report(root: str | Path, out: str | Path | None = None, *, axes: Repor
     """Read the cells under ``root``, write report.md, summary.json and the PNG plots into
     ``out`` (default ``root``), and return the summary (with "files": the paths written).
     ``axes``: which keys are compared (default: the root's experiment file, else inferred from
-    the cells; :mod:`normopt.experiments.report_axes`); ``baseline_norm`` / ``reference_optim``
+    the cells; :mod:`normopt.report.axes`); ``baseline_norm`` / ``reference_optim``
     override its levels and ``fixes`` its fixes."""
     if not 0.0 <= smoothing < 1.0:
         raise UserError(f"--smoothing must be in [0, 1), got {smoothing}")

@@ -5,7 +5,7 @@ Definitions (the docstrings below give the formulas):
 * group = the included cells of one (variant, optimizer); variant = the norm, or
   ``norm[arm]`` for an arm; statistics over a group's cells (its seeds): mean, sample std.
   "norm" and "optimizer" stand for the report's compared and across axes
-  (:mod:`normopt.experiments.report_axes`; any config keys), and with strata every statistic
+  (:mod:`normopt.report.axes`; any config keys), and with strata every statistic
   is computed within each stratum;
 * gap(v, O) = mean(v, O) - mean(baseline, O), with a Welch t interval;
 * interaction(v, O) = gap(v, O) - gap(v, reference), with a t interval from the four
@@ -15,35 +15,36 @@ Definitions (the docstrings below give the formulas):
   and of the interaction: (gap(n, O) - gap(F, O)) / interaction(n, O), each with Fieller's
   interval for a ratio;
 * the split of a difference over token-frequency buckets, head to tail
-  (:mod:`normopt.experiments.tail_classes`).
+  (:mod:`normopt.report.tail_classes`).
 
-The estimators are in :mod:`normopt.experiments.contrasts`. Every interval is a two-sided 95% interval that holds its coverage at 2-5 seeds under
-normal seed-to-seed variation (:mod:`normopt.experiments.student_t`); with one seed in a
+The estimators are in :mod:`normopt.report.contrasts`. Every interval is a two-sided 95% interval that holds its coverage at 2-5 seeds under
+normal seed-to-seed variation (:mod:`normopt.report.student_t`); with one seed in a
 group there is no interval, and the summary says so once.
 
 Cells that are missing, diverged, stopped early or cannot be placed (see
-:func:`normopt.experiments.cell_assessment.assess_cell`) are listed with their flags and left out of
+:func:`normopt.report.cell_assessment.assess_cell`) are listed with their flags and left out of
 every statistic. ``build_summary`` gathers everything as plain data (summary.json), including
 each cell's diagnostics numbers (``diagnostics_numbers``), which are descriptive only.
 """
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from normopt.experiments.arms import assign_arms, fix_base
-from normopt.experiments.cell_assessment import (
+from normopt.models.norms import NORM_NAMES, NORMS
+from normopt.report.arms import assign_arms, fix_base
+from normopt.report.axes import SINGLE_COLUMN, ReportAxes, place_cells, stratum_of
+from normopt.report.cell_assessment import (
     CONTEXT_MARGIN_NATS,
     DIVERGENCE_NATS,
     Assessment,
     assess_cell,
     learned_no_context,
 )
-from normopt.experiments.cell_reading import NORM_KEY, OPTIM_KEY, Cell, Diagnostics
-from normopt.experiments.contrasts import (
+from normopt.report.cell_reading import NORM_KEY, OPTIM_KEY, Cell, Diagnostics
+from normopt.report.contrasts import (
     GroupStats,
     contrast,
     describe,
@@ -51,10 +52,8 @@ from normopt.experiments.contrasts import (
     paired_ratio,
     ratio_of_contrasts,
 )
-from normopt.experiments.report_axes import SINGLE_COLUMN, ReportAxes, place_cells, stratum_of
-from normopt.experiments.student_t import LEVEL
-from normopt.experiments.tail_classes import tail_comparisons
-from normopt.models.norms import NORM_NAMES, NORMS
+from normopt.report.student_t import LEVEL
+from normopt.report.tail_classes import tail_comparisons
 
 INTERVAL_METHOD = ("95% t intervals: Welch-Satterthwaite degrees of freedom for independent means, "
                    "k-1 for paired per-seed contrasts, Fieller's interval for recovered shares")
@@ -65,40 +64,6 @@ OPTIM_ORDER = ("adamw", "muon", "normuon")
 
 
 # --------------------------------------------------------------------------- statistics
-
-
-def ema_smooth(values: Sequence[float], beta: float) -> list[float]:
-    """Debiased exponential moving average (as TensorBoard's smoothing):
-    m_t = beta * m_{t-1} + (1 - beta) * x_t with m_{-1} = 0, s_t = m_t / (1 - beta^(t+1)),
-    i.e. s_t = sum_i beta^(t-i) x_i / sum_i beta^(t-i). Starting from s_0 = x_0 instead would give
-    the first (highest) loss the weight of the whole unseen past and hold the curve up for a
-    short run's few logged points. beta = 0: the raw values."""
-    smoothed, m = [], 0.0
-    for t, x in enumerate(values):
-        m = beta * m + (1 - beta) * x
-        smoothed.append(m / (1 - beta ** (t + 1)))
-    return smoothed
-
-
-def centred_half_width(smoothing: float) -> int:
-    """Half-width (in logged points) of the centred window matching an EMA factor: an EMA of
-    factor beta averages over about (1 + beta) / (1 - beta) points, so beta = 0.9 gives 19
-    points (half-width 9); beta = 0 gives 0 (the raw values)."""
-    return int(round((1 + smoothing) / (1 - smoothing))) // 2
-
-
-def centred_smooth(values: Sequence[float], half_width: int) -> list[float]:
-    """Mean over a window centred on each point: s_t = mean(x_{t-k} .. x_{t+k}), with k shrunk
-    near the ends (k = min(half_width, t, n-1-t)) so the window stays centred. Unlike a trailing
-    EMA, a falling loss curve is not drawn late (above its logged values). The window never
-    spans more than about a tenth of the curve (half_width <= n // 20): on a short, strongly
-    curved run a wide mean would lift the curve above its points just as a lag does."""
-    half_width = min(half_width, len(values) // 20)
-    smoothed = []
-    for t in range(len(values)):
-        k = min(half_width, t, len(values) - 1 - t)
-        smoothed.append(statistics.fmean(values[t - k:t + k + 1]))
-    return smoothed
 
 
 def diagnostics_numbers(diagnostics: Diagnostics) -> dict[str, Any]:
@@ -306,7 +271,7 @@ def build_summary(cells: Sequence[Cell], *, axes: ReportAxes | None = None, base
     their flags, groups (included cells only), gaps, interactions, recoveries and notes.
 
     ``axes`` (default: norm x optimizer) says which config keys are compared
-    (:mod:`normopt.experiments.report_axes`); ``baseline_norm`` / ``reference_optim`` override
+    (:mod:`normopt.report.axes`); ``baseline_norm`` / ``reference_optim`` override
     its baseline and reference levels; ``fixes`` its fixes (default: the axes', else the norm
     registry's when the compared axis is the norm). With strata every statistic is computed per
     stratum, and each record names its ``stratum``."""

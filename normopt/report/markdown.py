@@ -1,6 +1,6 @@
 """The markdown of a factorial report: the answer paragraph, the tables (per stratum where the
 report has strata), the head/tail section and ``render_markdown`` (report.md). Every function
-reads only the summary (:func:`normopt.experiments.statistics.build_summary`), never files.
+reads only the summary (:func:`normopt.report.statistics.build_summary`), never files.
 """
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from normopt.experiments.run_setup import setup_lines
-from normopt.experiments.tables import markdown_table
+from normopt.report.notes import collapse_notes
+from normopt.report.run_setup import setup_lines
+from normopt.report.tables import markdown_table
 
 
 def _num(x: float | None, digits: int = 4, sign: bool = False) -> str:
@@ -287,36 +288,6 @@ def isotropy_table(summary: Mapping[str, Any]) -> str | None:
                  for t in types]
         rows.append([c["name"], *_placement(summary, c), str(d["isotropy_step"]), *cells])
     return markdown_table(["cell", *_placement_columns(summary), "step", *types], rows)
-
-
-def collapse_notes(notes: Sequence[str], cell_names: Sequence[str]) -> list[str]:
-    """The notes with those that say the same of several cells ("a: skipped ...", "b: skipped
-    ...", or "a left out: diverged: ...") merged into one line naming the cells, at the place of
-    the first; a note said of one cell, or of no cell, stays as it is. Eight identical lines hide
-    the ninth, different one; one line per distinct statement does not."""
-    names = sorted(cell_names, key=len, reverse=True)  # "a-s10" must not be read as "a-s1"
-    said: dict[str, list[str]] = {}  # statement -> the cells it is said of, in order
-    order: list[tuple[str, str]] = []  # ("note", text) or ("statement", key)
-    for note in notes:
-        name = next((n for n in names if note.startswith((f"{n}: ", f"{n} left out: "))), None)
-        if name is None:
-            order.append(("note", note))
-            continue
-        rest = note[len(name):]
-        key = rest.removeprefix(" ") if rest.startswith(" left out: ") else rest.removeprefix(": ")
-        if key not in said:
-            said[key] = []
-            order.append(("statement", key))
-        said[key].append(name)
-    lines = []
-    for kind, text in order:
-        if kind == "note":
-            lines.append(text)
-        elif len(said[text]) == 1:
-            lines.append(f"{said[text][0]} {text}" if text.startswith("left out: ") else f"{said[text][0]}: {text}")
-        else:
-            lines.append(f"{text} — {len(said[text])} cells: {', '.join(said[text])}")
-    return lines
 
 
 def _per_stratum(summary: Mapping[str, Any], table) -> list[str]:

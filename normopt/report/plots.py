@@ -1,7 +1,7 @@
 """The report's loss plots, drawn with matplotlib's Agg renderer (no pyplot, no global state):
 training curves per cell (``plot_loss_curves``), final eval losses per group
 (``plot_final_losses``) and gaps to the baseline norm (``plot_gaps``). The diagnostics plots
-are :mod:`normopt.experiments.diagnostic_plots`.
+are :mod:`normopt.report.diagnostic_plots`.
 
 Rules every plot keeps so that it cannot mislead: one color and one marker per variant (in the
 summary's variant order), so overlapping lines stay apart; units on the axes; smoothing only
@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from normopt.errors import UserError
-from normopt.experiments.cell_reading import Cell
-from normopt.experiments.statistics import centred_half_width, centred_smooth
+from normopt.report.cell_reading import Cell
+from normopt.report.smoothing import centred_half_width, centred_smooth
 
 MARKERS = "osD^v<>ph*"
 SEED_LINESTYLES = ("-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)))

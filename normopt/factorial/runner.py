@@ -1,195 +1,46 @@
 """``normopt factorial SPEC``: run every cell of a norm x optimizer grid as an ordinary run.
 
-A spec (YAML) names a base config, settings for every cell, axes whose values are
-crossed, optional arms (extra settings crossed with the axes they do not set) and seeds::
-
-    base: configs/demo.yaml
-    root: runs/factorial-tiny            # one run directory per cell below it
-    set: {train.steps: 100}
-    axes:
-      model.norm: [rmsnorm, dyt, derf, derf_ema]
-      optim.name: [adamw, muon]
-    arms:
-      alpha0.3: {model.norm: derf, model.alpha_init_attn: 0.3}
-    seeds: [0, 1]
-    slurm: {gpus_per_node: 8, options: [--time=24:00:00]}   # optional, for --slurm
-    report: {compare: model.norm, baseline: rmsnorm, across: optim.name, reference: adamw}
-
-``report`` (optional) says what the report compares (:mod:`normopt.experiments.report_axes`):
-the axis whose levels are measured against a baseline level, the axis across which those gaps
-are compared (at a reference level), and ``fixes`` (level -> the level whose gap it recovers).
-Without it: norm x optimizer when both are axes, else the first axis against its first level
-across the second axis. The runner writes the axes and these settings into the root's
-``experiment.json``, where ``normopt report ROOT`` finds them.
-
-Cell names join the axis values (``derf-muon-s0``; arms ``alpha0.3-muon-s0``). Each cell's
-folder gets a ``cell.json`` (name, coords, seed, arm, and the exit status once it ran) that
-``normopt report`` reads next to the run's own ``metrics.jsonl``. Cells run one after another
-on this machine (optionally each under ``normopt launch`` with N ranks) under one progress bar, each
-cell's output in its ``train.log``; finished cells are skipped, interrupted ones resume from
-their last checkpoint. ``--slurm`` writes one SLURM array job
-instead, one task per cell, each task running ``launch/slurm.sbatch`` on one node with the
-spec's ``slurm.gpus_per_node`` GPUs (or ``--gpus-per-node``; 8 if neither says). Every cell's
-global batch must split evenly over the ranks it will run on (``--nproc``, or the GPUs of a
-SLURM node): that is checked when the spec is read, before anything runs. ``--dry-run`` lists
-the cells and what would happen to each (or prints the SLURM script) and runs nothing.
+The spec and the cells it expands to are :mod:`normopt.factorial.spec`. Each cell's folder
+gets a ``cell.json`` (:mod:`normopt.factorial.cells`: name, coords, seed, arm, and the exit
+status once it ran) that ``normopt report`` reads next to the run's own ``metrics.jsonl``.
+Cells run one after another on this machine (optionally each under ``normopt launch`` with N
+ranks) under one progress bar, each cell's output in its ``train.log``; finished cells are
+skipped, interrupted ones resume from their last checkpoint. ``--slurm`` writes one SLURM array
+job instead (:mod:`normopt.factorial.slurm`), one task per cell, each task running
+``launch/slurm.sbatch`` on one node with the spec's ``slurm.gpus_per_node`` GPUs (or
+``--gpus-per-node``; 8 if neither says). Every cell's global batch must split evenly over the
+ranks it will run on (``--nproc``, or the GPUs of a SLURM node): that is checked when the spec
+is read, before anything runs. ``--dry-run`` lists the cells and what would happen to each (or
+prints the SLURM script) and runs nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
 import shlex
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
 from tqdm import tqdm
 
-from normopt.config import REPO_ROOT, check_world_size, load_config
+from normopt.config import REPO_ROOT, load_config
 from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, UserError
-from normopt.experiments.cell_assessment import final_eval_loss
-from normopt.experiments.cell_reading import read_metrics
-from normopt.experiments.factorial_slurm import check_slurm_section, spec_gpus_per_node, submit_slurm
-from normopt.experiments.report import print_summary, write_report
-from normopt.experiments.report_axes import SHORT_AXIS_NAMES, axes_from_levels, write_experiment_file
+from normopt.factorial.cells import CellSpec, write_cell_json
+from normopt.factorial.slurm import spec_gpus_per_node, submit_slurm
+from normopt.factorial.spec import load_spec, read_spec_file
+from normopt.report.axes import write_experiment_file
+from normopt.report.cell_assessment import final_eval_loss
+from normopt.report.cell_reading import read_metrics
+from normopt.report.writer import print_summary, write_report
 from normopt.run_dir import RunDir
-
-SPEC_KEYS = {"base", "root", "set", "axes", "arms", "seeds", "slurm", "report"}
-
-
-@dataclass
-class CellSpec:
-    name: str
-    settings: dict[str, Any]  # dotted key -> value, applied over the base config
-    coords: dict[str, Any]
-    seed: int
-    arm: str | None = None
-    overrides: list[str] = field(default_factory=list)
-
-
-def _resolve_path(text: str, spec_dir: Path) -> Path:
-    """A path as given if it exists from here, else relative to the spec, else to the repo."""
-    for candidate in (Path(text), spec_dir / text, REPO_ROOT / text):
-        if candidate.exists():
-            return candidate
-    raise UserError(f"base: config file not found: {text}")
-
-
-def _format_value(value: Any) -> str:
-    return "" if value is None else (str(value).lower() if isinstance(value, bool) else str(value))
-
-
-def _value_label(value: Any) -> str:
-    return _format_value(value).replace("/", "_") or "none"
-
-
-def expand_cells(spec: dict[str, Any]) -> list[CellSpec]:
-    """Axes crossed with seeds, then every arm crossed with the axes it does not set."""
-    axes: dict[str, list] = spec["axes"]
-    seeds: list[int] = spec["seeds"]
-    common: dict[str, Any] = spec.get("set") or {}
-    cells: list[CellSpec] = []
-
-    def add(values: dict[str, Any], seed: int, arm: str | None, arm_settings: dict[str, Any]) -> None:
-        labels = [_value_label(v) for v in values.values()]
-        name = "-".join(([arm] if arm else []) + labels + [f"s{seed}"])
-        settings = {**common, **values, **arm_settings, "train.seed": seed}
-        coords = {SHORT_AXIS_NAMES.get(k, k): v for k, v in {**values, **arm_settings}.items()
-                  if k in axes}
-        cells.append(CellSpec(name, settings, coords, seed, arm))
-
-    for combo in itertools.product(*axes.values()):
-        for seed in seeds:
-            add(dict(zip(axes, combo)), seed, None, {})
-    for arm, arm_settings in (spec.get("arms") or {}).items():
-        free = [k for k in axes if k not in arm_settings]
-        for combo in itertools.product(*(axes[k] for k in free)):
-            for seed in seeds:
-                add(dict(zip(free, combo)), seed, arm, dict(arm_settings))
-    return cells
-
-
-def read_spec_file(path: Path) -> Any:
-    """The spec file's YAML, unchecked (``load_spec`` checks it)."""
-    if not path.is_file():
-        raise UserError(f"spec file not found: {path}")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: cannot parse YAML ({str(exc).splitlines()[0]})") from None
-
-
-def load_spec(path: str | Path, world_size: int | None = None) -> tuple[dict[str, Any], Path, list[CellSpec]]:
-    """Read and check a spec; every cell's config is validated before anything runs, and
-    with ``world_size`` also whether its global batch splits evenly over that many ranks."""
-    path = Path(path)
-    spec = read_spec_file(path)
-    if not isinstance(spec, dict):
-        raise UserError(f"{path}: a spec is a mapping with keys {', '.join(sorted(SPEC_KEYS))}")
-    unknown = set(spec) - SPEC_KEYS
-    if unknown:
-        raise UserError(f"{path}: unknown spec key {sorted(unknown)[0]!r} (keys: {', '.join(sorted(SPEC_KEYS))})")
-    for key in ("base", "root", "axes", "seeds"):
-        if key not in spec:
-            raise UserError(f"{path}: missing spec key {key!r}")
-    axes = spec["axes"]
-    if not isinstance(axes, dict) or not axes or not all(isinstance(v, list) and v for v in axes.values()):
-        raise UserError(f"{path}: axes must map config keys to non-empty lists of values")
-    seeds = spec["seeds"]
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
-        raise UserError(f"{path}: seeds must be a non-empty list of integers >= 0")
-    for key in ("set", "arms"):
-        if spec.get(key) is not None and not isinstance(spec[key], dict):
-            raise UserError(f"{path}: {key} must be a mapping")
-    for arm, settings in (spec.get("arms") or {}).items():
-        if not isinstance(settings, dict) or not settings:
-            raise UserError(f"{path}: arm {arm!r} must map config keys to values")
-    check_slurm_section(spec, path)
-    if spec.get("report") is not None and not isinstance(spec["report"], dict):
-        raise UserError(f"{path}: report must be a mapping")
-    try:
-        axes_from_levels(axes, spec.get("report"))
-    except UserError as exc:
-        raise UserError(f"{path}: {exc}") from None
-    base = _resolve_path(str(spec["base"]), path.parent)
-    if not isinstance(spec["root"], str) or not spec["root"].strip():
-        raise UserError(f"{path}: root must be a non-empty folder path, got {spec['root']!r}")
-    root = Path(spec["root"])
-    if root.exists() and not root.is_dir():
-        raise UserError(f"{path}: root {root} exists and is not a folder")
-    cells = expand_cells(spec)
-    names = [c.name for c in cells]
-    duplicate = next((n for n in names if names.count(n) > 1), None)
-    if duplicate:
-        raise UserError(f"{path}: two cells would share the name {duplicate!r}")
-    for cell in cells:
-        cell.overrides = [f"{k}={_format_value(v)}" for k, v in cell.settings.items()]
-        cell.overrides.append(f"run.dir={root / cell.name}")
-        try:
-            cfg = load_config(base, cell.overrides)
-            if world_size is not None:
-                check_world_size(cfg, world_size)
-        except UserError as exc:
-            raise UserError(f"cell {cell.name}: {exc}") from None
-    return spec, base, cells
 
 
 def cell_is_complete(run: RunDir, steps: int) -> bool:
     done = run.complete_steps()
     return bool(done) and done[-1] >= steps
-
-
-def write_cell_json(run: RunDir, cell: CellSpec, **extra: Any) -> None:
-    run.path.mkdir(parents=True, exist_ok=True)
-    record = {"name": cell.name, "coords": cell.coords, "seed": cell.seed, "arm": cell.arm, **extra}
-    run.cell_json.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def train_command(base: Path, cell: CellSpec, nproc: int) -> list[str]:

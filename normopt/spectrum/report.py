@@ -1,4 +1,4 @@
-"""``normopt spectrum ROOT``: fit the spectrum power laws (:mod:`normopt.experiments.spectrum_fit`)
+"""``normopt spectrum ROOT``: fit the spectrum power laws (:mod:`normopt.spectrum.fit`)
 over every run below ROOT, recommend NS steps per depth for a target model size, and write
 ``spectrum.png`` and ``spectrum.json`` beside a printed summary.
 """
@@ -17,8 +17,10 @@ from typing import Any
 
 from normopt.diagnostics.ns_spectrum import DEFAULT_MAX_STEPS, default_band
 from normopt.errors import UserError
-from normopt.experiments.plots import figure
-from normopt.experiments.spectrum_fit import (
+from normopt.optim.newton_schulz import coefficient_schedule
+from normopt.report.plots import figure
+from normopt.report.tables import text_table
+from normopt.spectrum.fit import (
     DEFAULT_BURN_IN,
     DEFAULT_LEVEL,
     MODEL_SIZE,
@@ -38,8 +40,6 @@ from normopt.experiments.spectrum_fit import (
     run_samples,
     unusable_cells,
 )
-from normopt.experiments.tables import text_table
-from normopt.optim.newton_schulz import coefficient_schedule
 
 # --------------------------------------------------------------------------- model sizes
 

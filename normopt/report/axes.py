@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from normopt.errors import UserError
-from normopt.experiments.cell_reading import NORM_AXES, NORM_KEY, OPTIM_AXES, OPTIM_KEY, SEED_KEY, Cell
+from normopt.report.cell_reading import NORM_AXES, NORM_KEY, OPTIM_AXES, OPTIM_KEY, SEED_KEY, Cell
 from normopt.run_dir import EXPERIMENT_FILE
 
 # cell.json may name an axis by a short name (the factorial runner writes these two so)

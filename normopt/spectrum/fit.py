@@ -1,6 +1,6 @@
 """Power laws in model size of the spectrum Newton-Schulz receives, per depth group and matrix
 type, and the fewest NS steps per depth they imply (``normopt spectrum``; the command, the
-analysis over a folder of runs and its outputs are :mod:`normopt.experiments.spectrum_report`).
+analysis over a folder of runs and its outputs are :mod:`normopt.spectrum.report`).
 
 Input: the diagnostics log of each run: its "run" line (n_params, n_layers, steps) and its
 "ns_spectrum" records (per matrix: layer, sv_rel_fro, momentum_sv_rel_fro, ...; see

@@ -11,15 +11,13 @@ from __future__ import annotations
 import shlex
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from normopt.config import REPO_ROOT
 from normopt.errors import UserError
-from normopt.experiments.report_axes import write_experiment_file
+from normopt.factorial.cells import CellSpec, write_cell_json
+from normopt.report.axes import write_experiment_file
 from normopt.run_dir import CELL_FILE, RunDir
-
-if TYPE_CHECKING:
-    from normopt.experiments.factorial import CellSpec
 
 SLURM_KEYS = {"gpus_per_node", "options"}
 DEFAULT_GPUS_PER_NODE = 8
@@ -90,8 +88,6 @@ def submit_slurm(base: Path, root: Path, cells: list[CellSpec], dry_run: bool, g
     path.write_text(script)
     if spec_axes is not None:
         write_experiment_file(root, spec_axes, spec_report)
-    from normopt.experiments.factorial import write_cell_json  # the runner imports this module
-
     for cell in cells:
         write_cell_json(RunDir(root / cell.name), cell)
     try:

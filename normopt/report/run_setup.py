@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from normopt.errors import UserError
-from normopt.experiments.cell_reading import Cell
+from normopt.report.cell_reading import Cell
 
 BUILT_IN_CORPUS = "built-in corpus"
 

@@ -1,1 +1,0 @@
-"""Experiment-level tools that read finished run directories (reports over factorial cells)."""

@@ -1,0 +1,1 @@
+"""The NS-spectrum fit (``fit``) and ``normopt spectrum`` with its outputs (``report``)."""
