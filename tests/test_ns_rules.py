@@ -73,3 +73,11 @@ def test_param_groups_by_step_count_keep_first_appearance_order():
     groups = ns_steps_param_groups(named, NSStepRules.parse("layers.0.*=8"), 5, lr=0.1)
     assert [(g["ns_steps"], len(g["params"]), g["lr"]) for g in groups] == [(8, 2, 0.1), (5, 2, 0.1)]
     assert groups[0]["params"][1] is named[2][1]
+
+
+def test_formatted_rules_parse_back():
+    from normopt.optim.ns_rules import NSStepRules, format_ns_steps_rules
+
+    rules = [("layers.[0-7].*", 6), ("re:attn\\.w[qk]", 8), ("layers.1[0-5].*", 7)]
+    assert NSStepRules.parse(format_ns_steps_rules(rules)).pairs() == rules
+    assert format_ns_steps_rules([]) == ""

@@ -17,6 +17,7 @@ from normopt.spectrum.fit import (
     MODEL_SIZE,
     depth_group,
     discover_runs,
+    distinct_sizes,
     fit_power_law,
     matrix_type,
     ns_steps_per_layer,
@@ -126,8 +127,13 @@ def test_fit_power_law_and_sizes():
     assert fit_power_law([1e6, 1e7], [0.1, 0.1])[2] is None
     c, beta, r2 = fit_power_law([1, math.e, math.e, math.e**2], [1, math.e**2, 1, math.e])  # y = 0, 2, 0, 1
     assert beta == pytest.approx(0.5) and math.log(c) == pytest.approx(0.25) and r2 == pytest.approx(0.5 / 2.75)
-    with pytest.raises(ValueError, match="two distinct"):
+    with pytest.raises(ValueError, match="1.1x apart"):
         fit_power_law([1e6, 1e6], [0.1, 0.2])
+    # a norm grid's cells of one shape differ by the norms' few parameters: not a size ladder
+    # (this pair once gave a slope of ~1e3 and an OverflowError in exp)
+    with pytest.raises(ValueError, match="1.1x apart"):
+        fit_power_law([3_147_456, 3_149_203], [0.1, 0.5])
+    assert distinct_sizes([3_147_456, 3_149_203, 1e7, 1.05e7]) == 2
     assert parse_size("1.1B") == pytest.approx(1.1e9) and parse_size("350M") == 3.5e8
     assert parse_size("1.1e9") == pytest.approx(1.1e9) and parse_size("125k") == 1.25e5
     assert parse_size("77m") == 7.7e7 and parse_size("2.8G") == pytest.approx(2.8e9)

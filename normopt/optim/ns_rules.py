@@ -127,6 +127,12 @@ def parse_ns_steps_rules(text: str) -> list[tuple[str, int]]:
     return NSStepRules.parse(text).pairs()
 
 
+def format_ns_steps_rules(rules: Sequence[tuple[str, int]]) -> str:
+    """The ``optim.ns_steps_per_layer`` string of (pattern, steps) rules: the inverse of
+    :meth:`NSStepRules.parse` (``parse(format(r)).pairs() == r``)."""
+    return ",".join(f"{pattern}={steps}" for pattern, steps in rules)
+
+
 def resolve_ns_steps(name: str, rules: RulesLike, default: int) -> int:
     """Number of NS steps for the parameter called ``name`` (see ``NSStepRules.steps_for``)."""
     return NSStepRules.of(rules).steps_for(name, default)

@@ -22,6 +22,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
 )}
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(OPTIMIZERS)
 FALLBACK = ADAMW.name  # takes what a matrices-only optimizer leaves (embeddings, head, norms, router)
+REFERENCE_OPTIMIZER = ADAMW.name  # the level reports compare the other optimizers with
 
 
 def optimizer_spec(name: str) -> OptimizerSpec:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from normopt.errors import UserError
+from normopt.optim.registry import REFERENCE_OPTIMIZER
 from normopt.report.cell_reading import NORM_AXES, NORM_KEY, OPTIM_AXES, OPTIM_KEY, SEED_KEY, Cell
 from normopt.run_dir import EXPERIMENT_FILE
 
@@ -39,7 +40,7 @@ SHORT_AXIS_NAMES = {NORM_KEY: "norm", OPTIM_KEY: "optim"}
 AXIS_ALIASES = {NORM_KEY: NORM_AXES, OPTIM_KEY: OPTIM_AXES}
 # how the report's prose names an axis
 AXIS_NOUNS = {NORM_KEY: "norm", OPTIM_KEY: "optimizer"}
-DEFAULT_LEVELS = {NORM_KEY: "rmsnorm", OPTIM_KEY: "adamw"}
+DEFAULT_LEVELS = {NORM_KEY: "rmsnorm", OPTIM_KEY: REFERENCE_OPTIMIZER}
 # the one column label of a report without an across axis
 SINGLE_COLUMN = "all"
 REPORT_KEYS = {"compare", "baseline", "across", "reference", "fixes"}
@@ -53,7 +54,7 @@ class ReportAxes:
     compare: str = NORM_KEY
     baseline: str = "rmsnorm"
     across: str | None = OPTIM_KEY
-    reference: str | None = "adamw"
+    reference: str | None = REFERENCE_OPTIMIZER
     strata: tuple[str, ...] = ()
     fixes: Mapping[str, str] | None = None  # None = the norm registry's fixes (norm axis only)
     order: Mapping[str, tuple[str, ...]] = field(default_factory=dict)

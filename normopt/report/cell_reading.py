@@ -30,7 +30,7 @@ import yaml
 
 from normopt.errors import UserError
 from normopt.metrics.jsonl import read_step_records
-from normopt.run_dir import MARKER_FILES, RunDir
+from normopt.run_dir import MARKER_FILES, RecordKind, RunDir
 
 # A cell's coordinates: the config keys, and the cell.json axes naming them under the names a
 # runner may use (short or the config key)
@@ -236,9 +236,9 @@ def read_diagnostics(path: Path) -> Diagnostics:
     ignored. Numbers may be null or "nan"/"inf"/"-inf". As in ``read_metrics``, an
     unterminated last line that does not parse is skipped and any other bad line is a
     UserError."""
-    readers = {"norm": _saturations, "spectral_norm": _spectral_norms,
-               "tail_tokens": lambda r: _tail_tokens(r["step"], r), "run": dict,
-               "isotropy": lambda r: _isotropy(r["step"], r)}
+    readers = {RecordKind.NORM: _saturations, RecordKind.SPECTRAL_NORM: _spectral_norms,
+               RecordKind.TAIL_TOKENS: lambda r: _tail_tokens(r["step"], r), RecordKind.RUN: dict,
+               RecordKind.ISOTROPY: lambda r: _isotropy(r["step"], r)}
 
     def parse(record: dict[str, Any]) -> tuple[str, int, Any]:
         kind = record.get("kind")
@@ -252,7 +252,8 @@ def read_diagnostics(path: Path) -> Diagnostics:
     for kind, step, parsed in records:
         if kind in by_kind:
             by_kind[kind][step] = parsed  # a later line for a step replaces an earlier one
-    saturation, spectral, tails = by_kind["norm"], by_kind["spectral_norm"], by_kind["tail_tokens"]
+    saturation, spectral = by_kind[RecordKind.NORM], by_kind[RecordKind.SPECTRAL_NORM]
+    tails, runs, isotropy = by_kind[RecordKind.TAIL_TOKENS], by_kind[RecordKind.RUN], by_kind[RecordKind.ISOTROPY]
     saturation = {s: layers for s, layers in sorted(saturation.items()) if layers}
     return Diagnostics(
         saturation=tuple((s, _mean(list(layers.values()))) for s, layers in saturation.items()),
@@ -261,8 +262,8 @@ def read_diagnostics(path: Path) -> Diagnostics:
         tail_tokens=tails[max(tails)] if tails else None,
         partial_last_line=partial,
         saturation_by_step=tuple(saturation.items()),
-        run=by_kind["run"][max(by_kind["run"])] if by_kind["run"] else None,
-        isotropy=by_kind["isotropy"][max(by_kind["isotropy"])] if by_kind["isotropy"] else None,
+        run=runs[max(runs)] if runs else None,
+        isotropy=isotropy[max(isotropy)] if isotropy else None,
     )
 
 

@@ -34,6 +34,7 @@ from dataclasses import replace
 from typing import Any
 
 from normopt.models.norms import NORM_NAMES, NORMS
+from normopt.optim.registry import OPTIMIZER_NAMES
 from normopt.report.arms import assign_arms, fix_base
 from normopt.report.axes import SINGLE_COLUMN, ReportAxes, place_cells, stratum_of
 from normopt.report.cell_assessment import (
@@ -60,7 +61,7 @@ INTERVAL_METHOD = ("95% t intervals: Welch-Satterthwaite degrees of freedom for 
 # the norm registry's fixes (derf_ema of derf) and its order
 DEFAULT_FIXES: dict[str, str] = {name: cls.fix_of for name, cls in NORMS.items() if cls.fix_of is not None}
 NORM_ORDER = NORM_NAMES
-OPTIM_ORDER = ("adamw", "muon", "normuon")
+OPTIM_ORDER = OPTIMIZER_NAMES  # the optimizer registry's order
 
 
 # --------------------------------------------------------------------------- statistics

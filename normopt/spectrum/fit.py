@@ -31,7 +31,8 @@ from normopt.diagnostics.ns_spectrum import DEFAULT_MAX_STEPS, fewest_ns_steps_j
 from normopt.errors import UserError
 from normopt.metrics.jsonl import read_step_records
 from normopt.models.matrix_roles import depth_group, group_names, matrix_type
-from normopt.run_dir import DIAGNOSTICS_FILE, RunDir
+from normopt.optim.ns_rules import format_ns_steps_rules
+from normopt.run_dir import DIAGNOSTICS_FILE, RecordKind, RunDir
 
 QUANTITIES = ("sv_rel_fro", "sv_rel_max")
 SOURCES = {"ns_input": "", "momentum": "momentum_"}  # field prefix in the ns_spectrum record
@@ -70,9 +71,9 @@ def read_ns_spectrum(path: Path) -> tuple[dict | None, list[dict]]:
     records, _ = read_step_records(path, "diagnostics", lambda record: record)
     run, spectra = None, {}
     for record in records:
-        if record.get("kind") == "run":
+        if record.get("kind") == RecordKind.RUN:
             run = record
-        elif record.get("kind") == "ns_spectrum":
+        elif record.get("kind") == RecordKind.NS_SPECTRUM:
             spectra[record["step"]] = record
     return run, [spectra[s] for s in sorted(spectra)]
 
@@ -191,13 +192,31 @@ class PowerLawFit:
         return self.c * n_params**self.beta
 
 
+# parameter counts closer than this factor are one model size: runs of one shape with other
+# norms (a Derf cell has a few thousand parameters more than its RMSNorm twin) are no size
+# ladder, and a slope fitted across them is noise divided by ~0 (it overflowed exp())
+SAME_SIZE_RATIO = 1.1
+
+
+def distinct_sizes(sizes: Sequence[float]) -> int:
+    """How many model sizes ``sizes`` holds, counting those within SAME_SIZE_RATIO of the
+    previous (sorted) as the same."""
+    count, last = 0, None
+    for size in sorted(sizes):
+        if last is None or size > last * SAME_SIZE_RATIO:
+            count, last = count + 1, size
+    return count
+
+
 def fit_power_law(sizes: Sequence[float], values: Sequence[float]) -> tuple[float, float, float | None]:
     """(c, beta, R^2) of the least-squares line log q = log c + beta log M.
 
     With x = log M, y = log q: beta = S_xy / S_xx, log c = mean(y) - beta mean(x),
     R^2 = 1 - SS_res / SS_tot (None if SS_tot = 0; exactly 1 for two points).
-    Needs at least two distinct sizes.
+    Needs at least two distinct sizes (:func:`distinct_sizes`).
     """
+    if distinct_sizes(sizes) < 2:
+        raise ValueError(f"a power-law fit needs model sizes at least {SAME_SIZE_RATIO}x apart")
     x = [math.log(m) for m in sizes]
     y = [math.log(q) for q in values]
     mx, my = math.fsum(x) / len(x), math.fsum(y) / len(y)
@@ -221,12 +240,12 @@ def fit_all(points: Sequence[Mapping[str, Any]], groups: Sequence[str]) -> tuple
     fits, unfitted = [], defaultdict(list)
     for cell in sorted(by_cell, key=lambda k: (groups.index(k[0]), k[1], k[2])):
         pairs = by_cell[cell]
-        sizes = {m for m, _ in pairs}
-        if len(sizes) < 2:
+        sizes = distinct_sizes([m for m, _ in pairs])
+        if sizes < 2:
             unfitted[cell[:2]].append(f"q{cell[2]:g}")
             continue
         c, beta, r2 = fit_power_law([m for m, _ in pairs], [q for _, q in pairs])
-        fits.append(PowerLawFit(*cell, c, beta, r2, len(pairs), len(sizes)))
+        fits.append(PowerLawFit(*cell, c, beta, r2, len(pairs), sizes))
     return fits, [f"{cell_label(*key)}: only one model size has data at {', '.join(levels)}, no fit"
                   for key, levels in unfitted.items()]
 
@@ -359,6 +378,6 @@ def ns_steps_per_layer(steps_by_group: Mapping[str, int | None], n_layers: int, 
             continue
         if per_layer[start] is not None:
             steps = max(1, per_layer[start])
-            rules += [f"layers.{pattern}.*={steps}" for pattern in index_globs(start, layer - 1)]
+            rules += [(f"layers.{pattern}.*", steps) for pattern in index_globs(start, layer - 1)]
         start = layer
-    return ",".join(rules)
+    return format_ns_steps_rules(rules)

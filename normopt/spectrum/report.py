@@ -25,6 +25,7 @@ from normopt.spectrum.fit import (
     DEFAULT_LEVEL,
     MODEL_SIZE,
     QUANTITIES,
+    SAME_SIZE_RATIO,
     SOURCES,
     PowerLawFit,
     RunSpectra,
@@ -32,6 +33,7 @@ from normopt.spectrum.fit import (
     cell_means,
     depth_group,
     discover_runs,
+    distinct_sizes,
     fit_all,
     group_names,
     ns_steps_per_layer,
@@ -119,9 +121,10 @@ def analyze(root: str | Path, *, burn_in: float = DEFAULT_BURN_IN, quantity: str
         points += [{"run": str(run.folder), "n_params": run.n_params, "group": g, "type": t, "level": lv, "q": q}
                    for (g, t, lv), q in means.items()]
     sizes = sorted({run.n_params for run in runs})
-    if len(sizes) < 2:
+    if distinct_sizes(sizes) < 2:
         found = ", ".join(format_size(m) for m in sizes) or "none"
-        raise UserError(f"{root}: need runs of at least 2 model sizes after the burn-in, found {found}")
+        raise UserError(f"{root}: need runs of at least 2 model sizes ({SAME_SIZE_RATIO}x apart) after the burn-in, "
+                        f"found {found}")
     unusable, unusable_notes = unusable_cells(samples, level)
     fits, fit_notes = fit_all(points, groups)
     notes += unusable_notes + fit_notes
