@@ -9,7 +9,7 @@ from typing import Literal
 
 from normopt.errors import UserError
 from normopt.key_roles import EXECUTION, require, role
-from normopt.optim.ns_rules import NSStepRules
+from normopt.optim.ns_rules import NSStepRules, is_step_count
 from normopt.optim.registry import OPTIMIZER_NAMES
 from normopt.parallel.ns_plan import DEFAULT_BUCKET_MB
 
@@ -82,7 +82,7 @@ class OptimConfig:
         require(self.muon_weight_decay is None or self.muon_weight_decay >= 0, "optim.muon_weight_decay",
                 "must be >= 0")
         require(0 <= self.momentum < 1, "optim.momentum", "must be in [0, 1)")
-        require(self.ns_steps >= 1, "optim.ns_steps", "must be at least 1")
+        require(is_step_count(self.ns_steps), "optim.ns_steps", "must be at least 1")
         require(self.ns_bucket_mb >= 0, "optim.ns_bucket_mb", "must be >= 0 (0 = one bucket)")
         require(self.ns_batch_size == "auto" or self.ns_batch_size >= 1, "optim.ns_batch_size",
                 "must be auto or at least 1")

@@ -58,6 +58,7 @@ from torch.distributed.tensor import DTensor, Shard
 from normopt.dtypes import dtype_name, floating_dtype
 from normopt.optim.ns_batches import batch_by_shape, stack_batch, unstack_batch
 from normopt.optim.newton_schulz import CoefficientSpec, coefficient_schedule, newton_schulz, ns_flops
+from normopt.optim.ns_rules import is_step_count
 from normopt.parallel.distributed_ns import NS_MODES, ExchangeStats, RowShardedJob, run_row_sharded_jobs
 from normopt.parallel.ns_plan import DEFAULT_BUCKET_MB, ns_cost
 
@@ -163,7 +164,7 @@ def validate_muon_group(group: Mapping[str, Any]) -> None:
     if not _is_real(group["weight_decay"]) or float(group["weight_decay"]) < 0.0:
         raise ValueError(f"weight_decay must be a number >= 0, got {group['weight_decay']!r}")
     steps = group["ns_steps"]
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    if not is_step_count(steps):
         raise ValueError(f"ns_steps must be an integer >= 1, got {steps!r}")
     coefficient_schedule(group["ns_coefficients"])  # raises ValueError naming ns_coefficients
     if group["scale_rule"] not in SCALE_RULES:

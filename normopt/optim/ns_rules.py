@@ -29,7 +29,8 @@ import torch
 REGEX_PREFIX = "re:"
 
 
-def _is_step_count(steps: object) -> bool:
+def is_step_count(steps: object) -> bool:
+    """A valid number of Newton-Schulz steps: an integer >= 1 (every check of one asks here)."""
     return isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1
 
 
@@ -42,7 +43,7 @@ class NSStepRule:
     _regex: re.Pattern | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not _is_step_count(self.steps):
+        if not is_step_count(self.steps):
             raise ValueError(
                 f"ns_steps rules: steps for {self.pattern!r} must be an integer >= 1, got {self.steps!r}"
             )
