@@ -24,12 +24,14 @@ class RunLock:
     def __init__(self, run: RunDir):
         self.folder, self.holder_file = run.path, run.lock
         self._fd: int | None = None
+        self.created = False  # whether acquire() made the folder (a refused start removes it again)
 
     def acquire(self) -> None:
         """Take the lock or raise a UserError naming the process that holds it."""
         if self.folder.exists() and not self.folder.is_dir():
             raise UserError(f"run.dir {self.folder} exists and is not a folder")
         try:
+            self.created = not self.folder.exists()
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
@@ -54,8 +56,16 @@ class RunLock:
         except (OSError, ValueError, KeyError, TypeError):
             return "its process has not started writing yet"
 
-    def release(self) -> None:
+    def release(self, remove_if_created_and_empty: bool = False) -> None:
+        """Unlock; a start that was refused before writing anything also removes the folder
+        it created, so that nothing is left behind."""
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
+            self._fd = None
+            if remove_if_created_and_empty and self.created:
+                try:
+                    self.folder.rmdir()  # only an empty folder goes
+                except OSError:
+                    pass
             self._fd = None

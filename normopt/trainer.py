@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from normopt.checkpoint.manager import CheckpointWriter, load_checkpoint
+from normopt.checkpoint.manager import CheckpointWriter, load_checkpoint, read_trainer_state
 from normopt.checkpoint.preemption import StopRequest
 from normopt.resume_policy import find_resume_point
 from normopt.config import Config, save_config
@@ -42,6 +42,7 @@ from normopt.parallel import collectives
 from normopt.parallel.distributed import DistInfo
 from normopt.parallel.fsdp import apply_fsdp
 from normopt.parallel.grad_clip import clip_grad_norm_
+from normopt.run_checks import check_run_dir
 from normopt.run_dir import RunDir
 from normopt.run_lock import RunLock
 
@@ -79,7 +80,21 @@ class Trainer:
         self.run = RunDir(cfg.run.dir)
         self.lock = RunLock(self.run)
         on_main_then_share(self.lock.acquire, dist_info)  # before anything in run.dir is read
+        try:
+            self._start(cfg, dist_info)
+        except BaseException:
+            self.lock.release(remove_if_created_and_empty=True)  # a refused start leaves nothing behind
+            raise
+
+    def _start(self, cfg: Config, dist_info: DistInfo) -> None:
+        """Everything a start does, in order: first every read and check (the run directory,
+        the resume point, the data, the memory, the checkpoint), then the first writes."""
+        t = cfg.train
+        # a run directory that a start would damage is refused before anything is written
+        on_main_then_share(lambda: check_run_dir(self.run), dist_info)
         self.resume_from = find_resume_point(self.run, cfg)
+        if self.resume_from is not None:
+            read_trainer_state(self.resume_from)
 
         folder = on_main_then_share(lambda: str(prepare_corpus(cfg.data, log=self.log)), dist_info)
         self.data = load_token_data(Path(folder))
@@ -109,7 +124,8 @@ class Trainer:
             self.start_step = state["step"]
 
         on_main_then_share(self._prepare_run_dir, dist_info)
-        self.metrics = MetricsLogger(self.run, enabled=dist_info.is_main)
+        # a finished run re-run (or extended by 0 steps) writes nothing, TensorBoard files included
+        self.metrics = MetricsLogger(self.run, enabled=dist_info.is_main and self.start_step < t.steps)
         self.diagnostics = self._build_diagnostics()
         self.checkpointer = CheckpointWriter(self.run, dist_info.is_main, cfg.checkpoint.keep_latest_k,
                                              cfg.checkpoint.async_save)
@@ -133,6 +149,8 @@ class Trainer:
         """Rank 0: save the resolved config (not over a finished run's: re-running it with
         fewer steps changes nothing) and drop logs past the resume point."""
         run = self.run
+        if self.start_step >= self.cfg.train.steps and run.config.exists():
+            return  # a finished run: nothing to write
         try:
             run.path.mkdir(parents=True, exist_ok=True)
             self.lock.record_holder()

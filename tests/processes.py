@@ -13,13 +13,14 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from normopt.parallel.distributed import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["REPO_ROOT", "child_env", "free_port", "start", "wait_for_step"]
+__all__ = ["REPO_ROOT", "InProcessResult", "child_env", "free_port", "start", "train_in_process", "wait_for_step"]
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -47,3 +48,27 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: flo
                 return
         time.sleep(0.02)
     raise AssertionError(f"step {step} never appeared (exit {proc.poll()})")
+
+
+@dataclass
+class InProcessResult:
+    returncode: int
+    stderr: str
+    stdout: str
+
+
+def train_in_process(args: list[str], capsys) -> InProcessResult:
+    """``train.py ARGS`` in this process, for refusals that come before any model exists
+    (the exit status and one-line contract of a real process is tested with subprocesses
+    elsewhere). The process-group variables a run sets are put back afterwards."""
+    from normopt.cli import main
+
+    saved = dict(os.environ)
+    capsys.readouterr()
+    try:
+        code = main(["train", *args])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    captured = capsys.readouterr()
+    return InProcessResult(code, captured.err, captured.out)

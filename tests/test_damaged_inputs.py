@@ -10,6 +10,7 @@ import pytest
 from normopt.config import load_config
 from normopt.errors import UserError
 from tests.conftest import FINISHED_RUN_ARGS, run_cli, tiny_run_args
+from tests.processes import train_in_process
 
 
 def _copy(run_dir, tmp_path):
@@ -18,28 +19,6 @@ def _copy(run_dir, tmp_path):
     return copy
 
 
-class InProcess:
-    """``train.py ARGS`` run in this process, for refusals that come before any model exists
-    (the exit status and one-line contract of a real process is tested once, below, with a
-    run.dir that is a file). The process-group variables a run sets are put back after."""
-
-    def __init__(self, returncode: int, stderr: str):
-        self.returncode, self.stderr = returncode, stderr
-
-    @classmethod
-    def train(cls, args: list[str], capsys) -> InProcess:
-        import os
-
-        from normopt.cli import main
-
-        saved = dict(os.environ)
-        capsys.readouterr()
-        try:
-            code = main(["train", *args])
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-        return cls(code, capsys.readouterr().err)
 
 
 def _one_line_exit_2(proc, words):
@@ -60,14 +39,14 @@ def test_torn_last_metrics_line_is_skipped_on_resume(finished_run, tmp_path, tin
 def test_damaged_trainer_state(finished_run, tmp_path, tiny_corpus, content, words, capsys):
     run_dir = _copy(finished_run, tmp_path)
     (run_dir / "checkpoints" / "step_00000006" / "trainer_state.json").write_text(content)
-    proc = InProcess.train(tiny_run_args(run_dir, tiny_corpus, *FINISHED_RUN_ARGS, "train.steps=8"), capsys)
+    proc = train_in_process(tiny_run_args(run_dir, tiny_corpus, *FINISHED_RUN_ARGS, "train.steps=8"), capsys)
     assert _one_line_exit_2(proc, words), proc.stderr[-2000:]
 
 
 def test_damaged_config_inside_a_checkpoint(finished_run, tmp_path, tiny_corpus, capsys):
     run_dir = _copy(finished_run, tmp_path)
     (run_dir / "checkpoints" / "step_00000006" / "config.yaml").write_text("a: [\n")
-    proc = InProcess.train(tiny_run_args(run_dir, tiny_corpus, *FINISHED_RUN_ARGS, "train.steps=8"), capsys)
+    proc = train_in_process(tiny_run_args(run_dir, tiny_corpus, *FINISHED_RUN_ARGS, "train.steps=8"), capsys)
     assert _one_line_exit_2(proc, "cannot read the saved config"), proc.stderr[-2000:]
 
 
@@ -99,7 +78,7 @@ def test_hostile_config_values(tmp_path):
 
 def test_cache_dir_that_is_a_file(tmp_path, tiny_corpus, capsys):
     (tmp_path / "cache").write_text("x")
-    proc = InProcess.train(tiny_run_args(tmp_path / "run", tiny_corpus, f"data.cache_dir={tmp_path / 'cache'}",
+    proc = train_in_process(tiny_run_args(tmp_path / "run", tiny_corpus, f"data.cache_dir={tmp_path / 'cache'}",
                                          "data.vocab_size=301"), capsys)  # a corpus not prepared yet
     assert _one_line_exit_2(proc, "data.cache_dir: cannot create"), proc.stderr[-2000:]
 
@@ -107,7 +86,7 @@ def test_cache_dir_that_is_a_file(tmp_path, tiny_corpus, capsys):
 def test_model_too_large_for_memory_is_refused_before_allocating(tmp_path, tiny_corpus, capsys):
     """~275B parameters: the lower bound alone exceeds any machine this runs on; refused with
     the estimate, before any weight exists and without a traceback."""
-    proc = InProcess.train(tiny_run_args(tmp_path / "run", tiny_corpus, "model.dim=16384", "model.n_layers=80",
+    proc = train_in_process(tiny_run_args(tmp_path / "run", tiny_corpus, "model.dim=16384", "model.n_layers=80",
                                          "model.n_heads=128", "model.n_kv_heads=8", "model.ffn_hidden=53248"), capsys)
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]

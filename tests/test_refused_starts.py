@@ -1,0 +1,110 @@
+"""A refused start never touches the run: everything is checked before anything is written.
+
+Each case damages a copy of a finished run the way a careless or unlucky user might, starts
+it again (in-process: the exit status and one-line contract of real processes is tested in
+test_damaged_inputs.py and test_launcher.py) and checks exit 2, one line, and that every
+byte of the run directory is as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+
+from tests.conftest import FINISHED_RUN_ARGS, tiny_run_args
+from tests.processes import train_in_process
+
+
+def snapshot(folder) -> dict[str, str]:
+    """Relative path -> sha256 (or the kind, for what is not a regular file) of everything
+    below ``folder``, links not followed."""
+    state = {}
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if os.path.islink(path):
+                state[rel] = "link:" + os.readlink(path)
+            elif os.path.isfile(path):
+                with open(path, "rb") as f:
+                    state[rel] = hashlib.sha256(f.read()).hexdigest()
+            else:
+                state[rel] = "folder"
+    return state
+
+
+def _copy(finished_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir, symlinks=True)
+    return run_dir
+
+
+def _set_trainer_state(run_dir, **changes):
+    path = run_dir / "checkpoints" / "step_00000006" / "trainer_state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _replace_with_file(path):
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    path.write_text("not what normopt wrote\n")
+
+
+def _replace_with_folder(path):
+    path.unlink()
+    path.mkdir()
+
+
+def _looping_link(path):
+    shutil.rmtree(path)
+    os.symlink(path.name, path)  # points at itself
+
+
+def _insert_metrics_line(run_dir, line):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join([lines[0], line, *lines[1:]]) + "\n")
+
+
+DAMAGES = {
+    "negative step in trainer_state": (lambda r: _set_trainer_state(r, step=-3), "is not its checkpoint's step"),
+    "trainer_state step of another folder": (lambda r: _set_trainer_state(r, step=5), "is not its checkpoint's step"),
+    "world_size not an integer": (lambda r: _set_trainer_state(r, world_size="two"), "is not a rank count"),
+    "checkpoints/ is a file": (lambda r: _replace_with_file(r / "checkpoints"), "must be a folder"),
+    "checkpoints/ is a symlink loop": (lambda r: _looping_link(r / "checkpoints"), "must be a folder"),
+    "tensorboard/ is a file": (lambda r: _replace_with_file(r / "tensorboard"), "must be a folder"),
+    "metrics.jsonl is a folder": (lambda r: _replace_with_folder(r / "metrics.jsonl"), "must be a file"),
+    "diagnostics.jsonl is a folder": (lambda r: _replace_with_folder(r / "diagnostics.jsonl"), "must be a file"),
+    "non-integer step in a metrics line": (lambda r: _insert_metrics_line(r, '{"step": "2", "loss": 1.0}'),
+                                           "has no step"),
+    "non-JSON middle metrics line": (lambda r: _insert_metrics_line(r, "{not json"), "is not JSON"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_run_is_refused_before_anything_is_written(finished_run, tmp_path, tiny_corpus, capsys, damage):
+    run_dir = _copy(finished_run, tmp_path)
+    change, words = DAMAGES[damage]
+    change(run_dir)
+    before = snapshot(run_dir)
+    proc = train_in_process(tiny_run_args(run_dir, tiny_corpus, *FINISHED_RUN_ARGS, "train.steps=9"), capsys)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr
+    assert snapshot(run_dir) == before
+
+
+def test_a_refused_fresh_run_leaves_no_run_dir(tmp_path, tiny_corpus, capsys):
+    run_dir = tmp_path / "new" / "run"
+    proc = train_in_process(tiny_run_args(run_dir, tmp_path / "no-such-corpus"), capsys)
+    assert proc.returncode == 2 and "no such file or folder" in proc.stderr
+    assert not run_dir.exists()
+
+
+def test_re_running_a_finished_run_changes_no_byte(finished_run, tmp_path, tiny_corpus, capsys):
+    run_dir = _copy(finished_run, tmp_path)
+    before = snapshot(run_dir)
+    proc = train_in_process(tiny_run_args(run_dir, tiny_corpus, *FINISHED_RUN_ARGS), capsys)
+    assert proc.returncode == 0 and "run already complete" in proc.stdout
+    assert snapshot(run_dir) == before  # no new TensorBoard events file, no .lock rewrite
