@@ -31,6 +31,8 @@ from normopt.optim.config import OptimConfig
 from normopt.train_config import RunConfig, TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 
@@ -107,9 +109,18 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             except ValueError:
                 raise UserError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(float(value)):
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond any float
+                number = math.inf
+            if not math.isfinite(number):
                 raise UserError(f"{key}: expected a finite number, got {value!r}")
-            return float(value)
+            # training math runs in float32 at best: a value it cannot hold would become inf
+            # (an lr of 1e39) or 0 (an eps of 1e-300, then a division by zero)
+            if abs(number) > FLOAT32_MAX or 0 < abs(number) < FLOAT32_TINY:
+                raise UserError(f"{key}: {value!r} cannot be represented in float32 "
+                                f"(magnitudes {FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}, or 0)")
+            return number
         raise UserError(f"{key}: expected a number, got {value!r}")
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from normopt.checkpoint.manager import CheckpointWriter, load_checkpoint, read_trainer_state
@@ -32,17 +33,16 @@ from normopt.metrics.device_stats import SectionTimer, pop_peak_memory
 from normopt.metrics.flops import MfuMeter, peak_flops
 from normopt.metrics.jsonl import truncate_after
 from normopt.metrics.logger import MetricsLogger
-from normopt.models.components import attention_class, feed_forward_class
 from normopt.models.llama import Transformer, build_model
-from normopt.models.presets import (count_active_parameters, count_flops_per_token, count_parameters,
+from normopt.models.presets import (count_flops_per_token, count_parameters,
                                     resolve_model_args)
 from normopt.optim.builder import build_optimizers
-from normopt.optim.param_groups import format_group_table
 from normopt.parallel import collectives
 from normopt.parallel.distributed import DistInfo
 from normopt.parallel.fsdp import apply_fsdp
 from normopt.parallel.grad_clip import clip_grad_norm_
 from normopt.run_checks import check_run_dir
+from normopt.start_up_log import start_up_lines
 from normopt.run_dir import RunDir
 from normopt.run_lock import RunLock
 
@@ -353,6 +353,15 @@ class Trainer:
         return eval_loss
 
     def save(self, step: int, block: bool = True) -> None:
+        """Checkpoint ``step``, unless a weight is not finite on some rank: the loss and the
+        gradient norm are checked before every update, but an update itself can overflow
+        (an eps that vanishes in float32); then no checkpoint is written and the run stops
+        as diverged, keeping the last good checkpoint."""
+        local = [p.detach().to_local() if isinstance(p, DTensor) else p.detach() for p in self.model.parameters()]
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in local]).all()) if local else True
+        if collectives.any_rank(not finite):
+            raise TrainingDiverged(f"after step {step} a weight is not finite; no checkpoint written "
+                                   f"(the last complete one is kept)")
         trainer_state = {"tokens": step * self.cfg.train.global_batch_size * self.cfg.train.seq_len,
                          "world_size": self.dist.world_size}
         self.checkpointer.save(step, self.model, self.optimizers.optimizers, trainer_state, block=block)
@@ -360,34 +369,8 @@ class Trainer:
     # ------------------------------------------------------------------ reporting
 
     def _print_header(self) -> None:
-        cfg, t, a = self.cfg, self.cfg.train, self.model_args
-        self.log(f"normopt: run.dir={self.run}  ranks={self.dist.world_size} ({self.dist.device.type})  "
-                 f"dtype={self.dtype}  compile={t.compile}  deterministic={t.deterministic}  "
-                 f"activation_checkpointing={t.activation_checkpointing}")
-        self.log(f"model: preset={cfg.model.preset} norm={a.norm} dim={a.dim} layers={a.n_layers} "
-                 f"heads={a.n_heads}/{a.n_kv_heads} ffn={a.ffn_hidden} vocab={a.vocab_size} "
-                 f"tied={a.tie_embeddings}  parameters={self.num_params:,}")
-        for line in (attention_class(a.attention).describe(a),
-                     feed_forward_class(a.ffn).describe(a, self.num_params, count_active_parameters(a))):
-            if line:
-                self.log(line)
-        self.log(f"memory: {self.memory.describe()}")
-        self.log(f"data: {len(self.data.tokens):,} tokens, {self.batches.num_sequences:,} training "
-                 f"sequences of {t.seq_len}; unigram entropy {self.data.unigram_entropy:.3f} nats")
-        self.log(f"batch: {t.global_batch_size} sequences/step = {self.micro_batch} micro x "
-                 f"{self.accum_steps} accumulation x {self.dist.world_size} ranks "
-                 f"(train.micro_batch_size {t.micro_batch_size} is the largest micro-batch allowed)")
-        self.log("optimizer groups:\n" + format_group_table(self.optimizers.groups))
-        if self.peak_flops:
-            self.log(f"peak: {self.peak_flops / 1e9:,.0f} GFLOP/s per rank ({self.peak_source}); mfu counts the "
-                     f"model's forward and backward FLOPs ({self.flops_per_token / 1e9:.3g} GFLOP per token)")
-            if self.ns_flops_per_step:
-                model_flops = self.flops_per_token * t.global_batch_size * t.seq_len
-                self.log(f"Newton-Schulz: {self.ns_flops_per_step / 1e12:.3g} TFLOP per step "
-                         f"({self.ns_flops_per_step / model_flops:.1%} of the model's), not in mfu; "
-                         f"mfu_with_ns counts them too")
-        if self.start_step:
-            self.log(f"resumed from {self.resume_from} at step {self.start_step}")
+        for line in start_up_lines(self):
+            self.log(line)
 
     def _last_logged_eval(self) -> float | None:
         path = self.run.metrics

@@ -4,6 +4,7 @@ and learning on the real corpus with every norm."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -161,3 +162,72 @@ def test_one_writer_per_run_directory(tmp_path, tiny_corpus):
         first.wait()
     after_kill = run_cli(tiny_run_args(run_dir, tiny_corpus, "train.steps=2"))
     assert after_kill.returncode == 0, after_kill.stderr[-2000:]  # the dead holder's lock is gone
+
+
+NON_FINITE_UPDATE = """
+import sys
+import torch
+from normopt.optim import builder
+from normopt.cli import main
+
+real_step = builder.Optimizers.step
+
+
+def step(self):  # an update that overflows: the loss and gradient norm stay finite
+    real_step(self)
+    for group in self.groups:
+        for p in group.params:
+            if p.ndim == 2:
+                (p.data.to_local() if hasattr(p.data, "to_local") else p.data)[0, 0] = float("inf")
+                return
+
+
+builder.Optimizers.step = step
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_an_update_that_overflows_writes_no_checkpoint(tmp_path, tiny_corpus):
+    """The loss and the gradient norm are checked before every update, but an update itself
+    can leave a weight non-finite: then the checkpoint of that step is not written, the run
+    stops as diverged (3), and no checkpoint holding inf exists."""
+    import subprocess
+    import sys
+
+    from tests.processes import REPO_ROOT, child_env
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", NON_FINITE_UPDATE,
+                           *tiny_run_args(run_dir, tiny_corpus, "checkpoint.interval=1")],
+                          cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "after step 1 a weight is not finite; no checkpoint written" in proc.stderr
+    assert not list((run_dir / "checkpoints").glob("step_*"))
+
+
+def test_values_float32_cannot_hold_and_impossible_shapes_are_refused():
+    from normopt.config import load_config
+    from normopt.errors import UserError
+
+    for override, words in (("optim.lr=1e39", "cannot be represented in float32"),
+                            ("optim.lr=3e38", "optim.lr: must be in (0, 1e+06]"),
+                            ("optim.eps=1e-300", "cannot be represented in float32"),
+                            ("model.rope_theta=0", "model.rope_theta: must be positive"),
+                            ("data.vocab_size=100000000", "data.vocab_size: must be in [260, 1048576]")):
+        with pytest.raises(UserError, match=re.escape(words)):
+            load_config(None, [override])
+    assert load_config(None, ["optim.weight_decay=0"]).optim.weight_decay == 0.0
+
+
+def test_the_validation_fraction_is_part_of_the_prepared_corpus_key(tmp_path, tiny_corpus):
+    from types import SimpleNamespace
+
+    from normopt.data.corpus import resolve_corpus
+    from normopt.data.token_cache import prepared_folder
+
+    def key(fraction):
+        cfg = SimpleNamespace(path=str(tiny_corpus), cache_dir=str(tmp_path), text_column="text", tokenizer="",
+                              vocab_size=300, max_tokens=0, val_fraction=fraction)
+        return prepared_folder(cfg, resolve_corpus(cfg)).name
+
+    assert key(0.05) != key(0.1) and key(0.05) == key(0.05)

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from normopt.key_roles import EXECUTION, require, role
 
 
+MAX_VOCAB = 1 << 20  # 1M tokens: beyond every published LM vocabulary (256k at most)
+
+
 @dataclass
 class DataConfig:
     path: str = ""  # file, folder, glob or hub dataset name; empty = built-in Shakespeare
@@ -27,7 +30,8 @@ class DataConfig:
     cache_dir: str = role(EXECUTION, "")  # empty = $NORMOPT_CACHE or ~/.cache/normopt
 
     def validate(self) -> None:
-        require(self.vocab_size >= 260, "data.vocab_size", "must be at least 260 (256 bytes + specials)")
+        require(260 <= self.vocab_size <= MAX_VOCAB, "data.vocab_size",
+                f"must be in [260, {MAX_VOCAB}] (256 bytes + specials; larger BPEs exhaust memory in training)")
         require(0.0 < self.val_fraction < 0.5, "data.val_fraction", "must be in (0, 0.5)")
         require(self.max_tokens >= 0, "data.max_tokens", "must be >= 0")
         require(2 <= self.synthetic_classes <= 1_000_000, "data.synthetic_classes", "must be in [2, 1000000]")

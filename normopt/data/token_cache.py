@@ -80,7 +80,9 @@ def _tokenizer_identity(data_cfg) -> str:
 
 
 def prepared_folder(data_cfg, spec: CorpusSpec) -> Path:
-    key = f"{spec.fingerprint()}-{_tokenizer_identity(data_cfg)}-max{data_cfg.max_tokens}"
+    # every key that changes the prepared files: the source, the tokenizer, the cap, the split
+    key = (f"{spec.fingerprint()}-{_tokenizer_identity(data_cfg)}-max{data_cfg.max_tokens}"
+           f"-val{data_cfg.val_fraction:g}")
     return default_cache_dir(data_cfg.cache_dir) / "prepared" / key
 
 

@@ -74,6 +74,8 @@ class ModelConfig:
             value = getattr(self, name)
             require(value is None or value > 0, f"model.{name}", "must be positive")
         require(self.norm_eps > 0, "model.norm_eps", "must be positive")
+        require(self.rope_theta is None or self.rope_theta > 0, "model.rope_theta",
+                "must be positive (RoPE frequencies are theta^(-2i/d))")
         require(self.init_std > 0, "model.init_std", "must be positive")
         for name in ("alpha_init_attn", "alpha_init_ffn", "alpha_init_final"):
             value = getattr(self, name)

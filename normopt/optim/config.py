@@ -14,6 +14,11 @@ from normopt.optim.registry import OPTIMIZER_NAMES
 from normopt.parallel.ns_plan import DEFAULT_BUCKET_MB
 
 
+# no optimizer here trains above this; far larger rates overflow float32 inside the update
+# (lr x Muon's scale as a kernel's scalar argument) instead of diverging cleanly (exit 3)
+MAX_LR = 1e6
+
+
 @lru_cache(maxsize=64)
 def _ns_rules(text: str) -> NSStepRules:
     return NSStepRules.parse(text)
@@ -71,14 +76,14 @@ class OptimConfig:
         return _ns_rules(self.ns_steps_per_layer)
 
     def validate(self) -> None:
-        require(self.lr > 0, "optim.lr", "must be positive")
+        require(0 < self.lr <= MAX_LR, "optim.lr", f"must be in (0, {MAX_LR:g}]")
         require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         require(0 <= self.beta1 < 1, "optim.beta1", "must be in [0, 1)")
         require(0 <= self.beta2 < 1, "optim.beta2", "must be in [0, 1)")
         require(self.eps > 0, "optim.eps", "must be positive")
         require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
         require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-        require(self.muon_lr is None or self.muon_lr > 0, "optim.muon_lr", "must be positive")
+        require(self.muon_lr is None or 0 < self.muon_lr <= MAX_LR, "optim.muon_lr", f"must be in (0, {MAX_LR:g}]")
         require(self.muon_weight_decay is None or self.muon_weight_decay >= 0, "optim.muon_weight_decay",
                 "must be >= 0")
         require(0 <= self.momentum < 1, "optim.momentum", "must be in [0, 1)")
