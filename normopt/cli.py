@@ -6,12 +6,16 @@ Exit status: 0 done; 2 user error (one line on stderr, no traceback); 3 the loss
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from normopt.cli_args import config_parser
-from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError
+from normopt.cli_args import CommandParser, config_parser
+from normopt.errors import (
+    DIVERGED_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    USER_ERROR_EXIT_CODE,
+    UserError,
+)
 
 
 def train_main(argv: list[str] | None = None, prog: str = "train.py") -> int:
@@ -49,7 +53,11 @@ def _train(config_path, overrides) -> int:
     cfg = load_config(config_path, overrides)  # refuses bad configs before any rank starts work
 
     from normopt.determinism import use_deterministic_kernels
-    from normopt.parallel.distributed import init_distributed, pick_device_type, shutdown_distributed
+    from normopt.parallel.distributed import (
+        init_distributed,
+        pick_device_type,
+        shutdown_distributed,
+    )
     from normopt.trainer import Preempted, Trainer, TrainingDiverged
 
     if cfg.train.deterministic:  # before CUDA starts (cuBLAS reads its workspace setting once)
@@ -80,7 +88,7 @@ def _train(config_path, overrides) -> int:
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="normopt export",
         description="Write a run's model weights as one safetensors file, with its config and tokenizer beside it.")
     parser.add_argument("run_dir", help="the run directory")

@@ -28,13 +28,20 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError
+from normopt.cli_args import CommandParser
+from normopt.errors import (
+    DIVERGED_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    USER_ERROR_EXIT_CODE,
+    UserError,
+)
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # statuses the ranks agree on; anything else from a rank is a crash
@@ -140,7 +147,7 @@ def _status(returncode: int) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="normopt launch", allow_abbrev=False, description="Train on N ranks of this node (one launcher per node for "
         "multi-node jobs), keeping normopt's exit statuses (0 done, 2 user error, 3 diverged, 75 "
         "stopped after a checkpoint) and forwarding SIGTERM/SIGUSR1/SIGINT to every rank.",
@@ -170,7 +177,15 @@ def launch_main(argv: list[str]) -> int:
     nproc = args.nproc if args.nproc is not None else default_nproc()
     if nproc < 1 or args.nnodes < 1:
         raise UserError("--nproc and --nnodes must be at least 1")
-    node_rank = args.node_rank if args.node_rank is not None else int(os.environ.get("SLURM_NODEID", "0"))
+    if args.node_rank is not None:
+        node_rank = args.node_rank
+    else:
+        slurm_node = os.environ.get("SLURM_NODEID", "0").strip()
+        if not re.fullmatch(r"[0-9]+", slurm_node):
+            raise UserError(f"SLURM_NODEID={slurm_node!r} is not a node index (pass --node-rank)")
+        node_rank = int(slurm_node)
+    if args.master_port is not None and not 1 <= args.master_port <= 65535:
+        raise UserError(f"--master-port {args.master_port} is not a TCP port (1-65535)")
     if not 0 <= node_rank < args.nnodes:
         raise UserError(f"--node-rank {node_rank} is not in 0..{args.nnodes - 1}")
     world = nproc * args.nnodes

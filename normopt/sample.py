@@ -10,14 +10,16 @@ models this framework trains, to see what a run has learned).
 
 from __future__ import annotations
 
-import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from normopt.export import load_model_weights, run_tokenizer
+
+from normopt.cli_args import CommandParser
 from normopt.config import Config, read_saved_config
 from normopt.errors import UserError
+from normopt.export import load_model_weights, run_tokenizer
 from normopt.run_dir import RunDir
 
 
@@ -92,8 +94,11 @@ def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int,
     return new
 
 
+MAX_NEW_TOKENS = 1_000_000
+
+
 def sample_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="normopt sample",
         description="Generate text from a run's checkpoint (or its export) on the CPU and print it.")
     parser.add_argument("run_dir", help="the run directory")
@@ -104,10 +109,12 @@ def sample_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
     args = parser.parse_args(argv)
-    if args.max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(f"--max-new-tokens must be in [0, {MAX_NEW_TOKENS}], got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and 0 <= args.temperature <= 1e4):
+        raise UserError(f"--temperature must be a number in [0, 10000], got {args.temperature}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise UserError(f"--seed must be in [0, 2^63), got {args.seed}")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {args.top_k}")
     from normopt.data.tokenizer import EOS_CANDIDATES

@@ -52,7 +52,7 @@ def test_bad_config_is_refused_before_launch():
     proc = subprocess.run(["bash", str(SCRIPT), "optim.lr=-1"], capture_output=True, text=True,
                           timeout=120, env=_env(NORMOPT_DRY_RUN="1"))
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "normopt: error: optim.lr: must be positive"
+    assert proc.stderr.strip() == "normopt: error: optim.lr: must be in (0, 1e+06]"
 
 
 def test_usr1_checkpoints_then_requeues(tmp_path, tiny_corpus):

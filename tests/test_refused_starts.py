@@ -108,3 +108,39 @@ def test_re_running_a_finished_run_changes_no_byte(finished_run, tmp_path, tiny_
     proc = train_in_process(tiny_run_args(run_dir, tiny_corpus, *FINISHED_RUN_ARGS), capsys)
     assert proc.returncode == 0 and "run already complete" in proc.stdout
     assert snapshot(run_dir) == before  # no new TensorBoard events file, no .lock rewrite
+
+
+# ---------------------------------------------------------------- bad command lines
+
+
+def _one_line_exit_2(argv, capsys) -> str:
+    from normopt.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's error path exits
+        code = exc.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err)
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["export"], "the following arguments are required: run_dir (see normopt export --help)"),
+    (["sample", "runs/x", "--prompt", "a", "--seed", "1e23"], "argument --seed: invalid int value"),
+    (["sample", "runs/x", "--prompt", "a", "--seed", str(10 ** 23)], "--seed must be in [0, 2^63)"),
+    (["sample", "runs/x", "--prompt", "a", "--temperature", "nan"], "--temperature must be a number"),
+    (["report", "--smoothing"], "expected one argument (see normopt report --help)"),
+    (["launch", "--master-port", "70000"], "--master-port 70000 is not a TCP port"),
+    (["train", "checkpoint.resume=\u00b2"], "checkpoint.resume: '\u00b2' is not auto, never or a step number"),
+    (["train", "optim.lr=1e39"], "cannot be represented in float32"),
+])
+def test_a_bad_command_line_is_one_line_and_exit_2(argv, words, capsys):
+    assert words in _one_line_exit_2(argv, capsys)
+
+
+def test_a_slurm_node_id_that_is_no_index_is_refused_before_any_rank(monkeypatch, capsys):
+    monkeypatch.setenv("SLURM_NODEID", "node-3")
+    assert "SLURM_NODEID='node-3' is not a node index" in _one_line_exit_2(["launch"], capsys)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from normopt.key_roles import EXECUTION, require, role
@@ -17,5 +18,6 @@ class CheckpointConfig:
     def validate(self) -> None:
         require(self.interval >= 0, "checkpoint.interval", "must be >= 0 (0 = only at the end)")
         require(self.keep_latest_k >= 1, "checkpoint.keep_latest_k", "must be at least 1")
-        require(self.resume in ("auto", "never") or self.resume.isdigit(), "checkpoint.resume",
+        require(self.resume in ("auto", "never") or re.fullmatch(r"[0-9]{1,12}", self.resume) is not None,
+                "checkpoint.resume",
                 f"{self.resume!r} is not auto, never or a step number")

@@ -16,7 +16,6 @@ prints the SLURM script) and runs nothing.
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from normopt.cli_args import CommandParser
 from normopt.config import REPO_ROOT, load_config
 from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, UserError
 from normopt.factorial.cells import CellSpec, write_cell_json
@@ -151,7 +151,7 @@ def print_plan(base: Path, root: Path, cells: list[CellSpec]) -> None:
 
 
 def factorial_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="normopt factorial",
+    parser = CommandParser(prog="normopt factorial",
                                      description="Run every cell of a factorial spec, then report.")
     parser.add_argument("spec", help="factorial spec (YAML)")
     parser.add_argument("--nproc", type=int, default=1, help="ranks per cell (normopt launch); default 1")

@@ -83,7 +83,7 @@ class NSStepRules:
         rules = []
         for item in filter(None, (part.strip() for part in text.split(","))):
             pattern, sep, steps = item.rpartition("=")
-            if not sep or not pattern or not steps.strip().isdigit() or int(steps) < 1:
+            if not sep or not pattern or not re.fullmatch(r"[0-9]{1,6}", steps.strip()) or int(steps) < 1:
                 raise ValueError(f"{item!r} is not pattern=steps with steps >= 1")
             try:
                 rules.append(NSStepRule(pattern.strip(), int(steps)))

@@ -32,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from normopt.cli_args import CommandParser
 from normopt.errors import UserError
 from normopt.metrics.logger import jsonable
 from normopt.report.axes import (
@@ -59,7 +60,12 @@ from normopt.report.markdown import (
     stratum_label,
     stratum_prefix,
 )
-from normopt.report.plots import plot_final_losses, plot_gaps, plot_loss_curves, smoothing_label
+from normopt.report.plots import (
+    plot_final_losses,
+    plot_gaps,
+    plot_loss_curves,
+    smoothing_label,
+)
 from normopt.report.run_setup import experiment_setup
 from normopt.report.statistics import DEFAULT_FIXES, build_summary
 
@@ -143,7 +149,7 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     [--reference LEVEL] [--smoothing 0.9] [--fix VARIANT=LEVEL ...]``: write the report, print
     the main tables and the paths written. Raises UserError (exit 2 in the CLI) for a bad root
     or unreadable files."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="normopt report",
         description="Summarize a factorial experiment: one subfolder of ROOT per cell (run directory). "
                     "The axes come from ROOT's experiment.json (written by normopt factorial), else from "

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from normopt.cli_args import CommandParser
 from normopt.diagnostics.ns_spectrum import DEFAULT_MAX_STEPS, default_band
 from normopt.errors import UserError
 from normopt.optim.newton_schulz import coefficient_schedule
@@ -289,7 +290,7 @@ def spectrum_main(argv: Sequence[str] | None = None) -> int:
     [--level 0.1] [--source ns_input|momentum] [--out DIR] ...``: fit, print the tables,
     write spectrum.png and spectrum.json. Raises UserError (exit 2 in the CLI) for a
     missing ROOT, no ns_spectrum records, or fewer than two model sizes."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="normopt spectrum",
         description="Fit power laws of the NS-input singular-value quantiles in model size, per depth "
                     "group and matrix type, and recommend Newton-Schulz steps per layer for a target size.")
