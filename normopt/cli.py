@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
+from normopt.checkpoint.preemption import StopRequest
 from normopt.cli_args import CommandParser, config_parser
 from normopt.errors import (
     DIVERGED_EXIT_CODE,
@@ -48,6 +49,16 @@ def check_main(argv: list[str] | None = None) -> int:
 
 
 def _train(config_path, overrides) -> int:
+    # stop signals are caught from the first moment: one during start-up ends the run with
+    # status 75 and one line at the first step boundary, not with the default 143
+    stop_request = StopRequest()
+    try:
+        return _train_until_stopped(config_path, overrides, stop_request)
+    finally:
+        stop_request.close()
+
+
+def _train_until_stopped(config_path, overrides, stop_request) -> int:
     from normopt.config import load_config
 
     cfg = load_config(config_path, overrides)  # refuses bad configs before any rank starts work
@@ -65,7 +76,7 @@ def _train(config_path, overrides) -> int:
     dist_info = init_distributed(cfg.train.device)
     failure: tuple[int, str] | None = None
     try:
-        trainer = Trainer(cfg, dist_info)
+        trainer = Trainer(cfg, dist_info, stop_request)
         try:
             trainer.fit()
         finally:

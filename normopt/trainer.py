@@ -71,8 +71,9 @@ def on_main_then_share(fn, dist_info: DistInfo):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dist_info: DistInfo):
+    def __init__(self, cfg: Config, dist_info: DistInfo, stop_request: StopRequest | None = None):
         self.cfg, self.dist = cfg, dist_info
+        self.stop_request = stop_request or StopRequest()
         self.log = print if dist_info.is_main else (lambda *a, **k: None)
         t = cfg.train
         self.micro_batch, self.accum_steps = t.micro_batch_plan(dist_info.world_size)
@@ -129,7 +130,6 @@ class Trainer:
         self.diagnostics = self._build_diagnostics()
         self.checkpointer = CheckpointWriter(self.run, dist_info.is_main, cfg.checkpoint.keep_latest_k,
                                              cfg.checkpoint.async_save)
-        self.stop_request = StopRequest()
         self.peak_flops, self.peak_source = peak_flops(dist_info.device, DTYPES[self.dtype], probe=t.mfu_probe,
                                                        peak_tflops=t.peak_tflops)
         self.mfu = MfuMeter(self.peak_flops, self.peak_source, self.flops_per_token, dist_info.world_size, self.log)
@@ -205,6 +205,9 @@ class Trainer:
                      f"(raise train.steps to continue it)")
             return self._summary(self._last_logged_eval())
 
+        if collectives.any_rank(self.stop_request.requested):  # a stop signal during start-up
+            raise Preempted(f"stopped by {self.stop_request.signal_name or 'a stop signal on another rank'} before "
+                            f"the first step (nothing trained since step {self.start_step})")
         tokens_per_step = t.global_batch_size * t.seq_len
         progress = tqdm(total=t.steps, initial=self.start_step, disable=not self.dist.is_main,
                         desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)

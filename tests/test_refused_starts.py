@@ -144,3 +144,35 @@ def test_a_bad_command_line_is_one_line_and_exit_2(argv, words, capsys):
 def test_a_slurm_node_id_that_is_no_index_is_refused_before_any_rank(monkeypatch, capsys):
     monkeypatch.setenv("SLURM_NODEID", "node-3")
     assert "SLURM_NODEID='node-3' is not a node index" in _one_line_exit_2(["launch"], capsys)
+
+
+# ---------------------------------------------------------------- signals during start-up
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler installed for ``sig`` (Linux: SigCgt)."""
+    with open(f"/proc/{pid}/status") as status:
+        mask = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
+    return bool(mask >> (sig - 1) & 1)
+
+
+def test_a_stop_signal_during_start_up_ends_with_75_and_one_line(tmp_path, tiny_corpus):
+    """SIGTERM (SIGUSR1 and SIGINT share the handler) while torch is being imported. SIGINT
+    itself is not sent here: Python catches it from interpreter start, so SigCgt cannot
+    tell when normopt's handler replaced Python's."""
+    import signal
+    import time
+
+    from tests.processes import start
+
+    proc = start(tiny_run_args(tmp_path / "run", tiny_corpus, *FINISHED_RUN_ARGS))
+    sig, signum = "SIGTERM", signal.SIGTERM
+    deadline = time.time() + 60
+    while not _catches(proc.pid, signum) and time.time() < deadline:  # the handler is the first thing set
+        time.sleep(0.005)
+    proc.send_signal(signum)  # torch is still being imported: start-up takes seconds more
+    _, stderr = proc.communicate(timeout=240)
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("train:")]
+    assert proc.returncode == 75, stderr[-2000:]
+    assert lines == [f"normopt: stopped by {sig} before the first step (nothing trained since step 0); "
+                     f"run the same command to resume"], stderr[-2000:]
