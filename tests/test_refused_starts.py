@@ -95,6 +95,22 @@ def test_a_damaged_run_is_refused_before_anything_is_written(finished_run, tmp_p
     assert snapshot(run_dir) == before
 
 
+def test_a_checkpoint_of_another_model_is_refused_whatever_the_configs_say(finished_run, tmp_path, tiny_corpus,
+                                                                          capsys):
+    """The configs beside the checkpoint are gone, so only the tensors can tell: an RMSNorm
+    checkpoint resumed as DyT lacks DyT's alphas and the embedding scale."""
+    run_dir = _copy(finished_run, tmp_path)
+    for config in run_dir.rglob("config.yaml"):
+        config.unlink()
+    before = snapshot(run_dir)
+    proc = train_in_process(tiny_run_args(run_dir, tiny_corpus, *FINISHED_RUN_ARGS, "model.norm=dyt",
+                                          "train.steps=9"), capsys)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "holds another model than this config builds: it lacks embed_scale, layers.0.attn_norm.alpha" in lines[0]
+    assert snapshot(run_dir) == before
+
+
 def test_a_refused_fresh_run_leaves_no_run_dir(tmp_path, tiny_corpus, capsys):
     run_dir = tmp_path / "new" / "run"
     proc = train_in_process(tiny_run_args(run_dir, tmp_path / "no-such-corpus"), capsys)

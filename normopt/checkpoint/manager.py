@@ -218,6 +218,21 @@ def _first_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
+def check_same_model(path: Path, metadata, model: nn.Module) -> None:
+    """Refuse a checkpoint of another model: its model tensors must be the built model's, by
+    name and full shape (a DyT checkpoint holds RMSNorm's ``weight`` names too, plus alpha,
+    and DCP would load the shared names and ignore the rest)."""
+    saved = {key.removeprefix("model."): tuple(entry.size) for key, entry in metadata.state_dict_metadata.items()
+             if key.startswith("model.") and hasattr(entry, "size")}
+    built = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing, extra = sorted(built.keys() - saved.keys()), sorted(saved.keys() - built.keys())
+    shapes = sorted(name for name in built.keys() & saved.keys() if built[name] != saved[name])
+    if missing or extra or shapes:
+        parts = [f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}" for what, names in
+                 (("lacks", missing), ("has extra", extra), ("has other shapes for", shapes)) if names]
+        raise UserError(f"checkpoint {path} holds another model than this config builds: it {'; '.join(parts)}")
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizers: list) -> dict:
     """Load model and optimizer state in place (any world size); return the trainer state."""
     state_file = path / TRAINER_STATE
@@ -226,7 +241,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizers: list) -> dict:
     trainer_state = read_trainer_state(path)
     # crafted metadata and pickled entries are refused here, in one line, before DCP
     # (which would log tracebacks around them) reads anything
-    read_metadata(path)
+    metadata = read_metadata(path)
+    check_same_model(path, metadata, model)
     non_tensors = read_non_tensor_state(path)
     tensors, _ = split_tensors(_state(model, optimizers))
     try:
