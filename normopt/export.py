@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from normopt.checkpoint.manager import read_trainer_state
 from normopt.checkpoint.safe_dcp import SafeReader, TensorOnlyPlanner, read_metadata
 from normopt.errors import UserError
+from normopt.output_paths import check_output_file
 from normopt.run_dir import RunDir
 
 MODEL_PREFIX = "model."
@@ -80,6 +81,8 @@ def export_safetensors(run_dir: Path, step: int | None = None, out: Path | None 
     tokenizer = run_tokenizer(run, config)  # before writing anything: an export is complete or absent
     weights = load_model_weights(checkpoint)
     paths = run.export_files(out or run.export / f"{checkpoint.name}.safetensors")
+    for path in paths.values():  # all three, before anything is written
+        check_output_file(path, "--out", run)
     folder = paths["weights"].parent
     if not folder.exists():
         folder.mkdir(parents=True)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -192,3 +193,31 @@ def test_a_stop_signal_during_start_up_ends_with_75_and_one_line(tmp_path, tiny_
     assert proc.returncode == 75, stderr[-2000:]
     assert lines == [f"normopt: stopped by {sig} before the first step (nothing trained since step 0); "
                      f"run the same command to resume"], stderr[-2000:]
+
+
+# ---------------------------------------------------------------- output paths and report options
+
+
+def test_export_refuses_paths_it_must_not_write(finished_run, tmp_path, capsys):
+    run_dir = _copy(finished_run, tmp_path)
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-folder").mkdir()
+    before = snapshot(run_dir)
+    for out, words in ((tmp_path / "a-folder", "exists and is not a regular file"),
+                       (tmp_path / "a-file" / "w.safetensors", "is not a folder"),
+                       (run_dir / "metrics.jsonl", "a file of the run"),
+                       (Path("/dev/null"), "exists and is not a regular file")):
+        line = _one_line_exit_2(["export", str(run_dir), "--out", str(out)], capsys)
+        assert words in line, line
+    assert snapshot(run_dir) == before
+
+
+def test_report_refuses_a_fix_that_names_no_level_and_an_out_that_is_a_file(finished_run, tmp_path, capsys):
+    root = tmp_path / "grid"
+    root.mkdir()
+    shutil.copytree(finished_run, root / "rmsnorm-muon")
+    line = _one_line_exit_2(["report", str(root), "--fix", "foo=bar"], capsys)
+    assert "--fix foo=bar: no cell has model.norm=foo" in line
+    (tmp_path / "out").write_text("x")
+    assert "exists and is not a folder" in _one_line_exit_2(["report", str(root), "--out", str(tmp_path / "out")],
+                                                            capsys)

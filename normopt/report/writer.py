@@ -35,8 +35,10 @@ from typing import Any
 from normopt.cli_args import CommandParser
 from normopt.errors import UserError
 from normopt.metrics.logger import jsonable
+from normopt.output_paths import check_output_folder
 from normopt.report.axes import (
     ReportAxes,
+    cell_level,
     infer_axes,
     override_axes,
     place_cells,
@@ -177,6 +179,14 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     axes = override_axes(read_experiment_file(root) or infer_axes(cells), compare=args.compare,
                          baseline=args.baseline, across=args.across, reference=args.reference,
                          fixes=dict(args.fix))
+    levels = {cell_level(cell, axes.compare) for cell in cells} - {None}
+    for variant, base in args.fix:
+        for level in (variant, base):
+            if level not in levels:
+                raise UserError(f"--fix {variant}={base}: no cell has {axes.compare}={level} "
+                                f"(levels: {', '.join(sorted(levels)) or 'none'})")
+    if args.out:
+        check_output_folder(Path(args.out), "--out")
     summary = write_report(root, args.out, axes=axes, smoothing=args.smoothing)
     print_summary(summary)
     return 0

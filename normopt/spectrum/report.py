@@ -19,6 +19,7 @@ from normopt.cli_args import CommandParser
 from normopt.diagnostics.ns_spectrum import DEFAULT_MAX_STEPS, default_band
 from normopt.errors import UserError
 from normopt.optim.newton_schulz import coefficient_schedule
+from normopt.output_paths import check_output_folder
 from normopt.report.plots import figure
 from normopt.report.tables import text_table
 from normopt.spectrum.fit import (
@@ -319,6 +320,8 @@ def spectrum_main(argv: Sequence[str] | None = None) -> int:
     if args.target_layers is not None and args.target_layers < 1:
         raise UserError(f"--target-layers must be >= 1, got {args.target_layers}")
     options = {key: value for key, value in vars(args).items() if key not in ("root", "out")}
+    if args.out:
+        check_output_folder(Path(args.out), "--out")
     summary = write_spectrum(args.root, args.out, **options)
     print(fits_table(summary))
     if summary["recommendation"] is not None:
