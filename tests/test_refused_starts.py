@@ -221,3 +221,15 @@ def test_report_refuses_a_fix_that_names_no_level_and_an_out_that_is_a_file(fini
     (tmp_path / "out").write_text("x")
     assert "exists and is not a folder" in _one_line_exit_2(["report", str(root), "--out", str(tmp_path / "out")],
                                                             capsys)
+
+
+@pytest.mark.parametrize("arm, words", [("../../x", "arm name '../../x' must be"), ("a/b", "arm name 'a/b' must be")])
+def test_factorial_names_that_escape_the_root_are_refused(tmp_path, capsys, arm, words):
+    import yaml
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"base": "../configs/demo.yaml", "root": str(tmp_path / "grid"),
+                                    "axes": {"model.norm": ["rmsnorm"]}, "seeds": [0],
+                                    "arms": {arm: {"model.norm": "derf"}}}))
+    assert words in _one_line_exit_2(["factorial", str(spec), "--dry-run"], capsys)
+    assert not (tmp_path / "grid").exists() and not (tmp_path.parent / "x").exists()

@@ -31,6 +31,7 @@ SLURM node): that is checked when the spec is read, before anything runs.
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,9 @@ def _resolve_path(text: str, spec_dir: Path) -> Path:
 
 def _format_value(value: Any) -> str:
     return "" if value is None else (str(value).lower() if isinstance(value, bool) else str(value))
+
+
+ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*")
 
 
 def _value_label(value: Any) -> str:
@@ -120,6 +124,9 @@ def load_spec(path: str | Path, world_size: int | None = None) -> tuple[dict[str
         if spec.get(key) is not None and not isinstance(spec[key], dict):
             raise UserError(f"{path}: {key} must be a mapping")
     for arm, settings in (spec.get("arms") or {}).items():
+        if not isinstance(arm, str) or not ARM_NAME.fullmatch(arm):
+            raise UserError(f"{path}: arm name {arm!r} must be letters, digits, '_', '.', '=', '+' or '-' "
+                            f"(it names folders under the grid root)")
         if not isinstance(settings, dict) or not settings:
             raise UserError(f"{path}: arm {arm!r} must map config keys to values")
     check_slurm_section(spec, path)
@@ -140,6 +147,9 @@ def load_spec(path: str | Path, world_size: int | None = None) -> tuple[dict[str
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise UserError(f"{path}: two cells would share the name {duplicate!r}")
+    for name in names:  # each cell is one folder directly under the root, whatever its values
+        if name in (".", "..") or "\x00" in name or (root / name).resolve().parent != root.resolve():
+            raise UserError(f"{path}: cell name {name!r} does not name a folder directly under the root {root}")
     for cell in cells:
         cell.overrides = [f"{k}={_format_value(v)}" for k, v in cell.settings.items()]
         cell.overrides.append(f"run.dir={root / cell.name}")
