@@ -233,3 +233,35 @@ def test_factorial_names_that_escape_the_root_are_refused(tmp_path, capsys, arm,
                                     "arms": {arm: {"model.norm": "derf"}}}))
     assert words in _one_line_exit_2(["factorial", str(spec), "--dry-run"], capsys)
     assert not (tmp_path / "grid").exists() and not (tmp_path.parent / "x").exists()
+
+
+def _edit_non_tensor_state(run_dir, change):
+    path = run_dir / "checkpoints" / "step_00000006" / "non_tensor_state.json"
+    state = json.loads(path.read_text())
+    change(state)
+    path.write_text(json.dumps(state))
+
+
+def _lr_key(state):
+    return next(k for k in state if k.endswith('0, "lr"]}'))
+
+
+NON_TENSOR_DAMAGES = {
+    "an lr that is a string": (lambda s: s.__setitem__(_lr_key(s), "fast"), "is a string"),
+    "an lr that is NaN": (lambda s: s.__setitem__(_lr_key(s), float("nan")), "expected a number"),
+    "a param group that does not exist": (lambda s: s.__setitem__(_lr_key(s).replace(", 0,", ", 99,"), 0.1),
+                                          "has an unknown entry"),
+    "a hyperparameter gone": (lambda s: s.pop(_lr_key(s)), "lacks"),
+}
+
+
+@pytest.mark.parametrize("damage", list(NON_TENSOR_DAMAGES))
+def test_a_damaged_non_tensor_state_is_refused(finished_run, tmp_path, tiny_corpus, capsys, damage):
+    run_dir = _copy(finished_run, tmp_path)
+    change, words = NON_TENSOR_DAMAGES[damage]
+    _edit_non_tensor_state(run_dir, change)
+    before = snapshot(run_dir)
+    proc = train_in_process(tiny_run_args(run_dir, tiny_corpus, *FINISHED_RUN_ARGS, "train.steps=9"), capsys)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr
+    assert snapshot(run_dir) == before

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from normopt.checkpoint.safe_dcp import (
     SafeReader,
     TensorOnlyPlanner,
+    check_non_tensor_state,
     merge_tensors,
     read_metadata,
     read_non_tensor_state,
@@ -244,7 +245,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizers: list) -> dict:
     metadata = read_metadata(path)
     check_same_model(path, metadata, model)
     non_tensors = read_non_tensor_state(path)
-    tensors, _ = split_tensors(_state(model, optimizers))
+    tensors, expected = split_tensors(_state(model, optimizers))
+    check_non_tensor_state(path, non_tensors, expected)
     try:
         dcp.load(tensors, checkpoint_id=str(path), storage_reader=SafeReader(str(path)),
                  planner=TensorOnlyPlanner(str(path)))

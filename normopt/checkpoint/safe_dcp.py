@@ -20,6 +20,7 @@ Every refusal is a :class:`~normopt.errors.UserError` naming the file (exit stat
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,42 @@ def merge_tensors(tree: Any, moved: dict[str, Any]) -> Any:
                 node.append({})
         node[path[-1]] = _decode(value)
     return tree
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    return {str: "a string", type(None): "null", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _same_shape(saved: Any, expected: Any) -> bool:
+    if _json_kind(saved) != _json_kind(expected):
+        return False
+    if isinstance(saved, float) and not math.isfinite(saved):
+        return False
+    if isinstance(saved, list):
+        return all(_same_shape(a, b) for a, b in zip(saved, expected))
+    if isinstance(saved, dict):
+        return saved.keys() == expected.keys() and all(_same_shape(saved[k], expected[k]) for k in saved)
+    return True
+
+
+def check_non_tensor_state(path: Path, saved: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Refuse a non-tensor state that is not the one this model's optimizers would write:
+    the same entries (so every list index it names exists), each of the same JSON kind, and
+    no non-finite number. Values may differ (the lr follows its schedule)."""
+    missing, extra = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    if missing or extra:
+        which = f"lacks {missing[0]}" if missing else f"has an unknown entry {extra[0]}"
+        raise UserError(f"{path / NON_TENSOR_FILE}: {which} (not this run's optimizer state)")
+    for key in sorted(saved):
+        if not _same_shape(saved[key], expected[key]):
+            raise UserError(f"{path / NON_TENSOR_FILE}: {key} is {_json_kind(saved[key])} "
+                            f"({saved[key]!r:.60}), expected {_json_kind(expected[key])}")
 
 
 def write_non_tensor_state(folder: Path, moved: dict[str, Any]) -> None:
