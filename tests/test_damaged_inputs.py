@@ -145,7 +145,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, tiny_cor
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = proc.stderr.strip().splitlines()[-1]
-    assert "No space left on device" in line and "Traceback" not in proc.stderr
+    assert "failed (no space left on device)" in line and "Traceback" not in proc.stderr
     assert "step_00000002 is kept" in line
     folders = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert folders == ["step_00000002"]

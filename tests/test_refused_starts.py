@@ -265,3 +265,38 @@ def test_a_damaged_non_tensor_state_is_refused(finished_run, tmp_path, tiny_corp
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr
     assert snapshot(run_dir) == before
+
+
+def test_a_full_disk_while_logging_is_one_line_naming_it(tmp_path):
+    import errno
+
+    from normopt.errors import UserError
+    from normopt.metrics.logger import MetricsLogger
+    from normopt.run_dir import RunDir
+
+    logger = MetricsLogger(RunDir(tmp_path), enabled=True)
+
+    class FullDisk:
+        name = str(tmp_path / "metrics.jsonl")
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real, logger._file = logger._file, FullDisk()
+    with pytest.raises(UserError, match=r"metrics.jsonl failed \(no space left on device\) at step 7; the "
+                                        r"checkpoints written so far are kept"):
+        logger.log({"step": 7, "loss": 1.0})
+    logger._file = real
+    logger.close()
+
+
+def test_disk_full_is_recognised_through_wrappers():
+    import errno
+
+    from normopt.checkpoint.manager import is_disk_full
+
+    wrapped = RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull })')
+    assert is_disk_full(wrapped) and is_disk_full(OSError(errno.ENOSPC, "x"))
+    outer = RuntimeError("write failed")
+    outer.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    assert is_disk_full(outer) and not is_disk_full(RuntimeError("other"))

@@ -216,7 +216,18 @@ def _first_cause(exc: BaseException) -> str:
         inner = next(iter(exc.failures.values()))  # (exception, traceback) of the first rank
         exc = inner[0] if isinstance(inner, tuple) else inner
     text = str(exc).strip()
+    if is_disk_full(exc):  # serializers wrap ENOSPC in messages of their own
+        return "no space left on device"
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) says the disk is full."""
+    import errno
+
+    text = str(exc)
+    return (getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in text
+            or "StorageFull" in text or (exc.__cause__ is not None and is_disk_full(exc.__cause__)))
 
 
 def check_same_model(path: Path, metadata, model: nn.Module) -> None:
