@@ -44,6 +44,7 @@ from normopt.errors import (
 )
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+HANDLER_WAIT_S = 30.0  # how long a forwarded signal waits for a starting rank's handler
 # statuses the ranks agree on; anything else from a rank is a crash
 AGREED_STATUSES = {
     0: "finished",
@@ -109,6 +110,8 @@ class RankGroup:
     def forward(self, signum: int) -> None:
         for proc in self.procs:
             if proc.poll() is None:
+                if signum != signal.SIGINT:  # Python catches SIGINT from its start: nothing to wait for
+                    _wait_until_caught(proc, signum)
                 try:
                     proc.send_signal(signum)
                 except ProcessLookupError:
@@ -139,6 +142,24 @@ class RankGroup:
                 self.kill_remaining()
                 return [None if i in running else _status(proc.returncode) for i, proc in enumerate(self.procs)]
             time.sleep(0.1)
+
+
+def _catches(pid: int, signum: int) -> bool | None:
+    """Whether process ``pid`` has a handler for ``signum`` (None: unknown, without /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            mask = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return bool(mask >> (signum - 1) & 1)
+
+
+def _wait_until_caught(proc: subprocess.Popen, signum: int) -> None:
+    """A rank started a moment ago may not have set its stop handler yet (it is the first
+    thing train does); a signal then would kill it instead of stopping it cleanly."""
+    deadline = time.monotonic() + HANDLER_WAIT_S
+    while proc.poll() is None and time.monotonic() < deadline and _catches(proc.pid, signum) is False:
+        time.sleep(0.01)
 
 
 def _status(returncode: int) -> int:
@@ -173,6 +194,17 @@ def _validate(train_args: list[str], world: int) -> None:
 
 
 def launch_main(argv: list[str]) -> int:
+    # a stop signal before the ranks exist is remembered, not fatal (status 75, one line)
+    pending: list[int] = []
+    original = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in FORWARDED_SIGNALS}
+    try:
+        return _launch(argv, pending)
+    finally:
+        for sig, handler in original.items():
+            signal.signal(sig, handler)
+
+
+def _launch(argv: list[str], pending: list[int]) -> int:
     args, train_args = _parser().parse_known_args(argv)
     nproc = args.nproc if args.nproc is not None else default_nproc()
     if nproc < 1 or args.nnodes < 1:
@@ -201,13 +233,18 @@ def launch_main(argv: list[str]) -> int:
     envs = [rank_env(dict(os.environ), local_rank=i, nproc=nproc, node_rank=node_rank, nnodes=args.nnodes,
                      master_addr=args.master_addr, master_port=port) for i in range(nproc)]
     command = [sys.executable, str(TRAIN_SCRIPT), *train_args]
+    if pending:
+        print(f"normopt launch: stopped by {signal.Signals(pending[0]).name} before any rank started; "
+              f"nothing to resume (exit {PREEMPTED_EXIT_CODE})", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     group = RankGroup(command, envs)
-    previous = {sig: signal.signal(sig, lambda signum, frame: group.forward(signum)) for sig in FORWARDED_SIGNALS}
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, lambda signum, frame: group.forward(signum))
+    for signum in pending:  # arrived while the ranks were being started
+        group.forward(signum)
     try:
         statuses = group.wait()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         group.kill_remaining()
     status = agreed_status(statuses)
     if status == CRASH_EXIT_CODE:

@@ -300,3 +300,33 @@ def test_disk_full_is_recognised_through_wrappers():
     outer = RuntimeError("write failed")
     outer.__cause__ = OSError(errno.ENOSPC, "No space left on device")
     assert is_disk_full(outer) and not is_disk_full(RuntimeError("other"))
+
+
+def _children(pid: int) -> list[int]:
+    import subprocess
+
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.parametrize("when", ["before the ranks start", "while the ranks start"])
+def test_a_stop_signal_to_the_launcher_during_start_up_ends_with_75(tmp_path, tiny_corpus, when):
+    import signal
+    import time
+
+    from tests.processes import start
+
+    proc = start(tiny_run_args(tmp_path / "run", tiny_corpus), launcher=True)
+    deadline = time.time() + 120
+    while not _catches(proc.pid, signal.SIGTERM) and time.time() < deadline:
+        time.sleep(0.005)
+    if when == "while the ranks start":  # the ranks exist but may not have their handlers yet
+        while len(_children(proc.pid)) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "Traceback" not in stderr and "did not agree" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert ("before any rank started; nothing to resume" in last if when == "before the ranks start"
+            else last.startswith("normopt launch: 2 rank(s) stopped")), stderr[-3000:]
