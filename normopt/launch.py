@@ -252,6 +252,7 @@ def _launch(argv: list[str], pending: list[int]) -> int:
                            for i, s in enumerate(statuses))
         print(f"normopt launch: {world} rank(s) did not agree on how the run ended ({detail}); exit 1",
               file=sys.stderr, flush=True)
-    else:
+    elif status == 0:
         print(f"normopt launch: {world} rank(s) {describe(status)} (exit {status})", file=sys.stderr, flush=True)
+    # 2, 3 and 75: rank 0 has said why in one line; a second line would say it again
     return status
