@@ -8,10 +8,12 @@ those three things done the way a scheduler and the factorial runner expect:
 
 * **statuses**: the ranks already agree on how a run ends (one all-reduce per step), so they
   exit with the same status; the launcher exits with it (0 done, 2 user error, 3 diverged,
-  75 stopped after a checkpoint) and prints one line saying which. A rank that crashes
-  (any other status, or a signal) makes the launcher stop the others and exit 1.
+  75 stopped after a checkpoint); rank 0 has printed the one line saying why, so the
+  launcher adds one only for a finished run. A rank that crashes (any other status, or a
+  signal) makes the launcher stop the others, name each rank's status and exit 1.
 * **signals**: SIGTERM, SIGUSR1 and SIGINT sent to the launcher are forwarded to every rank,
-  which checkpoints and exits 75. The ranks live in a process group of their own so that a
+  which checkpoints and exits 75; one that arrives before the ranks exist ends the launch
+  with 75, and one forwarded to a rank still starting waits until its handler is set. The ranks live in a process group of their own so that a
   Ctrl-C at the terminal reaches them once, through the launcher (a second Ctrl-C is the
   trainer's "stop now, no checkpoint").
 * **lifetime**: every rank is started with the kernel's parent-death signal set to SIGKILL,
