@@ -241,11 +241,13 @@ def flat_config(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def nested_config(flat: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of :func:`flat_config`: {"section": {"key": value}}."""
+    """The inverse of :func:`flat_config`: {"section": {"key": value}} (a key without a
+    section is left out)."""
     out: dict[str, dict[str, Any]] = {}
     for dotted, value in flat.items():
         section, _, key = dotted.partition(".")
-        out.setdefault(section, {})[key] = value
+        if key:
+            out.setdefault(section, {})[key] = value
     return out
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from normopt.config import flat_config
 from normopt.errors import UserError
 from normopt.metrics.jsonl import read_step_records
 from normopt.run_dir import MARKER_FILES, RecordKind, RunDir
@@ -270,18 +271,6 @@ def read_diagnostics(path: Path) -> Diagnostics:
 # --------------------------------------------------------------------------- config and cells
 
 
-def flatten_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"model": {"norm": "derf"}}`` -> ``{"model.norm": "derf"}`` (one level, as config.yaml)."""
-    flat: dict[str, Any] = {}
-    for section, values in config.items():
-        if isinstance(values, Mapping):
-            for key, value in values.items():
-                flat[f"{section}.{key}"] = value
-        else:
-            flat[str(section)] = values
-    return flat
-
-
 def _read_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
@@ -293,7 +282,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(loaded, Mapping):
         raise UserError(f"{path}: expected a mapping of config sections")
-    return flatten_config(loaded)
+    return flat_config(loaded)
 
 
 def _read_cell_json(path: Path) -> dict[str, Any]:

@@ -20,15 +20,6 @@ from normopt.report.cell_reading import Cell
 BUILT_IN_CORPUS = "built-in corpus"
 
 
-def _nested(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    nested: dict[str, dict[str, Any]] = {}
-    for key, value in flat.items():
-        section, _, name = key.partition(".")
-        if name:
-            nested.setdefault(section, {})[name] = value
-    return nested
-
-
 def parameter_count(cell: Cell) -> tuple[int | None, str]:
     """(parameters, where the number comes from): the "run" record of diagnostics.jsonl (the
     trainer's count for the actual vocabulary), else computed from config.yaml with
@@ -39,11 +30,11 @@ def parameter_count(cell: Cell) -> tuple[int | None, str]:
         return run["n_params"], "run record"
     if not cell.config:
         return None, "unknown"
-    from normopt.config import config_from_dict
+    from normopt.config import config_from_dict, nested_config
     from normopt.models.presets import count_parameters, resolve_model_args
 
     try:
-        cfg = config_from_dict(_nested(cell.config))
+        cfg = config_from_dict(nested_config(cell.config))
         return count_parameters(resolve_model_args(cfg.model, vocab_size=cfg.data.vocab_size)), "config.yaml"
     except (UserError, ValueError, TypeError, KeyError, AttributeError):
         return None, "unknown"
