@@ -153,6 +153,7 @@ def _one_line_exit_2(argv, capsys) -> str:
     (["launch", "--master-port", "70000"], "--master-port 70000 is not a TCP port"),
     (["train", "checkpoint.resume=\u00b2"], "checkpoint.resume: '\u00b2' is not auto, never or a step number"),
     (["train", "optim.lr=1e39"], "cannot be represented in float32"),
+    (["train", f"train.steps={10 ** 23}"], "train.steps: 100000000000000000000000 is out of the 64-bit integer range"),
 ])
 def test_a_bad_command_line_is_one_line_and_exit_2(argv, words, capsys):
     assert words in _one_line_exit_2(argv, capsys)
@@ -288,6 +289,15 @@ def test_a_full_disk_while_logging_is_one_line_naming_it(tmp_path):
         logger.log({"step": 7, "loss": 1.0})
     logger._file = real
     logger.close()
+
+    from normopt.diagnostics.collector import DiagnosticsWriter
+
+    writer = DiagnosticsWriter(tmp_path / "diagnostics.jsonl", None, enabled=True, histograms=False)
+    real, writer._file = writer._file, FullDisk()
+    with pytest.raises(UserError, match=r"failed \(no space left on device\) at step 3"):
+        writer.write({"step": 3, "kind": "norm", "layers": {}})
+    writer._file = real
+    writer.close()
 
 
 def test_disk_full_is_recognised_through_wrappers():

@@ -45,6 +45,7 @@ from normopt.diagnostics.norm_stats import norm_layer_stats
 from normopt.diagnostics.ns_spectrum import default_band, ns_spectrum_record
 from normopt.diagnostics.spectral_norm import SpectralNormTracker
 from normopt.diagnostics.tail_tokens import TailTokenBuckets
+from normopt.metrics.jsonl import append_record
 from normopt.metrics.logger import jsonable
 from normopt.models.matrix_roles import depth_group, matrix_type
 from normopt.models.norms import NORM_TYPES
@@ -92,7 +93,7 @@ class DiagnosticsWriter:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(jsonable(record)) + "\n")
+        append_record(self._file, json.dumps(jsonable(record)), record["step"])
         step, kind = record["step"], record["kind"]
         for group in ("layers", "matrices", "groups"):
             for name, values in record.get(group, {}).items():

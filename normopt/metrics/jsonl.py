@@ -7,6 +7,7 @@ file and line, because it means the log is not what normopt wrote.
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -68,3 +69,14 @@ def truncate_after(path: Path, last_step: int) -> None:
         if isinstance(record, dict) and record.get("step", 0) <= last_step:
             kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def append_record(file, line: str, step) -> None:
+    """Append one JSON line to an open log; a write the disk refuses ends the run with one
+    line naming the file and the reason (a full disk named as such), never a traceback."""
+    try:
+        file.write(line + "\n")
+    except OSError as exc:
+        reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or type(exc).__name__)
+        raise UserError(f"writing {file.name} failed ({reason}) at step {step}; "
+                        f"the checkpoints written so far are kept") from None

@@ -5,12 +5,11 @@ Only rank 0 writes; other ranks get a logger whose methods do nothing.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 from collections.abc import Mapping
 
-from normopt.errors import UserError
+from normopt.metrics.jsonl import append_record
 from normopt.run_dir import RunDir
 
 
@@ -41,12 +40,7 @@ class MetricsLogger:
         """Append ``record`` (must hold ``step``) and mirror its numbers to TensorBoard."""
         if not self.enabled:
             return
-        try:
-            self._file.write(json.dumps(jsonable(record)) + "\n")
-        except OSError as exc:
-            reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or type(exc).__name__)
-            raise UserError(f"writing {self._file.name} failed ({reason}) at step {record.get('step')}; "
-                            f"the checkpoints written so far are kept") from None
+        append_record(self._file, json.dumps(jsonable(record)), record.get("step"))
         step = record["step"]
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
