@@ -379,8 +379,14 @@ class Trainer:
         path = self.run.metrics
         if not path.exists():
             return None
-        evals = [json.loads(line)["eval_loss"] for line in path.read_text().splitlines()
-                 if '"eval_loss"' in line]
+        evals = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                value = json.loads(line).get("eval_loss")
+            except (json.JSONDecodeError, AttributeError):
+                continue  # a torn last line (check_run_dir refused any other damage)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                evals.append(float(value))
         return evals[-1] if evals else None
 
     def _summary(self, eval_loss: float | None) -> dict:

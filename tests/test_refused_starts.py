@@ -341,3 +341,11 @@ def test_a_stop_signal_to_the_launcher_during_start_up_ends_with_75(tmp_path, ti
     assert len(lines) == 1, stderr[-3000:]  # one line, not a rank's and the launcher's saying the same
     assert ("before any rank started; nothing to resume" in lines[0] if when == "before the ranks start"
             else lines[0].startswith("normopt: stopped by SIGTERM before the first step")), stderr[-3000:]
+
+
+def test_a_finished_run_with_an_odd_metrics_line_is_still_reported(finished_run, tmp_path, tiny_corpus, capsys):
+    run_dir = _copy(finished_run, tmp_path)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "note": "eval_loss"}\n')  # names the field without holding it
+    proc = train_in_process(tiny_run_args(run_dir, tiny_corpus, *FINISHED_RUN_ARGS), capsys)
+    assert proc.returncode == 0 and "run already complete" in proc.stdout and "final validation loss" in proc.stdout
