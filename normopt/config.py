@@ -99,7 +99,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         raise UserError(f"{key}: expected true or false, got {value!r}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            if not -2 ** 63 <= value < 2 ** 64:  # beyond any integer torch or numpy holds
+            if abs(value) > 2 ** 64:  # beyond any integer torch or numpy holds (sections check their ranges)
                 raise UserError(f"{key}: {value} is out of the 64-bit integer range")
             return value
         raise UserError(f"{key}: expected an integer, got {value!r}")
