@@ -12,11 +12,11 @@ trainer state that agrees with its folder (``checkpoint.manager.read_trainer_sta
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from normopt.errors import UserError
+from normopt.metrics.jsonl import step_lines
 from normopt.run_dir import RunDir
 
 
@@ -42,29 +42,6 @@ def _require_kind(path: Path, wanted: str) -> None:
         raise UserError(f"{path}: must be a {wanted}, but it is {what} (move it away or choose another run.dir)")
 
 
-def check_step_lines(path: Path) -> None:
-    """Every line of a metrics or diagnostics file is a JSON object with an integer step
-    (blank lines and a torn last line aside)."""
-    if not path.exists():
-        return
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError as exc:
-        raise UserError(f"{path}: unreadable ({exc.strerror or type(exc).__name__})") from None
-    for index, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if index == len(lines) - 1:
-                continue  # a torn last line: the writer was killed mid-line
-            raise UserError(f"{path}: line {index + 1} is not JSON") from None
-        step = record.get("step") if isinstance(record, dict) else None
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise UserError(f"{path}: line {index + 1} has no step (a non-negative integer)")
-
-
 def check_run_dir(run: RunDir) -> None:
     """Refuse (UserError, one line) a run directory that a start would damage (module doc;
     the resume point's trainer state is checked once it is known)."""
@@ -75,5 +52,5 @@ def check_run_dir(run: RunDir) -> None:
         _require_kind(path, "folder")
     for path in (run.config, run.metrics, run.diagnostics, run.train_log, run.lock):
         _require_kind(path, "file")
-    check_step_lines(run.metrics)
-    check_step_lines(run.diagnostics)
+    step_lines(run.metrics)  # every line readable, or a UserError naming it
+    step_lines(run.diagnostics)

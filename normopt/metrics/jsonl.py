@@ -50,13 +50,17 @@ def read_step_records(path: Path, what: str, parse: Callable[[dict[str, Any]], T
     return parsed, partial
 
 
-def truncate_after(path: Path, last_step: int) -> None:
-    """Drop the lines logged after ``last_step`` (a resumed run logs them again) and a torn
-    last line; a missing file is left missing."""
+def step_lines(path: Path) -> list[tuple[str, int]]:
+    """(line, step) of every line of a metrics or diagnostics file, each a JSON object with a
+    non-negative integer step; blank lines and a torn last line (a killed writer's) are
+    skipped, any other damage is a UserError naming the line. A missing file has none."""
     if not path.exists():
-        return
-    lines = path.read_text(errors="replace").splitlines()
-    kept = []
+        return []
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as exc:
+        raise UserError(f"{path}: unreadable ({exc.strerror or type(exc).__name__})") from None
+    out = []
     for index, line in enumerate(lines):
         if not line.strip():
             continue
@@ -66,9 +70,18 @@ def truncate_after(path: Path, last_step: int) -> None:
             if index == len(lines) - 1:
                 continue  # a torn last line: the writer was killed mid-line
             raise UserError(f"{path}: line {index + 1} is not JSON") from None
-        if isinstance(record, dict) and record.get("step", 0) <= last_step:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise UserError(f"{path}: line {index + 1} has no step (a non-negative integer)")
+        out.append((line, step))
+    return out
+
+
+def truncate_after(path: Path, last_step: int) -> None:
+    """Drop the lines logged after ``last_step`` (a resumed run logs them again) and a torn
+    last line; a missing file is left missing."""
+    if path.exists():
+        path.write_text("".join(line + "\n" for line, step in step_lines(path) if step <= last_step))
 
 
 def append_record(file, line: str, step) -> None:
