@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from normopt.checkpoint.manager import CheckpointWriter, load_checkpoint, read_trainer_state
+from normopt.checkpoint.manager import CheckpointWriter, load_checkpoint
 from normopt.checkpoint.preemption import StopRequest
-from normopt.resume_policy import find_resume_point
 from normopt.config import Config, save_config
 from normopt.data.batches import TrainBatches, eval_micro_batches
 from normopt.data.token_cache import check_enough_data, load_token_data, prepare_corpus
@@ -41,10 +40,11 @@ from normopt.parallel import collectives
 from normopt.parallel.distributed import DistInfo
 from normopt.parallel.fsdp import apply_fsdp
 from normopt.parallel.grad_clip import clip_grad_norm_
+from normopt.resume_policy import find_resume_point
 from normopt.run_checks import check_run_dir
-from normopt.start_up_log import start_up_lines
 from normopt.run_dir import RunDir
 from normopt.run_lock import RunLock
+from normopt.start_up_log import start_up_lines
 
 
 class TrainingDiverged(RuntimeError):
@@ -93,9 +93,7 @@ class Trainer:
         t = cfg.train
         # a run directory that a start would damage is refused before anything is written
         on_main_then_share(lambda: check_run_dir(self.run), dist_info)
-        self.resume_from = find_resume_point(self.run, cfg)
-        if self.resume_from is not None:
-            read_trainer_state(self.resume_from)
+        self.resume_from = find_resume_point(self.run, cfg)  # its files are checked as it is loaded
 
         folder = on_main_then_share(lambda: str(prepare_corpus(cfg.data, log=self.log)), dist_info)
         self.data = load_token_data(Path(folder))
