@@ -11,7 +11,9 @@ job instead (:mod:`normopt.factorial.slurm`), one task per cell, each task runni
 ``--gpus-per-node``; 8 if neither says). Every cell's global batch must split evenly over the
 ranks it will run on (``--nproc``, or the GPUs of a SLURM node): that is checked when the spec
 is read, before anything runs. ``--dry-run`` lists the cells and what would happen to each (or
-prints the SLURM script) and runs nothing.
+prints the SLURM script) and runs nothing. A spec with a ``tune`` block first runs its tuning
+runs under ``ROOT/tuning``, then the cells at each one's chosen value
+(:mod:`normopt.factorial.tuning`); its dry run also gives the cost in runs and steps.
 """
 
 from __future__ import annotations
@@ -31,9 +33,18 @@ from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, UserError
 from normopt.factorial.cells import CellSpec, write_cell_json
 from normopt.factorial.slurm import spec_gpus_per_node, submit_slurm
 from normopt.factorial.spec import load_spec, read_spec_file
-from normopt.report.axes import write_experiment_file
+from normopt.factorial.tuning import (
+    TuneSpec,
+    choose_values,
+    read_tune_section,
+    tuned_cells,
+    tuning_cells,
+    write_tuning_file,
+)
+from normopt.report.axes import level_label, write_experiment_file
 from normopt.report.cell_assessment import final_eval_loss
 from normopt.report.cell_reading import read_metrics
+from normopt.report.tuning import TUNING_DIR
 from normopt.report.writer import print_summary, write_report
 from normopt.run_dir import RunDir
 
@@ -141,13 +152,40 @@ def cell_plan(run: RunDir, steps: int) -> str:
     return f"new, {steps} steps"
 
 
-def print_plan(base: Path, root: Path, cells: list[CellSpec]) -> None:
-    """``--dry-run`` without ``--slurm``: one line per cell (name and plan), then its overrides."""
+def print_plan(base: Path, root: Path, cells: list[CellSpec], notes: dict[str, str] | None = None) -> tuple[int, int]:
+    """``--dry-run`` without ``--slurm``: one line per cell (name, plan and ``notes``' word on it),
+    then its overrides; returns the steps of all its runs and of those still to run."""
+    total = to_run = 0
     for index, cell in enumerate(cells, start=1):
         steps = load_config(base, cell.overrides).train.steps
-        print(f"cell {index}/{len(cells)} {cell.name}: {cell_plan(RunDir(root / cell.name), steps)}")
+        run = RunDir(root / cell.name)
+        done = run.complete_steps()
+        total += steps
+        to_run += steps - min(done[-1] if done else 0, steps)
+        note = (notes or {}).get(cell.name, "")
+        print(f"cell {index}/{len(cells)} {cell.name}: {cell_plan(run, steps)}{note}")
         print(f"  {shlex.join(cell.overrides)}")
-    print(f"dry run: nothing was run (base config {base})")
+    return total, to_run
+
+
+def print_tuned_plan(base: Path, root: Path, tune: TuneSpec, cells: list[CellSpec], runs: list[CellSpec]) -> None:
+    """``--dry-run`` of a tuned spec: the tuning runs, then the evaluation cells (at the value
+    chosen where a group's tuning runs have all finished), then the cost in runs and steps."""
+    print(f"tuning: {len(runs)} runs under {root / TUNING_DIR} ({len(tune.values)} values of {tune.key} x "
+          f"{len(tune.seeds)} tuning seed(s) x {len(runs) // (len(tune.values) * len(tune.seeds))} cells)")
+    tuning_steps = print_plan(base, root / TUNING_DIR, runs)
+    choices = choose_values(root, tune, runs)
+    chosen = {g: c for g, c in choices.items() if c.chosen is not None}
+    ready, _ = tuned_cells(root, tune, cells, chosen)
+    by_name = {c.name: c for c in ready}
+    shown = [by_name.get(c.name, c) for c in cells]
+    notes = {c.name: (f" (at the chosen {tune.key}={level_label(chosen[c.group].chosen)})" if c.name in by_name
+                      else f" (at the {tune.key} the tuning runs choose)") for c in cells}
+    print(f"evaluation: {len(cells)} cells under {root}")
+    eval_steps = print_plan(base, root, shown, notes)
+    print(f"cost: {len(runs)} tuning runs, {tuning_steps[0]} steps; {len(cells)} evaluation runs, {eval_steps[0]} steps; "
+          f"in all {len(runs) + len(cells)} runs, {tuning_steps[0] + eval_steps[0]} steps "
+          f"({tuning_steps[1] + eval_steps[1]} still to run)")
 
 
 def factorial_main(argv: list[str] | None = None) -> int:
@@ -183,15 +221,35 @@ def factorial_main(argv: list[str] | None = None) -> int:
         world_size = args.nproc
     spec, base, cells = load_spec(args.spec, world_size)
     root = Path(spec["root"])
+    tune = read_tune_section(spec, Path(args.spec))
+    if tune is not None and args.slurm:
+        raise UserError("--slurm: a spec with a tune block runs on one machine (its evaluation cells wait "
+                        "for the tuning runs' choice); run it without --slurm")
     print(f"[factorial] {len(cells)} cells under {root}: {', '.join(c.name for c in cells)}", flush=True)
     if args.slurm:
         return submit_slurm(base, root, cells, args.dry_run, world_size,
                             (spec.get("slurm") or {}).get("options", []), args.sbatch_option,
                             spec["axes"], spec.get("report"))
+    runs = [] if tune is None else tuning_cells(cells, tune, root)
     if args.dry_run:
-        print_plan(base, root, cells)
+        if tune is None:
+            total, to_run = print_plan(base, root, cells)
+            print(f"cost: {len(cells)} runs, {total} steps ({to_run} still to run)")
+        else:
+            print_tuned_plan(base, root, tune, cells, runs)
+        print(f"dry run: nothing was run (base config {base})")
         return 0
     write_experiment_file(root, spec["axes"], spec.get("report"))
+    if tune is not None:
+        write_tuning_file(root, tune)
+        print(f"[factorial] tuning {tune.key}: {len(runs)} runs under {root / TUNING_DIR}", flush=True)
+        status = run_cells(base, root / TUNING_DIR, runs, args.nproc, args.verbose)
+        if status:
+            return status
+        choices = choose_values(root, tune, runs)
+        write_tuning_file(root, tune, choices)
+        cells, lines = tuned_cells(root, tune, cells, choices)
+        print("\n".join(lines), flush=True)
     status = run_cells(base, root, cells, args.nproc, args.verbose)
     if status:
         return status

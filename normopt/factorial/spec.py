@@ -15,12 +15,14 @@ crossed, optional arms (extra settings crossed with the axes they do not set) an
     seeds: [0, 1]
     slurm: {gpus_per_node: 8, options: [--time=24:00:00]}   # optional, for --slurm
     report: {compare: model.norm, baseline: rmsnorm, across: optim.name, reference: adamw}
+    tune: {key: optim.lr, values: [1.0e-3, 3.0e-3], seeds: [100], steps: 50}   # optional
 
 ``report`` (optional) says what the report compares (:mod:`normopt.report.axes`):
 the axis whose levels are measured against a baseline level, the axis across which those gaps
 are compared (at a reference level), and ``fixes`` (level -> the level whose gap it recovers).
 Without it: norm x optimizer when both are axes, else the first axis against its first level
-across the second axis. The runner writes the axes and these settings into the root's
+across the second axis. ``tune`` (optional) chooses one key's value per cell on separate tuning
+seeds before the cell's seeds run (:mod:`normopt.factorial.tuning`). The runner writes the axes and these settings into the root's
 ``experiment.json``, where ``normopt report ROOT`` finds them.
 
 Cell names join the axis values (``derf-muon-s0``; arms ``alpha0.3-muon-s0``). Every cell's
@@ -39,11 +41,12 @@ import yaml
 
 from normopt.config import REPO_ROOT, check_world_size, load_config
 from normopt.errors import UserError
-from normopt.factorial.cells import CellSpec
+from normopt.factorial.cells import CellSpec, format_value
 from normopt.factorial.slurm import check_slurm_section
+from normopt.factorial.tuning import read_tune_section, tuning_cells
 from normopt.report.axes import SHORT_AXIS_NAMES, axes_from_levels
 
-SPEC_KEYS = {"base", "root", "set", "axes", "arms", "seeds", "slurm", "report"}
+SPEC_KEYS = {"base", "root", "set", "axes", "arms", "seeds", "slurm", "report", "tune"}
 
 
 def _resolve_path(text: str, spec_dir: Path) -> Path:
@@ -54,15 +57,11 @@ def _resolve_path(text: str, spec_dir: Path) -> Path:
     raise UserError(f"base: config file not found: {text}")
 
 
-def _format_value(value: Any) -> str:
-    return "" if value is None else (str(value).lower() if isinstance(value, bool) else str(value))
-
-
 ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*")
 
 
 def _value_label(value: Any) -> str:
-    return _format_value(value).replace("/", "_") or "none"
+    return format_value(value).replace("/", "_") or "none"
 
 
 def expand_cells(spec: dict[str, Any]) -> list[CellSpec]:
@@ -74,11 +73,11 @@ def expand_cells(spec: dict[str, Any]) -> list[CellSpec]:
 
     def add(values: dict[str, Any], seed: int, arm: str | None, arm_settings: dict[str, Any]) -> None:
         labels = [_value_label(v) for v in values.values()]
-        name = "-".join(([arm] if arm else []) + labels + [f"s{seed}"])
+        group = "-".join(([arm] if arm else []) + labels)
         settings = {**common, **values, **arm_settings, "train.seed": seed}
         coords = {SHORT_AXIS_NAMES.get(k, k): v for k, v in {**values, **arm_settings}.items()
                   if k in axes}
-        cells.append(CellSpec(name, settings, coords, seed, arm))
+        cells.append(CellSpec(f"{group}-s{seed}" if group else f"s{seed}", settings, coords, seed, arm, group=group))
 
     for combo in itertools.product(*axes.values()):
         for seed in seeds:
@@ -151,8 +150,11 @@ def load_spec(path: str | Path, world_size: int | None = None) -> tuple[dict[str
         if name in (".", "..") or "\x00" in name or (root / name).resolve().parent != root.resolve():
             raise UserError(f"{path}: cell name {name!r} does not name a folder directly under the root {root}")
     for cell in cells:
-        cell.overrides = [f"{k}={_format_value(v)}" for k, v in cell.settings.items()]
+        cell.overrides = [f"{k}={format_value(v)}" for k, v in cell.settings.items()]
         cell.overrides.append(f"run.dir={root / cell.name}")
+    tune = read_tune_section(spec, path)
+    runs = [] if tune is None else tuning_cells(cells, tune, root)
+    for cell in [*cells, *runs]:
         try:
             cfg = load_config(base, cell.overrides)
             if world_size is not None:

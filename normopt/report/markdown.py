@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from normopt.report.notes import collapse_notes
+from normopt.report.over_training import over_training_section, stability_of
 from normopt.report.run_setup import setup_lines
 from normopt.report.tables import markdown_table
+from normopt.report.tuning import tuning_lead, tuning_section
 
 
 def _num(x: float | None, digits: int = 4, sign: bool = False) -> str:
@@ -96,15 +99,19 @@ def interaction_table(summary: Mapping[str, Any], stratum: Mapping[str, str] | N
     """interaction = gap(O) - gap(reference) with its 95% t interval, unpaired and paired."""
     rows = []
     compare_noun, across_noun = _nouns(summary)
+    stability = bool((summary.get("over_training") or {}).get("interactions"))
     for item in in_stratum(summary["interactions"], stratum):
         paired = item["paired"]
         rows.append([item["variant"], f"{item['optim']} − {item['reference_optim']}",
                      _num(item["value"], sign=True), _ci(item["ci95"]),
                      "—" if paired is None else f"{_num(paired['value'], sign=True)} {_ci(paired['ci95'])} "
-                                                f"({paired['n_seeds']} seeds)"])
+                                                f"({paired['n_seeds']} seeds)",
+                     *([stability_of(summary, item) or "—"] if stability else [])])
     return markdown_table(["variant" if compare_noun == "norm" else compare_noun, across_noun,
                            "interaction (nats)", "95% CI (independent means, Welch t)",
-                           "paired per-seed estimate, 95% CI (t, k−1 df)"], rows)
+                           "paired per-seed estimate, 95% CI (t, k−1 df)",
+                           *(["over the last quarter of training (section Over training)"] if stability else [])],
+                          rows)
 
 
 def recovery_table(summary: Mapping[str, Any], stratum: Mapping[str, str] | None = None) -> str:
@@ -315,6 +322,11 @@ def tail_section(summary: Mapping[str, Any]) -> list[str]:
     return [*parts, "", *_per_stratum(summary, tail_table)]
 
 
+def _file_name(summary: Mapping[str, Any], name: str) -> str | None:
+    path = summary.get("files", {}).get(name)
+    return None if path is None else Path(path).name
+
+
 def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
                     diagnostic_plots: Mapping[str, str] | None = None) -> str:
     """report.md: the tables, the plots (paths relative to report.md), the diagnostics (only when
@@ -340,6 +352,7 @@ def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
          f"(final validation loss). Intervals: {s['interval']}."), "",
         "## Answer", "",
         answer_paragraph(summary), "",
+        *tuning_lead(summary),
         "## Final eval loss and gap to the baseline", "",
         (f"mean ± sample std over seeds (n cells); gap = mean({c_noun}) − mean({s['baseline_norm']})"
          f"{'' if single else f' under the same {a_noun}'}, with its 95% t interval "
@@ -365,6 +378,8 @@ def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
          f"denominator's own interval contains 0). Fixes: {fixes}; an arm of a {c_noun} is a fix of that "
          f"{c_noun}."), "",
         *_per_stratum(summary, recovery_table),
+        *over_training_section(summary, _file_name(summary, "over_training")),
+        *tuning_section(summary, _file_name(summary, "tuning")),
         *tail_section(summary),
         "## Plots", "",
     ]

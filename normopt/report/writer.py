@@ -13,6 +13,9 @@
   and ``build_summary`` (the content of summary.json), with the formulas
   (:mod:`normopt.report.contrasts` the estimators, :mod:`normopt.report.tail_classes`
   the head/tail split);
+* :mod:`normopt.report.over_training`: the gaps and interactions at every eval step and whether
+  the interaction was stable over the last quarter of training; :mod:`normopt.report.tuning`:
+  a tuned grid's choices and the interaction at each common value of the tuned key;
 * :mod:`normopt.report.run_setup`: the setup the report opens with (model size, steps,
   tokens, data, seeds, code version);
 * :mod:`normopt.report.plots` and :mod:`normopt.report.diagnostic_plots`: the PNG plots
@@ -68,14 +71,20 @@ from normopt.report.plots import (
     plot_loss_curves,
     smoothing_label,
 )
+from normopt.report.over_training import over_training, plot_over_training
 from normopt.report.run_setup import experiment_setup
 from normopt.report.statistics import DEFAULT_FIXES, build_summary
+from normopt.report.tuning import plot_tuning, tuning_analysis
 
 PLOT_FILES = {"loss_curves": "loss_curves.png", "final_eval_loss": "final_eval_loss.png",
               "gaps": "gaps.png"}
 # written only when some cell logged the records each one draws
 DIAGNOSTIC_PLOT_FILES = {"saturation": "saturation.png", "saturation_layers": "saturation_layers.png",
                          "spectral_norm": "spectral_norm.png", "tail_tokens": "tail_tokens.png"}
+# the over-training curves and a tuned grid's loss against the tuned value, each drawn inside
+# its own report.md section (only when there is something to draw)
+ANALYSIS_PLOT_FILES = {"over_training": "over_training.png", "tuning": "tuning.png"}
+ANALYSIS_DRAWERS = {"over_training": plot_over_training, "tuning": plot_tuning}
 DIAGNOSTIC_DRAWERS = {"saturation": plot_saturation, "saturation_layers": plot_saturation_layers,
                       "spectral_norm": plot_spectral_norm, "tail_tokens": plot_tail_tokens}
 
@@ -120,6 +129,10 @@ def write_report(root: str | Path, out: str | Path | None = None, *, axes: Repor
     summary = build_summary(cells, axes=axes, baseline_norm=baseline_norm, reference_optim=reference_optim,
                             fixes=fixes)
     summary["root"] = str(root)
+    summary["over_training"] = over_training(cells, summary)
+    tuning = tuning_analysis(root, cells, summary, axes, fixes)
+    if tuning is not None:
+        summary["tuning"] = tuning
     out.mkdir(parents=True, exist_ok=True)
     plot_cells, view = plot_view(place_cells(cells, axes), summary)
     plots = {name: out / filename for name, filename in PLOT_FILES.items()}
@@ -128,7 +141,10 @@ def write_report(root: str | Path, out: str | Path | None = None, *, axes: Repor
     plot_gaps(view, plots["gaps"])
     diagnostic_plots = {name: out / filename for name, filename in DIAGNOSTIC_PLOT_FILES.items()
                         if DIAGNOSTIC_DRAWERS[name](plot_cells, view, out / filename)}
-    files = {"report": out / "report.md", "summary": out / "summary.json", **plots, **diagnostic_plots}
+    analysis_plots = {name: out / filename for name, filename in ANALYSIS_PLOT_FILES.items()
+                      if ANALYSIS_DRAWERS[name](summary, out / filename)}
+    files = {"report": out / "report.md", "summary": out / "summary.json", **plots, **diagnostic_plots,
+             **analysis_plots}
     summary["settings"]["smoothing"] = smoothing
     summary["settings"]["smoothing_window"] = smoothing_label(smoothing)
     summary["setup"] = experiment_setup(cells)

@@ -1,0 +1,375 @@
+"""A tuned grid: how each cell's value of the tuned key (``optim.lr``) was chosen, and the
+interaction at every common value beside the interaction at the tuned values.
+
+A spec's ``tune`` block (:mod:`normopt.factorial.tuning`) runs every cell of the grid (each
+combination of the axes and arms, without its seed) at every value of the tuned key on the
+tuning seeds, in ``ROOT/tuning/`` (:data:`TUNING_DIR`, with :data:`TUNING_FILE` recording the
+block). ``choose_value`` picks each cell's value:
+
+* the metric (``by``) is ``final_eval_loss``: the last evaluation after step 0, averaged over
+  the tuning seeds;
+* a value counts only when all its tuning runs finished; a value with a diverged (or
+  stopped) tuning run is excluded and named; a value whose runs have not all run yet makes
+  the choice wait (a choice among a subset of the values would depend on the order of runs);
+* the lowest mean wins; a tie (equal means) goes to the value listed first in the spec;
+* a choice at the smallest or largest numeric value tried is flagged: the best value may lie
+  outside the range.
+
+Selection bias. The grid's evaluation cells (ROOT/CELL, the spec's ``seeds``) run at the chosen
+value on seeds disjoint from the tuning seeds, so the choice depends on data those losses do
+not: the tuned losses and the interaction at the tuned values carry no selection bias. Noise
+in the choice can only pick a value other than the true best, which makes a tuned loss
+pessimistic, never optimistic. Where tuning and evaluation seeds overlap (a hand-assembled
+folder) the report says the tuned loss is optimistic and bounds the expected optimism of a
+minimum over k noisy means by sigma * sqrt(2 ln k) (sigma = the largest standard error of the
+tuning means; the expected maximum of k centred normals with standard deviation at most sigma
+is at most that, whatever their correlation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from normopt.errors import UserError
+from normopt.report.axes import ReportAxes, level_label
+from normopt.report.cell_reading import Cell, discover_cells
+from normopt.report.plots import figure, variant_styles
+from normopt.report.statistics import build_summary
+from normopt.report.tables import markdown_table
+
+TUNING_DIR = "tuning"  # ROOT/tuning/: one run directory per (cell, value, tuning seed)
+TUNING_FILE = "tuning.json"  # ROOT/tuning/tuning.json: the spec's tune block, as run
+METRICS = {"final_eval_loss": "the last evaluation's loss after step 0, mean over the tuning seeds"}
+
+
+@dataclass(frozen=True)
+class ValueOutcome:
+    """One value's tuning runs in one cell: the metric of each run that counts, and one reason
+    per run that does not (``diverged: ...``, ``incomplete: ...``)."""
+
+    value: Any
+    losses: tuple[float, ...]
+    failures: tuple[str, ...] = ()
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.losses) / len(self.losses) if self.losses else None
+
+
+@dataclass(frozen=True)
+class Choice:
+    chosen: Any | None  # None = no value could be chosen (``reason``)
+    metric: float | None  # the chosen value's mean
+    runner_up: Any | None = None
+    margin: float | None = None  # runner-up's mean − the chosen mean (>= 0)
+    tied: tuple[Any, ...] = ()  # values whose mean equals the chosen one's
+    at_edge: bool = False
+    excluded: Mapping[str, str] = field(default_factory=dict)  # value label -> why it does not count
+    reason: str | None = None
+
+
+def _numeric(values: Sequence[Any]) -> list[float] | None:
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return [float(v) for v in values]
+    return None
+
+
+def choose_value(outcomes: Sequence[ValueOutcome], n_seeds: int) -> Choice:
+    """The choice of one cell's value from its outcomes in spec order (module docstring):
+    lowest mean over ``n_seeds`` tuning runs; ties to the earlier value; diverged or stopped
+    values excluded; a value with fewer than ``n_seeds`` runs finished makes the choice wait."""
+    excluded: dict[str, str] = {}
+    waiting = []
+    for o in outcomes:
+        failed = [f for f in o.failures if not f.startswith("incomplete")]
+        if failed:
+            excluded[level_label(o.value)] = "; ".join(failed)
+        elif len(o.losses) < n_seeds or any(not math.isfinite(x) for x in o.losses):
+            waiting.append(level_label(o.value))
+    if waiting:
+        return Choice(None, None, excluded=excluded,
+                      reason=f"tuning runs not finished for {', '.join(waiting)}")
+    usable = [o for o in outcomes if level_label(o.value) not in excluded]
+    if not usable:
+        return Choice(None, None, excluded=excluded, reason="every value's tuning runs diverged or stopped")
+    ranked = sorted(range(len(usable)), key=lambda i: (usable[i].mean, i))  # stable: ties to the earlier
+    best = usable[ranked[0]]
+    runner = usable[ranked[1]] if len(ranked) > 1 else None
+    numbers = _numeric([o.value for o in outcomes])
+    edge = numbers is not None and len(numbers) > 1 and float(best.value) in (min(numbers), max(numbers))
+    return Choice(best.value, best.mean, runner.value if runner else None,
+                  None if runner is None else runner.mean - best.mean,
+                  tuple(o.value for o in usable if o is not best and o.mean == best.mean), edge, excluded)
+
+
+# --------------------------------------------------------------------------- the report's analysis
+
+
+def read_tuning_file(root: Path) -> dict[str, Any] | None:
+    path = root / TUNING_DIR / TUNING_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read ({exc})") from None
+    if not isinstance(record, dict) or not {"key", "values", "by", "seeds"} <= set(record):
+        raise UserError(f"{path}: expected an object with key, values, by, seeds")
+    return record
+
+
+def _unit(record: Mapping[str, Any]) -> tuple[str, str, str]:
+    return (record.get("stratum") or "", record["variant"] or "", record["optim"] or "")
+
+
+def tuning_analysis(root: Path, cells: Sequence[Cell], summary: Mapping[str, Any], axes: ReportAxes,
+                    fixes: Mapping[str, str] | None) -> dict[str, Any] | None:
+    """For a root with a tuning folder: per cell (variant, optimizer, stratum) the metric at
+    every value and the choice; per value the interactions at that common value (the tuning
+    runs' report statistics); the value each evaluation cell ran at; the selection-bias
+    statement. None without a tuning folder."""
+    tune = read_tuning_file(root)
+    if tune is None:
+        return None
+    key, values, seeds = tune["key"], list(tune["values"]), list(tune["seeds"])
+    tuning_cells = discover_cells(root / TUNING_DIR)
+    fixes = summary["settings"]["fixes"] if fixes is None else fixes
+    per_value: list[dict[str, Any]] = []
+    runs: dict[tuple, dict[str, list[Mapping[str, Any]]]] = {}  # cell -> value label -> its run records
+    for value in values:
+        members = [c for c in tuning_cells if key in c.config and level_label(c.config[key]) == level_label(value)]
+        s_v = build_summary(members, axes=axes, fixes=fixes) if members else {"interactions": [], "groups": [],
+                                                                             "cells": []}
+        per_value.append({"value": value, "interactions": s_v["interactions"], "groups": s_v["groups"]})
+        for record in s_v["cells"]:
+            runs.setdefault(_unit(record), {}).setdefault(level_label(value), []).append(record)
+    outcomes: dict[tuple, list[ValueOutcome]] = {}
+    for unit, by_value in runs.items():
+        outcomes[unit] = []
+        for value in values:
+            records = by_value.get(level_label(value), [])
+            losses = tuple(r["final_eval_loss"] for r in records if r["included"])
+            failures = tuple(("incomplete: " if set(r["flags"]) <= {"missing", "stopped_early"} else "") +
+                             "; ".join(r["reasons"]) for r in records if not r["included"])
+            failures += ("incomplete: no tuning run",) * max(0, len(seeds) - len(records))
+            outcomes[unit].append(ValueOutcome(value, losses, failures))
+    eval_values: dict[tuple, list[str]] = {}
+    by_name = {c.name: c for c in cells}
+    for group in summary["groups"]:
+        ran = {level_label(by_name[n].config[key]) for n in group["cells"] if key in by_name[n].config}
+        stratum = ", ".join(f"{k}={v}" for k, v in (group.get("stratum") or {}).items())
+        eval_values[(stratum, group["variant"], group["optim"])] = sorted(ran)
+    eval_groups = {_unit({**g, "stratum": ", ".join(f"{k}={v}" for k, v in (g.get("stratum") or {}).items())}): g
+                   for g in summary["groups"]}
+    choices = []
+    notes = []
+    for unit, unit_outcomes in outcomes.items():
+        choice = choose_value(unit_outcomes, len(seeds))
+        ran = eval_values.get(unit, [])
+        group = eval_groups.get(unit)
+        chosen_label = None if choice.chosen is None else level_label(choice.chosen)
+        if ran and chosen_label is not None and ran != [chosen_label]:
+            notes.append(f"{'/'.join(p for p in unit if p)}: evaluation cells ran at {key}={', '.join(ran)}, "
+                         f"but the tuning runs now choose {chosen_label}")
+        same_horizon = tune.get("steps") in (None, summary_steps(summary, unit))
+        chosen_outcome = next((o for o in unit_outcomes if o.value == choice.chosen), None)
+        optimism = (chosen_outcome.mean - group["mean"]
+                    if same_horizon and chosen_outcome is not None and chosen_outcome.mean is not None
+                    and group and group["n"] else None)
+        choices.append({
+            "stratum": unit[0], "variant": unit[1], "optim": unit[2],
+            "by_value": [{"value": o.value, "mean": o.mean, "losses": list(o.losses), "failures": list(o.failures)}
+                         for o in unit_outcomes],
+            "chosen": choice.chosen, "metric": choice.metric, "runner_up": choice.runner_up,
+            "margin": choice.margin, "tied": list(choice.tied), "at_edge": choice.at_edge,
+            "excluded": dict(choice.excluded), "reason": choice.reason, "evaluation_ran_at": ran,
+            "evaluation_mean": group["mean"] if group else None, "evaluation_n": group["n"] if group else 0,
+            "tuning_minus_evaluation": optimism})
+    eval_seeds = sorted({c.seed for c in cells if c.seed is not None})
+    tuning_seeds = sorted({c.seed for c in tuning_cells if c.seed is not None})
+    return {"key": key, "values": values, "by": tune["by"], "metric": METRICS.get(tune["by"], tune["by"]),
+            "tuning_seeds": tuning_seeds, "evaluation_seeds": eval_seeds, "tuning_steps": tune.get("steps"),
+            "choices": choices, "per_value": per_value, "notes": notes,
+            "selection_bias": selection_bias_statement(tuning_seeds, eval_seeds, choices, per_value, len(values))}
+
+
+def summary_steps(summary: Mapping[str, Any], unit: tuple[str, str, str]) -> int | None:
+    """train.steps of a cell's evaluation runs (None when they disagree or are unknown)."""
+    steps = {c["steps"] for c in summary["cells"] if _unit(c) == unit}
+    return steps.pop() if len(steps) == 1 else None
+
+
+def selection_bias_statement(tuning_seeds: Sequence[int], eval_seeds: Sequence[int],
+                             choices: Sequence[Mapping[str, Any]], per_value: Sequence[Mapping[str, Any]],
+                             k: int) -> str:
+    """What the tuned losses' selection does to them (module docstring), as one paragraph."""
+    shared = sorted(set(tuning_seeds) & set(eval_seeds))
+    if not shared:
+        return (f"The tuned cells' losses and interactions come from the evaluation seeds "
+                f"{', '.join(map(str, eval_seeds)) or '—'}, none of which chose the value (tuning seeds "
+                f"{', '.join(map(str, tuning_seeds)) or '—'}): the choice is independent of them, so they carry "
+                "no selection bias. Noise in the choice can only pick a value other than the true best, which "
+                "makes a tuned loss pessimistic, not optimistic; the margin column shows how close each choice was.")
+    sems = [g["sem"] for v in per_value for g in v["groups"] if g.get("sem") is not None]
+    bound = max(sems) * math.sqrt(2 * math.log(k)) if sems and k > 1 else None
+    return (f"Seeds {', '.join(map(str, shared))} both chose the value and are evaluated: the tuned losses are "
+            "optimistic (a minimum over noisy means is biased low). " +
+            (f"Expected optimism at most sigma·sqrt(2 ln k) = {bound:.4f} nats (sigma = {max(sems):.4f}, the "
+             f"largest standard error of a tuning mean; k = {k} values)." if bound is not None else
+             "With one tuning seed per value the noise of a mean is unknown, so the optimism cannot be bounded "
+             "from these runs."))
+
+
+# --------------------------------------------------------------------------- plot and markdown
+
+
+def _is_positive_numeric(values: Sequence[Any]) -> bool:
+    numbers = _numeric(values)
+    return numbers is not None and all(x > 0 for x in numbers)
+
+
+def plot_tuning(summary: Mapping[str, Any], path: Path) -> bool:
+    """Final tuning loss against the tuned value, one panel per across level (and stratum), one
+    line per variant through the means over tuning seeds (each seed a faint dot), the chosen
+    value a large open circle, diverged or stopped values an x on the panel's top edge. A log
+    x axis when every value is a positive number. False without a tuning analysis."""
+    tuning = summary.get("tuning")
+    if not tuning or not tuning["choices"]:
+        return False
+    styles = variant_styles(summary)
+    values = tuning["values"]
+    log_x = _is_positive_numeric(values)
+    xs = {level_label(v): (float(v) if _numeric(values) else i) for i, v in enumerate(values)}
+    panels = list(dict.fromkeys((c["optim"], c["stratum"]) for c in tuning["choices"]))
+    fig = figure(figsize=(4.8 * len(panels), 4.0))
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, (optim, stratum) in zip(axes, panels):
+        for c in (c for c in tuning["choices"] if (c["optim"], c["stratum"]) == (optim, stratum)):
+            color, marker = styles.get(c["variant"], ("C0", "o"))
+            line = [(xs[level_label(b["value"])], b["mean"]) for b in c["by_value"]
+                    if b["mean"] is not None and level_label(b["value"]) not in c["excluded"]]
+            ax.plot([x for x, _ in line], [y for _, y in line], marker=marker, color=color, label=c["variant"])
+            for b in c["by_value"]:
+                for loss in b["losses"]:
+                    ax.plot(xs[level_label(b["value"])], loss, ".", color=color, alpha=0.35)
+                if level_label(b["value"]) in c["excluded"]:
+                    ax.plot(xs[level_label(b["value"])], 1.0, "x", color=color, ms=9, mew=2,
+                            transform=ax.get_xaxis_transform(), clip_on=False)
+            if c["chosen"] is not None and c["metric"] is not None:
+                ax.plot(xs[level_label(c["chosen"])], c["metric"], "o", ms=14, mfc="none", mec=color, mew=2)
+        if log_x:
+            ax.set_xscale("log")
+        else:
+            ax.set_xticks(list(xs.values()), list(xs))
+        ax.set_xlabel(tuning["key"])
+        ax.set_title(optim + (f" | {stratum}" if stratum else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("final tuning eval loss (nats)")
+    horizon = f"{tuning['tuning_steps']} steps" if tuning.get("tuning_steps") else "the grid's steps"
+    fig.suptitle(f"tuning: final eval loss vs {tuning['key']} ({horizon}, seeds "
+                 f"{', '.join(map(str, tuning['tuning_seeds']))}); open circle = chosen, x = diverged/stopped",
+                 fontsize=9)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def _num(x: float | None, sign: bool = False) -> str:
+    return "—" if x is None or not math.isfinite(x) else (f"{x:+.4f}" if sign else f"{x:.4f}")
+
+
+def _estimate(item: Mapping[str, Any] | None) -> str:
+    if item is None:
+        return "—"
+    ci = item.get("ci95")
+    return _num(item["value"], True) + ("" if ci is None else f" [{_num(ci[0], True)}, {_num(ci[1], True)}]")
+
+
+def _stratum_text(stratum: Any) -> str:
+    if isinstance(stratum, Mapping):
+        return ", ".join(f"{k}={v}" for k, v in stratum.items())
+    return stratum or ""
+
+
+def tuning_lead(summary: Mapping[str, Any]) -> list[str]:
+    """The line under the answer of a tuned grid: at which values its tables are."""
+    t = summary.get("tuning")
+    if not t:
+        return []
+    return [(f"Every table below is at each cell's tuned `{t['key']}`, chosen on the tuning seeds "
+             f"{', '.join(map(str, t['tuning_seeds'])) or '—'} and measured on the evaluation seeds "
+             f"{', '.join(map(str, t['evaluation_seeds'])) or '—'}; the section Tuning gives each choice and "
+             "the interaction at every common value."), ""]
+
+
+def tuning_section(summary: Mapping[str, Any], plot: str | None) -> list[str]:
+    """report.md's tuning section: how the values were chosen, the choice table, the
+    interaction at each common value beside the tuned one, the selection-bias statement."""
+    t = summary.get("tuning")
+    if not t:
+        return []
+    key = t["key"]
+    horizon = (f"{t['tuning_steps']} steps (a shorter horizon than the evaluation runs)" if t.get("tuning_steps")
+               else "the evaluation runs' length")
+    parts = ["## Tuning", "",
+             (f"Each cell (its axes and arm, without the seed) ran every value of `{key}` "
+              f"({', '.join(level_label(v) for v in t['values'])}) on the tuning seeds "
+              f"{', '.join(map(str, t['tuning_seeds'])) or '—'} for {horizon}. Chosen: the lowest {t['by']} "
+              f"({t['metric']}); a value with a diverged or stopped tuning run is excluded; a tie (equal means) "
+              "goes to the value listed first; a choice at the smallest or largest value tried is flagged (the "
+              "best value may lie outside the range). Every table above this section is at the chosen values, "
+              f"on the evaluation seeds {', '.join(map(str, t['evaluation_seeds'])) or '—'}."), "",
+             t["selection_bias"], ""]
+    header = ["variant", "optimizer", *[f"{key}={level_label(v)}" for v in t["values"]], "chosen",
+              "margin to runner-up", "note", "evaluation mean at chosen (n)", "tuning − evaluation"]
+    rows = []
+    for c in t["choices"]:
+        cells = []
+        for b in c["by_value"]:
+            label = level_label(b["value"])
+            cells.append(f"diverged/stopped" if label in c["excluded"] else _num(b["mean"]))
+        note = []
+        if c["at_edge"]:
+            note.append("at the edge of the range")
+        if c["tied"]:
+            note.append(f"tied with {', '.join(level_label(v) for v in c['tied'])}")
+        if c["excluded"]:
+            note.append(f"excluded {', '.join(c['excluded'])}")
+        if c["reason"]:
+            note.append(c["reason"])
+        rows.append([c["variant"], c["optim"] + (f" | {c['stratum']}" if c["stratum"] else ""), *cells,
+                     "none" if c["chosen"] is None else level_label(c["chosen"]),
+                     _num(c["margin"], True), "; ".join(note) or "—",
+                     f"{_num(c['evaluation_mean'])} ({c['evaluation_n']})",
+                     _num(c["tuning_minus_evaluation"], True)])
+    parts += [f"Final {t['by']} per value (mean over tuning seeds), the choice, and the evaluation seeds' mean "
+              "at the chosen value (tuning − evaluation: the tuning runs' mean at the chosen value minus the "
+              "evaluation mean, shown only when both ran the same number of steps; negative = the tuning "
+              "estimate looked better than held-out seeds confirm).", "", markdown_table(header, rows), ""]
+    tuned = {(i["variant"], i["optim"], _stratum_text(i.get("stratum"))): i for i in summary["interactions"]}
+    keys = list(dict.fromkeys((i["variant"], i["optim"], _stratum_text(i.get("stratum")))
+                              for v in t["per_value"] for i in v["interactions"]))
+    keys += [k for k in tuned if k not in keys]
+    if keys:
+        rows = []
+        for k in keys:
+            at = [next((i for i in v["interactions"]
+                        if (i["variant"], i["optim"], _stratum_text(i.get("stratum"))) == k), None)
+                  for v in t["per_value"]]
+            rows.append([k[0], f"{k[1]} − {summary['settings']['reference_optim']}" + (f" | {k[2]}" if k[2] else ""),
+                         *[_estimate(i) for i in at], _estimate(tuned.get(k))])
+        parts += [(f"The interaction at each common `{key}` (every cell at that value; the tuning runs, "
+                   f"{horizon}, 95% Welch t interval where the tuning seeds allow) beside the interaction at the "
+                   "tuned values (evaluation seeds). Whether the interaction survives tuning is the last column "
+                   "against the others."), "",
+                  markdown_table(["variant", "optimizer", *[f"at {key}={level_label(v)}" for v in t["values"]],
+                                  "at the tuned values (evaluation seeds)"], rows), ""]
+    parts += [f"- {note}" for note in t["notes"]]
+    if plot:
+        parts += ["", f"![tuning]({plot})", ""]
+    return parts
