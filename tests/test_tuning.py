@@ -190,7 +190,7 @@ def _points(values, ci_half=None, steps=None):
     ([0.5, 0.3, 0.2, 0.21, 0.2, 0.2, -0.05, 0.2], 0.05, "sign changes"),
     ([0.5, 0.3, 0.2, 0.21, 0.2, 0.4, 0.3, 0.2], 0.05, "drifts"),  # 0.4 ± 0.05 misses 0.2 ± 0.05
     ([0.5, 0.3, 0.2, 0.21, 0.2, 0.4, 0.3, 0.2], None, "stable (sign only, no intervals)"),
-    ([0.5, 0.2], 0.05, "too few evals"),
+    ([0.5, 0.2], 0.05, "too few evals (1 in the window, needs 3)"),
 ])
 def test_stability_rule(values, half, verdict):
     assert interaction_stability(_points(values, half))["verdict"] == verdict

@@ -378,8 +378,8 @@ def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
          f"denominator's own interval contains 0). Fixes: {fixes}; an arm of a {c_noun} is a fix of that "
          f"{c_noun}."), "",
         *_per_stratum(summary, recovery_table),
-        *over_training_section(summary, _file_name(summary, "over_training")),
         *tuning_section(summary, _file_name(summary, "tuning")),
+        *over_training_section(summary, _file_name(summary, "over_training")),
         *tail_section(summary),
         "## Plots", "",
     ]

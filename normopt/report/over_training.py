@@ -81,7 +81,7 @@ def interaction_stability(points: Sequence[Mapping[str, Any]], fraction: float =
     record = {"window_steps": [p["step"] for p in window], "window_range": [min(values), max(values)],
               "final": final["value"], "sign_settled_at": settled, "intervals": intervals}
     if len(window) < min_evals:
-        return {**record, "verdict": "too few evals"}
+        return {**record, "verdict": f"too few evals ({len(window)} in the window, needs {min_evals})"}
     if any(_sign(v) != sign for v in values):
         return {**record, "verdict": "sign changes"}
     if intervals and not all(_overlaps(p["ci95"], final["ci95"]) for p in window):
@@ -145,7 +145,8 @@ def stability_of(summary: Mapping[str, Any], item: Mapping[str, Any]) -> str | N
         if (record["variant"], record["optim"], record.get("stratum")) == \
                 (item["variant"], item["optim"], item.get("stratum")):
             st = record["stability"]
-            settled = f", sign since step {st['sign_settled_at']}" if st.get("sign_settled_at") is not None else ""
+            settled = (f", sign since step {st['sign_settled_at']}"
+                       if st.get("sign_settled_at") is not None and not st["verdict"].startswith("too few") else "")
             return f"{st['verdict']}{settled}"
     return None
 
@@ -212,7 +213,7 @@ def _num(x: float | None) -> str:
 
 def over_training_section(summary: Mapping[str, Any], plot: str | None) -> list[str]:
     """report.md's section: the rule, one table row per interaction (final, window range,
-    verdict) and each curve's values at every eval step."""
+    verdict) and each interaction's values at every eval step (the gaps' in summary.json)."""
     curves = summary.get("over_training") or {}
     if not curves.get("interactions") and not curves.get("gaps"):
         return []
@@ -231,12 +232,11 @@ def over_training_section(summary: Mapping[str, Any], plot: str | None) -> list[
     if rows:
         parts += [markdown_table(["variant", "optimizer", "final interaction", "range over the window",
                                   "window eval steps", "verdict", "final sign since step"], rows), ""]
-    for title, records in (("Gap", curves["gaps"]), ("Interaction", curves["interactions"])):
-        for r in records:
-            cells = [f"{p['step']}: {_num(p['value'])}" +
-                     (f" [{_num(p['ci95'][0])}, {_num(p['ci95'][1])}]" if p["ci95"] is not None else "")
-                     for p in r["points"]]
-            parts.append(f"- {title} {r['variant']} ({_label(r)}): " + "; ".join(cells))
+    for r in curves["interactions"]:  # the gaps' curves: the plot and summary.json
+        cells = [f"{p['step']}: {_num(p['value'])}" +
+                 (f" [{_num(p['ci95'][0])}, {_num(p['ci95'][1])}]" if p["ci95"] is not None else "")
+                 for p in r["points"]]
+        parts.append(f"- interaction {r['variant']} × {_label(r)} at each eval step: " + "; ".join(cells))
     parts.append("")
     if plot:
         parts += [f"![over_training]({plot})", ""]

@@ -190,6 +190,8 @@ def tuning_analysis(root: Path, cells: Sequence[Cell], summary: Mapping[str, Any
             "excluded": dict(choice.excluded), "reason": choice.reason, "evaluation_ran_at": ran,
             "evaluation_mean": group["mean"] if group else None, "evaluation_n": group["n"] if group else 0,
             "tuning_minus_evaluation": optimism})
+    rank = {name: i for i, name in enumerate([*summary["variants"], *summary["optims"]])}
+    choices.sort(key=lambda c: (c["stratum"], rank.get(c["variant"], len(rank)), rank.get(c["optim"], len(rank))))
     eval_seeds = sorted({c.seed for c in cells if c.seed is not None})
     tuning_seeds = sorted({c.seed for c in tuning_cells if c.seed is not None})
     return {"key": key, "values": values, "by": tune["by"], "metric": METRICS.get(tune["by"], tune["by"]),
@@ -314,12 +316,12 @@ def tuning_section(summary: Mapping[str, Any], plot: str | None) -> list[str]:
     if not t:
         return []
     key = t["key"]
-    horizon = (f"{t['tuning_steps']} steps (a shorter horizon than the evaluation runs)" if t.get("tuning_steps")
-               else "the evaluation runs' length")
+    horizon = (f"{t['tuning_steps']} steps each (their own horizon)" if t.get("tuning_steps")
+               else "as many steps as the evaluation runs")
     parts = ["## Tuning", "",
              (f"Each cell (its axes and arm, without the seed) ran every value of `{key}` "
               f"({', '.join(level_label(v) for v in t['values'])}) on the tuning seeds "
-              f"{', '.join(map(str, t['tuning_seeds'])) or '—'} for {horizon}. Chosen: the lowest {t['by']} "
+              f"{', '.join(map(str, t['tuning_seeds'])) or '—'}, {horizon}. Chosen: the lowest {t['by']} "
               f"({t['metric']}); a value with a diverged or stopped tuning run is excluded; a tie (equal means) "
               "goes to the value listed first; a choice at the smallest or largest value tried is flagged (the "
               "best value may lie outside the range). Every table above this section is at the chosen values, "
@@ -363,8 +365,8 @@ def tuning_section(summary: Mapping[str, Any], plot: str | None) -> list[str]:
                   for v in t["per_value"]]
             rows.append([k[0], f"{k[1]} − {summary['settings']['reference_optim']}" + (f" | {k[2]}" if k[2] else ""),
                          *[_estimate(i) for i in at], _estimate(tuned.get(k))])
-        parts += [(f"The interaction at each common `{key}` (every cell at that value; the tuning runs, "
-                   f"{horizon}, 95% Welch t interval where the tuning seeds allow) beside the interaction at the "
+        parts += [(f"The interaction at each common `{key}` (every cell at that value: the tuning runs, "
+                   f"{horizon}; 95% Welch t interval where the tuning seeds allow) beside the interaction at the "
                    "tuned values (evaluation seeds). Whether the interaction survives tuning is the last column "
                    "against the others."), "",
                   markdown_table(["variant", "optimizer", *[f"at {key}={level_label(v)}" for v in t["values"]],
