@@ -277,3 +277,30 @@ def test_finished_tuned_grid_is_skipped_on_rerun_and_a_changed_choice_refused(tm
     assert refused.returncode == 2  # after the (skipped) tuning runs' progress bar, one line
     assert "cell derf-adamw-s0 ran at optim.lr=0.003 but the tuning runs choose 0.001" in \
         refused.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_tuned_grid_trains_chooses_and_reruns_as_a_skip(tmp_path, tiny_corpus):
+    """A real tuned grid (2 cells x 2 rates x 1 tuning seed, then 2 evaluation cells): the
+    evaluation cells run at the rate their tuning runs chose, and a rerun trains nothing.
+    (The faked grid above carries the default claim; this one trains for real.)"""
+    tune = {"key": "optim.lr", "values": [1.0e-3, 3.0e-2], "seeds": [7], "steps": 2}
+    spec = _spec(tmp_path, tiny_corpus, tune=tune, arms={})
+    proc = _factorial(spec, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = tmp_path / "grid"
+    record = json.loads((root / TUNING_DIR / TUNING_FILE).read_text())
+    for cell in ("rmsnorm-adamw", "derf-adamw"):
+        chosen = record["choices"][cell]["chosen"]
+        assert chosen in tune["values"] and f"[tuning] {cell}: optim.lr={chosen}" in proc.stdout
+        config = yaml.safe_load((root / f"{cell}-s0" / "config.yaml").read_text())
+        assert config["optim"]["lr"] == chosen and config["train"]["steps"] == 4
+        info = json.loads((root / f"{cell}-s0" / "cell.json").read_text())
+        assert info["tuned"] == {"key": "optim.lr", "value": chosen, "by": "final_eval_loss"}
+        tuning_config = yaml.safe_load((root / TUNING_DIR / f"{cell}-lr0.03-s7" / "config.yaml").read_text())
+        assert tuning_config["train"]["steps"] == 2 and tuning_config["train"]["seed"] == 7
+    report = (root / "report.md").read_text()
+    assert "## Tuning" in report and "## Over training" in report
+    again = _factorial(spec, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("complete, skipped") == 6

@@ -229,6 +229,9 @@ def over_training_section(summary: Mapping[str, Any], plot: str | None) -> list[
                      "—" if not lo_hi else f"{_num(lo_hi[0])} … {_num(lo_hi[1])}",
                      ", ".join(str(t) for t in st["window_steps"]) or "—", st["verdict"],
                      "—" if st.get("sign_settled_at") is None else str(st["sign_settled_at"])])
+    if not rows:
+        parts += ["No interaction to follow (the report has no across axis, or no computable interaction): "
+                  "the gaps over steps are in the plot and in summary.json.", ""]
     if rows:
         parts += [markdown_table(["variant", "optimizer", "final interaction", "range over the window",
                                   "window eval steps", "verdict", "final sign since step"], rows), ""]

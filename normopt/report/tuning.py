@@ -298,6 +298,24 @@ def _stratum_text(stratum: Any) -> str:
     return stratum or ""
 
 
+def tuning_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The terminal's lines of a tuned grid: each cell's choice."""
+    t = summary.get("tuning")
+    if not t:
+        return []
+    lines = []
+    for c in t["choices"]:
+        where = c["optim"] + (f" | {c['stratum']}" if c["stratum"] else "")
+        if c["chosen"] is None:
+            lines.append(f"tuned {t['key']} {c['variant']} ({where}): none ({c['reason']})")
+            continue
+        flags = (["at the edge of the range"] if c["at_edge"] else []) + \
+                ([f"excluded {', '.join(c['excluded'])}"] if c["excluded"] else [])
+        lines.append(f"tuned {t['key']} {c['variant']} ({where}): {level_label(c['chosen'])}, {t['by']} "
+                     f"{_num(c['metric'])}" + (f" ({'; '.join(flags)})" if flags else ""))
+    return lines
+
+
 def tuning_lead(summary: Mapping[str, Any]) -> list[str]:
     """The line under the answer of a tuned grid: at which values its tables are."""
     t = summary.get("tuning")
@@ -349,7 +367,7 @@ def tuning_section(summary: Mapping[str, Any], plot: str | None) -> list[str]:
                      _num(c["margin"], True), "; ".join(note) or "—",
                      f"{_num(c['evaluation_mean'])} ({c['evaluation_n']})",
                      _num(c["tuning_minus_evaluation"], True)])
-    parts += [f"Final {t['by']} per value (mean over tuning seeds), the choice, and the evaluation seeds' mean "
+    parts += [f"{t['by']} per value (mean over the tuning seeds), the choice, and the evaluation seeds' mean "
               "at the chosen value (tuning − evaluation: the tuning runs' mean at the chosen value minus the "
               "evaluation mean, shown only when both ran the same number of steps; negative = the tuning "
               "estimate looked better than held-out seeds confirm).", "", markdown_table(header, rows), ""]

@@ -74,7 +74,7 @@ from normopt.report.plots import (
 from normopt.report.over_training import over_training, plot_over_training
 from normopt.report.run_setup import experiment_setup
 from normopt.report.statistics import DEFAULT_FIXES, build_summary
-from normopt.report.tuning import plot_tuning, tuning_analysis
+from normopt.report.tuning import plot_tuning, tuning_analysis, tuning_lines
 
 PLOT_FILES = {"loss_curves": "loss_curves.png", "final_eval_loss": "final_eval_loss.png",
               "gaps": "gaps.png"}
@@ -223,6 +223,9 @@ def print_summary(summary: Mapping[str, Any]) -> None:
         if in_stratum(summary["recoveries"], stratum):
             print()
             print(recovery_table(summary, stratum))
+    if summary.get("tuning"):
+        print()
+        print("\n".join(tuning_lines(summary)))
     if summary["tail_classes"]:
         print()
         for item in summary["tail_classes"]:
