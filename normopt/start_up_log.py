@@ -3,6 +3,8 @@ batch, optimizer groups, the FLOP peak (and what MFU counts) and the resume poin
 
 from __future__ import annotations
 
+import torch
+
 from normopt.models.components import attention_class, feed_forward_class
 from normopt.models.presets import count_active_parameters
 from normopt.optim.param_groups import format_group_table
@@ -12,7 +14,8 @@ def start_up_lines(trainer) -> list[str]:
     """The start-up log of a constructed :class:`~normopt.trainer.Trainer`, line by line."""
     out: list[str] = []
     cfg, t, a = trainer.cfg, trainer.cfg.train, trainer.model_args
-    out.append(f"normopt: run.dir={trainer.run}  ranks={trainer.dist.world_size} ({trainer.dist.device.type})  "
+    threads = f", {torch.get_num_threads()} thread(s) per rank" if trainer.dist.device.type == "cpu" else ""
+    out.append(f"normopt: run.dir={trainer.run}  ranks={trainer.dist.world_size} ({trainer.dist.device.type}{threads})  "
                f"dtype={trainer.dtype}  compile={t.compile}  deterministic={t.deterministic}  "
                f"activation_checkpointing={t.activation_checkpointing}")
     out.append(f"model: preset={cfg.model.preset} norm={a.norm} dim={a.dim} layers={a.n_layers} "
