@@ -297,6 +297,8 @@ def test_tuned_grid_trains_chooses_and_reruns_as_a_skip(tmp_path, tiny_corpus):
         assert config["optim"]["lr"] == chosen and config["train"]["steps"] == 4
         info = json.loads((root / f"{cell}-s0" / "cell.json").read_text())
         assert info["tuned"] == {"key": "optim.lr", "value": chosen, "by": "final_eval_loss"}
+        tuning_info = json.loads((root / TUNING_DIR / f"{cell}-lr0.03-s7" / "cell.json").read_text())
+        assert tuning_info["coords"]["optim.lr"] == 0.03 and tuning_info["tune"] == {"key": "optim.lr", "value": 0.03}
         tuning_config = yaml.safe_load((root / TUNING_DIR / f"{cell}-lr0.03-s7" / "config.yaml").read_text())
         assert tuning_config["train"]["steps"] == 2 and tuning_config["train"]["seed"] == 7
     report = (root / "report.md").read_text()

@@ -128,7 +128,9 @@ def tuning_cells(cells: Sequence[CellSpec], tune: TuneSpec, root: Path) -> list[
                 settings = {**cell.settings, tune.key: value, "train.seed": seed,
                             **({"train.steps": tune.steps} if tune.steps is not None else {})}
                 name = f"{group}-{_short_key(tune.key)}{label}-s{seed}"
-                run = CellSpec(name, settings, dict(cell.coords), seed, cell.arm, group=group,
+                # the tuned key is a coordinate too: `normopt report ROOT/tuning` then analyses
+                # each value on its own (a stratum) instead of pooling the values
+                run = CellSpec(name, settings, {**cell.coords, tune.key: value}, seed, cell.arm, group=group,
                                record={"tune": {"key": tune.key, "value": value}})
                 run.overrides = [f"{k}={format_value(v)}" for k, v in settings.items()]
                 run.overrides.append(f"run.dir={root / TUNING_DIR / name}")
