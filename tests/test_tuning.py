@@ -133,6 +133,8 @@ def test_tuner_picks_each_cells_best_value_and_the_interaction_vanishes_after_tu
     report = (tmp_path / "report.md").read_text()
     assert "## Tuning" in report and "at the edge of the range" in report and "![tuning](tuning.png)" in report
     assert "Every table below is at each cell's tuned `optim.lr`" in report
+    assert ("derf × muon − adamw: at the tuned values +0.0000 [-0.1111, +0.1111]; at the common values "
+            "from -0.8000 to +0.8000") in report
     assert (tmp_path / "tuning.png").is_file()
 
 

@@ -376,13 +376,18 @@ def tuning_section(summary: Mapping[str, Any], plot: str | None) -> list[str]:
                               for v in t["per_value"] for i in v["interactions"]))
     keys += [k for k in tuned if k not in keys]
     if keys:
-        rows = []
+        rows, survival = [], []
         for k in keys:
             at = [next((i for i in v["interactions"]
                         if (i["variant"], i["optim"], _stratum_text(i.get("stratum"))) == k), None)
                   for v in t["per_value"]]
-            rows.append([k[0], f"{k[1]} − {summary['settings']['reference_optim']}" + (f" | {k[2]}" if k[2] else ""),
-                         *[_estimate(i) for i in at], _estimate(tuned.get(k))])
+            label = f"{k[1]} − {summary['settings']['reference_optim']}" + (f" | {k[2]}" if k[2] else "")
+            rows.append([k[0], label, *[_estimate(i) for i in at], _estimate(tuned.get(k))])
+            common = [i["value"] for i in at if i is not None]
+            survival.append(f"- {k[0]} × {label}: at the tuned values {_estimate(tuned.get(k))}; at the common "
+                            f"values " + (f"from {_num(min(common), True)} to {_num(max(common), True)}"
+                                          if common else "not computable"))
+        parts += survival + [""]
         parts += [(f"The interaction at each common `{key}` (every cell at that value: the tuning runs, "
                    f"{horizon}; 95% Welch t interval where the tuning seeds allow) beside the interaction at the "
                    "tuned values (evaluation seeds). Whether the interaction survives tuning is the last column "
