@@ -238,7 +238,8 @@ def test_dry_run_plans_tuning_then_evaluation_with_its_cost(tmp_path, tiny_corpu
     out = proc.stdout
     assert "tuning: 9 runs" in out and "derf-adamw-lr0.003-s7: new, 2 steps" in out
     assert "derf-adamw-s0: new, 4 steps (at the optim.lr the tuning runs choose)" in out
-    assert "cost: 9 tuning runs, 18 steps; 3 evaluation runs, 12 steps; in all 12 runs, 30 steps (30 still to run)" in out
+    assert ("cost: 9 tuning runs, 18 steps; 3 evaluation runs, 12 steps; in all 12 runs, 30 steps "
+            "(30 still to run)") in out
     assert not (tmp_path / "grid").exists()
 
     # the tuning runs of two cells are done: their evaluation cells show the chosen value

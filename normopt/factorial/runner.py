@@ -229,8 +229,8 @@ def print_tuned_plan(base: Path, root: Path, tune: TuneSpec, cells: list[CellSpe
                       else f" (at the {tune.key} the tuning runs choose)") for c in cells}
     print(f"evaluation: {len(cells)} cells under {root}")
     eval_steps = print_plan(base, root, shown, notes)
-    print(f"cost: {len(runs)} tuning runs, {tuning_steps[0]} steps; {len(cells)} evaluation runs, {eval_steps[0]} steps; "
-          f"in all {len(runs) + len(cells)} runs, {tuning_steps[0] + eval_steps[0]} steps "
+    print(f"cost: {len(runs)} tuning runs, {tuning_steps[0]} steps; {len(cells)} evaluation runs, "
+          f"{eval_steps[0]} steps; in all {len(runs) + len(cells)} runs, {tuning_steps[0] + eval_steps[0]} steps "
           f"({tuning_steps[1] + eval_steps[1]} still to run)")
 
 
