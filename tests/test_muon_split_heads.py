@@ -26,6 +26,7 @@ from normopt.optim.builder import build_optimizers
 from normopt.optim.config import OptimConfig
 from normopt.optim.head_blocks import block_shape, merge_heads, split_heads
 from normopt.optim.muon import Muon, NorMuon, ns_matrices, orthogonalize
+from normopt.optim.param_groups import describe_head_blocks
 from normopt.optim.newton_schulz import newton_schulz, ns_flops
 from normopt.resume_policy import check_resume_compatible
 from tests.test_muon import QUINTIC, polar_poly, scale_of, toy
@@ -196,3 +197,10 @@ def test_config_key_is_math_and_lists_every_set():
     saved, current = Config(), load_config(None, ["optim.muon_split_heads=qk"])
     with pytest.raises(UserError, match="optim.muon_split_heads: the run being resumed used 'none'"):
         check_resume_compatible(saved, current)
+
+
+def test_start_up_line_names_the_split_matrices():
+    model = _model(dim=32, n_heads=4, n_kv_heads=2, ffn_hidden=48)
+    groups = build_optimizers(model, load_config(None, ["optim.name=muon", "optim.muon_split_heads=qkvo"]).optim).groups
+    assert describe_head_blocks(groups) == "attn.wq rows/4, attn.wk rows/2, attn.wv rows/2, attn.wo cols/4 (8 matrices)"
+    assert describe_head_blocks(build_optimizers(model, load_config(None, ["optim.name=muon"]).optim).groups) is None

@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from normopt.models.matrix_roles import check_globs_match, head_blocks_by_name, muon_selector, parse_muon_params
+from normopt.models.matrix_roles import (
+    check_globs_match,
+    head_blocks_by_name,
+    matrix_type,
+    muon_selector,
+    parse_muon_params,
+)
 from normopt.models.moe import Router
 from normopt.models.norms import NORM_TYPES
 from normopt.optim.registry import FALLBACK, optimizer_spec
@@ -110,6 +116,16 @@ def build_param_groups(model: nn.Module, optim_cfg) -> list[ParamGroup]:
         split = head_blocks_by_name(model, optim_cfg.muon_split_heads)
         groups["matrix"].head_blocks = {n: split[n] for n in groups["matrix"].names if n in split}
     return [g for g in groups.values() if g.params]
+
+
+def describe_head_blocks(groups: list[ParamGroup]) -> str | None:
+    """One line naming the matrix types orthogonalised per head and their layouts, e.g.
+    ``attn.wq rows/4, attn.wo cols/4 (8 matrices)``; None when nothing splits."""
+    split = {name: layout for g in groups for name, layout in g.head_blocks.items()}
+    if not split:
+        return None
+    kinds = dict.fromkeys(f"{matrix_type(name)} {axis}/{heads}" for name, (axis, heads) in split.items())
+    return f"{', '.join(kinds)} ({len(split)} matrices)"
 
 
 def format_group_table(groups: list[ParamGroup]) -> str:
