@@ -276,6 +276,10 @@ class Muon(torch.optim.Optimizer):
         ns_overlap: overlap each bucket's collectives with the NS of its neighbours.
         ns_mode, ns_bucket_mb and ns_overlap change where and when NS runs, never its bits;
         ns_batch_size and ns_row_blocks may change the last bits (different kernels).
+
+    Param-group option (no default; absent = whole matrices): ``head_blocks`` = (axis, H)
+    with axis 'rows' or 'cols', every matrix of the group orthogonalised as H head blocks
+    (module doc, ``normopt.optim.head_blocks``).
     """
 
     def __init__(
