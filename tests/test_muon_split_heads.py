@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from normopt.config import Config, keys_with_role, load_config
+from normopt.diagnostics.ns_spectrum import relative_singular_values, singular_value_quantiles
 from normopt.errors import UserError
 from normopt.factorial.spec import load_spec
 from normopt.key_roles import MATH
@@ -33,7 +34,7 @@ from normopt.optim.newton_schulz import newton_schulz, ns_flops
 from normopt.report.axes import write_experiment_file
 from normopt.report.writer import write_report
 from normopt.resume_policy import check_resume_compatible
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_cli, tiny_run_args
 from tests.test_factorial import _factorial, _spec
 from tests.test_muon import QUINTIC, polar_poly, scale_of, toy
 from tests.test_report_axes import by, mean, welch, write_cell
@@ -297,3 +298,39 @@ def test_tiny_grid_over_the_split_setting(tmp_path, tiny_corpus):
     summary = json.loads((root / "summary.json").read_text())
     assert summary["settings"]["axes"]["across"] == SPLIT
     assert {item["optim"] for item in summary["gaps"]} == {"none", "qkvo"}
+
+
+# ------------------------------------------------------------ the NS spectrum record
+
+
+def test_spectrum_of_a_stack_pools_each_matrix_on_its_own():
+    g = torch.Generator().manual_seed(3)
+    blocks = torch.randn(3, 4, 8, generator=g) * torch.tensor([1.0, 10.0, 100.0])[:, None, None]
+    pooled = [torch.cat(v).sort().values for v in zip(*(relative_singular_values(b) for b in blocks))]
+    for got, expected in zip(relative_singular_values(blocks), pooled):
+        assert torch.equal(got, expected)
+    assert relative_singular_values(blocks)[1].max() <= 1.0 and len(pooled[1]) == 12
+
+
+def test_run_logs_the_spectrum_of_the_head_blocks(tmp_path, tiny_corpus):
+    """No Nesterov, so NS receives the momentum the checkpoint holds: the logged quantiles of
+    a split W_q are those of its head blocks, each normalised on its own."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    run_dir = tmp_path / "run"
+    proc = run_cli(tiny_run_args(run_dir, tiny_corpus, "optim.name=muon", "optim.nesterov=false",
+                                 "optim.muon_split_heads=qk", "train.dtype=float32", "train.steps=3",
+                                 "diagnostics.interval=3", "checkpoint.interval=3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines()]
+    record = next(r for r in records if r["kind"] == "ns_spectrum" and r["step"] == 3)
+    ns = record["matrices"]
+    names = ("layers.0.attn.wq.weight", "layers.0.attn.wv.weight")
+    checkpoint = run_dir / "checkpoints" / "step_00000003"
+    momenta = _load_state_dict_from_keys({f"optim.state.{n}.momentum_buffer" for n in names},
+                                         checkpoint_id=str(checkpoint))["optim"]["state"]
+    for name, layout in zip(names, (("rows", 4), None)):
+        assert ns[name].get("head_blocks") == (None if layout is None else list(layout))
+        expected = singular_value_quantiles(split_heads(momenta[name]["momentum_buffer"].float(), layout),
+                                            record["levels"])
+        assert ns[name]["sv_rel_fro"] == pytest.approx(expected["sv_rel_fro"], rel=1e-4, abs=1e-7), name
