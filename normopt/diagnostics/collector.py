@@ -225,9 +225,10 @@ class Diagnostics:
             if index % self.world_size == self.rank:
                 # a matrix orthogonalised per head: its head blocks are what NS receives
                 layout = group.get("head_blocks")
-                record = ns_spectrum_record(split_heads(full.float(), layout), group["ns_steps"], coefficients,
-                                            QUANTILE_LEVELS, band,
-                                            momentum=None if momentum is None else split_heads(momentum.float(), layout))
+                blocks = split_heads(full.float(), layout)
+                momentum_blocks = None if momentum is None else split_heads(momentum.float(), layout)
+                record = ns_spectrum_record(blocks, group["ns_steps"], coefficients, QUANTILE_LEVELS, band,
+                                            momentum=momentum_blocks)
                 mine[name] = {"layer": block_index(name), **record,
                               **({} if layout is None else {"head_blocks": list(layout)})}
         if self.world_size > 1:
