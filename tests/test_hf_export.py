@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import tempfile
 from itertools import product
 from pathlib import Path
 
@@ -26,6 +28,9 @@ from normopt.models.norm_layer import NormConfig
 from normopt.models.norms import NORM_NAMES, reference_bias, reference_embed_scale
 from normopt.models.presets import ModelArgs, fill_derived_shapes
 from tests.conftest import run_cli, tiny_run_args
+
+# the modeling files transformers caches per loaded folder go to a temporary folder, not ~/.cache
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="normopt-test-hf-modules-"))
 
 COMBINATIONS = list(product(NORM_NAMES, ATTENTION_NAMES, FEED_FORWARD_NAMES))
 MAX_POSITIONS = 32

@@ -76,6 +76,7 @@ def write_hf_folder(model: torch.nn.Module, tokenizer, max_positions: int, dtype
 
     require_transformers()
     check_new_folder(out)
+    model.eval()
     if dtype != torch.float32:
         with torch.no_grad():
             for parameter in model.parameters():
