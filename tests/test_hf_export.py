@@ -237,7 +237,7 @@ def test_cli_exports_a_llama_run_that_generates_as_normopt_sample(finished_run, 
     assert main(["export", str(finished_run), "--format", "hf", "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert {p.name for p in out.iterdir()} == {"config.json", "generation_config.json", "model.safetensors",
-                                               "tokenizer.json", "tokenizer_config.json"}
+                                               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir()) and out.stat().st_mode & 0o777 == 0o755
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tokenizer_config["eos_token"] == "<|endoftext|>" and tokenizer_config["model_max_length"] == 32

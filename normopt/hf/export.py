@@ -3,7 +3,7 @@
 The folder holds ``config.json``, the weights (``model.safetensors``, or shards of at most
 ``max_shard_bytes`` with ``model.safetensors.index.json``), ``generation_config.json``, the
 run's tokenizer as a ``PreTrainedTokenizerFast`` (``tokenizer.json``,
-``tokenizer_config.json``) and, for a model that is not a stock Llama, ``modeling_normopt.py``
+``tokenizer_config.json``, ``special_tokens_map.json``) and, for a model that is not a stock Llama, ``modeling_normopt.py``
 with the ``auto_map`` entries that point transformers to it (:mod:`normopt.hf.convert`).
 
 It is written into a hidden sibling folder, loaded back with transformers and checked by
@@ -137,6 +137,13 @@ def write_tokenizer(tokenizer, max_positions: int, folder: Path) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos_token, model_max_length=max_positions,
                                    clean_up_tokenization_spaces=False)
     fast.save_pretrained(folder)
+    # transformers 5 names the class TokenizersBackend; the name it shares with transformers 4
+    # (and the special tokens map 4 reads) let tools on either load the tokenizer
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": eos_token}, indent=2) + "\n")
 
 
 def write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
