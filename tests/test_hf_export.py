@@ -245,6 +245,26 @@ def test_cli_exports_a_llama_run_that_generates_as_normopt_sample(finished_run, 
     assert main(["export", str(finished_run), "--dtype", "bfloat16"]) == 2
     assert "--dtype applies to --format hf" in capsys.readouterr().err
 
+    # an earlier step on request: its own weights
+    from normopt.export import load_model_weights
+
+    assert main(["export", str(finished_run), "--format", "hf", "--step", "3", "--out", str(tmp_path / "s3")]) == 0
+    with safe_open(str(tmp_path / "s3" / "model.safetensors"), "pt") as f:
+        embedding = f.get_tensor("model.embed_tokens.weight")
+    checkpoint = load_model_weights(finished_run / "checkpoints" / "step_00000003")
+    assert torch.equal(embedding, checkpoint["tok_embeddings.weight"])
+
+
+def test_without_transformers_the_hf_export_says_how_to_install_it(finished_run, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from normopt.cli import main
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    assert main(["export", str(finished_run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert "--format hf needs transformers: pip install" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
 
 def test_cli_exports_a_derf_ema_mla_moe_run_that_generates_as_normopt_sample(custom_run, capsys):
     from normopt.cli import main
