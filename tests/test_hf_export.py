@@ -143,6 +143,12 @@ def test_bfloat16_export_is_sharded_and_keeps_frozen_scales_in_float32(tokenizer
     tokens = torch.randint(model.args.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2))
     assert_parity(model, load_exported(out, remote_code=True), tokens)  # the model's weights were rounded alike
 
+    from transformers import AutoModelForCausalLM
+
+    in_bf16 = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.bfloat16)
+    norm = in_bf16.model.layers[0].attn_norm
+    assert norm.weight.dtype == torch.bfloat16 and norm.input_scale.dtype == torch.float32
+
 
 def _swap_gate_and_up(tensors):
     layer = "model.layers.0.ffn."
@@ -276,5 +282,18 @@ def test_cli_exports_a_derf_ema_mla_moe_run_that_generates_as_normopt_sample(cus
     assert (config["norm"], config["attention"], config["ffn"], config["moe_routing_bias"]) == (
         "derf_ema", "mla", "moe", True)
     greedy_equals_normopt_sample(custom_run, out, remote_code=True, capsys=capsys)
+
+    # a left-padded batch generates what each prompt generates alone
+    from transformers import AutoTokenizer
+
+    exported = load_exported(out, remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True, padding_side="left")
+    prompts = ["to be or", "the quick brown fox jumps over"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    assert batch["attention_mask"].min() == 0
+    greedy = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    together = exported.generate(**batch, **greedy)[:, -5:]
+    for row, prompt in zip(together, prompts):
+        assert torch.equal(row, exported.generate(**tokenizer(prompt, return_tensors="pt"), **greedy)[0, -5:])
     assert main(["export", str(custom_run), "--format", "hf"]) == 2
     assert "already exists" in capsys.readouterr().err

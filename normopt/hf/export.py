@@ -127,15 +127,16 @@ def write_generation_config(eos: int, llama: bool, folder: Path) -> None:
 
 
 def write_tokenizer(tokenizer, max_positions: int, folder: Path) -> None:
-    """The run's tokenizer as a fast tokenizer: its end-of-document token is the EOS; no BOS
-    is added (normopt trains on documents each followed by EOS, never preceded by a BOS)."""
+    """The run's tokenizer as a fast tokenizer: its end-of-document token is the EOS and pads
+    batches (the attention mask hides it); no BOS is added (normopt trains on documents each
+    followed by EOS, never preceded by a BOS)."""
     from transformers import PreTrainedTokenizerFast
 
     from normopt.data.tokenizer import eos_id
 
     eos_token = tokenizer.id_to_token(eos_id(tokenizer))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos_token, model_max_length=max_positions,
-                                   clean_up_tokenization_spaces=False)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos_token, pad_token=eos_token,
+                                   model_max_length=max_positions, clean_up_tokenization_spaces=False)
     fast.save_pretrained(folder)
     # transformers 5 names the class TokenizersBackend; the name it shares with transformers 4
     # (and the special tokens map 4 reads) let tools on either load the tokenizer
@@ -143,7 +144,8 @@ def write_tokenizer(tokenizer, max_positions: int, folder: Path) -> None:
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": eos_token}, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": eos_token, "pad_token": eos_token},
+                                                               indent=2) + "\n")
 
 
 def write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:

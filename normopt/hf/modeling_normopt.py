@@ -347,6 +347,7 @@ class NormoptPreTrainedModel(PreTrainedModel):
     config_class = NormoptConfig
     base_model_prefix = "model"
     _no_split_modules = ["Block"]
+    _keep_in_fp32_modules_strict = ["input_scale"]  # derf_ema's frozen c stays exact in a bf16 model
 
     def _init_weights(self, module):
         """Weights are always loaded from the export; new modules start as in normopt."""
