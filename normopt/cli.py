@@ -124,7 +124,9 @@ def export_main(argv: list[str] | None = None) -> int:
         if args.format == "hf":
             from normopt.hf.export import export_hf
 
-            print(export_hf(Path(args.run_dir), args.step, args.dtype or "float32", out))
+            folder, parity = export_hf(Path(args.run_dir), args.step, args.dtype or "float32", out)
+            print(f"parity gate passed: {parity.describe()}", file=sys.stderr)
+            print(folder)
             return 0
         if args.dtype is not None:
             raise UserError("--dtype applies to --format hf (the safetensors export keeps the checkpoint's dtypes)")

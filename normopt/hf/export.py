@@ -3,8 +3,9 @@
 The folder holds ``config.json``, the weights (``model.safetensors``, or shards of at most
 ``max_shard_bytes`` with ``model.safetensors.index.json``), ``generation_config.json``, the
 run's tokenizer as a ``PreTrainedTokenizerFast`` (``tokenizer.json``,
-``tokenizer_config.json``, ``special_tokens_map.json``) and, for a model that is not a stock Llama, ``modeling_normopt.py``
-with the ``auto_map`` entries that point transformers to it (:mod:`normopt.hf.convert`).
+``tokenizer_config.json``, ``special_tokens_map.json``) and, for a model that is not a
+stock Llama, ``modeling_normopt.py`` with the ``auto_map`` entries that point transformers
+to it (:mod:`normopt.hf.convert`).
 
 It is written into a hidden sibling folder, loaded back with transformers and checked by
 the parity gate (:mod:`normopt.hf.parity`); only a folder that passed is renamed to its
@@ -23,6 +24,7 @@ import torch
 
 from normopt.errors import UserError
 from normopt.hf.convert import exports_as_llama, hf_tensors, llama_config_fields, normopt_config_fields
+from normopt.hf.parity import Parity, parity_gate
 from normopt.output_paths import check_output_folder
 
 TEMPLATE = Path(__file__).with_name("modeling_normopt.py")
@@ -41,9 +43,10 @@ def require_transformers() -> None:
 
 
 def export_hf(run_dir: Path, step: int | None = None, dtype: str = "float32", out: Path | None = None,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> tuple[Path, Parity]:
     """Export ``step``'s checkpoint (default: the latest complete one) of the run as a
-    transformers folder, ``RUN_DIR/export/step_N_hf`` unless ``out``; return its path."""
+    transformers folder, ``RUN_DIR/export/step_N_hf`` unless ``out``; return its path and
+    the parity it passed the gate with."""
     from normopt.run_dir import RunDir
     from normopt.sample import load_run
 
@@ -66,13 +69,12 @@ def check_new_folder(out: Path) -> None:
 
 
 def write_hf_folder(model: torch.nn.Module, tokenizer, max_positions: int, dtype: torch.dtype, out: Path,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> tuple[Path, Parity]:
     """Write the normopt ``model`` (a ``Transformer``, eval mode) and its ``tokenizer``
     (``tokenizers.Tokenizer``) as a transformers folder at ``out``, once it passed the
-    parity gate. In a ``bfloat16`` export the model's own parameters are rounded to bfloat16
+    parity gate (returned with the path). In a ``bfloat16`` export the model's own parameters are rounded to bfloat16
     first, so that the gate compares the same weights."""
     from normopt.data.tokenizer import eos_id
-    from normopt.hf.parity import parity_gate
 
     require_transformers()
     check_new_folder(out)
@@ -90,7 +92,7 @@ def write_hf_folder(model: torch.nn.Module, tokenizer, max_positions: int, dtype
         write_generation_config(eos, llama, staging)
         write_tokenizer(tokenizer, max_positions, staging)
         write_weights(hf_tensors(model, dtype), staging, max_shard_bytes)
-        parity_gate(model, tokenizer, staging, remote_code=not llama)
+        parity = parity_gate(model, tokenizer, staging, remote_code=not llama)
         for path in staging.iterdir():
             path.chmod(EXPORT_FILE_MODE)
         staging.chmod(EXPORT_DIR_MODE)
@@ -98,7 +100,7 @@ def write_hf_folder(model: torch.nn.Module, tokenizer, max_positions: int, dtype
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out
+    return out, parity
 
 
 def write_config(args, max_positions: int, eos: int, dtype: torch.dtype, llama: bool, folder: Path) -> None:
