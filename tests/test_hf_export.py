@@ -151,8 +151,8 @@ def test_bfloat16_export_is_sharded_and_keeps_frozen_scales_in_float32(tokenizer
 
 
 def _swap_gate_and_up(tensors):
-    layer = "model.layers.0.ffn."
-    tensors[layer + "w1.weight"], tensors[layer + "w3.weight"] = tensors[layer + "w3.weight"], tensors[layer + "w1.weight"]
+    gate, up = "model.layers.0.ffn.w1.weight", "model.layers.0.ffn.w3.weight"
+    tensors[gate], tensors[up] = tensors[up], tensors[gate]
 
 
 def _forget_frozen_scales(tensors):

@@ -102,7 +102,8 @@ def parity_gate(model: torch.nn.Module, tokenizer, folder: Path, remote_code: bo
     except Exception as exc:  # any failure to load is a failed gate
         raise UserError(f"the export does not load in transformers ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''}); nothing was written") from None
-    parity = measure_parity(model, exported, gate_tokens(model.args.vocab_size, exported.config.max_position_embeddings))
+    tokens = gate_tokens(model.args.vocab_size, exported.config.max_position_embeddings)
+    parity = measure_parity(model, exported, tokens)
     if not parity.ok:
         raise UserError(f"the export failed its parity gate against normopt's forward: {parity.describe()}; "
                         f"nothing was written")
