@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from normopt.errors import UserError
+from normopt.export import EXPORT_DIR_MODE, EXPORT_FILE_MODE
 from normopt.hf.convert import exports_as_llama, hf_tensors, llama_config_fields, normopt_config_fields
 from normopt.hf.parity import Parity, parity_gate
 from normopt.output_paths import check_output_folder
@@ -30,8 +31,6 @@ from normopt.output_paths import check_output_folder
 TEMPLATE = Path(__file__).with_name("modeling_normopt.py")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
-EXPORT_FILE_MODE = 0o644
-EXPORT_DIR_MODE = 0o755
 TRANSFORMERS_HINT = "pip install 'transformers>=5.25,<6' (or pip install -e '.[hf]')"
 
 
@@ -55,7 +54,7 @@ def export_hf(run_dir: Path, step: int | None = None, dtype: str = "float32", ou
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     run = RunDir(run_dir)
     checkpoint = run.find_checkpoint(step, "--step")
-    out = out or run.export / f"{checkpoint.name}_hf"
+    out = out or run.hf_export_folder(checkpoint)
     check_new_folder(out)
     loaded = load_run(run_dir, int(checkpoint.name.split("_")[1]))
     return write_hf_folder(loaded.model, loaded.tokenizer, loaded.cfg.train.seq_len, DTYPES[dtype], out,
