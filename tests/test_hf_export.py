@@ -98,7 +98,8 @@ def test_every_combination_loads_in_transformers_with_normopt_logits(norm, atten
     if norm == "derf_ema":  # the frozen scales are the layers' own c, not 1
         with safe_open(str(out / "model.safetensors"), "pt") as f:
             scale = f.get_tensor("model.layers.0.attn_norm.input_scale")
-        assert torch.equal(scale, model.layers[0].attn_norm.input_scale().reshape(1)) and scale.item() > 1.1
+        assert scale.dtype == torch.float64 and scale.item() > 1.1
+        assert torch.equal(scale.float(), model.layers[0].attn_norm.input_scale().reshape(1))
     if not llama and attention == "swa":  # left padding changes nothing for the real tokens
         padded = torch.cat([torch.zeros(3, 4, dtype=torch.long), tokens], dim=1)
         mask = torch.cat([torch.zeros(3, 4, dtype=torch.long), torch.ones_like(tokens)], dim=1)
@@ -118,6 +119,7 @@ def test_llama_export_is_stock_transformers_and_rmsnorm_with_embed_scale_is_not(
     exported = load_exported(out, remote_code=False)
     assert type(exported) is LlamaForCausalLM
     assert exported.config.rope_parameters["rope_theta"] == 500.0 and exported.config.rms_norm_eps == 1e-5
+    assert json.loads((out / "config.json").read_text())["rope_theta"] == 500.0  # where transformers 4 reads it
     assert not exported.config.tie_word_embeddings
     assert not torch.equal(exported.lm_head.weight, exported.model.embed_tokens.weight)
     scaled, _ = write_hf_folder(tiny_model("rmsnorm", "gqa", "dense", vocab, embed_scale=3.0), tokenizer,
@@ -125,7 +127,7 @@ def test_llama_export_is_stock_transformers_and_rmsnorm_with_embed_scale_is_not(
     assert json.loads((scaled / "config.json").read_text())["embed_scale"] is True
 
 
-def test_bfloat16_export_is_sharded_and_keeps_frozen_scales_in_float32(tokenizer, tmp_path):
+def test_bfloat16_export_is_sharded_and_keeps_buffers_exact(tokenizer, tmp_path):
     model = tiny_model("derf_ema", "gqa", "moe", tokenizer.get_vocab_size())
     out, _ = write_hf_folder(model, tokenizer, MAX_POSITIONS, torch.bfloat16, tmp_path / "hf", max_shard_bytes=20_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -138,7 +140,8 @@ def test_bfloat16_export_is_sharded_and_keeps_frozen_scales_in_float32(tokenizer
             dtypes.update({name: f.get_tensor(name).dtype for name in f.keys()})
     assert dtypes.keys() == index["weight_map"].keys()
     assert dtypes["model.layers.0.ffn.experts.w1"] == torch.bfloat16
-    assert dtypes["model.layers.0.attn_norm.input_scale"] == torch.float32
+    assert dtypes["model.layers.0.attn_norm.input_scale"] == torch.float64
+    assert dtypes["model.layers.0.ffn.router.expert_bias"] == torch.float32
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     tokens = torch.randint(model.args.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2))
     assert_parity(model, load_exported(out, remote_code=True), tokens)  # the model's weights were rounded alike
@@ -147,7 +150,8 @@ def test_bfloat16_export_is_sharded_and_keeps_frozen_scales_in_float32(tokenizer
 
     in_bf16 = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.bfloat16)
     norm = in_bf16.model.layers[0].attn_norm
-    assert norm.weight.dtype == torch.bfloat16 and norm.input_scale.dtype == torch.float32
+    assert norm.weight.dtype == torch.bfloat16 and norm.input_scale.dtype == torch.float64
+    assert in_bf16.model.layers[0].ffn.router.expert_bias.dtype == torch.float32
 
 
 def _swap_gate_and_up(tensors):

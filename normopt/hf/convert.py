@@ -9,14 +9,15 @@ model; the files are written by :mod:`normopt.hf.export`).
 * Everything else is ``NormoptForCausalLM`` of ``modeling_normopt.py`` (copied into the
   folder, loaded with ``trust_remote_code=True``), which keeps normopt's names inside the
   blocks. derf_ema's three running statistics become the scale c they define, computed by
-  the layer itself and frozen (a float32 ``input_scale`` buffer per layer).
+  the layer's own formula and frozen (a float64 ``input_scale`` buffer per layer, which the
+  model's forward rounds to float32 as normopt's does).
 """
 
 from __future__ import annotations
 
 import torch
 
-from normopt.models.derf import DerfEMA
+from normopt.models.derf import DerfEMA, blended_scale
 
 # derf_ema's training-time statistics, replaced by the scale they define (``input_scale``)
 DERF_EMA_STATISTICS = ("running_mean_square", "reference_mean_square", "commits")
@@ -90,8 +91,8 @@ def llama_name(name: str) -> str:
 
 
 def hf_tensors(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's tensors under transformers' names: parameters in ``dtype``, buffers (the
-    routing bias, derf_ema's frozen scales) in float32. A tied output head is left out
+    """The model's tensors under transformers' names: parameters in ``dtype``, buffers in
+    float32 (the routing bias) or float64 (derf_ema's frozen scales). A tied output head is left out
     (``tie_word_embeddings`` restores it). Every tensor owns its storage (safetensors)."""
     llama = exports_as_llama(model.args)
     parameters = dict(model.named_parameters())  # a tied head appears once, as the embedding
@@ -103,6 +104,7 @@ def hf_tensors(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Te
         out[hf_name] = tensor.detach().to(dtype if name in parameters else torch.float32).contiguous().clone()
     for name, module in model.named_modules():
         if isinstance(module, DerfEMA):
-            scale = torch.as_tensor(module.input_scale(), dtype=torch.float32).detach().reshape(1).clone()
+            scale = blended_scale(module.running_mean_square, module.reference_mean_square, module.commits,
+                                  module.momentum, module.blend).detach().reshape(1).clone()
             out[_top_level_name(f"{name}.input_scale")] = scale
     return out

@@ -108,6 +108,7 @@ def write_config(args, max_positions: int, eos: int, dtype: torch.dtype, llama: 
 
         config = LlamaConfig(**llama_config_fields(args, max_positions, eos))
         config.architectures = ["LlamaForCausalLM"]
+        config.rope_theta = args.rope_theta  # where transformers 4 reads it (5 reads rope_parameters)
     else:
         from normopt.hf.modeling_normopt import NormoptConfig
 
@@ -137,7 +138,8 @@ def write_tokenizer(tokenizer, max_positions: int, folder: Path) -> None:
 
     eos_token = tokenizer.id_to_token(eos_id(tokenizer))
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos_token, pad_token=eos_token,
-                                   model_max_length=max_positions, clean_up_tokenization_spaces=False)
+                                   model_max_length=max_positions, clean_up_tokenization_spaces=False,
+                                   model_input_names=["input_ids", "attention_mask"])
     fast.save_pretrained(folder)
     # transformers 5 names the class TokenizersBackend; the name it shares with transformers 4
     # (and the special tokens map 4 reads) let tools on either load the tokenizer

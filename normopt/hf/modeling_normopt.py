@@ -108,8 +108,8 @@ class Derf(nn.Module):
         self.shift = nn.Parameter(torch.zeros(1))
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
-        if frozen_scale:
-            self.register_buffer("input_scale", torch.ones(1))
+        if frozen_scale:  # float64 like the statistics it comes from; a model loaded in bfloat16 keeps it
+            self.register_buffer("input_scale", torch.ones(1, dtype=torch.float64))
         else:
             self.input_scale = None
 
@@ -247,7 +247,7 @@ class Router(nn.Module):
         super().__init__()
         self.top_k, self.score, self.use_bias = config.moe_top_k, config.moe_score, config.moe_routing_bias
         self.gate = nn.Linear(config.hidden_size, config.n_experts, bias=False)
-        self.register_buffer("expert_bias", torch.zeros(config.n_experts))
+        self.register_buffer("expert_bias", torch.zeros(config.n_experts, dtype=torch.float32))
 
     def forward(self, x):
         logits = self.gate(x).float()
@@ -347,7 +347,6 @@ class NormoptPreTrainedModel(PreTrainedModel):
     config_class = NormoptConfig
     base_model_prefix = "model"
     _no_split_modules = ["Block"]
-    _keep_in_fp32_modules_strict = ["input_scale"]  # derf_ema's frozen c stays exact in a bf16 model
 
     def _init_weights(self, module):
         """Weights are always loaded from the export; new modules start as in normopt."""
