@@ -349,7 +349,7 @@ class NormoptPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Block"]
 
     def _init_weights(self, module):
-        """Weights are always loaded from the export; new modules start as in normopt."""
+        """Only for a model built from a config alone: an export loads every weight."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
         elif isinstance(module, GroupedExperts):
