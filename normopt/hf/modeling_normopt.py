@@ -15,8 +15,9 @@ decoder, x + attn(norm(x)) then + ffn(norm(.)), with
 * an optional learnable scalar on the token embedding (``config.embed_scale``).
 
 Norms and RoPE are evaluated in float32 as in training. Generation re-runs the model over
-the whole sequence at every step (no key-value cache): meant for the small models normopt
-trains and for evaluation harnesses, which score whole sequences.
+the last ``max_position_embeddings`` (the training length) tokens at every step, with no
+key-value cache: meant for the small models normopt trains and for evaluation harnesses,
+which score whole sequences.
 """
 
 from __future__ import annotations
@@ -382,9 +383,18 @@ class NormoptForCausalLM(NormoptPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls):
         return False  # no key-value cache: every step sees the whole sequence
 
-    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, **kwargs):
-        # the whole sequence at every step, whatever use_cache says (there is no cache to continue)
-        return super().prepare_inputs_for_generation(input_ids, next_sequence_length=None, **kwargs)
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, attention_mask=None, **kwargs):
+        """The last ``max_position_embeddings`` tokens at every step (whatever use_cache says:
+        there is no cache to continue), at positions 0, 1, ... as in training: past the
+        training length the context slides, as in ``normopt sample``."""
+        window = self.config.max_position_embeddings
+        input_ids = input_ids[:, -window:]
+        kwargs.pop("position_ids", None)
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, -window:]
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        return super().prepare_inputs_for_generation(input_ids, next_sequence_length=None,
+                                                     attention_mask=attention_mask, **kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, logits_to_keep=0,
                 return_dict=None, **kwargs):
