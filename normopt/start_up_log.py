@@ -7,7 +7,7 @@ import torch
 
 from normopt.models.components import attention_class, feed_forward_class
 from normopt.models.presets import count_active_parameters
-from normopt.optim.param_groups import format_group_table
+from normopt.optim.param_groups import describe_head_blocks, format_group_table
 
 
 def start_up_lines(trainer) -> list[str]:
@@ -32,6 +32,9 @@ def start_up_lines(trainer) -> list[str]:
                f"{trainer.accum_steps} accumulation x {trainer.dist.world_size} ranks "
                f"(train.micro_batch_size {t.micro_batch_size} is the largest micro-batch allowed)")
     out.append("optimizer groups:\n" + format_group_table(trainer.optimizers.groups))
+    split = describe_head_blocks(trainer.optimizers.groups)
+    if split:
+        out.append(f"per-head Newton-Schulz (optim.muon_split_heads={cfg.optim.muon_split_heads}): {split}")
     if trainer.peak_flops:
         out.append(f"peak: {trainer.peak_flops / 1e9:,.0f} GFLOP/s per rank ({trainer.peak_source}); mfu counts the "
                    f"model's forward and backward FLOPs ({trainer.flops_per_token / 1e9:.3g} GFLOP per token)")
