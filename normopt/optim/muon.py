@@ -57,7 +57,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from normopt.dtypes import dtype_name, floating_dtype
 from normopt.optim.ns_batches import batch_by_shape, stack_batch, unstack_batch
-from normopt.optim.newton_schulz import CoefficientSpec, coefficient_schedule, newton_schulz, ns_flops
+from normopt.optim.newton_schulz import NS_ALGORITHMS, CoefficientSpec, coefficient_schedule, newton_schulz, ns_flops
 from normopt.optim.ns_rules import is_step_count
 from normopt.parallel.distributed_ns import NS_MODES, ExchangeStats, RowShardedJob, run_row_sharded_jobs
 from normopt.parallel.ns_plan import DEFAULT_BUCKET_MB, ns_cost
@@ -167,6 +167,8 @@ def validate_muon_group(group: Mapping[str, Any]) -> None:
     if not is_step_count(steps):
         raise ValueError(f"ns_steps must be an integer >= 1, got {steps!r}")
     coefficient_schedule(group["ns_coefficients"])  # raises ValueError naming ns_coefficients
+    if group["ns_algorithm"] not in NS_ALGORITHMS:
+        raise ValueError(f"ns_algorithm must be one of {NS_ALGORITHMS}, got {group['ns_algorithm']!r}")
     if group["scale_rule"] not in SCALE_RULES:
         raise ValueError(f"scale_rule must be one of {SCALE_RULES}, got {group['scale_rule']!r}")
     resolve_ns_dtype(group["ns_dtype"])
@@ -225,6 +227,8 @@ class Muon(torch.optim.Optimizer):
         weight_decay: decoupled: W <- W * (1 - lr * weight_decay).
         ns_steps: Newton-Schulz iterations (per group; see ``ns_rules.ns_steps_param_groups``).
         ns_coefficients: 'quintic' | 'polar_express' | (a, b, c) | list of triples.
+        ns_algorithm: 'standard' | 'gram' (``newton_schulz``: the same polynomial, computed
+            as the matrix iteration or in Gram form; 'gram' needs ns_row_blocks=1).
         scale_rule: 'original' | 'match_adamw' | 'spectral' (see ``update_scale``).
         ns_mode: 'distributed' (each matrix orthogonalized once, by its owner rank) or
             'replicated' (every rank orthogonalizes every matrix). Optimizer-wide, not
@@ -253,11 +257,13 @@ class Muon(torch.optim.Optimizer):
         scale_rule: str = "match_adamw",
         ns_mode: str = "distributed",
         ns_dtype: torch.dtype | str = torch.bfloat16,
+        ns_algorithm: str = "standard",
         **execution: Any,
     ):
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
             ns_steps=ns_steps, ns_coefficients=ns_coefficients, scale_rule=scale_rule, ns_dtype=ns_dtype,
+            ns_algorithm=ns_algorithm,
         )
         self._setup(params, defaults, ns_mode, **execution)
 
@@ -281,6 +287,9 @@ class Muon(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate hyperparameters and shapes before registering the group."""
         validate_muon_group({**self.defaults, **param_group})
+        if self.ns_row_blocks > 1 and {**self.defaults, **param_group}["ns_algorithm"] == "gram":
+            raise ValueError("ns_algorithm 'gram' runs each matrix on one process: it needs ns_row_blocks=1, "
+                             f"got {self.ns_row_blocks}")
         params = param_group["params"]
         # Materialize once: a generator would be exhausted by the shape check below.
         params = [params] if isinstance(params, torch.Tensor) else list(params)
@@ -306,10 +315,11 @@ class Muon(torch.optim.Optimizer):
         p0 = batch[0].p
         rows, cols = matrix_dims(p0.shape)
         ns_dtype = resolve_ns_dtype(group["ns_dtype"])
-        steps, coeffs = group["ns_steps"], group["ns_coefficients"]
+        steps, coeffs, algorithm = group["ns_steps"], group["ns_coefficients"], group["ns_algorithm"]
 
         def compute(full: list[torch.Tensor], team) -> list[torch.Tensor]:
-            return unstack_batch(newton_schulz(stack_batch(full), steps, coeffs, dtype=ns_dtype, team=team), len(full))
+            O = newton_schulz(stack_batch(full), steps, coeffs, dtype=ns_dtype, team=team, algorithm=algorithm)
+            return unstack_batch(O, len(full))
 
         # Cast before shipping: NS starts with this cast anyway, so the result is the
         # same and the all_to_all carries bf16 instead of fp32.
@@ -357,12 +367,14 @@ class Muon(torch.optim.Optimizer):
 
     def ns_flops_per_step(self) -> float:
         """Newton-Schulz FLOPs of one step over every matrix (whole-matrix shapes, each
-        expert of a stack counted; see ``ns_flops``), whichever rank runs them."""
+        expert of a stack counted; see ``ns_flops``: exact per matrix, step count,
+        coefficients and algorithm), whichever rank runs them."""
         total = 0.0
         for group in self.param_groups:
             for p in group["params"]:
                 rows, cols = matrix_dims(p.shape)
-                total += stack_size(p.shape) * ns_flops(rows, cols, int(group["ns_steps"]))
+                total += stack_size(p.shape) * ns_flops(rows, cols, int(group["ns_steps"]), group["ns_algorithm"],
+                                                        group["ns_coefficients"])
         return total
 
     # -- the step ----------------------------------------------------------------------
@@ -428,11 +440,11 @@ class NorMuon(Muon):
                  weight_decay: float = 0.0, ns_steps: int = 5, ns_coefficients: CoefficientSpec = "quintic",
                  scale_rule: str = "match_adamw", ns_mode: str = "distributed",
                  ns_dtype: torch.dtype | str = torch.bfloat16, beta2: float = 0.95, eps: float = 1e-8,
-                 **execution: Any):
+                 ns_algorithm: str = "standard", **execution: Any):
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
             ns_steps=ns_steps, ns_coefficients=ns_coefficients, scale_rule=scale_rule, ns_dtype=ns_dtype,
-            beta2=beta2, eps=eps,
+            ns_algorithm=ns_algorithm, beta2=beta2, eps=eps,
         )
         self._setup(params, defaults, ns_mode, **execution)
 
@@ -458,13 +470,14 @@ class NorMuon(Muon):
         p0 = batch[0].p
         rows, cols = matrix_dims(p0.shape)
         ns_dtype = resolve_ns_dtype(group["ns_dtype"])
-        steps, coeffs = group["ns_steps"], group["ns_coefficients"]
+        steps, coeffs, algorithm = group["ns_steps"], group["ns_coefficients"], group["ns_algorithm"]
         beta2, eps = float(group["beta2"]), float(group["eps"])
         update_dtype, n = p0.dtype, len(batch)
         v_dtype = _local(batch[0].state["row_second_moment"]).dtype
 
         def compute(full: list[torch.Tensor], team) -> list[torch.Tensor]:
-            O = newton_schulz(stack_batch(full[:n]), steps, coeffs, dtype=ns_dtype, team=team).to(update_dtype)
+            O = newton_schulz(stack_batch(full[:n]), steps, coeffs, dtype=ns_dtype, team=team,
+                              algorithm=algorithm).to(update_dtype)
             O_hat, v_new = normuon_normalize(O, stack_batch(full[n:]), beta2, eps)
             return unstack_batch(O_hat, n) + unstack_batch(v_new, n)
 
