@@ -282,6 +282,11 @@ class Muon(torch.optim.Optimizer):
         self.ns_bucket_mb, self.ns_overlap = float(ns_bucket_mb), bool(ns_overlap)
         # Timings and bytes of the last step's whole-matrix work (benchmarks, diagnostics).
         self.last_step_stats: ExchangeStats | None = None
+        # NS FLOPs this process has computed since the counter was last reset (its share of
+        # a row-block team's), and an optional timer of every NS computation (anything with
+        # a ``section()`` context manager, e.g. metrics.device_stats.SectionTimer)
+        self.ns_flops_computed = 0.0
+        self.ns_timer = None
         torch.optim.Optimizer.__init__(self, params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -324,11 +329,28 @@ class Muon(torch.optim.Optimizer):
         # Cast before shipping: NS starts with this cast anyway, so the result is the
         # same and the all_to_all carries bf16 instead of fp32.
         return RowShardedJob(
-            inputs=lambda: [item.direction().to(ns_dtype) for item in batch], rows=p0.shape[0], compute=compute,
+            inputs=lambda: [item.direction().to(ns_dtype) for item in batch], rows=p0.shape[0],
+            compute=self._counted(compute, p0, len(batch), group),
             output_specs=[(tuple(p0.shape[1:]), ns_dtype)] * len(batch),
             input_specs=[(tuple(p0.shape[1:]), ns_dtype)] * len(batch),
             cost=len(batch) * stack_size(p0.shape) * ns_cost(rows, cols), mesh=batch[0].mesh,
         )
+
+    def _counted(self, compute, p0: torch.Tensor, count: int, group: dict):
+        """``compute`` of a job of ``count`` matrices shaped like p0, adding the NS FLOPs it
+        runs here to ``ns_flops_computed`` and timing it with ``ns_timer`` when set (the time
+        then includes a row-block team's all-gathers)."""
+        rows, cols = matrix_dims(p0.shape)
+        flops = count * stack_size(p0.shape) * ns_flops(rows, cols, int(group["ns_steps"]), group["ns_algorithm"],
+                                                        group["ns_coefficients"])
+
+        def run(full: list[torch.Tensor], team) -> list[torch.Tensor]:
+            self.ns_flops_computed += flops * (1.0 if team is None else team.share(min(rows, cols)))
+            if self.ns_timer is None:
+                return compute(full, team)
+            with self.ns_timer.section():
+                return compute(full, team)
+        return run
 
     def _finish(self, p: torch.Tensor, outputs: list[torch.Tensor], state: dict, group: dict) -> None:
         """Apply this rank's rows of the job outputs to its shard of p."""
@@ -487,7 +509,7 @@ class NorMuon(Muon):
 
         out_specs = [(tuple(p0.shape[1:]), update_dtype)] * n + [(tuple(p0.shape[1:-1]), v_dtype)] * n
         return RowShardedJob(
-            inputs=inputs, rows=p0.shape[0], compute=compute, output_specs=out_specs,
+            inputs=inputs, rows=p0.shape[0], compute=self._counted(compute, p0, n, group), output_specs=out_specs,
             input_specs=[(tuple(p0.shape[1:]), ns_dtype)] * n + [(tuple(p0.shape[1:-1]), v_dtype)] * n,
             cost=n * stack_size(p0.shape) * ns_cost(rows, cols), mesh=batch[0].mesh,
         )

@@ -9,6 +9,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from normopt.report.cost import cost_section
 from normopt.report.notes import collapse_notes
 from normopt.report.run_setup import setup_lines
 from normopt.report.tables import markdown_table
@@ -390,6 +391,6 @@ def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
                 "", isotropy, "",
             ]
         parts += [f"![{name}]({path})" for name, path in (diagnostic_plots or {}).items()]
-    parts += ["", "## Cells", "", cell_table(summary), "", "## Notes", ""]
+    parts += ["", *cost_section(summary), "## Cells", "", cell_table(summary), "", "## Notes", ""]
     parts += [f"- {note}" for note in collapse_notes(summary["notes"], [c["name"] for c in cells])] or ["- none"]
     return "\n".join(parts) + "\n"
