@@ -59,6 +59,8 @@ from itertools import combinations
 
 import torch
 
+from normopt.optim.symmetric_matmul import gram_matrix, gram_poly
+
 Coefficients = tuple[float, float, float]
 
 RESTART_Q_SPREAD = 1e3  # the largest max|q| / min|q| a segment may reach (module docstring)
@@ -132,18 +134,19 @@ def gram_iterate(X: torch.Tensor, schedule: Sequence[Coefficients], restarts: Se
 
     Products whose operands commute (polynomials in R) are written in the order above;
     the first step of a segment forms Q = a I + Z without a matmul, and R is not updated
-    after the last step of a segment (nothing reads it).
+    after the last step of a segment (nothing reads it). X X^T and b R + c R^2 go through
+    ``symmetric_matmul`` (one triangle on CUDA with Triton).
     """
     steps = len(schedule)
-    R = X @ X.mT
+    R = gram_matrix(X)
     eye = torch.eye(X.size(-2), dtype=X.dtype, device=X.device)
     Q: torch.Tensor | None = None
     for k, (a, b, c) in enumerate(schedule):
         if k in restarts:
             X = Q @ X
-            R = X @ X.mT
+            R = gram_matrix(X)
             Q = None
-        Z = b * R + c * (R @ R)
+        Z = gram_poly(R, b, c)
         Q = Z + a * eye if Q is None else a * Q + Q @ Z
         if k + 1 < steps and k + 1 not in restarts:
             RZ = a * R + R @ Z

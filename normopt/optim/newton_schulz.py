@@ -35,6 +35,7 @@ import torch
 
 from normopt.optim.gram_newton_schulz import (gram_compute_dtype, gram_iterate, gram_ns_flops, gram_restarts,
                                               uses_gram_form)
+from normopt.optim.symmetric_matmul import gram_matrix, gram_poly
 from normopt.parallel.row_block_team import RowBlockTeam, blocked_ns_step
 
 Coefficients = tuple[float, float, float]
@@ -207,10 +208,11 @@ def ns_step(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
     """One iteration: A = X X^T, X <- a X + (b A + c A^2) X.
 
     Maps each singular value s of X to a s + b s^3 + c s^5 and keeps the singular vectors.
-    Cheapest when X is wide (rows <= cols), since A is rows x rows.
+    Cheapest when X is wide (rows <= cols), since A is rows x rows. Both symmetric products
+    go through ``symmetric_matmul`` (one triangle on CUDA with Triton, plain torch otherwise).
     """
-    A = X @ X.mT
-    B = b * A + c * (A @ A)
+    A = gram_matrix(X)
+    B = gram_poly(A, b, c)
     return a * X + B @ X
 
 
