@@ -169,3 +169,17 @@ def test_muon_step_counts_gram_flops_and_trains_like_standard():
         assert opt.ns_flops_per_step() == ns_flops(16, 48, 5, algorithm, "quintic")
     torch.testing.assert_close(weights["gram"], weights["standard"], rtol=0, atol=1e-5)
     assert not math.isclose(ns_flops(16, 48, 5, "gram"), ns_flops(16, 48, 5))
+
+
+def test_a_state_dict_saved_before_ns_algorithm_existed_loads_as_standard():
+    p = torch.nn.Parameter(torch.randn(6, 10))
+    opt = Muon([p], ns_dtype="float32")
+    p.grad = torch.randn(6, 10)
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["ns_algorithm"]
+    fresh = Muon([p], ns_dtype="float32", ns_algorithm="gram")
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["ns_algorithm"] == "standard"
+    fresh.step()  # runs: no KeyError

@@ -308,6 +308,13 @@ class Muon(torch.optim.Optimizer):
             # defaults given as a torch.dtype: store the name, which serializes anywhere.
             self.param_groups[-1]["ns_dtype"] = dtype_name(self.param_groups[-1]["ns_dtype"])
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Loading a state dict: param groups saved before ``ns_algorithm`` existed ran the
+        standard iteration (torch's pattern for a hyperparameter added later)."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("ns_algorithm", "standard")
+
     # -- hooks a subclass overrides ------------------------------------------------
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
