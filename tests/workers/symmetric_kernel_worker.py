@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from normopt.optim.symmetric_matmul import symmetric_product
+from normopt.optim.symmetric_kernel import symmetric_product
 
 
 def relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
