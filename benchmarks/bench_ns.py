@@ -4,6 +4,7 @@ Gram NS, and on CUDA each with and without the Triton symmetric kernel.
     python benchmarks/bench_ns.py                    # full 1B shapes (CPU: ~45 TFLOP per variant, slow)
     python benchmarks/bench_ns.py --quick            # dims / 4 (CPU: about a minute per variant)
     python benchmarks/bench_ns.py --shapes 512x2048x32,2048x8192x16 --repeats 5
+    python benchmarks/bench_ns.py --quick --threads 1   # a tiny check: --shapes 64x256x4 --repeats 1
 
 The 1B preset (dim 2048, 16 layers, 8 KV heads of 64, ffn 8192) has per layer wq, wo
 2048x2048, wk, wv 512x2048, w1, w3 8192x2048 and w2 2048x8192 (rows x cols = out x in):
@@ -93,7 +94,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1, help="equal matrices per NS call (ns_batch_size)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads (default: torch's); on a shared machine 1 avoids OpenMP "
+                        "threads spinning against other work")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
