@@ -244,7 +244,7 @@ class Trainer:
                 record["optimizer_step_s"] = optimizer_s / window_steps
                 record["optimizer_share"] = optimizer_s / elapsed
                 if self.ns_flops_per_step:
-                    record.update(ns_window_fields(self.ns_timer.pop_seconds(),
+                    record.update(ns_window_fields(self.ns_flops_per_step, self.ns_timer.pop_seconds(),
                                                    self.optimizers.pop_ns_flops_computed(), window_steps, elapsed))
                 if self.peak_flops:
                     record["mfu"] = self.mfu(tokens_per_s)  # null where the peak is underestimated

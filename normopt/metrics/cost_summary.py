@@ -5,6 +5,8 @@ Per logging window (metrics.jsonl), besides ``tokens_per_s``, ``mfu`` (the model
 and backward FLOPs only), ``mfu_with_ns`` (model + Newton-Schulz FLOPs, "model + Muon") and
 ``optimizer_share`` (optimizer step time / wall time):
 
+    ns_tflop_per_step = NS FLOPs of one step over every matrix / 1e12 (exact per matrix, step
+                count, coefficients and algorithm: ``ns_flops``), whichever rank runs them
     ns_s      = NS seconds per step on this rank (rank 0 logs): device time on CUDA
     ns_share  = NS seconds / wall seconds of the window
     ns_tflops = NS FLOPs this rank computed / its NS seconds / 1e12 (the achieved NS rate;
@@ -17,14 +19,17 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-COST_KEYS: tuple[str, ...] = ("tokens_per_s", "mfu", "mfu_with_ns", "optimizer_share", "ns_s", "ns_share",
-                              "ns_tflops")
+COST_KEYS: tuple[str, ...] = ("tokens_per_s", "mfu", "mfu_with_ns", "optimizer_share", "ns_tflop_per_step", "ns_s",
+                              "ns_share", "ns_tflops")
 
 
-def ns_window_fields(ns_seconds: float, ns_flops: float, steps: int, elapsed: float) -> dict[str, float | None]:
-    """The NS fields of one logging window (module docstring); ``ns_tflops`` is None when no
-    NS time was measured (a rank that owned no matrix)."""
+def ns_window_fields(ns_flops_per_step: float, ns_seconds: float, ns_flops: float, steps: int,
+                     elapsed: float) -> dict[str, float | None]:
+    """The NS fields of one logging window (module docstring) from the step's NS FLOPs, and
+    the NS seconds and FLOPs this rank spent in the window's ``steps`` steps; ``ns_tflops``
+    is None when no NS time was measured (a rank that owned no matrix)."""
     return {
+        "ns_tflop_per_step": ns_flops_per_step / 1e12,
         "ns_s": ns_seconds / steps if steps else None,
         "ns_share": ns_seconds / elapsed if elapsed > 0 else None,
         "ns_tflops": ns_flops / ns_seconds / 1e12 if ns_seconds > 0 else None,
