@@ -101,21 +101,38 @@ def _train_until_stopped(config_path, overrides, stop_request) -> int:
 def export_main(argv: list[str] | None = None) -> int:
     parser = CommandParser(
         prog="normopt export",
-        description="Write a run's model weights as one safetensors file, with its config and tokenizer beside it.")
+        description="Write a run's model weights as one safetensors file with its config and tokenizer beside it "
+                    "(--format safetensors), or as a folder that transformers loads (--format hf), checked "
+                    "against normopt's own forward before it is reported written.")
     parser.add_argument("run_dir", help="the run directory")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
-    parser.add_argument("--out", default=None, help="output file (default: RUN_DIR/export/step_N.safetensors)")
+    parser.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
+                        help="safetensors (default): normopt's names; hf: the Hugging Face format")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="hf: the weights' dtype (default float32)")
+    parser.add_argument("--out", default=None,
+                        help="output file (default: RUN_DIR/export/step_N.safetensors); with --format hf, a new "
+                             "folder (default: RUN_DIR/export/step_N_hf)")
     args = parser.parse_args(argv)
 
     def export() -> int:
         from pathlib import Path
 
-        from normopt.export import export_safetensors
-
         if not Path(args.run_dir).is_dir():
             raise UserError(f"{args.run_dir}: no such run directory")
-        out = export_safetensors(Path(args.run_dir), args.step, Path(args.out) if args.out else None)
-        print(out)
+        out = Path(args.out) if args.out else None
+        if args.format == "hf":
+            from normopt.hf.export import export_hf
+
+            folder, parity = export_hf(Path(args.run_dir), args.step, args.dtype or "float32", out)
+            print(f"parity gate passed: {parity.describe()}", file=sys.stderr)
+            print(folder)
+            return 0
+        if args.dtype is not None:
+            raise UserError("--dtype applies to --format hf (the safetensors export keeps the checkpoint's dtypes)")
+        from normopt.export import export_safetensors
+
+        print(export_safetensors(Path(args.run_dir), args.step, out))
         return 0
 
     return _guarded(export)
@@ -168,7 +185,8 @@ USAGE = """usage: normopt {train,launch,check,export,sample,report,factorial,spe
   train   train a model (same as python train.py; see normopt train --help)
   launch  train on N ranks (a torchrun that keeps the exit statuses 0/2/3/75)
   check   validate a config and print its run directory
-  export  write a run's model weights as one safetensors file, with its tokenizer and config
+  export  write a run's model weights as one safetensors file (with its tokenizer and config) or,
+          with --format hf, as a folder transformers loads (checked against normopt's forward)
   sample  generate text from a run's latest (or exported) checkpoint on the CPU
   report  statistics and plots over a folder of runs (norm x optimizer cells)
   factorial  run every cell of a norm x optimizer spec, then report

@@ -16,6 +16,11 @@ those three things done the way a scheduler and the factorial runner expect:
   with 75, and one forwarded to a rank still starting waits until its handler is set. The ranks live in a process group of their own so that a
   Ctrl-C at the terminal reaches them once, through the launcher (a second Ctrl-C is the
   trainer's "stop now, no checkpoint").
+* **threads**: torchrun sets ``OMP_NUM_THREADS=1`` for several ranks; left unset, every rank
+  would start a thread per core and N ranks oversubscribe the machine N times. Where the
+  user has not set it, each rank gets the usable cores (this process's CPU affinity) divided
+  by the ranks on this node, at least 1, and the launcher says so in one line; a value the
+  user set is passed through untouched (``thread_default``).
 * **lifetime**: every rank is started with the kernel's parent-death signal set to SIGKILL,
   so a launcher that is killed outright (``kill -9``, a killed process group) takes its
   ranks with it: never orphans, never a second writer after a restart.
@@ -79,6 +84,24 @@ def default_nproc() -> int:
         return max(torch.cuda.device_count(), 1)
     except Exception:  # a broken CUDA install should not stop a CPU launch
         return 1
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, which a scheduler's cgroup
+    or ``taskset`` narrows), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def thread_default(environ: dict[str, str], local_ranks: int, cores: int) -> str | None:
+    """The ``OMP_NUM_THREADS`` to give each rank when the user has set none: ``cores //
+    local_ranks``, at least 1. None when the user's own value (any, even an empty one) is
+    to be passed through."""
+    if "OMP_NUM_THREADS" in environ:
+        return None
+    return str(max(cores // local_ranks, 1))
 
 
 def rank_env(base: dict[str, str], *, local_rank: int, nproc: int, node_rank: int, nnodes: int,
@@ -232,7 +255,13 @@ def _launch(argv: list[str], pending: list[int]) -> int:
         port = free_port()
     else:
         port = 29500
-    envs = [rank_env(dict(os.environ), local_rank=i, nproc=nproc, node_rank=node_rank, nnodes=args.nnodes,
+    base_env = dict(os.environ)
+    threads = thread_default(base_env, nproc, usable_cores())
+    if threads is not None:
+        base_env["OMP_NUM_THREADS"] = threads
+        print(f"normopt launch: OMP_NUM_THREADS={threads} per rank ({usable_cores()} usable cores / {nproc} "
+              f"rank(s) on this node); set OMP_NUM_THREADS to choose", file=sys.stderr, flush=True)
+    envs = [rank_env(base_env, local_rank=i, nproc=nproc, node_rank=node_rank, nnodes=args.nnodes,
                      master_addr=args.master_addr, master_port=port) for i in range(nproc)]
     command = [sys.executable, str(TRAIN_SCRIPT), *train_args]
     if pending:

@@ -99,6 +99,10 @@ class RunDir:
         return {"weights": weights, "config": weights.with_suffix(".config.yaml"),
                 "tokenizer": weights.with_suffix(".tokenizer.json")}
 
+    def hf_export_folder(self, checkpoint: Path) -> Path:
+        """The default folder of a checkpoint's Hugging Face export: ``export/step_N_hf``."""
+        return self.export / f"{checkpoint.name}_hf"
+
     @property
     def tensorboard(self) -> Path:
         return self.path / TENSORBOARD_DIR

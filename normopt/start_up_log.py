@@ -3,16 +3,19 @@ batch, optimizer groups, the FLOP peak (and what MFU counts) and the resume poin
 
 from __future__ import annotations
 
+import torch
+
 from normopt.models.components import attention_class, feed_forward_class
 from normopt.models.presets import count_active_parameters
-from normopt.optim.param_groups import format_group_table
+from normopt.optim.param_groups import describe_head_blocks, format_group_table
 
 
 def start_up_lines(trainer) -> list[str]:
     """The start-up log of a constructed :class:`~normopt.trainer.Trainer`, line by line."""
     out: list[str] = []
     cfg, t, a = trainer.cfg, trainer.cfg.train, trainer.model_args
-    out.append(f"normopt: run.dir={trainer.run}  ranks={trainer.dist.world_size} ({trainer.dist.device.type})  "
+    threads = f", {torch.get_num_threads()} thread(s) per rank" if trainer.dist.device.type == "cpu" else ""
+    out.append(f"normopt: run.dir={trainer.run}  ranks={trainer.dist.world_size} ({trainer.dist.device.type}{threads})  "
                f"dtype={trainer.dtype}  compile={t.compile}  deterministic={t.deterministic}  "
                f"activation_checkpointing={t.activation_checkpointing}")
     out.append(f"model: preset={cfg.model.preset} norm={a.norm} dim={a.dim} layers={a.n_layers} "
@@ -29,6 +32,9 @@ def start_up_lines(trainer) -> list[str]:
                f"{trainer.accum_steps} accumulation x {trainer.dist.world_size} ranks "
                f"(train.micro_batch_size {t.micro_batch_size} is the largest micro-batch allowed)")
     out.append("optimizer groups:\n" + format_group_table(trainer.optimizers.groups))
+    split = describe_head_blocks(trainer.optimizers.groups)
+    if split:
+        out.append(f"per-head Newton-Schulz (optim.muon_split_heads={cfg.optim.muon_split_heads}): {split}")
     if trainer.peak_flops:
         out.append(f"peak: {trainer.peak_flops / 1e9:,.0f} GFLOP/s per rank ({trainer.peak_source}); mfu counts the "
                    f"model's forward and backward FLOPs ({trainer.flops_per_token / 1e9:.3g} GFLOP per token)")

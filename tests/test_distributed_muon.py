@@ -20,7 +20,16 @@ from normopt.parallel.distributed_ns import RowShardedJob, run_row_sharded_jobs
 from normopt.parallel.ns_plan import assign_owners, ns_cost
 from normopt.parallel.row_layout import shard_rows
 from tests.torchrun import run_torchrun
-from tests.workers.muon_worker import CASES, MATH_OPTIONS, OPTIMIZERS, REPLICATED_TOO, RUNS, VARIANTS
+from tests.workers.muon_worker import (
+    CASES,
+    HEAD_BLOCKS,
+    MATH_OPTIONS,
+    OPTIMIZERS,
+    REPLICATED_TOO,
+    RUNS,
+    VARIANTS,
+    run_reference,
+)
 
 WORKER = Path(__file__).parent / "workers" / "muon_worker.py"
 _RUNS: dict[int, dict] = {}
@@ -116,6 +125,21 @@ def test_row_blocks_put_every_rank_to_work_with_fewer_matrices_than_ranks(result
         if world == 3:
             assert all(sorted(c) == [0, 1, 1] for c in owners), owners
         assert all(c == (2,) * world for c in teams), teams
+
+
+def test_head_split_case_is_not_whole_matrix_muon(results, monkeypatch):
+    """The per-head case does split: the worker's reference reproduces here, and the same
+    run without head blocks ends elsewhere (so the torch.equal above checks per-head NS)."""
+    if results["world_size"] != 1:
+        pytest.skip("one in-process rerun suffices")
+    for opt in OPTIMIZERS:
+        split = run_reference("heads", opt, "inject")
+        assert all(torch.equal(split[n], t) for n, t in results["reference"][("heads", opt, "inject", ())].items())
+        with monkeypatch.context() as m:
+            m.setitem(HEAD_BLOCKS, "heads", [None] * 4)
+            whole = run_reference("heads", opt, "inject")
+        assert (whole["layers.0.weight"] - split["layers.0.weight"]).abs().max() > 1e-3
+        assert torch.equal(whole["layers.4.weight"], split["layers.4.weight"])  # the unsplit matrix
 
 
 def test_checkpoint_round_trip_under_two_ranks(tmp_path_factory):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -94,6 +95,9 @@ def test_grid_runs_skips_finished_cells_and_reports(tmp_path, tiny_corpus):
     assert again.stdout.count("complete, skipped") == 2
     assert "resumed from" in (root / "derf-adamw-s0" / "train.log").read_text() and final.exists()
     assert "derf-adamw-s0: eval loss" in again.stdout  # one line per cell that ran
+    last = again.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"\[factorial\] wall time per cell run: derf-adamw-s0 \d+s; 2 complete cell\(s\) skipped; "
+                        r"total \d+s \(with the report\)", last), last
 
 
 def test_slurm_dry_run_prints_an_array_job(tmp_path, tiny_corpus):

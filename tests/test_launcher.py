@@ -10,11 +10,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import re
+import sys
+
 import pytest
 
-from normopt.launch import CRASH_EXIT_CODE, agreed_status
+from normopt.launch import CRASH_EXIT_CODE, agreed_status, thread_default, usable_cores
 from tests.conftest import tiny_run_args
-from tests.processes import start, wait_for_step
+from tests.processes import child_env, start, wait_for_step
 
 
 def _rank_pids(launcher_pid: int) -> list[int]:
@@ -85,3 +88,37 @@ def test_divergence_and_user_error_keep_their_status(tmp_path, tiny_corpus):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert stderr.strip().startswith("normopt: error: train.global_batch_size: 3 sequences cannot be split")
+
+
+def test_thread_default_divides_the_cores_over_the_local_ranks():
+    assert thread_default({}, local_ranks=4, cores=16) == "4"
+    assert thread_default({}, local_ranks=3, cores=16) == "5"
+    assert thread_default({}, local_ranks=8, cores=2) == "1"  # never 0
+    assert thread_default({"OMP_NUM_THREADS": "7"}, local_ranks=2, cores=16) is None  # the user's own
+    assert thread_default({"OMP_NUM_THREADS": ""}, local_ranks=2, cores=16) is None
+
+
+def _threads_per_rank(tmp_path: Path, corpus: Path, name: str, omp: str | None) -> tuple[int, str]:
+    env = child_env()
+    env.pop("OMP_NUM_THREADS")
+    if omp is not None:
+        env["OMP_NUM_THREADS"] = omp
+    args = tiny_run_args(tmp_path / name, corpus, "train.steps=1", "train.eval_interval=0", "checkpoint.interval=0")
+    out = subprocess.run([sys.executable, "-m", "normopt.cli", "launch", "--nproc", "2", *args], env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = re.search(r"ranks=2 \(cpu, (\d+) thread\(s\) per rank\)", out.stdout)
+    assert found, out.stdout[-2000:]
+    return int(found.group(1)), out.stderr
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="a user's value must differ from the default 1")
+def test_launcher_sets_threads_per_rank_unless_the_user_did(tmp_path, tiny_corpus):
+    expected = max(usable_cores() // 2, 1)
+    threads, stderr = _threads_per_rank(tmp_path, tiny_corpus, "default", None)
+    assert threads == expected
+    assert f"normopt launch: OMP_NUM_THREADS={expected} per rank ({usable_cores()} usable cores / 2 rank(s)" in stderr
+    # torch caps its threads at the core count: 2 differs from the default 1 on a 2-core machine
+    own = min(usable_cores(), expected + 1)
+    threads, stderr = _threads_per_rank(tmp_path, tiny_corpus, "own", str(own))
+    assert threads == own and "OMP_NUM_THREADS=" not in stderr  # passed through, nothing said

@@ -17,10 +17,12 @@ STEPS = 40
 # the Muon runs here train a latent-attention + mixture-of-experts model (expert stacks, the
 # aux-free routing bias, a buffer that must survive too) and put only some matrices on Muon
 # (the others on AdamW as matrix_adamw), so both kinds of optimizer state of the block
-# matrices go through a kill and a reshard
+# matrices go through a kill and a reshard; W_o is orthogonalised per head (its own torch
+# param group with head_blocks in the checkpoint), the expert stacks whole
 OPTIM_SETTINGS = {"adamw": ["optim.name=adamw"],
-                  "muon": ["optim.name=muon", "optim.muon_params=vo_ffn", "model.attention=mla", "model.ffn=moe",
-                           "model.n_experts=4", "model.moe_balance=aux_free", "model.moe_bias_rate=0.01"]}
+                  "muon": ["optim.name=muon", "optim.muon_params=vo_ffn", "optim.muon_split_heads=qkvo",
+                           "model.attention=mla", "model.ffn=moe", "model.n_experts=4", "model.moe_balance=aux_free",
+                           "model.moe_bias_rate=0.01"]}
 
 
 def _args(run_dir, corpus, *extra):

@@ -49,6 +49,7 @@ from normopt.metrics.jsonl import append_record
 from normopt.metrics.logger import jsonable
 from normopt.models.matrix_roles import depth_group, matrix_type
 from normopt.models.norms import NORM_TYPES
+from normopt.optim.head_blocks import split_heads
 from normopt.optim.muon import Muon
 from normopt.parallel import collectives
 from normopt.run_dir import RecordKind
@@ -222,9 +223,14 @@ class Diagnostics:
             coefficients = group["ns_coefficients"]
             band = parse_band(self.cfg.ns_band, coefficients)
             if index % self.world_size == self.rank:
-                record = ns_spectrum_record(full.float(), group["ns_steps"], coefficients, QUANTILE_LEVELS, band,
-                                            momentum=None if momentum is None else momentum.float())
-                mine[name] = {"layer": block_index(name), **record}
+                # a matrix orthogonalised per head: its head blocks are what NS receives
+                layout = group.get("head_blocks")
+                blocks = split_heads(full.float(), layout)
+                momentum_blocks = None if momentum is None else split_heads(momentum.float(), layout)
+                record = ns_spectrum_record(blocks, group["ns_steps"], coefficients, QUANTILE_LEVELS, band,
+                                            momentum=momentum_blocks)
+                mine[name] = {"layer": block_index(name), **record,
+                              **({} if layout is None else {"head_blocks": list(layout)})}
         if self.world_size > 1:
             mine = {k: v for part in collectives.all_gather_object(mine) for k, v in part.items()}
         ordered = {name: mine[name] for name, *_ in todo}

@@ -94,7 +94,14 @@ def relative_singular_values(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """(sigma_i / sigma_max, sigma_i / ||G||_F) for all min(m, n) singular values, ascending,
     on the CPU. The second is the spectrum of the NS input X_0. An all-zero G gives zeros
     (not NaN).
+
+    A stack (..., m, n), such as the head blocks of a matrix Muon orthogonalises per head
+    (``optim.muon_split_heads``), is that many NS inputs: each matrix is taken relative to
+    its own sigma_max and Frobenius norm, and the values of all of them are pooled.
     """
+    if G.ndim > 2:
+        parts = [relative_singular_values(M) for M in G.reshape(-1, *G.shape[-2:])]
+        return tuple(torch.cat([part[i] for part in parts]).sort().values for i in (0, 1))  # type: ignore[return-value]
     sigma = singular_values(G).cpu().flip(0)
     top = sigma[-1]
     fro = sigma.square().sum().sqrt()
@@ -201,7 +208,8 @@ def fewest_ns_steps_joint(sigma_rel_fro: SigmaLike, band: Band | None = None,
 def ns_spectrum_record(G: torch.Tensor, steps: int = 5, coefficients: CoefficientSpec = "quintic",
                        levels: Sequence[float] = DEFAULT_LEVELS, band: Band | None = None,
                        max_steps: int = DEFAULT_MAX_STEPS, momentum: torch.Tensor | None = None) -> dict:
-    """Everything the diagnostics log says about one matrix G handed to NS:
+    """Everything the diagnostics log says about one matrix G handed to NS (or a stack of the
+    matrices NS runs on separately, pooled as in ``relative_singular_values``):
 
     - "sv_rel_max", "sv_rel_fro": quantiles at ``levels`` (``singular_value_quantiles``)
     - "momentum_sv_rel_max", "momentum_sv_rel_fro": the same quantiles of the momentum

@@ -29,6 +29,7 @@ from normopt.cli_args import CommandParser
 from normopt.config import REPO_ROOT, load_config
 from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, UserError
 from normopt.factorial.cells import CellSpec, write_cell_json
+from normopt.factorial.grid_clock import GridClock, cell_step_flops, format_duration
 from normopt.factorial.slurm import spec_gpus_per_node, submit_slurm
 from normopt.factorial.spec import load_spec, read_spec_file
 from normopt.report.axes import write_experiment_file
@@ -57,7 +58,7 @@ def steps_logged(run: RunDir) -> int:
     return (read_metrics(run.metrics).last_step or 0) if run.metrics.exists() else 0
 
 
-def _run_cell(command: list[str], run: RunDir, bar: tqdm, done_before: int, verbose: bool) -> int:
+def _run_cell(command: list[str], run: RunDir, progress: "_GridProgress", index: int, verbose: bool) -> int:
     """Run one cell's training to completion, moving the grid's bar as its metrics log
     grows. The cell's own output goes to the train log in its run directory (or to the
     terminal with ``verbose``). The first Ctrl-C reaches the cell too (same process group),
@@ -71,8 +72,7 @@ def _run_cell(command: list[str], run: RunDir, bar: tqdm, done_before: int, verb
         try:
             while proc.poll() is None:
                 time.sleep(0.5)
-                bar.n = done_before + steps_logged(run)
-                bar.refresh()
+                progress.update(index, steps_logged(run))
         except KeyboardInterrupt:
             proc.wait()
         finally:
@@ -81,44 +81,82 @@ def _run_cell(command: list[str], run: RunDir, bar: tqdm, done_before: int, verb
     return proc.returncode
 
 
+class _GridProgress:
+    """One bar over every step of the grid, with the time left from :class:`GridClock`
+    (cells weighted by their cost per step) in place of tqdm's uniform extrapolation."""
+
+    def __init__(self, base: Path, cells: list[CellSpec], steps: list[int], first_steps: list[int], verbose: bool):
+        self.steps, self.first_steps = steps, first_steps
+        self.clock = GridClock([cell_step_flops(base, cell.overrides) if first < total else 0.0
+                                for cell, total, first in zip(cells, steps, first_steps)],
+                               [total - first for total, first in zip(steps, first_steps)])
+        self.bar = tqdm(total=sum(steps), unit="step", dynamic_ncols=True, disable=verbose,
+                        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]")
+        self.bar.set_postfix_str("time left: after the first steps", refresh=False)
+        self.done_before = 0
+
+    def start(self, index: int) -> None:
+        self.clock.start(index, time.perf_counter())
+
+    def update(self, index: int, logged: int) -> None:
+        now = time.perf_counter()
+        self.clock.observe(index, logged - self.first_steps[index], now)
+        left = self.clock.seconds_left(now)
+        if left is not None:
+            self.bar.set_postfix_str(f"~{format_duration(left)} left", refresh=False)
+        self.bar.n = self.done_before + logged
+        self.bar.refresh()
+
+    def finish(self, index: int) -> None:
+        """Cell ``index`` ended (or was complete already and skipped)."""
+        if index in self.clock.progress:
+            self.clock.finish(index, time.perf_counter())
+        self.done_before += self.steps[index]
+        self.bar.n = self.done_before
+        self.bar.refresh()
+
+
 def _log_tail(run: RunDir, lines: int = 15) -> str:
     path = run.train_log
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
-def run_cells(base: Path, root: Path, cells: list[CellSpec], nproc: int = 1, verbose: bool = False) -> int:
+def run_cells(base: Path, root: Path, cells: list[CellSpec], nproc: int = 1, verbose: bool = False,
+              wall_times: dict[str, float] | None = None) -> int:
     """Run the cells in order under one progress bar over all their steps; return 0, or the
-    status that stopped the grid (75: preempted or Ctrl-C, resumable)."""
+    status that stopped the grid (75: preempted or Ctrl-C, resumable). The wall time of each
+    cell run here goes into ``wall_times`` (by cell name)."""
     steps = [load_config(base, cell.overrides).train.steps for cell in cells]
-    bar = tqdm(total=sum(steps), unit="step", dynamic_ncols=True, disable=verbose,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    done_before = 0
+    runs = [RunDir(root / cell.name) for cell in cells]
+    first_steps = [min(run.complete_steps()[-1], total) if run.complete_steps() else 0
+                   for run, total in zip(runs, steps)]
+    progress = _GridProgress(base, cells, steps, first_steps, verbose)
+    bar = progress.bar
+    wall_times = {} if wall_times is None else wall_times
     try:
-        for index, (cell, cell_steps) in enumerate(zip(cells, steps), start=1):
-            run = RunDir(root / cell.name)
-            label = f"[factorial] cell {index}/{len(cells)} {cell.name}"
-            if cell_is_complete(run, cell_steps):
-                done_before += cell_steps
-                bar.update(cell_steps)
+        for index, (cell, cell_steps, run) in enumerate(zip(cells, steps, runs)):
+            label = f"[factorial] cell {index + 1}/{len(cells)} {cell.name}"
+            if first_steps[index] >= cell_steps:
+                progress.finish(index)
                 bar.write(f"{label}: complete, skipped")
                 continue
-            bar.set_description(f"cell {index}/{len(cells)} {cell.name}")
+            bar.set_description(f"cell {index + 1}/{len(cells)} {cell.name}")
             if verbose:
                 print(label, flush=True)
             write_cell_json(run, cell)
             started = time.perf_counter()
-            status = _run_cell(train_command(base, cell, nproc), run, bar, done_before, verbose)
+            progress.start(index)
+            status = _run_cell(train_command(base, cell, nproc), run, progress, index, verbose)
             write_cell_json(run, cell, exit_code=status)
-            done_before += cell_steps
-            bar.n = done_before
-            bar.refresh()
-            seconds = time.perf_counter() - started
+            progress.finish(index)
+            took = wall_times[cell.name] = time.perf_counter() - started
             if status == 0:
                 loss = final_eval_loss(read_metrics(run.metrics).evals)
                 result = f"eval loss {loss:.4f}" if loss is not None else "no evaluation logged"
-                bar.write(f"{label}: {result} ({seconds:.0f} s)")
+                bar.write(f"{label}: {result} ({format_duration(took)})")
             elif status == DIVERGED_EXIT_CODE:  # a divergence is a result, recorded for the report
-                bar.write(f"{label}: diverged at step {steps_logged(run)} ({seconds:.0f} s)")
+                bar.write(f"{label}: diverged at step {steps_logged(run)} ({format_duration(took)})")
             elif status == PREEMPTED_EXIT_CODE:
                 bar.write(f"{label}: stopped after a checkpoint; run the same command to resume")
                 return status
@@ -129,6 +167,14 @@ def run_cells(base: Path, root: Path, cells: list[CellSpec], nproc: int = 1, ver
     finally:
         bar.close()
     return 0
+
+
+def wall_time_line(wall_times: dict[str, float], cells: int, total_s: float) -> str:
+    """The grid's last line: each cell run now and its wall time, and the whole command's."""
+    skipped = cells - len(wall_times)
+    per_cell = ", ".join(f"{name} {format_duration(s)}" for name, s in wall_times.items()) or "none"
+    note = f"; {skipped} complete cell(s) skipped" if skipped else ""
+    return f"[factorial] wall time per cell run: {per_cell}{note}; total {format_duration(total_s)} (with the report)"
 
 
 def cell_plan(run: RunDir, steps: int) -> str:
@@ -192,8 +238,10 @@ def factorial_main(argv: list[str] | None = None) -> int:
         print_plan(base, root, cells)
         return 0
     write_experiment_file(root, spec["axes"], spec.get("report"))
-    status = run_cells(base, root, cells, args.nproc, args.verbose)
+    started, wall_times = time.perf_counter(), {}
+    status = run_cells(base, root, cells, args.nproc, args.verbose, wall_times)
     if status:
         return status
     print_summary(write_report(root))
+    print(wall_time_line(wall_times, len(cells), time.perf_counter() - started), flush=True)
     return 0

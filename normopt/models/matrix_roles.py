@@ -12,7 +12,9 @@ spectrum report.
   projections, which are neither k nor v alone) and ``ffn`` (dense or expert); a new kind
   of matrix is one entry in its component class's ``matrix_components``. Under MLA the sets ``qk`` and ``vo`` hold
   the query and output matrices only; ``attn`` and ``all`` hold the ``kv`` matrices too;
-* depth group: early / mid / late thirds of the blocks (fewer groups for shallow models).
+* depth group: early / mid / late thirds of the blocks (fewer groups for shallow models);
+* head blocks: which matrices ``optim.muon_split_heads`` orthogonalises per attention head,
+  and along which axis (each attention class's ``head_blocks``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ MUON_SETS: dict[str, frozenset[str] | None] = {
     "ffn": frozenset({"ffn"}),
     "vo_ffn": frozenset({"v", "o", "ffn"}),
     "attn": frozenset({"q", "k", "v", "o", "kv"}),
+}
+# ``optim.muon_split_heads``: the components whose matrices Muon orthogonalises per head.
+# MLA's joint key-value up-projection (component kv) holds each head's keys and values in
+# one block, so it splits when both k and v do (qkv, qkvo); under qk it stays whole, since
+# splitting it would split the values too.
+SPLIT_HEADS_SETS: dict[str, frozenset[str]] = {
+    "none": frozenset(),
+    "qk": frozenset({"q", "k"}),
+    "qkv": frozenset({"q", "k", "v", "kv"}),
+    "qkvo": frozenset({"q", "k", "v", "kv", "o"}),
 }
 GROUP_NAMES = {1: ("all",), 2: ("early", "late"), 3: ("early", "mid", "late")}
 
@@ -116,3 +128,25 @@ def check_globs_match(value: str | Sequence[str], names: Iterable[str]) -> None:
     if not any(fnmatch.fnmatchcase(n, g) for n in names for g in parsed):
         raise UserError(f"optim.muon_params: the globs {', '.join(parsed)} match no block matrix "
                         f"(for example: {', '.join(names[:4])})")
+
+
+def head_blocks_by_name(model, setting: str) -> dict[str, tuple[str, int]]:
+    """Parameter name -> (axis, heads) of every block matrix that ``optim.muon_split_heads``
+    = ``setting`` orthogonalises per head: axis ``rows`` (W_q, W_k, W_v: each head's output
+    rows) or ``cols`` (W_o: each head's input columns), in ``heads`` equal blocks. The layout
+    comes from each attention module's ``head_blocks()``, the selection from the matrix's
+    component (SPLIT_HEADS_SETS); matrices with no head structure never appear."""
+    chosen = SPLIT_HEADS_SETS[setting]
+    if not chosen:
+        return {}
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    found = {}
+    for module in model.modules():
+        layout = getattr(type(module), "head_blocks", None)
+        if layout is None:
+            continue
+        for weight, axis, heads in module.head_blocks():
+            name = name_of[id(weight)]
+            if component(name) in chosen:
+                found[name] = (axis, heads)
+    return found

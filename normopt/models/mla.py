@@ -78,6 +78,17 @@ class LatentAttention(nn.Module):
         """Weights writing into the residual stream (initialised with the depth-scaled std)."""
         return [self.wo.weight]
 
+    def head_blocks(self) -> list[tuple[torch.Tensor, str, int]]:
+        """(weight, axis, heads) of the per-head projections (``optim.muon_split_heads``):
+        the query up-projection W_qb (or W_q without a query latent) by rows, each head's
+        [q_nope | q_rope] block; the key-value up-projection W_kvb by rows, each head's
+        [k_nope | v] block; W_o by columns, each head's d_v inputs. The down-projections
+        W_qa and W_kva have no head structure (their outputs are latents shared by every
+        head, and W_kva's RoPE key is shared too), so they never split."""
+        q = self.wq_b if self.q_lora_rank > 0 else self.wq
+        return [(q.weight, "rows", self.n_heads), (self.wkv_b.weight, "rows", self.n_heads),
+                (self.wo.weight, "cols", self.n_heads)]
+
     def norms(self) -> list[nn.Module]:
         return [self.q_norm, self.kv_norm] if self.q_lora_rank > 0 else [self.kv_norm]
 

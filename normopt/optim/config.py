@@ -40,6 +40,10 @@ class OptimConfig:
     # all | none | qk | vo | ffn | vo_ffn | attn (by component, models/matrix_roles.py), or
     # parameter-name globs (a YAML list, or comma-separated: "layers.*.attn.wv.weight,layers.0.*")
     muon_params: str | list[str] = "all"
+    # which attention projections Muon/NorMuon orthogonalises per head instead of whole:
+    # none | qk | qkv | qkvo (W_q, W_k, W_v by each head's rows, W_o by its columns; GQA's
+    # k/v by key-value head; MLA: see models/matrix_roles.py), only among muon_params' matrices
+    muon_split_heads: Literal["none", "qk", "qkv", "qkvo"] = "none"
     muon_lr: float | None = None  # None = optim.lr (sensible with scale_rule match_adamw)
     muon_weight_decay: float | None = None  # None = optim.weight_decay
     momentum: float = 0.95

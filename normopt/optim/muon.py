@@ -23,6 +23,19 @@ NorMuon (arXiv 2510.05491) inserts a per-neuron second moment between NS and the
 
 and W is updated with O_hat in place of O.
 
+Per-head orthogonalisation (param-group option ``head_blocks`` = (axis, H), set by
+``optim.muon_split_heads``; ``normopt.optim.head_blocks``): the matrix is H equal blocks of
+rows (W_q, W_k, W_v) or columns (W_o), one per attention head, and
+
+    O = [NS(U_1); ...; NS(U_H)]  (rows)   |   O = [NS(U_1), ..., NS(U_H)]  (cols)
+    W <- W - lr * scale(block rows, block cols) * O
+
+(``orthogonalize``, ``update_scale`` of one block's shape). NorMuon is unchanged: v stays one
+entry per row of the whole matrix, taken on the reassembled O (under a row split every row
+lies in one head, so that is also the statistic of its head block; under W_o's column split
+a row is one output feature, fed by every head), and the Frobenius rescale keeps the whole
+matrix's ||O||_F. The state, and so checkpoints and resharding, keep their shapes.
+
 A 3-D stack is E independent matrices: NS runs batched over the leading dim (each matrix
 normalised and iterated on its own), the update scale is that of one (rows, cols) matrix,
 and NorMuon keeps v of shape (E, rows) with the Frobenius rescale per matrix. FSDP2 shards
@@ -56,6 +69,7 @@ import torch
 from torch.distributed.tensor import DTensor, Shard
 
 from normopt.dtypes import dtype_name, floating_dtype
+from normopt.optim.head_blocks import HeadBlocks, block_count, block_shape, check_head_blocks, merge_heads, split_heads
 from normopt.optim.ns_batches import batch_by_shape, stack_batch, unstack_batch
 from normopt.optim.newton_schulz import NS_ALGORITHMS, CoefficientSpec, coefficient_schedule, newton_schulz, ns_flops
 from normopt.optim.ns_rules import is_step_count
@@ -95,6 +109,23 @@ def update_scale(rows: int, cols: int, rule: str) -> float:
     if rule == "spectral":
         return math.sqrt(rows / cols)
     raise ValueError(f"scale_rule must be one of {SCALE_RULES}, got {rule!r}")
+
+
+def ns_matrices(shape: Sequence[int], layout: HeadBlocks | None = None) -> tuple[int, int, int]:
+    """(count, rows, cols) of the matrices NS orthogonalises for one parameter: every matrix
+    of a stack times every head block (``layout``), each of one block's shape. The one place
+    that says what NS runs on: FLOP counts and the owners' load balance read it."""
+    rows, cols = matrix_dims(shape)
+    return (stack_size(shape) * block_count(layout), *block_shape(rows, cols, layout))
+
+
+def orthogonalize(U: torch.Tensor, steps: int, coefficients: CoefficientSpec, dtype: torch.dtype,
+                  team=None, layout: HeadBlocks | None = None, algorithm: str = "standard") -> torch.Tensor:
+    """O = NS(U) for U of shape (..., rows, cols); with a head layout, each head block on its
+    own, batched, and reassembled: O = merge(NS(split(U))) (``normopt.optim.head_blocks``).
+    ``algorithm``: ``newton_schulz``'s 'standard' or 'gram'."""
+    O = newton_schulz(split_heads(U, layout), steps, coefficients, dtype=dtype, team=team, algorithm=algorithm)
+    return merge_heads(O, layout)
 
 
 def momentum_update_(buf: torch.Tensor, grad: torch.Tensor, beta: float) -> torch.Tensor:
@@ -172,6 +203,7 @@ def validate_muon_group(group: Mapping[str, Any]) -> None:
     if group["scale_rule"] not in SCALE_RULES:
         raise ValueError(f"scale_rule must be one of {SCALE_RULES}, got {group['scale_rule']!r}")
     resolve_ns_dtype(group["ns_dtype"])
+    check_head_blocks(group.get("head_blocks"))
     if "beta2" in group and (not _is_real(group["beta2"]) or not 0.0 <= float(group["beta2"]) < 1.0):
         raise ValueError(f"beta2 must be in [0, 1), got {group['beta2']!r}")
     if "eps" in group and (not _is_real(group["eps"]) or not float(group["eps"]) > 0.0):
@@ -179,6 +211,13 @@ def validate_muon_group(group: Mapping[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------- the optimizers
+
+
+def _ns_job_cost(shape: Sequence[int], layout: HeadBlocks | None) -> float:
+    """Relative NS cost of one parameter (``ns_cost`` of each matrix NS runs on), for the
+    owners' load balance."""
+    count, rows, cols = ns_matrices(shape, layout)
+    return count * ns_cost(rows, cols)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -243,6 +282,10 @@ class Muon(torch.optim.Optimizer):
         ns_overlap: overlap each bucket's collectives with the NS of its neighbours.
         ns_mode, ns_bucket_mb and ns_overlap change where and when NS runs, never its bits;
         ns_batch_size and ns_row_blocks may change the last bits (different kernels).
+
+    Param-group option (no default; absent = whole matrices): ``head_blocks`` = (axis, H)
+    with axis 'rows' or 'cols', every matrix of the group orthogonalised as H head blocks
+    (module doc, ``normopt.optim.head_blocks``).
     """
 
     def __init__(
@@ -298,8 +341,10 @@ class Muon(torch.optim.Optimizer):
         params = param_group["params"]
         # Materialize once: a generator would be exhausted by the shape check below.
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        layout = {**self.defaults, **param_group}.get("head_blocks")
         for p in params:
             matrix_dims(p.shape)
+            check_head_blocks(layout, p.shape)
         param_group = {**param_group, "params": params}
         if isinstance(param_group.get("ns_dtype"), torch.dtype):
             param_group["ns_dtype"] = dtype_name(param_group["ns_dtype"])
@@ -325,12 +370,12 @@ class Muon(torch.optim.Optimizer):
         a new leading dim when the batch holds more than one matrix (a stack's matrices are
         batched already)."""
         p0 = batch[0].p
-        rows, cols = matrix_dims(p0.shape)
         ns_dtype = resolve_ns_dtype(group["ns_dtype"])
-        steps, coeffs, algorithm = group["ns_steps"], group["ns_coefficients"], group["ns_algorithm"]
+        steps, coeffs, layout = group["ns_steps"], group["ns_coefficients"], group.get("head_blocks")
+        algorithm = group["ns_algorithm"]
 
         def compute(full: list[torch.Tensor], team) -> list[torch.Tensor]:
-            O = newton_schulz(stack_batch(full), steps, coeffs, dtype=ns_dtype, team=team, algorithm=algorithm)
+            O = orthogonalize(stack_batch(full), steps, coeffs, ns_dtype, team, layout, algorithm)
             return unstack_batch(O, len(full))
 
         # Cast before shipping: NS starts with this cast anyway, so the result is the
@@ -340,16 +385,16 @@ class Muon(torch.optim.Optimizer):
             compute=self._counted(compute, p0, len(batch), group),
             output_specs=[(tuple(p0.shape[1:]), ns_dtype)] * len(batch),
             input_specs=[(tuple(p0.shape[1:]), ns_dtype)] * len(batch),
-            cost=len(batch) * stack_size(p0.shape) * ns_cost(rows, cols), mesh=batch[0].mesh,
+            cost=len(batch) * _ns_job_cost(p0.shape, layout), mesh=batch[0].mesh,
         )
 
     def _counted(self, compute, p0: torch.Tensor, count: int, group: dict):
-        """``compute`` of a job of ``count`` matrices shaped like p0, adding the NS FLOPs it
+        """``compute`` of a job of ``count`` parameters shaped like p0, adding the NS FLOPs it
         runs here to ``ns_flops_computed`` and timing it with ``ns_timer`` when set (the time
         then includes a row-block team's all-gathers)."""
-        rows, cols = matrix_dims(p0.shape)
-        flops = count * stack_size(p0.shape) * ns_flops(rows, cols, int(group["ns_steps"]), group["ns_algorithm"],
-                                                        group["ns_coefficients"])
+        matrices, rows, cols = ns_matrices(p0.shape, group.get("head_blocks"))
+        flops = count * matrices * ns_flops(rows, cols, int(group["ns_steps"]), group["ns_algorithm"],
+                                            group["ns_coefficients"])
 
         def run(full: list[torch.Tensor], team) -> list[torch.Tensor]:
             self.ns_flops_computed += flops * (1.0 if team is None else team.share(min(rows, cols)))
@@ -361,7 +406,7 @@ class Muon(torch.optim.Optimizer):
 
     def _finish(self, p: torch.Tensor, outputs: list[torch.Tensor], state: dict, group: dict) -> None:
         """Apply this rank's rows of the job outputs to its shard of p."""
-        rows, cols = matrix_dims(p.shape)
+        rows, cols = block_shape(*matrix_dims(p.shape), group.get("head_blocks"))
         scale = update_scale(rows, cols, group["scale_rule"])
         apply_update_(_local(p), outputs[0], float(group["lr"]), float(group["weight_decay"]), scale)
 
@@ -395,15 +440,15 @@ class Muon(torch.optim.Optimizer):
         raise KeyError("parameter is not managed by this optimizer")
 
     def ns_flops_per_step(self) -> float:
-        """Newton-Schulz FLOPs of one step over every matrix (whole-matrix shapes, each
-        expert of a stack counted; see ``ns_flops``: exact per matrix, step count,
-        coefficients and algorithm), whichever rank runs them."""
+        """Newton-Schulz FLOPs of one step over every matrix NS runs on (``ns_matrices``:
+        each expert of a stack, each head block; see ``ns_flops``: exact per matrix, step
+        count, coefficients and algorithm), whichever rank runs them."""
         total = 0.0
         for group in self.param_groups:
             for p in group["params"]:
-                rows, cols = matrix_dims(p.shape)
-                total += stack_size(p.shape) * ns_flops(rows, cols, int(group["ns_steps"]), group["ns_algorithm"],
-                                                        group["ns_coefficients"])
+                count, rows, cols = ns_matrices(p.shape, group.get("head_blocks"))
+                total += count * ns_flops(rows, cols, int(group["ns_steps"]), group["ns_algorithm"],
+                                          group["ns_coefficients"])
         return total
 
     # -- the step ----------------------------------------------------------------------
@@ -497,16 +542,15 @@ class NorMuon(Muon):
         matrix of the batch). Inputs: every U, then every v; outputs: every O_hat, then
         every v_new."""
         p0 = batch[0].p
-        rows, cols = matrix_dims(p0.shape)
         ns_dtype = resolve_ns_dtype(group["ns_dtype"])
-        steps, coeffs, algorithm = group["ns_steps"], group["ns_coefficients"], group["ns_algorithm"]
+        steps, coeffs, layout = group["ns_steps"], group["ns_coefficients"], group.get("head_blocks")
+        algorithm = group["ns_algorithm"]
         beta2, eps = float(group["beta2"]), float(group["eps"])
         update_dtype, n = p0.dtype, len(batch)
         v_dtype = _local(batch[0].state["row_second_moment"]).dtype
 
         def compute(full: list[torch.Tensor], team) -> list[torch.Tensor]:
-            O = newton_schulz(stack_batch(full[:n]), steps, coeffs, dtype=ns_dtype, team=team,
-                              algorithm=algorithm).to(update_dtype)
+            O = orthogonalize(stack_batch(full[:n]), steps, coeffs, ns_dtype, team, layout, algorithm).to(update_dtype)
             O_hat, v_new = normuon_normalize(O, stack_batch(full[n:]), beta2, eps)
             return unstack_batch(O_hat, n) + unstack_batch(v_new, n)
 
@@ -518,7 +562,7 @@ class NorMuon(Muon):
         return RowShardedJob(
             inputs=inputs, rows=p0.shape[0], compute=self._counted(compute, p0, n, group), output_specs=out_specs,
             input_specs=[(tuple(p0.shape[1:]), ns_dtype)] * n + [(tuple(p0.shape[1:-1]), v_dtype)] * n,
-            cost=n * stack_size(p0.shape) * ns_cost(rows, cols), mesh=batch[0].mesh,
+            cost=n * _ns_job_cost(p0.shape, layout), mesh=batch[0].mesh,
         )
 
     def _finish(self, p: torch.Tensor, outputs: list[torch.Tensor], state: dict, group: dict) -> None:

@@ -1,5 +1,6 @@
 """Muon and NorMuon as the registry builds them: the block matrices, one torch param group
-per Newton-Schulz step count, the NS settings of the ``optim`` section."""
+per Newton-Schulz step count and head-block layout (``optim.muon_split_heads``), the NS
+settings of the ``optim`` section."""
 
 from __future__ import annotations
 
@@ -10,10 +11,23 @@ from normopt.optim.ns_rules import ns_steps_param_groups
 from normopt.optim.spec import OptimizerSpec
 
 
+def _by_head_blocks(group) -> list[tuple[tuple[str, int] | None, list[tuple[str, object]]]]:
+    """The group's (name, param) pairs split by head-block layout (None: whole matrices), in
+    order of first appearance; one part, the whole group, when nothing splits."""
+    parts: dict[tuple[str, int] | None, list[tuple[str, object]]] = {}
+    for name, p in zip(group.names, group.params):
+        parts.setdefault(group.head_blocks.get(name), []).append((name, p))
+    return list(parts.items())
+
+
 def _torch_groups(groups: list, optim_cfg) -> list[dict]:
-    return [torch_group for g in groups for torch_group in ns_steps_param_groups(
-        zip(g.names, g.params), optim_cfg.ns_step_rules(), default_steps=optim_cfg.ns_steps,
-        lr=g.lr, peak_lr=g.lr, weight_decay=g.weight_decay, role=g.role)]
+    # the head_blocks key only where a matrix splits: groups (and checkpoints) of runs
+    # without per-head orthogonalisation stay what they were
+    return [torch_group for g in groups for layout, named in _by_head_blocks(g)
+            for torch_group in ns_steps_param_groups(
+                named, optim_cfg.ns_step_rules(), default_steps=optim_cfg.ns_steps,
+                lr=g.lr, peak_lr=g.lr, weight_decay=g.weight_decay, role=g.role,
+                **({} if layout is None else {"head_blocks": layout}))]
 
 
 def _ns_options(optim_cfg, device_type: str) -> dict:

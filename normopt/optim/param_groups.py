@@ -9,6 +9,8 @@ Muon/NorMuon the matrices that ``optim.muon_params`` selects (all by default;
 the group ``matrix_adamw`` (AdamW with the AdamW lr and weight decay), and everything else
 goes to AdamW: the router too, unless ``optim.muon_params`` names it in a glob. Norms and
 embeddings take no weight decay unless ``optim.decay_norms_and_embeddings`` is set.
+The Muon-family group also records which of its matrices ``optim.muon_split_heads``
+orthogonalises per attention head (``head_blocks``, by name).
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from normopt.models.matrix_roles import check_globs_match, muon_selector, parse_muon_params
+from normopt.models.matrix_roles import (
+    check_globs_match,
+    head_blocks_by_name,
+    matrix_type,
+    muon_selector,
+    parse_muon_params,
+)
 from normopt.models.moe import Router
 from normopt.models.norms import NORM_TYPES
 from normopt.optim.registry import FALLBACK, optimizer_spec
@@ -31,6 +39,8 @@ class ParamGroup:
     weight_decay: float
     names: list[str] = field(default_factory=list)
     params: list[nn.Parameter] = field(default_factory=list)
+    # name -> (axis, heads) of the matrices orthogonalised per head (Muon family only)
+    head_blocks: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -102,7 +112,20 @@ def build_param_groups(model: nn.Module, optim_cfg) -> list[ParamGroup]:
         group = groups[roles[name]]
         group.names.append(name)
         group.params.append(p)
+    if muon_family:
+        split = head_blocks_by_name(model, optim_cfg.muon_split_heads)
+        groups["matrix"].head_blocks = {n: split[n] for n in groups["matrix"].names if n in split}
     return [g for g in groups.values() if g.params]
+
+
+def describe_head_blocks(groups: list[ParamGroup]) -> str | None:
+    """One line naming the matrix types orthogonalised per head and their layouts, e.g.
+    ``attn.wq rows/4, attn.wo cols/4 (8 matrices)``; None when nothing splits."""
+    split = {name: layout for g in groups for name, layout in g.head_blocks.items()}
+    if not split:
+        return None
+    kinds = dict.fromkeys(f"{matrix_type(name)} {axis}/{heads}" for name, (axis, heads) in split.items())
+    return f"{', '.join(kinds)} ({len(split)} matrices)"
 
 
 def format_group_table(groups: list[ParamGroup]) -> str:

@@ -41,13 +41,19 @@ CASES = {
     "few": [(6, 5), (2, 9)],
     "experts": [(3, 12, 8), (2, 6, 10), (7, 9)],
     "repeated": [(12, 8), (12, 8), (12, 8), (5, 10), (5, 10), (2, 6, 4), (2, 6, 4)],  # for batched NS
+    # per-head NS (HEAD_BLOCKS): W_q of 3 heads of 4 rows, W_k and W_v of 2 key-value heads,
+    # W_o by 3 column blocks, one whole matrix; on 3 ranks head blocks straddle the shards
+    "heads": [(12, 8), (8, 8), (8, 8), (8, 12), (13, 7)],
 }
+# head_blocks of each param group of a case (param_groups), for the cases that split heads
+HEAD_BLOCKS = {"heads": [("rows", 3), ("rows", 2), ("cols", 3), None]}
 # Per-case hyperparameters, chosen to exercise every option at least once.
 OPTIONS = {
     "uneven": dict(lr=0.02, weight_decay=0.1, nesterov=True, scale_rule="match_adamw", ns_coefficients="quintic"),
     "few": dict(lr=0.05, weight_decay=0.0, nesterov=False, scale_rule="original", ns_coefficients="polar_express"),
     "experts": dict(lr=0.03, weight_decay=0.05, nesterov=True, scale_rule="spectral", ns_coefficients="quintic"),
     "repeated": dict(lr=0.02, weight_decay=0.1, nesterov=True, scale_rule="match_adamw", ns_coefficients="quintic"),
+    "heads": dict(lr=0.03, weight_decay=0.1, nesterov=True, scale_rule="original", ns_coefficients="quintic"),
 }
 OPTIMIZERS = {"muon": Muon, "normuon": NorMuon}
 # How the distributed step is executed. Buckets of ~1 byte put every job in a bucket of its
@@ -71,10 +77,12 @@ RUNS = [(case, source, "default") for case in ("uneven", "few", "experts") for s
     ("uneven", "inject", "buckets"), ("experts", "inject", "buckets"), ("uneven", "inject", "buckets_sync"),
     ("repeated", "inject", "batched"), ("few", "inject", "row_blocks"), ("uneven", "inject", "row_blocks"),
     ("repeated", "inject", "row_blocks_batched"),
+    ("heads", "inject", "default"), ("heads", "backward", "default"), ("heads", "inject", "row_blocks"),
+    ("heads", "inject", "batched"),
     # Gram NS: quintic on tall, wide and square matrices (3 and 5 steps), Polar Express, a
-    # 3-D expert stack, batches of equal shapes, and real backward passes
+    # 3-D expert stack, batches of equal shapes, per-head blocks, and real backward passes
     ("uneven", "backward", "gram"), ("few", "inject", "gram"), ("experts", "inject", "gram"),
-    ("repeated", "inject", "gram_batched"),
+    ("repeated", "inject", "gram_batched"), ("heads", "inject", "gram"),
 ]
 STEPS = 4
 BATCH = 6
@@ -113,9 +121,17 @@ def build_model(case: str, seed: int, mesh=None) -> LinearStack:
     return model
 
 
-def param_groups(model: LinearStack) -> list[dict]:
-    """Two groups so per-group ns_steps is exercised: the first layer gets 3 NS steps."""
+def param_groups(model: LinearStack, case: str) -> list[dict]:
+    """Two groups so per-group ns_steps is exercised: the first layer gets 3 NS steps. A
+    case in HEAD_BLOCKS has one group per head layout instead (the first still 3 steps):
+    W_q; W_k and W_v (batched together under ns_batch_size 2); W_o; the whole matrix."""
     params = list(model.layers.parameters())
+    if case in HEAD_BLOCKS:
+        parts = [params[:1], params[1:3], params[3:4], params[4:]]
+        groups = [{"params": part, **({} if layout is None else {"head_blocks": layout})}
+                  for part, layout in zip(parts, HEAD_BLOCKS[case])]
+        groups[0]["ns_steps"] = 3
+        return groups
     return [{"params": params[:1], "ns_steps": 3}, {"params": params[1:]}]
 
 
@@ -166,7 +182,7 @@ def run_fsdp(case, opt_name, source, ns_mode, mesh, variant="default") -> tuple[
     """Train the FSDP2 model; return full params and, per step, what this rank's exchange
     did (jobs computed, buckets, peak buffer bytes)."""
     model = build_model(case, seed=0, mesh=mesh)
-    optimizer = OPTIMIZERS[opt_name](param_groups(model), ns_mode=ns_mode, **OPTIONS[case], **VARIANTS[variant])
+    optimizer = OPTIMIZERS[opt_name](param_groups(model, case), ns_mode=ns_mode, **OPTIONS[case], **VARIANTS[variant])
     exchange = []
     for step in range(STEPS):
         set_grads(model, case, step, source)
@@ -184,7 +200,7 @@ def run_reference(case, opt_name, source, variant="default") -> dict:
     """The same math on plain tensors in this one process: no DTensor, no communication."""
     model = build_model(case, seed=0)
     math = {k: v for k, v in VARIANTS[variant].items() if k in MATH_OPTIONS}
-    optimizer = OPTIMIZERS[opt_name](param_groups(model), **OPTIONS[case], **math)
+    optimizer = OPTIMIZERS[opt_name](param_groups(model, case), **OPTIONS[case], **math)
     train(model, optimizer, case, source, range(STEPS))
     return full_params(model)
 
@@ -194,7 +210,7 @@ def checkpoint_round_trip(opt_name: str, mesh, directory: Path) -> dict:
     (different init) load the checkpoint and train the same 2 steps (run B)."""
     case = "uneven"
     model = build_model(case, seed=0, mesh=mesh)
-    optimizer = OPTIMIZERS[opt_name](param_groups(model), **OPTIONS[case])
+    optimizer = OPTIMIZERS[opt_name](param_groups(model, case), **OPTIONS[case])
     train(model, optimizer, case, "backward", range(2))
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state_keys = sorted(optim_sd["state"])
@@ -206,7 +222,7 @@ def checkpoint_round_trip(opt_name: str, mesh, directory: Path) -> dict:
     gc.collect()
 
     model = build_model(case, seed=123, mesh=mesh)
-    optimizer = OPTIMIZERS[opt_name](param_groups(model), **OPTIONS[case])
+    optimizer = OPTIMIZERS[opt_name](param_groups(model, case), **OPTIONS[case])
     model_sd, optim_sd = get_state_dict(model, optimizer)
     loaded = {"model": model_sd, "optim": optim_sd}
     dcp.load(loaded, checkpoint_id=str(directory / opt_name))
