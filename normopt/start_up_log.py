@@ -40,9 +40,9 @@ def start_up_lines(trainer) -> list[str]:
                    f"model's forward and backward FLOPs ({trainer.flops_per_token / 1e9:.3g} GFLOP per token)")
         if trainer.ns_flops_per_step:
             model_flops = trainer.flops_per_token * t.global_batch_size * t.seq_len
-            out.append(f"Newton-Schulz: {trainer.ns_flops_per_step / 1e12:.3g} TFLOP per step "
-                       f"({trainer.ns_flops_per_step / model_flops:.1%} of the model's), not in mfu; "
-                       f"mfu_with_ns counts them too")
+            out.append(f"Newton-Schulz ({cfg.optim.ns_algorithm}): {trainer.ns_flops_per_step / 1e12:.3g} TFLOP "
+                       f"per step ({trainer.ns_flops_per_step / model_flops:.1%} of the model's), not in mfu; "
+                       f"mfu_with_ns counts them too; ns_s, ns_share and ns_tflops log NS time and rate")
     if trainer.start_step:
         out.append(f"resumed from {trainer.resume_from} at step {trainer.start_step}")
     return out

@@ -28,6 +28,7 @@ from normopt.diagnostics.tail_tokens import TailTokenBuckets
 from normopt.dtypes import DTYPES, resolve_dtype
 from normopt.errors import UserError
 from normopt.memory_budget import available_bytes, check_fits, estimate_memory, memory_advice
+from normopt.metrics.cost_summary import COST_KEYS, describe_cost, ns_window_fields, summarize_cost
 from normopt.metrics.device_stats import SectionTimer, pop_peak_memory
 from normopt.metrics.flops import MfuMeter, peak_flops
 from normopt.metrics.jsonl import truncate_after
@@ -116,6 +117,9 @@ class Trainer:
         self.optimizers = build_optimizers(self.model, cfg.optim, dist_info.device.type)
         self.ns_flops_per_step = self.optimizers.ns_flops_per_step()
         self.optimizer_timer = SectionTimer(dist_info.device)
+        self.ns_timer = SectionTimer(dist_info.device)  # inside the optimizer step: NS alone
+        self.optimizers.time_newton_schulz(self.ns_timer)
+        self.cost_windows: list[dict] = []  # COST_KEYS of every logging window, for the summary
 
         self.start_step = 0
         if self.resume_from is not None:
@@ -236,12 +240,17 @@ class Trainer:
                     "tokens_per_s": tokens_per_s, "epoch": self.batches.epoch_of(done),
                 }
                 optimizer_s = self.optimizer_timer.pop_seconds()
-                record["optimizer_step_s"] = optimizer_s / (window_tokens // tokens_per_step)
+                window_steps = window_tokens // tokens_per_step
+                record["optimizer_step_s"] = optimizer_s / window_steps
                 record["optimizer_share"] = optimizer_s / elapsed
+                if self.ns_flops_per_step:
+                    record.update(ns_window_fields(self.ns_flops_per_step, self.ns_timer.pop_seconds(),
+                                                   self.optimizers.pop_ns_flops_computed(), window_steps, elapsed))
                 if self.peak_flops:
                     record["mfu"] = self.mfu(tokens_per_s)  # null where the peak is underestimated
                     if self.ns_flops_per_step:
                         record["mfu_with_ns"] = self.mfu(tokens_per_s, self.ns_flops_per_step / tokens_per_step)
+                self.cost_windows.append({key: record.get(key) for key in COST_KEYS})
                 record.update(pop_peak_memory(self.dist.device))
                 if self.moe:
                     record.update(self._moe_window_record())
@@ -394,7 +403,12 @@ class Trainer:
             "unigram_entropy": self.data.unigram_entropy,
             "parameters": self.num_params,
             "tensorboard": str(self.run.tensorboard),
+            "cost": summarize_cost(self.cost_windows),
+            "ns_flops_per_step": self.ns_flops_per_step,
         }
+        cost_line = describe_cost(summary["cost"], self.ns_flops_per_step)
+        if cost_line:
+            self.log(cost_line)
         if eval_loss is not None:
             self.log(f"final validation loss {eval_loss:.4f} nats vs unigram entropy "
                      f"{self.data.unigram_entropy:.4f} nats of the training tokens")

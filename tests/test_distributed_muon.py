@@ -194,3 +194,13 @@ def test_plain_jobs_run_locally_without_communication():
         run_row_sharded_jobs([bad])
     with pytest.raises(ValueError, match="ns_mode"):
         run_row_sharded_jobs([job], mode="gathered")
+
+
+def test_gram_runs_reach_the_gram_iteration(results):
+    """The gram variants are compared with a gram reference (above); that reference is not
+    the standard one, so the option reached Newton-Schulz (same polynomial, other bits)."""
+    for case, source in (("uneven", "backward"), ("few", "inject"), ("experts", "inject")):
+        for opt in OPTIMIZERS:
+            gram = results["fsdp"][(case, opt, source, "distributed", "gram")]
+            standard = results["fsdp"][(case, opt, source, "distributed", "default")]
+            assert any(not torch.equal(gram[name], standard[name]) for name in gram), (case, opt)

@@ -30,6 +30,21 @@ class Optimizers:
         """Newton-Schulz FLOPs of one optimizer step (0 without Muon or NorMuon)."""
         return sum(opt.ns_flops_per_step() for opt in self.optimizers if isinstance(opt, Muon))
 
+    def time_newton_schulz(self, timer) -> None:
+        """Time every NS computation of the Muon-family optimizers with ``timer``."""
+        for opt in self.optimizers:
+            if isinstance(opt, Muon):
+                opt.ns_timer = timer
+
+    def pop_ns_flops_computed(self) -> float:
+        """NS FLOPs this process computed since the last call (its owned jobs' whole FLOPs,
+        a row-block team member its share), then zero."""
+        total = 0.0
+        for opt in self.optimizers:
+            if isinstance(opt, Muon):
+                total, opt.ns_flops_computed = total + opt.ns_flops_computed, 0.0
+        return total
+
     def zero_grad(self) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)

@@ -53,6 +53,10 @@ class OptimConfig:
     # e.g. "layers.0.*=8,re:w2=6"
     ns_steps_per_layer: str = ""
     ns_coefficients: Literal["quintic", "polar_express"] = "quintic"
+    # standard: the matrix iteration; gram: the same polynomial iterated on the Gram matrix
+    # X X^T (float32, restarts, fewer FLOPs when a matrix is far from square; optim/
+    # gram_newton_schulz.py); changes the last bits, so it is math; gram needs ns_row_blocks 1
+    ns_algorithm: Literal["standard", "gram"] = "standard"
     scale_rule: Literal["original", "match_adamw", "spectral"] = "match_adamw"
     # where NS runs, not what it computes: both modes give bit-identical updates
     ns_mode: Literal["distributed", "replicated"] = role(EXECUTION, "distributed")
@@ -96,6 +100,9 @@ class OptimConfig:
         require(self.ns_batch_size == "auto" or self.ns_batch_size >= 1, "optim.ns_batch_size",
                 "must be auto or at least 1")
         require(self.ns_row_blocks >= 1, "optim.ns_row_blocks", "must be at least 1")
+        require(self.ns_algorithm != "gram" or self.ns_row_blocks == 1, "optim.ns_row_blocks",
+                "must be 1 with optim.ns_algorithm gram (the Gram iteration's m x m products would need "
+                "several all-gathers per step to split; each matrix runs on one rank)")
         require(0 <= self.normuon_beta2 < 1, "optim.normuon_beta2", "must be in [0, 1)")
         require(self.normuon_eps > 0, "optim.normuon_eps", "must be positive")
         try:  # under every optimizer: a bad rule is a typo worth refusing before any work

@@ -71,7 +71,7 @@ from torch.distributed.tensor import DTensor, Shard
 from normopt.dtypes import dtype_name, floating_dtype
 from normopt.optim.head_blocks import HeadBlocks, block_count, block_shape, check_head_blocks, merge_heads, split_heads
 from normopt.optim.ns_batches import batch_by_shape, stack_batch, unstack_batch
-from normopt.optim.newton_schulz import CoefficientSpec, coefficient_schedule, newton_schulz, ns_flops
+from normopt.optim.newton_schulz import NS_ALGORITHMS, CoefficientSpec, coefficient_schedule, newton_schulz, ns_flops
 from normopt.optim.ns_rules import is_step_count
 from normopt.parallel.distributed_ns import NS_MODES, ExchangeStats, RowShardedJob, run_row_sharded_jobs
 from normopt.parallel.ns_plan import DEFAULT_BUCKET_MB, ns_cost
@@ -120,10 +120,12 @@ def ns_matrices(shape: Sequence[int], layout: HeadBlocks | None = None) -> tuple
 
 
 def orthogonalize(U: torch.Tensor, steps: int, coefficients: CoefficientSpec, dtype: torch.dtype,
-                  team=None, layout: HeadBlocks | None = None) -> torch.Tensor:
+                  team=None, layout: HeadBlocks | None = None, algorithm: str = "standard") -> torch.Tensor:
     """O = NS(U) for U of shape (..., rows, cols); with a head layout, each head block on its
-    own, batched, and reassembled: O = merge(NS(split(U))) (``normopt.optim.head_blocks``)."""
-    return merge_heads(newton_schulz(split_heads(U, layout), steps, coefficients, dtype=dtype, team=team), layout)
+    own, batched, and reassembled: O = merge(NS(split(U))) (``normopt.optim.head_blocks``).
+    ``algorithm``: ``newton_schulz``'s 'standard' or 'gram'."""
+    O = newton_schulz(split_heads(U, layout), steps, coefficients, dtype=dtype, team=team, algorithm=algorithm)
+    return merge_heads(O, layout)
 
 
 def momentum_update_(buf: torch.Tensor, grad: torch.Tensor, beta: float) -> torch.Tensor:
@@ -196,6 +198,8 @@ def validate_muon_group(group: Mapping[str, Any]) -> None:
     if not is_step_count(steps):
         raise ValueError(f"ns_steps must be an integer >= 1, got {steps!r}")
     coefficient_schedule(group["ns_coefficients"])  # raises ValueError naming ns_coefficients
+    if group["ns_algorithm"] not in NS_ALGORITHMS:
+        raise ValueError(f"ns_algorithm must be one of {NS_ALGORITHMS}, got {group['ns_algorithm']!r}")
     if group["scale_rule"] not in SCALE_RULES:
         raise ValueError(f"scale_rule must be one of {SCALE_RULES}, got {group['scale_rule']!r}")
     resolve_ns_dtype(group["ns_dtype"])
@@ -262,6 +266,8 @@ class Muon(torch.optim.Optimizer):
         weight_decay: decoupled: W <- W * (1 - lr * weight_decay).
         ns_steps: Newton-Schulz iterations (per group; see ``ns_rules.ns_steps_param_groups``).
         ns_coefficients: 'quintic' | 'polar_express' | (a, b, c) | list of triples.
+        ns_algorithm: 'standard' | 'gram' (``newton_schulz``: the same polynomial, computed
+            as the matrix iteration or in Gram form; 'gram' needs ns_row_blocks=1).
         scale_rule: 'original' | 'match_adamw' | 'spectral' (see ``update_scale``).
         ns_mode: 'distributed' (each matrix orthogonalized once, by its owner rank) or
             'replicated' (every rank orthogonalizes every matrix). Optimizer-wide, not
@@ -294,11 +300,13 @@ class Muon(torch.optim.Optimizer):
         scale_rule: str = "match_adamw",
         ns_mode: str = "distributed",
         ns_dtype: torch.dtype | str = torch.bfloat16,
+        ns_algorithm: str = "standard",
         **execution: Any,
     ):
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
             ns_steps=ns_steps, ns_coefficients=ns_coefficients, scale_rule=scale_rule, ns_dtype=ns_dtype,
+            ns_algorithm=ns_algorithm,
         )
         self._setup(params, defaults, ns_mode, **execution)
 
@@ -317,11 +325,19 @@ class Muon(torch.optim.Optimizer):
         self.ns_bucket_mb, self.ns_overlap = float(ns_bucket_mb), bool(ns_overlap)
         # Timings and bytes of the last step's whole-matrix work (benchmarks, diagnostics).
         self.last_step_stats: ExchangeStats | None = None
+        # NS FLOPs this process has computed since the counter was last reset (its share of
+        # a row-block team's), and an optional timer of every NS computation (anything with
+        # a ``section()`` context manager, e.g. metrics.device_stats.SectionTimer)
+        self.ns_flops_computed = 0.0
+        self.ns_timer = None
         torch.optim.Optimizer.__init__(self, params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate hyperparameters and shapes before registering the group."""
         validate_muon_group({**self.defaults, **param_group})
+        if self.ns_row_blocks > 1 and {**self.defaults, **param_group}["ns_algorithm"] == "gram":
+            raise ValueError("ns_algorithm 'gram' runs each matrix on one process: it needs ns_row_blocks=1, "
+                             f"got {self.ns_row_blocks}")
         params = param_group["params"]
         # Materialize once: a generator would be exhausted by the shape check below.
         params = [params] if isinstance(params, torch.Tensor) else list(params)
@@ -337,6 +353,13 @@ class Muon(torch.optim.Optimizer):
             # defaults given as a torch.dtype: store the name, which serializes anywhere.
             self.param_groups[-1]["ns_dtype"] = dtype_name(self.param_groups[-1]["ns_dtype"])
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Loading a state dict: param groups saved before ``ns_algorithm`` existed ran the
+        standard iteration (torch's pattern for a hyperparameter added later)."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("ns_algorithm", "standard")
+
     # -- hooks a subclass overrides ------------------------------------------------
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
@@ -349,18 +372,37 @@ class Muon(torch.optim.Optimizer):
         p0 = batch[0].p
         ns_dtype = resolve_ns_dtype(group["ns_dtype"])
         steps, coeffs, layout = group["ns_steps"], group["ns_coefficients"], group.get("head_blocks")
+        algorithm = group["ns_algorithm"]
 
         def compute(full: list[torch.Tensor], team) -> list[torch.Tensor]:
-            return unstack_batch(orthogonalize(stack_batch(full), steps, coeffs, ns_dtype, team, layout), len(full))
+            O = orthogonalize(stack_batch(full), steps, coeffs, ns_dtype, team, layout, algorithm)
+            return unstack_batch(O, len(full))
 
         # Cast before shipping: NS starts with this cast anyway, so the result is the
         # same and the all_to_all carries bf16 instead of fp32.
         return RowShardedJob(
-            inputs=lambda: [item.direction().to(ns_dtype) for item in batch], rows=p0.shape[0], compute=compute,
+            inputs=lambda: [item.direction().to(ns_dtype) for item in batch], rows=p0.shape[0],
+            compute=self._counted(compute, p0, len(batch), group),
             output_specs=[(tuple(p0.shape[1:]), ns_dtype)] * len(batch),
             input_specs=[(tuple(p0.shape[1:]), ns_dtype)] * len(batch),
             cost=len(batch) * _ns_job_cost(p0.shape, layout), mesh=batch[0].mesh,
         )
+
+    def _counted(self, compute, p0: torch.Tensor, count: int, group: dict):
+        """``compute`` of a job of ``count`` parameters shaped like p0, adding the NS FLOPs it
+        runs here to ``ns_flops_computed`` and timing it with ``ns_timer`` when set (the time
+        then includes a row-block team's all-gathers)."""
+        matrices, rows, cols = ns_matrices(p0.shape, group.get("head_blocks"))
+        flops = count * matrices * ns_flops(rows, cols, int(group["ns_steps"]), group["ns_algorithm"],
+                                            group["ns_coefficients"])
+
+        def run(full: list[torch.Tensor], team) -> list[torch.Tensor]:
+            self.ns_flops_computed += flops * (1.0 if team is None else team.share(min(rows, cols)))
+            if self.ns_timer is None:
+                return compute(full, team)
+            with self.ns_timer.section():
+                return compute(full, team)
+        return run
 
     def _finish(self, p: torch.Tensor, outputs: list[torch.Tensor], state: dict, group: dict) -> None:
         """Apply this rank's rows of the job outputs to its shard of p."""
@@ -399,12 +441,14 @@ class Muon(torch.optim.Optimizer):
 
     def ns_flops_per_step(self) -> float:
         """Newton-Schulz FLOPs of one step over every matrix NS runs on (``ns_matrices``:
-        each expert of a stack, each head block; see ``ns_flops``), whichever rank runs them."""
+        each expert of a stack, each head block; see ``ns_flops``: exact per matrix, step
+        count, coefficients and algorithm), whichever rank runs them."""
         total = 0.0
         for group in self.param_groups:
             for p in group["params"]:
                 count, rows, cols = ns_matrices(p.shape, group.get("head_blocks"))
-                total += count * ns_flops(rows, cols, int(group["ns_steps"]))
+                total += count * ns_flops(rows, cols, int(group["ns_steps"]), group["ns_algorithm"],
+                                          group["ns_coefficients"])
         return total
 
     # -- the step ----------------------------------------------------------------------
@@ -470,11 +514,11 @@ class NorMuon(Muon):
                  weight_decay: float = 0.0, ns_steps: int = 5, ns_coefficients: CoefficientSpec = "quintic",
                  scale_rule: str = "match_adamw", ns_mode: str = "distributed",
                  ns_dtype: torch.dtype | str = torch.bfloat16, beta2: float = 0.95, eps: float = 1e-8,
-                 **execution: Any):
+                 ns_algorithm: str = "standard", **execution: Any):
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
             ns_steps=ns_steps, ns_coefficients=ns_coefficients, scale_rule=scale_rule, ns_dtype=ns_dtype,
-            beta2=beta2, eps=eps,
+            ns_algorithm=ns_algorithm, beta2=beta2, eps=eps,
         )
         self._setup(params, defaults, ns_mode, **execution)
 
@@ -500,12 +544,13 @@ class NorMuon(Muon):
         p0 = batch[0].p
         ns_dtype = resolve_ns_dtype(group["ns_dtype"])
         steps, coeffs, layout = group["ns_steps"], group["ns_coefficients"], group.get("head_blocks")
+        algorithm = group["ns_algorithm"]
         beta2, eps = float(group["beta2"]), float(group["eps"])
         update_dtype, n = p0.dtype, len(batch)
         v_dtype = _local(batch[0].state["row_second_moment"]).dtype
 
         def compute(full: list[torch.Tensor], team) -> list[torch.Tensor]:
-            O = orthogonalize(stack_batch(full[:n]), steps, coeffs, ns_dtype, team, layout).to(update_dtype)
+            O = orthogonalize(stack_batch(full[:n]), steps, coeffs, ns_dtype, team, layout, algorithm).to(update_dtype)
             O_hat, v_new = normuon_normalize(O, stack_batch(full[n:]), beta2, eps)
             return unstack_batch(O_hat, n) + unstack_batch(v_new, n)
 
@@ -515,7 +560,7 @@ class NorMuon(Muon):
 
         out_specs = [(tuple(p0.shape[1:]), update_dtype)] * n + [(tuple(p0.shape[1:-1]), v_dtype)] * n
         return RowShardedJob(
-            inputs=inputs, rows=p0.shape[0], compute=compute, output_specs=out_specs,
+            inputs=inputs, rows=p0.shape[0], compute=self._counted(compute, p0, n, group), output_specs=out_specs,
             input_specs=[(tuple(p0.shape[1:]), ns_dtype)] * n + [(tuple(p0.shape[1:-1]), v_dtype)] * n,
             cost=n * _ns_job_cost(p0.shape, layout), mesh=batch[0].mesh,
         )

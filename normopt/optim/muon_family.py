@@ -33,7 +33,8 @@ def _torch_groups(groups: list, optim_cfg) -> list[dict]:
 def _ns_options(optim_cfg, device_type: str) -> dict:
     return dict(
         momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov,
-        ns_coefficients=optim_cfg.ns_coefficients, scale_rule=optim_cfg.scale_rule,
+        ns_coefficients=optim_cfg.ns_coefficients, ns_algorithm=optim_cfg.ns_algorithm,
+        scale_rule=optim_cfg.scale_rule,
         ns_mode=optim_cfg.ns_mode, ns_dtype=resolve_dtype(optim_cfg.ns_dtype, device_type),
         ns_batch_size=resolve_ns_batch_size(optim_cfg.ns_batch_size, device_type),
         ns_row_blocks=optim_cfg.ns_row_blocks, ns_bucket_mb=optim_cfg.ns_bucket_mb, ns_overlap=optim_cfg.ns_overlap,

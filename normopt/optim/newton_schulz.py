@@ -33,6 +33,9 @@ from typing import Union
 
 import torch
 
+from normopt.optim.gram_newton_schulz import (gram_compute_dtype, gram_iterate, gram_ns_flops, gram_restarts,
+                                              uses_gram_form)
+from normopt.optim.symmetric_matmul import gram_matrix, gram_poly
 from normopt.parallel.row_block_team import RowBlockTeam, blocked_ns_step
 
 Coefficients = tuple[float, float, float]
@@ -61,6 +64,10 @@ NAMED_COEFFICIENTS: dict[str, tuple[Coefficients, ...]] = {
 }
 
 DEFAULT_EPS = 1e-7
+
+# how the iteration is computed (optim.ns_algorithm): the plain matrix iteration, or the
+# Gram form (``normopt.optim.gram_newton_schulz``); equal in exact arithmetic, not in bits
+NS_ALGORITHMS: tuple[str, ...] = ("standard", "gram")
 
 
 def _as_triple(value: object) -> Coefficients:
@@ -113,6 +120,7 @@ def newton_schulz(
     dtype: torch.dtype | None = torch.bfloat16,
     eps: float = DEFAULT_EPS,
     team: RowBlockTeam | None = None,
+    algorithm: str = "standard",
 ) -> torch.Tensor:
     """Approximate the polar factor U V^T of G (or of each matrix in a batch).
 
@@ -134,6 +142,13 @@ def newton_schulz(
         team: run every step in row blocks (``blocked_ns_step``): the blocks this process
             computes and how it gathers the rest (``normopt.parallel.row_block_team``).
             None runs the plain ``ns_step``.
+        algorithm: 'standard' (``ns_step`` every step) or 'gram' (``gram_iterate``: the
+            same polynomial iterated on the Gram matrix, in ``gram_compute_dtype(dtype)``
+            (float32 for a 16-bit dtype); square matrices run 'standard'). 'gram' takes
+            no row-block team: each step of it chains m x m products whose every row block
+            needs the whole other factor, so a split would gather m x m matrices several
+            times per step to divide work that is mostly m^3 (``ns_row_blocks`` is refused
+            with it).
 
     Returns:
         Tensor of G's shape and dtype. The cast to ``dtype`` happens before anything else,
@@ -142,27 +157,42 @@ def newton_schulz(
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz: expected a tensor of shape (..., m, n), got {tuple(G.shape)}")
+    if algorithm not in NS_ALGORITHMS:
+        raise ValueError(f"ns_algorithm must be one of {NS_ALGORITHMS}, got {algorithm!r}")
+    if algorithm == "gram" and team is not None:
+        raise ValueError("ns_algorithm 'gram' runs each matrix on one process; use ns_row_blocks=1")
     schedule = coefficients_for_steps(coefficients, steps)
     X = G.to(dtype) if dtype is not None else G
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
-    X = frobenius_normalize(X, eps)
-    for a, b, c in schedule:
-        X = ns_step(X, a, b, c) if team is None else blocked_ns_step(X, a, b, c, team)
+    if algorithm == "gram" and uses_gram_form(X.size(-2), X.size(-1)) and schedule:
+        wide = frobenius_normalize(X.to(gram_compute_dtype(X.dtype)), eps)
+        X = gram_iterate(wide, schedule, gram_restarts(tuple(schedule)))
+    else:
+        X = frobenius_normalize(X, eps)
+        for a, b, c in schedule:
+            X = ns_step(X, a, b, c) if team is None else blocked_ns_step(X, a, b, c, team)
     if transposed:
         X = X.mT
     return X.to(G.dtype)
 
 
-def ns_flops(rows: int, cols: int, steps: int) -> float:
+def ns_flops(rows: int, cols: int, steps: int, algorithm: str = "standard",
+             coefficients: CoefficientSpec = "quintic") -> float:
     """Floating-point operations of ``steps`` NS steps on one rows x cols matrix, on its
-    smaller Gram side (m = min, n = max dimension):
+    smaller Gram side (m = min, n = max dimension). 'standard':
 
         A = X X^T: 2 m^2 n;   b A + c A A: 2 m^3;   (...) X: 2 m^2 n   ->  steps (4 m^2 n + 2 m^3)
 
-    (the elementwise terms, O(m^2 + m n), are left out)."""
+    'gram' on a non-square matrix: ``gram_ns_flops`` with the restarts of ``coefficients``
+    (4 s m^2 n + (8 steps - 6 s) m^3, s = restarts + 1); on a square one, 'standard'.
+    Every matmul counts 2 m n k, whether or not a kernel skips a symmetric triangle; the
+    elementwise terms, O(m^2 + m n), are left out."""
     m, n = min(rows, cols), max(rows, cols)
+    if algorithm == "gram" and uses_gram_form(rows, cols) and steps > 0:
+        restarts = gram_restarts(tuple(coefficients_for_steps(coefficients, steps)))
+        return gram_ns_flops(m, n, steps, len(restarts))
     return float(steps) * (4.0 * m * m * n + 2.0 * m ** 3)
 
 
@@ -178,10 +208,11 @@ def ns_step(X: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
     """One iteration: A = X X^T, X <- a X + (b A + c A^2) X.
 
     Maps each singular value s of X to a s + b s^3 + c s^5 and keeps the singular vectors.
-    Cheapest when X is wide (rows <= cols), since A is rows x rows.
+    Cheapest when X is wide (rows <= cols), since A is rows x rows. Both symmetric products
+    go through ``symmetric_matmul`` (one triangle on CUDA with Triton, plain torch otherwise).
     """
-    A = X @ X.mT
-    B = b * A + c * (A @ A)
+    A = gram_matrix(X)
+    B = gram_poly(A, b, c)
     return a * X + B @ X
 
 

@@ -49,6 +49,13 @@ class RowBlockTeam:
         """Indices of the blocks this process computes, ascending."""
         return list(range(self.blocks))
 
+    def share(self, rows: int) -> float:
+        """The fraction of a blocked NS step's FLOPs this process computes on a matrix with
+        ``rows`` rows in NS orientation: its blocks' rows / rows (every per-block product
+        is linear in the block's rows)."""
+        layout = shard_rows(rows, self.blocks)
+        return sum(layout[i][1] for i in self.mine) / rows if rows else 0.0
+
     def all_gather(self, pieces: list[torch.Tensor], layout: list[tuple[int, int]]) -> torch.Tensor:
         """The whole tensor along dim -2 from this process's blocks (here: all of them)."""
         return torch.cat(pieces, dim=-2)

@@ -31,6 +31,7 @@ import yaml
 from normopt.config import flat_config
 from normopt.errors import UserError
 from normopt.metrics.jsonl import read_step_records
+from normopt.report.cost import read_cost
 from normopt.run_dir import MARKER_FILES, RecordKind, RunDir
 
 # A cell's coordinates: the config keys, and the cell.json axes naming them under the names a
@@ -69,6 +70,7 @@ class Cell:
     exit_code: int | None = None  # the run's exit status, if a runner recorded it
     diagnostics: Diagnostics | None = None  # None = no diagnostics.jsonl
     coords: Mapping[str, Any] = field(default_factory=dict)  # cell.json's axis -> value, as written
+    cost: Mapping[str, Any] | None = None  # report.cost.read_cost of metrics.jsonl
 
     @property
     def variant(self) -> str:
@@ -338,6 +340,7 @@ def load_cell(folder: Path) -> Cell:
         exit_code=_as_int(info.get("exit_code"), "exit_code", run.cell_json),
         diagnostics=read_diagnostics(run.diagnostics) if run.diagnostics.is_file() else None,
         coords=dict(coords),
+        cost=read_cost(run.metrics),
     )
 
 

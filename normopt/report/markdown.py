@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from normopt.report.cost import cost_section
 from normopt.report.notes import collapse_notes
 from normopt.report.over_training import over_training_section, stability_of
 from normopt.report.run_setup import setup_lines
@@ -405,6 +406,6 @@ def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
                 "", isotropy, "",
             ]
         parts += [f"![{name}]({path})" for name, path in (diagnostic_plots or {}).items()]
-    parts += ["", "## Cells", "", cell_table(summary), "", "## Notes", ""]
+    parts += ["", *cost_section(summary), "## Cells", "", cell_table(summary), "", "## Notes", ""]
     parts += [f"- {note}" for note in collapse_notes(summary["notes"], [c["name"] for c in cells])] or ["- none"]
     return "\n".join(parts) + "\n"

@@ -386,5 +386,6 @@ def _cell_record(cell: Cell, assessment: Assessment, fix_of: str | None, stratum
         "flags": list(assessment.flags), "reasons": list(assessment.reasons), "included": not assessment.flags,
         "partial_last_line": bool(metrics and metrics.partial_last_line),
         "diagnostics": None if cell.diagnostics is None else diagnostics_numbers(cell.diagnostics),
+        "cost": cell.cost,
     }
 

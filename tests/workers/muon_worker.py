@@ -66,8 +66,10 @@ VARIANTS = {
     "batched": dict(ns_batch_size=2, ns_bucket_mb=1e-6),
     "row_blocks": dict(ns_row_blocks=3, ns_bucket_mb=1e-6),
     "row_blocks_batched": dict(ns_row_blocks=2, ns_batch_size=3),
+    "gram": dict(ns_algorithm="gram", ns_bucket_mb=1e-6),
+    "gram_batched": dict(ns_algorithm="gram", ns_batch_size=2),
 }
-MATH_OPTIONS = ("ns_batch_size", "ns_row_blocks")
+MATH_OPTIONS = ("ns_batch_size", "ns_row_blocks", "ns_algorithm")
 REPLICATED_TOO = ("default", "row_blocks")  # variants also run with ns_mode="replicated"
 # (case, gradient source, variant) of every run, each with both optimizers (and both
 # ns_modes for the variants in REPLICATED_TOO).
@@ -77,6 +79,10 @@ RUNS = [(case, source, "default") for case in ("uneven", "few", "experts") for s
     ("repeated", "inject", "row_blocks_batched"),
     ("heads", "inject", "default"), ("heads", "backward", "default"), ("heads", "inject", "row_blocks"),
     ("heads", "inject", "batched"),
+    # Gram NS: quintic on tall, wide and square matrices (3 and 5 steps), Polar Express, a
+    # 3-D expert stack, batches of equal shapes, per-head blocks, and real backward passes
+    ("uneven", "backward", "gram"), ("few", "inject", "gram"), ("experts", "inject", "gram"),
+    ("repeated", "inject", "gram_batched"), ("heads", "inject", "gram"),
 ]
 STEPS = 4
 BATCH = 6
