@@ -18,7 +18,8 @@ from normopt.models.moe import balance_loss, commit_expert_loads, router_scores,
 from normopt.models.presets import (PRESETS, count_active_parameters, count_flops_per_token, count_parameters,
                                     resolve_model_args)
 from normopt.optim.builder import build_optimizers
-from normopt.optim.muon import Muon, NorMuon, normuon_normalize
+from normopt.optim.muon import Muon, NorMuon
+from normopt.optim.muon_update import normuon_normalize
 from normopt.optim.newton_schulz import newton_schulz
 from normopt.optim.param_groups import build_param_groups
 

@@ -8,12 +8,8 @@ import math
 import pytest
 import torch
 
-from normopt.optim.muon import (
-    Muon,
-    NorMuon,
-    normuon_normalize,
-    update_scale,
-)
+from normopt.optim.muon import Muon, NorMuon
+from normopt.optim.muon_update import normuon_normalize, update_scale
 from normopt.optim.newton_schulz import newton_schulz
 from normopt.optim.ns_rules import ns_steps_param_groups
 

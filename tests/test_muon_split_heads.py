@@ -28,7 +28,8 @@ from normopt.models.presets import PRESETS
 from normopt.optim.builder import build_optimizers
 from normopt.optim.config import OptimConfig
 from normopt.optim.head_blocks import block_shape, merge_heads, split_heads
-from normopt.optim.muon import Muon, NorMuon, ns_matrices, orthogonalize
+from normopt.optim.muon import Muon, NorMuon
+from normopt.optim.muon_update import ns_matrices, orthogonalize
 from normopt.optim.param_groups import describe_head_blocks
 from normopt.optim.newton_schulz import newton_schulz, ns_flops
 from normopt.report.axes import write_experiment_file

@@ -12,7 +12,7 @@ block on its own and reassembles the update in the same layout:
     O = [NS(U_1); ...; NS(U_H)]   (rows)       O = [NS(U_1), ..., NS(U_H)]   (cols)
 
 and scales it by the scale rule of one block's shape, scale(rows / H, cols) or
-scale(rows, cols / H) (``normopt.optim.muon.update_scale``). Each NS(U_i) has its own Frobenius
+scale(rows, cols / H) (``normopt.optim.muon_update.update_scale``). Each NS(U_i) has its own Frobenius
 normalisation, so every head's update has singular values near 1 whatever the size of its
 gradient: per-head Muon equalises the heads, where whole-matrix Muon equalises the
 directions of the fused matrix. The H blocks run as one batched NS over a new leading dim
