@@ -34,8 +34,10 @@ class ModelConfig:
     # per-feature bias b of norms that can have one; auto = as the norm's reference code
     norm_bias: bool | Literal["auto"] = "auto"
     # learnable scalar on the token embedding: auto = sqrt(dim) for bounded norms and none
-    # for normalising ones (the reference models); none; or a number (its init)
-    embed_scale: float | Literal["auto", "none"] = "auto"
+    # for normalising ones (the reference models); sqrt_dim = sqrt(dim) whatever the norm (an
+    # RMSNorm model with the bounded norms' embedding scale, to separate the two); none; or a
+    # number (its init)
+    embed_scale: float | Literal["auto", "sqrt_dim", "none"] = "auto"
     derf_shift_init: float = 0.0
     # derf_ema: running input-scale estimate blended into the erf argument.
     derf_ema_momentum: float = 0.99
@@ -82,8 +84,8 @@ class ModelConfig:
             require(value == "auto" or value > 0, f"model.{name}", "must be positive or auto")
         require(not (self.norm_bias is True and not norm_class(self.norm).supports_bias), "model.norm_bias",
                 f"{self.norm} has no bias (use auto or false)")
-        require(self.embed_scale in ("auto", "none") or self.embed_scale > 0, "model.embed_scale",
-                "must be auto, none or a positive number")
+        require(self.embed_scale in ("auto", "sqrt_dim", "none") or self.embed_scale > 0, "model.embed_scale",
+                "must be auto, sqrt_dim, none or a positive number")
         require(0.0 <= self.derf_ema_momentum < 1.0, "model.derf_ema_momentum", "must be in [0, 1)")
         require(0.0 <= self.derf_ema_blend <= 1.0, "model.derf_ema_blend", "must be in [0, 1]")
         for name in ("q_lora_rank", "n_shared_experts"):

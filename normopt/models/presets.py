@@ -17,6 +17,8 @@ the dense model, 4x its total.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, fields, replace
 
 from normopt.models.components import attention_class, feed_forward_class
@@ -126,6 +128,7 @@ def resolve_model_args(model_cfg, vocab_size: int) -> ModelArgs:
     dim = overrides.get("dim", base.dim)
     scale = overrides.pop("embed_scale", None)
     overrides["embed_scale"] = (reference_embed_scale(norm_config.name, dim) if scale == "auto"
+                                else math.sqrt(dim) if scale == "sqrt_dim"
                                 else None if scale in (None, "none") else float(scale))
     return fill_derived_shapes(replace(base, **overrides, vocab_size=vocab_size))
 

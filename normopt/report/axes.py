@@ -43,7 +43,12 @@ AXIS_NOUNS = {NORM_KEY: "norm", OPTIM_KEY: "optimizer"}
 DEFAULT_LEVELS = {NORM_KEY: "rmsnorm", OPTIM_KEY: REFERENCE_OPTIMIZER}
 # the one column label of a report without an across axis
 SINGLE_COLUMN = "all"
-REPORT_KEYS = {"compare", "baseline", "across", "reference", "fixes"}
+REPORT_KEYS = {"compare", "baseline", "across", "reference", "fixes", "factors", "equivalence_margin"}
+# The default margin of an equivalence ("no penalty") statement, in nats of final validation
+# loss: a difference whose 90% interval lies inside +/- this margin is called negligible (two
+# one-sided tests at 5%). 0.05 nats is ~1.5% of the tiny grid's final loss and a third of the
+# smallest effect docs/results.md discusses; a spec sets its own with report.equivalence_margin.
+DEFAULT_EQUIVALENCE_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,10 @@ class ReportAxes:
     strata: tuple[str, ...] = ()
     fixes: Mapping[str, str] | None = None  # None = the norm registry's fixes (norm axis only)
     order: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # factor name -> (variant without it, variant with it): the change of the interaction when
+    # that one factor is switched (:func:`normopt.report.statistics.compute_factor_effects`)
+    factors: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    equivalence_margin: float = DEFAULT_EQUIVALENCE_MARGIN
 
     @property
     def is_norm_by_optimizer(self) -> bool:
@@ -75,7 +84,9 @@ class ReportAxes:
         return {"compare": self.compare, "baseline": self.baseline, "across": self.across,
                 "reference": self.reference, "strata": list(self.strata),
                 "fixes": None if self.fixes is None else dict(self.fixes),
-                "order": {k: list(v) for k, v in self.order.items()}}
+                "order": {k: list(v) for k, v in self.order.items()},
+                "factors": {k: list(v) for k, v in self.factors.items()},
+                "equivalence_margin": self.equivalence_margin}
 
 
 def level_label(value: Any) -> str:
@@ -162,11 +173,49 @@ def axes_from_levels(levels: Mapping[str, Sequence[Any]], report: Mapping[str, A
                                          for k, v in fixes.items())):
         raise UserError(f"report.fixes must map levels of {compare} to levels of {compare}")
     return ReportAxes(
+        factors=_factors(report.get("factors"), compare, order[compare]),
+        equivalence_margin=_margin(report.get("equivalence_margin", DEFAULT_EQUIVALENCE_MARGIN)),
         compare=compare, baseline=level(compare, report.get("baseline")),
         across=across, reference=level(across, report.get("reference")),
         strata=tuple(k for k in keys if k not in (compare, across)),
         fixes=None if fixes is None else {level_label(k): level_label(v) for k, v in fixes.items()},
         order=order)
+
+
+def _variant_level(variant: str) -> str:
+    """The compared level of a variant name, ``level`` or ``level[arm]``."""
+    return variant.split("[", 1)[0]
+
+
+def _factors(given: Any, compare: str, levels: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """report.factors: {name: [variant without the factor, variant with it]}, each variant a
+    level of the compared axis or ``level[arm]`` (an arm of the spec)."""
+    if given is None:
+        return {}
+    shape = (f"report.factors must map a name to [variant without, variant with] "
+             f"(a variant: a level of {compare} or level[arm])")
+    if not isinstance(given, Mapping):
+        raise UserError(shape)
+    factors = {}
+    for name, pair in given.items():
+        if (not isinstance(name, str) or not isinstance(pair, (list, tuple)) or len(pair) != 2
+                or not all(isinstance(v, str) and v for v in pair)):
+            raise UserError(f"{shape}; got {name!r}: {pair!r}")
+        for variant in pair:
+            if _variant_level(variant) not in levels or (
+                    "[" in variant and not (variant.endswith("]") and len(variant) > len(_variant_level(variant)) + 2)):
+                raise UserError(f"report.factors.{name}: {variant!r} is not a level of {compare} "
+                                f"({', '.join(levels)}) or level[arm]")
+        if pair[0] == pair[1]:
+            raise UserError(f"report.factors.{name}: the two variants are the same ({pair[0]!r})")
+        factors[name] = (pair[0], pair[1])
+    return factors
+
+
+def _margin(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise UserError(f"report.equivalence_margin must be a positive number of nats, got {value!r}")
+    return float(value)
 
 
 def infer_axes(cells: Sequence[Cell]) -> ReportAxes:

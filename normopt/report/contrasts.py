@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from normopt.report.student_t import fieller_interval, t_interval, welch_df
+from normopt.report.student_t import LEVEL, fieller_interval, t_interval, welch_df
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,12 @@ def paired_contrast(terms: Sequence[tuple[float, GroupStats]]) -> dict[str, Any]
 
 
 def ratio_of_contrasts(numerator: Mapping[Any, float], denominator: Mapping[Any, float],
-                       groups: Mapping[Any, GroupStats]) -> dict[str, Any]:
+                       groups: Mapping[Any, GroupStats], level: float = LEVEL) -> dict[str, Any]:
     """R = N / D for two contrasts of the same independent group means, N = sum_i a_i m_i,
     D = sum_i b_i m_i (coefficients keyed by group), with Fieller's 95% interval:
     var N = sum a_i^2 v_i, var D = sum b_i^2 v_i, cov = sum a_i b_i v_i (v_i = s_i^2 / n_i),
-    degrees of freedom Welch-Satterthwaite for N - R D at the estimate. ``ci95`` is None
+    degrees of freedom Welch-Satterthwaite for N - R D at the estimate (``level``: the
+    interval's coverage, 95% unless a family adjustment asks for more). ``ci95`` is None
     with a ``reason`` when a group has n < 2, or when D is not distinguishable from 0 (the
     Fieller set is then unbounded)."""
     keys = set(numerator) | set(denominator)
@@ -119,7 +120,7 @@ def ratio_of_contrasts(numerator: Mapping[Any, float], denominator: Mapping[Any,
         out["ci95"], out["df"] = (ratio, ratio), None
         return out
     ci = fieller_interval(num, den, sum(a[k] ** 2 * v[k] for k in keys), sum(b[k] ** 2 * v[k] for k in keys),
-                          sum(a[k] * b[k] * v[k] for k in keys), df)
+                          sum(a[k] * b[k] * v[k] for k in keys), df, level)
     out.update(ci95=ci, df=df, reason=None if ci is not None else "unbounded: the denominator's interval contains 0")
     return out
 

@@ -36,7 +36,7 @@ from typing import Any
 from normopt.models.norms import NORM_NAMES, NORMS
 from normopt.optim.registry import OPTIMIZER_NAMES
 from normopt.report.arms import assign_arms, fix_base
-from normopt.report.axes import SINGLE_COLUMN, ReportAxes, place_cells, stratum_of
+from normopt.report.axes import DEFAULT_EQUIVALENCE_MARGIN, SINGLE_COLUMN, ReportAxes, place_cells, stratum_of
 from normopt.report.cell_assessment import (
     CONTEXT_MARGIN_NATS,
     DIVERGENCE_NATS,
@@ -53,6 +53,8 @@ from normopt.report.contrasts import (
     paired_ratio,
     ratio_of_contrasts,
 )
+from normopt.report.factor_effects import compute_factor_effects
+from normopt.report.multiplicity import EXPLORATORY, main_family, t_p_value, tost
 from normopt.report.student_t import LEVEL
 from normopt.report.tail_classes import tail_comparisons
 
@@ -149,9 +151,10 @@ def one_seed_note(groups: Groups) -> str | None:
 
 
 def compute_gaps(groups: Groups, variants: Sequence[str], optims: Sequence[str], base: str,
-                 notes: list[str]) -> list[dict[str, Any]]:
+                 notes: list[str], margin: float = DEFAULT_EQUIVALENCE_MARGIN) -> list[dict[str, Any]]:
     """gap(v, O) = mean(v, O) - mean(base, O), se = sqrt(s_v^2/n_v + s_b^2/n_b), 95% t interval
-    with Welch-Satterthwaite degrees of freedom."""
+    with Welch-Satterthwaite degrees of freedom, its two-sided p-value and an equivalence test
+    at ``margin`` (:mod:`normopt.report.multiplicity`)."""
     gaps = []
     for variant in variants:
         for optim in optims:
@@ -162,7 +165,9 @@ def compute_gaps(groups: Groups, variants: Sequence[str], optims: Sequence[str],
                 continue
             c = contrast([(1.0, groups[keys[0]]), (-1.0, groups[keys[1]])])
             gaps.append({"variant": variant, "optim": optim, "baseline": base, "value": c.value, "se": c.se,
-                         "df": c.df, "ci95": c.ci95, "n": [groups[k].n for k in keys]})
+                         "df": c.df, "ci95": c.ci95, "n": [groups[k].n for k in keys],
+                         "p": t_p_value(c.value, c.se, c.df), "equivalence": tost(c.value, c.se, c.df, margin),
+                         "groups": ["/".join(k) for k in keys], "family": EXPLORATORY})
     return gaps
 
 
@@ -172,10 +177,12 @@ def _interaction_terms(variant: str, optim: str, base: str, reference: str) -> d
 
 
 def compute_interactions(groups: Groups, variants: Sequence[str], optims: Sequence[str], base: str,
-                         reference: str, notes: list[str]) -> list[dict[str, Any]]:
+                         reference: str, notes: list[str],
+                         margin: float = DEFAULT_EQUIVALENCE_MARGIN) -> list[dict[str, Any]]:
     """interaction(v, O) = (L[v,O] - L[base,O]) - (L[v,ref] - L[base,ref]) for O != ref, with a
-    95% t interval from the four independent means (Welch-Satterthwaite degrees of freedom)
-    and the paired per-seed estimate (t, k - 1 degrees of freedom)."""
+    95% t interval from the four independent means (Welch-Satterthwaite degrees of freedom),
+    its two-sided p-value, an equivalence test at ``margin`` and the paired per-seed estimate
+    (t, k - 1 degrees of freedom)."""
     items = []
     for variant in variants:
         for optim in optims:
@@ -189,6 +196,8 @@ def compute_interactions(groups: Groups, variants: Sequence[str], optims: Sequen
             items.append({
                 "variant": variant, "optim": optim, "reference_optim": reference, "value": c.value, "se": c.se,
                 "df": c.df, "ci95": c.ci95, "n": [groups[k].n for k in coefficients],
+                "p": t_p_value(c.value, c.se, c.df), "equivalence": tost(c.value, c.se, c.df, margin),
+                "groups": ["/".join(k) for k in coefficients],
                 "method": "independent means, Welch t", "paired": paired_contrast(terms)})
     return items
 
@@ -220,19 +229,24 @@ def compute_recoveries(groups: Groups, fixes_of: Mapping[str, str], optims: Sequ
             gap = {(target, optim): 1.0, (base, optim): -1.0}
             share = ratio_of_contrasts(gain, gap, groups)
             gap_n = contrast([(1.0, groups[keys[0]]), (-1.0, groups[keys[2]])])
+            gain_c = contrast([(1.0, groups[keys[0]]), (-1.0, groups[keys[1]])])
             if gap_n.value <= 0:
                 notes.append(f"{label}: {target} has no gap to recover ({gap_n.value:+.4f} nats: it is no worse "
                              f"than {base}), so no share of it is reported")
                 share = {"value": None, "ci95": None, "df": None, "reason": "no gap to recover"}
-            item = {"fix": fix, "base_norm": target, "optim": optim, "gap_base": gap_n.value,
+            item = {"fix": fix, "base_norm": target, "optim": optim, "baseline": base, "reference_optim": reference,
+                    "gap_base": gap_n.value,
                     "gap_fix": groups[keys[1]].mean - groups[keys[2]].mean,
                     "share": share["value"], "ci95": share["ci95"], "df": share["df"],
                     "ci_note": share["reason"],
                     "paired": None if share["value"] is None else paired_ratio(gain, gap, groups),
                     "interaction": None, "interaction_share": None, "interaction_ci95": None,
                     "interaction_ci_note": None, "interaction_paired": None,
+                    "gain": gain_c.value, "gain_ci95": gain_c.ci95, "p": t_p_value(gain_c.value, gain_c.se, gain_c.df),
+                    "groups": ["/".join(k) for k in keys],
                     "method": "Fieller's interval (t, Welch-Satterthwaite df; paired: k-1 df)"}
             inter = {} if reference is None else _interaction_terms(target, optim, base, reference)
+            item["groups"] = list(dict.fromkeys(item["groups"] + ["/".join(k) for k in inter]))
             interaction = (sum(c * groups[k].mean for k, c in inter.items())
                            if inter and all(k in groups and groups[k].n for k in inter) else None)
             if interaction is not None and interaction <= 0:
@@ -318,8 +332,11 @@ def build_summary(cells: Sequence[Cell], *, axes: ReportAxes | None = None, base
         if cell.diagnostics is not None and cell.diagnostics.partial_last_line:
             notes.append(f"{cell.name}: skipped an unterminated last line of diagnostics.jsonl")
 
+    margin = axes.equivalence_margin
     all_groups: dict[tuple[str, ...], GroupStats] = {}
-    group_records, gaps, interactions, recoveries, tail = [], [], [], [], []
+    group_records, gaps, interactions, recoveries, tail, factor_effects = [], [], [], [], [], []
+    share_groups: list[tuple[dict[str, Any], Groups]] = []  # each recovery with its stratum's groups
+    left_out_by_group: dict[tuple[str, str, str], dict[str, list[str]]] = {}  # (stratum, v, O) -> flag -> cells
     for stratum in strata:
         members = [(c, a) for c, a in assessed if stratum_of(c, axes) == stratum]
         groups: dict[tuple[str, str], GroupStats] = {}
@@ -328,6 +345,10 @@ def build_summary(cells: Sequence[Cell], *, axes: ReportAxes | None = None, base
                 in_group = [(c, a) for c, a in members if c.variant == variant and c.optim == optim]
                 if in_group:
                     kept = [(c, a) for c, a in in_group if not a.flags]
+                    for c, a in in_group:
+                        for flag in a.flags:
+                            left_out_by_group.setdefault((_stratum_label(stratum), variant, optim), {}) \
+                                .setdefault(flag, []).append(c.name)
                     groups[variant, optim] = describe([a.final_eval_loss for _, a in kept], [c.seed for c, _ in kept])
         tag = {"stratum": dict(stratum)} if axes.strata else {}
         label = _stratum_label(stratum)
@@ -336,16 +357,24 @@ def build_summary(cells: Sequence[Cell], *, axes: ReportAxes | None = None, base
         group_records += [{"variant": v, "norm": norm_of[v][0], "arm": norm_of[v][1], "optim": o, "n": g.n,
                            "mean": g.mean, "std": g.std, "sem": g.sem, "seeds": list(g.by_seed),
                            "cells": [c.name for c, a in members if c.variant == v and c.optim == o and not a.flags],
+                           "left_out": {flag: len(names) for flag, names in
+                                        left_out_by_group.get((label, v, o), {}).items()},
                            **tag} for (v, o), g in groups.items()]
-        gaps += [{**g, **tag} for g in compute_gaps(groups, variants, optims, base, stratum_notes)]
+        gaps += [{**g, **tag} for g in compute_gaps(groups, variants, optims, base, stratum_notes, margin)]
         if reference is not None:
             interactions += [{**i, **tag} for i in
-                             compute_interactions(groups, variants, optims, base, reference, stratum_notes)]
-        recoveries += [{**r, **tag} for r in
-                       compute_recoveries(groups, fixes_of, optims, base, reference, stratum_notes)]
+                             compute_interactions(groups, variants, optims, base, reference, stratum_notes, margin)]
+        for r in compute_recoveries(groups, fixes_of, optims, base, reference, stratum_notes):
+            recoveries.append({**r, **tag})
+            share_groups.append((recoveries[-1], groups))
+        factor_effects += [{**f, **tag} for f in compute_factor_effects(groups, axes.factors, optims, reference,
+                                                                        margin, stratum_notes)]
         tail += [{**t, **tag} for t in tail_comparisons(members, variants, optims, base, reference)]
         notes += _prefixed(stratum_notes, stratum)
 
+    family = main_family(gaps, interactions, share_groups, factor_effects, single=axes.across is None)
+    for record in (*gaps, *interactions, *recoveries, *factor_effects):
+        record["left_out"] = _left_out_flags(record.get("groups", ()), record.get("stratum"), left_out_by_group)
     if (note := one_seed_note(all_groups)) is not None:
         notes.insert(0, note)
     flat = [c.name for c, a in assessed if c.metrics is not None
@@ -358,7 +387,8 @@ def build_summary(cells: Sequence[Cell], *, axes: ReportAxes | None = None, base
     return {
         "settings": {"baseline_norm": base, "reference_optim": reference, "fixes": fixes,
                      "axes": axes.to_json(), "compare_noun": compare_noun, "across_noun": across_noun,
-                     "divergence_nats": divergence_nats, "interval": INTERVAL_METHOD, "level": LEVEL},
+                     "divergence_nats": divergence_nats, "interval": INTERVAL_METHOD, "level": LEVEL,
+                     "equivalence_margin": margin},
         "variants": variants,
         "optims": optims,
         "cells": [_cell_record(c, a, fixes_of.get(c.variant) if c.norm else None,
@@ -367,9 +397,28 @@ def build_summary(cells: Sequence[Cell], *, axes: ReportAxes | None = None, base
         "gaps": gaps,
         "interactions": interactions,
         "recoveries": recoveries,
+        "factor_effects": factor_effects,
+        "family": family,
+        "left_out_by_group": [{"stratum": s, "variant": v, "optim": o, "flags": {f: len(n) for f, n in flags.items()},
+                               "cells": sorted(n for names in flags.values() for n in names)}
+                              for (s, v, o), flags in left_out_by_group.items()],
         "tail_classes": tail,
         "notes": notes,
     }
+
+
+def _left_out_flags(group_labels: Sequence[str], stratum: Mapping[str, str] | None,
+                    left_out: Mapping[tuple[str, str, str], Mapping[str, list[str]]]) -> list[str]:
+    """One line per group of a contrast that lost cells: "derf/muon: 1 diverged". A contrast
+    whose group lost a diverged cell understates that group's penalty (its worst seed is gone)."""
+    label = _stratum_label(tuple((stratum or {}).items()))
+    lines = []
+    for group in group_labels:
+        variant, optim = group.rsplit("/", 1)
+        flags = left_out.get((label, variant, optim), {})
+        if flags:
+            lines.append(f"{group}: " + ", ".join(f"{len(names)} {flag}" for flag, names in flags.items()))
+    return lines
 
 
 def _cell_record(cell: Cell, assessment: Assessment, fix_of: str | None, stratum: str) -> dict[str, Any]:
