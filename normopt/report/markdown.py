@@ -11,6 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from normopt.report.cost import cost_section
+from normopt.report.family_markdown import (
+    factor_lines,
+    factor_section,
+    family_section,
+    flag_text,
+    holm_verdict,
+    left_out_section,
+)
+from normopt.report.multiplicity import equivalence_phrase
 from normopt.report.notes import collapse_notes
 from normopt.report.over_training import over_training_section, stability_of
 from normopt.report.run_setup import setup_lines
@@ -161,15 +170,17 @@ def answer_paragraph(summary: Mapping[str, Any]) -> str:
         ci = item["ci95"]
         lines.append(f"- {stratum_prefix(item)}**{item['variant']} × {item['optim']}**: interaction "
                      f"{_num(item['value'], 3, True)} nats {'' if ci is None else _ci(ci, 3) + ' '}"
-                     f"({_verdict(ci)}): the gap to {s['baseline_norm']} is "
-                     f"{'larger' if item['value'] > 0 else 'smaller'} under {item['optim']} than under "
-                     f"{item['reference_optim']}.")
+                     f"({_verdict(ci)}; {holm_verdict(item.get('p_holm'))}; "
+                     f"{equivalence_phrase(item.get('equivalence'))}): the point estimate of the gap to "
+                     f"{s['baseline_norm']} is {'larger' if item['value'] > 0 else 'smaller'} under {item['optim']} "
+                     f"than under {item['reference_optim']}.{flag_text(item)}")
     if single:
         for gap in summary["gaps"]:
             ci = gap["ci95"]
             lines.append(f"- {stratum_prefix(gap)}**{gap['variant']}**: gap to {s['baseline_norm']} "
                          f"{_num(gap['value'], 3, True)} nats {'' if ci is None else _ci(ci, 3) + ' '}"
-                         f"({_verdict(ci)}).")
+                         f"({_verdict(ci)}; {holm_verdict(gap.get('p_holm'))}; "
+                         f"{equivalence_phrase(gap.get('equivalence'))}).{flag_text(gap)}")
     for r in summary["recoveries"]:
         if r["share"] is None:
             continue
@@ -179,7 +190,11 @@ def answer_paragraph(summary: Mapping[str, Any]) -> str:
         if r["interaction_share"] is not None:
             text += f" and {_pct(r['interaction_share'])} of the interaction " \
                     f"{_pct_ci(r['interaction_ci95'], r['interaction_ci_note'])}"
-        lines.append(text + ".")
+        p_holm = r.get("share_p_holm" if single else "interaction_share_p_holm")
+        if r.get("family") == "main":
+            text += f" ({holm_verdict(p_holm)})"
+        lines.append(text + "." + flag_text(r))
+    lines += factor_lines(summary)
     flat = [c["name"] for c in summary["cells"] if c.get("learned_no_context")]
     if flat:
         lines.insert(0, f"- **Caution**: {len(flat)} of {len(summary['cells'])} cells learned almost no context "
@@ -312,13 +327,14 @@ def tail_section(summary: Mapping[str, Any]) -> list[str]:
     """The head-versus-tail section: what it measures, one sentence per pair, the table."""
     if not summary["tail_classes"]:
         return []
-    parts = ["## Head and tail: differences by token frequency", "",
+    parts = ["## Head and tail: differences by token frequency (exploratory)", "",
              ("Per pair of groups A, B that differ in one axis: B's gain over A, mean(A) − mean(B), of the "
               "validation loss in each token-frequency bucket (equal shares of the training tokens, bucket 0 "
               "= the most frequent tokens, the last = the rarest), ± the half-width of its 95% Welch t "
               "interval over seeds. tail − head = the gain in the tail bucket minus the gain in the head "
               "bucket, from the per-cell difference L_tail − L_head (a positive value: B gains more on the "
-              "rare tokens)."), ""]
+              "rare tokens). Exploratory: one unadjusted interval per bucket and pair, outside the main family; "
+              "about 1 in 20 null intervals here excludes 0 by chance."), ""]
     parts += [f"- {stratum_prefix(item)}{item['sentence']}" for item in summary["tail_classes"]]
     return [*parts, "", *_per_stratum(summary, tail_table)]
 
@@ -354,6 +370,8 @@ def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
         "## Answer", "",
         answer_paragraph(summary), "",
         *tuning_lead(summary),
+        *family_section(summary),
+        *left_out_section(summary),
         "## Final eval loss and gap to the baseline", "",
         (f"mean ± sample std over seeds (n cells); gap = mean({c_noun}) − mean({s['baseline_norm']})"
          f"{'' if single else f' under the same {a_noun}'}, with its 95% t interval "
@@ -381,6 +399,7 @@ def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
         *_per_stratum(summary, recovery_table),
         *tuning_section(summary, _file_name(summary, "tuning")),
         *over_training_section(summary, _file_name(summary, "over_training")),
+        *factor_section(summary),
         *tail_section(summary),
         "## Plots", "",
     ]

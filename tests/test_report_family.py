@@ -1,0 +1,159 @@
+"""The report's main family (Holm), equivalence tests, left-out cells per group and factor
+effects, on synthetic cells with answers computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from normopt.errors import UserError
+from normopt.report.axes import DEFAULT_EQUIVALENCE_MARGIN, ReportAxes, axes_from_levels
+from normopt.report.cell_reading import discover_cells
+from normopt.report.contrasts import contrast, describe
+from normopt.report.markdown import render_markdown
+from normopt.report.multiplicity import holm, t_p_value, tost
+from normopt.report.statistics import build_summary
+from normopt.report.student_t import t_cdf, t_critical
+from tests.test_report import by, write_cell
+
+# ---------------------------------------------------------------------------- Holm, p, TOST
+
+
+def test_holm_matches_a_hand_computation():
+    # sorted: 0.005 (x4 = 0.02), 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> max 0.06)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # untested members (None) are not counted in m: m = 2 here
+    assert holm([0.02, None, 0.04]) == [pytest.approx(0.04), None, pytest.approx(0.04)]
+    assert holm([0.6, 0.9]) == [1.0, 1.0]  # capped at 1
+
+
+def test_p_value_is_the_dual_of_the_95_interval():
+    """A contrast whose 95% t interval ends exactly at 0 has p = 0.05."""
+    df, se = 3.4, 0.02
+    value = t_critical(df) * se
+    assert t_p_value(value, se, df) == pytest.approx(0.05, abs=1e-9)
+    assert t_p_value(-value, se, df) == pytest.approx(0.05, abs=1e-9)
+    assert t_p_value(0.0, se, df) == pytest.approx(1.0)
+    assert t_p_value(0.1, None, None) is None
+
+
+def test_tost_is_the_90_interval_inside_the_margin():
+    # value 0.01, se 0.01, 10 df, margin 0.05: t = 6 and -4; p = max(P(T > 6), P(T < -4)) = P(T < -4)
+    out = tost(0.01, 0.01, 10, 0.05)
+    assert out["p"] == pytest.approx(t_cdf(-4.0, 10))
+    assert out["equivalent"] and out["ci90"] == pytest.approx((0.01 - 1.8124611 * 0.01, 0.01 + 1.8124611 * 0.01))
+    for value in (-0.06, -0.04, -0.02, 0.0, 0.02, 0.03, 0.04, 0.06):
+        for se in (0.005, 0.01, 0.02):
+            r = tost(value, se, 4.0, 0.05)
+            inside = -0.05 < r["ci90"][0] and r["ci90"][1] < 0.05
+            assert r["equivalent"] == inside, (value, se, r)
+    assert tost(0.2, None, None, 0.05) is None
+
+
+def test_dominant_variance_group_gets_welch_df_from_that_group():
+    """One group's variance dominates: nu -> that group's n - 1 (here by hand)."""
+    groups = [describe([3.0, 3.4]), describe([2.0, 2.001]), describe([2.5, 2.501]), describe([1.0, 1.001])]
+    c = contrast(list(zip((1.0, -1.0, -1.0, 1.0), groups)))
+    w = [g.std ** 2 / 2 for g in groups]
+    nu = sum(w) ** 2 / sum(x * x / 1 for x in w)
+    assert c.df == pytest.approx(nu) and 1.0 < c.df < 1.001
+    assert c.ci95[1] - c.value == pytest.approx(t_critical(nu) * math.sqrt(sum(w)))
+
+
+# ---------------------------------------------------------------------------- a grid
+
+
+FINALS = {  # (variant, optim) -> seeds 0, 1
+    ("rmsnorm", "adamw"): (3.00, 3.02), ("rmsnorm", "muon"): (2.90, 2.94),
+    ("derf", "adamw"): (3.30, 3.34), ("derf", "muon"): (3.88, 3.90),
+    ("dyt", "adamw"): (3.10, 3.14), ("dyt", "muon"): (3.00, 3.06),
+}
+DYT_ALPHA = {("adamw", 0): 3.20, ("adamw", 1): 3.22, ("muon", 0): 3.40, ("muon", 1): 3.44}
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family")
+    for (norm, optim), finals in FINALS.items():
+        for seed, final in enumerate(finals):
+            write_cell(root, norm, optim, seed, final)
+    for (optim, seed), final in DYT_ALPHA.items():  # Derf with DyT's alphas: an explicit arm
+        write_cell(root, "derf", optim, seed, final, alpha=0.8,
+                   cell_json={"name": f"dyt_alpha-{optim}-s{seed}", "coords": {"norm": "derf", "optim": optim},
+                              "seed": seed, "arm": "dyt_alpha"})
+    write_cell(root, "derf", "muon", 2, 3.0, nan_at=60)  # diverged
+    write_cell(root, "dyt", "adamw", 2, 5.0, last=50)  # stopped early
+    axes = ReportAxes(factors={"dyt_alphas_on_derf": ("derf", "derf[dyt_alpha]")}, equivalence_margin=0.1)
+    return build_summary(discover_cells(root), axes=axes)
+
+
+def test_main_family_is_holm_adjusted_over_interactions_shares_and_factors(grid):
+    family = grid["family"]
+    members = [*grid["interactions"], *grid["factor_effects"]]
+    shares = [r for r in grid["recoveries"] if r["interaction_share"] is not None]
+    assert family["size"] == len(members) + len(shares) == 3 + 1 + 1  # derf, dyt, derf[dyt_alpha]; 1 factor; 1 share
+    expected = holm([m["p"] for m in members] + [r["p"] for r in shares])
+    got = [m["p_holm"] for m in members] + [r["interaction_share_p_holm"] for r in shares]
+    assert got == pytest.approx(expected)
+    assert all(g["family"] == "exploratory" for g in grid["gaps"])
+    assert family["simultaneous_level"] == pytest.approx(1 - 0.05 / 5)
+    inter = by(grid["interactions"], variant="derf", optim="muon")
+    half = t_critical(inter["df"], 1 - 0.05 / 5) * inter["se"]
+    assert inter["ci_simultaneous"] == pytest.approx((inter["value"] - half, inter["value"] + half))
+
+
+def test_factor_effect_by_hand(grid):
+    effect = by(grid["factor_effects"], factor="dyt_alphas_on_derf", optim="muon")
+    mean = {k: sum(v) / 2 for k, v in FINALS.items()}
+    with_muon, with_adamw = (3.40 + 3.44) / 2, (3.20 + 3.22) / 2
+    expected = (with_muon - with_adamw) - (mean["derf", "muon"] - mean["derf", "adamw"])
+    assert effect["value"] == pytest.approx(expected)  # -0.38: DyT's alphas remove most of Derf's interaction
+    assert effect["ci95"][1] < 0 and effect["equivalence"]["margin"] == 0.1
+    assert effect["paired"]["n_seeds"] == 2
+
+
+def test_left_out_cells_are_counted_per_group_and_flag_their_contrasts(grid):
+    counts = {(r["variant"], r["optim"]): r["flags"] for r in grid["left_out_by_group"]}
+    assert counts == {("derf", "muon"): {"diverged": 1}, ("dyt", "adamw"): {"stopped_early": 1}}
+    assert by(grid["interactions"], variant="derf", optim="muon")["left_out"] == ["derf/muon: 1 diverged"]
+    assert by(grid["interactions"], variant="dyt", optim="muon")["left_out"] == ["dyt/adamw: 1 stopped_early"]
+    assert by(grid["factor_effects"], factor="dyt_alphas_on_derf")["left_out"] == ["derf/muon: 1 diverged"]
+    assert by(grid["groups"], variant="derf", optim="muon")["left_out"] == {"diverged": 1}
+
+
+def test_markdown_names_the_family_flags_and_the_carrier(grid):
+    text = render_markdown(grid, {})
+    assert "## The main family of comparisons" in text and "Holm" in text
+    assert "exploratory" in text.lower()
+    line = next(ln for ln in text.splitlines() if ln.startswith("- **derf × muon**"))
+    assert "⚠" in line and "1 diverged" in line and "Holm p=" in line
+    assert "## Cells left out, per group" in text
+    assert "**Which factor carries the interaction**" in text
+
+
+def test_no_penalty_needs_equivalence(tmp_path):
+    """DyT x Muon with a tiny interaction: negligible only within a margin its 90% interval fits."""
+    finals = {("rmsnorm", "adamw"): (3.00, 3.01), ("rmsnorm", "muon"): (2.90, 2.91),
+              ("dyt", "adamw"): (3.10, 3.11), ("dyt", "muon"): (3.00, 3.012)}
+    for (norm, optim), pair in finals.items():
+        for seed, final in enumerate(pair):
+            write_cell(tmp_path, norm, optim, seed, final)
+    cells = discover_cells(tmp_path)
+    wide = by(build_summary(cells, axes=ReportAxes(equivalence_margin=0.1))["interactions"], variant="dyt")
+    narrow = by(build_summary(cells, axes=ReportAxes(equivalence_margin=0.001))["interactions"], variant="dyt")
+    assert wide["equivalence"]["equivalent"] and not narrow["equivalence"]["equivalent"]
+    assert wide["ci95"][0] < 0 < wide["ci95"][1]
+
+
+def test_report_block_validates_factors_and_margin():
+    levels = {"model.norm": ["rmsnorm", "dyt", "derf"], "optim.name": ["adamw", "muon"]}
+    axes = axes_from_levels(levels, {"factors": {"f": ["derf", "derf[dyt_alpha]"]}})
+    assert axes.factors == {"f": ("derf", "derf[dyt_alpha]")}
+    assert axes.equivalence_margin == DEFAULT_EQUIVALENCE_MARGIN
+    assert axes_from_levels(levels, {"equivalence_margin": 0.02}).equivalence_margin == 0.02
+    for bad in ({"factors": {"f": ["derf"]}}, {"factors": {"f": ["layernorm", "derf"]}},
+                {"factors": {"f": ["derf", "derf"]}}, {"factors": ["derf"]}, {"equivalence_margin": 0},
+                {"equivalence_margin": "small"}):
+        with pytest.raises(UserError):
+            axes_from_levels(levels, bad)
