@@ -231,3 +231,38 @@ def test_run_diagnostics_match_its_checkpoint_and_leave_training_unchanged(tmp_p
     losses = lambda d: [(r["step"], r.get("loss"), r.get("eval_loss")) for r in  # noqa: E731
                         map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
     assert losses(quiet) == losses(run_dir)
+
+
+def test_moe_experts_are_in_the_spectral_norms_and_the_ns_spectrum():
+    """An expert stack (E, rows, cols) is E matrices <stack>.<e> in both records, each expert's
+    spectral norm its own (checked against svdvals), the NS spectrum per expert."""
+    from types import SimpleNamespace
+
+    from normopt.config import Config
+    from normopt.diagnostics.collector import Diagnostics
+    from normopt.diagnostics.config import DiagnosticsConfig
+    from normopt.models.llama import build_model
+    from normopt.models.presets import resolve_model_args
+    from normopt.optim.builder import build_optimizers
+
+    cfg = Config()
+    cfg.model.preset, cfg.model.n_layers, cfg.optim.name = "debug-moe", 1, "muon"
+    torch.manual_seed(0)
+    model = build_model(resolve_model_args(cfg.model, vocab_size=64))
+    optimizers = build_optimizers(model, cfg.optim)
+    tokens = torch.randint(0, 64, (2, 8))
+    logits = model(tokens)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
+    optimizers.step()
+    diag = Diagnostics(DiagnosticsConfig(), model, optimizers, tokens, SimpleNamespace(write=lambda r: None), 0, 1)
+    stacks = {n: p for n, p in model.named_parameters() if p.ndim == 3}
+    assert stacks, "the debug-moe preset has expert stacks"
+    spectral = diag.spectral_norm_record(1)
+    ns = diag.ns_spectrum_record(1)
+    for name, stack in stacks.items():
+        for e in range(stack.shape[0]):
+            exact = float(torch.linalg.svdvals(stack[e].detach().double())[0])
+            assert 0.97 * exact <= spectral["matrices"][f"{name}.{e}"] <= exact * (1 + 1e-5)
+            assert f"{name}.{e}" in ns["matrices"]
+        assert name not in spectral["matrices"] and name not in ns["matrices"]
+    assert spectral["experts"] == ns["experts"] == "per expert (<stack>.<e>)"

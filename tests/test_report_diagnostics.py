@@ -69,23 +69,24 @@ def build(root: Path) -> Path:
     write_diagnostics(cell, [
         run_record("derf", "adamw"),
         norm_record(50, dict(zip(LAYERS, (0.1, 0.2, 0.3)))),
-        spectral_record(50, {"a.weight": 1.0, "b.weight": 1.0}),
+        spectral_record(50, {"layers.0.attn.wq.weight": 1.0, "layers.1.attn.wq.weight": 1.0}),
         norm_record(100, dict(zip(LAYERS, (0.2, 0.3, 0.4)))),  # mean 0.3
-        spectral_record(100, {"a.weight": 1.0, "b.weight": 2.0}),  # mean 1.5: growth 1.5
+        spectral_record(100, {"layers.0.attn.wq.weight": 1.0, "layers.1.attn.wq.weight": 2.0,
+                              "tok_embeddings.weight": 5.6, "output.weight": 6.0}),  # blocks: mean 1.5, growth 1.5
         tail_record(100, [3.0, 4.0, 5.0, 6.0]),
     ])
     cell = write_cell(root, "rmsnorm", "adamw", 0, 3.0)
     write_diagnostics(cell, [
         run_record("rmsnorm", "adamw"),
         norm_record(50, dict.fromkeys(LAYERS), kind="rmsnorm"),  # unbounded: no saturation
-        spectral_record(50, {"a.weight": 1.0}),
-        spectral_record(100, {"a.weight": 1.2}),
+        spectral_record(50, {"layers.0.ffn.w1.weight": 1.0}),
+        spectral_record(100, {"layers.0.ffn.w1.weight": 1.2}),
         tail_record(100, [2.9, 3.9, 4.9, 5.9]),
     ])
     cell = write_cell(root, "rmsnorm", "muon", 0, 2.9)
     write_diagnostics(cell, [
         norm_record(100, dict.fromkeys(LAYERS), kind="rmsnorm"),
-        spectral_record(100, {"a.weight": "inf"}),  # one record: no growth
+        spectral_record(100, {"layers.0.ffn.w1.weight": "inf"}),  # one record: no growth
         tail_record(100, [2.8, 3.8, None, 5.8]),
     ])
     write_cell(root, "dyt", "adamw", 0, 3.1)  # no diagnostics.jsonl
@@ -120,6 +121,9 @@ def test_summary_numbers(report):
     assert derf_adamw["final_saturation"] == pytest.approx(0.3)
     assert derf_adamw["final_spectral_norm"] == pytest.approx(1.5)
     assert derf_adamw["spectral_norm_growth"] == pytest.approx(1.5)
+    # embedding and output are reported apart, never in the block mean; blocks by type/depth group
+    assert derf_adamw["embedding_spectral_norm"] == 5.6 and derf_adamw["output_spectral_norm"] == 6.0
+    assert derf_adamw["spectral_norm_by_cell"] == {"attn.wq/early": 1.0, "attn.wq/late": 2.0}
     assert derf_adamw["tail_bucket_loss"] == [3.0, 4.0, 5.0, 6.0] and derf_adamw["partial_last_line"] is False
 
     rms_adamw = cell(summary, "rmsnorm-adamw-s0")["diagnostics"]
@@ -202,7 +206,7 @@ def test_read_diagnostics_series(tmp_path):
 
 def test_nan_propagates_into_the_mean(tmp_path):
     path = tmp_path / "diagnostics.jsonl"
-    write_diagnostics(tmp_path, [norm_record(10, {"a": 0.5, "b": "nan"}), spectral_record(10, {"w": "-inf"})])
+    write_diagnostics(tmp_path, [norm_record(10, {"a": 0.5, "b": "nan"}), spectral_record(10, {"layers.0.ffn.w1.weight": "-inf"})])
     diagnostics = read_diagnostics(path)
     assert math.isnan(diagnostics.saturation[0][1]) and diagnostics.spectral_norm == ((10, -math.inf),)
 

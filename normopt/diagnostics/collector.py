@@ -8,12 +8,16 @@ One JSON object per line, each with ``step`` and ``kind``:
   scale_across_tokens, linearity_within_token, input_rms (see ``norm_stats``), and for
   derf_ema the running scale c and the effective alpha alpha / c; with an embedding scale,
   its value (``embed_scale``).
-* ``spectral_norm``: sigma_max of every 2-D weight (``spectral_norm``, power iteration).
+* ``spectral_norm``: sigma_max of every weight matrix (``spectral_norm``, power iteration):
+  every 2-D weight, and each expert of an MoE expert stack (E, rows, cols) as its own matrix
+  ``<stack>.<e>``; ``experts`` says so. The report summarises them by type and depth group,
+  with the embedding and output matrices apart (``spectral_norm_groups``).
 * ``ns_spectrum`` (Muon/NorMuon): per matrix NS receives, the singular-value quantiles of
   its input, NS output deviation from 1 and the fewest NS steps into the band
   (``ns_spectrum``); computed right after the optimizer step from the gradient and the
   new momentum, exactly the matrix the step handed to NS (in float32); with Nesterov also
-  the quantiles of the momentum buffer itself (``momentum_sv_rel_*``).
+  the quantiles of the momentum buffer itself (``momentum_sv_rel_*``). An MoE expert stack
+  is analysed per expert, ``<stack>.<e>`` (NS orthogonalises each expert's matrix).
 * ``isotropy`` (``diagnostics.isotropy``): how evenly the update the optimizer step applied,
   Delta W = W_after - W_before (weight decay, lr and scale included; the parameters' own
   float32 arithmetic), and the weight W after it spread their energy over singular
@@ -184,8 +188,15 @@ class Diagnostics:
     # -- weights --------------------------------------------------------------------
 
     def spectral_norm_record(self, step: int) -> dict:
-        matrices = [(n, p) for n, p in self.model.named_parameters() if p.ndim == 2]
-        return {"step": step, "kind": RecordKind.SPECTRAL_NORM, "matrices": self.spectral(matrices)}
+        matrices = []
+        for name, p in self.model.named_parameters():
+            if p.ndim == 2:
+                matrices.append((name, p))
+            elif p.ndim == 3:  # an expert stack: gathered whole (a collective, same order on every rank)
+                stack = full_matrix(p.detach())
+                matrices += [(f"{name}.{e}", stack[e]) for e in range(stack.shape[0])]
+        return {"step": step, "kind": RecordKind.SPECTRAL_NORM, "experts": "per expert (<stack>.<e>)",
+                "matrices": self.spectral(matrices)}
 
     # -- Newton-Schulz --------------------------------------------------------------
 
@@ -199,7 +210,7 @@ class Diagnostics:
                 continue
             for group in optimizer.param_groups:
                 for p in group["params"]:
-                    if p.ndim != 2:  # expert stacks: their isotropy record covers each expert
+                    if p.ndim not in (2, 3):
                         continue
                     U = optimizer.ns_input(p)
                     if U is None:
@@ -218,23 +229,30 @@ class Diagnostics:
         mine: dict[str, dict] = {}
         coefficients = None
         band = None
-        for index, (name, group, U, buf) in enumerate(todo):
+        names: list[str] = []
+        for name, group, U, buf in todo:
             full, momentum = full_matrix(U), None if buf is None else full_matrix(buf)
             coefficients = group["ns_coefficients"]
             band = parse_band(self.cfg.ns_band, coefficients)
-            if index % self.world_size == self.rank:
-                # a matrix orthogonalised per head: its head blocks are what NS receives
-                layout = group.get("head_blocks")
-                blocks = split_heads(full.float(), layout)
-                momentum_blocks = None if momentum is None else split_heads(momentum.float(), layout)
-                record = ns_spectrum_record(blocks, group["ns_steps"], coefficients, QUANTILE_LEVELS, band,
-                                            momentum=momentum_blocks)
-                mine[name] = {"layer": block_index(name), **record,
-                              **({} if layout is None else {"head_blocks": list(layout)})}
+            # an expert stack (E, rows, cols) is E matrices, named <stack>.<expert>
+            parts = ([(name, full, momentum)] if full.ndim == 2 else
+                     [(f"{name}.{e}", full[e], None if momentum is None else momentum[e])
+                      for e in range(full.shape[0])])
+            # a matrix orthogonalised per head: its head blocks are what NS receives
+            layout = group.get("head_blocks")
+            for part_name, part, part_momentum in parts:
+                if len(names) % self.world_size == self.rank:
+                    blocks = split_heads(part.float(), layout)
+                    momentum_blocks = None if part_momentum is None else split_heads(part_momentum.float(), layout)
+                    record = ns_spectrum_record(blocks, group["ns_steps"], coefficients, QUANTILE_LEVELS, band,
+                                                momentum=momentum_blocks)
+                    mine[part_name] = {"layer": block_index(name), **record,
+                                       **({} if layout is None else {"head_blocks": list(layout)})}
+                names.append(part_name)
         if self.world_size > 1:
             mine = {k: v for part in collectives.all_gather_object(mine) for k, v in part.items()}
-        ordered = {name: mine[name] for name, *_ in todo}
-        return {"step": step, "kind": RecordKind.NS_SPECTRUM,
+        ordered = {name: mine[name] for name in names}
+        return {"step": step, "kind": RecordKind.NS_SPECTRUM, "experts": "per expert (<stack>.<e>)",
                 "coefficients": coefficients if isinstance(coefficients, str) else "custom",
                 "levels": list(QUANTILE_LEVELS), "band": list(band), "matrices": ordered}
 

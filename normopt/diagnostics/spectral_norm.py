@@ -11,6 +11,12 @@ iterations per call enough.
 FSDP2 shards a matrix by rows (Shard(0)): rank i holds W_i. Then W v is row-local
 (u_i = W_i v) and W^T W v = sum_i W_i^T u_i is one all-reduce of an n-vector, so no rank
 ever gathers the matrix; ||W v||^2 = sum_i ||u_i||^2 is one more all-reduce of a scalar.
+
+What a summary of them means (``spectral_norm_groups``): the block matrices (attention,
+feed-forward, MoE experts one by one, routers) by type and depth group, and the token
+embedding and output matrices apart. The latter two are no block matrices: at init their
+spectral norm is several times a block matrix's (vocab x dim, not dim x dim), and under Muon
+they are AdamW-trained, so a mean over "all weight matrices" would mostly report them.
 """
 
 from __future__ import annotations
@@ -20,7 +26,12 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
+from normopt.models.matrix_roles import depth_group, matrix_type
 from normopt.parallel import collectives
+
+# the two matrices outside the blocks, reported apart (module docstring)
+EMBEDDING_MATRIX = "tok_embeddings.weight"
+OUTPUT_MATRIX = "output.weight"
 
 
 def _row_shard(weight: torch.Tensor) -> tuple[torch.Tensor, dist.ProcessGroup | None]:
@@ -98,3 +109,34 @@ class SpectralNormTracker:
                 v, iterations = start_vector(weight.shape[1], index, weight.device), self.cold_iterations
             sigmas[name], self.vectors[name] = power_iteration(weight, v, iterations, self.max_iterations, self.tol)
         return sigmas
+
+
+def _block_layer(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit() else None
+
+
+def spectral_norm_groups(sigmas: dict[str, float]) -> dict[str, object]:
+    """The spectral norms of one record, summarised (module docstring):
+
+    * blocks: the mean over the block matrices (``layers.<i>.*``; an expert stack's experts,
+      named ``<stack>.<e>``, each count once), None without any;
+    * by_cell: "type/group" -> the mean over that cell's matrices (``matrix_type``, and
+      ``depth_group`` in thirds of the depth, one group per block with fewer than 3 blocks);
+    * embedding, output: their own spectral norms (None when not logged; a tied output is
+      the embedding, logged once under its name);
+    * other: names of matrices that are none of these (left out of every mean).
+    A NaN/Inf among the averaged values makes the mean NaN/Inf."""
+    blocks = {name: v for name, v in sigmas.items() if _block_layer(name) is not None}
+    n_layers = 1 + max((_block_layer(n) for n in blocks), default=-1)
+    cells: dict[str, list[float]] = {}
+    for name, value in blocks.items():
+        group = depth_group(_block_layer(name), n_layers, min(3, n_layers))
+        cells.setdefault(f"{matrix_type(name)}/{group}", []).append(value)
+    return {
+        "blocks": sum(blocks.values()) / len(blocks) if blocks else None,
+        "by_cell": {cell: sum(v) / len(v) for cell, v in sorted(cells.items())},
+        "embedding": sigmas.get(EMBEDDING_MATRIX),
+        "output": sigmas.get(OUTPUT_MATRIX),
+        "other": sorted(n for n in sigmas if n not in blocks and n not in (EMBEDDING_MATRIX, OUTPUT_MATRIX)),
+    }

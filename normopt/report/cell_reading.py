@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from normopt.config import flat_config
+from normopt.diagnostics.spectral_norm import spectral_norm_groups
 from normopt.errors import UserError
 from normopt.metrics.jsonl import read_step_records
 from normopt.report.cost import read_cost
@@ -150,18 +151,21 @@ class Diagnostics:
 
     saturation at a step = the mean of ``saturation`` over the norm layers that report one (the
     bounded ones; an RMSNorm layer reports null); spectral_norm at a step = the mean of the
-    logged spectral norms of the weight matrices. A NaN/Inf among the averaged values makes the
-    mean NaN/Inf; null values are left out."""
+    logged spectral norms of the block matrices (``spectral_norm_groups``: MoE experts one by
+    one; the embedding and output matrices are not block matrices and are reported apart, in
+    ``spectral_groups``, the last record's summary). A NaN/Inf among the averaged values makes
+    the mean NaN/Inf; null values are left out."""
 
     saturation: tuple[tuple[int, float], ...]  # (step, mean saturation over bounded norm layers)
     saturation_layers: Mapping[str, float]  # each bounded layer's saturation at the last such step
-    spectral_norm: tuple[tuple[int, float], ...]  # (step, mean spectral norm over the matrices)
+    spectral_norm: tuple[tuple[int, float], ...]  # (step, mean spectral norm over the block matrices)
     tail_tokens: TailTokens | None  # the tail_tokens record with the largest step
     partial_last_line: bool = False  # an unterminated last line was skipped
     # (step, layer name -> saturation) for every step with a bounded layer: what a mean hides
     saturation_by_step: tuple[tuple[int, Mapping[str, float]], ...] = ()
     run: Mapping[str, Any] | None = None  # the last "run" record (n_params, n_layers, ...), if any
     isotropy: Isotropy | None = None  # the isotropy record with the largest step
+    spectral_groups: Mapping[str, Any] | None = None  # spectral_norm_groups of the last record
 
     @property
     def empty(self) -> bool:
@@ -207,9 +211,9 @@ def _saturations(record: Mapping[str, Any]) -> dict[str, float]:
     return found
 
 
-def _spectral_norms(record: Mapping[str, Any]) -> list[float]:
-    values = [_optional_metric(v) for v in _mapping(record, "matrices").values()]
-    return [v for v in values if v is not None]
+def _spectral_norms(record: Mapping[str, Any]) -> dict[str, Any]:
+    values = {str(k): _optional_metric(v) for k, v in _mapping(record, "matrices").items()}
+    return spectral_norm_groups({k: v for k, v in values.items() if v is not None})
 
 
 def _tail_tokens(step: int, record: Mapping[str, Any]) -> TailTokens:
@@ -261,7 +265,8 @@ def read_diagnostics(path: Path) -> Diagnostics:
     return Diagnostics(
         saturation=tuple((s, _mean(list(layers.values()))) for s, layers in saturation.items()),
         saturation_layers=saturation[max(saturation)] if saturation else {},
-        spectral_norm=tuple((s, _mean(v)) for s, v in sorted(spectral.items()) if v),
+        spectral_norm=tuple((s, g["blocks"]) for s, g in sorted(spectral.items()) if g["blocks"] is not None),
+        spectral_groups=spectral[max(spectral)] if spectral else None,
         tail_tokens=tails[max(tails)] if tails else None,
         partial_last_line=partial,
         saturation_by_step=tuple(saturation.items()),

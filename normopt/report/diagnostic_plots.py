@@ -4,7 +4,7 @@
 * ``plot_saturation``: mean norm-layer saturation vs step, one line per cell;
 * ``plot_saturation_layers``: saturation per layer x step, one heat map per cell. A mean over
   layers can hide eight saturated layers behind one that is not; the heat map cannot;
-* ``plot_spectral_norm``: mean spectral norm of the weight matrices vs step (log scale);
+* ``plot_spectral_norm``: mean spectral norm of the block matrices (embedding and output excluded) vs step (log scale);
 * ``plot_tail_tokens``: loss by token-frequency bucket.
 
 Diagnostics are logged every few hundred steps, so a series often has a handful of points:
@@ -129,10 +129,11 @@ def plot_saturation_layers(cells: Sequence[Cell], summary: Mapping[str, Any], pa
 
 
 def plot_spectral_norm(cells: Sequence[Cell], summary: Mapping[str, Any], path: Path) -> bool:
-    """Mean spectral norm of the weight matrices vs step (log scale); one panel per optimizer.
-    False (no file) without data."""
-    return _plot_series(cells, summary, path, lambda d: d.spectral_norm, "mean spectral norm of the weight matrices",
-                 "spectral norm", log=True)
+    """Mean spectral norm of the block matrices vs step (log scale; the embedding and output
+    matrices are not in it); one panel per optimizer. False (no file) without data."""
+    return _plot_series(cells, summary, path, lambda d: d.spectral_norm,
+                        "mean spectral norm of the block matrices (embedding, output excluded)",
+                        "spectral norm", log=True)
 
 
 def _bucket_mean(curves: Sequence[Sequence[float]]) -> list[float]:

@@ -274,11 +274,13 @@ def diagnostics_table(summary: Mapping[str, Any]) -> str:
             c["name"], *_placement(summary, c), str(c["seed"]),
             "—" if d["final_saturation"] is None else f"{_num(d['final_saturation'])} (step {d['saturation_step']})",
             "—" if d["final_spectral_norm"] is None else f"{_num(d['final_spectral_norm'], 3)} (step {steps[1]})",
+            f"{_num(d.get('embedding_spectral_norm'), 3)} / {_num(d.get('output_spectral_norm'), 3)}",
             "—" if d["spectral_norm_growth"] is None else f"×{_num(d['spectral_norm_growth'], 3)} "
                                                          f"(step {steps[0]} → {steps[1]})",
             _bucket_losses(d["tail_bucket_loss"], d["tail_tokens_step"]),
             ", ".join(c["flags"]) or "ok"])
-    return markdown_table(["cell", *_placement_columns(summary), "seed", "final saturation", "final mean spectral norm",
+    return markdown_table(["cell", *_placement_columns(summary), "seed", "final saturation",
+                           "final mean spectral norm, block matrices", "embedding / output spectral norm",
                            "spectral norm growth", "loss per token bucket, head → tail (nats)", "flags"], rows)
 
 
@@ -409,8 +411,11 @@ def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
             "", "## Diagnostics", "",
             ("From each cell's diagnostics.jsonl, every cell including left-out ones (descriptive, no "
              "statistics). Saturation: mean over the bounded norm layers (none for RMSNorm) at the last "
-             "step logged. Spectral norm: mean over the weight matrices at the last record; growth = that "
-             "mean at the last record / at the first. Token buckets: validation loss per token-frequency "
+             "step logged. Spectral norm: mean over the block matrices (attention, feed-forward, routers, "
+             "each MoE expert as its own matrix) at the last record; growth = that mean at the last "
+             "record / at the first. The token embedding and the output matrix are not block matrices "
+             "(larger at init, and AdamW-trained under Muon): their spectral norms stand apart; the means "
+             "per matrix type and depth group are in summary.json (spectral_norm_by_cell). Token buckets: validation loss per token-frequency "
              "bucket, most frequent tokens first, at the last record (— = empty bucket)."), "",
             diagnostics_table(summary), "",
         ]

@@ -74,9 +74,12 @@ def diagnostics_numbers(diagnostics: Diagnostics) -> dict[str, Any]:
 
     * final_saturation: the mean saturation over the bounded norm layers at the last step that
       has one (``saturation_step``), with each layer's value in ``saturation_by_layer``;
-    * final_spectral_norm: the mean spectral norm over the weight matrices at the last
-      spectral_norm record; spectral_norm_growth = that mean at the last record / at the first
+    * final_spectral_norm: the mean spectral norm over the block matrices (MoE experts each
+      once; embedding and output excluded) at the last spectral_norm record;
+      spectral_norm_growth = that mean at the last record / at the first
       (``spectral_norm_steps`` = [first, last]); None with one record or a first mean of 0;
+      spectral_norm_by_cell: the last record's mean per "type/group" of block matrix;
+      embedding_spectral_norm, output_spectral_norm: those two matrices' own, at the last record;
     * tail_bucket_loss: the last tail_tokens record's loss per token-frequency bucket (nats,
       head -> tail, None = empty bucket), at ``tail_tokens_step``, with its token shares and
       vocabulary sizes;
@@ -85,7 +88,7 @@ def diagnostics_numbers(diagnostics: Diagnostics) -> dict[str, Any]:
       "type/group" cell (mean over the cell's matrices), at ``isotropy_step``; their
       effective ranks in update_effective_rank, weight_effective_rank."""
     saturation, spectral, tail = diagnostics.saturation, diagnostics.spectral_norm, diagnostics.tail_tokens
-    iso = diagnostics.isotropy
+    iso, groups = diagnostics.isotropy, diagnostics.spectral_groups
     growth = None
     if len(spectral) >= 2 and spectral[0][1] != 0:
         growth = spectral[-1][1] / spectral[0][1]
@@ -96,6 +99,9 @@ def diagnostics_numbers(diagnostics: Diagnostics) -> dict[str, Any]:
         "final_spectral_norm": spectral[-1][1] if spectral else None,
         "spectral_norm_growth": growth,
         "spectral_norm_steps": [spectral[0][0], spectral[-1][0]] if spectral else None,
+        "spectral_norm_by_cell": dict(groups["by_cell"]) if groups else None,
+        "embedding_spectral_norm": groups["embedding"] if groups else None,
+        "output_spectral_norm": groups["output"] if groups else None,
         "tail_tokens_step": tail.step if tail else None,
         "tail_bucket_loss": list(tail.bucket_loss) if tail else None,
         "tail_bucket_token_share": list(tail.bucket_token_share) if tail else None,
