@@ -263,3 +263,15 @@ def test_setup_takes_parameters_from_the_run_record(report):
     _, summary = report
     assert 12345678 in summary["setup"]["parameters"]
     assert summary["setup"]["parameters_from"] == ["config.yaml", "run record"]  # dyt-adamw, rmsnorm-muon: no record
+
+
+def test_dropped_bucket_comparisons_are_said(report, tmp_path):
+    """A pair whose bucket rows are missing or misaligned is left out with a note saying why."""
+    _, summary = report
+    assert any("head/tail comparison rmsnorm/adamw vs dyt/adamw left out: no tail_tokens record in dyt-adamw-s0"
+               in note for note in summary["notes"])
+    for norm, losses in (("rmsnorm", [3.0, 4.0, 5.0, 6.0]), ("derf", [3.0, 4.0, 5.0])):  # 4 vs 3 buckets
+        write_diagnostics(write_cell(tmp_path, norm, "adamw", 0, 3.0), [tail_record(100, losses)])
+    notes = build_summary(discover_cells(tmp_path), fixes={})["notes"]
+    assert any("head/tail comparison rmsnorm/adamw vs derf/adamw left out: the cells logged different bucket "
+               "counts (3, 4)" in note for note in notes), notes

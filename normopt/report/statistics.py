@@ -375,7 +375,8 @@ def build_summary(cells: Sequence[Cell], *, axes: ReportAxes | None = None, base
             share_groups.append((recoveries[-1], groups))
         factor_effects += [{**f, **tag} for f in compute_factor_effects(groups, axes.factors, optims, reference,
                                                                         margin, stratum_notes)]
-        tail += [{**t, **tag} for t in tail_comparisons(members, variants, optims, base, reference)]
+        tail += [{**t, **tag} for t in tail_comparisons(members, variants, optims, base, reference,
+                                                                  stratum_notes)]
         notes += _prefixed(stratum_notes, stratum)
 
     family = main_family(gaps, interactions, share_groups, factor_effects, single=axes.across is None)

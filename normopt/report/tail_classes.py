@@ -21,6 +21,11 @@ Pairs compared: along the across axis, each level O against the reference R with
 of the compared axis (A = (v, R), B = (v, O): what O gains over R, e.g. AdamW minus Muon);
 along the compared axis, each level v against the baseline within a level O (A = (v, O),
 B = (baseline, O): the gap of v, split by frequency).
+
+A pair whose bucket rows cannot be compared (a cell without a tail_tokens record, bucket
+counts that differ, fewer than two buckets every cell measured) is dropped, and a note says
+which and why (``bucket_rows_problem``); pairs in which no cell logged buckets at all
+(diagnostics off) are left out without a note.
 """
 
 from __future__ import annotations
@@ -56,6 +61,24 @@ def _difference(first: Sequence[float], second: Sequence[float], seeds_first: Se
                 seeds_second: Sequence[int | None]) -> dict[str, Any]:
     c = contrast([(1.0, describe(first, seeds_first)), (-1.0, describe(second, seeds_second))])
     return {"value": c.value, "se": c.se, "df": c.df, "ci95": c.ci95, "n": [len(first), len(second)]}
+
+
+def bucket_rows_problem(first: Sequence[Cell], second: Sequence[Cell]) -> str | None:
+    """Why the two groups' bucket rows cannot be compared, or None when they can (or when
+    neither group has cells, or no cell logged buckets: nothing to say)."""
+    cells = [*first, *second]
+    rows = {c.name: _bucket_losses(c) for c in cells}
+    if not first or not second or all(r is None for r in rows.values()):
+        return None
+    missing = [name for name, r in rows.items() if r is None]
+    if missing:
+        return f"no tail_tokens record in {', '.join(missing)}"
+    lengths = sorted({len(r) for r in rows.values()})
+    if len(lengths) > 1:
+        return f"the cells logged different bucket counts ({', '.join(map(str, lengths))})"
+    if shared_head_tail(list(rows.values())) is None:
+        return "fewer than two buckets have a finite loss in every cell"
+    return None
 
 
 def compare_buckets(first: Sequence[Cell], second: Sequence[Cell]) -> dict[str, Any] | None:
@@ -101,10 +124,12 @@ def tail_sentence(item: dict[str, Any]) -> str:
 
 
 def tail_comparisons(members: Sequence[tuple[Cell, Assessment]], variants: Sequence[str], optims: Sequence[str],
-                     baseline: str, reference: str | None) -> list[dict[str, Any]]:
+                     baseline: str, reference: str | None,
+                     notes: list[str] | None = None) -> list[dict[str, Any]]:
     """The bucket comparisons of one stratum's cells (module doc): first the across-axis pairs,
-    then the compared-axis pairs (no across pairs without a ``reference``); each with labels, per-bucket differences, the head/tail
-    contrast and its sentence."""
+    then the compared-axis pairs (no across pairs without a ``reference``); each with labels,
+    per-bucket differences, the head/tail contrast and its sentence. A pair dropped for its
+    bucket rows gets a line in ``notes``."""
     def group(variant: str, optim: str) -> list[Cell]:
         return [c for c, a in members if c.variant == variant and c.optim == optim and not a.flags]
 
@@ -115,6 +140,9 @@ def tail_comparisons(members: Sequence[tuple[Cell, Assessment]], variants: Seque
     for kind, first, second in pairs:
         result = compare_buckets(group(*first), group(*second))
         if result is None:
+            problem = bucket_rows_problem(group(*first), group(*second))
+            if problem is not None and notes is not None:
+                notes.append(f"head/tail comparison {'/'.join(second)} vs {'/'.join(first)} left out: {problem}")
             continue
         label = ((lambda g: f"{g[1]} ({g[0]})") if kind == "across" else
                  (lambda g: f"{g[0]} ({g[1]})") if reference is not None else (lambda g: g[0]))
