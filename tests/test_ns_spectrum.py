@@ -161,7 +161,8 @@ def test_record_of_a_planted_matrix():
     G = planted(s, rows=12, seed=3)
     record = ns_spectrum_record(G, 5, "quintic", LEVELS)
     assert set(record) == {"sv_rel_max", "sv_rel_fro", "momentum_sv_rel_max", "momentum_sv_rel_fro", "ns_steps",
-                           "ns_out_dev", "ns_out_max_dev", "min_ns_steps", "min_ns_steps_all"}
+                           "ns_out_dev", "ns_out_max_dev", "min_ns_steps", "min_ns_steps_all", "rank"}
+    assert record["rank"] == min(G.shape) == 7
     q = singular_value_quantiles(G, LEVELS)
     assert record["sv_rel_fro"] == q["sv_rel_fro"] and record["sv_rel_max"] == q["sv_rel_max"]
     # no momentum given: G is the momentum buffer (no Nesterov), its quantiles are repeated

@@ -436,3 +436,80 @@ def test_cli_module_entry_point_exits_2_with_one_line(tmp_path):
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no such folder" in proc.stderr
+
+
+# --------------------------------------------------------------------------- intervals and the trivial exponent
+
+T2 = 4.302652729911275  # two-sided 95% t quantile, 2 degrees of freedom (tables)
+NOISE = (1.05, 0.95, 0.97, 1.03)  # per run: residuals that a line cannot absorb
+SIZES = (1_000_000, 4_000_000, 16_000_000, 64_000_000)
+
+
+def write_ladder(root: Path, law, levels=(0.1, 0.5)) -> Path:
+    """Four runs of a width-only ladder (rank = sqrt(M) / 10, 3 blocks: one per depth group),
+    one matrix type; sv_rel_fro = law(M, rank, level) * noise, sv_rel_max = 0.3 * level * noise."""
+    for size, noise in zip(SIZES, NOISE):
+        rank = round(math.sqrt(size) / 10)
+        matrices = {f"layers.{i}.attn.wq.weight": {"layer": i, "rank": rank,
+                                                   "sv_rel_fro": [law(size, rank, lv) * noise for lv in levels],
+                                                   "sv_rel_max": [0.3 * lv * noise for lv in levels]}
+                    for i in range(3)}
+        folder = root / f"m{size}"
+        folder.mkdir(parents=True)
+        (folder / "diagnostics.jsonl").write_text("\n".join([
+            json.dumps({"step": 0, "kind": "run", "n_params": size, "n_layers": 3, "steps": 10}),
+            json.dumps({"step": 10, "kind": "ns_spectrum", "coefficients": "quintic", "levels": list(levels),
+                        "band": [0.6, 1.25], "matrices": matrices})]) + "\n")
+    return root
+
+
+def test_exponent_interval_from_the_residuals_by_hand(tmp_path):
+    summary = analyze(write_ladder(tmp_path, lambda m, r, lv: 5 * lv * m ** -0.9), level=0.1)
+    fit = fit_of(summary, "early", "attn.wq", 0.1)
+    x = [math.log(m) for m in SIZES]
+    y = [math.log(0.5 * m ** -0.9 * n) for m, n in zip(SIZES, NOISE)]
+    mx, my = sum(x) / 4, sum(y) / 4
+    sxx = sum((a - mx) ** 2 for a in x)
+    beta = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx
+    s = math.sqrt(sum((b - my - beta * (a - mx)) ** 2 for a, b in zip(x, y)) / 2)
+    assert fit["beta"] == pytest.approx(beta)
+    assert fit["beta_ci95"] == pytest.approx((beta - T2 * s / math.sqrt(sxx), beta + T2 * s / math.sqrt(sxx)))
+    # the runs log their rank: the trivial exponent is the slope of rank^-1/2, ~ -0.25 on this ladder
+    assert fit["trivial_beta"] == pytest.approx(-0.25, abs=0.01)
+    assert fit["indistinguishable_from_trivial"] is False
+    control = next(f for f in summary["control_fits"] if (f["group"], f["type"], f["level"]) == ("early", "attn.wq", 0.1))
+    assert control["trivial_beta"] == 0.0 and control["indistinguishable_from_trivial"] is True
+
+
+def test_width_only_exponent_is_flagged_trivial(tmp_path, capsys):
+    """sv_rel_fro = k rank^-1/2 at a fixed shape: ~M^-0.25, and the output says it is trivial."""
+    summary = analyze(write_ladder(tmp_path, lambda m, r, lv: 2 * lv * r ** -0.5), level=0.1)
+    fit = fit_of(summary, "late", "attn.wq", 0.1)
+    assert fit["beta"] == pytest.approx(-0.25, abs=0.02) and fit["indistinguishable_from_trivial"] is True
+    assert any("indistinguishable from the trivial one" in note for note in summary["notes"])
+    assert main(["spectrum", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "(within CI)" in printed and "control: sv_rel_max beta" in printed and "95% range" in printed
+
+
+def test_predicted_step_count_interval_from_the_quantile_intervals(tmp_path):
+    from normopt.diagnostics.ns_spectrum import fewest_ns_steps_joint
+    from normopt.spectrum.fit import PowerLawFit
+
+    summary = analyze(write_ladder(tmp_path, lambda m, r, lv: 5 * lv * m ** -0.9), level=0.1,
+                      target_params=1e9, target_layers=3)
+    target = 1e9
+    entry = next(t for g in summary["recommendation"]["groups"] if g["group"] == "mid" for t in g["types"])
+    ends = []
+    for level in (0.1, 0.5):
+        raw = fit_of(summary, "mid", "attn.wq", level)
+        fit = PowerLawFit(**{**raw, "beta_ci95": tuple(raw["beta_ci95"])})
+        lo, hi = fit.predict_interval(target)
+        centre = fit.predict(target)
+        assert lo < centre < hi
+        ends.append((min(lo, 1.0), min(hi, 1.0)))
+    band = (0.6, 1.25)
+    most = fewest_ns_steps_joint([lo for lo, _ in ends], band, "quintic")
+    fewest = fewest_ns_steps_joint([hi for _, hi in ends], band, "quintic")
+    assert tuple(entry["ns_steps_ci95"]) == (fewest, most)
+    assert fewest <= entry["ns_steps"] <= most

@@ -220,6 +220,8 @@ def ns_spectrum_record(G: torch.Tensor, steps: int = 5, coefficients: Coefficien
     - "ns_out_max_dev": max over ALL singular values sigma of X_0 of |p_steps(sigma) - 1|
     - "min_ns_steps": ``fewest_ns_steps`` of each sv_rel_fro quantile (None if not reached)
     - "min_ns_steps_all": ``fewest_ns_steps_joint`` of all sv_rel_fro quantiles
+    - "rank": min(rows, cols), the number of singular values (sv_rel_fro of a fixed spectral
+      shape scales as rank^(-1/2): the spectrum fit's trivial exponent comes from it)
 
     Plain floats, ints and None, ready for JSON.
     """
@@ -239,4 +241,5 @@ def ns_spectrum_record(G: torch.Tensor, steps: int = 5, coefficients: Coefficien
         "ns_out_max_dev": float(ns_output_deviation(rel_fro, steps, coefficients).max()),
         "min_ns_steps": _first_true_per_column(in_band),  # = fewest_ns_steps_many(q_fro, ...)
         "min_ns_steps_all": _first_true(in_band.all(dim=1)),  # = fewest_ns_steps_joint(q_fro, ...)
+        "rank": min(G.shape[-2:]),
     }

@@ -12,10 +12,23 @@ Pipeline (after arXiv 2606.04058: the quantiles follow power laws in M per layer
 2. Per run, from the records with step >= burn_in * T, the value of a (group, type, level)
    cell is the geometric mean exp(mean(log q)) over the cell's matrices (one shape) and
    records. Zero and missing quantiles have no log: they are counted and reported.
-3. Fit per cell over runs: log q = log c + beta log M, least squares, R^2 in log space.
+3. Fit per cell over runs: log q = log c + beta log M, least squares, R^2 in log space,
+   with a 95% t interval on beta from the residuals (n runs, n - 2 degrees of freedom:
+   se(beta) = s / sqrt(S_xx), s^2 = SS_res / (n - 2); none with two runs).
 4. At a target size M*: q(M*) = min(c M*^beta, 1); per type the fewest NS steps bringing
    its quantiles at levels >= --level into the band (``fewest_ns_steps_joint``), per
-   group the worst type's (``recommend_steps``).
+   group the worst type's (``recommend_steps``); and the same steps at the two ends of
+   each quantile's 95% interval at M* (the fitted line's t interval at x* = log M*,
+   s sqrt(1/n + (x* - mean x)^2 / S_xx)), which bound the step count.
+
+The trivial exponent. sigma / ||G||_F of a matrix whose normalised spectrum keeps its shape
+scales as r^(-1/2) with its rank r = min(rows, cols): ||G||_F^2 sums r squared singular
+values. So a ladder that only widens the model (M ~ d^2 at fixed depth, r ~ d) gives
+sv_rel_fro ~ M^(-1/4) with no change of the spectrum at all. Each sv_rel_fro fit therefore
+carries the trivial exponent of its own runs: the slope of r^(-1/2) against M over the same
+runs (from each record's logged ``rank``; -1/4, the width-only value, where runs predate
+it), and says whether its interval contains it. The shape-only control sv_rel_max = sigma /
+sigma_max has trivial exponent 0 and is fitted beside it (``control_fits``).
 """
 
 from __future__ import annotations
@@ -32,9 +45,14 @@ from normopt.errors import UserError
 from normopt.metrics.jsonl import read_step_records
 from normopt.models.matrix_roles import depth_group, group_names, matrix_type
 from normopt.optim.ns_rules import format_ns_steps_rules
+from normopt.report.student_t import t_critical
 from normopt.run_dir import DIAGNOSTICS_FILE, RecordKind, RunDir
 
 QUANTITIES = ("sv_rel_fro", "sv_rel_max")
+# exponent of a fixed-shape spectrum under width-only growth (module docstring), and the
+# shape-only control's
+TRIVIAL_WIDTH_ONLY = -0.25
+TRIVIAL_SHAPE_ONLY = 0.0
 SOURCES = {"ns_input": "", "momentum": "momentum_"}  # field prefix in the ns_spectrum record
 DEFAULT_BURN_IN = 0.5
 DEFAULT_LEVEL = 0.1
@@ -160,6 +178,21 @@ def run_samples(run: RunSpectra, burn_in: float = DEFAULT_BURN_IN, field: str = 
     return samples
 
 
+def run_ranks(run: RunSpectra, burn_in: float = DEFAULT_BURN_IN, n_groups: int = 3) -> dict[tuple[str, str], float]:
+    """(group, type) -> the geometric mean of the logged ``rank`` (min(rows, cols)) over the
+    cell's matrices in the post-burn-in records; cells whose records predate it are absent."""
+    ranks: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for record in post_burn_in(run, burn_in):
+        for name, matrix in record.get("matrices", {}).items():
+            if matrix.get("layer") is not None and matrix.get("rank") is not None:
+                try:
+                    group = depth_group(matrix["layer"], run.n_layers, n_groups)
+                except ValueError:
+                    continue  # run_samples reports it
+                ranks[(group, matrix_type(name))].append(matrix["rank"])
+    return {cell: r for cell, values in ranks.items() if (r := geometric_mean(values)) is not None}
+
+
 def cell_means(samples: Mapping[Cell, Sequence[Any]]) -> dict[Cell, float]:
     """(group, type, level) -> ``geometric_mean`` of the cell's values (over its matrices and
     records); cells without a usable value are left out."""
@@ -187,9 +220,33 @@ class PowerLawFit:
     r2: float | None  # None when every q is equal (R^2 undefined)
     n_runs: int
     n_sizes: int
+    # the residual statistics behind the intervals (module docstring); None with 2 runs
+    beta_se: float | None = None
+    beta_ci95: tuple[float, float] | None = None
+    residual_sd: float | None = None  # s = sqrt(SS_res / (n - 2))
+    mean_log_m: float = 0.0
+    sxx: float = 0.0
+    trivial_beta: float | None = None  # the exponent a fixed spectral shape gives these runs
+    trivial_source: str | None = None
+    indistinguishable_from_trivial: bool | None = None  # None: no interval
+
+    @property
+    def df(self) -> int:
+        return self.n_runs - 2
 
     def predict(self, n_params: float) -> float:
         return self.c * n_params**self.beta
+
+    def predict_interval(self, n_params: float) -> tuple[float, float] | None:
+        """The 95% t interval of the fitted line at M = n_params, back on the q scale:
+        exp(log q* -/+ t_{n-2} s sqrt(1/n + (x* - mean x)^2 / S_xx)); None with 2 runs."""
+        if self.residual_sd is None or self.df < 1:
+            return None
+        x = math.log(n_params)
+        half = t_critical(self.df) * self.residual_sd * math.sqrt(1 / self.n_runs + (x - self.mean_log_m) ** 2
+                                                                  / self.sxx)
+        centre = math.log(self.c) + self.beta * x
+        return math.exp(centre - half), math.exp(centre + half)
 
 
 # parameter counts closer than this factor are one model size: runs of one shape with other
@@ -230,13 +287,49 @@ def fit_power_law(sizes: Sequence[float], values: Sequence[float]) -> tuple[floa
     return math.exp(log_c), beta, (1.0 - ss_res / ss_tot if ss_tot > 0 else None)
 
 
-def fit_all(points: Sequence[Mapping[str, Any]], groups: Sequence[str]) -> tuple[list[PowerLawFit], list[str]]:
+def fit_residuals(sizes: Sequence[float], values: Sequence[float], beta: float, c: float) -> dict[str, Any]:
+    """se(beta), its 95% t interval (n - 2 df), s, mean log M and S_xx of a fitted line
+    (module docstring); the interval fields None with fewer than 3 points."""
+    x = [math.log(m) for m in sizes]
+    y = [math.log(q) for q in values]
+    mx = math.fsum(x) / len(x)
+    sxx = math.fsum((a - mx) ** 2 for a in x)
+    out: dict[str, Any] = {"beta_se": None, "beta_ci95": None, "residual_sd": None, "mean_log_m": mx, "sxx": sxx}
+    df = len(x) - 2
+    if df < 1:
+        return out
+    ss_res = math.fsum((b - math.log(c) - beta * a) ** 2 for a, b in zip(x, y))
+    s = math.sqrt(ss_res / df)
+    se = s / math.sqrt(sxx)
+    half = t_critical(df) * se
+    out.update(beta_se=se, beta_ci95=(beta - half, beta + half), residual_sd=s)
+    return out
+
+
+def trivial_exponent(ranks: Sequence[tuple[float, float]] | None, field: str) -> tuple[float | None, str]:
+    """The exponent a fixed spectral shape gives ``field`` over these runs (module docstring):
+    0 for sv_rel_max; for sv_rel_fro the slope of log r^(-1/2) on log M over the runs'
+    (n_params, rank) pairs, else the width-only -1/4."""
+    if field.endswith("sv_rel_max"):
+        return TRIVIAL_SHAPE_ONLY, "sv_rel_max is shape-only: 0"
+    if ranks and distinct_sizes([m for m, _ in ranks]) >= 2:
+        _, slope, _ = fit_power_law([m for m, _ in ranks], [r ** -0.5 for _, r in ranks])
+        return slope, "slope of rank^(-1/2) over these runs"
+    return TRIVIAL_WIDTH_ONLY, "assumed width-only growth at fixed depth (no rank logged)"
+
+
+def fit_all(points: Sequence[Mapping[str, Any]], groups: Sequence[str],
+            field: str = "sv_rel_fro") -> tuple[list[PowerLawFit], list[str]]:
     """One fit per (group, type, level) seen in ``points`` ({"group", "type", "level",
-    "n_params", "q"}, one per run); cells with fewer than two sizes get a note instead (one
-    per group and type)."""
+    "n_params", "q"} and optionally "rank", one per run); cells with fewer than two sizes get
+    a note instead (one per group and type). Each fit carries its interval, its trivial
+    exponent and whether the interval contains it."""
     by_cell: dict[Cell, list[tuple[float, float]]] = defaultdict(list)
+    ranks: dict[tuple[str, str], dict[str, tuple[float, float]]] = defaultdict(dict)
     for p in points:
         by_cell[(p["group"], p["type"], p["level"])].append((p["n_params"], p["q"]))
+        if p.get("rank"):
+            ranks[(p["group"], p["type"])][p.get("run", len(ranks))] = (p["n_params"], p["rank"])
     fits, unfitted = [], defaultdict(list)
     for cell in sorted(by_cell, key=lambda k: (groups.index(k[0]), k[1], k[2])):
         pairs = by_cell[cell]
@@ -245,7 +338,12 @@ def fit_all(points: Sequence[Mapping[str, Any]], groups: Sequence[str]) -> tuple
             unfitted[cell[:2]].append(f"q{cell[2]:g}")
             continue
         c, beta, r2 = fit_power_law([m for m, _ in pairs], [q for _, q in pairs])
-        fits.append(PowerLawFit(*cell, c, beta, r2, len(pairs), sizes))
+        stats = fit_residuals([m for m, _ in pairs], [q for _, q in pairs], beta, c)
+        trivial, source = trivial_exponent(list(ranks[cell[:2]].values()) or None, field)
+        ci = stats["beta_ci95"]
+        fits.append(PowerLawFit(*cell, c, beta, r2, len(pairs), sizes, **stats, trivial_beta=trivial,
+                                trivial_source=source,
+                                indistinguishable_from_trivial=None if ci is None else ci[0] <= trivial <= ci[1]))
     return fits, [f"{cell_label(*key)}: only one model size has data at {', '.join(levels)}, no fit"
                   for key, levels in unfitted.items()]
 
@@ -307,19 +405,36 @@ def recommend_steps(fits: Sequence[PowerLawFit], target_params: float, level: fl
     for (group, mtype), cell in by_cell.items():
         if any(f.level == level for f in cell):
             predicted = {f.level: min(f.predict(target_params), 1.0) for f in cell}
-            tracked = [q for lv, q in predicted.items() if lv >= level]
+            tracked_fits = [f for f in cell if f.level >= level]
+            tracked = [predicted[f.level] for f in tracked_fits]
             crossed = crossed_levels(predicted)
+            ends = [f.predict_interval(target_params) for f in tracked_fits]
+            bounds = None if any(e is None for e in ends) else ([min(e[0], 1.0) for e in ends],
+                                                                [min(e[1], 1.0) for e in ends])
             out.setdefault(group, {"types": {}})["types"][mtype] = {
-                "predicted": predicted, "tracked": tracked, "crossed": crossed,
-                "ns_steps": None if crossed else joint(tracked)}
+                "predicted": predicted, "tracked": tracked, "bounds": bounds, "crossed": crossed,
+                "predicted_ci95": {f.level: e for f, e in zip(tracked_fits, ends)},
+                "ns_steps": None if crossed else joint(tracked),
+                "ns_steps_ci95": None if crossed or bounds is None else step_range(joint, *bounds)}
     for entry in out.values():
         types = entry["types"]
         entry["worst_type"] = max(types, key=lambda t: (math.inf if types[t]["ns_steps"] is None
                                                         else types[t]["ns_steps"], -types[t]["predicted"][level]))
         tracked = [q for t in types.values() for q in t.pop("tracked")]
+        bounds = [t.pop("bounds") for t in types.values()]
         entry["crossed_types"] = sorted(t for t, e in types.items() if e["crossed"])
         entry["ns_steps"] = None if entry["crossed_types"] else joint(tracked)
+        entry["ns_steps_ci95"] = (None if entry["crossed_types"] or any(b is None for b in bounds) else
+                                  step_range(joint, [q for b in bounds for q in b[0]], [q for b in bounds for q in b[1]]))
     return out
+
+
+def step_range(joint, lower: Sequence[float], upper: Sequence[float]) -> tuple[int | None, int | None]:
+    """(fewest, most) NS steps over the two ends of the quantiles' intervals: the steps at the
+    upper ends and at the lower ends, ordered; None (not reached in max_steps) counts as most."""
+    a, b = joint(upper), joint(lower)
+    key = lambda v: math.inf if v is None else v  # noqa: E731
+    return (a, b) if key(a) <= key(b) else (b, a)
 
 
 def crossed_levels(predicted: Mapping[float, float]) -> list[tuple[float, float]]:

@@ -41,6 +41,7 @@ from normopt.spectrum.fit import (
     ns_steps_per_layer,
     post_burn_in,
     recommend_steps,
+    run_ranks,
     run_samples,
     unusable_cells,
 )
@@ -113,23 +114,31 @@ def analyze(root: str | Path, *, burn_in: float = DEFAULT_BURN_IN, quantity: str
         raise UserError(f"--quantity must be one of {QUANTITIES} and --source one of {tuple(SOURCES)}")
     root, field, groups = Path(root), SOURCES[source] + quantity, group_names(n_groups)
     notes: list[str] = []
-    runs, points, samples = [], [], {}
+    control_field = SOURCES[source] + "sv_rel_max" if quantity == "sv_rel_fro" else None
+    runs, points, control_points, samples = [], [], [], {}
     for run in discover_runs(root):
         samples[str(run.folder)] = per_run = run_samples(run, burn_in, field, n_groups)
         if not (means := cell_means(per_run)):
             notes.append(f"{run.folder}: no usable ns_spectrum value after the burn-in, left out")
             continue
         runs.append(run)
-        points += [{"run": str(run.folder), "n_params": run.n_params, "group": g, "type": t, "level": lv, "q": q}
-                   for (g, t, lv), q in means.items()]
+        ranks = run_ranks(run, burn_in, n_groups)
+        points += [{"run": str(run.folder), "n_params": run.n_params, "group": g, "type": t, "level": lv, "q": q,
+                    "rank": ranks.get((g, t))} for (g, t, lv), q in means.items()]
+        if control_field is not None:
+            control = cell_means(run_samples(run, burn_in, control_field, n_groups))
+            control_points += [{"run": str(run.folder), "n_params": run.n_params, "group": g, "type": t,
+                                "level": lv, "q": q} for (g, t, lv), q in control.items()]
     sizes = sorted({run.n_params for run in runs})
     if distinct_sizes(sizes) < 2:
         found = ", ".join(format_size(m) for m in sizes) or "none"
         raise UserError(f"{root}: need runs of at least 2 model sizes ({SAME_SIZE_RATIO}x apart) after the burn-in, "
                         f"found {found}")
     unusable, unusable_notes = unusable_cells(samples, level)
-    fits, fit_notes = fit_all(points, groups)
+    fits, fit_notes = fit_all(points, groups, field)
+    control_fits = fit_all(control_points, groups, control_field)[0] if control_field else []
     notes += unusable_notes + fit_notes
+    notes += _trivial_notes(fits, field)
     coefficients, band = _ns_config(runs, coefficients, band, notes)
     largest = max(runs, key=lambda r: (r.n_params, r.n_layers))
     settings = {"root": str(root), "model_size": MODEL_SIZE, "burn_in": burn_in, "quantity": quantity,
@@ -146,8 +155,25 @@ def analyze(root: str | Path, *, burn_in: float = DEFAULT_BURN_IN, quantity: str
             "runs": [{"folder": str(r.folder), "n_params": r.n_params, "n_layers": r.n_layers,
                       "planned_steps": r.planned_steps, "records_used": len(post_burn_in(r, burn_in))}
                      for r in runs],
-            "points": points, "fits": [asdict(f) for f in fits], "unusable": unusable,
+            "points": points, "fits": [asdict(f) for f in fits],
+            "control_fits": [asdict(f) for f in control_fits], "unusable": unusable,
             "recommendation": _recommendation(fits, cells, settings, notes), "notes": notes}
+
+
+def _trivial_notes(fits: Sequence[PowerLawFit], field: str) -> list[str]:
+    """One note on the exponents whose interval contains the trivial one, and one on those
+    without an interval (two runs)."""
+    notes = []
+    trivial = [f for f in fits if f.indistinguishable_from_trivial]
+    if trivial:
+        cells = ", ".join(cell_label(f.group, f.type, f.level) for f in trivial)
+        notes.append(f"{len(trivial)} of {len(fits)} {field} exponents are indistinguishable from the trivial one "
+                     f"(their 95% interval contains what a fixed spectral shape gives these runs; "
+                     f"{trivial[0].trivial_source}): {cells}. They show no change of the spectrum's shape with M")
+    if any(f.beta_ci95 is None for f in fits):
+        notes.append("fits over 2 runs have no interval on their exponent (0 residual degrees of freedom): "
+                     "add a run at a third size, or a second seed")
+    return notes
 
 
 def _recommendation(fits: Sequence[PowerLawFit], cells: set[tuple[str, str]], settings: Mapping[str, Any],
@@ -193,8 +219,9 @@ def _recommendation(fits: Sequence[PowerLawFit], cells: set[tuple[str, str]], se
         members[depth_group(layer, n_layers, n_groups)].append(layer)
     return {"groups": [{"group": g, "layers": "-".join(map(str, sorted({members[g][0], members[g][-1]})))
                         if members[g] else None, "ns_steps": steps[g], "worst_type": per_group[g]["worst_type"],
+                        "ns_steps_ci95": per_group[g]["ns_steps_ci95"],
                         "crossed_types": per_group[g]["crossed_types"],
-                        "types": [{"type": t, "ns_steps": e["ns_steps"],
+                        "types": [{"type": t, "ns_steps": e["ns_steps"], "ns_steps_ci95": e["ns_steps_ci95"],
                                    "crossed": [list(pair) for pair in e["crossed"]],
                                    "predicted": [{"level": lv, "q": q} for lv, q in sorted(e["predicted"].items())]}
                                   for t, e in sorted(per_group[g]["types"].items())]}
@@ -249,13 +276,32 @@ def write_spectrum(root: str | Path, out: str | Path | None = None, **kwargs) ->
     return summary
 
 
+def _beta_ci(fit: Mapping[str, Any] | None) -> str:
+    if fit is None:
+        return "-"
+    ci = fit["beta_ci95"]
+    return f"{fit['beta']:+.4f}" + ("" if ci is None else f" [{ci[0]:+.4f}, {ci[1]:+.4f}]")
+
+
+def _trivial(fit: Mapping[str, Any]) -> str:
+    flag = fit["indistinguishable_from_trivial"]
+    return f"{fit['trivial_beta']:+.3f}" + ("" if flag is None else " (within CI)" if flag else " (outside CI)")
+
+
 def fits_table(summary: Mapping[str, Any]) -> str:
     s = summary["settings"]
     head = (f"{s['model_size']}\nlog q = log c + beta log M ({s['field']} quantiles, geometric mean over a "
-            f"type's matrices and the records from {s['burn_in']:.0%} of training on; {len(summary['runs'])} runs)")
-    rows = [[f["group"], f["type"], f"{f['level']:g}", f"{f['c']:.4g}", f"{f['beta']:+.4f}",
+            f"type's matrices and the records from {s['burn_in']:.0%} of training on; {len(summary['runs'])} runs). "
+            f"beta with its 95% t interval from the fit's residuals (runs - 2 df). trivial: the exponent a fixed "
+            f"spectral shape gives these runs (sv_rel_fro ~ rank^(-1/2); -0.25 for width-only growth), and whether "
+            f"the interval contains it")
+    control = {(f["group"], f["type"], f["level"]): f for f in summary.get("control_fits", [])}
+    rows = [[f["group"], f["type"], f"{f['level']:g}", f"{f['c']:.4g}", _beta_ci(f), _trivial(f),
+             _beta_ci(control.get((f["group"], f["type"], f["level"]))),
              "-" if f["r2"] is None else f"{f['r2']:.4f}", str(f["n_runs"])] for f in summary["fits"]]
-    return head + "\n" + text_table(["group", "type", "level", "c", "beta", "R^2", "runs"], rows)
+    header = ["group", "type", "level", "c", "beta [95% CI]", "trivial beta",
+              "control: sv_rel_max beta [95% CI]" if control else "control", "R^2", "runs"]
+    return head + "\n" + text_table(header, rows)
 
 
 def recommendation_table(summary: Mapping[str, Any]) -> str:
@@ -266,14 +312,24 @@ def recommendation_table(summary: Mapping[str, Any]) -> str:
     rows, summary_rows = [], []
     for g in rec["groups"]:
         steps = "crossed" if g["crossed_types"] else "-" if g["ns_steps"] is None else str(g["ns_steps"])
-        summary_rows.append([g["group"], g["layers"] or "-", steps, g["worst_type"]])
+        summary_rows.append([g["group"], g["layers"] or "-", steps, _step_range(g.get("ns_steps_ci95")),
+                             g["worst_type"]])
         for t in g["types"]:
             q = {p["level"]: p["q"] for p in t["predicted"]}
             rows.append([g["group"], t["type"], *(f"{q[lv]:.3g}" if lv in q else "-" for lv in levels),
-                         "crossed" if t["crossed"] else "-" if t["ns_steps"] is None else str(t["ns_steps"])])
-    per_type = text_table(["group", "type", *(f"q{lv:g}(M*)" for lv in levels), "ns_steps"], rows)
-    per_group = text_table(["group", "layers", "ns_steps", "worst type"], summary_rows)
+                         "crossed" if t["crossed"] else "-" if t["ns_steps"] is None else str(t["ns_steps"]),
+                         _step_range(t.get("ns_steps_ci95"))])
+    per_type = text_table(["group", "type", *(f"q{lv:g}(M*)" for lv in levels), "ns_steps", "95% range"], rows)
+    per_group = text_table(["group", "layers", "ns_steps", "95% range", "worst type"], summary_rows)
     return f"{head}\n{per_type}\n\n{per_group}\n\noptim.ns_steps_per_layer={rec['ns_steps_per_layer']}"
+
+
+def _step_range(steps: Sequence[int | None] | None) -> str:
+    """'5-7' from the steps at the two ends of the predicted quantiles' intervals; '-' without
+    an interval (two runs); '>max' for an end that never reaches the band."""
+    if steps is None:
+        return "-"
+    return "-".join(">max" if v is None else str(v) for v in steps) if steps[0] != steps[1] else str(steps[0])
 
 
 def _parse_band(text: str) -> tuple[float, float]:
