@@ -47,6 +47,9 @@ def test_auto_settings_follow_the_reference_models():
     assert ln.embed_scale is None and ln.norm_config.bias
     assert _resolved("model.norm=derf", "model.embed_scale=none").embed_scale is None
     assert _resolved("model.norm=rmsnorm", "model.embed_scale=2.5").embed_scale == 2.5
+    # sqrt_dim: the bounded norms' embedding scale on any norm (RMSNorm with it, to separate the two)
+    assert _resolved("model.norm=rmsnorm", "model.embed_scale=sqrt_dim").embed_scale == math.sqrt(192)
+    assert _resolved("model.norm=rmsnorm", "model.dim=256", "model.embed_scale=sqrt_dim").embed_scale == 16.0
     assert _resolved("model.norm=dyt", "model.dim=256").embed_scale == 16.0
 
 

@@ -157,3 +157,18 @@ def test_report_block_validates_factors_and_margin():
                 {"equivalence_margin": "small"}):
         with pytest.raises(UserError):
             axes_from_levels(levels, bad)
+
+
+@pytest.mark.parametrize("name", ["confounds_cpu.yaml", "confounds_gpu_124m.yaml"])
+def test_confound_specs_name_factors_their_cells_have(name):
+    """Every factor of the shipped confound specs names variants the spec's cells will have."""
+    from normopt.config import REPO_ROOT
+    from normopt.factorial.spec import load_spec
+    from normopt.report.cell_reading import variant_label
+
+    spec, _, cells = load_spec(REPO_ROOT / "configs" / "factorial" / name)
+    axes = axes_from_levels(spec["axes"], spec["report"])
+    variants = {variant_label(c.settings["model.norm"], c.arm) for c in cells}
+    assert len(axes.factors) == 6
+    for without, with_ in axes.factors.values():
+        assert {without, with_} <= variants, (without, with_, variants)
