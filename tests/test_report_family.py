@@ -120,6 +120,7 @@ def test_left_out_cells_are_counted_per_group_and_flag_their_contrasts(grid):
     assert by(grid["interactions"], variant="dyt", optim="muon")["left_out"] == ["dyt/adamw: 1 stopped_early"]
     assert by(grid["factor_effects"], factor="dyt_alphas_on_derf")["left_out"] == ["derf/muon: 1 diverged"]
     assert by(grid["groups"], variant="derf", optim="muon")["left_out"] == {"diverged": 1}
+    assert sorted(len(r["cells"]) for r in grid["left_out_by_group"]) == [1, 1]
 
 
 def test_markdown_names_the_family_flags_and_the_carrier(grid):
@@ -128,7 +129,7 @@ def test_markdown_names_the_family_flags_and_the_carrier(grid):
     assert "exploratory" in text.lower()
     line = next(ln for ln in text.splitlines() if ln.startswith("- **derf × muon**"))
     assert "⚠" in line and "1 diverged" in line and "Holm p=" in line
-    assert "## Cells left out, per group" in text
+    assert "## Cells left out, per group" in text and "2 cells left out (1 diverged" in text
     assert "**Which factor carries the interaction**" in text
 
 

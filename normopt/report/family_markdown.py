@@ -152,11 +152,11 @@ def left_out_section(summary: Mapping[str, Any]) -> list[str]:
         return []
     rows = [[r["stratum"] or "—", r["variant"], r["optim"],
              ", ".join(f"{n} {flag}" for flag, n in r["flags"].items()), ", ".join(r["cells"])] for r in records]
-    total = sum(sum(r["flags"].values()) for r in records)
+    total = sum(len(r["cells"]) for r in records)
     diverged = sum(r["flags"].get("diverged", 0) for r in records)
     return [
         "## Cells left out, per group", "",
-        (f"{total} cells left out ({diverged} diverged). A group that lost a diverged cell shows its "
+        (f"{total} cells left out ({diverged} diverged; a cell can carry several flags). A group that lost a diverged cell shows its "
          "surviving seeds only, so its loss and any penalty involving it are understated; those contrasts "
          "carry a ⚠ in the answer and the family table."), "",
         markdown_table(["stratum", "variant", "optimizer", "left out", "cells"], rows), "",

@@ -419,7 +419,7 @@ def build_summary(cells: Sequence[Cell], *, axes: ReportAxes | None = None, base
         "factor_effects": factor_effects,
         "family": family,
         "left_out_by_group": [{"stratum": s, "variant": v, "optim": o, "flags": {f: len(n) for f, n in flags.items()},
-                               "cells": sorted(n for names in flags.values() for n in names)}
+                               "cells": sorted({n for names in flags.values() for n in names})}
                               for (s, v, o), flags in left_out_by_group.items()],
         "tail_classes": tail,
         "notes": notes,
