@@ -114,9 +114,10 @@ def factor_lines(summary: Mapping[str, Any]) -> list[str]:
             carriers.append(f"{f['factor']} ({_signed(f['value'])})")
     m = summary["family"]["size"]
     if carriers:
+        rest = ("; the other factors' effects are not distinguishable from 0 at these seeds"
+                if len(carriers) < len(effects) else "")
         lines.append(f"- **Which factor carries the interaction**: after Holm adjustment over the {m} main "
-                     f"comparisons, switching {', '.join(carriers)} changes it; the other factors' effects "
-                     f"are not distinguishable from 0 at these seeds.")
+                     f"comparisons, switching {', '.join(carriers)} changes it{rest}.")
     else:
         lines.append(f"- **Which factor carries the interaction**: none of the factors' effects is "
                      f"distinguishable from 0 after Holm adjustment over the {m} main comparisons; the "
@@ -156,7 +157,7 @@ def left_out_section(summary: Mapping[str, Any]) -> list[str]:
     diverged = sum(r["flags"].get("diverged", 0) for r in records)
     return [
         "## Cells left out, per group", "",
-        (f"{total} cells left out ({diverged} diverged; a cell can carry several flags). A group that lost a diverged cell shows its "
+        (f"{total} cell{'s' if total != 1 else ''} left out ({diverged} diverged; a cell can carry several flags). A group that lost a diverged cell shows its "
          "surviving seeds only, so its loss and any penalty involving it are understated; those contrasts "
          "carry a ⚠ in the answer and the family table."), "",
         markdown_table(["stratum", "variant", "optimizer", "left out", "cells"], rows), "",
