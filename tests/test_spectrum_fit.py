@@ -20,10 +20,10 @@ from normopt.spectrum.fit import (
     distinct_sizes,
     fit_power_law,
     matrix_type,
-    ns_steps_per_layer,
     read_ns_spectrum,
     run_quantiles,
 )
+from normopt.spectrum.layer_rules import ns_steps_per_layer
 from normopt.spectrum.report import analyze, parse_size
 from normopt.errors import UserError
 from normopt.optim.ns_rules import NSStepRules

@@ -38,13 +38,13 @@ from normopt.spectrum.fit import (
     distinct_sizes,
     fit_all,
     group_names,
-    ns_steps_per_layer,
     post_burn_in,
     recommend_steps,
     run_ranks,
     run_samples,
     unusable_cells,
 )
+from normopt.spectrum.layer_rules import ns_steps_per_layer
 
 # --------------------------------------------------------------------------- model sizes
 
