@@ -14,7 +14,11 @@ levels (``model.norm`` x ``optim.name`` x ``optim.muon_params`` gives one norm x
 analysis per Muon assignment). ``fixes`` maps a level of the compared axis to the level
 whose gap it is meant to recover (``derf_ema`` -> ``derf``; in a component ablation with
 baseline ``all``, ``vo_ffn`` -> ``none`` reads as the share of Muon's advantage over AdamW
-that Muon on the VO and FFN matrices carries).
+that Muon on the VO and FFN matrices carries). ``factors`` names pairs of variants that differ
+in one setting, ``name: [without, with]`` (a variant is a level or ``level[arm]``): the
+report gives each factor's change of the interaction (:mod:`normopt.report.factor_effects`).
+``equivalence_margin`` (nats, :data:`DEFAULT_EQUIVALENCE_MARGIN`) is the margin of the
+report's equivalence ("no penalty") tests (:mod:`normopt.report.multiplicity`).
 
 Where the settings come from, first found wins: the command line of ``normopt report``; the
 experiment file a factorial runner writes into its root (:data:`EXPERIMENT_FILE`, the spec's
