@@ -129,7 +129,8 @@ def factor_section(summary: Mapping[str, Any]) -> list[str]:
     effects = summary.get("factor_effects") or []
     if not effects:
         return []
-    rows = [[f"{_prefix(f)}{f['factor']}", f"{f['without']} → {f['with']}", f"{f['optim']} − {f['reference_optim']}",
+    rows = [[f"{_prefix(f)}{f['factor']}", f"{f['without']} → {f['with']}",
+             f"{f['optim']} − {f['reference_optim']}",
              _signed(f["value"]), _interval(f["ci95"]),
              "—" if f["paired"] is None else f"{_signed(f['paired']['value'])} {_interval(f['paired']['ci95'])}",
              equivalence_phrase(f.get("equivalence")),
@@ -157,7 +158,8 @@ def left_out_section(summary: Mapping[str, Any]) -> list[str]:
     diverged = sum(r["flags"].get("diverged", 0) for r in records)
     return [
         "## Cells left out, per group", "",
-        (f"{total} cell{'s' if total != 1 else ''} left out ({diverged} diverged; a cell can carry several flags). A group that lost a diverged cell shows its "
+        (f"{total} cell{'s' if total != 1 else ''} left out ({diverged} diverged; a cell can carry several "
+         "flags). A group that lost a diverged cell shows its "
          "surviving seeds only, so its loss and any penalty involving it are understated; those contrasts "
          "carry a ⚠ in the answer and the family table."), "",
         markdown_table(["stratum", "variant", "optimizer", "left out", "cells"], rows), "",

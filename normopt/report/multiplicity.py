@@ -113,7 +113,8 @@ def adjust_family(members: Sequence[MutableMapping[str, Any]]) -> dict[str, Any]
 
 
 def main_family(gaps: list[dict[str, Any]], interactions: list[dict[str, Any]],
-                 share_groups: Sequence[tuple[dict[str, Any], Mapping[Any, GroupStats]]], factor_effects: list[dict[str, Any]],
+                 share_groups: Sequence[tuple[dict[str, Any], Mapping[Any, GroupStats]]],
+                 factor_effects: list[dict[str, Any]],
                  single: bool) -> dict[str, Any]:
     """The main family (:mod:`normopt.report.multiplicity`): the interactions, each fix's share
     of the interaction (of the gap, with the gaps themselves, without an across axis) and the

@@ -424,7 +424,8 @@ def recommend_steps(fits: Sequence[PowerLawFit], target_params: float, level: fl
         entry["crossed_types"] = sorted(t for t, e in types.items() if e["crossed"])
         entry["ns_steps"] = None if entry["crossed_types"] else joint(tracked)
         entry["ns_steps_ci95"] = (None if entry["crossed_types"] or any(b is None for b in bounds) else
-                                  step_range(joint, [q for b in bounds for q in b[0]], [q for b in bounds for q in b[1]]))
+                                  step_range(joint, [q for b in bounds for q in b[0]],
+                                             [q for b in bounds for q in b[1]]))
     return out
 
 
