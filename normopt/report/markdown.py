@@ -377,7 +377,9 @@ def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
         "## Final eval loss and gap to the baseline", "",
         (f"mean ± sample std over seeds (n cells); gap = mean({c_noun}) − mean({s['baseline_norm']})"
          f"{'' if single else f' under the same {a_noun}'}, with its 95% t interval "
-         "(Welch-Satterthwaite degrees of freedom)."), "",
+         "(Welch-Satterthwaite degrees of freedom)" +
+         (": the gaps are the main family here (Holm-adjusted p-values in the family table)." if single else
+          ": exploratory, unadjusted (the interactions built from them are the main family).")), "",
         *_per_stratum(summary, main_table),
     ]
     if not single:
@@ -395,6 +397,8 @@ def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
          ("" if single else
           f"; share of the interaction = gain / interaction({c_noun}, O) (needs the {c_noun}'s cells under the "
           f"reference {a_noun})") +
+         (". The shares of the gap are exploratory; the shares of the interaction are in the main family"
+          if not single else "") +
          ". Both are ratios, so their 95% intervals are Fieller's (unbounded, hence not given, when the "
          f"denominator's own interval contains 0). Fixes: {fixes}; an arm of a {c_noun} is a fix of that "
          f"{c_noun}."), "",
