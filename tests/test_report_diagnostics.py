@@ -155,6 +155,10 @@ def test_files_and_markdown(report):
     row = next(line for line in text.splitlines() if line.startswith("| derf-muon-s0 | derf | muon |"))
     assert "0.6000 (step 100)" in row and "4.000 (step 100)" in row and "×2.000 (step 50 → 100)" in row
     assert "3.00, 4.50, —, 8.00 (step 100)" in row
+    # spectral norms per block-matrix type and depth group, embedding and output apart
+    row = next(line for line in text.splitlines() if line.startswith("| derf-adamw-s0 |") and "| 5.60 |" in line)
+    # 2-block cells group early/late, 1-block cells all (depth_group with fewer than 3 blocks)
+    assert "| 1.00 / 2.00 / — |" in row and row.endswith("| 5.60 | 6.00 |") and "attn.wq (early / late / all)" in text
     assert not any(line.startswith("| dyt-adamw-s0 |") for line in text.split("## Diagnostics")[1].split("## Cells")[0]
                    .splitlines())
 

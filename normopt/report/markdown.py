@@ -23,6 +23,7 @@ from normopt.report.multiplicity import equivalence_phrase
 from normopt.report.notes import collapse_notes
 from normopt.report.over_training import over_training_section, stability_of
 from normopt.report.run_setup import setup_lines
+from normopt.report.spectral_table import spectral_norm_table
 from normopt.report.tables import markdown_table
 from normopt.report.tuning import tuning_lead, tuning_section
 
@@ -418,11 +419,16 @@ def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
              "step logged. Spectral norm: mean over the block matrices (attention, feed-forward, routers, "
              "each MoE expert as its own matrix) at the last record; growth = that mean at the last "
              "record / at the first. The token embedding and the output matrix are not block matrices "
-             "(larger at init, and AdamW-trained under Muon): their spectral norms stand apart; the means "
-             "per matrix type and depth group are in summary.json (spectral_norm_by_cell). Token buckets: validation loss per token-frequency "
+             "(larger at init, and AdamW-trained under Muon): their spectral norms stand apart, and the "
+             "means per matrix type and depth group are in the table below. Token buckets: validation loss per token-frequency "
              "bucket, most frequent tokens first, at the last record (— = empty bucket)."), "",
             diagnostics_table(summary), "",
         ]
+        spectral = spectral_norm_table(summary, _placement_columns(summary), lambda c: _placement(summary, c))
+        if spectral is not None:
+            parts += ["Spectral norms at the last record, per block-matrix type: the mean over each depth group's "
+                      "matrices (each MoE expert one matrix), then the token embedding and the output matrix.",
+                      "", spectral, ""]
         isotropy = isotropy_table(summary)
         if isotropy is not None:
             parts += [
