@@ -159,8 +159,8 @@ def test_files_and_markdown(report):
     row = next(line for line in text.splitlines() if line.startswith("| derf-adamw-s0 |") and "| 5.60 |" in line)
     # 2-block cells group early/late, 1-block cells all (depth_group with fewer than 3 blocks)
     assert "| 1.00 / 2.00 / — |" in row and row.endswith("| 5.60 | 6.00 |") and "attn.wq (early / late / all)" in text
-    assert not any(line.startswith("| dyt-adamw-s0 |") for line in text.split("## Diagnostics")[1].split("## Cells")[0]
-                   .splitlines())
+    diagnostics_section = text.split("## Diagnostics")[1].split("\n## ")[0]  # up to the next section
+    assert not any(line.startswith("| dyt-adamw-s0 |") for line in diagnostics_section.splitlines())
 
 
 def test_no_diagnostics_no_section_no_plots(tmp_path):
