@@ -246,15 +246,23 @@ def write_experiment_file(root: Path, levels: Mapping[str, Sequence[Any]], repor
     (root / EXPERIMENT_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def read_experiment_file(root: Path) -> ReportAxes | None:
-    """ReportAxes from ``root``'s experiment file; None when there is none."""
-    path = root / EXPERIMENT_FILE
+def read_grid_record(path: Path) -> Any:
+    """The JSON a grid's runner wrote at ``path`` (None when there is no such file); a
+    file that cannot be read or parsed is a UserError naming it."""
     if not path.is_file():
         return None
     try:
-        record = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise UserError(f"{path}: cannot read ({exc})") from None
+
+
+def read_experiment_file(root: Path) -> ReportAxes | None:
+    """ReportAxes from ``root``'s experiment file; None when there is none."""
+    path = root / EXPERIMENT_FILE
+    record = read_grid_record(path)
+    if record is None:
+        return None
     if not isinstance(record, dict) or not isinstance(record.get("axes"), dict) or not record["axes"]:
         raise UserError(f"{path}: expected an object with a non-empty 'axes' object")
     try:

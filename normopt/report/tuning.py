@@ -28,7 +28,6 @@ is at most that, whatever their correlation).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from normopt.errors import UserError
-from normopt.report.axes import ReportAxes, level_label
+from normopt.report.axes import ReportAxes, level_label, read_grid_record
 from normopt.report.cell_reading import Cell, discover_cells
 from normopt.report.plots import figure, variant_styles
 from normopt.report.statistics import build_summary
@@ -112,12 +111,9 @@ def choose_value(outcomes: Sequence[ValueOutcome], n_seeds: int) -> Choice:
 
 def read_tuning_file(root: Path) -> dict[str, Any] | None:
     path = root / TUNING_DIR / TUNING_FILE
-    if not path.is_file():
+    record = read_grid_record(path)
+    if record is None:
         return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise UserError(f"{path}: cannot read ({exc})") from None
     if not isinstance(record, dict) or not {"key", "values", "by", "seeds"} <= set(record):
         raise UserError(f"{path}: expected an object with key, values, by, seeds")
     return record
