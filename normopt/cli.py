@@ -162,6 +162,12 @@ def report_cli(argv: list[str]) -> int:
     return _guarded(lambda: report_main(argv))
 
 
+def status_cli(argv: list[str]) -> int:
+    from normopt.factorial.status import status_main
+
+    return _guarded(lambda: status_main(argv))
+
+
 def spectrum_cli(argv: list[str]) -> int:
     from normopt.spectrum.report import spectrum_main
 
@@ -180,7 +186,7 @@ def _guarded(fn) -> int:
         return 130
 
 
-USAGE = """usage: normopt {train,launch,check,export,sample,report,factorial,spectrum} ...
+USAGE = """usage: normopt {train,launch,check,export,sample,report,factorial,status,spectrum} ...
 
   train   train a model (same as python train.py; see normopt train --help)
   launch  train on N ranks (a torchrun that keeps the exit statuses 0/2/3/75)
@@ -189,7 +195,8 @@ USAGE = """usage: normopt {train,launch,check,export,sample,report,factorial,spe
           with --format hf, as a folder transformers loads (checked against normopt's forward)
   sample  generate text from a run's latest (or exported) checkpoint on the CPU
   report  statistics and plots over a folder of runs (norm x optimizer cells)
-  factorial  run every cell of a norm x optimizer spec, then report
+  factorial  run every cell of a norm x optimizer spec (here, or as a chain of SLURM jobs), then report
+  status  where a grid stands: each run done, running, queued, preempted, diverged or failed, and the time left
   spectrum  power laws of the NS-input spectrum in model size; NS steps per layer"""
 
 
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"train": lambda rest: train_main(rest, prog="normopt train"), "check": check_main,
                 "export": export_main, "sample": sample_cli, "report": report_cli,
-                "factorial": factorial_cli, "spectrum": spectrum_cli, "launch": launch_cli}
+                "factorial": factorial_cli, "status": status_cli, "spectrum": spectrum_cli, "launch": launch_cli}
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0

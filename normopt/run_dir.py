@@ -10,6 +10,8 @@ One run = one folder (``run.dir``)::
                          DCP shards, trainer_state.json, non_tensor_state.json,
                          rng/rank_XXXXX.safetensors and a copy of config.yaml
     cell.json            written by a factorial runner: the cell's name, coordinates, exit status
+    job.json             written by launch/slurm.sbatch: the SLURM job running the run, its state
+                         and exit status (``normopt.job_record``)
     train.log            a factorial cell's console output
     export/              ``normopt export``: step_XXXXXXXX.safetensors with .config.yaml and
                          .tokenizer.json beside it
@@ -35,15 +37,20 @@ DIAGNOSTICS_FILE = "diagnostics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
 CELL_FILE = "cell.json"
+JOB_FILE = "job.json"
 TRAIN_LOG = "train.log"
 EXPORT_DIR = "export"
 LOCK_FILE = ".lock"
 # An experiment root (a factorial's ``root``, one run directory per cell below it) holds the
-# spec's axes and report settings (see ``normopt.report.axes``).
+# spec's axes and report settings (see ``normopt.report.axes``), the grid's plan, and, for a
+# grid submitted to SLURM, a folder with the job scripts, the submitted job ids and the job
+# logs (``normopt.factorial.slurm``).
 EXPERIMENT_FILE = "experiment.json"
+PLAN_FILE = "plan.json"  # every run of the grid as expanded (normopt.factorial.plan)
+SLURM_DIR = "slurm"
 # Any of these makes a folder a run directory (a cell written by a factorial runner may hold
 # only its cell.json before its run starts).
-MARKER_FILES = (CONFIG_FILE, CELL_FILE, METRICS_FILE)
+MARKER_FILES = (CONFIG_FILE, CELL_FILE, METRICS_FILE, JOB_FILE)
 
 # Inside checkpoints/: one folder per step; it is complete once its trainer state exists
 # (the writer fills ``step_XXXXXXXX.tmp`` and renames it only after every rank has finished).
@@ -114,6 +121,10 @@ class RunDir:
     @property
     def cell_json(self) -> Path:
         return self.path / CELL_FILE
+
+    @property
+    def job_json(self) -> Path:
+        return self.path / JOB_FILE
 
     @property
     def train_log(self) -> Path:

@@ -106,6 +106,12 @@ def test_slurm_dry_run_prints_an_array_job(tmp_path, tiny_corpus):
     assert proc.returncode == 0, proc.stderr
     assert "#SBATCH --array=0-2" in proc.stdout and "launch/slurm.sbatch" in proc.stdout
     assert "derf-adamw-s0" in proc.stdout and not (tmp_path / "grid").exists()
+    # the array, then the report job once every task has ended, however it ended
+    slurm = tmp_path / "grid" / "slurm"
+    assert f"EVALUATION=$(sbatch --parsable {slurm / 'evaluation.sbatch'})  # 3 task(s)" in proc.stdout
+    assert (f"REPORT=$(sbatch --parsable --dependency=afterany:$EVALUATION --kill-on-invalid-dep=yes "
+            f"{slurm / 'report.sbatch'})") in proc.stdout
+    assert f"-m normopt.cli report {tmp_path / 'grid'}" in proc.stdout
 
 
 def test_slurm_job_takes_gpus_and_sbatch_options(tmp_path, tiny_corpus):
@@ -114,7 +120,10 @@ def test_slurm_job_takes_gpus_and_sbatch_options(tmp_path, tiny_corpus):
     assert proc.returncode == 0, proc.stderr
     assert "#SBATCH --gpus-per-node=2" in proc.stdout and "export NORMOPT_GPUS_PER_NODE=2" in proc.stdout
     assert "#SBATCH --partition=gpu" in proc.stdout
-    assert f"sbatch --time=04:00:00 {tmp_path / 'grid' / 'factorial.sbatch'}" in proc.stdout
+    slurm = tmp_path / "grid" / "slurm"
+    assert f"sbatch --parsable --time=04:00:00 {slurm / 'evaluation.sbatch'}" in proc.stdout
+    assert f"--time=04:00:00 --dependency=afterany:$EVALUATION --kill-on-invalid-dep=yes {slurm / 'report.sbatch'}" \
+        in proc.stdout
     # the flag overrides the spec; a global batch of 4 does not split over 3 ranks
     bad = _factorial(spec, "--slurm", "--dry-run", "--gpus-per-node", "3", timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

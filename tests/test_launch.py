@@ -32,7 +32,7 @@ def test_dry_run_prints_the_multi_node_launch():
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "run.dir: runs/demo-derf-adamw" in out
-    for piece in ["normopt.cli launch --nproc 8 --nnodes 4 --master-addr node001 --master-port 29500 "
+    for piece in ["normopt.cli launch --nproc 8 --nnodes 4 --master-addr node001 --master-port 20777 "
                   "--config configs/demo.yaml model.norm=derf train.global_batch_size=64",
                   "scontrol requeue 777"]:
         assert piece in out, piece

@@ -48,6 +48,19 @@ def cell_step_flops(base: Path, overrides: list[str]) -> float:
     return flops
 
 
+def predicted_seconds_per_step(cost: float, measured: list[tuple[float, float]]) -> float | None:
+    """Seconds per step of a cell of prior ``cost`` (FLOPs per step) from ``measured`` (cost,
+    seconds per step) pairs: the mean over the cells of the same cost, else ``cost`` times
+    the median seconds per FLOP; None with nothing measured."""
+    if not measured:
+        return None
+    same = [rate for flops, rate in measured if math.isclose(flops, cost, rel_tol=SAME_COST_RTOL)]
+    if same:
+        return statistics.fmean(same)
+    per_flop = [rate / flops for flops, rate in measured if flops > 0]
+    return cost * statistics.median(per_flop) if per_flop else None
+
+
 @dataclass
 class _Progress:
     started: float
@@ -97,15 +110,7 @@ class GridClock:
                 if (rate := p.seconds_per_step()) is not None]
 
     def predicted_seconds_per_step(self, index: int) -> float | None:
-        measured = self._measured()
-        if not measured:
-            return None
-        cost = self.step_flops[index]
-        same = [rate for flops, rate in measured if math.isclose(flops, cost, rel_tol=SAME_COST_RTOL)]
-        if same:
-            return statistics.fmean(same)
-        per_flop = [rate / flops for flops, rate in measured if flops > 0]
-        return cost * statistics.median(per_flop) if per_flop else None
+        return predicted_seconds_per_step(self.step_flops[index], self._measured())
 
     def seconds_left(self, now: float) -> float | None:
         """The whole grid's remaining wall time (None until a first rate is measured)."""

@@ -5,10 +5,12 @@ gets a ``cell.json`` (:mod:`normopt.factorial.cells`: name, coords, seed, arm, a
 status once it ran) that ``normopt report`` reads next to the run's own ``metrics.jsonl``.
 Cells run one after another on this machine (optionally each under ``normopt launch`` with N
 ranks) under one progress bar, each cell's output in its ``train.log``; finished cells are
-skipped, interrupted ones resume from their last checkpoint. ``--slurm`` writes one SLURM array
-job instead (:mod:`normopt.factorial.slurm`), one task per cell, each task running
-``launch/slurm.sbatch`` on one node with the spec's ``slurm.gpus_per_node`` GPUs (or
-``--gpus-per-node``; 8 if neither says). Every cell's global batch must split evenly over the
+skipped, interrupted ones resume from their last checkpoint. ``--slurm`` submits the grid as a
+chain of SLURM jobs instead (:mod:`normopt.factorial.slurm`): for a tuned spec a tuning array,
+a job that makes the choice and an evaluation array; for any spec a last job that writes the
+report. Each array task runs ``launch/slurm.sbatch`` for one cell on one node with the spec's
+``slurm.gpus_per_node`` GPUs (or ``--gpus-per-node``; 8 if neither says); ``normopt status
+ROOT`` follows it. Every cell's global batch must split evenly over the
 ranks it will run on (``--nproc``, or the GPUs of a SLURM node): that is checked when the spec
 is read, before anything runs. ``--dry-run`` lists the cells and what would happen to each (or
 prints the SLURM script) and runs nothing. A spec with a ``tune`` block first runs its tuning
@@ -32,7 +34,8 @@ from normopt.config import REPO_ROOT, load_config
 from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, UserError
 from normopt.factorial.cells import CellSpec, write_cell_json
 from normopt.factorial.grid_clock import GridClock, cell_step_flops, format_duration
-from normopt.factorial.slurm import spec_gpus_per_node, submit_slurm
+from normopt.factorial.plan import grid_plan, write_plan
+from normopt.factorial.slurm import spec_gpus_per_node, submit_grid
 from normopt.factorial.spec import load_spec, read_spec_file
 from normopt.factorial.tuning import (
     TuneSpec,
@@ -48,11 +51,6 @@ from normopt.report.cell_reading import read_metrics
 from normopt.report.tuning import TUNING_DIR
 from normopt.report.writer import print_summary, write_report
 from normopt.run_dir import RunDir
-
-
-def cell_is_complete(run: RunDir, steps: int) -> bool:
-    done = run.complete_steps()
-    return bool(done) and done[-1] >= steps
 
 
 def train_command(base: Path, cell: CellSpec, nproc: int) -> list[str]:
@@ -239,15 +237,17 @@ def factorial_main(argv: list[str] | None = None) -> int:
                                      description="Run every cell of a factorial spec, then report.")
     parser.add_argument("spec", help="factorial spec (YAML)")
     parser.add_argument("--nproc", type=int, default=1, help="ranks per cell (normopt launch); default 1")
-    parser.add_argument("--slurm", action="store_true", help="submit one SLURM array job instead")
+    parser.add_argument("--slurm", action="store_true",
+                        help="submit the grid to SLURM instead: an array of cells (after a tuning array and a "
+                             "choice job for a tuned spec), then a job that writes the report")
     parser.add_argument("--gpus-per-node", type=int, default=None,
                         help="with --slurm: GPUs (ranks) per cell (default: the spec's slurm.gpus_per_node, else 8)")
     parser.add_argument("--sbatch-option", action="append", default=[], metavar="OPTION",
                         help="with --slurm: an extra sbatch option, e.g. --sbatch-option=--time=04:00:00 "
                              "(repeatable; overrides the script's)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="list the cells and what would happen to each (with --slurm: print the script); "
-                             "run and submit nothing")
+                        help="list the cells and what would happen to each (with --slurm: also the job scripts "
+                             "and the chain of sbatch commands); run and submit nothing")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show each cell's training output instead of one progress bar")
     args = parser.parse_args(argv)
@@ -268,14 +268,7 @@ def factorial_main(argv: list[str] | None = None) -> int:
     spec, base, cells = load_spec(args.spec, world_size)
     root = Path(spec["root"])
     tune = read_tune_section(spec, Path(args.spec))
-    if tune is not None and args.slurm:
-        raise UserError("--slurm: a spec with a tune block runs on one machine (its evaluation cells wait "
-                        "for the tuning runs' choice); run it without --slurm")
     print(f"[factorial] {len(cells)} cells under {root}: {', '.join(c.name for c in cells)}", flush=True)
-    if args.slurm:
-        return submit_slurm(base, root, cells, args.dry_run, world_size,
-                            (spec.get("slurm") or {}).get("options", []), args.sbatch_option,
-                            spec["axes"], spec.get("report"))
     runs = [] if tune is None else tuning_cells(cells, tune, root)
     if args.dry_run:
         if tune is None:
@@ -283,9 +276,13 @@ def factorial_main(argv: list[str] | None = None) -> int:
             print(f"cost: {len(cells)} runs, {total} steps ({to_run} still to run)")
         else:
             print_tuned_plan(base, root, tune, cells, runs)
+    if args.slurm:
+        return submit_grid(spec, base, root, cells, tune, runs, world_size, args.sbatch_option, args.dry_run)
+    if args.dry_run:
         print(f"dry run: nothing was run (base config {base})")
         return 0
     write_experiment_file(root, spec["axes"], spec.get("report"))
+    write_plan(root, grid_plan(base, root, cells, tune, runs))
     started, wall_times, planned = time.perf_counter(), {}, len(runs) + len(cells)
     if tune is not None:
         write_tuning_file(root, tune)
