@@ -262,5 +262,8 @@ def validate(cfg: Config) -> None:
 
 
 def check_world_size(cfg: Config, world_size: int) -> tuple[int, int]:
-    """The micro-batch plan of ``cfg`` on ``world_size`` ranks (see ``train_config.micro_batch_plan``)."""
+    """The micro-batch plan of ``cfg`` on ``world_size`` ranks (see ``train_config.micro_batch_plan``),
+    after checking that the data-parallel layout (``train.dp_replicate`` x ``train.dp_shard``)
+    fits them."""
+    cfg.train.mesh_shape(world_size)
     return cfg.train.micro_batch_plan(world_size)

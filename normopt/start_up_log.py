@@ -15,7 +15,9 @@ def start_up_lines(trainer) -> list[str]:
     out: list[str] = []
     cfg, t, a = trainer.cfg, trainer.cfg.train, trainer.model_args
     threads = f", {torch.get_num_threads()} thread(s) per rank" if trainer.dist.device.type == "cpu" else ""
-    out.append(f"normopt: run.dir={trainer.run}  ranks={trainer.dist.world_size} ({trainer.dist.device.type}{threads})  "
+    d = trainer.dist
+    hsdp = f" HSDP {d.dp_replicate} replicas x {d.dp_shard} shards" if d.dp_replicate > 1 else ""
+    out.append(f"normopt: run.dir={trainer.run}  ranks={d.world_size} ({d.device.type}{threads}){hsdp}  "
                f"dtype={trainer.dtype}  compile={t.compile}  deterministic={t.deterministic}  "
                f"activation_checkpointing={t.activation_checkpointing}")
     out.append(f"model: preset={cfg.model.preset} norm={a.norm} dim={a.dim} layers={a.n_layers} "

@@ -10,6 +10,7 @@ from typing import Literal
 from normopt.errors import UserError
 from normopt.key_roles import EVALUATION, EXECUTION, LENGTH, require, role
 from normopt.models.activation_checkpoint import MODES as ACTIVATION_CHECKPOINTING
+from normopt.parallel.mesh_shape import data_parallel_shape
 
 
 @dataclass
@@ -44,6 +45,11 @@ class TrainConfig:
     activation_checkpointing: Literal[ACTIVATION_CHECKPOINTING] = role(EXECUTION, "none")
     mfu_probe: bool = role(EXECUTION, True)  # on CPU, measure the matmul peak at start for MFU
     peak_tflops: float = role(EXECUTION, 0.0)  # peak TFLOP/s of one rank for MFU; 0 = datasheet or probe
+    # the data-parallel layout (normopt/parallel/mesh_shape.py): each parameter's rows are split
+    # over dp_shard ranks and replicated dp_replicate times (HSDP when > 1); dp_shard x
+    # dp_replicate = the ranks; 0 = the rest (the default: FSDP over every rank)
+    dp_shard: int = role(EXECUTION, 0)
+    dp_replicate: int = role(EXECUTION, 1)
 
     def validate(self) -> None:
         require(self.steps > 0, "train.steps", "must be positive")
@@ -55,6 +61,14 @@ class TrainConfig:
         require(self.eval_sequences >= 0, "train.eval_sequences", "must be >= 0 (0 = the whole split)")
         require(self.log_interval > 0, "train.log_interval", "must be positive")
         require(self.peak_tflops >= 0, "train.peak_tflops", "must be >= 0 (0 = datasheet or probe)")
+        require(self.dp_shard >= 0, "train.dp_shard", "must be >= 0 (0 = the ranks / train.dp_replicate)")
+        require(self.dp_replicate >= 0, "train.dp_replicate", "must be >= 0 (0 = the ranks / train.dp_shard)")
+        require(self.dp_shard > 0 or self.dp_replicate > 0, "train.dp_replicate",
+                "train.dp_shard and train.dp_replicate cannot both be 0 (the rest of the ranks)")
+
+    def mesh_shape(self, world_size: int) -> tuple[int, int]:
+        """(replicate, shard) on ``world_size`` ranks (:func:`data_parallel_shape`)."""
+        return data_parallel_shape(self.dp_replicate, self.dp_shard, world_size)
 
     def micro_batch_plan(self, world_size: int) -> tuple[int, int]:
         """(micro-batch, accumulation steps) on ``world_size`` ranks (:func:`micro_batch_plan`)."""

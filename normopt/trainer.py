@@ -38,7 +38,7 @@ from normopt.models.presets import (count_flops_per_token, count_parameters,
                                     resolve_model_args)
 from normopt.optim.builder import build_optimizers
 from normopt.parallel import collectives
-from normopt.parallel.distributed import DistInfo
+from normopt.parallel.distributed import DistInfo, with_data_parallel_layout
 from normopt.parallel.fsdp import apply_fsdp
 from normopt.parallel.grad_clip import clip_grad_norm_
 from normopt.resume_policy import find_resume_point
@@ -78,6 +78,8 @@ class Trainer:
         self.log = print if dist_info.is_main else (lambda *a, **k: None)
         t = cfg.train
         self.micro_batch, self.accum_steps = t.micro_batch_plan(dist_info.world_size)
+        # FSDP over every rank, or HSDP's 2-D mesh (a layout that does not fit is a UserError)
+        dist_info = self.dist = with_data_parallel_layout(dist_info, *t.mesh_shape(dist_info.world_size))
         self.dtype = resolve_dtype(t.dtype, dist_info.device.type)
         self.run = RunDir(cfg.run.dir)
         self.lock = RunLock(self.run)
@@ -104,7 +106,7 @@ class Trainer:
 
         self.model_args = resolve_model_args(cfg.model, vocab_size=self.data.vocab_size)
         self.num_params = count_parameters(self.model_args)
-        self.memory = estimate_memory(self.num_params, cfg.optim.name, dist_info.world_size, self.micro_batch,
+        self.memory = estimate_memory(self.num_params, cfg.optim.name, dist_info.dp_shard, self.micro_batch,
                                       t.seq_len, self.data.vocab_size, self.model_args, DTYPES[self.dtype].itemsize,
                                       t.activation_checkpointing)
         # rank 0 decides for all (an error raised on one rank alone would hang the others)

@@ -11,6 +11,7 @@ iterations per call enough.
 FSDP2 shards a matrix by rows (Shard(0)): rank i holds W_i. Then W v is row-local
 (u_i = W_i v) and W^T W v = sum_i W_i^T u_i is one all-reduce of an n-vector, so no rank
 ever gathers the matrix; ||W v||^2 = sum_i ||u_i||^2 is one more all-reduce of a scalar.
+Under HSDP the sums run over one replica's shard group (each replica holds every row once).
 
 What a summary of them means (``spectral_norm_groups``): the block matrices (attention,
 feed-forward, MoE experts one by one, routers) by type and depth group, and the token
@@ -25,9 +26,10 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 from normopt.models.matrix_roles import depth_group, matrix_type
 from normopt.parallel import collectives
+from normopt.parallel.row_shards import row_shards_of
 
 # the two matrices outside the blocks, reported apart (module docstring)
 EMBEDDING_MATRIX = "tok_embeddings.weight"
@@ -37,10 +39,10 @@ OUTPUT_MATRIX = "output.weight"
 def _row_shard(weight: torch.Tensor) -> tuple[torch.Tensor, dist.ProcessGroup | None]:
     """This rank's rows of ``weight`` and the group to sum over (None: the whole matrix is here)."""
     if isinstance(weight, DTensor):
-        placements = weight.placements
-        if len(placements) == 1 and isinstance(placements[0], Shard) and placements[0].dim == 0:
-            return weight.to_local(), weight.device_mesh.get_group()
-        return weight.full_tensor(), None  # another layout: gather (not used by normopt's FSDP2)
+        try:  # FSDP2 or HSDP rows: sum over the ranks holding one copy of every row
+            return weight.to_local(), row_shards_of(weight).group()
+        except ValueError:
+            return weight.full_tensor(), None  # another layout: gather (not used by normopt's FSDP2)
     return weight, None
 
 

@@ -1,6 +1,7 @@
 """Muon and NorMuon for 2-D weight matrices and 3-D stacks of them (MoE experts stored as
-(experts, rows, cols)), plain or FSDP2-sharded (DTensor Shard(0)). The update's formulas, and
-the pure functions that compute them, are :mod:`normopt.optim.muon_update`.
+(experts, rows, cols)), plain, FSDP2-sharded (DTensor Shard(0)) or HSDP (Replicate(), Shard(0) on
+a 2-D mesh). The update's formulas, and the pure functions that compute them, are
+:mod:`normopt.optim.muon_update`.
 
 Distribution: the elementwise parts (momentum, Nesterov, weight decay, the update) run on
 each rank's local shard; NS (and NorMuon's row statistics, which need the whole row and
@@ -11,7 +12,10 @@ in row blocks (``ns_row_blocks``), in ``ns_mode="distributed"``; every rank comp
 matrix in ``"replicated"``. The exchange runs in buckets whose collectives overlap NS, and
 each bucket's update is applied as it arrives. Results equal single-process Muon (with the
 same ``ns_batch_size`` and ``ns_row_blocks``) bit for bit, since the owner sees the exact
-matrix and batches and blocks do not depend on the ranks.
+matrix and batches and blocks do not depend on the ranks. Under HSDP the exchange runs
+within each replica's shard group (``normopt.parallel.row_shards``): replicas hold the same
+shards and, after FSDP's reduction, the same gradients, so every replica group computes the
+same jobs and applies the same update bit for bit.
 
 State (per parameter, same keys on every rank, DTensor Shard(0) like the parameter when
 the parameter is a DTensor): ``momentum_buffer`` (rows, cols); NorMuon adds
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from normopt.dtypes import dtype_name
 from normopt.optim.head_blocks import HeadBlocks, block_shape, check_head_blocks
@@ -47,6 +51,7 @@ from normopt.optim.newton_schulz import CoefficientSpec, ns_flops
 from normopt.optim.ns_batches import batch_by_shape, stack_batch, unstack_batch
 from normopt.parallel.distributed_ns import NS_MODES, ExchangeStats, RowShardedJob, run_row_sharded_jobs
 from normopt.parallel.ns_plan import DEFAULT_BUCKET_MB, ns_cost
+from normopt.parallel.row_shards import RowShards, row_shards_of
 
 # ------------------------------------------------------------------- the optimizers
 
@@ -63,16 +68,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _row_mesh(p: torch.Tensor):
-    """The 1-D mesh p's rows are sharded over, or None for a plain tensor."""
-    if not isinstance(p, DTensor):
-        return None
-    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
-        raise ValueError(
-            f"Muon supports plain tensors or DTensors sharded Shard(0) on a 1-D mesh (FSDP2); "
-            f"got placements {p.placements} on a {p.device_mesh.ndim}-D mesh"
-        )
-    return p.device_mesh
+def _row_mesh(p: torch.Tensor) -> RowShards | None:
+    """The ranks p's rows are sharded over (FSDP2: every rank; HSDP: p's shard group), or
+    None for a plain tensor."""
+    try:
+        return row_shards_of(p)
+    except ValueError as exc:
+        raise ValueError(f"Muon supports plain tensors or FSDP2/HSDP DTensors: {exc}") from None
 
 
 @dataclass
@@ -365,11 +367,12 @@ class NorMuon(Muon):
         matrix_dims(p.shape)
         local = torch.zeros(_local(p).shape[:-1], dtype=p.dtype, device=_local(p).device)
         if isinstance(p, DTensor):
-            # Rows (experts of a stack) are sharded exactly like the parameter's, so each
-            # rank keeps (and checkpoints) the statistics of the rows it owns.
+            # Rows (experts of a stack) are sharded exactly like the parameter's (its
+            # placements: Shard(0), replicated over HSDP's replicas), so each rank keeps
+            # (and checkpoints) the statistics of the rows it holds.
             shape = torch.Size(p.shape[:-1])
             state["row_second_moment"] = DTensor.from_local(
-                local, p.device_mesh, [Shard(0)], shape=shape, stride=torch.empty(shape, device="meta").stride(),
+                local, p.device_mesh, p.placements, shape=shape, stride=torch.empty(shape, device="meta").stride(),
                 run_check=False,
             )
         else:

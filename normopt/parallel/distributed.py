@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import socket
@@ -25,6 +26,16 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_replicate(self) -> int:
+        """Copies of the sharded weights: 1 under FSDP, the replica groups under HSDP."""
+        return self.mesh.size(0) if self.mesh.ndim == 2 else 1
+
+    @property
+    def dp_shard(self) -> int:
+        """Ranks each parameter is split over: all of them under FSDP, one row under HSDP."""
+        return self.mesh.size(self.mesh.ndim - 1)
 
 
 def free_port() -> int:
@@ -65,6 +76,28 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
                                 device_id=device if device_type == "cuda" else None)
     mesh = init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp",))
     return DistInfo(rank, world_size, local_rank, device, mesh)
+
+
+def data_parallel_mesh(device_type: str, replicate: int, shard: int) -> DeviceMesh:
+    """The mesh FSDP2 shards over: 1-D ``("dp",)`` of ``shard`` ranks for FSDP
+    (``replicate`` 1); 2-D ``("dp_replicate", "dp_shard")`` for HSDP, on which
+    ``fully_shard`` splits parameters over the last dimension and replicates them over the
+    first (torch's ``HSDPMeshInfo(shard_mesh_dim=1, replicate_mesh_dim=0)``). Rank
+    r * shard + s sits at (r, s): a shard group is ``shard`` consecutive ranks (one node's
+    GPUs when shard = GPUs per node). Collective: every rank calls it in the same order."""
+    if replicate == 1:
+        return init_device_mesh(device_type, (shard,), mesh_dim_names=("dp",))
+    return init_device_mesh(device_type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+
+
+def with_data_parallel_layout(info: DistInfo, replicate: int, shard: int) -> DistInfo:
+    """``info`` on the data-parallel layout ``replicate`` x ``shard`` (= its world size):
+    as it is for FSDP (its 1-D mesh already spans every rank), with a 2-D mesh for HSDP."""
+    if replicate * shard != info.world_size:
+        raise ValueError(f"a {replicate} x {shard} layout does not fit {info.world_size} ranks")
+    if replicate == 1:
+        return info
+    return dataclasses.replace(info, mesh=data_parallel_mesh(info.device.type, replicate, shard))
 
 
 def shutdown_distributed() -> None:

@@ -26,6 +26,11 @@ all receive the whole input and split NS row block by row block
 the ranks d with d % s == i. A single process runs the same P blocks in a loop, so the
 bits do not depend on the rank count.
 
+Under HSDP (a 2-D mesh, placements (Replicate(), Shard(0))) the rows are split over the
+ranks of one replica's shard group (``normopt.parallel.row_shards``): "rank" above means the
+rank within that group, every collective runs on it, and each replica group computes the
+same jobs on the same bits, so the update is identical on every replica.
+
 The module knows nothing about Muon: a ``RowShardedJob`` carries its inputs, its output
 layout and a pure ``compute`` function from full inputs to full outputs. Row layout:
 ``shard_rows`` (torch.chunk style, like Shard(0)).
@@ -41,11 +46,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from normopt.parallel import collectives
 from normopt.parallel.ns_plan import DEFAULT_BUCKET_MB, bucket_jobs, plan_teams
 from normopt.parallel.packed_exchange import PendingExchange, numel_of, pack, padded_nbytes, post_all_to_all, view_piece
 from normopt.parallel.row_block_team import GroupTeam, RowBlockTeam
 from normopt.parallel.row_layout import shard_rows
+from normopt.parallel.row_shards import RowShards, as_row_shards, team_groups
 
 NS_MODES: tuple[str, ...] = ("distributed", "replicated")
 
@@ -69,7 +74,8 @@ class RowShardedJob:
     output_specs: (trailing shape, dtype) of each output, known to every rank in advance
         so that receive sizes can be computed without an extra handshake.
     cost: relative compute cost, used to balance owners (see ``ns_cost``).
-    mesh: 1-D DeviceMesh the rows are sharded over; None for an unsharded job.
+    mesh: the ranks the rows are sharded over: a ``RowShards`` (``row_shards_of`` a
+        DTensor, HSDP included) or a 1-D DeviceMesh; None for an unsharded job.
     input_specs: (trailing shape, dtype) of each input; required when ``inputs`` is a
         function, derived from the tensors otherwise.
     """
@@ -79,7 +85,7 @@ class RowShardedJob:
     compute: Callable[[list[torch.Tensor], RowBlockTeam | None], list[torch.Tensor]]
     output_specs: list[Spec]
     cost: float = 1.0
-    mesh: DeviceMesh | None = None
+    mesh: RowShards | DeviceMesh | None = None
     input_specs: list[Spec] | None = None
 
     def specs(self) -> list[Spec]:
@@ -132,21 +138,6 @@ class ExchangeStats:
         self._held -= nbytes
 
 
-_TEAM_GROUPS: dict[tuple[dist.ProcessGroup, int], list[dist.ProcessGroup]] = {}
-
-
-def _team_groups(mesh: DeviceMesh, size: int) -> list[dist.ProcessGroup]:
-    """One process group per team of ``size`` consecutive mesh ranks, created once (every
-    rank creates every group, in the same order, as ``new_group`` requires). Keyed by the
-    mesh's process group, so a new process group never reuses teams of an old one."""
-    ranks = [int(r) for r in mesh.mesh.flatten().tolist()]
-    key = (mesh.get_group(), size)
-    if key not in _TEAM_GROUPS:
-        _TEAM_GROUPS[key] = [collectives.new_group(ranks[t * size:(t + 1) * size])
-                             for t in range(len(ranks) // size)]
-    return _TEAM_GROUPS[key]
-
-
 def _compute(job: RowShardedJob, full_inputs: list[torch.Tensor], team: RowBlockTeam | None) -> list[torch.Tensor]:
     outputs = job.compute(full_inputs, team)
     if len(outputs) != len(job.output_specs):
@@ -165,7 +156,7 @@ def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
 
 @dataclass
 class _MeshPlan:
-    """Who holds and who computes what, for the jobs sharded over one 1-D mesh.
+    """Who holds and who computes what, for the jobs sharded over one shard group.
 
     Every rank derives the same plan from the same jobs, so no handshake is needed.
     layouts[j][r] = (start, length) of rank r's rows of job j; buckets = job indices per
@@ -208,10 +199,8 @@ class _MeshPlan:
         return team[d % len(team)]
 
 
-def _plan(jobs: list[RowShardedJob], mesh: DeviceMesh, mode: str, row_blocks: int, bucket_bytes: float) -> _MeshPlan:
-    if mesh.ndim != 1:
-        raise ValueError(f"row-sharded jobs need a 1-D DeviceMesh, got {mesh.ndim}-D")
-    world, rank = mesh.size(), mesh.get_local_rank()
+def _plan(jobs: list[RowShardedJob], mesh: RowShards, mode: str, row_blocks: int, bucket_bytes: float) -> _MeshPlan:
+    world, rank = mesh.size(), mesh.local_rank()
     in_specs = [job.specs() for job in jobs]
     full_bytes = [sum(padded_nbytes(numel_of(job.rows, tr), dt) for tr, dt in specs)
                   for job, specs in zip(jobs, in_specs)]
@@ -220,7 +209,7 @@ def _plan(jobs: list[RowShardedJob], mesh: DeviceMesh, mode: str, row_blocks: in
         buckets, computes_on = plan_teams([job.cost for job in jobs], full_bytes, world, row_blocks, bucket_bytes)
         size = min(row_blocks, world)
         if size > 1:
-            groups = _team_groups(mesh, size)
+            groups = team_groups(mesh, size)
             t = rank // size
             team = GroupTeam(row_blocks, groups[t], rank % size, size) if t < len(groups) else None
     else:  # replicated: every rank computes every job, every block
@@ -229,7 +218,7 @@ def _plan(jobs: list[RowShardedJob], mesh: DeviceMesh, mode: str, row_blocks: in
     first = jobs[0].inputs if not callable(jobs[0].inputs) else None
     device = first[0].device if first else torch.device(mesh.device_type)
     return _MeshPlan(
-        jobs=jobs, world=world, rank=rank, group=mesh.get_group(), device=device,
+        jobs=jobs, world=world, rank=rank, group=mesh.group(), device=device,
         layouts=[shard_rows(job.rows, world) for job in jobs], in_specs=in_specs, buckets=buckets,
         computes_on=computes_on, team=team, replicated=mode == "replicated",
     )
@@ -333,7 +322,7 @@ def _finish_scatter(plan: _MeshPlan, k: int, pending: PendingExchange, on_result
     stats.release(pending.recv.numel())
 
 
-def _run_on_mesh(jobs: list[RowShardedJob], mesh: DeviceMesh, mode: str, row_blocks: int, bucket_bytes: float,
+def _run_on_mesh(jobs: list[RowShardedJob], mesh: RowShards, mode: str, row_blocks: int, bucket_bytes: float,
                  overlap: bool, stats: ExchangeStats, on_result: OnResult) -> None:
     """Bucket by bucket: gather -> compute -> scatter; with ``overlap`` the next gather and
     the previous scatter are in flight during the compute. Every rank posts the
@@ -377,8 +366,8 @@ def run_row_sharded_jobs(
 ) -> tuple[list[list[torch.Tensor]] | None, ExchangeStats]:
     """Run every job's ``compute`` on its full rows and give each rank its rows of the outputs.
 
-    Jobs without a mesh (plain tensors) and jobs on a 1-rank mesh are computed locally
-    with no communication. Jobs on a larger mesh are grouped by mesh and exchanged in
+    Jobs without a mesh (plain tensors) and jobs on a 1-rank shard group are computed
+    locally with no communication. Jobs on a larger group are grouped by it and exchanged in
     buckets of ``bucket_mb`` MiB of whole inputs (0: one bucket), with ``overlap`` of
     communication and compute. Every rank of a mesh must call this with the same jobs in
     the same order (same shapes, dtypes, costs), which holds for optimizer steps over the
@@ -397,9 +386,10 @@ def run_row_sharded_jobs(
     collected: list[list[torch.Tensor] | None] = [None] * len(jobs)
     deliver = on_result or collected.__setitem__
     local_team = RowBlockTeam(row_blocks) if row_blocks > 1 else None
-    by_mesh: list[tuple[DeviceMesh, list[int]]] = []
+    by_mesh: list[tuple[RowShards, list[int]]] = []
     for j, job in enumerate(jobs):
-        if job.mesh is None or job.mesh.size() == 1:
+        shards = as_row_shards(job.mesh)
+        if shards is None or shards.size() == 1:
             inputs = job.load(job.rows, 0)
             t0 = time.perf_counter()
             out = _compute(job, inputs, local_team)
@@ -409,11 +399,11 @@ def run_row_sharded_jobs(
             deliver(j, out)
             continue
         for mesh, members in by_mesh:
-            if mesh == job.mesh:
+            if mesh == shards:
                 members.append(j)
                 break
         else:
-            by_mesh.append((job.mesh, [j]))
+            by_mesh.append((shards, [j]))
     for mesh, members in by_mesh:
         _run_on_mesh([jobs[j] for j in members], mesh, mode, row_blocks, bucket_mb * 2**20, overlap, stats,
                      lambda i, rows, members=members: deliver(members[i], rows))

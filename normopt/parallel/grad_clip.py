@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch.distributed.tensor import DTensor, Replicate
 from normopt.parallel import collectives
+from normopt.parallel.row_shards import RowShards, row_shards_of
 
 
 def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -17,10 +18,13 @@ def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
 def global_grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
     """||g||_2 over all parameters and ranks.
 
-    Sharded gradients contribute the squares of their local shards, summed over ranks with
-    one all-reduce; replicated and plain gradients are counted once, not once per rank.
+    Sharded gradients contribute the squares of their local shards, summed with one
+    all-reduce over the group their rows are split over (every rank under FSDP; one
+    replica's shard group under HSDP, whose replicas hold identical shards and would
+    otherwise be counted once per replica). Replicated and plain gradients are counted
+    once, not once per rank.
     """
-    sharded: list[torch.Tensor] = []
+    sharded: dict[RowShards, list[torch.Tensor]] = {}
     replicated: list[torch.Tensor] = []
     for p in params:
         g = p.grad
@@ -28,15 +32,23 @@ def global_grad_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
             continue
         if isinstance(g, DTensor):
             is_replicated = all(isinstance(pl, Replicate) for pl in g.placements)
-            g = g.to_local()
-            (replicated if is_replicated else sharded).append(g.detach().float().pow(2).sum())
+            square = g.to_local().detach().float().pow(2).sum()
+            if is_replicated:
+                replicated.append(square)
+            else:
+                sharded.setdefault(row_shards_of(g), []).append(square)
         else:
             replicated.append(g.detach().float().pow(2).sum())
-    device = (sharded + replicated)[0].device if sharded or replicated else torch.device("cpu")
-    sharded_sq = torch.stack(sharded).sum() if sharded else torch.zeros((), device=device)
-    replicated_sq = torch.stack(replicated).sum() if replicated else torch.zeros((), device=device)
-    collectives.all_reduce_sum(sharded_sq)
-    return (sharded_sq + replicated_sq).sqrt()
+    squares = [t for group in sharded.values() for t in group] + replicated
+    device = squares[0].device if squares else torch.device("cpu")
+    total = torch.stack(replicated).sum() if replicated else torch.zeros((), device=device)
+    if not sharded:  # every rank still takes part in the (one) all-reduce below
+        sharded[None] = []
+    for shards, group in sharded.items():  # in order of first appearance: the same on every rank
+        sharded_sq = torch.stack(group).sum() if group else torch.zeros((), device=device)
+        collectives.all_reduce_sum(sharded_sq, shards.group() if shards is not None else None)
+        total = sharded_sq + total
+    return total.sqrt()
 
 
 @torch.no_grad()

@@ -27,10 +27,11 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from normopt.optim.muon import Muon, NorMuon
 from normopt.parallel.row_layout import shard_rows
+from normopt.parallel.row_shards import row_shards_of
 
 # (out_features, in_features) of each nn.Linear: uneven, tall and wide, some with fewer
 # rows than ranks (empty shards), and a case with fewer matrices than ranks; (experts, out,
@@ -153,10 +154,10 @@ def set_grads(model: LinearStack, case: str, step: int, source: str) -> None:
         return
     for index, p in enumerate(model.layers.parameters()):
         full = injected_grad(p.shape, step, index)
-        if isinstance(p, DTensor):
-            mesh = p.device_mesh
-            start, length = shard_rows(p.shape[0], mesh.size())[mesh.get_local_rank()]
-            p.grad = DTensor.from_local(full[start:start + length].clone(), mesh, [Shard(0)],
+        if isinstance(p, DTensor):  # FSDP2 (Shard(0)) or HSDP (Replicate(), Shard(0)): p's layout
+            shards = row_shards_of(p)
+            start, length = shard_rows(p.shape[0], shards.size())[shards.local_rank()]
+            p.grad = DTensor.from_local(full[start:start + length].clone(), p.device_mesh, p.placements,
                                         shape=p.shape, stride=p.stride(), run_check=False)
         else:
             p.grad = full
