@@ -56,6 +56,21 @@ def read_job_record(run: RunDir) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and record.get("state") in STATES else None
 
 
+def recorded_exit_status(run: RunDir) -> int | None:
+    """How the run's last process ended, as recorded beside it: the exit status in job.json
+    (a SLURM job) or in cell.json (the local factorial runner); None while it runs or when
+    nothing was recorded."""
+    record = read_job_record(run)
+    if record is not None:
+        return record.get("exit_status") if record["state"] != "running" else None
+    try:
+        cell = json.loads(run.cell_json.read_text())
+    except (OSError, ValueError):
+        return None
+    status = cell.get("exit_code") if isinstance(cell, dict) else None
+    return status if isinstance(status, int) else None
+
+
 def write_job_record(run: RunDir, state: str, exit_status: int | None = None,
                      environ: dict[str, str] | None = None) -> dict[str, Any]:
     """Record the job attempt's ``state`` (one of STATES) in ``run``'s job.json."""

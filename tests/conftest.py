@@ -75,3 +75,22 @@ def finished_run(tmp_path_factory, tiny_corpus) -> Path:
     proc = run_cli(tiny_run_args(run_dir, tiny_corpus, *FINISHED_RUN_ARGS))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real one-node SLURM cluster on localhost (``tests/slurm_cluster.py``), started once per
+    session. Skipped with the reason where it cannot start here (not root, packages missing),
+    unless NORMOPT_REQUIRE_SLURM=1 (CI sets it): then that is a failure."""
+    from tests import slurm_cluster
+
+    reason = slurm_cluster.unavailable()
+    if reason and os.environ.get("NORMOPT_REQUIRE_SLURM") == "1":
+        pytest.fail(f"NORMOPT_REQUIRE_SLURM=1 but {reason}")
+    if reason:
+        pytest.skip(reason)
+    cluster = slurm_cluster.start(tmp_path_factory.mktemp("slurm"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

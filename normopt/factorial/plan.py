@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from normopt.errors import UserError
+from normopt.errors import DIVERGED_EXIT_CODE, UserError
 from normopt.factorial.cells import CellSpec
 from normopt.factorial.tuning import TuneSpec
+from normopt.job_record import recorded_exit_status
 from normopt.report.tuning import TUNING_DIR
 from normopt.run_dir import PLAN_FILE, RunDir
 
@@ -81,13 +82,20 @@ def cell_is_complete(run: RunDir, steps: int) -> bool:
     return bool(done) and done[-1] >= steps
 
 
+def cell_diverged(run: RunDir) -> bool:
+    """Whether the run's last process ended diverged (exit 3): a result, not run again."""
+    return recorded_exit_status(run) == DIVERGED_EXIT_CODE
+
+
 def grid_plan(base: Path, root: Path, cells: list[CellSpec], tune: TuneSpec | None, runs: list[CellSpec],
               gpus_per_node: int = 1) -> GridPlan:
-    """The plan of a grid as it stands on disk: every run, and those not complete yet to run."""
+    """The plan of a grid as it stands on disk: every run, and those neither complete nor
+    diverged to run."""
     steps, flops = plan_step_costs(base, [*runs, *cells])
 
     def incomplete(folder: Path, group: list[CellSpec]) -> list[str]:
-        return [c.name for c in group if not cell_is_complete(RunDir(folder / c.name), steps[c.name])]
+        return [c.name for c in group if not cell_is_complete(RunDir(folder / c.name), steps[c.name])
+                and not cell_diverged(RunDir(folder / c.name))]
 
     return GridPlan(str(Path(base).resolve()), os.getcwd(), gpus_per_node, None if tune is None else tune.to_json(),
                     runs, cells, {"tuning": incomplete(Path(root) / TUNING_DIR, runs),

@@ -34,7 +34,7 @@ from normopt.config import REPO_ROOT, load_config
 from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, UserError
 from normopt.factorial.cells import CellSpec, write_cell_json
 from normopt.factorial.grid_clock import GridClock, cell_step_flops, format_duration
-from normopt.factorial.plan import grid_plan, write_plan
+from normopt.factorial.plan import cell_diverged, grid_plan, write_plan
 from normopt.factorial.slurm import spec_gpus_per_node, submit_grid
 from normopt.factorial.spec import load_spec, read_spec_file
 from normopt.factorial.tuning import (
@@ -146,9 +146,9 @@ def run_cells(base: Path, root: Path, cells: list[CellSpec], nproc: int = 1, ver
     try:
         for index, (cell, cell_steps, run) in enumerate(zip(cells, steps, runs)):
             label = f"[factorial] cell {index + 1}/{len(cells)} {cell.name}"
-            if first_steps[index] >= cell_steps:
+            if first_steps[index] >= cell_steps or cell_diverged(run):
                 progress.finish(index)
-                bar.write(f"{label}: complete, skipped")
+                bar.write(f"{label}: {'complete' if first_steps[index] >= cell_steps else 'diverged before'}, skipped")
                 continue
             bar.set_description(f"cell {index + 1}/{len(cells)} {cell.name}")
             if verbose:

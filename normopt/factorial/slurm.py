@@ -103,10 +103,13 @@ def array_script(phase: str, root: Path, plan: GridPlan, options: list[str] | tu
         f"export NORMOPT_GPUS_PER_NODE={gpus}",
         f'export NORMOPT_JOB_LOG={shlex.quote(str(slurm_folder(root)))}/{phase}-${{SLURM_ARRAY_JOB_ID}}_'
         '${SLURM_ARRAY_TASK_ID}.out',
-        f'ARGS=$("$PYTHON" -m normopt.factorial.slurm_task args {shlex.quote(str(root))} {phase} '
+        f'TASK=$("$PYTHON" -m normopt.factorial.slurm_task args {shlex.quote(str(root))} {phase} '
         '"$SLURM_ARRAY_TASK_ID") || exit $?',
-        '[ -n "$ARGS" ] || exit 0  # nothing to run (the line above says why)',
-        'eval "ARGS=($ARGS)"',
+        '[ -n "$TASK" ] || exit 0  # nothing to run (the line above says why)',
+        "# line 1: the cell's folder (a refused start is recorded there); line 2: its overrides",
+        '{ IFS= read -r NORMOPT_RECORD_DIR; IFS= read -r OVERRIDES; } <<< "$TASK"',
+        "export NORMOPT_RECORD_DIR",
+        'eval "ARGS=($OVERRIDES)"',
         f'exec bash {shlex.quote(str(SLURM_SBATCH))} --config {shlex.quote(plan.base)} "${{ARGS[@]}}"',
     ]
     return "\n".join(lines) + "\n"

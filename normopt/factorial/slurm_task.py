@@ -3,8 +3,9 @@
     python -m normopt.factorial.slurm_task args ROOT PHASE INDEX   # one array task's training arguments
     python -m normopt.factorial.slurm_task choose ROOT             # the tuning's choice, per cell
 
-``args`` prints the task's overrides, shell-quoted, for ``launch/slurm.sbatch`` (nothing when
-the cell is not to run: its group's tuning chose no value) and writes the cell's ``cell.json``.
+``args`` prints two lines, the cell's run folder and its overrides shell-quoted for
+``launch/slurm.sbatch`` (nothing when the cell is not to run: its group's tuning chose no
+value), and writes the cell's ``cell.json``.
 An evaluation cell of a tuned grid gets the value the tuning runs on disk choose now, through
 the same functions as the local runner (:func:`normopt.factorial.tuning.choose_values` and
 ``tuned_cells``), so a cell that ran at another value is refused there too. ``choose`` writes
@@ -39,7 +40,8 @@ def evaluation_cell(root: Path, plan: GridPlan, cell: CellSpec) -> tuple[CellSpe
 
 
 def task_args(root: Path, phase: str, index: int) -> str:
-    """The shell-quoted overrides of array task ``index`` of ``phase`` ('' when it does not run)."""
+    """Array task ``index`` of ``phase``: its run folder and its shell-quoted overrides on two
+    lines ('' when it does not run)."""
     plan = read_plan(root)
     cell = plan.cell(phase, index)
     if phase == "evaluation":
@@ -52,7 +54,7 @@ def task_args(root: Path, phase: str, index: int) -> str:
             return ""
         cell = cell_at_choice
     write_cell_json(RunDir(run_dir_of(cell)), cell)
-    return shlex.join(cell.overrides)
+    return f"{run_dir_of(cell)}\n{shlex.join(cell.overrides)}"
 
 
 def choose(root: Path) -> list[str]:

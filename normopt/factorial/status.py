@@ -36,7 +36,7 @@ from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, UserError
 from normopt.factorial.grid_clock import format_duration, predicted_seconds_per_step
 from normopt.factorial.plan import PHASES, GridPlan, read_plan
 from normopt.factorial.slurm import read_submissions, slurm_folder
-from normopt.job_record import read_job_record
+from normopt.job_record import read_job_record, recorded_exit_status
 from normopt.report.cell_assessment import final_eval_loss
 from normopt.report.cell_reading import read_metrics
 from normopt.report.tuning import TUNING_DIR, TUNING_FILE
@@ -118,14 +118,16 @@ def measured_seconds_per_step(run: RunDir) -> float | None:
     return None
 
 
-def run_status(phase: str, run: RunDir, steps: int, queue: tuple[str, str] | None, job_id: str | None) -> RunStatus:
-    """One run's state (module docstring) from its folder and its SLURM queue entry."""
+def run_status(phase: str, run: RunDir, steps: int, queue: tuple[str, str] | None, job_id: str | None,
+               left_queue: str | None = None) -> RunStatus:
+    """One run's state (module docstring) from its folder and its SLURM queue entry;
+    ``left_queue`` is the log of its job when SLURM was asked and no longer lists that job."""
     metrics = read_metrics(run.metrics) if run.metrics.is_file() else None
     last = (metrics.last_step or 0) if metrics else 0
     checkpoints = run.complete_steps()
     checkpoint = f"last checkpoint step {checkpoints[-1]}" if checkpoints else "no checkpoint"
     record, cell = read_job_record(run), _read_json(run.cell_json)
-    exit_status = record.get("exit_status") if record and record["state"] != "running" else cell.get("exit_code")
+    exit_status = recorded_exit_status(run)
     log = (record or {}).get("log") or (str(run.train_log) if run.train_log.exists() else None)
     job = f" (job {job_id})" if job_id else ""
     rate = measured_seconds_per_step(run)
@@ -156,6 +158,8 @@ def run_status(phase: str, run: RunDir, steps: int, queue: tuple[str, str] | Non
         where = f" on {record.get('host')}" if record.get("host") else ""
         return status("failed", f"job {record.get('job_id')}{where} ended without a record at step {last} "
                                 f"(node lost or job killed), {checkpoint}{f', log {log}' if log else ''}")
+    if last == 0 and left_queue is not None:
+        return status("failed", f"its job{job} ended before training started, log {left_queue}", 0)
     if last == 0:
         return status("queued", "not started")
     return status("preempted", f"stopped at step {last}, {checkpoint}")
@@ -191,7 +195,10 @@ def grid_status(root: Path) -> tuple[list[RunStatus], list[str], bool]:
             entry = queue.get(task) if queue is not None and task else None
             if entry is None and queue is not None and task is not None and jobs[phase] in queue:
                 entry = queue[jobs[phase]]  # a pending array shown whole
-            statuses.append(run_status(phase, RunDir(folder / cell.name), plan.steps.get(cell.name, 0), entry, task))
+            gone = (str(slurm_folder(root) / f"{phase}-{task}.out")
+                    if queue is not None and task is not None and entry is None else None)
+            statuses.append(run_status(phase, RunDir(folder / cell.name), plan.steps.get(cell.name, 0), entry, task,
+                                       gone))
     return statuses, _step_lines(root, plan, jobs, queue), queue is not None
 
 
@@ -258,6 +265,6 @@ def status_main(argv: list[str] | None = None) -> int:
         clock = "nothing left to run"
     else:
         spread = f", ~{format_duration(left / running)} with {running} running at once" if running > 1 else ""
-        clock = f"time left: ~{format_duration(left)} of run time (grid clock){spread}"
+        clock = f"time left: ~{format_duration(left)} of training steps (grid clock; start-up not counted){spread}"
     print(f"summary: {', '.join(f'{counts.get(s, 0)} {s}' for s in STATES)}; {clock} [{time.strftime('%H:%M:%S')}]")
     return 0

@@ -31,12 +31,13 @@ from typing import Any
 import yaml
 
 from normopt.config import flat_config
-from normopt.errors import UserError
+from normopt.errors import DIVERGED_EXIT_CODE, UserError
 from normopt.factorial.cells import CellSpec, format_value
 from normopt.report.axes import level_label
 from normopt.report.cell_assessment import assess_cell
 from normopt.report.cell_reading import load_cell
 from normopt.report.tuning import METRICS, TUNING_DIR, TUNING_FILE, Choice, ValueOutcome, choose_value
+from normopt.job_record import recorded_exit_status
 from normopt.run_dir import RunDir
 
 TUNE_KEYS = {"key", "values", "by", "seeds", "steps"}
@@ -148,8 +149,14 @@ def tuning_outcomes(root: Path, tune: TuneSpec, runs: Sequence[CellSpec]) -> dic
         if not RunDir(folder).metrics.is_file():
             failures.append(f"incomplete: {run.name} has not run")
             continue
-        assessment = assess_cell(load_cell(folder))
-        if not assessment.flags:
+        cell = load_cell(folder)
+        assessment = assess_cell(cell)
+        if recorded_exit_status(RunDir(folder)) == DIVERGED_EXIT_CODE and "diverged" not in assessment.flags:
+            # it stopped before an update whose gradient norm was not finite: the losses it logged are
+            last = cell.metrics.last_step if cell.metrics else None
+            failures.append(f"{run.name}: diverged: exited {DIVERGED_EXIT_CODE} (loss or gradient norm not finite) "
+                            f"after step {last}")
+        elif not assessment.flags:
             losses.append(assessment.final_eval_loss)
         elif set(assessment.flags) <= {"missing", "stopped_early"}:
             failures.append(f"incomplete: {run.name}: {'; '.join(assessment.reasons)}")

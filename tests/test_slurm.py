@@ -1,0 +1,238 @@
+"""Grids and jobs through a real SLURM (slurmctld + slurmd + munged on localhost,
+``tests/slurm_cluster.py``): a tuned grid submitted with ``--slurm`` runs to ``report.md`` with
+no other command; USR1 preemption of an array task checkpoints, exits 75, requeues and resumes
+bit-identically; ``scancel`` (SIGTERM) checkpoints and exits 75 without a requeue; a job that
+fails is reported as failed with its log, and the report job still runs after it.
+
+The node declares two GPUs as GRES, so each array task asks ``--gpus-per-node=1`` and two run
+at a time; their ranks run on the CPU with gloo. A job that SLURM requeues waits about two
+minutes (its BeginTime) before it may start again; the tests move that start to now with
+``scontrol update``, which changes when the job starts, not what it does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import TINY_MODEL, tiny_run_args
+from tests.processes import REPO_ROOT
+
+SBATCH = REPO_ROOT / "launch" / "slurm.sbatch"
+TIMEOUT_S = 300
+
+
+def _job_env(cluster) -> dict[str, str]:
+    """What the jobs inherit (sbatch exports the submitter's environment): one thread per
+    rank, this Python, the repository on the path."""
+    return cluster.env({**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                        "NORMOPT_PYTHON": sys.executable, "PYTHONPATH": str(REPO_ROOT)})
+
+
+def _normopt(cluster, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "normopt.cli", *args], cwd=REPO_ROOT, env=_job_env(cluster),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _spec(tmp_path: Path, corpus: Path, **changes) -> Path:
+    spec = {
+        "base": str(REPO_ROOT / "configs" / "demo.yaml"),
+        "root": str(tmp_path / "grid"),
+        "set": {"data.path": str(corpus), "data.vocab_size": 300, "train.steps": 6, "train.global_batch_size": 4,
+                "train.micro_batch_size": 4, "train.seq_len": 32, "train.eval_interval": 3,
+                "train.eval_sequences": 8, "train.mfu_probe": False, "train.log_interval": 1,
+                "optim.warmup_steps": 1, "optim.grad_clip": 0, "checkpoint.interval": 3,
+                **{item.split("=")[0]: yaml.safe_load(item.split("=")[1]) for item in TINY_MODEL}},
+        "axes": {"model.norm": ["rmsnorm", "derf"], "optim.name": ["adamw"]},
+        "seeds": [0],
+        "slurm": {"gpus_per_node": 1},
+        **changes,
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _wait(condition, what: str, cluster, timeout: float = TIMEOUT_S, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    queue = cluster.run("squeue", check=False).stdout
+    raise AssertionError(f"{what}: not within {timeout:.0f} s\nsqueue:\n{queue}\n{cluster.logs(15)}")
+
+
+def _queue_empty(cluster) -> bool:
+    return cluster.run("squeue", "-h", check=False).stdout.strip() == ""
+
+
+def _job_field(cluster, job: str, field: str) -> str:
+    out = cluster.run("scontrol", "-o", "show", "job", job, check=False).stdout
+    match = re.search(rf"\b{field}=(\S+)", out)
+    return match.group(1) if match else ""
+
+
+def _start_now(cluster, job: str) -> None:
+    """Let a requeued job start without its BeginTime delay."""
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def test_tuned_grid_runs_through_slurm_to_its_report(slurm_cluster, tmp_path, tiny_corpus):
+    """Tuning array (the value 1e4 diverges: exit 3, which the choice job's afterany still
+    follows), the choice, the evaluation array at the chosen value, then the report job."""
+    spec = _spec(tmp_path, tiny_corpus, axes={"model.norm": ["derf"], "optim.name": ["adamw"]},
+                 tune={"key": "optim.lr", "values": [1.0e-2, 1.0e4], "seeds": [100]})
+    root = tmp_path / "grid"
+    dry = _normopt(slurm_cluster, "factorial", str(spec), "--slurm", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "cost: 2 tuning runs, 12 steps; 1 evaluation runs, 6 steps" in dry.stdout
+    assert "CHOOSE=$(sbatch --parsable --dependency=afterany:$TUNING" in dry.stdout
+    assert "EVALUATION=$(sbatch --parsable --dependency=afterok:$CHOOSE" in dry.stdout
+    assert not root.exists()
+
+    proc = _normopt(slurm_cluster, "factorial", str(spec), "--slurm")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"submitted tuning \d+ \(2 tasks\), choose \d+, evaluation \d+ \(1 tasks\), report \d+",
+                     proc.stdout), proc.stdout
+    during = _normopt(slurm_cluster, "status", str(root))
+    assert during.returncode == 0, during.stderr
+    assert "(from the SLURM queue and run folders)" in during.stdout
+    assert len([line for line in during.stdout.splitlines() if line.startswith(("tuning ", "evaluation "))]) == 3
+
+    _wait(lambda: _queue_empty(slurm_cluster), "the chain to finish", slurm_cluster)
+    assert (root / "report.md").is_file(), (root / "slurm").iterdir()
+    choices = _read_json(root / "tuning" / "tuning.json")["choices"]
+    assert {group: c["chosen"] for group, c in choices.items()} == {"derf-adamw": 0.01}
+    assert all("exited 3" in c["excluded"]["10000.0"] or "nan" in c["excluded"]["10000.0"] for c in choices.values())
+    for cell in ("derf-adamw-s0",):
+        assert yaml.safe_load((root / cell / "config.yaml").read_text())["optim"]["lr"] == 0.01
+        assert _read_json(root / cell / "job.json")["exit_status"] == 0
+    diverged = _read_json(root / "tuning" / "derf-adamw-lr10000.0-s100" / "job.json")
+    assert diverged["state"] == "ended" and diverged["exit_status"] == 3
+
+    after = _normopt(slurm_cluster, "status", str(root))
+    assert after.returncode == 0, after.stderr
+    lines = after.stdout.splitlines()
+    assert re.search(r"^evaluation\s+derf-adamw-s0\s+done\s+eval loss \d", after.stdout, re.M), after.stdout
+    assert re.search(r"^tuning\s+derf-adamw-lr10000.0-s100\s+diverged\s+at step \d", after.stdout, re.M)
+    assert any(line.startswith("report") and "done (report.md)" in line for line in lines), after.stdout
+    assert lines[-1].startswith("summary: 2 done, 0 running, 0 queued, 0 preempted, 1 diverged, 0 failed"), lines[-1]
+
+    # nothing is left to run (a diverged run is a result, not rerun): the choice and the report
+    again = _normopt(slurm_cluster, "factorial", str(spec), "--slurm", "--dry-run")
+    assert again.returncode == 0, again.stderr
+    assert "TUNING=" not in again.stdout and "EVALUATION=" not in again.stdout and "REPORT=" in again.stdout
+
+
+def test_usr1_preempts_an_array_task_which_requeues_and_resumes_bit_identically(slurm_cluster, tmp_path,
+                                                                                 tiny_corpus):
+    spec = _spec(tmp_path, tiny_corpus, axes={"model.norm": ["rmsnorm"], "optim.name": ["adamw"]})
+    settings = yaml.safe_load(spec.read_text())
+    settings["set"].update({"train.steps": 300, "train.eval_interval": 0, "checkpoint.interval": 0,
+                            "train.dtype": "float32"})
+    spec.write_text(yaml.safe_dump(settings))
+    root, cell = tmp_path / "grid", tmp_path / "grid" / "rmsnorm-adamw-s0"
+    proc = _normopt(slurm_cluster, "factorial", str(spec), "--slurm")
+    assert proc.returncode == 0, proc.stderr
+    array = re.search(r"evaluation (\d+)", proc.stdout).group(1)
+    _wait(lambda: (cell / "metrics.jsonl").exists() and max(_losses(cell), default=0) >= 3,
+          "step 3 of the array task", slurm_cluster, interval=0.05)
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", f"{array}_0")
+    record = _wait(lambda: _read_json(cell / "job.json").get("state") == "requeued" and _read_json(cell / "job.json"),
+                   "the task to record its requeue", slurm_cluster, interval=0.1)
+    assert record["exit_status"] == 75
+    stopped_at = max(_losses(cell))
+    assert 3 <= stopped_at < 300
+    assert (cell / "checkpoints" / f"step_{stopped_at:08d}" / "trainer_state.json").is_file()
+    _wait(lambda: _job_field(slurm_cluster, f"{array}_0", "JobState") == "PENDING", "the task back in the queue",
+          slurm_cluster)
+    status = _normopt(slurm_cluster, "status", str(root))
+    assert re.search(rf"^evaluation\s+rmsnorm-adamw-s0\s+preempted\s+requeued, last checkpoint step {stopped_at}",
+                     status.stdout, re.M), status.stdout
+    _start_now(slurm_cluster, f"{array}_0")
+    _wait(lambda: _queue_empty(slurm_cluster), "the resumed task and the report job", slurm_cluster)
+    final = _read_json(cell / "job.json")
+    assert final["state"] == "ended" and final["exit_status"] == 0 and final["restarts"] == 1, final
+    assert (root / "report.md").is_file()
+
+    reference = tmp_path / "reference"
+    overrides = [o for o in json.loads((root / "plan.json").read_text())["evaluation"][0]["overrides"]
+                 if not o.startswith("run.dir=")]
+    single = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "--config", str(REPO_ROOT / "configs/demo.yaml"),
+                             *overrides, f"run.dir={reference}"], cwd=REPO_ROOT, env=_job_env(slurm_cluster),
+                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert single.returncode == 0, single.stderr[-2000:]
+    resumed, uninterrupted = _losses(cell), _losses(reference)
+    assert sorted(resumed) == sorted(uninterrupted) == list(range(1, 301))
+    assert resumed == uninterrupted  # bit-identical, steps after the requeue included
+
+
+def test_scancel_checkpoints_and_exits_75_without_a_requeue(slurm_cluster, tmp_path, tiny_corpus):
+    run_dir = tmp_path / "run"
+    args = tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0", "checkpoint.interval=0",
+                         "train.dtype=float32")
+    job = slurm_cluster.run(
+        "sbatch", "--parsable", "--nodes=1", "--gpus-per-node=1", "--cpus-per-task=1", f"--output={tmp_path}/job.out",
+        "--chdir", str(REPO_ROOT), str(SBATCH), "--config", "configs/demo.yaml", *args).stdout.strip()
+    _wait(lambda: (run_dir / "metrics.jsonl").exists() and max(_losses(run_dir), default=0) >= 3,
+          "step 3", slurm_cluster, interval=0.05)
+    slurm_cluster.run("scancel", job)
+    _wait(lambda: _queue_empty(slurm_cluster), "the cancelled job to end", slurm_cluster)
+    record = _read_json(run_dir / "job.json")
+    assert record["state"] == "ended" and record["exit_status"] == 75, (record, (tmp_path / "job.out").read_text())
+    stopped_at = max(_losses(run_dir))
+    assert stopped_at < 400
+    assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "trainer_state.json").is_file()
+    assert _job_field(slurm_cluster, job, "Restarts") == "0"
+    assert _job_field(slurm_cluster, job, "JobState") == "CANCELLED"
+    assert "requeue" not in (tmp_path / "job.out").read_text()
+
+
+def test_a_failed_job_is_reported_with_its_log_and_the_report_job_still_runs(slurm_cluster, tmp_path, tiny_corpus):
+    """The grid is submitted held; its corpus is then removed and the jobs released: the task
+    fails at its start (exit 2, recorded in job.json), and the report job, which follows the
+    array however it ended, still writes report.md, which names the cell as missing."""
+    import shutil
+
+    corpus = shutil.copytree(tiny_corpus, tmp_path / "corpus")
+    spec = _spec(tmp_path, corpus, axes={"model.norm": ["rmsnorm"], "optim.name": ["adamw"]})
+    root, cell = tmp_path / "grid", tmp_path / "grid" / "rmsnorm-adamw-s0"
+    proc = _normopt(slurm_cluster, "factorial", str(spec), "--slurm", "--sbatch-option=--hold")
+    assert proc.returncode == 0, proc.stderr
+    shutil.rmtree(corpus)
+    for job in re.findall(r"(?:evaluation|report) (\d+)", proc.stdout):
+        slurm_cluster.run("scontrol", "release", job)
+    _wait(lambda: _queue_empty(slurm_cluster), "the failed task and the report job", slurm_cluster)
+    record = _read_json(cell / "job.json")
+    assert record["state"] == "ended" and record["exit_status"] == 2, record
+    status = _normopt(slurm_cluster, "status", str(root))
+    line = next(line for line in status.stdout.splitlines() if "rmsnorm-adamw-s0" in line)
+    assert re.search(r"failed\s+exit 2 at step 0, log \S+/slurm/evaluation-\d+_0\.out", line), line
+    log = Path(re.search(r"log (\S+)", line).group(1))
+    assert "data.path" in log.read_text()
+    report_line = next(line for line in status.stdout.splitlines() if line.startswith("report"))
+    assert "done (report.md)" in report_line, report_line
+    assert "rmsnorm-adamw-s0 left out: missing: no metrics.jsonl" in (root / "report.md").read_text()
+    assert status.stdout.splitlines()[-1].startswith("summary: 0 done, 0 running, 0 queued, 0 preempted, "
+                                                     "0 diverged, 1 failed")
