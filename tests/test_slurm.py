@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -84,6 +85,19 @@ def _job_field(cluster, job: str, field: str) -> str:
 def _start_now(cluster, job: str) -> None:
     """Let a requeued job start without its BeginTime delay."""
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+
+
+def _kill_job_processes(cluster, job: str) -> None:
+    """SIGKILL every process of a job at once (its batch script, srun, the launcher, the
+    ranks), as a node that dies leaves it: nothing of the job gets to record how it ended."""
+    listed = cluster.run("scontrol", "listpids", job).stdout.splitlines()[1:]
+    pids = {int(line.split()[0]) for line in listed if line.split() and line.split()[0].isdigit()}
+    assert pids, listed
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -188,25 +202,44 @@ def test_usr1_preempts_an_array_task_which_requeues_and_resumes_bit_identically(
     assert resumed == uninterrupted  # bit-identical, steps after the requeue included
 
 
-def test_scancel_checkpoints_and_exits_75_without_a_requeue(slurm_cluster, tmp_path, tiny_corpus):
-    run_dir = tmp_path / "run"
-    args = tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0", "checkpoint.interval=0",
-                         "train.dtype=float32")
-    job = slurm_cluster.run(
-        "sbatch", "--parsable", "--nodes=1", "--gpus-per-node=1", "--cpus-per-task=1", f"--output={tmp_path}/job.out",
-        "--chdir", str(REPO_ROOT), str(SBATCH), "--config", "configs/demo.yaml", *args).stdout.strip()
-    _wait(lambda: (run_dir / "metrics.jsonl").exists() and max(_losses(run_dir), default=0) >= 3,
-          "step 3", slurm_cluster, interval=0.05)
-    slurm_cluster.run("scancel", job)
-    _wait(lambda: _queue_empty(slurm_cluster), "the cancelled job to end", slurm_cluster)
-    record = _read_json(run_dir / "job.json")
-    assert record["state"] == "ended" and record["exit_status"] == 75, (record, (tmp_path / "job.out").read_text())
-    stopped_at = max(_losses(run_dir))
+def test_scancel_checkpoints_and_exits_75_without_a_requeue_and_a_killed_job_shows_as_lost(slurm_cluster, tmp_path,
+                                                                                           tiny_corpus):
+    """Two array tasks at once: ``scancel`` (SIGTERM) of task 0 checkpoints and exits 75 with no
+    requeue; SIGKILL of every process of task 1 (as when its node dies) leaves its job.json at
+    "running", which ``normopt status`` reports as a job that ended without a record."""
+    spec = _spec(tmp_path, tiny_corpus)
+    settings = yaml.safe_load(spec.read_text())
+    settings["set"].update({"train.steps": 400, "train.eval_interval": 0, "checkpoint.interval": 0,
+                            "train.dtype": "float32"})
+    spec.write_text(yaml.safe_dump(settings))
+    root = tmp_path / "grid"
+    proc = _normopt(slurm_cluster, "factorial", str(spec), "--slurm")
+    assert proc.returncode == 0, proc.stderr
+    array = re.search(r"evaluation (\d+)", proc.stdout).group(1)
+    cells = [root / "rmsnorm-adamw-s0", root / "derf-adamw-s0"]
+    for cell in cells:
+        _wait(lambda: (cell / "metrics.jsonl").exists() and max(_losses(cell), default=0) >= 3,
+              f"step 3 of {cell.name}", slurm_cluster, interval=0.05)
+    slurm_cluster.run("scancel", f"{array}_0")
+    _kill_job_processes(slurm_cluster, _read_json(cells[1] / "job.json")["job_id"])
+    _wait(lambda: _job_field(slurm_cluster, f"{array}_0", "JobState") == "CANCELLED"
+          and _job_field(slurm_cluster, f"{array}_1", "JobState") in ("CANCELLED", "FAILED"),
+          "both tasks to end", slurm_cluster)
+    record = _wait(lambda: _read_json(cells[0] / "job.json").get("state") == "ended" and _read_json(cells[0] / "job.json"),
+                   "the cancelled task's record", slurm_cluster, timeout=30)
+    assert record["exit_status"] == 75, (record, (root / "slurm").iterdir())
+    stopped_at = max(_losses(cells[0]))
     assert stopped_at < 400
-    assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "trainer_state.json").is_file()
-    assert _job_field(slurm_cluster, job, "Restarts") == "0"
-    assert _job_field(slurm_cluster, job, "JobState") == "CANCELLED"
-    assert "requeue" not in (tmp_path / "job.out").read_text()
+    assert (cells[0] / "checkpoints" / f"step_{stopped_at:08d}" / "trainer_state.json").is_file()
+    assert _job_field(slurm_cluster, f"{array}_0", "Restarts") == "0"
+    assert _read_json(cells[1] / "job.json")["state"] == "running"  # nothing could record its end
+
+    status = _normopt(slurm_cluster, "status", str(root))
+    lines = {line.split()[1]: line for line in status.stdout.splitlines() if line.startswith("evaluation")}
+    assert re.search(rf"preempted\s+stopped after a checkpoint at step {stopped_at}, last checkpoint step {stopped_at}",
+                     lines["rmsnorm-adamw-s0"]), status.stdout
+    assert re.search(r"failed\s+job \d+ on \S+ ended without a record at step \d+ \(node lost or job killed\), "
+                     r"no checkpoint, log \S+/slurm/evaluation-\d+_1\.out", lines["derf-adamw-s0"]), status.stdout
 
 
 def test_a_failed_job_is_reported_with_its_log_and_the_report_job_still_runs(slurm_cluster, tmp_path, tiny_corpus):

@@ -154,10 +154,12 @@ def run_status(phase: str, run: RunDir, steps: int, queue: tuple[str, str] | Non
         return status("preempted", f"stopped after a checkpoint at step {last}, {checkpoint}{job}")
     if exit_status not in (None, 0):
         return status("failed", f"exit {exit_status} at step {last}{f', log {log}' if log else ''}")
-    if record and record["state"] == "running":  # its job is no longer in the queue
-        where = f" on {record.get('host')}" if record.get("host") else ""
-        return status("failed", f"job {record.get('job_id')}{where} ended without a record at step {last} "
-                                f"(node lost or job killed), {checkpoint}{f', log {log}' if log else ''}")
+    if record and record["state"] == "running":
+        where = f"job {record.get('job_id')}" + (f" on {record.get('host')}" if record.get("host") else "")
+        if left_queue is None:  # SLURM not asked: the record is all there is
+            return status("running", f"step {last}/{steps} ({where}, by its job.json; squeue not available)")
+        return status("failed", f"{where} ended without a record at step {last} (node lost or job killed), "
+                                f"{checkpoint}{f', log {log}' if log else ''}")
     if last == 0 and left_queue is not None:
         return status("failed", f"its job{job} ended before training started, log {left_queue}", 0)
     if last == 0:
