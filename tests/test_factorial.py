@@ -62,7 +62,7 @@ def test_cells_cross_axes_seeds_and_arms():
     ({"root": "tests/conftest.py"}, "exists and is not a folder"),
     ({"slurm": {"gpus_per_node": 0}}, "slurm.gpus_per_node must be an integer >= 1"),
     ({"slurm": {"options": ["time=1"]}}, "slurm.options must be a list of sbatch options"),
-    ({"slurm": {"nodes": 2}}, "slurm must be a mapping with keys"),
+    ({"slurm": {"partition": "gpu"}}, "slurm must be a mapping with keys"),
 ])
 def test_spec_errors(tmp_path, tiny_corpus, change, message):
     with pytest.raises(UserError, match=message):
@@ -128,6 +128,19 @@ def test_slurm_job_takes_gpus_and_sbatch_options(tmp_path, tiny_corpus):
     bad = _factorial(spec, "--slurm", "--dry-run", "--gpus-per-node", "3", timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "cannot be split evenly over 3 ranks" in bad.stderr and "cell " in bad.stderr
+
+
+def test_slurm_cells_on_several_nodes(tmp_path, tiny_corpus):
+    """slurm.nodes (or --nodes): each array task takes that many nodes, and the batch is checked
+    for nodes x GPUs ranks."""
+    spec = _spec(tmp_path, tiny_corpus, slurm={"gpus_per_node": 2, "nodes": 2})
+    proc = _factorial(spec, "--slurm", "--dry-run", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --nodes=2" in proc.stdout and "#SBATCH --gpus-per-node=2" in proc.stdout
+    bad = _factorial(spec, "--slurm", "--dry-run", "--nodes=3", timeout=120)  # 4 sequences over 6 ranks
+    assert bad.returncode == 2 and "cannot be split evenly over 6 ranks" in bad.stderr
+    wrong = _factorial(_spec(tmp_path, tiny_corpus, slurm={"nodes": 0}), "--slurm", "--dry-run", timeout=120)
+    assert wrong.returncode == 2 and "slurm.nodes must be an integer >= 1, got 0" in wrong.stderr
 
 
 def test_dry_run_lists_cells_and_runs_nothing(tmp_path, tiny_corpus):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import TINY_MODEL, tiny_run_args
+from tests.conftest import TINY_MODEL
 from tests.processes import REPO_ROOT
 
 SBATCH = REPO_ROOT / "launch" / "slurm.sbatch"

@@ -2,7 +2,7 @@
 
 Written by the local runner and by ``--slurm`` alike, before anything runs::
 
-    {"base": "/abs/configs/demo.yaml", "workdir": "/where/it/was/started", "gpus_per_node": 8,
+    {"base": "/abs/configs/demo.yaml", "workdir": "/where/it/was/started", "gpus_per_node": 8, "nodes": 1,
      "tune": {"key": "optim.lr", "values": [...], "by": ..., "seeds": [...], "steps": 40} | null,
      "tuning": [CellSpec...], "evaluation": [CellSpec...],
      "to_run": {"tuning": [names], "evaluation": [names]},
@@ -47,6 +47,7 @@ class GridPlan:
     to_run: dict[str, list[str]]
     steps: dict[str, int] = field(default_factory=dict)
     step_flops: dict[str, float] = field(default_factory=dict)
+    nodes: int = 1  # per SLURM array task
 
     def cell(self, phase: str, index: int) -> CellSpec:
         """Array task ``index`` of ``phase``: the ``index``-th of the runs to run."""
@@ -88,7 +89,7 @@ def cell_diverged(run: RunDir) -> bool:
 
 
 def grid_plan(base: Path, root: Path, cells: list[CellSpec], tune: TuneSpec | None, runs: list[CellSpec],
-              gpus_per_node: int = 1) -> GridPlan:
+              gpus_per_node: int = 1, nodes: int = 1) -> GridPlan:
     """The plan of a grid as it stands on disk: every run, and those neither complete nor
     diverged to run."""
     steps, flops = plan_step_costs(base, [*runs, *cells])
@@ -99,7 +100,7 @@ def grid_plan(base: Path, root: Path, cells: list[CellSpec], tune: TuneSpec | No
 
     return GridPlan(str(Path(base).resolve()), os.getcwd(), gpus_per_node, None if tune is None else tune.to_json(),
                     runs, cells, {"tuning": incomplete(Path(root) / TUNING_DIR, runs),
-                                  "evaluation": incomplete(Path(root), cells)}, steps, flops)
+                                  "evaluation": incomplete(Path(root), cells)}, steps, flops, nodes)
 
 
 def write_plan(root: Path, plan: GridPlan) -> Path:
@@ -115,7 +116,8 @@ def read_plan(root: Path) -> GridPlan:
         record = json.loads(path.read_text())
         return GridPlan(record["base"], record["workdir"], record["gpus_per_node"], record["tune"],
                         [CellSpec(**c) for c in record["tuning"]], [CellSpec(**c) for c in record["evaluation"]],
-                        record["to_run"], record.get("steps", {}), record.get("step_flops", {}))
+                        record["to_run"], record.get("steps", {}), record.get("step_flops", {}),
+                        record.get("nodes", 1))
     except FileNotFoundError:
         raise UserError(f"{path}: no such file (a grid's plan, written by normopt factorial)") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:

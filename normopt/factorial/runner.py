@@ -8,10 +8,10 @@ ranks) under one progress bar, each cell's output in its ``train.log``; finished
 skipped, interrupted ones resume from their last checkpoint. ``--slurm`` submits the grid as a
 chain of SLURM jobs instead (:mod:`normopt.factorial.slurm`): for a tuned spec a tuning array,
 a job that makes the choice and an evaluation array; for any spec a last job that writes the
-report. Each array task runs ``launch/slurm.sbatch`` for one cell on one node with the spec's
-``slurm.gpus_per_node`` GPUs (or ``--gpus-per-node``; 8 if neither says); ``normopt status
+report. Each array task runs ``launch/slurm.sbatch`` for one cell on ``slurm.nodes`` nodes (or
+``--nodes``; 1) of ``slurm.gpus_per_node`` GPUs (or ``--gpus-per-node``; 8); ``normopt status
 ROOT`` follows it. Every cell's global batch must split evenly over the
-ranks it will run on (``--nproc``, or the GPUs of a SLURM node): that is checked when the spec
+ranks it will run on (``--nproc``, or nodes x GPUs per node under SLURM): that is checked when the spec
 is read, before anything runs. ``--dry-run`` lists the cells and what would happen to each (or
 prints the SLURM script) and runs nothing. A spec with a ``tune`` block first runs its tuning
 runs under ``ROOT/tuning``, then the cells at each one's chosen value
@@ -35,7 +35,7 @@ from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, UserError
 from normopt.factorial.cells import CellSpec, write_cell_json
 from normopt.factorial.grid_clock import GridClock, cell_step_flops, format_duration
 from normopt.factorial.plan import cell_diverged, grid_plan, write_plan
-from normopt.factorial.slurm import spec_gpus_per_node, submit_grid
+from normopt.factorial.slurm import spec_gpus_per_node, spec_nodes, submit_grid
 from normopt.factorial.spec import load_spec, read_spec_file
 from normopt.factorial.tuning import (
     TuneSpec,
@@ -242,6 +242,8 @@ def factorial_main(argv: list[str] | None = None) -> int:
                              "choice job for a tuned spec), then a job that writes the report")
     parser.add_argument("--gpus-per-node", type=int, default=None,
                         help="with --slurm: GPUs (ranks) per cell (default: the spec's slurm.gpus_per_node, else 8)")
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="with --slurm: nodes per cell, one launcher each (default: the spec's slurm.nodes, else 1)")
     parser.add_argument("--sbatch-option", action="append", default=[], metavar="OPTION",
                         help="with --slurm: an extra sbatch option, e.g. --sbatch-option=--time=04:00:00 "
                              "(repeatable; overrides the script's)")
@@ -255,14 +257,18 @@ def factorial_main(argv: list[str] | None = None) -> int:
         raise UserError("--nproc must be at least 1")
     if args.gpus_per_node is not None and args.gpus_per_node < 1:
         raise UserError("--gpus-per-node must be at least 1")
-    if not args.slurm and (args.gpus_per_node is not None or args.sbatch_option):
-        raise UserError("--gpus-per-node and --sbatch-option apply to --slurm only (use --nproc here)")
+    if args.nodes is not None and args.nodes < 1:
+        raise UserError("--nodes must be at least 1")
+    if not args.slurm and (args.gpus_per_node is not None or args.nodes is not None or args.sbatch_option):
+        raise UserError("--gpus-per-node, --nodes and --sbatch-option apply to --slurm only (use --nproc here)")
     bad = next((o for o in args.sbatch_option if not o.startswith("-")), None)
     if bad is not None:
         raise UserError(f"--sbatch-option: expected an sbatch option like --time=04:00:00, got {bad!r}")
     if args.slurm:  # a malformed slurm section is refused by load_spec before this count is used
         raw = read_spec_file(Path(args.spec))
-        world_size = args.gpus_per_node or spec_gpus_per_node(raw if isinstance(raw, dict) else {})
+        raw = raw if isinstance(raw, dict) else {}
+        gpus, nodes = args.gpus_per_node or spec_gpus_per_node(raw), args.nodes or spec_nodes(raw)
+        world_size = gpus * nodes
     else:
         world_size = args.nproc
     spec, base, cells = load_spec(args.spec, world_size)
@@ -277,7 +283,7 @@ def factorial_main(argv: list[str] | None = None) -> int:
         else:
             print_tuned_plan(base, root, tune, cells, runs)
     if args.slurm:
-        return submit_grid(spec, base, root, cells, tune, runs, world_size, args.sbatch_option, args.dry_run)
+        return submit_grid(spec, base, root, cells, tune, runs, gpus, nodes, args.sbatch_option, args.dry_run)
     if args.dry_run:
         print(f"dry run: nothing was run (base config {base})")
         return 0

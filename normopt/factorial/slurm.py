@@ -10,8 +10,9 @@ there is). A spec with a ``tune`` block is four::
     evaluation afterok:choose       array, one task per evaluation cell, at the chosen value
     report     afterany:evaluation  writes report.md
 
-Each array task runs ``launch/slurm.sbatch`` for its cell on one node with the spec's
-``slurm.gpus_per_node`` GPUs (or ``--gpus-per-node``; 8 if neither says), so preemption
+Each array task runs ``launch/slurm.sbatch`` for its cell on the spec's ``slurm.nodes`` nodes
+(or ``--nodes``; 1 if neither says) of ``slurm.gpus_per_node`` GPUs (or ``--gpus-per-node``;
+8 if neither says), so preemption
 (USR1 -> checkpoint -> exit 75 -> requeue -> resume) works as for a single job, and writes
 ``job.json`` in the cell's folder for ``normopt status``. The spec's ``slurm.options`` become
 extra ``#SBATCH`` lines in every script and the command line's ``--sbatch-option``s go to every
@@ -44,7 +45,7 @@ from normopt.factorial.tuning import TuneSpec, choose_values, tuned_cells
 from normopt.report.axes import write_experiment_file
 from normopt.run_dir import SLURM_DIR, RunDir
 
-SLURM_KEYS = {"gpus_per_node", "options"}
+SLURM_KEYS = {"gpus_per_node", "nodes", "options"}
 DEFAULT_GPUS_PER_NODE = 8
 JOBS_FILE = "jobs.json"
 SLURM_SBATCH = REPO_ROOT / "launch" / "slurm.sbatch"
@@ -59,6 +60,9 @@ def check_slurm_section(spec: dict[str, Any], path: Path) -> None:
     gpus = section.get("gpus_per_node", DEFAULT_GPUS_PER_NODE)
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
         raise UserError(f"{path}: slurm.gpus_per_node must be an integer >= 1, got {gpus!r}")
+    nodes = section.get("nodes", 1)
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise UserError(f"{path}: slurm.nodes must be an integer >= 1, got {nodes!r}")
     options = section.get("options", [])
     if not isinstance(options, list) or not all(isinstance(o, str) and o.startswith("-") for o in options):
         raise UserError(f"{path}: slurm.options must be a list of sbatch options like --time=04:00:00")
@@ -68,6 +72,12 @@ def spec_gpus_per_node(spec: dict[str, Any]) -> int:
     """GPUs per node a SLURM array task asks for: the spec's slurm.gpus_per_node, else 8."""
     section = spec.get("slurm")
     return section.get("gpus_per_node", DEFAULT_GPUS_PER_NODE) if isinstance(section, dict) else DEFAULT_GPUS_PER_NODE
+
+
+def spec_nodes(spec: dict[str, Any]) -> int:
+    """Nodes per cell: the spec's slurm.nodes, else 1."""
+    section = spec.get("slurm")
+    return section.get("nodes", 1) if isinstance(section, dict) else 1
 
 
 def slurm_folder(root: Path) -> Path:
@@ -91,11 +101,12 @@ def _python_lines(workdir: str) -> list[str]:
 
 def array_script(phase: str, root: Path, plan: GridPlan, options: list[str] | tuple[str, ...] = ()) -> str:
     """The array of one phase: task i looks up its cell in plan.json (for an evaluation cell
-    of a tuned grid, at the chosen value) and runs launch/slurm.sbatch for it on one node."""
+    of a tuned grid, at the chosen value) and runs launch/slurm.sbatch for it on
+    ``plan.nodes`` nodes of ``plan.gpus_per_node`` GPUs (one launcher per node)."""
     count, gpus = len(plan.to_run[phase]), plan.gpus_per_node
     log = f"{phase}-%A_%a.out"
     lines = [
-        *_header(f"normopt-{phase}", root, (f"--array=0-{count - 1}", "--nodes=1", "--ntasks-per-node=1",
+        *_header(f"normopt-{phase}", root, (f"--array=0-{count - 1}", f"--nodes={plan.nodes}", "--ntasks-per-node=1",
                                             f"--gpus-per-node={gpus}", "--signal=B:USR1@300", "--requeue",
                                             *options), log),
         f"# one {phase} run per array task (the cells: ROOT/plan.json); sbatch's command-line options override these",
@@ -231,12 +242,12 @@ def read_submissions(root: Path) -> list[dict[str, Any]]:
 
 
 def submit_grid(spec: dict[str, Any], base: Path, root: Path, cells: list[CellSpec], tune: TuneSpec | None,
-                runs: list[CellSpec], gpus_per_node: int, extra_options: list[str], dry_run: bool) -> int:
+                runs: list[CellSpec], gpus_per_node: int, nodes: int, extra_options: list[str], dry_run: bool) -> int:
     """``--slurm``: the grid's chain of jobs for the runs still to run, printed (``dry_run``)
     or submitted. A tuned grid whose tuning runs are all complete has its choice made here
     already, so an evaluation cell that ran at a value it no longer chooses is refused before
     anything is submitted, as on the local path."""
-    plan = grid_plan(base, root, cells, tune, runs, gpus_per_node)
+    plan = grid_plan(base, root, cells, tune, runs, gpus_per_node, nodes)
     if tune is not None and not plan.to_run["tuning"]:
         tuned_cells(root, tune, cells, choose_values(root, tune, runs))
     options = (spec.get("slurm") or {}).get("options", [])

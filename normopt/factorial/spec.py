@@ -13,7 +13,7 @@ crossed, optional arms (extra settings crossed with the axes they do not set) an
     arms:
       alpha0.3: {model.norm: derf, model.alpha_init_attn: 0.3}
     seeds: [0, 1]
-    slurm: {gpus_per_node: 8, options: [--time=24:00:00]}   # optional, for --slurm
+    slurm: {gpus_per_node: 8, nodes: 1, options: [--time=24:00:00]}   # optional, for --slurm
     report: {compare: model.norm, baseline: rmsnorm, across: optim.name, reference: adamw}
     tune: {key: optim.lr, values: [1.0e-3, 3.0e-3], seeds: [100], steps: 50}   # optional
 
