@@ -76,6 +76,11 @@ def squeue_states(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
     return states
 
 
+def _queued(entry: tuple[str, str]) -> str:
+    """squeue's state in lower case, with its reason where it gives one."""
+    return entry[0].lower() + (f" ({entry[1]})" if entry[1] not in ("", "None") else "")
+
+
 def _lock_held(run: RunDir) -> bool:
     """Whether a process holds the run's lock (normopt.run_lock): it is training now."""
     try:
@@ -144,8 +149,8 @@ def run_status(phase: str, run: RunDir, steps: int, queue: tuple[str, str] | Non
         return status("running", f"step {last}/{steps} (this machine)")
     if queue is not None and queue[0] in SQUEUE_WAITING:
         if checkpoints or (record and record["state"] == "requeued"):
-            return status("preempted", f"requeued, {checkpoint}; {queue[0].lower()} ({queue[1]}){job}")
-        return status("queued", f"{queue[0].lower()} ({queue[1]}){job}")
+            return status("preempted", f"requeued, {checkpoint}; {_queued(queue)}{job}")
+        return status("queued", f"{_queued(queue)}{job}")
     if cell.get("skipped"):
         return status("skipped", str(cell["skipped"]), 0)
     if exit_status == DIVERGED_EXIT_CODE or (metrics and _diverged(metrics)):
@@ -211,7 +216,7 @@ def _step_lines(root: Path, plan: GridPlan, jobs: dict[str, str], queue: dict | 
             continue
         entry = (queue or {}).get(jobs[step])
         if entry is not None:
-            state = f"{entry[0].lower()} ({entry[1]})"
+            state = _queued(entry)
         elif step == "choose":
             choices = _read_json(root / TUNING_DIR / TUNING_FILE).get("choices")
             state = f"done ({len(choices)} group(s) chosen)" if choices else "ended without choices"
