@@ -87,9 +87,16 @@ def test_grid_runs_skips_finished_cells_and_reports(tmp_path, tiny_corpus):
                       "seed": 0, "arm": "alpha0.3", "exit_code": 0}
     assert (root / "report.md").exists() and (root / "summary.json").exists()
 
-    # interrupt one cell: drop its final checkpoint; the rerun resumes it and skips the rest
+    # interrupt one cell: drop its final checkpoint; status says so, the rerun resumes it and skips the rest
     final = root / "derf-adamw-s0" / "checkpoints" / "step_00000004"
     shutil.rmtree(final)
+    status = subprocess.run([sys.executable, "-m", "normopt.cli", "status", str(root)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    states = {line.split()[1]: line.split()[2] for line in status.stdout.splitlines()[1:-1]}
+    assert states == {"rmsnorm-adamw-s0": "done", "derf-adamw-s0": "preempted", "alpha0.3-adamw-s0": "done"}, \
+        status.stdout
+    assert "stopped at step 4, last checkpoint step 2" in status.stdout
     again = _factorial(spec)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("complete, skipped") == 2
