@@ -16,7 +16,7 @@ then the choose and report jobs of a SLURM chain, and a summary line: the count 
 the time left from the grid clock (:mod:`normopt.factorial.grid_clock`: each run's measured
 seconds per step, and for runs without one the measured runs of the same FLOPs per step, else
 the median seconds per FLOP), as the sum over runs of their steps left (cell time), and what
-that is spread over the runs running now. Nothing here imports torch or builds a model.
+that is spread over the runs running now. Nothing here builds a model: the costs are in the plan.
 """
 
 from __future__ import annotations
