@@ -20,7 +20,7 @@ from pathlib import Path
 from normopt.config import Config, flat_config, keys_with_role, read_saved_config
 from normopt.errors import UserError
 from normopt.key_roles import EVALUATION, EXECUTION, LENGTH
-from normopt.run_dir import RunDir
+from normopt.run_dir import PARTIAL, RunDir
 
 RESUME_SAFE_KEYS = keys_with_role(EXECUTION, LENGTH, EVALUATION)
 
@@ -36,21 +36,36 @@ def check_resume_compatible(saved: Config, current: Config) -> None:
             )
 
 
-def find_resume_point(run: RunDir, cfg: Config) -> Path | None:
+def find_resume_point(run: RunDir, cfg: Config, log=None) -> Path | None:
     """The checkpoint ``cfg`` continues from, per ``checkpoint.resume``: auto = the latest
     complete one (None in a new run directory), never = None (refusing a run directory that
     already holds a run), a step number = that step's. Refuses a checkpoint whose config
-    differs from ``cfg`` in a key that changes the math."""
+    differs from ``cfg`` in a key that changes the math.
+
+    The checkpoint is used whole or not at all (``checkpoint.verify``): a damaged one is
+    refused in one line naming the piece, never skipped. An older checkpoint is resumed from
+    only in place of partial ones (a ``.tmp`` folder, a step folder without its
+    trainer_state.json), and ``log`` (one line) says so."""
+    from normopt.checkpoint.verify import verify_checkpoint
+
     mode = cfg.checkpoint.resume
-    steps = run.complete_steps()
     if mode == "never":
-        if run.metrics.exists() or steps:
+        if run.metrics.exists() or run.step_folders():
             raise UserError(f"run.dir {run} already holds a run "
                             f"(use checkpoint.resume=auto to continue it, or another run.dir)")
         return None
-    if mode == "auto" and not steps:
+    if mode == "auto" and all(run.checkpoint_status(s) == PARTIAL for s in run.step_folders()):
+        checkpoint = None
+    else:
+        checkpoint = run.find_checkpoint(None if mode == "auto" else int(mode), "checkpoint.resume")
+        verify_checkpoint(checkpoint)
+    skipped = run.skipped_partials(checkpoint) if mode == "auto" else []
+    if skipped and log is not None:
+        then = f"resuming from {checkpoint.name}" if checkpoint is not None else "starting from step 0"
+        log(f"normopt: partial checkpoint{'s' if len(skipped) > 1 else ''} {', '.join(skipped)} "
+            f"(an interrupted write) skipped; {then}")
+    if checkpoint is None:
         return None
-    checkpoint = run.find_checkpoint(None if mode == "auto" else int(mode), "checkpoint.resume")
     saved = run.config_of(checkpoint)
     if saved is not None:
         check_resume_compatible(read_saved_config(saved), cfg)

@@ -25,7 +25,10 @@ imports torch: the readers stay light.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +68,47 @@ def rng_file(rank: int) -> str:
     return f"rank_{rank:05d}.safetensors"
 
 
+PARTIAL = "partial"  # checkpoint_status of a step folder without its completion marker
+
+
+def entry_problem(path: Path, want: str) -> str | None:
+    """None when ``path`` is a ``want`` ("file" or "folder") that reads: a regular file that
+    opens, or a folder that lists; links are followed, but not into a loop or back into a
+    folder that holds them. Otherwise what it is instead, in a few words."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symlink loop"
+        if not os.path.lexists(path):
+            return "missing"
+        if os.path.islink(path):
+            return "a dangling symlink"
+        return f"unreadable ({exc.strerror or type(exc).__name__})"
+    if want == "folder":
+        if not stat.S_ISDIR(info.st_mode):
+            return "a file, not a folder" if stat.S_ISREG(info.st_mode) else "not a regular folder"
+        if os.path.islink(path):
+            target, home = os.path.realpath(path), os.path.realpath(os.path.dirname(os.path.abspath(path)))
+            if home == target or home.startswith(target.rstrip(os.sep) + os.sep):
+                return "a symlink to a folder that holds it (a loop)"
+        try:
+            os.listdir(path)
+        except OSError as exc:
+            return f"unreadable ({exc.strerror or type(exc).__name__})"
+        return None
+    if stat.S_ISDIR(info.st_mode):
+        return "a folder, not a file"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or type(exc).__name__})"
+    return None
+
+
 class RecordKind:
     """The ``kind`` of each diagnostics.jsonl record (``{"step", "kind", ...}`` a line):
     writers (diagnostics/) and readers (report, spectrum fit) use these names."""
@@ -75,6 +119,12 @@ class RecordKind:
     NS_SPECTRUM = "ns_spectrum"
     ISOTROPY = "isotropy"
     TAIL_TOKENS = "tail_tokens"
+
+
+def damaged_checkpoint(problem: str) -> UserError:
+    """The one-line refusal of a damaged checkpoint; ``problem`` names the piece."""
+    return UserError(f"damaged checkpoint: {problem} (a checkpoint is used whole or not at all; repair it, "
+                     f"or move its step folder away to use the one before)")
 
 
 @dataclass(frozen=True)
@@ -168,17 +218,62 @@ class RunDir:
                 steps.append(int(match.group(1)))
         return sorted(steps)
 
+    def step_folders(self) -> list[int]:
+        """Steps with an entry named ``step_XXXXXXXX`` under checkpoints/ (whatever it is:
+        complete, partial or damaged), ascending."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(int(m.group(1)) for m in map(STEP_DIR.match, os.listdir(self.checkpoints)) if m)
+
+    def checkpoint_status(self, step: int) -> str | None:
+        """None when ``step``'s folder is a complete checkpoint (a readable folder holding a
+        readable trainer_state.json, its completion marker); PARTIAL when it is a readable
+        folder without the marker (the documented interrupted write); otherwise the damage,
+        in one line naming the piece. Only the folder and the marker are looked at here:
+        ``checkpoint.verify`` checks every piece of the one a run resumes from."""
+        folder = self.checkpoint(step)
+        problem = entry_problem(folder, "folder")
+        if problem:
+            return f"{folder} is {problem}"
+        marker = folder / TRAINER_STATE
+        if not os.path.lexists(marker):
+            return PARTIAL
+        problem = entry_problem(marker, "file")
+        return f"{marker} is {problem}" if problem else None
+
+    def skipped_partials(self, checkpoint: Path | None) -> list[str]:
+        """Names of the partial checkpoints (``.tmp`` folders and step folders without their
+        trainer state) newer than ``checkpoint`` (all of them when it is None)."""
+        newest = int(STEP_DIR.match(checkpoint.name).group(1)) if checkpoint is not None else -1
+        names = [self.checkpoint(s).name for s in self.step_folders()
+                 if s > newest and self.checkpoint_status(s) == PARTIAL]
+        for folder in self.partial_checkpoints():
+            match = STEP_DIR.match(folder.name.removesuffix(PARTIAL_SUFFIX))
+            if match and int(match.group(1)) > newest:
+                names.append(folder.name)
+        return sorted(names)
+
     def find_checkpoint(self, step: int | None, option: str) -> Path:
         """The complete checkpoint of ``step``, or the latest one when ``step`` is None. A
-        UserError when there is none; ``option`` names the setting that asked for ``step``."""
-        steps = self.complete_steps()
+        UserError when there is none, or when the one asked for (or the newest that is not
+        partial) is damaged: an older checkpoint is used only in place of partial ones.
+        ``option`` names the setting that asked for ``step``."""
         if step is None:
-            if not steps:
-                raise UserError(f"{self.path}: no complete checkpoint under {self.checkpoints}")
-            step = steps[-1]
-        if step not in steps:
+            for candidate in reversed(self.step_folders()):
+                status = self.checkpoint_status(candidate)
+                if status == PARTIAL:
+                    continue
+                if status is not None:
+                    raise damaged_checkpoint(status)
+                return self.checkpoint(candidate)
+            raise UserError(f"{self.path}: no complete checkpoint under {self.checkpoints}")
+        status = self.checkpoint_status(step) if step in self.step_folders() else PARTIAL
+        if status == PARTIAL:
+            steps = self.complete_steps()
             raise UserError(f"{option}: no complete checkpoint for step {step} in {self.checkpoints} "
                             f"(have: {', '.join(map(str, steps)) or 'none'})")
+        if status is not None:
+            raise damaged_checkpoint(status)
         return self.checkpoint(step)
 
     def config_of(self, checkpoint: Path) -> Path | None:

@@ -96,7 +96,8 @@ class Trainer:
         t = cfg.train
         # a run directory that a start would damage is refused before anything is written
         on_main_then_share(lambda: check_run_dir(self.run), dist_info)
-        self.resume_from = find_resume_point(self.run, cfg)  # its files are checked as it is loaded
+        # every piece of the resume point is verified here; a damaged one is refused, never half-used
+        self.resume_from = find_resume_point(self.run, cfg, log=self.log)
 
         folder = on_main_then_share(lambda: str(prepare_corpus(cfg.data, log=self.log)), dist_info)
         self.data = load_token_data(Path(folder))

@@ -126,3 +126,41 @@ def _leaves(tree):
             yield from _leaves(value)
     else:
         yield tree
+
+
+def _add_checkpoint(run_dir, step):
+    """A copy of step 6's checkpoint as ``step``'s (same tensors, its own trainer state)."""
+    import json
+
+    folder = run_dir / "checkpoints" / f"step_{step:08d}"
+    shutil.copytree(run_dir / "checkpoints" / "step_00000006", folder)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    (folder / "trainer_state.json").write_text(json.dumps({**state, "step": step}))
+    return folder
+
+
+def _loop(path):
+    path.unlink()
+    os.symlink(path.name, path)
+
+
+def test_retention_prunes_only_behind_verified_checkpoints(finished_run, tmp_path, capsys):
+    """keep_latest_k counts checkpoints that verify: a damaged new one prunes nothing, and a
+    damaged older one is not one of the k kept."""
+    from normopt.checkpoint.manager import CheckpointWriter
+    from normopt.run_dir import RunDir
+
+    run_dir, six = _copy(finished_run, tmp_path)
+    run = RunDir(run_dir)
+    nine = _add_checkpoint(run_dir, 9)
+    _loop(nine / "rng" / "rank_00000.safetensors")
+    CheckpointWriter(run, True, keep_latest_k=1)._prune(9)
+    assert run.complete_steps() == [3, 6, 9]  # the new one does not verify: nothing deleted
+    err = capsys.readouterr().err
+    assert "checkpoints not pruned" in err and "rank_00000.safetensors is a symlink loop" in err
+
+    _add_checkpoint(run_dir, 12)
+    CheckpointWriter(run, True, keep_latest_k=2)._prune(12)
+    assert run.complete_steps() == [6, 9, 12]  # kept: 12 and 6 (verified); 9 is damaged, not counted
+    CheckpointWriter(run, True, keep_latest_k=1)._prune(12)
+    assert run.complete_steps() == [12]

@@ -64,6 +64,24 @@ def _looping_link(path):
     os.symlink(path.name, path)  # points at itself
 
 
+def _looping_file(path):
+    path.unlink()
+    os.symlink(path.name, path)  # points at itself
+
+
+def _link_to_its_folder(path):
+    shutil.rmtree(path)
+    os.symlink(".", path)  # checkpoints/step_00000006 -> checkpoints/
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(100)
+
+
+LAST = "checkpoints/step_00000006"
+
+
 def _insert_metrics_line(run_dir, line):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     (run_dir / "metrics.jsonl").write_text("\n".join([lines[0], line, *lines[1:]]) + "\n")
@@ -81,6 +99,26 @@ DAMAGES = {
     "non-integer step in a metrics line": (lambda r: _insert_metrics_line(r, '{"step": "2", "loss": 1.0}'),
                                            "has no step"),
     "non-JSON middle metrics line": (lambda r: _insert_metrics_line(r, "{not json"), "is not JSON"),
+    # the resume point is used whole or not at all: each damaged piece is named, never skipped
+    "RNG state is a symlink loop": (lambda r: _looping_file(r / LAST / "rng" / "rank_00000.safetensors"),
+                                    f"damaged checkpoint: {{run}}/{LAST}/rng/rank_00000.safetensors is a symlink loop"),
+    "trainer_state is a symlink loop": (lambda r: _looping_file(r / LAST / "trainer_state.json"),
+                                        f"damaged checkpoint: {{run}}/{LAST}/trainer_state.json is a symlink loop"),
+    "checkpoint folder links to itself": (lambda r: _looping_link(r / LAST),
+                                          f"damaged checkpoint: {{run}}/{LAST} is a symlink loop"),
+    "checkpoint folder links to its parent": (lambda r: _link_to_its_folder(r / LAST),
+                                              "is a symlink to a folder that holds it"),
+    "non-tensor state is a folder": (lambda r: _replace_with_folder(r / LAST / "non_tensor_state.json"),
+                                     "non_tensor_state.json is a folder, not a file"),
+    "RNG folder is a file": (lambda r: _replace_with_file(r / LAST / "rng"), "/rng is a file, not a folder"),
+    "RNG state missing": (lambda r: (r / LAST / "rng" / "rank_00000.safetensors").unlink(),
+                          "rng/rank_00000.safetensors is missing"),
+    "model shard truncated": (lambda r: _truncate(r / LAST / "__0_0.distcp"),
+                              "__0_0.distcp is truncated (100 bytes, the metadata needs"),
+    "model shard is a folder": (lambda r: _replace_with_folder(r / LAST / "__0_0.distcp"),
+                                "__0_0.distcp is a folder, not a file"),
+    "metadata is a symlink loop": (lambda r: _looping_file(r / LAST / ".metadata"), ".metadata is a symlink loop"),
+    "a fifo inside the checkpoint": (lambda r: os.mkfifo(r / LAST / "rng" / "extra"), "rng/extra is not a regular file"),
 }
 
 
@@ -92,7 +130,7 @@ def test_a_damaged_run_is_refused_before_anything_is_written(finished_run, tmp_p
     before = snapshot(run_dir)
     proc = train_in_process(tiny_run_args(run_dir, tiny_corpus, *FINISHED_RUN_ARGS, "train.steps=9"), capsys)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr
+    assert proc.returncode == 2 and len(lines) == 1 and words.format(run=run_dir) in lines[0], proc.stderr
     assert snapshot(run_dir) == before
 
 

@@ -81,6 +81,9 @@ def test_incomplete_checkpoint_is_never_loaded(tmp_path, tiny_corpus, reference)
     resumed = run_cli(args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "step_00000009 at step 9" in resumed.stdout
+    # the fallback is said, in one line
+    assert ("normopt: partial checkpoints step_00000012.tmp, step_00000015 (an interrupted write) skipped; "
+            "resuming from step_00000009") in resumed.stdout.splitlines()
     assert _losses(run_dir) == reference["adamw"]
 
 

@@ -71,3 +71,24 @@ def test_config_of_a_checkpoint_falls_back_to_the_runs(tmp_path):
     assert run.config_of(run.checkpoint(6)) is None
     run.config.write_text("run: 1\n")
     assert run.config_of(run.checkpoint(6)) == run.config
+
+
+def test_a_damaged_newest_checkpoint_is_refused_never_skipped(tmp_path):
+    """Only a partial checkpoint (no trainer_state.json) is passed over; a trainer state that
+    exists but does not read, or a step folder that loops, is damage."""
+    import os
+
+    run = RunDir(tmp_path)
+    _checkpoint(run, 3)
+    run.checkpoint(6).mkdir()  # partial: no completion marker
+    assert run.find_checkpoint(None, "--step") == run.checkpoint(3)
+    assert run.skipped_partials(run.checkpoint(3)) == ["step_00000006"]
+    os.symlink("trainer_state.json", run.checkpoint(6) / "trainer_state.json")  # a loop
+    with pytest.raises(UserError, match=r"damaged checkpoint: .*step_00000006/trainer_state.json is a symlink loop"):
+        run.find_checkpoint(None, "--step")
+    with pytest.raises(UserError, match="is a symlink loop"):
+        run.find_checkpoint(6, "--step")
+    os.symlink("step_00000009", run.checkpoint(9))
+    with pytest.raises(UserError, match=r"damaged checkpoint: .*step_00000009 is a symlink loop"):
+        run.find_checkpoint(None, "--step")
+    assert run.find_checkpoint(3, "--step") == run.checkpoint(3)

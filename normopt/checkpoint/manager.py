@@ -17,8 +17,10 @@ and cleaned up by the next save.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,7 @@ from normopt.checkpoint.safe_dcp import (
     split_tensors,
     write_non_tensor_state,
 )
+from normopt.checkpoint.verify import checkpoint_problem
 from normopt.errors import UserError
 from normopt.parallel import collectives
 from normopt.run_dir import CONFIG_FILE, RNG_DIR, STEP_DIR, TRAINER_STATE, RunDir, rng_file
@@ -73,6 +76,8 @@ def load_rng_state(folder: Path) -> bool:
     from safetensors import safe_open
 
     path = _rng_path(folder)
+    if os.path.lexists(path) and not path.is_file():  # a loop, a folder: never skipped as if absent
+        raise UserError(f"damaged checkpoint: {path} is not a regular file")
     if not path.is_file():
         if list((folder / RNG_DIR).glob("*.pt")):
             raise UserError(f"{folder / RNG_DIR}: pickled RNG states of an older normopt; refusing to "
@@ -178,11 +183,33 @@ class CheckpointWriter:
                 shutil.copyfile(self.run.config, tmp / CONFIG_FILE)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            for old in self.run.complete_steps()[:-self.keep_latest_k]:
-                shutil.rmtree(self.run.checkpoint(old), ignore_errors=True)
+            self._prune(step)
             for stale in self.run.partial_checkpoints():
                 shutil.rmtree(stale, ignore_errors=True)
         collectives.barrier()
+
+
+    def _prune(self, step: int) -> None:
+        """Rank 0, after ``step``'s checkpoint was renamed complete: keep the newest
+        ``keep_latest_k`` checkpoints that verify (``checkpoint.verify``) and delete only the
+        complete ones older than all of those; nothing at all unless ``step``'s own verifies
+        (a damaged checkpoint is never counted as one kept, nor deleted by retention)."""
+        problem = checkpoint_problem(self.run.checkpoint(step))
+        if problem is not None:
+            print(f"normopt: warning: checkpoints not pruned: the new one does not verify ({problem})",
+                  file=sys.stderr, flush=True)
+            return
+        verified = []
+        for candidate in reversed(self.run.complete_steps()):
+            if len(verified) == self.keep_latest_k:
+                break
+            if candidate == step or checkpoint_problem(self.run.checkpoint(candidate)) is None:
+                verified.append(candidate)
+        if len(verified) < self.keep_latest_k:
+            return
+        for old in self.run.complete_steps():
+            if old < verified[-1]:
+                shutil.rmtree(self.run.checkpoint(old), ignore_errors=True)
 
 
 def _is_int(value) -> bool:

@@ -1,0 +1,87 @@
+"""Whether a checkpoint is whole: the one check that start-up (before resuming from a
+checkpoint) and retention (before pruning older ones) rely on.
+
+A checkpoint is whole when every piece of it is a regular file or folder that reads (no
+symlink loop, no link back into a folder that holds it, no folder where a file belongs, no
+fifo or device): its folder, ``trainer_state.json`` (and what it says:
+``manager.read_trainer_state``), ``non_tensor_state.json``, the RNG state of every rank it
+was written by, the DCP ``.metadata`` (read safely, see ``safe_dcp``) and every model and
+optimizer shard file that metadata points into, each at least as long as the bytes it is
+said to hold. A damaged checkpoint is a UserError naming the piece; it is never half-used.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from normopt.errors import UserError
+from normopt.run_dir import NON_TENSOR_STATE, RNG_DIR, TRAINER_STATE, damaged_checkpoint, entry_problem, rng_file
+
+METADATA_FILE = ".metadata"
+
+
+def _require(path: Path, want: str) -> None:
+    problem = entry_problem(path, want)
+    if problem:
+        raise damaged_checkpoint(f"{path} is {problem}")
+
+
+def _walk(folder: Path) -> None:
+    """Every entry below ``folder`` is a file or folder that reads (links into loops refused)."""
+    for entry in sorted(os.listdir(folder)):
+        path = folder / entry
+        is_folder = os.path.isdir(path) and entry_problem(path, "folder") is None
+        if is_folder:
+            if os.path.islink(path):
+                continue  # a valid link to a folder elsewhere: its pieces are checked by name below
+            _walk(path)
+        elif entry_problem(path, "file") is not None:
+            _require(path, "folder" if os.path.isdir(path) else "file")
+
+
+def verify_checkpoint(checkpoint: Path) -> dict:
+    """The checkpoint's trainer state, once every piece of it is known to be whole; a
+    UserError naming the first damaged piece otherwise (module doc)."""
+    from normopt.checkpoint.manager import read_trainer_state
+    from normopt.checkpoint.safe_dcp import read_metadata
+
+    checkpoint = Path(checkpoint)
+    _require(checkpoint, "folder")
+    _walk(checkpoint)
+    _require(checkpoint / TRAINER_STATE, "file")
+    state = read_trainer_state(checkpoint)
+    _require(checkpoint / NON_TENSOR_STATE, "file")
+    rng = checkpoint / RNG_DIR
+    _require(rng, "folder")
+    for rank in range(state.get("world_size", 1)):
+        path = rng / rng_file(rank)
+        if not os.path.lexists(path) and list(rng.glob("*.pt")):
+            raise UserError(f"{rng}: pickled RNG states of an older normopt; refusing to unpickle them "
+                            f"(start a new run.dir)")
+        _require(path, "file")
+    _require(checkpoint / METADATA_FILE, "file")
+    metadata = read_metadata(checkpoint)
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        relative = str(getattr(info, "relative_path", ""))
+        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+        if not relative or os.path.isabs(relative) or ".." in Path(relative).parts:
+            raise damaged_checkpoint(f"{checkpoint / METADATA_FILE} names a shard outside its folder ({relative!r:.80})")
+        needed[relative] = max(end, needed.get(relative, 0))
+    for relative, end in sorted(needed.items()):
+        path = checkpoint / relative
+        _require(path, "file")
+        size = os.path.getsize(path)
+        if size < end:
+            raise damaged_checkpoint(f"{path} is truncated ({size} bytes, the metadata needs {end})")
+    return state
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """None when ``checkpoint`` verifies, else the one-line reason."""
+    try:
+        verify_checkpoint(checkpoint)
+    except UserError as exc:
+        return str(exc)
+    return None
