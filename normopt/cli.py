@@ -1,7 +1,9 @@
 """Command line: ``normopt train`` (same as ``python train.py``) and friends.
 
 Exit status: 0 done; 2 user error (one line on stderr, no traceback); 3 the loss diverged;
-75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (resume with the same command).
+75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (resume with the same command);
+69 another rank or node of the job was lost (a collective failed): one line, no traceback
+(under ``normopt launch`` the launcher's line, naming the node), resume from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from normopt.checkpoint.preemption import StopRequest
 from normopt.cli_args import CommandParser, config_parser
 from normopt.errors import (
     DIVERGED_EXIT_CODE,
+    NODE_LOST_EXIT_CODE,
     PREEMPTED_EXIT_CODE,
     USER_ERROR_EXIT_CODE,
     UserError,
 )
+from normopt.peer_loss import is_peer_loss, report_peer_loss
 
 
 def train_main(argv: list[str] | None = None, prog: str = "train.py") -> int:
@@ -88,12 +92,17 @@ def _train_until_stopped(config_path, overrides, stop_request) -> int:
     except UserError as exc:
         # keep only the text: the traceback would keep FSDP modules alive past teardown
         failure = (USER_ERROR_EXIT_CODE, f"normopt: error: {exc}")
+    except Exception as exc:
+        if not is_peer_loss(exc):
+            raise
+        report_peer_loss(exc)  # a peer is gone: its own line (or the launcher's), not a traceback
+        failure = (NODE_LOST_EXIT_CODE, None)
     trainer = None
     shutdown_distributed()
     if failure is None:
         return 0
     code, message = failure
-    if os.environ.get("RANK", "0") == "0":
+    if message is not None and os.environ.get("RANK", "0") == "0":
         print(message, file=sys.stderr, flush=True)
     return code
 

@@ -27,7 +27,31 @@ those three things done the way a scheduler and the factorial runner expect:
 
 Multi-node jobs run one launcher per node with ``--nnodes``, ``--node-rank`` (default: the
 ``SLURM_NODEID`` that srun sets) and the address of node 0 (``--master-addr``); ranks meet
-through torch's env:// rendezvous, as torchrun's static rendezvous does.
+through torch's env:// rendezvous, as torchrun's static rendezvous does. The launchers meet
+first, on a watch store that node 0's launcher hosts on ``--watch-port`` (default: the master
+port + 1), and keep a heartbeat there (``normopt.node_watch``):
+
+* **node loss**: a node whose launcher is killed, or that stops answering while its processes
+  live (a frozen host, a network partition), is declared lost after ``--node-timeout`` seconds
+  of silence (default 30; node 0, the store's host, when the store does not answer for that
+  long). Every surviving launcher then stops its ranks (a rank blocked in a collective with
+  the lost node would otherwise wait for gloo/NCCL's 30-minute timeout) and exits with status
+  69 within ``--node-timeout`` + 5 s (the silence is read once a second, so it is seen up to
+  2 s late; 1 s for the ranks to end by themselves before they are killed; up to 1 s to
+  record the loss for the others), printing one line that names the lost node (node rank,
+  host, global ranks) and the run's last complete checkpoint (path and step, or none). Ranks
+  whose collective broke exit quietly with 69 and leave the line to the launcher
+  (``normopt.peer_loss``).
+* **restarts**: with ``--max-restarts N``, a surviving launcher instead waits (up to
+  ``--join-timeout`` seconds, default 600) until every node's launcher has joined again (the
+  lost node's launcher started anew, by hand or by a scheduler) and restarts its ranks, which
+  resume from the last complete checkpoint (``checkpoint.resume=auto``; resuming is
+  bit-exact on CPU). Under SLURM the lost node's replacement comes from the scheduler:
+  ``launch/slurm.sbatch`` requeues the job when the launcher exits with 69.
+
+Exit statuses: 0 done, 2 user error, 3 diverged, 75 stopped after a checkpoint (as the ranks
+agree them), 69 a node was lost (or did not rejoin for a restart), 1 anything else (a rank
+crashed, or the nodes never all joined at the start).
 """
 
 from __future__ import annotations
@@ -36,19 +60,34 @@ import argparse
 import ctypes
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from normopt.cli_args import CommandParser
 from normopt.errors import (
     DIVERGED_EXIT_CODE,
+    NODE_LOST_EXIT_CODE,
     PREEMPTED_EXIT_CODE,
     USER_ERROR_EXIT_CODE,
     UserError,
 )
+from normopt.node_watch import (
+    DEFAULT_JOIN_TIMEOUT_S,
+    DEFAULT_NODE_TIMEOUT_S,
+    HEARTBEAT_S,
+    MIN_NODE_TIMEOUT_S,
+    JoinTimeout,
+    NodeLoss,
+    NodeWatch,
+)
+from normopt.peer_loss import PEER_LOST_REPORT_ENV, read_peer_loss_report
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 HANDLER_WAIT_S = 30.0  # how long a forwarded signal waits for a starting rank's handler
@@ -63,17 +102,33 @@ CRASH_EXIT_CODE = 1
 # after the first rank ends, the others get this long to end the same way before being killed
 AGREEMENT_GRACE_S = 60.0
 CRASH_GRACE_S = 5.0
+# a lost node's survivors: how long their ranks get to end by themselves before being killed
+KILL_GRACE_S = 1.0
+# how late a lost node's survivors exit at most, past --node-timeout (see the module doc)
+NODE_LOSS_EXIT_MARGIN_S = 2 * HEARTBEAT_S + KILL_GRACE_S + 1.0 + 1.0
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train.py"
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: a new process group, and SIGKILL when the launcher dies."""
-    os.setpgid(0, 0)
+def _find_prctl():
+    """libc's prctl, looked up here in the launcher: the child that calls it runs while the
+    node-watch thread may hold the dynamic loader's lock, and must not take that lock itself.
+    None where there is none (not Linux): no parent-death signal; the forwarding still holds."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: no parent-death signal; the forwarding still holds
-        pass
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _find_prctl()
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: a new process group, and SIGKILL when the launcher dies.
+    Only system calls here: other threads of the launcher may hold locks at the fork."""
+    os.setpgid(0, 0)
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def default_nproc() -> int:
@@ -131,6 +186,7 @@ class RankGroup:
 
     def __init__(self, command: list[str], envs: list[dict[str, str]]) -> None:
         self.procs = [subprocess.Popen(command, env=env, preexec_fn=_die_with_parent) for env in envs]
+        self.stopped_for: object | None = None  # what interrupted wait(), if anything did
 
     def forward(self, signum: int) -> None:
         for proc in self.procs:
@@ -149,24 +205,39 @@ class RankGroup:
         for proc in self.procs:
             proc.wait()
 
-    def wait(self) -> list[int | None]:
+    def wait(self, interrupt: Callable[[], object | None] | None = None) -> list[int | None]:
         """Wait for every rank; once one has ended, give the rest a grace period to end the
-        same way, then kill them. Returns each rank's status (None: killed here)."""
+        same way, then kill them. ``interrupt`` (asked on every poll while a rank runs) may
+        return a reason to stop the ranks now: they get :data:`KILL_GRACE_S` to end by
+        themselves, then are killed, and the reason is kept in ``stopped_for``. Returns each
+        rank's status (None: killed here)."""
         first_end: float | None = None
         grace = AGREEMENT_GRACE_S
         while True:
             codes = [proc.poll() for proc in self.procs]
             if all(code is not None for code in codes):
                 return [_status(code) for code in codes]
+            reason = interrupt() if interrupt is not None else None
+            if reason is not None:
+                self.stopped_for = reason
+                return self._end_within(KILL_GRACE_S)
             ended = [code for code in codes if code is not None]
             if ended and first_end is None:
                 first_end = time.monotonic()
                 grace = AGREEMENT_GRACE_S if _status(ended[0]) in AGREED_STATUSES else CRASH_GRACE_S
             if first_end is not None and time.monotonic() - first_end > grace:
-                running = [i for i, code in enumerate(codes) if code is None]
-                self.kill_remaining()
-                return [None if i in running else _status(proc.returncode) for i, proc in enumerate(self.procs)]
+                return self._end_within(0.0)
             time.sleep(0.1)
+
+    def _end_within(self, grace: float) -> list[int | None]:
+        """Let the ranks end by themselves for ``grace`` seconds, then kill the rest; each
+        rank's status, None for one killed here."""
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(proc.poll() is None for proc in self.procs):
+            time.sleep(0.05)
+        running = [i for i, proc in enumerate(self.procs) if proc.poll() is None]
+        self.kill_remaining()
+        return [None if i in running else _status(proc.returncode) for i, proc in enumerate(self.procs)]
 
 
 def _catches(pid: int, signum: int) -> bool | None:
@@ -196,7 +267,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = CommandParser(
         prog="normopt launch", allow_abbrev=False, description="Train on N ranks of this node (one launcher per node for "
         "multi-node jobs), keeping normopt's exit statuses (0 done, 2 user error, 3 diverged, 75 "
-        "stopped after a checkpoint) and forwarding SIGTERM/SIGUSR1/SIGINT to every rank.",
+        "stopped after a checkpoint, 69 a node was lost) and forwarding SIGTERM/SIGUSR1/SIGINT to every rank.",
         epilog="Everything after the launcher's options goes to training: --config PATH and section.key=value.")
     parser.add_argument("--nproc", type=int, default=None, help="ranks on this node (default: visible GPUs, else 1)")
     parser.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1)")
@@ -205,31 +276,106 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (default 127.0.0.1)")
     parser.add_argument("--master-port", type=int, default=None,
                         help="rendezvous port on node 0 (default: a free port on one node, 29500 on several)")
+    parser.add_argument("--watch-port", type=int, default=None,
+                        help="several nodes: port of the launchers' heartbeat store on node 0 (default: master port + 1)")
+    parser.add_argument("--node-timeout", type=float, default=DEFAULT_NODE_TIMEOUT_S,
+                        help=f"several nodes: declare a node lost after this many seconds without a heartbeat; "
+                             f"the others exit with 69 within it + {NODE_LOSS_EXIT_MARGIN_S:.0f} s "
+                             f"(default {DEFAULT_NODE_TIMEOUT_S:.0f})")
+    parser.add_argument("--max-restarts", type=int, default=0,
+                        help="several nodes: after a lost node, restart this node's ranks from the last complete "
+                             "checkpoint up to N times, once every node's launcher has joined again (default 0)")
+    parser.add_argument("--join-timeout", type=float, default=DEFAULT_JOIN_TIMEOUT_S,
+                        help=f"several nodes: how long to wait for every node's launcher, at the start and before "
+                             f"a restart (default {DEFAULT_JOIN_TIMEOUT_S:.0f} s)")
     return parser
 
 
-def _validate(train_args: list[str], world: int) -> None:
+def _validate(train_args: list[str], world: int) -> str:
     """Refuse a bad config (or a batch that cannot be split over the ranks) here, once, with
-    one line and status 2, before any rank starts."""
+    one line and status 2, before any rank starts. Returns the run directory."""
     from normopt.cli_args import config_parser
     from normopt.config import check_world_size, load_config
 
     args = config_parser("normopt launch", "").parse_args(train_args)
-    check_world_size(load_config(args.config, args.overrides), world)
+    cfg = load_config(args.config, args.overrides)
+    check_world_size(cfg, world)
+    return str(cfg.run.dir)
+
+
+def last_checkpoint(run_dir: str) -> str:
+    """The run's last complete checkpoint as "PATH (step N)", or "none"."""
+    from normopt.run_dir import RunDir
+
+    run = RunDir(run_dir)
+    try:
+        steps = run.complete_steps()
+    except OSError:
+        steps = []
+    return f"{run.checkpoint(steps[-1])} (step {steps[-1]})" if steps else "none"
+
+
+class StopSignals:
+    """SIGTERM/SIGUSR1/SIGINT to the launcher: forwarded to the running ranks, remembered while
+    none run (before the first start, between a lost node and a restart)."""
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+        self.group: RankGroup | None = None
+
+    def handle(self, signum, frame) -> None:
+        if self.group is not None:
+            self.group.forward(signum)
+        else:
+            self.pending.append(signum)
+
+    def attach(self, group: RankGroup) -> RankGroup:
+        """Forward from now on to ``group``, starting with what arrived while it was being started."""
+        self.group = group
+        for signum in self.pending:
+            group.forward(signum)
+        return group
+
+    def detach(self) -> None:
+        self.group = None
+
+
+@dataclass
+class Plan:
+    """What this launcher runs: its ranks' command and environments, and the job's shape."""
+
+    command: list[str]
+    envs: list[dict[str, str]]
+    reports: list[Path]  # where each local rank writes why it lost its peers
+    node_rank: int
+    nproc: int
+    nnodes: int
+    run_dir: str
+
+    @property
+    def world(self) -> int:
+        return self.nproc * self.nnodes
+
+    def global_rank(self, local_rank: int) -> int:
+        return self.node_rank * self.nproc + local_rank
 
 
 def launch_main(argv: list[str]) -> int:
     # a stop signal before the ranks exist is remembered, not fatal (status 75, one line)
-    pending: list[int] = []
-    original = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in FORWARDED_SIGNALS}
+    signals = StopSignals()
+    original = {sig: signal.signal(sig, signals.handle) for sig in FORWARDED_SIGNALS}
     try:
-        return _launch(argv, pending)
+        return _launch(argv, signals)
     finally:
         for sig, handler in original.items():
             signal.signal(sig, handler)
 
 
-def _launch(argv: list[str], pending: list[int]) -> int:
+def _launch(argv: list[str], signals: StopSignals) -> int:
+    user_env = dict(os.environ)  # what the ranks get
+    # the launcher's watch-store client logs every failed call with a C++ stack trace (before
+    # torch is imported, which reads this once); the launcher says what happened in one line
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     args, train_args = _parser().parse_known_args(argv)
     nproc = args.nproc if args.nproc is not None else default_nproc()
     if nproc < 1 or args.nnodes < 1:
@@ -241,12 +387,20 @@ def _launch(argv: list[str], pending: list[int]) -> int:
         if not re.fullmatch(r"[0-9]+", slurm_node):
             raise UserError(f"SLURM_NODEID={slurm_node!r} is not a node index (pass --node-rank)")
         node_rank = int(slurm_node)
-    if args.master_port is not None and not 1 <= args.master_port <= 65535:
-        raise UserError(f"--master-port {args.master_port} is not a TCP port (1-65535)")
+    for option, value in (("--master-port", args.master_port), ("--watch-port", args.watch_port)):
+        if value is not None and not 1 <= value <= 65535:
+            raise UserError(f"{option} {value} is not a TCP port (1-65535)")
     if not 0 <= node_rank < args.nnodes:
         raise UserError(f"--node-rank {node_rank} is not in 0..{args.nnodes - 1}")
+    if not args.node_timeout >= MIN_NODE_TIMEOUT_S:  # also refuses nan
+        raise UserError(f"--node-timeout {args.node_timeout:g}: must be at least {MIN_NODE_TIMEOUT_S:g} s "
+                        f"(the heartbeat comes every {HEARTBEAT_S:g} s)")
+    if args.max_restarts < 0:
+        raise UserError(f"--max-restarts {args.max_restarts}: must be 0 or more")
+    if not args.join_timeout > 0:
+        raise UserError(f"--join-timeout {args.join_timeout:g}: must be more than 0 s")
     world = nproc * args.nnodes
-    _validate(train_args, world)
+    run_dir = _validate(train_args, world)
     if args.master_port is not None:
         port = args.master_port
     elif args.nnodes == 1:
@@ -255,35 +409,174 @@ def _launch(argv: list[str], pending: list[int]) -> int:
         port = free_port()
     else:
         port = 29500
-    base_env = dict(os.environ)
+    watch_port = args.watch_port if args.watch_port is not None else port + 1
+    if args.nnodes > 1 and watch_port == port:
+        raise UserError(f"--watch-port {watch_port} is the master port: the ranks' rendezvous needs it")
+    base_env = user_env
     threads = thread_default(base_env, nproc, usable_cores())
     if threads is not None:
         base_env["OMP_NUM_THREADS"] = threads
         print(f"normopt launch: OMP_NUM_THREADS={threads} per rank ({usable_cores()} usable cores / {nproc} "
               f"rank(s) on this node); set OMP_NUM_THREADS to choose", file=sys.stderr, flush=True)
-    envs = [rank_env(base_env, local_rank=i, nproc=nproc, node_rank=node_rank, nnodes=args.nnodes,
-                     master_addr=args.master_addr, master_port=port) for i in range(nproc)]
-    command = [sys.executable, str(TRAIN_SCRIPT), *train_args]
-    if pending:
-        print(f"normopt launch: stopped by {signal.Signals(pending[0]).name} before any rank started; "
+    if signals.pending:
+        print(f"normopt launch: stopped by {signal.Signals(signals.pending[0]).name} before any rank started; "
               f"nothing to resume (exit {PREEMPTED_EXIT_CODE})", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    group = RankGroup(command, envs)
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, lambda signum, frame: group.forward(signum))
-    for signum in pending:  # arrived while the ranks were being started
-        group.forward(signum)
+    report_dir = Path(tempfile.mkdtemp(prefix="normopt-launch-"))
     try:
-        statuses = group.wait()
+        reports = [report_dir / f"rank_{node_rank * nproc + i}.txt" for i in range(nproc)]
+        envs = [{**rank_env(base_env, local_rank=i, nproc=nproc, node_rank=node_rank, nnodes=args.nnodes,
+                            master_addr=args.master_addr, master_port=port),
+                 PEER_LOST_REPORT_ENV: str(reports[i])} for i in range(nproc)]
+        plan = Plan([sys.executable, str(TRAIN_SCRIPT), *train_args], envs, reports, node_rank, nproc,
+                    args.nnodes, run_dir)
+        if args.nnodes == 1:
+            return _run_one_node(plan, signals)
+        watch = NodeWatch(node_rank, args.nnodes, nproc, args.master_addr, watch_port, args.node_timeout)
+        try:
+            return _run_nodes(plan, signals, watch, args.max_restarts, args.join_timeout)
+        finally:
+            watch.close()
+    finally:
+        shutil.rmtree(report_dir, ignore_errors=True)
+
+
+def _say(line: str) -> None:
+    print(f"normopt launch: {line}", file=sys.stderr, flush=True)
+
+
+def _run_ranks(plan: Plan, signals: StopSignals, interrupt=None) -> tuple[list[int | None], object | None]:
+    """Start this node's ranks and wait for them (module doc); returns their statuses and what
+    stopped them early (``interrupt``'s reason), if anything did."""
+    for report in plan.reports:
+        report.unlink(missing_ok=True)
+    group = signals.attach(RankGroup(plan.command, plan.envs))
+    try:
+        statuses = group.wait(interrupt)
     finally:
         group.kill_remaining()
-    status = agreed_status(statuses)
+        signals.detach()
+    return statuses, group.stopped_for
+
+
+def _rank_details(plan: Plan, statuses: list[int | None]) -> str:
+    """Each local rank's ending, in words: a lost peer quotes the rank's own cause."""
+    parts = []
+    for i, status in enumerate(statuses):
+        if status is None:
+            what = "stopped by the launcher"
+        elif status == NODE_LOST_EXIT_CODE:
+            cause = read_peer_loss_report(plan.reports[i])
+            what = f"lost its peers ({cause})" if cause else "lost its peers"
+        else:
+            what = f"status {status}"
+        parts.append(f"rank {plan.global_rank(i)}: {what}")
+    return ", ".join(parts)
+
+
+def _say_ending(plan: Plan, status: int, statuses: list[int | None]) -> None:
+    """The launcher's line for ranks that ended by themselves (none where rank 0 said why)."""
     if status == CRASH_EXIT_CODE:
-        detail = ", ".join(f"rank {node_rank * nproc + i}: " + ("stopped by the launcher" if s is None else f"status {s}")
-                           for i, s in enumerate(statuses))
-        print(f"normopt launch: {world} rank(s) did not agree on how the run ended ({detail}); exit 1",
-              file=sys.stderr, flush=True)
+        _say(f"{len(statuses)} rank(s) of this node did not agree on how the run ended "
+             f"({_rank_details(plan, statuses)}); exit 1")
     elif status == 0:
-        print(f"normopt launch: {world} rank(s) {describe(status)} (exit {status})", file=sys.stderr, flush=True)
+        _say(f"{plan.world} rank(s) {describe(status)} (exit {status})")
     # 2, 3 and 75: rank 0 has said why in one line; a second line would say it again
+
+
+def _run_one_node(plan: Plan, signals: StopSignals) -> int:
+    statuses, _ = _run_ranks(plan, signals)
+    status = agreed_status(statuses)
+    _say_ending(plan, status, statuses)
     return status
+
+
+def _run_nodes(plan: Plan, signals: StopSignals, watch: NodeWatch, max_restarts: int, join_timeout: float) -> int:
+    """One node of a multi-node job: join the launchers' round, run the ranks while watching
+    the other nodes, and on a lost node stop the ranks and either exit 69 or, restarts left,
+    join the next round and start again (module doc)."""
+    restarts = 0
+    while True:
+        try:
+            joined = watch.join(join_timeout, abort=lambda: bool(signals.pending))
+        except JoinTimeout as exc:
+            missing = ", ".join(map(str, exc.missing))
+            if restarts:
+                _say(f"node(s) {missing} did not rejoin within {join_timeout:g} s; last complete checkpoint: "
+                     f"{last_checkpoint(plan.run_dir)}; exit {NODE_LOST_EXIT_CODE}")
+                return NODE_LOST_EXIT_CODE
+            _say(f"node(s) {missing} did not join within {join_timeout:g} s (watch store "
+                 f"{watch.addr}:{watch.port}); every node runs normopt launch with the same --nnodes, "
+                 f"--master-addr and ports; exit {CRASH_EXIT_CODE}")
+            return CRASH_EXIT_CODE
+        if joined < 0:
+            name = signal.Signals(signals.pending[0]).name
+            _say(f"stopped by {name} while waiting for every node to join; last complete checkpoint: "
+                 f"{last_checkpoint(plan.run_dir)}; exit {PREEMPTED_EXIT_CODE}")
+            return PREEMPTED_EXIT_CODE
+        if restarts:
+            _say(f"all {plan.nnodes} nodes joined again; restarting this node's rank(s) from the last complete "
+                 f"checkpoint: {last_checkpoint(plan.run_dir)}")
+        statuses, loss = _run_ranks(plan, signals, interrupt=watch.problem)
+        if loss is None:
+            status = agreed_status(statuses)
+            if status != CRASH_EXIT_CODE:
+                return _leave(plan, watch, status, statuses)
+            loss = _await_verdict(watch, plan)
+            if loss is None:
+                return _leave(plan, watch, CRASH_EXIT_CODE, statuses)
+        watch.declare(loss)
+        line = _loss_line(loss, plan.node_rank, last_checkpoint(plan.run_dir))
+        if restarts >= max_restarts:
+            _say(f"{line}; exit {NODE_LOST_EXIT_CODE}")
+            return NODE_LOST_EXIT_CODE
+        restarts += 1
+        _say(f"{line}; restart {restarts} of {max_restarts}: waiting up to {join_timeout:g} s for every node's "
+             f"launcher to join again")
+
+
+def _await_verdict(watch: NodeWatch, plan: Plan) -> NodeLoss | None:
+    """This node's ranks ended without agreeing (a collective broke, or one crashed): wait
+    until a node is declared lost, or every other node has left by itself, at most
+    ``node_timeout`` plus two heartbeats (long enough for a silent node to be declared)."""
+    deadline = time.monotonic() + watch.node_timeout + 2 * HEARTBEAT_S
+    others = set(range(plan.nnodes)) - {plan.node_rank}
+    while time.monotonic() < deadline:
+        loss = watch.problem()
+        if loss is not None:
+            return loss
+        if others <= set(watch.left()):
+            return None
+        time.sleep(0.1)
+    return None
+
+
+def _leave(plan: Plan, watch: NodeWatch, status: int, statuses: list[int | None]) -> int:
+    """The ranks ended by themselves: tell the other launchers, say how (a crash names the
+    node that failed first, when another did), and, on node 0, keep the store up until the
+    others have left."""
+    watch.leave(status)
+    if status == CRASH_EXIT_CODE:
+        failed = {node: s for node, s in watch.left().items() if s not in AGREED_STATUSES and node != plan.node_rank}
+        if failed:
+            names = "; ".join(f"{watch.info(node).describe()} ended with status {s}" for node, s in sorted(failed.items()))
+            _say(f"{names} (a rank failed there; its output says why); this node's rank(s): "
+                 f"{_rank_details(plan, statuses)}; exit {CRASH_EXIT_CODE}")
+        else:
+            _say_ending(plan, status, statuses)
+    else:
+        _say_ending(plan, status, statuses)
+    if plan.node_rank == 0:
+        watch.wait_for_others(AGREEMENT_GRACE_S)
+    return status
+
+
+def _loss_line(loss: NodeLoss, node_rank: int, checkpoint: str) -> str:
+    """The one line a survivor prints: the lost node, why, and where the run can resume."""
+    if loss.lost.node_rank == node_rank:
+        what = (f"this node, {loss.lost.describe()}, was declared lost by node {loss.declared_by} "
+                f"({loss.reason}); stopped its rank(s)")
+    else:
+        seen = "" if loss.declared_by == node_rank else f", seen by node {loss.declared_by}"
+        what = f"{loss.lost.describe()} lost ({loss.reason}{seen}); stopped this node's rank(s)"
+    return f"{what}; last complete checkpoint: {checkpoint}"
