@@ -47,20 +47,37 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
     checkpoint = run.find_checkpoint(step, "--step")
     exported = run.export_files(run.export / f"{checkpoint.name}.safetensors")
     if all(path.is_file() for path in exported.values()):
-        source, weights = exported["weights"], load_file(str(exported["weights"]))
+        source = exported["weights"]
+        try:
+            weights = load_file(str(source))
+        except Exception as exc:  # safetensors' own error types: a garbage or truncated file
+            raise UserError(f"{source}: not a readable safetensors file "
+                            f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]})") from None
         config, tokenizer_path = exported["config"], exported["tokenizer"]
     else:
         config = run.config_of(checkpoint)
         tokenizer_path = run_tokenizer(run, config)
         source, weights = checkpoint, load_model_weights(checkpoint)
     cfg = read_saved_config(config)
-    vocab = weights["tok_embeddings.weight"].shape[0]
+    embedding = weights.get("tok_embeddings.weight")
+    if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2:
+        names = ", ".join(sorted(weights)[:3]) or "none"
+        raise UserError(f"{source}: no 2-D tok_embeddings.weight, so these are not the weights of a normopt "
+                        f"model (its tensors: {names}{' ...' if len(weights) > 3 else ''})")
+    vocab = embedding.shape[0]
     model = build_model(resolve_model_args(cfg.model, vocab), "cpu")  # non-persistent buffers initialised
+    built = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing, extra = sorted(built.keys() - weights.keys()), sorted(weights.keys() - built.keys())
+    shapes = sorted(n for n in built.keys() & weights.keys() if tuple(weights[n].shape) != built[n])
+    if missing or extra or shapes:
+        parts = [f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}" for what, names in
+                 (("lack", missing), ("have extra", extra), ("have other shapes for", shapes)) if names]
+        raise UserError(f"{source}: the weights do not fit the run's config: they {'; '.join(parts)}")
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise UserError(f"{source}: the weights do not fit the run's config "
-                        f"({str(exc).splitlines()[0]})") from None
+                        f"({' '.join(str(exc).split())[:300]})") from None
     model.eval()
     return LoadedRun(model, load_tokenizer(tokenizer_path), cfg, int(checkpoint.name.split("_")[1]), source)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.conftest import REPO_ROOT
@@ -29,6 +30,44 @@ def test_sample_prints_the_prompt_and_its_continuation(finished_run, capsys):
     assert capsys.readouterr().out.startswith("to be")
     assert main(["sample", str(finished_run), "--prompt", "x", "--step", "4"]) == 2
     assert "no complete checkpoint for step 4" in capsys.readouterr().err
+
+
+def _renamed(weights):
+    return {"x." + name: t for name, t in weights.items()}
+
+
+def _with_extra(weights):
+    return {**weights, "extra.weight": torch.zeros(2)}
+
+
+@pytest.mark.parametrize("damage, words", [
+    (None, "step_00000006.safetensors: not a readable safetensors file (Error while deserializing header"),
+    (_renamed, "step_00000006.safetensors: no 2-D tok_embeddings.weight, so these are not the weights of a "
+               "normopt model (its tensors: x."),
+    (_with_extra, "step_00000006.safetensors: the weights do not fit the run's config: they have extra extra.weight"),
+])
+def test_an_export_that_is_not_the_runs_weights_is_one_line_and_exit_2(finished_run, tmp_path, capsys, damage,
+                                                                       words):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from normopt.cli import main
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    assert main(["export", str(run_dir)]) == 0
+    weights_file = run_dir / "export" / "step_00000006.safetensors"
+    if damage is None:
+        weights_file.write_bytes(b"garbage, not safetensors\n")
+    else:
+        weights = {name: t.clone() for name, t in damage(load_file(str(weights_file))).items()}
+        save_file(weights, str(weights_file))
+    capsys.readouterr()
+    assert main(["sample", str(run_dir), "--prompt", "to be", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and words in lines[0] and "Traceback" not in err, err
 
 
 def test_generation_keeps_to_the_context_and_stops_at_eos():
