@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not argv or argv[0] not in commands:
         problem = f"unknown command {argv[0]!r}" if argv else "no command given"
-        print(f"{USAGE}\n\nnormopt: error: {problem}", file=sys.stderr)
+        # one line, like every user error; normopt --help shows the whole usage
+        print(f"normopt: error: {problem} (commands: {', '.join(commands)}; see normopt --help)", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
     return commands[argv[0]](argv[1:])
 

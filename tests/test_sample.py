@@ -87,7 +87,13 @@ def test_generation_keeps_to_the_context_and_stops_at_eos():
 
 def test_unknown_command_and_train_prog():
     proc = _cli("bogus", timeout=60)
-    assert proc.returncode == 2 and proc.stderr.strip().endswith("normopt: error: unknown command 'bogus'")
-    assert "usage: normopt" in proc.stderr
+    # one line (the usage block is normopt --help's), naming the command and the ones there are
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "normopt: error: unknown command 'bogus' (commands: train, check, export, sample, report, factorial, "
+        "status, spectrum, launch; see normopt --help)"], proc.stderr
+    no_command = _cli(timeout=60)
+    assert no_command.returncode == 2 and len(no_command.stderr.splitlines()) == 1
+    assert no_command.stderr.startswith("normopt: error: no command given (commands: train,")
+    assert _cli("--help", timeout=60).stdout.startswith("usage: normopt")
     help_text = _cli("train", "--help", timeout=60)
     assert help_text.returncode == 0 and help_text.stdout.startswith("usage: normopt train")
