@@ -135,6 +135,10 @@ def test_tuned_grid_runs_through_slurm_to_its_report(slurm_cluster, tmp_path, ti
     assert "(from the SLURM queue and run folders)" in during.stdout
     assert len([line for line in during.stdout.splitlines() if line.startswith(("tuning ", "evaluation "))]) == 3
 
+    twice = _normopt(slurm_cluster, "factorial", str(spec), "--slurm")  # two jobs would train one run
+    assert twice.returncode == 2 and len(twice.stderr.strip().splitlines()) == 1, twice.stderr
+    assert "of its last submission are still in the queue" in twice.stderr
+
     _wait(lambda: _queue_empty(slurm_cluster), "the chain to finish", slurm_cluster)
     assert (root / "report.md").is_file(), (root / "slurm").iterdir()
     choices = _read_json(root / "tuning" / "tuning.json")["choices"]

@@ -232,6 +232,25 @@ def _append_submission(root: Path, plan: GridPlan, ids: dict[str, str]) -> None:
     path.write_text(json.dumps(submissions, indent=2) + "\n")
 
 
+def squeue_states(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
+    """``{"12_3" or "14": (state, reason)}`` for the given jobs' tasks still known to SLURM;
+    None when squeue is not there or does not answer."""
+    if not job_ids:
+        return {}
+    try:
+        proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%r"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    wanted, states = set(job_ids), {}
+    for line in proc.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 3 and parts[0].split("_")[0] in wanted:
+            states[parts[0]] = (parts[1], parts[2])
+    return states
+
+
 def read_submissions(root: Path) -> list[dict[str, Any]]:
     """Every submission of the grid, oldest first (empty without jobs.json)."""
     try:
@@ -241,12 +260,28 @@ def read_submissions(root: Path) -> list[dict[str, Any]]:
     return record if isinstance(record, list) else []
 
 
+def refuse_while_queued(root: Path) -> None:
+    """A grid whose last submission still has jobs in the queue is not submitted again: two
+    jobs would train one run (the second refused by its lock, a failed task)."""
+    submissions = read_submissions(root)
+    if not submissions:
+        return
+    ids = [str(i) for i in submissions[-1].get("jobs", {}).values()]
+    queued = squeue_states(ids)
+    if queued:
+        jobs = sorted({task.split("_")[0] for task in queued})
+        raise UserError(f"{root}: jobs {', '.join(jobs)} of its last submission are still in the queue; wait for "
+                        f"them (normopt status {root}) or cancel them (scancel {' '.join(jobs)}) before submitting again")
+
+
 def submit_grid(spec: dict[str, Any], base: Path, root: Path, cells: list[CellSpec], tune: TuneSpec | None,
                 runs: list[CellSpec], gpus_per_node: int, nodes: int, extra_options: list[str], dry_run: bool) -> int:
     """``--slurm``: the grid's chain of jobs for the runs still to run, printed (``dry_run``)
     or submitted. A tuned grid whose tuning runs are all complete has its choice made here
     already, so an evaluation cell that ran at a value it no longer chooses is refused before
     anything is submitted, as on the local path."""
+    if not dry_run:
+        refuse_while_queued(root)
     plan = grid_plan(base, root, cells, tune, runs, gpus_per_node, nodes)
     if tune is not None and not plan.to_run["tuning"]:
         tuned_cells(root, tune, cells, choose_values(root, tune, runs))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from normopt.cli_args import CommandParser
 from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, UserError
 from normopt.factorial.grid_clock import format_duration, predicted_seconds_per_step
 from normopt.factorial.plan import PHASES, GridPlan, read_plan
-from normopt.factorial.slurm import read_submissions, slurm_folder
+from normopt.factorial.slurm import read_submissions, slurm_folder, squeue_states
 from normopt.job_record import read_job_record, recorded_exit_status
 from normopt.report.cell_assessment import final_eval_loss
 from normopt.report.cell_reading import read_metrics
@@ -55,25 +54,6 @@ class RunStatus:
     detail: str
     steps_left: int
     seconds_per_step: float | None  # measured from its metrics log
-
-
-def squeue_states(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
-    """``{"12_3" or "14": (state, reason)}`` for the given jobs' tasks still known to SLURM;
-    None when squeue is not there or does not answer."""
-    if not job_ids:
-        return {}
-    try:
-        proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%r"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if proc.returncode != 0:
-        return None
-    wanted, states = set(job_ids), {}
-    for line in proc.stdout.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) == 3 and parts[0].split("_")[0] in wanted:
-            states[parts[0]] = (parts[1], parts[2])
-    return states
 
 
 def _queued(entry: tuple[str, str]) -> str:
