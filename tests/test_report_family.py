@@ -158,6 +158,34 @@ def test_report_block_validates_factors_and_margin():
                 {"equivalence_margin": "small"}):
         with pytest.raises(UserError):
             axes_from_levels(levels, bad)
+    for margin in (math.inf, -math.inf, math.nan):  # an infinite margin would call every contrast negligible
+        with pytest.raises(UserError, match="report.equivalence_margin must be a positive finite number of nats"):
+            axes_from_levels(levels, {"equivalence_margin": margin})
+
+
+def test_a_factor_naming_an_arm_no_cell_has_is_refused(tmp_path, capsys):
+    import json
+
+    from normopt.cli import main
+
+    for optim in ("adamw", "muon"):
+        for norm in ("rmsnorm", "derf"):
+            write_cell(tmp_path, norm, optim, 0, 3.0)
+        write_cell(tmp_path, "derf", optim, 0, 3.1, alpha=0.8,
+                   cell_json={"name": f"dyt_alpha-{optim}-s0", "coords": {"norm": "derf", "optim": optim},
+                              "seed": 0, "arm": "dyt_alpha"})
+    axes = ReportAxes(factors={"f": ("derf", "derf[dyt_alhpa]")})
+    with pytest.raises(UserError, match=r"report.factors.f: 'derf\[dyt_alhpa\]' names an arm 'dyt_alhpa' that no "
+                                        r"cell has \(arms: dyt_alpha\)"):
+        build_summary(discover_cells(tmp_path), axes=axes)
+    (tmp_path / "experiment.json").write_text(json.dumps({
+        "axes": {"model.norm": ["rmsnorm", "derf"], "optim.name": ["adamw", "muon"]},
+        "report": {"factors": {"f": ["derf", "derf[nope]"]}}}))
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["normopt: error: report.factors.f: 'derf[nope]' names an arm 'nope' that no cell "
+                                "has (arms: dyt_alpha)"], err
 
 
 @pytest.mark.parametrize("name", ["confounds_cpu.yaml", "confounds_gpu_124m.yaml"])
@@ -191,3 +219,29 @@ def test_coverage_simulation_measures_what_it_says():
     assert 0.92 <= coverage <= 0.995
     raw, adjusted = module.family_error(random.Random(1), 200, 3)
     assert adjusted <= raw
+
+
+def test_a_metrics_line_with_a_negative_step_is_refused_and_the_report_kept(tmp_path, capsys):
+    import hashlib
+
+    from normopt.cli import main
+
+    for optim in ("adamw", "muon"):
+        for seed, norm in enumerate(("rmsnorm", "derf")):
+            write_cell(tmp_path, norm, optim, seed, 3.0 + seed)
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 0
+    damaged = tmp_path / "derf-muon-s1" / "metrics.jsonl"
+    lines = damaged.read_text().splitlines()
+    damaged.write_text("\n".join([lines[0], '{"step": -5, "loss": 1.0}', *lines[1:]]) + "\n")
+
+    def digest():
+        return {p.relative_to(tmp_path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    before = digest()
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"normopt: error: {damaged}:2: unreadable metrics line (step -5 is negative)"], err
+    assert digest() == before  # report.md, summary.json and the plots as they were

@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 def read_step_records(path: Path, what: str, parse: Callable[[dict[str, Any]], T]) -> tuple[list[T], bool]:
     """``parse(record)`` of every line, in file order, and whether a partial last line was
-    skipped. Each line must be a JSON object with an integer "step"; ``parse`` raises
+    skipped. Each line must be a JSON object with a non-negative integer "step"; ``parse`` raises
     ValueError for anything else it finds wrong. ``what`` names the log in messages."""
     try:
         text = path.read_text()
@@ -41,6 +41,8 @@ def read_step_records(path: Path, what: str, parse: Callable[[dict[str, Any]], T
             step = record["step"]
             if isinstance(step, bool) or not isinstance(step, int):
                 raise ValueError(f"step {step!r} is not an integer")
+            if step < 0:
+                raise ValueError(f"step {step} is negative")
             parsed.append(parse(record))
         except ValueError as exc:
             if number == len(lines):

@@ -29,6 +29,7 @@ and optimizer; else the axes recorded in the cells' ``cell.json`` in spec order.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -217,8 +218,8 @@ def _factors(given: Any, compare: str, levels: Sequence[str]) -> dict[str, tuple
 
 
 def _margin(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise UserError(f"report.equivalence_margin must be a positive number of nats, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise UserError(f"report.equivalence_margin must be a positive finite number of nats, got {value!r}")
     return float(value)
 
 

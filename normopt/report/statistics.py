@@ -56,6 +56,7 @@ from normopt.report.cell_assessment import (
     assess_cell,
     learned_no_context,
 )
+from normopt.errors import UserError
 from normopt.report.cell_reading import NORM_KEY, OPTIM_KEY, Cell, Diagnostics
 from normopt.report.contrasts import (
     GroupStats,
@@ -142,6 +143,18 @@ def _variant_order(cells: Sequence[Cell], baseline: str, canonical: Sequence[str
     keys = {(c.norm != baseline, rank.get(c.norm, len(rank)), c.norm, c.arm is not None, c.arm or ""): c.variant
             for c in cells if c.norm is not None and c.optim is not None}
     return [keys[k] for k in sorted(keys)]
+
+
+def _check_factor_arms(factors: Mapping[str, Sequence[str]], cells: Sequence[Cell]) -> None:
+    """A factor's ``level[arm]`` must name an arm some cell has (a level is checked against the
+    spec's levels when the axes are read); a misspelt arm is refused, not reported as missing
+    cells."""
+    arms = sorted({c.arm for c in cells if c.arm is not None})
+    for name, pair in factors.items():
+        for variant in pair:
+            if "[" in variant and (arm := variant.split("[", 1)[1].removesuffix("]")) not in arms:
+                raise UserError(f"report.factors.{name}: {variant!r} names an arm {arm!r} that no cell has "
+                                f"(arms: {', '.join(arms) or 'none'})")
 
 
 Groups = Mapping[tuple[str, str], GroupStats]  # (variant, optimizer) -> its included cells
@@ -334,6 +347,7 @@ def build_summary(cells: Sequence[Cell], *, axes: ReportAxes | None = None, base
     optims = _order((c.optim for c in cells if c.optim is not None), across_order, reference or SINGLE_COLUMN)
     norm_of = {c.variant: (c.norm, c.arm) for c in cells if c.norm is not None}
     fixes_of = {v: t for v in variants if (t := fix_base(v, *norm_of[v], fixes, base)) is not None}
+    _check_factor_arms(axes.factors, cells)
     compare_noun, across_noun = axes.noun(axes.compare), axes.noun(axes.across)
 
     if base not in variants:
