@@ -7,6 +7,8 @@ wrote them, through the safe reader and tensor-only planner (nothing is unpickle
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -18,7 +20,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from normopt.checkpoint.manager import read_trainer_state
 from normopt.checkpoint.safe_dcp import SafeReader, TensorOnlyPlanner, read_metadata
 from normopt.errors import UserError
-from normopt.output_paths import check_output_file
+from normopt.output_paths import check_output_file, write_failed
 from normopt.run_dir import RunDir
 
 MODEL_PREFIX = "model."
@@ -84,15 +86,25 @@ def export_safetensors(run_dir: Path, step: int | None = None, out: Path | None 
     for path in paths.values():  # all three, before anything is written
         check_output_file(path, "--out", run)
     folder = paths["weights"].parent
-    if not folder.exists():
-        folder.mkdir(parents=True)
-        folder.chmod(EXPORT_DIR_MODE)
     trainer_state = read_trainer_state(checkpoint)
     # a tied head is the same tensor under two names; safetensors wants distinct storage
     tensors = {name: t.contiguous().clone() for name, t in weights.items()}
-    save_file(tensors, str(paths["weights"]), metadata={"format": "pt", "step": str(trainer_state["step"])})
-    shutil.copyfile(config, paths["config"])
-    shutil.copyfile(tokenizer, paths["tokenizer"])
-    for path in paths.values():
-        path.chmod(EXPORT_FILE_MODE)
+    created = [path for path in paths.values() if not os.path.lexists(path)]
+    try:
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            folder.chmod(EXPORT_DIR_MODE)
+        save_file(tensors, str(paths["weights"]), metadata={"format": "pt", "step": str(trainer_state["step"])})
+        shutil.copyfile(config, paths["config"])
+        shutil.copyfile(tokenizer, paths["tokenizer"])
+        for path in paths.values():
+            path.chmod(EXPORT_FILE_MODE)
+    except Exception as exc:  # the file system refused a write: one line, and no half export left
+        failure = write_failed("--out", paths["weights"], exc)
+        if failure is None:
+            raise
+        for path in created:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise failure from None
     return paths["weights"]

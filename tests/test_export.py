@@ -60,3 +60,18 @@ def test_export_without_checkpoint_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "normopt.cli", "export", str(tmp_path / "run")],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr
+
+
+def test_a_file_system_that_refuses_the_export_is_one_line_and_leaves_nothing(finished_run, tmp_path, capsys):
+    from normopt.cli import main
+    from tests.mounts import tmpfs
+
+    for read_only, reason in ((True, "read-only file system"), (False, "no space left on device")):
+        with tmpfs(tmp_path / "disk", size="64k", read_only=read_only) as disk:
+            out = disk / "model.safetensors"
+            capsys.readouterr()
+            assert main(["export", str(finished_run), "--out", str(out)]) == 2
+            err = capsys.readouterr().err
+            assert err.splitlines() == [f"normopt: error: --out {out}: cannot write ({reason}); nothing was "
+                                        f"written"], err
+            assert list(disk.iterdir()) == []

@@ -304,3 +304,21 @@ def test_cli_exports_a_derf_ema_mla_moe_run_that_generates_as_normopt_sample(cus
         assert torch.equal(row, exported.generate(**tokenizer(prompt, return_tensors="pt"), **greedy)[0, -5:])
     assert main(["export", str(custom_run), "--format", "hf"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("read_only, reason", [(True, "read-only file system"), (False, "no space left on device")])
+def test_a_file_system_that_refuses_the_export_is_one_line_and_leaves_nothing(finished_run, tmp_path, read_only,
+                                                                              reason):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+    from tests.mounts import tmpfs
+
+    with tmpfs(tmp_path / "disk", size="64k", read_only=read_only) as disk:
+        out = disk / "hf"
+        proc = subprocess.run([sys.executable, "-m", "normopt.cli", "export", str(finished_run), "--format", "hf",
+                               "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and proc.stderr.splitlines() == [
+            f"normopt: error: --out {out}: cannot write ({reason}); nothing was written"], proc.stderr
+        assert list(disk.iterdir()) == []

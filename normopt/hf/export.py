@@ -26,7 +26,7 @@ from normopt.errors import UserError
 from normopt.export import EXPORT_DIR_MODE, EXPORT_FILE_MODE
 from normopt.hf.convert import exports_as_llama, hf_tensors, llama_config_fields, normopt_config_fields
 from normopt.hf.parity import Parity, parity_gate
-from normopt.output_paths import check_output_folder
+from normopt.output_paths import check_output_folder, write_failed
 
 TEMPLATE = Path(__file__).with_name("modeling_normopt.py")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -82,8 +82,11 @@ def write_hf_folder(model: torch.nn.Module, tokenizer, max_positions: int, dtype
         with torch.no_grad():
             for parameter in model.parameters():
                 parameter.copy_(parameter.to(dtype).float())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.incomplete.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.incomplete.", dir=out.parent))
+    except OSError as exc:  # a read-only file system, a full disk, no permission
+        raise (write_failed("--out", out, exc) or exc) from None
     try:
         llama = exports_as_llama(model.args)
         eos = eos_id(tokenizer)
@@ -96,8 +99,12 @@ def write_hf_folder(model: torch.nn.Module, tokenizer, max_positions: int, dtype
             path.chmod(EXPORT_FILE_MODE)
         staging.chmod(EXPORT_DIR_MODE)
         os.rename(staging, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        failure = write_failed("--out", out, exc) if type(exc) is not UserError and isinstance(exc, Exception) \
+            else None
+        if failure is not None:
+            raise failure from None
         raise
     return out, parity
 
