@@ -85,7 +85,7 @@ def _slurm_conf(folder: Path, node: str, cpus: int, ctld_port: int, slurmd_port:
         "MpiDefault=none",
         "GresTypes=gpu",
         "MinJobAge=600",  # finished jobs stay visible to scontrol/squeue for 10 minutes
-        "KillWait=10",
+        "KillWait=30",  # SLURM's default: the time a job has between SIGTERM and SIGKILL
         "InactiveLimit=0",
         "SlurmctldTimeout=30",
         "SlurmdTimeout=60",

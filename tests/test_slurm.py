@@ -1,5 +1,5 @@
 """Grids and jobs through a real SLURM (slurmctld + slurmd + munged on localhost,
-``tests/slurm_cluster.py``): a tuned grid submitted with ``--slurm`` runs to ``report.md`` with
+``tests/cluster.py``): a tuned grid submitted with ``--slurm`` runs to ``report.md`` with
 no other command; USR1 preemption of an array task checkpoints, exits 75, requeues and resumes
 bit-identically; ``scancel`` (SIGTERM) checkpoints and exits 75 without a requeue; a task
 whose processes are all killed, and a task that fails, are reported as failed with their logs,
@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import TINY_MODEL
@@ -29,6 +30,17 @@ from tests.processes import REPO_ROOT
 
 SBATCH = REPO_ROOT / "launch" / "slurm.sbatch"
 TIMEOUT_S = 300
+
+
+@pytest.fixture
+def cluster(slurm_cluster):
+    """The session's cluster, its queue emptied after each test (a failed test's jobs must not
+    keep the next one waiting)."""
+    yield slurm_cluster
+    jobs = slurm_cluster.run("squeue", "-h", "-o", "%A", check=False).stdout.split()
+    if jobs:
+        slurm_cluster.run("scancel", *sorted(set(jobs)), check=False)
+        _wait(lambda: _queue_empty(slurm_cluster), "the queue to empty after the test", slurm_cluster, timeout=60)
 
 
 def _job_env(cluster) -> dict[str, str]:
@@ -113,33 +125,33 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def test_tuned_grid_runs_through_slurm_to_its_report(slurm_cluster, tmp_path, tiny_corpus):
+def test_tuned_grid_runs_through_slurm_to_its_report(cluster, tmp_path, tiny_corpus):
     """Tuning array (the value 1e4 diverges: exit 3, which the choice job's afterany still
     follows), the choice, the evaluation array at the chosen value, then the report job."""
     spec = _spec(tmp_path, tiny_corpus, axes={"model.norm": ["derf"], "optim.name": ["adamw"]},
                  tune={"key": "optim.lr", "values": [1.0e-2, 1.0e4], "seeds": [100]})
     root = tmp_path / "grid"
-    dry = _normopt(slurm_cluster, "factorial", str(spec), "--slurm", "--dry-run")
+    dry = _normopt(cluster, "factorial", str(spec), "--slurm", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "cost: 2 tuning runs, 12 steps; 1 evaluation runs, 6 steps" in dry.stdout
     assert "CHOOSE=$(sbatch --parsable --dependency=afterany:$TUNING" in dry.stdout
     assert "EVALUATION=$(sbatch --parsable --dependency=afterok:$CHOOSE" in dry.stdout
     assert not root.exists()
 
-    proc = _normopt(slurm_cluster, "factorial", str(spec), "--slurm")
+    proc = _normopt(cluster, "factorial", str(spec), "--slurm")
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"submitted tuning \d+ \(2 tasks\), choose \d+, evaluation \d+ \(1 tasks\), report \d+",
                      proc.stdout), proc.stdout
-    during = _normopt(slurm_cluster, "status", str(root))
+    during = _normopt(cluster, "status", str(root))
     assert during.returncode == 0, during.stderr
     assert "(from the SLURM queue and run folders)" in during.stdout
     assert len([line for line in during.stdout.splitlines() if line.startswith(("tuning ", "evaluation "))]) == 3
 
-    twice = _normopt(slurm_cluster, "factorial", str(spec), "--slurm")  # two jobs would train one run
+    twice = _normopt(cluster, "factorial", str(spec), "--slurm")  # two jobs would train one run
     assert twice.returncode == 2 and len(twice.stderr.strip().splitlines()) == 1, twice.stderr
     assert "of its last submission are still in the queue" in twice.stderr
 
-    _wait(lambda: _queue_empty(slurm_cluster), "the chain to finish", slurm_cluster)
+    _wait(lambda: _queue_empty(cluster), "the chain to finish", cluster)
     assert (root / "report.md").is_file(), (root / "slurm").iterdir()
     choices = _read_json(root / "tuning" / "tuning.json")["choices"]
     assert {group: c["chosen"] for group, c in choices.items()} == {"derf-adamw": 0.01}
@@ -150,7 +162,7 @@ def test_tuned_grid_runs_through_slurm_to_its_report(slurm_cluster, tmp_path, ti
     diverged = _read_json(root / "tuning" / "derf-adamw-lr10000.0-s100" / "job.json")
     assert diverged["state"] == "ended" and diverged["exit_status"] == 3
 
-    after = _normopt(slurm_cluster, "status", str(root))
+    after = _normopt(cluster, "status", str(root))
     assert after.returncode == 0, after.stderr
     lines = after.stdout.splitlines()
     assert re.search(r"^evaluation\s+derf-adamw-s0\s+done\s+eval loss \d", after.stdout, re.M), after.stdout
@@ -159,12 +171,12 @@ def test_tuned_grid_runs_through_slurm_to_its_report(slurm_cluster, tmp_path, ti
     assert lines[-1].startswith("summary: 2 done, 0 running, 0 queued, 0 preempted, 1 diverged, 0 failed"), lines[-1]
 
     # nothing is left to run (a diverged run is a result, not rerun): the choice and the report
-    again = _normopt(slurm_cluster, "factorial", str(spec), "--slurm", "--dry-run")
+    again = _normopt(cluster, "factorial", str(spec), "--slurm", "--dry-run")
     assert again.returncode == 0, again.stderr
     assert "TUNING=" not in again.stdout and "EVALUATION=" not in again.stdout and "REPORT=" in again.stdout
 
 
-def test_usr1_preempts_an_array_task_which_requeues_and_resumes_bit_identically(slurm_cluster, tmp_path,
+def test_usr1_preempts_an_array_task_which_requeues_and_resumes_bit_identically(cluster, tmp_path,
                                                                                  tiny_corpus):
     spec = _spec(tmp_path, tiny_corpus, axes={"model.norm": ["rmsnorm"], "optim.name": ["adamw"]})
     settings = yaml.safe_load(spec.read_text())
@@ -172,25 +184,25 @@ def test_usr1_preempts_an_array_task_which_requeues_and_resumes_bit_identically(
                             "train.dtype": "float32"})
     spec.write_text(yaml.safe_dump(settings))
     root, cell = tmp_path / "grid", tmp_path / "grid" / "rmsnorm-adamw-s0"
-    proc = _normopt(slurm_cluster, "factorial", str(spec), "--slurm")
+    proc = _normopt(cluster, "factorial", str(spec), "--slurm")
     assert proc.returncode == 0, proc.stderr
     array = re.search(r"evaluation (\d+)", proc.stdout).group(1)
     _wait(lambda: (cell / "metrics.jsonl").exists() and max(_losses(cell), default=0) >= 3,
-          "step 3 of the array task", slurm_cluster, interval=0.05)
-    slurm_cluster.run("scancel", "--signal=USR1", "--batch", f"{array}_0")
+          "step 3 of the array task", cluster, interval=0.05)
+    cluster.run("scancel", "--signal=USR1", "--batch", f"{array}_0")
     record = _wait(lambda: _read_json(cell / "job.json").get("state") == "requeued" and _read_json(cell / "job.json"),
-                   "the task to record its requeue", slurm_cluster, interval=0.1)
+                   "the task to record its requeue", cluster, interval=0.1)
     assert record["exit_status"] == 75
     stopped_at = max(_losses(cell))
     assert 3 <= stopped_at < 300
     assert (cell / "checkpoints" / f"step_{stopped_at:08d}" / "trainer_state.json").is_file()
-    _wait(lambda: _job_field(slurm_cluster, f"{array}_0", "JobState") == "PENDING", "the task back in the queue",
-          slurm_cluster)
-    status = _normopt(slurm_cluster, "status", str(root))
+    _wait(lambda: _job_field(cluster, f"{array}_0", "JobState") == "PENDING", "the task back in the queue",
+          cluster)
+    status = _normopt(cluster, "status", str(root))
     assert re.search(rf"^evaluation\s+rmsnorm-adamw-s0\s+preempted\s+requeued, last checkpoint step {stopped_at}",
                      status.stdout, re.M), status.stdout
-    _start_now(slurm_cluster, f"{array}_0")
-    _wait(lambda: _queue_empty(slurm_cluster), "the resumed task and the report job", slurm_cluster)
+    _start_now(cluster, f"{array}_0")
+    _wait(lambda: _queue_empty(cluster), "the resumed task and the report job", cluster)
     final = _read_json(cell / "job.json")
     assert final["state"] == "ended" and final["exit_status"] == 0 and final["restarts"] == 1, final
     assert (root / "report.md").is_file()
@@ -199,7 +211,7 @@ def test_usr1_preempts_an_array_task_which_requeues_and_resumes_bit_identically(
     overrides = [o for o in json.loads((root / "plan.json").read_text())["evaluation"][0]["overrides"]
                  if not o.startswith("run.dir=")]
     single = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "--config", str(REPO_ROOT / "configs/demo.yaml"),
-                             *overrides, f"run.dir={reference}"], cwd=REPO_ROOT, env=_job_env(slurm_cluster),
+                             *overrides, f"run.dir={reference}"], cwd=REPO_ROOT, env=_job_env(cluster),
                             capture_output=True, text=True, timeout=TIMEOUT_S)
     assert single.returncode == 0, single.stderr[-2000:]
     resumed, uninterrupted = _losses(cell), _losses(reference)
@@ -207,7 +219,7 @@ def test_usr1_preempts_an_array_task_which_requeues_and_resumes_bit_identically(
     assert resumed == uninterrupted  # bit-identical, steps after the requeue included
 
 
-def test_scancel_a_lost_task_and_a_failed_one_each_reported_and_the_report_still_written(slurm_cluster, tmp_path,
+def test_scancel_a_lost_task_and_a_failed_one_each_reported_and_the_report_still_written(cluster, tmp_path,
                                                                                          tiny_corpus):
     """One grid, three array tasks, submitted held. Task 2's corpus (an arm's own copy) is
     removed before release, so it fails at its start (exit 2, recorded in job.json). Of the two
@@ -224,7 +236,7 @@ def test_scancel_a_lost_task_and_a_failed_one_each_reported_and_the_report_still
                             "train.dtype": "float32"})
     spec.write_text(yaml.safe_dump(settings))
     root = tmp_path / "grid"
-    proc = _normopt(slurm_cluster, "factorial", str(spec), "--slurm", "--sbatch-option=--hold")
+    proc = _normopt(cluster, "factorial", str(spec), "--slurm", "--sbatch-option=--hold")
     assert proc.returncode == 0, proc.stderr
     array = re.search(r"evaluation (\d+)", proc.stdout).group(1)
     names = [c["name"] for c in json.loads((root / "plan.json").read_text())["evaluation"]]
@@ -232,26 +244,26 @@ def test_scancel_a_lost_task_and_a_failed_one_each_reported_and_the_report_still
     cells = [root / name for name in names]
     shutil.rmtree(broken)
     for job in re.findall(r"(?:evaluation|report) (\d+)", proc.stdout):
-        slurm_cluster.run("scontrol", "release", job)
+        cluster.run("scontrol", "release", job)
     for cell in cells[:2]:
         _wait(lambda: (cell / "metrics.jsonl").exists() and max(_losses(cell), default=0) >= 3,
-              f"step 3 of {cell.name}", slurm_cluster, interval=0.05)
-    slurm_cluster.run("scancel", f"{array}_0")
-    _kill_job_processes(slurm_cluster, _read_json(cells[1] / "job.json")["job_id"])
-    _wait(lambda: _queue_empty(slurm_cluster), "the three tasks and the report job", slurm_cluster)
+              f"step 3 of {cell.name}", cluster, interval=0.05)
+    cluster.run("scancel", f"{array}_0")
+    _kill_job_processes(cluster, _read_json(cells[1] / "job.json")["job_id"])
+    _wait(lambda: _queue_empty(cluster), "the three tasks and the report job", cluster)
 
     record = _read_json(cells[0] / "job.json")
     assert record["state"] == "ended" and record["exit_status"] == 75, record
     stopped_at = max(_losses(cells[0]))
     assert stopped_at < 400
     assert (cells[0] / "checkpoints" / f"step_{stopped_at:08d}" / "trainer_state.json").is_file()
-    assert _job_field(slurm_cluster, f"{array}_0", "Restarts") == "0"
-    assert _job_field(slurm_cluster, f"{array}_0", "JobState") == "CANCELLED"
+    assert _job_field(cluster, f"{array}_0", "Restarts") == "0"
+    assert _job_field(cluster, f"{array}_0", "JobState") == "CANCELLED"
     assert _read_json(cells[1] / "job.json")["state"] == "running"  # nothing could record its end
     failed = _read_json(cells[2] / "job.json")
     assert failed["state"] == "ended" and failed["exit_status"] == 2, failed
 
-    status = _normopt(slurm_cluster, "status", str(root))
+    status = _normopt(cluster, "status", str(root))
     lines = {line.split()[1]: line for line in status.stdout.splitlines() if line.startswith("evaluation")}
     assert re.search(rf"preempted\s+stopped after a checkpoint at step {stopped_at}, last checkpoint step {stopped_at}",
                      lines["rmsnorm-adamw-s0"]), status.stdout
