@@ -150,7 +150,7 @@ def test_retention_prunes_only_behind_verified_checkpoints(finished_run, tmp_pat
     from normopt.checkpoint.manager import CheckpointWriter
     from normopt.run_dir import RunDir
 
-    run_dir, six = _copy(finished_run, tmp_path)
+    run_dir, _ = _copy(finished_run, tmp_path)
     run = RunDir(run_dir)
     nine = _add_checkpoint(run_dir, 9)
     _loop(nine / "rng" / "rank_00000.safetensors")

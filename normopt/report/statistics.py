@@ -45,6 +45,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from normopt.errors import UserError
 from normopt.models.norms import NORM_NAMES, NORMS
 from normopt.optim.registry import OPTIMIZER_NAMES
 from normopt.report.arms import assign_arms, fix_base
@@ -56,7 +57,6 @@ from normopt.report.cell_assessment import (
     assess_cell,
     learned_no_context,
 )
-from normopt.errors import UserError
 from normopt.report.cell_reading import NORM_KEY, OPTIM_KEY, Cell, Diagnostics
 from normopt.report.contrasts import (
     GroupStats,
