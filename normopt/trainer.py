@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -72,6 +73,8 @@ def on_main_then_share(fn, dist_info: DistInfo):
 
 
 class Trainer:
+    _progress = None  # fit's progress bar, once it exists
+
     def __init__(self, cfg: Config, dist_info: DistInfo, stop_request: StopRequest | None = None):
         self.cfg, self.dist = cfg, dist_info
         self.stop_request = stop_request or StopRequest()
@@ -214,7 +217,7 @@ class Trainer:
             raise Preempted(f"stopped by {self.stop_request.signal_name or 'a stop signal on another rank'} before "
                             f"the first step (nothing trained since step {self.start_step})")
         tokens_per_step = t.global_batch_size * t.seq_len
-        progress = tqdm(total=t.steps, initial=self.start_step, disable=not self.dist.is_main,
+        progress = self._progress = tqdm(total=t.steps, initial=self.start_step, disable=not self.dist.is_main,
                         desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
         eval_loss = None
         if self.start_step == 0:
@@ -425,7 +428,20 @@ class Trainer:
             self.lock.release()
 
     def _close(self) -> None:
-        self.checkpointer.wait()
-        self.stop_request.close()
-        self.diagnostics.writer.close()
-        self.metrics.close()
+        """Finish the checkpoint in flight and close the logs, each even if another is refused.
+        Of a run that already failed, that failure is the one reported (a full disk refuses the
+        logs' last bytes too); otherwise the first refusal here. A failed run's progress bar is
+        cleared, so that its one line stands alone."""
+        failed = sys.exc_info()[1] is not None
+        if self._progress is not None:
+            self._progress.leave = False
+            self._progress.close()  # a no-op once fit closed it
+        refusals = []
+        for close in (self.checkpointer.wait, self.stop_request.close, self.diagnostics.writer.close,
+                      self.metrics.close):
+            try:
+                close()
+            except UserError as exc:
+                refusals.append(exc)
+        if refusals and not failed:
+            raise refusals[0]

@@ -152,3 +152,63 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, tiny_cor
     resumed = run_cli(args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
+
+
+class _RefusesOnClose:
+    """An open log whose last buffered bytes the disk refuses when it is closed."""
+
+    def __init__(self, name):
+        self.name, self.closed = name, False
+
+    def write(self, text):
+        pass
+
+    def close(self):
+        import errno
+
+        self.closed = True
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_when_the_logs_close_is_one_line(tmp_path):
+    from normopt.diagnostics.collector import DiagnosticsWriter
+    from normopt.errors import UserError
+    from normopt.metrics.logger import MetricsLogger
+    from normopt.run_dir import RunDir
+
+    writer = DiagnosticsWriter(tmp_path / "diagnostics.jsonl", None, enabled=True, histograms=False)
+    writer._file.close()
+    writer._file = _RefusesOnClose(str(tmp_path / "diagnostics.jsonl"))
+    with pytest.raises(UserError, match=r"^writing .*diagnostics.jsonl failed \(no space left on device\) when "
+                                        r"closing it; the checkpoints written so far are kept$"):
+        writer.close()
+    writer.close()  # closed once, not again
+
+    logger = MetricsLogger(RunDir(tmp_path), enabled=True)
+    logger._file.close()
+    logger._file = _RefusesOnClose(str(tmp_path / "metrics.jsonl"))
+    with pytest.raises(UserError, match=r"metrics.jsonl failed \(no space left on device\) when closing it"):
+        logger.close()
+    assert logger._writer.file_writer is None  # TensorBoard's writer was closed all the same
+
+
+@pytest.mark.parametrize("size, words", [
+    ("40k", "writing the TensorBoard events file failed (no space left on device) at step"),
+    ("400k", "failed (no space left on device); the partial checkpoint was removed"),
+])
+def test_a_disk_that_fills_during_a_run_ends_it_with_one_clean_line(tmp_path, tiny_corpus, size, words):
+    """A real full disk (a tiny tmpfs): whatever refuses first (TensorBoard's writer thread,
+    torch's zip writer, which calls a short write "unexpected pos"), the run ends with exit 2
+    and one line naming the disk, on a line of its own: the progress bar is cleared first."""
+    from tests.mounts import tmpfs
+
+    with tmpfs(tmp_path / "disk", size=size) as disk:
+        proc = run_cli(tiny_run_args(disk / "run", tiny_corpus, "checkpoint.interval=3", "diagnostics.interval=1",
+                                     "train.steps=9"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.rstrip("\n").split("\n")[-1].split("\r")
+    assert last[-1].startswith("normopt: error: ") and words in last[-1], proc.stderr[-3000:]
+    assert all(not part.strip() for part in last[-2:-1])  # what the bar drew last was wiped
+    messages = [part for line in proc.stderr.split("\n") for part in line.split("\r") if "normopt" in part]
+    assert messages == [last[-1]], proc.stderr[-3000:]
+    assert "unexpected pos" not in proc.stderr and "enforce fail" not in proc.stderr

@@ -136,7 +136,7 @@ class CheckpointWriter:
                 dcp.save(tensors, checkpoint_id=str(tmp))
                 save_rng_state(tmp)
         except (OSError, CheckpointException) as exc:
-            failure = _first_cause(exc)
+            failure = _first_cause(exc, tmp)
         self._agree_written(step, failure)
         if self.async_save and not block:
             self._pending = (future, step, trainer_state)
@@ -154,7 +154,7 @@ class CheckpointWriter:
         try:
             future.result()
         except (OSError, CheckpointException) as exc:
-            failure = _first_cause(exc)
+            failure = _first_cause(exc, self.run.partial_checkpoint(step))
         self._agree_written(step, failure)
         self._mark_complete(step, trainer_state)
 
@@ -237,15 +237,29 @@ def read_trainer_state(checkpoint: Path) -> dict:
     return state
 
 
-def _first_cause(exc: BaseException) -> str:
-    """A one-line reason, digging through DCP's per-rank failure wrapper."""
+def _first_cause(exc: BaseException, folder: Path | None = None) -> str:
+    """A one-line reason, digging through DCP's per-rank failure wrapper. A write that failed
+    on a file system with no space left (``folder``'s) is named as such, whatever the
+    serializer said (torch's zip writer reports a short write as "unexpected pos")."""
     if isinstance(exc, CheckpointException) and exc.failures:
         inner = next(iter(exc.failures.values()))  # (exception, traceback) of the first rank
         exc = inner[0] if isinstance(inner, tuple) else inner
     text = str(exc).strip()
-    if is_disk_full(exc):  # serializers wrap ENOSPC in messages of their own
+    if is_disk_full(exc) or (folder is not None and _no_space_left(folder)):
         return "no space left on device"
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _no_space_left(folder: Path, below: int = 1 << 20) -> bool:
+    """Whether the file system holding ``folder`` (or its nearest existing parent) has less
+    than ``below`` bytes left for this user."""
+    for path in (folder, *folder.parents):
+        try:
+            info = os.statvfs(path)
+        except OSError:
+            continue
+        return info.f_bavail * info.f_frsize < below
+    return False
 
 
 def is_disk_full(exc: BaseException) -> bool:

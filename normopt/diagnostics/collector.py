@@ -49,7 +49,7 @@ from normopt.diagnostics.norm_stats import norm_layer_stats
 from normopt.diagnostics.ns_spectrum import default_band, ns_spectrum_record
 from normopt.diagnostics.spectral_norm import SpectralNormTracker
 from normopt.diagnostics.tail_tokens import TailTokenBuckets
-from normopt.metrics.jsonl import append_record
+from normopt.metrics.jsonl import append_record, close_log, log_writes
 from normopt.metrics.logger import jsonable
 from normopt.models.matrix_roles import depth_group, matrix_type
 from normopt.models.norms import NORM_TYPES
@@ -99,6 +99,11 @@ class DiagnosticsWriter:
         if not self.enabled:
             return
         append_record(self._file, json.dumps(jsonable(record)), record["step"])
+        with log_writes("the TensorBoard events file", record["step"]):
+            self._mirror(record)
+
+    def _mirror(self, record: dict) -> None:
+        """The record's numbers as TensorBoard scalars (and histograms)."""
         step, kind = record["step"], record["kind"]
         for group in ("layers", "matrices", "groups"):
             for name, values in record.get(group, {}).items():
@@ -121,11 +126,15 @@ class DiagnosticsWriter:
 
     def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
         if self.enabled and self.histograms:
-            self.tb.add_histogram(tag, values.detach().float().flatten().cpu(), step)
+            with log_writes("the TensorBoard events file", step):
+                self.tb.add_histogram(tag, values.detach().float().flatten().cpu(), step)
 
     def close(self) -> None:
+        """Close diagnostics.jsonl: its last buffered bytes refused by the disk are one line
+        (``write_failure``), never a traceback."""
         if self._file is not None:
-            self._file.close()
+            file, self._file = self._file, None
+            close_log(file)
 
 
 class Diagnostics:

@@ -7,7 +7,7 @@ file and line, because it means the log is not what normopt wrote.
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -86,12 +86,34 @@ def truncate_after(path: Path, last_step: int) -> None:
         path.write_text("".join(line + "\n" for line, step in step_lines(path) if step <= last_step))
 
 
+def write_failure(what: str, exc: OSError, step=None) -> UserError:
+    """The one line that ends a run whose log write the disk refused: the file, the reason
+    (a full disk named as such, however the writer wrapped it) and when."""
+    from normopt.output_paths import os_reason
+
+    reason = os_reason(exc) or getattr(exc, "strerror", None) or type(exc).__name__
+    when = f"at step {step}" if step is not None else "when closing it"
+    return UserError(f"writing {what} failed ({reason}) {when}; the checkpoints written so far are kept")
+
+
+@contextlib.contextmanager
+def log_writes(what: str, step=None):
+    """Turn an OSError of the writes inside (a log, TensorBoard's event file) into
+    :func:`write_failure`'s one line."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_failure(what, exc, step) from None
+
+
 def append_record(file, line: str, step) -> None:
     """Append one JSON line to an open log; a write the disk refuses ends the run with one
     line naming the file and the reason (a full disk named as such), never a traceback."""
-    try:
+    with log_writes(file.name, step):
         file.write(line + "\n")
-    except OSError as exc:
-        reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or type(exc).__name__)
-        raise UserError(f"writing {file.name} failed ({reason}) at step {step}; "
-                        f"the checkpoints written so far are kept") from None
+
+
+def close_log(file, what: str | None = None) -> None:
+    """Close an open log (its last buffered bytes are written now): one line if refused."""
+    with log_writes(what or file.name):
+        file.close()
