@@ -434,15 +434,31 @@ def _launch(argv: list[str], signals: StopSignals) -> int:
             return _run_one_node(plan, signals)
         watch = NodeWatch(node_rank, args.nnodes, nproc, args.master_addr, watch_port, args.node_timeout)
         try:
-            return _run_nodes(plan, signals, watch, args.max_restarts, args.join_timeout)
-        finally:
+            status = _run_nodes(plan, signals, watch, args.max_restarts, args.join_timeout)
+        except BaseException:
             watch.close()
+            raise
+        if not watch.close():
+            # the watch thread is inside a store call that may never return: the interpreter's
+            # teardown would abort under it ("terminate called without an active exception")
+            shutil.rmtree(report_dir, ignore_errors=True)
+            _exit_now(status)
+        return status
     finally:
         shutil.rmtree(report_dir, ignore_errors=True)
 
 
-def _say(line: str) -> None:
-    print(f"normopt launch: {line}", file=sys.stderr, flush=True)
+def _exit_now(status: int) -> None:
+    """End the launcher with ``status`` without the interpreter's teardown (every line said)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _say(line: str, fresh_line: bool = False) -> None:
+    """One line of the launcher's on stderr. ``fresh_line``: after ranks killed mid-line (a
+    progress bar has no newline until it closes), start on a line of its own."""
+    print(f"{chr(10) if fresh_line else ''}normopt launch: {line}", file=sys.stderr, flush=True)
 
 
 def _run_ranks(plan: Plan, signals: StopSignals, interrupt=None) -> tuple[list[int | None], object | None]:
@@ -527,12 +543,13 @@ def _run_nodes(plan: Plan, signals: StopSignals, watch: NodeWatch, max_restarts:
                 return _leave(plan, watch, CRASH_EXIT_CODE, statuses)
         watch.declare(loss)
         line = _loss_line(loss, plan.node_rank, last_checkpoint(plan.run_dir))
+        killed = None in statuses
         if restarts >= max_restarts:
-            _say(f"{line}; exit {NODE_LOST_EXIT_CODE}")
+            _say(f"{line}; exit {NODE_LOST_EXIT_CODE}", fresh_line=killed)
             return NODE_LOST_EXIT_CODE
         restarts += 1
         _say(f"{line}; restart {restarts} of {max_restarts}: waiting up to {join_timeout:g} s for every node's "
-             f"launcher to join again")
+             f"launcher to join again", fresh_line=killed)
 
 
 def _await_verdict(watch: NodeWatch, plan: Plan) -> NodeLoss | None:

@@ -58,6 +58,7 @@ class NodeInfo:
     host: str
     first_rank: int
     last_rank: int
+    launcher: str = ""  # an id of the launcher process: a node's launcher started again has a new one
 
     def describe(self) -> str:
         ranks = (f"rank {self.first_rank}" if self.first_rank == self.last_rank
@@ -113,6 +114,12 @@ def parse_left(text: str | bytes) -> dict[int, int]:
     return left
 
 
+def _end_round(store, k: int, loss: NodeLoss) -> None:
+    """Record ``loss`` as round k's, unless a loss was recorded first, and move the store to round k+1."""
+    store.compare_set(f"r{k}/lost", "", loss.to_json())
+    store.compare_set("round", str(k), str(k + 1))
+
+
 def silent_for(last_answer: float, since: float) -> float:
     """How long a counter has been seen unchanged: from the first read that found its value to
     the latest read that answered (never the wall clock, so that reads that did not happen,
@@ -127,7 +134,8 @@ class NodeWatch:
                  node_timeout: float = DEFAULT_NODE_TIMEOUT_S):
         self.node_rank, self.nnodes, self.nproc = node_rank, nnodes, nproc
         self.addr, self.port, self.node_timeout = addr, port, node_timeout
-        self.me = NodeInfo(node_rank, socket.gethostname(), node_rank * nproc, (node_rank + 1) * nproc - 1)
+        self.me = NodeInfo(node_rank, socket.gethostname(), node_rank * nproc, (node_rank + 1) * nproc - 1,
+                           uuid.uuid4().hex)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = False
@@ -221,11 +229,7 @@ class NodeWatch:
         if k is None:
             return
 
-        def write(store) -> None:
-            store.compare_set(f"r{k}/lost", "", loss.to_json())
-            store.compare_set("round", str(k), str(k + 1))
-
-        self._request(write)
+        self._request(lambda store: _end_round(store, k, loss))
 
     def leave(self, status: int) -> None:
         """Say that this node's ranks ended by themselves with ``status`` (not lost)."""
@@ -248,11 +252,14 @@ class NodeWatch:
                 return
             time.sleep(0.1)
 
-    def close(self) -> None:
-        """Stop beating. The thread may be blocked in a call to a frozen store: it is a daemon
-        and is not waited for."""
+    def close(self, wait: float = 0.5) -> bool:
+        """Stop beating; whether the thread ended within ``wait`` seconds. It may be inside a
+        store call that does not return (a frozen store host) or retries its connection for
+        seconds (a vanished one): it is a daemon, and not waited for longer."""
         self._stopped = True
         self._wake.set()
+        self._thread.join(wait)
+        return not self._thread.is_alive()
 
     def _request(self, write: Callable) -> None:
         done = threading.Event()
@@ -334,9 +341,18 @@ class NodeWatch:
         """Record this node in the store's current round; note who is still missing; finish
         the join when nobody is."""
         k = int(store.add("round", 0))
-        # set on every step: the store may be a new one (node 0's launcher restarted)
-        store.set(f"r{k}/node/{self.node_rank}", self.me.to_json())
         keys = [f"r{k}/node/{node}" for node in range(self.nnodes)]
+        mine = keys[self.node_rank]
+        if store.check([mine]):
+            recorded = NodeInfo.from_json(store.get(mine))
+            if recorded.launcher != self.me.launcher and all(store.check([key]) for key in keys):
+                # this node's previous launcher joined round k with every other node, so ranks
+                # may be running in it, and it is gone (this launcher replaces it): the round
+                # is over, before the others could even see that launcher fall silent
+                _end_round(store, k, NodeLoss(recorded, "its launcher was started again", self.node_rank))
+                return
+        # set on every step: the store may be a new one (node 0's launcher restarted)
+        store.set(mine, self.me.to_json())
         missing = [node for node, key in enumerate(keys) if not store.check([key])]
         if missing:
             with self._lock:

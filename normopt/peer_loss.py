@@ -42,7 +42,8 @@ def is_peer_loss(exc: BaseException) -> bool:
         seen.add(id(current))
         if _is_transport_error(current):
             return True
-        current = current.__cause__ or current.__context__
+        # the chain as a traceback would show it ("raise ... from None" hides the context)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
     return False
 
 
