@@ -223,3 +223,24 @@ def test_prepared_builtin_corpus_keeps_its_key_when_the_cache_moves(tmp_path):
     cfg = SimpleNamespace(path="", cache_dir=str(tmp_path / "b"), text_column="text", tokenizer="", vocab_size=4096,
                           max_tokens=0, val_fraction=0.05)
     assert prepared_folder(cfg, resolve_corpus(cfg)).name != keys[0]  # other texts, another key
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("docs.jsonl", '{"text": "a b c"}\n{"text": broken\n{"text": "d"}\n',
+     "Failed to load JSON from file '{path}' with error ArrowInvalid: JSON parse error"),
+    ("docs.parquet", "not parquet at all\n",
+     "Failed to read schema from '{path}' with error ArrowInvalid: Parquet magic bytes not found"),
+])
+def test_a_malformed_data_file_is_one_line_with_the_librarys_reason(tmp_path, name, content, words):
+    """The data library logs its own error line before raising: it is folded into normopt's
+    one line, not printed ahead of it."""
+    from tests.conftest import run_cli, tiny_run_args
+
+    path = tmp_path / name
+    path.write_text(content)
+    proc = run_cli(tiny_run_args(tmp_path / "run", path, f"data.cache_dir={tmp_path / 'cache'}"), timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(
+        "normopt: error: cannot load dataset 1 local file(s): "), proc.stderr
+    assert words.format(path=path) in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -6,9 +6,12 @@ in a deterministic order (local files sorted by path).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
+import logging
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -151,31 +154,66 @@ def _local_files(path: str) -> tuple[str, ...] | None:
 
 
 def iter_documents(spec: CorpusSpec) -> Iterator[str]:
-    """Yield the corpus's documents as strings, in a fixed order."""
+    """Yield the corpus's documents as strings, in a fixed order. A source that cannot be
+    read is a UserError whose one line carries what the data library said about it (the
+    library's own log lines are captured, not printed before it)."""
     import datasets
 
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
+    what = spec.name if spec.kind == "hub" else f"{len(spec.files)} local file(s)"
+    with _library_messages() as said:
+        try:
+            if spec.kind in ("builtin", "files"):
+                kwargs = {"sample_by": "document"} if spec.builder == "text" else {}
+                ds = datasets.load_dataset(spec.builder, data_files=list(spec.files), split="train", **kwargs)
+            else:
+                ds = datasets.load_dataset(spec.name, spec.hub_config or None, split=spec.split,
+                                           streaming=spec.streaming)
+        except Exception as exc:  # datasets raises many types for unreadable sources
+            raise UserError(f"cannot load dataset {what}: {_reason(exc, said)}") from None
+        columns = ds.column_names
+        if columns is not None and spec.text_column not in columns:
+            raise UserError(
+                f"data.text_column {spec.text_column!r} is not a column of the dataset "
+                f"(columns: {', '.join(columns)})"
+            )
+        rows = iter(ds)
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except Exception as exc:  # a streamed file that turns out malformed part-way
+                raise UserError(f"cannot read dataset {what}: {_reason(exc, said)}") from None
+            text = row[spec.text_column]
+            if not isinstance(text, str):
+                raise UserError(f"data.text_column {spec.text_column!r} holds {type(text).__name__}, not text")
+            if text:
+                yield text
+
+
+def _reason(exc: BaseException, said: list[str]) -> str:
+    """One line: what the data library logged about the failure (it says which file and
+    why) or else the exception's first line."""
+    text = said[-1] if said else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", " ".join(text.split()))
+    return text[:400]
+
+
+@contextlib.contextmanager
+def _library_messages():
+    """Collect (instead of printing) the ``datasets`` logger's messages inside the block."""
+    logger = logging.getLogger("datasets")
+    said: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    saved = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [Collect()], False
     try:
-        if spec.kind in ("builtin", "files"):
-            kwargs = {"sample_by": "document"} if spec.builder == "text" else {}
-            ds = datasets.load_dataset(spec.builder, data_files=list(spec.files), split="train", **kwargs)
-        else:
-            ds = datasets.load_dataset(spec.name, spec.hub_config or None, split=spec.split,
-                                       streaming=spec.streaming)
-    except Exception as exc:  # datasets raises many types for unreadable sources
-        what = spec.name if spec.kind == "hub" else f"{len(spec.files)} local file(s)"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot load dataset {what}: {reason}") from None
-    columns = ds.column_names
-    if columns is not None and spec.text_column not in columns:
-        raise UserError(
-            f"data.text_column {spec.text_column!r} is not a column of the dataset "
-            f"(columns: {', '.join(columns)})"
-        )
-    for row in ds:
-        text = row[spec.text_column]
-        if not isinstance(text, str):
-            raise UserError(f"data.text_column {spec.text_column!r} holds {type(text).__name__}, not text")
-        if text:
-            yield text
+        yield said
+    finally:
+        logger.handlers, logger.propagate = saved
