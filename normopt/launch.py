@@ -277,7 +277,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--master-port", type=int, default=None,
                         help="rendezvous port on node 0 (default: a free port on one node, 29500 on several)")
     parser.add_argument("--watch-port", type=int, default=None,
-                        help="several nodes: port of the launchers' heartbeat store on node 0 (default: master port + 1)")
+                        help="several nodes: port of the launchers' heartbeat store on node 0 "
+                             "(default: master port + 1)")
     parser.add_argument("--node-timeout", type=float, default=DEFAULT_NODE_TIMEOUT_S,
                         help=f"several nodes: declare a node lost after this many seconds without a heartbeat; "
                              f"the others exit with 69 within it + {NODE_LOSS_EXIT_MARGIN_S:.0f} s "
@@ -536,9 +537,9 @@ def _run_nodes(plan: Plan, signals: StopSignals, watch: NodeWatch, max_restarts:
         statuses, loss = _run_ranks(plan, signals, interrupt=watch.problem)
         if loss is None:
             status = agreed_status(statuses)
-            if status != CRASH_EXIT_CODE:
-                return _leave(plan, watch, status, statuses)
-            loss = _await_verdict(watch, plan)
+            if status != CRASH_EXIT_CODE or NODE_LOST_EXIT_CODE not in statuses:
+                return _leave(plan, watch, status, statuses)  # agreed, or crashed here: nothing to wait for
+            loss = _await_verdict(watch, plan)  # a rank lost its peers: was a node lost?
             if loss is None:
                 return _leave(plan, watch, CRASH_EXIT_CODE, statuses)
         watch.declare(loss)
@@ -576,7 +577,8 @@ def _leave(plan: Plan, watch: NodeWatch, status: int, statuses: list[int | None]
     if status == CRASH_EXIT_CODE:
         failed = {node: s for node, s in watch.left().items() if s not in AGREED_STATUSES and node != plan.node_rank}
         if failed:
-            names = "; ".join(f"{watch.info(node).describe()} ended with status {s}" for node, s in sorted(failed.items()))
+            names = "; ".join(f"{watch.info(node).describe()} ended with status {s}"
+                              for node, s in sorted(failed.items()))
             _say(f"{names} (a rank failed there; its output says why); this node's rank(s): "
                  f"{_rank_details(plan, statuses)}; exit {CRASH_EXIT_CODE}")
         else:

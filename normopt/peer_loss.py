@@ -48,9 +48,11 @@ def is_peer_loss(exc: BaseException) -> bool:
 
 
 def peer_loss_cause(exc: BaseException, limit: int = 160) -> str:
-    """The first line of the error, without the C++ source location, at most ``limit`` characters."""
+    """The error's first sentence, without the C++ source location (gloo goes on with advice
+    that fits any failure), at most ``limit`` characters."""
     lines = str(exc).strip().splitlines()
     text = _SOURCE_PREFIX.sub("", lines[0]) if lines else type(exc).__name__
+    text = text.split(". ")[0].rstrip(".") + "." if ". " in text else text
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

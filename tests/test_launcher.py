@@ -122,3 +122,30 @@ def test_launcher_sets_threads_per_rank_unless_the_user_did(tmp_path, tiny_corpu
     own = min(usable_cores(), expected + 1)
     threads, stderr = _threads_per_rank(tmp_path, tiny_corpus, "own", str(own))
     assert threads == own and "OMP_NUM_THREADS=" not in stderr  # passed through, nothing said
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int:
+    """The pid of the launcher's rank ``rank`` (its RANK in its environment)."""
+    for pid in _rank_pids(launcher_pid):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no rank {rank} under launcher {launcher_pid}")
+
+
+def test_a_killed_rank_is_named_and_its_peer_exits_without_a_traceback(tmp_path, tiny_corpus):
+    """One rank killed outright (the OOM killer, say): the other rank's collective breaks; it
+    exits quietly with 69 and the launcher's one line says what each rank did."""
+    run_dir = tmp_path / "run"
+    proc = start(tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
+                               "checkpoint.interval=0"), launcher=True)
+    wait_for_step(proc, run_dir, 3)
+    os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == CRASH_EXIT_CODE, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("normopt")]
+    assert len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith("normopt launch: 2 rank(s) of this node did not agree on how the run ended (rank 0: "
+                               "lost its peers (")
+    assert lines[0].endswith("rank 1: status 137); exit 1")
+    assert "Traceback" not in stderr

@@ -232,6 +232,32 @@ def test_restart_after_a_lost_node_resumes_and_matches_an_uninterrupted_run(tmp_
     assert "Traceback" not in job.stderr(survivor) + job.stderr(again)
 
 
+def test_a_rank_that_crashes_on_another_node_is_named_without_waiting_for_a_timeout(tmp_path, tiny_corpus):
+    """A rank of node 1 is killed (its launcher lives): node 1's launcher says so and leaves at
+    once; node 0's rank loses its peer, and node 0 names node 1 as the node that failed, well
+    within --node-timeout (nothing is silent: no node is lost)."""
+    job = Job(tmp_path, tiny_corpus)
+    job.args = tiny_run_args(job.run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
+                             "checkpoint.interval=0")
+    try:
+        nodes = [job.start(0), job.start(1)]
+        wait_for_step(nodes[0], job.run_dir, 5)
+        os.kill(_rank_pids(nodes[1].pid)[0], signal.SIGKILL)
+        killed_at = time.monotonic()
+        _wait_all(nodes, 60)
+        took = time.monotonic() - killed_at
+    finally:
+        job.stop_all()
+    assert [proc.returncode for proc in nodes] == [1, 1], job.stderr(nodes[0])[-3000:]
+    assert took < NODE_TIMEOUT, f"took {took:.1f} s"
+    assert job.lines(nodes[1]) == ["normopt launch: 1 rank(s) of this node did not agree on how the run ended "
+                                   "(rank 1: status 137); exit 1"]
+    (line,) = job.lines(nodes[0])
+    assert line.startswith(f"normopt launch: node 1 ({HOST}, rank 1) ended with status 1 (a rank failed there; its "
+                           f"output says why); this node's rank(s): rank 0: lost its peers ("), line
+    assert "Traceback" not in job.stderr(nodes[0]) + job.stderr(nodes[1])
+
+
 def _launch_refusal(*options: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "normopt.cli", "launch", "--nproc", "1", *options],
                           check=False, cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True,
