@@ -24,9 +24,12 @@ sees a gap in its own checks on resuming and starts its silence clocks afresh in
 blaming its peers for time it did not run.
 
 A restarted node-0 launcher hosts a new store (a new ``store_id``); the others notice the
-change and join its current round. Rounds exist so that ranks of two attempts never meet:
-a launcher starts ranks only after every node joined the same round, and only after its own
-ranks of the previous round are gone.
+change and join its current round. Any other node's launcher started again (a new
+``launcher`` id in its record) that finds its predecessor's round complete ends that round at
+once, before the others could see the predecessor fall silent: its beats go on under the same
+counter. Rounds exist so that ranks of two attempts never meet: a launcher starts ranks only
+after every node joined the same round, and only after its own ranks of the previous round
+are gone.
 """
 
 from __future__ import annotations

@@ -250,8 +250,8 @@ def test_a_rank_that_crashes_on_another_node_is_named_without_waiting_for_a_time
         job.stop_all()
     assert [proc.returncode for proc in nodes] == [1, 1], job.stderr(nodes[0])[-3000:]
     assert took < NODE_TIMEOUT, f"took {took:.1f} s"
-    assert job.lines(nodes[1]) == ["normopt launch: 1 rank(s) of this node did not agree on how the run ended "
-                                   "(rank 1: status 137); exit 1"]
+    assert job.lines(nodes[1]) == [("normopt launch: 1 rank(s) of this node did not agree on how the run ended "
+                                    "(rank 1: status 137); exit 1")]
     (line,) = job.lines(nodes[0])
     assert line.startswith(f"normopt launch: node 1 ({HOST}, rank 1) ended with status 1 (a rank failed there; its "
                            f"output says why); this node's rank(s): rank 0: lost its peers ("), line
