@@ -123,8 +123,8 @@ class RecordKind:
 
 def damaged_checkpoint(problem: str) -> UserError:
     """The one-line refusal of a damaged checkpoint; ``problem`` names the piece."""
-    return UserError(f"damaged checkpoint: {problem} (a checkpoint is used whole or not at all; repair it, "
-                     f"or move its step folder away to use the one before)")
+    return UserError(f"cannot load checkpoint: {problem} (a damaged checkpoint is used whole or not at all; "
+                     f"repair it, or move its step folder away to use the one before)")
 
 
 @dataclass(frozen=True)

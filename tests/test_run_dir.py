@@ -84,11 +84,11 @@ def test_a_damaged_newest_checkpoint_is_refused_never_skipped(tmp_path):
     assert run.find_checkpoint(None, "--step") == run.checkpoint(3)
     assert run.skipped_partials(run.checkpoint(3)) == ["step_00000006"]
     os.symlink("trainer_state.json", run.checkpoint(6) / "trainer_state.json")  # a loop
-    with pytest.raises(UserError, match=r"damaged checkpoint: .*step_00000006/trainer_state.json is a symlink loop"):
+    with pytest.raises(UserError, match=r"cannot load checkpoint: .*step_00000006/trainer_state.json is a symlink loop"):
         run.find_checkpoint(None, "--step")
     with pytest.raises(UserError, match="is a symlink loop"):
         run.find_checkpoint(6, "--step")
     os.symlink("step_00000009", run.checkpoint(9))
-    with pytest.raises(UserError, match=r"damaged checkpoint: .*step_00000009 is a symlink loop"):
+    with pytest.raises(UserError, match=r"cannot load checkpoint: .*step_00000009 is a symlink loop"):
         run.find_checkpoint(None, "--step")
     assert run.find_checkpoint(3, "--step") == run.checkpoint(3)

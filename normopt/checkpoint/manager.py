@@ -77,7 +77,7 @@ def load_rng_state(folder: Path) -> bool:
 
     path = _rng_path(folder)
     if os.path.lexists(path) and not path.is_file():  # a loop, a folder: never skipped as if absent
-        raise UserError(f"damaged checkpoint: {path} is not a regular file")
+        raise UserError(f"cannot load checkpoint: {path} is not a regular file")
     if not path.is_file():
         if list((folder / RNG_DIR).glob("*.pt")):
             raise UserError(f"{folder / RNG_DIR}: pickled RNG states of an older normopt; refusing to "
