@@ -37,11 +37,11 @@ port + 1), and keep a heartbeat there (``normopt.node_watch``):
   long). Every surviving launcher then stops its ranks (a rank blocked in a collective with
   the lost node would otherwise wait for gloo/NCCL's 30-minute timeout) and exits with status
   69 within ``--node-timeout`` + 5 s (the silence is read once a second, so it is seen up to
-  2 s late; 1 s for the ranks to end by themselves before they are killed; up to 1 s to
-  record the loss for the others), printing one line that names the lost node (node rank,
-  host, global ranks) and the run's last complete checkpoint (path and step, or none). Ranks
-  whose collective broke exit quietly with 69 and leave the line to the launcher
-  (``normopt.peer_loss``).
+  2 s late; 1 s for the ranks to end by themselves before they are killed; up to 1.5 s to
+  record the loss, node 0 keeping the store up until the others have read it), printing one
+  line that names the lost node (node rank, host, global ranks) and the run's last complete
+  checkpoint (path and step, or none). Ranks whose collective broke exit quietly with 69 and
+  leave the line to the launcher (``normopt.peer_loss``).
 * **restarts**: with ``--max-restarts N``, a surviving launcher instead waits (up to
   ``--join-timeout`` seconds, default 600) until every node's launcher has joined again (the
   lost node's launcher started anew, by hand or by a scheduler) and restarts its ranks, which
@@ -83,6 +83,7 @@ from normopt.node_watch import (
     DEFAULT_NODE_TIMEOUT_S,
     HEARTBEAT_S,
     MIN_NODE_TIMEOUT_S,
+    READ_LOSS_WAIT_S,
     JoinTimeout,
     NodeLoss,
     NodeWatch,
@@ -104,8 +105,10 @@ AGREEMENT_GRACE_S = 60.0
 CRASH_GRACE_S = 5.0
 # a lost node's survivors: how long their ranks get to end by themselves before being killed
 KILL_GRACE_S = 1.0
-# how late a lost node's survivors exit at most, past --node-timeout (see the module doc)
-NODE_LOSS_EXIT_MARGIN_S = 2 * HEARTBEAT_S + KILL_GRACE_S + 1.0 + 1.0
+# how late a lost node's survivors exit at most, past --node-timeout (see the module doc): the
+# silence is seen up to two beats late, the ranks get their grace, node 0 lets the others read
+# the loss (the others: up to 1 s to record it), and half a second for the rest
+NODE_LOSS_EXIT_MARGIN_S = 2 * HEARTBEAT_S + KILL_GRACE_S + READ_LOSS_WAIT_S + 0.5
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train.py"
 _PR_SET_PDEATHSIG = 1
 
@@ -547,6 +550,8 @@ def _run_nodes(plan: Plan, signals: StopSignals, watch: NodeWatch, max_restarts:
         killed = None in statuses
         if restarts >= max_restarts:
             _say(f"{line}; exit {NODE_LOST_EXIT_CODE}", fresh_line=killed)
+            if plan.node_rank == 0:
+                watch.wait_for_others(READ_LOSS_WAIT_S, lost=loss.lost.node_rank)
             return NODE_LOST_EXIT_CODE
         restarts += 1
         _say(f"{line}; restart {restarts} of {max_restarts}: waiting up to {join_timeout:g} s for every node's "

@@ -12,7 +12,9 @@ each other, apart from the ranks. Node 0's launcher hosts a small ``torch.distri
   seconds, all found j's counter unchanged; node 0 (the store's host) is lost when the store has
   not answered for ``node_timeout`` seconds. The first declaration of round k is kept under
   ``r<k>/lost`` and the job moves to round k+1, which every launcher sees (a node that was
-  frozen and comes back learns from it that the others gave it up);
+  frozen and comes back learns from it that the others gave it up); every launcher that stops
+  its ranks for the loss appends its node to ``r<k>/stopped``, so that node 0 can keep the
+  store up until the others have read which node was lost;
 * **leaves**: appends its node and status to ``r<k>/left`` when its ranks ended by themselves,
   so that a node that finished (or failed and said so) is not taken for a lost one.
 
@@ -51,6 +53,8 @@ STORE_CALL_TIMEOUT_S = 5.0  # connect and key-wait timeout of one store call
 # a launcher that finds this long between two of its own checks was stopped itself
 FROZEN_GAP_S = 3.0
 DECLARE_WAIT_S = 1.0  # how long a declaration or a departure waits to reach the store
+# node 0 leaving after a loss: how long the others may take to read it (one beat, and some)
+READ_LOSS_WAIT_S = HEARTBEAT_S + 0.5
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,13 @@ def _end_round(store, k: int, loss: NodeLoss) -> None:
     store.compare_set("round", str(k), str(k + 1))
 
 
+def parse_nodes(text: str | bytes) -> set[int]:
+    """``r<k>/stopped`` ("node," appended by each launcher that stopped for the loss) as a set."""
+    if isinstance(text, bytes):
+        text = text.decode()
+    return {int(node) for node in text.split(",") if node}
+
+
 def silent_for(last_answer: float, since: float) -> float:
     """How long a counter has been seen unchanged: from the first read that found its value to
     the latest read that answered (never the wall clock, so that reads that did not happen,
@@ -154,6 +165,7 @@ class NodeWatch:
         self._missing: list[int] = list(range(nnodes))
         self._store_loss: NodeLoss | None = None
         self._left: dict[int, int] = {}
+        self._stopped_nodes: set[int] = set()  # nodes that stopped their ranks for this round's loss
         self._requests: list[tuple[Callable, threading.Event]] = []
         self._thread = threading.Thread(target=self._run, name="normopt-node-watch", daemon=True)
         self._thread.start()
@@ -178,6 +190,7 @@ class NodeWatch:
         with self._lock:
             self._joined, self._want_join = None, True
             self._store_loss, self._left, self._store_replaced = None, {}, False
+            self._stopped_nodes = set()
         self._wake.set()
         deadline = time.monotonic() + timeout
         while True:
@@ -226,13 +239,18 @@ class NodeWatch:
             return dict(self._left)
 
     def declare(self, loss: NodeLoss) -> None:
-        """Record ``loss`` as round k's (unless another launcher's came first) and move the job
-        to round k+1. Waits at most :data:`DECLARE_WAIT_S`; the thread keeps trying after."""
+        """Record ``loss`` as round k's (unless another launcher's came first), move the job to
+        round k+1 and say that this node stopped for it. Waits at most :data:`DECLARE_WAIT_S`;
+        the thread keeps trying after."""
         k = self.round
         if k is None:
             return
 
-        self._request(lambda store: _end_round(store, k, loss))
+        def write(store) -> None:
+            _end_round(store, k, loss)
+            store.append(f"r{k}/stopped", f"{self.node_rank},")
+
+        self._request(write)
 
     def leave(self, status: int) -> None:
         """Say that this node's ranks ended by themselves with ``status`` (not lost)."""
@@ -241,16 +259,17 @@ class NodeWatch:
             return
         self._request(lambda store: store.append(f"r{k}/left", f"{self.node_rank}:{status},"))
 
-    def wait_for_others(self, bound: float) -> None:
+    def wait_for_others(self, bound: float, lost: int | None = None) -> None:
         """Node 0 hosts the store: before it goes, give the other launchers up to ``bound``
-        seconds to leave (or fall silent), so that none of them takes its going for a loss."""
+        seconds to leave, stop for the round's loss (of node ``lost``, not waited for) or fall
+        silent, so that none of them takes the store's going for node 0's loss."""
         deadline = time.monotonic() + bound
         while time.monotonic() < deadline:
             self.problem()  # keeps the frozen-launcher check current
             with self._lock:
+                done = {self.node_rank, lost, *self._left, *self._stopped_nodes}
                 pending = [node for node, (_, since) in self._beats.items()
-                           if node != self.node_rank and node not in self._left
-                           and silent_for(self._last_answer, since) < self.node_timeout]
+                           if node not in done and silent_for(self._last_answer, since) < self.node_timeout]
             if not pending:
                 return
             time.sleep(0.1)
@@ -368,6 +387,7 @@ class NodeWatch:
             self._joined, self._want_join, self._missing = (k, infos), False, []
             self._beats = {node: (int(raw), now) for node, raw in enumerate(beats)}
             self._store_loss, self._left, self._store_replaced = None, {}, False
+            self._stopped_nodes = set()
 
     def _observe(self, store) -> None:
         """Read every node's beat, the store's round (and the loss that moved it) and who left."""
@@ -382,6 +402,7 @@ class NodeWatch:
         if store_round != k and store.check([f"r{k}/lost"]):
             loss = NodeLoss.from_json(store.get(f"r{k}/lost"))
         left = parse_left(store.get(f"r{k}/left")) if store.check([f"r{k}/left"]) else {}
+        stopped = parse_nodes(store.get(f"r{k}/stopped")) if store.check([f"r{k}/stopped"]) else set()
         now = time.monotonic()
         with self._lock:
             if self._joined is not joined:  # a new round began meanwhile: these reads are the old one's
@@ -389,6 +410,6 @@ class NodeWatch:
             for node, value in enumerate(beats):
                 if self._beats.get(node, (None,))[0] != value:
                     self._beats[node] = (value, now)
-            self._left = left
+            self._left, self._stopped_nodes = left, stopped
             if loss is not None:
                 self._store_loss = loss

@@ -37,19 +37,19 @@ class Job:
     """Two localhost launchers of one job: ports, the training arguments, and each start's
     output in a file (a pipe nobody reads could fill and stall a rank)."""
 
-    def __init__(self, tmp_path: Path, corpus: Path, *options: str):
+    def __init__(self, tmp_path: Path, corpus: Path, *options: str, nnodes: int = 2):
         self.tmp, self.run_dir = tmp_path, tmp_path / "run"
         self.args = tiny_run_args(self.run_dir, corpus, *RUN)
-        self.options = options
+        self.options, self.nnodes = options, nnodes
         self.master_port, self.watch_port = free_port(), free_port()
         self.starts: list[tuple[int, subprocess.Popen, Path]] = []
 
     def start(self, node: int) -> subprocess.Popen:
         err = self.tmp / f"node{node}.{len(self.starts)}.err"
-        command = [sys.executable, "-m", "normopt.cli", "launch", "--nnodes", "2", "--node-rank", str(node),
-                   "--nproc", "1", "--master-addr", "127.0.0.1", "--master-port", str(self.master_port),
-                   "--watch-port", str(self.watch_port), "--node-timeout", str(NODE_TIMEOUT), *self.options,
-                   *self.args]
+        command = [sys.executable, "-m", "normopt.cli", "launch", "--nnodes", str(self.nnodes),
+                   "--node-rank", str(node), "--nproc", "1", "--master-addr", "127.0.0.1",
+                   "--master-port", str(self.master_port), "--watch-port", str(self.watch_port),
+                   "--node-timeout", str(NODE_TIMEOUT), *self.options, *self.args]
         with open(err, "w") as stderr:
             proc = subprocess.Popen(command, cwd=REPO_ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=stderr)
         self.starts.append((node, proc, err))
@@ -256,6 +256,31 @@ def test_a_rank_that_crashes_on_another_node_is_named_without_waiting_for_a_time
     assert line.startswith(f"normopt launch: node 1 ({HOST}, rank 1) ended with status 1 (a rank failed there; its "
                            f"output says why); this node's rank(s): rank 0: lost its peers ("), line
     assert "Traceback" not in job.stderr(nodes[0]) + job.stderr(nodes[1])
+
+
+@pytest.mark.slow
+def test_every_survivor_of_three_nodes_names_the_same_lost_node(tmp_path, tiny_corpus):
+    """Node 2 of three is killed: node 0 and node 1 both exit 69 naming node 2 (the first
+    declaration is the one every launcher reports), within the bound; node 0, the store's
+    host, does not leave before node 1 has read which node was lost."""
+    job = Job(tmp_path, tiny_corpus, nnodes=3)
+    job.args = tiny_run_args(job.run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
+                             "checkpoint.interval=5", "train.global_batch_size=6", "train.eval_sequences=6")
+    try:
+        nodes = [job.start(node) for node in range(3)]
+        wait_for_step(nodes[0], job.run_dir, 12)
+        nodes[2].kill()
+        lost_at = time.monotonic()
+        _wait_all(nodes[:2], NODE_TIMEOUT + NODE_LOSS_EXIT_MARGIN_S + 30)
+        took = time.monotonic() - lost_at
+    finally:
+        job.stop_all()
+    assert took <= NODE_TIMEOUT + NODE_LOSS_EXIT_MARGIN_S, f"took {took:.1f} s"
+    for proc in nodes[:2]:
+        assert proc.returncode == NODE_LOST_EXIT_CODE, job.stderr(proc)[-3000:]
+        (line,) = job.lines(proc)
+        assert line.startswith(f"normopt launch: node 2 ({HOST}, rank 2) lost (no heartbeat for "), line
+        assert line.endswith(f"{_checkpoint_line(job.run_dir)}; exit {NODE_LOST_EXIT_CODE}"), line
 
 
 def _launch_refusal(*options: str) -> subprocess.CompletedProcess:
