@@ -559,10 +559,11 @@ def _run_nodes(plan: Plan, signals: StopSignals, watch: NodeWatch, max_restarts:
 
 
 def _await_verdict(watch: NodeWatch, plan: Plan) -> NodeLoss | None:
-    """This node's ranks ended without agreeing (a collective broke, or one crashed): wait
-    until a node is declared lost, or every other node has left by itself, at most
-    ``node_timeout`` plus two heartbeats (long enough for a silent node to be declared)."""
-    deadline = time.monotonic() + watch.node_timeout + 2 * HEARTBEAT_S
+    """A rank of this node lost its peers: wait until a node is declared lost, or every other
+    node has left by itself, at most ``node_timeout`` plus three heartbeats (a silent node is
+    declared up to two beats late, counted from its last beat, which came before this rank's
+    collective broke)."""
+    deadline = time.monotonic() + watch.node_timeout + 3 * HEARTBEAT_S
     others = set(range(plan.nnodes)) - {plan.node_rank}
     while time.monotonic() < deadline:
         loss = watch.problem()

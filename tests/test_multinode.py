@@ -20,7 +20,7 @@ import pytest
 
 from normopt.errors import NODE_LOST_EXIT_CODE, USER_ERROR_EXIT_CODE
 from normopt.launch import NODE_LOSS_EXIT_MARGIN_S
-from normopt.node_watch import NodeInfo, parse_left, silent_for
+from normopt.node_watch import NodeInfo, parse_left, parse_nodes, silent_for
 from normopt.peer_loss import is_peer_loss, peer_loss_cause
 from normopt.run_dir import RunDir
 from tests.conftest import run_cli, tiny_run_args
@@ -336,6 +336,7 @@ def test_node_description_names_host_and_ranks():
 def test_departures_and_silence_are_read_as_written():
     assert parse_left(b"1:0,2:3,") == {1: 0, 2: 3}
     assert parse_left("") == {}
+    assert parse_nodes(b"0,2,") == {0, 2}
     # silence counts only the reads that happened: a stalled observer blames nobody
     assert silent_for(last_answer=10.0, since=4.0) == 6.0
     assert silent_for(last_answer=10.0, since=12.0) == 0.0
