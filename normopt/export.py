@@ -17,7 +17,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from normopt.checkpoint.manager import read_trainer_state
+from normopt.checkpoint.verify import read_trainer_state
 from normopt.checkpoint.safe_dcp import SafeReader, TensorOnlyPlanner, read_metadata
 from normopt.errors import UserError
 from normopt.output_paths import check_output_file, write_failed

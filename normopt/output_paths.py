@@ -8,12 +8,10 @@ into a run directory may only replace files of its ``export/`` folder, never the
 
 from __future__ import annotations
 
-import errno
 import os
-import re
 from pathlib import Path
 
-from normopt.errors import UserError
+from normopt.errors import UserError, os_reason
 from normopt.run_dir import RunDir
 
 
@@ -42,25 +40,6 @@ def check_output_folder(path: Path, what: str) -> None:
     _check_parents(path, what)
     if os.path.lexists(path) and not path.is_dir():
         raise UserError(f"{what} {path}: exists and is not a folder")
-
-
-def os_reason(exc: BaseException) -> str | None:
-    """The operating system's reason behind ``exc`` in a few words ("no space left on
-    device", "read-only file system"), looking through wrappers (a serializer's own error
-    that quotes "os error N", an exception's cause); None when no OS error is behind it."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        code = getattr(exc, "errno", None)
-        if not isinstance(code, int):
-            match = re.search(r"os error (\d+)|Os \{ code: (\d+)", str(exc))
-            code = int(match.group(1) or match.group(2)) if match else None
-        if isinstance(code, int) and code > 0:
-            return "no space left on device" if code == errno.ENOSPC else os.strerror(code).lower()
-        if "StorageFull" in str(exc):
-            return "no space left on device"
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def write_failed(what: str, path: Path, exc: BaseException) -> UserError | None:

@@ -7,7 +7,7 @@ writes assumes what it finds is what normopt wrote; :func:`check_run_dir` makes 
 first: each entry that exists has its kind (a folder, a regular file; no symlink loops), every
 metrics and diagnostics line is a JSON object with an integer step (a torn last line, left by
 a killed writer, is the one damage tolerated), and the checkpoint to resume from has a
-trainer state that agrees with its folder (``checkpoint.manager.read_trainer_state``).
+trainer state that agrees with its folder (``checkpoint.verify.read_trainer_state``).
 """
 
 from __future__ import annotations

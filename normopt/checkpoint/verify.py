@@ -4,7 +4,7 @@ checkpoint) and retention (before pruning older ones) rely on.
 A checkpoint is whole when every piece of it is a regular file or folder that reads (no
 symlink loop, no link back into a folder that holds it, no folder where a file belongs, no
 fifo or device): its folder, ``trainer_state.json`` (and what it says:
-``manager.read_trainer_state``), ``non_tensor_state.json``, the RNG state of every rank it
+``read_trainer_state``), ``non_tensor_state.json``, the RNG state of every rank it
 was written by, the DCP ``.metadata`` (read safely, see ``safe_dcp``) and every model and
 optimizer shard file that metadata points into, each at least as long as the bytes it is
 said to hold. A damaged checkpoint is a UserError naming the piece; it is never half-used.
@@ -12,11 +12,20 @@ said to hold. A damaged checkpoint is a UserError naming the piece; it is never 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from normopt.errors import UserError
-from normopt.run_dir import NON_TENSOR_STATE, RNG_DIR, TRAINER_STATE, damaged_checkpoint, entry_problem, rng_file
+from normopt.run_dir import (
+    NON_TENSOR_STATE,
+    RNG_DIR,
+    STEP_DIR,
+    TRAINER_STATE,
+    damaged_checkpoint,
+    entry_problem,
+    rng_file,
+)
 
 METADATA_FILE = ".metadata"
 
@@ -40,10 +49,34 @@ def _walk(folder: Path) -> None:
             _require(path, "folder" if os.path.isdir(path) else "file")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    """The checkpoint's trainer_state.json: an object whose integer ``step`` is its folder's
+    step, with a non-negative integer ``tokens`` and a positive integer ``world_size`` where
+    present. Anything else is a UserError naming the file."""
+    path = checkpoint / TRAINER_STATE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or not _is_int(state.get("step")):
+        raise UserError(f"{path}: no integer step")
+    match = STEP_DIR.match(checkpoint.name)
+    if state["step"] < 0 or (match and int(match.group(1)) != state["step"]):
+        raise UserError(f"{path}: step {state['step']} is not its checkpoint's step ({checkpoint.name})")
+    if "tokens" in state and not (_is_int(state["tokens"]) and state["tokens"] >= 0):
+        raise UserError(f"{path}: tokens {state['tokens']!r} is not a count")
+    if "world_size" in state and not (_is_int(state["world_size"]) and state["world_size"] >= 1):
+        raise UserError(f"{path}: world_size {state['world_size']!r} is not a rank count")
+    return state
+
+
 def verify_checkpoint(checkpoint: Path) -> dict:
     """The checkpoint's trainer state, once every piece of it is known to be whole; a
     UserError naming the first damaged piece otherwise (module doc)."""
-    from normopt.checkpoint.manager import read_trainer_state
     from normopt.checkpoint.safe_dcp import read_metadata
 
     checkpoint = Path(checkpoint)

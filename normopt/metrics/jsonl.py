@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from normopt.errors import UserError
+from normopt.errors import UserError, os_reason
 
 T = TypeVar("T")
 
@@ -89,8 +89,6 @@ def truncate_after(path: Path, last_step: int) -> None:
 def write_failure(what: str, exc: OSError, step=None) -> UserError:
     """The one line that ends a run whose log write the disk refused: the file, the reason
     (a full disk named as such, however the writer wrapped it) and when."""
-    from normopt.output_paths import os_reason
-
     reason = os_reason(exc) or getattr(exc, "strerror", None) or type(exc).__name__
     when = f"at step {step}" if step is not None else "when closing it"
     return UserError(f"writing {what} failed ({reason}) {when}; the checkpoints written so far are kept")
