@@ -280,6 +280,13 @@ def test_finished_tuned_grid_is_skipped_on_rerun_and_a_changed_choice_refused(tm
     assert refused.returncode == 2  # after the (skipped) tuning runs' progress bar, one line
     assert "cell derf-adamw-s0 ran at optim.lr=0.003 but the tuning runs choose 0.001" in \
         refused.stderr.strip().splitlines()[-1]
+    # --slurm refuses it too, before it writes or submits anything (its dry run as well)
+    for extra in (["--dry-run"], []):
+        before = sorted(p.relative_to(root) for p in root.rglob("*"))
+        slurm = _factorial(spec_path, "--slurm", "--gpus-per-node=1", *extra)
+        assert slurm.returncode == 2 and len(slurm.stderr.strip().splitlines()) == 1, slurm.stderr
+        assert "cell derf-adamw-s0 ran at optim.lr=0.003 but the tuning runs choose 0.001" in slurm.stderr
+        assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
 
 
 @pytest.mark.slow
