@@ -56,10 +56,14 @@ def _train(config_path, overrides) -> int:
     # stop signals are caught from the first moment: one during start-up ends the run with
     # status 75 and one line at the first step boundary, not with the default 143
     stop_request = StopRequest()
+    from normopt import progress
+
+    progress.mark("start-up", 0)  # for normopt launch's watchdog (nothing without it)
     try:
         return _train_until_stopped(config_path, overrides, stop_request)
     finally:
         stop_request.close()
+        progress.progress().close()
 
 
 def _train_until_stopped(config_path, overrides, stop_request) -> int:
@@ -198,7 +202,8 @@ def _guarded(fn) -> int:
 USAGE = """usage: normopt {train,launch,check,export,sample,report,factorial,status,spectrum} ...
 
   train   train a model (same as python train.py; see normopt train --help)
-  launch  train on N ranks (a torchrun that keeps the exit statuses 0/2/3/75)
+  launch  train on N ranks (a torchrun that keeps the exit statuses 0/2/3/75; 69 a lost node,
+          124 no progress for --watchdog-timeout seconds)
   check   validate a config and print its run directory
   export  write a run's model weights as one safetensors file (with its tokenizer and config) or,
           with --format hf, as a folder transformers loads (checked against normopt's forward)

@@ -49,9 +49,21 @@ port + 1), and keep a heartbeat there (``normopt.node_watch``):
   bit-exact on CPU). Under SLURM the lost node's replacement comes from the scheduler:
   ``launch/slurm.sbatch`` requeues the job when the launcher exits with 69.
 
+* **progress watchdog** (one node): every rank keeps a small file in the launcher's
+  temporary folder with its phase (``start-up``, ``step``, ``eval``, ``checkpoint save``,
+  ``checkpoint wait``) and step, and a beat (``normopt.progress``). When no rank has entered a
+  new phase or step for ``--watchdog-timeout`` seconds (default 600; 0 disables), the launcher
+  kills the ranks and exits 124 with one line: ``no progress for N s: rank R was in PHASE at
+  step S (last checkpoint: ...)``, R being a rank whose beat stopped (a stopped or frozen
+  process), else the one furthest behind. The limit grows to 10 times the longest step seen,
+  and a rank in start-up or a checkpoint phase gets at least that phase's collective timeout
+  (``normopt.parallel.timeouts``, 1800 s by default). The run ends within the limit + 2 s
+  (the files are read every 0.5 s; 1 s for the ranks to end before they are killed).
+
 Exit statuses: 0 done, 2 user error, 3 diverged, 75 stopped after a checkpoint (as the ranks
-agree them), 69 a node was lost (or did not rejoin for a restart), 1 anything else (a rank
-crashed, or the nodes never all joined at the start).
+agree them), 69 a node was lost (or did not rejoin for a restart), 124 no progress for
+``--watchdog-timeout`` seconds, 1 anything else (a rank crashed, or the nodes never all
+joined at the start).
 """
 
 from __future__ import annotations
@@ -73,6 +85,7 @@ from pathlib import Path
 from normopt.cli_args import CommandParser
 from normopt.errors import (
     DIVERGED_EXIT_CODE,
+    NO_PROGRESS_EXIT_CODE,
     NODE_LOST_EXIT_CODE,
     PREEMPTED_EXIT_CODE,
     USER_ERROR_EXIT_CODE,
@@ -89,6 +102,7 @@ from normopt.node_watch import (
     NodeWatch,
 )
 from normopt.peer_loss import PEER_LOST_REPORT_ENV, read_peer_loss_report
+from normopt.progress import BEAT_S, PHASES, PROGRESS_DIR_ENV, progress_file, read_progress
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 HANDLER_WAIT_S = 30.0  # how long a forwarded signal waits for a starting rank's handler
@@ -109,6 +123,9 @@ KILL_GRACE_S = 1.0
 # silence is seen up to two beats late, the ranks get their grace, node 0 lets the others read
 # the loss (the others: up to 1 s to record it), and half a second for the rest
 NODE_LOSS_EXIT_MARGIN_S = 2 * HEARTBEAT_S + KILL_GRACE_S + READ_LOSS_WAIT_S + 0.5
+DEFAULT_WATCHDOG_TIMEOUT_S = 600.0
+WATCHDOG_POLL_S = 0.5  # how often the watchdog reads the ranks' progress files
+WATCHDOG_STEP_FACTOR = 10  # the limit is at least this many times the longest step seen
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train.py"
 _PR_SET_PDEATHSIG = 1
 
@@ -270,7 +287,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = CommandParser(
         prog="normopt launch", allow_abbrev=False, description="Train on N ranks of this node (one launcher per node for "
         "multi-node jobs), keeping normopt's exit statuses (0 done, 2 user error, 3 diverged, 75 "
-        "stopped after a checkpoint, 69 a node was lost) and forwarding SIGTERM/SIGUSR1/SIGINT to every rank.",
+        "stopped after a checkpoint, 69 a node was lost, 124 no progress) and forwarding SIGTERM/SIGUSR1/SIGINT to every rank.",
         epilog="Everything after the launcher's options goes to training: --config PATH and section.key=value.")
     parser.add_argument("--nproc", type=int, default=None, help="ranks on this node (default: visible GPUs, else 1)")
     parser.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1)")
@@ -286,6 +303,11 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"several nodes: declare a node lost after this many seconds without a heartbeat; "
                              f"the others exit with 69 within it + {NODE_LOSS_EXIT_MARGIN_S:.0f} s "
                              f"(default {DEFAULT_NODE_TIMEOUT_S:.0f})")
+    parser.add_argument("--watchdog-timeout", type=float, default=DEFAULT_WATCHDOG_TIMEOUT_S,
+                        help=f"end the run with status {NO_PROGRESS_EXIT_CODE} when no rank has entered a new step or "
+                             f"phase for this many seconds (at least {WATCHDOG_STEP_FACTOR} x the longest step, and the "
+                             f"collective timeout in start-up and checkpoints); 0 disables "
+                             f"(default {DEFAULT_WATCHDOG_TIMEOUT_S:.0f})")
     parser.add_argument("--max-restarts", type=int, default=0,
                         help="several nodes: after a lost node, restart this node's ranks from the last complete "
                              "checkpoint up to N times, once every node's launcher has joined again (default 0)")
@@ -399,6 +421,8 @@ def _launch(argv: list[str], signals: StopSignals) -> int:
     if not args.node_timeout >= MIN_NODE_TIMEOUT_S:  # also refuses nan
         raise UserError(f"--node-timeout {args.node_timeout:g}: must be at least {MIN_NODE_TIMEOUT_S:g} s "
                         f"(the heartbeat comes every {HEARTBEAT_S:g} s)")
+    if not args.watchdog_timeout >= 0 or args.watchdog_timeout == float("inf"):
+        raise UserError(f"--watchdog-timeout {args.watchdog_timeout:g}: a number of seconds, 0 to disable")
     if args.max_restarts < 0:
         raise UserError(f"--max-restarts {args.max_restarts}: must be 0 or more")
     if not args.join_timeout > 0:
@@ -431,11 +455,11 @@ def _launch(argv: list[str], signals: StopSignals) -> int:
         reports = [report_dir / f"rank_{node_rank * nproc + i}.txt" for i in range(nproc)]
         envs = [{**rank_env(base_env, local_rank=i, nproc=nproc, node_rank=node_rank, nnodes=args.nnodes,
                             master_addr=args.master_addr, master_port=port),
-                 PEER_LOST_REPORT_ENV: str(reports[i])} for i in range(nproc)]
+                 PEER_LOST_REPORT_ENV: str(reports[i]), PROGRESS_DIR_ENV: str(report_dir)} for i in range(nproc)]
         plan = Plan([sys.executable, str(TRAIN_SCRIPT), *train_args], envs, reports, node_rank, nproc,
                     args.nnodes, run_dir)
         if args.nnodes == 1:
-            return _run_one_node(plan, signals)
+            return _run_one_node(plan, signals, args.watchdog_timeout, report_dir)
         watch = NodeWatch(node_rank, args.nnodes, nproc, args.master_addr, watch_port, args.node_timeout)
         try:
             status = _run_nodes(plan, signals, watch, args.max_restarts, args.join_timeout)
@@ -504,8 +528,14 @@ def _say_ending(plan: Plan, status: int, statuses: list[int | None]) -> None:
     # 2, 3 and 75: rank 0 has said why in one line; a second line would say it again
 
 
-def _run_one_node(plan: Plan, signals: StopSignals) -> int:
-    statuses, _ = _run_ranks(plan, signals)
+def _run_one_node(plan: Plan, signals: StopSignals, watchdog_timeout: float = 0.0,
+                  progress_dir: Path | None = None) -> int:
+    watchdog = Watchdog(progress_dir, [plan.global_rank(i) for i in range(plan.nproc)], watchdog_timeout) \
+        if watchdog_timeout > 0 and progress_dir is not None else None
+    statuses, stall = _run_ranks(plan, signals, interrupt=watchdog.problem if watchdog else None)
+    if isinstance(stall, Stall):
+        _say(f"{stall.line(last_checkpoint(plan.run_dir))}; exit {NO_PROGRESS_EXIT_CODE}", fresh_line=True)
+        return NO_PROGRESS_EXIT_CODE
     status = agreed_status(statuses)
     _say_ending(plan, status, statuses)
     return status
@@ -605,3 +635,83 @@ def _loss_line(loss: NodeLoss, node_rank: int, checkpoint: str) -> str:
         seen = "" if loss.declared_by == node_rank else f", seen by node {loss.declared_by}"
         what = f"{loss.lost.describe()} lost ({loss.reason}{seen}); stopped this node's rank(s)"
     return f"{what}; last complete checkpoint: {checkpoint}"
+
+
+@dataclass
+class Stall:
+    """What the progress watchdog found: how long nothing moved, and the rank that holds the others."""
+
+    silent_s: float
+    rank: int
+    phase: str
+    step: int
+
+    def line(self, checkpoint: str) -> str:
+        return (f"no progress for {self.silent_s:.0f} s: rank {self.rank} was in {self.phase} at step {self.step} "
+                f"(last checkpoint: {checkpoint})")
+
+
+class Watchdog:
+    """The launcher's progress watchdog (module doc): reads the ranks' progress files
+    (``normopt.progress``) and returns a :class:`Stall` when no rank has entered a new phase
+    or step for longer than the limit."""
+
+    def __init__(self, folder: Path, ranks: list[int], timeout: float) -> None:
+        from normopt.parallel.timeouts import collective_timeout
+
+        self.folder, self.ranks, self.timeout = Path(folder), ranks, timeout
+        self.start_up_s = collective_timeout("start-up").total_seconds()
+        self.checkpoint_s = collective_timeout("checkpoint").total_seconds()
+        self.seen: dict[int, tuple] = {}
+        self.last_change = time.monotonic()
+        self.last_step_mark: float | None = None
+        self.longest_step_s = 0.0
+        self._next_read = 0.0
+
+    def limit(self, phases: set[str]) -> float:
+        limit = max(self.timeout, WATCHDOG_STEP_FACTOR * self.longest_step_s)
+        if "start-up" in phases:
+            limit = max(limit, self.start_up_s)
+        if phases & {"checkpoint save", "checkpoint wait"}:
+            limit = max(limit, self.checkpoint_s)
+        return limit
+
+    def problem(self) -> Stall | None:
+        now = time.monotonic()
+        if now < self._next_read:
+            return None
+        self._next_read = now + WATCHDOG_POLL_S
+        records = {rank: read_progress(progress_file(self.folder, rank)) for rank in self.ranks}
+        for rank, record in records.items():
+            key = (record.get("phase"), record.get("step")) if record else None
+            if key is not None and self.seen.get(rank) != key:
+                self.seen[rank] = key
+                self.last_change = now
+                if rank == self.ranks[0] and key[0] == "step":
+                    if self.last_step_mark is not None:
+                        self.longest_step_s = max(self.longest_step_s, now - self.last_step_mark)
+                    self.last_step_mark = now
+        phases = {record.get("phase") for record in records.values() if record} | \
+            ({"start-up"} if any(record is None for record in records.values()) else set())
+        silent = now - self.last_change
+        if silent <= self.limit(phases):
+            return None
+        return self._stuck(records, silent)
+
+    def _stuck(self, records: dict[int, dict | None], silent: float) -> Stall:
+        """The rank that holds the others: one whose beat stopped (or that never wrote),
+        else the one furthest behind (lowest step, earliest phase, longest in it)."""
+        wall = time.time()
+
+        def behind(rank: int):
+            record = records[rank] or {}
+            phase = record.get("phase", "start-up")
+            order = PHASES.index(phase) if phase in PHASES else 0
+            return (record.get("step", 0), order, record.get("since", 0.0))
+
+        running = [rank for rank in self.ranks if not (records[rank] or {}).get("ended")] or self.ranks
+        frozen = [rank for rank in running
+                  if records[rank] is None or wall - float(records[rank].get("beat", 0.0)) > 3 * BEAT_S + 1]
+        rank = min(frozen or running, key=behind)
+        record = records[rank] or {}
+        return Stall(silent, rank, str(record.get("phase", "start-up")), int(record.get("step", 0)))

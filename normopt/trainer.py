@@ -38,6 +38,7 @@ from normopt.models.llama import Transformer, build_model
 from normopt.models.presets import (count_flops_per_token, count_parameters,
                                     resolve_model_args)
 from normopt.optim.builder import build_optimizers
+from normopt import progress as run_progress
 from normopt.parallel import collectives
 from normopt.parallel.distributed import DistInfo, with_data_parallel_layout
 from normopt.parallel.fsdp import apply_fsdp
@@ -217,6 +218,8 @@ class Trainer:
             raise Preempted(f"stopped by {self.stop_request.signal_name or 'a stop signal on another rank'} before "
                             f"the first step (nothing trained since step {self.start_step})")
         tokens_per_step = t.global_batch_size * t.seq_len
+        # start-up is over: the loop's collectives wait for a late rank at most the step timeout
+        collectives.set_phase_timeout("step")
         progress = self._progress = tqdm(total=t.steps, initial=self.start_step, disable=not self.dist.is_main,
                         desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
         eval_loss = None
@@ -230,6 +233,7 @@ class Trainer:
         window_start, window_tokens = time.perf_counter(), 0
         for step in range(self.start_step, t.steps):
             done = step + 1
+            run_progress.mark("step", done)
             lr_factor = self.optimizers.apply_schedule(cfg.optim, step, t.steps)
             loss, grad_norm, stop, aux_loss = self._train_step(step, diagnose=self.diagnostics.due(done)
                                                                or done == t.steps)
@@ -359,6 +363,7 @@ class Trainer:
         return float(shared[0] / shared[1]), (shared[2:].view(2, tail.n_buckets) if tail else None)
 
     def _evaluate_and_log(self, step: int) -> float:
+        run_progress.mark("eval", step)
         eval_loss, buckets = self.evaluate()
         # the unigram entropy is the loss of the best model that ignores context: the
         # report compares every cell's final loss with it
@@ -432,7 +437,12 @@ class Trainer:
         Of a run that already failed, that failure is the one reported (a full disk refuses the
         logs' last bytes too); otherwise the first refusal here. A failed run's progress bar is
         cleared, so that its one line stands alone."""
-        failed = sys.exc_info()[1] is not None
+        failure = sys.exc_info()[1]
+        failed = failure is not None
+        if failed and not isinstance(failure, (TrainingDiverged, Preempted)):
+            # a failure of this rank alone (a log the disk refused): the other ranks are not
+            # waiting for this one's write, and a collective now would pair with theirs
+            self.checkpointer.abandon()
         if self._progress is not None:
             self._progress.leave = False
             self._progress.close()  # a no-op once fit closed it

@@ -41,8 +41,10 @@ from normopt.checkpoint.safe_dcp import (
     write_non_tensor_state,
 )
 from normopt.checkpoint.verify import checkpoint_problem
+from normopt import progress
 from normopt.errors import UserError
 from normopt.parallel import collectives
+from normopt.parallel.timeouts import collective_timeout
 from normopt.run_dir import CONFIG_FILE, RNG_DIR, STEP_DIR, TRAINER_STATE, RunDir, rng_file
 
 
@@ -112,36 +114,43 @@ class CheckpointWriter:
     def __init__(self, run: RunDir, is_main: bool, keep_latest_k: int, async_save: bool = False):
         self.run, self.is_main, self.keep_latest_k, self.async_save = run, is_main, keep_latest_k, async_save
         self._pending = None  # (future, step, trainer_state)
-        # background writes coordinate over their own gloo group, away from training's collectives
-        self._group = collectives.new_group(backend="gloo") if async_save else None
+        # background writes coordinate over their own gloo group, away from training's collectives,
+        # with the checkpoint timeout (a rank that never arrives fails the save instead of hanging it)
+        self._group = collectives.new_group(backend="gloo", timeout=collective_timeout("checkpoint")) \
+            if async_save else None
 
     def save(self, step: int, model: nn.Module, optimizers: list, trainer_state: dict,
              block: bool = False) -> Path:
         self.wait()
+        progress.mark("checkpoint save", step)
         final, tmp = self.run.checkpoint(step), self.run.partial_checkpoint(step)
-        if self.is_main:
-            self.run.checkpoints.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        collectives.barrier()
-        tensors, non_tensors = split_tensors(_state(model, optimizers))
-        failure = None
-        try:
-            if self.is_main:
-                tmp.mkdir(parents=True, exist_ok=True)
-                write_non_tensor_state(tmp, non_tensors)
+        with collectives.phase_timeout("checkpoint"):
+            failure = None
+            try:
+                if self.is_main:
+                    self.run.checkpoints.mkdir(parents=True, exist_ok=True)
+                    shutil.rmtree(tmp, ignore_errors=True)
+            except Exception as exc:  # noqa: BLE001 - any refusal of this rank's disk is agreed below
+                failure = _first_cause(exc, tmp)
+            self._agree_written(step, failure)
+            tensors, non_tensors = split_tensors(_state(model, optimizers))
+            try:
+                if self.is_main:
+                    tmp.mkdir(parents=True, exist_ok=True)
+                    write_non_tensor_state(tmp, non_tensors)
+                if self.async_save and not block:
+                    future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._group)
+                    save_rng_state(tmp)
+                else:
+                    dcp.save(tensors, checkpoint_id=str(tmp))
+                    save_rng_state(tmp)
+            except (Exception, CheckpointException) as exc:  # noqa: BLE001 - CheckpointException is a BaseException
+                failure = _first_cause(exc, tmp)
+            self._agree_written(step, failure)
             if self.async_save and not block:
-                future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._group)
-                save_rng_state(tmp)
-            else:
-                dcp.save(tensors, checkpoint_id=str(tmp))
-                save_rng_state(tmp)
-        except (OSError, CheckpointException) as exc:
-            failure = _first_cause(exc, tmp)
-        self._agree_written(step, failure)
-        if self.async_save and not block:
-            self._pending = (future, step, trainer_state)
-            return final
-        self._mark_complete(step, trainer_state)
+                self._pending = (future, step, trainer_state)
+                return final
+            self._mark_complete(step, trainer_state)
         return final
 
     def wait(self) -> None:
@@ -150,19 +159,29 @@ class CheckpointWriter:
             return
         future, step, trainer_state = self._pending
         self._pending = None
+        progress.mark("checkpoint wait", step)
         failure = None
-        try:
-            future.result()
-        except (OSError, CheckpointException) as exc:
-            failure = _first_cause(exc, self.run.partial_checkpoint(step))
-        self._agree_written(step, failure)
-        self._mark_complete(step, trainer_state)
+        with collectives.phase_timeout("checkpoint"):
+            try:
+                future.result(timeout=collective_timeout("checkpoint").total_seconds())
+            except (Exception, CheckpointException) as exc:  # noqa: BLE001 - a timeout too: agreed below
+                failure = _first_cause(exc, self.run.partial_checkpoint(step))
+            self._agree_written(step, failure)
+            self._mark_complete(step, trainer_state)
+
+    def abandon(self) -> None:
+        """Forget the write in flight without waiting for it or talking to the other ranks
+        (the run already failed on this rank, and the others may be anywhere): its
+        ``.tmp`` folder stays an ignored partial checkpoint, cleaned by the next save."""
+        self._pending = None
 
     def _agree_written(self, step: int, failure: str | None) -> None:
         """Every rank learns whether any rank's write failed (a full disk, a read-only
         folder); if one did, rank 0 removes the partial checkpoint, the previous complete
-        one stays, and all ranks stop with the reason in one line."""
-        if not collectives.any_rank(failure is not None):
+        one stays, and all ranks stop with the first failing rank and its reason in one line."""
+        failures = collectives.all_gather_object(failure)
+        failed = [(rank, reason) for rank, reason in enumerate(failures) if reason is not None]
+        if not failed:
             return
         partial = self.run.partial_checkpoint(step)
         if self.is_main:
@@ -171,18 +190,26 @@ class CheckpointWriter:
         previous = self.run.complete_steps()
         kept = f"the last complete checkpoint {self.run.checkpoint(previous[-1])} is kept" if previous \
             else "no earlier checkpoint exists"
-        raise UserError(f"writing checkpoint step {step} failed ({failure or 'on another rank'}); the partial "
+        rank, reason = failed[0]
+        where = f" on rank {rank}" if len(failures) > 1 else ""
+        raise UserError(f"writing checkpoint step {step}{where} failed ({reason}); the partial "
                         f"checkpoint was removed and {kept}")
 
     def _mark_complete(self, step: int, trainer_state: dict) -> None:
         final, tmp = self.run.checkpoint(step), self.run.partial_checkpoint(step)
         collectives.barrier()  # every rank's shards are on disk
+        failure = None
         if self.is_main:
-            (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-            if self.run.config.exists():
-                shutil.copyfile(self.run.config, tmp / CONFIG_FILE)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+            try:
+                (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+                if self.run.config.exists():
+                    shutil.copyfile(self.run.config, tmp / CONFIG_FILE)
+                shutil.rmtree(final, ignore_errors=True)
+                tmp.rename(final)
+            except Exception as exc:  # noqa: BLE001 - rank 0's refusal ends every rank, not rank 0 alone
+                failure = _first_cause(exc, tmp)
+        self._agree_written(step, failure)
+        if self.is_main:
             self._prune(step)
             for stale in self.run.partial_checkpoints():
                 shutil.rmtree(stale, ignore_errors=True)

@@ -15,6 +15,7 @@ one-process caller needs no branch of its own.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -137,9 +138,37 @@ def all_gather_object(obj: Any, group: ProcessGroup | None = None) -> list[Any]:
     return gathered
 
 
-def new_group(ranks: list[int] | None = None, backend: str | None = None) -> ProcessGroup | None:
+def new_group(ranks: list[int] | None = None, backend: str | None = None, timeout=None) -> ProcessGroup | None:
     """A process group (collective: every rank of the default group calls it in the same
-    order); None without a default group."""
+    order), its collectives bounded by ``timeout`` (a timedelta; torch's default when None);
+    None without a default group."""
     if not is_distributed():
         return None
-    return dist.new_group(ranks=ranks, backend=backend)
+    return dist.new_group(ranks=ranks, backend=backend, timeout=timeout)
+
+
+_phase = ["start-up"]  # the phase whose timeout the default group has now
+
+
+def set_phase_timeout(phase: str) -> None:
+    """Bound the default group's collectives by ``phase``'s timeout (``normopt.parallel.timeouts``)
+    from now on; nothing without a group."""
+    from normopt.parallel.timeouts import collective_timeout
+
+    _phase[0] = phase
+    if is_distributed():
+        dist.distributed_c10d._set_pg_timeout(collective_timeout(phase))
+
+
+@contextlib.contextmanager
+def phase_timeout(phase: str):
+    """``phase``'s timeout on the default group for the body of the ``with``, then the one before."""
+    before = _phase[0]
+    set_phase_timeout(phase)
+    try:
+        yield
+    finally:
+        if is_distributed():
+            set_phase_timeout(before)
+        else:
+            _phase[0] = before

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from normopt.errors import UserError
+from normopt.parallel.timeouts import collective_timeout
 
 
 @dataclass
@@ -72,8 +73,11 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
+        # start-up's timeout until the loop begins (``normopt.parallel.timeouts``); gloo's
+        # default would hold a rank for 30 minutes on a peer that never arrives
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                device_id=device if device_type == "cuda" else None)
+                                device_id=device if device_type == "cuda" else None,
+                                timeout=collective_timeout("start-up"))
     mesh = init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp",))
     return DistInfo(rank, world_size, local_rank, device, mesh)
 
