@@ -75,6 +75,7 @@ def on_main_then_share(fn, dist_info: DistInfo):
 
 class Trainer:
     _progress = None  # fit's progress bar, once it exists
+    _agreed_failure = False  # a UserError that every rank raised at the same point
 
     def __init__(self, cfg: Config, dist_info: DistInfo, stop_request: StopRequest | None = None):
         self.cfg, self.dist = cfg, dist_info
@@ -142,6 +143,32 @@ class Trainer:
         self.peak_flops, self.peak_source = peak_flops(dist_info.device, DTYPES[self.dtype], probe=t.mfu_probe,
                                                        peak_tflops=t.peak_tflops)
         self.mfu = MfuMeter(self.peak_flops, self.peak_source, self.flops_per_token, dist_info.world_size, self.log)
+        self.write_failure: str | None = None  # rank 0's refused log write, until the ranks agree on it
+        self._defer_write_failures()
+
+    def _defer_write_failures(self) -> None:
+        """With several ranks, a log or diagnostics write the disk refuses (rank 0 alone writes
+        them) does not end rank 0 alone, which would leave the others in their next collective:
+        it is kept, the rest of the run's writes are skipped, and the ranks agree on it at the
+        next step's all-reduce (or the next checkpoint), where all of them stop with status 2 and
+        rank 0 prints the refusal's one line."""
+        if self.dist.world_size == 1 or not self.dist.is_main:
+            return
+        for owner, name in ((self.metrics, "log"), (self.diagnostics.writer, "write"),
+                            (self.diagnostics.writer, "histogram")):
+            def deferred(*args, _write=getattr(owner, name), **kwargs):
+                if self.write_failure is not None:
+                    return None
+                try:
+                    return _write(*args, **kwargs)
+                except UserError as exc:
+                    self.write_failure = str(exc)
+                    return None
+            setattr(owner, name, deferred)
+
+    def _raise_write_failure(self) -> None:
+        self._agreed_failure = True  # every rank raises it here: the write in flight can be finished
+        raise UserError(self.write_failure or "a log write failed on rank 0")
 
     # ------------------------------------------------------------------ setup pieces
 
@@ -312,9 +339,12 @@ class Trainer:
         # one collective carries the loss and the stop request, before any weight changes:
         # a non-finite loss or gradient norm (both identical on every rank) stops the run
         # here, so no checkpoint ever holds the weights of a bad update
-        shared = torch.stack([loss_sum.float(), torch.tensor(float(self.stop_request.requested),
-                                                            device=loss_sum.device), aux_sum.float()])
+        flags = torch.tensor([float(self.stop_request.requested), float(self.write_failure is not None)],
+                             device=loss_sum.device)
+        shared = torch.cat([loss_sum.float().view(1), flags[:1], aux_sum.float().view(1), flags[1:]])
         collectives.all_reduce_sum(shared)
+        if shared[3] > 0:  # a log write refused on rank 0 at the step before: every rank stops here
+            self._raise_write_failure()
         loss = float(shared[0]) / self.dist.world_size
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise TrainingDiverged(f"at step {step + 1} the loss is {loss} and the gradient norm {grad_norm}; "
@@ -380,7 +410,11 @@ class Trainer:
         as diverged, keeping the last good checkpoint."""
         local = [p.detach().to_local() if isinstance(p, DTensor) else p.detach() for p in self.model.parameters()]
         finite = bool(torch.stack([torch.isfinite(t).all() for t in local]).all()) if local else True
-        if collectives.any_rank(not finite):
+        flags = torch.tensor([float(not finite), float(self.write_failure is not None)])
+        collectives.all_reduce(flags, "max")
+        if flags[1] > 0:  # a log write refused on rank 0: no checkpoint, every rank stops
+            self._raise_write_failure()
+        if flags[0] > 0:
             raise TrainingDiverged(f"after step {step} a weight is not finite; no checkpoint written "
                                    f"(the last complete one is kept)")
         trainer_state = {"tokens": step * self.cfg.train.global_batch_size * self.cfg.train.seq_len,
@@ -439,7 +473,7 @@ class Trainer:
         cleared, so that its one line stands alone."""
         failure = sys.exc_info()[1]
         failed = failure is not None
-        if failed and not isinstance(failure, (TrainingDiverged, Preempted)):
+        if failed and not (isinstance(failure, (TrainingDiverged, Preempted)) or self._agreed_failure):
             # a failure of this rank alone (a log the disk refused): the other ranks are not
             # waiting for this one's write, and a collective now would pair with theirs
             self.checkpointer.abandon()

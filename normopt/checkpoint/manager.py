@@ -134,6 +134,7 @@ class CheckpointWriter:
                 failure = _first_cause(exc, tmp)
             self._agree_written(step, failure)
             tensors, non_tensors = split_tensors(_state(model, optimizers))
+            future = None
             try:
                 if self.is_main:
                     tmp.mkdir(parents=True, exist_ok=True)
@@ -146,7 +147,7 @@ class CheckpointWriter:
                     save_rng_state(tmp)
             except (Exception, CheckpointException) as exc:  # noqa: BLE001 - CheckpointException is a BaseException
                 failure = _first_cause(exc, tmp)
-            self._agree_written(step, failure)
+            self._agree_written(step, failure, in_flight=future)
             if self.async_save and not block:
                 self._pending = (future, step, trainer_state)
                 return final
@@ -175,7 +176,7 @@ class CheckpointWriter:
         ``.tmp`` folder stays an ignored partial checkpoint, cleaned by the next save."""
         self._pending = None
 
-    def _agree_written(self, step: int, failure: str | None) -> None:
+    def _agree_written(self, step: int, failure: str | None, in_flight=None) -> None:
         """Every rank learns whether any rank's write failed (a full disk, a read-only
         folder); if one did, rank 0 removes the partial checkpoint, the previous complete
         one stays, and all ranks stop with the first failing rank and its reason in one line."""
@@ -183,6 +184,12 @@ class CheckpointWriter:
         failed = [(rank, reason) for rank, reason in enumerate(failures) if reason is not None]
         if not failed:
             return
+        if in_flight is not None:  # this rank's background write still fills the folder: let it end first
+            try:
+                in_flight.result(timeout=collective_timeout("checkpoint").total_seconds())
+            except (Exception, CheckpointException):  # noqa: BLE001 - the save has failed already
+                pass
+        collectives.barrier()
         partial = self.run.partial_checkpoint(step)
         if self.is_main:
             shutil.rmtree(partial, ignore_errors=True)
