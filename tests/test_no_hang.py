@@ -34,9 +34,9 @@ WATCHDOG_S = 5
 WATCHDOG_GRACE_S = 5
 
 
-def _launch(args: list[str], *launcher_options: str) -> subprocess.Popen:
+def _launch(args: list[str], *launcher_options: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "normopt.cli", "launch", "--nproc", "2", *launcher_options, *args],
-                            cwd=REPO_ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO_ROOT, env=child_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _rank_pids(launcher_pid: int) -> list[int]:
@@ -132,6 +132,32 @@ def test_a_stopped_rank_is_named_by_the_watchdog_and_nothing_outlives_the_launch
     while time.time() < deadline and any(_alive(pid) for pid in ranks):
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in ranks), "a rank outlived its launcher"
+
+
+def test_the_step_timeout_bounds_a_collective_without_the_watchdog(tmp_path, tiny_corpus):
+    """The watchdog off and a 3 s step timeout: the rank left waiting for a stopped peer times
+    out in its collective, exits 69 quietly, and the launcher stops the stopped one (after its
+    crash grace of 5 s) and names both: exit 1 within 3 + 5 s and a few more."""
+    run_dir = tmp_path / "run"
+    proc = _launch(tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
+                                 "checkpoint.interval=0"), "--watchdog-timeout", "0",
+                   env={"NORMOPT_STEP_TIMEOUT_S": "3"})
+    try:
+        wait_for_step(proc, run_dir, 3)
+        ranks = _rank_pids(proc.pid)
+        stopped = next(pid for pid in ranks if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+        os.kill(stopped, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        _, stderr = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - frozen_at
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and elapsed < 3 + 5 + 6, (proc.returncode, elapsed, stderr[-3000:])
+    lines = _normopt_lines(stderr)
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert "(rank 0: lost its peers (Timed out waiting 3000ms" in lines[0], lines[0]
+    assert lines[0].endswith("rank 1: stopped by the launcher); exit 1"), lines[0]
+    assert not any(_alive(pid) for pid in ranks)
 
 
 def _write(folder: Path, rank: int, **record) -> None:
