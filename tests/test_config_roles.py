@@ -3,14 +3,17 @@ both come from the tags on the config fields."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from normopt.resume_policy import RESUME_SAFE_KEYS, check_resume_compatible, find_resume_point
-from normopt.config import Config, keys_with_role, save_config
+from normopt.config import Config, keys_with_role, load_config
 from normopt.key_roles import EVALUATION, EXECUTION, LENGTH, MATH, ROLES
 from normopt.errors import UserError
 from normopt.report.arms import COORDINATE_KEYS, NON_ARM_KEYS, NON_ARM_SECTIONS, reference_settings
 from normopt.run_dir import RunDir
+from tests.conftest import FINISHED_RUN_ARGS, tiny_run_args
 
 
 def test_every_key_has_one_role():
@@ -63,25 +66,22 @@ def test_check_resume_compatible():
         check_resume_compatible(saved, current)
 
 
-def test_find_resume_point(tmp_path):
+def test_find_resume_point(tmp_path, finished_run, tiny_corpus):
+    assert find_resume_point(RunDir(tmp_path / "new"), Config()) is None  # a new run
     run = RunDir(tmp_path / "run")
-    cfg = Config()
-    assert find_resume_point(run, cfg) is None  # a new run
-    folder = run.checkpoint(3)
-    folder.mkdir(parents=True)
-    (folder / "trainer_state.json").write_text('{"step": 3}')
-    save_config(cfg, folder / "config.yaml")
-    assert find_resume_point(run, cfg) == folder
+    shutil.copytree(finished_run, run.path)  # whole checkpoints at steps 3 and 6
+    cfg = load_config(None, tiny_run_args(run.path, tiny_corpus, *FINISHED_RUN_ARGS))
+    assert find_resume_point(run, cfg) == run.checkpoint(6)
     cfg.checkpoint.resume = "never"
     with pytest.raises(UserError, match="already holds a run"):
         find_resume_point(run, cfg)
     cfg.checkpoint.resume = "5"
-    with pytest.raises(UserError, match=r"checkpoint.resume: no complete checkpoint for step 5 .*\(have: 3\)"):
+    with pytest.raises(UserError, match=r"checkpoint.resume: no complete checkpoint for step 5 .*\(have: 3, 6\)"):
         find_resume_point(run, cfg)
     cfg.checkpoint.resume = "auto"
     cfg.model.norm = "derf"
     with pytest.raises(UserError, match="model.norm: the run being resumed used 'rmsnorm'"):
         find_resume_point(run, cfg)
-    (folder / "config.yaml").write_text("a: [\n")
+    (run.checkpoint(6) / "config.yaml").write_text("a: [\n")
     with pytest.raises(UserError, match="cannot read the saved config"):
         find_resume_point(run, cfg)
