@@ -40,12 +40,12 @@ from normopt.checkpoint.safe_dcp import (
     split_tensors,
     write_non_tensor_state,
 )
-from normopt.checkpoint.verify import checkpoint_problem
+from normopt.checkpoint.verify import checkpoint_problem, read_trainer_state
 from normopt import progress
 from normopt.errors import UserError
 from normopt.parallel import collectives
 from normopt.parallel.timeouts import collective_timeout
-from normopt.run_dir import CONFIG_FILE, RNG_DIR, STEP_DIR, TRAINER_STATE, RunDir, rng_file
+from normopt.run_dir import CONFIG_FILE, RNG_DIR, TRAINER_STATE, RunDir, rng_file
 
 
 def _state(model: nn.Module, optimizers: list) -> dict:
@@ -244,31 +244,6 @@ class CheckpointWriter:
         for old in self.run.complete_steps():
             if old < verified[-1]:
                 shutil.rmtree(self.run.checkpoint(old), ignore_errors=True)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def read_trainer_state(checkpoint: Path) -> dict:
-    """The checkpoint's trainer_state.json: an object whose integer ``step`` is its folder's
-    step, with a non-negative integer ``tokens`` and a positive integer ``world_size`` where
-    present. Anything else is a UserError naming the file."""
-    path = checkpoint / TRAINER_STATE
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: unreadable ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or not _is_int(state.get("step")):
-        raise UserError(f"{path}: no integer step")
-    match = STEP_DIR.match(checkpoint.name)
-    if state["step"] < 0 or (match and int(match.group(1)) != state["step"]):
-        raise UserError(f"{path}: step {state['step']} is not its checkpoint's step ({checkpoint.name})")
-    if "tokens" in state and not (_is_int(state["tokens"]) and state["tokens"] >= 0):
-        raise UserError(f"{path}: tokens {state['tokens']!r} is not a count")
-    if "world_size" in state and not (_is_int(state["world_size"]) and state["world_size"] >= 1):
-        raise UserError(f"{path}: world_size {state['world_size']!r} is not a rank count")
-    return state
 
 
 def _first_cause(exc: BaseException, folder: Path | None = None) -> str:
