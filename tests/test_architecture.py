@@ -15,7 +15,7 @@ from tests.conftest import REPO_ROOT
 
 COMPONENTS = ("models", "optim", "data", "parallel", "diagnostics", "checkpoint", "metrics")
 # top-level modules any component may use: they import nothing of normopt but each other
-LEAVES = ("normopt.errors", "normopt.dtypes", "normopt.key_roles", "normopt.run_dir")
+LEAVES = ("normopt.errors", "normopt.dtypes", "normopt.key_roles", "normopt.run_dir", "normopt.progress")
 
 
 def _modules() -> dict[str, Path]:
