@@ -47,7 +47,7 @@ def worker_results(world: int, tmp_path_factory) -> dict:
     return _RUNS[world]
 
 
-@pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda n: f"{n}ranks")
+@pytest.fixture(scope="module", params=[1, 2, pytest.param(3, marks=pytest.mark.slow)], ids=lambda n: f"{n}ranks")
 def results(request, tmp_path_factory):
     return worker_results(request.param, tmp_path_factory)
 

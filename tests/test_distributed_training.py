@@ -72,7 +72,7 @@ def test_two_ranks_match_one_process_with_muon(tmp_path, tiny_corpus, optim, muo
     _assert_same_diagnostics(single, double)
 
 
-@pytest.mark.parametrize("optim,balance", [("muon", "aux_free"), ("normuon", "aux_loss")])
+@pytest.mark.parametrize("optim,balance", [("muon", "aux_free"), pytest.param("normuon", "aux_loss", marks=pytest.mark.slow)])
 def test_two_ranks_match_one_process_with_latent_attention_and_experts(tmp_path, tiny_corpus, optim, balance):
     """An MLA + MoE model (8 experts, top-2, one shared expert) under Muon/NorMuon: expert
     stacks sharded over the experts go through distributed NS, the balance loss is per

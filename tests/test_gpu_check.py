@@ -19,6 +19,7 @@ def _run(*args, env=None):
                           text=True, timeout=600, env=env)
 
 
+@pytest.mark.slow
 def test_prepared_cache_is_read_offline_after_a_move(tmp_path, monkeypatch):
     """--prepare fills a cache that, copied elsewhere (another machine's path), serves the
     check's data settings with no download and no HF datasets."""

@@ -112,6 +112,7 @@ def _threads_per_rank(tmp_path: Path, corpus: Path, name: str, omp: str | None) 
     return int(found.group(1)), out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(usable_cores() < 2, reason="a user's value must differ from the default 1")
 def test_launcher_sets_threads_per_rank_unless_the_user_did(tmp_path, tiny_corpus):
     expected = max(usable_cores() // 2, 1)

@@ -144,7 +144,7 @@ def _freeze(launcher: subprocess.Popen) -> list[int]:
 
 @pytest.mark.parametrize("lost, how", [
     (1, "kill"),
-    (1, "freeze"),
+    pytest.param(1, "freeze", marks=pytest.mark.slow),
     pytest.param(0, "kill", marks=pytest.mark.slow),
     pytest.param(0, "freeze", marks=pytest.mark.slow),
 ])
@@ -196,7 +196,8 @@ def test_a_lost_node_ends_the_survivor_in_bounded_time_with_one_line(tmp_path, t
         job.stop_all()
 
 
-@pytest.mark.parametrize("lost", [1, pytest.param(0, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("lost", [1, 0])
 def test_restart_after_a_lost_node_resumes_and_matches_an_uninterrupted_run(tmp_path, tiny_corpus, two_nodes, lost):
     """The lost node's launcher is started again at once (as a scheduler or a person would,
     perhaps before the survivor has even noticed): both restart from the last complete
@@ -232,6 +233,7 @@ def test_restart_after_a_lost_node_resumes_and_matches_an_uninterrupted_run(tmp_
     assert "Traceback" not in job.stderr(survivor) + job.stderr(again)
 
 
+@pytest.mark.slow
 def test_a_rank_that_crashes_on_another_node_is_named_without_waiting_for_a_timeout(tmp_path, tiny_corpus):
     """A rank of node 1 is killed (its launcher lives): node 1's launcher says so and leaves at
     once; node 0's rank loses its peer, and node 0 names node 1 as the node that failed, well

@@ -57,7 +57,7 @@ def _normopt_lines(stderr: str) -> list[str]:
     return [part for line in stderr.split("\n") for part in line.split("\r") if part.strip().startswith("normopt")]
 
 
-@pytest.mark.parametrize("async_save", ["true", "false"])
+@pytest.mark.parametrize("async_save", ["true", pytest.param("false", marks=pytest.mark.slow)])
 def test_a_full_disk_in_a_checkpoint_ends_every_rank_with_one_line(tmp_path, tiny_corpus, async_save):
     """Two ranks under the launcher, the checkpoints on a tiny tmpfs that fills during the
     first save: exit 2 within the bound, one line naming the failing rank and the OS's reason,
@@ -84,6 +84,7 @@ def test_a_full_disk_in_a_checkpoint_ends_every_rank_with_one_line(tmp_path, tin
     assert not [name for name in left if name.endswith(".tmp")], left
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_the_logs_of_two_ranks_ends_both_with_one_line(tmp_path, tiny_corpus):
     """The whole run on a disk that fills at once: rank 0 alone writes the logs, and its refusal
     (TensorBoard's file or a log, whichever is first) reaches the other rank at the next step's
@@ -134,6 +135,7 @@ def test_a_stopped_rank_is_named_by_the_watchdog_and_nothing_outlives_the_launch
     assert not any(_alive(pid) for pid in ranks), "a rank outlived its launcher"
 
 
+@pytest.mark.slow
 def test_the_step_timeout_bounds_a_collective_without_the_watchdog(tmp_path, tiny_corpus):
     """The watchdog off and a 3 s step timeout: the rank left waiting for a stopped peer times
     out in its collective, exits 69 quietly, and the launcher stops the stopped one (after its
