@@ -34,7 +34,7 @@ from normopt.config import REPO_ROOT, load_config
 from normopt.errors import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, UserError
 from normopt.factorial.cells import CellSpec, write_cell_json
 from normopt.factorial.grid_clock import GridClock, cell_step_flops, format_duration
-from normopt.factorial.plan import cell_diverged, grid_plan, write_plan
+from normopt.factorial.plan import GridPlan, cell_diverged, grid_plan, write_plan
 from normopt.factorial.slurm import spec_gpus_per_node, spec_nodes, submit_grid
 from normopt.factorial.spec import load_spec, read_spec_file
 from normopt.factorial.tuning import (
@@ -94,10 +94,10 @@ class _GridProgress:
     """One bar over every step of the grid, with the time left from :class:`GridClock`
     (cells weighted by their cost per step) in place of tqdm's uniform extrapolation."""
 
-    def __init__(self, base: Path, cells: list[CellSpec], steps: list[int], first_steps: list[int], verbose: bool):
+    def __init__(self, step_flops: list[float], steps: list[int], first_steps: list[int], verbose: bool):
         self.steps, self.first_steps = steps, first_steps
-        self.clock = GridClock([cell_step_flops(base, cell.overrides) if first < total else 0.0
-                                for cell, total, first in zip(cells, steps, first_steps)],
+        self.clock = GridClock([flops if first < total else 0.0
+                                for flops, total, first in zip(step_flops, steps, first_steps)],
                                [total - first for total, first in zip(steps, first_steps)])
         self.bar = tqdm(total=sum(steps), unit="step", dynamic_ncols=True, disable=verbose,
                         mininterval=0.5 if sys.stderr.isatty() else 30.0,
@@ -132,15 +132,21 @@ def _log_tail(run: RunDir, lines: int = 15) -> str:
 
 
 def run_cells(base: Path, root: Path, cells: list[CellSpec], nproc: int = 1, verbose: bool = False,
-              wall_times: dict[str, float] | None = None) -> int:
+              wall_times: dict[str, float] | None = None, plan: GridPlan | None = None) -> int:
     """Run the cells in order under one progress bar over all their steps; return 0, or the
     status that stopped the grid (75: preempted or Ctrl-C, resumable). The wall time of each
-    cell run here goes into ``wall_times`` (by cell name)."""
-    steps = [load_config(base, cell.overrides).train.steps for cell in cells]
+    cell run here goes into ``wall_times`` (by cell name). Steps and FLOPs per step come from
+    ``plan`` where it has them (the grid's plan computed them once), else from the config."""
+    known = plan.steps if plan is not None else {}
+    flops_known = plan.step_flops if plan is not None else {}
+    steps = [known[c.name] if c.name in known else load_config(base, c.overrides).train.steps for c in cells]
     runs = [RunDir(root / cell.name) for cell in cells]
     first_steps = [min(run.complete_steps()[-1], total) if run.complete_steps() else 0
                    for run, total in zip(runs, steps)]
-    progress = _GridProgress(base, cells, steps, first_steps, verbose)
+    step_flops = [flops_known[c.name] if c.name in flops_known else
+                  (cell_step_flops(base, c.overrides) if first < total else 0.0)
+                  for c, total, first in zip(cells, steps, first_steps)]
+    progress = _GridProgress(step_flops, steps, first_steps, verbose)
     bar = progress.bar
     wall_times = {} if wall_times is None else wall_times
     try:
@@ -288,19 +294,20 @@ def factorial_main(argv: list[str] | None = None) -> int:
         print(f"dry run: nothing was run (base config {base})")
         return 0
     write_experiment_file(root, spec["axes"], spec.get("report"))
-    write_plan(root, grid_plan(base, root, cells, tune, runs))
+    plan = grid_plan(base, root, cells, tune, runs)
+    write_plan(root, plan)
     started, wall_times, planned = time.perf_counter(), {}, len(runs) + len(cells)
     if tune is not None:
         write_tuning_file(root, tune)
         print(f"[factorial] tuning {tune.key}: {len(runs)} runs under {root / TUNING_DIR}", flush=True)
-        status = run_cells(base, root / TUNING_DIR, runs, args.nproc, args.verbose, wall_times)
+        status = run_cells(base, root / TUNING_DIR, runs, args.nproc, args.verbose, wall_times, plan)
         if status:
             return status
         choices = choose_values(root, tune, runs)
         write_tuning_file(root, tune, choices)
         cells, lines = tuned_cells(root, tune, cells, choices)
         print("\n".join(lines), flush=True)
-    status = run_cells(base, root, cells, args.nproc, args.verbose, wall_times)
+    status = run_cells(base, root, cells, args.nproc, args.verbose, wall_times, plan)
     if status:
         return status
     print_summary(write_report(root))

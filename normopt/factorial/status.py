@@ -36,7 +36,7 @@ from normopt.factorial.grid_clock import format_duration, predicted_seconds_per_
 from normopt.factorial.plan import PHASES, GridPlan, read_plan
 from normopt.factorial.slurm import read_submissions, slurm_folder, squeue_states
 from normopt.job_record import read_job_record, recorded_exit_status
-from normopt.report.cell_assessment import final_eval_loss
+from normopt.report.cell_assessment import divergence_reason, final_eval_loss
 from normopt.report.cell_reading import read_metrics
 from normopt.report.tuning import TUNING_DIR, TUNING_FILE
 from normopt.run_dir import RunDir
@@ -133,7 +133,7 @@ def run_status(phase: str, run: RunDir, steps: int, queue: tuple[str, str] | Non
         return status("queued", f"{_queued(queue)}{job}")
     if cell.get("skipped"):
         return status("skipped", str(cell["skipped"]), 0)
-    if exit_status == DIVERGED_EXIT_CODE or (metrics and _diverged(metrics)):
+    if exit_status == DIVERGED_EXIT_CODE or (metrics and divergence_reason(metrics) is not None):
         return status("diverged", f"at step {last}", 0)
     if record and record["state"] == "requeued" or exit_status == PREEMPTED_EXIT_CODE:
         return status("preempted", f"stopped after a checkpoint at step {last}, {checkpoint}{job}")
@@ -150,12 +150,6 @@ def run_status(phase: str, run: RunDir, steps: int, queue: tuple[str, str] | Non
     if last == 0:
         return status("queued", "not started")
     return status("preempted", f"stopped at step {last}, {checkpoint}")
-
-
-def _diverged(metrics) -> bool:
-    from normopt.report.cell_assessment import divergence_reason
-
-    return divergence_reason(metrics) is not None
 
 
 def _latest_jobs(root: Path) -> tuple[dict[str, str], dict[str, dict[str, int]]]:

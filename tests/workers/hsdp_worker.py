@@ -14,14 +14,12 @@ once. Teardown releases the FSDP modules before destroy_process_group (stack not
 from __future__ import annotations
 
 import argparse
-import gc
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from normopt.parallel.distributed import data_parallel_mesh
-from tests.workers.muon_worker import MATH_OPTIONS, OPTIMIZERS, VARIANTS, run_fsdp, run_reference
+from tests.workers.muon_worker import MATH_OPTIONS, OPTIMIZERS, VARIANTS, run_fsdp, run_reference, save_and_finish
 
 # (case, gradient source, variant): whole matrices and expert stacks with injected and
 # real gradients, per-head blocks, a bucket per job, batched NS, row-block teams (which
@@ -65,11 +63,7 @@ def main() -> None:
                     results["fsdp"][key] = per_rank_params
                     results["exchange"][key] = per_rank_exchange
         del mesh
-    if rank == 0:
-        torch.save(results, args.out)
-    dist.barrier()
-    gc.collect()
-    dist.destroy_process_group()
+    save_and_finish(results, args.out, rank)
 
 
 if __name__ == "__main__":

@@ -267,8 +267,14 @@ def main() -> None:
             dist.all_gather_object(per_rank, (outcome["state_keys"], outcome["state_fields"]))
             outcome["state_keys_per_rank"] = per_rank
             results["checkpoint"][opt_name] = outcome
+    save_and_finish(results, args.out, rank)
+
+
+def save_and_finish(results: dict, out: str, rank: int) -> None:
+    """Rank 0 saves the results; every rank then tears down (gc before destroy: the gloo exit
+    crash of stack.md)."""
     if rank == 0:
-        torch.save(results, args.out)
+        torch.save(results, out)
     dist.barrier()
     gc.collect()
     dist.destroy_process_group()
