@@ -187,6 +187,12 @@ def spectrum_cli(argv: list[str]) -> int:
     return _guarded(lambda: spectrum_main(argv))
 
 
+def config_cli(argv: list[str]) -> int:
+    from normopt.config_reference import config_main
+
+    return _guarded(lambda: config_main(argv))
+
+
 def _guarded(fn) -> int:
     try:
         return fn()
@@ -199,12 +205,14 @@ def _guarded(fn) -> int:
         return 130
 
 
-USAGE = """usage: normopt {train,launch,check,export,sample,report,factorial,status,spectrum} ...
+USAGE = """usage: normopt {train,launch,check,config,export,sample,report,factorial,status,spectrum} ...
 
   train   train a model (same as python train.py; see normopt train --help)
   launch  train on N ranks (a torchrun that keeps the exit statuses 0/2/3/75; 69 a lost node,
           124 no progress for --watchdog-timeout seconds)
   check   validate a config and print its run directory
+  config  the reference of every config key (--reference), or a config as resolved with each
+          value's origin (--show)
   export  write a run's model weights as one safetensors file (with its tokenizer and config) or,
           with --format hf, as a folder transformers loads (checked against normopt's forward)
   sample  generate text from a run's latest (or exported) checkpoint on the CPU
@@ -218,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"train": lambda rest: train_main(rest, prog="normopt train"), "check": check_main,
                 "export": export_main, "sample": sample_cli, "report": report_cli,
-                "factorial": factorial_cli, "status": status_cli, "spectrum": spectrum_cli, "launch": launch_cli}
+                "factorial": factorial_cli, "status": status_cli, "spectrum": spectrum_cli, "launch": launch_cli,
+                "config": config_cli}
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0

@@ -4,9 +4,11 @@ Each component owns its section (a small dataclass with its checks beside it):
 ``run`` and ``train`` (normopt/train_config.py), ``data`` (normopt/data/config.py), ``model``
 (normopt/models/config.py), ``optim`` (normopt/optim/config.py), ``checkpoint``
 (normopt/checkpoint/config.py) and ``diagnostics`` (normopt/diagnostics/config.py); what a key
-changes is its role tag (normopt/key_roles.py). This module only composes the sections,
-parses files and overrides (a key must exist and take a value of its type) and runs every
-section's checks before any work starts, each failing with a UserError naming the key.
+changes is its role tag and what it means is its one-line help, both declared beside the
+field (normopt/key_roles.py; ``normopt config --reference`` prints them, see
+normopt/config_reference.py). This module only composes the sections, parses files and
+overrides (a key must exist and take a value of its type) and runs every section's checks
+before any work starts, each failing with a UserError naming the key.
 """
 
 from __future__ import annotations
@@ -169,6 +171,18 @@ def _accepts_plain_str(annotation: Any) -> bool:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (default: configs/demo.yaml), apply overrides, validate."""
+    return resolve_config(path, overrides)[0]
+
+
+# where a resolved key's value came from (``normopt config --show``)
+DEFAULT, FILE, OVERRIDE, DERIVED = "default", "file", "override", "derived"
+
+
+def resolve_config(path: str | Path | None = None,
+                   overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict[str, str]]:
+    """:func:`load_config`, with the origin of every key's value ("section.key" -> default,
+    file, override, or derived for an empty ``run.dir``): defaults < the YAML file < the
+    ``section.key=value`` overrides, in their order."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -182,20 +196,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if not isinstance(raw, dict):
         raise UserError(f"{path}: top level must be a mapping of sections")
     cfg = Config()
+    origins = dict.fromkeys(flat_config(cfg.to_dict()), DEFAULT)
     for section_name, entries in raw.items():
         if not isinstance(entries, dict):
             raise UserError(f"{section_name}: expected a mapping of keys, got {entries!r}")
         for name, value in entries.items():
             _apply(cfg, f"{section_name}.{name}", value, from_text=False)
+            origins[f"{section_name}.{name}"] = FILE
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r}: expected dotted.key=value")
         key, value = item.split("=", 1)
         _apply(cfg, key.strip(), value, from_text=True)
+        origins[key.strip()] = OVERRIDE
     if not cfg.run.dir.strip():
         cfg.run.dir = default_run_dir(path.stem, cfg)
+        origins["run.dir"] = DERIVED
     validate(cfg)
-    return cfg
+    return cfg, origins
 
 
 def default_run_dir(config_name: str, cfg: Config) -> str:

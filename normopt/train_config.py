@@ -8,48 +8,58 @@ from dataclasses import dataclass
 from typing import Literal
 
 from normopt.errors import UserError
-from normopt.key_roles import EVALUATION, EXECUTION, LENGTH, require, role
+from normopt.key_roles import EVALUATION, EXECUTION, LENGTH, MATH, require, role
 from normopt.models.activation_checkpoint import MODES as ACTIVATION_CHECKPOINTING
 from normopt.parallel.mesh_shape import data_parallel_shape
 
 
 @dataclass
 class RunConfig:
-    # the run directory (config, metrics, TensorBoard, checkpoints); empty = derived from
-    # the config file's name, the norm and the optimizer: runs/<config>-<norm>-<optim>
-    dir: str = role(EXECUTION, "")
+    """Where the run keeps what it writes."""
+
+    dir: str = role(EXECUTION, "", "the run directory (config, metrics, TensorBoard, checkpoints); empty = "
+                                   "runs/<config file name>-<model.norm>-<optim.name>")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = role(LENGTH, 300)  # optimizer steps
-    global_batch_size: int = 16  # sequences per optimizer step over all ranks
-    micro_batch_size: int = role(EXECUTION, 16)  # at most this many sequences per forward/backward on one rank
-    seq_len: int = 256
-    seed: int = 0
-    eval_interval: int = role(EXECUTION, 100)  # evaluate every N steps (and at the end); 0 = only at the end
-    eval_sequences: int = role(EVALUATION, 256)  # validation sequences per evaluation, over all ranks (0 = all)
-    log_interval: int = role(EXECUTION, 10)
-    # compute dtype (FSDP2 policy; master weights stay fp32). auto = bfloat16 on CUDA, float32
-    # on CPU (many CPUs lack native bf16 matmuls and run them 50x slower than fp32)
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = role(EXECUTION, "auto")
-    # torch.compile each block's computation (the GPU configs turn it on; train.compile=false
-    # turns it off); the compiled model is tested against eager within float tolerance
-    compile: bool = role(EXECUTION, False)
-    # deterministic kernels (CUDA: bit-identical resume, at some throughput; CPU kernels
-    # already are): torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG, cuDNN
-    deterministic: bool = role(EXECUTION, False)
-    # none | block: recompute each block in backward, keeping only block inputs
-    # (models/activation_checkpoint.py); the math is unchanged
-    activation_checkpointing: Literal[ACTIVATION_CHECKPOINTING] = role(EXECUTION, "none")
-    mfu_probe: bool = role(EXECUTION, True)  # on CPU, measure the matmul peak at start for MFU
-    peak_tflops: float = role(EXECUTION, 0.0)  # peak TFLOP/s of one rank for MFU; 0 = datasheet or probe
-    # the data-parallel layout (normopt/parallel/mesh_shape.py): each parameter's rows are split
-    # over dp_shard ranks and replicated dp_replicate times (HSDP when > 1); dp_shard x
-    # dp_replicate = the ranks; 0 = the rest (the default: FSDP over every rank)
-    dp_shard: int = role(EXECUTION, 0)
-    dp_replicate: int = role(EXECUTION, 1)
+    """The step budget and batch, the precision and device, and how the same math is executed."""
+
+    steps: int = role(LENGTH, 300, "optimizer steps of the whole run (raising it continues a finished run)")
+    global_batch_size: int = role(MATH, 16, "sequences per optimizer step over all ranks")
+    micro_batch_size: int = role(EXECUTION, 16, "at most this many sequences per forward/backward on one rank "
+                                                "(gradients are accumulated; the math is unchanged)")
+    seq_len: int = role(MATH, 256, "tokens per training sequence (and per validation window)")
+    seed: int = role(MATH, 0, "seeds the model's initialisation and the order of the training batches "
+                              "(never the data itself)")
+    eval_interval: int = role(EXECUTION, 100, "evaluate at step 0, every N steps and at the end; "
+                                              "0 = only at the end")
+    eval_sequences: int = role(EVALUATION, 256, "validation sequences per evaluation, over all ranks (0 = all)")
+    log_interval: int = role(EXECUTION, 10, "append a metrics record (loss, lr, grad norm, throughput) every "
+                                            "N steps and at the end")
+    # many CPUs lack native bf16 matmuls and run them 50x slower than fp32, hence auto
+    dtype: Literal["auto", "float32", "bfloat16"] = role(
+        MATH, "auto", "compute dtype (FSDP2 policy; master weights stay float32); auto = bfloat16 on CUDA, "
+                      "float32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = role(EXECUTION, "auto", "auto = cuda when available, else cpu")
+    compile: bool = role(EXECUTION, False, "torch.compile each block's computation (the GPU configs turn it "
+                                           "on); tested against eager within float tolerance")
+    deterministic: bool = role(EXECUTION, False, "deterministic kernels (CUDA: bit-identical resume at some "
+                                                 "throughput; CPU kernels already are): "
+                                                 "torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG, "
+                                                 "cuDNN")
+    activation_checkpointing: Literal[ACTIVATION_CHECKPOINTING] = role(
+        EXECUTION, "none", "block = recompute each block in backward, keeping only block inputs "
+                           "(models/activation_checkpoint.py); the math is unchanged")
+    mfu_probe: bool = role(EXECUTION, True, "on CPU, measure the matmul peak at start for MFU")
+    peak_tflops: float = role(EXECUTION, 0.0, "peak TFLOP/s of one rank for MFU; 0 = the datasheet value or "
+                                              "the probe")
+    # the data-parallel layout: normopt/parallel/mesh_shape.py
+    dp_shard: int = role(EXECUTION, 0, "ranks each parameter's rows are sharded over (FSDP); dp_shard x "
+                                       "dp_replicate = the ranks; 0 = the rest (the default: FSDP over every "
+                                       "rank)")
+    dp_replicate: int = role(EXECUTION, 1, "copies of the sharded model (HSDP when > 1); 0 = the rest of the "
+                                           "ranks")
 
     def validate(self) -> None:
         require(self.steps > 0, "train.steps", "must be positive")

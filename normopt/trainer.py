@@ -261,7 +261,7 @@ class Trainer:
         for step in range(self.start_step, t.steps):
             done = step + 1
             run_progress.mark("step", done)
-            lr_factor = self.optimizers.apply_schedule(cfg.optim, step, t.steps)
+            self.optimizers.apply_schedule(cfg.optim, step, t.steps)
             loss, grad_norm, stop, aux_loss = self._train_step(step, diagnose=self.diagnostics.due(done)
                                                                or done == t.steps)
             self.aux_loss_sum, self.window_steps = self.aux_loss_sum + aux_loss, self.window_steps + 1
@@ -272,7 +272,7 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_tokens / elapsed
                 record = {
-                    "step": done, "loss": loss, "lr": cfg.optim.lr * lr_factor,
+                    "step": done, "loss": loss, **self.optimizers.current_lrs(),
                     "grad_norm": grad_norm, "tokens": done * tokens_per_step,
                     "tokens_per_s": tokens_per_s, "epoch": self.batches.epoch_of(done),
                 }

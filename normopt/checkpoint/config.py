@@ -10,10 +10,16 @@ from normopt.key_roles import EXECUTION, require, role
 
 @dataclass
 class CheckpointConfig:
-    interval: int = role(EXECUTION, 0)  # save every N steps (0 = only at the end)
-    keep_latest_k: int = role(EXECUTION, 2)
-    resume: str = role(EXECUTION, "auto")  # auto | never | a step number
-    async_save: bool = role(EXECUTION, False)  # write checkpoints in the background (the final one waits)
+    """When checkpoints are written, how many are kept and which one a run resumes from."""
+
+    interval: int = role(EXECUTION, 0, "save every N steps (0 = only at the end; the final checkpoint is "
+                                       "always written)")
+    keep_latest_k: int = role(EXECUTION, 2, "keep the newest N checkpoints that verify; older complete ones "
+                                            "are deleted")
+    resume: str = role(EXECUTION, "auto", "auto = from the latest complete checkpoint of run.dir, if any; "
+                                          "never = start fresh, refusing a run directory that holds a run; "
+                                          "or a step number")
+    async_save: bool = role(EXECUTION, False, "write checkpoints in the background (the final one waits)")
 
     def validate(self) -> None:
         require(self.interval >= 0, "checkpoint.interval", "must be >= 0 (0 = only at the end)")

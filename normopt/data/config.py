@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from normopt.key_roles import EXECUTION, require, role
+from normopt.key_roles import EXECUTION, MATH, require, role
 
 
 MAX_VOCAB = 1 << 20  # 1M tokens: beyond every published LM vocabulary (256k at most)
@@ -12,22 +12,29 @@ MAX_VOCAB = 1 << 20  # 1M tokens: beyond every published LM vocabulary (256k at 
 
 @dataclass
 class DataConfig:
-    path: str = ""  # file, folder, glob or hub dataset name; empty = built-in Shakespeare
-    hub_config: str = ""  # hub dataset configuration name, if the dataset has several
-    split: str = "train"
-    text_column: str = "text"
-    streaming: bool = False  # stream a hub dataset instead of downloading it whole
-    max_tokens: int = 0  # stop reading the corpus after this many tokens (0 = all)
-    tokenizer: str = ""  # a tokenizer.json; empty = train a byte-level BPE on the corpus
-    vocab_size: int = 8192  # for the trained BPE
-    val_fraction: float = 0.05  # tail of the token stream held out for evaluation
-    # data.path synthetic:assoc (normopt/data/synthetic_assoc.py): key -> value pairs with
-    # Zipf-distributed keys; the vocabulary is 2 x classes + 1 (data.vocab_size is not used)
-    synthetic_classes: int = 1024
-    synthetic_zipf: float = 1.0  # p(key k) proportional to (k + 1)^-zipf
-    synthetic_tokens: int = 2_000_000
-    synthetic_seed: int = 0  # the data's own seed: train.seed never changes the data
-    cache_dir: str = role(EXECUTION, "")  # empty = $NORMOPT_CACHE or ~/.cache/normopt
+    """Where the corpus comes from, how it is tokenised and how much is held out."""
+
+    path: str = role(MATH, "", "a file, folder, glob or hub dataset name; synthetic:assoc = the synthetic "
+                               "associative-recall task; empty = the built-in Shakespeare")
+    hub_config: str = role(MATH, "", "hub dataset configuration name, if the dataset has several")
+    split: str = role(MATH, "train", "the hub dataset's split to read (local files are read whole)")
+    text_column: str = role(MATH, "text", "the column holding the text (hub datasets and .json/.jsonl or "
+                                          ".parquet files)")
+    streaming: bool = role(MATH, False, "stream a hub dataset instead of downloading it whole")
+    max_tokens: int = role(MATH, 0, "stop reading the corpus after this many tokens (0 = all)")
+    tokenizer: str = role(MATH, "", "a tokenizer.json; empty = train a byte-level BPE on the corpus")
+    vocab_size: int = role(MATH, 8192, "vocabulary size of the trained BPE (not used with data.tokenizer)")
+    val_fraction: float = role(MATH, 0.05, "tail of the token stream held out for evaluation")
+    # data.path synthetic:assoc: normopt/data/synthetic_assoc.py
+    synthetic_classes: int = role(MATH, 1024, "synthetic:assoc: key -> value classes; the vocabulary is "
+                                              "2 x classes + 1 (data.vocab_size is not used)")
+    synthetic_zipf: float = role(MATH, 1.0, "synthetic:assoc: p(key k) proportional to (k + 1)^-zipf "
+                                            "(0 = uniform keys)")
+    synthetic_tokens: int = role(MATH, 2_000_000, "synthetic:assoc: tokens in the generated stream of key, value pairs")
+    synthetic_seed: int = role(MATH, 0, "synthetic:assoc: the data's own seed (train.seed never changes the "
+                                        "data)")
+    cache_dir: str = role(EXECUTION, "", "where prepared corpora are cached; empty = $NORMOPT_CACHE or "
+                                         "~/.cache/normopt")
 
     def validate(self) -> None:
         require(260 <= self.vocab_size <= MAX_VOCAB, "data.vocab_size",

@@ -9,15 +9,19 @@ from normopt.key_roles import EXECUTION, require, role
 
 @dataclass
 class DiagnosticsConfig:
-    # diagnostics observe the run and never change it
-    interval: int = role(EXECUTION, 50)  # norm stats, spectral norms, NS spectrum, isotropy every N steps (0 = off)
-    probe_sequences: int = role(EXECUTION, 8)  # validation windows in the fixed probe batch of the norm stats
-    power_iterations: int = role(EXECUTION, 2)  # per call, warm-started from the last call's vector
-    ns_spectrum: bool = role(EXECUTION, True)  # Muon/NorMuon runs: singular values of the matrices NS receives
-    ns_band: str = role(EXECUTION, "")  # "lo,hi" target band of NS output singular values; empty = per coefficients
-    isotropy: bool = role(EXECUTION, True)  # singular-value entropy of each block matrix's update and weight
-    tail_buckets: int = role(EXECUTION, 10)  # eval loss by token-frequency bucket at every evaluation (0 = off)
-    histograms: bool = role(EXECUTION, True)  # TensorBoard histograms of pre-activations and spectral norms
+    """What the run measures about itself; diagnostics observe the run and never change it."""
+
+    interval: int = role(EXECUTION, 50, "norm stats, spectral norms, NS spectrum and isotropy every N steps "
+                                        "(0 = off)")
+    probe_sequences: int = role(EXECUTION, 8, "validation windows in the fixed probe batch of the norm stats")
+    power_iterations: int = role(EXECUTION, 2, "power iterations per spectral-norm estimate, warm-started from "
+                                               "the last call's vector")
+    ns_spectrum: bool = role(EXECUTION, True, "Muon/NorMuon runs: singular values of the matrices NS receives")
+    ns_band: str = role(EXECUTION, "", "'lo,hi' target band of NS output singular values; empty = per the "
+                                       "NS coefficients")
+    isotropy: bool = role(EXECUTION, True, "singular-value entropy of each block matrix's update and weight")
+    tail_buckets: int = role(EXECUTION, 10, "eval loss by token-frequency bucket at every evaluation (0 = off)")
+    histograms: bool = role(EXECUTION, True, "TensorBoard histograms of pre-activations and spectral norms")
 
     def validate(self) -> None:
         require(self.interval >= 0, "diagnostics.interval", "must be >= 0 (0 = off)")

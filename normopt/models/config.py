@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from normopt.key_roles import require
+from normopt.key_roles import MATH, require, role
 from normopt.models.components import ATTENTION_NAMES, FEED_FORWARD_NAMES, attention_class, feed_forward_class
 from normopt.models.moe import BALANCE, SCORES
 from normopt.models.norms import NORM_NAMES, norm_class
@@ -14,57 +14,75 @@ from normopt.models.norms import NORM_NAMES, norm_class
 
 @dataclass
 class ModelConfig:
-    preset: str = "debug"
-    norm: Literal[NORM_NAMES] = "rmsnorm"  # the norm registry's names
-    # Optional overrides of the preset's shape (None = the preset's value).
-    dim: int | None = None
-    n_layers: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    ffn_hidden: int | None = None
-    tie_embeddings: bool | None = None
-    rope_theta: float | None = None
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
-    # bounded norms' alpha init per norm location; auto = the norm's reference LM value
-    # (see normopt/models/norms.py)
-    alpha_init_attn: float | Literal["auto"] = "auto"
-    alpha_init_ffn: float | Literal["auto"] = "auto"
-    alpha_init_final: float | Literal["auto"] = "auto"
-    # per-feature bias b of norms that can have one; auto = as the norm's reference code
-    norm_bias: bool | Literal["auto"] = "auto"
-    # learnable scalar on the token embedding: auto = sqrt(dim) for bounded norms and none
-    # for normalising ones (the reference models); sqrt_dim = sqrt(dim) whatever the norm (an
-    # RMSNorm model with the bounded norms' embedding scale, to separate the two); none; or a
-    # number (its init)
-    embed_scale: float | Literal["auto", "sqrt_dim", "none"] = "auto"
-    derf_shift_init: float = 0.0
-    # derf_ema: running input-scale estimate blended into the erf argument.
-    derf_ema_momentum: float = 0.99
-    derf_ema_blend: float = 0.5
-    # attention: an attention registry name (models/components.py): gqa (grouped-query), mla
-    # (DeepSeek-V2 latent attention) or swa (sliding window); None = the preset's. The MLA
-    # shape keys left unset (or 0) follow the head size.
-    attention: Literal[ATTENTION_NAMES] | None = None
-    attention_window: int | None = None  # swa: keys per query, itself included (unset = 128)
-    q_lora_rank: int | None = None  # query latent size; 0 = queries straight from x
-    kv_lora_rank: int | None = None  # the shared key-value latent
-    qk_nope_head_dim: int | None = None  # per-head query/key dims without RoPE
-    qk_rope_head_dim: int | None = None  # per-head RoPE dims (one RoPE key shared by the heads)
-    v_head_dim: int | None = None
-    # feed-forward: dense SwiGLU or moe (routed SwiGLU experts, models/moe.py); None = the
-    # preset's. Unset MoE sizes: 8 experts, hidden ffn_hidden / 2 (the dense active size).
-    ffn: Literal[FEED_FORWARD_NAMES] | None = None
-    n_experts: int | None = None
-    moe_top_k: int | None = None  # experts per token
-    moe_hidden: int | None = None  # each expert's SwiGLU hidden size
-    n_shared_experts: int | None = None  # always-on experts of hidden moe_hidden
-    moe_score: Literal[SCORES] | None = None
-    # load balancing: aux_loss (DeepSeek-V2 balance loss, coefficient moe_aux_coef),
-    # aux_free (DeepSeek-V3 per-expert routing bias, step moe_bias_rate) or none
-    moe_balance: Literal[BALANCE] | None = None
-    moe_aux_coef: float | None = None
-    moe_bias_rate: float | None = None
+    """The preset, shape overrides, the norm and its settings, the attention and feed-forward."""
+
+    preset: str = role(MATH, "debug", "the shape preset (models/presets.py: debug, 77m, 124m, 350m, 1b, ...)")
+    norm: Literal[NORM_NAMES] = role(MATH, "rmsnorm", "the norm of every block and of the final layer (the "
+                                                      "norm registry, models/norms.py)")
+    # optional overrides of the preset's shape (None = the preset's value)
+    dim: int | None = role(MATH, None, "model width; null = the preset's (a width override keeps the preset's "
+                                       "head size)")
+    n_layers: int | None = role(MATH, None, "transformer blocks; null = the preset's")
+    n_heads: int | None = role(MATH, None, "attention (query) heads; null = the preset's")
+    n_kv_heads: int | None = role(MATH, None, "key-value heads of grouped-query attention (must divide "
+                                              "n_heads); null = the preset's")
+    ffn_hidden: int | None = role(MATH, None, "SwiGLU hidden size of the dense feed-forward; null = the preset's")
+    tie_embeddings: bool | None = role(MATH, None, "the output head shares the token embedding's weight; "
+                                                   "null = the preset's")
+    rope_theta: float | None = role(MATH, None, "RoPE base theta (frequencies theta^(-2i/d)); null = the "
+                                                "preset's")
+    norm_eps: float = role(MATH, 1e-5, "normalising norms (RMSNorm, LayerNorm): added to the variance")
+    init_std: float = role(MATH, 0.02, "std of the normal init of embeddings and linears (residual outputs: "
+                                       "std / sqrt(2 n_layers))")
+    alpha_init_attn: float | Literal["auto"] = role(
+        MATH, "auto", "bounded norms' alpha init before attention; auto = the norm's reference LM value "
+                      "(models/norms.py)")
+    alpha_init_ffn: float | Literal["auto"] = role(
+        MATH, "auto", "bounded norms' alpha init before the feed-forward; auto = the norm's reference LM value")
+    alpha_init_final: float | Literal["auto"] = role(
+        MATH, "auto", "bounded norms' alpha init of the final norm; auto = the norm's reference LM value")
+    norm_bias: bool | Literal["auto"] = role(
+        MATH, "auto", "per-feature bias b of norms that can have one; auto = as the norm's reference code")
+    # sqrt_dim: an RMSNorm model with the bounded norms' embedding scale, to separate the two
+    embed_scale: float | Literal["auto", "sqrt_dim", "none"] = role(
+        MATH, "auto", "learnable scalar on the token embedding: auto = sqrt(dim) for bounded norms, none for "
+                      "normalising ones; sqrt_dim = sqrt(dim) whatever the norm; none; or a number (its init)")
+    derf_shift_init: float = role(MATH, 0.0, "derf, derf_ema: init of the shift s in erf(alpha x + s)")
+    derf_ema_momentum: float = role(MATH, 0.99, "derf_ema: momentum of the running input-scale estimate "
+                                                "blended into the erf argument")
+    derf_ema_blend: float = role(MATH, 0.5, "derf_ema: weight lambda of the input-scale growth in the "
+                                            "divisor of the erf argument (0 = plain derf)")
+    # attention and feed-forward: registry names (models/components.py); None = the preset's.
+    # The MLA and MoE shape keys left unset (or 0) follow the dense shape (models/presets.py).
+    attention: Literal[ATTENTION_NAMES] | None = role(
+        MATH, None, "gqa (grouped-query), mla (DeepSeek-V2 latent attention) or swa (sliding window); "
+                    "null = the preset's")
+    attention_window: int | None = role(MATH, None, "swa: keys per query, itself included; null = 128")
+    q_lora_rank: int | None = role(MATH, None, "mla: query latent size; 0 = queries straight from x; "
+                                               "null = the preset's")
+    kv_lora_rank: int | None = role(MATH, None, "mla: the shared key-value latent; null = the preset's or "
+                                                "4 x head size")
+    qk_nope_head_dim: int | None = role(MATH, None, "mla: per-head query/key dims without RoPE; null = the "
+                                                    "preset's or the head size")
+    qk_rope_head_dim: int | None = role(MATH, None, "mla: per-head RoPE dims (one RoPE key shared by the "
+                                                    "heads); null = the preset's or head size / 2")
+    v_head_dim: int | None = role(MATH, None, "mla: per-head value dims; null = the preset's or the head size")
+    ffn: Literal[FEED_FORWARD_NAMES] | None = role(
+        MATH, None, "dense (SwiGLU) or moe (routed SwiGLU experts, models/moe.py); null = the preset's")
+    n_experts: int | None = role(MATH, None, "moe: routed experts; null = the preset's or 8")
+    moe_top_k: int | None = role(MATH, None, "moe: experts per token; null = the preset's or 2")
+    moe_hidden: int | None = role(MATH, None, "moe: each expert's SwiGLU hidden size; null = the "
+                                              "preset's or ffn_hidden / 2 (the dense active size at top-2)")
+    n_shared_experts: int | None = role(MATH, None, "moe: always-on experts of hidden moe_hidden; null = the "
+                                                    "preset's or 0")
+    moe_score: Literal[SCORES] | None = role(MATH, None, "moe: router scores, softmax or sigmoid; null = "
+                                                         "softmax")
+    moe_balance: Literal[BALANCE] | None = role(
+        MATH, None, "moe load balancing: aux_loss (DeepSeek-V2 balance loss, coefficient moe_aux_coef), "
+                    "aux_free (DeepSeek-V3 per-expert routing bias, step moe_bias_rate) or none; null = aux_loss")
+    moe_aux_coef: float | None = role(MATH, None, "moe aux_loss: the balance loss coefficient; null = 0.01")
+    moe_bias_rate: float | None = role(MATH, None, "moe aux_free: the routing bias step per optimizer step; "
+                                                   "null = 0.001")
 
     def validate(self, vocab_size: int) -> None:
         """Refuse impossible values; the shape is checked as resolved against its preset."""

@@ -15,7 +15,8 @@ class Optimizers:
     """The run's optimizers (AdamW, plus Muon/NorMuon for matrices) stepped together.
 
     Each torch param group remembers its peak lr as ``peak_lr``; :meth:`set_lr_factor`
-    applies the schedule to all of them.
+    applies the schedule to all of them, and :meth:`current_lrs` reads back the rate of each
+    optimizer family (what the metrics log).
     """
 
     def __init__(self, optimizers: list[torch.optim.Optimizer], groups: list[ParamGroup]):
@@ -53,6 +54,17 @@ class Optimizers:
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["peak_lr"] * factor
+
+    def current_lrs(self) -> dict[str, float]:
+        """The scheduled learning rate of each optimizer family in use: ``lr`` of the groups on
+        AdamW (or on the one optimizer that takes everything: AdamW, Lion), ``lr_matrix`` of the
+        matrices on a matrices-only optimizer (Muon, NorMuon: ``optim.muon_lr``), when it has any."""
+        family = {g.role: "lr_matrix" if optimizer_spec(g.optimizer).matrices_only else "lr" for g in self.groups}
+        rates: dict[str, float] = {}
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                rates.setdefault(family[group["role"]], float(group["lr"]))
+        return {key: rates[key] for key in ("lr", "lr_matrix") if key in rates}
 
     def apply_schedule(self, optim_cfg, step: int, total_steps: int) -> float:
         factor = lr_factor(optim_cfg, step, total_steps)
