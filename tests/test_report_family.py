@@ -4,6 +4,7 @@ effects, on synthetic cells with answers computed by hand."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 
@@ -116,9 +117,12 @@ def test_factor_effect_by_hand(grid):
 def test_left_out_cells_are_counted_per_group_and_flag_their_contrasts(grid):
     counts = {(r["variant"], r["optim"]): r["flags"] for r in grid["left_out_by_group"]}
     assert counts == {("derf", "muon"): {"diverged": 1}, ("dyt", "adamw"): {"stopped_early": 1}}
-    assert by(grid["interactions"], variant="derf", optim="muon")["left_out"] == ["derf/muon: 1 diverged"]
-    assert by(grid["interactions"], variant="dyt", optim="muon")["left_out"] == ["dyt/adamw: 1 stopped_early"]
-    assert by(grid["factor_effects"], factor="dyt_alphas_on_derf")["left_out"] == ["derf/muon: 1 diverged"]
+    assert by(grid["interactions"], variant="derf", optim="muon")["left_out"] == \
+        ["derf/muon: 1 cell left out (1 diverged)"]
+    assert by(grid["interactions"], variant="dyt", optim="muon")["left_out"] == \
+        ["dyt/adamw: 1 cell left out (1 stopped_early)"]
+    assert by(grid["factor_effects"], factor="dyt_alphas_on_derf")["left_out"] == \
+        ["derf/muon: 1 cell left out (1 diverged)"]
     assert by(grid["groups"], variant="derf", optim="muon")["left_out"] == {"diverged": 1}
     assert sorted(len(r["cells"]) for r in grid["left_out_by_group"]) == [1, 1]
 
@@ -129,7 +133,7 @@ def test_markdown_names_the_family_flags_and_the_carrier(grid):
     assert "exploratory" in text.lower()
     line = next(ln for ln in text.splitlines() if ln.startswith("- **derf × muon**"))
     assert "⚠" in line and "1 diverged" in line and "Holm p=" in line
-    assert "## Cells left out, per group" in text and "2 cells left out (1 diverged" in text
+    assert "## Cells left out, per group" in text and "2 cells left out, 1 of them diverged" in text
     assert "**Which factor carries the interaction**" in text
 
 
@@ -245,3 +249,143 @@ def test_a_metrics_line_with_a_negative_step_is_refused_and_the_report_kept(tmp_
     err = capsys.readouterr().err
     assert err.splitlines() == [f"normopt: error: {damaged}:2: unreadable metrics line (step -5 is negative)"], err
     assert digest() == before  # report.md, summary.json and the plots as they were
+
+
+# ---------------------------------------------------------------------------- which way a lost cell pushes
+
+
+def _write_metrics(folder, evals: dict[int, float]) -> None:
+    """metrics.jsonl with an eval at step 0 and at each step of ``evals`` (a train line beside each)."""
+    import json
+
+    lines = [{"step": 0, "eval_loss": 9.0}]
+    for step, value in sorted(evals.items()):
+        lines += [{"step": step, "loss": value + 0.05}, {"step": step, "eval_loss": value}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_a_lost_diverged_cell_biases_each_contrast_by_the_sign_its_group_enters_with(tmp_path):
+    """The baseline under Muon (coefficient −1 in the interaction and in Derf's gap under Muon)
+    loses a seed that rose 1.5 nats (diverged): its mean over the survivors is lower than it
+    trained, so both contrasts are biased high (overstated), not understated. Counting the lost
+    cell (a divergence rule it passes) lowers both: the known answer for "high". Derf under Muon
+    (coefficient +1) losing one instead biases them low."""
+    for (norm, optim), pair in FINALS.items():
+        if norm in ("rmsnorm", "derf"):
+            for seed, final in enumerate(pair):
+                write_cell(tmp_path, norm, optim, seed, final)
+    lost = write_cell(tmp_path, "rmsnorm", "muon", 2, 3.0)
+    _write_metrics(lost, {50: 3.0, 100: 4.5})  # 1.5 nats above its best: diverged at 1 nat
+    cells = discover_cells(tmp_path)
+    summary = build_summary(cells)
+    inter = by(summary["interactions"], variant="derf", optim="muon")
+    gap = by(summary["gaps"], variant="derf", optim="muon")
+    assert inter["left_out"] == ["rmsnorm/muon: 1 cell left out (1 diverged)"]
+    assert inter["left_out_bias"] == [{"estimate": "interaction", "direction": "high", "plus": [],
+                                       "minus": ["rmsnorm/muon"]}]
+    assert gap["left_out_bias"][0]["direction"] == "high"
+    assert by(summary["gaps"], variant="derf", optim="adamw")["left_out_bias"] == []
+    counted = build_summary(cells, divergence_nats=10.0)  # the same cell, counted
+    assert by(counted["interactions"], variant="derf", optim="muon")["value"] < inter["value"]
+    assert by(counted["gaps"], variant="derf", optim="muon")["value"] < gap["value"]
+    text = render_markdown(summary, {})
+    line = next(ln for ln in text.splitlines() if ln.startswith("- **derf × muon**"))
+    assert "the interaction is biased high, a positive value overstated: rmsnorm/muon (entering with −)" in line
+    assert "understated" not in line
+    assert ("- interaction derf × muon − adamw: the interaction is biased high, a positive value overstated: "
+            "rmsnorm/muon (entering with −)") in text
+
+    write_cell(tmp_path, "derf", "muon", 2, 3.9, nan_at=60)  # Derf under Muon (+1) loses one too: both ways
+    both = by(build_summary(discover_cells(tmp_path))["interactions"], variant="derf", optim="muon")
+    assert both["left_out_bias"] == [{"estimate": "interaction", "direction": "unknown", "plus": ["derf/muon"],
+                                      "minus": ["rmsnorm/muon"]}]
+    shutil.rmtree(lost)  # only Derf under Muon's loss is left: biased low
+    low = by(build_summary(discover_cells(tmp_path))["interactions"], variant="derf", optim="muon")
+    assert low["left_out_bias"] == [{"estimate": "interaction", "direction": "low", "plus": ["derf/muon"],
+                                     "minus": []}]
+
+
+def test_a_recovery_share_is_biased_by_the_sign_of_a_minus_b_times_r(tmp_path):
+    """share of the gap R = (L[derf] − L[ema]) / (L[derf] − L[rms]) under Muon: the fix losing a
+    diverged seed lowers L[ema], which raises R (dR/dL[ema] = −1/D < 0): biased high."""
+    for optim in ("adamw", "muon"):
+        for seed, (rms, derf, ema) in enumerate([(3.0, 3.5, 3.1), (3.02, 3.52, 3.12)]):
+            write_cell(tmp_path, "rmsnorm", optim, seed, rms)
+            write_cell(tmp_path, "derf", optim, seed, derf + (0.4 if optim == "muon" else 0.0))
+            write_cell(tmp_path, "derf_ema", optim, seed, ema)
+    write_cell(tmp_path, "derf_ema", "muon", 2, 3.1, nan_at=60)
+    r = by(build_summary(discover_cells(tmp_path))["recoveries"], fix="derf_ema", optim="muon")
+    assert r["left_out"] == ["derf_ema/muon: 1 cell left out (1 diverged)"]
+    assert {b["estimate"]: b["direction"] for b in r["left_out_bias"]} == \
+        {"share of the gap": "high", "share of the interaction": "high"}
+
+
+def test_one_cell_with_two_flags_reads_as_one_cell(tmp_path):
+    """A cell that diverged at step 60 and logged nothing after is one cell with two flags."""
+    for (norm, optim), pair in FINALS.items():
+        if norm in ("rmsnorm", "derf"):
+            for seed, final in enumerate(pair):
+                write_cell(tmp_path, norm, optim, seed, final)
+    write_cell(tmp_path, "derf", "muon", 2, 3.0, nan_at=60, last=60)
+    summary = build_summary(discover_cells(tmp_path))
+    assert by(summary["cells"], name="derf-muon-s2")["flags"] == ["diverged", "stopped_early"]
+    (group,) = summary["left_out_by_group"]
+    assert group["flags"] == {"diverged": 1, "stopped_early": 1}
+    assert group["by_flags"] == {"diverged + stopped_early": 1}
+    assert by(summary["interactions"], variant="derf")["left_out"] == \
+        ["derf/muon: 1 cell left out (1 diverged + stopped_early)"]
+    text = render_markdown(summary, {})
+    assert "1 cell left out, 1 of them diverged" in text
+    assert "| — | derf | muon | 1 diverged + stopped_early | derf-muon-s2 |" in text
+    assert "1 diverged, 1 stopped_early" not in text
+
+
+def test_a_stopped_cell_implies_no_direction(tmp_path):
+    for (norm, optim), pair in FINALS.items():
+        if norm in ("rmsnorm", "derf"):
+            for seed, final in enumerate(pair):
+                write_cell(tmp_path, norm, optim, seed, final)
+    write_cell(tmp_path, "rmsnorm", "muon", 2, 2.5, last=50)
+    summary = build_summary(discover_cells(tmp_path))
+    inter = by(summary["interactions"], variant="derf")
+    assert inter["left_out"] == ["rmsnorm/muon: 1 cell left out (1 stopped_early)"] and inter["left_out_bias"] == []
+    line = next(ln for ln in render_markdown(summary, {}).splitlines() if ln.startswith("- **derf × muon**"))
+    assert "no direction implied" in line and "biased" not in line
+
+
+def test_an_interaction_of_exactly_zero_reads_as_the_same_gap(tmp_path):
+    """Means 3.0, 2.5, 3.5, 3.0 (exact in binary): interaction 3.0 − 2.5 − 3.5 + 3.0 = 0."""
+    finals = {("rmsnorm", "adamw"): (2.75, 3.25), ("rmsnorm", "muon"): (2.25, 2.75),
+              ("derf", "adamw"): (3.25, 3.75), ("derf", "muon"): (2.75, 3.25)}
+    for (norm, optim), pair in finals.items():
+        for seed, final in enumerate(pair):
+            write_cell(tmp_path, norm, optim, seed, final)
+    summary = build_summary(discover_cells(tmp_path))
+    assert by(summary["interactions"], variant="derf")["value"] == 0.0
+    line = next(ln for ln in render_markdown(summary, {}).splitlines() if ln.startswith("- **derf × muon**"))
+    assert "interaction +0.000 nats" in line
+    assert "is the same under muon as under adamw (to the 0.001 nats shown)" in line
+    assert "smaller" not in line and "larger" not in line
+
+
+def test_factor_carriers_name_their_optimizer(tmp_path):
+    """One factor, two non-reference optimizers: its effect is −0.40 under Muon and −0.30 under
+    NorMuon (by construction), and the carriers line says which number belongs to which."""
+    base = {"adamw": 3.0, "muon": 2.9, "normuon": 2.95}
+    derf_extra = {"adamw": 0.3, "muon": 0.9, "normuon": 0.8}
+    arm_extra = {"adamw": 0.3, "muon": 0.5, "normuon": 0.5}  # effect = (0.5 − 0.3) − (extra − 0.3)
+    for optim in base:
+        for seed, noise in enumerate((-0.005, 0.005)):
+            write_cell(tmp_path, "rmsnorm", optim, seed, base[optim] + noise)
+            write_cell(tmp_path, "derf", optim, seed, base[optim] + derf_extra[optim] + noise)
+            write_cell(tmp_path, "derf", optim, seed, base[optim] + arm_extra[optim] + noise, alpha=0.8,
+                       cell_json={"name": f"arm-{optim}-s{seed}", "coords": {"norm": "derf", "optim": optim},
+                                  "seed": seed, "arm": "dyt_alpha"})
+    axes = ReportAxes(factors={"alphas": ("derf", "derf[dyt_alpha]")}, order={"optim.name": tuple(base)})
+    summary = build_summary(discover_cells(tmp_path), axes=axes)
+    assert by(summary["factor_effects"], optim="muon")["value"] == pytest.approx(-0.4)
+    assert by(summary["factor_effects"], optim="normuon")["value"] == pytest.approx(-0.3)
+    text = render_markdown(summary, {})
+    line = next(ln for ln in text.splitlines() if ln.startswith("- **Which factor carries the interaction**"))
+    assert ("switching alphas under muon (effect on the muon − adamw interaction -0.400 nats), alphas under "
+            "normuon (effect on the normuon − adamw interaction -0.300 nats) changes it") in line

@@ -17,11 +17,21 @@ import yaml
 from normopt.config import Config
 from normopt.errors import UserError
 from normopt.factorial.spec import load_spec
-from normopt.report.over_training import interaction_stability
-from normopt.report.tuning import TUNING_DIR, TUNING_FILE, ValueOutcome, choose_value
+from normopt.report.over_training import change_record, interaction_stability
+from normopt.report.student_t import t_critical
+from normopt.report.tuning import (
+    BOOTSTRAP_RESAMPLES,
+    TUNING_DIR,
+    TUNING_FILE,
+    Choice,
+    ValueOutcome,
+    choice_reliability,
+    choose_value,
+)
 from normopt.report.writer import write_report
 from tests.conftest import REPO_ROOT
 from tests.test_factorial import _spec
+from tests.test_report import t95_by_integration
 
 STEPS = 100
 
@@ -83,9 +93,15 @@ def tuning_loss(cell: tuple[str, str], index: int) -> float:
     return BASE[cell] + CURVATURE * (index - BEST[cell]) ** 2
 
 
-def build_tuned_grid(root: Path) -> Path:
-    """Tuning runs on seeds 100, 101 (±0.01: the mean is exact) at every value, Derf + Muon
-    diverging at 3e-2; evaluation cells on seeds 0, 1 (±0.02) at each cell's best value."""
+DERF_MUON_DIVERGES_AT_3E_2 = {("derf", "muon", 3, 100): "nan", ("derf", "muon", 3, 101): "nan"}
+
+
+def build_tuned_grid(root: Path, broken: dict | None = None) -> Path:
+    """Tuning runs on seeds 100, 101 (±0.01: the mean is exact) at every value, the runs named
+    in ``broken`` ((norm, optim, value index, seed) -> "nan": diverged, "stopped": stopped at
+    step 50 of 100) broken (default: Derf + Muon diverging at 3e-2 on both seeds); evaluation
+    cells on seeds 0, 1 (±0.02) at each cell's best value."""
+    broken = DERF_MUON_DIVERGES_AT_3E_2 if broken is None else broken
     tuning = root / TUNING_DIR
     tuning.mkdir(parents=True)
     (tuning / TUNING_FILE).write_text(json.dumps({"key": "optim.lr", "values": VALUES, "by": "final_eval_loss",
@@ -94,9 +110,10 @@ def build_tuned_grid(root: Path) -> Path:
         for i, lr in enumerate(VALUES):
             for seed, noise in ((100, 0.01), (101, -0.01)):
                 final: float | str = tuning_loss((norm, optim), i) + noise
-                if (norm, optim, i) == ("derf", "muon", 3):
-                    final = "nan"
-                fake_run(tuning / f"{norm}-{optim}-lr{lr}-s{seed}", norm, optim, seed, {50: 5.0, STEPS: final}, lr=lr)
+                how = broken.get((norm, optim, i, seed))
+                evals = {50: 5.0} if how == "stopped" else {50: 5.0, STEPS: "nan" if how == "nan" else final}
+                fake_run(tuning / f"{norm}-{optim}-lr{lr}-s{seed}", norm, optim, seed, evals, lr=lr,
+                         complete=how != "stopped")
         for seed, noise in ((0, 0.02), (1, -0.02)):
             fake_run(root / f"{norm}-{optim}-s{seed}", norm, optim, seed,
                      {50: 5.0, STEPS: BASE[norm, optim] + noise}, lr=VALUES[BEST[norm, optim]])
@@ -147,6 +164,104 @@ def test_overlapping_seeds_are_called_optimistic_with_a_bound(tmp_path):
     assert "optimistic" in statement and f"{0.01 * math.sqrt(2 * math.log(4)):.4f}" in statement
 
 
+def test_a_tuning_run_left_out_of_a_common_value_is_flagged_and_kept_out_of_the_range(tmp_path):
+    """Derf + Muon's seed 101 diverges at 1e-2 (and both at 3e-2): the interaction at 1e-2 rests on
+    its seed 100 alone, 0.8 + 0.01 = 0.81 with no interval, and lost a diverged run of a group
+    that enters with +, so it is biased low. The range at the common values is over 1e-3 and
+    3e-3 only (-0.8 to 0); 1e-2 is named with its flag, 3e-2 as not computable."""
+    broken = {**DERF_MUON_DIVERGES_AT_3E_2, ("derf", "muon", 2, 101): "nan"}
+    summary = write_report(build_tuned_grid(tmp_path, broken))
+    (k,) = summary["tuning"]["survival"]
+    assert k["common_range"] == pytest.approx([-0.8, 0.0], abs=1e-12) and k["common_range_values"] == VALUES[:2]
+    (flagged,) = k["flagged"]
+    assert flagged["value"] == 1e-2 and flagged["estimate"] == pytest.approx(0.81) and flagged["ci95"] is None
+    assert flagged["left_out"] == ["derf/muon: 1 cell left out (1 diverged)"]
+    assert flagged["left_out_bias"] == [{"estimate": "interaction", "direction": "low", "plus": ["derf/muon"],
+                                         "minus": []}]
+    assert k["not_computable"] == [3e-2]
+    report = (tmp_path / "report.md").read_text()
+    assert ("at the common values whose tuning runs all counted from -0.8000 to +0.0000 (point estimates at "
+            "optim.lr=0.001, 0.003; their intervals in the table below); at optim.lr=0.01 +0.8100 (no interval) "
+            "⚠ cells left out of its groups (derf/muon: 1 cell left out (1 diverged)): the interaction is biased "
+            "low") in report
+    assert "not computable at optim.lr=0.03" in report
+    assert ("| derf | muon − adamw | -0.8000 [-0.8555, -0.7445] | +0.0000 [-0.0555, +0.0555] | "
+            "+0.8100 (no interval) ⚠ | — |") in report
+    assert "| derf | muon | 3.2000 | 3.4000 | diverged (excluded) | diverged (excluded) | 0.001 |" in report
+    on_disk = json.loads((tmp_path / "summary.json").read_text())["tuning"]["survival"][0]
+    assert on_disk["flagged"][0]["left_out"] == flagged["left_out"]
+
+
+def test_a_stopped_tuning_run_makes_the_choice_wait_and_its_entry_is_marked(tmp_path):
+    """RMSNorm + AdamW's seed 101 stops at step 50 of 100 at 1e-2: the value is neither excluded
+    nor chosen among a subset; the choice waits, and the table shows seed 100's 3.21 marked as
+    not the mean over the two tuning seeds."""
+    broken = {**DERF_MUON_DIVERGES_AT_3E_2, ("rmsnorm", "adamw", 2, 101): "stopped"}
+    summary = write_report(build_tuned_grid(tmp_path, broken))
+    choice = next(c for c in summary["tuning"]["choices"] if (c["variant"], c["optim"]) == ("rmsnorm", "adamw"))
+    assert choice["chosen"] is None and choice["excluded"] == {}
+    assert choice["reason"] == "tuning runs not finished for 0.01" and choice["reliability"] is None
+    entry = choice["by_value"][2]
+    assert entry["n"] == 1 and not entry["complete"] and entry["mean"] == pytest.approx(3.21)
+    assert all(b["complete"] for b in choice["by_value"] if b is not entry)
+    report = (tmp_path / "report.md").read_text()
+    assert "| rmsnorm | adamw | 3.2000 | 3.0000 | 3.2100† (1 of 2 seeds) | 3.8000 | none |" in report
+    assert "† not the mean over the 2 tuning seeds" in report
+    assert "a value with a tuning run not finished (not run yet, or stopped before its last step" in report
+    assert "diverged or stopped tuning run is excluded" not in report
+    stopped = ValueOutcome(3e-3, (3.0,), ("incomplete: x-s1: stopped_early: last logged step 50 < train.steps 100",))
+    assert choose_value([ValueOutcome(1e-3, (3.2, 3.4)), stopped], 2).chosen is None
+
+
+def test_choice_reliability_by_hand():
+    """Two seeds: 1e-3 loses 3.0 / 3.2, 3e-3 loses 3.1 / 3.05 (means 3.1, 3.075: 3e-3 chosen).
+    Resampling the two seeds gives {100, 100} (p = 1/4, 1e-3 wins), {101, 101} (1/4) and
+    {100, 101} (1/2), so 3e-3 wins with probability 3/4. The runner-up's paired difference is
+    (-0.1, +0.15): mean 0.025, se 0.125, 1 df, interval 0.025 ± 12.706 × 0.125: within the noise."""
+    outcomes = [ValueOutcome(1e-3, (3.0, 3.2), (), (100, 101)), ValueOutcome(3e-3, (3.1, 3.05), (), (100, 101))]
+    choice = choose_value(outcomes, 2)
+    assert choice.chosen == 3e-3 and choice.runner_up == 1e-3
+    r = choice_reliability(outcomes, choice)
+    assert r["resamples"] == BOOTSTRAP_RESAMPLES == 2000 and r["paired"] and r["n_seeds"] == 2
+    assert abs(r["share_chosen_wins"] - 0.75) < 4 * math.sqrt(0.75 * 0.25 / 2000)
+    assert choice_reliability(outcomes, choice) == r  # seeded: the same share every time
+    diff = r["runner_up_difference"]
+    assert diff["value"] == pytest.approx(0.025) and diff["se"] == pytest.approx(0.125) and diff["df"] == 1
+    assert diff["ci95"] == pytest.approx([0.025 - 12.706204736 * 0.125, 0.025 + 12.706204736 * 0.125])
+    assert diff["within_noise"]
+    # three seeds, the chosen value better by 0.1 on each: every resample keeps it, the runner-up is out of the noise
+    clear = [ValueOutcome(1e-3, (3.1, 3.3, 3.22), (), (1, 2, 3)), ValueOutcome(3e-3, (3.0, 3.21, 3.11), (), (1, 2, 3))]
+    r = choice_reliability(clear, choose_value(clear, 3))
+    assert r["share_chosen_wins"] == 1.0 and r["runner_up_difference"]["within_noise"] is False
+    # unpaired runs (no shared seeds): each value resampled alone, a Welch interval
+    unpaired = [ValueOutcome(1e-3, (3.1, 3.3), (), (1, 2)), ValueOutcome(3e-3, (3.0, 3.2), (), (3, 4))]
+    r = choice_reliability(unpaired, choose_value(unpaired, 2))
+    assert not r["paired"] and r["runner_up_difference"]["df"] == pytest.approx(2.0)
+    assert r["runner_up_difference"]["within_noise"]
+    # one seed: nothing to resample, no interval
+    single = [ValueOutcome(1e-3, (3.1,), (), (1,)), ValueOutcome(3e-3, (3.0,), (), (1,))]
+    r = choice_reliability(single, choose_value(single, 1))
+    assert r["share_chosen_wins"] is None and r["runner_up_difference"] is None and "1 tuning seed" in r["reason"]
+    assert choice_reliability(outcomes, Choice(None, None, reason="waiting")) is None
+
+
+def test_the_report_shows_how_reliable_each_choice_is(tmp_path):
+    """The tuned grid's seeds shift every value by the same ±0.01, so each runner-up's paired
+    difference is exact (+0.2 for every cell) and every resample keeps the choice."""
+    summary = write_report(build_tuned_grid(tmp_path))
+    for c in summary["tuning"]["choices"]:
+        r = c["reliability"]
+        assert r["share_chosen_wins"] == 1.0 and r["paired"] and r["resamples"] == 2000
+        assert r["runner_up_difference"]["value"] == pytest.approx(0.2)
+        assert r["runner_up_difference"]["within_noise"] is False
+    on_disk = json.loads((tmp_path / "summary.json").read_text())["tuning"]
+    assert on_disk["resamples"] == 2000 and on_disk["resample_seed"] == 0
+    assert on_disk["choices"][0]["reliability"]["share_chosen_wins"] == 1.0
+    report = (tmp_path / "report.md").read_text()
+    assert "chosen still wins (share of 2000 seed resamples)" in report
+    assert "| +0.2000 [+0.2000, +0.2000] (paired t; outside the noise) | 100.0% |" in report
+
+
 # --------------------------------------------------------------------------- over training
 
 EVAL_STEPS = list(range(10, STEPS + 1, 10))
@@ -187,15 +302,105 @@ def _points(values, ci_half=None, steps=None):
             for s, v in zip(steps, values)]
 
 
-@pytest.mark.parametrize("values, half, verdict", [
-    ([0.5, 0.3, 0.2, 0.21, 0.2, 0.2, 0.19, 0.2], 0.05, "stable"),
-    ([0.5, 0.3, 0.2, 0.21, 0.2, 0.2, -0.05, 0.2], 0.05, "sign changes"),
-    ([0.5, 0.3, 0.2, 0.21, 0.2, 0.4, 0.3, 0.2], 0.05, "drifts"),  # 0.4 ± 0.05 misses 0.2 ± 0.05
-    ([0.5, 0.3, 0.2, 0.21, 0.2, 0.4, 0.3, 0.2], None, "stable (sign only, no intervals)"),
-    ([0.5, 0.2], 0.05, "too few evals (1 in the window, needs 3)"),
+M = 0.05  # the report's default equivalence margin
+T90_4, T95_4 = t_critical(4, 0.90), t_critical(4)  # 95th and 97.5th percentiles of t with 4 df
+
+
+@pytest.mark.parametrize("values, change, verdict", [
+    # stable <=> the 90% t interval of Δ lies inside (−M, M): Δ + t_{0.95,4}·se just below / above M
+    ([0.5, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2], (M - T90_4 * 0.01 - 1e-4, 0.01), "stable"),
+    ([0.5, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2], (M - T90_4 * 0.01 + 1e-4, 0.01), "drifts"),
+    # drifts <=> not stable and the 95% t interval of Δ excludes 0: Δ − t_{0.975,4}·se just above / below 0
+    ([0.5, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2], (T95_4 * 0.02 + 1e-4, 0.02), "drifts"),
+    ([0.5, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2], (T95_4 * 0.02 - 1e-4, 0.02), "change unresolved"),
+    ([0.5, 0.3, 0.2, 0.21, 0.2, 0.2, -0.05, 0.2], (0.0, 0.001), "sign changes"),
+    ([0.5, 0.3, 0.2, 0.21, 0.2, 0.4, 0.3, 0.2], (0.0, None), "sign kept, change not tested (1 seed)"),
+    ([0.5, 0.3, 0.2, 0.21, 0.2, 0.4, 0.3, 0.2], None,
+     "sign kept, change not computable (a group has no cell with an eval at both ends of the window)"),
+    ([0.5, 0.2], (0.0, 0.001), "too few evals (1 in the window, needs 3)"),
 ])
-def test_stability_rule(values, half, verdict):
-    assert interaction_stability(_points(values, half))["verdict"] == verdict
+def test_stability_rule(values, change, verdict):
+    """With Δ = I(t_final) − I(t_0) over the window (steps >= 0.75 t_final), se its standard error
+    and 4 degrees of freedom: stable <=> no sign change and Δ ± t_{0.95,4}·se inside (−M, M);
+    drifts <=> not stable and 0 outside Δ ± t_{0.975,4}·se; else change unresolved. Each pair
+    of cases sits just either side of one boundary (1e-4 nats)."""
+    record = None if change is None else change_record(change[0], change[1], None if change[1] is None else 4.0,
+                                                       M, 60, 80)
+    assert interaction_stability(_points(values, 0.05), record)["verdict"] == verdict
+
+
+A_NOISE, B_NOISE = 0.0065, 0.004  # per seed: a level offset, and a change of b over the window
+
+
+def _drift_grid(root: Path) -> None:
+    """Two seeds per group, eval every 10 steps to 100. Each cell's loss: the group's base, a
+    shared decay, its extra loss, and seed noise ±(a + b (t − 80) / 20): the interaction's 95%
+    half-width is t_{0.975,4} · 2a = 0.036 at step 80, and Δ over the window [80, 100] has
+    se = 2b = 0.008 with 4 degrees of freedom (every group's variance equal).
+    Derf × Muon moves 0.10 -> 0.17 (the window intervals overlap, Δ = 0.07: drifts);
+    DyT × Muon moves 0.16 -> 0.17 (Δ = 0.01: stable at M = 0.05)."""
+    base = {**BASE, ("dyt", "adamw"): 3.1, ("dyt", "muon"): 3.0}
+
+    def extra(cell, t):
+        frac = max(t - 80, 0) / 20
+        return {("derf", "muon"): 0.10 + 0.07 * frac, ("dyt", "muon"): 0.16 + 0.01 * frac}.get(cell, 0.0)
+
+    for cell in base:
+        for seed, sign in ((0, 1.0), (1, -1.0)):
+            evals = {t: base[cell] + 2.0 * math.exp(-t / 20) + extra(cell, t)
+                     + sign * (A_NOISE + B_NOISE * (t - 80) / 20) for t in EVAL_STEPS}
+            fake_run(root / f"{cell[0]}-{cell[1]}-s{seed}", *cell, seed, evals)
+
+
+def test_a_drifting_and_a_stable_curve_sit_either_side_of_the_stability_rule(tmp_path):
+    """The issue's case: 0.10 -> 0.17 with half-width 0.036 passed the old overlap rule as
+    "stable"; the change with its own interval says it drifts, and a move of 0.01 is stable."""
+    _drift_grid(tmp_path)
+    summary = write_report(tmp_path)
+    curves = {c["variant"]: c for c in summary["over_training"]["interactions"]}
+    derf, dyt = curves["derf"]["stability"], curves["dyt"]["stability"]
+    first, last = curves["derf"]["points"][7], curves["derf"]["points"][9]
+    assert (first["step"], last["step"]) == (80, 100)
+    assert first["value"] == pytest.approx(0.10) and last["value"] == pytest.approx(0.17)
+    assert first["ci95"][1] - first["value"] == pytest.approx(t95_by_integration(4.0) * 2 * A_NOISE, rel=1e-4)
+    assert first["ci95"][1] >= last["ci95"][0]  # the intervals overlap: the old rule said "stable"
+    t95 = t95_by_integration(4.0)
+    change = derf["change"]
+    assert (change["from_step"], change["to_step"]) == (80, 100) and change["n"] == [2, 2, 2, 2]
+    assert change["value"] == pytest.approx(0.07) and change["se"] == pytest.approx(2 * B_NOISE)
+    assert change["df"] == pytest.approx(4.0)
+    assert change["ci95"] == pytest.approx([0.07 - t95 * 0.008, 0.07 + t95 * 0.008], rel=1e-4)
+    assert change["excludes_0"] and not change["equivalent"] and derf["verdict"] == "drifts"
+    assert dyt["change"]["value"] == pytest.approx(0.01) and dyt["change"]["equivalent"]
+    assert dyt["verdict"] == "stable"
+    assert summary["over_training"]["margin"] == M and "±0.05 nats" in summary["over_training"]["rule"]
+    report = (tmp_path / "report.md").read_text()
+    assert "stable = the 90% interval of Δ lies inside ±0.05 nats" in report
+    assert ("| derf | muon | +0.1700 | +0.1000 … +0.1700 | 80, 90, 100 | +0.0700 [+0.0478, +0.0922] "
+            "(step 80 → 100) |") in report
+    line = next(ln for ln in report.splitlines() if ln.startswith("- **derf × muon**"))
+    assert "over the last quarter of training: drifts; change Δ over the window +0.0700 [+0.0478, +0.0922]" in line
+    # deterministic: the same cells give the same summary
+    again = write_report(tmp_path)["over_training"]
+    assert again["interactions"] == summary["over_training"]["interactions"]
+
+
+def test_the_answer_carries_a_sign_change_beside_the_final_steps_test(tmp_path):
+    """Derf × Muon's interaction is −0.05 at step 80 and +0.30 from step 90: at the final step it
+    is distinguishable from 0 in the family, and the answer says its sign changed in the window."""
+    for cell in BASE:
+        for seed, noise in ((0, 0.01), (1, -0.01)):
+            evals = {t: BASE[cell] + 2.0 * math.exp(-t / 20) + noise
+                     + ((-0.05 if t == 80 else 0.3) if cell == ("derf", "muon") else 0.0) for t in EVAL_STEPS}
+            fake_run(tmp_path / f"{cell[0]}-{cell[1]}-s{seed}", *cell, seed, evals)
+    summary = write_report(tmp_path)
+    (item,) = summary["interactions"]
+    assert item["value"] == pytest.approx(0.3) and item["p_holm"] < 0.05
+    assert summary["over_training"]["interactions"][0]["stability"]["verdict"] == "sign changes"
+    line = next(ln for ln in (tmp_path / "report.md").read_text().splitlines() if ln.startswith("- **derf × muon**"))
+    assert ("distinguishable from 0 in the family at the final step; over the last quarter of training: sign "
+            "changes") in line
+    assert "its sign is not settled" in line or "sign is not settled" in line
 
 
 # --------------------------------------------------------------------------- the spec

@@ -12,7 +12,8 @@ Every cell of the grid without its seed (``derf-muon``, ``alpha0.3-muon``: its *
 every value on every tuning seed, as ``ROOT/tuning/<group>-<key><value>-s<seed>`` (with its own
 full learning-rate schedule over ``steps``). Once a group's tuning runs have finished, the
 value is chosen (:func:`normopt.report.tuning.choose_value`: lowest mean, diverged values
-excluded, ties to the value listed first) and the group's evaluation cells (``ROOT/<group>-s<seed>``,
+excluded, ties to the value listed first; a run not finished, not run yet or stopped early,
+makes the group wait, and rerunning resumes it) and the group's evaluation cells (``ROOT/<group>-s<seed>``,
 the spec's seeds) run at it. The tuning seeds must differ from the evaluation seeds, so
 that the losses the report compares were not used to choose (the report's tuning section).
 
@@ -141,10 +142,11 @@ def tuning_cells(cells: Sequence[CellSpec], tune: TuneSpec, root: Path) -> list[
 
 def tuning_outcomes(root: Path, tune: TuneSpec, runs: Sequence[CellSpec]) -> dict[str, list[ValueOutcome]]:
     """Per group, per value (spec order): the final eval losses of the tuning runs that count
-    and why the others do not (not run yet, diverged, stopped early)."""
-    found: dict[tuple[str, str], tuple[list[float], list[str]]] = {}
+    (with their seeds) and why the others do not (not run yet, diverged, stopped early)."""
+    found: dict[tuple[str, str], tuple[list[float], list[str], list[int]]] = {}
     for run in runs:
-        losses, failures = found.setdefault((run.group, level_label(run.record["tune"]["value"])), ([], []))
+        losses, failures, seeds = found.setdefault((run.group, level_label(run.record["tune"]["value"])),
+                                                   ([], [], []))
         folder = root / TUNING_DIR / run.name
         if not RunDir(folder).metrics.is_file():
             failures.append(f"incomplete: {run.name} has not run")
@@ -158,13 +160,14 @@ def tuning_outcomes(root: Path, tune: TuneSpec, runs: Sequence[CellSpec]) -> dic
                             f"after step {last}")
         elif not assessment.flags:
             losses.append(assessment.final_eval_loss)
+            seeds.append(run.seed)
         elif set(assessment.flags) <= {"missing", "stopped_early"}:
             failures.append(f"incomplete: {run.name}: {'; '.join(assessment.reasons)}")
         else:
             failures.append(f"{run.name}: {'; '.join(assessment.reasons)}")
     groups = list(dict.fromkeys(run.group for run in runs))
-    return {g: [ValueOutcome(v, tuple(found[g, level_label(v)][0]), tuple(found[g, level_label(v)][1]))
-                for v in tune.values] for g in groups}
+    return {g: [ValueOutcome(v, *(tuple(x) for x in found[g, level_label(v)])) for v in tune.values]
+            for g in groups}
 
 
 def choose_values(root: Path, tune: TuneSpec, runs: Sequence[CellSpec]) -> dict[str, Choice]:

@@ -57,6 +57,7 @@ def compute_factor_effects(groups: Mapping[tuple[str, str], GroupStats], factors
                 "factor": name, "without": without, "with": with_, "optim": optim, "reference_optim": reference,
                 "value": c.value, "se": c.se, "df": c.df, "ci95": c.ci95, "p": t_p_value(c.value, c.se, c.df),
                 "n": [groups[k].n for k in coefficients], "groups": ["/".join(k) for k in coefficients],
+                "coefficients": list(coefficients.values()),
                 "equivalence": tost(c.value, c.se, c.df, margin), "paired": paired_contrast(terms),
                 "gap_change": {"value": gap_change.value, "ci95": gap_change.ci95, "family": "exploratory"},
                 "method": "independent means, Welch t"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from normopt.report.left_out import bias_phrase
 from normopt.report.multiplicity import ALPHA, equivalence_phrase
 from normopt.report.tables import markdown_table
 
@@ -31,9 +32,19 @@ def _prefix(record: Mapping[str, Any]) -> str:
 
 
 def flag_text(record: Mapping[str, Any]) -> str:
-    """' ⚠ left out: derf/muon: 1 diverged' when a group of the contrast lost cells, else ''."""
+    """' ⚠ cells left out of its groups (derf/muon: 1 cell left out (1 diverged)): the
+    interaction is biased low, ...' when a group of the contrast lost cells (with the direction
+    of ``left_out_bias``, :mod:`normopt.report.left_out`), else ''."""
     flags = record.get("left_out") or []
-    return f" ⚠ cells left out of its groups ({'; '.join(flags)})" if flags else ""
+    if not flags:
+        return ""
+    text = f" ⚠ cells left out of its groups ({'; '.join(flags)})"
+    biases = record.get("left_out_bias") or []
+    if biases:
+        return text + ": " + "; ".join(bias_phrase(b) for b in biases)
+    if not any("diverged" in line for line in flags):
+        return text + ": no direction implied (a missing or stopped cell says nothing about its loss)"
+    return text
 
 
 def holm_verdict(p_holm: float | None) -> str:
@@ -111,7 +122,8 @@ def factor_lines(summary: Mapping[str, Any]) -> list[str]:
             f"{_interval(f.get('ci_simultaneous'))}; {holm_verdict(f.get('p_holm'))}; "
             f"{equivalence_phrase(f.get('equivalence'))}).{flag_text(f)}")
         if f.get("p_holm") is not None and f["p_holm"] < ALPHA:
-            carriers.append(f"{f['factor']} ({_signed(f['value'])})")
+            carriers.append(f"{_prefix(f)}{f['factor']} under {f['optim']} (effect on the {f['optim']} − "
+                            f"{f['reference_optim']} interaction {_signed(f['value'])} nats)")
     m = summary["family"]["size"]
     if carriers:
         rest = ("; the other factors' effects are not distinguishable from 0 at these seeds"
@@ -146,21 +158,42 @@ def factor_section(summary: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _contrast_label(kind: str, record: Mapping[str, Any]) -> str:
+    if kind == "gaps":
+        return f"{_prefix(record)}gap {record['variant']} − {record['baseline']} under {record['optim']}"
+    if kind == "interactions":
+        return f"{_prefix(record)}interaction {record['variant']} × {record['optim']} − {record['reference_optim']}"
+    if kind == "recoveries":
+        return f"{_prefix(record)}{record['fix']}'s recovery of {record['base_norm']} under {record['optim']}"
+    return f"{_prefix(record)}factor {record['factor']} under {record['optim']}"
+
+
 def left_out_section(summary: Mapping[str, Any]) -> list[str]:
-    """The cells left out of each group, counted by flag (a diverged cell that is left out
-    makes its group look better than it trained)."""
+    """The cells left out of each group (each cell counted once, with all its flags), and for
+    each contrast whose group lost a diverged cell, which way that pushes it
+    (:mod:`normopt.report.left_out`)."""
     records = summary.get("left_out_by_group") or []
     if not records:
         return []
     rows = [[r["stratum"] or "—", r["variant"], r["optim"],
-             ", ".join(f"{n} {flag}" for flag, n in r["flags"].items()), ", ".join(r["cells"])] for r in records]
+             ", ".join(f"{n} {combo}" for combo, n in r["by_flags"].items()), ", ".join(r["cells"])]
+            for r in records]
     total = sum(len(r["cells"]) for r in records)
     diverged = sum(r["flags"].get("diverged", 0) for r in records)
+    directions = [f"- {_contrast_label(kind, r)}: " + "; ".join(bias_phrase(b) for b in r["left_out_bias"]) + "."
+                  for kind in ("interactions", "recoveries", "factor_effects", "gaps")
+                  for r in summary.get(kind) or () if r.get("left_out_bias")]
     return [
         "## Cells left out, per group", "",
-        (f"{total} cell{'s' if total != 1 else ''} left out ({diverged} diverged; a cell can carry several "
-         "flags). A group that lost a diverged cell shows its "
-         "surviving seeds only, so its loss and any penalty involving it are understated; those contrasts "
-         "carry a ⚠ in the answer and the family table."), "",
-        markdown_table(["stratum", "variant", "optimizer", "left out", "cells"], rows), "",
+        (f"{total} cell{'s' if total != 1 else ''} left out, {diverged} of them diverged (each cell counted once; "
+         "'diverged + stopped_early' is one cell with both flags). A group that lost a diverged cell shows its "
+         "surviving seeds only, so its mean is lower than the group trained. What that does to a contrast "
+         "depends on the sign with which the group enters it: a group entering with + (in an interaction the "
+         "compared level under O and the baseline under the reference) biases the contrast low, understating a "
+         "penalty; a group entering with − (the baseline under O and the compared level under the reference) "
+         "biases it high, overstating a penalty. A missing or stopped cell implies no direction. Every contrast "
+         "of the answer and the family table that lost cells carries a ⚠; the list below the table gives the "
+         "direction of each estimate a lost diverged cell moves."), "",
+        markdown_table(["stratum", "variant", "optimizer", "left out (cells, by flags)", "cells"], rows), "",
+        *(["Direction of each affected estimate:", "", *directions, ""] if directions else []),
     ]

@@ -21,7 +21,7 @@ from normopt.report.family_markdown import (
 )
 from normopt.report.multiplicity import equivalence_phrase
 from normopt.report.notes import collapse_notes
-from normopt.report.over_training import over_training_section, stability_of
+from normopt.report.over_training import over_training_section, stability_clause, stability_of
 from normopt.report.run_setup import setup_lines
 from normopt.report.spectral_table import spectral_norm_table
 from normopt.report.tables import markdown_table
@@ -159,22 +159,35 @@ def _verdict(ci: Sequence[float] | None) -> str:
             "its 95% interval excludes 0" if _excludes_zero(ci) else "its 95% interval includes 0")
 
 
+def _direction(item: Mapping[str, Any], baseline: str) -> str:
+    """Which way the point estimate of an interaction points, at the 3 decimals the answer shows
+    (an estimate that rounds to 0 reads as the same gap under both levels)."""
+    optim, reference = item["optim"], item["reference_optim"]
+    if round(item["value"], 3) == 0:
+        return (f"the point estimate of the gap to {baseline} is the same under {optim} as under {reference} "
+                "(to the 0.001 nats shown)")
+    return (f"the point estimate of the gap to {baseline} is {'larger' if item['value'] > 0 else 'smaller'} under "
+            f"{optim} than under {reference}")
+
+
 def answer_paragraph(summary: Mapping[str, Any]) -> str:
     """The short answer the report opens with: each level's interaction with each level of the
-    across axis (with its interval and whether it excludes 0) and each fix's recovered shares;
-    without an across axis, each level's gap to the baseline."""
+    across axis (with its interval, whether it excludes 0, its Holm verdict at the final step and
+    its stability over the last quarter of training) and each fix's recovered shares; without an
+    across axis, each level's gap to the baseline."""
     s = summary["settings"]
     single = s["axes"]["across"] is None
     compare_noun, _ = _nouns(summary)
     lines = []
     for item in summary["interactions"]:
         ci = item["ci95"]
+        stability = stability_clause(summary, item)
         lines.append(f"- {stratum_prefix(item)}**{item['variant']} × {item['optim']}**: interaction "
                      f"{_num(item['value'], 3, True)} nats {'' if ci is None else _ci(ci, 3) + ' '}"
-                     f"({_verdict(ci)}; {holm_verdict(item.get('p_holm'))}; "
-                     f"{equivalence_phrase(item.get('equivalence'))}): the point estimate of the gap to "
-                     f"{s['baseline_norm']} is {'larger' if item['value'] > 0 else 'smaller'} under {item['optim']} "
-                     f"than under {item['reference_optim']}.{flag_text(item)}")
+                     f"({_verdict(ci)}; {holm_verdict(item.get('p_holm'))}"
+                     f"{' at the final step; ' + stability if stability else ''}; "
+                     f"{equivalence_phrase(item.get('equivalence'))}): {_direction(item, s['baseline_norm'])}."
+                     f"{flag_text(item)}")
     if single:
         for gap in summary["gaps"]:
             ci = gap["ci95"]

@@ -30,8 +30,12 @@ Many intervals (:mod:`normopt.report.multiplicity`): the interactions, the fixes
 the interaction and the factor effects (:mod:`normopt.report.factor_effects`) form the main
 family, Holm-adjusted, with Bonferroni simultaneous intervals; gaps and interactions carry an
 equivalence test (TOST) at the report's margin; everything else is exploratory. Cells left
-out are counted per group (``left_out_by_group``) and every contrast names the groups of its
-own that lost cells (``left_out``).
+out are counted per group (``left_out_by_group``: ``flags`` counts cells per flag, ``by_flags``
+counts each cell once under its combination of flags, ``cells`` names them); every contrast names
+the groups of its own that lost cells (``left_out``) and, where a lost cell diverged, which way
+that pushes the estimate given the sign with which the group enters it (``left_out_bias``;
+:mod:`normopt.report.left_out`). Each linear contrast lists its ``groups`` with their
+``coefficients``.
 
 Cells that are missing, diverged, stopped early or cannot be placed (see
 :func:`normopt.report.cell_assessment.assess_cell`) are listed with their flags and left out of
@@ -67,6 +71,7 @@ from normopt.report.contrasts import (
     ratio_of_contrasts,
 )
 from normopt.report.factor_effects import compute_factor_effects
+from normopt.report.left_out import bias, by_flag_set, left_out_lines, ratio_signs
 from normopt.report.multiplicity import EXPLORATORY, main_family, t_p_value, tost
 from normopt.report.student_t import LEVEL
 from normopt.report.tail_classes import tail_comparisons
@@ -198,7 +203,8 @@ def compute_gaps(groups: Groups, variants: Sequence[str], optims: Sequence[str],
             gaps.append({"variant": variant, "optim": optim, "baseline": base, "value": c.value, "se": c.se,
                          "df": c.df, "ci95": c.ci95, "n": [groups[k].n for k in keys],
                          "p": t_p_value(c.value, c.se, c.df), "equivalence": tost(c.value, c.se, c.df, margin),
-                         "groups": ["/".join(k) for k in keys], "family": EXPLORATORY})
+                         "groups": ["/".join(k) for k in keys], "coefficients": [1.0, -1.0],
+                         "family": EXPLORATORY})
     return gaps
 
 
@@ -228,7 +234,7 @@ def compute_interactions(groups: Groups, variants: Sequence[str], optims: Sequen
                 "variant": variant, "optim": optim, "reference_optim": reference, "value": c.value, "se": c.se,
                 "df": c.df, "ci95": c.ci95, "n": [groups[k].n for k in coefficients],
                 "p": t_p_value(c.value, c.se, c.df), "equivalence": tost(c.value, c.se, c.df, margin),
-                "groups": ["/".join(k) for k in coefficients],
+                "groups": ["/".join(k) for k in coefficients], "coefficients": list(coefficients.values()),
                 "method": "independent means, Welch t", "paired": paired_contrast(terms)})
     return items
 
@@ -406,8 +412,16 @@ def build_summary(cells: Sequence[Cell], *, axes: ReportAxes | None = None, base
         notes += _prefixed(stratum_notes, stratum)
 
     family = main_family(gaps, interactions, share_groups, factor_effects, single=axes.across is None)
-    for record in (*gaps, *interactions, *recoveries, *factor_effects):
-        record["left_out"] = _left_out_flags(record.get("groups", ()), record.get("stratum"), left_out_by_group)
+    for kind, records in (("gap", gaps), ("interaction", interactions), ("factor effect", factor_effects)):
+        for record in records:
+            label = _stratum_label(tuple((record.get("stratum") or {}).items()))
+            record["left_out"] = left_out_lines(record["groups"], label, left_out_by_group)
+            found = bias(kind, dict(zip(record["groups"], record["coefficients"])), label, left_out_by_group)
+            record["left_out_bias"] = [found] if found else []
+    for record in recoveries:
+        label = _stratum_label(tuple((record.get("stratum") or {}).items()))
+        record["left_out"] = left_out_lines(record["groups"], label, left_out_by_group)
+        record["left_out_bias"] = _recovery_bias(record, label, left_out_by_group)
     if (note := one_seed_note(all_groups)) is not None:
         notes.insert(0, note)
     flat = [c.name for c, a in assessed if c.metrics is not None
@@ -433,6 +447,7 @@ def build_summary(cells: Sequence[Cell], *, axes: ReportAxes | None = None, base
         "factor_effects": factor_effects,
         "family": family,
         "left_out_by_group": [{"stratum": s, "variant": v, "optim": o, "flags": {f: len(n) for f, n in flags.items()},
+                               "by_flags": by_flag_set(flags),
                                "cells": sorted({n for names in flags.values() for n in names})}
                               for (s, v, o), flags in left_out_by_group.items()],
         "tail_classes": tail,
@@ -440,18 +455,23 @@ def build_summary(cells: Sequence[Cell], *, axes: ReportAxes | None = None, base
     }
 
 
-def _left_out_flags(group_labels: Sequence[str], stratum: Mapping[str, str] | None,
-                    left_out: Mapping[tuple[str, str, str], Mapping[str, list[str]]]) -> list[str]:
-    """One line per group of a contrast that lost cells: "derf/muon: 1 diverged". A contrast
-    whose group lost a diverged cell understates that group's penalty (its worst seed is gone)."""
-    label = _stratum_label(tuple((stratum or {}).items()))
-    lines = []
-    for group in group_labels:
-        variant, optim = group.rsplit("/", 1)
-        flags = left_out.get((label, variant, optim), {})
-        if flags:
-            lines.append(f"{group}: " + ", ".join(f"{len(names)} {flag}" for flag, names in flags.items()))
-    return lines
+def _recovery_bias(record: Mapping[str, Any], stratum: str,
+                   left_out: Mapping[tuple[str, str, str], Mapping[str, list[str]]]) -> list[dict[str, Any]]:
+    """Which way lost diverged cells push a recovery's shares (:mod:`normopt.report.left_out`):
+    share of the gap = (L[n,O] - L[F,O]) / (L[n,O] - L[base,O]), share of the interaction =
+    the same gain / interaction(n, O); each only where the report gives it."""
+    target, fix, optim, base = record["base_norm"], record["fix"], record["optim"], record["baseline"]
+    gain = {f"{target}/{optim}": 1.0, f"{fix}/{optim}": -1.0}
+    out = []
+    if record["share"] is not None:
+        gap = {f"{target}/{optim}": 1.0, f"{base}/{optim}": -1.0}
+        out.append(bias("share of the gap", ratio_signs(gain, gap, record["share"]), stratum, left_out))
+    if record["interaction_share"] is not None:
+        inter = {"/".join(k): c for k, c in
+                 _interaction_terms(target, optim, base, record["reference_optim"]).items()}
+        out.append(bias("share of the interaction", ratio_signs(gain, inter, record["interaction_share"]),
+                        stratum, left_out))
+    return [b for b in out if b is not None]
 
 
 def _cell_record(cell: Cell, assessment: Assessment, fix_of: str | None, stratum: str) -> dict[str, Any]:

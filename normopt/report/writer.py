@@ -12,7 +12,8 @@
 * :mod:`normopt.report.statistics`: group statistics, gaps, interactions, fix recovery
   and ``build_summary`` (the content of summary.json), with the formulas
   (:mod:`normopt.report.contrasts` the estimators, :mod:`normopt.report.tail_classes`
-  the head/tail split);
+  the head/tail split, :mod:`normopt.report.left_out` the cells left out of each contrast
+  and which way they push it);
 * :mod:`normopt.report.over_training`: the gaps and interactions at every eval step and whether
   the interaction was stable over the last quarter of training; :mod:`normopt.report.tuning`:
   a tuned grid's choices and the interaction at each common value of the tuned key;
