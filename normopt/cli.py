@@ -175,6 +175,12 @@ def report_cli(argv: list[str]) -> int:
     return _guarded(lambda: report_main(argv))
 
 
+def plan_cli(argv: list[str]) -> int:
+    from normopt.planner.command import plan_main
+
+    return _guarded(lambda: plan_main(argv))
+
+
 def status_cli(argv: list[str]) -> int:
     from normopt.factorial.status import status_main
 
@@ -205,7 +211,7 @@ def _guarded(fn) -> int:
         return 130
 
 
-USAGE = """usage: normopt {train,launch,check,config,export,sample,report,factorial,status,spectrum} ...
+USAGE = """usage: normopt {train,launch,check,config,export,sample,report,factorial,plan,status,spectrum} ...
 
   train   train a model (same as python train.py; see normopt train --help)
   launch  train on N ranks (a torchrun that keeps the exit statuses 0/2/3/75; 69 a lost node,
@@ -218,6 +224,8 @@ USAGE = """usage: normopt {train,launch,check,config,export,sample,report,factor
   sample  generate text from a run's latest (or exported) checkpoint on the CPU
   report  statistics and plots over a folder of runs (norm x optimizer cells)
   factorial  run every cell of a norm x optimizer spec (here, or as a chain of SLURM jobs), then report
+  plan    what a spec's grid can detect (minimum detectable interaction, seeds needed, cost) from a
+          seed-to-seed spread, by simulating the report's own tests
   status  where a grid stands: each run done, running, queued, preempted, diverged or failed, and the time left
   spectrum  power laws of the NS-input spectrum in model size; NS steps per layer"""
 
@@ -226,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"train": lambda rest: train_main(rest, prog="normopt train"), "check": check_main,
                 "export": export_main, "sample": sample_cli, "report": report_cli,
-                "factorial": factorial_cli, "status": status_cli, "spectrum": spectrum_cli, "launch": launch_cli,
-                "config": config_cli}
+                "factorial": factorial_cli, "plan": plan_cli, "status": status_cli, "spectrum": spectrum_cli,
+                "launch": launch_cli, "config": config_cli}
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
