@@ -17,7 +17,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from normopt.checkpoint.verify import read_trainer_state
+from normopt.checkpoint.verify import read_trainer_state, verify_checkpoint
 from normopt.checkpoint.safe_dcp import SafeReader, TensorOnlyPlanner, read_metadata
 from normopt.errors import UserError
 from normopt.output_paths import check_output_file, write_failed
@@ -27,7 +27,9 @@ MODEL_PREFIX = "model."
 
 
 def load_model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Full (unsharded) model tensors of a DCP checkpoint, keyed by parameter/buffer name."""
+    """Full (unsharded) model tensors of a DCP checkpoint, keyed by parameter/buffer name,
+    once every piece of the checkpoint verifies (a damaged one is refused, never exported)."""
+    verify_checkpoint(checkpoint)
     metadata = read_metadata(checkpoint)  # UserError for crafted or unreadable metadata
     model = {
         key[len(MODEL_PREFIX):]: torch.empty(meta.size, dtype=meta.properties.dtype)

@@ -521,8 +521,9 @@ def _rank_details(plan: Plan, statuses: list[int | None]) -> str:
 def _say_ending(plan: Plan, status: int, statuses: list[int | None]) -> None:
     """The launcher's line for ranks that ended by themselves (none where rank 0 said why)."""
     if status == CRASH_EXIT_CODE:
+        # a rank that died (or quit after losing its peers) left its progress bar mid-line
         _say(f"{len(statuses)} rank(s) of this node did not agree on how the run ended "
-             f"({_rank_details(plan, statuses)}); exit 1")
+             f"({_rank_details(plan, statuses)}); exit 1", fresh_line=True)
     elif status == 0:
         _say(f"{plan.world} rank(s) {describe(status)} (exit {status})")
     # 2, 3 and 75: rank 0 has said why in one line; a second line would say it again

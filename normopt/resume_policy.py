@@ -36,7 +36,7 @@ def check_resume_compatible(saved: Config, current: Config) -> None:
             )
 
 
-def find_resume_point(run: RunDir, cfg: Config, log=None) -> Path | None:
+def find_resume_point(run: RunDir, cfg: Config, log=None, rank: int = 0, world_size: int = 1) -> Path | None:
     """The checkpoint ``cfg`` continues from, per ``checkpoint.resume``: auto = the latest
     complete one (None in a new run directory), never = None (refusing a run directory that
     already holds a run), a step number = that step's. Refuses a checkpoint whose config
@@ -45,7 +45,8 @@ def find_resume_point(run: RunDir, cfg: Config, log=None) -> Path | None:
     The checkpoint is used whole or not at all (``checkpoint.verify``): a damaged one is
     refused in one line naming the piece, never skipped. An older checkpoint is resumed from
     only in place of partial ones (a ``.tmp`` folder, a step folder without its
-    trainer_state.json), and ``log`` (one line) says so."""
+    trainer_state.json), and ``log`` (one line) says so. Ranks starting together split the
+    check of the files' digests (``rank`` of ``world_size``): the caller agrees on the outcome."""
     from normopt.checkpoint.verify import verify_checkpoint
 
     mode = cfg.checkpoint.resume
@@ -58,7 +59,7 @@ def find_resume_point(run: RunDir, cfg: Config, log=None) -> Path | None:
         checkpoint = None
     else:
         checkpoint = run.find_checkpoint(None if mode == "auto" else int(mode), "checkpoint.resume")
-        verify_checkpoint(checkpoint)
+        verify_checkpoint(checkpoint, rank=rank, world_size=world_size)
     skipped = run.skipped_partials(checkpoint) if mode == "auto" else []
     if skipped and log is not None:
         then = f"resuming from {checkpoint.name}" if checkpoint is not None else "starting from step 0"

@@ -73,6 +73,21 @@ def on_main_then_share(fn, dist_info: DistInfo):
     return value
 
 
+def on_every_rank_agreed(fn, dist_info: DistInfo):
+    """Run ``fn`` on every rank (each may check a share of something) and raise the first
+    rank's UserError on all of them, so that a problem one rank found ends every rank."""
+    problem, value = None, None
+    try:
+        value = fn()
+    except UserError as exc:
+        problem = str(exc)
+    problems = collectives.all_gather_object(problem) if dist_info.world_size > 1 else [problem]
+    first = next((p for p in problems if p is not None), None)
+    if first is not None:
+        raise UserError(first)
+    return value
+
+
 class Trainer:
     _progress = None  # fit's progress bar, once it exists
     _agreed_failure = False  # a UserError that every rank raised at the same point
@@ -102,7 +117,9 @@ class Trainer:
         # a run directory that a start would damage is refused before anything is written
         on_main_then_share(lambda: check_run_dir(self.run), dist_info)
         # every piece of the resume point is verified here; a damaged one is refused, never half-used
-        self.resume_from = find_resume_point(self.run, cfg, log=self.log)
+        self.resume_from = on_every_rank_agreed(
+            lambda: find_resume_point(self.run, cfg, log=self.log, rank=dist_info.rank,
+                                      world_size=dist_info.world_size), dist_info)
 
         folder = on_main_then_share(lambda: str(prepare_corpus(cfg.data, log=self.log)), dist_info)
         self.data = load_token_data(Path(folder))

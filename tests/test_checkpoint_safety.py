@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from normopt.checkpoint.safe_dcp import merge_tensors, split_tensors
-from tests.conftest import FINISHED_RUN_ARGS, REPO_ROOT, run_cli, tiny_run_args
+from tests.conftest import FINISHED_RUN_ARGS, REPO_ROOT, rerecord_digest, run_cli, tiny_run_args
 
 
 class _Payload:
@@ -50,6 +50,7 @@ def test_crafted_metadata_is_refused(finished_run, tmp_path, tiny_corpus):
     run_dir, checkpoint = _copy(finished_run, tmp_path)
     marker = tmp_path / "marker"
     (checkpoint / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    rerecord_digest(checkpoint, ".metadata")
     resume = _resume(run_dir, tiny_corpus)
     assert _refused(resume, "refusing to load posix.system"), resume.stderr[-2000:]
     export = _export(run_dir)
@@ -72,6 +73,7 @@ def test_pickled_entry_is_refused(finished_run, tmp_path, tiny_corpus):
     metadata.state_dict_metadata[key] = BytesStorageMetadata()
     metadata.storage_data[MetadataIndex(key)] = _StorageInfo("evil.distcp", 0, size)
     (checkpoint / ".metadata").write_bytes(pickle.dumps(metadata))
+    rerecord_digest(checkpoint, ".metadata")
     resume = _resume(run_dir, tiny_corpus)
     assert _refused(resume, "refusing a checkpoint with pickled entries"), resume.stderr[-2000:]
     export = _export(run_dir)
@@ -86,6 +88,8 @@ def test_crafted_rng_state_is_refused(finished_run, tmp_path, tiny_corpus, name)
     for old in (checkpoint / "rng").iterdir():
         old.unlink()
     torch.save(_Payload(marker), checkpoint / "rng" / name)
+    if name.endswith(".safetensors"):
+        rerecord_digest(checkpoint, f"rng/{name}")
     resume = _resume(run_dir, tiny_corpus)
     words = "unreadable RNG state" if name.endswith(".safetensors") else "refusing to unpickle"
     assert _refused(resume, words), resume.stderr[-2000:]
@@ -164,3 +168,62 @@ def test_retention_prunes_only_behind_verified_checkpoints(finished_run, tmp_pat
     assert run.complete_steps() == [6, 9, 12]  # kept: 12 and 6 (verified); 9 is damaged, not counted
     CheckpointWriter(run, True, keep_latest_k=1)._prune(12)
     assert run.complete_steps() == [12]
+
+
+def test_every_piece_has_a_recorded_digest(finished_run):
+    import json
+
+    from normopt.checkpoint.digests import DIGESTS_KEY, file_sha256
+
+    checkpoint = finished_run / "checkpoints" / "step_00000006"
+    recorded = json.loads((checkpoint / "trainer_state.json").read_text())[DIGESTS_KEY]
+    pieces = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file()
+                    and p.name not in ("trainer_state.json", "config.yaml"))
+    assert sorted(recorded) == pieces
+    assert all(file_sha256(checkpoint / name) == digest for name, digest in recorded.items())
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _tree_bytes(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("piece", ["__0_0.distcp", "rng/rank_00000.safetensors", "non_tensor_state.json"])
+def test_a_flipped_bit_is_refused_and_nothing_is_written(finished_run, tmp_path, tiny_corpus, piece):
+    """Bytes that changed after the write (bit rot, a bad copy) leave sizes and structure
+    intact: only the digest finds them. Resume and export refuse in one line naming the
+    piece, and the run directory is left byte for byte as it was."""
+    run_dir, checkpoint = _copy(finished_run, tmp_path)
+    _flip_a_byte(checkpoint / piece)
+    before = _tree_bytes(run_dir)
+    words = f"{piece} does not match its recorded SHA-256"
+    resume = _resume(run_dir, tiny_corpus)
+    assert _refused(resume, words), resume.stderr[-2000:]
+    if piece == "__0_0.distcp":
+        export = _export(run_dir)
+        assert _refused(export, words), export.stderr[-2000:]
+    assert _tree_bytes(run_dir) == before
+
+
+def test_ranks_split_the_digest_check(finished_run, tmp_path):
+    """Two checkers each read their share; the flipped piece is found by the one whose share
+    holds it, and together they cover every piece."""
+    from normopt.checkpoint.verify import checkpoint_problem, verify_checkpoint
+    from normopt.errors import UserError
+
+    _, checkpoint = _copy(finished_run, tmp_path)
+    _flip_a_byte(checkpoint / "__0_0.distcp")
+    outcomes = []
+    for rank in range(2):
+        try:
+            verify_checkpoint(checkpoint, rank=rank, world_size=2)
+            outcomes.append(None)
+        except UserError as exc:
+            outcomes.append(str(exc))
+    assert sum(o is not None for o in outcomes) == 1 and "__0_0.distcp does not match" in next(filter(None, outcomes))
+    assert checkpoint_problem(checkpoint, contents=False) is None  # the structure alone is intact

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FINISHED_RUN_ARGS, tiny_run_args
+from tests.conftest import FINISHED_RUN_ARGS, rerecord_digest, tiny_run_args
 from tests.processes import train_in_process
 
 
@@ -279,6 +279,7 @@ def _edit_non_tensor_state(run_dir, change):
     state = json.loads(path.read_text())
     change(state)
     path.write_text(json.dumps(state))
+    rerecord_digest(path.parent, path.name)
 
 
 def _lr_key(state):

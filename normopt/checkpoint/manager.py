@@ -2,7 +2,7 @@
 
 Layout (the names are :mod:`normopt.run_dir`'s): ``<run>/checkpoints/step_00000100/`` holds
 every rank's shards of the model and optimizer state (including ``derf_ema`` running scales,
-which are model buffers), ``trainer_state.json`` (step, tokens, world size),
+which are model buffers), ``trainer_state.json`` (step, tokens, world size, the SHA-256 of every other piece: ``digests``),
 ``non_tensor_state.json`` (optimizer hyperparameters and any other non-tensor entry),
 ``rng/rank_XXXXX.safetensors`` (each rank's RNG states: tensors, with the Python and numpy
 scalars as JSON metadata) and a copy of the run's ``config.yaml``. Nothing in a checkpoint is
@@ -40,6 +40,7 @@ from normopt.checkpoint.safe_dcp import (
     split_tensors,
     write_non_tensor_state,
 )
+from normopt.checkpoint.digests import DIGESTS_KEY, digest_own_files
 from normopt.checkpoint.verify import checkpoint_problem, read_trainer_state
 from normopt import progress
 from normopt.errors import UserError
@@ -205,10 +206,17 @@ class CheckpointWriter:
     def _mark_complete(self, step: int, trainer_state: dict) -> None:
         final, tmp = self.run.checkpoint(step), self.run.partial_checkpoint(step)
         collectives.barrier()  # every rank's shards are on disk
-        failure = None
+        failure, own = None, {}
+        try:
+            own = digest_own_files(tmp, collectives.rank())
+        except Exception as exc:  # noqa: BLE001 - a file that does not read back fails the save on every rank
+            failure = _first_cause(exc, tmp)
+        self._agree_written(step, failure)
+        digests = {name: digest for share in collectives.all_gather_object(own) for name, digest in share.items()}
         if self.is_main:
             try:
-                (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+                state = {**trainer_state, "step": step, DIGESTS_KEY: dict(sorted(digests.items()))}
+                (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
                 if self.run.config.exists():
                     shutil.copyfile(self.run.config, tmp / CONFIG_FILE)
                 shutil.rmtree(final, ignore_errors=True)
@@ -225,10 +233,12 @@ class CheckpointWriter:
 
     def _prune(self, step: int) -> None:
         """Rank 0, after ``step``'s checkpoint was renamed complete: keep the newest
-        ``keep_latest_k`` checkpoints that verify (``checkpoint.verify``) and delete only the
+        ``keep_latest_k`` checkpoints that verify (``checkpoint.verify``; their structure: the
+        digests were taken from the files on disk moments ago, and are checked on reading
+        a checkpoint back) and delete only the
         complete ones older than all of those; nothing at all unless ``step``'s own verifies
         (a damaged checkpoint is never counted as one kept, nor deleted by retention)."""
-        problem = checkpoint_problem(self.run.checkpoint(step))
+        problem = checkpoint_problem(self.run.checkpoint(step), contents=False)
         if problem is not None:
             print(f"normopt: warning: checkpoints not pruned: the new one does not verify ({problem})",
                   file=sys.stderr, flush=True)
@@ -237,7 +247,7 @@ class CheckpointWriter:
         for candidate in reversed(self.run.complete_steps()):
             if len(verified) == self.keep_latest_k:
                 break
-            if candidate == step or checkpoint_problem(self.run.checkpoint(candidate)) is None:
+            if candidate == step or checkpoint_problem(self.run.checkpoint(candidate), contents=False) is None:
                 verified.append(candidate)
         if len(verified) < self.keep_latest_k:
             return

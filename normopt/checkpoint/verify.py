@@ -7,7 +7,9 @@ fifo or device): its folder, ``trainer_state.json`` (and what it says:
 ``read_trainer_state``), ``non_tensor_state.json``, the RNG state of every rank it
 was written by, the DCP ``.metadata`` (read safely, see ``safe_dcp``) and every model and
 optimizer shard file that metadata points into, each at least as long as the bytes it is
-said to hold. A damaged checkpoint is a UserError naming the piece; it is never half-used.
+said to hold, and (``contents=True``) each of those files' bytes those it had when written
+(``checkpoint.digests``). A damaged checkpoint is a UserError naming the piece; it is never
+half-used.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 from pathlib import Path
 
+from normopt.checkpoint.digests import METADATA_FILE, check_digests, recorded_digests, share_of
 from normopt.errors import UserError
 from normopt.run_dir import (
     NON_TENSOR_STATE,
@@ -26,8 +29,6 @@ from normopt.run_dir import (
     entry_problem,
     rng_file,
 )
-
-METADATA_FILE = ".metadata"
 
 
 def _require(path: Path, want: str) -> None:
@@ -74,9 +75,12 @@ def read_trainer_state(checkpoint: Path) -> dict:
     return state
 
 
-def verify_checkpoint(checkpoint: Path) -> dict:
+def verify_checkpoint(checkpoint: Path, contents: bool = True, rank: int = 0, world_size: int = 1) -> dict:
     """The checkpoint's trainer state, once every piece of it is known to be whole; a
-    UserError naming the first damaged piece otherwise (module doc)."""
+    UserError naming the first damaged piece otherwise (module doc). With ``contents``, the
+    recorded digests are checked too: the small ``.metadata`` by every caller, the other
+    files split over ``world_size`` callers (this one checks ``rank``'s share), so that ranks
+    starting together read the checkpoint once between them."""
     from normopt.checkpoint.safe_dcp import read_metadata
 
     checkpoint = Path(checkpoint)
@@ -84,16 +88,21 @@ def verify_checkpoint(checkpoint: Path) -> dict:
     _walk(checkpoint)
     _require(checkpoint / TRAINER_STATE, "file")
     state = read_trainer_state(checkpoint)
+    recorded = recorded_digests(checkpoint, state) if contents else None
     _require(checkpoint / NON_TENSOR_STATE, "file")
     rng = checkpoint / RNG_DIR
     _require(rng, "folder")
-    for rank in range(state.get("world_size", 1)):
-        path = rng / rng_file(rank)
+    pieces = [NON_TENSOR_STATE]
+    for writer in range(state.get("world_size", 1)):
+        pieces.append(f"{RNG_DIR}/{rng_file(writer)}")
+        path = rng / rng_file(writer)
         if not os.path.lexists(path) and list(rng.glob("*.pt")):
             raise UserError(f"{rng}: pickled RNG states of an older normopt; refusing to unpickle them "
                             f"(start a new run.dir)")
         _require(path, "file")
     _require(checkpoint / METADATA_FILE, "file")
+    if recorded is not None:
+        check_digests(checkpoint, recorded, [METADATA_FILE])
     metadata = read_metadata(checkpoint)
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
@@ -108,13 +117,16 @@ def verify_checkpoint(checkpoint: Path) -> dict:
         size = os.path.getsize(path)
         if size < end:
             raise damaged_checkpoint(f"{path} is truncated ({size} bytes, the metadata needs {end})")
+        pieces.append(relative)
+    if recorded is not None:
+        check_digests(checkpoint, recorded, share_of(pieces, rank, world_size))
     return state
 
 
-def checkpoint_problem(checkpoint: Path) -> str | None:
+def checkpoint_problem(checkpoint: Path, contents: bool = True) -> str | None:
     """None when ``checkpoint`` verifies, else the one-line reason."""
     try:
-        verify_checkpoint(checkpoint)
+        verify_checkpoint(checkpoint, contents=contents)
     except UserError as exc:
         return str(exc)
     return None
