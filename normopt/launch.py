@@ -49,7 +49,7 @@ port + 1), and keep a heartbeat there (``normopt.node_watch``):
   bit-exact on CPU). Under SLURM the lost node's replacement comes from the scheduler:
   ``launch/slurm.sbatch`` requeues the job when the launcher exits with 69.
 
-* **progress watchdog** (one node): every rank keeps a small file in the launcher's
+* **progress watchdog** (each node watches its own ranks): every rank keeps a small file in the launcher's
   temporary folder with its phase (``start-up``, ``step``, ``eval``, ``checkpoint save``,
   ``checkpoint wait``) and step, and a beat (``normopt.progress``). When no rank has entered a
   new phase or step for ``--watchdog-timeout`` seconds (default 600; 0 disables), the launcher
@@ -58,7 +58,11 @@ port + 1), and keep a heartbeat there (``normopt.node_watch``):
   process), else the one furthest behind. The limit grows to 10 times the longest step seen,
   and a rank in start-up or a checkpoint phase gets at least that phase's collective timeout
   (``normopt.parallel.timeouts``, 1800 s by default). The run ends within the limit + 2 s
-  (the files are read every 0.5 s; 1 s for the ranks to end before they are killed).
+  (the files are read every 0.5 s; 1 s for the ranks to end before they are killed). In a
+  multi-node job the node whose rank is frozen ends with 124 and that line; the other
+  nodes, whose ranks still beat while they wait on it, give it 15 s more, then their ranks
+  lose their peers and their launchers end with 1 naming that node and its status (where no
+  rank is frozen anywhere, every node ends with 124 after those 15 s) (``launch/slurm.sbatch`` requeues on 124 as on 69, up to ``NORMOPT_MAX_REQUEUES``).
 
 Exit statuses: 0 done, 2 user error, 3 diverged, 75 stopped after a checkpoint (as the ranks
 agree them), 69 a node was lost (or did not rejoin for a restart), 124 no progress for
@@ -125,6 +129,9 @@ KILL_GRACE_S = 1.0
 NODE_LOSS_EXIT_MARGIN_S = 2 * HEARTBEAT_S + KILL_GRACE_S + READ_LOSS_WAIT_S + 0.5
 DEFAULT_WATCHDOG_TIMEOUT_S = 600.0
 WATCHDOG_POLL_S = 0.5  # how often the watchdog reads the ranks' progress files
+# multi-node: a node whose ranks all still beat waits this much longer before it ends them,
+# so that the node with the frozen rank (whose launcher sees its beat stop) is the one named
+WATCHDOG_PEER_PATIENCE_S = 15.0
 WATCHDOG_STEP_FACTOR = 10  # the limit is at least this many times the longest step seen
 TRAIN_SCRIPT = Path(__file__).resolve().parent.parent / "train.py"
 _PR_SET_PDEATHSIG = 1
@@ -462,7 +469,8 @@ def _launch(argv: list[str], signals: StopSignals) -> int:
             return _run_one_node(plan, signals, args.watchdog_timeout, report_dir)
         watch = NodeWatch(node_rank, args.nnodes, nproc, args.master_addr, watch_port, args.node_timeout)
         try:
-            status = _run_nodes(plan, signals, watch, args.max_restarts, args.join_timeout)
+            status = _run_nodes(plan, signals, watch, args.max_restarts, args.join_timeout,
+                                args.watchdog_timeout, report_dir)
         except BaseException:
             watch.close()
             raise
@@ -542,10 +550,13 @@ def _run_one_node(plan: Plan, signals: StopSignals, watchdog_timeout: float = 0.
     return status
 
 
-def _run_nodes(plan: Plan, signals: StopSignals, watch: NodeWatch, max_restarts: int, join_timeout: float) -> int:
+def _run_nodes(plan: Plan, signals: StopSignals, watch: NodeWatch, max_restarts: int, join_timeout: float,
+               watchdog_timeout: float = 0.0, progress_dir: Path | None = None) -> int:
     """One node of a multi-node job: join the launchers' round, run the ranks while watching
-    the other nodes, and on a lost node stop the ranks and either exit 69 or, restarts left,
-    join the next round and start again (module doc)."""
+    the other nodes and this node's ranks' progress, and on a lost node stop the ranks and
+    either exit 69 or, restarts left, join the next round and start again; on no progress,
+    stop them and exit 124 (module doc). The other nodes' ranks then lose their peers, and
+    their launchers name this node and its status."""
     restarts = 0
     while True:
         try:
@@ -568,7 +579,17 @@ def _run_nodes(plan: Plan, signals: StopSignals, watch: NodeWatch, max_restarts:
         if restarts:
             _say(f"all {plan.nnodes} nodes joined again; restarting this node's rank(s) from the last complete "
                  f"checkpoint: {last_checkpoint(plan.run_dir)}")
-        statuses, loss = _run_ranks(plan, signals, interrupt=watch.problem)
+        watchdog = Watchdog(progress_dir, [plan.global_rank(i) for i in range(plan.nproc)], watchdog_timeout,
+                            patience_if_alive=WATCHDOG_PEER_PATIENCE_S) \
+            if watchdog_timeout > 0 and progress_dir is not None else None
+        statuses, loss = _run_ranks(plan, signals, interrupt=lambda: watch.problem() or (
+            watchdog.problem() if watchdog is not None else None))
+        if isinstance(loss, Stall):
+            _say(f"{loss.line(last_checkpoint(plan.run_dir))}; exit {NO_PROGRESS_EXIT_CODE}", fresh_line=True)
+            watch.leave(NO_PROGRESS_EXIT_CODE)
+            if plan.node_rank == 0:
+                watch.wait_for_others(AGREEMENT_GRACE_S)
+            return NO_PROGRESS_EXIT_CODE
         if loss is None:
             status = agreed_status(statuses)
             if status != CRASH_EXIT_CODE or NODE_LOST_EXIT_CODE not in statuses:
@@ -646,6 +667,7 @@ class Stall:
     rank: int
     phase: str
     step: int
+    frozen: bool = False  # the rank's beat stopped too (else it is alive but does not move)
 
     def line(self, checkpoint: str) -> str:
         return (f"no progress for {self.silent_s:.0f} s: rank {self.rank} was in {self.phase} at step {self.step} "
@@ -657,10 +679,14 @@ class Watchdog:
     (``normopt.progress``) and returns a :class:`Stall` when no rank has entered a new phase
     or step for longer than the limit."""
 
-    def __init__(self, folder: Path, ranks: list[int], timeout: float) -> None:
+    def __init__(self, folder: Path, ranks: list[int], timeout: float, patience_if_alive: float = 0.0) -> None:
+        """``patience_if_alive``: more seconds to wait when every rank still beats (in a
+        multi-node job they may be waiting on a frozen rank of another node, whose own
+        launcher is the one to name it)."""
         from normopt.parallel.timeouts import collective_timeout
 
         self.folder, self.ranks, self.timeout = Path(folder), ranks, timeout
+        self.patience_if_alive = patience_if_alive
         self.start_up_s = collective_timeout("start-up").total_seconds()
         self.checkpoint_s = collective_timeout("checkpoint").total_seconds()
         self.seen: dict[int, tuple] = {}
@@ -695,9 +721,13 @@ class Watchdog:
         phases = {record.get("phase") for record in records.values() if record} | \
             ({"start-up"} if any(record is None for record in records.values()) else set())
         silent = now - self.last_change
-        if silent <= self.limit(phases):
+        limit = self.limit(phases)
+        if silent <= limit:
             return None
-        return self._stuck(records, silent)
+        stall = self._stuck(records, silent)
+        if not stall.frozen and silent <= limit + self.patience_if_alive:
+            return None
+        return stall
 
     def _stuck(self, records: dict[int, dict | None], silent: float) -> Stall:
         """The rank that holds the others: one whose beat stopped (or that never wrote),
@@ -715,4 +745,4 @@ class Watchdog:
                   if records[rank] is None or wall - float(records[rank].get("beat", 0.0)) > 3 * BEAT_S + 1]
         rank = min(frozen or running, key=behind)
         record = records[rank] or {}
-        return Stall(silent, rank, str(record.get("phase", "start-up")), int(record.get("step", 0)))
+        return Stall(silent, rank, str(record.get("phase", "start-up")), int(record.get("step", 0)), bool(frozen))

@@ -102,6 +102,34 @@ def rank_pid(launcher_pid: int, rank: int) -> int | None:
     return None
 
 
+def hang_report(launcher_pid: int) -> str:
+    """Where a hung launcher and its ranks are: each rank's last progress record (phase, step,
+    age of its beat) and, where py-spy is installed, every process's Python stack."""
+    from normopt.progress import PROGRESS_DIR_ENV, progress_file, read_progress
+
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher_pid)], capture_output=True, text=True).stdout
+    pids = [launcher_pid, *map(int, out.split())]
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    lines = []
+    for pid in pids:
+        try:
+            environ = dict(item.split("=", 1) for item in
+                           Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0") if "=" in item)
+        except OSError:
+            continue
+        what = "launcher" if pid == launcher_pid else f"rank {environ.get('RANK', '?')}"
+        record = None
+        if pid != launcher_pid and environ.get(PROGRESS_DIR_ENV):
+            record = read_progress(progress_file(Path(environ[PROGRESS_DIR_ENV]), int(environ.get("RANK", 0))))
+            if record and "beat" in record:
+                record = {**record, "beat_age_s": round(time.time() - float(record["beat"]), 1)}
+        lines.append(f"-- {what} (pid {pid}): {record}")
+        if os.path.exists(spy):
+            dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30)
+            lines.append(dump.stdout.strip() or dump.stderr.strip())
+    return "\n".join(lines)
+
+
 def tree_bytes(folder: Path) -> dict[str, bytes | str]:
     """Every entry under ``folder``: a file's bytes, a link's target (links are not followed)."""
     out: dict[str, bytes | str] = {}
@@ -173,9 +201,11 @@ class FaultChain:
         try:
             proc.wait(timeout=bound)
         except subprocess.TimeoutExpired:
+            where = hang_report(proc.pid)
             proc.kill()
             proc.wait()
-            raise self.fail(kind, f"no exit within {bound} s of the fault (a hang)") from None
+            raise self.fail(kind, f"no exit within {bound} s of the fault (a hang); where each process was:\n"
+                                  f"{where}") from None
         return time.monotonic() - started
 
     def _no_orphans(self, kind: str) -> None:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -189,3 +190,16 @@ def test_check_launch_and_train_refuse_a_mismatch_with_one_line(tmp_path, tiny_c
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "train.dp_replicate: 2 does not divide the 1 ranks" in lines[0]
     assert not run_dir.exists()
+
+
+def test_the_sub_groups_of_an_hsdp_mesh_follow_the_step_timeout(tmp_path):
+    """A collective in a dp_shard group (or a row-block team) whose partner never comes ends
+    within the step timeout (2 s here), not the start-up timeout (30 minutes) the groups were
+    created under."""
+    out = tmp_path / "seen.json"
+    run_torchrun(REPO_ROOT / "tests" / "workers" / "phase_timeout_worker.py", 4, [str(out)], timeout=120,
+                 env={"NORMOPT_STEP_TIMEOUT_S": "2"})
+    seen = json.loads(out.read_text())
+    for group in ("dp_shard", "team"):
+        assert seen[group]["failed"] is not None, seen
+        assert 1.5 < seen[group]["seconds"] < 10, seen

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from normopt.errors import NODE_LOST_EXIT_CODE, USER_ERROR_EXIT_CODE
-from normopt.launch import NODE_LOSS_EXIT_MARGIN_S
+from normopt.errors import NO_PROGRESS_EXIT_CODE, NODE_LOST_EXIT_CODE, USER_ERROR_EXIT_CODE
+from normopt.launch import NODE_LOSS_EXIT_MARGIN_S, WATCHDOG_PEER_PATIENCE_S
 from normopt.node_watch import NodeInfo, parse_left, parse_nodes, silent_for
 from normopt.peer_loss import is_peer_loss, peer_loss_cause
 from normopt.run_dir import RunDir
@@ -31,6 +31,7 @@ NODE_TIMEOUT = 5.0  # long enough that a busy 2-core machine never starves a hea
 STEPS = 60  # enough steps left after the loss (at step 12 or so) that the kill lands mid-run
 RUN = ("train.steps=60", "train.eval_interval=0", "checkpoint.interval=5")
 HOST = socket.gethostname()
+WATCHDOG_S = 5
 
 
 class Job:
@@ -311,20 +312,63 @@ def _stand_in(path: Path, script: str) -> Path:
     return path
 
 
-def test_sbatch_requeues_a_job_that_lost_a_node(tmp_path, tiny_corpus):
-    """launch/slurm.sbatch: the launcher's 69 (a node lost) requeues the job, whose new
-    allocation resumes from the last complete checkpoint. srun is replaced by a process that
-    ends as the launchers of a job that lost a node do, scontrol by one that records its call."""
+@pytest.mark.parametrize("status, what", [(NODE_LOST_EXIT_CODE, "a node was lost"),
+                                          (NO_PROGRESS_EXIT_CODE, "a rank stopped making progress")])
+def test_sbatch_requeues_a_lost_node_or_a_stalled_rank_a_bounded_number_of_times(tmp_path, tiny_corpus,
+                                                                                   status, what):
+    """launch/slurm.sbatch: the launcher's 69 (a node lost) or 124 (no progress) requeues the
+    job, whose new allocation resumes from the last complete checkpoint, until
+    SLURM_RESTART_COUNT reaches NORMOPT_MAX_REQUEUES: then the job ends with that status.
+    srun is replaced by a process that ends as the launchers do, scontrol by one that records
+    its call."""
     log = tmp_path / "scontrol.log"
     env = {**child_env(), "NORMOPT_PYTHON": sys.executable, "SLURM_JOB_ID": "5151", "NORMOPT_GPUS_PER_NODE": "1",
-           "NORMOPT_SRUN": str(_stand_in(tmp_path / "srun", f"exit {NODE_LOST_EXIT_CODE}")),
-           "NORMOPT_SCONTROL": str(_stand_in(tmp_path / "scontrol", f'echo "$*" >> {log}'))}
-    proc = subprocess.run(["bash", str(REPO_ROOT / "launch" / "slurm.sbatch"),
-                           *tiny_run_args(tmp_path / "run", tiny_corpus)],
-                          check=False, capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr
-    assert log.read_text().strip() == "requeue 5151"
-    assert f"a node was lost (status {NODE_LOST_EXIT_CODE}); requeueing job 5151" in proc.stderr
+           "NORMOPT_SRUN": str(_stand_in(tmp_path / "srun", f"exit {status}")),
+           "NORMOPT_SCONTROL": str(_stand_in(tmp_path / "scontrol", f'echo "$*" >> {log}')),
+           "NORMOPT_MAX_REQUEUES": "2"}
+    command = ["bash", str(REPO_ROOT / "launch" / "slurm.sbatch"), *tiny_run_args(tmp_path / "run", tiny_corpus)]
+    for restarts in ("0", "1"):
+        proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120,
+                              env={**env, "SLURM_RESTART_COUNT": restarts})
+        assert proc.returncode == 0, proc.stderr
+        assert f"{what} (status {status}); requeueing job 5151" in proc.stderr
+    assert log.read_text().splitlines() == ["requeue 5151", "requeue 5151"]
+    proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120,
+                          env={**env, "SLURM_RESTART_COUNT": "2"})
+    assert proc.returncode == status
+    assert f"{what} (status {status}) after 2 requeue(s) (NORMOPT_MAX_REQUEUES); not requeueing job 5151 again" \
+        in proc.stderr
+    assert len(log.read_text().splitlines()) == 2
+
+
+def test_a_frozen_rank_ends_its_node_by_the_watchdog_and_the_other_names_that_node(tmp_path, tiny_corpus):
+    """Two nodes, a rank of node 1 stopped (SIGSTOP; its launcher still beats, so no node is
+    lost): node 1's watchdog sees the rank's beat stop and ends it with 124 and the stall line;
+    node 0's rank, alive but waiting on it, is not named: node 0 gives the other node its
+    patience, its rank loses its peer, and its launcher ends with 1 naming node 1 and its 124."""
+    job = Job(tmp_path, tiny_corpus, "--watchdog-timeout", str(WATCHDOG_S))
+    job.args = tiny_run_args(job.run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
+                             "checkpoint.interval=0")
+    try:
+        nodes = [job.start(0), job.start(1)]
+        wait_for_step(nodes[0], job.run_dir, 3)
+        (frozen,) = _rank_pids(nodes[1].pid)
+        os.kill(frozen, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        _wait_all(nodes, WATCHDOG_S + WATCHDOG_PEER_PATIENCE_S + 60)
+        took = time.monotonic() - frozen_at
+    finally:
+        job.stop_all()
+    assert nodes[1].returncode == NO_PROGRESS_EXIT_CODE, job.stderr(nodes[1])[-3000:]
+    (line,) = job.lines(nodes[1])
+    assert re.fullmatch(rf"normopt launch: no progress for \d+ s: rank 1 was in step at step \d+ "
+                        rf"\(last checkpoint: none\); exit {NO_PROGRESS_EXIT_CODE}", line), line
+    assert nodes[0].returncode == 1, job.stderr(nodes[0])[-3000:]
+    (line,) = job.lines(nodes[0])
+    assert line.startswith(f"normopt launch: node 1 ({HOST}, rank 1) ended with status {NO_PROGRESS_EXIT_CODE}"), line
+    assert took < WATCHDOG_S + WATCHDOG_PEER_PATIENCE_S + 15, took
+    assert "Traceback" not in job.stderr(nodes[0]) + job.stderr(nodes[1])
+    assert not _alive(frozen)
 
 
 # ---------------------------------------------------------------------- the small pieces

@@ -140,24 +140,47 @@ def all_gather_object(obj: Any, group: ProcessGroup | None = None) -> list[Any]:
 
 def new_group(ranks: list[int] | None = None, backend: str | None = None, timeout=None) -> ProcessGroup | None:
     """A process group (collective: every rank of the default group calls it in the same
-    order), its collectives bounded by ``timeout`` (a timedelta; torch's default when None);
-    None without a default group."""
+    order), its collectives bounded by ``timeout`` (a timedelta), else by the phase's timeout
+    as the default group's are (``follow_phase``); None without a default group."""
     if not is_distributed():
         return None
-    return dist.new_group(ranks=ranks, backend=backend, timeout=timeout)
+    group = dist.new_group(ranks=ranks, backend=backend, timeout=timeout)
+    if timeout is None:
+        follow_phase(group)
+    return group
 
 
 _phase = ["start-up"]  # the phase whose timeout the default group has now
+_following: list[ProcessGroup] = []  # groups besides the default one whose timeout follows the phase
+
+
+def follow_phase(group) -> None:
+    """Bound ``group``'s collectives by the phase's timeout from now on, as the default
+    group's are (the sub-groups of an HSDP mesh, row-block teams): a step that hangs in any
+    of them ends within the step timeout, not the start-up one it was created with. A group
+    this rank is not in is left alone."""
+    if not isinstance(group, ProcessGroup) or any(group is known for known in _following):
+        return
+    if is_distributed() and group is dist.group.WORLD:
+        return
+    _following.append(group)
+    _apply_phase(group)
+
+
+def _apply_phase(group: ProcessGroup | None) -> None:
+    from normopt.parallel.timeouts import collective_timeout
+
+    dist.distributed_c10d._set_pg_timeout(collective_timeout(_phase[0]), group)
 
 
 def set_phase_timeout(phase: str) -> None:
-    """Bound the default group's collectives by ``phase``'s timeout (``normopt.parallel.timeouts``)
-    from now on; nothing without a group."""
-    from normopt.parallel.timeouts import collective_timeout
-
+    """Bound the collectives of the default group and of the groups that follow it by
+    ``phase``'s timeout (``normopt.parallel.timeouts``) from now on; nothing without a group."""
     _phase[0] = phase
     if is_distributed():
-        dist.distributed_c10d._set_pg_timeout(collective_timeout(phase))
+        _apply_phase(None)
+        for group in _following:
+            _apply_phase(group)
 
 
 @contextlib.contextmanager

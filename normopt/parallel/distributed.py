@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from normopt.errors import UserError
+from normopt.parallel import collectives
 from normopt.parallel.timeouts import collective_timeout
 
 
@@ -79,6 +80,7 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
                                 device_id=device if device_type == "cuda" else None,
                                 timeout=collective_timeout("start-up"))
     mesh = init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp",))
+    collectives.follow_phase(mesh.get_group("dp"))
     return DistInfo(rank, world_size, local_rank, device, mesh)
 
 
@@ -90,8 +92,12 @@ def data_parallel_mesh(device_type: str, replicate: int, shard: int) -> DeviceMe
     r * shard + s sits at (r, s): a shard group is ``shard`` consecutive ranks (one node's
     GPUs when shard = GPUs per node). Collective: every rank calls it in the same order."""
     if replicate == 1:
-        return init_device_mesh(device_type, (shard,), mesh_dim_names=("dp",))
-    return init_device_mesh(device_type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+        mesh = init_device_mesh(device_type, (shard,), mesh_dim_names=("dp",))
+    else:
+        mesh = init_device_mesh(device_type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+    for name in mesh.mesh_dim_names:  # their collectives are bounded by the phase's timeout too
+        collectives.follow_phase(mesh.get_group(name))
+    return mesh
 
 
 def with_data_parallel_layout(info: DistInfo, replicate: int, shard: int) -> DistInfo:
