@@ -201,3 +201,20 @@ def test_a_bad_watchdog_timeout_is_refused(tmp_path, tiny_corpus):
     proc = _launch(tiny_run_args(tmp_path / "run", tiny_corpus), "--watchdog-timeout", "-1")
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2 and stderr.strip().startswith("normopt: error: --watchdog-timeout -1"), stderr
+
+
+def test_a_refusal_on_rank_0_before_dcp_starts_fails_the_save_on_every_rank(tmp_path):
+    """Rank 0's own piece of a checkpoint (its non-tensor state, written before DCP's
+    collectives) refused by the disk: both ranks learn it at once and raise the same one-line
+    refusal; rank 1 is not left inside DCP waiting for a rank that will never come."""
+    from tests.torchrun import run_torchrun
+
+    out = tmp_path / "out"
+    run_torchrun(REPO_ROOT / "tests" / "workers" / "checkpoint_failure_worker.py", 2,
+                 [str(tmp_path / "run"), str(out)], timeout=120, env={"NORMOPT_CHECKPOINT_TIMEOUT_S": "20"})
+    seen = [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(2)]
+    assert seen[0]["refusal"] == seen[1]["refusal"], seen
+    assert re.match(r"writing checkpoint step 1 on rank 0 failed \(no space left on device\); the partial "
+                    r"checkpoint was removed", seen[0]["refusal"]), seen
+    assert all(s["seconds"] < 15 for s in seen), seen
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))

@@ -126,20 +126,21 @@ class CheckpointWriter:
         progress.mark("checkpoint save", step)
         final, tmp = self.run.checkpoint(step), self.run.partial_checkpoint(step)
         with collectives.phase_timeout("checkpoint"):
+            tensors, non_tensors = split_tensors(_state(model, optimizers))
             failure = None
             try:
                 if self.is_main:
                     self.run.checkpoints.mkdir(parents=True, exist_ok=True)
                     shutil.rmtree(tmp, ignore_errors=True)
-            except Exception as exc:  # noqa: BLE001 - any refusal of this rank's disk is agreed below
-                failure = _first_cause(exc, tmp)
-            self._agree_written(step, failure)
-            tensors, non_tensors = split_tensors(_state(model, optimizers))
-            future = None
-            try:
-                if self.is_main:
                     tmp.mkdir(parents=True, exist_ok=True)
                     write_non_tensor_state(tmp, non_tensors)
+            except Exception as exc:  # noqa: BLE001 - any refusal of this rank's disk is agreed below
+                failure = _first_cause(exc, tmp)
+            # agreed before DCP starts: a rank that skipped dcp.save while the others run its
+            # collectives would leave them waiting in a gather that never completes
+            self._agree_written(step, failure)
+            future = None
+            try:
                 if self.async_save and not block:
                     future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._group)
                     save_rng_state(tmp)
