@@ -181,8 +181,11 @@ DEFAULT, FILE, OVERRIDE, DERIVED = "default", "file", "override", "derived"
 def resolve_config(path: str | Path | None = None,
                    overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict[str, str]]:
     """:func:`load_config`, with the origin of every key's value ("section.key" -> default,
-    file, override, or derived for an empty ``run.dir``): defaults < the YAML file < the
-    ``section.key=value`` overrides, in their order."""
+    file, override, or derived for an empty ``run.dir`` and for ``train.steps`` under
+    ``train.tokens_per_param``): defaults < the YAML file < the ``section.key=value``
+    overrides, in their order. ``train.tokens_per_param`` > 0 sets train.steps
+    (:func:`tokens_per_param_steps`) over a train.steps given on a lower layer (the file under
+    an override of the ratio); one given on the ratio's layer or above must agree with it."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -213,7 +216,56 @@ def resolve_config(path: str | Path | None = None,
         cfg.run.dir = default_run_dir(path.stem, cfg)
         origins["run.dir"] = DERIVED
     validate(cfg)
+    _derive_steps(cfg, origins)
     return cfg, origins
+
+
+# where a value was given, lowest first: train.steps given at or above train.tokens_per_param's
+# layer must agree with it; given only below (a base file the overrides specialise), it is replaced
+_LAYERS = {DEFAULT: 0, FILE: 1, OVERRIDE: 2}
+
+
+def config_vocab_size(cfg: Config) -> int:
+    """The vocabulary the config asks for: ``data.vocab_size`` (the trained BPE's size; a
+    ``data.tokenizer`` brings its own, which may differ), or the synthetic task's 2 x classes + 1."""
+    from normopt.data.synthetic_assoc import AssocSpec, is_synthetic
+
+    return AssocSpec.from_config(cfg.data).vocab_size if is_synthetic(cfg.data.path) else cfg.data.vocab_size
+
+
+def size_parameters(cfg: Config) -> int:
+    """The parameters ``train.tokens_per_param`` counts: the model's without its norm weights
+    and embedding scale (``count_parameters_without_norms``, the same for every norm of one
+    shape), at :func:`config_vocab_size`."""
+    from normopt.models.presets import count_parameters_without_norms, resolve_model_args
+
+    return count_parameters_without_norms(resolve_model_args(cfg.model, vocab_size=config_vocab_size(cfg)))
+
+
+def tokens_per_param_steps(cfg: Config) -> int:
+    """train.steps for ``train.tokens_per_param`` = r: ceil(N r / (global batch x seq_len)), N =
+    :func:`size_parameters`; the run then sees at least r tokens per parameter (at most one
+    step's tokens more)."""
+    t = cfg.train
+    return max(1, math.ceil(round(size_parameters(cfg) * t.tokens_per_param / (t.global_batch_size * t.seq_len), 9)))
+
+
+def _derive_steps(cfg: Config, origins: dict[str, str]) -> None:
+    """With ``train.tokens_per_param`` > 0, train.steps becomes :func:`tokens_per_param_steps`;
+    a train.steps given where the ratio is given or later (file, then overrides) that
+    disagrees with it is refused."""
+    if cfg.train.tokens_per_param <= 0:
+        return
+    steps = tokens_per_param_steps(cfg)
+    if (cfg.train.steps != steps
+            and _LAYERS[origins["train.steps"]] >= _LAYERS[origins["train.tokens_per_param"]]):
+        t = cfg.train
+        raise UserError(f"train.steps: {t.steps} disagrees with train.tokens_per_param={t.tokens_per_param:g}, "
+                        f"which gives {steps} steps ({size_parameters(cfg):,} parameters x "
+                        f"{t.tokens_per_param:g} / {t.global_batch_size * t.seq_len:,} tokens per step): "
+                        f"give one of them (train.tokens_per_param=0 keeps train.steps)")
+    cfg.train.steps = steps
+    origins["train.steps"] = DERIVED
 
 
 def default_run_dir(config_name: str, cfg: Config) -> str:

@@ -26,6 +26,11 @@ class TrainConfig:
     """The step budget and batch, the precision and device, and how the same math is executed."""
 
     steps: int = role(LENGTH, 300, "optimizer steps of the whole run (raising it continues a finished run)")
+    # LENGTH like train.steps: it only sets train.steps (normopt/config.py, tokens_per_param_steps)
+    tokens_per_param: float = role(LENGTH, 0.0, "> 0: train.steps = ceil(parameters x this / tokens per step), "
+                                                "the same training tokens per parameter at every model size "
+                                                "(parameters without norm weights, at the config's vocabulary); "
+                                                "0 = train.steps as given")
     global_batch_size: int = role(MATH, 16, "sequences per optimizer step over all ranks")
     micro_batch_size: int = role(EXECUTION, 16, "at most this many sequences per forward/backward on one rank "
                                                 "(gradients are accumulated; the math is unchanged)")
@@ -63,6 +68,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         require(self.steps > 0, "train.steps", "must be positive")
+        require(self.tokens_per_param >= 0, "train.tokens_per_param",
+                "must be >= 0 (0 = train.steps as given)")
         require(self.global_batch_size > 0, "train.global_batch_size", "must be positive")
         require(self.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
         require(self.seq_len > 0, "train.seq_len", "must be positive")

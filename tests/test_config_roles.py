@@ -31,7 +31,7 @@ def test_resume_safe_and_non_arm_keys_come_from_the_tags():
     # the two sets differ by design: a longer run or one measured on other validation
     # sequences may continue a checkpoint, but is not comparable with the other cells
     assert RESUME_SAFE_KEYS - NON_ARM_KEYS == keys_with_role(LENGTH, EVALUATION)
-    assert keys_with_role(LENGTH, EVALUATION) == {"train.steps", "train.eval_sequences"}
+    assert keys_with_role(LENGTH, EVALUATION) == {"train.steps", "train.tokens_per_param", "train.eval_sequences"}
     assert not keys_with_role(MATH) & (RESUME_SAFE_KEYS | NON_ARM_KEYS) - COORDINATE_KEYS
 
 

@@ -6,7 +6,8 @@ the cell's evaluation seeds run::
       values: [1.0e-3, 3.0e-3, 1.0e-2]
       by: final_eval_loss           # the choice's metric (the only one so far)
       seeds: [100]                  # tuning seeds, disjoint from the spec's seeds
-      steps: 40                     # optional: a shorter horizon for the tuning runs
+      steps: 40                     # optional: a shorter horizon for the tuning runs (it
+                                    # replaces a train.tokens_per_param of the cells)
 
 Every cell of the grid without its seed (``derf-muon``, ``alpha0.3-muon``: its *group*) runs
 every value on every tuning seed, as ``ROOT/tuning/<group>-<key><value>-s<seed>`` (with its own
@@ -127,8 +128,10 @@ def tuning_cells(cells: Sequence[CellSpec], tune: TuneSpec, root: Path) -> list[
         for value in tune.values:
             for seed in tune.seeds:
                 label = level_label(value).replace("/", "_")
+                # tune.steps is the tuning runs' own horizon: it replaces a train.tokens_per_param
                 settings = {**cell.settings, tune.key: value, "train.seed": seed,
-                            **({"train.steps": tune.steps} if tune.steps is not None else {})}
+                            **({"train.steps": tune.steps, "train.tokens_per_param": 0}
+                               if tune.steps is not None else {})}
                 name = f"{group}-{_short_key(tune.key)}{label}-s{seed}"
                 # the tuned key is a coordinate too: `normopt report ROOT/tuning` then analyses
                 # each value on its own (a stratum) instead of pooling the values

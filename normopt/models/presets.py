@@ -133,10 +133,11 @@ def resolve_model_args(model_cfg, vocab_size: int) -> ModelArgs:
     return fill_derived_shapes(replace(base, **overrides, vocab_size=vocab_size))
 
 
-def _attention_params(args: ModelArgs) -> int:
-    """One block's attention (its latent norms included): the registered class's count."""
-    return attention_class(args.attention).param_count(args, lambda features: norm_param_count(args.norm_config,
-                                                                                               features))
+def _attention_params(args: ModelArgs, norms: bool = True) -> int:
+    """One block's attention (its latent norms included unless ``norms`` is False): the
+    registered class's count."""
+    return attention_class(args.attention).param_count(
+        args, lambda features: norm_param_count(args.norm_config, features) if norms else 0)
 
 
 def _ffn_params(args: ModelArgs, active: bool) -> int:
@@ -144,12 +145,12 @@ def _ffn_params(args: ModelArgs, active: bool) -> int:
     return feed_forward_class(args.ffn).param_counts(args)[1 if active else 0]
 
 
-def _count(args: ModelArgs, active: bool) -> int:
+def _count(args: ModelArgs, active: bool, norms: bool = True) -> int:
     d = args.dim
-    norm = norm_param_count(args.norm_config, d)
-    block = _attention_params(args) + _ffn_params(args, active) + 2 * norm
+    norm = norm_param_count(args.norm_config, d) if norms else 0
+    block = _attention_params(args, norms) + _ffn_params(args, active) + 2 * norm
     head = 0 if args.tie_embeddings else args.vocab_size * d
-    scale = 0 if args.embed_scale is None else 1
+    scale = 0 if args.embed_scale is None or not norms else 1
     return args.vocab_size * d + scale + args.n_layers * block + norm + head
 
 
@@ -163,6 +164,15 @@ def count_parameters(args: ModelArgs) -> int:
     every expert, ``moe_param_counts``).
     """
     return _count(args, active=False)
+
+
+def count_parameters_without_norms(args: ModelArgs) -> int:
+    """``count_parameters`` without the norm layers' parameters (gains, biases, alphas, shifts,
+    MLA's latent norms included) and the embedding scale: the same for every norm of one
+    shape, so a quantity per parameter built on it (``train.tokens_per_param``, the report's
+    interaction against model size) does not differ between the cells a norm comparison
+    compares. The difference to ``count_parameters`` is a few feature vectors per layer."""
+    return _count(args, active=False, norms=False)
 
 
 def count_active_parameters(args: ModelArgs) -> int:

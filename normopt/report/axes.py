@@ -18,7 +18,10 @@ that Muon on the VO and FFN matrices carries). ``factors`` names pairs of varian
 in one setting, ``name: [without, with]`` (a variant is a level or ``level[arm]``): the
 report gives each factor's change of the interaction (:mod:`normopt.report.factor_effects`).
 ``equivalence_margin`` (nats, :data:`DEFAULT_EQUIVALENCE_MARGIN`) is the margin of the
-report's equivalence ("no penalty") tests (:mod:`normopt.report.multiplicity`).
+report's equivalence ("no penalty") tests (:mod:`normopt.report.multiplicity`). ``size`` names the
+strata that are model sizes (a key or a list; ``none`` for no size axis; default: the strata
+among :data:`SIZE_KEYS`): the report then fits each interaction against log(parameters)
+(:mod:`normopt.report.model_size`).
 
 Where the settings come from, first found wins: the command line of ``normopt report``; the
 experiment file a factorial runner writes into its root (:data:`EXPERIMENT_FILE`, the spec's
@@ -48,7 +51,10 @@ AXIS_NOUNS = {NORM_KEY: "norm", OPTIM_KEY: "optimizer"}
 DEFAULT_LEVELS = {NORM_KEY: "rmsnorm", OPTIM_KEY: REFERENCE_OPTIMIZER}
 # the one column label of a report without an across axis
 SINGLE_COLUMN = "all"
-REPORT_KEYS = {"compare", "baseline", "across", "reference", "fixes", "factors", "equivalence_margin"}
+REPORT_KEYS = {"compare", "baseline", "across", "reference", "fixes", "factors", "equivalence_margin", "size"}
+# the keys that set a model's size: a stratum over one of them is a size axis unless report.size says
+# otherwise (a preset axis over architectures of one size, debug / debug-mla, is one: report.size: none)
+SIZE_KEYS = ("model.preset", "model.dim", "model.n_layers", "model.ffn_hidden")
 # The default margin of an equivalence ("no penalty") statement, in nats of final validation
 # loss: a difference whose 90% interval lies inside +/- this margin is called negligible (two
 # one-sided tests at 5%). 0.05 nats is ~1.5% of the tiny grid's final loss and a third of the
@@ -72,6 +78,13 @@ class ReportAxes:
     # that one factor is switched (:func:`normopt.report.statistics.compute_factor_effects`)
     factors: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     equivalence_margin: float = DEFAULT_EQUIVALENCE_MARGIN
+    # the keys report.size names (None = the strata among SIZE_KEYS; () = no size axis)
+    size: tuple[str, ...] | None = None
+
+    @property
+    def size_keys(self) -> tuple[str, ...]:
+        """The strata that are model sizes (:mod:`normopt.report.model_size`)."""
+        return tuple(k for k in (SIZE_KEYS if self.size is None else self.size) if k in self.strata)
 
     @property
     def is_norm_by_optimizer(self) -> bool:
@@ -91,7 +104,8 @@ class ReportAxes:
                 "fixes": None if self.fixes is None else dict(self.fixes),
                 "order": {k: list(v) for k, v in self.order.items()},
                 "factors": {k: list(v) for k, v in self.factors.items()},
-                "equivalence_margin": self.equivalence_margin}
+                "equivalence_margin": self.equivalence_margin,
+                "size": None if self.size is None else list(self.size), "size_keys": list(self.size_keys)}
 
 
 def level_label(value: Any) -> str:
@@ -180,6 +194,7 @@ def axes_from_levels(levels: Mapping[str, Sequence[Any]], report: Mapping[str, A
     return ReportAxes(
         factors=_factors(report.get("factors"), compare, order[compare]),
         equivalence_margin=_margin(report.get("equivalence_margin", DEFAULT_EQUIVALENCE_MARGIN)),
+        size=_size_keys(report.get("size"), order, compare, across),
         compare=compare, baseline=level(compare, report.get("baseline")),
         across=across, reference=level(across, report.get("reference")),
         strata=tuple(k for k in keys if k not in (compare, across)),
@@ -215,6 +230,26 @@ def _factors(given: Any, compare: str, levels: Sequence[str]) -> dict[str, tuple
             raise UserError(f"report.factors.{name}: the two variants are the same ({pair[0]!r})")
         factors[name] = (pair[0], pair[1])
     return factors
+
+
+def _size_keys(given: Any, order: Mapping[str, Sequence[str]], compare: str,
+               across: str | None) -> tuple[str, ...] | None:
+    """report.size: None (the strata among SIZE_KEYS), ``none`` or [] (no size axis), a key or a
+    list of keys, each an axis that is neither compared nor across (a stratum)."""
+    if given is None:
+        return None
+    if given == "none":
+        return ()
+    keys = [given] if isinstance(given, str) else given
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
+        raise UserError(f"report.size must be an axis, a list of axes or none, got {given!r}")
+    for key in keys:
+        if key not in order:
+            raise UserError(f"report.size: {key!r} is not an axis (axes: {', '.join(order)})")
+        if key in (compare, across):
+            raise UserError(f"report.size: {key!r} is the {'compared' if key == compare else 'across'} axis; "
+                            "a size axis is a further axis (a stratum)")
+    return tuple(dict.fromkeys(keys))
 
 
 def _margin(value: Any) -> float:

@@ -19,6 +19,7 @@ from normopt.report.family_markdown import (
     holm_verdict,
     left_out_section,
 )
+from normopt.report.model_size import size_answer_lines, size_section
 from normopt.report.multiplicity import equivalence_phrase
 from normopt.report.notes import collapse_notes
 from normopt.report.over_training import over_training_section, stability_clause, stability_of
@@ -209,6 +210,7 @@ def answer_paragraph(summary: Mapping[str, Any]) -> str:
             text += f" ({holm_verdict(p_holm)})"
         lines.append(text + "." + flag_text(r))
     lines += factor_lines(summary)
+    lines += size_answer_lines(summary)
     flat = [c["name"] for c in summary["cells"] if c.get("learned_no_context")]
     if flat:
         lines.insert(0, f"- **Caution**: {len(flat)} of {len(summary['cells'])} cells learned almost no context "
@@ -419,6 +421,7 @@ def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
         *_per_stratum(summary, recovery_table),
         *tuning_section(summary, _file_name(summary, "tuning")),
         *over_training_section(summary, _file_name(summary, "over_training")),
+        *size_section(summary, _file_name(summary, "model_size")),
         *factor_section(summary),
         *tail_section(summary),
         "## Plots", "",

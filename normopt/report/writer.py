@@ -17,6 +17,7 @@
 * :mod:`normopt.report.over_training`: the gaps and interactions at every eval step and whether
   the interaction was stable over the last quarter of training; :mod:`normopt.report.tuning`:
   a tuned grid's choices and the interaction at each common value of the tuned key;
+  :mod:`normopt.report.model_size`: with a size axis, each interaction against log(parameters);
 * :mod:`normopt.report.run_setup`: the setup the report opens with (model size, steps,
   tokens, data, seeds, code version);
 * :mod:`normopt.report.plots` and :mod:`normopt.report.diagnostic_plots`: the PNG plots
@@ -66,6 +67,7 @@ from normopt.report.markdown import (
     stratum_label,
     stratum_prefix,
 )
+from normopt.report.model_size import plot_model_size, size_analysis, size_answer_lines
 from normopt.report.plots import (
     plot_final_losses,
     plot_gaps,
@@ -82,10 +84,11 @@ PLOT_FILES = {"loss_curves": "loss_curves.png", "final_eval_loss": "final_eval_l
 # written only when some cell logged the records each one draws
 DIAGNOSTIC_PLOT_FILES = {"saturation": "saturation.png", "saturation_layers": "saturation_layers.png",
                          "spectral_norm": "spectral_norm.png", "tail_tokens": "tail_tokens.png"}
-# the over-training curves and a tuned grid's loss against the tuned value, each drawn inside
-# its own report.md section (only when there is something to draw)
-ANALYSIS_PLOT_FILES = {"over_training": "over_training.png", "tuning": "tuning.png"}
-ANALYSIS_DRAWERS = {"over_training": plot_over_training, "tuning": plot_tuning}
+# the over-training curves, a tuned grid's loss against the tuned value and the interaction against
+# model size, each drawn inside its own report.md section (only when there is something to draw)
+ANALYSIS_PLOT_FILES = {"over_training": "over_training.png", "tuning": "tuning.png",
+                       "model_size": "interaction_vs_size.png"}
+ANALYSIS_DRAWERS = {"over_training": plot_over_training, "tuning": plot_tuning, "model_size": plot_model_size}
 DIAGNOSTIC_DRAWERS = {"saturation": plot_saturation, "saturation_layers": plot_saturation_layers,
                       "spectral_norm": plot_spectral_norm, "tail_tokens": plot_tail_tokens}
 
@@ -134,6 +137,9 @@ def write_report(root: str | Path, out: str | Path | None = None, *, axes: Repor
     tuning = tuning_analysis(root, cells, summary, axes, fixes)
     if tuning is not None:
         summary["tuning"] = tuning
+    model_size = size_analysis(cells, summary, axes)
+    if model_size is not None:
+        summary["model_size"] = model_size
     out.mkdir(parents=True, exist_ok=True)
     plot_cells, view = plot_view(place_cells(cells, axes), summary)
     plots = {name: out / filename for name, filename in PLOT_FILES.items()}
@@ -227,6 +233,9 @@ def print_summary(summary: Mapping[str, Any]) -> None:
     if summary.get("tuning"):
         print()
         print("\n".join(tuning_lines(summary)))
+    if summary.get("model_size"):
+        print()
+        print("\n".join(size_answer_lines(summary)))
     if summary["tail_classes"]:
         print()
         for item in summary["tail_classes"]:
