@@ -90,7 +90,7 @@ def test_unknown_command_and_train_prog():
     # one line (the usage block is normopt --help's), naming the command and the ones there are
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
         "normopt: error: unknown command 'bogus' (commands: train, check, export, sample, report, factorial, "
-        "status, spectrum, launch, config; see normopt --help)"], proc.stderr
+        "plan, status, spectrum, launch, config; see normopt --help)"], proc.stderr
     no_command = _cli(timeout=60)
     assert no_command.returncode == 2 and len(no_command.stderr.splitlines()) == 1
     assert no_command.stderr.startswith("normopt: error: no command given (commands: train,")

@@ -103,10 +103,22 @@ def _start_now(cluster, job: str) -> None:
 def _kill_job_processes(cluster, job: str) -> None:
     """SIGKILL every process of a job at once (its batch script, srun, the launcher, the
     ranks), as a node that dies leaves it: nothing of the job gets to record how it ended."""
-    listed = cluster.run("scontrol", "listpids", job).stdout.splitlines()[1:]
-    pids = {int(line.split()[0]) for line in listed if line.split() and line.split()[0].isdigit()}
-    assert pids, listed
-    for pid in pids:
+    # frozen first, until no new process appears (a shell that saw its child die could
+    # otherwise fork the recorder between two kills on a busy machine), then killed
+    frozen: set[int] = set()
+    while True:
+        listed = cluster.run("scontrol", "listpids", job).stdout.splitlines()[1:]
+        pids = {int(line.split()[0]) for line in listed if line.split() and line.split()[0].isdigit()}
+        assert pids or frozen, listed
+        if pids <= frozen:
+            break
+        for pid in pids - frozen:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        frozen |= pids
+    for pid in frozen:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
