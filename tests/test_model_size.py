@@ -149,6 +149,8 @@ def test_fitted_slope_interval_and_verdict_match_a_hand_computation(tmp_path, tr
     assert fit["family"] == "exploratory"
     sizes = section["sizes"]
     assert [s["size"] for s in sizes] == [{DIM: str(d)} for d in DIMS]  # smallest to largest
+    # the per-size tables follow the spec's levels, not the folder names (128 sorts before 64)
+    assert [i["stratum"] for i in summary["interactions"]] == [{DIM: str(d)} for d in DIMS]
     assert [s["parameters"] for s in sizes] == [n_of(d) for d in DIMS]
     assert [s["tokens"] for s in sizes] == [100 * 16 * 256] * 4
     words = {GROWS: "grows with size", SHRINKS: "shrinks with size", FLAT: "cannot be told apart from flat"}

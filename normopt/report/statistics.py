@@ -308,6 +308,17 @@ def _canonical_orders(axes: ReportAxes) -> tuple[Sequence[str], Sequence[str]]:
     return compare, across
 
 
+def _stratum_order(strata: Sequence[Stratum], axes: ReportAxes) -> list[Stratum]:
+    """The strata in the order of the spec's levels (a size ladder reads smallest first), levels
+    the spec does not list after them in the order found."""
+    def rank(stratum: Stratum) -> tuple[int, ...]:
+        levels = [axes.order.get(key, ()) for key, _ in stratum]
+        return tuple(known.index(level) if level in known else len(known) for known, (_, level) in
+                     zip(levels, stratum))
+
+    return sorted(strata, key=rank)  # stable: the order found among equal ranks
+
+
 def _stratum_label(stratum: Stratum) -> str:
     return ", ".join(f"{key}={level}" for key, level in stratum)
 
@@ -339,7 +350,7 @@ def build_summary(cells: Sequence[Cell], *, axes: ReportAxes | None = None, base
     compare_order, across_order = _canonical_orders(axes)
 
     placed = place_cells(cells, axes)
-    strata = list(dict.fromkeys(stratum_of(c, axes) for c in placed))
+    strata = _stratum_order(list(dict.fromkeys(stratum_of(c, axes) for c in placed)), axes)
     notes: list[str] = []
     by_name: dict[str, Cell] = {}
     for stratum in strata:
