@@ -45,8 +45,9 @@ summary.json ``model_size`` (absent without a size axis): ``axes`` (the size key
 ``context`` {the other strata's levels}, ``size`` {key: level}, ``label``, ``parameters`` (N, the
 most common over the size's cells; ``parameters_by_cell`` the distinct values), ``ln_parameters``,
 ``tokens`` (``tokens_by_cell``), ``tokens_per_param``, ``tokens_per_param_setting`` (the cells'
-train.tokens_per_param where all agree and it is > 0, else None), ``steps`` (distinct), and
-``interactions`` [{variant, optim, reference_optim, value, se, df, ci95, n}]), ``fits`` (per
+train.tokens_per_param where all agree and it is > 0, else None), ``steps`` (distinct),
+``learned_no_context`` (its cells that did, by name) and ``interactions`` [{variant, optim,
+reference_optim, value, se, df, ci95, n}]), ``fits`` (per
 context and interaction: ``variant``, ``optim``, ``reference_optim``, ``k``, ``sizes`` (labels),
 ``ln_parameters``, ``values``, ``se``, ``weights`` ("inverse variance" | "equal"), ``intercept``,
 ``slope`` (nats per unit of ln N), ``slope_se``, ``df`` (k - 2), ``t``, ``ci95``, ``p``,
@@ -78,6 +79,7 @@ from normopt.report.student_t import t_interval
 # tokens per parameter that agree within this relative spread count as held fixed by the spec
 SAME_RATIO_RTOL = 0.02
 GROWS, SHRINKS, FLAT, NOT_TESTED = "grows", "shrinks", "flat", "not tested"
+VERDICT_WORDS = {GROWS: "grows", SHRINKS: "shrinks", FLAT: "cannot be told apart from flat", NOT_TESTED: "not tested"}
 FIT = ("interaction_i = a + b ln N_i by weighted least squares (weights 1/se_i^2, equal where a size's "
        "interaction has no se); se(b) = sqrt(s^2 / S_xx), s^2 = sum w_i r_i^2 / (k - 2); 95% t interval "
        "with k - 2 degrees of freedom (k sizes; none with k = 2: not tested)")
@@ -245,9 +247,12 @@ def _fit_sentence(fit: Mapping[str, Any], sizes: Sequence[Mapping[str, Any]]) ->
                SHRINKS: "the interaction shrinks with size (the interval lies below 0)",
                FLAT: "cannot be told apart from flat (the interval includes 0)"}[fit["verdict"]]
     weights = "" if fit["weights"] == "inverse variance" else ", equal weights (some size has 1 seed)"
+    scatter = ("" if fit["weights"] != "inverse variance" or fit["residual_scale"] is None else
+               f"; the sizes scatter about the line s = {fit['residual_scale']:.2g} times as much as their seeds' "
+               "standard errors predict")
     return (f"{head}: slope {_num(fit['slope'])} nats per unit of ln N {_ci(fit['ci95'])} "
             f"(weighted least squares{weights}, t with {fit['df']} df), {per_doubling} "
-            f"{_ci(fit['ci95_per_doubling'])}: {verdict}.")
+            f"{_ci(fit['ci95_per_doubling'])}: {verdict}{scatter}.")
 
 
 def _tokens_record(sizes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -299,6 +304,7 @@ def size_analysis(cells: Sequence[Cell], summary: Mapping[str, Any], axes: Repor
         size = tuple((k, cell_level(cell, k)) for k in keys)
         by_size.setdefault((context, size), []).append(cell)
     order = {k: {level: i for i, level in enumerate(axes.order.get(k, ()))} for k in keys}
+    flat = {c["name"] for c in summary["cells"] if c.get("learned_no_context")}
     sizes = []
     for (context, size), members in by_size.items():
         counts = [cell_size_parameters(c) for c in members]
@@ -317,6 +323,7 @@ def size_analysis(cells: Sequence[Cell], summary: Mapping[str, Any], axes: Repor
                       else None,
                       "steps": sorted({c.config.get("train.steps") for c in members
                                        if isinstance(c.config.get("train.steps"), int)}),
+                      "learned_no_context": sorted(c.name for c in members if c.name in flat),
                       "interactions": inter, "_stratum": stratum,
                       "_order": tuple(order[k].get(level, len(order[k])) for k, level in size)})
     contexts = list(dict.fromkeys(tuple(s["context"].items()) for s in sizes))  # in the cells' order
@@ -473,7 +480,8 @@ def _fit_table(summary: Mapping[str, Any], context: Mapping[str, Any]) -> str:
                      _num(fit["slope"]), "—" if fit["slope_se"] is None else f"{fit['slope_se']:.3f}",
                      "—" if fit["df"] is None else str(fit["df"]), _ci(fit["ci95"]),
                      _num(fit["slope_per_doubling"]),
-                     "—" if fit["residual_scale"] is None else f"{fit['residual_scale']:.2f}", fit["verdict"]])
+                     "—" if fit["residual_scale"] is None else f"{fit['residual_scale']:.2f}",
+                     VERDICT_WORDS[fit["verdict"]]])
     return markdown_table(["interaction", "sizes k", "weights", "intercept a", "slope b (nats per unit ln N)",
                            "se(b)", "df (k − 2)", "95% CI of b (t)", "b × ln 2 (per doubling)",
                            "scatter s", "verdict"], rows)
@@ -504,6 +512,10 @@ def size_section(summary: Mapping[str, Any], plot: str | None = None) -> list[st
             parts += [f"### {_label(context)}", ""]
         parts += [f"- {fit['sentence']}" for fit in section["fits"] if fit["context"] == context]
         parts += [f"- {t['sentence']}" for t in section["tokens_per_param"] if t["context"] == context]
+        parts += [f"- At {s['label']}, {len(s['learned_no_context'])} cell(s) learned almost no context "
+                  f"({', '.join(s['learned_no_context'])}): the interaction there measures noise more than the "
+                  "norm or the optimizer, and so does the fit through it."
+                  for s in section["sizes"] if s["context"] == context and s["learned_no_context"]]
         parts += ["", _size_table(summary, context), ""]
         if any(fit["context"] == context for fit in section["fits"]):
             parts += [_fit_table(summary, context), ""]

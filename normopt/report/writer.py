@@ -67,7 +67,7 @@ from normopt.report.markdown import (
     stratum_label,
     stratum_prefix,
 )
-from normopt.report.model_size import plot_model_size, size_analysis, size_answer_lines
+from normopt.report.model_size import plot_model_size, size_analysis
 from normopt.report.plots import (
     plot_final_losses,
     plot_gaps,
@@ -233,9 +233,6 @@ def print_summary(summary: Mapping[str, Any]) -> None:
     if summary.get("tuning"):
         print()
         print("\n".join(tuning_lines(summary)))
-    if summary.get("model_size"):
-        print()
-        print("\n".join(size_answer_lines(summary)))
     if summary["tail_classes"]:
         print()
         for item in summary["tail_classes"]:
