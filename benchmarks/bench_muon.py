@@ -302,7 +302,7 @@ def main() -> None:
           "rank; peak_MiB: most exchange buffers held at once")
     for nproc, result in results.items():
         note = "  (more ranks than cores: ranks time-share)" if nproc > (os.cpu_count() or 1) else ""
-        ratio = lambda a, b, key="step_s": result[a][key] / result[b][key]  # noqa: E731
+        ratio = lambda a, b, key="step_s", result=result: result[a][key] / result[b][key]  # noqa: E731
         line = []
         if {"replicated", "overlap"} <= result.keys():
             line.append(f"distributed/replicated NS per rank {ratio('overlap', 'replicated', 'ns_max_s'):.2f}")

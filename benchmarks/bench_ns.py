@@ -128,7 +128,7 @@ def main() -> None:
         for label, algorithm, kernel in labels:
             previous = symmetric_matmul.set_kernel_enabled(kernel)
             try:
-                seconds = time_call(lambda: newton_schulz(G, args.steps, args.coefficients, dtype=dtype,
+                seconds = time_call(lambda G=G, algorithm=algorithm: newton_schulz(G, args.steps, args.coefficients, dtype=dtype,
                                                           algorithm=algorithm), device, args.repeats)
             finally:
                 symmetric_matmul.set_kernel_enabled(previous)

@@ -108,7 +108,8 @@ def worker(args) -> None:
     dist.all_gather_object(gathered, times)
     if info.is_main:
         Path(args.worker_out).write_text(json.dumps(gathered))
-    del trainer, minimal, minimal_optim
+    # free both models' state before the process group goes (the closures above are done with them)
+    trainer = minimal = minimal_optim = None
     shutdown_distributed()
 
 

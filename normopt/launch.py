@@ -582,7 +582,7 @@ def _run_nodes(plan: Plan, signals: StopSignals, watch: NodeWatch, max_restarts:
         watchdog = Watchdog(progress_dir, [plan.global_rank(i) for i in range(plan.nproc)], watchdog_timeout,
                             patience_if_alive=WATCHDOG_PEER_PATIENCE_S) \
             if watchdog_timeout > 0 and progress_dir is not None else None
-        statuses, loss = _run_ranks(plan, signals, interrupt=lambda: watch.problem() or (
+        statuses, loss = _run_ranks(plan, signals, interrupt=lambda watchdog=watchdog: watch.problem() or (
             watchdog.problem() if watchdog is not None else None))
         if isinstance(loss, Stall):
             _say(f"{loss.line(last_checkpoint(plan.run_dir))}; exit {NO_PROGRESS_EXIT_CODE}", fresh_line=True)

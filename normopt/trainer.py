@@ -173,7 +173,7 @@ class Trainer:
             return
         for owner, name in ((self.metrics, "log"), (self.diagnostics.writer, "write"),
                             (self.diagnostics.writer, "histogram")):
-            def deferred(*args, _write=getattr(owner, name), **kwargs):
+            def deferred(*args, _write=getattr(owner, name), **kwargs):  # noqa: B008 - bound per writer
                 if self.write_failure is not None:
                     return None
                 try:

@@ -193,7 +193,8 @@ def _tree_bytes(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("piece", ["__0_0.distcp", "rng/rank_00000.safetensors", "non_tensor_state.json"])
+@pytest.mark.parametrize("piece", ["__0_0.distcp", *(pytest.param(piece, marks=pytest.mark.slow) for piece in
+                                                    ("rng/rank_00000.safetensors", "non_tensor_state.json"))])
 def test_a_flipped_bit_is_refused_and_nothing_is_written(finished_run, tmp_path, tiny_corpus, piece):
     """Bytes that changed after the write (bit rot, a bad copy) leave sizes and structure
     intact: only the digest finds them. Resume and export refuse in one line naming the

@@ -37,7 +37,7 @@ def test_units_add_up_to_the_preset(rows):
 def test_per_rank_bytes_are_the_ring_factors_times_the_parameter_bytes(rows):
     p, n_all, accum = rows["block_params"][0], rows["params"], rows["accum"]
     in_blocks = sum(rows["block_params"])
-    for name, layout in rows["layouts"].items():
+    for layout in rows["layouts"].values():
         r, s = layout["replicate"], layout["shard"]
         assert r * s == NODES * GPUS
         layer, step = layout["layer"], layout["step"]

@@ -44,7 +44,9 @@ def test_agreed_status_rules():
 
 
 # SIGUSR1 reaches the trainer directly in test_resume; the launcher path keeps SIGTERM by default
-@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
+# SIGTERM to the launcher and to one rank also strike in the default run's fault injection
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_to_the_launcher_checkpoints_and_exits_75(tmp_path, tiny_corpus, sig):
     run_dir = tmp_path / "run"
     proc = start(tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
@@ -134,6 +136,7 @@ def _rank_pid(launcher_pid: int, rank: int) -> int:
     raise AssertionError(f"no rank {rank} under launcher {launcher_pid}")
 
 
+@pytest.mark.slow  # the fault injection kills a seeded rank in the default run, checking this line
 def test_a_killed_rank_is_named_and_its_peer_exits_without_a_traceback(tmp_path, tiny_corpus):
     """One rank killed outright (the OOM killer, say): the other rank's collective breaks; it
     exits quietly with 69 and the launcher's one line says what each rank did."""

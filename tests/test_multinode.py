@@ -312,7 +312,7 @@ def _stand_in(path: Path, script: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("status, what", [(NODE_LOST_EXIT_CODE, "a node was lost"),
+@pytest.mark.parametrize("status, what", [pytest.param(NODE_LOST_EXIT_CODE, "a node was lost", marks=pytest.mark.slow),
                                           (NO_PROGRESS_EXIT_CODE, "a rank stopped making progress")])
 def test_sbatch_requeues_a_lost_node_or_a_stalled_rank_a_bounded_number_of_times(tmp_path, tiny_corpus,
                                                                                    status, what):
@@ -341,6 +341,7 @@ def test_sbatch_requeues_a_lost_node_or_a_stalled_rank_a_bounded_number_of_times
     assert len(log.read_text().splitlines()) == 2
 
 
+@pytest.mark.slow  # one node's watchdog stays in the default run (tests/test_no_hang.py)
 def test_a_frozen_rank_ends_its_node_by_the_watchdog_and_the_other_names_that_node(tmp_path, tiny_corpus):
     """Two nodes, a rank of node 1 stopped (SIGSTOP; its launcher still beats, so no node is
     lost): node 1's watchdog sees the rank's beat stop and ends it with 124 and the stall line;

@@ -72,7 +72,10 @@ def exact_welch_power(delta: float, n: int = 3, alpha: float = 0.05) -> float:
     nu = (n-1) / (B^2 + (1-B)^2), and the difference of means is N(delta, 2/n) independent of
     both. n = 3: B is uniform, U has density u e^{-u/2} / 4."""
     assert n == 3
-    phi = lambda x: 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+    def phi(x):
+        return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
     sd = math.sqrt(2.0 / n)
     b_points, u_max, u_points = 200, 60.0, 3000
     du = u_max / u_points

@@ -50,7 +50,10 @@ def reference(tmp_path_factory, tiny_corpus):
 
 
 @pytest.mark.parametrize("optim, kill_after, async_save", [
-    ("adamw", 7, False), ("muon", 14, False), ("adamw", 20, True),
+    # the fault injection (tests/test_fault_injection.py) kills 2-rank Muon runs mid-step and mid-write,
+    # sync and async, in the default run; the other two cases here run with -m slow
+    ("adamw", 7, False), pytest.param("muon", 14, False, marks=pytest.mark.slow),
+    pytest.param("adamw", 20, True, marks=pytest.mark.slow),
 ])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_corpus, reference, optim, kill_after, async_save):
     """Killed anywhere (also while a checkpoint is being written, in the background or

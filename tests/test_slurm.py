@@ -258,7 +258,7 @@ def test_scancel_a_lost_task_and_a_failed_one_each_reported_and_the_report_still
     for job in re.findall(r"(?:evaluation|report) (\d+)", proc.stdout):
         cluster.run("scontrol", "release", job)
     for cell in cells[:2]:
-        _wait(lambda: (cell / "metrics.jsonl").exists() and max(_losses(cell), default=0) >= 3,
+        _wait(lambda cell=cell: (cell / "metrics.jsonl").exists() and max(_losses(cell), default=0) >= 3,
               f"step 3 of {cell.name}", cluster, interval=0.05)
     cluster.run("scancel", f"{array}_0")
     _kill_job_processes(cluster, _read_json(cells[1] / "job.json")["job_id"])

@@ -68,7 +68,7 @@ def check_digests(checkpoint: Path, recorded: dict[str, str], names: list[str]) 
         try:
             actual = file_sha256(checkpoint / name)
         except OSError as exc:
-            raise damaged_checkpoint(f"{checkpoint / name} does not read ({exc.strerror or type(exc).__name__})")
+            raise damaged_checkpoint(f"{checkpoint / name} does not read ({exc.strerror or type(exc).__name__})") from None
         if actual != recorded[name]:
             raise damaged_checkpoint(f"{checkpoint / name} does not match its recorded SHA-256 "
                                      f"(its bytes changed after it was written)")

@@ -43,7 +43,7 @@ from typing import Any
 from normopt.diagnostics.ns_spectrum import DEFAULT_MAX_STEPS, fewest_ns_steps_joint
 from normopt.errors import UserError
 from normopt.metrics.jsonl import read_step_records
-from normopt.models.matrix_roles import depth_group, group_names, matrix_type
+from normopt.models.matrix_roles import depth_group, matrix_type
 from normopt.report.student_t import t_critical
 from normopt.run_dir import DIAGNOSTICS_FILE, RecordKind, RunDir
 

@@ -22,6 +22,7 @@ from normopt.optim.newton_schulz import coefficient_schedule
 from normopt.output_paths import check_output_folder
 from normopt.report.plots import figure
 from normopt.report.tables import text_table
+from normopt.models.matrix_roles import group_names
 from normopt.spectrum.fit import (
     DEFAULT_BURN_IN,
     DEFAULT_LEVEL,
@@ -37,7 +38,6 @@ from normopt.spectrum.fit import (
     discover_runs,
     distinct_sizes,
     fit_all,
-    group_names,
     post_burn_in,
     recommend_steps,
     run_ranks,
