@@ -33,8 +33,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def run(run_dir: Path, config: str, settings: list[str]) -> float:
     """Train once in a fresh process; return its wall time."""
-    args = [sys.executable, str(REPO_ROOT / "train.py"), "--config", config, f"run.dir={run_dir}",
-            "checkpoint.resume=never", "checkpoint.interval=0", *settings]
+    args = [
+        sys.executable,
+        str(REPO_ROOT / "train.py"),
+        "--config",
+        config,
+        f"run.dir={run_dir}",
+        "checkpoint.resume=never",
+        "checkpoint.interval=0",
+        *settings,
+    ]
     started = time.perf_counter()
     proc = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -54,8 +62,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "demo.yaml"))
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--set", nargs="*", default=["model.norm=derf", "optim.name=muon"],
-                        help="extra config overrides for both runs")
+    parser.add_argument(
+        "--set", nargs="*", default=["model.norm=derf", "optim.name=muon"], help="extra config overrides for both runs"
+    )
     args = parser.parse_args()
     common = [f"train.steps={args.steps}", "train.mfu_probe=false", *args.set]
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,8 +80,10 @@ def main() -> None:
     for kind, seconds in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"{kind:<16}{seconds:>10.2f}{seconds / wall_on:>14.2%}")
     print(f"{'all':<16}{total:>10.2f}{total / wall_on:>14.2%}")
-    print(f"wall clock: with diagnostics {wall_on:.1f} s, without {wall_off:.1f} s "
-          f"(difference {wall_on - wall_off:+.1f} s = {(wall_on - wall_off) / wall_off:+.2%})")
+    print(
+        f"wall clock: with diagnostics {wall_on:.1f} s, without {wall_off:.1f} s "
+        f"(difference {wall_on - wall_off:+.1f} s = {(wall_on - wall_off) / wall_off:+.2%})"
+    )
 
 
 if __name__ == "__main__":

@@ -56,9 +56,13 @@ FULL = dict(dim=2048, kv_dim=512, ffn_dim=8192, layers=16)
 def layer_shapes(dim: int, kv_dim: int, ffn_dim: int) -> list[tuple[str, tuple[int, int]]]:
     """(name, (out, in)) of one Llama block's matrices."""
     return [
-        ("attention.wq", (dim, dim)), ("attention.wk", (kv_dim, dim)), ("attention.wv", (kv_dim, dim)),
-        ("attention.wo", (dim, dim)), ("feed_forward.w1", (ffn_dim, dim)),
-        ("feed_forward.w3", (ffn_dim, dim)), ("feed_forward.w2", (dim, ffn_dim)),
+        ("attention.wq", (dim, dim)),
+        ("attention.wk", (kv_dim, dim)),
+        ("attention.wv", (kv_dim, dim)),
+        ("attention.wo", (dim, dim)),
+        ("feed_forward.w1", (ffn_dim, dim)),
+        ("feed_forward.w3", (ffn_dim, dim)),
+        ("feed_forward.w2", (dim, ffn_dim)),
     ]
 
 
@@ -98,8 +102,9 @@ def attach_random_grads(model: nn.Module, seed: int) -> None:
     for p in model.parameters():
         if isinstance(p, DTensor):
             local = torch.randn(p.to_local().shape, generator=g)
-            p.grad = DTensor.from_local(local, p.device_mesh, [Shard(0)], shape=p.shape, stride=p.stride(),
-                                        run_check=False)
+            p.grad = DTensor.from_local(
+                local, p.device_mesh, [Shard(0)], shape=p.shape, stride=p.stride(), run_check=False
+            )
         else:
             p.grad = torch.randn(p.shape, generator=g)
 
@@ -123,8 +128,15 @@ def timed_step(optimizer: Muon, barrier=lambda: None) -> dict:
     optimizer.step()
     wall = time.perf_counter() - t0
     s = optimizer.last_step_stats
-    return dict(step_s=wall, ns_s=s.compute_s, comm_s=s.comm_s, bytes_sent=s.bytes_sent,
-                jobs=s.jobs_computed, buckets=s.buckets, peak=s.peak_buffer_bytes)
+    return dict(
+        step_s=wall,
+        ns_s=s.compute_s,
+        comm_s=s.comm_s,
+        bytes_sent=s.bytes_sent,
+        jobs=s.jobs_computed,
+        buckets=s.buckets,
+        peak=s.peak_buffer_bytes,
+    )
 
 
 def optimizer_for(model: nn.Module, args, variant: str) -> Muon:
@@ -157,8 +169,10 @@ def choose_ns_dtype(requested: str) -> tuple[str, str]:
     torch.set_num_threads(1)
     bf16, fp32 = matmul_gflops(torch.bfloat16), matmul_gflops(torch.float32)
     choice = "bfloat16" if bf16 >= fp32 else "float32"
-    return choice, (f"NS dtype {choice} (auto: 1-thread 512^3 matmul bf16 {bf16:.1f} vs fp32 {fp32:.1f} GFLOP/s"
-                    f"{'; bf16 is emulated on this CPU' if choice == 'float32' else ''})")
+    return choice, (
+        f"NS dtype {choice} (auto: 1-thread 512^3 matmul bf16 {bf16:.1f} vs fp32 {fp32:.1f} GFLOP/s"
+        f"{'; bf16 is emulated on this CPU' if choice == 'float32' else ''})"
+    )
 
 
 # ------------------------------------------------------------------------ worker side
@@ -242,11 +256,31 @@ def free_port() -> int:
 def run_ranks(args, nproc: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "report.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", __file__, "--worker-out", str(out),
-               "--scale", str(args.scale), "--layers", str(args.layers), "--steps", str(args.steps),
-               "--ns-steps", str(args.ns_steps), "--ns-dtype", args.ns_dtype, "--bucket-mb", str(args.bucket_mb),
-               "--variants", *args.variants]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+            __file__,
+            "--worker-out",
+            str(out),
+            "--scale",
+            str(args.scale),
+            "--layers",
+            str(args.layers),
+            "--steps",
+            str(args.steps),
+            "--ns-steps",
+            str(args.ns_steps),
+            "--ns-dtype",
+            args.ns_dtype,
+            "--bucket-mb",
+            str(args.bucket_mb),
+            "--variants",
+            *args.variants,
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -274,15 +308,22 @@ def main() -> None:
     args.ns_dtype, dtype_note = choose_ns_dtype(args.ns_dtype)
     shapes = layer_shapes(args.dim, args.kv_dim, args.ffn_dim)
     n_params = args.layers * sum(o * i for _, (o, i) in shapes)
-    print("Muon step benchmark on the 1B Llama preset's matrix shapes "
-          "(full: dim 2048, 16 layers; q/o 2048x2048, k/v 512x2048, gate/up 8192x2048, down 2048x8192)")
+    print(
+        "Muon step benchmark on the 1B Llama preset's matrix shapes "
+        "(full: dim 2048, 16 layers; q/o 2048x2048, k/v 512x2048, gate/up 8192x2048, down 2048x8192)"
+    )
     if args.scale != 1 or args.layers != FULL["layers"]:
-        print(f"SCALED DOWN for CPU: dims / {args.scale}, {args.layers} layers -> "
-              + ", ".join(f"{n.split('.')[1]} {o}x{i}" for n, (o, i) in shapes))
-    print(f"{args.layers * len(shapes)} matrices, {n_params / 1e6:.1f}M matrix params; {args.ns_steps} quintic NS "
-          f"steps; {dtype_note}")
-    print(f"gloo; 1 intra-op thread per process; {os.cpu_count()} CPU cores; median of {args.steps} steps "
-          f"after 1 warm-up")
+        print(
+            f"SCALED DOWN for CPU: dims / {args.scale}, {args.layers} layers -> "
+            + ", ".join(f"{n.split('.')[1]} {o}x{i}" for n, (o, i) in shapes)
+        )
+    print(
+        f"{args.layers * len(shapes)} matrices, {n_params / 1e6:.1f}M matrix params; {args.ns_steps} quintic NS "
+        f"steps; {dtype_note}"
+    )
+    print(
+        f"gloo; 1 intra-op thread per process; {os.cpu_count()} CPU cores; median of {args.steps} steps after 1 warm-up"
+    )
     print(f"timing {len(args.variants)} configurations x {args.steps} rounds at {args.ranks} ranks ...", flush=True)
     rows, results = [], {}
     for nproc in args.ranks:
@@ -290,16 +331,24 @@ def main() -> None:
         results[nproc] = run_ranks(args, nproc)
         print(f"  {nproc} rank(s) timed in {time.perf_counter() - t0:.0f} s", flush=True)
         rows += [(v, r) for v, r in results[nproc].items()]
-    print(f"{'configuration':<22}{'ranks':>6}{'step_s':>9}{'NS_s/rank(max)':>16}{'(mean)':>8}"
-          f"{'comm_s':>9}{'comm%':>7}{'MiB_sent/rank':>15}{'buckets':>8}{'peak_MiB':>9}  jobs/rank")
+    print(
+        f"{'configuration':<22}{'ranks':>6}{'step_s':>9}{'NS_s/rank(max)':>16}{'(mean)':>8}"
+        f"{'comm_s':>9}{'comm%':>7}{'MiB_sent/rank':>15}{'buckets':>8}{'peak_MiB':>9}  jobs/rank"
+    )
     for label, r in rows:
-        print(f"{label:<22}{r['ranks']:>6}{r['step_s']:>9.3f}{r['ns_max_s']:>16.3f}{r['ns_mean_s']:>8.3f}"
-              f"{r['comm_s']:>9.3f}{100 * r['comm_s'] / r['step_s']:>7.1f}{r['mb_sent']:>15.1f}{r['buckets']:>8}"
-              f"{r['peak_mb']:>9.1f}  {r['jobs']}")
-    print("Each torchrun job times its configurations round robin; '1 process' rows ran in the same job on "
-          "rank 0 alone (unsharded copy) while the other ranks waited.")
-    print("comm_s: visible communication (packing, unpacking, time blocked on collectives) on the slowest "
-          "rank; peak_MiB: most exchange buffers held at once")
+        print(
+            f"{label:<22}{r['ranks']:>6}{r['step_s']:>9.3f}{r['ns_max_s']:>16.3f}{r['ns_mean_s']:>8.3f}"
+            f"{r['comm_s']:>9.3f}{100 * r['comm_s'] / r['step_s']:>7.1f}{r['mb_sent']:>15.1f}{r['buckets']:>8}"
+            f"{r['peak_mb']:>9.1f}  {r['jobs']}"
+        )
+    print(
+        "Each torchrun job times its configurations round robin; '1 process' rows ran in the same job on "
+        "rank 0 alone (unsharded copy) while the other ranks waited."
+    )
+    print(
+        "comm_s: visible communication (packing, unpacking, time blocked on collectives) on the slowest "
+        "rank; peak_MiB: most exchange buffers held at once"
+    )
     for nproc, result in results.items():
         note = "  (more ranks than cores: ranks time-share)" if nproc > (os.cpu_count() or 1) else ""
         ratio = lambda a, b, key="step_s", result=result: result[a][key] / result[b][key]  # noqa: E731
@@ -315,7 +364,9 @@ def main() -> None:
         if {"1 process batched", "1 process overlap"} <= result.keys():
             line.append(f"1 process batched on/off {ratio('1 process batched', '1 process overlap'):.2f}")
         if "overlap" in result:
-            line.append(f"comm visible {100 * result['overlap']['comm_s'] / result['overlap']['step_s']:.1f}% of the step")
+            line.append(
+                f"comm visible {100 * result['overlap']['comm_s'] / result['overlap']['step_s']:.1f}% of the step"
+            )
         print(f"{nproc} ranks: " + ", ".join(line) + note)
 
 

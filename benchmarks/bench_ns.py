@@ -94,31 +94,41 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1, help="equal matrices per NS call (ns_batch_size)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU intra-op threads (default: torch's); on a shared machine 1 avoids OpenMP "
-                        "threads spinning against other work")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU intra-op threads (default: torch's); on a shared machine 1 avoids OpenMP "
+        "threads spinning against other work",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = {
+        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+    }[args.dtype]
     scale = args.scale or (4 if args.quick else 1)
     shapes = parse_shapes(args.shapes) if args.shapes else preset_shapes(scale)
     what = f"shapes {args.shapes}" if args.shapes else f"1B block matrices, dims / {scale}"
-    print(f"bench_ns: {what}; {sum(n for *_, n in shapes)} matrices; {args.steps} {args.coefficients} steps; "
-          f"{str(dtype).removeprefix('torch.')} on {device.type}"
-          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; "
-          f"batch {args.batch}; median of {args.repeats} after a warm-up; {torch.get_num_threads()} CPU thread(s)")
+    print(
+        f"bench_ns: {what}; {sum(n for *_, n in shapes)} matrices; {args.steps} {args.coefficients} steps; "
+        f"{str(dtype).removeprefix('torch.')} on {device.type}"
+        f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; "
+        f"batch {args.batch}; median of {args.repeats} after a warm-up; {torch.get_num_threads()} CPU thread(s)"
+    )
     probe = measure_matmul_flops(dtype, device, size=4096 if device.type == "cuda" else 1024)
     print(f"square matmul probe ({str(dtype).removeprefix('torch.')}): {probe / 1e12:.3g} TFLOP/s")
 
     labels = variants(device)
     step_s = {label: 0.0 for label, *_ in labels}
     step_flops = {label: 0.0 for label, *_ in labels}
-    header = f"{'rows x cols':>13s} {'count':>5s} " + " ".join(f"{label + ' ms':>15s} {'TFLOP/s':>8s}"
-                                                              for label, *_ in labels)
+    header = f"{'rows x cols':>13s} {'count':>5s} " + " ".join(
+        f"{label + ' ms':>15s} {'TFLOP/s':>8s}" for label, *_ in labels
+    )
     print(header)
     gen = torch.Generator(device="cpu").manual_seed(0)
     for rows, cols, count in shapes:
@@ -128,8 +138,13 @@ def main() -> None:
         for label, algorithm, kernel in labels:
             previous = symmetric_matmul.set_kernel_enabled(kernel)
             try:
-                seconds = time_call(lambda G=G, algorithm=algorithm: newton_schulz(G, args.steps, args.coefficients, dtype=dtype,
-                                                          algorithm=algorithm), device, args.repeats)
+                seconds = time_call(
+                    lambda G=G, algorithm=algorithm: newton_schulz(
+                        G, args.steps, args.coefficients, dtype=dtype, algorithm=algorithm
+                    ),
+                    device,
+                    args.repeats,
+                )
             finally:
                 symmetric_matmul.set_kernel_enabled(previous)
             flops = args.batch * ns_flops(rows, cols, args.steps, algorithm, args.coefficients)
@@ -142,10 +157,12 @@ def main() -> None:
     print("per optimizer step (sum over the matrices):")
     base = step_s["standard"]
     for label, *_ in labels:
-        print(f"  {label:>13s}: {step_s[label]:9.4f} s, {step_flops[label] / 1e12:8.4g} TFLOP, "
-              f"{step_flops[label] / step_s[label] / 1e12:7.3g} TFLOP/s "
-              f"({step_flops[label] / step_s[label] / probe:.0%} of the probe), "
-              f"time vs standard {step_s[label] / base:.3f}x")
+        print(
+            f"  {label:>13s}: {step_s[label]:9.4f} s, {step_flops[label] / 1e12:8.4g} TFLOP, "
+            f"{step_flops[label] / step_s[label] / 1e12:7.3g} TFLOP/s "
+            f"({step_flops[label] / step_s[label] / probe:.0%} of the probe), "
+            f"time vs standard {step_s[label] / base:.3f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -62,9 +62,20 @@ def worker(args) -> None:
 
     torch.set_num_threads(1)
     info = init_distributed("cpu")
-    cfg = load_config(None, [f"run.dir={args.run_dir}", f"optim.name={args.optim}", f"model.preset={args.preset}",
-                             f"data.vocab_size={args.vocab}", "train.mfu_probe=false", "diagnostics.interval=0",
-                             "diagnostics.tail_buckets=0", "train.eval_interval=0", f"train.steps={10**6}"])
+    cfg = load_config(
+        None,
+        [
+            f"run.dir={args.run_dir}",
+            f"optim.name={args.optim}",
+            f"model.preset={args.preset}",
+            f"data.vocab_size={args.vocab}",
+            "train.mfu_probe=false",
+            "diagnostics.interval=0",
+            "diagnostics.tail_buckets=0",
+            "train.eval_interval=0",
+            f"train.steps={10**6}",
+        ],
+    )
     trainer = Trainer(cfg, info)
 
     torch.manual_seed(cfg.train.seed)
@@ -116,11 +127,29 @@ def worker(args) -> None:
 def run(args, optim: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "times.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
-               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", str(Path(__file__).resolve()),
-               "--worker-out", str(out), "--run-dir", str(Path(tmp) / "run"), "--optim", optim,
-               "--preset", args.preset, "--vocab", str(args.vocab), "--steps", str(args.steps),
-               "--rounds", str(args.rounds)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={args.nproc}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+            str(Path(__file__).resolve()),
+            "--worker-out",
+            str(out),
+            "--run-dir",
+            str(Path(tmp) / "run"),
+            "--optim",
+            optim,
+            "--preset",
+            args.preset,
+            "--vocab",
+            str(args.vocab),
+            "--steps",
+            str(args.steps),
+            "--rounds",
+            str(args.rounds),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -150,14 +179,18 @@ def main() -> None:
         worker(args)
         return
     optims = ["adamw", "muon"] if args.optim == "both" else [args.optim]
-    print(f"normopt step vs minimal FSDP2 loop: preset {args.preset}, vocabulary {args.vocab}, demo batch "
-          f"(16 x 128 tokens), {args.nproc} gloo rank(s) x 1 thread, {args.rounds} rounds x {args.steps} steps "
-          f"of each, interleaved; median step time of the slowest rank")
+    print(
+        f"normopt step vs minimal FSDP2 loop: preset {args.preset}, vocabulary {args.vocab}, demo batch "
+        f"(16 x 128 tokens), {args.nproc} gloo rank(s) x 1 thread, {args.rounds} rounds x {args.steps} steps "
+        f"of each, interleaved; median step time of the slowest rank"
+    )
     for optim in optims:
         s = run(args, optim)
         verdict = "meets" if s["ratio"] >= 0.95 else "misses"
-        print(f"  {optim:8s} normopt {s['normopt']:.4f} s  minimal {s['minimal']:.4f} s  "
-              f"ratio minimal/normopt {s['ratio']:.3f} ({verdict} the 0.95 target)")
+        print(
+            f"  {optim:8s} normopt {s['normopt']:.4f} s  minimal {s['minimal']:.4f} s  "
+            f"ratio minimal/normopt {s['ratio']:.3f} ({verdict} the 0.95 target)"
+        )
     print("what normopt's step does beyond the minimal loop:")
     for line in EXTRA_WORK:
         print(f"  - {line}")

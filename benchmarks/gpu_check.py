@@ -60,8 +60,13 @@ NS_BATCH_SIZES = (1, 4, 8, 16)
 
 def data_overrides(cache: Path) -> list[str]:
     """The built-in corpus with the 32768-token BPE, read from ``cache``."""
-    return ["data.path=", f"data.cache_dir={cache}", f"data.vocab_size={VOCAB}", "data.max_tokens=0",
-            "data.streaming=false"]
+    return [
+        "data.path=",
+        f"data.cache_dir={cache}",
+        f"data.vocab_size={VOCAB}",
+        "data.max_tokens=0",
+        "data.streaming=false",
+    ]
 
 
 def prepare(cache: Path) -> int:
@@ -71,8 +76,10 @@ def prepare(cache: Path) -> int:
     cfg = load_config(CONFIG_1B, data_overrides(cache.resolve()))
     folder = prepare_corpus(cfg.data)
     size = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file() and "downloads" not in p.parts)
-    print(f"prepared {folder} ({size / 1e6:.1f} MB under {cache}); copy {cache} to the GPU machine and run "
-          f"python benchmarks/gpu_check.py --cache {cache}")
+    print(
+        f"prepared {folder} ({size / 1e6:.1f} MB under {cache}); copy {cache} to the GPU machine and run "
+        f"python benchmarks/gpu_check.py --cache {cache}"
+    )
     return 0
 
 
@@ -101,8 +108,7 @@ def run_test_module(cache: Path, out_dir: Path) -> dict:
 # ---------------------------------------------------------------- 2. the 1B preset
 
 
-def bench_1b(cache: Path, dist_info, name: str, optim: str, compiled: bool, ac: str, warmup: int,
-             steps: int) -> dict:
+def bench_1b(cache: Path, dist_info, name: str, optim: str, compiled: bool, ac: str, warmup: int, steps: int) -> dict:
     import torch
 
     from normopt.config import load_config
@@ -110,12 +116,26 @@ def bench_1b(cache: Path, dist_info, name: str, optim: str, compiled: bool, ac: 
     from normopt.trainer import Trainer
 
     run_dir = Path(tempfile.mkdtemp(prefix="gpu_check_1b_"))
-    cfg = load_config(CONFIG_1B, [
-        f"run.dir={run_dir}", *data_overrides(cache), f"optim.name={optim}", f"train.compile={str(compiled).lower()}",
-        f"train.activation_checkpointing={ac}", "train.global_batch_size=32", "train.micro_batch_size=8",
-        "train.seq_len=2048", f"train.steps={warmup + steps}", "train.eval_interval=0", "diagnostics.interval=0",
-        "diagnostics.tail_buckets=0", "checkpoint.interval=0", "checkpoint.async_save=false", "checkpoint.resume=never",
-    ])
+    cfg = load_config(
+        CONFIG_1B,
+        [
+            f"run.dir={run_dir}",
+            *data_overrides(cache),
+            f"optim.name={optim}",
+            f"train.compile={str(compiled).lower()}",
+            f"train.activation_checkpointing={ac}",
+            "train.global_batch_size=32",
+            "train.micro_batch_size=8",
+            "train.seq_len=2048",
+            f"train.steps={warmup + steps}",
+            "train.eval_interval=0",
+            "diagnostics.interval=0",
+            "diagnostics.tail_buckets=0",
+            "checkpoint.interval=0",
+            "checkpoint.async_save=false",
+            "checkpoint.resume=never",
+        ],
+    )
     trainer = Trainer(cfg, dist_info)
     try:
         for step in range(warmup):
@@ -133,12 +153,17 @@ def bench_1b(cache: Path, dist_info, name: str, optim: str, compiled: bool, ac: 
         tokens_per_s = steps * cfg.train.global_batch_size * cfg.train.seq_len / elapsed
         ns_per_token = trainer.ns_flops_per_step / (cfg.train.global_batch_size * cfg.train.seq_len)
         return {
-            "name": name, "ok": True, "tokens_per_s": tokens_per_s, "step_s": elapsed / steps,
-            "mfu": trainer.mfu(tokens_per_s), "mfu_with_ns": trainer.mfu(tokens_per_s, ns_per_token),
+            "name": name,
+            "ok": True,
+            "tokens_per_s": tokens_per_s,
+            "step_s": elapsed / steps,
+            "mfu": trainer.mfu(tokens_per_s),
+            "mfu_with_ns": trainer.mfu(tokens_per_s, ns_per_token),
             "optimizer_share": trainer.optimizer_timer.pop_seconds() / elapsed,
             "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
-            "estimate_gib": trainer.memory.expected_bytes / GIB, "parameters": trainer.num_params,
+            "estimate_gib": trainer.memory.expected_bytes / GIB,
+            "parameters": trainer.num_params,
         }
     finally:
         trainer.checkpointer.wait()
@@ -190,16 +215,34 @@ def bench_ns_batching(repeats: int = 5) -> list[dict]:
 
 
 def check_resume(cache: Path, out_dir: Path) -> dict:
-    common = [*data_overrides(cache), "model.preset=124m", "model.norm=derf", "optim.name=muon",
-              "train.deterministic=true", "train.steps=12", "checkpoint.interval=6", "train.global_batch_size=16",
-              "train.micro_batch_size=8", "train.seq_len=1024", "train.log_interval=1", "train.eval_interval=0",
-              "train.eval_sequences=16", "diagnostics.interval=0", "train.compile=false"]
+    common = [
+        *data_overrides(cache),
+        "model.preset=124m",
+        "model.norm=derf",
+        "optim.name=muon",
+        "train.deterministic=true",
+        "train.steps=12",
+        "checkpoint.interval=6",
+        "train.global_batch_size=16",
+        "train.micro_batch_size=8",
+        "train.seq_len=1024",
+        "train.log_interval=1",
+        "train.eval_interval=0",
+        "train.eval_sequences=16",
+        "diagnostics.interval=0",
+        "train.compile=false",
+    ]
     root = Path(tempfile.mkdtemp(prefix="gpu_check_resume_"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     def train(run_dir: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "train.py", f"run.dir={run_dir}", *common], cwd=REPO_ROOT, env=env,
-                              capture_output=True, text=True)
+        return subprocess.run(
+            [sys.executable, "train.py", f"run.dir={run_dir}", *common],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
 
     def losses(run_dir: Path) -> dict[int, float]:
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -218,8 +261,12 @@ def check_resume(cache: Path, out_dir: Path) -> dict:
             return {"ok": False, "detail": f"resumed run exit {again.returncode}"}
         a, b = losses(root / "full"), losses(root / "resumed")
         diffs = [abs(a[s] - b[s]) for s in range(7, 13)]
-        return {"ok": max(diffs) == 0.0, "max_abs_loss_difference": max(diffs), "steps_compared": "7-12",
-                "detail": f"max |loss difference| over steps 7-12: {max(diffs):.3g}"}
+        return {
+            "ok": max(diffs) == 0.0,
+            "max_abs_loss_difference": max(diffs),
+            "steps_compared": "7-12",
+            "detail": f"max |loss difference| over steps 7-12: {max(diffs):.3g}",
+        }
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -241,22 +288,30 @@ def print_table(results: dict) -> None:
         print(f"resume (deterministic) {'PASS' if resume['ok'] else 'FAIL'}  {resume['detail']}")
     bench = results.get("bench_1b")
     if bench:
-        print(f"\n1B preset ({bench[0].get('parameters', 0) / 1e9:.2f}B), seq 2048, 32 x 2048 tokens/step "
-              f"(micro 8 x 4), 1 GPU; MFU vs {results['peak_tflops']:.0f} TFLOP/s bf16")
-        print(f"{'run':20s} {'tok/s':>9s} {'step s':>7s} {'MFU':>6s} {'MFU+ns':>7s} {'optim':>6s} "
-              f"{'alloc GiB':>9s} {'resv GiB':>8s} {'est GiB':>7s}")
+        print(
+            f"\n1B preset ({bench[0].get('parameters', 0) / 1e9:.2f}B), seq 2048, 32 x 2048 tokens/step "
+            f"(micro 8 x 4), 1 GPU; MFU vs {results['peak_tflops']:.0f} TFLOP/s bf16"
+        )
+        print(
+            f"{'run':20s} {'tok/s':>9s} {'step s':>7s} {'MFU':>6s} {'MFU+ns':>7s} {'optim':>6s} "
+            f"{'alloc GiB':>9s} {'resv GiB':>8s} {'est GiB':>7s}"
+        )
         for r in bench:
             if not r.get("ok"):
                 print(f"{r['name']:20s} FAILED: {r.get('error', '')[:90]}")
                 continue
-            print(f"{r['name']:20s} {r['tokens_per_s']:9,.0f} {r['step_s']:7.3f} {_percent(r['mfu']):>6s} "
-                  f"{_percent(r['mfu_with_ns']):>7s} {_percent(r['optimizer_share']):>6s} {r['peak_allocated_gib']:9.1f} "
-                  f"{r['peak_reserved_gib']:8.1f} {r['estimate_gib']:7.1f}")
+            print(
+                f"{r['name']:20s} {r['tokens_per_s']:9,.0f} {r['step_s']:7.3f} {_percent(r['mfu']):>6s} "
+                f"{_percent(r['mfu_with_ns']):>7s} {_percent(r['optimizer_share']):>6s} {r['peak_allocated_gib']:9.1f} "
+                f"{r['peak_reserved_gib']:8.1f} {r['estimate_gib']:7.1f}"
+            )
     ns = results.get("ns_batching")
     if ns:
         print("\nNewton-Schulz over the 1B block matrices (112, bf16, 5 quintic steps), one GPU")
         for r in ns:
-            print(f"ns_batch_size {r['ns_batch_size']:2d}: {r['step_s'] * 1e3:7.1f} ms/step  {r['tflops']:6.1f} TFLOP/s")
+            print(
+                f"ns_batch_size {r['ns_batch_size']:2d}: {r['step_s'] * 1e3:7.1f} ms/step  {r['tflops']:6.1f} TFLOP/s"
+            )
     for line in results["checks"]:
         print(line)
 
@@ -264,12 +319,21 @@ def print_table(results: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prepare", metavar="DIR", help="prepare the corpus into DIR (needs network) and stop")
-    parser.add_argument("--cache", metavar="DIR", default=os.environ.get("NORMOPT_CACHE", ""),
-                        help="the prepared cache (data.cache_dir) to read offline")
+    parser.add_argument(
+        "--cache",
+        metavar="DIR",
+        default=os.environ.get("NORMOPT_CACHE", ""),
+        help="the prepared cache (data.cache_dir) to read offline",
+    )
     parser.add_argument("--out", metavar="FILE", help="also write every number as JSON here")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per 1B run (default 4, after 2 warm-up)")
-    parser.add_argument("--skip", action="append", default=[], choices=["tests", "bench", "ns", "resume"],
-                        help="leave a part out (repeatable)")
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=["tests", "bench", "ns", "resume"],
+        help="leave a part out (repeatable)",
+    )
     args = parser.parse_args()
     if args.prepare:
         return prepare(Path(args.prepare))
@@ -280,21 +344,29 @@ def main() -> int:
         print("gpu_check: no CUDA device here (this check is for a GPU machine)", file=sys.stderr)
         return 2
     if not args.cache:
-        print("gpu_check: --cache DIR is required (prepare it with --prepare DIR on a machine with network)",
-              file=sys.stderr)
+        print(
+            "gpu_check: --cache DIR is required (prepare it with --prepare DIR on a machine with network)",
+            file=sys.stderr,
+        )
         return 2
     cache = Path(args.cache).resolve()
     if not (cache / "prepared").is_dir():
-        print(f"gpu_check: {cache} holds no prepared corpus; run --prepare {args.cache} where there is network",
-              file=sys.stderr)
+        print(
+            f"gpu_check: {cache} holds no prepared corpus; run --prepare {args.cache} where there is network",
+            file=sys.stderr,
+        )
         return 2
     os.environ["NORMOPT_CACHE"] = str(cache)
     out_dir = Path(args.out).resolve().parent if args.out else Path(tempfile.mkdtemp(prefix="gpu_check_"))
     from normopt.metrics.flops import gpu_peak_flops
 
     name = torch.cuda.get_device_name()
-    results: dict = {"device": name, "torch": torch.__version__, "peak_tflops": (gpu_peak_flops(name) or 0) / 1e12,
-                     "checks": []}
+    results: dict = {
+        "device": name,
+        "torch": torch.__version__,
+        "peak_tflops": (gpu_peak_flops(name) or 0) / 1e12,
+        "checks": [],
+    }
     ok = True
     t_start = time.perf_counter()
     if "tests" not in args.skip:
@@ -323,7 +395,9 @@ def main() -> int:
         shutdown_distributed()
         compiled_adamw = next((r for r in results["bench_1b"] if r["name"] == "adamw compiled" and r["ok"]), None)
         mfu_ok = compiled_adamw is not None and (compiled_adamw["mfu"] or 0) >= MIN_COMPILED_ADAMW_MFU
-        results["checks"].append(f"compiled 1B AdamW MFU >= {MIN_COMPILED_ADAMW_MFU:.0%}: {'PASS' if mfu_ok else 'FAIL'}")
+        results["checks"].append(
+            f"compiled 1B AdamW MFU >= {MIN_COMPILED_ADAMW_MFU:.0%}: {'PASS' if mfu_ok else 'FAIL'}"
+        )
         ok &= mfu_ok
     results["seconds"] = time.perf_counter() - t_start
     results["checks"].append(f"gpu_check: {'PASS' if ok else 'FAIL'} in {results['seconds']:.0f} s")

@@ -99,12 +99,21 @@ def unit_traffic(params: int, layout: Layout, is_root: bool, accum: int) -> dict
     flat = layout.shard_groups()
     gather = collective("all_gather", flat, params * PARAM_BYTES, layout.gpus_per_node)
     scatter = collective("reduce_scatter", flat, params * GRAD_BYTES, layout.gpus_per_node)
-    reduce = collective("all_reduce", layout.replicate_groups(), params * GRAD_BYTES / layout.shard,
-                        layout.gpus_per_node)
-    times = {"all_gather_forward": accum, "all_gather_backward": 0 if is_root else accum,
-             "reduce_scatter": 1, "all_reduce": 1}
-    base = {"all_gather_forward": gather, "all_gather_backward": gather, "reduce_scatter": scatter,
-            "all_reduce": reduce}
+    reduce = collective(
+        "all_reduce", layout.replicate_groups(), params * GRAD_BYTES / layout.shard, layout.gpus_per_node
+    )
+    times = {
+        "all_gather_forward": accum,
+        "all_gather_backward": 0 if is_root else accum,
+        "reduce_scatter": 1,
+        "all_reduce": 1,
+    }
+    base = {
+        "all_gather_forward": gather,
+        "all_gather_backward": gather,
+        "reduce_scatter": scatter,
+        "all_reduce": reduce,
+    }
     return {k: {m: v * times[k] for m, v in base[k].items()} for k in times}
 
 
@@ -154,17 +163,32 @@ def model_rows(preset: str, nodes: int, gpus_per_node: int, accum: int) -> dict:
     """Every number the report prints, for FSDP over all ranks and HSDP with one node per
     replica group."""
     blocks, root, matrices = fsdp_units(preset)
-    layouts = [Layout(f"FSDP {nodes * gpus_per_node}", 1, nodes * gpus_per_node, gpus_per_node),
-               Layout(f"HSDP {nodes} x {gpus_per_node}", nodes, gpus_per_node, gpus_per_node)]
-    out = {"preset": preset, "params": sum(blocks) + root, "block_params": blocks, "root_params": root,
-           "nodes": nodes, "gpus_per_node": gpus_per_node, "accum": accum, "layouts": {}}
+    layouts = [
+        Layout(f"FSDP {nodes * gpus_per_node}", 1, nodes * gpus_per_node, gpus_per_node),
+        Layout(f"HSDP {nodes} x {gpus_per_node}", nodes, gpus_per_node, gpus_per_node),
+    ]
+    out = {
+        "preset": preset,
+        "params": sum(blocks) + root,
+        "block_params": blocks,
+        "root_params": root,
+        "nodes": nodes,
+        "gpus_per_node": gpus_per_node,
+        "accum": accum,
+        "layouts": {},
+    }
     for layout in layouts:
         layer = unit_traffic(blocks[0], layout, False, accum)
         step = unit_traffic(root, layout, True, accum)
         for p in blocks:
             step = add(step, unit_traffic(p, layout, False, accum))
-        out["layouts"][layout.name] = {"replicate": layout.replicate, "shard": layout.shard, "layer": layer,
-                                       "step": step, "muon_ns": ns_exchange(matrices, layout)}
+        out["layouts"][layout.name] = {
+            "replicate": layout.replicate,
+            "shard": layout.shard,
+            "layer": layer,
+            "step": step,
+            "muon_ns": ns_exchange(matrices, layout),
+        }
     return out
 
 
@@ -173,34 +197,43 @@ def _gb(x: float) -> str:
 
 
 def report(rows: dict) -> list[str]:
-    lines = [f"FSDP vs HSDP communication model: {rows['preset']} preset ({rows['params']:,} parameters: "
-             f"{len(rows['block_params'])} blocks of {rows['block_params'][0]:,}, root unit {rows['root_params']:,}), "
-             f"{rows['nodes']} nodes x {rows['gpus_per_node']} GPUs, {rows['accum']} micro-batch(es) per step",
-             f"  dtypes: parameters all-gathered in bf16 ({PARAM_BYTES} B), gradients reduce-scattered and "
-             f"all-reduced in fp32 ({GRAD_BYTES} B), Muon NS shards in bf16 ({NS_BYTES} B)",
-             "  ring model: per member (n-1)/n M (all-gather, reduce-scatter), 2(n-1)/n M (all-reduce); ranks "
-             "node-major; cross-node = bytes whose ring predecessor is on another node, summed over all nodes",
-             "  GB = 1e9 bytes; a model of bytes, not a measurement"]
+    lines = [
+        f"FSDP vs HSDP communication model: {rows['preset']} preset ({rows['params']:,} parameters: "
+        f"{len(rows['block_params'])} blocks of {rows['block_params'][0]:,}, root unit {rows['root_params']:,}), "
+        f"{rows['nodes']} nodes x {rows['gpus_per_node']} GPUs, {rows['accum']} micro-batch(es) per step",
+        f"  dtypes: parameters all-gathered in bf16 ({PARAM_BYTES} B), gradients reduce-scattered and "
+        f"all-reduced in fp32 ({GRAD_BYTES} B), Muon NS shards in bf16 ({NS_BYTES} B)",
+        "  ring model: per member (n-1)/n M (all-gather, reduce-scatter), 2(n-1)/n M (all-reduce); ranks "
+        "node-major; cross-node = bytes whose ring predecessor is on another node, summed over all nodes",
+        "  GB = 1e9 bytes; a model of bytes, not a measurement",
+    ]
     kinds = ["all_gather_forward", "all_gather_backward", "reduce_scatter", "all_reduce"]
-    for scope, title in (("layer", f"per layer (one block, {rows['block_params'][0]:,} parameters), per step"),
-                         ("step", "per step (every unit)")):
+    for scope, title in (
+        ("layer", f"per layer (one block, {rows['block_params'][0]:,} parameters), per step"),
+        ("step", "per step (every unit)"),
+    ):
         lines.append(f"  {title}:")
-        lines.append(f"    {'layout':<12} {'collective':<20} {'GB per rank':>12} {'GB cross-node':>14} "
-                     f"{'bytes cross-node':>18}")
+        lines.append(
+            f"    {'layout':<12} {'collective':<20} {'GB per rank':>12} {'GB cross-node':>14} {'bytes cross-node':>18}"
+        )
         for name, layout in rows["layouts"].items():
             for kind in kinds:
                 v = layout[scope][kind]
-                lines.append(f"    {name:<12} {kind:<20} {_gb(v['per_rank']):>12} {_gb(v['cross_node']):>14} "
-                             f"{v['cross_node']:>18,.0f}")
+                lines.append(
+                    f"    {name:<12} {kind:<20} {_gb(v['per_rank']):>12} {_gb(v['cross_node']):>14} "
+                    f"{v['cross_node']:>18,.0f}"
+                )
     lines.append("  per step, totals:")
     for name, layout in rows["layouts"].items():
         step = layout["step"]
         gather = sum(step[k]["cross_node"] for k in kinds[:2])
         grads = sum(step[k]["cross_node"] for k in kinds[2:])
         ns = layout["muon_ns"]
-        lines.append(f"    {name:<12} all-gather cross-node {_gb(gather)} GB, gradients {_gb(grads)} GB, "
-                     f"sum {_gb(gather + grads)} GB; Muon NS exchange {_gb(ns['cross_node'])} GB cross-node "
-                     f"({_gb(ns['per_rank'])} GB on the busiest rank)")
+        lines.append(
+            f"    {name:<12} all-gather cross-node {_gb(gather)} GB, gradients {_gb(grads)} GB, "
+            f"sum {_gb(gather + grads)} GB; Muon NS exchange {_gb(ns['cross_node'])} GB cross-node "
+            f"({_gb(ns['per_rank'])} GB on the busiest rank)"
+        )
     return lines
 
 

@@ -97,14 +97,20 @@ def main() -> None:
         line(f"k={k} gap, Welch, equal sds", contrast_coverage(rng, n, k, [1, 1], (1.0, -1.0)), n)
         line(f"k={k} gap, Welch, one sd 4x", contrast_coverage(rng, n, k, [4, 1], (1.0, -1.0)), n)
         line(f"k={k} interaction, Welch, equal sds", contrast_coverage(rng, n, k, [1] * 4, INTERACTION), n)
-        line(f"k={k} interaction, Welch, one group's sd 4x (dominant)",
-             contrast_coverage(rng, n, k, [4, 1, 1, 1], INTERACTION), n)
-        line(f"k={k} interaction, Welch, one group's sd 2x",
-             contrast_coverage(rng, n, k, [2, 1, 1, 1], INTERACTION), n)
-        line(f"k={k} interaction, Welch, one group's sd 10x",
-             contrast_coverage(rng, n, k, [10, 1, 1, 1], INTERACTION), n)
-        line(f"k={k} interaction, paired (k-1 df), shared seed effect",
-             contrast_coverage(rng, n, k, [1] * 4, INTERACTION, paired=True, seed_sd=1.0), n)
+        line(
+            f"k={k} interaction, Welch, one group's sd 4x (dominant)",
+            contrast_coverage(rng, n, k, [4, 1, 1, 1], INTERACTION),
+            n,
+        )
+        line(f"k={k} interaction, Welch, one group's sd 2x", contrast_coverage(rng, n, k, [2, 1, 1, 1], INTERACTION), n)
+        line(
+            f"k={k} interaction, Welch, one group's sd 10x", contrast_coverage(rng, n, k, [10, 1, 1, 1], INTERACTION), n
+        )
+        line(
+            f"k={k} interaction, paired (k-1 df), shared seed effect",
+            contrast_coverage(rng, n, k, [1] * 4, INTERACTION, paired=True, seed_sd=1.0),
+            n,
+        )
         covered, unbounded = share_coverage(rng, n // 2, k)
         line(f"k={k} share of a gap, Fieller, bounded intervals (true 0.5)", covered, round((1 - unbounded) * n // 2))
         line(f"k={k} share of a gap, Fieller: no bounded interval", unbounded, n // 2)

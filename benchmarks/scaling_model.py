@@ -54,8 +54,15 @@ def muon_shapes(args: ModelArgs) -> list[tuple[str, int, int]]:
     """(parameter name, rows, cols) of every block matrix, rows x cols = out x in:
     wq, wo (d, d); wk, wv (kv, d) with kv = n_kv_heads * head_dim; w1, w3 (f, d); w2 (d, f)."""
     d, kv, f = args.dim, args.n_kv_heads * args.head_dim, args.ffn_hidden
-    per_layer = [("attn.wq", d, d), ("attn.wk", kv, d), ("attn.wv", kv, d), ("attn.wo", d, d),
-                 ("ffn.w1", f, d), ("ffn.w3", f, d), ("ffn.w2", d, f)]
+    per_layer = [
+        ("attn.wq", d, d),
+        ("attn.wk", kv, d),
+        ("attn.wv", kv, d),
+        ("attn.wo", d, d),
+        ("ffn.w1", f, d),
+        ("ffn.w3", f, d),
+        ("ffn.w2", d, f),
+    ]
     return [(f"layers.{i}.{name}.weight", r, c) for i in range(args.n_layers) for name, r, c in per_layer]
 
 
@@ -64,7 +71,7 @@ def ns_flops(rows: int, cols: int, steps: int = 5) -> float:
     (NS runs on the wide orientation): per step A = X X^T costs 2 m^2 n, A @ A 2 m^3, B @ X 2 m^2 n,
     so steps * (4 m^2 n + 2 m^3). Elementwise work (scalings, the normalization) is left out."""
     m, n = min(rows, cols), max(rows, cols)
-    return steps * (4.0 * m * m * n + 2.0 * m ** 3)
+    return steps * (4.0 * m * m * n + 2.0 * m**3)
 
 
 def rank_loads(values: list[float], owners: list[int], world: int) -> list[float]:
@@ -75,8 +82,9 @@ def rank_loads(values: list[float], owners: list[int], world: int) -> list[float
     return loads
 
 
-def team_gather_bytes(shapes: list[tuple[str, int, int]], teams: list[list[int]], world: int,
-                      itemsize: int = BF16_BYTES) -> tuple[list[int], list[int]]:
+def team_gather_bytes(
+    shapes: list[tuple[str, int, int]], teams: list[list[int]], world: int, itemsize: int = BF16_BYTES
+) -> tuple[list[int], list[int]]:
     """``gather_bytes`` when each matrix goes to every rank of its team (``ns_row_blocks``):
     rank r sends its row shard to each team member other than itself."""
     sent, recv = [0] * world, [0] * world
@@ -89,8 +97,9 @@ def team_gather_bytes(shapes: list[tuple[str, int, int]], teams: list[list[int]]
     return sent, recv
 
 
-def team_allgather_bytes(rows: int, cols: int, blocks: int, size: int, steps: int = 5,
-                         itemsize: int = BF16_BYTES) -> int:
+def team_allgather_bytes(
+    rows: int, cols: int, blocks: int, size: int, steps: int = 5, itemsize: int = BF16_BYTES
+) -> int:
     """Bytes one member of a ``size``-rank team receives in the all-gathers of a row-block
     NS (``row_block_team``): per step A (m x m) and X (m x n), each member's blocks padded
     to the largest member's row count w, so (size - 1) * w * (m + n) elements per step."""
@@ -109,8 +118,9 @@ def member_shares(rows: int, cols: int, blocks: int, size: int) -> list[float]:
     return [sum(layout[b][1] for b in range(i, blocks, size)) / m for i in range(size)]
 
 
-def gather_bytes(shapes: list[tuple[str, int, int]], owners: list[int], world: int,
-                 itemsize: int = BF16_BYTES) -> tuple[list[int], list[int]]:
+def gather_bytes(
+    shapes: list[tuple[str, int, int]], owners: list[int], world: int, itemsize: int = BF16_BYTES
+) -> tuple[list[int], list[int]]:
     """(sent[r], received[r]) in all_to_all #1: rank r sends its torch.chunk row shard
     (``shard_rows``) of every matrix it does not own to the owner, rows_r * cols * itemsize
     bytes; an owner receives the shards of its matrices from every other rank. A rank's own
@@ -169,16 +179,26 @@ def predict(name: str, args: ModelArgs, world: int, seconds_per_flop, opts, row_
     step = step_time_s(count_parameters(args), opts.tokens_per_rank, opts.mfu, opts.peak_tflops)
     wall = max(0.0, ns_max - ideal) / step  # clamp float round-off at an exact split
     return dict(
-        model=name, ranks=world, matrices=len(shapes), params=count_parameters(args),
+        model=name,
+        ranks=world,
+        matrices=len(shapes),
+        params=count_parameters(args),
         mats_per_rank_max=max(rank_loads([1.0] * len(shapes), owners, world)),
-        ns_tflop_max=max(flops) / 1e12, ns_tflop_mean=sum(flops) / world / 1e12,
-        ns_ms_max=ns_max * 1e3, ns_ms_mean=ideal * 1e3, balance=ns_max / ideal if ideal else 1.0,
+        ns_tflop_max=max(flops) / 1e12,
+        ns_tflop_mean=sum(flops) / world / 1e12,
+        ns_ms_max=ns_max * 1e3,
+        ns_ms_mean=ideal * 1e3,
+        balance=ns_max / ideal if ideal else 1.0,
         speedup=total / ns_max if ns_max else 1.0,
-        comm_mb_max=max(moved) / 1e6, comm_mb_mean=sum(moved) / world / 1e6,
+        comm_mb_max=max(moved) / 1e6,
+        comm_mb_mean=sum(moved) / world / 1e6,
         comm_ms=comm_time_s(sent, recv, opts.bandwidth_gbps) * 1e3,
         team_comm_ms=max(team_recv) / (opts.team_bandwidth_gbps * 1e9) * 1e3 if size > 1 else 0.0,
-        row_blocks=row_blocks, owners=owners,
-        step_s=step, wall_pct=100.0 * wall, floor_pct=100.0 * max(times) / step,
+        row_blocks=row_blocks,
+        owners=owners,
+        step_s=step,
+        wall_pct=100.0 * wall,
+        floor_pct=100.0 * max(times) / step,
         over_threshold=wall > WALL_THRESHOLD,
     )
 
@@ -205,8 +225,11 @@ def measure_seconds_per_flop(shapes: list[tuple[str, int, int]], scale: int, rep
     from normopt.optim.newton_schulz import newton_schulz
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32,
-             "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
+    dtype = {
+        "auto": torch.bfloat16 if device == "cuda" else torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float32": torch.float32,
+    }[dtype_name]
     table = {}
     for rows, cols in sorted({(r, c) for _, r, c in shapes}):
         r, c = max(1, rows // scale), max(1, cols // scale)
@@ -222,23 +245,29 @@ def measure_seconds_per_flop(shapes: list[tuple[str, int, int]], scale: int, rep
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t0)
         table[(rows, cols)] = best / ns_flops(r, c)
-    note = (f"MEASURED here: newton_schulz on {device} in {dtype}, dims / {scale}, best of {repeats} "
-            "(the step time still assumes --mfu x --peak-tflops)")
+    note = (
+        f"MEASURED here: newton_schulz on {device} in {dtype}, dims / {scale}, best of {repeats} "
+        "(the step time still assumes --mfu x --peak-tflops)"
+    )
     return (lambda rows, cols: table[(rows, cols)]), note
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'model':<6}{'ranks':>6}{'mats/rk':>8}{'NS TFLOP/rk':>12}{'(mean)':>8}{'NS ms/rk':>10}"
-            f"{'(mean)':>10}{'max/mean':>9}{'speedup':>9}{'comm MB/rk':>11}{'(mean)':>8}{'comm ms':>9}"
-            f"{'step s':>8}{'wall %':>8}{'floor %':>8}")
+    head = (
+        f"{'model':<6}{'ranks':>6}{'mats/rk':>8}{'NS TFLOP/rk':>12}{'(mean)':>8}{'NS ms/rk':>10}"
+        f"{'(mean)':>10}{'max/mean':>9}{'speedup':>9}{'comm MB/rk':>11}{'(mean)':>8}{'comm ms':>9}"
+        f"{'step s':>8}{'wall %':>8}{'floor %':>8}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         flag = "  <-- wall > 1% of step" if r["over_threshold"] else ""
-        print(f"{r['model']:<6}{r['ranks']:>6}{r['mats_per_rank_max']:>8.0f}{r['ns_tflop_max']:>12.2f}"
-              f"{r['ns_tflop_mean']:>8.2f}{r['ns_ms_max']:>10.2f}{r['ns_ms_mean']:>10.2f}{r['balance']:>9.2f}"
-              f"{r['speedup']:>9.1f}{r['comm_mb_max']:>11.0f}{r['comm_mb_mean']:>8.0f}{r['comm_ms']:>9.2f}"
-              f"{r['step_s']:>8.3f}{r['wall_pct']:>8.2f}{r['floor_pct']:>8.2f}{flag}")
+        print(
+            f"{r['model']:<6}{r['ranks']:>6}{r['mats_per_rank_max']:>8.0f}{r['ns_tflop_max']:>12.2f}"
+            f"{r['ns_tflop_mean']:>8.2f}{r['ns_ms_max']:>10.2f}{r['ns_ms_mean']:>10.2f}{r['balance']:>9.2f}"
+            f"{r['speedup']:>9.1f}{r['comm_mb_max']:>11.0f}{r['comm_mb_mean']:>8.0f}{r['comm_ms']:>9.2f}"
+            f"{r['step_s']:>8.3f}{r['wall_pct']:>8.2f}{r['floor_pct']:>8.2f}{flag}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,10 +276,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=[], help="rank counts added to 8 64 256 1024")
     p.add_argument("--ns-tflops", type=float, default=400.0, help="ASSUMED effective bf16 NS TFLOP/s per GPU")
     p.add_argument("--bandwidth-gbps", type=float, default=50.0, help="ASSUMED GB/s per rank, each direction")
-    p.add_argument("--row-blocks", type=int, nargs="+", default=[2, 4, 8],
-                   help="ns_row_blocks to compare against one owner per matrix at 256+ ranks")
-    p.add_argument("--team-bandwidth-gbps", type=float, default=400.0,
-                   help="ASSUMED GB/s per rank inside a row-block team (consecutive ranks: one node)")
+    p.add_argument(
+        "--row-blocks",
+        type=int,
+        nargs="+",
+        default=[2, 4, 8],
+        help="ns_row_blocks to compare against one owner per matrix at 256+ ranks",
+    )
+    p.add_argument(
+        "--team-bandwidth-gbps",
+        type=float,
+        default=400.0,
+        help="ASSUMED GB/s per rank inside a row-block team (consecutive ranks: one node)",
+    )
     p.add_argument("--tokens-per-rank", type=int, default=8192)
     p.add_argument("--mfu", type=float, default=0.4)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100/H200: 989)")
@@ -264,8 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     ranks = sorted(set(DEFAULT_RANKS) | set(opts.ranks))
     if opts.measure:
         all_shapes = [s for a in zoo.values() for s in muon_shapes(a)]
-        spf, ns_note = measure_seconds_per_flop(all_shapes, opts.measure_scale, opts.measure_repeats,
-                                                opts.measure_dtype)
+        spf, ns_note = measure_seconds_per_flop(
+            all_shapes, opts.measure_scale, opts.measure_repeats, opts.measure_dtype
+        )
     else:
         spf = lambda rows, cols: 1.0 / (opts.ns_tflops * 1e12)  # noqa: E731
         ns_note = f"ASSUMED {opts.ns_tflops:g} TFLOP/s effective bf16 NS throughput per GPU, every shape"
@@ -273,31 +312,42 @@ def main(argv: list[str] | None = None) -> None:
     print("Owner-based distributed Newton-Schulz: analytic scaling model (per optimizer step)")
     print(f"  NS: 5 quintic steps, FLOPs = 5 (4 m^2 n + 2 m^3), m/n = min/max dim; time: {ns_note}")
     print("  owners: normopt assign_owners(ns_cost) (greedy LPT); one owner per matrix")
-    print(f"  comm: bf16 row shards, 2 all_to_alls (gather + scatter), own shard not counted; "
-          f"ASSUMED {opts.bandwidth_gbps:g} GB/s per rank each direction, time = 2 max_r max(sent, recv) / BW")
-    print(f"  step: 6 N x {opts.tokens_per_rank} tokens/rank / ({opts.mfu:g} MFU x {opts.peak_tflops:g} TFLOP/s) "
-          "(ASSUMED; N from count_parameters, vocab 32768 for 1b/2.8b, 128256 for 8b/70b)")
-    print("  wall % = (max NS ms/rank - mean NS ms/rank) / step; floor % = largest matrix's NS / step; "
-          "speedup = total NS / max NS per rank")
+    print(
+        f"  comm: bf16 row shards, 2 all_to_alls (gather + scatter), own shard not counted; "
+        f"ASSUMED {opts.bandwidth_gbps:g} GB/s per rank each direction, time = 2 max_r max(sent, recv) / BW"
+    )
+    print(
+        f"  step: 6 N x {opts.tokens_per_rank} tokens/rank / ({opts.mfu:g} MFU x {opts.peak_tflops:g} TFLOP/s) "
+        "(ASSUMED; N from count_parameters, vocab 32768 for 1b/2.8b, 128256 for 8b/70b)"
+    )
+    print(
+        "  wall % = (max NS ms/rank - mean NS ms/rank) / step; floor % = largest matrix's NS / step; "
+        "speedup = total NS / max NS per rank"
+    )
     for name, a in zoo.items():
         shapes = muon_shapes(a)
-        print(f"  {name}: dim {a.dim}, {a.n_layers} layers, kv {a.n_kv_heads * a.head_dim}, ffn {a.ffn_hidden}; "
-              f"{len(shapes)} matrices, {count_parameters(a) / 1e9:.2f}B params")
+        print(
+            f"  {name}: dim {a.dim}, {a.n_layers} layers, kv {a.n_kv_heads * a.head_dim}, ffn {a.ffn_hidden}; "
+            f"{len(shapes)} matrices, {count_parameters(a) / 1e9:.2f}B params"
+        )
     print()
     rows = [predict(name, a, w, spf, opts) for name, a in zoo.items() for w in ranks]
     print_table(rows)
-    candidates = sorted(set(ranks) | {2 ** k for k in range(1, max(ranks).bit_length())})
+    candidates = sorted(set(ranks) | {2**k for k in range(1, max(ranks).bit_length())})
     print(f"\nCrossover (rank counts scanned: {' '.join(map(str, candidates))}):")
     for name, a in zoo.items():
         scan = wall_scan(name, a, candidates, spf, opts)
         n = crossover(scan)
-        verdict = (f"the one-owner wall costs >1% of the step from {n} ranks on" if n
-                   else f"not within {max(ranks)} ranks")
+        verdict = (
+            f"the one-owner wall costs >1% of the step from {n} ranks on" if n else f"not within {max(ranks)} ranks"
+        )
         print(f"  {name}: {verdict}  (wall %: " + ", ".join(f"{w}: {x:.2f}" for w, x in scan) + ")")
     big = [w for w in ranks if w >= 256]
     if big and opts.row_blocks:
-        print(f"\nRow-block teams (optim.ns_row_blocks = P: a team of min(P, ranks) consecutive ranks splits each "
-              f"matrix's NS; team all-gathers at ASSUMED {opts.team_bandwidth_gbps:g} GB/s):")
+        print(
+            f"\nRow-block teams (optim.ns_row_blocks = P: a team of min(P, ranks) consecutive ranks splits each "
+            f"matrix's NS; team all-gathers at ASSUMED {opts.team_bandwidth_gbps:g} GB/s):"
+        )
         head = f"{'model':<6}{'ranks':>6}{'P':>4}{'NS ms/rk':>10}{'max/mean':>9}{'wall %':>8}{'team comm ms':>13}"
         print(head)
         print("-" * len(head))
@@ -307,8 +357,10 @@ def main(argv: list[str] | None = None) -> None:
                     r = predict(name, a, w, spf, opts, row_blocks=P)
                     rows.append(r) if P > 1 else None
                     flag = "  <-- wall > 1% of step" if r["over_threshold"] else ""
-                    print(f"{name:<6}{w:>6}{P:>4}{r['ns_ms_max']:>10.2f}{r['balance']:>9.2f}{r['wall_pct']:>8.2f}"
-                          f"{r['team_comm_ms']:>13.2f}{flag}")
+                    print(
+                        f"{name:<6}{w:>6}{P:>4}{r['ns_ms_max']:>10.2f}{r['balance']:>9.2f}{r['wall_pct']:>8.2f}"
+                        f"{r['team_comm_ms']:>13.2f}{flag}"
+                    )
     if opts.json:
         Path(opts.json).write_text(json.dumps(rows, indent=1))
         print(f"rows written to {opts.json}")

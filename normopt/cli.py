@@ -24,8 +24,7 @@ from normopt.peer_loss import is_peer_loss, report_peer_loss
 
 
 def train_main(argv: list[str] | None = None, prog: str = "train.py") -> int:
-    parser = config_parser(
-        prog, "Train a Llama-style model (plain python = 1 rank; under torchrun = N ranks).")
+    parser = config_parser(prog, "Train a Llama-style model (plain python = 1 rank; under torchrun = N ranks).")
     args = parser.parse_args(argv)
     return _guarded(lambda: _train(args.config, args.overrides))
 
@@ -45,8 +44,11 @@ def check_main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         micro, accum = check_world_size(cfg, args.nproc)
         print(cfg.run.dir)
-        print(f"batch: {cfg.train.global_batch_size} sequences/step = {micro} micro x {accum} accumulation "
-              f"x {args.nproc} ranks", file=sys.stderr)
+        print(
+            f"batch: {cfg.train.global_batch_size} sequences/step = {micro} micro x {accum} accumulation "
+            f"x {args.nproc} ranks",
+            file=sys.stderr,
+        )
         return 0
 
     return _guarded(check)
@@ -115,17 +117,26 @@ def export_main(argv: list[str] | None = None) -> int:
     parser = CommandParser(
         prog="normopt export",
         description="Write a run's model weights as one safetensors file with its config and tokenizer beside it "
-                    "(--format safetensors), or as a folder that transformers loads (--format hf), checked "
-                    "against normopt's own forward before it is reported written.")
+        "(--format safetensors), or as a folder that transformers loads (--format hf), checked "
+        "against normopt's own forward before it is reported written.",
+    )
     parser.add_argument("run_dir", help="the run directory")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest complete)")
-    parser.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
-                        help="safetensors (default): normopt's names; hf: the Hugging Face format")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="hf: the weights' dtype (default float32)")
-    parser.add_argument("--out", default=None,
-                        help="output file (default: RUN_DIR/export/step_N.safetensors); with --format hf, a new "
-                             "folder (default: RUN_DIR/export/step_N_hf)")
+    parser.add_argument(
+        "--format",
+        choices=("safetensors", "hf"),
+        default="safetensors",
+        help="safetensors (default): normopt's names; hf: the Hugging Face format",
+    )
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default=None, help="hf: the weights' dtype (default float32)"
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output file (default: RUN_DIR/export/step_N.safetensors); with --format hf, a new "
+        "folder (default: RUN_DIR/export/step_N_hf)",
+    )
     args = parser.parse_args(argv)
 
     def export() -> int:
@@ -232,10 +243,19 @@ USAGE = """usage: normopt {train,launch,check,config,export,sample,report,factor
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": lambda rest: train_main(rest, prog="normopt train"), "check": check_main,
-                "export": export_main, "sample": sample_cli, "report": report_cli,
-                "factorial": factorial_cli, "plan": plan_cli, "status": status_cli, "spectrum": spectrum_cli,
-                "launch": launch_cli, "config": config_cli}
+    commands = {
+        "train": lambda rest: train_main(rest, prog="normopt train"),
+        "check": check_main,
+        "export": export_main,
+        "sample": sample_cli,
+        "report": report_cli,
+        "factorial": factorial_cli,
+        "plan": plan_cli,
+        "status": status_cli,
+        "spectrum": spectrum_cli,
+        "launch": launch_cli,
+        "config": config_cli,
+    }
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
@@ -245,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"normopt: error: {problem} (commands: {', '.join(commands)}; see normopt --help)", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
     return commands[argv[0]](argv[1:])
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,6 +22,10 @@ class CommandParser(argparse.ArgumentParser):
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = CommandParser(prog=prog, description=description)
     parser.add_argument("--config", default=None, help="YAML config (default: configs/demo.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="override config keys, e.g. model.norm=derf optim.lr=1e-3")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="override config keys, e.g. model.norm=derf optim.lr=1e-3",
+    )
     return parser

@@ -63,8 +63,12 @@ class Config:
 
 def keys_with_role(*roles: str) -> frozenset[str]:
     """The dotted keys ("section.name") whose role is one of ``roles`` (untagged = MATH)."""
-    return frozenset(f"{section}.{f.name}" for section, cls in typing.get_type_hints(Config).items()
-                     for f in dataclasses.fields(cls) if role_of(f) in roles)
+    return frozenset(
+        f"{section}.{f.name}"
+        for section, cls in typing.get_type_hints(Config).items()
+        for f in dataclasses.fields(cls)
+        if role_of(f) in roles
+    )
 
 
 # --------------------------------------------------------------------------- parsing
@@ -101,7 +105,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         raise UserError(f"{key}: expected true or false, got {value!r}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            if abs(value) > 2 ** 64:  # beyond any integer torch or numpy holds (sections check their ranges)
+            if abs(value) > 2**64:  # beyond any integer torch or numpy holds (sections check their ranges)
                 raise UserError(f"{key}: {value} is out of the 64-bit integer range")
             return value
         raise UserError(f"{key}: expected an integer, got {value!r}")
@@ -122,8 +126,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             # training math runs in float32 at best: a value it cannot hold would become inf
             # (an lr of 1e39) or 0 (an eps of 1e-300, then a division by zero)
             if abs(number) > FLOAT32_MAX or 0 < abs(number) < FLOAT32_TINY:
-                raise UserError(f"{key}: {value!r} cannot be represented in float32 "
-                                f"(magnitudes {FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}, or 0)")
+                raise UserError(
+                    f"{key}: {value!r} cannot be represented in float32 "
+                    f"(magnitudes {FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}, or 0)"
+                )
             return number
         raise UserError(f"{key}: expected a number, got {value!r}")
     if annotation is str:
@@ -147,10 +153,7 @@ def _apply(cfg: Config, key: str, value: Any, *, from_text: bool) -> None:
     section_name, name = parts
     section_types = _section_types(Config)
     if section_name not in section_types:
-        raise UserError(
-            f"{key}: unknown config section {section_name!r} "
-            f"(sections: {', '.join(section_types)})"
-        )
+        raise UserError(f"{key}: unknown config section {section_name!r} (sections: {', '.join(section_types)})")
     section = getattr(cfg, section_name)
     field_types = _section_types(type(section))
     if name not in field_types:
@@ -178,8 +181,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 DEFAULT, FILE, OVERRIDE, DERIVED = "default", "file", "override", "derived"
 
 
-def resolve_config(path: str | Path | None = None,
-                   overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict[str, str]]:
+def resolve_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[Config, dict[str, str]]:
     """:func:`load_config`, with the origin of every key's value ("section.key" -> default,
     file, override, or derived for an empty ``run.dir`` and for ``train.steps`` under
     ``train.tokens_per_param``): defaults < the YAML file < the ``section.key=value``
@@ -257,13 +261,14 @@ def _derive_steps(cfg: Config, origins: dict[str, str]) -> None:
     if cfg.train.tokens_per_param <= 0:
         return
     steps = tokens_per_param_steps(cfg)
-    if (cfg.train.steps != steps
-            and _LAYERS[origins["train.steps"]] >= _LAYERS[origins["train.tokens_per_param"]]):
+    if cfg.train.steps != steps and _LAYERS[origins["train.steps"]] >= _LAYERS[origins["train.tokens_per_param"]]:
         t = cfg.train
-        raise UserError(f"train.steps: {t.steps} disagrees with train.tokens_per_param={t.tokens_per_param:g}, "
-                        f"which gives {steps} steps ({size_parameters(cfg):,} parameters x "
-                        f"{t.tokens_per_param:g} / {t.global_batch_size * t.seq_len:,} tokens per step): "
-                        f"give one of them (train.tokens_per_param=0 keeps train.steps)")
+        raise UserError(
+            f"train.steps: {t.steps} disagrees with train.tokens_per_param={t.tokens_per_param:g}, "
+            f"which gives {steps} steps ({size_parameters(cfg):,} parameters x "
+            f"{t.tokens_per_param:g} / {t.global_batch_size * t.seq_len:,} tokens per step): "
+            f"give one of them (train.tokens_per_param=0 keeps train.steps)"
+        )
     cfg.train.steps = steps
     origins["train.steps"] = DERIVED
 

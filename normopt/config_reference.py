@@ -81,8 +81,10 @@ def reference_markdown() -> str:
         rows = ["| Key | Type | Default | Role | Help |", "| --- | --- | --- | --- | --- |"]
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            rows.append(f"| `{section}.{f.name}` | {_cell(type_name(hints[f.name]))} | `{yaml_value(f.default)}` "
-                        f"| {role_of(f)} | {_cell(help_of(f))} |")
+            rows.append(
+                f"| `{section}.{f.name}` | {_cell(type_name(hints[f.name]))} | `{yaml_value(f.default)}` "
+                f"| {role_of(f)} | {_cell(help_of(f))} |"
+            )
         parts.append(f"### `{section}`\n\n{section_summary(cls)}\n\n" + "\n".join(rows))
     return "\n\n".join(parts)
 
@@ -97,11 +99,11 @@ def generated_block(text: str) -> str | None:
     """The generated part of a page (between the :data:`BEGIN` and :data:`END` lines), or
     None when the page has no such part."""
     lines = text.splitlines()
-    if BEGIN not in lines or END not in lines[lines.index(BEGIN):]:
+    if BEGIN not in lines or END not in lines[lines.index(BEGIN) :]:
         return None
     start = lines.index(BEGIN)
     end = lines.index(END, start)
-    return "\n".join(lines[start + 1:end]).strip("\n")
+    return "\n".join(lines[start + 1 : end]).strip("\n")
 
 
 def write_reference(path: Path) -> bool:
@@ -117,7 +119,7 @@ def write_reference(path: Path) -> bool:
     lines = text.splitlines()
     start = lines.index(BEGIN)
     end = lines.index(END, start)
-    new = "\n".join([*lines[:start + 1], "", reference_markdown(), "", *lines[end:]]) + "\n"
+    new = "\n".join([*lines[: start + 1], "", reference_markdown(), "", *lines[end:]]) + "\n"
     if new == text:
         return False
     try:
@@ -151,18 +153,29 @@ def config_main(argv: list[str]) -> int:
     parser = CommandParser(
         prog="normopt config",
         description="Print the configuration reference (every key's type, default, resume role and help, "
-                    "generated from the config sections) or a config as resolved, each value with its origin.")
+        "generated from the config sections) or a config as resolved, each value with its origin.",
+    )
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--reference", action="store_true", help="print the reference as markdown")
-    mode.add_argument("--show", action="store_true",
-                      help="print the resolved config of --config and overrides, each value with its origin "
-                           "(default, file, override or derived)")
-    parser.add_argument("--write", metavar="FILE", default=None,
-                        help=f"with --reference: rewrite the generated part of FILE instead of printing "
-                             f"(e.g. {REGENERATE})")
+    mode.add_argument(
+        "--show",
+        action="store_true",
+        help="print the resolved config of --config and overrides, each value with its origin "
+        "(default, file, override or derived)",
+    )
+    parser.add_argument(
+        "--write",
+        metavar="FILE",
+        default=None,
+        help=f"with --reference: rewrite the generated part of FILE instead of printing (e.g. {REGENERATE})",
+    )
     parser.add_argument("--config", default=None, help="with --show: YAML config (default: configs/demo.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="with --show: override config keys, e.g. model.norm=derf optim.lr=1e-3")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="with --show: override config keys, e.g. model.norm=derf optim.lr=1e-3",
+    )
     args = parser.parse_args(argv)
     if args.reference and (args.config is not None or args.overrides):
         parser.error("--config and overrides go with --show")
@@ -172,8 +185,7 @@ def config_main(argv: list[str]) -> int:
         print(show_text(args.config, args.overrides))
     elif args.write is not None:
         changed = write_reference(Path(args.write))
-        print(f"{args.write}: {'reference rewritten' if changed else 'reference already up to date'}",
-              file=sys.stderr)
+        print(f"{args.write}: {'reference rewritten' if changed else 'reference already up to date'}", file=sys.stderr)
     else:
         print(reference_markdown())
     return 0

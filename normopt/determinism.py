@@ -35,5 +35,9 @@ def use_deterministic_kernels(device_type: str) -> list[str]:
 
     inductor_config.coordinate_descent_tuning = False
     inductor_config.max_autotune = False
-    return [f"CUBLAS_WORKSPACE_CONFIG={os.environ['CUBLAS_WORKSPACE_CONFIG']}",
-            "torch.use_deterministic_algorithms(True)", "cudnn.deterministic", "no cudnn/inductor autotuning"]
+    return [
+        f"CUBLAS_WORKSPACE_CONFIG={os.environ['CUBLAS_WORKSPACE_CONFIG']}",
+        "torch.use_deterministic_algorithms(True)",
+        "cudnn.deterministic",
+        "no cudnn/inductor autotuning",
+    ]

@@ -17,8 +17,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from normopt.checkpoint.verify import read_trainer_state, verify_checkpoint
 from normopt.checkpoint.safe_dcp import SafeReader, TensorOnlyPlanner, read_metadata
+from normopt.checkpoint.verify import read_trainer_state, verify_checkpoint
 from normopt.errors import UserError
 from normopt.output_paths import check_output_file, write_failed
 from normopt.run_dir import RunDir
@@ -32,7 +32,7 @@ def load_model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     verify_checkpoint(checkpoint)
     metadata = read_metadata(checkpoint)  # UserError for crafted or unreadable metadata
     model = {
-        key[len(MODEL_PREFIX):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        key[len(MODEL_PREFIX) :]: torch.empty(meta.size, dtype=meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
         if key.startswith(MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata)
     }
@@ -42,8 +42,13 @@ def load_model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():  # "assuming ... a single process": exactly the intent
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True,
-                     storage_reader=SafeReader(str(checkpoint)), planner=TensorOnlyPlanner(str(checkpoint)))
+            dcp.load(
+                state,
+                checkpoint_id=str(checkpoint),
+                no_dist=True,
+                storage_reader=SafeReader(str(checkpoint)),
+                planner=TensorOnlyPlanner(str(checkpoint)),
+            )
     except BaseException as exc:  # DCP wraps read errors in a BaseException
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
@@ -66,8 +71,10 @@ def run_tokenizer(run: RunDir, config: Path | None) -> Path:
     path = prepared_tokenizer(cfg.data)
     if path is None:
         where = cfg.data.tokenizer or "the prepared corpus under data.cache_dir"
-        raise UserError(f"the run's tokenizer is gone ({where}); prepare the corpus again with the run's "
-                        f"config (e.g. a 0-step run) or set data.tokenizer")
+        raise UserError(
+            f"the run's tokenizer is gone ({where}); prepare the corpus again with the run's "
+            f"config (e.g. a 0-step run) or set data.tokenizer"
+        )
     return path
 
 

@@ -71,8 +71,9 @@ def recorded_exit_status(run: RunDir) -> int | None:
     return status if isinstance(status, int) else None
 
 
-def write_job_record(run: RunDir, state: str, exit_status: int | None = None,
-                     environ: dict[str, str] | None = None) -> dict[str, Any]:
+def write_job_record(
+    run: RunDir, state: str, exit_status: int | None = None, environ: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Record the job attempt's ``state`` (one of STATES) in ``run``'s job.json."""
     if state not in STATES:
         raise ValueError(f"job state must be one of {STATES}, got {state!r}")
@@ -80,8 +81,13 @@ def write_job_record(run: RunDir, state: str, exit_status: int | None = None,
     previous = read_job_record(run) or {}
     fields = job_fields(dict(os.environ) if environ is None else environ)
     same_attempt = previous.get("job_id") == fields["job_id"] and previous.get("restarts") == fields["restarts"]
-    record = {**fields, "state": state, "exit_status": exit_status,
-              "started": previous.get("started", now) if same_attempt else now, "updated": now}
+    record = {
+        **fields,
+        "state": state,
+        "exit_status": exit_status,
+        "started": previous.get("started", now) if same_attempt else now,
+        "updated": now,
+    }
     run.path.mkdir(parents=True, exist_ok=True)
     tmp = run.job_json.with_name(run.job_json.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")

@@ -13,9 +13,9 @@ those three things done the way a scheduler and the factorial runner expect:
   signal) makes the launcher stop the others, name each rank's status and exit 1.
 * **signals**: SIGTERM, SIGUSR1 and SIGINT sent to the launcher are forwarded to every rank,
   which checkpoints and exits 75; one that arrives before the ranks exist ends the launch
-  with 75, and one forwarded to a rank still starting waits until its handler is set. The ranks live in a process group of their own so that a
-  Ctrl-C at the terminal reaches them once, through the launcher (a second Ctrl-C is the
-  trainer's "stop now, no checkpoint").
+  with 75, and one forwarded to a rank still starting waits until its handler is set. The
+  ranks live in a process group of their own so that a Ctrl-C at the terminal reaches them
+  once, through the launcher (a second Ctrl-C is the trainer's "stop now, no checkpoint").
 * **threads**: torchrun sets ``OMP_NUM_THREADS=1`` for several ranks; left unset, every rank
   would start a thread per core and N ranks oversubscribe the machine N times. Where the
   user has not set it, each rank gets the usable cores (this process's CPU affinity) divided
@@ -62,7 +62,8 @@ port + 1), and keep a heartbeat there (``normopt.node_watch``):
   multi-node job the node whose rank is frozen ends with 124 and that line; the other
   nodes, whose ranks still beat while they wait on it, give it 15 s more, then their ranks
   lose their peers and their launchers end with 1 naming that node and its status (where no
-  rank is frozen anywhere, every node ends with 124 after those 15 s) (``launch/slurm.sbatch`` requeues on 124 as on 69, up to ``NORMOPT_MAX_REQUEUES``).
+  rank is frozen anywhere, every node ends with 124 after those 15 s). ``launch/slurm.sbatch``
+  requeues on 124 as on 69, up to ``NORMOPT_MAX_REQUEUES`` times.
 
 Exit statuses: 0 done, 2 user error, 3 diverged, 75 stopped after a checkpoint (as the ranks
 agree them), 69 a node was lost (or did not rejoin for a restart), 124 no progress for
@@ -186,12 +187,27 @@ def thread_default(environ: dict[str, str], local_ranks: int, cores: int) -> str
     return str(max(cores // local_ranks, 1))
 
 
-def rank_env(base: dict[str, str], *, local_rank: int, nproc: int, node_rank: int, nnodes: int,
-             master_addr: str, master_port: int) -> dict[str, str]:
+def rank_env(
+    base: dict[str, str],
+    *,
+    local_rank: int,
+    nproc: int,
+    node_rank: int,
+    nnodes: int,
+    master_addr: str,
+    master_port: int,
+) -> dict[str, str]:
     """The env:// rendezvous variables torch.distributed reads, for one rank."""
-    return {**base, "RANK": str(node_rank * nproc + local_rank), "LOCAL_RANK": str(local_rank),
-            "WORLD_SIZE": str(nnodes * nproc), "LOCAL_WORLD_SIZE": str(nproc),
-            "GROUP_RANK": str(node_rank), "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
+    return {
+        **base,
+        "RANK": str(node_rank * nproc + local_rank),
+        "LOCAL_RANK": str(local_rank),
+        "WORLD_SIZE": str(nnodes * nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "GROUP_RANK": str(node_rank),
+        "MASTER_ADDR": master_addr,
+        "MASTER_PORT": str(master_port),
+    }
 
 
 def agreed_status(statuses: list[int | None]) -> int:
@@ -292,35 +308,63 @@ def _status(returncode: int) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = CommandParser(
-        prog="normopt launch", allow_abbrev=False, description="Train on N ranks of this node (one launcher per node for "
+        prog="normopt launch",
+        allow_abbrev=False,
+        description="Train on N ranks of this node (one launcher per node for "
         "multi-node jobs), keeping normopt's exit statuses (0 done, 2 user error, 3 diverged, 75 "
-        "stopped after a checkpoint, 69 a node was lost, 124 no progress) and forwarding SIGTERM/SIGUSR1/SIGINT to every rank.",
-        epilog="Everything after the launcher's options goes to training: --config PATH and section.key=value.")
+        "stopped after a checkpoint, 69 a node was lost, 124 no progress) and forwarding "
+        "SIGTERM/SIGUSR1/SIGINT to every rank.",
+        epilog="Everything after the launcher's options goes to training: --config PATH and section.key=value.",
+    )
     parser.add_argument("--nproc", type=int, default=None, help="ranks on this node (default: visible GPUs, else 1)")
     parser.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1)")
-    parser.add_argument("--node-rank", type=int, default=None,
-                        help="this node's index (default: $SLURM_NODEID, else 0)")
+    parser.add_argument(
+        "--node-rank", type=int, default=None, help="this node's index (default: $SLURM_NODEID, else 0)"
+    )
     parser.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (default 127.0.0.1)")
-    parser.add_argument("--master-port", type=int, default=None,
-                        help="rendezvous port on node 0 (default: a free port on one node, 29500 on several)")
-    parser.add_argument("--watch-port", type=int, default=None,
-                        help="several nodes: port of the launchers' heartbeat store on node 0 "
-                             "(default: master port + 1)")
-    parser.add_argument("--node-timeout", type=float, default=DEFAULT_NODE_TIMEOUT_S,
-                        help=f"several nodes: declare a node lost after this many seconds without a heartbeat; "
-                             f"the others exit with 69 within it + {NODE_LOSS_EXIT_MARGIN_S:.0f} s "
-                             f"(default {DEFAULT_NODE_TIMEOUT_S:.0f})")
-    parser.add_argument("--watchdog-timeout", type=float, default=DEFAULT_WATCHDOG_TIMEOUT_S,
-                        help=f"end the run with status {NO_PROGRESS_EXIT_CODE} when no rank has entered a new step or "
-                             f"phase for this many seconds (at least {WATCHDOG_STEP_FACTOR} x the longest step, and the "
-                             f"collective timeout in start-up and checkpoints); 0 disables "
-                             f"(default {DEFAULT_WATCHDOG_TIMEOUT_S:.0f})")
-    parser.add_argument("--max-restarts", type=int, default=0,
-                        help="several nodes: after a lost node, restart this node's ranks from the last complete "
-                             "checkpoint up to N times, once every node's launcher has joined again (default 0)")
-    parser.add_argument("--join-timeout", type=float, default=DEFAULT_JOIN_TIMEOUT_S,
-                        help=f"several nodes: how long to wait for every node's launcher, at the start and before "
-                             f"a restart (default {DEFAULT_JOIN_TIMEOUT_S:.0f} s)")
+    parser.add_argument(
+        "--master-port",
+        type=int,
+        default=None,
+        help="rendezvous port on node 0 (default: a free port on one node, 29500 on several)",
+    )
+    parser.add_argument(
+        "--watch-port",
+        type=int,
+        default=None,
+        help="several nodes: port of the launchers' heartbeat store on node 0 (default: master port + 1)",
+    )
+    parser.add_argument(
+        "--node-timeout",
+        type=float,
+        default=DEFAULT_NODE_TIMEOUT_S,
+        help=f"several nodes: declare a node lost after this many seconds without a heartbeat; "
+        f"the others exit with 69 within it + {NODE_LOSS_EXIT_MARGIN_S:.0f} s "
+        f"(default {DEFAULT_NODE_TIMEOUT_S:.0f})",
+    )
+    parser.add_argument(
+        "--watchdog-timeout",
+        type=float,
+        default=DEFAULT_WATCHDOG_TIMEOUT_S,
+        help=f"end the run with status {NO_PROGRESS_EXIT_CODE} when no rank has entered a new step or "
+        f"phase for this many seconds (at least {WATCHDOG_STEP_FACTOR} x the longest step, and the "
+        f"collective timeout in start-up and checkpoints); 0 disables "
+        f"(default {DEFAULT_WATCHDOG_TIMEOUT_S:.0f})",
+    )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="several nodes: after a lost node, restart this node's ranks from the last complete "
+        "checkpoint up to N times, once every node's launcher has joined again (default 0)",
+    )
+    parser.add_argument(
+        "--join-timeout",
+        type=float,
+        default=DEFAULT_JOIN_TIMEOUT_S,
+        help=f"several nodes: how long to wait for every node's launcher, at the start and before "
+        f"a restart (default {DEFAULT_JOIN_TIMEOUT_S:.0f} s)",
+    )
     return parser
 
 
@@ -426,8 +470,10 @@ def _launch(argv: list[str], signals: StopSignals) -> int:
     if not 0 <= node_rank < args.nnodes:
         raise UserError(f"--node-rank {node_rank} is not in 0..{args.nnodes - 1}")
     if not args.node_timeout >= MIN_NODE_TIMEOUT_S:  # also refuses nan
-        raise UserError(f"--node-timeout {args.node_timeout:g}: must be at least {MIN_NODE_TIMEOUT_S:g} s "
-                        f"(the heartbeat comes every {HEARTBEAT_S:g} s)")
+        raise UserError(
+            f"--node-timeout {args.node_timeout:g}: must be at least {MIN_NODE_TIMEOUT_S:g} s "
+            f"(the heartbeat comes every {HEARTBEAT_S:g} s)"
+        )
     if not args.watchdog_timeout >= 0 or args.watchdog_timeout == float("inf"):
         raise UserError(f"--watchdog-timeout {args.watchdog_timeout:g}: a number of seconds, 0 to disable")
     if args.max_restarts < 0:
@@ -451,26 +497,48 @@ def _launch(argv: list[str], signals: StopSignals) -> int:
     threads = thread_default(base_env, nproc, usable_cores())
     if threads is not None:
         base_env["OMP_NUM_THREADS"] = threads
-        print(f"normopt launch: OMP_NUM_THREADS={threads} per rank ({usable_cores()} usable cores / {nproc} "
-              f"rank(s) on this node); set OMP_NUM_THREADS to choose", file=sys.stderr, flush=True)
+        print(
+            f"normopt launch: OMP_NUM_THREADS={threads} per rank ({usable_cores()} usable cores / {nproc} "
+            f"rank(s) on this node); set OMP_NUM_THREADS to choose",
+            file=sys.stderr,
+            flush=True,
+        )
     if signals.pending:
-        print(f"normopt launch: stopped by {signal.Signals(signals.pending[0]).name} before any rank started; "
-              f"nothing to resume (exit {PREEMPTED_EXIT_CODE})", file=sys.stderr)
+        print(
+            f"normopt launch: stopped by {signal.Signals(signals.pending[0]).name} before any rank started; "
+            f"nothing to resume (exit {PREEMPTED_EXIT_CODE})",
+            file=sys.stderr,
+        )
         return PREEMPTED_EXIT_CODE
     report_dir = Path(tempfile.mkdtemp(prefix="normopt-launch-"))
     try:
         reports = [report_dir / f"rank_{node_rank * nproc + i}.txt" for i in range(nproc)]
-        envs = [{**rank_env(base_env, local_rank=i, nproc=nproc, node_rank=node_rank, nnodes=args.nnodes,
-                            master_addr=args.master_addr, master_port=port),
-                 PEER_LOST_REPORT_ENV: str(reports[i]), PROGRESS_DIR_ENV: str(report_dir)} for i in range(nproc)]
-        plan = Plan([sys.executable, str(TRAIN_SCRIPT), *train_args], envs, reports, node_rank, nproc,
-                    args.nnodes, run_dir)
+        envs = [
+            {
+                **rank_env(
+                    base_env,
+                    local_rank=i,
+                    nproc=nproc,
+                    node_rank=node_rank,
+                    nnodes=args.nnodes,
+                    master_addr=args.master_addr,
+                    master_port=port,
+                ),
+                PEER_LOST_REPORT_ENV: str(reports[i]),
+                PROGRESS_DIR_ENV: str(report_dir),
+            }
+            for i in range(nproc)
+        ]
+        plan = Plan(
+            [sys.executable, str(TRAIN_SCRIPT), *train_args], envs, reports, node_rank, nproc, args.nnodes, run_dir
+        )
         if args.nnodes == 1:
             return _run_one_node(plan, signals, args.watchdog_timeout, report_dir)
         watch = NodeWatch(node_rank, args.nnodes, nproc, args.master_addr, watch_port, args.node_timeout)
         try:
-            status = _run_nodes(plan, signals, watch, args.max_restarts, args.join_timeout,
-                                args.watchdog_timeout, report_dir)
+            status = _run_nodes(
+                plan, signals, watch, args.max_restarts, args.join_timeout, args.watchdog_timeout, report_dir
+            )
         except BaseException:
             watch.close()
             raise
@@ -530,17 +598,24 @@ def _say_ending(plan: Plan, status: int, statuses: list[int | None]) -> None:
     """The launcher's line for ranks that ended by themselves (none where rank 0 said why)."""
     if status == CRASH_EXIT_CODE:
         # a rank that died (or quit after losing its peers) left its progress bar mid-line
-        _say(f"{len(statuses)} rank(s) of this node did not agree on how the run ended "
-             f"({_rank_details(plan, statuses)}); exit 1", fresh_line=True)
+        _say(
+            f"{len(statuses)} rank(s) of this node did not agree on how the run ended "
+            f"({_rank_details(plan, statuses)}); exit 1",
+            fresh_line=True,
+        )
     elif status == 0:
         _say(f"{plan.world} rank(s) {describe(status)} (exit {status})")
     # 2, 3 and 75: rank 0 has said why in one line; a second line would say it again
 
 
-def _run_one_node(plan: Plan, signals: StopSignals, watchdog_timeout: float = 0.0,
-                  progress_dir: Path | None = None) -> int:
-    watchdog = Watchdog(progress_dir, [plan.global_rank(i) for i in range(plan.nproc)], watchdog_timeout) \
-        if watchdog_timeout > 0 and progress_dir is not None else None
+def _run_one_node(
+    plan: Plan, signals: StopSignals, watchdog_timeout: float = 0.0, progress_dir: Path | None = None
+) -> int:
+    watchdog = (
+        Watchdog(progress_dir, [plan.global_rank(i) for i in range(plan.nproc)], watchdog_timeout)
+        if watchdog_timeout > 0 and progress_dir is not None
+        else None
+    )
     statuses, stall = _run_ranks(plan, signals, interrupt=watchdog.problem if watchdog else None)
     if isinstance(stall, Stall):
         _say(f"{stall.line(last_checkpoint(plan.run_dir))}; exit {NO_PROGRESS_EXIT_CODE}", fresh_line=True)
@@ -550,8 +625,15 @@ def _run_one_node(plan: Plan, signals: StopSignals, watchdog_timeout: float = 0.
     return status
 
 
-def _run_nodes(plan: Plan, signals: StopSignals, watch: NodeWatch, max_restarts: int, join_timeout: float,
-               watchdog_timeout: float = 0.0, progress_dir: Path | None = None) -> int:
+def _run_nodes(
+    plan: Plan,
+    signals: StopSignals,
+    watch: NodeWatch,
+    max_restarts: int,
+    join_timeout: float,
+    watchdog_timeout: float = 0.0,
+    progress_dir: Path | None = None,
+) -> int:
     """One node of a multi-node job: join the launchers' round, run the ranks while watching
     the other nodes and this node's ranks' progress, and on a lost node stop the ranks and
     either exit 69 or, restarts left, join the next round and start again; on no progress,
@@ -564,26 +646,46 @@ def _run_nodes(plan: Plan, signals: StopSignals, watch: NodeWatch, max_restarts:
         except JoinTimeout as exc:
             missing = ", ".join(map(str, exc.missing))
             if restarts:
-                _say(f"node(s) {missing} did not rejoin within {join_timeout:g} s; last complete checkpoint: "
-                     f"{last_checkpoint(plan.run_dir)}; exit {NODE_LOST_EXIT_CODE}")
+                _say(
+                    f"node(s) {missing} did not rejoin within {join_timeout:g} s; last complete checkpoint: "
+                    f"{last_checkpoint(plan.run_dir)}; exit {NODE_LOST_EXIT_CODE}"
+                )
                 return NODE_LOST_EXIT_CODE
-            _say(f"node(s) {missing} did not join within {join_timeout:g} s (watch store "
-                 f"{watch.addr}:{watch.port}); every node runs normopt launch with the same --nnodes, "
-                 f"--master-addr and ports; exit {CRASH_EXIT_CODE}")
+            _say(
+                f"node(s) {missing} did not join within {join_timeout:g} s (watch store "
+                f"{watch.addr}:{watch.port}); every node runs normopt launch with the same --nnodes, "
+                f"--master-addr and ports; exit {CRASH_EXIT_CODE}"
+            )
             return CRASH_EXIT_CODE
         if joined < 0:
             name = signal.Signals(signals.pending[0]).name
-            _say(f"stopped by {name} while waiting for every node to join; last complete checkpoint: "
-                 f"{last_checkpoint(plan.run_dir)}; exit {PREEMPTED_EXIT_CODE}")
+            _say(
+                f"stopped by {name} while waiting for every node to join; last complete checkpoint: "
+                f"{last_checkpoint(plan.run_dir)}; exit {PREEMPTED_EXIT_CODE}"
+            )
             return PREEMPTED_EXIT_CODE
         if restarts:
-            _say(f"all {plan.nnodes} nodes joined again; restarting this node's rank(s) from the last complete "
-                 f"checkpoint: {last_checkpoint(plan.run_dir)}")
-        watchdog = Watchdog(progress_dir, [plan.global_rank(i) for i in range(plan.nproc)], watchdog_timeout,
-                            patience_if_alive=WATCHDOG_PEER_PATIENCE_S) \
-            if watchdog_timeout > 0 and progress_dir is not None else None
-        statuses, loss = _run_ranks(plan, signals, interrupt=lambda watchdog=watchdog: watch.problem() or (
-            watchdog.problem() if watchdog is not None else None))
+            _say(
+                f"all {plan.nnodes} nodes joined again; restarting this node's rank(s) from the last complete "
+                f"checkpoint: {last_checkpoint(plan.run_dir)}"
+            )
+        watchdog = (
+            Watchdog(
+                progress_dir,
+                [plan.global_rank(i) for i in range(plan.nproc)],
+                watchdog_timeout,
+                patience_if_alive=WATCHDOG_PEER_PATIENCE_S,
+            )
+            if watchdog_timeout > 0 and progress_dir is not None
+            else None
+        )
+        statuses, loss = _run_ranks(
+            plan,
+            signals,
+            interrupt=lambda watchdog=watchdog: (
+                watch.problem() or (watchdog.problem() if watchdog is not None else None)
+            ),
+        )
         if isinstance(loss, Stall):
             _say(f"{loss.line(last_checkpoint(plan.run_dir))}; exit {NO_PROGRESS_EXIT_CODE}", fresh_line=True)
             watch.leave(NO_PROGRESS_EXIT_CODE)
@@ -606,8 +708,11 @@ def _run_nodes(plan: Plan, signals: StopSignals, watch: NodeWatch, max_restarts:
                 watch.wait_for_others(READ_LOSS_WAIT_S, lost=loss.lost.node_rank)
             return NODE_LOST_EXIT_CODE
         restarts += 1
-        _say(f"{line}; restart {restarts} of {max_restarts}: waiting up to {join_timeout:g} s for every node's "
-             f"launcher to join again", fresh_line=killed)
+        _say(
+            f"{line}; restart {restarts} of {max_restarts}: waiting up to {join_timeout:g} s for every node's "
+            f"launcher to join again",
+            fresh_line=killed,
+        )
 
 
 def _await_verdict(watch: NodeWatch, plan: Plan) -> NodeLoss | None:
@@ -635,10 +740,13 @@ def _leave(plan: Plan, watch: NodeWatch, status: int, statuses: list[int | None]
     if status == CRASH_EXIT_CODE:
         failed = {node: s for node, s in watch.left().items() if s not in AGREED_STATUSES and node != plan.node_rank}
         if failed:
-            names = "; ".join(f"{watch.info(node).describe()} ended with status {s}"
-                              for node, s in sorted(failed.items()))
-            _say(f"{names} (a rank failed there; its output says why); this node's rank(s): "
-                 f"{_rank_details(plan, statuses)}; exit {CRASH_EXIT_CODE}")
+            names = "; ".join(
+                f"{watch.info(node).describe()} ended with status {s}" for node, s in sorted(failed.items())
+            )
+            _say(
+                f"{names} (a rank failed there; its output says why); this node's rank(s): "
+                f"{_rank_details(plan, statuses)}; exit {CRASH_EXIT_CODE}"
+            )
         else:
             _say_ending(plan, status, statuses)
     else:
@@ -651,8 +759,10 @@ def _leave(plan: Plan, watch: NodeWatch, status: int, statuses: list[int | None]
 def _loss_line(loss: NodeLoss, node_rank: int, checkpoint: str) -> str:
     """The one line a survivor prints: the lost node, why, and where the run can resume."""
     if loss.lost.node_rank == node_rank:
-        what = (f"this node, {loss.lost.describe()}, was declared lost by node {loss.declared_by} "
-                f"({loss.reason}); stopped its rank(s)")
+        what = (
+            f"this node, {loss.lost.describe()}, was declared lost by node {loss.declared_by} "
+            f"({loss.reason}); stopped its rank(s)"
+        )
     else:
         seen = "" if loss.declared_by == node_rank else f", seen by node {loss.declared_by}"
         what = f"{loss.lost.describe()} lost ({loss.reason}{seen}); stopped this node's rank(s)"
@@ -670,8 +780,10 @@ class Stall:
     frozen: bool = False  # the rank's beat stopped too (else it is alive but does not move)
 
     def line(self, checkpoint: str) -> str:
-        return (f"no progress for {self.silent_s:.0f} s: rank {self.rank} was in {self.phase} at step {self.step} "
-                f"(last checkpoint: {checkpoint})")
+        return (
+            f"no progress for {self.silent_s:.0f} s: rank {self.rank} was in {self.phase} at step {self.step} "
+            f"(last checkpoint: {checkpoint})"
+        )
 
 
 class Watchdog:
@@ -718,8 +830,9 @@ class Watchdog:
                     if self.last_step_mark is not None:
                         self.longest_step_s = max(self.longest_step_s, now - self.last_step_mark)
                     self.last_step_mark = now
-        phases = {record.get("phase") for record in records.values() if record} | \
-            ({"start-up"} if any(record is None for record in records.values()) else set())
+        phases = {record.get("phase") for record in records.values() if record} | (
+            {"start-up"} if any(record is None for record in records.values()) else set()
+        )
         silent = now - self.last_change
         limit = self.limit(phases)
         if silent <= limit:
@@ -741,8 +854,11 @@ class Watchdog:
             return (record.get("step", 0), order, record.get("since", 0.0))
 
         running = [rank for rank in self.ranks if not (records[rank] or {}).get("ended")] or self.ranks
-        frozen = [rank for rank in running
-                  if records[rank] is None or wall - float(records[rank].get("beat", 0.0)) > 3 * BEAT_S + 1]
+        frozen = [
+            rank
+            for rank in running
+            if records[rank] is None or wall - float(records[rank].get("beat", 0.0)) > 3 * BEAT_S + 1
+        ]
         rank = min(frozen or running, key=behind)
         record = records[rank] or {}
         return Stall(silent, rank, str(record.get("phase", "start-up")), int(record.get("step", 0)), bool(frozen))

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from normopt.errors import UserError
 
-GIB = 1024 ** 3
+GIB = 1024**3
 # the share by which the estimate may fall short of the measured peak (module docstring)
 ESTIMATE_UNDERCOUNT = 0.10
 
@@ -58,12 +58,16 @@ class MemoryEstimate:
         return self.total_bytes + self.activation_bytes
 
     def describe(self) -> str:
-        text = (f"at least {self.total_bytes / GIB:.2f} GiB per rank ({self.params:,} parameters: weights, "
-                f"gradients and optimizer state {self.state_bytes / GIB:.2f} GiB over {self.world_size} rank(s); "
-                f"logits of one micro-batch {self.logits_bytes / GIB:.2f} GiB)")
+        text = (
+            f"at least {self.total_bytes / GIB:.2f} GiB per rank ({self.params:,} parameters: weights, "
+            f"gradients and optimizer state {self.state_bytes / GIB:.2f} GiB over {self.world_size} rank(s); "
+            f"logits of one micro-batch {self.logits_bytes / GIB:.2f} GiB)"
+        )
         if self.activation_bytes:
-            text += (f"; about {self.expected_bytes / GIB:.1f} GiB with activations of one micro-batch "
-                     f"({self.activation_bytes / GIB:.2f} GiB; an estimate, up to ~{ESTIMATE_UNDERCOUNT:.0%} low)")
+            text += (
+                f"; about {self.expected_bytes / GIB:.1f} GiB with activations of one micro-batch "
+                f"({self.activation_bytes / GIB:.2f} GiB; an estimate, up to ~{ESTIMATE_UNDERCOUNT:.0%} low)"
+            )
         return text
 
 
@@ -79,12 +83,16 @@ def activation_bytes_per_token(args, compute_bytes: int) -> int:
     from normopt.models.components import attention_class, feed_forward_class
 
     norms = 2 * (2 * 4 * args.dim + compute_bytes * args.dim)
-    return (norms + attention_class(args.attention).saved_bytes_per_token(args, compute_bytes)
-            + feed_forward_class(args.ffn).saved_bytes_per_token(args, compute_bytes))
+    return (
+        norms
+        + attention_class(args.attention).saved_bytes_per_token(args, compute_bytes)
+        + feed_forward_class(args.ffn).saved_bytes_per_token(args, compute_bytes)
+    )
 
 
-def estimate_activations(args, micro_batch: int, seq_len: int, compute_bytes: int,
-                         activation_checkpointing: str = "none") -> int:
+def estimate_activations(
+    args, micro_batch: int, seq_len: int, compute_bytes: int, activation_checkpointing: str = "none"
+) -> int:
     """Activation bytes of one micro-batch (module docstring)."""
     tokens = micro_batch * seq_len
     per_block = activation_bytes_per_token(args, compute_bytes) * tokens
@@ -93,17 +101,26 @@ def estimate_activations(args, micro_batch: int, seq_len: int, compute_bytes: in
     return args.n_layers * per_block
 
 
-def estimate_memory(params: int, optimizer: str, world_size: int, micro_batch: int, seq_len: int,
-                    vocab_size: int, args=None, compute_bytes: int = 4,
-                    activation_checkpointing: str = "none") -> MemoryEstimate:
+def estimate_memory(
+    params: int,
+    optimizer: str,
+    world_size: int,
+    micro_batch: int,
+    seq_len: int,
+    vocab_size: int,
+    args=None,
+    compute_bytes: int = 4,
+    activation_checkpointing: str = "none",
+) -> MemoryEstimate:
     """The lower bound of the module docstring and, given the model's ``args``, the estimate."""
     from normopt.optim.registry import optimizer_spec
 
     per_param = 4 + 4 + optimizer_spec(optimizer).state_bytes
     state = -(-params * per_param // world_size)
     logits = 2 * 4 * micro_batch * seq_len * vocab_size
-    activations = 0 if args is None else estimate_activations(args, micro_batch, seq_len, compute_bytes,
-                                                              activation_checkpointing)
+    activations = (
+        0 if args is None else estimate_activations(args, micro_batch, seq_len, compute_bytes, activation_checkpointing)
+    )
     return MemoryEstimate(params, world_size, state, logits, activations)
 
 
@@ -132,13 +149,16 @@ def available_bytes(device_type: str, device_index: int | None = None) -> tuple[
 def check_fits(estimate: MemoryEstimate, available: int | None, where: str) -> None:
     """Refuse (exit 2, one line) a run whose lower bound exceeds the memory at hand."""
     if available is not None and estimate.total_bytes > available:
-        raise UserError(f"the model does not fit: it needs {estimate.describe()}, but only "
-                        f"{available / GIB:.2f} GiB are available ({where}); use more ranks, a smaller "
-                        f"model or a smaller train.micro_batch_size")
+        raise UserError(
+            f"the model does not fit: it needs {estimate.describe()}, but only "
+            f"{available / GIB:.2f} GiB are available ({where}); use more ranks, a smaller "
+            f"model or a smaller train.micro_batch_size"
+        )
 
 
-def memory_advice(estimate: MemoryEstimate, available: int | None, micro_batch: int,
-                  activation_checkpointing: str) -> str | None:
+def memory_advice(
+    estimate: MemoryEstimate, available: int | None, micro_batch: int, activation_checkpointing: str
+) -> str | None:
     """What to change when the estimate exceeds the memory at hand (None when it fits):
     the largest micro-batch whose estimate fits, and activation checkpointing if it is off."""
     if available is None or not estimate.activation_bytes or estimate.expected_bytes <= available:
@@ -153,5 +173,7 @@ def memory_advice(estimate: MemoryEstimate, available: int | None, micro_batch: 
         options.append("train.activation_checkpointing=block (about a third more compute)")
     if not options:
         options.append("more ranks or a smaller model")
-    return (f"memory: the estimate {estimate.expected_bytes / GIB:.1f} GiB exceeds the {available / GIB:.1f} GiB "
-            f"available; this run may run out of memory. Consider " + " or ".join(options))
+    return (
+        f"memory: the estimate {estimate.expected_bytes / GIB:.1f} GiB exceeds the {available / GIB:.1f} GiB "
+        f"available; this run may run out of memory. Consider " + " or ".join(options)
+    )

@@ -68,8 +68,11 @@ class NodeInfo:
     launcher: str = ""  # an id of the launcher process: a node's launcher started again has a new one
 
     def describe(self) -> str:
-        ranks = (f"rank {self.first_rank}" if self.first_rank == self.last_rank
-                 else f"ranks {self.first_rank}-{self.last_rank}")
+        ranks = (
+            f"rank {self.first_rank}"
+            if self.first_rank == self.last_rank
+            else f"ranks {self.first_rank}-{self.last_rank}"
+        )
         return f"node {self.node_rank} ({self.host}, {ranks})"
 
     def to_json(self) -> str:
@@ -144,12 +147,20 @@ def silent_for(last_answer: float, since: float) -> float:
 class NodeWatch:
     """The heartbeat of this node's launcher, and its view of every other node (module doc)."""
 
-    def __init__(self, node_rank: int, nnodes: int, nproc: int, addr: str, port: int,
-                 node_timeout: float = DEFAULT_NODE_TIMEOUT_S):
+    def __init__(
+        self,
+        node_rank: int,
+        nnodes: int,
+        nproc: int,
+        addr: str,
+        port: int,
+        node_timeout: float = DEFAULT_NODE_TIMEOUT_S,
+    ):
         self.node_rank, self.nnodes, self.nproc = node_rank, nnodes, nproc
         self.addr, self.port, self.node_timeout = addr, port, node_timeout
-        self.me = NodeInfo(node_rank, socket.gethostname(), node_rank * nproc, (node_rank + 1) * nproc - 1,
-                           uuid.uuid4().hex)
+        self.me = NodeInfo(
+            node_rank, socket.gethostname(), node_rank * nproc, (node_rank + 1) * nproc - 1, uuid.uuid4().hex
+        )
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = False
@@ -221,12 +232,16 @@ class NodeWatch:
             if self._store_loss is not None:
                 return self._store_loss
             if self._store_replaced:
-                return NodeLoss(infos[0], f"its launcher restarted (a new watch store at {self.addr}:{self.port})",
-                                self.node_rank)
+                return NodeLoss(
+                    infos[0], f"its launcher restarted (a new watch store at {self.addr}:{self.port})", self.node_rank
+                )
             quiet = now - self._last_answer
             if self.node_rank != 0 and quiet >= self.node_timeout:
-                return NodeLoss(infos[0], f"the watch store it hosts at {self.addr}:{self.port} did not answer "
-                                          f"for {quiet:.1f} s", self.node_rank)
+                return NodeLoss(
+                    infos[0],
+                    f"the watch store it hosts at {self.addr}:{self.port} did not answer for {quiet:.1f} s",
+                    self.node_rank,
+                )
             for node, (_, since) in sorted(self._beats.items()):
                 silence = silent_for(self._last_answer, since)
                 if node != self.node_rank and node not in self._left and silence >= self.node_timeout:
@@ -268,8 +283,11 @@ class NodeWatch:
             self.problem()  # keeps the frozen-launcher check current
             with self._lock:
                 done = {self.node_rank, lost, *self._left, *self._stopped_nodes}
-                pending = [node for node, (_, since) in self._beats.items()
-                           if node not in done and silent_for(self._last_answer, since) < self.node_timeout]
+                pending = [
+                    node
+                    for node, (_, since) in self._beats.items()
+                    if node not in done and silent_for(self._last_answer, since) < self.node_timeout
+                ]
             if not pending:
                 return
             time.sleep(0.1)
@@ -298,11 +316,18 @@ class NodeWatch:
         from normopt.errors import UserError
 
         try:
-            store = TCPStore("0.0.0.0", self.port, is_master=True, wait_for_workers=False,
-                             timeout=timedelta(seconds=STORE_CALL_TIMEOUT_S))
+            store = TCPStore(
+                "0.0.0.0",
+                self.port,
+                is_master=True,
+                wait_for_workers=False,
+                timeout=timedelta(seconds=STORE_CALL_TIMEOUT_S),
+            )
         except RuntimeError as exc:  # DistNetworkError: the port is taken, most likely
-            raise UserError(f"--watch-port {self.port}: cannot host the node watch store "
-                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            raise UserError(
+                f"--watch-port {self.port}: cannot host the node watch store "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            ) from None
         store.set("store_id", uuid.uuid4().hex)
         return store
 
@@ -312,8 +337,13 @@ class NodeWatch:
             return self._server
         from torch.distributed import TCPStore
 
-        return TCPStore(self.addr, self.port, is_master=False, wait_for_workers=False,
-                        timeout=timedelta(seconds=STORE_CALL_TIMEOUT_S))
+        return TCPStore(
+            self.addr,
+            self.port,
+            is_master=False,
+            wait_for_workers=False,
+            timeout=timedelta(seconds=STORE_CALL_TIMEOUT_S),
+        )
 
     def _run(self) -> None:
         store = None

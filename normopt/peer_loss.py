@@ -53,7 +53,7 @@ def peer_loss_cause(exc: BaseException, limit: int = 160) -> str:
     lines = str(exc).strip().splitlines()
     text = _SOURCE_PREFIX.sub("", lines[0]) if lines else type(exc).__name__
     text = text.split(". ")[0].rstrip(".") + "." if ". " in text else text
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def report_peer_loss(exc: BaseException) -> None:
@@ -67,8 +67,12 @@ def report_peer_loss(exc: BaseException) -> None:
         except OSError:  # the launcher's folder is gone: say it here rather than not at all
             pass
     rank = os.environ.get("RANK", "0")
-    print(f"normopt: rank {rank} lost contact with another rank or node of the job ({cause}); "
-          f"run the same command to resume from the last complete checkpoint", file=sys.stderr, flush=True)
+    print(
+        f"normopt: rank {rank} lost contact with another rank or node of the job ({cause}); "
+        f"run the same command to resume from the last complete checkpoint",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def read_peer_loss_report(path: Path) -> str | None:

@@ -60,8 +60,14 @@ class Progress:
 
     def _write(self) -> None:
         with self._lock:
-            record = {"phase": self.phase, "step": self.step, "since": self.since, "beat": time.time(),
-                      "pid": os.getpid(), "ended": self._ended}
+            record = {
+                "phase": self.phase,
+                "step": self.step,
+                "since": self.since,
+                "beat": time.time(),
+                "pid": os.getpid(),
+                "ended": self._ended,
+            }
             tmp = self.path.with_suffix(".tmp")
             try:
                 tmp.write_text(json.dumps(record))

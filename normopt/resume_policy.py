@@ -52,8 +52,9 @@ def find_resume_point(run: RunDir, cfg: Config, log=None, rank: int = 0, world_s
     mode = cfg.checkpoint.resume
     if mode == "never":
         if run.metrics.exists() or run.step_folders():
-            raise UserError(f"run.dir {run} already holds a run "
-                            f"(use checkpoint.resume=auto to continue it, or another run.dir)")
+            raise UserError(
+                f"run.dir {run} already holds a run (use checkpoint.resume=auto to continue it, or another run.dir)"
+            )
         return None
     if mode == "auto" and all(run.checkpoint_status(s) == PARTIAL for s in run.step_folders()):
         checkpoint = None
@@ -63,8 +64,10 @@ def find_resume_point(run: RunDir, cfg: Config, log=None, rank: int = 0, world_s
     skipped = run.skipped_partials(checkpoint) if mode == "auto" else []
     if skipped and log is not None:
         then = f"resuming from {checkpoint.name}" if checkpoint is not None else "starting from step 0"
-        log(f"normopt: partial checkpoint{'s' if len(skipped) > 1 else ''} {', '.join(skipped)} "
-            f"(an interrupted write) skipped; {then}")
+        log(
+            f"normopt: partial checkpoint{'s' if len(skipped) > 1 else ''} {', '.join(skipped)} "
+            f"(an interrupted write) skipped; {then}"
+        )
     if checkpoint is None:
         return None
     saved = run.config_of(checkpoint)

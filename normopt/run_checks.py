@@ -21,7 +21,7 @@ from normopt.run_dir import RunDir
 
 
 def _kind(path: Path) -> str | None:
-    """"folder", "file", "missing" or None (something else: a device, a fifo, a broken or
+    """ "folder", "file", "missing" or None (something else: a device, a fifo, a broken or
     looping link)."""
     if not os.path.lexists(path):
         return "missing"

@@ -123,8 +123,10 @@ class RecordKind:
 
 def damaged_checkpoint(problem: str) -> UserError:
     """The one-line refusal of a damaged checkpoint; ``problem`` names the piece."""
-    return UserError(f"cannot load checkpoint: {problem} (a damaged checkpoint is used whole or not at all; "
-                     f"repair it, or move its step folder away to use the one before)")
+    return UserError(
+        f"cannot load checkpoint: {problem} (a damaged checkpoint is used whole or not at all; "
+        f"repair it, or move its step folder away to use the one before)"
+    )
 
 
 @dataclass(frozen=True)
@@ -153,8 +155,11 @@ class RunDir:
 
     def export_files(self, weights: Path) -> dict[str, Path]:
         """The files of one export, named after its weights file ``step_N.safetensors``."""
-        return {"weights": weights, "config": weights.with_suffix(".config.yaml"),
-                "tokenizer": weights.with_suffix(".tokenizer.json")}
+        return {
+            "weights": weights,
+            "config": weights.with_suffix(".config.yaml"),
+            "tokenizer": weights.with_suffix(".tokenizer.json"),
+        }
 
     def hf_export_folder(self, checkpoint: Path) -> Path:
         """The default folder of a checkpoint's Hugging Face export: ``export/step_N_hf``."""
@@ -245,8 +250,9 @@ class RunDir:
         """Names of the partial checkpoints (``.tmp`` folders and step folders without their
         trainer state) newer than ``checkpoint`` (all of them when it is None)."""
         newest = int(STEP_DIR.match(checkpoint.name).group(1)) if checkpoint is not None else -1
-        names = [self.checkpoint(s).name for s in self.step_folders()
-                 if s > newest and self.checkpoint_status(s) == PARTIAL]
+        names = [
+            self.checkpoint(s).name for s in self.step_folders() if s > newest and self.checkpoint_status(s) == PARTIAL
+        ]
         for folder in self.partial_checkpoints():
             match = STEP_DIR.match(folder.name.removesuffix(PARTIAL_SUFFIX))
             if match and int(match.group(1)) > newest:
@@ -270,8 +276,10 @@ class RunDir:
         status = self.checkpoint_status(step) if step in self.step_folders() else PARTIAL
         if status == PARTIAL:
             steps = self.complete_steps()
-            raise UserError(f"{option}: no complete checkpoint for step {step} in {self.checkpoints} "
-                            f"(have: {', '.join(map(str, steps)) or 'none'})")
+            raise UserError(
+                f"{option}: no complete checkpoint for step {step} in {self.checkpoints} "
+                f"(have: {', '.join(map(str, steps)) or 'none'})"
+            )
         if status is not None:
             raise damaged_checkpoint(status)
         return self.checkpoint(step)

@@ -40,8 +40,10 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise UserError(f"run.dir {self.folder} is in use by another run ({self._holder()}); "
-                            f"wait for it to end or choose another run.dir") from None
+            raise UserError(
+                f"run.dir {self.folder} is in use by another run ({self._holder()}); "
+                f"wait for it to end or choose another run.dir"
+            ) from None
         self._fd = fd
 
     def record_holder(self) -> None:

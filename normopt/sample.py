@@ -51,8 +51,10 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
         try:
             weights = load_file(str(source))
         except Exception as exc:  # safetensors' own error types: a garbage or truncated file
-            raise UserError(f"{source}: not a readable safetensors file "
-                            f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]})") from None
+            raise UserError(
+                f"{source}: not a readable safetensors file "
+                f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]})"
+            ) from None
         config, tokenizer_path = exported["config"], exported["tokenizer"]
     else:
         config = run.config_of(checkpoint)
@@ -62,30 +64,43 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
     embedding = weights.get("tok_embeddings.weight")
     if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2:
         names = ", ".join(sorted(weights)[:3]) or "none"
-        raise UserError(f"{source}: no 2-D tok_embeddings.weight, so these are not the weights of a normopt "
-                        f"model (its tensors: {names}{' ...' if len(weights) > 3 else ''})")
+        raise UserError(
+            f"{source}: no 2-D tok_embeddings.weight, so these are not the weights of a normopt "
+            f"model (its tensors: {names}{' ...' if len(weights) > 3 else ''})"
+        )
     vocab = embedding.shape[0]
     model = build_model(resolve_model_args(cfg.model, vocab), "cpu")  # non-persistent buffers initialised
     built = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing, extra = sorted(built.keys() - weights.keys()), sorted(weights.keys() - built.keys())
     shapes = sorted(n for n in built.keys() & weights.keys() if tuple(weights[n].shape) != built[n])
     if missing or extra or shapes:
-        parts = [f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}" for what, names in
-                 (("lack", missing), ("have extra", extra), ("have other shapes for", shapes)) if names]
+        parts = [
+            f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+            for what, names in (("lack", missing), ("have extra", extra), ("have other shapes for", shapes))
+            if names
+        ]
         raise UserError(f"{source}: the weights do not fit the run's config: they {'; '.join(parts)}")
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
-        raise UserError(f"{source}: the weights do not fit the run's config "
-                        f"({' '.join(str(exc).split())[:300]})") from None
+        raise UserError(
+            f"{source}: the weights do not fit the run's config ({' '.join(str(exc).split())[:300]})"
+        ) from None
     model.eval()
     return LoadedRun(model, load_tokenizer(tokenizer_path), cfg, int(checkpoint.name.split("_")[1]), source)
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int, context: int,
-             temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
-             stop_id: int | None = None) -> list[int]:
+def generate(
+    model: torch.nn.Module,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    context: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    stop_id: int | None = None,
+) -> list[int]:
     """Append up to ``max_new_tokens`` tokens to ``prompt_ids`` (returned without the prompt),
     each drawn from the model's next-token distribution over the last ``context`` tokens:
     greedy at temperature 0, else softmax(logits / T) restricted to the ``top_k`` most likely.
@@ -117,7 +132,8 @@ MAX_NEW_TOKENS = 1_000_000
 def sample_main(argv: list[str] | None = None) -> int:
     parser = CommandParser(
         prog="normopt sample",
-        description="Generate text from a run's checkpoint (or its export) on the CPU and print it.")
+        description="Generate text from a run's checkpoint (or its export) on the CPU and print it.",
+    )
     parser.add_argument("run_dir", help="the run directory")
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
@@ -130,7 +146,7 @@ def sample_main(argv: list[str] | None = None) -> int:
         raise UserError(f"--max-new-tokens must be in [0, {MAX_NEW_TOKENS}], got {args.max_new_tokens}")
     if not (math.isfinite(args.temperature) and 0 <= args.temperature <= 1e4):
         raise UserError(f"--temperature must be a number in [0, 10000], got {args.temperature}")
-    if not 0 <= args.seed < 2 ** 63:
+    if not 0 <= args.seed < 2**63:
         raise UserError(f"--seed must be in [0, 2^63), got {args.seed}")
     if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {args.top_k}")
@@ -141,7 +157,15 @@ def sample_main(argv: list[str] | None = None) -> int:
     if not prompt_ids:
         raise UserError("--prompt: the prompt encodes to no tokens")
     stop = next((i for name in EOS_CANDIDATES if (i := loaded.tokenizer.token_to_id(name)) is not None), None)
-    new = generate(loaded.model, prompt_ids, args.max_new_tokens, loaded.cfg.train.seq_len, args.temperature,
-                   args.top_k, args.seed, stop)
+    new = generate(
+        loaded.model,
+        prompt_ids,
+        args.max_new_tokens,
+        loaded.cfg.train.seq_len,
+        args.temperature,
+        args.top_k,
+        args.seed,
+        stop,
+    )
     print(args.prompt + loaded.tokenizer.decode(new))
     return 0

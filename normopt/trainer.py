@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+from normopt import progress as run_progress
 from normopt.checkpoint.manager import CheckpointWriter, load_checkpoint
 from normopt.checkpoint.preemption import StopRequest
 from normopt.config import Config, save_config
@@ -35,10 +36,8 @@ from normopt.metrics.flops import MfuMeter, peak_flops
 from normopt.metrics.jsonl import truncate_after
 from normopt.metrics.logger import MetricsLogger
 from normopt.models.llama import Transformer, build_model
-from normopt.models.presets import (count_flops_per_token, count_parameters,
-                                    resolve_model_args)
+from normopt.models.presets import count_flops_per_token, count_parameters, resolve_model_args
 from normopt.optim.builder import build_optimizers
-from normopt import progress as run_progress
 from normopt.parallel import collectives
 from normopt.parallel.distributed import DistInfo, with_data_parallel_layout
 from normopt.parallel.fsdp import apply_fsdp
@@ -118,20 +117,39 @@ class Trainer:
         on_main_then_share(lambda: check_run_dir(self.run), dist_info)
         # every piece of the resume point is verified here; a damaged one is refused, never half-used
         self.resume_from = on_every_rank_agreed(
-            lambda: find_resume_point(self.run, cfg, log=self.log, rank=dist_info.rank,
-                                      world_size=dist_info.world_size), dist_info)
+            lambda: find_resume_point(
+                self.run, cfg, log=self.log, rank=dist_info.rank, world_size=dist_info.world_size
+            ),
+            dist_info,
+        )
 
         folder = on_main_then_share(lambda: str(prepare_corpus(cfg.data, log=self.log)), dist_info)
         self.data = load_token_data(Path(folder))
         check_enough_data(self.data, t.seq_len)
-        self.batches = TrainBatches(self.data, t.seq_len, t.global_batch_size, self.micro_batch,
-                                    dist_info.rank, dist_info.world_size, t.seed, dist_info.device)
+        self.batches = TrainBatches(
+            self.data,
+            t.seq_len,
+            t.global_batch_size,
+            self.micro_batch,
+            dist_info.rank,
+            dist_info.world_size,
+            t.seed,
+            dist_info.device,
+        )
 
         self.model_args = resolve_model_args(cfg.model, vocab_size=self.data.vocab_size)
         self.num_params = count_parameters(self.model_args)
-        self.memory = estimate_memory(self.num_params, cfg.optim.name, dist_info.dp_shard, self.micro_batch,
-                                      t.seq_len, self.data.vocab_size, self.model_args, DTYPES[self.dtype].itemsize,
-                                      t.activation_checkpointing)
+        self.memory = estimate_memory(
+            self.num_params,
+            cfg.optim.name,
+            dist_info.dp_shard,
+            self.micro_batch,
+            t.seq_len,
+            self.data.vocab_size,
+            self.model_args,
+            DTYPES[self.dtype].itemsize,
+            t.activation_checkpointing,
+        )
         # rank 0 decides for all (an error raised on one rank alone would hang the others)
         on_main_then_share(self._check_memory, dist_info)
         self.model = self._build_model()
@@ -155,10 +173,12 @@ class Trainer:
         # a finished run re-run (or extended by 0 steps) writes nothing, TensorBoard files included
         self.metrics = MetricsLogger(self.run, enabled=dist_info.is_main and self.start_step < t.steps)
         self.diagnostics = self._build_diagnostics()
-        self.checkpointer = CheckpointWriter(self.run, dist_info.is_main, cfg.checkpoint.keep_latest_k,
-                                             cfg.checkpoint.async_save)
-        self.peak_flops, self.peak_source = peak_flops(dist_info.device, DTYPES[self.dtype], probe=t.mfu_probe,
-                                                       peak_tflops=t.peak_tflops)
+        self.checkpointer = CheckpointWriter(
+            self.run, dist_info.is_main, cfg.checkpoint.keep_latest_k, cfg.checkpoint.async_save
+        )
+        self.peak_flops, self.peak_source = peak_flops(
+            dist_info.device, DTYPES[self.dtype], probe=t.mfu_probe, peak_tflops=t.peak_tflops
+        )
         self.mfu = MfuMeter(self.peak_flops, self.peak_source, self.flops_per_token, dist_info.world_size, self.log)
         self.write_failure: str | None = None  # rank 0's refused log write, until the ranks agree on it
         self._defer_write_failures()
@@ -171,8 +191,12 @@ class Trainer:
         rank 0 prints the refusal's one line."""
         if self.dist.world_size == 1 or not self.dist.is_main:
             return
-        for owner, name in ((self.metrics, "log"), (self.diagnostics.writer, "write"),
-                            (self.diagnostics.writer, "histogram")):
+        for owner, name in (
+            (self.metrics, "log"),
+            (self.diagnostics.writer, "write"),
+            (self.diagnostics.writer, "histogram"),
+        ):
+
             def deferred(*args, _write=getattr(owner, name), **kwargs):  # noqa: B008 - bound per writer
                 if self.write_failure is not None:
                     return None
@@ -181,6 +205,7 @@ class Trainer:
                 except UserError as exc:
                     self.write_failure = str(exc)
                     return None
+
             setattr(owner, name, deferred)
 
     def _raise_write_failure(self) -> None:
@@ -217,19 +242,35 @@ class Trainer:
                 truncate_after(run.metrics, self.start_step)
                 truncate_after(run.diagnostics, self.start_step)
         except OSError as exc:
-            raise UserError(f"run.dir {run}: {exc.strerror or type(exc).__name__}"
-                            f"{' (' + exc.filename + ')' if exc.filename else ''}") from None
+            raise UserError(
+                f"run.dir {run}: {exc.strerror or type(exc).__name__}"
+                f"{' (' + exc.filename + ')' if exc.filename else ''}"
+            ) from None
 
     def _build_diagnostics(self) -> Diagnostics:
         d, t = self.cfg.diagnostics, self.cfg.train
-        tail = TailTokenBuckets(self.data.tokens[:self.data.val_start], self.data.vocab_size, d.tail_buckets,
-                                self.dist.device) if d.tail_buckets else None
+        tail = (
+            TailTokenBuckets(
+                self.data.tokens[: self.data.val_start], self.data.vocab_size, d.tail_buckets, self.dist.device
+            )
+            if d.tail_buckets
+            else None
+        )
         probe_count = min(d.probe_sequences, self.data.num_sequences(t.seq_len, "val"))
         probe = torch.from_numpy(self.data.sequences(np.arange(probe_count), t.seq_len, "val"))
-        writer = DiagnosticsWriter(self.run.diagnostics, self.metrics.tensorboard,
-                                   enabled=self.dist.is_main, histograms=d.histograms)
-        return Diagnostics(d, self.model, self.optimizers, probe[:, :-1].to(self.dist.device), writer,
-                           self.dist.rank, self.dist.world_size, tail)
+        writer = DiagnosticsWriter(
+            self.run.diagnostics, self.metrics.tensorboard, enabled=self.dist.is_main, histograms=d.histograms
+        )
+        return Diagnostics(
+            d,
+            self.model,
+            self.optimizers,
+            probe[:, :-1].to(self.dist.device),
+            writer,
+            self.dist.rank,
+            self.dist.world_size,
+            tail,
+        )
 
     def _build_model(self) -> Transformer:
         """Identical initial weights on every rank and for any world size: on CPU the full
@@ -254,22 +295,37 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self._print_header()
         if self.start_step >= t.steps:
-            self.log(f"run already complete: {self.start_step} of {t.steps} steps "
-                     f"(raise train.steps to continue it)")
+            self.log(f"run already complete: {self.start_step} of {t.steps} steps (raise train.steps to continue it)")
             return self._summary(self._last_logged_eval())
 
         if collectives.any_rank(self.stop_request.requested):  # a stop signal during start-up
-            raise Preempted(f"stopped by {self.stop_request.signal_name or 'a stop signal on another rank'} before "
-                            f"the first step (nothing trained since step {self.start_step})")
+            raise Preempted(
+                f"stopped by {self.stop_request.signal_name or 'a stop signal on another rank'} before "
+                f"the first step (nothing trained since step {self.start_step})"
+            )
         tokens_per_step = t.global_batch_size * t.seq_len
         # start-up is over: the loop's collectives wait for a late rank at most the step timeout
         collectives.set_phase_timeout("step")
-        progress = self._progress = tqdm(total=t.steps, initial=self.start_step, disable=not self.dist.is_main,
-                        desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+        progress = self._progress = tqdm(
+            total=t.steps,
+            initial=self.start_step,
+            disable=not self.dist.is_main,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         eval_loss = None
         if self.start_step == 0:
-            self.diagnostics.run_record({"n_params": self.num_params, "n_layers": self.model_args.n_layers,
-                                         "norm": self.model_args.norm, "optim": cfg.optim.name, "steps": t.steps})
+            self.diagnostics.run_record(
+                {
+                    "n_params": self.num_params,
+                    "n_layers": self.model_args.n_layers,
+                    "norm": self.model_args.norm,
+                    "optim": cfg.optim.name,
+                    "steps": t.steps,
+                }
+            )
             if self.cfg.diagnostics.interval:
                 self.diagnostics.after_step(0)
             if t.eval_interval:
@@ -279,8 +335,9 @@ class Trainer:
             done = step + 1
             run_progress.mark("step", done)
             self.optimizers.apply_schedule(cfg.optim, step, t.steps)
-            loss, grad_norm, stop, aux_loss = self._train_step(step, diagnose=self.diagnostics.due(done)
-                                                               or done == t.steps)
+            loss, grad_norm, stop, aux_loss = self._train_step(
+                step, diagnose=self.diagnostics.due(done) or done == t.steps
+            )
             self.aux_loss_sum, self.window_steps = self.aux_loss_sum + aux_loss, self.window_steps + 1
             window_tokens += tokens_per_step
             progress.update(1)
@@ -289,17 +346,28 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_tokens / elapsed
                 record = {
-                    "step": done, "loss": loss, **self.optimizers.current_lrs(),
-                    "grad_norm": grad_norm, "tokens": done * tokens_per_step,
-                    "tokens_per_s": tokens_per_s, "epoch": self.batches.epoch_of(done),
+                    "step": done,
+                    "loss": loss,
+                    **self.optimizers.current_lrs(),
+                    "grad_norm": grad_norm,
+                    "tokens": done * tokens_per_step,
+                    "tokens_per_s": tokens_per_s,
+                    "epoch": self.batches.epoch_of(done),
                 }
                 optimizer_s = self.optimizer_timer.pop_seconds()
                 window_steps = window_tokens // tokens_per_step
                 record["optimizer_step_s"] = optimizer_s / window_steps
                 record["optimizer_share"] = optimizer_s / elapsed
                 if self.ns_flops_per_step:
-                    record.update(ns_window_fields(self.ns_flops_per_step, self.ns_timer.pop_seconds(),
-                                                   self.optimizers.pop_ns_flops_computed(), window_steps, elapsed))
+                    record.update(
+                        ns_window_fields(
+                            self.ns_flops_per_step,
+                            self.ns_timer.pop_seconds(),
+                            self.optimizers.pop_ns_flops_computed(),
+                            window_steps,
+                            elapsed,
+                        )
+                    )
                 if self.peak_flops:
                     record["mfu"] = self.mfu(tokens_per_s)  # null where the peak is underestimated
                     if self.ns_flops_per_step:
@@ -309,8 +377,7 @@ class Trainer:
                 if self.moe:
                     record.update(self._moe_window_record())
                 self.metrics.log(record)
-                progress.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}",
-                                     tok_s=f"{tokens_per_s:,.0f}")
+                progress.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             if self.cfg.diagnostics.interval and (self.diagnostics.due(done) or done == t.steps):
                 self.diagnostics.after_step(done)
             if (t.eval_interval and done % t.eval_interval == 0) or done == t.steps:
@@ -322,8 +389,10 @@ class Trainer:
                 self.save(done, block=done == t.steps or stop)
             if stop and done < t.steps:
                 progress.close()
-                raise Preempted(f"stopped by {self.stop_request.signal_name or 'a stop signal on another rank'} "
-                                f"after step {done}; checkpoint saved in {self.run.checkpoint(done)}")
+                raise Preempted(
+                    f"stopped by {self.stop_request.signal_name or 'a stop signal on another rank'} "
+                    f"after step {done}; checkpoint saved in {self.run.checkpoint(done)}"
+                )
             if done % t.log_interval == 0 or done == t.steps:
                 window_start, window_tokens = time.perf_counter(), 0
         progress.close()
@@ -356,16 +425,19 @@ class Trainer:
         # one collective carries the loss and the stop request, before any weight changes:
         # a non-finite loss or gradient norm (both identical on every rank) stops the run
         # here, so no checkpoint ever holds the weights of a bad update
-        flags = torch.tensor([float(self.stop_request.requested), float(self.write_failure is not None)],
-                             device=loss_sum.device)
+        flags = torch.tensor(
+            [float(self.stop_request.requested), float(self.write_failure is not None)], device=loss_sum.device
+        )
         shared = torch.cat([loss_sum.float().view(1), flags[:1], aux_sum.float().view(1), flags[1:]])
         collectives.all_reduce_sum(shared)
         if shared[3] > 0:  # a log write refused on rank 0 at the step before: every rank stops here
             self._raise_write_failure()
         loss = float(shared[0]) / self.dist.world_size
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise TrainingDiverged(f"at step {step + 1} the loss is {loss} and the gradient norm {grad_norm}; "
-                                   f"stopping before the update (last checkpoint kept untouched)")
+            raise TrainingDiverged(
+                f"at step {step + 1} the loss is {loss} and the gradient norm {grad_norm}; "
+                f"stopping before the update (last checkpoint kept untouched)"
+            )
         if diagnose and self.cfg.diagnostics.interval:
             self.diagnostics.before_optimizer_step()  # the update is measured against these weights
         with self.optimizer_timer.section():
@@ -380,8 +452,10 @@ class Trainer:
     def _moe_window_record(self) -> dict:
         """The logging window's MoE numbers: mean balance loss per step, and per layer the
         tokens routed to each expert, the load entropy and max/mean load; then a new window."""
-        record = {"moe_aux_loss": self.aux_loss_sum / max(1, self.window_steps),
-                  **self.model.step_statistics_record(self.step_statistics)}
+        record = {
+            "moe_aux_loss": self.aux_loss_sum / max(1, self.window_steps),
+            **self.model.step_statistics_record(self.step_statistics),
+        }
         self.step_statistics, self.aux_loss_sum, self.window_steps = {}, 0.0, 0
         return record
 
@@ -395,8 +469,14 @@ class Trainer:
         tail = self.diagnostics.tail
         buckets = tail.zeros() if tail else torch.zeros(0, dtype=torch.float64, device=self.dist.device)
         for inputs, targets, weights in eval_micro_batches(
-                self.data, t.seq_len, t.eval_sequences, self.micro_batch,
-                self.dist.rank, self.dist.world_size, self.dist.device):
+            self.data,
+            t.seq_len,
+            t.eval_sequences,
+            self.micro_batch,
+            self.dist.rank,
+            self.dist.world_size,
+            self.dist.device,
+        ):
             logits = self.model(inputs)
             per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
             per_token = per_token.view(targets.shape)
@@ -414,8 +494,9 @@ class Trainer:
         eval_loss, buckets = self.evaluate()
         # the unigram entropy is the loss of the best model that ignores context: the
         # report compares every cell's final loss with it
-        self.metrics.log({"step": step, "eval_loss": eval_loss, "unigram_entropy": self.data.unigram_entropy},
-                         prefix="eval")
+        self.metrics.log(
+            {"step": step, "eval_loss": eval_loss, "unigram_entropy": self.data.unigram_entropy}, prefix="eval"
+        )
         if buckets is not None:
             self.diagnostics.tail_tokens(step, buckets)
         return eval_loss
@@ -432,10 +513,13 @@ class Trainer:
         if flags[1] > 0:  # a log write refused on rank 0: no checkpoint, every rank stops
             self._raise_write_failure()
         if flags[0] > 0:
-            raise TrainingDiverged(f"after step {step} a weight is not finite; no checkpoint written "
-                                   f"(the last complete one is kept)")
-        trainer_state = {"tokens": step * self.cfg.train.global_batch_size * self.cfg.train.seq_len,
-                         "world_size": self.dist.world_size}
+            raise TrainingDiverged(
+                f"after step {step} a weight is not finite; no checkpoint written (the last complete one is kept)"
+            )
+        trainer_state = {
+            "tokens": step * self.cfg.train.global_batch_size * self.cfg.train.seq_len,
+            "world_size": self.dist.world_size,
+        }
         self.checkpointer.save(step, self.model, self.optimizers.optimizers, trainer_state, block=block)
 
     # ------------------------------------------------------------------ reporting
@@ -472,8 +556,10 @@ class Trainer:
         if cost_line:
             self.log(cost_line)
         if eval_loss is not None:
-            self.log(f"final validation loss {eval_loss:.4f} nats vs unigram entropy "
-                     f"{self.data.unigram_entropy:.4f} nats of the training tokens")
+            self.log(
+                f"final validation loss {eval_loss:.4f} nats vs unigram entropy "
+                f"{self.data.unigram_entropy:.4f} nats of the training tokens"
+            )
         self.log(f"TensorBoard logs: {summary['tensorboard']}  (tensorboard --logdir {self.run})")
         return summary
 
@@ -498,8 +584,12 @@ class Trainer:
             self._progress.leave = False
             self._progress.close()  # a no-op once fit closed it
         refusals = []
-        for close in (self.checkpointer.wait, self.stop_request.close, self.diagnostics.writer.close,
-                      self.metrics.close):
+        for close in (
+            self.checkpointer.wait,
+            self.stop_request.close,
+            self.diagnostics.writer.close,
+            self.metrics.close,
+        ):
             try:
                 close()
             except UserError as exc:

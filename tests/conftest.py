@@ -17,7 +17,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # A model and batch small enough that a CPU step takes milliseconds.
 TINY_MODEL = [
-    "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_hidden=128",
 ]
 
 
@@ -27,9 +31,11 @@ def write_corpus(folder: Path, documents: int = 40, words: int = 400, seed: int 
 
     rng = random.Random(seed)
     phrases = [
-        "the quick brown fox jumps over the lazy dog", "to be or not to be that is the question",
+        "the quick brown fox jumps over the lazy dog",
+        "to be or not to be that is the question",
         "all the world is a stage and all the men and women merely players",
-        "now is the winter of our discontent", "a horse a horse my kingdom for a horse",
+        "now is the winter of our discontent",
+        "a horse a horse my kingdom for a horse",
     ]
     folder.mkdir(parents=True, exist_ok=True)
     for d in range(documents):
@@ -49,16 +55,32 @@ def run_cli(args: list[str], timeout: float = 600, env: dict | None = None) -> s
     One intra-op thread: test models are too small to gain from more, and spinning
     OpenMP threads slow to a crawl when another process holds the second core.
     """
-    return subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), *args], cwd=REPO_ROOT,
-                          env=child_env(env), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train.py"), *args],
+        cwd=REPO_ROOT,
+        env=child_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def tiny_run_args(run_dir: Path, corpus: Path, *extra: str) -> list[str]:
     return [
-        f"run.dir={run_dir}", f"data.path={corpus}", "data.vocab_size=300",
-        *TINY_MODEL, "train.steps=6", "train.global_batch_size=4", "train.micro_batch_size=2",
-        "train.seq_len=32", "train.eval_interval=3", "train.eval_sequences=8", "train.log_interval=1",
-        "train.mfu_probe=false", "optim.warmup_steps=2", *extra,
+        f"run.dir={run_dir}",
+        f"data.path={corpus}",
+        "data.vocab_size=300",
+        *TINY_MODEL,
+        "train.steps=6",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=2",
+        "train.seq_len=32",
+        "train.eval_interval=3",
+        "train.eval_sequences=8",
+        "train.log_interval=1",
+        "train.mfu_probe=false",
+        "optim.warmup_steps=2",
+        *extra,
     ]
 
 

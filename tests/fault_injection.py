@@ -45,8 +45,16 @@ from tests.processes import REPO_ROOT, child_env
 PROCESS_FAULTS = ("kill_rank", "kill_launcher", "term_launcher", "term_rank")
 DISK_FAULTS = ("full_disk_sync", "full_disk_async")
 KINDS = (*PROCESS_FAULTS, *DISK_FAULTS, "corrupt_newest")
-DAMAGES = ("flip_shard", "flip_rng", "flip_metadata", "flip_non_tensor", "truncate_shard", "loop_rng",
-           "garbage_trainer_state", "folder_loop")
+DAMAGES = (
+    "flip_shard",
+    "flip_rng",
+    "flip_metadata",
+    "flip_non_tensor",
+    "truncate_shard",
+    "loop_rng",
+    "garbage_trainer_state",
+    "folder_loop",
+)
 # from the fault to the launcher's exit; measured 4-12 s on 2 shared cores (a full disk found
 # by the next save, a rank's death by its peer's collective), with room for a loaded machine
 SEGMENT_BOUND_S = 90
@@ -66,8 +74,11 @@ def logged(run_dir: Path) -> dict[int, dict]:
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == sorted(set(steps)), f"a step was logged twice: {steps}"
     evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
-    return {r["step"]: {"loss": r["loss"], "grad_norm": r.get("grad_norm"), "eval_loss": evals.get(r["step"])}
-            for r in records if "loss" in r}
+    return {
+        r["step"]: {"loss": r["loss"], "grad_norm": r.get("grad_norm"), "eval_loss": evals.get(r["step"])}
+        for r in records
+        if "loss" in r
+    }
 
 
 def normopt_lines(text: str) -> list[str]:
@@ -113,8 +124,11 @@ def hang_report(launcher_pid: int) -> str:
     lines = []
     for pid in pids:
         try:
-            environ = dict(item.split("=", 1) for item in
-                           Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0") if "=" in item)
+            environ = dict(
+                item.split("=", 1)
+                for item in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+                if "=" in item
+            )
         except OSError:
             continue
         what = "launcher" if pid == launcher_pid else f"rank {environ.get('RANK', '?')}"
@@ -171,16 +185,24 @@ class FaultChain:
         return order
 
     def fail(self, kind: str, message: str) -> AssertionError:
-        return AssertionError(f"fault {len(self.survived) + 1} ({kind}) with NORMOPT_FAULT_SEED={self.seed}: "
-                              f"{message} [survived before it: {', '.join(self.survived) or 'none'}]")
+        return AssertionError(
+            f"fault {len(self.survived) + 1} ({kind}) with NORMOPT_FAULT_SEED={self.seed}: "
+            f"{message} [survived before it: {', '.join(self.survived) or 'none'}]"
+        )
 
     # ---- one segment ---------------------------------------------------------------------
     def _start(self, async_save: bool, tag: str) -> tuple[subprocess.Popen, Path, Path]:
         out, err = self.logs / f"{len(self.survived):02d}-{tag}.out", self.logs / f"{len(self.survived):02d}-{tag}.err"
         args = [*self.base_args, f"checkpoint.async_save={str(async_save).lower()}"]
         with open(out, "w") as stdout, open(err, "w") as stderr:
-            proc = subprocess.Popen([sys.executable, "-m", "normopt.cli", "launch", "--nproc", str(self.nproc), *args],
-                                    cwd=REPO_ROOT, env=child_env(), stdout=stdout, stderr=stderr, text=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "normopt.cli", "launch", "--nproc", str(self.nproc), *args],
+                cwd=REPO_ROOT,
+                env=child_env(),
+                stdout=stdout,
+                stderr=stderr,
+                text=True,
+            )
         return proc, out, err
 
     def _last_step(self) -> int:
@@ -204,8 +226,9 @@ class FaultChain:
             where = hang_report(proc.pid)
             proc.kill()
             proc.wait()
-            raise self.fail(kind, f"no exit within {bound} s of the fault (a hang); where each process was:\n"
-                                  f"{where}") from None
+            raise self.fail(
+                kind, f"no exit within {bound} s of the fault (a hang); where each process was:\n{where}"
+            ) from None
         return time.monotonic() - started
 
     def _no_orphans(self, kind: str) -> None:
@@ -240,8 +263,9 @@ class FaultChain:
             self._wait_for_step(proc, at, kind)
             time.sleep(delay)
             if kind in DISK_FAULTS:
-                filling = threading.Thread(target=self._keep_full, args=(proc, self.rng.randint(0, 200_000)),
-                                           daemon=True)
+                filling = threading.Thread(
+                    target=self._keep_full, args=(proc, self.rng.randint(0, 200_000)), daemon=True
+                )
                 filling.start()
             elif kind == "kill_launcher":
                 proc.send_signal(signal.SIGKILL)
@@ -260,7 +284,8 @@ class FaultChain:
             if filling is not None:
                 filling.join()
         self._no_orphans(kind)
-        where = f"{kind}@{at}{'' if kind in ('kill_launcher', 'term_launcher') or kind in DISK_FAULTS else f'/rank {victim}'}"
+        names_rank = kind in ("kill_rank", "term_rank")
+        where = f"{kind}@{at}{f'/rank {victim}' if names_rank else ''}"
         if kind == "kill_launcher":
             if proc.returncode != -signal.SIGKILL:
                 raise self.fail(kind, f"the launcher was not killed (exit {proc.returncode}; the run ended first?)")
@@ -270,13 +295,19 @@ class FaultChain:
             self._one_line(kind, err, rf"^normopt launch: .*\brank {victim}: status 137\b.*; exit {CRASH_EXIT_CODE}$")
         elif kind in ("term_launcher", "term_rank"):
             if proc.returncode != PREEMPTED_EXIT_CODE:
-                raise self.fail(kind, f"exit {proc.returncode}, expected {PREEMPTED_EXIT_CODE}:\n{err.read_text()[-3000:]}")
+                raise self.fail(
+                    kind, f"exit {proc.returncode}, expected {PREEMPTED_EXIT_CODE}:\n{err.read_text()[-3000:]}"
+                )
             self._one_line(kind, err, r"^normopt: stopped by .* run the same command to resume$")
         else:
             if proc.returncode != 2:
                 raise self.fail(kind, f"exit {proc.returncode}, expected 2:\n{err.read_text()[-3000:]}")
-            self._one_line(kind, err, r"^normopt: error: writing checkpoint step \d+ (on rank \d+ )?failed "
-                                      r"\(no space left on device\); the partial checkpoint was removed")
+            self._one_line(
+                kind,
+                err,
+                r"^normopt: error: writing checkpoint step \d+ (on rank \d+ )?failed "
+                r"\(no space left on device\); the partial checkpoint was removed",
+            )
             partial = [p.name for p in self.disk.iterdir() if p.name.endswith(".tmp")]
             if partial:
                 raise self.fail(kind, f"partial checkpoints left behind: {partial}")
@@ -304,8 +335,11 @@ class FaultChain:
     def _corrupt_newest(self) -> str:
         kind = "corrupt_newest"
         checkpoints = self.run_dir / "checkpoints"
-        complete = sorted(p for p in checkpoints.iterdir() if re.fullmatch(r"step_\d{8}", p.name)
-                          and (p / "trainer_state.json").is_file())
+        complete = sorted(
+            p
+            for p in checkpoints.iterdir()
+            if re.fullmatch(r"step_\d{8}", p.name) and (p / "trainer_state.json").is_file()
+        )
         if not complete:
             raise self.fail(kind, "no complete checkpoint to damage")
         newest = complete[-1]
@@ -321,8 +355,9 @@ class FaultChain:
                 proc.wait()
         self._no_orphans(kind)
         if proc.returncode != 2:
-            raise self.fail(kind, f"{damage} of {piece}: exit {proc.returncode}, expected a refusal (2):\n"
-                                  f"{err.read_text()[-3000:]}")
+            raise self.fail(
+                kind, f"{damage} of {piece}: exit {proc.returncode}, expected a refusal (2):\n{err.read_text()[-3000:]}"
+            )
         self._one_line(kind, err, re.escape(str(piece)))
         if tree_bytes(self.run_dir) != before:
             raise self.fail(kind, f"{damage}: the refused resume changed the run directory")
@@ -337,15 +372,19 @@ class FaultChain:
         shard = sorted(checkpoint.glob("__*_*.distcp"))[0]
         rng_file = sorted((checkpoint / "rng").iterdir())[0]
         if damage.startswith("flip_"):
-            piece = {"flip_shard": shard, "flip_rng": rng_file, "flip_metadata": checkpoint / ".metadata",
-                     "flip_non_tensor": checkpoint / "non_tensor_state.json"}[damage]
+            piece = {
+                "flip_shard": shard,
+                "flip_rng": rng_file,
+                "flip_metadata": checkpoint / ".metadata",
+                "flip_non_tensor": checkpoint / "non_tensor_state.json",
+            }[damage]
             data = bytearray(piece.read_bytes())
             data[self.rng.randrange(len(data))] ^= 1 << self.rng.randrange(8)
             piece.write_bytes(bytes(data))
             return piece
         if damage == "truncate_shard":
             data = shard.read_bytes()
-            shard.write_bytes(data[:self.rng.randrange(len(data))])
+            shard.write_bytes(data[: self.rng.randrange(len(data))])
             return shard
         if damage == "loop_rng":
             rng_file.unlink()
@@ -377,7 +416,13 @@ class FaultChain:
 
 def reference_run(run_dir: Path, base_args: list[str], nproc: int, logs: Path) -> dict[int, dict]:
     """The same run, uninterrupted, under the launcher."""
-    proc = subprocess.run([sys.executable, "-m", "normopt.cli", "launch", "--nproc", str(nproc), *base_args],
-                          cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "normopt.cli", "launch", "--nproc", str(nproc), *base_args],
+        cwd=REPO_ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return logged(run_dir)

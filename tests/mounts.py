@@ -19,8 +19,9 @@ def tmpfs(folder: Path, size: str = "64k", read_only: bool = False):
     options = f"size={size}" + (",ro" if read_only else "")
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "normopt-test", str(folder)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "normopt-test", str(folder)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
     try:

@@ -31,10 +31,14 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def start(args: list[str], launcher: bool = False) -> subprocess.Popen:
     """``train.py ARGS`` (or ``normopt launch --nproc 2 ARGS``) in the background, output piped."""
-    command = ([sys.executable, "-m", "normopt.cli", "launch", "--nproc", "2"] if launcher
-               else [sys.executable, str(REPO_ROOT / "train.py")])
-    return subprocess.Popen([*command, *args], cwd=REPO_ROOT, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    command = (
+        [sys.executable, "-m", "normopt.cli", "launch", "--nproc", "2"]
+        if launcher
+        else [sys.executable, str(REPO_ROOT / "train.py")]
+    )
+    return subprocess.Popen(
+        [*command, *args], cwd=REPO_ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 180) -> None:

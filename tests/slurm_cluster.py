@@ -59,40 +59,42 @@ def _free_port() -> int:
 
 
 def _slurm_conf(folder: Path, node: str, cpus: int, ctld_port: int, slurmd_port: int, munge_socket: Path) -> str:
-    return "\n".join([
-        "ClusterName=normopt-test",
-        f"SlurmctldHost={node}(127.0.0.1)",
-        f"SlurmctldPort={ctld_port}",
-        f"SlurmdPort={slurmd_port}",
-        "SlurmUser=root",
-        "SlurmdUser=root",
-        "AuthType=auth/munge",
-        "CredType=cred/munge",
-        f"AuthInfo=socket={munge_socket}",
-        f"StateSaveLocation={folder / 'state'}",
-        f"SlurmdSpoolDir={folder / 'spool'}",
-        f"SlurmctldPidFile={folder / 'slurmctld.pid'}",
-        f"SlurmdPidFile={folder / 'slurmd.pid'}",
-        f"SlurmctldLogFile={folder / 'slurmctld.log'}",
-        f"SlurmdLogFile={folder / 'slurmd.log'}",
-        "ProctrackType=proctrack/linuxproc",
-        "TaskPlugin=task/none",
-        "JobAcctGatherType=jobacct_gather/none",
-        "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_Core",
-        "SchedulerType=sched/backfill",
-        "ReturnToService=2",
-        "MpiDefault=none",
-        "GresTypes=gpu",
-        "MinJobAge=600",  # finished jobs stay visible to scontrol/squeue for 10 minutes
-        "KillWait=30",  # SLURM's default: the time a job has between SIGTERM and SIGKILL
-        "InactiveLimit=0",
-        "SlurmctldTimeout=30",
-        "SlurmdTimeout=60",
-        f"NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} Gres=gpu:{GPUS} State=UNKNOWN",
-        f"PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
-        "",
-    ])
+    return "\n".join(
+        [
+            "ClusterName=normopt-test",
+            f"SlurmctldHost={node}(127.0.0.1)",
+            f"SlurmctldPort={ctld_port}",
+            f"SlurmdPort={slurmd_port}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "AuthType=auth/munge",
+            "CredType=cred/munge",
+            f"AuthInfo=socket={munge_socket}",
+            f"StateSaveLocation={folder / 'state'}",
+            f"SlurmdSpoolDir={folder / 'spool'}",
+            f"SlurmctldPidFile={folder / 'slurmctld.pid'}",
+            f"SlurmdPidFile={folder / 'slurmd.pid'}",
+            f"SlurmctldLogFile={folder / 'slurmctld.log'}",
+            f"SlurmdLogFile={folder / 'slurmd.log'}",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core",
+            "SchedulerType=sched/backfill",
+            "ReturnToService=2",
+            "MpiDefault=none",
+            "GresTypes=gpu",
+            "MinJobAge=600",  # finished jobs stay visible to scontrol/squeue for 10 minutes
+            "KillWait=30",  # SLURM's default: the time a job has between SIGTERM and SIGKILL
+            "InactiveLimit=0",
+            "SlurmctldTimeout=30",
+            "SlurmdTimeout=60",
+            f"NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} Gres=gpu:{GPUS} State=UNKNOWN",
+            f"PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
+            "",
+        ]
+    )
 
 
 @dataclass
@@ -161,14 +163,21 @@ def start(folder: Path) -> Cluster:
     os.chmod(key, 0o600)
     conf = folder / "slurm.conf"
     conf.write_text(_slurm_conf(folder, node, os.cpu_count() or 1, _free_port(), _free_port(), munge_socket))
-    (folder / "gres.conf").write_text("".join(f"NodeName={node} Name=gpu File={device}\n"
-                                              for device in ("/dev/null", "/dev/zero")[:GPUS]))
+    (folder / "gres.conf").write_text(
+        "".join(f"NodeName={node} Name=gpu File={device}\n" for device in ("/dev/null", "/dev/zero")[:GPUS])
+    )
     env = {**os.environ, "SLURM_CONF": str(conf)}
     cluster = Cluster(folder)
     commands = [
-        [_which("munged"), "--force", f"--socket={munge_socket}", f"--key-file={key}",
-         f"--pid-file={folder / 'munge' / 'munged.pid'}", f"--log-file={folder / 'munged.log'}",
-         f"--seed-file={folder / 'munge' / 'munged.seed'}"],
+        [
+            _which("munged"),
+            "--force",
+            f"--socket={munge_socket}",
+            f"--key-file={key}",
+            f"--pid-file={folder / 'munge' / 'munged.pid'}",
+            f"--log-file={folder / 'munged.log'}",
+            f"--seed-file={folder / 'munge' / 'munged.seed'}",
+        ],
         [_which("slurmctld"), "-f", str(conf), "-i"],  # -i: ignore state a crashed cluster left
         [_which("slurmd"), "-f", str(conf), "-N", node],
     ]
@@ -176,8 +185,10 @@ def start(folder: Path) -> Cluster:
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
         if proc.returncode != 0:
             stop(folder)
-            raise RuntimeError(f"{Path(command[0]).name} failed to start ({proc.returncode}): "
-                               f"{(proc.stderr or proc.stdout).strip()}\n{cluster.logs()}")
+            raise RuntimeError(
+                f"{Path(command[0]).name} failed to start ({proc.returncode}): "
+                f"{(proc.stderr or proc.stdout).strip()}\n{cluster.logs()}"
+            )
         if command[0].endswith("munged"):
             _wait_for(munge_socket.exists, 10, f"munged socket {munge_socket}", cluster)
     try:

@@ -37,8 +37,13 @@ def _resume(run_dir, corpus):
 
 
 def _export(run_dir):
-    return subprocess.run([sys.executable, "-m", "normopt.cli", "export", str(run_dir)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "normopt.cli", "export", str(run_dir)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _refused(proc, words):
@@ -99,23 +104,42 @@ def test_crafted_rng_state_is_refused(finished_run, tmp_path, tiny_corpus, name)
 def test_checkpoint_holds_no_pickle(finished_run):
     """Every file normopt writes into a checkpoint is JSON, YAML, safetensors or tensor shards,
     and DCP's metadata declares no byte entry."""
-    from normopt.checkpoint.safe_dcp import read_metadata
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from normopt.checkpoint.safe_dcp import read_metadata
 
     checkpoint = finished_run / "checkpoints" / "step_00000006"
     names = sorted(p.name for p in checkpoint.rglob("*") if p.is_file())
-    assert names == [".metadata", "__0_0.distcp", "config.yaml", "non_tensor_state.json",
-                     "rank_00000.safetensors", "trainer_state.json"]
+    assert names == [
+        ".metadata",
+        "__0_0.distcp",
+        "config.yaml",
+        "non_tensor_state.json",
+        "rank_00000.safetensors",
+        "trainer_state.json",
+    ]
     metadata = read_metadata(checkpoint)
     assert not [k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
 
 
 def test_split_and_merge_round_trip():
-    state = {"model": {"w": torch.ones(2)},
-             "optim": {"state": {"w": {"exp_avg": torch.zeros(2), "step": torch.tensor(3.0), "count": 4}},
-                       "param_groups": [{"lr": 0.1, "betas": (0.9, 0.95), "nesterov": True, "name": None,
-                                         "ns_coefficients": [(1.0, 2.0, 3.0)], "params": ["w"]},
-                                        {"lr": 0.2, "betas": (0.8, 0.9), "params": []}]}}
+    state = {
+        "model": {"w": torch.ones(2)},
+        "optim": {
+            "state": {"w": {"exp_avg": torch.zeros(2), "step": torch.tensor(3.0), "count": 4}},
+            "param_groups": [
+                {
+                    "lr": 0.1,
+                    "betas": (0.9, 0.95),
+                    "nesterov": True,
+                    "name": None,
+                    "ns_coefficients": [(1.0, 2.0, 3.0)],
+                    "params": ["w"],
+                },
+                {"lr": 0.2, "betas": (0.8, 0.9), "params": []},
+            ],
+        },
+    }
     tensors, moved = split_tensors(state)
     assert all(torch.is_tensor(v) for v in _leaves(tensors))
     restored = merge_tensors(tensors, moved)
@@ -177,8 +201,11 @@ def test_every_piece_has_a_recorded_digest(finished_run):
 
     checkpoint = finished_run / "checkpoints" / "step_00000006"
     recorded = json.loads((checkpoint / "trainer_state.json").read_text())[DIGESTS_KEY]
-    pieces = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file()
-                    and p.name not in ("trainer_state.json", "config.yaml"))
+    pieces = sorted(
+        str(p.relative_to(checkpoint))
+        for p in checkpoint.rglob("*")
+        if p.is_file() and p.name not in ("trainer_state.json", "config.yaml")
+    )
     assert sorted(recorded) == pieces
     assert all(file_sha256(checkpoint / name) == digest for name, digest in recorded.items())
 
@@ -193,8 +220,16 @@ def _tree_bytes(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("piece", ["__0_0.distcp", *(pytest.param(piece, marks=pytest.mark.slow) for piece in
-                                                    ("rng/rank_00000.safetensors", "non_tensor_state.json"))])
+@pytest.mark.parametrize(
+    "piece",
+    [
+        "__0_0.distcp",
+        *(
+            pytest.param(piece, marks=pytest.mark.slow)
+            for piece in ("rng/rank_00000.safetensors", "non_tensor_state.json")
+        ),
+    ],
+)
 def test_a_flipped_bit_is_refused_and_nothing_is_written(finished_run, tmp_path, tiny_corpus, piece):
     """Bytes that changed after the write (bit rot, a bad copy) leave sizes and structure
     intact: only the digest finds them. Resume and export refuse in one line naming the

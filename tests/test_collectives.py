@@ -14,11 +14,34 @@ from tests.torchrun import REPO_ROOT, run_torchrun
 
 # torch.distributed's functions that talk to other ranks (group creation included)
 COLLECTIVES = {
-    "all_reduce", "all_reduce_coalesced", "reduce", "broadcast", "all_gather", "all_gather_into_tensor",
-    "all_gather_coalesced", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
-    "gather", "scatter", "barrier", "monitored_barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv",
-    "broadcast_object_list", "all_gather_object", "gather_object", "scatter_object_list", "send_object_list",
-    "recv_object_list", "new_group", "new_subgroups",
+    "all_reduce",
+    "all_reduce_coalesced",
+    "reduce",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_coalesced",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "all_to_all_single",
+    "gather",
+    "scatter",
+    "barrier",
+    "monitored_barrier",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
+    "broadcast_object_list",
+    "all_gather_object",
+    "gather_object",
+    "scatter_object_list",
+    "send_object_list",
+    "recv_object_list",
+    "new_group",
+    "new_subgroups",
 }
 ALLOWED = {Path("normopt/parallel/collectives.py")}
 
@@ -29,7 +52,7 @@ def _distributed_aliases(tree: ast.AST) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             aliases |= {a.asname for a in node.names if a.name == "torch.distributed" and a.asname}
-        elif isinstance(node, ast.ImportFrom) and node.module == "torch" :
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch":
             aliases |= {a.asname or a.name for a in node.names if a.name == "distributed"}
     return aliases
 
@@ -44,19 +67,31 @@ def collective_calls(source: str) -> list[str]:
             base = ast.unparse(node.value)
             if base in aliases or base == "torch.distributed":
                 found.append(f"{node.lineno}: {base}.{node.attr}")
-        elif isinstance(node, ast.ImportFrom) and node.module and (
-                node.module == "torch.distributed" or "functional_collectives" in node.module):
-            found += [f"{node.lineno}: from {node.module} import {a.name}" for a in node.names
-                      if a.name in COLLECTIVES or "functional_collectives" in node.module]
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and (node.module == "torch.distributed" or "functional_collectives" in node.module)
+        ):
+            found += [
+                f"{node.lineno}: from {node.module} import {a.name}"
+                for a in node.names
+                if a.name in COLLECTIVES or "functional_collectives" in node.module
+            ]
     return found
 
 
 def test_the_scan_finds_direct_collectives():
-    source = ("import torch.distributed as dist\nfrom torch import distributed as td\n"
-              "from torch.distributed import all_gather_object\n"
-              "dist.all_reduce(x)\ntd.barrier()\ntorch.distributed.broadcast(x, 0)\ndist.get_rank()\n")
-    assert collective_calls(source) == ["3: from torch.distributed import all_gather_object",
-                                        "4: dist.all_reduce", "5: td.barrier", "6: torch.distributed.broadcast"]
+    source = (
+        "import torch.distributed as dist\nfrom torch import distributed as td\n"
+        "from torch.distributed import all_gather_object\n"
+        "dist.all_reduce(x)\ntd.barrier()\ntorch.distributed.broadcast(x, 0)\ndist.get_rank()\n"
+    )
+    assert collective_calls(source) == [
+        "3: from torch.distributed import all_gather_object",
+        "4: dist.all_reduce",
+        "5: td.barrier",
+        "6: torch.distributed.broadcast",
+    ]
 
 
 def test_no_module_calls_torch_distributed_collectives_directly():

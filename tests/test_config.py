@@ -28,32 +28,48 @@ def test_empty_run_dir_is_derived_from_config_norm_and_optimizer():
 
 def test_contract_keys_exist():
     d = load_config(None).to_dict()
-    for key in ["run.dir", "data.path", "model.preset", "model.norm", "optim.name", "optim.lr",
-                "train.steps", "train.global_batch_size", "train.micro_batch_size", "train.seq_len",
-                "train.seed", "train.eval_interval", "checkpoint.interval", "checkpoint.keep_latest_k",
-                "checkpoint.resume"]:
+    for key in [
+        "run.dir",
+        "data.path",
+        "model.preset",
+        "model.norm",
+        "optim.name",
+        "optim.lr",
+        "train.steps",
+        "train.global_batch_size",
+        "train.micro_batch_size",
+        "train.seq_len",
+        "train.seed",
+        "train.eval_interval",
+        "checkpoint.interval",
+        "checkpoint.keep_latest_k",
+        "checkpoint.resume",
+    ]:
         section, name = key.split(".")
         assert name in d[section], key
     assert d["checkpoint"]["resume"] == "auto"
 
 
-@pytest.mark.parametrize("override, key", [
-    ("optim.lrr=1", "optim.lrr"),
-    ("bogus.key=1", "bogus.key"),
-    ("optim.lr=-1", "optim.lr"),
-    ("optim.lr=fast", "optim.lr"),
-    ("train.steps=1.5", "train.steps"),
-    ("model.norm=batchnorm", "model.norm"),
-    ("model.n_heads=5", "model.n_heads"),
-    ("model.n_kv_heads=4", "model.n_kv_heads"),
-    ("train.compile=maybe", "train.compile"),
-    ("model.preset=huge", "model.preset"),
-    ("checkpoint.resume=sometimes", "checkpoint.resume"),
-    ("data.val_fraction=0.9", "data.val_fraction"),
-    ("optim.ns_steps_per_layer=layers.0", "optim.ns_steps_per_layer"),
-    ("optim.ns_mode=sometimes", "optim.ns_mode"),
-    ("optim.momentum=1.0", "optim.momentum"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lrr=1", "optim.lrr"),
+        ("bogus.key=1", "bogus.key"),
+        ("optim.lr=-1", "optim.lr"),
+        ("optim.lr=fast", "optim.lr"),
+        ("train.steps=1.5", "train.steps"),
+        ("model.norm=batchnorm", "model.norm"),
+        ("model.n_heads=5", "model.n_heads"),
+        ("model.n_kv_heads=4", "model.n_kv_heads"),
+        ("train.compile=maybe", "train.compile"),
+        ("model.preset=huge", "model.preset"),
+        ("checkpoint.resume=sometimes", "checkpoint.resume"),
+        ("data.val_fraction=0.9", "data.val_fraction"),
+        ("optim.ns_steps_per_layer=layers.0", "optim.ns_steps_per_layer"),
+        ("optim.ns_mode=sometimes", "optim.ns_mode"),
+        ("optim.momentum=1.0", "optim.momentum"),
+    ],
+)
 def test_bad_values_are_refused_naming_the_key(override, key):
     with pytest.raises(UserError) as info:
         load_config(None, [override])
@@ -64,10 +80,11 @@ def test_micro_batch_is_an_upper_bound_and_only_the_rank_split_must_divide():
     cfg = load_config(None, ["train.global_batch_size=16", "train.micro_batch_size=4"])
     assert check_world_size(cfg, 2) == (4, 2)  # 8 per rank: 4 x 2
     assert check_world_size(load_config(None, ["train.global_batch_size=16"]), 2) == (8, 1)  # demo x 2 ranks
-    assert check_world_size(load_config(None, ["train.global_batch_size=24", "train.micro_batch_size=5"]),
-                            2) == (4, 3)  # 12 per rank: the largest divisor <= 5
-    assert check_world_size(load_config(None, ["train.global_batch_size=64", "train.micro_batch_size=32"]),
-                            8) == (8, 1)
+    assert check_world_size(load_config(None, ["train.global_batch_size=24", "train.micro_batch_size=5"]), 2) == (
+        4,
+        3,
+    )  # 12 per rank: the largest divisor <= 5
+    assert check_world_size(load_config(None, ["train.global_batch_size=64", "train.micro_batch_size=32"]), 8) == (8, 1)
     with pytest.raises(UserError, match="16 sequences cannot be split evenly over 3 ranks .*1, 2, 4, 8, 16"):
         check_world_size(cfg, 3)
 
@@ -110,7 +127,12 @@ def test_cli_missing_config_file_exits_2():
 
 
 def test_launcher_refuses_a_bad_config_before_starting_ranks():
-    proc = subprocess.run([sys.executable, "-m", "normopt.cli", "launch", "--nproc", "2", "model.n_heads=7"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "normopt.cli", "launch", "--nproc", "2", "model.n_heads=7"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "normopt: error: model.n_heads: 7 heads do not divide dim 192"

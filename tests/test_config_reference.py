@@ -28,7 +28,8 @@ def test_docs_page_holds_the_generated_reference():
 
 def test_every_key_has_one_line_of_help_and_a_role():
     assert {f"{s}.{f.name}" for s, f in _fields()} == {
-        f"{s}.{k}" for s, values in Config().to_dict().items() for k in values}
+        f"{s}.{k}" for s, values in Config().to_dict().items() for k in values
+    }
     for section, f in _fields():
         assert help_of(f).strip() and "\n" not in help_of(f), f"{section}.{f.name} has no help"
         assert role_of(f) in ROLES
@@ -90,21 +91,25 @@ def test_show_reports_each_value_with_its_origin(tmp_path, capsys):
     assert rows["run.dir"] == ("somewhere", "override") and rows["model.preset"] == ("debug", "file")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--show", "--config", "no/such.yaml"], "normopt: error: config file not found: no/such.yaml"),
-    (["--show", "optim.bogus=1"], "normopt: error: optim.bogus: unknown config key"),
-    (["--show", "optim.lr"], "normopt: error: override 'optim.lr': expected dotted.key=value"),
-    (["--show", "train.steps=many"], "normopt: error: train.steps: expected an integer, got 'many'"),
-    (["--show", "train.steps=0"], "normopt: error: train.steps: must be positive"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--show", "--config", "no/such.yaml"], "normopt: error: config file not found: no/such.yaml"),
+        (["--show", "optim.bogus=1"], "normopt: error: optim.bogus: unknown config key"),
+        (["--show", "optim.lr"], "normopt: error: override 'optim.lr': expected dotted.key=value"),
+        (["--show", "train.steps=many"], "normopt: error: train.steps: expected an integer, got 'many'"),
+        (["--show", "train.steps=0"], "normopt: error: train.steps: must be positive"),
+    ],
+)
 def test_bad_input_is_one_line_and_status_2(capsys, argv, message):
     assert main(["config", *argv]) == 2
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [message] and captured.out == ""
 
 
-@pytest.mark.parametrize("argv", [[], ["--reference", "--show"], ["--reference", "optim.lr=1"],
-                                  ["--show", "--write", "x.md"]])
+@pytest.mark.parametrize(
+    "argv", [[], ["--reference", "--show"], ["--reference", "optim.lr=1"], ["--show", "--write", "x.md"]]
+)
 def test_bad_command_lines_are_one_line_and_status_2(capsys, argv):
     with pytest.raises(SystemExit) as exit_:
         main(["config", *argv])

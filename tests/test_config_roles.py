@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 
-from normopt.resume_policy import RESUME_SAFE_KEYS, check_resume_compatible, find_resume_point
 from normopt.config import Config, keys_with_role, load_config
-from normopt.key_roles import EVALUATION, EXECUTION, LENGTH, MATH, ROLES
 from normopt.errors import UserError
+from normopt.key_roles import EVALUATION, EXECUTION, LENGTH, MATH, ROLES
 from normopt.report.arms import COORDINATE_KEYS, NON_ARM_KEYS, NON_ARM_SECTIONS, reference_settings
+from normopt.resume_policy import RESUME_SAFE_KEYS, check_resume_compatible, find_resume_point
 from normopt.run_dir import RunDir
 from tests.conftest import FINISHED_RUN_ARGS, tiny_run_args
 
@@ -41,15 +41,26 @@ def test_roles_of_keys_that_were_decided_case_by_case():
     assert {"train.dtype", "optim.ns_dtype", "train.global_batch_size", "optim.lr"} <= keys_with_role(MATH)
     # whole sections of bookkeeping and observation: also their keys unknown to this schema
     assert NON_ARM_SECTIONS == {"run", "checkpoint", "diagnostics"}
-    assert all(key in keys_with_role(EXECUTION) for key in RESUME_SAFE_KEYS
-               if key.split(".")[0] in NON_ARM_SECTIONS)
+    assert all(key in keys_with_role(EXECUTION) for key in RESUME_SAFE_KEYS if key.split(".")[0] in NON_ARM_SECTIONS)
 
 
 def test_non_arm_keys_define_no_arm():
-    configs = [{"model.norm": "rmsnorm", "optim.ns_mode": "distributed", "diagnostics.future_key": 1,
-                "train.eval_sequences": 64, "train.steps": 10},
-               {"model.norm": "derf", "optim.ns_mode": "replicated", "diagnostics.future_key": 2,
-                "train.eval_sequences": 128, "train.steps": 20}]
+    configs = [
+        {
+            "model.norm": "rmsnorm",
+            "optim.ns_mode": "distributed",
+            "diagnostics.future_key": 1,
+            "train.eval_sequences": 64,
+            "train.steps": 10,
+        },
+        {
+            "model.norm": "derf",
+            "optim.ns_mode": "replicated",
+            "diagnostics.future_key": 2,
+            "train.eval_sequences": 128,
+            "train.steps": 20,
+        },
+    ]
     shared, disputed = reference_settings(configs)
     assert shared == {} and disputed == ["train.eval_sequences", "train.steps"]
 

@@ -19,8 +19,6 @@ def _copy(run_dir, tmp_path):
     return copy
 
 
-
-
 def _one_line_exit_2(proc, words):
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     return proc.returncode == 2 and words in lines[-1] and "Traceback" not in proc.stderr
@@ -70,24 +68,36 @@ def test_hostile_config_values(tmp_path):
     with pytest.raises(UserError, match="not UTF-8"):
         load_config(bad)
     with pytest.raises(UserError, match=r"train.seed: must be in \[0, 2\^64\)"):
-        load_config(None, [f"train.seed={2 ** 64}"])
-    load_config(None, [f"train.seed={2 ** 64 - 1}"])
+        load_config(None, [f"train.seed={2**64}"])
+    load_config(None, [f"train.seed={2**64 - 1}"])
     with pytest.raises(UserError, match="invalid regular expression"):
         load_config(None, ["optim.ns_steps_per_layer=re:[=3"])  # checked under AdamW too
 
 
 def test_cache_dir_that_is_a_file(tmp_path, tiny_corpus, capsys):
     (tmp_path / "cache").write_text("x")
-    proc = train_in_process(tiny_run_args(tmp_path / "run", tiny_corpus, f"data.cache_dir={tmp_path / 'cache'}",
-                                         "data.vocab_size=301"), capsys)  # a corpus not prepared yet
+    proc = train_in_process(
+        tiny_run_args(tmp_path / "run", tiny_corpus, f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=301"),
+        capsys,
+    )  # a corpus not prepared yet
     assert _one_line_exit_2(proc, "data.cache_dir: cannot create"), proc.stderr[-2000:]
 
 
 def test_model_too_large_for_memory_is_refused_before_allocating(tmp_path, tiny_corpus, capsys):
     """~275B parameters: the lower bound alone exceeds any machine this runs on; refused with
     the estimate, before any weight exists and without a traceback."""
-    proc = train_in_process(tiny_run_args(tmp_path / "run", tiny_corpus, "model.dim=16384", "model.n_layers=80",
-                                         "model.n_heads=128", "model.n_kv_heads=8", "model.ffn_hidden=53248"), capsys)
+    proc = train_in_process(
+        tiny_run_args(
+            tmp_path / "run",
+            tiny_corpus,
+            "model.dim=16384",
+            "model.n_layers=80",
+            "model.n_heads=128",
+            "model.n_kv_heads=8",
+            "model.ffn_hidden=53248",
+        ),
+        capsys,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("normopt: error: the model does not fit: it needs at least ")
@@ -97,8 +107,7 @@ def test_model_too_large_for_memory_is_refused_before_allocating(tmp_path, tiny_
 def test_memory_estimate_formula():
     from normopt.memory_budget import GIB, check_fits, estimate_memory
 
-    est = estimate_memory(params=1_000_000, optimizer="adamw", world_size=4, micro_batch=2, seq_len=8,
-                          vocab_size=100)
+    est = estimate_memory(params=1_000_000, optimizer="adamw", world_size=4, micro_batch=2, seq_len=8, vocab_size=100)
     assert est.state_bytes == 1_000_000 * 16 // 4  # fp32 weight + grad + two AdamW moments, sharded
     assert est.logits_bytes == 2 * 4 * 2 * 8 * 100
     assert estimate_memory(1_000_000, "muon", 1, 1, 1, 1).state_bytes == 12_000_000
@@ -106,7 +115,7 @@ def test_memory_estimate_formula():
     with pytest.raises(UserError, match="does not fit"):
         check_fits(est, est.total_bytes - 1, "one byte short")
     check_fits(est, None, "unknown")  # unknown memory: never refuse
-    assert GIB == 2 ** 30
+    assert GIB == 2**30
 
 
 FULL_DISK_AT_SECOND_SAVE = """
@@ -140,9 +149,14 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, tiny_cor
 
     run_dir = tmp_path / "run"
     args = tiny_run_args(run_dir, tiny_corpus, "checkpoint.interval=2", "checkpoint.keep_latest_k=5")
-    proc = subprocess.run([sys.executable, "-c", FULL_DISK_AT_SECOND_SAVE, *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_AT_SECOND_SAVE, *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert "failed (no space left on device)" in line and "Traceback" not in proc.stderr
@@ -179,8 +193,11 @@ def test_a_full_disk_when_the_logs_close_is_one_line(tmp_path):
     writer = DiagnosticsWriter(tmp_path / "diagnostics.jsonl", None, enabled=True, histograms=False)
     writer._file.close()
     writer._file = _RefusesOnClose(str(tmp_path / "diagnostics.jsonl"))
-    with pytest.raises(UserError, match=r"^writing .*diagnostics.jsonl failed \(no space left on device\) when "
-                                        r"closing it; the checkpoints written so far are kept$"):
+    with pytest.raises(
+        UserError,
+        match=r"^writing .*diagnostics.jsonl failed \(no space left on device\) when "
+        r"closing it; the checkpoints written so far are kept$",
+    ):
         writer.close()
     writer.close()  # closed once, not again
 
@@ -192,10 +209,13 @@ def test_a_full_disk_when_the_logs_close_is_one_line(tmp_path):
     assert logger._writer.file_writer is None  # TensorBoard's writer was closed all the same
 
 
-@pytest.mark.parametrize("size, words", [
-    ("40k", "failed (no space left on device) at step"),  # a log or TensorBoard's file, whichever fills it
-    ("400k", "failed (no space left on device); the partial checkpoint was removed"),
-])
+@pytest.mark.parametrize(
+    "size, words",
+    [
+        ("40k", "failed (no space left on device) at step"),  # a log or TensorBoard's file, whichever fills it
+        ("400k", "failed (no space left on device); the partial checkpoint was removed"),
+    ],
+)
 def test_a_disk_that_fills_during_a_run_ends_it_with_one_clean_line(tmp_path, tiny_corpus, size, words):
     """A real full disk (a tiny tmpfs): whatever refuses first (TensorBoard's writer thread,
     torch's zip writer, which calls a short write "unexpected pos"), the run ends with exit 2
@@ -203,8 +223,9 @@ def test_a_disk_that_fills_during_a_run_ends_it_with_one_clean_line(tmp_path, ti
     from tests.mounts import tmpfs
 
     with tmpfs(tmp_path / "disk", size=size) as disk:
-        proc = run_cli(tiny_run_args(disk / "run", tiny_corpus, "checkpoint.interval=3", "diagnostics.interval=1",
-                                     "train.steps=9"))
+        proc = run_cli(
+            tiny_run_args(disk / "run", tiny_corpus, "checkpoint.interval=3", "diagnostics.interval=1", "train.steps=9")
+        )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.rstrip("\n").split("\n")[-1].split("\r")
     assert last[-1].startswith("normopt: error: ") and words in last[-1], proc.stderr[-3000:]

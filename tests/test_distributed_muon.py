@@ -184,8 +184,12 @@ def test_assign_owners_balances_llama_shapes():
 
 def test_plain_jobs_run_locally_without_communication():
     a, v = torch.randn(4, 3), torch.randn(4)
-    job = RowShardedJob(inputs=[a, v], rows=4, compute=lambda t, team: [t[0] * 2, t[1] + 1],
-                        output_specs=[((3,), torch.float32), ((), torch.float32)])
+    job = RowShardedJob(
+        inputs=[a, v],
+        rows=4,
+        compute=lambda t, team: [t[0] * 2, t[1] + 1],
+        output_specs=[((3,), torch.float32), ((), torch.float32)],
+    )
     (out,), stats = run_row_sharded_jobs([job], mode="distributed")
     assert torch.equal(out[0], a * 2) and torch.equal(out[1], v + 1)
     assert stats.bytes_sent == 0 and stats.jobs_computed == 1

@@ -28,8 +28,7 @@ def test_two_ranks_match_one_process(tmp_path, tiny_corpus, norm):
     double = tmp_path / "double"
     run_torchrun(REPO_ROOT / "train.py", 2, tiny_run_args(double, tiny_corpus, *common))
     micro = tmp_path / "double_accum"
-    run_torchrun(REPO_ROOT / "train.py", 2,
-                 tiny_run_args(micro, tiny_corpus, *common, "train.micro_batch_size=1"))
+    run_torchrun(REPO_ROOT / "train.py", 2, tiny_run_args(micro, tiny_corpus, *common, "train.micro_batch_size=1"))
 
     reference = _records(single, "loss")
     assert len(reference) == 8
@@ -51,8 +50,10 @@ def test_two_ranks_match_one_process(tmp_path, tiny_corpus, norm):
 
 
 # the default run covers distributed Muon/NorMuon training through the MLA + MoE test below
-@pytest.mark.parametrize("optim,muon_params", [
-    pytest.param("muon", "all", marks=pytest.mark.slow), pytest.param("normuon", "vo_ffn", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "optim,muon_params",
+    [pytest.param("muon", "all", marks=pytest.mark.slow), pytest.param("normuon", "vo_ffn", marks=pytest.mark.slow)],
+)
 def test_two_ranks_match_one_process_with_muon(tmp_path, tiny_corpus, optim, muon_params):
     """Distributed Newton-Schulz inside the trainer: the owner rank orthogonalises whole
     matrices, so 2 ranks follow the 1-process loss curve (fp32, 1e-5: only the order of
@@ -61,9 +62,16 @@ def test_two_ranks_match_one_process_with_muon(tmp_path, tiny_corpus, optim, muo
     gather), and the NS spectrum and the isotropy of updates and weights of gathered
     matrices analysed on their owner rank. With ``vo_ffn`` the query and key matrices go to
     AdamW and only the rest through distributed NS."""
-    common = [f"optim.name={optim}", "model.norm=derf", "train.dtype=float32", "train.steps=8",
-              "optim.lr=0.02", "optim.ns_steps_per_layer=layers.0.*=7", "diagnostics.interval=4",
-              f"optim.muon_params={muon_params}"]
+    common = [
+        f"optim.name={optim}",
+        "model.norm=derf",
+        "train.dtype=float32",
+        "train.steps=8",
+        "optim.lr=0.02",
+        "optim.ns_steps_per_layer=layers.0.*=7",
+        "diagnostics.interval=4",
+        f"optim.muon_params={muon_params}",
+    ]
     single, double = tmp_path / "single", tmp_path / "double"
     proc = run_cli(tiny_run_args(single, tiny_corpus, *common))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -72,15 +80,27 @@ def test_two_ranks_match_one_process_with_muon(tmp_path, tiny_corpus, optim, muo
     _assert_same_diagnostics(single, double)
 
 
-@pytest.mark.parametrize("optim,balance", [("muon", "aux_free"), pytest.param("normuon", "aux_loss", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "optim,balance", [("muon", "aux_free"), pytest.param("normuon", "aux_loss", marks=pytest.mark.slow)]
+)
 def test_two_ranks_match_one_process_with_latent_attention_and_experts(tmp_path, tiny_corpus, optim, balance):
     """An MLA + MoE model (8 experts, top-2, one shared expert) under Muon/NorMuon: expert
     stacks sharded over the experts go through distributed NS, the balance loss is per
     sequence and the aux-free bias steps with loads summed over the ranks, so 2 ranks
     follow the 1-process curve (fp32, 1e-5) and route exactly the same tokens."""
-    common = [f"optim.name={optim}", "model.attention=mla", "model.ffn=moe", "model.n_shared_experts=1",
-              f"model.moe_balance={balance}", "model.moe_aux_coef=0.05", "model.moe_bias_rate=0.01",
-              "train.dtype=float32", "train.steps=8", "optim.lr=0.02", "diagnostics.interval=4"]
+    common = [
+        f"optim.name={optim}",
+        "model.attention=mla",
+        "model.ffn=moe",
+        "model.n_shared_experts=1",
+        f"model.moe_balance={balance}",
+        "model.moe_aux_coef=0.05",
+        "model.moe_bias_rate=0.01",
+        "train.dtype=float32",
+        "train.steps=8",
+        "optim.lr=0.02",
+        "diagnostics.interval=4",
+    ]
     single, double = tmp_path / "single", tmp_path / "double"
     proc = run_cli(tiny_run_args(single, tiny_corpus, *common))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -118,10 +138,17 @@ def _assert_same_diagnostics(single, double):
     def load(run_dir):
         lines = [json.loads(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines()]
         return {(r["step"], r["kind"]): _numbers({k: v for k, v in r.items() if k != "seconds"}) for r in lines}
+
     reference, other = load(single), load(double)
     assert reference.keys() == other.keys()
-    assert {(4, "ns_spectrum"), (8, "ns_spectrum"), (8, "norm"), (8, "spectral_norm"),
-            (4, "isotropy"), (8, "isotropy")} <= reference.keys()
+    assert {
+        (4, "ns_spectrum"),
+        (8, "ns_spectrum"),
+        (8, "norm"),
+        (8, "spectral_norm"),
+        (4, "isotropy"),
+        (8, "isotropy"),
+    } <= reference.keys()
     for key, numbers in reference.items():
         assert numbers.keys() == other[key].keys(), key
         for path, value in numbers.items():

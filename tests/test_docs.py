@@ -31,7 +31,8 @@ The rules (also in docs/contributing.md, "The docs"):
        test's output.
 
    An unknown marker fails. README's opening block (the two commands: the CPU grid and this
-   test suite, minutes each) is checked by its own test instead. Commands of ``normopt`` and ``train.py`` run in a child forked from
+   test suite, minutes each) is checked by its own test instead. Commands of ``normopt`` and
+   ``train.py`` run in a child forked from
    one server process that has imported normopt (and torch) once, through the same entry points
    as the installed commands (``normopt.cli.main``, ``normopt.cli.train_main``); other commands
    run under bash. Identical commands run once. The whole test stays well under a minute on 2
@@ -56,20 +57,38 @@ import pytest
 from tests.processes import REPO_ROOT, child_env
 
 PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
-TOP_LEVEL = ("normopt", "tests", "configs", "benchmarks", "scripts", "launch", "docs", ".ci",
-             "train.py", "pyproject.toml", "README.md")
+TOP_LEVEL = (
+    "normopt",
+    "tests",
+    "configs",
+    "benchmarks",
+    "scripts",
+    "launch",
+    "docs",
+    ".ci",
+    "train.py",
+    "pyproject.toml",
+    "README.md",
+)
 SCRATCH_LINKS = ("configs", "launch", "scripts", "benchmarks", "train.py")
 NEEDS = frozenset({"gpu", "slurm", "network", "long", "run"})
 COMMAND_TIMEOUT_S = 60
 # how an argument error reads (argparse and normopt's CommandParser): a `needs: run` command
 # must be refused for its missing run, never for these
-ARGUMENT_ERRORS = ("unrecognized arguments", "invalid choice", "the following arguments are required",
-                   "expected one argument", "usage:")
-PATH_RE = re.compile(r"(?<![\w./~$-])((?:%s)/[\w./-]*)" % "|".join(re.escape(t) for t in TOP_LEVEL
-                                                                     if "." not in t or t == ".ci"))
+ARGUMENT_ERRORS = (
+    "unrecognized arguments",
+    "invalid choice",
+    "the following arguments are required",
+    "expected one argument",
+    "usage:",
+)
+PATH_RE = re.compile(
+    r"(?<![\w./~$-])((?:%s)/[\w./-]*)" % "|".join(re.escape(t) for t in TOP_LEVEL if "." not in t or t == ".ci")
+)
 
 
 # ---------------------------------------------------------------------------- reading pages
+
 
 @dataclass
 class Block:
@@ -159,6 +178,7 @@ def page_id(path: Path) -> str:
 
 # ---------------------------------------------------------------------------- 1. links
 
+
 @pytest.mark.parametrize("path", PAGES, ids=page_id)
 def test_links_resolve(path):
     page = page_of(path)
@@ -198,6 +218,7 @@ def test_every_page_is_linked():
 
 # ---------------------------------------------------------------------------- 2. code paths
 
+
 def repo_paths(text: str) -> list[str]:
     return [m.group(1).rstrip(".") for m in PATH_RE.finditer(text)]
 
@@ -222,6 +243,7 @@ def test_code_paths_exist(path):
 
 # ---------------------------------------------------------------------------- 3. commands
 
+
 @dataclass
 class Command:
     where: str  # page:line
@@ -240,7 +262,7 @@ def split_comment(line: str) -> tuple[str, str]:
         elif char in "'\"":
             quote = char
         elif char == "#" and (i == 0 or line[i - 1].isspace()):
-            return line[:i].rstrip(), line[i + 1:].strip()
+            return line[:i].rstrip(), line[i + 1 :].strip()
     return line.rstrip(), ""
 
 
@@ -350,7 +372,7 @@ def cheap_form(command: Command) -> tuple[str, list[str] | str] | None:
     if words is None:
         return None
     env = [w for w in words if re.match(r"[A-Z_][A-Z0-9_]*=", w)]
-    words = words[len(env):] if words[:len(env)] == env else words
+    words = words[len(env) :] if words[: len(env)] == env else words
     kind, args = program(words)
     if kind == "train":
         return "normopt", ["check", *config_args(args)]
@@ -361,14 +383,18 @@ def cheap_form(command: Command) -> tuple[str, list[str] | str] | None:
         at = words.index("train.py")
         nproc = int(option(words[1:at], "--nproc_per_node", "--nproc-per-node") or 1)
         nproc *= int(option(words[1:at], "--nnodes") or 1)
-        return "normopt", ["check", "--nproc", str(nproc), *config_args(words[at + 1:])]
+        return "normopt", ["check", "--nproc", str(nproc), *config_args(words[at + 1 :])]
     if kind == "normopt" and args and args[0] == "factorial":
         return "normopt", [*args, *([] if "--dry-run" in args else ["--dry-run"])]
     if words and words[0] == "sbatch" and "launch/slurm.sbatch" in words:
-        rest = words[words.index("launch/slurm.sbatch") + 1:]
+        rest = words[words.index("launch/slurm.sbatch") + 1 :]
         return "bash", " ".join(["NORMOPT_DRY_RUN=1", *env, "bash", "launch/slurm.sbatch", *map(shlex.quote, rest)])
-    if kind == "normopt" and "run" in command.needs and args and args[0] in (
-            "export", "sample", "report", "status", "spectrum"):
+    if (
+        kind == "normopt"
+        and "run" in command.needs
+        and args
+        and args[0] in ("export", "sample", "report", "status", "spectrum")
+    ):
         return "normopt-missing-run", args
     return None
 
@@ -425,18 +451,36 @@ class Runner:
 
     def __init__(self, scratch: Path):
         self.scratch = scratch
-        self.env = child_env({"NORMOPT_CACHE": str(scratch / ".cache"), "HF_DATASETS_OFFLINE": "1",
-                              "HF_HUB_OFFLINE": "1", "NORMOPT_PYTHON": sys.executable,
-                              "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
-        self.server = subprocess.Popen([sys.executable, "-c", SERVER], cwd=scratch, env=self.env,
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.env = child_env(
+            {
+                "NORMOPT_CACHE": str(scratch / ".cache"),
+                "HF_DATASETS_OFFLINE": "1",
+                "HF_HUB_OFFLINE": "1",
+                "NORMOPT_PYTHON": sys.executable,
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            }
+        )
+        self.server = subprocess.Popen(
+            [sys.executable, "-c", SERVER],
+            cwd=scratch,
+            env=self.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.count = 0
 
     def normopt(self, entry: str, argv: list[str]) -> tuple[int | str, str, str]:
         self.count += 1
         out, err = self.scratch / f".out{self.count}", self.scratch / f".err{self.count}"
-        request = {"entry": entry, "argv": argv, "cwd": str(self.scratch), "out": str(out), "err": str(err),
-                   "timeout": COMMAND_TIMEOUT_S}
+        request = {
+            "entry": entry,
+            "argv": argv,
+            "cwd": str(self.scratch),
+            "out": str(out),
+            "err": str(err),
+            "timeout": COMMAND_TIMEOUT_S,
+        }
         self.server.stdin.write(json.dumps(request) + "\n")
         self.server.stdin.flush()
         reply = self.server.stdout.readline()
@@ -445,8 +489,14 @@ class Runner:
 
     def bash(self, text: str) -> tuple[int | str, str, str]:
         try:
-            proc = subprocess.run(["bash", "-c", text], cwd=self.scratch, env=self.env, capture_output=True,
-                                  text=True, timeout=COMMAND_TIMEOUT_S)
+            proc = subprocess.run(
+                ["bash", "-c", text],
+                cwd=self.scratch,
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=COMMAND_TIMEOUT_S,
+            )
         except subprocess.TimeoutExpired:
             return "timeout", "", ""
         return proc.returncode, proc.stdout, proc.stderr
@@ -505,11 +555,14 @@ def test_commands_are_marked_and_cheap_ones_run(runner):
         status, out, err = done[key]
         shown = what if isinstance(what, str) else shlex.join(what)
         if status != expected:
-            problems.append(f"{command.where}: `{shown}` exited {status}, expected {expected}\n"
-                            f"  stdout: {out[-800:]}\n  stderr: {err[-800:]}")
+            problems.append(
+                f"{command.where}: `{shown}` exited {status}, expected {expected}\n"
+                f"  stdout: {out[-800:]}\n  stderr: {err[-800:]}"
+            )
         elif how == "normopt-missing-run" and any(e in err for e in ARGUMENT_ERRORS):
-            problems.append(f"{command.where}: `{shown}` was refused for its arguments, not for the "
-                            f"missing run:\n  {err[-800:]}")
+            problems.append(
+                f"{command.where}: `{shown}` was refused for its arguments, not for the missing run:\n  {err[-800:]}"
+            )
     took = time.monotonic() - started
     print(f"\n{len(ran)} commands run in {took:.1f} s:\n  " + "\n  ".join(ran))
     print(f"{len(skipped)} skipped (no cheap form):\n  " + "\n  ".join(skipped))
@@ -535,19 +588,27 @@ def test_readme_starts_with_the_two_commands():
 def test_marker_rules():
     """The parser behind the rules above, on the cases the pages use."""
     assert split_comment('normopt sample R --prompt "a # b"   # needs: run') == (
-        'normopt sample R --prompt "a # b"', "needs: run")
+        'normopt sample R --prompt "a # b"',
+        "needs: run",
+    )
     assert parse_markers("needs: gpu, network (one rank per GPU)", "x") == (frozenset({"gpu", "network"}), 0)
     assert parse_markers("exit: 2 (unknown key)", "x") == (frozenset(), 2)
     with pytest.raises(AssertionError, match="unknown marker"):
         parse_markers("needs: quantum", "x")
-    train = Command("x", ".venv/bin/normopt launch --nnodes 2 --nproc 4 --config c.yaml model.norm=dyt", frozenset({"long"}), 0)
+    train = Command(
+        "x", ".venv/bin/normopt launch --nnodes 2 --nproc 4 --config c.yaml model.norm=dyt", frozenset({"long"}), 0
+    )
     assert cheap_form(train) == ("normopt", ["check", "--nproc", "8", "--config", "c.yaml", "model.norm=dyt"])
     torchrun = Command("x", "torchrun --nproc_per_node=2 train.py --config c.yaml", frozenset({"long"}), 0)
     assert cheap_form(torchrun) == ("normopt", ["check", "--nproc", "2", "--config", "c.yaml"])
     grid = Command("x", "normopt factorial s.yaml --slurm", frozenset({"slurm"}), 0)
     assert cheap_form(grid) == ("normopt", ["factorial", "s.yaml", "--slurm", "--dry-run"])
-    sbatch = Command("x", "NCCL_DEBUG=WARN sbatch --nodes=4 launch/slurm.sbatch --config c.yaml", frozenset({"slurm"}), 0)
+    sbatch = Command(
+        "x", "NCCL_DEBUG=WARN sbatch --nodes=4 launch/slurm.sbatch --config c.yaml", frozenset({"slurm"}), 0
+    )
     assert cheap_form(sbatch) == ("bash", "NORMOPT_DRY_RUN=1 NCCL_DEBUG=WARN bash launch/slurm.sbatch --config c.yaml")
     assert cheap_form(Command("x", "python benchmarks/bench_muon.py", frozenset({"long"}), 0)) is None
-    assert slug("HSDP: hybrid sharding (`train.dp_replicate`, `train.dp_shard`)") == \
-        "hsdp-hybrid-sharding-traindp_replicate-traindp_shard"
+    assert (
+        slug("HSDP: hybrid sharding (`train.dp_replicate`, `train.dp_shard`)")
+        == "hsdp-hybrid-sharding-traindp_replicate-traindp_shard"
+    )

@@ -64,8 +64,18 @@ def test_deterministic_kernels_change_nothing_on_cpu_and_set_every_cuda_flag(mon
 
 
 def _train_model(norm: str, ffn: str, checkpointing: bool, compiled: bool = False, steps: int = 3):
-    cfg = load_config(None, [f"model.norm={norm}", f"model.ffn={ffn}", "model.n_experts=4", "model.moe_top_k=2",
-                             "model.moe_balance=aux_free", "model.moe_bias_rate=0.01", *TINY_MODEL])
+    cfg = load_config(
+        None,
+        [
+            f"model.norm={norm}",
+            f"model.ffn={ffn}",
+            "model.n_experts=4",
+            "model.moe_top_k=2",
+            "model.moe_balance=aux_free",
+            "model.moe_bias_rate=0.01",
+            *TINY_MODEL,
+        ],
+    )
     torch.manual_seed(0)
     model = build_model(resolve_model_args(cfg.model, vocab_size=300))
     for block in model.layers:
@@ -115,8 +125,11 @@ def test_training_run_with_checkpointed_blocks_and_deterministic_flag_matches(tm
     """Through the trainer (FSDP2, derf_ema, Muon): the two execution options change no bit."""
     common = ["model.norm=derf_ema", "optim.name=muon", "diagnostics.interval=0"]
     plain = run_cli(tiny_run_args(tmp_path / "plain", tiny_corpus, *common))
-    other = run_cli(tiny_run_args(tmp_path / "other", tiny_corpus, *common, "train.activation_checkpointing=block",
-                                  "train.deterministic=true"))
+    other = run_cli(
+        tiny_run_args(
+            tmp_path / "other", tiny_corpus, *common, "train.activation_checkpointing=block", "train.deterministic=true"
+        )
+    )
     assert plain.returncode == 0 and other.returncode == 0, (plain.stderr + other.stderr)[-3000:]
     assert "activation_checkpointing=block" in other.stdout and "deterministic=True" in other.stdout
     losses = [[r.get("loss"), r.get("eval_loss"), r.get("grad_norm")] for r in _metrics(tmp_path / "plain")]
@@ -149,8 +162,11 @@ def test_memory_estimate_of_the_1b_preset_against_its_measured_peak():
     from normopt.memory_budget import ESTIMATE_UNDERCOUNT
 
     args, params = _args_1b(), count_parameters(_args_1b())
-    for optimizer, checkpointing, measured in (("adamw", "none", 51.5), ("muon", "none", 47.9),
-                                               ("adamw", "block", 24.0)):
+    for optimizer, checkpointing, measured in (
+        ("adamw", "none", 51.5),
+        ("muon", "none", 47.9),
+        ("adamw", "block", 24.0),
+    ):
         est = estimate_memory(params, optimizer, 1, 8, 2048, 32768, args, 2, checkpointing)
         assert (1 - ESTIMATE_UNDERCOUNT) * measured < est.expected_bytes / GIB < measured, optimizer
     est = estimate_memory(params, "adamw", 1, 8, 2048, 32768, args, 2)
@@ -176,8 +192,9 @@ def test_memory_advice_names_a_micro_batch_that_fits_and_checkpointing():
 
 def test_ns_flops_of_the_1b_matrices():
     """5 quintic steps over the 112 block matrices of the 1B preset: 4.57e13 FLOP per step."""
-    per_layer = (2 * ns_flops(2048, 2048, 5) + 2 * ns_flops(512, 2048, 5) + 2 * ns_flops(8192, 2048, 5)
-                 + ns_flops(2048, 8192, 5))
+    per_layer = (
+        2 * ns_flops(2048, 2048, 5) + 2 * ns_flops(512, 2048, 5) + 2 * ns_flops(8192, 2048, 5) + ns_flops(2048, 8192, 5)
+    )
     assert 16 * per_layer == pytest.approx(4.574e13, rel=1e-3)
     assert ns_flops(3, 7, 1) == ns_flops(7, 3, 1) == 4 * 9 * 7 + 2 * 27
 

@@ -20,10 +20,18 @@ def test_export_consolidates_two_rank_checkpoint(tmp_path, tiny_corpus):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     run_dir = tmp_path / "run"
-    run_torchrun(REPO_ROOT / "train.py", 2, tiny_run_args(run_dir, tiny_corpus, "model.norm=derf_ema",
-                                                          "model.tie_embeddings=true"))
-    proc = subprocess.run([sys.executable, "-m", "normopt.cli", "export", str(run_dir)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
+    run_torchrun(
+        REPO_ROOT / "train.py",
+        2,
+        tiny_run_args(run_dir, tiny_corpus, "model.norm=derf_ema", "model.tie_embeddings=true"),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "normopt.cli", "export", str(run_dir)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     out = run_dir / "export" / "step_00000006.safetensors"
     assert proc.stdout.strip() == str(out) and proc.stderr == ""
@@ -49,7 +57,9 @@ def test_export_consolidates_two_rank_checkpoint(tmp_path, tiny_corpus):
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(out.with_suffix(".tokenizer.json")))
-    assert tokenizer.get_vocab_size() == vocab and tokenizer.decode(tokenizer.encode("to be or not").ids) == "to be or not"
+    assert (
+        tokenizer.get_vocab_size() == vocab and tokenizer.decode(tokenizer.encode("to be or not").ids) == "to be or not"
+    )
     for path in (out, out.with_suffix(".config.yaml"), out.with_suffix(".tokenizer.json")):
         assert path.stat().st_mode & 0o777 == 0o644, path
     assert out.parent.stat().st_mode & 0o777 == 0o755
@@ -57,8 +67,13 @@ def test_export_consolidates_two_rank_checkpoint(tmp_path, tiny_corpus):
 
 def test_export_without_checkpoint_exits_2(tmp_path):
     (tmp_path / "run").mkdir()
-    proc = subprocess.run([sys.executable, "-m", "normopt.cli", "export", str(tmp_path / "run")],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "normopt.cli", "export", str(tmp_path / "run")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr
 
 
@@ -72,6 +87,7 @@ def test_a_file_system_that_refuses_the_export_is_one_line_and_leaves_nothing(fi
             capsys.readouterr()
             assert main(["export", str(finished_run), "--out", str(out)]) == 2
             err = capsys.readouterr().err
-            assert err.splitlines() == [f"normopt: error: --out {out}: cannot write ({reason}); nothing was "
-                                        f"written"], err
+            assert err.splitlines() == [f"normopt: error: --out {out}: cannot write ({reason}); nothing was written"], (
+                err
+            )
             assert list(disk.iterdir()) == []

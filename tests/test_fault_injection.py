@@ -20,9 +20,17 @@ STEPS = 60
 
 
 def _args(run_dir, corpus):
-    return tiny_run_args(run_dir, corpus, f"train.steps={STEPS}", "train.eval_interval=10",
-                         "checkpoint.interval=2", "checkpoint.keep_latest_k=2", "optim.name=muon",
-                         "train.global_batch_size=8", "train.micro_batch_size=2")
+    return tiny_run_args(
+        run_dir,
+        corpus,
+        f"train.steps={STEPS}",
+        "train.eval_interval=10",
+        "checkpoint.interval=2",
+        "checkpoint.keep_latest_k=2",
+        "optim.name=muon",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=2",
+    )
 
 
 def _survive(tmp_path, corpus, capsys, seed: int, nproc: int, rounds: int) -> None:
@@ -48,13 +56,17 @@ def _survive(tmp_path, corpus, capsys, seed: int, nproc: int, rounds: int) -> No
             disk_context.__exit__(None, None, None)
     assert resumed.keys() == reference.keys(), (seed, sorted(reference.keys() - resumed.keys()))
     differing = [step for step in reference if resumed[step] != reference[step]]
-    assert not differing, (f"NORMOPT_FAULT_SEED={seed}: losses differ from the uninterrupted run's at steps "
-                           f"{differing[:5]} after faults {chain.survived}")
+    assert not differing, (
+        f"NORMOPT_FAULT_SEED={seed}: losses differ from the uninterrupted run's at steps "
+        f"{differing[:5]} after faults {chain.survived}"
+    )
     with capsys.disabled():
         note = "" if disk_context is not None else f" (full-disk faults left out: {skipped_disk})"
-        print(f"\nfault injection, seed {seed}, {nproc} ranks: survived {len(chain.survived)} of "
-              f"{len(chain.survived)} faults, then the same losses at all {len(reference)} steps{note}: "
-              f"{'; '.join(chain.survived)}")
+        print(
+            f"\nfault injection, seed {seed}, {nproc} ranks: survived {len(chain.survived)} of "
+            f"{len(chain.survived)} faults, then the same losses at all {len(reference)} steps{note}: "
+            f"{'; '.join(chain.survived)}"
+        )
 
 
 def test_a_two_rank_run_survives_every_kind_of_fault(tmp_path, tiny_corpus, capsys):
@@ -63,5 +75,4 @@ def test_a_two_rank_run_survives_every_kind_of_fault(tmp_path, tiny_corpus, caps
 
 @pytest.mark.slow
 def test_a_four_rank_run_survives_every_fault_twice(tmp_path, tiny_corpus, capsys):
-    _survive(tmp_path, tiny_corpus, capsys, seed_from_env(random.SystemRandom().randrange(10**6)),
-             nproc=4, rounds=2)
+    _survive(tmp_path, tiny_corpus, capsys, seed_from_env(random.SystemRandom().randrange(10**6)), nproc=4, rounds=2)

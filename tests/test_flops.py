@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from normopt.config import keys_with_role, load_config
-from normopt.key_roles import EXECUTION
 from normopt.errors import UserError
+from normopt.key_roles import EXECUTION
 from normopt.metrics import flops
 from normopt.metrics.flops import MfuMeter, measure_matmul_flops, peak_flops
 
@@ -30,9 +30,16 @@ def test_peak_tflops_is_an_execution_key():
 
 def test_probe_keeps_the_fastest_timing(monkeypatch):
     """A timing slowed by other load does not lower the peak: the best of the repeats counts."""
-    clock = iter([0.0, 10.0,  # repeat 1: one product in 10 s (the loaded one)
-                  10.0, 11.0,  # repeat 2: one product in 1 s
-                  11.0, 15.0])
+    clock = iter(
+        [
+            0.0,
+            10.0,  # repeat 1: one product in 10 s (the loaded one)
+            10.0,
+            11.0,  # repeat 2: one product in 1 s
+            11.0,
+            15.0,
+        ]
+    )
     monkeypatch.setattr(flops.time, "perf_counter", lambda: next(clock))
     assert measure_matmul_flops(torch.float32, CPU, size=8, seconds=0.5, repeats=3) == pytest.approx(2 * 8**3)
 

@@ -20,13 +20,24 @@ import torch
 
 from tests.conftest import REPO_ROOT, run_cli
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA device (benchmarks/gpu_check.py runs these on a GPU)")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.py runs these on a GPU)"
+)
 
 GPU_RUN = [
-    "data.path=", "data.vocab_size=32768", "model.preset=debug", "train.device=cuda", "train.steps=16",
-    "train.global_batch_size=16", "train.micro_batch_size=8", "train.seq_len=256", "train.log_interval=1",
-    "train.eval_interval=0", "train.eval_sequences=32", "diagnostics.interval=0", "optim.warmup_steps=4",
+    "data.path=",
+    "data.vocab_size=32768",
+    "model.preset=debug",
+    "train.device=cuda",
+    "train.steps=16",
+    "train.global_batch_size=16",
+    "train.micro_batch_size=8",
+    "train.seq_len=256",
+    "train.log_interval=1",
+    "train.eval_interval=0",
+    "train.eval_sequences=32",
+    "diagnostics.interval=0",
+    "optim.warmup_steps=4",
     "optim.lr=3e-3",
 ]
 # the compiled model against eager, bf16, 16 steps of Derf + Muon: rounding differs (other
@@ -123,8 +134,13 @@ def test_optimizers_and_norms_train_on_cuda(tmp_path, norm, optim):
 
 
 def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "normopt.cli", *map(str, args)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "normopt.cli", *map(str, args)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_latent_attention_experts_async_checkpoints_export_and_sample(tmp_path):
@@ -132,9 +148,20 @@ def test_latent_attention_experts_async_checkpoints_export_and_sample(tmp_path):
     bincount and scatter_add_ must have deterministic CUDA paths), asynchronous checkpoints,
     then export and greedy sampling from the GPU checkpoint."""
     run_dir = tmp_path / "mla-moe"
-    _ok(_train(run_dir, "model.attention=mla", "model.ffn=moe", "model.n_experts=4", "model.moe_top_k=2",
-               "optim.name=muon", "train.steps=8", "checkpoint.interval=4", "checkpoint.async_save=true",
-               "train.deterministic=true"))
+    _ok(
+        _train(
+            run_dir,
+            "model.attention=mla",
+            "model.ffn=moe",
+            "model.n_experts=4",
+            "model.moe_top_k=2",
+            "optim.name=muon",
+            "train.steps=8",
+            "checkpoint.interval=4",
+            "checkpoint.async_save=true",
+            "train.deterministic=true",
+        )
+    )
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000004", "step_00000008"]
     assert "moe_load_entropy" in json.dumps(_records(run_dir))
     exported = _cli("export", run_dir)

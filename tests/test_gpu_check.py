@@ -15,8 +15,14 @@ SCRIPT = REPO_ROOT / "benchmarks" / "gpu_check.py"
 
 
 def _run(*args, env=None):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 @pytest.mark.slow
@@ -26,8 +32,9 @@ def test_prepared_cache_is_read_offline_after_a_move(tmp_path, monkeypatch):
     prepared = _run("--prepare", tmp_path / "here")
     assert prepared.returncode == 0, prepared.stderr[-2000:]
     assert "copy" in prepared.stdout and "--cache" in prepared.stdout
-    shutil.copytree(tmp_path / "here", tmp_path / "there", copy_function=shutil.copyfile,
-                    ignore=shutil.ignore_patterns("downloads"))
+    shutil.copytree(
+        tmp_path / "here", tmp_path / "there", copy_function=shutil.copyfile, ignore=shutil.ignore_patterns("downloads")
+    )
 
     import normopt.data.corpus as corpus
     import normopt.data.token_cache as token_cache

@@ -79,8 +79,10 @@ def test_gram_with_a_bf16_ns_dtype_stays_in_the_standard_band(coefficients, shap
         lo_tol = 0.02 if algorithm == "gram" else 0.4  # bf16 standard lifts the smallest values (2^-8 noise)
         assert low - lo_tol <= sv.min() and sv.max() <= high + 0.02, (algorithm, sv.min(), sv.max(), low, high)
         error[algorithm] = ((O - polar).norm() / polar.norm()).item()
-    print(f"{coefficients} {shape} cond {cond:g}: ||O - UV^T||_F / ||UV^T||_F standard {error['standard']:.4f}, "
-          f"gram {error['gram']:.4f}")
+    print(
+        f"{coefficients} {shape} cond {cond:g}: ||O - UV^T||_F / ||UV^T||_F standard {error['standard']:.4f}, "
+        f"gram {error['gram']:.4f}"
+    )
     assert error["gram"] <= error["standard"] + 0.01
 
 
@@ -115,16 +117,18 @@ def test_gram_flops_on_the_1b_shapes():
     for rows, cols in ((512, 2048), (8192, 2048), (2048, 8192)):
         m, n = min(rows, cols), max(rows, cols)
         gram = ns_flops(rows, cols, 5, "gram", "quintic")
-        assert gram == gram_ns_flops(m, n, 5, 1) == 8 * m * m * n + 28 * m ** 3
-        assert gram < ns_flops(rows, cols, 5) == 20 * m * m * n + 10 * m ** 3
+        assert gram == gram_ns_flops(m, n, 5, 1) == 8 * m * m * n + 28 * m**3
+        assert gram < ns_flops(rows, cols, 5) == 20 * m * m * n + 10 * m**3
     assert ns_flops(2048, 8192, 5, "gram", "polar_express") / ns_flops(2048, 8192, 5) == pytest.approx(60 / 90)
 
 
 def test_square_matrices_run_the_standard_iteration_bit_for_bit():
     G = torch.randn(2, 33, 33, generator=torch.Generator().manual_seed(3))
     for coefficients in COEFFICIENTS:
-        assert torch.equal(newton_schulz(G, 5, coefficients, dtype=torch.float32, algorithm="gram"),
-                           newton_schulz(G, 5, coefficients, dtype=torch.float32))
+        assert torch.equal(
+            newton_schulz(G, 5, coefficients, dtype=torch.float32, algorithm="gram"),
+            newton_schulz(G, 5, coefficients, dtype=torch.float32),
+        )
 
 
 def test_gram_is_batched_and_keeps_dtype_and_zeros():

@@ -30,8 +30,17 @@ def _cell(root: Path, name: str) -> CellSpec:
 
 
 def _grid(root: Path, names: list[str], flops: float = 1e9) -> GridPlan:
-    plan = GridPlan("/base.yaml", str(root), 1, None, [], [_cell(root, n) for n in names],
-                    {"tuning": [], "evaluation": names}, {n: STEPS for n in names}, {n: flops for n in names})
+    plan = GridPlan(
+        "/base.yaml",
+        str(root),
+        1,
+        None,
+        [],
+        [_cell(root, n) for n in names],
+        {"tuning": [], "evaluation": names},
+        {n: STEPS for n in names},
+        {n: flops for n in names},
+    )
     write_plan(root, plan)
     return plan
 
@@ -40,8 +49,10 @@ def _partial_run(folder: Path, last_step: int, checkpoint: int | None, seconds_p
     """A run stopped (or still going) at ``last_step`` with a checkpoint at ``checkpoint``."""
     fake_run(folder, "rmsnorm", "adamw", 0, {}, complete=False)
     tokens_per_step = 128
-    lines = [{"step": s, "loss": 5.0, "tokens": s * tokens_per_step, "tokens_per_s": tokens_per_step / seconds_per_step}
-             for s in range(1, last_step + 1)]
+    lines = [
+        {"step": s, "loss": 5.0, "tokens": s * tokens_per_step, "tokens_per_s": tokens_per_step / seconds_per_step}
+        for s in range(1, last_step + 1)
+    ]
     with open(folder / "metrics.jsonl", "a") as out:
         out.write("".join(json.dumps(line) + "\n" for line in lines))
     cell = json.loads((folder / "cell.json").read_text())
@@ -54,8 +65,12 @@ def _partial_run(folder: Path, last_step: int, checkpoint: int | None, seconds_p
 
 
 def _job(folder: Path, state: str, status: int | None, job_id: str = "77") -> None:
-    write_job_record(RunDir(folder), state, status,
-                     environ={"SLURM_JOB_ID": job_id, "NORMOPT_JOB_LOG": f"/logs/evaluation-{job_id}.out"})
+    write_job_record(
+        RunDir(folder),
+        state,
+        status,
+        environ={"SLURM_JOB_ID": job_id, "NORMOPT_JOB_LOG": f"/logs/evaluation-{job_id}.out"},
+    )
 
 
 def test_every_state_from_the_run_folders(tmp_path, monkeypatch):
@@ -87,23 +102,39 @@ def test_every_state_from_the_run_folders(tmp_path, monkeypatch):
     by_name = {s.name: s for s in statuses}
     assert not from_slurm and step_lines == []
     assert {n: by_name[n].state for n in names} == {
-        "done": "done", "diverged": "diverged", "preempted": "preempted", "requeued": "preempted",
-        "failed": "failed", "recorded": "running", "running": "running", "queued": "queued", "skipped": "skipped"}
+        "done": "done",
+        "diverged": "diverged",
+        "preempted": "preempted",
+        "requeued": "preempted",
+        "failed": "failed",
+        "recorded": "running",
+        "running": "running",
+        "queued": "queued",
+        "skipped": "skipped",
+    }
     assert by_name["done"].detail == "eval loss 2.5000"
     assert by_name["diverged"].detail == "at step 60"
     assert by_name["preempted"].detail == "stopped after a checkpoint at step 40, last checkpoint step 40"
     assert by_name["failed"].detail == "exit 1 at step 12, log /logs/evaluation-77.out"
-    assert by_name["recorded"].detail == "step 20/100 (job 77 on " + socket.gethostname() + \
-        ", by its job.json; squeue not available)"
+    assert (
+        by_name["recorded"].detail
+        == "step 20/100 (job 77 on " + socket.gethostname() + ", by its job.json; squeue not available)"
+    )
     assert by_name["running"].detail == "step 25/100 (this machine)"
     assert by_name["queued"].detail == "not started"
     # time left: each unfinished run at its own rate, the others at the mean of the measured
     # runs of the same cost (0.5 s/step for preempted, requeued, failed, lost; 2.0 for running)
     measured = {"preempted": 0.5, "requeued": 0.5, "running": 2.0, "recorded": 0.5}
     predicted = (0.5 * 4 + 2.0) / 5  # failed is measured too, but ended: not counted in the time left
-    expected = sum(rate * (STEPS - last) for rate, last in
-                   ((measured["preempted"], 40), (measured["requeued"], 30), (measured["running"], 25),
-                    (measured["recorded"], 20)))
+    expected = sum(
+        rate * (STEPS - last)
+        for rate, last in (
+            (measured["preempted"], 40),
+            (measured["requeued"], 30),
+            (measured["running"], 25),
+            (measured["recorded"], 20),
+        )
+    )
     expected += predicted * STEPS  # queued: nothing run
     assert time_left(plan, statuses) == pytest.approx(expected)
 
@@ -119,8 +150,10 @@ def test_status_prints_one_line_per_run_and_a_summary(tmp_path, monkeypatch, cap
     assert out[0] == f"grid {root}: 0 tuning run(s), 2 evaluation cell(s) (from the run folders)"
     assert re.fullmatch(r"evaluation\s+a\s+done\s+eval loss 2\.5000", out[1])
     assert re.fullmatch(r"evaluation\s+b\s+queued\s+not started", out[2])
-    assert out[3].startswith("summary: 1 done, 0 running, 1 queued, 0 preempted, 0 diverged, 0 failed, 0 skipped; "
-                             "time left: after the first measured steps")
+    assert out[3].startswith(
+        "summary: 1 done, 0 running, 1 queued, 0 preempted, 0 diverged, 0 failed, 0 skipped; "
+        "time left: after the first measured steps"
+    )
 
 
 def test_status_refuses_a_folder_without_a_plan(tmp_path):

@@ -52,10 +52,17 @@ def tiny_model(norm: str, attention: str, ffn: str, vocab: int, seed: int = 0, *
     shape = dict(
         tie_embeddings=attention != "mla",
         norm_config=NormConfig(name=norm, bias=reference_bias(norm), eps=1e-5 if norm == "rmsnorm" else 1e-6),
-        embed_scale=reference_embed_scale(norm, DIM), rope_theta=500.0, attention=attention,
-        attention_window=5 if attention == "swa" else 0, q_lora_rank=16 if ffn == "moe" else 0,
-        ffn=ffn, n_experts=4 if ffn == "moe" else 0, n_shared_experts=1 if ffn == "moe" else 0,
-        moe_score="sigmoid" if attention == "swa" else "softmax", moe_balance="aux_free")
+        embed_scale=reference_embed_scale(norm, DIM),
+        rope_theta=500.0,
+        attention=attention,
+        attention_window=5 if attention == "swa" else 0,
+        q_lora_rank=16 if ffn == "moe" else 0,
+        ffn=ffn,
+        n_experts=4 if ffn == "moe" else 0,
+        n_shared_experts=1 if ffn == "moe" else 0,
+        moe_score="sigmoid" if attention == "swa" else "softmax",
+        moe_balance="aux_free",
+    )
     args = fill_derived_shapes(ModelArgs(vocab, DIM, 2, 4, 2, 64, **{**shape, **overrides}))
     torch.manual_seed(seed)
     model = build_model(args)
@@ -114,16 +121,26 @@ def test_llama_export_is_stock_transformers_and_rmsnorm_with_embed_scale_is_not(
     from transformers import LlamaForCausalLM
 
     vocab = tokenizer.get_vocab_size()
-    out, _ = write_hf_folder(tiny_model("rmsnorm", "gqa", "dense", vocab, tie_embeddings=False), tokenizer,
-                          MAX_POSITIONS, torch.float32, tmp_path / "llama")
+    out, _ = write_hf_folder(
+        tiny_model("rmsnorm", "gqa", "dense", vocab, tie_embeddings=False),
+        tokenizer,
+        MAX_POSITIONS,
+        torch.float32,
+        tmp_path / "llama",
+    )
     exported = load_exported(out, remote_code=False)
     assert type(exported) is LlamaForCausalLM
     assert exported.config.rope_parameters["rope_theta"] == 500.0 and exported.config.rms_norm_eps == 1e-5
     assert json.loads((out / "config.json").read_text())["rope_theta"] == 500.0  # where transformers 4 reads it
     assert not exported.config.tie_word_embeddings
     assert not torch.equal(exported.lm_head.weight, exported.model.embed_tokens.weight)
-    scaled, _ = write_hf_folder(tiny_model("rmsnorm", "gqa", "dense", vocab, embed_scale=3.0), tokenizer,
-                             MAX_POSITIONS, torch.float32, tmp_path / "scaled")
+    scaled, _ = write_hf_folder(
+        tiny_model("rmsnorm", "gqa", "dense", vocab, embed_scale=3.0),
+        tokenizer,
+        MAX_POSITIONS,
+        torch.float32,
+        tmp_path / "scaled",
+    )
     assert json.loads((scaled / "config.json").read_text())["embed_scale"] is True
 
 
@@ -203,13 +220,25 @@ def test_template_depends_only_on_torch_and_transformers():
 
 # -- from a trained run, through the command line ---------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def custom_run(tmp_path_factory, tiny_corpus) -> Path:
     """A 2-step run of the non-Llama kind with the most parts: derf_ema, MLA, aux-free MoE."""
     run_dir = tmp_path_factory.mktemp("hf") / "run"
-    proc = run_cli(tiny_run_args(run_dir, tiny_corpus, "model.norm=derf_ema", "model.attention=mla",
-                                 "model.q_lora_rank=16", "model.ffn=moe", "model.moe_balance=aux_free",
-                                 "train.steps=2", "checkpoint.interval=2", "train.eval_interval=2"))
+    proc = run_cli(
+        tiny_run_args(
+            run_dir,
+            tiny_corpus,
+            "model.norm=derf_ema",
+            "model.attention=mla",
+            "model.q_lora_rank=16",
+            "model.ffn=moe",
+            "model.moe_balance=aux_free",
+            "train.steps=2",
+            "checkpoint.interval=2",
+            "train.eval_interval=2",
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -223,19 +252,27 @@ def greedy_equals_normopt_sample(run_dir: Path, folder: Path, remote_code: bool,
     from normopt.sample import generate, load_run
 
     prompt = "to be or"
-    assert main(["sample", str(run_dir), "--prompt", prompt, "--temperature", "0",
-                 "--max-new-tokens", str(new_tokens)]) == 0
+    assert (
+        main(["sample", str(run_dir), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", str(new_tokens)])
+        == 0
+    )
     printed = capsys.readouterr().out.rstrip("\n")
     loaded = load_run(run_dir)
     prompt_ids = loaded.tokenizer.encode(prompt).ids
-    expected = generate(loaded.model, prompt_ids, new_tokens, loaded.cfg.train.seq_len, temperature=0,
-                        stop_id=loaded.tokenizer.token_to_id("<|endoftext|>"))
+    expected = generate(
+        loaded.model,
+        prompt_ids,
+        new_tokens,
+        loaded.cfg.train.seq_len,
+        temperature=0,
+        stop_id=loaded.tokenizer.token_to_id("<|endoftext|>"),
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote_code)
     inputs = tokenizer(prompt, return_tensors="pt")
     assert inputs["input_ids"][0].tolist() == prompt_ids
     exported = load_exported(folder, remote_code)
-    generated = exported.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)[0, len(prompt_ids):].tolist()
+    generated = exported.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)[0, len(prompt_ids) :].tolist()
     assert generated == expected
     assert printed == prompt + tokenizer.decode(generated, skip_special_tokens=True)
 
@@ -247,8 +284,14 @@ def test_cli_exports_a_llama_run_that_generates_as_normopt_sample(finished_run, 
     assert main(["export", str(finished_run), "--format", "hf", "--out", str(out)]) == 0
     printed = capsys.readouterr()
     assert printed.out.strip() == str(out) and printed.err.startswith("parity gate passed: max |logit difference| ")
-    assert {p.name for p in out.iterdir()} == {"config.json", "generation_config.json", "model.safetensors",
-                                               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
     assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir()) and out.stat().st_mode & 0o777 == 0o755
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tokenizer_config["eos_token"] == "<|endoftext|>" and tokenizer_config["model_max_length"] == 32
@@ -286,7 +329,11 @@ def test_cli_exports_a_derf_ema_mla_moe_run_that_generates_as_normopt_sample(cus
     assert capsys.readouterr().out.strip() == str(out)
     config = json.loads((out / "config.json").read_text())
     assert (config["norm"], config["attention"], config["ffn"], config["moe_routing_bias"]) == (
-        "derf_ema", "mla", "moe", True)
+        "derf_ema",
+        "mla",
+        "moe",
+        True,
+    )
     # past train.seq_len (32) too: the modeling file slides its context as normopt sample does
     greedy_equals_normopt_sample(custom_run, out, remote_code=True, capsys=capsys, new_tokens=40)
 
@@ -307,8 +354,9 @@ def test_cli_exports_a_derf_ema_mla_moe_run_that_generates_as_normopt_sample(cus
 
 
 @pytest.mark.parametrize("read_only, reason", [(True, "read-only file system"), (False, "no space left on device")])
-def test_a_file_system_that_refuses_the_export_is_one_line_and_leaves_nothing(finished_run, tmp_path, read_only,
-                                                                              reason):
+def test_a_file_system_that_refuses_the_export_is_one_line_and_leaves_nothing(
+    finished_run, tmp_path, read_only, reason
+):
     import subprocess
     import sys
 
@@ -317,8 +365,14 @@ def test_a_file_system_that_refuses_the_export_is_one_line_and_leaves_nothing(fi
 
     with tmpfs(tmp_path / "disk", size="64k", read_only=read_only) as disk:
         out = disk / "hf"
-        proc = subprocess.run([sys.executable, "-m", "normopt.cli", "export", str(finished_run), "--format", "hf",
-                               "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "normopt.cli", "export", str(finished_run), "--format", "hf", "--out", str(out)],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 2 and proc.stderr.splitlines() == [
-            f"normopt: error: --out {out}: cannot write ({reason}); nothing was written"], proc.stderr
+            f"normopt: error: --out {out}: cannot write ({reason}); nothing was written"
+        ], proc.stderr
         assert list(disk.iterdir()) == []

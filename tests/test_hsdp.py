@@ -53,7 +53,8 @@ def test_hsdp_and_fsdp_muon_and_normuon_equal_one_process_on_every_rank(optimize
             for name, ref in reference.items():
                 diff = (params[name] - ref).abs().max().item()
                 assert torch.equal(params[name], ref), (
-                    f"{layout} rank {rank} {case}/{opt}/{source}/{mode}/{variant} {name}: max diff {diff}")
+                    f"{layout} rank {rank} {case}/{opt}/{source}/{mode}/{variant} {name}: max diff {diff}"
+                )
     # not vacuous: the reference moved every matrix away from its initialization
     for (case, opt, source, _), reference in results["reference"].items():
         initial = dict(build_model(case, seed=0).named_parameters())
@@ -77,7 +78,7 @@ def test_each_shard_group_computes_each_ns_job_once(optimizer_results):
         jobs = 4 if variant == "batched" else len(CASES[case])  # "repeated" in batches of 2: 4 jobs
         team = min(VARIANTS[variant].get("ns_row_blocks", 1), shard)
         for counts in _jobs_per_step(results, key):
-            groups = [counts[g * shard:(g + 1) * shard] for g in range(replicate)]
+            groups = [counts[g * shard : (g + 1) * shard] for g in range(replicate)]
             if mode == "replicated":
                 assert counts == (jobs,) * 4, (key, counts)
                 continue
@@ -87,8 +88,15 @@ def test_each_shard_group_computes_each_ns_job_once(optimizer_results):
 
 # ---------------------------------------------------------------- the trainer on 2 x 2
 
-COMMON = ["optim.name=normuon", "model.norm=derf", "train.dtype=float32", "train.steps=8", "optim.lr=0.02",
-          "diagnostics.interval=4", "checkpoint.interval=4"]
+COMMON = [
+    "optim.name=normuon",
+    "model.norm=derf",
+    "train.dtype=float32",
+    "train.steps=8",
+    "optim.lr=0.02",
+    "diagnostics.interval=4",
+    "checkpoint.interval=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -138,19 +146,30 @@ def test_hsdp_checkpoint_resumes_on_another_layout(trained, tmp_path, nproc):
 # ---------------------------------------------------------------- refusals and the layout rule
 
 
-@pytest.mark.parametrize("replicate, shard, world, expected", [
-    (1, 0, 4, (1, 4)), (2, 0, 4, (2, 2)), (0, 2, 4, (2, 2)), (0, 8, 32, (4, 8)), (4, 8, 32, (4, 8)), (1, 0, 1, (1, 1)),
-])
+@pytest.mark.parametrize(
+    "replicate, shard, world, expected",
+    [
+        (1, 0, 4, (1, 4)),
+        (2, 0, 4, (2, 2)),
+        (0, 2, 4, (2, 2)),
+        (0, 8, 32, (4, 8)),
+        (4, 8, 32, (4, 8)),
+        (1, 0, 1, (1, 1)),
+    ],
+)
 def test_data_parallel_shape(replicate, shard, world, expected):
     assert data_parallel_shape(replicate, shard, world) == expected
 
 
-@pytest.mark.parametrize("overrides, world, words", [
-    (["train.dp_shard=3"], 4, "train.dp_replicate x train.dp_shard: 1 x 3 = 3 ranks, but this run has 4"),
-    (["train.dp_replicate=3"], 4, "train.dp_replicate: 3 does not divide the 4 ranks"),
-    (["train.dp_replicate=0", "train.dp_shard=3"], 4, "train.dp_shard: 3 does not divide the 4 ranks"),
-    (["train.dp_replicate=2"], 1, "train.dp_replicate: 2 does not divide the 1 ranks"),
-])
+@pytest.mark.parametrize(
+    "overrides, world, words",
+    [
+        (["train.dp_shard=3"], 4, "train.dp_replicate x train.dp_shard: 1 x 3 = 3 ranks, but this run has 4"),
+        (["train.dp_replicate=3"], 4, "train.dp_replicate: 3 does not divide the 4 ranks"),
+        (["train.dp_replicate=0", "train.dp_shard=3"], 4, "train.dp_shard: 3 does not divide the 4 ranks"),
+        (["train.dp_replicate=2"], 1, "train.dp_replicate: 2 does not divide the 1 ranks"),
+    ],
+)
 def test_a_layout_that_does_not_fit_the_ranks_is_refused(overrides, world, words):
     cfg = load_config(None, overrides)  # the config itself is valid: only the rank count decides
     with pytest.raises(UserError, match=words.replace("(", r"\(")):
@@ -197,8 +216,13 @@ def test_the_sub_groups_of_an_hsdp_mesh_follow_the_step_timeout(tmp_path):
     within the step timeout (2 s here), not the start-up timeout (30 minutes) the groups were
     created under."""
     out = tmp_path / "seen.json"
-    run_torchrun(REPO_ROOT / "tests" / "workers" / "phase_timeout_worker.py", 4, [str(out)], timeout=120,
-                 env={"NORMOPT_STEP_TIMEOUT_S": "2"})
+    run_torchrun(
+        REPO_ROOT / "tests" / "workers" / "phase_timeout_worker.py",
+        4,
+        [str(out)],
+        timeout=120,
+        env={"NORMOPT_STEP_TIMEOUT_S": "2"},
+    )
     seen = json.loads(out.read_text())
     for group in ("dp_shard", "team"):
         assert seen[group]["failed"] is not None, seen

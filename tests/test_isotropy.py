@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from normopt.export import load_model_weights
 from normopt.diagnostics.collector import ISOTROPY_FIELDS, DiagnosticsWriter, isotropy_cell
 from normopt.diagnostics.isotropy import cell_means, effective_rank, isotropy, normalised_entropy
 from normopt.errors import UserError
+from normopt.export import load_model_weights
 from normopt.report.cell_reading import read_diagnostics
 from normopt.report.statistics import diagnostics_numbers
 from normopt.run_dir import RunDir
@@ -62,6 +62,7 @@ def test_undefined_cases_are_none_or_nan():
 def test_energy_shares_are_stricter_than_singular_value_shares():
     """The module's claim: the entropy of p ~ s^2 is at most that of Roy & Vetterli's
     p ~ s, with equality for equal nonzero singular values."""
+
     def entropy(p):
         p = p / p.sum()
         return float(-(p * p.log()).sum())
@@ -98,9 +99,15 @@ def test_group_means_reach_tensorboard(tmp_path):
 
     board = Board()
     writer = DiagnosticsWriter(tmp_path / "d.jsonl", board, enabled=True, histograms=False)
-    writer.write({"step": 3, "kind": "isotropy", "measure": "energy",
-                  "groups": {"attn.wq/early": {"update_entropy": 0.9, "weight_erank": None}},
-                  "matrices": {"layers.0.attn.wq.weight": {"type": "attn.wq", "update_entropy": 0.9}}})
+    writer.write(
+        {
+            "step": 3,
+            "kind": "isotropy",
+            "measure": "energy",
+            "groups": {"attn.wq/early": {"update_entropy": 0.9, "weight_erank": None}},
+            "matrices": {"layers.0.attn.wq.weight": {"type": "attn.wq", "update_entropy": 0.9}},
+        }
+    )
     writer.close()
     assert board.scalars["diag_isotropy/attn.wq/early/update_entropy"] == 0.9
     assert board.scalars["diag_isotropy/layers.0.attn.wq.weight/update_entropy"] == 0.9
@@ -138,8 +145,9 @@ def test_adamw_run_measures_the_applied_update(tmp_path, tiny_corpus):
     steps 5 and 6 (the same float32 numbers the trainer subtracted); the update's spread
     differs from the weights'. A run with the switch off writes no such record."""
     run_dir = tmp_path / "run"
-    proc = run_cli(tiny_run_args(run_dir, tiny_corpus, "train.dtype=float32", "diagnostics.interval=3",
-                                 "checkpoint.interval=5"))
+    proc = run_cli(
+        tiny_run_args(run_dir, tiny_corpus, "train.dtype=float32", "diagnostics.interval=3", "checkpoint.interval=5")
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = _records(run_dir, "isotropy")
     assert sorted(records) == [3, 6]  # after updates only: step 0 has none
@@ -165,16 +173,19 @@ def test_adamw_run_measures_the_applied_update(tmp_path, tiny_corpus):
     assert numbers["weight_effective_rank"] == {cell: v["weight_erank"] for cell, v in groups.items()}
 
     off = tmp_path / "off"
-    proc = run_cli(tiny_run_args(off, tiny_corpus, "train.steps=3", "diagnostics.interval=3",
-                                 "diagnostics.isotropy=false"))
+    proc = run_cli(
+        tiny_run_args(off, tiny_corpus, "train.steps=3", "diagnostics.interval=3", "diagnostics.isotropy=false")
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not _records(off, "isotropy") and _records(off, "spectral_norm")
 
 
 def test_report_reads_isotropy_and_refuses_a_malformed_record(tmp_path):
     path = tmp_path / "diagnostics.jsonl"
-    path.write_text('{"step": 3, "kind": "isotropy", "groups": {"ffn.w2/all": {"update_entropy": 0.5, '
-                    '"update_erank": 2.0, "weight_entropy": null, "weight_erank": "nan"}}}\n')
+    path.write_text(
+        '{"step": 3, "kind": "isotropy", "groups": {"ffn.w2/all": {"update_entropy": 0.5, '
+        '"update_erank": 2.0, "weight_entropy": null, "weight_erank": "nan"}}}\n'
+    )
     iso = read_diagnostics(path).isotropy
     assert iso.step == 3 and iso.update_entropy == {"ffn.w2/all": 0.5} and iso.weight_entropy == {"ffn.w2/all": None}
     assert math.isnan(iso.weight_erank["ffn.w2/all"])
@@ -200,8 +211,16 @@ def test_muon_update_is_as_isotropic_as_its_newton_schulz_output(tmp_path, tiny_
     [0.68, 1.13] (d ~ 0.32), so the bound is loose (h >= 0.62 for r = 32); 1e-3 covers
     float32 NS arithmetic against the scalar map."""
     run_dir = tmp_path / "muon"
-    proc = run_cli(tiny_run_args(run_dir, tiny_corpus, "optim.name=muon", "optim.muon_weight_decay=0",
-                                 "train.dtype=float32", "diagnostics.interval=3"))
+    proc = run_cli(
+        tiny_run_args(
+            run_dir,
+            tiny_corpus,
+            "optim.name=muon",
+            "optim.muon_weight_decay=0",
+            "train.dtype=float32",
+            "diagnostics.interval=3",
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     isotropy_records, ns_records = _records(run_dir, "isotropy"), _records(run_dir, "ns_spectrum")
     assert sorted(isotropy_records) == sorted(ns_records) == [3, 6]

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
-
-import re
-import sys
 
 import pytest
 
@@ -49,8 +48,10 @@ def test_agreed_status_rules():
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_to_the_launcher_checkpoints_and_exits_75(tmp_path, tiny_corpus, sig):
     run_dir = tmp_path / "run"
-    proc = start(tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
-                               "checkpoint.interval=0"), launcher=True)
+    proc = start(
+        tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0", "checkpoint.interval=0"),
+        launcher=True,
+    )
     wait_for_step(proc, run_dir, 3)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=240)
@@ -66,8 +67,10 @@ def test_signal_to_the_launcher_checkpoints_and_exits_75(tmp_path, tiny_corpus, 
 @pytest.mark.slow
 def test_ranks_die_with_a_killed_launcher(tmp_path, tiny_corpus):
     run_dir = tmp_path / "run"
-    proc = start(tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
-                               "checkpoint.interval=0"), launcher=True)
+    proc = start(
+        tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0", "checkpoint.interval=0"),
+        launcher=True,
+    )
     wait_for_step(proc, run_dir, 2)
     ranks = _rank_pids(proc.pid)
     assert len(ranks) == 2
@@ -80,8 +83,17 @@ def test_ranks_die_with_a_killed_launcher(tmp_path, tiny_corpus):
 
 
 def test_divergence_and_user_error_keep_their_status(tmp_path, tiny_corpus):
-    proc = start(tiny_run_args(tmp_path / "run", tiny_corpus, "optim.lr=1e4", "optim.grad_clip=0",
-                               "train.steps=30", "train.eval_interval=0"), launcher=True)
+    proc = start(
+        tiny_run_args(
+            tmp_path / "run",
+            tiny_corpus,
+            "optim.lr=1e4",
+            "optim.grad_clip=0",
+            "train.steps=30",
+            "train.eval_interval=0",
+        ),
+        launcher=True,
+    )
     _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 3, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if line.strip().startswith("normopt")]
@@ -106,8 +118,13 @@ def _threads_per_rank(tmp_path: Path, corpus: Path, name: str, omp: str | None) 
     if omp is not None:
         env["OMP_NUM_THREADS"] = omp
     args = tiny_run_args(tmp_path / name, corpus, "train.steps=1", "train.eval_interval=0", "checkpoint.interval=0")
-    out = subprocess.run([sys.executable, "-m", "normopt.cli", "launch", "--nproc", "2", *args], env=env,
-                         capture_output=True, text=True, timeout=240)
+    out = subprocess.run(
+        [sys.executable, "-m", "normopt.cli", "launch", "--nproc", "2", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     found = re.search(r"ranks=2 \(cpu, (\d+) thread\(s\) per rank\)", out.stdout)
     assert found, out.stdout[-2000:]
@@ -141,15 +158,18 @@ def test_a_killed_rank_is_named_and_its_peer_exits_without_a_traceback(tmp_path,
     """One rank killed outright (the OOM killer, say): the other rank's collective breaks; it
     exits quietly with 69 and the launcher's one line says what each rank did."""
     run_dir = tmp_path / "run"
-    proc = start(tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
-                               "checkpoint.interval=0"), launcher=True)
+    proc = start(
+        tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0", "checkpoint.interval=0"),
+        launcher=True,
+    )
     wait_for_step(proc, run_dir, 3)
     os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == CRASH_EXIT_CODE, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if line.startswith("normopt")]
     assert len(lines) == 1, stderr[-3000:]
-    assert lines[0].startswith("normopt launch: 2 rank(s) of this node did not agree on how the run ended (rank 0: "
-                               "lost its peers (")
+    assert lines[0].startswith(
+        "normopt launch: 2 rank(s) of this node did not agree on how the run ended (rank 0: lost its peers ("
+    )
     assert lines[0].endswith("rank 1: status 137); exit 1")
     assert "Traceback" not in stderr

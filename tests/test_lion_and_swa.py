@@ -58,9 +58,13 @@ def test_lion_takes_every_group_and_counts_one_state_tensor():
 
 def test_band_mask():
     mask = band_mask(5, 2)
-    assert mask.tolist() == [[True, False, False, False, False], [True, True, False, False, False],
-                             [False, True, True, False, False], [False, False, True, True, False],
-                             [False, False, False, True, True]]
+    assert mask.tolist() == [
+        [True, False, False, False, False],
+        [True, True, False, False, False],
+        [False, True, True, False, False],
+        [False, False, True, True, False],
+        [False, False, False, True, True],
+    ]
 
 
 def _attention_pair(window: int):
@@ -110,8 +114,16 @@ def _losses(run_dir):
 
 
 def test_lion_with_sliding_windows_trains_and_two_ranks_match_one_process(tmp_path, tiny_corpus):
-    common = ["optim.name=lion", "optim.lr=3e-3", "optim.weight_decay=0.3", "model.attention=swa",
-              "model.attention_window=8", "train.dtype=float32", "train.steps=8", "diagnostics.interval=0"]
+    common = [
+        "optim.name=lion",
+        "optim.lr=3e-3",
+        "optim.weight_decay=0.3",
+        "model.attention=swa",
+        "model.attention_window=8",
+        "train.dtype=float32",
+        "train.steps=8",
+        "diagnostics.interval=0",
+    ]
     single = tmp_path / "single"
     proc = run_cli(tiny_run_args(single, tiny_corpus, *common))
     assert proc.returncode == 0, proc.stderr[-3000:]

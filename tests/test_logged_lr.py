@@ -19,15 +19,24 @@ from tests.conftest import run_cli, tiny_run_args
 
 
 def _model():
-    args = replace(PRESETS["debug"], vocab_size=300, dim=32, n_heads=4, n_kv_heads=2, n_layers=2,
-                   ffn_hidden=48, norm_config=NormConfig("rmsnorm"))
+    args = replace(
+        PRESETS["debug"],
+        vocab_size=300,
+        dim=32,
+        n_heads=4,
+        n_kv_heads=2,
+        n_layers=2,
+        ffn_hidden=48,
+        norm_config=NormConfig("rmsnorm"),
+    )
     return build_model(args)
 
 
 @pytest.mark.parametrize("optim", ["muon", "normuon"])
 def test_muon_family_reports_the_matrix_rate_beside_the_adamw_rate(optim):
-    cfg = load_config(None, [f"optim.name={optim}", "optim.lr=0.01", "optim.muon_lr=0.05",
-                             "optim.warmup_steps=4", "train.steps=20"])
+    cfg = load_config(
+        None, [f"optim.name={optim}", "optim.lr=0.01", "optim.muon_lr=0.05", "optim.warmup_steps=4", "train.steps=20"]
+    )
     opts = build_optimizers(_model(), cfg.optim)
     for step in (0, 2, 10, 19):  # warmup, warmup, cosine decay, the last step
         factor = opts.apply_schedule(cfg.optim, step, cfg.train.steps)
@@ -35,8 +44,9 @@ def test_muon_family_reports_the_matrix_rate_beside_the_adamw_rate(optim):
         assert opts.current_lrs() == {"lr": 0.01 * factor, "lr_matrix": 0.05 * factor}
 
 
-@pytest.mark.parametrize("overrides", [["optim.name=adamw"], ["optim.name=lion"],
-                                       ["optim.name=muon", "optim.muon_params=none"]])
+@pytest.mark.parametrize(
+    "overrides", [["optim.name=adamw"], ["optim.name=lion"], ["optim.name=muon", "optim.muon_params=none"]]
+)
 def test_without_matrices_on_a_muon_family_optimizer_only_lr(overrides):
     cfg = load_config(None, [*overrides, "optim.lr=0.01", "optim.muon_lr=0.05", "optim.warmup_steps=4"])
     opts = build_optimizers(_model(), cfg.optim)
@@ -46,8 +56,16 @@ def test_without_matrices_on_a_muon_family_optimizer_only_lr(overrides):
 
 def test_muon_run_logs_both_rates_through_warmup_and_decay(tmp_path, tiny_corpus):
     run_dir = tmp_path / "run"
-    args = tiny_run_args(run_dir, tiny_corpus, "optim.name=muon", "optim.lr=0.01", "optim.muon_lr=0.04",
-                         "train.eval_interval=0", "diagnostics.interval=0", "train.steps=5")
+    args = tiny_run_args(
+        run_dir,
+        tiny_corpus,
+        "optim.name=muon",
+        "optim.lr=0.01",
+        "optim.muon_lr=0.04",
+        "train.eval_interval=0",
+        "diagnostics.interval=0",
+        "train.steps=5",
+    )
     proc = run_cli(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = load_config(None, args)

@@ -15,8 +15,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from normopt.config import load_config
 from normopt.models.llama import build_model
 from normopt.models.moe import balance_loss, commit_expert_loads, router_scores, top_k_routing
-from normopt.models.presets import (PRESETS, count_active_parameters, count_flops_per_token, count_parameters,
-                                    resolve_model_args)
+from normopt.models.presets import (
+    PRESETS,
+    count_active_parameters,
+    count_flops_per_token,
+    count_parameters,
+    resolve_model_args,
+)
 from normopt.optim.builder import build_optimizers
 from normopt.optim.muon import Muon, NorMuon
 from normopt.optim.muon_update import normuon_normalize
@@ -58,15 +63,15 @@ def test_mla_equals_a_direct_computation_from_its_formulas():
         h, dn, dr, dv = attn.n_heads, attn.d_nope, attn.d_rope, attn.d_v
         q = attn.q_norm(x @ attn.wq_a.weight.T) @ attn.wq_b.weight.T
         latent = x @ attn.wkv_a.weight.T
-        c_kv, k_rope = latent[..., :attn.kv_lora_rank], latent[..., attn.kv_lora_rank:]
+        c_kv, k_rope = latent[..., : attn.kv_lora_rank], latent[..., attn.kv_lora_rank :]
         kv = attn.kv_norm(c_kv) @ attn.wkv_b.weight.T
         k_rope = _rope(k_rope)  # one RoPE key shared by every head
         heads = []
         for i in range(h):
-            qi = q[..., i * (dn + dr):(i + 1) * (dn + dr)]
+            qi = q[..., i * (dn + dr) : (i + 1) * (dn + dr)]
             qi = torch.cat([qi[..., :dn], _rope(qi[..., dn:])], dim=-1)
-            ki = torch.cat([kv[..., i * (dn + dv):i * (dn + dv) + dn], k_rope], dim=-1)
-            vi = kv[..., i * (dn + dv) + dn:(i + 1) * (dn + dv)]
+            ki = torch.cat([kv[..., i * (dn + dv) : i * (dn + dv) + dn], k_rope], dim=-1)
+            vi = kv[..., i * (dn + dv) + dn : (i + 1) * (dn + dv)]
             scores = qi @ ki.transpose(-1, -2) / math.sqrt(dn + dr)
             scores = scores.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
             heads.append(scores.softmax(-1) @ vi)
@@ -179,8 +184,7 @@ def test_flops_per_token_equal_three_times_the_counted_forward(preset):
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.randint(0, 300, (2, seq)))
     unseen = 0 if args.attention == "mla" else 12 * args.dim * seq * args.n_layers * 2 * seq
-    assert 3 * counter.get_total_flops() + unseen == pytest.approx(count_flops_per_token(args, seq) * 2 * seq,
-                                                                   rel=1e-9)
+    assert 3 * counter.get_total_flops() + unseen == pytest.approx(count_flops_per_token(args, seq) * 2 * seq, rel=1e-9)
 
 
 def test_router_goes_to_adamw_and_expert_stacks_to_muon():
@@ -188,13 +192,24 @@ def test_router_goes_to_adamw_and_expert_stacks_to_muon():
     cfg = load_config(None, ["optim.name=muon"]).optim
     groups = {g.role: g for g in build_param_groups(model, cfg)}
     assert groups["router"].optimizer == "adamw" and all("router" in n for n in groups["router"].names)
-    assert "layers.0.ffn.experts.w1" in groups["matrix"].names and "layers.0.attn.wkv_b.weight" in groups["matrix"].names
-    vo_ffn = {g.role: g for g in build_param_groups(model, load_config(None, ["optim.name=muon",
-                                                                             "optim.muon_params=vo_ffn"]).optim)}
+    assert (
+        "layers.0.ffn.experts.w1" in groups["matrix"].names and "layers.0.attn.wkv_b.weight" in groups["matrix"].names
+    )
+    vo_ffn = {
+        g.role: g
+        for g in build_param_groups(model, load_config(None, ["optim.name=muon", "optim.muon_params=vo_ffn"]).optim)
+    }
     assert "layers.0.attn.wkv_a.weight" in vo_ffn["matrix_adamw"].names  # kv is neither v nor k
     assert "layers.0.ffn.shared.w2.weight" in vo_ffn["matrix"].names
-    named = {g.role: g for g in build_param_groups(model, load_config(None, [
-        "optim.name=muon", "optim.muon_params=layers.*.ffn.router.gate.weight,layers.*.ffn.experts.*"]).optim)}
+    named = {
+        g.role: g
+        for g in build_param_groups(
+            model,
+            load_config(
+                None, ["optim.name=muon", "optim.muon_params=layers.*.ffn.router.gate.weight,layers.*.ffn.experts.*"]
+            ).optim,
+        )
+    }
     assert "layers.1.ffn.router.gate.weight" in named["matrix"].names and "router" not in named
     assert all(isinstance(o, (Muon, torch.optim.AdamW)) for o in build_optimizers(model, cfg).optimizers)
 
@@ -241,8 +256,14 @@ def test_compiled_mla_moe_blocks_match_eager():
     """``train.compile`` compiles each block; the expert loop stays eager (its per-expert
     token counts change with every batch), the rest is compiled and gives the same output."""
     torch._dynamo.reset()
-    model = _model("model.preset=debug-mla-moe", "model.dim=64", "model.n_heads=4", "model.n_layers=1",
-                   "model.ffn_hidden=64", "model.n_shared_experts=1")
+    model = _model(
+        "model.preset=debug-mla-moe",
+        "model.dim=64",
+        "model.n_heads=4",
+        "model.n_layers=1",
+        "model.ffn_hidden=64",
+        "model.n_shared_experts=1",
+    )
     eager = [model(torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(s))) for s in range(3)]
     for block in model.layers:
         block.compile_forward()

@@ -20,8 +20,7 @@ BOUNDED = [name for name, cls in NORMS.items() if cls.bounded()]
 @pytest.mark.parametrize("norm", NORM_NAMES)
 def test_parameter_count_matches_analytic_formula(preset, norm):
     for bias, scale in ((True, None), (False, 3.0)):
-        args = replace(PRESETS[preset], vocab_size=32768, norm_config=NormConfig(norm, bias=bias),
-                       embed_scale=scale)
+        args = replace(PRESETS[preset], vocab_size=32768, norm_config=NormConfig(norm, bias=bias), embed_scale=scale)
         model = build_model(args, "meta")  # no memory: even 2.8B builds instantly
         assert sum(p.numel() for p in model.parameters()) == count_parameters(args)
 
@@ -37,8 +36,9 @@ def test_auto_settings_follow_the_reference_models():
     """DyT: LLaMA code (no bias, alpha 0.8/0.2/0.2); Derf: GPT-2 code (bias) at alpha 0.5;
     bounded norms scale the embedding by sqrt(dim), RMSNorm and LayerNorm do not; LayerNorm
     keeps its bias."""
-    dyt, derf, ema, rms, ln = (_resolved(f"model.norm={n}") for n in ("dyt", "derf", "derf_ema", "rmsnorm",
-                                                                       "layernorm"))
+    dyt, derf, ema, rms, ln = (
+        _resolved(f"model.norm={n}") for n in ("dyt", "derf", "derf_ema", "rmsnorm", "layernorm")
+    )
     d, e = dyt.norm_config, derf.norm_config
     assert (d.bias, d.alpha_init_attn, d.alpha_init_ffn, d.alpha_init_final) == (False, 0.8, 0.2, 0.2)
     assert (e.bias, e.alpha_init_attn, e.alpha_init_ffn) == (True, 0.5, 0.5)
@@ -70,8 +70,13 @@ def test_embed_scale_sets_the_first_norms_input_rms(norm):
 def test_embed_scale_none_is_the_unscaled_model_bit_for_bit():
     """embed_scale=none: no extra parameter, the same initial weights (the RNG stream is
     untouched) and the same outputs as the scaled model with its scale set to 1."""
-    explicit = ("model.norm=derf", "model.norm_bias=true", "model.alpha_init_attn=0.5",
-                "model.alpha_init_ffn=0.5", "model.alpha_init_final=0.5")
+    explicit = (
+        "model.norm=derf",
+        "model.norm_bias=true",
+        "model.alpha_init_attn=0.5",
+        "model.alpha_init_ffn=0.5",
+        "model.alpha_init_final=0.5",
+    )
     torch.manual_seed(0)
     plain = build_model(_resolved(*explicit, "model.embed_scale=none"))
     torch.manual_seed(0)
@@ -100,8 +105,7 @@ def test_preset_names_match_their_size():
 
 def test_1b_preset_is_llama_3_2_1b_shaped():
     a = PRESETS["1b"]
-    assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.ffn_hidden, a.tie_embeddings) == \
-        (2048, 16, 32, 8, 8192, True)
+    assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.ffn_hidden, a.tie_embeddings) == (2048, 16, 32, 8, 8192, True)
 
 
 def test_debug_preset_has_a_few_million_parameters():
@@ -110,8 +114,9 @@ def test_debug_preset_has_a_few_million_parameters():
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_forward_shapes_and_tying(tie):
-    args = replace(PRESETS["debug"], vocab_size=500, dim=64, n_heads=4, n_kv_heads=2, n_layers=2,
-                   ffn_hidden=96, tie_embeddings=tie)
+    args = replace(
+        PRESETS["debug"], vocab_size=500, dim=64, n_heads=4, n_kv_heads=2, n_layers=2, ffn_hidden=96, tie_embeddings=tie
+    )
     model = build_model(args)
     logits = model(torch.randint(0, 500, (3, 17)))
     assert logits.shape == (3, 17, 500)
@@ -157,8 +162,7 @@ def test_a_model_builds_and_runs_for_every_registered_norm(norm):
     """The config's name reaches every norm location as the registered class, with the
     resolved settings, and the model trains (finite loss, gradients on the norms)."""
     torch.manual_seed(0)
-    args = _resolved(f"model.norm={norm}", "model.dim=32", "model.n_heads=4", "model.n_layers=2",
-                     vocab_size=100)
+    args = _resolved(f"model.norm={norm}", "model.dim=32", "model.n_heads=4", "model.n_layers=2", vocab_size=100)
     model = build_model(args)
     layers = [model.norm] + [m for block in model.layers for m in (block.attn_norm, block.ffn_norm)]
     assert all(type(m) is NORMS[norm] for m in layers)

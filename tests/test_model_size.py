@@ -56,14 +56,24 @@ BASE_LOSS = {("rmsnorm", "adamw"): 3.0, ("rmsnorm", "muon"): 2.9, ("derf", "adam
 
 def metrics(final: float, steps: int) -> str:
     lines = [{"step": 0, "eval_loss": 9.0}]
-    lines += [{"step": s, "loss": final + 5 * math.exp(-s / 15), "lr": 1e-3, "grad_norm": 1.0, "tokens": s * 4096,
-               "tokens_per_s": 1e4} for s in range(10, steps + 1, 10)]
+    lines += [
+        {
+            "step": s,
+            "loss": final + 5 * math.exp(-s / 15),
+            "lr": 1e-3,
+            "grad_norm": 1.0,
+            "tokens": s * 4096,
+            "tokens_per_s": 1e4,
+        }
+        for s in range(10, steps + 1, 10)
+    ]
     lines.append({"step": steps, "eval_loss": final})
     return "\n".join(json.dumps(line) for line in lines) + "\n"
 
 
-def write_size_grid(root: Path, dims, interactions, half_spreads, *, seeds=(0, 1), steps=None, ratio=None,
-                    report=None) -> Path:
+def write_size_grid(
+    root: Path, dims, interactions, half_spreads, *, seeds=(0, 1), steps=None, ratio=None, report=None
+) -> Path:
     """RMSNorm / Derf x AdamW / Muon at each width: every group is mean +/- d (one cell per
     seed), so its sample std is d sqrt(2), its standard error d, and the Derf x Muon interaction
     at dims[i] is exactly interactions[i] with se 2 d_i; ``steps`` per dim (default 100)."""
@@ -78,14 +88,21 @@ def write_size_grid(root: Path, dims, interactions, half_spreads, *, seeds=(0, 1
                 cfg = Config().to_dict()
                 cfg["model"].update(norm=norm, dim=dim)
                 cfg["optim"]["name"] = optim
-                cfg["train"].update(seed=seed, steps=100 if steps is None else steps[i],
-                                    tokens_per_param=0.0 if ratio is None else ratio)
+                cfg["train"].update(
+                    seed=seed,
+                    steps=100 if steps is None else steps[i],
+                    tokens_per_param=0.0 if ratio is None else ratio,
+                )
                 (folder / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-                (folder / "cell.json").write_text(json.dumps({"name": name, "seed": seed, "arm": None,
-                                                              "coords": {"norm": norm, "optim": optim, DIM: dim}}))
+                (folder / "cell.json").write_text(
+                    json.dumps(
+                        {"name": name, "seed": seed, "arm": None, "coords": {"norm": norm, "optim": optim, DIM: dim}}
+                    )
+                )
                 (folder / "metrics.jsonl").write_text(metrics(mean + offset, cfg["train"]["steps"]))
-    write_experiment_file(root, {"model.norm": ["rmsnorm", "derf"], "optim.name": ["adamw", "muon"],
-                                 DIM: list(dims)}, report)
+    write_experiment_file(
+        root, {"model.norm": ["rmsnorm", "derf"], "optim.name": ["adamw", "muon"], DIM: list(dims)}, report
+    )
     return root
 
 
@@ -119,11 +136,14 @@ DIMS = (64, 96, 128, 192)
 SPREADS = (0.004, 0.006, 0.005, 0.008)  # se of each size's interaction = 2 d
 
 
-@pytest.mark.parametrize("true_slope, wiggle, verdict", [
-    (0.2, (0.0, 0.004, -0.004, 0.002), GROWS),
-    (-0.2, (0.0, 0.004, -0.004, 0.002), SHRINKS),
-    (0.0, (0.03, -0.03, -0.03, 0.03), FLAT),
-])
+@pytest.mark.parametrize(
+    "true_slope, wiggle, verdict",
+    [
+        (0.2, (0.0, 0.004, -0.004, 0.002), GROWS),
+        (-0.2, (0.0, 0.004, -0.004, 0.002), SHRINKS),
+        (0.0, (0.03, -0.03, -0.03, 0.03), FLAT),
+    ],
+)
 def test_fitted_slope_interval_and_verdict_match_a_hand_computation(tmp_path, true_slope, wiggle, verdict):
     x = [math.log(n_of(d)) for d in DIMS]
     values = [0.1 + true_slope * (xi - x[0]) + e for xi, e in zip(x, wiggle)]
@@ -132,8 +152,13 @@ def test_fitted_slope_interval_and_verdict_match_a_hand_computation(tmp_path, tr
     section = summary["model_size"]
     assert section["axes"] == [DIM]
     (fit,) = section["fits"]
-    assert (fit["variant"], fit["optim"], fit["k"], fit["weights"], fit["df"]) == ("derf", "muon", 4,
-                                                                                    "inverse variance", 2)
+    assert (fit["variant"], fit["optim"], fit["k"], fit["weights"], fit["df"]) == (
+        "derf",
+        "muon",
+        4,
+        "inverse variance",
+        2,
+    )
     w = [1 / (2 * d) ** 2 for d in SPREADS]
     intercept, slope, se, ci = fit_by_hand(x, values, w)
     assert fit["values"] == pytest.approx(values, abs=1e-9)
@@ -167,8 +192,9 @@ def test_an_exact_line_is_recovered_with_zero_scatter():
     assert fit["slope"] == pytest.approx(0.25) and fit["intercept"] == pytest.approx(0.5)
     assert fit["slope_se"] == pytest.approx(0.0, abs=1e-12) and fit["df"] == 1
     x_w = (0 * 100 + 1 * 25 + 3 * 100) / 225  # weights 1 / se^2 = 100, 25, 100
-    assert fit["slope_se_from_seeds"] == pytest.approx(1 / math.sqrt(sum(
-        w * (x - x_w) ** 2 for w, x in zip((100, 25, 100), (0.0, 1.0, 3.0)))))
+    assert fit["slope_se_from_seeds"] == pytest.approx(
+        1 / math.sqrt(sum(w * (x - x_w) ** 2 for w, x in zip((100, 25, 100), (0.0, 1.0, 3.0))))
+    )
     assert weighted_line_fit([1.0, 1.0, 1.0], [0.1, 0.2, 0.3])["slope"] is None  # one N: no slope
 
 
@@ -186,8 +212,9 @@ def test_two_sizes_leave_the_slope_untested_and_give_the_welch_difference(tmp_pa
     df = sum(weights) ** 2 / sum(w * w for w in weights)
     se = math.sqrt(sum(weights))
     assert diff["value"] == pytest.approx(0.10) and diff["se"] == pytest.approx(se) and diff["df"] == pytest.approx(df)
-    assert diff["ci95"] == pytest.approx((0.10 - t95_by_integration(df) * se, 0.10 + t95_by_integration(df) * se),
-                                         rel=1e-4)
+    assert diff["ci95"] == pytest.approx(
+        (0.10 - t95_by_integration(df) * se, 0.10 + t95_by_integration(df) * se), rel=1e-4
+    )
     assert "not tested" in fit["sentence"] and "k − 2 = 0" in fit["sentence"]
 
 
@@ -213,10 +240,11 @@ def test_tokens_per_parameter_are_named_when_they_change_and_when_held(tmp_path)
     assert "change with size" in tokens["sentence"] and "train.tokens_per_param" in tokens["sentence"]
     assert "Tokens per parameter change with size" in "\n".join(size_section(changing))
 
-    steps = [load_config(DEMO, [f"model.dim={d}", "train.seq_len=256", "train.tokens_per_param=0.5"]).train.steps
-             for d in dims]
-    held = size_summary(write_size_grid(tmp_path / "b", dims, (0.1, 0.1, 0.1), (0.01,) * 3, steps=steps,
-                                        ratio=0.5))
+    steps = [
+        load_config(DEMO, [f"model.dim={d}", "train.seq_len=256", "train.tokens_per_param=0.5"]).train.steps
+        for d in dims
+    ]
+    held = size_summary(write_size_grid(tmp_path / "b", dims, (0.1, 0.1, 0.1), (0.01,) * 3, steps=steps, ratio=0.5))
     (tokens,) = held["model_size"]["tokens_per_param"]
     assert tokens["held"] == "setting" and tokens["setting"] == 0.5
     assert all(0.5 <= r["ratio"] < 0.5 + 16 * 256 / r["parameters"] for r in tokens["ratios"])
@@ -230,8 +258,13 @@ def test_which_axes_are_sizes():
     assert axes_from_levels(levels, {"size": "none"}).size_keys == ()
     assert axes_from_levels({**levels, "data.path": ["a", "b"]}, {"size": ["data.path"]}).size_keys == ("data.path",)
     # a preset axis compared or across (mla_moe_cpu.yaml) is no size axis
-    assert axes_from_levels({"model.preset": ["debug", "debug-mla"], "optim.name": ["adamw", "muon"]},
-                            {"compare": "optim.name", "across": "model.preset"}).size_keys == ()
+    assert (
+        axes_from_levels(
+            {"model.preset": ["debug", "debug-mla"], "optim.name": ["adamw", "muon"]},
+            {"compare": "optim.name", "across": "model.preset"},
+        ).size_keys
+        == ()
+    )
     with pytest.raises(UserError, match="report.size: 'model.norm' is the compared axis"):
         axes_from_levels(levels, {"size": "model.norm"})
     with pytest.raises(UserError, match="is not an axis"):
@@ -260,19 +293,32 @@ def test_tokens_per_param_sets_the_steps():
 
 
 def test_tokens_per_param_refuses_a_disagreeing_steps(tmp_path):
-    with pytest.raises(UserError, match=r"train.steps: 5 disagrees with train.tokens_per_param=0.1, which gives "
-                                        r"48 steps \(983,040 parameters x 0.1 / 2,048 tokens per step\)"):
+    with pytest.raises(
+        UserError,
+        match=r"train.steps: 5 disagrees with train.tokens_per_param=0.1, which gives "
+        r"48 steps \(983,040 parameters x 0.1 / 2,048 tokens per step\)",
+    ):
         load_config(DEMO, ["data.vocab_size=4096", "model.dim=64", "train.tokens_per_param=0.1", "train.steps=5"])
-    assert load_config(DEMO, ["data.vocab_size=4096", "model.dim=64", "train.steps=48",
-                              "train.tokens_per_param=0.1"]).train.steps == 48  # agreeing is fine
+    assert (
+        load_config(
+            DEMO, ["data.vocab_size=4096", "model.dim=64", "train.steps=48", "train.tokens_per_param=0.1"]
+        ).train.steps
+        == 48
+    )  # agreeing is fine
     both = tmp_path / "both.yaml"
-    both.write_text(yaml.safe_dump({"data": {"vocab_size": 4096}, "model": {"dim": 64},
-                                    "train": {"steps": 10, "tokens_per_param": 0.1}}))
+    both.write_text(
+        yaml.safe_dump(
+            {"data": {"vocab_size": 4096}, "model": {"dim": 64}, "train": {"steps": 10, "tokens_per_param": 0.1}}
+        )
+    )
     with pytest.raises(UserError, match="train.steps: 10 disagrees"):
         load_config(both)
     ratio = tmp_path / "ratio.yaml"
-    ratio.write_text(yaml.safe_dump({"data": {"vocab_size": 4096}, "model": {"dim": 64},
-                                    "train": {"tokens_per_param": 0.1, "seq_len": 128}}))
+    ratio.write_text(
+        yaml.safe_dump(
+            {"data": {"vocab_size": 4096}, "model": {"dim": 64}, "train": {"tokens_per_param": 0.1, "seq_len": 128}}
+        )
+    )
     assert load_config(ratio).train.steps == 48
     with pytest.raises(UserError, match="train.steps: 10 disagrees"):  # the ratio in the file, steps over it
         load_config(ratio, ["train.steps=10"])
@@ -282,11 +328,18 @@ def test_tokens_per_param_refuses_a_disagreeing_steps(tmp_path):
 
 def test_tuning_runs_keep_their_own_horizon_under_tokens_per_param(tmp_path):
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({
-        "base": str(DEMO), "root": str(tmp_path / "grid"),
-        "set": {"train.tokens_per_param": 0.1, "data.vocab_size": 4096, "model.dim": 64},
-        "axes": {"model.norm": ["rmsnorm", "derf"], "optim.name": ["adamw", "muon"]}, "seeds": [0],
-        "tune": {"key": "optim.lr", "values": [1e-3, 3e-3], "seeds": [100], "steps": 12}}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(DEMO),
+                "root": str(tmp_path / "grid"),
+                "set": {"train.tokens_per_param": 0.1, "data.vocab_size": 4096, "model.dim": 64},
+                "axes": {"model.norm": ["rmsnorm", "derf"], "optim.name": ["adamw", "muon"]},
+                "seeds": [0],
+                "tune": {"key": "optim.lr", "values": [1e-3, 3e-3], "seeds": [100], "steps": 12},
+            }
+        )
+    )
     _, base, cells = load_spec(spec)
     assert {load_config(base, c.overrides).train.steps for c in cells} == {48}
     from normopt.factorial.tuning import read_tune_section, tuning_cells
@@ -298,8 +351,11 @@ def test_tuning_runs_keep_their_own_horizon_under_tokens_per_param(tmp_path):
 def test_the_norm_free_count_is_the_same_for_every_norm():
     for preset in ("debug", "debug-mla", "124m", "1b"):
         args = replace(PRESETS[preset], vocab_size=4096)
-        counts = {count_parameters_without_norms(replace(args, norm_config=NormConfig(norm), embed_scale=scale))
-                  for norm in ("rmsnorm", "dyt", "derf", "derf_ema") for scale in (None, 13.0)}
+        counts = {
+            count_parameters_without_norms(replace(args, norm_config=NormConfig(norm), embed_scale=scale))
+            for norm in ("rmsnorm", "dyt", "derf", "derf_ema")
+            for scale in (None, 13.0)
+        }
         assert len(counts) == 1
         # RMSNorm (a gain per feature): 2 per block and the final one, and MLA's latent norms
         latent = args.n_layers * (args.q_lora_rank + args.kv_lora_rank) if args.attention == "mla" else 0
@@ -310,10 +366,13 @@ def test_the_norm_free_count_is_the_same_for_every_norm():
 # --------------------------------------------------------------------------- the ladder specs
 
 
-@pytest.mark.parametrize("spec, steps, total", [
-    ("size_ladder_cpu.yaml", {"64": 48, "96": 75, "128": 100}, "cost: 24 runs, 1784 steps"),
-    ("size_ladder_gpu.yaml", {"124m": 4800, "350m": 13360, "1b": 39680}, "cost: 24 runs, 462720 steps"),
-])
+@pytest.mark.parametrize(
+    "spec, steps, total",
+    [
+        ("size_ladder_cpu.yaml", {"64": 48, "96": 75, "128": 100}, "cost: 24 runs, 1784 steps"),
+        ("size_ladder_gpu.yaml", {"124m": 4800, "350m": 13360, "1b": 39680}, "cost: 24 runs, 462720 steps"),
+    ],
+)
 def test_the_ladder_specs_dry_run(spec, steps, total, capsys):
     path = REPO_ROOT / "configs" / "factorial" / spec
     assert main(["factorial", str(path), "--dry-run"]) == 0

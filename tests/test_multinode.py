@@ -47,10 +47,28 @@ class Job:
 
     def start(self, node: int) -> subprocess.Popen:
         err = self.tmp / f"node{node}.{len(self.starts)}.err"
-        command = [sys.executable, "-m", "normopt.cli", "launch", "--nnodes", str(self.nnodes),
-                   "--node-rank", str(node), "--nproc", "1", "--master-addr", "127.0.0.1",
-                   "--master-port", str(self.master_port), "--watch-port", str(self.watch_port),
-                   "--node-timeout", str(NODE_TIMEOUT), *self.options, *self.args]
+        command = [
+            sys.executable,
+            "-m",
+            "normopt.cli",
+            "launch",
+            "--nnodes",
+            str(self.nnodes),
+            "--node-rank",
+            str(node),
+            "--nproc",
+            "1",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(self.master_port),
+            "--watch-port",
+            str(self.watch_port),
+            "--node-timeout",
+            str(NODE_TIMEOUT),
+            *self.options,
+            *self.args,
+        ]
         with open(err, "w") as stderr:
             proc = subprocess.Popen(command, cwd=REPO_ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=stderr)
         self.starts.append((node, proc, err))
@@ -131,8 +149,11 @@ def test_two_launchers_train_like_one_process(two_nodes, reference):
 def _checkpoint_line(run_dir: Path) -> str:
     run = RunDir(run_dir)
     steps = run.complete_steps()
-    return f"last complete checkpoint: {run.checkpoint(steps[-1])} (step {steps[-1]})" if steps else \
-        "last complete checkpoint: none"
+    return (
+        f"last complete checkpoint: {run.checkpoint(steps[-1])} (step {steps[-1]})"
+        if steps
+        else "last complete checkpoint: none"
+    )
 
 
 def _freeze(launcher: subprocess.Popen) -> list[int]:
@@ -143,19 +164,23 @@ def _freeze(launcher: subprocess.Popen) -> list[int]:
     return ranks
 
 
-@pytest.mark.parametrize("lost, how", [
-    (1, "kill"),
-    pytest.param(1, "freeze", marks=pytest.mark.slow),
-    pytest.param(0, "kill", marks=pytest.mark.slow),
-    pytest.param(0, "freeze", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "lost, how",
+    [
+        (1, "kill"),
+        pytest.param(1, "freeze", marks=pytest.mark.slow),
+        pytest.param(0, "kill", marks=pytest.mark.slow),
+        pytest.param(0, "freeze", marks=pytest.mark.slow),
+    ],
+)
 def test_a_lost_node_ends_the_survivor_in_bounded_time_with_one_line(tmp_path, tiny_corpus, lost, how):
     """Kill: the lost node's launcher gets SIGKILL (its ranks die with it). Freeze: the lost
     node's launcher and ranks get SIGSTOP, so every socket stays open and the survivor's
     collective would hang for gloo's 30 minutes without the heartbeat."""
     job = Job(tmp_path, tiny_corpus, "train.steps=400")
-    job.args = tiny_run_args(job.run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
-                             "checkpoint.interval=5")
+    job.args = tiny_run_args(
+        job.run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0", "checkpoint.interval=5"
+    )
     survivor_rank = 1 - lost
     try:
         nodes = [job.start(0), job.start(1)]
@@ -180,7 +205,9 @@ def test_a_lost_node_ends_the_survivor_in_bounded_time_with_one_line(tmp_path, t
         why = "the watch store it hosts at 127.0.0.1:" if lost == 0 else "no heartbeat for "
         assert re.fullmatch(
             rf"normopt launch: node {lost} \({re.escape(HOST)}, rank {lost}\) lost \({re.escape(why)}.*\); "
-            rf"stopped this node's rank\(s\); {re.escape(checkpoint)}; exit {NODE_LOST_EXIT_CODE}", lines[0]), lines[0]
+            rf"stopped this node's rank\(s\); {re.escape(checkpoint)}; exit {NODE_LOST_EXIT_CODE}",
+            lines[0],
+        ), lines[0]
         assert "(step " in checkpoint  # the run was past its step-10 checkpoint when the node went
         assert "Traceback" not in job.stderr(survivor)
         if how == "freeze":
@@ -220,11 +247,15 @@ def test_restart_after_a_lost_node_resumes_and_matches_an_uninterrupted_run(tmp_
     assert again.returncode == 0, job.stderr(again)[-3000:]
     lines = job.lines(survivor)
     assert len(lines) == 3, lines
-    assert re.fullmatch(rf"normopt launch: node {lost} \({re.escape(HOST)}, rank {lost}\) lost \(.*\); stopped this "
-                        rf"node's rank\(s\); last complete checkpoint: .*step_\d+ \(step \d+\); restart 1 of 1: "
-                        rf"waiting up to 600 s for every node's launcher to join again", lines[0]), lines[0]
-    assert lines[1].startswith("normopt launch: all 2 nodes joined again; restarting this node's rank(s) from the "
-                               "last complete checkpoint: ")
+    assert re.fullmatch(
+        rf"normopt launch: node {lost} \({re.escape(HOST)}, rank {lost}\) lost \(.*\); stopped this "
+        rf"node's rank\(s\); last complete checkpoint: .*step_\d+ \(step \d+\); restart 1 of 1: "
+        rf"waiting up to 600 s for every node's launcher to join again",
+        lines[0],
+    ), lines[0]
+    assert lines[1].startswith(
+        "normopt launch: all 2 nodes joined again; restarting this node's rank(s) from the last complete checkpoint: "
+    )
     assert lines[2] == "normopt launch: 2 rank(s) finished (exit 0)"
     assert job.lines(again) == ["normopt launch: 2 rank(s) finished (exit 0)"]
     # resumed (not restarted from step 0): metrics were cut back to the checkpoint and continued
@@ -240,8 +271,9 @@ def test_a_rank_that_crashes_on_another_node_is_named_without_waiting_for_a_time
     once; node 0's rank loses its peer, and node 0 names node 1 as the node that failed, well
     within --node-timeout (nothing is silent: no node is lost)."""
     job = Job(tmp_path, tiny_corpus)
-    job.args = tiny_run_args(job.run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
-                             "checkpoint.interval=0")
+    job.args = tiny_run_args(
+        job.run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0", "checkpoint.interval=0"
+    )
     try:
         nodes = [job.start(0), job.start(1)]
         wait_for_step(nodes[0], job.run_dir, 5)
@@ -253,11 +285,14 @@ def test_a_rank_that_crashes_on_another_node_is_named_without_waiting_for_a_time
         job.stop_all()
     assert [proc.returncode for proc in nodes] == [1, 1], job.stderr(nodes[0])[-3000:]
     assert took < NODE_TIMEOUT, f"took {took:.1f} s"
-    assert job.lines(nodes[1]) == [("normopt launch: 1 rank(s) of this node did not agree on how the run ended "
-                                    "(rank 1: status 137); exit 1")]
+    assert job.lines(nodes[1]) == [
+        ("normopt launch: 1 rank(s) of this node did not agree on how the run ended (rank 1: status 137); exit 1")
+    ]
     (line,) = job.lines(nodes[0])
-    assert line.startswith(f"normopt launch: node 1 ({HOST}, rank 1) ended with status 1 (a rank failed there; its "
-                           f"output says why); this node's rank(s): rank 0: lost its peers ("), line
+    assert line.startswith(
+        f"normopt launch: node 1 ({HOST}, rank 1) ended with status 1 (a rank failed there; its "
+        f"output says why); this node's rank(s): rank 0: lost its peers ("
+    ), line
     assert "Traceback" not in job.stderr(nodes[0]) + job.stderr(nodes[1])
 
 
@@ -267,8 +302,15 @@ def test_every_survivor_of_three_nodes_names_the_same_lost_node(tmp_path, tiny_c
     declaration is the one every launcher reports), within the bound; node 0, the store's
     host, does not leave before node 1 has read which node was lost."""
     job = Job(tmp_path, tiny_corpus, nnodes=3)
-    job.args = tiny_run_args(job.run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
-                             "checkpoint.interval=5", "train.global_batch_size=6", "train.eval_sequences=6")
+    job.args = tiny_run_args(
+        job.run_dir,
+        tiny_corpus,
+        "train.steps=400",
+        "train.eval_interval=0",
+        "checkpoint.interval=5",
+        "train.global_batch_size=6",
+        "train.eval_sequences=6",
+    )
     try:
         nodes = [job.start(node) for node in range(3)]
         wait_for_step(nodes[0], job.run_dir, 12)
@@ -287,18 +329,29 @@ def test_every_survivor_of_three_nodes_names_the_same_lost_node(tmp_path, tiny_c
 
 
 def _launch_refusal(*options: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "normopt.cli", "launch", "--nproc", "1", *options],
-                          check=False, cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "normopt.cli", "launch", "--nproc", "1", *options],
+        check=False,
+        cwd=REPO_ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.parametrize("options, message", [
-    (("--nnodes", "2", "--node-timeout", "1"), "normopt: error: --node-timeout 1: must be at least 2 s"),
-    (("--nnodes", "2", "--max-restarts", "-1"), "normopt: error: --max-restarts -1: must be 0 or more"),
-    (("--nnodes", "2", "--watch-port", "70000"), "normopt: error: --watch-port 70000 is not a TCP port"),
-    (("--nnodes", "2", "--master-port", "29600", "--watch-port", "29600"),
-     "normopt: error: --watch-port 29600 is the master port"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (("--nnodes", "2", "--node-timeout", "1"), "normopt: error: --node-timeout 1: must be at least 2 s"),
+        (("--nnodes", "2", "--max-restarts", "-1"), "normopt: error: --max-restarts -1: must be 0 or more"),
+        (("--nnodes", "2", "--watch-port", "70000"), "normopt: error: --watch-port 70000 is not a TCP port"),
+        (
+            ("--nnodes", "2", "--master-port", "29600", "--watch-port", "29600"),
+            "normopt: error: --watch-port 29600 is the master port",
+        ),
+    ],
+)
 def test_bad_node_watch_options_are_refused_in_one_line(options, message):
     proc = _launch_refusal(*options)
     assert proc.returncode == USER_ERROR_EXIT_CODE
@@ -312,32 +365,50 @@ def _stand_in(path: Path, script: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("status, what", [pytest.param(NODE_LOST_EXIT_CODE, "a node was lost", marks=pytest.mark.slow),
-                                          (NO_PROGRESS_EXIT_CODE, "a rank stopped making progress")])
-def test_sbatch_requeues_a_lost_node_or_a_stalled_rank_a_bounded_number_of_times(tmp_path, tiny_corpus,
-                                                                                   status, what):
+@pytest.mark.parametrize(
+    "status, what",
+    [
+        pytest.param(NODE_LOST_EXIT_CODE, "a node was lost", marks=pytest.mark.slow),
+        (NO_PROGRESS_EXIT_CODE, "a rank stopped making progress"),
+    ],
+)
+def test_sbatch_requeues_a_lost_node_or_a_stalled_rank_a_bounded_number_of_times(tmp_path, tiny_corpus, status, what):
     """launch/slurm.sbatch: the launcher's 69 (a node lost) or 124 (no progress) requeues the
     job, whose new allocation resumes from the last complete checkpoint, until
     SLURM_RESTART_COUNT reaches NORMOPT_MAX_REQUEUES: then the job ends with that status.
     srun is replaced by a process that ends as the launchers do, scontrol by one that records
     its call."""
     log = tmp_path / "scontrol.log"
-    env = {**child_env(), "NORMOPT_PYTHON": sys.executable, "SLURM_JOB_ID": "5151", "NORMOPT_GPUS_PER_NODE": "1",
-           "NORMOPT_SRUN": str(_stand_in(tmp_path / "srun", f"exit {status}")),
-           "NORMOPT_SCONTROL": str(_stand_in(tmp_path / "scontrol", f'echo "$*" >> {log}')),
-           "NORMOPT_MAX_REQUEUES": "2"}
+    env = {
+        **child_env(),
+        "NORMOPT_PYTHON": sys.executable,
+        "SLURM_JOB_ID": "5151",
+        "NORMOPT_GPUS_PER_NODE": "1",
+        "NORMOPT_SRUN": str(_stand_in(tmp_path / "srun", f"exit {status}")),
+        "NORMOPT_SCONTROL": str(_stand_in(tmp_path / "scontrol", f'echo "$*" >> {log}')),
+        "NORMOPT_MAX_REQUEUES": "2",
+    }
     command = ["bash", str(REPO_ROOT / "launch" / "slurm.sbatch"), *tiny_run_args(tmp_path / "run", tiny_corpus)]
     for restarts in ("0", "1"):
-        proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120,
-                              env={**env, "SLURM_RESTART_COUNT": restarts})
+        proc = subprocess.run(
+            command,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**env, "SLURM_RESTART_COUNT": restarts},
+        )
         assert proc.returncode == 0, proc.stderr
         assert f"{what} (status {status}); requeueing job 5151" in proc.stderr
     assert log.read_text().splitlines() == ["requeue 5151", "requeue 5151"]
-    proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120,
-                          env={**env, "SLURM_RESTART_COUNT": "2"})
+    proc = subprocess.run(
+        command, check=False, capture_output=True, text=True, timeout=120, env={**env, "SLURM_RESTART_COUNT": "2"}
+    )
     assert proc.returncode == status
-    assert f"{what} (status {status}) after 2 requeue(s) (NORMOPT_MAX_REQUEUES); not requeueing job 5151 again" \
+    assert (
+        f"{what} (status {status}) after 2 requeue(s) (NORMOPT_MAX_REQUEUES); not requeueing job 5151 again"
         in proc.stderr
+    )
     assert len(log.read_text().splitlines()) == 2
 
 
@@ -348,8 +419,9 @@ def test_a_frozen_rank_ends_its_node_by_the_watchdog_and_the_other_names_that_no
     node 0's rank, alive but waiting on it, is not named: node 0 gives the other node its
     patience, its rank loses its peer, and its launcher ends with 1 naming node 1 and its 124."""
     job = Job(tmp_path, tiny_corpus, "--watchdog-timeout", str(WATCHDOG_S))
-    job.args = tiny_run_args(job.run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
-                             "checkpoint.interval=0")
+    job.args = tiny_run_args(
+        job.run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0", "checkpoint.interval=0"
+    )
     try:
         nodes = [job.start(0), job.start(1)]
         wait_for_step(nodes[0], job.run_dir, 3)
@@ -362,8 +434,11 @@ def test_a_frozen_rank_ends_its_node_by_the_watchdog_and_the_other_names_that_no
         job.stop_all()
     assert nodes[1].returncode == NO_PROGRESS_EXIT_CODE, job.stderr(nodes[1])[-3000:]
     (line,) = job.lines(nodes[1])
-    assert re.fullmatch(rf"normopt launch: no progress for \d+ s: rank 1 was in step at step \d+ "
-                        rf"\(last checkpoint: none\); exit {NO_PROGRESS_EXIT_CODE}", line), line
+    assert re.fullmatch(
+        rf"normopt launch: no progress for \d+ s: rank 1 was in step at step \d+ "
+        rf"\(last checkpoint: none\); exit {NO_PROGRESS_EXIT_CODE}",
+        line,
+    ), line
     assert nodes[0].returncode == 1, job.stderr(nodes[0])[-3000:]
     (line,) = job.lines(nodes[0])
     assert line.startswith(f"normopt launch: node 1 ({HOST}, rank 1) ended with status {NO_PROGRESS_EXIT_CODE}"), line
@@ -392,8 +467,10 @@ def test_departures_and_silence_are_read_as_written():
 def test_only_a_broken_collective_counts_as_a_lost_peer():
     import torch.distributed as dist
 
-    gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
-                        "[127.0.0.1]:33512: Connection reset by peer. This is typically caused by a remote worker")
+    gloo = RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+        "[127.0.0.1]:33512: Connection reset by peer. This is typically caused by a remote worker"
+    )
     assert is_peer_loss(gloo)
     assert peer_loss_cause(gloo).startswith("Read error [127.0.0.1]:33512: Connection reset by peer.")
     assert is_peer_loss(dist.DistNetworkError("Broken pipe"))

@@ -87,8 +87,7 @@ def test_muon_steps_equal_formula(shape, rule, nesterov):
 @pytest.mark.parametrize("shape", [(6, 4), (3, 5)])
 def test_normuon_steps_equal_formula(shape):
     W0, grads = toy(shape, steps=3, seed=1)
-    kw = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.05, scale_rule="match_adamw",
-              beta2=0.9, eps=1e-8)
+    kw = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.05, scale_rule="match_adamw", beta2=0.9, eps=1e-8)
     W, state = run_optimizer(NorMuon, W0, grads, **kw)
     W_ref, m_ref, v_ref = reference_run(W0, grads, 0.02, 0.95, True, 0.05, "match_adamw", normuon=(0.9, 1e-8))
     torch.testing.assert_close(W, W_ref, rtol=0, atol=1e-10)

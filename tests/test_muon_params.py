@@ -19,8 +19,11 @@ from normopt.optim.param_groups import build_param_groups, format_group_table
 # per named set, the matrix types (of normopt's Llama block) that Muon must take
 GQA_DENSE = {"attn.wq", "attn.wk", "attn.wv", "attn.wo", "ffn.w1", "ffn.w2", "ffn.w3"}
 EXPECTED = {
-    "all": GQA_DENSE, "none": set(),
-    "qk": {"attn.wq", "attn.wk"}, "vo": {"attn.wv", "attn.wo"}, "ffn": {"ffn.w1", "ffn.w2", "ffn.w3"},
+    "all": GQA_DENSE,
+    "none": set(),
+    "qk": {"attn.wq", "attn.wk"},
+    "vo": {"attn.wv", "attn.wo"},
+    "ffn": {"ffn.w1", "ffn.w2", "ffn.w3"},
     "vo_ffn": {"attn.wv", "attn.wo", "ffn.w1", "ffn.w2", "ffn.w3"},
     "attn": {"attn.wq", "attn.wk", "attn.wv", "attn.wo"},
 }
@@ -62,10 +65,24 @@ def test_named_sets_pick_matrices_by_role(preset, subset):
     assert groups["head"].names == ["output.weight"] if not model.args.tie_embeddings else "head" not in groups
 
 
-LATENT_EXPERTS = {"attn.wq_a", "attn.wq_b", "attn.wkv_a", "attn.wkv_b", "attn.wo", "ffn.experts.w1",
-                  "ffn.experts.w2", "ffn.experts.w3", "ffn.shared.w1", "ffn.shared.w2", "ffn.shared.w3"}
+LATENT_EXPERTS = {
+    "attn.wq_a",
+    "attn.wq_b",
+    "attn.wkv_a",
+    "attn.wkv_b",
+    "attn.wo",
+    "ffn.experts.w1",
+    "ffn.experts.w2",
+    "ffn.experts.w3",
+    "ffn.shared.w1",
+    "ffn.shared.w2",
+    "ffn.shared.w3",
+}
 EXPECTED_LATENT = {
-    "all": LATENT_EXPERTS, "none": set(), "qk": {"attn.wq_a", "attn.wq_b"}, "vo": {"attn.wo"},
+    "all": LATENT_EXPERTS,
+    "none": set(),
+    "qk": {"attn.wq_a", "attn.wq_b"},
+    "vo": {"attn.wo"},
     "ffn": {t for t in LATENT_EXPERTS if t.startswith("ffn.")},
     "vo_ffn": {"attn.wo"} | {t for t in LATENT_EXPERTS if t.startswith("ffn.")},
     "attn": {t for t in LATENT_EXPERTS if t.startswith("attn.")},
@@ -91,8 +108,9 @@ def test_all_is_todays_grouping(optim):
     model = _model()
     default = build_param_groups(model, load_config(None, [f"optim.name={optim}"]).optim)
     explicit = build_param_groups(model, load_config(None, [f"optim.name={optim}", "optim.muon_params=all"]).optim)
-    assert [(g.role, g.optimizer, g.lr, g.weight_decay, g.names) for g in default] == \
-           [(g.role, g.optimizer, g.lr, g.weight_decay, g.names) for g in explicit]
+    assert [(g.role, g.optimizer, g.lr, g.weight_decay, g.names) for g in default] == [
+        (g.role, g.optimizer, g.lr, g.weight_decay, g.names) for g in explicit
+    ]
     assert [g.role for g in default] == ["matrix", "head", "embedding", "norm"]
 
 
@@ -114,11 +132,15 @@ def test_globs_and_their_errors():
     groups = _groups(model, "optim.name=muon", "optim.muon_params=layers.0.*,layers.*.attn.wv.weight")
     assert sorted(groups["matrix"].names) == sorted(
         [f"layers.0.{m}.weight" for m in ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "ffn.w1", "ffn.w2", "ffn.w3")]
-        + ["layers.1.attn.wv.weight", "layers.2.attn.wv.weight"])
+        + ["layers.1.attn.wv.weight", "layers.2.attn.wv.weight"]
+    )
     cfg = load_config(None, ["optim.name=muon"]).optim
     cfg.muon_params = ["layers.2.ffn.*"]  # a YAML list
     assert {n for n in next(g for g in build_param_groups(model, cfg) if g.role == "matrix").names} == {
-        "layers.2.ffn.w1.weight", "layers.2.ffn.w2.weight", "layers.2.ffn.w3.weight"}
+        "layers.2.ffn.w1.weight",
+        "layers.2.ffn.w2.weight",
+        "layers.2.ffn.w3.weight",
+    }
     with pytest.raises(UserError, match="match no block matrix .*layers.0.attn.wq.weight"):
         _groups(model, "optim.name=muon", "optim.muon_params=blocks.*.wq")
     with pytest.raises(UserError, match="unknown set 'vo_fnn'"):

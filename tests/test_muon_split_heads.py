@@ -30,8 +30,8 @@ from normopt.optim.config import OptimConfig
 from normopt.optim.head_blocks import block_shape, merge_heads, split_heads
 from normopt.optim.muon import Muon, NorMuon
 from normopt.optim.muon_update import ns_matrices, orthogonalize
-from normopt.optim.param_groups import describe_head_blocks
 from normopt.optim.newton_schulz import newton_schulz, ns_flops
+from normopt.optim.param_groups import describe_head_blocks
 from normopt.report.axes import write_experiment_file
 from normopt.report.writer import write_report
 from normopt.resume_policy import check_resume_compatible
@@ -53,9 +53,16 @@ def heads_one_by_one(U: torch.Tensor, axis: str, heads: int, steps: int = 5) -> 
 # ------------------------------------------------------------------- pure functions
 
 
-@pytest.mark.parametrize("shape, axis, heads", [
-    ((12, 8), "rows", 3), ((8, 12), "cols", 3), ((8, 8), "rows", 2), ((2, 12, 8), "rows", 4), ((2, 8, 12), "cols", 4),
-])
+@pytest.mark.parametrize(
+    "shape, axis, heads",
+    [
+        ((12, 8), "rows", 3),
+        ((8, 12), "cols", 3),
+        ((8, 8), "rows", 2),
+        ((2, 12, 8), "rows", 4),
+        ((2, 8, 12), "cols", 4),
+    ],
+)
 def test_split_matrix_equals_heads_orthogonalised_separately(shape, axis, heads):
     U = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=F64)
     O = orthogonalize(U, 5, "quintic", F64, layout=(axis, heads))
@@ -84,7 +91,7 @@ def _muon_reference(W0, grads, axis, heads, rule, lr=0.03, beta=0.9, wd=0.1, nor
         O = torch.cat([polar_poly(b, QUINTIC) for b in u.split(u.shape[dim] // heads, dim=dim)], dim=dim)
         if normuon is not None:
             beta2, eps = normuon
-            v = beta2 * v + (1 - beta2) * (O ** 2).mean(dim=1)
+            v = beta2 * v + (1 - beta2) * (O**2).mean(dim=1)
             O_hat = O / (v.sqrt() + eps)[:, None]
             O = O_hat * (torch.linalg.matrix_norm(O) / torch.linalg.matrix_norm(O_hat))
         W = W * (1 - lr * wd) - lr * scale_of(*block_shape(*W.shape, (axis, heads)), rule) * O
@@ -92,16 +99,28 @@ def _muon_reference(W0, grads, axis, heads, rule, lr=0.03, beta=0.9, wd=0.1, nor
 
 
 @pytest.mark.parametrize("cls", [Muon, NorMuon])
-@pytest.mark.parametrize("shape, axis, heads, rule", [
-    ((12, 6), "rows", 3, "original"), ((6, 12), "cols", 3, "original"), ((6, 12), "cols", 2, "spectral"),
-    ((12, 6), "rows", 4, "match_adamw"),
-])
+@pytest.mark.parametrize(
+    "shape, axis, heads, rule",
+    [
+        ((12, 6), "rows", 3, "original"),
+        ((6, 12), "cols", 3, "original"),
+        ((6, 12), "cols", 2, "spectral"),
+        ((12, 6), "rows", 4, "match_adamw"),
+    ],
+)
 def test_muon_and_normuon_steps_follow_the_per_head_formula(cls, shape, axis, heads, rule):
     W0, grads = toy(shape, steps=3, seed=2)
     p = torch.nn.Parameter(W0.clone())
     extra = dict(beta2=0.9, eps=1e-8) if cls is NorMuon else {}
-    opt = cls([{"params": [p], "head_blocks": (axis, heads)}], lr=0.03, momentum=0.9, weight_decay=0.1,
-              scale_rule=rule, ns_dtype=F64, **extra)
+    opt = cls(
+        [{"params": [p], "head_blocks": (axis, heads)}],
+        lr=0.03,
+        momentum=0.9,
+        weight_decay=0.1,
+        scale_rule=rule,
+        ns_dtype=F64,
+        **extra,
+    )
     for g in grads:
         p.grad = g.clone()
         opt.step()
@@ -113,10 +132,15 @@ def test_muon_and_normuon_steps_follow_the_per_head_formula(cls, shape, axis, he
     assert opt.ns_flops_per_step() == count * ns_flops(rows, cols, 5) != ns_flops(*shape, 5)
 
 
-@pytest.mark.parametrize("layout, message", [
-    (("rows", 5), "5 heads do not divide the 12 rows"), (("cols", 0), "heads >= 1"), (("heads", 2), "axis in"),
-    ("rows", "head_blocks must be"),
-])
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        (("rows", 5), "5 heads do not divide the 12 rows"),
+        (("cols", 0), "heads >= 1"),
+        (("heads", 2), "axis in"),
+        ("rows", "head_blocks must be"),
+    ],
+)
 def test_bad_head_blocks_are_refused(layout, message):
     with pytest.raises(ValueError, match=message):
         Muon([{"params": [torch.nn.Parameter(torch.zeros(12, 8))], "head_blocks": layout}])
@@ -166,8 +190,7 @@ def test_latent_attention_splits_up_projections_only(q_lora_rank):
 
 def test_experts_never_split_and_only_muon_matrices_carry_layouts():
     model = _model("debug-moe")
-    assert {matrix_type(n) for n in head_blocks_by_name(model, "qkvo")} == {"attn.wq", "attn.wk", "attn.wv",
-                                                                            "attn.wo"}
+    assert {matrix_type(n) for n in head_blocks_by_name(model, "qkvo")} == {"attn.wq", "attn.wk", "attn.wv", "attn.wo"}
     cfg = load_config(None, ["optim.name=muon", "optim.muon_params=vo_ffn", "optim.muon_split_heads=qkvo"]).optim
     opt = next(o for o in build_optimizers(model, cfg).optimizers if isinstance(o, Muon))
     layouts = {g.get("head_blocks") for g in opt.param_groups}
@@ -182,18 +205,21 @@ def test_adamw_and_lion_ignore_the_setting():
         plain = build_optimizers(model, load_config(None, [f"optim.name={name}"]).optim)
         assert [g.names for g in split.groups] == [g.names for g in plain.groups]
         assert all(not g.head_blocks for g in split.groups)
-        assert [{k: v for k, v in g.items() if k != "params"} for o in split.optimizers for g in o.param_groups] == \
-               [{k: v for k, v in g.items() if k != "params"} for o in plain.optimizers for g in o.param_groups]
+        assert [{k: v for k, v in g.items() if k != "params"} for o in split.optimizers for g in o.param_groups] == [
+            {k: v for k, v in g.items() if k != "params"} for o in plain.optimizers for g in o.param_groups
+        ]
 
 
 def test_builder_groups_by_layout_and_leaves_unsplit_runs_as_they_were():
     model = _model(dim=32, n_heads=4, n_kv_heads=2, ffn_hidden=48)
     base = ["optim.name=normuon", "optim.ns_steps_per_layer=layers.0.*=7"]
-    plain = next(o for o in build_optimizers(model, load_config(None, base).optim).optimizers
-                 if isinstance(o, NorMuon))
+    plain = next(o for o in build_optimizers(model, load_config(None, base).optim).optimizers if isinstance(o, NorMuon))
     assert all("head_blocks" not in g for g in plain.param_groups)  # checkpoints keep their entries
-    split = next(o for o in build_optimizers(model, load_config(None, [*base, "optim.muon_split_heads=qk"]).optim)
-                 .optimizers if isinstance(o, NorMuon))
+    split = next(
+        o
+        for o in build_optimizers(model, load_config(None, [*base, "optim.muon_split_heads=qk"]).optim).optimizers
+        if isinstance(o, NorMuon)
+    )
     name_of = {id(p): n for n, p in model.named_parameters()}
     by_layout = {}
     for g in split.param_groups:
@@ -242,8 +268,13 @@ def test_report_reads_norm_x_optimizer_per_split_setting(tmp_path):
                 base = 3.0 + 0.05 * (norm == "derf") - 0.2 * (optim == "muon")
                 for seed, noise in enumerate((0.0, 0.02)):
                     final = base + extra * (norm == "derf" and optim == "muon") + noise
-                    write_cell(tmp_path, {"model.norm": norm, "optim.name": optim, SPLIT: split}, seed, final,
-                               {"norm": norm, "optim": optim, SPLIT: split})
+                    write_cell(
+                        tmp_path,
+                        {"model.norm": norm, "optim.name": optim, SPLIT: split},
+                        seed,
+                        final,
+                        {"norm": norm, "optim": optim, SPLIT: split},
+                    )
     spec = load_spec(REPO_ROOT / "configs" / "factorial" / "split_heads_cpu.yaml")[0]
     write_experiment_file(tmp_path, spec["axes"], spec.get("report"))
     summary = write_report(tmp_path)
@@ -259,14 +290,26 @@ def test_component_ablation_across_split_setting(tmp_path):
     """The component ablation with the split as its across axis (the change the README gives
     for ablation_cpu.yaml): gap of each Muon subset to all, whole vs per head, and whether
     per-head NS changes it (interaction, Welch t by hand)."""
-    finals = {("all", "none"): (2.80, 2.84), ("qk", "none"): (3.01, 3.05), ("all", "qkvo"): (2.78, 2.80),
-              ("qk", "qkvo"): (2.90, 2.93)}
+    finals = {
+        ("all", "none"): (2.80, 2.84),
+        ("qk", "none"): (3.01, 3.05),
+        ("all", "qkvo"): (2.78, 2.80),
+        ("qk", "qkvo"): (2.90, 2.93),
+    }
     for (subset, split), values in finals.items():
         for seed, final in enumerate(values):
-            write_cell(tmp_path, {"optim.muon_params": subset, SPLIT: split, "optim.name": "muon"}, seed, final,
-                       {"optim.muon_params": subset, SPLIT: split})
-    write_experiment_file(tmp_path, {"optim.muon_params": ["all", "qk"], SPLIT: ["none", "qkvo"]},
-                          {"baseline": "all", "across": SPLIT, "reference": "none"})
+            write_cell(
+                tmp_path,
+                {"optim.muon_params": subset, SPLIT: split, "optim.name": "muon"},
+                seed,
+                final,
+                {"optim.muon_params": subset, SPLIT: split},
+            )
+    write_experiment_file(
+        tmp_path,
+        {"optim.muon_params": ["all", "qk"], SPLIT: ["none", "qkvo"]},
+        {"baseline": "all", "across": SPLIT, "reference": "none"},
+    )
     summary = write_report(tmp_path)
     axes = summary["settings"]["axes"]
     assert (axes["compare"], axes["across"], axes["reference"]) == ("optim.muon_params", SPLIT, "none")
@@ -276,8 +319,7 @@ def test_component_ablation_across_split_setting(tmp_path):
     assert (gap["ci95"][1] - gap["ci95"][0]) / 2 == pytest.approx(half, rel=1e-6)
     cells = [finals["qk", "qkvo"], finals["all", "qkvo"], finals["qk", "none"], finals["all", "none"]]
     item = by(summary["interactions"], variant="qk", optim="qkvo")
-    assert item["value"] == pytest.approx(mean(cells[0]) - mean(cells[1]) - mean(cells[2]) + mean(cells[3]),
-                                          abs=1e-9)
+    assert item["value"] == pytest.approx(mean(cells[0]) - mean(cells[1]) - mean(cells[2]) + mean(cells[3]), abs=1e-9)
 
 
 @pytest.mark.slow  # ~1 min on 2 cores; the report tests above and test_resume's runs carry the claims
@@ -285,17 +327,26 @@ def test_tiny_grid_over_the_split_setting(tmp_path, tiny_corpus):
     """A real 4-step grid optim.name x optim.muon_split_heads: AdamW ignores the setting (its
     two cells log the same losses bit for bit), Muon's per-head cell trains differently,
     and the report reads the split as its across axis."""
-    spec = _spec(tmp_path, tiny_corpus, axes={"optim.name": ["adamw", "muon"], SPLIT: ["none", "qkvo"]}, arms={},
-                 report={"compare": "optim.name", "baseline": "adamw", "across": SPLIT, "reference": "none"})
+    spec = _spec(
+        tmp_path,
+        tiny_corpus,
+        axes={"optim.name": ["adamw", "muon"], SPLIT: ["none", "qkvo"]},
+        arms={},
+        report={"compare": "optim.name", "baseline": "adamw", "across": SPLIT, "reference": "none"},
+    )
     proc = _factorial(spec)
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = tmp_path / "grid"
-    losses = {name: [json.loads(line).get("loss") for line in (root / name / "metrics.jsonl").read_text().splitlines()]
-              for name in ("none-adamw-s0", "qkvo-adamw-s0", "none-muon-s0", "qkvo-muon-s0")}
+    losses = {
+        name: [json.loads(line).get("loss") for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("none-adamw-s0", "qkvo-adamw-s0", "none-muon-s0", "qkvo-muon-s0")
+    }
     assert losses["none-adamw-s0"] == losses["qkvo-adamw-s0"]
     assert losses["none-muon-s0"] != losses["qkvo-muon-s0"]
-    assert "per-head Newton-Schulz (optim.muon_split_heads=qkvo): attn.wq rows/4" in (
-        root / "qkvo-muon-s0" / "train.log").read_text()
+    assert (
+        "per-head Newton-Schulz (optim.muon_split_heads=qkvo): attn.wq rows/4"
+        in (root / "qkvo-muon-s0" / "train.log").read_text()
+    )
     summary = json.loads((root / "summary.json").read_text())
     assert summary["settings"]["axes"]["across"] == SPLIT
     assert {item["optim"] for item in summary["gaps"]} == {"none", "qkvo"}
@@ -319,19 +370,31 @@ def test_run_logs_the_spectrum_of_the_head_blocks(tmp_path, tiny_corpus):
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
     run_dir = tmp_path / "run"
-    proc = run_cli(tiny_run_args(run_dir, tiny_corpus, "optim.name=muon", "optim.nesterov=false",
-                                 "optim.muon_split_heads=qk", "train.dtype=float32", "train.steps=3",
-                                 "diagnostics.interval=3", "checkpoint.interval=3"))
+    proc = run_cli(
+        tiny_run_args(
+            run_dir,
+            tiny_corpus,
+            "optim.name=muon",
+            "optim.nesterov=false",
+            "optim.muon_split_heads=qk",
+            "train.dtype=float32",
+            "train.steps=3",
+            "diagnostics.interval=3",
+            "checkpoint.interval=3",
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines()]
     record = next(r for r in records if r["kind"] == "ns_spectrum" and r["step"] == 3)
     ns = record["matrices"]
     names = ("layers.0.attn.wq.weight", "layers.0.attn.wv.weight")
     checkpoint = run_dir / "checkpoints" / "step_00000003"
-    momenta = _load_state_dict_from_keys({f"optim.state.{n}.momentum_buffer" for n in names},
-                                         checkpoint_id=str(checkpoint))["optim"]["state"]
+    momenta = _load_state_dict_from_keys(
+        {f"optim.state.{n}.momentum_buffer" for n in names}, checkpoint_id=str(checkpoint)
+    )["optim"]["state"]
     for name, layout in zip(names, (("rows", 4), None)):
         assert ns[name].get("head_blocks") == (None if layout is None else list(layout))
-        expected = singular_value_quantiles(split_heads(momenta[name]["momentum_buffer"].float(), layout),
-                                            record["levels"])
+        expected = singular_value_quantiles(
+            split_heads(momenta[name]["momentum_buffer"].float(), layout), record["levels"]
+        )
         assert ns[name]["sv_rel_fro"] == pytest.approx(expected["sv_rel_fro"], rel=1e-4, abs=1e-7), name

@@ -159,5 +159,4 @@ def test_public_function_is_exported_from_the_package():
 
     G = torch.randn(8, 5)
     assert callable(normopt.optim.newton_schulz)
-    torch.testing.assert_close(normopt.optim.newton_schulz(G, steps=5, coefficients=QUINTIC),
-                               newton_schulz(G))
+    torch.testing.assert_close(normopt.optim.newton_schulz(G, steps=5, coefficients=QUINTIC), newton_schulz(G))

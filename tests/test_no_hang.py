@@ -35,8 +35,14 @@ WATCHDOG_GRACE_S = 5
 
 
 def _launch(args: list[str], *launcher_options: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "normopt.cli", "launch", "--nproc", "2", *launcher_options, *args],
-                            cwd=REPO_ROOT, env=child_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "normopt.cli", "launch", "--nproc", "2", *launcher_options, *args],
+        cwd=REPO_ROOT,
+        env=child_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _rank_pids(launcher_pid: int) -> list[int]:
@@ -69,8 +75,16 @@ def test_a_full_disk_in_a_checkpoint_ends_every_rank_with_one_line(tmp_path, tin
     run_dir = tmp_path / "run"
     with tmpfs(run_dir / "checkpoints", size="300k") as checkpoints:
         started = time.monotonic()
-        proc = _launch(tiny_run_args(run_dir, tiny_corpus, "checkpoint.interval=3", "train.steps=30",
-                                     "train.eval_interval=0", f"checkpoint.async_save={async_save}"))
+        proc = _launch(
+            tiny_run_args(
+                run_dir,
+                tiny_corpus,
+                "checkpoint.interval=3",
+                "train.steps=30",
+                "train.eval_interval=0",
+                f"checkpoint.async_save={async_save}",
+            )
+        )
         try:
             _, stderr = proc.communicate(timeout=CHECKPOINT_FAILURE_BOUND_S + 60)
         finally:
@@ -81,8 +95,11 @@ def test_a_full_disk_in_a_checkpoint_ends_every_rank_with_one_line(tmp_path, tin
     assert elapsed < CHECKPOINT_FAILURE_BOUND_S, elapsed
     lines = _normopt_lines(stderr)
     assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
-    assert re.match(r"normopt: error: writing checkpoint step \d+ on rank [01] failed \(no space left on device\); "
-                    r"the partial checkpoint was removed", lines[0]), lines[0]
+    assert re.match(
+        r"normopt: error: writing checkpoint step \d+ on rank [01] failed \(no space left on device\); "
+        r"the partial checkpoint was removed",
+        lines[0],
+    ), lines[0]
     assert not [name for name in left if name.endswith(".tmp")], left
 
 
@@ -95,8 +112,16 @@ def test_a_full_disk_under_the_logs_of_two_ranks_ends_both_with_one_line(tmp_pat
 
     with tmpfs(tmp_path / "disk", size="40k") as disk:
         started = time.monotonic()
-        proc = _launch(tiny_run_args(disk / "run", tiny_corpus, "checkpoint.interval=3", "train.steps=30",
-                                     "diagnostics.interval=1", "checkpoint.async_save=true"))
+        proc = _launch(
+            tiny_run_args(
+                disk / "run",
+                tiny_corpus,
+                "checkpoint.interval=3",
+                "train.steps=30",
+                "diagnostics.interval=1",
+                "checkpoint.async_save=true",
+            )
+        )
         try:
             _, stderr = proc.communicate(timeout=CHECKPOINT_FAILURE_BOUND_S + 60)
         finally:
@@ -111,8 +136,11 @@ def test_a_full_disk_under_the_logs_of_two_ranks_ends_both_with_one_line(tmp_pat
 
 def test_a_stopped_rank_is_named_by_the_watchdog_and_nothing_outlives_the_launch(tmp_path, tiny_corpus):
     run_dir = tmp_path / "run"
-    proc = _launch(tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
-                                 "checkpoint.interval=0"), "--watchdog-timeout", str(WATCHDOG_S))
+    proc = _launch(
+        tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0", "checkpoint.interval=0"),
+        "--watchdog-timeout",
+        str(WATCHDOG_S),
+    )
     try:
         wait_for_step(proc, run_dir, 3)
         ranks = _rank_pids(proc.pid)
@@ -128,8 +156,11 @@ def test_a_stopped_rank_is_named_by_the_watchdog_and_nothing_outlives_the_launch
     assert elapsed < WATCHDOG_S + WATCHDOG_GRACE_S, elapsed
     lines = _normopt_lines(stderr)
     assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
-    found = re.fullmatch(rf"normopt launch: no progress for (\d+) s: rank 1 was in step at step \d+ "
-                         rf"\(last checkpoint: none\); exit {NO_PROGRESS_EXIT_CODE}", lines[0])
+    found = re.fullmatch(
+        rf"normopt launch: no progress for (\d+) s: rank 1 was in step at step \d+ "
+        rf"\(last checkpoint: none\); exit {NO_PROGRESS_EXIT_CODE}",
+        lines[0],
+    )
     assert found and WATCHDOG_S <= int(found.group(1)) <= WATCHDOG_S + 1, lines[0]
     deadline = time.time() + 10
     while time.time() < deadline and any(_alive(pid) for pid in ranks):
@@ -143,9 +174,12 @@ def test_the_step_timeout_bounds_a_collective_without_the_watchdog(tmp_path, tin
     out in its collective, exits 69 quietly, and the launcher stops the stopped one (after its
     crash grace of 5 s) and names both: exit 1 within 3 + 5 s and a few more."""
     run_dir = tmp_path / "run"
-    proc = _launch(tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0",
-                                 "checkpoint.interval=0"), "--watchdog-timeout", "0",
-                   env={"NORMOPT_STEP_TIMEOUT_S": "3"})
+    proc = _launch(
+        tiny_run_args(run_dir, tiny_corpus, "train.steps=400", "train.eval_interval=0", "checkpoint.interval=0"),
+        "--watchdog-timeout",
+        "0",
+        env={"NORMOPT_STEP_TIMEOUT_S": "3"},
+    )
     try:
         wait_for_step(proc, run_dir, 3)
         ranks = _rank_pids(proc.pid)
@@ -184,8 +218,10 @@ def test_the_watchdog_names_a_frozen_rank_else_the_one_behind(tmp_path, monkeypa
     assert (stall.rank, stall.phase, stall.step) == (2, "eval", 5)
     _write(tmp_path, 2, phase="eval", step=5, since=now, beat=now - 10, ended=True)  # it ended by itself
     assert watchdog.problem().rank == 1
-    assert Watchdog(tmp_path, [0], timeout=0.1).limit({"checkpoint save"}) == \
-        collective_timeout("checkpoint").total_seconds()
+    assert (
+        Watchdog(tmp_path, [0], timeout=0.1).limit({"checkpoint save"})
+        == collective_timeout("checkpoint").total_seconds()
+    )
 
 
 def test_collective_timeouts_by_phase(monkeypatch):
@@ -212,11 +248,19 @@ def test_a_refusal_on_rank_0_before_dcp_starts_fails_the_save_on_every_rank(tmp_
     from tests.torchrun import run_torchrun
 
     out = tmp_path / "out"
-    run_torchrun(REPO_ROOT / "tests" / "workers" / "checkpoint_failure_worker.py", 2,
-                 [str(tmp_path / "run"), str(out)], timeout=120, env={"NORMOPT_CHECKPOINT_TIMEOUT_S": "20"})
+    run_torchrun(
+        REPO_ROOT / "tests" / "workers" / "checkpoint_failure_worker.py",
+        2,
+        [str(tmp_path / "run"), str(out)],
+        timeout=120,
+        env={"NORMOPT_CHECKPOINT_TIMEOUT_S": "20"},
+    )
     seen = [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(2)]
     assert seen[0]["refusal"] == seen[1]["refusal"], seen
-    assert re.match(r"writing checkpoint step 1 on rank 0 failed \(no space left on device\); the partial "
-                    r"checkpoint was removed", seen[0]["refusal"]), seen
+    assert re.match(
+        r"writing checkpoint step 1 on rank 0 failed \(no space left on device\); the partial "
+        r"checkpoint was removed",
+        seen[0]["refusal"],
+    ), seen
     assert all(s["seconds"] < 15 for s in seen), seen
     assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp"))

@@ -44,8 +44,9 @@ def test_rmsnorm_matches_formula_and_grads():
     def ref(x, p):
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * p["weight"]
 
-    torch.testing.assert_close(norm(x).double(), ref(x.double(), {"weight": norm.weight.double()}),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        norm(x).double(), ref(x.double(), {"weight": norm.weight.double()}), rtol=1e-5, atol=1e-6
+    )
     _check_grads(norm, x, ref)
 
 
@@ -149,7 +150,7 @@ def test_derf_ema_starts_as_derf_and_follows_the_formula():
     assert ema.commits.item() == 2
     torch.testing.assert_close(ema.reference_mean_square, v1.reshape(1))
     torch.testing.assert_close(ema.running_mean_square, r.reshape(1))
-    c = 0.5 + 0.5 * (r / (1 - 0.9 ** 2) / v1).sqrt()
+    c = 0.5 + 0.5 * (r / (1 - 0.9**2) / v1).sqrt()
     torch.testing.assert_close(ema.input_scale(), c.float().reshape(1))
     p = {n: t.detach() for n, t in ema.named_parameters()}
     ref = p["weight"] * torch.erf(p["alpha"] * x / c.float() + p["shift"]) + p["bias"]
@@ -224,8 +225,7 @@ def test_derf_ema_rescales_grown_inputs_away_from_saturation():
 
     assert saturated(plain) > 0.8
     assert saturated(ema) < 0.05
-    assert math.isclose(ema.input_scale().item(), (x.pow(2).mean() / start.pow(2).mean()).sqrt().item(),
-                        rel_tol=1e-5)
+    assert math.isclose(ema.input_scale().item(), (x.pow(2).mean() / start.pow(2).mean()).sqrt().item(), rel_tol=1e-5)
 
 
 # --------------------------------------------------------------------------- registry
@@ -251,11 +251,25 @@ def test_param_count_is_the_layers_real_parameter_count(name, bias):
 
 
 def test_layers_read_their_settings_from_the_norm_config():
-    cfg = NormConfig("derf_ema", eps=1e-3, alpha_init_attn=0.7, alpha_init_ffn=0.3, alpha_init_final=0.2,
-                     shift_init=0.1, ema_momentum=0.9, ema_blend=0.25, bias=False)
+    cfg = NormConfig(
+        "derf_ema",
+        eps=1e-3,
+        alpha_init_attn=0.7,
+        alpha_init_ffn=0.3,
+        alpha_init_final=0.2,
+        shift_init=0.1,
+        ema_momentum=0.9,
+        ema_blend=0.25,
+        bias=False,
+    )
     ema = build_norm(cfg, 8, "ffn")
-    assert (ema.alpha.item(), ema.shift.item(), ema.momentum, ema.blend, ema.bias) == \
-        (pytest.approx(0.3), pytest.approx(0.1), 0.9, 0.25, None)
+    assert (ema.alpha.item(), ema.shift.item(), ema.momentum, ema.blend, ema.bias) == (
+        pytest.approx(0.3),
+        pytest.approx(0.1),
+        0.9,
+        0.25,
+        None,
+    )
     assert build_norm(cfg, 8, "attn").alpha.item() == pytest.approx(0.7)
     assert build_norm(NormConfig("dyt", alpha_init_final=0.2), 8, "final").alpha.item() == pytest.approx(0.2)
     assert build_norm(NormConfig("rmsnorm", eps=1e-3), 8, "attn").eps == 1e-3

@@ -20,8 +20,16 @@ def _records(run_dir):
 def gram_run(tmp_path_factory, tiny_corpus):
     """A 6-step Muon run with Gram NS (float32 on CPU) logging every step."""
     run_dir = tmp_path_factory.mktemp("gram") / "run"
-    proc = run_cli(tiny_run_args(run_dir, tiny_corpus, "optim.name=muon", "optim.ns_algorithm=gram",
-                                 "diagnostics.interval=0", "train.peak_tflops=1000"))
+    proc = run_cli(
+        tiny_run_args(
+            run_dir,
+            tiny_corpus,
+            "optim.name=muon",
+            "optim.ns_algorithm=gram",
+            "diagnostics.interval=0",
+            "train.peak_tflops=1000",
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc.stdout
 
@@ -54,13 +62,21 @@ def test_report_cost_table_reads_the_windows(gram_run):
 
 
 def test_cost_summary_leaves_out_the_warm_up_window_and_missing_keys():
-    windows = [{"tokens_per_s": 1.0, "mfu": None}, {"tokens_per_s": 10.0, "mfu": 0.2},
-               {"tokens_per_s": 30.0, "mfu": 0.4}, {"tokens_per_s": 20.0}]
+    windows = [
+        {"tokens_per_s": 1.0, "mfu": None},
+        {"tokens_per_s": 10.0, "mfu": 0.2},
+        {"tokens_per_s": 30.0, "mfu": 0.4},
+        {"tokens_per_s": 20.0},
+    ]
     cost = summarize_cost(windows)
     assert cost["windows"] == 3 and cost["tokens_per_s"] == 20.0 and cost["mfu"] == pytest.approx(0.3)
     assert cost["ns_s"] is None and summarize_cost([]) is None
     assert summarize_cost(windows[:1])["tokens_per_s"] == 1.0  # one window: nothing to leave out
     assert "model MFU 30.0%" in describe_cost(cost, 0.0) and "Newton-Schulz" not in describe_cost(cost, 0.0)
-    assert ns_window_fields(1e12, 0.0, 0.0, 2, 1.0) == {"ns_tflop_per_step": 1.0, "ns_s": 0.0, "ns_share": 0.0,
-                                                        "ns_tflops": None}
+    assert ns_window_fields(1e12, 0.0, 0.0, 2, 1.0) == {
+        "ns_tflop_per_step": 1.0,
+        "ns_s": 0.0,
+        "ns_share": 0.0,
+        "ns_tflops": None,
+    }
     assert ns_window_fields(1e12, 0.5, 2e12, 2, 1.0)["ns_tflops"] == 4.0

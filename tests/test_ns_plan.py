@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from normopt.optim.muon import Muon
-from normopt.optim.ns_batches import batch_by_shape
 from normopt.optim.newton_schulz import newton_schulz
+from normopt.optim.ns_batches import batch_by_shape
 from normopt.parallel.ns_plan import bucket_jobs, ns_cost, plan_teams
 from normopt.parallel.row_block_team import RowBlockTeam
 
@@ -65,6 +65,7 @@ def test_batched_muon_matches_one_at_a_time_to_rounding():
     """Stacked NS runs batched matmuls instead of one matmul per matrix: other kernels, so
     equality is only up to float rounding (the distributed step is exact against a single
     process for the same ns_batch_size: the batches do not depend on the ranks)."""
+
     def run(batch: int) -> list[torch.Tensor]:
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(12, 8)) for _ in range(5)] + [torch.nn.Parameter(torch.randn(6, 9))]
@@ -80,9 +81,14 @@ def test_batched_muon_matches_one_at_a_time_to_rounding():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, name", [(dict(ns_row_blocks=0), "ns_row_blocks"),
-                                          (dict(ns_bucket_mb=-1), "ns_bucket_mb"),
-                                          (dict(ns_batch_size=0), "ns_batch_size")])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(ns_row_blocks=0), "ns_row_blocks"),
+        (dict(ns_bucket_mb=-1), "ns_bucket_mb"),
+        (dict(ns_batch_size=0), "ns_batch_size"),
+    ],
+)
 def test_invalid_distribution_options_are_named(kwargs, name):
     with pytest.raises(ValueError, match=name):
         Muon([torch.nn.Parameter(torch.randn(3, 3))], **kwargs)

@@ -68,8 +68,10 @@ def test_an_invalid_regex_is_refused_when_the_rules_are_built():
 
 
 def test_param_groups_by_step_count_keep_first_appearance_order():
-    named = [(name, torch.nn.Parameter(torch.zeros(2, 2)))
-             for name in ("layers.0.a", "layers.1.a", "layers.0.b", "layers.2.a")]
+    named = [
+        (name, torch.nn.Parameter(torch.zeros(2, 2)))
+        for name in ("layers.0.a", "layers.1.a", "layers.0.b", "layers.2.a")
+    ]
     groups = ns_steps_param_groups(named, NSStepRules.parse("layers.0.*=8"), 5, lr=0.1)
     assert [(g["ns_steps"], len(g["params"]), g["lr"]) for g in groups] == [(8, 2, 0.1), (5, 2, 0.1)]
     assert groups[0]["params"][1] is named[2][1]

@@ -160,15 +160,26 @@ def test_record_of_a_planted_matrix():
     s = torch.tensor([1.0, 0.5, 0.2, 0.05, 0.01, 0.002, 0.0005], dtype=torch.float64)
     G = planted(s, rows=12, seed=3)
     record = ns_spectrum_record(G, 5, "quintic", LEVELS)
-    assert set(record) == {"sv_rel_max", "sv_rel_fro", "momentum_sv_rel_max", "momentum_sv_rel_fro", "ns_steps",
-                           "ns_out_dev", "ns_out_max_dev", "min_ns_steps", "min_ns_steps_all", "rank"}
+    assert set(record) == {
+        "sv_rel_max",
+        "sv_rel_fro",
+        "momentum_sv_rel_max",
+        "momentum_sv_rel_fro",
+        "ns_steps",
+        "ns_out_dev",
+        "ns_out_max_dev",
+        "min_ns_steps",
+        "min_ns_steps_all",
+        "rank",
+    }
     assert record["rank"] == min(G.shape) == 7
     q = singular_value_quantiles(G, LEVELS)
     assert record["sv_rel_fro"] == q["sv_rel_fro"] and record["sv_rel_max"] == q["sv_rel_max"]
     # no momentum given: G is the momentum buffer (no Nesterov), its quantiles are repeated
     assert record["momentum_sv_rel_fro"] == q["sv_rel_fro"] and record["momentum_sv_rel_max"] == q["sv_rel_max"]
     assert record["ns_out_dev"] == pytest.approx(
-        [abs(float(ns_scalar_map(v, 5)) - 1) for v in q["sv_rel_fro"]], rel=1e-12)
+        [abs(float(ns_scalar_map(v, 5)) - 1) for v in q["sv_rel_fro"]], rel=1e-12
+    )
     # the worst singular value is the smallest one, 0.0005 / ||s||, which 5 steps leave far from 1
     worst = abs(float(ns_scalar_map(0.0005 / float(s.norm()), 5)) - 1)
     assert record["ns_out_max_dev"] == pytest.approx(worst, rel=1e-9) and worst > 0.5
@@ -185,11 +196,14 @@ def test_record_with_a_separate_momentum_buffer():
     g = planted(torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6], dtype=torch.float64), rows=8, seed=2)
     U = g + 0.95 * m
     record = ns_spectrum_record(U, 5, "quintic", LEVELS, momentum=m)
-    assert record == {**ns_spectrum_record(U, 5, "quintic", LEVELS),
-                      "momentum_sv_rel_fro": singular_value_quantiles(m, LEVELS)["sv_rel_fro"],
-                      "momentum_sv_rel_max": singular_value_quantiles(m, LEVELS)["sv_rel_max"]}
+    assert record == {
+        **ns_spectrum_record(U, 5, "quintic", LEVELS),
+        "momentum_sv_rel_fro": singular_value_quantiles(m, LEVELS)["sv_rel_fro"],
+        "momentum_sv_rel_max": singular_value_quantiles(m, LEVELS)["sv_rel_max"],
+    }
     assert record["momentum_sv_rel_fro"][0] < record["sv_rel_fro"][0]  # m alone is the worse conditioned
     # m's sorted spectrum 0.01, 0.03, 0.1, 0.3, 1: level p reads position 4 p
-    assert record["momentum_sv_rel_max"] == pytest.approx([0.01 + 0.04 * 0.02, 0.01 + 0.4 * 0.02, 0.1,
-                                                           0.3 + 0.6 * 0.7, 0.3 + 0.96 * 0.7], rel=1e-9)
+    assert record["momentum_sv_rel_max"] == pytest.approx(
+        [0.01 + 0.04 * 0.02, 0.01 + 0.4 * 0.02, 0.1, 0.3 + 0.6 * 0.7, 0.3 + 0.96 * 0.7], rel=1e-9
+    )
     json.dumps(record, allow_nan=False)

@@ -18,14 +18,24 @@ from normopt.optim.param_groups import build_param_groups, format_group_table
 
 
 def _model(norm="derf", tie=False, embed_scale=None):
-    args = replace(PRESETS["debug"], vocab_size=300, dim=32, n_heads=4, n_kv_heads=2, n_layers=2,
-                   ffn_hidden=48, norm_config=NormConfig(norm), tie_embeddings=tie, embed_scale=embed_scale)
+    args = replace(
+        PRESETS["debug"],
+        vocab_size=300,
+        dim=32,
+        n_heads=4,
+        n_kv_heads=2,
+        n_layers=2,
+        ffn_hidden=48,
+        norm_config=NormConfig(norm),
+        tie_embeddings=tie,
+        embed_scale=embed_scale,
+    )
     return build_model(args)
 
 
 @pytest.mark.parametrize("optim", ["adamw", "muon"])
 def test_embed_scale_goes_to_adamw_without_decay(optim):
-    model = _model(embed_scale=32 ** 0.5)
+    model = _model(embed_scale=32**0.5)
     cfg = load_config(None, [f"optim.name={optim}", "optim.weight_decay=0.1"])
     groups = {g.role: g for g in build_param_groups(model, cfg.optim)}
     embedding = groups["embedding"]
@@ -55,8 +65,9 @@ def test_every_registered_norms_parameters_are_norm_parameters(norm):
     """Whatever the norm, every parameter of its layers lands in the no-decay norm group."""
     model = _model(norm)
     groups = {g.role: g for g in build_param_groups(model, load_config(None).optim)}
-    layer_params = {f"{name}.{p}" for name, m in model.named_modules() if name.endswith("norm")
-                    for p, _ in m.named_parameters()}
+    layer_params = {
+        f"{name}.{p}" for name, m in model.named_modules() if name.endswith("norm") for p, _ in m.named_parameters()
+    }
     assert layer_params and set(groups["norm"].names) == layer_params
     assert groups["norm"].weight_decay == 0
 
@@ -74,8 +85,7 @@ def test_decay_norms_and_embeddings_switch():
 
 def test_muon_optimizer_gets_matrices_and_per_layer_steps():
     model = _model()
-    cfg = load_config(None, ["optim.name=normuon", "optim.ns_steps=5",
-                             "optim.ns_steps_per_layer=layers.0.*=8,re:w2=6"])
+    cfg = load_config(None, ["optim.name=normuon", "optim.ns_steps=5", "optim.ns_steps_per_layer=layers.0.*=8,re:w2=6"])
     opts = build_optimizers(model, cfg.optim, "cpu")
     adamw, normuon = opts.optimizers
     assert isinstance(adamw, torch.optim.AdamW) and isinstance(normuon, NorMuon)

@@ -57,8 +57,10 @@ def run_plan(*argv: str) -> dict:
 def one_axis_spec(tmp_path: Path, seeds: int = 3) -> Path:
     """Two norms, no across axis: the report's family is the one gap derf - rmsnorm."""
     spec = tmp_path / "gap.yaml"
-    spec.write_text(f"base: {REPO_ROOT / 'configs' / 'demo.yaml'}\nroot: {tmp_path / 'grid'}\n"
-                    f"axes:\n  model.norm: [rmsnorm, derf]\nseeds: {list(range(seeds))}\n")
+    spec.write_text(
+        f"base: {REPO_ROOT / 'configs' / 'demo.yaml'}\nroot: {tmp_path / 'grid'}\n"
+        f"axes:\n  model.norm: [rmsnorm, derf]\nseeds: {list(range(seeds))}\n"
+    )
     return spec
 
 
@@ -109,9 +111,14 @@ def test_simulated_power_matches_the_exact_welch_power(tmp_path):
     assert mde.mc_range[0] < mde.effect < mde.mc_range[1]
 
 
-@pytest.mark.parametrize("spec,n,delta,target", [("gpu_124m.yaml", 3, 1.0, None),
-                                                 ("confounds_cpu.yaml", 2, 12.0, "derf/muon"),
-                                                 ("ablation_cpu.yaml", 3, 3.0, None)])
+@pytest.mark.parametrize(
+    "spec,n,delta,target",
+    [
+        ("gpu_124m.yaml", 3, 1.0, None),
+        ("confounds_cpu.yaml", 2, 12.0, "derf/muon"),
+        ("ablation_cpu.yaml", 3, 3.0, None),
+    ],
+)
 def test_planner_family_is_the_reports(tmp_path, spec, n, delta, target):
     """For grids drawn as the planner draws them, the report itself (cells on disk,
     build_summary) gives the target the same Holm-adjusted p-value and the family the same size
@@ -135,8 +142,7 @@ def test_planner_family_is_the_reports(tmp_path, spec, n, delta, target):
                 loss = 3.0 + noise[group][seed] + plan.shift.get(group, 0.0) * delta
                 run.metrics.write_text(json.dumps({"step": 1, "eval_loss": loss}) + "\n")
         summary = build_summary(discover_cells(root), axes=axes)
-        reported = next(r for r in summary["gaps" if plan.single else "interactions"]
-                        if group_key(r) == target_group)
+        reported = next(r for r in summary["gaps" if plan.single else "interactions"] if group_key(r) == target_group)
         p_holm, estimate, size = target_test(plan, batch, grid, delta)
         assert estimate == pytest.approx(reported["value"], abs=1e-9)
         assert size == summary["family"]["size"]
@@ -182,8 +188,13 @@ def test_chi_square_quantiles():
     assert regularized_gamma(1.0, 3.0) == pytest.approx(1 - math.exp(-3.0), rel=1e-12)
 
 
-def write_grid(root: Path, spec: Path, losses: dict[str, list[float]], tokens_per_s: float | None = None,
-               diverged: str | None = None) -> None:
+def write_grid(
+    root: Path,
+    spec: Path,
+    losses: dict[str, list[float]],
+    tokens_per_s: float | None = None,
+    diverged: str | None = None,
+) -> None:
     """A finished grid of ``spec``'s cells: cell.json, the resolved config.yaml and a
     metrics.jsonl ending at train.steps with ``losses[group][seed]``, training windows at
     ``tokens_per_s``; ``diverged``: one more cell of that group, exit status 3."""
@@ -248,10 +259,31 @@ def test_cost_of_a_known_spec():
     spec = str(SPECS / "cpu_2seeds.yaml")
     plan = run_plan(spec, "--sigma", "0.02", "--simulations", "50", "--effect", "100", "--tokens-per-s", "1024")
     assert plan["cells_per_seed"] == 6 and plan["spec_seeds"] == 2
-    assert plan["cost"]["options"] == [{"seeds": 2, "runs": 12, "tuning_runs": 0, "steps": 2400,
-                                        "tokens": 12 * 200 * 16 * 128, "gpu_hours": pytest.approx(4800 / 3600)}]
-    plan = run_plan(spec, "--sigma", "0.02", "--simulations", "50", "--effect", "100", "--mfu", "0.5",
-                    "--peak-tflops", "2", "--gpus-per-run", "4")
+    assert plan["cost"]["options"] == [
+        {
+            "seeds": 2,
+            "runs": 12,
+            "tuning_runs": 0,
+            "steps": 2400,
+            "tokens": 12 * 200 * 16 * 128,
+            "gpu_hours": pytest.approx(4800 / 3600),
+        }
+    ]
+    plan = run_plan(
+        spec,
+        "--sigma",
+        "0.02",
+        "--simulations",
+        "50",
+        "--effect",
+        "100",
+        "--mfu",
+        "0.5",
+        "--peak-tflops",
+        "2",
+        "--gpus-per-run",
+        "4",
+    )
     cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", ["data.vocab_size=4096", "model.init_std=0.072"])
     per_step = count_flops_per_token(resolve_model_args(cfg.model, vocab_size=4096), 128) * 16 * 128
     assert plan["cost"]["options"][0]["gpu_hours"] == pytest.approx(2400 * per_step / 1e12 / 3600)
@@ -263,8 +295,14 @@ def test_cost_of_a_tuned_spec_counts_its_tuning_runs_once():
     seed (1 seed in the spec; its dry run says 30 tuning runs, 1200 steps; 6 runs, 480 steps)."""
     plan = run_plan(str(SPECS / "tuned_tiny_cpu.yaml"), "--sigma", "0.02", "--simulations", "50", "--effect", "100")
     by_seeds = {c["seeds"]: c for c in plan["cost"]["options"]}
-    assert by_seeds[1] == {"seeds": 1, "runs": 36, "tuning_runs": 30, "steps": 1680,
-                           "tokens": 1680 * 16 * 128, "gpu_hours": None}
+    assert by_seeds[1] == {
+        "seeds": 1,
+        "runs": 36,
+        "tuning_runs": 30,
+        "steps": 1680,
+        "tokens": 1680 * 16 * 128,
+        "gpu_hours": None,
+    }
     assert by_seeds[2]["runs"] == 42 and by_seeds[2]["steps"] == 2160
     assert plan["minimum_detectable"]["seeds"] == 2  # 1 seed tests nothing: the MDE is at 2
     assert "at the spec's 1 seed nothing is tested" in render_text(plan)
@@ -278,29 +316,53 @@ def test_text_output_names_the_family_the_alternative_and_the_assumptions(capsys
     out = capsys.readouterr().out
     assert "interaction derf × muon − adamw   <- planned for" in out
     assert "2 to 4 tests" in out and "derf_ema/muon" in out
-    for part in ("(a) the smallest interaction derf × muon − adamw detected", "(b) seeds per cell", "(c) cost", "assumptions:",
-                 "+0.66 nats", "+0.2 nats", "simulation: 100 simulated grids"):
+    for part in (
+        "(a) the smallest interaction derf × muon − adamw detected",
+        "(b) seeds per cell",
+        "(c) cost",
+        "assumptions:",
+        "+0.66 nats",
+        "+0.2 nats",
+        "simulation: 100 simulated grids",
+    ):
         assert part in out
-    assert main(["plan", str(SPECS / "gpu_124m.yaml"), "--sigma", "0.02", "--simulations", "100",
-                 "--target", "dyt/muon", "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                str(SPECS / "gpu_124m.yaml"),
+                "--sigma",
+                "0.02",
+                "--simulations",
+                "100",
+                "--target",
+                "dyt/muon",
+                "--json",
+            ]
+        )
+        == 0
+    )
     plan = json.loads(capsys.readouterr().out)
     assert plan["target"] == "interaction dyt × muon − adamw" and plan["family"]["shift"] == {"dyt/muon": 1.0}
 
 
-@pytest.mark.parametrize("argv,message", [
-    ([], "no seed-to-seed spread to plan with: pass --from ROOT"),
-    (["--sigma", "0"], "--sigma must be a positive number"),
-    (["--sigma", "-0.1"], "--sigma must be a positive number"),
-    (["--sigma", "0.02", "--effect", "0"], "--effect must be a positive number"),
-    (["--sigma", "0.02", "--power", "1"], "--power must be in (0, 1)"),
-    (["--sigma", "0.02", "--simulations", "0"], "--simulations must be a positive integer"),
-    (["--sigma", "0.02", "--max-seeds", "1"], "--max-seeds must be at least 2"),
-    (["--sigma", "0.02", "--mfu", "0.4"], "--mfu and --peak-tflops go together"),
-    (["--sigma", "0.02", "--mfu", "1.5", "--peak-tflops", "900"], "--mfu must be in (0, 1]"),
-    (["--sigma", "0.02", "--tokens-per-s", "1e5", "--mfu", "0.4", "--peak-tflops", "900"], "give one rate"),
-    (["--from", "no/such/grid"], "no/such/grid: no such folder"),
-    (["--sigma", "0.02", "--target", "layernorm/muon"], "--target layernorm/muon: not an interaction"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        ([], "no seed-to-seed spread to plan with: pass --from ROOT"),
+        (["--sigma", "0"], "--sigma must be a positive number"),
+        (["--sigma", "-0.1"], "--sigma must be a positive number"),
+        (["--sigma", "0.02", "--effect", "0"], "--effect must be a positive number"),
+        (["--sigma", "0.02", "--power", "1"], "--power must be in (0, 1)"),
+        (["--sigma", "0.02", "--simulations", "0"], "--simulations must be a positive integer"),
+        (["--sigma", "0.02", "--max-seeds", "1"], "--max-seeds must be at least 2"),
+        (["--sigma", "0.02", "--mfu", "0.4"], "--mfu and --peak-tflops go together"),
+        (["--sigma", "0.02", "--mfu", "1.5", "--peak-tflops", "900"], "--mfu must be in (0, 1]"),
+        (["--sigma", "0.02", "--tokens-per-s", "1e5", "--mfu", "0.4", "--peak-tflops", "900"], "give one rate"),
+        (["--from", "no/such/grid"], "no/such/grid: no such folder"),
+        (["--sigma", "0.02", "--target", "layernorm/muon"], "--target layernorm/muon: not an interaction"),
+    ],
+)
 def test_bad_inputs_exit_2_with_one_line(capsys, argv, message):
     assert main(["plan", str(SPECS / "cpu_2seeds.yaml"), *argv]) == 2
     err = capsys.readouterr().err.strip()

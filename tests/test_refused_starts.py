@@ -96,29 +96,50 @@ DAMAGES = {
     "tensorboard/ is a file": (lambda r: _replace_with_file(r / "tensorboard"), "must be a folder"),
     "metrics.jsonl is a folder": (lambda r: _replace_with_folder(r / "metrics.jsonl"), "must be a file"),
     "diagnostics.jsonl is a folder": (lambda r: _replace_with_folder(r / "diagnostics.jsonl"), "must be a file"),
-    "non-integer step in a metrics line": (lambda r: _insert_metrics_line(r, '{"step": "2", "loss": 1.0}'),
-                                           "has no step"),
+    "non-integer step in a metrics line": (
+        lambda r: _insert_metrics_line(r, '{"step": "2", "loss": 1.0}'),
+        "has no step",
+    ),
     "non-JSON middle metrics line": (lambda r: _insert_metrics_line(r, "{not json"), "is not JSON"),
     # the resume point is used whole or not at all: each damaged piece is named, never skipped
-    "RNG state is a symlink loop": (lambda r: _looping_file(r / LAST / "rng" / "rank_00000.safetensors"),
-                                    f"cannot load checkpoint: {{run}}/{LAST}/rng/rank_00000.safetensors is a symlink loop"),
-    "trainer_state is a symlink loop": (lambda r: _looping_file(r / LAST / "trainer_state.json"),
-                                        f"cannot load checkpoint: {{run}}/{LAST}/trainer_state.json is a symlink loop"),
-    "checkpoint folder links to itself": (lambda r: _looping_link(r / LAST),
-                                          f"cannot load checkpoint: {{run}}/{LAST} is a symlink loop"),
-    "checkpoint folder links to its parent": (lambda r: _link_to_its_folder(r / LAST),
-                                              "is a symlink to a folder that holds it"),
-    "non-tensor state is a folder": (lambda r: _replace_with_folder(r / LAST / "non_tensor_state.json"),
-                                     "non_tensor_state.json is a folder, not a file"),
+    "RNG state is a symlink loop": (
+        lambda r: _looping_file(r / LAST / "rng" / "rank_00000.safetensors"),
+        f"cannot load checkpoint: {{run}}/{LAST}/rng/rank_00000.safetensors is a symlink loop",
+    ),
+    "trainer_state is a symlink loop": (
+        lambda r: _looping_file(r / LAST / "trainer_state.json"),
+        f"cannot load checkpoint: {{run}}/{LAST}/trainer_state.json is a symlink loop",
+    ),
+    "checkpoint folder links to itself": (
+        lambda r: _looping_link(r / LAST),
+        f"cannot load checkpoint: {{run}}/{LAST} is a symlink loop",
+    ),
+    "checkpoint folder links to its parent": (
+        lambda r: _link_to_its_folder(r / LAST),
+        "is a symlink to a folder that holds it",
+    ),
+    "non-tensor state is a folder": (
+        lambda r: _replace_with_folder(r / LAST / "non_tensor_state.json"),
+        "non_tensor_state.json is a folder, not a file",
+    ),
     "RNG folder is a file": (lambda r: _replace_with_file(r / LAST / "rng"), "/rng is a file, not a folder"),
-    "RNG state missing": (lambda r: (r / LAST / "rng" / "rank_00000.safetensors").unlink(),
-                          "rng/rank_00000.safetensors is missing"),
-    "model shard truncated": (lambda r: _truncate(r / LAST / "__0_0.distcp"),
-                              "__0_0.distcp is truncated (100 bytes, the metadata needs"),
-    "model shard is a folder": (lambda r: _replace_with_folder(r / LAST / "__0_0.distcp"),
-                                "__0_0.distcp is a folder, not a file"),
+    "RNG state missing": (
+        lambda r: (r / LAST / "rng" / "rank_00000.safetensors").unlink(),
+        "rng/rank_00000.safetensors is missing",
+    ),
+    "model shard truncated": (
+        lambda r: _truncate(r / LAST / "__0_0.distcp"),
+        "__0_0.distcp is truncated (100 bytes, the metadata needs",
+    ),
+    "model shard is a folder": (
+        lambda r: _replace_with_folder(r / LAST / "__0_0.distcp"),
+        "__0_0.distcp is a folder, not a file",
+    ),
     "metadata is a symlink loop": (lambda r: _looping_file(r / LAST / ".metadata"), ".metadata is a symlink loop"),
-    "a fifo inside the checkpoint": (lambda r: os.mkfifo(r / LAST / "rng" / "extra"), "rng/extra is not a regular file"),
+    "a fifo inside the checkpoint": (
+        lambda r: os.mkfifo(r / LAST / "rng" / "extra"),
+        "rng/extra is not a regular file",
+    ),
 }
 
 
@@ -134,16 +155,16 @@ def test_a_damaged_run_is_refused_before_anything_is_written(finished_run, tmp_p
     assert snapshot(run_dir) == before
 
 
-def test_a_checkpoint_of_another_model_is_refused_whatever_the_configs_say(finished_run, tmp_path, tiny_corpus,
-                                                                          capsys):
+def test_a_checkpoint_of_another_model_is_refused_whatever_the_configs_say(finished_run, tmp_path, tiny_corpus, capsys):
     """The configs beside the checkpoint are gone, so only the tensors can tell: an RMSNorm
     checkpoint resumed as DyT lacks DyT's alphas and the embedding scale."""
     run_dir = _copy(finished_run, tmp_path)
     for config in run_dir.rglob("config.yaml"):
         config.unlink()
     before = snapshot(run_dir)
-    proc = train_in_process(tiny_run_args(run_dir, tiny_corpus, *FINISHED_RUN_ARGS, "model.norm=dyt",
-                                          "train.steps=9"), capsys)
+    proc = train_in_process(
+        tiny_run_args(run_dir, tiny_corpus, *FINISHED_RUN_ARGS, "model.norm=dyt", "train.steps=9"), capsys
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "holds another model than this config builds: it lacks embed_scale, layers.0.attn_norm.alpha" in lines[0]
@@ -182,17 +203,23 @@ def _one_line_exit_2(argv, capsys) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["export"], "the following arguments are required: run_dir (see normopt export --help)"),
-    (["sample", "runs/x", "--prompt", "a", "--seed", "1e23"], "argument --seed: invalid int value"),
-    (["sample", "runs/x", "--prompt", "a", "--seed", str(10 ** 23)], "--seed must be in [0, 2^63)"),
-    (["sample", "runs/x", "--prompt", "a", "--temperature", "nan"], "--temperature must be a number"),
-    (["report", "--smoothing"], "expected one argument (see normopt report --help)"),
-    (["launch", "--master-port", "70000"], "--master-port 70000 is not a TCP port"),
-    (["train", "checkpoint.resume=\u00b2"], "checkpoint.resume: '\u00b2' is not auto, never or a step number"),
-    (["train", "optim.lr=1e39"], "cannot be represented in float32"),
-    (["train", f"train.steps={10 ** 23}"], "train.steps: 100000000000000000000000 is out of the 64-bit integer range"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["export"], "the following arguments are required: run_dir (see normopt export --help)"),
+        (["sample", "runs/x", "--prompt", "a", "--seed", "1e23"], "argument --seed: invalid int value"),
+        (["sample", "runs/x", "--prompt", "a", "--seed", str(10**23)], "--seed must be in [0, 2^63)"),
+        (["sample", "runs/x", "--prompt", "a", "--temperature", "nan"], "--temperature must be a number"),
+        (["report", "--smoothing"], "expected one argument (see normopt report --help)"),
+        (["launch", "--master-port", "70000"], "--master-port 70000 is not a TCP port"),
+        (["train", "checkpoint.resume=\u00b2"], "checkpoint.resume: '\u00b2' is not auto, never or a step number"),
+        (["train", "optim.lr=1e39"], "cannot be represented in float32"),
+        (
+            ["train", f"train.steps={10**23}"],
+            "train.steps: 100000000000000000000000 is out of the 64-bit integer range",
+        ),
+    ],
+)
 def test_a_bad_command_line_is_one_line_and_exit_2(argv, words, capsys):
     assert words in _one_line_exit_2(argv, capsys)
 
@@ -230,8 +257,10 @@ def test_a_stop_signal_during_start_up_ends_with_75_and_one_line(tmp_path, tiny_
     _, stderr = proc.communicate(timeout=240)
     lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("train:")]
     assert proc.returncode == 75, stderr[-2000:]
-    assert lines == [f"normopt: stopped by {sig} before the first step (nothing trained since step 0); "
-                     f"run the same command to resume"], stderr[-2000:]
+    assert lines == [
+        f"normopt: stopped by {sig} before the first step (nothing trained since step 0); "
+        f"run the same command to resume"
+    ], stderr[-2000:]
 
 
 # ---------------------------------------------------------------- output paths and report options
@@ -242,10 +271,12 @@ def test_export_refuses_paths_it_must_not_write(finished_run, tmp_path, capsys):
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "a-folder").mkdir()
     before = snapshot(run_dir)
-    for out, words in ((tmp_path / "a-folder", "exists and is not a regular file"),
-                       (tmp_path / "a-file" / "w.safetensors", "is not a folder"),
-                       (run_dir / "metrics.jsonl", "a file of the run"),
-                       (Path("/dev/null"), "exists and is not a regular file")):
+    for out, words in (
+        (tmp_path / "a-folder", "exists and is not a regular file"),
+        (tmp_path / "a-file" / "w.safetensors", "is not a folder"),
+        (run_dir / "metrics.jsonl", "a file of the run"),
+        (Path("/dev/null"), "exists and is not a regular file"),
+    ):
         line = _one_line_exit_2(["export", str(run_dir), "--out", str(out)], capsys)
         assert words in line, line
     assert snapshot(run_dir) == before
@@ -258,8 +289,9 @@ def test_report_refuses_a_fix_that_names_no_level_and_an_out_that_is_a_file(fini
     line = _one_line_exit_2(["report", str(root), "--fix", "foo=bar"], capsys)
     assert "--fix foo=bar: no cell has model.norm=foo" in line
     (tmp_path / "out").write_text("x")
-    assert "exists and is not a folder" in _one_line_exit_2(["report", str(root), "--out", str(tmp_path / "out")],
-                                                            capsys)
+    assert "exists and is not a folder" in _one_line_exit_2(
+        ["report", str(root), "--out", str(tmp_path / "out")], capsys
+    )
 
 
 @pytest.mark.parametrize("arm, words", [("../../x", "arm name '../../x' must be"), ("a/b", "arm name 'a/b' must be")])
@@ -267,9 +299,17 @@ def test_factorial_names_that_escape_the_root_are_refused(tmp_path, capsys, arm,
     import yaml
 
     spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump({"base": "../configs/demo.yaml", "root": str(tmp_path / "grid"),
-                                    "axes": {"model.norm": ["rmsnorm"]}, "seeds": [0],
-                                    "arms": {arm: {"model.norm": "derf"}}}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "base": "../configs/demo.yaml",
+                "root": str(tmp_path / "grid"),
+                "axes": {"model.norm": ["rmsnorm"]},
+                "seeds": [0],
+                "arms": {arm: {"model.norm": "derf"}},
+            }
+        )
+    )
     assert words in _one_line_exit_2(["factorial", str(spec), "--dry-run"], capsys)
     assert not (tmp_path / "grid").exists() and not (tmp_path.parent / "x").exists()
 
@@ -289,8 +329,10 @@ def _lr_key(state):
 NON_TENSOR_DAMAGES = {
     "an lr that is a string": (lambda s: s.__setitem__(_lr_key(s), "fast"), "is a string"),
     "an lr that is NaN": (lambda s: s.__setitem__(_lr_key(s), float("nan")), "expected a number"),
-    "a param group that does not exist": (lambda s: s.__setitem__(_lr_key(s).replace(", 0,", ", 99,"), 0.1),
-                                          "has an unknown entry"),
+    "a param group that does not exist": (
+        lambda s: s.__setitem__(_lr_key(s).replace(", 0,", ", 99,"), 0.1),
+        "has an unknown entry",
+    ),
     "a hyperparameter gone": (lambda s: s.pop(_lr_key(s)), "lacks"),
 }
 
@@ -323,8 +365,11 @@ def test_a_full_disk_while_logging_is_one_line_naming_it(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device")
 
     real, logger._file = logger._file, FullDisk()
-    with pytest.raises(UserError, match=r"metrics.jsonl failed \(no space left on device\) at step 7; the "
-                                        r"checkpoints written so far are kept"):
+    with pytest.raises(
+        UserError,
+        match=r"metrics.jsonl failed \(no space left on device\) at step 7; the "
+        r"checkpoints written so far are kept",
+    ):
         logger.log({"step": 7, "loss": 1.0})
     logger._file = real
     logger.close()
@@ -344,7 +389,7 @@ def test_disk_full_is_recognised_through_wrappers():
 
     from normopt.checkpoint.manager import is_disk_full
 
-    wrapped = RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull })')
+    wrapped = RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
     assert is_disk_full(wrapped) and is_disk_full(OSError(errno.ENOSPC, "x"))
     outer = RuntimeError("write failed")
     outer.__cause__ = OSError(errno.ENOSPC, "No space left on device")
@@ -378,8 +423,11 @@ def test_a_stop_signal_to_the_launcher_during_start_up_ends_with_75(tmp_path, ti
     assert "Traceback" not in stderr and "did not agree" not in stderr, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if line.strip().startswith("normopt")]
     assert len(lines) == 1, stderr[-3000:]  # one line, not a rank's and the launcher's saying the same
-    assert ("before any rank started; nothing to resume" in lines[0] if when == "before the ranks start"
-            else lines[0].startswith("normopt: stopped by SIGTERM before the first step")), stderr[-3000:]
+    assert (
+        "before any rank started; nothing to resume" in lines[0]
+        if when == "before the ranks start"
+        else lines[0].startswith("normopt: stopped by SIGTERM before the first step")
+    ), stderr[-3000:]
 
 
 def test_a_finished_run_with_an_odd_metrics_line_is_still_reported(finished_run, tmp_path, tiny_corpus, capsys):

@@ -38,15 +38,20 @@ def t95_by_integration(df: float) -> float:
         lo, hi = (mid, hi) if mass(mid) < 0.475 else (lo, mid)
     return (lo + hi) / 2
 
+
 STEPS = 100
 
 # final eval losses of the included cells, seeds 0 and 1 (the published pattern: Derf trails
 # RMSNorm by 0.31 under AdamW and 0.97 under Muon; derf_ema and alpha 0.3 close most of it)
 FINALS = {
-    ("rmsnorm", "adamw"): (3.00, 3.02), ("rmsnorm", "muon"): (2.90, 2.94),
-    ("derf", "adamw"): (3.30, 3.34), ("derf", "muon"): (3.88, 3.90),
-    ("dyt", "adamw"): (3.10, 3.14), ("dyt", "muon"): (3.20, 3.22),
-    ("derf_ema", "adamw"): (3.05, 3.07), ("derf_ema", "muon"): (3.06, 3.08),
+    ("rmsnorm", "adamw"): (3.00, 3.02),
+    ("rmsnorm", "muon"): (2.90, 2.94),
+    ("derf", "adamw"): (3.30, 3.34),
+    ("derf", "muon"): (3.88, 3.90),
+    ("dyt", "adamw"): (3.10, 3.14),
+    ("dyt", "muon"): (3.20, 3.22),
+    ("derf_ema", "adamw"): (3.05, 3.07),
+    ("derf_ema", "muon"): (3.06, 3.08),
 }
 ALPHA_ARM = "derf[alpha_init_attn=0.3,alpha_init_ffn=0.3,alpha_init_final=0.3]"
 
@@ -69,16 +74,29 @@ def metrics_lines(final: float, last: int = STEPS, nan_at: int | None = None) ->
     lines = [json.dumps({"step": 0, "eval_loss": 9.0})]
     for step in range(10, last + 1, 10):
         loss = "nan" if step == nan_at else final + 0.05 + 5 * math.exp(-step / 15)
-        lines.append(json.dumps({"step": step, "loss": loss, "lr": 1e-3, "grad_norm": 1.0,
-                                 "tokens": step * 4096, "tokens_per_s": 1e4}))
+        lines.append(
+            json.dumps(
+                {"step": step, "loss": loss, "lr": 1e-3, "grad_norm": 1.0, "tokens": step * 4096, "tokens_per_s": 1e4}
+            )
+        )
         if step in (50, STEPS):
             eval_loss = "nan" if nan_at is not None and step == STEPS else final + (0.2 if step == 50 else 0.0)
             lines.append(json.dumps({"step": step, "eval_loss": eval_loss}))
     return lines
 
 
-def write_cell(root: Path, norm: str, optim: str, seed: int, final: float | None, *, alpha: float = 0.5,
-               last: int = STEPS, nan_at: int | None = None, cell_json: dict | None = None) -> Path:
+def write_cell(
+    root: Path,
+    norm: str,
+    optim: str,
+    seed: int,
+    final: float | None,
+    *,
+    alpha: float = 0.5,
+    last: int = STEPS,
+    nan_at: int | None = None,
+    cell_json: dict | None = None,
+) -> Path:
     folder = root / f"{norm}{'-a' + str(alpha) if alpha != 0.5 else ''}-{optim}-s{seed}"
     write_config(folder, norm, optim, seed, alpha)
     if cell_json is not None:
@@ -92,8 +110,16 @@ def build_factorial(root: Path) -> Path:
     for (norm, optim), finals in FINALS.items():
         for seed, final in enumerate(finals):
             # derf_ema cells carry a runner's cell.json (coordinates and an explicit base arm)
-            info = ({"name": f"derf_ema-{optim}-s{seed}", "coords": {"norm": norm, "optim": optim},
-                     "seed": seed, "arm": None} if norm == "derf_ema" else None)
+            info = (
+                {
+                    "name": f"derf_ema-{optim}-s{seed}",
+                    "coords": {"norm": norm, "optim": optim},
+                    "seed": seed,
+                    "arm": None,
+                }
+                if norm == "derf_ema"
+                else None
+            )
             write_cell(root, norm, optim, seed, final, cell_json=info)
     for seed, final in enumerate((3.10, 3.12)):  # Derf alpha 0.3 under Muon only: an inferred arm
         write_cell(root, "derf", "muon", seed, final, alpha=0.3)
@@ -157,8 +183,12 @@ def test_interaction_and_its_intervals(report):
     assert item["reference_optim"] == "adamw"
     assert item["value"] == pytest.approx(0.97 - 0.31)  # 0.66 nats
     # four independent means: var = sum s^2/n = (0.0001 + 0.0004 + 0.0004 + 0.0001) / 1
-    se = math.sqrt(sum(var_of_mean(FINALS[k]) for k in
-                       [("derf", "muon"), ("rmsnorm", "muon"), ("derf", "adamw"), ("rmsnorm", "adamw")]))
+    se = math.sqrt(
+        sum(
+            var_of_mean(FINALS[k])
+            for k in [("derf", "muon"), ("rmsnorm", "muon"), ("derf", "adamw"), ("rmsnorm", "adamw")]
+        )
+    )
     assert se == pytest.approx(math.sqrt(0.001))
     assert item["se"] == pytest.approx(se)
     # Welch-Satterthwaite over four groups of 2: 0.001^2 / (1e-8 + 1.6e-7 + 1.6e-7 + 1e-8) = 2.94 df
@@ -187,7 +217,7 @@ def test_fix_recovery_share(report):
     # means 1e-4, 4e-4, 1e-4: N = a - c, D = a - b, var N = 2e-4, var D = 5e-4, cov = 1e-4;
     # df = Welch for N - R D = (1 - R) a + R b - c at R = share
     r = ema["share"]
-    w = [(1 - r) ** 2 * 1e-4, r ** 2 * 4e-4, 1e-4]
+    w = [(1 - r) ** 2 * 1e-4, r**2 * 4e-4, 1e-4]
     df = sum(w) ** 2 / sum(x * x for x in w)
     assert ema["df"] == pytest.approx(df)
     t2 = t95_by_integration(df) ** 2
@@ -258,7 +288,10 @@ def test_cli_prints_table_and_paths(report, tmp_path, capsys):
     assert report_main([str(root), "--out", str(out), "--smoothing", "0.5"]) == 0
     printed = capsys.readouterr().out
     assert "3.0100 ± 0.0141 (n=2)" in printed and "+0.3100 [+0.1716, +0.4484]" in printed
-    assert printed.startswith("- **dyt × muon**: interaction +0.180 nats") and "**derf × muon**: interaction +0.660" in printed
+    assert (
+        printed.startswith("- **dyt × muon**: interaction +0.180 nats")
+        and "**derf × muon**: interaction +0.660" in printed
+    )
     assert f"wrote {out / 'report.md'}" in printed and f"wrote {out / 'summary.json'}" in printed
     assert json.loads((out / "summary.json").read_text())["settings"]["smoothing"] == 0.5
 
@@ -286,9 +319,15 @@ def test_explicit_arm_from_cell_json_wins(tmp_path):
     for optim in ("adamw", "muon"):
         write_cell(tmp_path, "rmsnorm", optim, 0, 3.0)
         write_cell(tmp_path, "derf", optim, 0, 3.3)
-    write_cell(tmp_path, "derf", "muon", 1, 3.1, alpha=0.3,
-               cell_json={"name": "a03", "coords": {"model.norm": "derf", "optim.name": "muon"}, "seed": 1,
-                          "arm": "alpha0.3"})
+    write_cell(
+        tmp_path,
+        "derf",
+        "muon",
+        1,
+        3.1,
+        alpha=0.3,
+        cell_json={"name": "a03", "coords": {"model.norm": "derf", "optim.name": "muon"}, "seed": 1, "arm": "alpha0.3"},
+    )
     summary = build_summary(discover_cells(tmp_path), fixes={})
     cell = by(summary["cells"], name="a03")
     assert cell["variant"] == "derf[alpha0.3]" and cell["fix_of"] == "derf"
@@ -317,8 +356,15 @@ def test_divergence_rule():
 
 
 def test_exit_status_3_marks_divergence(tmp_path):
-    write_cell(tmp_path, "derf", "muon", 0, 3.5, last=40,
-               cell_json={"coords": {"norm": "derf", "optim": "muon"}, "seed": 0, "exit_code": 3})
+    write_cell(
+        tmp_path,
+        "derf",
+        "muon",
+        0,
+        3.5,
+        last=40,
+        cell_json={"coords": {"norm": "derf", "optim": "muon"}, "seed": 0, "exit_code": 3},
+    )
     assessment = assess_cell(discover_cells(tmp_path)[0])
     # the trainer stops before logging the NaN: only the exit status tells (no eval after step 0 yet)
     assert assessment.flags == ("missing", "diverged", "stopped_early")
@@ -327,8 +373,10 @@ def test_exit_status_3_marks_divergence(tmp_path):
 
 def test_read_metrics_strings_duplicates_and_partial_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 0, "eval_loss": 9.0}\n{"step": 10, "loss": 5.0}\n{"step": 10, "loss": 4.0}\n'
-                    '{"step": 20, "loss": "-inf"}\n{"step": 20, "eval_')
+    path.write_text(
+        '{"step": 0, "eval_loss": 9.0}\n{"step": 10, "loss": 5.0}\n{"step": 10, "loss": 4.0}\n'
+        '{"step": 20, "loss": "-inf"}\n{"step": 20, "eval_'
+    )
     m = read_metrics(path)
     assert m.train[0] == (10, 4.0) and m.train[1][1] == float("-inf")
     assert m.evals == ((0, 9.0),) and m.last_step == 20 and m.partial_last_line
@@ -473,11 +521,20 @@ def test_report_opens_with_the_setup(report):
 
 def test_repeated_notes_collapse_into_one_line():
     names = ["a-s1", "a-s10", "b-s1"]
-    notes = ["first", "a-s1: skipped an unterminated last line of metrics.jsonl",
-             "a-s10 left out: diverged: exit status 3", "b-s1 left out: diverged: exit status 3",
-             "a-s10: skipped an unterminated last line of metrics.jsonl", "b-s1: something else"]
+    notes = [
+        "first",
+        "a-s1: skipped an unterminated last line of metrics.jsonl",
+        "a-s10 left out: diverged: exit status 3",
+        "b-s1 left out: diverged: exit status 3",
+        "a-s10: skipped an unterminated last line of metrics.jsonl",
+        "b-s1: something else",
+    ]
     assert collapse_notes(notes, names) == [
-        "first", "skipped an unterminated last line of metrics.jsonl — 2 cells: a-s1, a-s10",
-        "left out: diverged: exit status 3 — 2 cells: a-s10, b-s1", "b-s1: something else"]
+        "first",
+        "skipped an unterminated last line of metrics.jsonl — 2 cells: a-s1, a-s10",
+        "left out: diverged: exit status 3 — 2 cells: a-s10, b-s1",
+        "b-s1: something else",
+    ]
     assert collapse_notes(["a-s1 left out: missing: no metrics.jsonl"], names) == [
-        "a-s1 left out: missing: no metrics.jsonl"]
+        "a-s1 left out: missing: no metrics.jsonl"
+    ]

@@ -28,8 +28,9 @@ STEPS = 100
 MUON_PARAMS = "optim.muon_params"
 
 
-def write_cell(root: Path, settings: dict, seed: int, final: float, coords: dict,
-               buckets: list[float] | None = None) -> Path:
+def write_cell(
+    root: Path, settings: dict, seed: int, final: float, coords: dict, buckets: list[float] | None = None
+) -> Path:
     """One finished cell: config.yaml with ``settings`` (dotted keys), cell.json with
     ``coords``, metrics ending at ``final``, and optionally a tail_tokens record."""
     name = "-".join(str(v) for v in coords.values()) + f"-s{seed}"
@@ -44,8 +45,13 @@ def write_cell(root: Path, settings: dict, seed: int, final: float, coords: dict
     (folder / "cell.json").write_text(json.dumps({"name": name, "coords": coords, "seed": seed, "arm": None}))
     (folder / "metrics.jsonl").write_text("\n".join(metrics_lines(final)) + "\n")
     if buckets is not None:
-        record = {"step": STEPS, "kind": "tail_tokens", "bucket_loss": buckets,
-                  "bucket_token_share": [1 / len(buckets)] * len(buckets), "bucket_vocab_size": [5] * len(buckets)}
+        record = {
+            "step": STEPS,
+            "kind": "tail_tokens",
+            "bucket_loss": buckets,
+            "bucket_token_share": [1 / len(buckets)] * len(buckets),
+            "bucket_vocab_size": [5] * len(buckets),
+        }
         (folder / "diagnostics.jsonl").write_text(json.dumps(record) + "\n")
     return folder
 
@@ -53,8 +59,12 @@ def write_cell(root: Path, settings: dict, seed: int, final: float, coords: dict
 # component ablation: Muon on a subset of the matrices (levels of optim.muon_params), crossed
 # with the optimizer; under adamw the assignment does nothing, so those cells tie
 FINALS = {
-    ("all", "muon"): (2.80, 2.84), ("vo_ffn", "muon"): (2.83, 2.85), ("qk", "muon"): (3.01, 3.05),
-    ("all", "adamw"): (3.00, 3.02), ("vo_ffn", "adamw"): (3.00, 3.03), ("qk", "adamw"): (2.99, 3.02),
+    ("all", "muon"): (2.80, 2.84),
+    ("vo_ffn", "muon"): (2.83, 2.85),
+    ("qk", "muon"): (3.01, 3.05),
+    ("all", "adamw"): (3.00, 3.02),
+    ("vo_ffn", "adamw"): (3.00, 3.03),
+    ("qk", "adamw"): (2.99, 3.02),
 }
 
 
@@ -70,7 +80,7 @@ def var_of_mean(xs):
 def welch(first, second):
     """(value, half-width) of mean(first) - mean(second), Welch t, by hand."""
     v1, v2 = var_of_mean(first), var_of_mean(second)
-    df = (v1 + v2) ** 2 / (v1 ** 2 / (len(first) - 1) + v2 ** 2 / (len(second) - 1))
+    df = (v1 + v2) ** 2 / (v1**2 / (len(first) - 1) + v2**2 / (len(second) - 1))
     return mean(first) - mean(second), t95_by_integration(df) * math.sqrt(v1 + v2)
 
 
@@ -79,10 +89,14 @@ def ablation(tmp_path_factory):
     root = tmp_path_factory.mktemp("ablation")
     for (subset, optim), finals in FINALS.items():
         for seed, final in enumerate(finals):
-            write_cell(root, {MUON_PARAMS: subset, "optim.name": optim}, seed, final,
-                       {MUON_PARAMS: subset, "optim": optim})
-    write_experiment_file(root, {MUON_PARAMS: ["all", "vo_ffn", "qk"], "optim.name": ["adamw", "muon"]},
-                          {"baseline": "all", "fixes": {"vo_ffn": "qk"}})
+            write_cell(
+                root, {MUON_PARAMS: subset, "optim.name": optim}, seed, final, {MUON_PARAMS: subset, "optim": optim}
+            )
+    write_experiment_file(
+        root,
+        {MUON_PARAMS: ["all", "vo_ffn", "qk"], "optim.name": ["adamw", "muon"]},
+        {"baseline": "all", "fixes": {"vo_ffn": "qk"}},
+    )
     return root, write_report(root)
 
 
@@ -96,7 +110,11 @@ def test_axes_come_from_the_experiment_file(ablation):
     _, summary = ablation
     axes = summary["settings"]["axes"]
     assert (axes["compare"], axes["baseline"], axes["across"], axes["reference"]) == (
-        MUON_PARAMS, "all", "optim.name", "adamw")
+        MUON_PARAMS,
+        "all",
+        "optim.name",
+        "adamw",
+    )
     assert summary["variants"] == ["all", "vo_ffn", "qk"] and summary["optims"] == ["adamw", "muon"]
 
 
@@ -110,12 +128,13 @@ def test_gaps_and_interactions_on_a_non_norm_axis(ablation):
     cells = [FINALS["qk", "muon"], FINALS["all", "muon"], FINALS["qk", "adamw"], FINALS["all", "adamw"]]
     expected = mean(cells[0]) - mean(cells[1]) - mean(cells[2]) + mean(cells[3])
     variances = [var_of_mean(c) for c in cells]
-    df = sum(variances) ** 2 / sum(v ** 2 for v in variances)  # n - 1 = 1 for every group
+    df = sum(variances) ** 2 / sum(v**2 for v in variances)  # n - 1 = 1 for every group
     item = by(summary["interactions"], variant="qk", optim="muon")
     assert item["value"] == pytest.approx(expected, abs=1e-9)
     assert item["df"] == pytest.approx(df, rel=1e-9)
     assert (item["ci95"][1] - item["ci95"][0]) / 2 == pytest.approx(
-        t95_by_integration(df) * math.sqrt(sum(variances)), rel=1e-6)
+        t95_by_integration(df) * math.sqrt(sum(variances)), rel=1e-6
+    )
     assert t_quantile(0.975, df) == pytest.approx(t95_by_integration(df), rel=1e-6)
 
 
@@ -151,8 +170,9 @@ def test_single_axis_report_has_gaps_only(tmp_path):
     assert (gap["ci95"][1] - gap["ci95"][0]) / 2 == pytest.approx(half, rel=1e-6)
     # the share of Muon's advantage over AdamW (= none) that Muon on VO and FFN carries
     share = by(summary["recoveries"], fix="vo_ffn")["share"]
-    assert share == pytest.approx((mean(finals["none"]) - mean(finals["vo_ffn"]))
-                                  / (mean(finals["none"]) - mean(finals["all"])), abs=1e-9)
+    assert share == pytest.approx(
+        (mean(finals["none"]) - mean(finals["vo_ffn"])) / (mean(finals["none"]) - mean(finals["all"])), abs=1e-9
+    )
     text = (tmp_path / "report.md").read_text()
     assert "## Interaction" not in text and "**none**: gap to all" in text
 
@@ -166,10 +186,16 @@ def test_third_axis_is_a_stratum(tmp_path):
                 values = (3.0 + shift + extra * (norm == "derf"), 3.03 + shift + extra * (norm == "derf"))
                 finals[norm, optim, subset] = values
                 for seed, final in enumerate(values):
-                    write_cell(tmp_path, {"model.norm": norm, "optim.name": optim, MUON_PARAMS: subset}, seed,
-                               final, {"norm": norm, "optim": optim, MUON_PARAMS: subset})
-    write_experiment_file(tmp_path, {"model.norm": ["rmsnorm", "derf"], "optim.name": ["adamw", "muon"],
-                                     MUON_PARAMS: ["all", "vo"]}, None)
+                    write_cell(
+                        tmp_path,
+                        {"model.norm": norm, "optim.name": optim, MUON_PARAMS: subset},
+                        seed,
+                        final,
+                        {"norm": norm, "optim": optim, MUON_PARAMS: subset},
+                    )
+    write_experiment_file(
+        tmp_path, {"model.norm": ["rmsnorm", "derf"], "optim.name": ["adamw", "muon"], MUON_PARAMS: ["all", "vo"]}, None
+    )
     summary = write_report(tmp_path)
     assert summary["settings"]["axes"]["strata"] == [MUON_PARAMS]
     for subset, expected in (("all", 0.2), ("vo", 0.4)):
@@ -182,8 +208,21 @@ def test_third_axis_is_a_stratum(tmp_path):
 
 def test_command_line_overrides_the_axes(ablation, tmp_path, capsys):
     root, _ = ablation
-    report_main([str(root), "--out", str(tmp_path), "--compare", "optim.name", "--baseline", "adamw",
-                 "--across", MUON_PARAMS, "--reference", "all"])
+    report_main(
+        [
+            str(root),
+            "--out",
+            str(tmp_path),
+            "--compare",
+            "optim.name",
+            "--baseline",
+            "adamw",
+            "--across",
+            MUON_PARAMS,
+            "--reference",
+            "all",
+        ]
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["settings"]["axes"]["compare"] == "optim.name"
     assert summary["variants"] == ["adamw", "muon"] and summary["optims"] == ["all", "vo_ffn", "qk"]
@@ -204,8 +243,9 @@ def test_axes_inferred_from_cell_json_without_experiment_file(ablation, tmp_path
 
 def test_bad_report_settings_are_user_errors():
     levels = {"model.norm": ["rmsnorm", "derf"], "optim.name": ["adamw", "muon"]}
-    assert axes_from_levels(levels) == ReportAxes(order={"model.norm": ("rmsnorm", "derf"),
-                                                         "optim.name": ("adamw", "muon")})
+    assert axes_from_levels(levels) == ReportAxes(
+        order={"model.norm": ("rmsnorm", "derf"), "optim.name": ("adamw", "muon")}
+    )
     with pytest.raises(UserError, match="unknown key 'basline'"):
         axes_from_levels(levels, {"basline": "derf"})
     with pytest.raises(UserError, match="'layernorm' is not a level of model.norm"):
@@ -220,15 +260,23 @@ def test_bad_report_settings_are_user_errors():
 
 # loss per bucket (head -> tail) of each cell: Muon gains 0.05 in the head and 0.5 in the tail
 BUCKETS = {
-    ("adamw", 0): [2.0, 4.0, 7.0], ("adamw", 1): [2.1, 4.2, 7.2],
-    ("muon", 0): [1.96, 3.8, 6.6], ("muon", 1): [2.04, 3.9, 6.6],
+    ("adamw", 0): [2.0, 4.0, 7.0],
+    ("adamw", 1): [2.1, 4.2, 7.2],
+    ("muon", 0): [1.96, 3.8, 6.6],
+    ("muon", 1): [2.04, 3.9, 6.6],
 }
 
 
 def test_bucket_differences_and_tail_minus_head(tmp_path):
     for (optim, seed), buckets in BUCKETS.items():
-        write_cell(tmp_path, {"model.norm": "rmsnorm", "optim.name": optim}, seed, buckets[1],
-                   {"norm": "rmsnorm", "optim": optim}, buckets=buckets)
+        write_cell(
+            tmp_path,
+            {"model.norm": "rmsnorm", "optim.name": optim},
+            seed,
+            buckets[1],
+            {"norm": "rmsnorm", "optim": optim},
+            buckets=buckets,
+        )
     summary = write_report(tmp_path)
     item = by(summary["tail_classes"], kind="across")
     assert item["first_label"] == "adamw (rmsnorm)" and item["second_label"] == "muon (rmsnorm)"
@@ -241,7 +289,8 @@ def test_bucket_differences_and_tail_minus_head(tmp_path):
     value, half = welch(*spread)
     assert item["tail_minus_head"]["value"] == pytest.approx(value, abs=1e-9)
     assert (item["tail_minus_head"]["ci95"][1] - item["tail_minus_head"]["ci95"][0]) / 2 == pytest.approx(
-        half, rel=1e-6)
+        half, rel=1e-6
+    )
     assert (item["head_bucket"], item["tail_bucket"]) == (0, 2)
     assert "the tail bucket gains more than the head bucket" in item["sentence"]
     text = (tmp_path / "report.md").read_text()
@@ -249,10 +298,10 @@ def test_bucket_differences_and_tail_minus_head(tmp_path):
 
 
 def test_buckets_that_do_not_line_up_are_not_compared(tmp_path):
-    write_cell(tmp_path, {"optim.name": "adamw"}, 0, 3.0, {"norm": "rmsnorm", "optim": "adamw"},
-               buckets=[2.0, 4.0, 7.0])
-    write_cell(tmp_path, {"optim.name": "muon"}, 0, 3.0, {"norm": "rmsnorm", "optim": "muon"},
-               buckets=[2.0, 4.0])
+    write_cell(
+        tmp_path, {"optim.name": "adamw"}, 0, 3.0, {"norm": "rmsnorm", "optim": "adamw"}, buckets=[2.0, 4.0, 7.0]
+    )
+    write_cell(tmp_path, {"optim.name": "muon"}, 0, 3.0, {"norm": "rmsnorm", "optim": "muon"}, buckets=[2.0, 4.0])
     assert write_report(tmp_path)["tail_classes"] == []
 
 
@@ -273,9 +322,14 @@ def test_no_share_of_a_gap_that_is_not_there(tmp_path):
 def test_isotropy_is_reported_per_cell_and_type(tmp_path):
     folder = write_cell(tmp_path, {"optim.name": "muon"}, 0, 3.0, {"norm": "rmsnorm", "optim": "muon"})
     groups = {"attn.wq/early": (0.9, 0.5), "attn.wq/late": (0.7, 0.3), "ffn.w2/early": (0.95, None)}
-    record = {"step": 100, "kind": "isotropy", "groups": {
-        key: {"update_entropy": u, "update_erank": 3.0, "weight_entropy": w, "weight_erank": 2.0}
-        for key, (u, w) in groups.items()}}
+    record = {
+        "step": 100,
+        "kind": "isotropy",
+        "groups": {
+            key: {"update_entropy": u, "update_erank": 3.0, "weight_entropy": w, "weight_erank": 2.0}
+            for key, (u, w) in groups.items()
+        },
+    }
     (folder / "diagnostics.jsonl").write_text(json.dumps(record) + "\n")
     summary = write_report(tmp_path)
     numbers = summary["cells"][0]["diagnostics"]

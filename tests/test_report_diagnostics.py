@@ -21,10 +21,18 @@ DIAGNOSTIC_PLOTS = ("saturation.png", "saturation_layers.png", "spectral_norm.pn
 
 
 def norm_record(step: int, saturations: dict[str, float | str | None], kind: str = "derf") -> dict:
-    layers = {name: {"type": kind, "saturation": sat, "alpha": None if sat is None else 0.5,
-                     "shift": None if sat is None else 0.0, "scale_across_tokens": 0.3,
-                     "linearity_within_token": 0.95, "input_rms": 1.2}
-              for name, sat in saturations.items()}
+    layers = {
+        name: {
+            "type": kind,
+            "saturation": sat,
+            "alpha": None if sat is None else 0.5,
+            "shift": None if sat is None else 0.0,
+            "scale_across_tokens": 0.3,
+            "linearity_within_token": 0.95,
+            "input_rms": 1.2,
+        }
+        for name, sat in saturations.items()
+    }
     return {"step": step, "kind": "norm", "layers": layers}
 
 
@@ -33,9 +41,13 @@ def spectral_record(step: int, matrices: dict[str, float | str | None]) -> dict:
 
 
 def tail_record(step: int, losses: list, shares: list | None = None, sizes: list | None = None) -> dict:
-    return {"step": step, "kind": "tail_tokens", "bucket_loss": losses,
-            "bucket_token_share": shares or [1 / len(losses)] * len(losses),
-            "bucket_vocab_size": sizes or [10 * (i + 1) for i in range(len(losses))]}
+    return {
+        "step": step,
+        "kind": "tail_tokens",
+        "bucket_loss": losses,
+        "bucket_token_share": shares or [1 / len(losses)] * len(losses),
+        "bucket_vocab_size": sizes or [10 * (i + 1) for i in range(len(losses))],
+    }
 
 
 def run_record(norm: str, optim: str) -> dict:
@@ -52,43 +64,64 @@ LAYERS = ("layers.0.attn_norm", "layers.0.ffn_norm", "norm")
 def build(root: Path) -> Path:
     """Five cells, one seed each: four with diagnostics, dyt-adamw without."""
     cell = write_cell(root, "derf", "muon", 0, 3.9)
-    write_diagnostics(cell, [
-        run_record("derf", "muon"),
-        norm_record(50, dict(zip(LAYERS, (0.2, 0.4, 0.6)))),  # mean 0.4
-        spectral_record(50, {"layers.0.attn.wq.weight": 10.0}),  # replaced by the next line (resumed run)
-        spectral_record(50, {"layers.0.attn.wq.weight": 1.0, "layers.0.ffn.w1.weight": 3.0}),  # mean 2
-        {"step": 50, "kind": "ns_spectrum", "singular_values": [[1.0, 0.5]]},
-        tail_record(50, [4.0, 5.0, 6.0, 9.0]),
-        norm_record(100, dict(zip(LAYERS, (0.5, 0.7, None)))),  # null left out: mean 0.6
-        spectral_record(100, {"layers.0.attn.wq.weight": 2.0, "layers.0.ffn.w1.weight": "6.0",
-                              "layers.0.ffn.w2.weight": None}),  # mean 4: growth 4 / 2 = 2
-        tail_record(100, [3.0, 4.5, None, 8.0], [0.6, 0.3, 0.0, 0.1], [3, 10, 0, 50]),
-        {"step": 100, "kind": "some_future_kind", "payload": {"x": [1, 2]}},
-    ], tail='\n{"step": 150, "kind": "norm", "layers": {"layers.0.at')  # killed writer: unterminated
+    write_diagnostics(
+        cell,
+        [
+            run_record("derf", "muon"),
+            norm_record(50, dict(zip(LAYERS, (0.2, 0.4, 0.6)))),  # mean 0.4
+            spectral_record(50, {"layers.0.attn.wq.weight": 10.0}),  # replaced by the next line (resumed run)
+            spectral_record(50, {"layers.0.attn.wq.weight": 1.0, "layers.0.ffn.w1.weight": 3.0}),  # mean 2
+            {"step": 50, "kind": "ns_spectrum", "singular_values": [[1.0, 0.5]]},
+            tail_record(50, [4.0, 5.0, 6.0, 9.0]),
+            norm_record(100, dict(zip(LAYERS, (0.5, 0.7, None)))),  # null left out: mean 0.6
+            spectral_record(
+                100, {"layers.0.attn.wq.weight": 2.0, "layers.0.ffn.w1.weight": "6.0", "layers.0.ffn.w2.weight": None}
+            ),  # mean 4: growth 4 / 2 = 2
+            tail_record(100, [3.0, 4.5, None, 8.0], [0.6, 0.3, 0.0, 0.1], [3, 10, 0, 50]),
+            {"step": 100, "kind": "some_future_kind", "payload": {"x": [1, 2]}},
+        ],
+        tail='\n{"step": 150, "kind": "norm", "layers": {"layers.0.at',
+    )  # killed writer: unterminated
     cell = write_cell(root, "derf", "adamw", 0, 3.3)
-    write_diagnostics(cell, [
-        run_record("derf", "adamw"),
-        norm_record(50, dict(zip(LAYERS, (0.1, 0.2, 0.3)))),
-        spectral_record(50, {"layers.0.attn.wq.weight": 1.0, "layers.1.attn.wq.weight": 1.0}),
-        norm_record(100, dict(zip(LAYERS, (0.2, 0.3, 0.4)))),  # mean 0.3
-        spectral_record(100, {"layers.0.attn.wq.weight": 1.0, "layers.1.attn.wq.weight": 2.0,
-                              "tok_embeddings.weight": 5.6, "output.weight": 6.0}),  # blocks: mean 1.5, growth 1.5
-        tail_record(100, [3.0, 4.0, 5.0, 6.0]),
-    ])
+    write_diagnostics(
+        cell,
+        [
+            run_record("derf", "adamw"),
+            norm_record(50, dict(zip(LAYERS, (0.1, 0.2, 0.3)))),
+            spectral_record(50, {"layers.0.attn.wq.weight": 1.0, "layers.1.attn.wq.weight": 1.0}),
+            norm_record(100, dict(zip(LAYERS, (0.2, 0.3, 0.4)))),  # mean 0.3
+            spectral_record(
+                100,
+                {
+                    "layers.0.attn.wq.weight": 1.0,
+                    "layers.1.attn.wq.weight": 2.0,
+                    "tok_embeddings.weight": 5.6,
+                    "output.weight": 6.0,
+                },
+            ),  # blocks: mean 1.5, growth 1.5
+            tail_record(100, [3.0, 4.0, 5.0, 6.0]),
+        ],
+    )
     cell = write_cell(root, "rmsnorm", "adamw", 0, 3.0)
-    write_diagnostics(cell, [
-        run_record("rmsnorm", "adamw"),
-        norm_record(50, dict.fromkeys(LAYERS), kind="rmsnorm"),  # unbounded: no saturation
-        spectral_record(50, {"layers.0.ffn.w1.weight": 1.0}),
-        spectral_record(100, {"layers.0.ffn.w1.weight": 1.2}),
-        tail_record(100, [2.9, 3.9, 4.9, 5.9]),
-    ])
+    write_diagnostics(
+        cell,
+        [
+            run_record("rmsnorm", "adamw"),
+            norm_record(50, dict.fromkeys(LAYERS), kind="rmsnorm"),  # unbounded: no saturation
+            spectral_record(50, {"layers.0.ffn.w1.weight": 1.0}),
+            spectral_record(100, {"layers.0.ffn.w1.weight": 1.2}),
+            tail_record(100, [2.9, 3.9, 4.9, 5.9]),
+        ],
+    )
     cell = write_cell(root, "rmsnorm", "muon", 0, 2.9)
-    write_diagnostics(cell, [
-        norm_record(100, dict.fromkeys(LAYERS), kind="rmsnorm"),
-        spectral_record(100, {"layers.0.ffn.w1.weight": "inf"}),  # one record: no growth
-        tail_record(100, [2.8, 3.8, None, 5.8]),
-    ])
+    write_diagnostics(
+        cell,
+        [
+            norm_record(100, dict.fromkeys(LAYERS), kind="rmsnorm"),
+            spectral_record(100, {"layers.0.ffn.w1.weight": "inf"}),  # one record: no growth
+            tail_record(100, [2.8, 3.8, None, 5.8]),
+        ],
+    )
     write_cell(root, "dyt", "adamw", 0, 3.1)  # no diagnostics.jsonl
     return root
 
@@ -210,24 +243,33 @@ def test_read_diagnostics_series(tmp_path):
 
 def test_nan_propagates_into_the_mean(tmp_path):
     path = tmp_path / "diagnostics.jsonl"
-    write_diagnostics(tmp_path, [norm_record(10, {"a": 0.5, "b": "nan"}), spectral_record(10, {"layers.0.ffn.w1.weight": "-inf"})])
+    write_diagnostics(
+        tmp_path, [norm_record(10, {"a": 0.5, "b": "nan"}), spectral_record(10, {"layers.0.ffn.w1.weight": "-inf"})]
+    )
     diagnostics = read_diagnostics(path)
     assert math.isnan(diagnostics.saturation[0][1]) and diagnostics.spectral_norm == ((10, -math.inf),)
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"step": 10, "kind": "norm", "layers": [1]}', "'layers' is not an object"),
-    ('{"step": 10, "kind": "spectral_norm", "matrices": {"w": "big"}}', "could not convert"),
-    ('{"step": "10", "kind": "norm"}', "is not an integer"),
-    ('{"step": 10}', "kind None is not a string"),
-    ('{"step": 10, "kind": "tail_tokens", "bucket_loss": [1.0], "bucket_vocab_size": [1.5]}', "not a list of int"),
-    ("not json", "unreadable diagnostics line"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"step": 10, "kind": "norm", "layers": [1]}', "'layers' is not an object"),
+        ('{"step": 10, "kind": "spectral_norm", "matrices": {"w": "big"}}', "could not convert"),
+        ('{"step": "10", "kind": "norm"}', "is not an integer"),
+        ('{"step": 10}', "kind None is not a string"),
+        ('{"step": 10, "kind": "tail_tokens", "bucket_loss": [1.0], "bucket_vocab_size": [1.5]}', "not a list of int"),
+        ("not json", "unreadable diagnostics line"),
+    ],
+)
 def test_bad_lines_are_user_errors(tmp_path, line, message):
     path = tmp_path / "diagnostics.jsonl"
     path.write_text(f'{{"step": 0, "kind": "run"}}\n{line}\n{{"step": 20, "kind": "run"}}\n')
-    with pytest.raises(UserError, match=rf"diagnostics.jsonl:2: unreadable diagnostics line \(.*{message}"
-                       if message != "unreadable diagnostics line" else "diagnostics.jsonl:2: unreadable"):
+    with pytest.raises(
+        UserError,
+        match=rf"diagnostics.jsonl:2: unreadable diagnostics line \(.*{message}"
+        if message != "unreadable diagnostics line"
+        else "diagnostics.jsonl:2: unreadable",
+    ):
         read_diagnostics(path)
     path.write_text(f'{{"step": 0, "kind": "run"}}\n{line}')  # the same line, unterminated and last: skipped
     assert read_diagnostics(path).partial_last_line
@@ -272,10 +314,15 @@ def test_setup_takes_parameters_from_the_run_record(report):
 def test_dropped_bucket_comparisons_are_said(report, tmp_path):
     """A pair whose bucket rows are missing or misaligned is left out with a note saying why."""
     _, summary = report
-    assert any("head/tail comparison rmsnorm/adamw vs dyt/adamw left out: no tail_tokens record in dyt-adamw-s0"
-               in note for note in summary["notes"])
+    assert any(
+        "head/tail comparison rmsnorm/adamw vs dyt/adamw left out: no tail_tokens record in dyt-adamw-s0" in note
+        for note in summary["notes"]
+    )
     for norm, losses in (("rmsnorm", [3.0, 4.0, 5.0, 6.0]), ("derf", [3.0, 4.0, 5.0])):  # 4 vs 3 buckets
         write_diagnostics(write_cell(tmp_path, norm, "adamw", 0, 3.0), [tail_record(100, losses)])
     notes = build_summary(discover_cells(tmp_path), fixes={})["notes"]
-    assert any("head/tail comparison rmsnorm/adamw vs derf/adamw left out: the cells logged different bucket "
-               "counts (3, 4)" in note for note in notes), notes
+    assert any(
+        "head/tail comparison rmsnorm/adamw vs derf/adamw left out: the cells logged different bucket "
+        "counts (3, 4)" in note
+        for note in notes
+    ), notes

@@ -56,7 +56,7 @@ def test_dominant_variance_group_gets_welch_df_from_that_group():
     """One group's variance dominates: nu -> that group's n - 1 (here by hand)."""
     groups = [describe([3.0, 3.4]), describe([2.0, 2.001]), describe([2.5, 2.501]), describe([1.0, 1.001])]
     c = contrast(list(zip((1.0, -1.0, -1.0, 1.0), groups)))
-    w = [g.std ** 2 / 2 for g in groups]
+    w = [g.std**2 / 2 for g in groups]
     nu = sum(w) ** 2 / sum(x * x / 1 for x in w)
     assert c.df == pytest.approx(nu) and 1.0 < c.df < 1.001
     assert c.ci95[1] - c.value == pytest.approx(t_critical(nu) * math.sqrt(sum(w)))
@@ -66,9 +66,12 @@ def test_dominant_variance_group_gets_welch_df_from_that_group():
 
 
 FINALS = {  # (variant, optim) -> seeds 0, 1
-    ("rmsnorm", "adamw"): (3.00, 3.02), ("rmsnorm", "muon"): (2.90, 2.94),
-    ("derf", "adamw"): (3.30, 3.34), ("derf", "muon"): (3.88, 3.90),
-    ("dyt", "adamw"): (3.10, 3.14), ("dyt", "muon"): (3.00, 3.06),
+    ("rmsnorm", "adamw"): (3.00, 3.02),
+    ("rmsnorm", "muon"): (2.90, 2.94),
+    ("derf", "adamw"): (3.30, 3.34),
+    ("derf", "muon"): (3.88, 3.90),
+    ("dyt", "adamw"): (3.10, 3.14),
+    ("dyt", "muon"): (3.00, 3.06),
 }
 DYT_ALPHA = {("adamw", 0): 3.20, ("adamw", 1): 3.22, ("muon", 0): 3.40, ("muon", 1): 3.44}
 
@@ -80,9 +83,20 @@ def grid(tmp_path_factory):
         for seed, final in enumerate(finals):
             write_cell(root, norm, optim, seed, final)
     for (optim, seed), final in DYT_ALPHA.items():  # Derf with DyT's alphas: an explicit arm
-        write_cell(root, "derf", optim, seed, final, alpha=0.8,
-                   cell_json={"name": f"dyt_alpha-{optim}-s{seed}", "coords": {"norm": "derf", "optim": optim},
-                              "seed": seed, "arm": "dyt_alpha"})
+        write_cell(
+            root,
+            "derf",
+            optim,
+            seed,
+            final,
+            alpha=0.8,
+            cell_json={
+                "name": f"dyt_alpha-{optim}-s{seed}",
+                "coords": {"norm": "derf", "optim": optim},
+                "seed": seed,
+                "arm": "dyt_alpha",
+            },
+        )
     write_cell(root, "derf", "muon", 2, 3.0, nan_at=60)  # diverged
     write_cell(root, "dyt", "adamw", 2, 5.0, last=50)  # stopped early
     axes = ReportAxes(factors={"dyt_alphas_on_derf": ("derf", "derf[dyt_alpha]")}, equivalence_margin=0.1)
@@ -117,12 +131,15 @@ def test_factor_effect_by_hand(grid):
 def test_left_out_cells_are_counted_per_group_and_flag_their_contrasts(grid):
     counts = {(r["variant"], r["optim"]): r["flags"] for r in grid["left_out_by_group"]}
     assert counts == {("derf", "muon"): {"diverged": 1}, ("dyt", "adamw"): {"stopped_early": 1}}
-    assert by(grid["interactions"], variant="derf", optim="muon")["left_out"] == \
-        ["derf/muon: 1 cell left out (1 diverged)"]
-    assert by(grid["interactions"], variant="dyt", optim="muon")["left_out"] == \
-        ["dyt/adamw: 1 cell left out (1 stopped_early)"]
-    assert by(grid["factor_effects"], factor="dyt_alphas_on_derf")["left_out"] == \
-        ["derf/muon: 1 cell left out (1 diverged)"]
+    assert by(grid["interactions"], variant="derf", optim="muon")["left_out"] == [
+        "derf/muon: 1 cell left out (1 diverged)"
+    ]
+    assert by(grid["interactions"], variant="dyt", optim="muon")["left_out"] == [
+        "dyt/adamw: 1 cell left out (1 stopped_early)"
+    ]
+    assert by(grid["factor_effects"], factor="dyt_alphas_on_derf")["left_out"] == [
+        "derf/muon: 1 cell left out (1 diverged)"
+    ]
     assert by(grid["groups"], variant="derf", optim="muon")["left_out"] == {"diverged": 1}
     assert sorted(len(r["cells"]) for r in grid["left_out_by_group"]) == [1, 1]
 
@@ -139,8 +156,12 @@ def test_markdown_names_the_family_flags_and_the_carrier(grid):
 
 def test_no_penalty_needs_equivalence(tmp_path):
     """DyT x Muon with a tiny interaction: negligible only within a margin its 90% interval fits."""
-    finals = {("rmsnorm", "adamw"): (3.00, 3.01), ("rmsnorm", "muon"): (2.90, 2.91),
-              ("dyt", "adamw"): (3.10, 3.11), ("dyt", "muon"): (3.00, 3.012)}
+    finals = {
+        ("rmsnorm", "adamw"): (3.00, 3.01),
+        ("rmsnorm", "muon"): (2.90, 2.91),
+        ("dyt", "adamw"): (3.10, 3.11),
+        ("dyt", "muon"): (3.00, 3.012),
+    }
     for (norm, optim), pair in finals.items():
         for seed, final in enumerate(pair):
             write_cell(tmp_path, norm, optim, seed, final)
@@ -157,9 +178,14 @@ def test_report_block_validates_factors_and_margin():
     assert axes.factors == {"f": ("derf", "derf[dyt_alpha]")}
     assert axes.equivalence_margin == DEFAULT_EQUIVALENCE_MARGIN
     assert axes_from_levels(levels, {"equivalence_margin": 0.02}).equivalence_margin == 0.02
-    for bad in ({"factors": {"f": ["derf"]}}, {"factors": {"f": ["layernorm", "derf"]}},
-                {"factors": {"f": ["derf", "derf"]}}, {"factors": ["derf"]}, {"equivalence_margin": 0},
-                {"equivalence_margin": "small"}):
+    for bad in (
+        {"factors": {"f": ["derf"]}},
+        {"factors": {"f": ["layernorm", "derf"]}},
+        {"factors": {"f": ["derf", "derf"]}},
+        {"factors": ["derf"]},
+        {"equivalence_margin": 0},
+        {"equivalence_margin": "small"},
+    ):
         with pytest.raises(UserError):
             axes_from_levels(levels, bad)
     for margin in (math.inf, -math.inf, math.nan):  # an infinite margin would call every contrast negligible
@@ -175,21 +201,41 @@ def test_a_factor_naming_an_arm_no_cell_has_is_refused(tmp_path, capsys):
     for optim in ("adamw", "muon"):
         for norm in ("rmsnorm", "derf"):
             write_cell(tmp_path, norm, optim, 0, 3.0)
-        write_cell(tmp_path, "derf", optim, 0, 3.1, alpha=0.8,
-                   cell_json={"name": f"dyt_alpha-{optim}-s0", "coords": {"norm": "derf", "optim": optim},
-                              "seed": 0, "arm": "dyt_alpha"})
+        write_cell(
+            tmp_path,
+            "derf",
+            optim,
+            0,
+            3.1,
+            alpha=0.8,
+            cell_json={
+                "name": f"dyt_alpha-{optim}-s0",
+                "coords": {"norm": "derf", "optim": optim},
+                "seed": 0,
+                "arm": "dyt_alpha",
+            },
+        )
     axes = ReportAxes(factors={"f": ("derf", "derf[dyt_alhpa]")})
-    with pytest.raises(UserError, match=r"report.factors.f: 'derf\[dyt_alhpa\]' names an arm 'dyt_alhpa' that no "
-                                        r"cell has \(arms: dyt_alpha\)"):
+    with pytest.raises(
+        UserError,
+        match=r"report.factors.f: 'derf\[dyt_alhpa\]' names an arm 'dyt_alhpa' that no "
+        r"cell has \(arms: dyt_alpha\)",
+    ):
         build_summary(discover_cells(tmp_path), axes=axes)
-    (tmp_path / "experiment.json").write_text(json.dumps({
-        "axes": {"model.norm": ["rmsnorm", "derf"], "optim.name": ["adamw", "muon"]},
-        "report": {"factors": {"f": ["derf", "derf[nope]"]}}}))
+    (tmp_path / "experiment.json").write_text(
+        json.dumps(
+            {
+                "axes": {"model.norm": ["rmsnorm", "derf"], "optim.name": ["adamw", "muon"]},
+                "report": {"factors": {"f": ["derf", "derf[nope]"]}},
+            }
+        )
+    )
     capsys.readouterr()
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.splitlines() == ["normopt: error: report.factors.f: 'derf[nope]' names an arm 'nope' that no cell "
-                                "has (arms: dyt_alpha)"], err
+    assert err.splitlines() == [
+        "normopt: error: report.factors.f: 'derf[nope]' names an arm 'nope' that no cell has (arms: dyt_alpha)"
+    ], err
 
 
 @pytest.mark.parametrize("name", ["confounds_cpu.yaml", "confounds_gpu_124m.yaml"])
@@ -240,8 +286,11 @@ def test_a_metrics_line_with_a_negative_step_is_refused_and_the_report_kept(tmp_
     damaged.write_text("\n".join([lines[0], '{"step": -5, "loss": 1.0}', *lines[1:]]) + "\n")
 
     def digest():
-        return {p.relative_to(tmp_path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+        return {
+            p.relative_to(tmp_path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(tmp_path.rglob("*"))
+            if p.is_file()
+        }
 
     before = digest()
     capsys.readouterr()
@@ -281,8 +330,9 @@ def test_a_lost_diverged_cell_biases_each_contrast_by_the_sign_its_group_enters_
     inter = by(summary["interactions"], variant="derf", optim="muon")
     gap = by(summary["gaps"], variant="derf", optim="muon")
     assert inter["left_out"] == ["rmsnorm/muon: 1 cell left out (1 diverged)"]
-    assert inter["left_out_bias"] == [{"estimate": "interaction", "direction": "high", "plus": [],
-                                       "minus": ["rmsnorm/muon"]}]
+    assert inter["left_out_bias"] == [
+        {"estimate": "interaction", "direction": "high", "plus": [], "minus": ["rmsnorm/muon"]}
+    ]
     assert gap["left_out_bias"][0]["direction"] == "high"
     assert by(summary["gaps"], variant="derf", optim="adamw")["left_out_bias"] == []
     counted = build_summary(cells, divergence_nats=10.0)  # the same cell, counted
@@ -292,17 +342,19 @@ def test_a_lost_diverged_cell_biases_each_contrast_by_the_sign_its_group_enters_
     line = next(ln for ln in text.splitlines() if ln.startswith("- **derf × muon**"))
     assert "the interaction is biased high, a positive value overstated: rmsnorm/muon (entering with −)" in line
     assert "understated" not in line
-    assert ("- interaction derf × muon − adamw: the interaction is biased high, a positive value overstated: "
-            "rmsnorm/muon (entering with −)") in text
+    assert (
+        "- interaction derf × muon − adamw: the interaction is biased high, a positive value overstated: "
+        "rmsnorm/muon (entering with −)"
+    ) in text
 
     write_cell(tmp_path, "derf", "muon", 2, 3.9, nan_at=60)  # Derf under Muon (+1) loses one too: both ways
     both = by(build_summary(discover_cells(tmp_path))["interactions"], variant="derf", optim="muon")
-    assert both["left_out_bias"] == [{"estimate": "interaction", "direction": "unknown", "plus": ["derf/muon"],
-                                      "minus": ["rmsnorm/muon"]}]
+    assert both["left_out_bias"] == [
+        {"estimate": "interaction", "direction": "unknown", "plus": ["derf/muon"], "minus": ["rmsnorm/muon"]}
+    ]
     shutil.rmtree(lost)  # only Derf under Muon's loss is left: biased low
     low = by(build_summary(discover_cells(tmp_path))["interactions"], variant="derf", optim="muon")
-    assert low["left_out_bias"] == [{"estimate": "interaction", "direction": "low", "plus": ["derf/muon"],
-                                     "minus": []}]
+    assert low["left_out_bias"] == [{"estimate": "interaction", "direction": "low", "plus": ["derf/muon"], "minus": []}]
 
 
 def test_a_recovery_share_is_biased_by_the_sign_of_a_minus_b_times_r(tmp_path):
@@ -316,8 +368,10 @@ def test_a_recovery_share_is_biased_by_the_sign_of_a_minus_b_times_r(tmp_path):
     write_cell(tmp_path, "derf_ema", "muon", 2, 3.1, nan_at=60)
     r = by(build_summary(discover_cells(tmp_path))["recoveries"], fix="derf_ema", optim="muon")
     assert r["left_out"] == ["derf_ema/muon: 1 cell left out (1 diverged)"]
-    assert {b["estimate"]: b["direction"] for b in r["left_out_bias"]} == \
-        {"share of the gap": "high", "share of the interaction": "high"}
+    assert {b["estimate"]: b["direction"] for b in r["left_out_bias"]} == {
+        "share of the gap": "high",
+        "share of the interaction": "high",
+    }
 
 
 def test_one_cell_with_two_flags_reads_as_one_cell(tmp_path):
@@ -332,8 +386,9 @@ def test_one_cell_with_two_flags_reads_as_one_cell(tmp_path):
     (group,) = summary["left_out_by_group"]
     assert group["flags"] == {"diverged": 1, "stopped_early": 1}
     assert group["by_flags"] == {"diverged + stopped_early": 1}
-    assert by(summary["interactions"], variant="derf")["left_out"] == \
-        ["derf/muon: 1 cell left out (1 diverged + stopped_early)"]
+    assert by(summary["interactions"], variant="derf")["left_out"] == [
+        "derf/muon: 1 cell left out (1 diverged + stopped_early)"
+    ]
     text = render_markdown(summary, {})
     assert "1 cell left out, 1 of them diverged" in text
     assert "| — | derf | muon | 1 diverged + stopped_early | derf-muon-s2 |" in text
@@ -355,8 +410,12 @@ def test_a_stopped_cell_implies_no_direction(tmp_path):
 
 def test_an_interaction_of_exactly_zero_reads_as_the_same_gap(tmp_path):
     """Means 3.0, 2.5, 3.5, 3.0 (exact in binary): interaction 3.0 − 2.5 − 3.5 + 3.0 = 0."""
-    finals = {("rmsnorm", "adamw"): (2.75, 3.25), ("rmsnorm", "muon"): (2.25, 2.75),
-              ("derf", "adamw"): (3.25, 3.75), ("derf", "muon"): (2.75, 3.25)}
+    finals = {
+        ("rmsnorm", "adamw"): (2.75, 3.25),
+        ("rmsnorm", "muon"): (2.25, 2.75),
+        ("derf", "adamw"): (3.25, 3.75),
+        ("derf", "muon"): (2.75, 3.25),
+    }
     for (norm, optim), pair in finals.items():
         for seed, final in enumerate(pair):
             write_cell(tmp_path, norm, optim, seed, final)
@@ -378,14 +437,27 @@ def test_factor_carriers_name_their_optimizer(tmp_path):
         for seed, noise in enumerate((-0.005, 0.005)):
             write_cell(tmp_path, "rmsnorm", optim, seed, base[optim] + noise)
             write_cell(tmp_path, "derf", optim, seed, base[optim] + derf_extra[optim] + noise)
-            write_cell(tmp_path, "derf", optim, seed, base[optim] + arm_extra[optim] + noise, alpha=0.8,
-                       cell_json={"name": f"arm-{optim}-s{seed}", "coords": {"norm": "derf", "optim": optim},
-                                  "seed": seed, "arm": "dyt_alpha"})
+            write_cell(
+                tmp_path,
+                "derf",
+                optim,
+                seed,
+                base[optim] + arm_extra[optim] + noise,
+                alpha=0.8,
+                cell_json={
+                    "name": f"arm-{optim}-s{seed}",
+                    "coords": {"norm": "derf", "optim": optim},
+                    "seed": seed,
+                    "arm": "dyt_alpha",
+                },
+            )
     axes = ReportAxes(factors={"alphas": ("derf", "derf[dyt_alpha]")}, order={"optim.name": tuple(base)})
     summary = build_summary(discover_cells(tmp_path), axes=axes)
     assert by(summary["factor_effects"], optim="muon")["value"] == pytest.approx(-0.4)
     assert by(summary["factor_effects"], optim="normuon")["value"] == pytest.approx(-0.3)
     text = render_markdown(summary, {})
     line = next(ln for ln in text.splitlines() if ln.startswith("- **Which factor carries the interaction**"))
-    assert ("switching alphas under muon (effect on the muon − adamw interaction -0.400 nats), alphas under "
-            "normuon (effect on the normuon − adamw interaction -0.300 nats) changes it") in line
+    assert (
+        "switching alphas under muon (effect on the muon − adamw interaction -0.400 nats), alphas under "
+        "normuon (effect on the normuon − adamw interaction -0.300 nats) changes it"
+    ) in line

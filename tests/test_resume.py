@@ -19,16 +19,33 @@ STEPS = 40
 # (the others on AdamW as matrix_adamw), so both kinds of optimizer state of the block
 # matrices go through a kill and a reshard; W_o is orthogonalised per head (its own torch
 # param group with head_blocks in the checkpoint), the expert stacks whole
-OPTIM_SETTINGS = {"adamw": ["optim.name=adamw"],
-                  "muon": ["optim.name=muon", "optim.muon_params=vo_ffn", "optim.muon_split_heads=qkvo",
-                           "model.attention=mla", "model.ffn=moe", "model.n_experts=4", "model.moe_balance=aux_free",
-                           "model.moe_bias_rate=0.01"]}
+OPTIM_SETTINGS = {
+    "adamw": ["optim.name=adamw"],
+    "muon": [
+        "optim.name=muon",
+        "optim.muon_params=vo_ffn",
+        "optim.muon_split_heads=qkvo",
+        "model.attention=mla",
+        "model.ffn=moe",
+        "model.n_experts=4",
+        "model.moe_balance=aux_free",
+        "model.moe_bias_rate=0.01",
+    ],
+}
 
 
 def _args(run_dir, corpus, *extra):
-    return tiny_run_args(run_dir, corpus, f"train.steps={STEPS}", "train.eval_interval=10",
-                         "checkpoint.interval=3", "checkpoint.keep_latest_k=3",
-                         "optim.schedule=constant", "train.dtype=float32", *extra)
+    return tiny_run_args(
+        run_dir,
+        corpus,
+        f"train.steps={STEPS}",
+        "train.eval_interval=10",
+        "checkpoint.interval=3",
+        "checkpoint.keep_latest_k=3",
+        "optim.schedule=constant",
+        "train.dtype=float32",
+        *extra,
+    )
 
 
 def _losses(run_dir):
@@ -49,12 +66,16 @@ def reference(tmp_path_factory, tiny_corpus):
     return out
 
 
-@pytest.mark.parametrize("optim, kill_after, async_save", [
-    # the fault injection (tests/test_fault_injection.py) kills 2-rank Muon runs mid-step and mid-write,
-    # sync and async, in the default run; the other two cases here run with -m slow
-    ("adamw", 7, False), pytest.param("muon", 14, False, marks=pytest.mark.slow),
-    pytest.param("adamw", 20, True, marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "optim, kill_after, async_save",
+    [
+        # the fault injection (tests/test_fault_injection.py) kills 2-rank Muon runs mid-step and mid-write,
+        # sync and async, in the default run; the other two cases here run with -m slow
+        ("adamw", 7, False),
+        pytest.param("muon", 14, False, marks=pytest.mark.slow),
+        pytest.param("adamw", 20, True, marks=pytest.mark.slow),
+    ],
+)
 def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_corpus, reference, optim, kill_after, async_save):
     """Killed anywhere (also while a checkpoint is being written, in the background or
     not), the run resumes from its last complete checkpoint and logs the same losses."""
@@ -85,15 +106,23 @@ def test_incomplete_checkpoint_is_never_loaded(tmp_path, tiny_corpus, reference)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "step_00000009 at step 9" in resumed.stdout
     # the fallback is said, in one line
-    assert ("normopt: partial checkpoints step_00000012.tmp, step_00000015 (an interrupted write) skipped; "
-            "resuming from step_00000009") in resumed.stdout.splitlines()
+    assert (
+        "normopt: partial checkpoints step_00000012.tmp, step_00000015 (an interrupted write) skipped; "
+        "resuming from step_00000009"
+    ) in resumed.stdout.splitlines()
     assert _losses(run_dir) == reference["adamw"]
 
 
 # SIGTERM also runs through the launcher in test_launcher; all three share one handler
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, pytest.param(signal.SIGTERM, marks=pytest.mark.slow),
-                                 pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
-                         ids=["SIGUSR1", "SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "sig",
+    [
+        signal.SIGUSR1,
+        pytest.param(signal.SIGTERM, marks=pytest.mark.slow),
+        pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+    ],
+    ids=["SIGUSR1", "SIGTERM", "SIGINT"],
+)
 def test_stop_signal_checkpoints_and_exits_75(tmp_path, tiny_corpus, reference, sig):
     run_dir = tmp_path / "run"
     args = _args(run_dir, tiny_corpus)

@@ -20,12 +20,31 @@ def _checkpoint(run: RunDir, step: int, complete: bool = True, config: str | Non
 def test_layout_names(tmp_path):
     run = RunDir(tmp_path)  # a plain str works too
     assert RunDir(str(tmp_path)) == run and str(run) == str(tmp_path)
-    names = {attr: getattr(run, attr).relative_to(tmp_path).as_posix()
-             for attr in ("config", "metrics", "diagnostics", "tensorboard", "checkpoints", "cell_json",
-                          "train_log", "export", "lock")}
-    assert names == {"config": "config.yaml", "metrics": "metrics.jsonl", "diagnostics": "diagnostics.jsonl",
-                     "tensorboard": "tensorboard", "checkpoints": "checkpoints", "cell_json": "cell.json",
-                     "train_log": "train.log", "export": "export", "lock": ".lock"}
+    names = {
+        attr: getattr(run, attr).relative_to(tmp_path).as_posix()
+        for attr in (
+            "config",
+            "metrics",
+            "diagnostics",
+            "tensorboard",
+            "checkpoints",
+            "cell_json",
+            "train_log",
+            "export",
+            "lock",
+        )
+    }
+    assert names == {
+        "config": "config.yaml",
+        "metrics": "metrics.jsonl",
+        "diagnostics": "diagnostics.jsonl",
+        "tensorboard": "tensorboard",
+        "checkpoints": "checkpoints",
+        "cell_json": "cell.json",
+        "train_log": "train.log",
+        "export": "export",
+        "lock": ".lock",
+    }
     assert run.checkpoint(7).relative_to(tmp_path).as_posix() == "checkpoints/step_00000007"
     assert run.partial_checkpoint(7).name == "step_00000007.tmp"
 
@@ -84,7 +103,9 @@ def test_a_damaged_newest_checkpoint_is_refused_never_skipped(tmp_path):
     assert run.find_checkpoint(None, "--step") == run.checkpoint(3)
     assert run.skipped_partials(run.checkpoint(3)) == ["step_00000006"]
     os.symlink("trainer_state.json", run.checkpoint(6) / "trainer_state.json")  # a loop
-    with pytest.raises(UserError, match=r"cannot load checkpoint: .*step_00000006/trainer_state.json is a symlink loop"):
+    with pytest.raises(
+        UserError, match=r"cannot load checkpoint: .*step_00000006/trainer_state.json is a symlink loop"
+    ):
         run.find_checkpoint(None, "--step")
     with pytest.raises(UserError, match="is a symlink loop"):
         run.find_checkpoint(6, "--step")

@@ -12,8 +12,13 @@ from tests.conftest import REPO_ROOT
 
 
 def _cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "normopt.cli", *map(str, args)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "normopt.cli", *map(str, args)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_sample_prints_the_prompt_and_its_continuation(finished_run, capsys):
@@ -40,14 +45,22 @@ def _with_extra(weights):
     return {**weights, "extra.weight": torch.zeros(2)}
 
 
-@pytest.mark.parametrize("damage, words", [
-    (None, "step_00000006.safetensors: not a readable safetensors file (Error while deserializing header"),
-    (_renamed, "step_00000006.safetensors: no 2-D tok_embeddings.weight, so these are not the weights of a "
-               "normopt model (its tensors: x."),
-    (_with_extra, "step_00000006.safetensors: the weights do not fit the run's config: they have extra extra.weight"),
-])
-def test_an_export_that_is_not_the_runs_weights_is_one_line_and_exit_2(finished_run, tmp_path, capsys, damage,
-                                                                       words):
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (None, "step_00000006.safetensors: not a readable safetensors file (Error while deserializing header"),
+        (
+            _renamed,
+            "step_00000006.safetensors: no 2-D tok_embeddings.weight, so these are not the weights of a "
+            "normopt model (its tensors: x.",
+        ),
+        (
+            _with_extra,
+            "step_00000006.safetensors: the weights do not fit the run's config: they have extra extra.weight",
+        ),
+    ],
+)
+def test_an_export_that_is_not_the_runs_weights_is_one_line_and_exit_2(finished_run, tmp_path, capsys, damage, words):
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -90,7 +103,8 @@ def test_unknown_command_and_train_prog():
     # one line (the usage block is normopt --help's), naming the command and the ones there are
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
         "normopt: error: unknown command 'bogus' (commands: train, check, export, sample, report, factorial, "
-        "plan, status, spectrum, launch, config; see normopt --help)"], proc.stderr
+        "plan, status, spectrum, launch, config; see normopt --help)"
+    ], proc.stderr
     no_command = _cli(timeout=60)
     assert no_command.returncode == 2 and len(no_command.stderr.splitlines()) == 1
     assert no_command.stderr.startswith("normopt: error: no command given (commands: train,")

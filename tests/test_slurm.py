@@ -46,24 +46,48 @@ def cluster(slurm_cluster):
 def _job_env(cluster) -> dict[str, str]:
     """What the jobs inherit (sbatch exports the submitter's environment): one thread per
     rank, this Python, the repository on the path."""
-    return cluster.env({**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                        "NORMOPT_PYTHON": sys.executable, "PYTHONPATH": str(REPO_ROOT)})
+    return cluster.env(
+        {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "NORMOPT_PYTHON": sys.executable,
+            "PYTHONPATH": str(REPO_ROOT),
+        }
+    )
 
 
 def _normopt(cluster, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "normopt.cli", *args], cwd=REPO_ROOT, env=_job_env(cluster),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "normopt.cli", *args],
+        cwd=REPO_ROOT,
+        env=_job_env(cluster),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _spec(tmp_path: Path, corpus: Path, **changes) -> Path:
     spec = {
         "base": str(REPO_ROOT / "configs" / "demo.yaml"),
         "root": str(tmp_path / "grid"),
-        "set": {"data.path": str(corpus), "data.vocab_size": 300, "train.steps": 6, "train.global_batch_size": 4,
-                "train.micro_batch_size": 4, "train.seq_len": 32, "train.eval_interval": 3,
-                "train.eval_sequences": 8, "train.mfu_probe": False, "train.log_interval": 1,
-                "optim.warmup_steps": 1, "optim.grad_clip": 0, "checkpoint.interval": 3,
-                **{item.split("=")[0]: yaml.safe_load(item.split("=")[1]) for item in TINY_MODEL}},
+        "set": {
+            "data.path": str(corpus),
+            "data.vocab_size": 300,
+            "train.steps": 6,
+            "train.global_batch_size": 4,
+            "train.micro_batch_size": 4,
+            "train.seq_len": 32,
+            "train.eval_interval": 3,
+            "train.eval_sequences": 8,
+            "train.mfu_probe": False,
+            "train.log_interval": 1,
+            "optim.warmup_steps": 1,
+            "optim.grad_clip": 0,
+            "checkpoint.interval": 3,
+            **{item.split("=")[0]: yaml.safe_load(item.split("=")[1]) for item in TINY_MODEL},
+        },
         "axes": {"model.norm": ["rmsnorm", "derf"], "optim.name": ["adamw"]},
         "seeds": [0],
         "slurm": {"gpus_per_node": 1},
@@ -140,8 +164,12 @@ def _read_json(path: Path) -> dict:
 def test_tuned_grid_runs_through_slurm_to_its_report(cluster, tmp_path, tiny_corpus):
     """Tuning array (the value 1e4 diverges: exit 3, which the choice job's afterany still
     follows), the choice, the evaluation array at the chosen value, then the report job."""
-    spec = _spec(tmp_path, tiny_corpus, axes={"model.norm": ["derf"], "optim.name": ["adamw"]},
-                 tune={"key": "optim.lr", "values": [1.0e-2, 1.0e4], "seeds": [100]})
+    spec = _spec(
+        tmp_path,
+        tiny_corpus,
+        axes={"model.norm": ["derf"], "optim.name": ["adamw"]},
+        tune={"key": "optim.lr", "values": [1.0e-2, 1.0e4], "seeds": [100]},
+    )
     root = tmp_path / "grid"
     dry = _normopt(cluster, "factorial", str(spec), "--slurm", "--dry-run")
     assert dry.returncode == 0, dry.stderr
@@ -152,8 +180,9 @@ def test_tuned_grid_runs_through_slurm_to_its_report(cluster, tmp_path, tiny_cor
 
     proc = _normopt(cluster, "factorial", str(spec), "--slurm")
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"submitted tuning \d+ \(2 tasks\), choose \d+, evaluation \d+ \(1 tasks\), report \d+",
-                     proc.stdout), proc.stdout
+    assert re.search(
+        r"submitted tuning \d+ \(2 tasks\), choose \d+, evaluation \d+ \(1 tasks\), report \d+", proc.stdout
+    ), proc.stdout
     during = _normopt(cluster, "status", str(root))
     assert during.returncode == 0, during.stderr
     assert "(from the SLURM queue and run folders)" in during.stdout
@@ -188,31 +217,41 @@ def test_tuned_grid_runs_through_slurm_to_its_report(cluster, tmp_path, tiny_cor
     assert "TUNING=" not in again.stdout and "EVALUATION=" not in again.stdout and "REPORT=" in again.stdout
 
 
-def test_usr1_preempts_an_array_task_which_requeues_and_resumes_bit_identically(cluster, tmp_path,
-                                                                                 tiny_corpus):
+def test_usr1_preempts_an_array_task_which_requeues_and_resumes_bit_identically(cluster, tmp_path, tiny_corpus):
     spec = _spec(tmp_path, tiny_corpus, axes={"model.norm": ["rmsnorm"], "optim.name": ["adamw"]})
     settings = yaml.safe_load(spec.read_text())
-    settings["set"].update({"train.steps": 300, "train.eval_interval": 0, "checkpoint.interval": 0,
-                            "train.dtype": "float32"})
+    settings["set"].update(
+        {"train.steps": 300, "train.eval_interval": 0, "checkpoint.interval": 0, "train.dtype": "float32"}
+    )
     spec.write_text(yaml.safe_dump(settings))
     root, cell = tmp_path / "grid", tmp_path / "grid" / "rmsnorm-adamw-s0"
     proc = _normopt(cluster, "factorial", str(spec), "--slurm")
     assert proc.returncode == 0, proc.stderr
     array = re.search(r"evaluation (\d+)", proc.stdout).group(1)
-    _wait(lambda: (cell / "metrics.jsonl").exists() and max(_losses(cell), default=0) >= 3,
-          "step 3 of the array task", cluster, interval=0.05)
+    _wait(
+        lambda: (cell / "metrics.jsonl").exists() and max(_losses(cell), default=0) >= 3,
+        "step 3 of the array task",
+        cluster,
+        interval=0.05,
+    )
     cluster.run("scancel", "--signal=USR1", "--batch", f"{array}_0")
-    record = _wait(lambda: _read_json(cell / "job.json").get("state") == "requeued" and _read_json(cell / "job.json"),
-                   "the task to record its requeue", cluster, interval=0.1)
+    record = _wait(
+        lambda: _read_json(cell / "job.json").get("state") == "requeued" and _read_json(cell / "job.json"),
+        "the task to record its requeue",
+        cluster,
+        interval=0.1,
+    )
     assert record["exit_status"] == 75
     stopped_at = max(_losses(cell))
     assert 3 <= stopped_at < 300
     assert (cell / "checkpoints" / f"step_{stopped_at:08d}" / "trainer_state.json").is_file()
-    _wait(lambda: _job_field(cluster, f"{array}_0", "JobState") == "PENDING", "the task back in the queue",
-          cluster)
+    _wait(lambda: _job_field(cluster, f"{array}_0", "JobState") == "PENDING", "the task back in the queue", cluster)
     status = _normopt(cluster, "status", str(root))
-    assert re.search(rf"^evaluation\s+rmsnorm-adamw-s0\s+preempted\s+requeued, last checkpoint step {stopped_at}",
-                     status.stdout, re.M), status.stdout
+    assert re.search(
+        rf"^evaluation\s+rmsnorm-adamw-s0\s+preempted\s+requeued, last checkpoint step {stopped_at}",
+        status.stdout,
+        re.M,
+    ), status.stdout
     _start_now(cluster, f"{array}_0")
     _wait(lambda: _queue_empty(cluster), "the resumed task and the report job", cluster)
     final = _read_json(cell / "job.json")
@@ -220,19 +259,35 @@ def test_usr1_preempts_an_array_task_which_requeues_and_resumes_bit_identically(
     assert (root / "report.md").is_file()
 
     reference = tmp_path / "reference"
-    overrides = [o for o in json.loads((root / "plan.json").read_text())["evaluation"][0]["overrides"]
-                 if not o.startswith("run.dir=")]
-    single = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "--config", str(REPO_ROOT / "configs/demo.yaml"),
-                             *overrides, f"run.dir={reference}"], cwd=REPO_ROOT, env=_job_env(cluster),
-                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    overrides = [
+        o
+        for o in json.loads((root / "plan.json").read_text())["evaluation"][0]["overrides"]
+        if not o.startswith("run.dir=")
+    ]
+    single = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "train.py"),
+            "--config",
+            str(REPO_ROOT / "configs/demo.yaml"),
+            *overrides,
+            f"run.dir={reference}",
+        ],
+        cwd=REPO_ROOT,
+        env=_job_env(cluster),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert single.returncode == 0, single.stderr[-2000:]
     resumed, uninterrupted = _losses(cell), _losses(reference)
     assert sorted(resumed) == sorted(uninterrupted) == list(range(1, 301))
     assert resumed == uninterrupted  # bit-identical, steps after the requeue included
 
 
-def test_scancel_a_lost_task_and_a_failed_one_each_reported_and_the_report_still_written(cluster, tmp_path,
-                                                                                         tiny_corpus):
+def test_scancel_a_lost_task_and_a_failed_one_each_reported_and_the_report_still_written(
+    cluster, tmp_path, tiny_corpus
+):
     """One grid, three array tasks, submitted held. Task 2's corpus (an arm's own copy) is
     removed before release, so it fails at its start (exit 2, recorded in job.json). Of the two
     that train, ``scancel`` (SIGTERM) of task 0 checkpoints and exits 75 with no requeue; SIGKILL
@@ -244,8 +299,9 @@ def test_scancel_a_lost_task_and_a_failed_one_each_reported_and_the_report_still
     broken = shutil.copytree(tiny_corpus, tmp_path / "broken-corpus")
     spec = _spec(tmp_path, tiny_corpus, arms={"broken": {"data.path": str(broken), "model.norm": "rmsnorm"}})
     settings = yaml.safe_load(spec.read_text())
-    settings["set"].update({"train.steps": 400, "train.eval_interval": 0, "checkpoint.interval": 0,
-                            "train.dtype": "float32"})
+    settings["set"].update(
+        {"train.steps": 400, "train.eval_interval": 0, "checkpoint.interval": 0, "train.dtype": "float32"}
+    )
     spec.write_text(yaml.safe_dump(settings))
     root = tmp_path / "grid"
     proc = _normopt(cluster, "factorial", str(spec), "--slurm", "--sbatch-option=--hold")
@@ -258,8 +314,12 @@ def test_scancel_a_lost_task_and_a_failed_one_each_reported_and_the_report_still
     for job in re.findall(r"(?:evaluation|report) (\d+)", proc.stdout):
         cluster.run("scontrol", "release", job)
     for cell in cells[:2]:
-        _wait(lambda cell=cell: (cell / "metrics.jsonl").exists() and max(_losses(cell), default=0) >= 3,
-              f"step 3 of {cell.name}", cluster, interval=0.05)
+        _wait(
+            lambda cell=cell: (cell / "metrics.jsonl").exists() and max(_losses(cell), default=0) >= 3,
+            f"step 3 of {cell.name}",
+            cluster,
+            interval=0.05,
+        )
     cluster.run("scancel", f"{array}_0")
     _kill_job_processes(cluster, _read_json(cells[1] / "job.json")["job_id"])
     _wait(lambda: _queue_empty(cluster), "the three tasks and the report job", cluster)
@@ -277,15 +337,21 @@ def test_scancel_a_lost_task_and_a_failed_one_each_reported_and_the_report_still
 
     status = _normopt(cluster, "status", str(root))
     lines = {line.split()[1]: line for line in status.stdout.splitlines() if line.startswith("evaluation")}
-    assert re.search(rf"preempted\s+stopped after a checkpoint at step {stopped_at}, last checkpoint step {stopped_at}",
-                     lines["rmsnorm-adamw-s0"]), status.stdout
-    assert re.search(r"failed\s+job \d+ on \S+ ended without a record at step \d+ \(node lost or job killed\), "
-                     r"no checkpoint, log \S+/slurm/evaluation-\d+_1\.out", lines["derf-adamw-s0"]), status.stdout
+    assert re.search(
+        rf"preempted\s+stopped after a checkpoint at step {stopped_at}, last checkpoint step {stopped_at}",
+        lines["rmsnorm-adamw-s0"],
+    ), status.stdout
+    assert re.search(
+        r"failed\s+job \d+ on \S+ ended without a record at step \d+ \(node lost or job killed\), "
+        r"no checkpoint, log \S+/slurm/evaluation-\d+_1\.out",
+        lines["derf-adamw-s0"],
+    ), status.stdout
     assert re.search(r"failed\s+exit 2 at step 0, log \S+/slurm/evaluation-\d+_2\.out", lines["broken-adamw-s0"])
     log = Path(re.search(r"log (\S+)", lines["broken-adamw-s0"]).group(1))
     assert "data.path" in log.read_text()
     report_line = next(line for line in status.stdout.splitlines() if line.startswith("report"))
     assert "done (report.md)" in report_line, report_line
     assert "broken-adamw-s0 left out: missing: no metrics.jsonl" in (root / "report.md").read_text()
-    assert status.stdout.splitlines()[-1].startswith("summary: 0 done, 0 running, 0 queued, 1 preempted, "
-                                                     "0 diverged, 2 failed")
+    assert status.stdout.splitlines()[-1].startswith(
+        "summary: 0 done, 0 running, 0 queued, 1 preempted, 0 diverged, 2 failed"
+    )

@@ -14,6 +14,8 @@ import pytest
 
 from normopt.cli import main
 from normopt.diagnostics.ns_spectrum import DEFAULT_BANDS, fewest_ns_steps
+from normopt.errors import UserError
+from normopt.optim.ns_rules import NSStepRules
 from normopt.spectrum.fit import (
     MODEL_SIZE,
     depth_group,
@@ -26,8 +28,6 @@ from normopt.spectrum.fit import (
 )
 from normopt.spectrum.layer_rules import ns_steps_per_layer
 from normopt.spectrum.report import analyze, parse_size
-from normopt.errors import UserError
-from normopt.optim.ns_rules import NSStepRules
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LEVELS = [0.01, 0.1, 0.5, 0.9, 0.99]
@@ -37,15 +37,16 @@ BETA = {"early": -0.1, "mid": -0.25, "late": -0.9}
 JITTER = {"attn.wq": 1.1, "ffn.w2": 1 / 1.1}  # per matrix type: ffn.w2 has the smaller quantiles
 PLANNED_STEPS = 200
 # (folder, n_params, n_layers): three sizes, the middle one with two seeds (two points)
-RUNS = [("s20m", 20_000_000, 6), ("s80m-a", 80_000_000, 9), ("s80m-b", 80_000_000, 9),
-        ("sweep/s320m", 320_000_000, 12)]
+RUNS = [("s20m", 20_000_000, 6), ("s80m-a", 80_000_000, 9), ("s80m-b", 80_000_000, 9), ("sweep/s320m", 320_000_000, 12)]
 
 
 def per_layer_steps(text: str, n_layers: int, default: int = 0) -> list[int]:
     """What optim.ns_steps_per_layer=TEXT gives each block's matrices (``default``: no rule)."""
     rules = NSStepRules.parse(text)
-    steps = [{rules.steps_for(f"layers.{i}.{t}.weight", default) for t in ("attention.wq", "feed_forward.w2")}
-             for i in range(n_layers)]
+    steps = [
+        {rules.steps_for(f"layers.{i}.{t}.weight", default) for t in ("attention.wq", "feed_forward.w2")}
+        for i in range(n_layers)
+    ]
     assert all(len(s) == 1 for s in steps)
     return [s.pop() for s in steps]
 
@@ -57,10 +58,18 @@ def planted(group: str, level: float, n_params: float) -> float:
 def matrix_entry(layer: int | None, values: list) -> dict:
     """A logged matrix; the momentum buffer's quantiles are twice the NS input's (null stays null)."""
     times = lambda k: [None if v is None else k * v for v in values]  # noqa: E731
-    return {"layer": layer, "ns_steps": 5, "sv_rel_fro": values, "sv_rel_max": times(10),
-            "momentum_sv_rel_fro": times(2), "momentum_sv_rel_max": times(10),
-            "ns_out_dev": [0.5] * len(values), "ns_out_max_dev": 0.9, "min_ns_steps": [7] * len(values),
-            "min_ns_steps_all": 7}
+    return {
+        "layer": layer,
+        "ns_steps": 5,
+        "sv_rel_fro": values,
+        "sv_rel_max": times(10),
+        "momentum_sv_rel_fro": times(2),
+        "momentum_sv_rel_max": times(10),
+        "ns_out_dev": [0.5] * len(values),
+        "ns_out_max_dev": 0.9,
+        "min_ns_steps": [7] * len(values),
+        "min_ns_steps_all": 7,
+    }
 
 
 def spectrum_line(step: int, n_params: int, n_layers: int, factor: float, garbage: bool = False) -> str:
@@ -73,21 +82,40 @@ def spectrum_line(step: int, n_params: int, n_layers: int, factor: float, garbag
         for name, jitter in JITTER.items():
             values = [0.5 if garbage else planted(group, lv, n_params) * factor * jitter for lv in LEVELS]
             matrices[f"layers.{layer}.{name}.weight"] = matrix_entry(layer, values)
-    return json.dumps({"step": step, "kind": "ns_spectrum", "coefficients": "quintic", "levels": LEVELS,
-                       "band": [0.6, 1.25], "matrices": matrices})
+    return json.dumps(
+        {
+            "step": step,
+            "kind": "ns_spectrum",
+            "coefficients": "quintic",
+            "levels": LEVELS,
+            "band": [0.6, 1.25],
+            "matrices": matrices,
+        }
+    )
 
 
 def write_run(folder: Path, n_params: int, n_layers: int) -> Path:
     """Records at 0 and 50 (before the 50% burn-in: garbage), then 100, 150, 200 whose
     factors 1.3, 1, 1/1.3 average out geometrically; an unknown kind and a cut-off last line."""
-    lines = [json.dumps({"step": 0, "kind": "run", "n_params": n_params, "n_layers": n_layers,
-                         "norm": "derf", "optim": "muon", "steps": PLANNED_STEPS}),
-             spectrum_line(0, n_params, n_layers, 1.0, garbage=True),
-             json.dumps({"step": 10, "kind": "norm_stats", "saturation": 0.1}),
-             spectrum_line(50, n_params, n_layers, 1.0, garbage=True),
-             spectrum_line(100, n_params, n_layers, 1.3),
-             spectrum_line(150, n_params, n_layers, 1.0),
-             spectrum_line(200, n_params, n_layers, 1 / 1.3)]
+    lines = [
+        json.dumps(
+            {
+                "step": 0,
+                "kind": "run",
+                "n_params": n_params,
+                "n_layers": n_layers,
+                "norm": "derf",
+                "optim": "muon",
+                "steps": PLANNED_STEPS,
+            }
+        ),
+        spectrum_line(0, n_params, n_layers, 1.0, garbage=True),
+        json.dumps({"step": 10, "kind": "norm_stats", "saturation": 0.1}),
+        spectrum_line(50, n_params, n_layers, 1.0, garbage=True),
+        spectrum_line(100, n_params, n_layers, 1.3),
+        spectrum_line(150, n_params, n_layers, 1.0),
+        spectrum_line(200, n_params, n_layers, 1 / 1.3),
+    ]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "diagnostics.jsonl"
     path.write_text("\n".join(lines) + '\n{"step": 210, "kind": "ns_spec')
@@ -100,7 +128,8 @@ def root(tmp_path) -> Path:
         write_run(tmp_path / "runs" / name, n_params, n_layers)
     (tmp_path / "runs" / "adamw").mkdir()
     (tmp_path / "runs" / "adamw" / "diagnostics.jsonl").write_text(
-        json.dumps({"step": 0, "kind": "run", "n_params": 5, "n_layers": 1, "steps": 10}) + "\n")
+        json.dumps({"step": 0, "kind": "run", "n_params": 5, "n_layers": 1, "steps": 10}) + "\n"
+    )
     return tmp_path / "runs"
 
 
@@ -145,9 +174,11 @@ def test_fit_power_law_and_sizes():
 
 def test_reading_skips_partial_last_line_and_keeps_the_last_duplicate(tmp_path):
     path = tmp_path / "diagnostics.jsonl"
-    path.write_text('{"step": 0, "kind": "run", "n_params": 9, "n_layers": 1}\n'
-                    '{"step": 5, "kind": "ns_spectrum", "matrices": {}, "v": 1}\n'
-                    '{"step": 5, "kind": "ns_spectrum", "matrices": {}, "v": 2}\n{"step": 7, "ki')
+    path.write_text(
+        '{"step": 0, "kind": "run", "n_params": 9, "n_layers": 1}\n'
+        '{"step": 5, "kind": "ns_spectrum", "matrices": {}, "v": 1}\n'
+        '{"step": 5, "kind": "ns_spectrum", "matrices": {}, "v": 2}\n{"step": 7, "ki'
+    )
     run, records = read_ns_spectrum(path)
     assert run["n_params"] == 9 and [r["v"] for r in records] == [2]
     path.write_text('{"step": 0, "kind": "run"}\nnot json\n{"step": 5, "kind": "ns_spectrum"}\n')
@@ -165,7 +196,8 @@ def test_run_averages_exclude_burn_in_and_outside_blocks(root):
     # with no burn-in the 2 garbage records (all 0.5) of 5 pull every value up: 0.5^0.4 q^0.6
     q = planted("late", 0.1, 20e6) * JITTER["ffn.w2"]
     assert run_quantiles(runs["s20m"], burn_in=0.0)[("late", "ffn.w2", 0.1)] == pytest.approx(
-        0.5**0.4 * q**0.6, rel=1e-12)
+        0.5**0.4 * q**0.6, rel=1e-12
+    )
     momentum = run_quantiles(runs["s20m"], field="momentum_sv_rel_fro")
     assert momentum[("mid", "attn.wq", 0.5)] == pytest.approx(2 * averages[("mid", "attn.wq", 0.5)], rel=1e-12)
 
@@ -187,12 +219,14 @@ def test_fit_recovers_planted_power_laws(root):
     assert summary["unusable"] == [] and summary["settings"]["model_size"] == MODEL_SIZE
     other = analyze(root, quantity="sv_rel_max")
     assert fit_of(other, "mid", "attn.wq", 0.5)["c"] == pytest.approx(
-        10 * GROUP_C["mid"] * C_LEVEL[0.5] * 1.1, rel=1e-6)
+        10 * GROUP_C["mid"] * C_LEVEL[0.5] * 1.1, rel=1e-6
+    )
     assert other["recommendation"] is None and any("sv_rel_fro" in n for n in other["notes"])
     momentum = analyze(root, source="momentum")
     assert momentum["settings"]["field"] == "momentum_sv_rel_fro"
     assert fit_of(momentum, "late", "ffn.w2", 0.1)["c"] == pytest.approx(
-        2 * fit_of(summary, "late", "ffn.w2", 0.1)["c"], rel=1e-6)
+        2 * fit_of(summary, "late", "ffn.w2", 0.1)["c"], rel=1e-6
+    )
     assert momentum["recommendation"] is not None and any("momentum buffer" in n for n in momentum["notes"])
 
 
@@ -213,8 +247,8 @@ def test_recommendation_matches_fewest_steps_of_the_planted_prediction(root):
     assert late["attn.wq"]["ns_steps"] == fewest_ns_steps(planted("late", 0.1, target) * JITTER["attn.wq"])
     assert [g["layers"] for g in rec["groups"]] == ["0-7", "8-15", "16-23"]
     rules = per_layer_steps(rec["ns_steps_per_layer"], 24)
-    assert len(rules) == 24 and rules[0] == expected['early']
-    assert rules[23] == expected['late'] and rules[8] == expected['mid']
+    assert len(rules) == 24 and rules[0] == expected["early"]
+    assert rules[23] == expected["late"] and rules[8] == expected["mid"]
     assert rules == [expected["early"]] * 8 + [expected["mid"]] * 8 + [expected["late"]] * 8
     assert len(rec["ns_steps_per_layer"].split(",")) <= 6  # ranges, not one rule per block
     # a stricter level asks more of the smaller quantile
@@ -225,8 +259,9 @@ def test_recommendation_matches_fewest_steps_of_the_planted_prediction(root):
     late = next(g for g in loose["recommendation"]["groups"] if g["group"] == "late")
     worst_alone = next(t["ns_steps"] for t in late["types"] if t["type"] == late["worst_type"])
     assert late["ns_steps"] > worst_alone
-    assert any(n.startswith(f"late: every type in the band at once takes {late['ns_steps']} steps")
-               for n in loose["notes"])
+    assert any(
+        n.startswith(f"late: every type in the band at once takes {late['ns_steps']} steps") for n in loose["notes"]
+    )
     # defaults: the largest run's size and depth
     default = analyze(root)
     assert default["settings"]["target_params"] == 320e6 and default["settings"]["target_layers"] == 12
@@ -235,7 +270,10 @@ def test_recommendation_matches_fewest_steps_of_the_planted_prediction(root):
 def test_ns_steps_per_layer_string():
     assert ns_steps_per_layer({"early": 6, "mid": 7, "late": 9}, 3) == "layers.0.*=6,layers.1.*=7,layers.2.*=9"
     assert ns_steps_per_layer({"early": 0, "late": 9}, 3) == "layers.0.*=1,layers.2.*=9"
-    assert ns_steps_per_layer({"early": 6, "mid": 5, "late": 5}, 16) == "layers.[0-5].*=6,layers.[6-9].*=5,layers.1[0-5].*=5"
+    assert (
+        ns_steps_per_layer({"early": 6, "mid": 5, "late": 5}, 16)
+        == "layers.[0-5].*=6,layers.[6-9].*=5,layers.1[0-5].*=5"
+    )
 
 
 @pytest.mark.parametrize("n_groups", [1, 2, 3, 4, 7])
@@ -246,8 +284,11 @@ def test_compact_ns_steps_round_trip_to_the_same_steps_per_block(n_groups):
 
     names = group_names(n_groups)
     for n_layers in [*range(1, 40), 64, 99, 100, 101, 128, 250]:
-        for pattern in ({g: 3 + i % 2 for i, g in enumerate(names)}, {g: 4 + i for i, g in enumerate(names)},
-                        {g: (None if i == 1 else 6) for i, g in enumerate(names)}):
+        for pattern in (
+            {g: 3 + i % 2 for i, g in enumerate(names)},
+            {g: 4 + i for i, g in enumerate(names)},
+            {g: (None if i == 1 else 6) for i, g in enumerate(names)},
+        ):
             text = ns_steps_per_layer(pattern, n_layers, n_groups)
             expected = [pattern[depth_group(i, n_layers, n_groups)] or 0 for i in range(n_layers)]
             assert per_layer_steps(text, n_layers) == expected, (n_layers, text)
@@ -260,21 +301,24 @@ def test_compact_ns_steps_round_trip_to_the_same_steps_per_block(n_groups):
 def test_crossing_quantile_fits_are_flagged_and_give_no_advice(tmp_path, capsys):
     """ffn.w2's q0.1 rises with size while its median falls: past some size the fitted q0.1 is
     above the median, a distribution that cannot be; its group gets no steps, said so."""
+
     def quantile(group, mtype, level, n_params):
         beta = 0.3 if (group, mtype, level) == ("late", "ffn.w2", 0.1) else -0.05
         return 0.05 * C_LEVEL[level] * (n_params / 1e7) ** beta
 
     for n_params in (10_000_000, 100_000_000):
-        write_typed_run(tmp_path / f"m{n_params}", n_params, 3,
-                        lambda g, t, lv, step, m=n_params: quantile(g, t, lv, m))
+        write_typed_run(
+            tmp_path / f"m{n_params}", n_params, 3, lambda g, t, lv, step, m=n_params: quantile(g, t, lv, m)
+        )
     summary = analyze(tmp_path, target_params=1e10, target_layers=6, level=0.1)
     groups = {g["group"]: g for g in summary["recommendation"]["groups"]}
     assert groups["late"]["ns_steps"] is None and groups["late"]["crossed_types"] == ["ffn.w2"]
     w2 = next(t for t in groups["late"]["types"] if t["type"] == "ffn.w2")
     assert [0.1, 0.5] in w2["crossed"] and w2["ns_steps"] is None
     assert groups["early"]["ns_steps"] is not None and not groups["early"]["crossed_types"]
-    assert any(n.startswith("ffn.w2 late: the quantile fits cross at M*") and "q0.1 above q0.5" in n
-               for n in summary["notes"])
+    assert any(
+        n.startswith("ffn.w2 late: the quantile fits cross at M*") and "q0.1 above q0.5" in n for n in summary["notes"]
+    )
     steps = per_layer_steps(summary["recommendation"]["ns_steps_per_layer"], 6)
     assert steps[4:] == [0, 0] and steps[0] == groups["early"]["ns_steps"]  # late blocks left to optim.ns_steps
     assert main(["spectrum", str(tmp_path), "--target-params", "1e10", "--target-layers", "6"]) == 0
@@ -300,11 +344,25 @@ def write_typed_run(folder: Path, n_params: int, n_layers: int, value) -> None:
     in every block, quantile = value(group, type, level, step)."""
     lines = [json.dumps({"step": 0, "kind": "run", "n_params": n_params, "n_layers": n_layers, "steps": 200})]
     for step in (100, 200):
-        matrices = {f"layers.{layer}.{t}.weight": matrix_entry(
-            layer, [value(depth_group(layer, n_layers), t, lv, step) for lv in LEVELS])
-            for layer in range(n_layers) for t in JITTER}
-        lines.append(json.dumps({"step": step, "kind": "ns_spectrum", "coefficients": "quintic",
-                                 "levels": LEVELS, "band": [0.6, 1.25], "matrices": matrices}))
+        matrices = {
+            f"layers.{layer}.{t}.weight": matrix_entry(
+                layer, [value(depth_group(layer, n_layers), t, lv, step) for lv in LEVELS]
+            )
+            for layer in range(n_layers)
+            for t in JITTER
+        }
+        lines.append(
+            json.dumps(
+                {
+                    "step": step,
+                    "kind": "ns_spectrum",
+                    "coefficients": "quintic",
+                    "levels": LEVELS,
+                    "band": [0.6, 1.25],
+                    "matrices": matrices,
+                }
+            )
+        )
     folder.mkdir(parents=True)
     (folder / "diagnostics.jsonl").write_text("\n".join(lines) + "\n")
 
@@ -312,15 +370,22 @@ def write_typed_run(folder: Path, n_params: int, n_layers: int, value) -> None:
 def test_recommendation_follows_the_worst_type(tmp_path):
     """attn.wq's small quantiles fall fast with size in the early blocks, ffn.w2's in the late
     ones: each group takes the steps of its worst type, whichever it is."""
-    beta = {("early", "attn.wq"): -0.6, ("early", "ffn.w2"): -0.05, ("mid", "attn.wq"): -0.05,
-            ("mid", "ffn.w2"): -0.05, ("late", "attn.wq"): -0.05, ("late", "ffn.w2"): -0.6}
+    beta = {
+        ("early", "attn.wq"): -0.6,
+        ("early", "ffn.w2"): -0.05,
+        ("mid", "attn.wq"): -0.05,
+        ("mid", "ffn.w2"): -0.05,
+        ("late", "attn.wq"): -0.05,
+        ("late", "ffn.w2"): -0.6,
+    }
 
     def quantile(group, mtype, level, n_params):  # q = 0.3 C_level (M / 1e7)^beta
         return 0.3 * C_LEVEL[level] * (n_params / 1e7) ** beta[(group, mtype)]
 
     for n_params in (10_000_000, 100_000_000):
-        write_typed_run(tmp_path / f"m{n_params}", n_params, 3,
-                        lambda g, t, lv, step, m=n_params: quantile(g, t, lv, m))
+        write_typed_run(
+            tmp_path / f"m{n_params}", n_params, 3, lambda g, t, lv, step, m=n_params: quantile(g, t, lv, m)
+        )
     target = 1e9
     rec = analyze(tmp_path, target_params=target, target_layers=6, level=0.1)["recommendation"]
     steps = {key: fewest_ns_steps(quantile(*key, 0.1, target)) for key in beta}
@@ -331,7 +396,9 @@ def test_recommendation_follows_the_worst_type(tmp_path):
     assert groups["early"]["ns_steps"] == steps[("early", "attn.wq")]
     assert groups["late"]["ns_steps"] == steps[("late", "ffn.w2")]
     assert {t["type"]: t["ns_steps"] for t in groups["early"]["types"]} == {
-        "attn.wq": steps[("early", "attn.wq")], "ffn.w2": steps[("early", "ffn.w2")]}
+        "attn.wq": steps[("early", "attn.wq")],
+        "ffn.w2": steps[("early", "ffn.w2")],
+    }
     by_layer = [steps[("early", "attn.wq")]] * 2 + [steps[("mid", "ffn.w2")]] * 2 + [steps[("late", "ffn.w2")]] * 2
     assert per_layer_steps(rec["ns_steps_per_layer"], 6) == by_layer
 
@@ -340,6 +407,7 @@ def test_zero_and_missing_quantiles_are_reported(tmp_path, capsys):
     """The small run logs one zero at late ffn.w2 q0.01 (of 2 values) and one null at mid
     attn.wq q0.5; the large run logs only zeros at late ffn.w2 q0.01: counted, named, that
     cell gets no fit, and the means use the remaining values."""
+
     def value(n_params):
         def at(group, mtype, level, step):
             q = planted(group, level, n_params) * JITTER[mtype]
@@ -348,6 +416,7 @@ def test_zero_and_missing_quantiles_are_reported(tmp_path, capsys):
             if (group, mtype, level, step, n_params) == ("mid", "attn.wq", 0.5, 200, 2e7):
                 return None
             return q
+
         return at
 
     for n_params in (20_000_000, 80_000_000):
@@ -355,9 +424,16 @@ def test_zero_and_missing_quantiles_are_reported(tmp_path, capsys):
     summary = analyze(tmp_path, level=0.01)
     small, large = str(tmp_path / "m20"), str(tmp_path / "m80")
     rows = {(r["group"], r["type"], r["level"]): r for r in summary["unusable"]}
-    assert rows[("late", "ffn.w2", 0.01)] == {"group": "late", "type": "ffn.w2", "level": 0.01, "values": 4,
-                                               "zero": 3, "missing": 0, "runs": [small, large],
-                                               "runs_without_value": [large]}
+    assert rows[("late", "ffn.w2", 0.01)] == {
+        "group": "late",
+        "type": "ffn.w2",
+        "level": 0.01,
+        "values": 4,
+        "zero": 3,
+        "missing": 0,
+        "runs": [small, large],
+        "runs_without_value": [large],
+    }
     assert rows[("mid", "attn.wq", 0.5)]["missing"] == 1 and rows[("mid", "attn.wq", 0.5)]["runs"] == [small]
     assert len(rows) == 2
     note = next(n for n in summary["notes"] if n.startswith("ffn.w2 late q0.01:"))
@@ -366,8 +442,11 @@ def test_zero_and_missing_quantiles_are_reported(tmp_path, capsys):
     assert any(n.startswith("attn.wq mid q0.5: 1 of 4 missing or non-finite (in") for n in summary["notes"])
     assert not any(f["group"] == "late" and f["type"] == "ffn.w2" and f["level"] == 0.01 for f in summary["fits"])
     assert "ffn.w2 late: only one model size has data at q0.01, no fit" in summary["notes"]
-    point = next(p for p in summary["points"] if p["run"] == small and (p["group"], p["type"], p["level"])
-                 == ("late", "ffn.w2", 0.01))
+    point = next(
+        p
+        for p in summary["points"]
+        if p["run"] == small and (p["group"], p["type"], p["level"]) == ("late", "ffn.w2", 0.01)
+    )
     assert point["q"] == pytest.approx(planted("late", 0.01, 20e6) * JITTER["ffn.w2"])  # the nonzero value
     assert fit_of(summary, "mid", "attn.wq", 0.5)["beta"] == pytest.approx(BETA["mid"], abs=1e-9)
     # the late ffn.w2 type has no fit at the tracked level: said, not silently left out
@@ -433,8 +512,14 @@ def test_cli_user_errors(tmp_path, capsys):
 
 def test_cli_module_entry_point_exits_2_with_one_line(tmp_path):
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "normopt.cli", "spectrum", str(tmp_path / "missing")],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "normopt.cli", "spectrum", str(tmp_path / "missing")],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no such folder" in proc.stderr
 
@@ -451,24 +536,43 @@ def write_ladder(root: Path, law, levels=(0.1, 0.5)) -> Path:
     one matrix type; sv_rel_fro = law(M, rank, level) * noise, sv_rel_max = 0.3 * level * noise."""
     for size, noise in zip(SIZES, NOISE):
         rank = round(math.sqrt(size) / 10)
-        matrices = {f"layers.{i}.attn.wq.weight": {"layer": i, "rank": rank,
-                                                   "sv_rel_fro": [law(size, rank, lv) * noise for lv in levels],
-                                                   "sv_rel_max": [0.3 * lv * noise for lv in levels]}
-                    for i in range(3)}
+        matrices = {
+            f"layers.{i}.attn.wq.weight": {
+                "layer": i,
+                "rank": rank,
+                "sv_rel_fro": [law(size, rank, lv) * noise for lv in levels],
+                "sv_rel_max": [0.3 * lv * noise for lv in levels],
+            }
+            for i in range(3)
+        }
         folder = root / f"m{size}"
         folder.mkdir(parents=True)
-        (folder / "diagnostics.jsonl").write_text("\n".join([
-            json.dumps({"step": 0, "kind": "run", "n_params": size, "n_layers": 3, "steps": 10}),
-            json.dumps({"step": 10, "kind": "ns_spectrum", "coefficients": "quintic", "levels": list(levels),
-                        "band": [0.6, 1.25], "matrices": matrices})]) + "\n")
+        (folder / "diagnostics.jsonl").write_text(
+            "\n".join(
+                [
+                    json.dumps({"step": 0, "kind": "run", "n_params": size, "n_layers": 3, "steps": 10}),
+                    json.dumps(
+                        {
+                            "step": 10,
+                            "kind": "ns_spectrum",
+                            "coefficients": "quintic",
+                            "levels": list(levels),
+                            "band": [0.6, 1.25],
+                            "matrices": matrices,
+                        }
+                    ),
+                ]
+            )
+            + "\n"
+        )
     return root
 
 
 def test_exponent_interval_from_the_residuals_by_hand(tmp_path):
-    summary = analyze(write_ladder(tmp_path, lambda m, r, lv: 5 * lv * m ** -0.9), level=0.1)
+    summary = analyze(write_ladder(tmp_path, lambda m, r, lv: 5 * lv * m**-0.9), level=0.1)
     fit = fit_of(summary, "early", "attn.wq", 0.1)
     x = [math.log(m) for m in SIZES]
-    y = [math.log(0.5 * m ** -0.9 * n) for m, n in zip(SIZES, NOISE)]
+    y = [math.log(0.5 * m**-0.9 * n) for m, n in zip(SIZES, NOISE)]
     mx, my = sum(x) / 4, sum(y) / 4
     sxx = sum((a - mx) ** 2 for a in x)
     beta = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx
@@ -478,13 +582,15 @@ def test_exponent_interval_from_the_residuals_by_hand(tmp_path):
     # the runs log their rank: the trivial exponent is the slope of rank^-1/2, ~ -0.25 on this ladder
     assert fit["trivial_beta"] == pytest.approx(-0.25, abs=0.01)
     assert fit["indistinguishable_from_trivial"] is False
-    control = next(f for f in summary["control_fits"] if (f["group"], f["type"], f["level"]) == ("early", "attn.wq", 0.1))
+    control = next(
+        f for f in summary["control_fits"] if (f["group"], f["type"], f["level"]) == ("early", "attn.wq", 0.1)
+    )
     assert control["trivial_beta"] == 0.0 and control["indistinguishable_from_trivial"] is True
 
 
 def test_width_only_exponent_is_flagged_trivial(tmp_path, capsys):
     """sv_rel_fro = k rank^-1/2 at a fixed shape: ~M^-0.25, and the output says it is trivial."""
-    summary = analyze(write_ladder(tmp_path, lambda m, r, lv: 2 * lv * r ** -0.5), level=0.1)
+    summary = analyze(write_ladder(tmp_path, lambda m, r, lv: 2 * lv * r**-0.5), level=0.1)
     fit = fit_of(summary, "late", "attn.wq", 0.1)
     assert fit["beta"] == pytest.approx(-0.25, abs=0.02) and fit["indistinguishable_from_trivial"] is True
     assert any("indistinguishable from the trivial one" in note for note in summary["notes"])
@@ -497,8 +603,9 @@ def test_predicted_step_count_interval_from_the_quantile_intervals(tmp_path):
     from normopt.diagnostics.ns_spectrum import fewest_ns_steps_joint
     from normopt.spectrum.fit import PowerLawFit
 
-    summary = analyze(write_ladder(tmp_path, lambda m, r, lv: 5 * lv * m ** -0.9), level=0.1,
-                      target_params=1e9, target_layers=3)
+    summary = analyze(
+        write_ladder(tmp_path, lambda m, r, lv: 5 * lv * m**-0.9), level=0.1, target_params=1e9, target_layers=3
+    )
     target = 1e9
     entry = next(t for g in summary["recommendation"]["groups"] if g["group"] == "mid" for t in g["types"])
     ends = []

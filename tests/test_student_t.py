@@ -19,8 +19,19 @@ from normopt.report.student_t import (
 )
 
 # two-sided 95% critical values from printed t tables
-TABLE = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 6: 2.4469, 9: 2.2622, 10: 2.2281,
-         20: 2.0860, 30: 2.0423, 120: 1.9799}
+TABLE = {
+    1: 12.7062,
+    2: 4.3027,
+    3: 3.1824,
+    4: 2.7764,
+    5: 2.5706,
+    6: 2.4469,
+    9: 2.2622,
+    10: 2.2281,
+    20: 2.0860,
+    30: 2.0423,
+    120: 1.9799,
+}
 
 
 @pytest.mark.parametrize("df", sorted(TABLE))
@@ -61,8 +72,11 @@ def test_fieller_matches_brute_force():
     num, den, vn, vd, cov, df = 0.8, 1.0, 0.01, 0.02, 0.005, 4
     lo, hi = fieller_interval(num, den, vn, vd, cov, df)
     t2 = t_critical(df) ** 2
-    inside = [r / 1000 for r in range(-2000, 4000)
-              if (num - r / 1000 * den) ** 2 <= t2 * (vn - 2 * r / 1000 * cov + (r / 1000) ** 2 * vd)]
+    inside = [
+        r / 1000
+        for r in range(-2000, 4000)
+        if (num - r / 1000 * den) ** 2 <= t2 * (vn - 2 * r / 1000 * cov + (r / 1000) ** 2 * vd)
+    ]
     assert lo == pytest.approx(inside[0], abs=1.1e-3) and hi == pytest.approx(inside[-1], abs=1.1e-3)
     assert fieller_interval(0.8, 0.1, 0.01, 0.02, 0.0, 4) is None  # D within its own interval of 0
 
@@ -85,8 +99,10 @@ def _coverage(trials: int, seeds: int, rng: random.Random) -> dict[str, float]:
         ratio = ratio_of_contrasts({"a": 1.0, "f": -1.0}, {"a": 1.0, "b": -1.0}, groups)
         hits["fieller"] += ratio["ci95"] is not None and ratio["ci95"][0] <= share_truth <= ratio["ci95"][1]
         shared = [rng.gauss(0, 0.2) for _ in range(seeds)]  # a seed's effect on every cell
-        seeded = {k: describe([means[k] + shared[s] + rng.gauss(0, sigma[k]) for s in range(seeds)],
-                              list(range(seeds))) for k in signs}
+        seeded = {
+            k: describe([means[k] + shared[s] + rng.gauss(0, sigma[k]) for s in range(seeds)], list(range(seeds)))
+            for k in signs
+        }
         p = paired_contrast([(signs[k], seeded[k]) for k in signs])["ci95"]
         hits["paired"] += p[0] <= truth <= p[1]
     return {k: v / trials for k, v in hits.items()}

@@ -37,8 +37,14 @@ def test_kernel_matches_torch_in_the_triton_interpreter():
     result is symmetric to the same bounds. Tiny shapes: the interpreter runs tiles in
     numpy, ~1 s for all of them."""
     pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, str(WORKER)], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=600, env=child_env({"TRITON_INTERPRET": "1"}))
+    proc = subprocess.run(
+        [sys.executable, str(WORKER)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=child_env({"TRITON_INTERPRET": "1"}),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(errors) == 18

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from normopt.config import load_config
+from normopt.data.prepared_layout import unigram_entropy
 from normopt.data.synthetic_assoc import (
     AssocSpec,
     assoc_tokenizer,
@@ -17,7 +18,6 @@ from normopt.data.synthetic_assoc import (
     value_permutation,
     zipf_probabilities,
 )
-from normopt.data.prepared_layout import unigram_entropy
 from normopt.data.token_cache import load_token_data, prepare_corpus
 from normopt.errors import UserError
 from tests.conftest import run_cli
@@ -47,7 +47,7 @@ def test_key_frequencies_follow_zipf():
     n = len(keys)
     p = zipf_probabilities(SPEC.classes, SPEC.zipf)
     assert p[0] > p[1] > p[-1] and math.isclose(p.sum(), 1.0)
-    assert p[0] / p[9] == pytest.approx(10 ** 1.1)
+    assert p[0] / p[9] == pytest.approx(10**1.1)
     observed = np.bincount(keys, minlength=SPEC.classes) / n
     # each frequency within 5 binomial standard errors (a false alarm has p < 1e-4 per key)
     assert np.all(np.abs(observed - p) <= 5 * np.sqrt(p * (1 - p) / n))
@@ -64,8 +64,16 @@ def test_tokenizer_reads_and_writes_the_tokens():
 
 
 def _data_cfg(tmp_path, **changes):
-    fields = dict(path="synthetic:assoc", cache_dir=str(tmp_path), synthetic_classes=64, synthetic_zipf=1.1,
-                  synthetic_tokens=400_000, synthetic_seed=3, val_fraction=0.05, tokenizer="")
+    fields = dict(
+        path="synthetic:assoc",
+        cache_dir=str(tmp_path),
+        synthetic_classes=64,
+        synthetic_zipf=1.1,
+        synthetic_tokens=400_000,
+        synthetic_seed=3,
+        val_fraction=0.05,
+        tokenizer="",
+    )
     return SimpleNamespace(**{**fields, **changes})
 
 
@@ -74,7 +82,7 @@ def test_prepared_like_any_corpus(tmp_path):
     data = load_token_data(folder)
     assert data.vocab_size == 2 * 64 + 1 and len(data.tokens) == 400_000 and data.val_start % 2 == 0
     assert np.array_equal(np.asarray(data.tokens), generate_assoc(SPEC))
-    train = np.asarray(data.tokens[:data.val_start])
+    train = np.asarray(data.tokens[: data.val_start])
     assert data.unigram_entropy == pytest.approx(unigram_entropy(np.bincount(train, minlength=129)))
     # about half the unigram entropy: keys and values have the same distribution
     p = zipf_probabilities(64, 1.1)
@@ -94,17 +102,35 @@ def test_bad_options_are_refused():
 
 def test_training_on_it_end_to_end(tmp_path):
     run = tmp_path / "run"
-    proc = run_cli([f"run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}", "data.path=synthetic:assoc",
-                    "data.synthetic_classes=32", "data.synthetic_tokens=20000", "model.dim=32", "model.n_layers=1",
-                    "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_hidden=64", "train.steps=4",
-                    "train.global_batch_size=4", "train.micro_batch_size=4", "train.seq_len=32",
-                    "train.eval_interval=4", "train.eval_sequences=8", "train.mfu_probe=false",
-                    "optim.warmup_steps=1", "diagnostics.tail_buckets=4"])
+    proc = run_cli(
+        [
+            f"run.dir={run}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.path=synthetic:assoc",
+            "data.synthetic_classes=32",
+            "data.synthetic_tokens=20000",
+            "model.dim=32",
+            "model.n_layers=1",
+            "model.n_heads=2",
+            "model.n_kv_heads=1",
+            "model.ffn_hidden=64",
+            "train.steps=4",
+            "train.global_batch_size=4",
+            "train.micro_batch_size=4",
+            "train.seq_len=32",
+            "train.eval_interval=4",
+            "train.eval_sequences=8",
+            "train.mfu_probe=false",
+            "optim.warmup_steps=1",
+            "diagnostics.tail_buckets=4",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
     data = load_token_data(next((tmp_path / "cache" / "prepared").iterdir()))
     assert evals and evals[-1]["unigram_entropy"] == pytest.approx(data.unigram_entropy)
     assert "vocab=65" in proc.stdout + proc.stderr
-    tail = [json.loads(line) for line in (run / "diagnostics.jsonl").read_text().splitlines()
-            if '"tail_tokens"' in line]
+    tail = [
+        json.loads(line) for line in (run / "diagnostics.jsonl").read_text().splitlines() if '"tail_tokens"' in line
+    ]
     assert tail and len(tail[-1]["bucket_loss"]) == 4

@@ -81,20 +81,38 @@ def test_resume_never_refuses_an_existing_run(tmp_path, tiny_corpus):
 
 # two runs carry the claim by default: the baseline, and a bounded norm under a Muon-family
 # optimizer; the other pairs are the same claim again and run with -m slow
-@pytest.mark.parametrize("norm, optim", [
-    ("rmsnorm", "adamw"), ("derf", "normuon"),
-    *(pytest.param(n, o, marks=pytest.mark.slow)
-      for n, o in (("dyt", "adamw"), ("derf", "adamw"), ("derf_ema", "adamw"), ("rmsnorm", "muon"))),
-])
+@pytest.mark.parametrize(
+    "norm, optim",
+    [
+        ("rmsnorm", "adamw"),
+        ("derf", "normuon"),
+        *(
+            pytest.param(n, o, marks=pytest.mark.slow)
+            for n, o in (("dyt", "adamw"), ("derf", "adamw"), ("derf_ema", "adamw"), ("rmsnorm", "muon"))
+        ),
+    ],
+)
 def test_real_corpus_validation_loss_falls(tmp_path, norm, optim):
     run_dir = tmp_path / f"{norm}-{optim}"
-    proc = run_cli([
-        f"run.dir={run_dir}", "data.vocab_size=1024", *TINY_MODEL, f"model.norm={norm}",
-        f"optim.name={optim}",
-        "train.steps=40", "train.global_batch_size=8", "train.micro_batch_size=8", "train.seq_len=64",
-        "train.eval_interval=40", "train.eval_sequences=64", "train.mfu_probe=false",
-        "optim.lr=0.01", "optim.warmup_steps=5", "checkpoint.interval=0",
-    ])
+    proc = run_cli(
+        [
+            f"run.dir={run_dir}",
+            "data.vocab_size=1024",
+            *TINY_MODEL,
+            f"model.norm={norm}",
+            f"optim.name={optim}",
+            "train.steps=40",
+            "train.global_batch_size=8",
+            "train.micro_batch_size=8",
+            "train.seq_len=64",
+            "train.eval_interval=40",
+            "train.eval_sequences=64",
+            "train.mfu_probe=false",
+            "optim.lr=0.01",
+            "optim.warmup_steps=5",
+            "checkpoint.interval=0",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = {r["step"]: r["eval_loss"] for r in _lines(run_dir) if "eval_loss" in r}
     assert evals[40] < evals[0] - 0.5, evals
@@ -119,8 +137,17 @@ def test_nan_stops_before_the_update_and_every_checkpoint_is_finite(tmp_path, ti
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     run_dir = tmp_path / "run"
-    proc = run_cli(tiny_run_args(run_dir, tiny_corpus, "optim.lr=1e4", "optim.grad_clip=0",
-                                 "checkpoint.interval=1", "checkpoint.keep_latest_k=100", "train.steps=12"))
+    proc = run_cli(
+        tiny_run_args(
+            run_dir,
+            tiny_corpus,
+            "optim.lr=1e4",
+            "optim.grad_clip=0",
+            "checkpoint.interval=1",
+            "checkpoint.keep_latest_k=100",
+            "train.steps=12",
+        )
+    )
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "stopping before the update" in proc.stderr
     checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
@@ -146,8 +173,13 @@ def test_one_writer_per_run_directory(tmp_path, tiny_corpus):
     run_dir = tmp_path / "run"
     args = tiny_run_args(run_dir, tiny_corpus, "train.steps=100000", "train.eval_interval=0")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), *args], cwd=REPO_ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "train.py"), *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text():
@@ -197,9 +229,14 @@ def test_an_update_that_overflows_writes_no_checkpoint(tmp_path, tiny_corpus):
     from tests.processes import REPO_ROOT, child_env
 
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", NON_FINITE_UPDATE,
-                           *tiny_run_args(run_dir, tiny_corpus, "checkpoint.interval=1")],
-                          cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", NON_FINITE_UPDATE, *tiny_run_args(run_dir, tiny_corpus, "checkpoint.interval=1")],
+        cwd=REPO_ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "after step 1 a weight is not finite; no checkpoint written" in proc.stderr
     assert not list((run_dir / "checkpoints").glob("step_*"))
@@ -209,11 +246,13 @@ def test_values_float32_cannot_hold_and_impossible_shapes_are_refused():
     from normopt.config import load_config
     from normopt.errors import UserError
 
-    for override, words in (("optim.lr=1e39", "cannot be represented in float32"),
-                            ("optim.lr=3e38", "optim.lr: must be in (0, 1e+06]"),
-                            ("optim.eps=1e-300", "cannot be represented in float32"),
-                            ("model.rope_theta=0", "model.rope_theta: must be positive"),
-                            ("data.vocab_size=100000000", "data.vocab_size: must be in [260, 1048576]")):
+    for override, words in (
+        ("optim.lr=1e39", "cannot be represented in float32"),
+        ("optim.lr=3e38", "optim.lr: must be in (0, 1e+06]"),
+        ("optim.eps=1e-300", "cannot be represented in float32"),
+        ("model.rope_theta=0", "model.rope_theta: must be positive"),
+        ("data.vocab_size=100000000", "data.vocab_size: must be in [260, 1048576]"),
+    ):
         with pytest.raises(UserError, match=re.escape(words)):
             load_config(None, [override])
     assert load_config(None, ["optim.weight_decay=0"]).optim.weight_decay == 0.0
@@ -226,8 +265,15 @@ def test_the_validation_fraction_is_part_of_the_prepared_corpus_key(tmp_path, ti
     from normopt.data.token_cache import prepared_folder
 
     def key(fraction):
-        cfg = SimpleNamespace(path=str(tiny_corpus), cache_dir=str(tmp_path), text_column="text", tokenizer="",
-                              vocab_size=300, max_tokens=0, val_fraction=fraction)
+        cfg = SimpleNamespace(
+            path=str(tiny_corpus),
+            cache_dir=str(tmp_path),
+            text_column="text",
+            tokenizer="",
+            vocab_size=300,
+            max_tokens=0,
+            val_fraction=fraction,
+        )
         return prepared_folder(cfg, resolve_corpus(cfg)).name
 
     assert key(0.05) != key(0.1) and key(0.05) == key(0.05)

@@ -36,8 +36,18 @@ from tests.test_report import t95_by_integration
 STEPS = 100
 
 
-def fake_run(folder: Path, norm: str, optim: str, seed: int, evals: dict[int, float | str], *, lr: float = 1e-3,
-             steps: int = STEPS, arm: str | None = None, complete: bool = True) -> Path:
+def fake_run(
+    folder: Path,
+    norm: str,
+    optim: str,
+    seed: int,
+    evals: dict[int, float | str],
+    *,
+    lr: float = 1e-3,
+    steps: int = STEPS,
+    arm: str | None = None,
+    complete: bool = True,
+) -> Path:
     """A finished run directory as a factorial leaves it: config.yaml, cell.json, metrics.jsonl
     (an eval at step 0 and at each step of ``evals``, a train line beside each), and a final
     checkpoint marker."""
@@ -47,12 +57,17 @@ def fake_run(folder: Path, norm: str, optim: str, seed: int, evals: dict[int, fl
     cfg["train"]["seed"], cfg["train"]["steps"] = seed, steps
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    (folder / "cell.json").write_text(json.dumps({"name": folder.name, "coords": {"norm": norm, "optim": optim},
-                                                  "seed": seed, "arm": arm, "exit_code": 0}))
+    (folder / "cell.json").write_text(
+        json.dumps(
+            {"name": folder.name, "coords": {"norm": norm, "optim": optim}, "seed": seed, "arm": arm, "exit_code": 0}
+        )
+    )
     lines = [{"step": 0, "eval_loss": 9.0}]
     for step, value in sorted(evals.items()):
-        lines += [{"step": step, "loss": value if isinstance(value, str) else value + 0.05},
-                  {"step": step, "eval_loss": value}]
+        lines += [
+            {"step": step, "loss": value if isinstance(value, str) else value + 0.05},
+            {"step": step, "eval_loss": value},
+        ]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     if complete:
         marker = folder / "checkpoints" / f"step_{steps:08d}"
@@ -65,8 +80,12 @@ def fake_run(folder: Path, norm: str, optim: str, seed: int, evals: dict[int, fl
 
 
 def test_choice_lowest_mean_ties_to_first_diverged_excluded_edges_flagged():
-    outcomes = [ValueOutcome(1e-3, (3.2, 3.4)), ValueOutcome(3e-3, (3.0, 3.2)),
-                ValueOutcome(1e-2, (3.1, 3.1)), ValueOutcome(3e-2, (2.0,), ("x-s1: diverged: loss was nan",))]
+    outcomes = [
+        ValueOutcome(1e-3, (3.2, 3.4)),
+        ValueOutcome(3e-3, (3.0, 3.2)),
+        ValueOutcome(1e-2, (3.1, 3.1)),
+        ValueOutcome(3e-2, (2.0,), ("x-s1: diverged: loss was nan",)),
+    ]
     choice = choose_value(outcomes, 2)
     assert choice.chosen == 3e-3 and choice.tied == (1e-2,) and choice.runner_up == 1e-2
     assert choice.margin == pytest.approx(0.0) and not choice.at_edge
@@ -104,19 +123,33 @@ def build_tuned_grid(root: Path, broken: dict | None = None) -> Path:
     broken = DERF_MUON_DIVERGES_AT_3E_2 if broken is None else broken
     tuning = root / TUNING_DIR
     tuning.mkdir(parents=True)
-    (tuning / TUNING_FILE).write_text(json.dumps({"key": "optim.lr", "values": VALUES, "by": "final_eval_loss",
-                                                  "seeds": [100, 101], "steps": None}))
-    for (norm, optim) in BASE:
+    (tuning / TUNING_FILE).write_text(
+        json.dumps({"key": "optim.lr", "values": VALUES, "by": "final_eval_loss", "seeds": [100, 101], "steps": None})
+    )
+    for norm, optim in BASE:
         for i, lr in enumerate(VALUES):
             for seed, noise in ((100, 0.01), (101, -0.01)):
                 final: float | str = tuning_loss((norm, optim), i) + noise
                 how = broken.get((norm, optim, i, seed))
                 evals = {50: 5.0} if how == "stopped" else {50: 5.0, STEPS: "nan" if how == "nan" else final}
-                fake_run(tuning / f"{norm}-{optim}-lr{lr}-s{seed}", norm, optim, seed, evals, lr=lr,
-                         complete=how != "stopped")
+                fake_run(
+                    tuning / f"{norm}-{optim}-lr{lr}-s{seed}",
+                    norm,
+                    optim,
+                    seed,
+                    evals,
+                    lr=lr,
+                    complete=how != "stopped",
+                )
         for seed, noise in ((0, 0.02), (1, -0.02)):
-            fake_run(root / f"{norm}-{optim}-s{seed}", norm, optim, seed,
-                     {50: 5.0, STEPS: BASE[norm, optim] + noise}, lr=VALUES[BEST[norm, optim]])
+            fake_run(
+                root / f"{norm}-{optim}-s{seed}",
+                norm,
+                optim,
+                seed,
+                {50: 5.0, STEPS: BASE[norm, optim] + noise},
+                lr=VALUES[BEST[norm, optim]],
+            )
     return root
 
 
@@ -138,11 +171,14 @@ def test_tuner_picks_each_cells_best_value_and_the_interaction_vanishes_after_tu
         if i == 3:  # Derf + Muon diverged there: no interaction at 3e-2
             assert found == []
             continue
-        expected = (tuning_loss(("derf", "muon"), i) - tuning_loss(("rmsnorm", "muon"), i)
-                    - tuning_loss(("derf", "adamw"), i) + tuning_loss(("rmsnorm", "adamw"), i))
+        expected = (
+            tuning_loss(("derf", "muon"), i)
+            - tuning_loss(("rmsnorm", "muon"), i)
+            - tuning_loss(("derf", "adamw"), i)
+            + tuning_loss(("rmsnorm", "adamw"), i)
+        )
         assert found[0]["value"] == pytest.approx(expected) and found[0]["ci95"] is not None
-    assert [x["value"] for v in tuning["per_value"][:3] for x in v["interactions"]] == \
-        pytest.approx([-0.8, 0.0, 0.8])
+    assert [x["value"] for v in tuning["per_value"][:3] for x in v["interactions"]] == pytest.approx([-0.8, 0.0, 0.8])
     # at the tuned values the interaction vanishes (evaluation seeds, not the tuning runs)
     tuned = summary["interactions"][0]
     assert tuned["value"] == pytest.approx(0.0, abs=1e-12) and tuned["ci95"][0] < 0 < tuned["ci95"][1]
@@ -150,8 +186,10 @@ def test_tuner_picks_each_cells_best_value_and_the_interaction_vanishes_after_tu
     report = (tmp_path / "report.md").read_text()
     assert "## Tuning" in report and "at the edge of the range" in report and "![tuning](tuning.png)" in report
     assert "Every table below is at each cell's tuned `optim.lr`" in report
-    assert ("derf × muon − adamw: at the tuned values +0.0000 [-0.1111, +0.1111]; at the common values "
-            "from -0.8000 to +0.8000") in report
+    assert (
+        "derf × muon − adamw: at the tuned values +0.0000 [-0.1111, +0.1111]; at the common values "
+        "from -0.8000 to +0.8000"
+    ) in report
     assert (tmp_path / "tuning.png").is_file()
 
 
@@ -176,17 +214,22 @@ def test_a_tuning_run_left_out_of_a_common_value_is_flagged_and_kept_out_of_the_
     (flagged,) = k["flagged"]
     assert flagged["value"] == 1e-2 and flagged["estimate"] == pytest.approx(0.81) and flagged["ci95"] is None
     assert flagged["left_out"] == ["derf/muon: 1 cell left out (1 diverged)"]
-    assert flagged["left_out_bias"] == [{"estimate": "interaction", "direction": "low", "plus": ["derf/muon"],
-                                         "minus": []}]
+    assert flagged["left_out_bias"] == [
+        {"estimate": "interaction", "direction": "low", "plus": ["derf/muon"], "minus": []}
+    ]
     assert k["not_computable"] == [3e-2]
     report = (tmp_path / "report.md").read_text()
-    assert ("at the common values whose tuning runs all counted from -0.8000 to +0.0000 (point estimates at "
-            "optim.lr=0.001, 0.003; their intervals in the table below); at optim.lr=0.01 +0.8100 (no interval) "
-            "⚠ cells left out of its groups (derf/muon: 1 cell left out (1 diverged)): the interaction is biased "
-            "low") in report
+    assert (
+        "at the common values whose tuning runs all counted from -0.8000 to +0.0000 (point estimates at "
+        "optim.lr=0.001, 0.003; their intervals in the table below); at optim.lr=0.01 +0.8100 (no interval) "
+        "⚠ cells left out of its groups (derf/muon: 1 cell left out (1 diverged)): the interaction is biased "
+        "low"
+    ) in report
     assert "not computable at optim.lr=0.03" in report
-    assert ("| derf | muon − adamw | -0.8000 [-0.8555, -0.7445] | +0.0000 [-0.0555, +0.0555] | "
-            "+0.8100 (no interval) ⚠ | — |") in report
+    assert (
+        "| derf | muon − adamw | -0.8000 [-0.8555, -0.7445] | +0.0000 [-0.0555, +0.0555] | "
+        "+0.8100 (no interval) ⚠ | — |"
+    ) in report
     assert "| derf | muon | 3.2000 | 3.4000 | diverged (excluded) | diverged (excluded) | 0.001 |" in report
     on_disk = json.loads((tmp_path / "summary.json").read_text())["tuning"]["survival"][0]
     assert on_disk["flagged"][0]["left_out"] == flagged["left_out"]
@@ -275,15 +318,22 @@ def transient(step: int) -> float:
 def test_interaction_over_training_follows_a_known_trajectory(tmp_path):
     for norm, optim in BASE:
         for seed, noise in ((0, 0.01), (1, -0.01)):
-            evals = {t: BASE[norm, optim] + 2.0 * math.exp(-t / 20) + noise
-                     + (transient(t) if (norm, optim) == ("derf", "muon") else 0.0) for t in EVAL_STEPS}
+            evals = {
+                t: BASE[norm, optim]
+                + 2.0 * math.exp(-t / 20)
+                + noise
+                + (transient(t) if (norm, optim) == ("derf", "muon") else 0.0)
+                for t in EVAL_STEPS
+            }
             fake_run(tmp_path / f"{norm}-{optim}-s{seed}", norm, optim, seed, evals)
     summary = write_report(tmp_path)
     curves = summary["over_training"]
     (curve,) = curves["interactions"]
     assert [p["step"] for p in curve["points"]] == EVAL_STEPS
-    expected = [BASE["derf", "muon"] - BASE["rmsnorm", "muon"] - BASE["derf", "adamw"] + BASE["rmsnorm", "adamw"]
-                + transient(t) for t in EVAL_STEPS]
+    expected = [
+        BASE["derf", "muon"] - BASE["rmsnorm", "muon"] - BASE["derf", "adamw"] + BASE["rmsnorm", "adamw"] + transient(t)
+        for t in EVAL_STEPS
+    ]
     assert [p["value"] for p in curve["points"]] == pytest.approx(expected)
     assert all(p["ci95"] is not None for p in curve["points"])
     stability = curve["stability"]
@@ -298,34 +348,43 @@ def test_interaction_over_training_follows_a_known_trajectory(tmp_path):
 
 def _points(values, ci_half=None, steps=None):
     steps = steps or list(range(10, 10 * len(values) + 1, 10))
-    return [{"step": s, "value": v, "ci95": None if ci_half is None else (v - ci_half, v + ci_half)}
-            for s, v in zip(steps, values)]
+    return [
+        {"step": s, "value": v, "ci95": None if ci_half is None else (v - ci_half, v + ci_half)}
+        for s, v in zip(steps, values)
+    ]
 
 
 M = 0.05  # the report's default equivalence margin
 T90_4, T95_4 = t_critical(4, 0.90), t_critical(4)  # 95th and 97.5th percentiles of t with 4 df
 
 
-@pytest.mark.parametrize("values, change, verdict", [
-    # stable <=> the 90% t interval of Δ lies inside (−M, M): Δ + t_{0.95,4}·se just below / above M
-    ([0.5, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2], (M - T90_4 * 0.01 - 1e-4, 0.01), "stable"),
-    ([0.5, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2], (M - T90_4 * 0.01 + 1e-4, 0.01), "drifts"),
-    # drifts <=> not stable and the 95% t interval of Δ excludes 0: Δ − t_{0.975,4}·se just above / below 0
-    ([0.5, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2], (T95_4 * 0.02 + 1e-4, 0.02), "drifts"),
-    ([0.5, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2], (T95_4 * 0.02 - 1e-4, 0.02), "change unresolved"),
-    ([0.5, 0.3, 0.2, 0.21, 0.2, 0.2, -0.05, 0.2], (0.0, 0.001), "sign changes"),
-    ([0.5, 0.3, 0.2, 0.21, 0.2, 0.4, 0.3, 0.2], (0.0, None), "sign kept, change not tested (1 seed)"),
-    ([0.5, 0.3, 0.2, 0.21, 0.2, 0.4, 0.3, 0.2], None,
-     "sign kept, change not computable (a group has no cell with an eval at both ends of the window)"),
-    ([0.5, 0.2], (0.0, 0.001), "too few evals (1 in the window, needs 3)"),
-])
+@pytest.mark.parametrize(
+    "values, change, verdict",
+    [
+        # stable <=> the 90% t interval of Δ lies inside (−M, M): Δ + t_{0.95,4}·se just below / above M
+        ([0.5, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2], (M - T90_4 * 0.01 - 1e-4, 0.01), "stable"),
+        ([0.5, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2], (M - T90_4 * 0.01 + 1e-4, 0.01), "drifts"),
+        # drifts <=> not stable and the 95% t interval of Δ excludes 0: Δ − t_{0.975,4}·se just above / below 0
+        ([0.5, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2], (T95_4 * 0.02 + 1e-4, 0.02), "drifts"),
+        ([0.5, 0.3, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2], (T95_4 * 0.02 - 1e-4, 0.02), "change unresolved"),
+        ([0.5, 0.3, 0.2, 0.21, 0.2, 0.2, -0.05, 0.2], (0.0, 0.001), "sign changes"),
+        ([0.5, 0.3, 0.2, 0.21, 0.2, 0.4, 0.3, 0.2], (0.0, None), "sign kept, change not tested (1 seed)"),
+        (
+            [0.5, 0.3, 0.2, 0.21, 0.2, 0.4, 0.3, 0.2],
+            None,
+            "sign kept, change not computable (a group has no cell with an eval at both ends of the window)",
+        ),
+        ([0.5, 0.2], (0.0, 0.001), "too few evals (1 in the window, needs 3)"),
+    ],
+)
 def test_stability_rule(values, change, verdict):
     """With Δ = I(t_final) − I(t_0) over the window (steps >= 0.75 t_final), se its standard error
     and 4 degrees of freedom: stable <=> no sign change and Δ ± t_{0.95,4}·se inside (−M, M);
     drifts <=> not stable and 0 outside Δ ± t_{0.975,4}·se; else change unresolved. Each pair
     of cases sits just either side of one boundary (1e-4 nats)."""
-    record = None if change is None else change_record(change[0], change[1], None if change[1] is None else 4.0,
-                                                       M, 60, 80)
+    record = (
+        None if change is None else change_record(change[0], change[1], None if change[1] is None else 4.0, M, 60, 80)
+    )
     assert interaction_stability(_points(values, 0.05), record)["verdict"] == verdict
 
 
@@ -347,8 +406,10 @@ def _drift_grid(root: Path) -> None:
 
     for cell in base:
         for seed, sign in ((0, 1.0), (1, -1.0)):
-            evals = {t: base[cell] + 2.0 * math.exp(-t / 20) + extra(cell, t)
-                     + sign * (A_NOISE + B_NOISE * (t - 80) / 20) for t in EVAL_STEPS}
+            evals = {
+                t: base[cell] + 2.0 * math.exp(-t / 20) + extra(cell, t) + sign * (A_NOISE + B_NOISE * (t - 80) / 20)
+                for t in EVAL_STEPS
+            }
             fake_run(root / f"{cell[0]}-{cell[1]}-s{seed}", *cell, seed, evals)
 
 
@@ -376,8 +437,9 @@ def test_a_drifting_and_a_stable_curve_sit_either_side_of_the_stability_rule(tmp
     assert summary["over_training"]["margin"] == M and "±0.05 nats" in summary["over_training"]["rule"]
     report = (tmp_path / "report.md").read_text()
     assert "stable = the 90% interval of Δ lies inside ±0.05 nats" in report
-    assert ("| derf | muon | +0.1700 | +0.1000 … +0.1700 | 80, 90, 100 | +0.0700 [+0.0478, +0.0922] "
-            "(step 80 → 100) |") in report
+    assert (
+        "| derf | muon | +0.1700 | +0.1000 … +0.1700 | 80, 90, 100 | +0.0700 [+0.0478, +0.0922] (step 80 → 100) |"
+    ) in report
     line = next(ln for ln in report.splitlines() if ln.startswith("- **derf × muon**"))
     assert "over the last quarter of training: drifts; change Δ over the window +0.0700 [+0.0478, +0.0922]" in line
     # deterministic: the same cells give the same summary
@@ -390,16 +452,22 @@ def test_the_answer_carries_a_sign_change_beside_the_final_steps_test(tmp_path):
     is distinguishable from 0 in the family, and the answer says its sign changed in the window."""
     for cell in BASE:
         for seed, noise in ((0, 0.01), (1, -0.01)):
-            evals = {t: BASE[cell] + 2.0 * math.exp(-t / 20) + noise
-                     + ((-0.05 if t == 80 else 0.3) if cell == ("derf", "muon") else 0.0) for t in EVAL_STEPS}
+            evals = {
+                t: BASE[cell]
+                + 2.0 * math.exp(-t / 20)
+                + noise
+                + ((-0.05 if t == 80 else 0.3) if cell == ("derf", "muon") else 0.0)
+                for t in EVAL_STEPS
+            }
             fake_run(tmp_path / f"{cell[0]}-{cell[1]}-s{seed}", *cell, seed, evals)
     summary = write_report(tmp_path)
     (item,) = summary["interactions"]
     assert item["value"] == pytest.approx(0.3) and item["p_holm"] < 0.05
     assert summary["over_training"]["interactions"][0]["stability"]["verdict"] == "sign changes"
     line = next(ln for ln in (tmp_path / "report.md").read_text().splitlines() if ln.startswith("- **derf × muon**"))
-    assert ("distinguishable from 0 in the family at the final step; over the last quarter of training: sign "
-            "changes") in line
+    assert (
+        "distinguishable from 0 in the family at the final step; over the last quarter of training: sign changes"
+    ) in line
     assert "its sign is not settled" in line or "sign is not settled" in line
 
 
@@ -409,31 +477,39 @@ def test_the_answer_carries_a_sign_change_beside_the_final_steps_test(tmp_path):
 TUNE = {"key": "optim.lr", "values": [1.0e-3, 3.0e-3, 1.0e-2], "seeds": [7], "steps": 2}
 
 
-@pytest.mark.parametrize("tune, message", [
-    ([1, 2], "tune must be a mapping"),
-    ({**TUNE, "metric": "x"}, "unknown key 'metric'"),
-    ({k: v for k, v in TUNE.items() if k != "seeds"}, "missing key 'seeds'"),
-    ({**TUNE, "key": "lr"}, "dotted config key"),
-    ({**TUNE, "key": "model.norm"}, "is an axis"),
-    ({**TUNE, "key": "train.steps"}, "also in set"),
-    ({**TUNE, "key": "model.alpha_init_attn"}, "set by arm 'alpha0.3'"),
-    ({**TUNE, "values": [1e-3]}, "at least 2 plain values"),
-    ({**TUNE, "values": [1e-3, 0.001]}, "lists 0.001 twice"),
-    ({**TUNE, "by": "min_loss"}, "by must be one of final_eval_loss"),
-    ({**TUNE, "seeds": [0, 7]}, "share 0 with seeds"),
-    ({**TUNE, "seeds": [7, 7]}, "distinct integers"),
-    ({**TUNE, "steps": 0}, "steps must be an integer >= 1"),
-    ({**TUNE, "values": [1e-3, "fast"]}, "cell rmsnorm-adamw-lrfast-s7"),
-])
+@pytest.mark.parametrize(
+    "tune, message",
+    [
+        ([1, 2], "tune must be a mapping"),
+        ({**TUNE, "metric": "x"}, "unknown key 'metric'"),
+        ({k: v for k, v in TUNE.items() if k != "seeds"}, "missing key 'seeds'"),
+        ({**TUNE, "key": "lr"}, "dotted config key"),
+        ({**TUNE, "key": "model.norm"}, "is an axis"),
+        ({**TUNE, "key": "train.steps"}, "also in set"),
+        ({**TUNE, "key": "model.alpha_init_attn"}, "set by arm 'alpha0.3'"),
+        ({**TUNE, "values": [1e-3]}, "at least 2 plain values"),
+        ({**TUNE, "values": [1e-3, 0.001]}, "lists 0.001 twice"),
+        ({**TUNE, "by": "min_loss"}, "by must be one of final_eval_loss"),
+        ({**TUNE, "seeds": [0, 7]}, "share 0 with seeds"),
+        ({**TUNE, "seeds": [7, 7]}, "distinct integers"),
+        ({**TUNE, "steps": 0}, "steps must be an integer >= 1"),
+        ({**TUNE, "values": [1e-3, "fast"]}, "cell rmsnorm-adamw-lrfast-s7"),
+    ],
+)
 def test_tune_schema_errors(tmp_path, tiny_corpus, tune, message):
     with pytest.raises(UserError, match=message):
         load_spec(_spec(tmp_path, tiny_corpus, tune=tune))
 
 
 def _factorial(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "normopt.cli", "factorial", *map(str, args)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "normopt.cli", "factorial", *map(str, args)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def test_dry_run_plans_tuning_then_evaluation_with_its_cost(tmp_path, tiny_corpus):
@@ -443,8 +519,9 @@ def test_dry_run_plans_tuning_then_evaluation_with_its_cost(tmp_path, tiny_corpu
     out = proc.stdout
     assert "tuning: 9 runs" in out and "derf-adamw-lr0.003-s7: new, 2 steps" in out
     assert "derf-adamw-s0: new, 4 steps (at the optim.lr the tuning runs choose)" in out
-    assert ("cost: 9 tuning runs, 18 steps; 3 evaluation runs, 12 steps; in all 12 runs, 30 steps "
-            "(30 still to run)") in out
+    assert (
+        "cost: 9 tuning runs, 18 steps; 3 evaluation runs, 12 steps; in all 12 runs, 30 steps (30 still to run)"
+    ) in out
     assert not (tmp_path / "grid").exists()
 
     # the tuning runs of two cells are done: their evaluation cells show the chosen value
@@ -473,8 +550,11 @@ def test_finished_tuned_grid_is_skipped_on_rerun_and_a_changed_choice_refused(tm
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("complete, skipped") == 6
     assert "[tuning] rmsnorm-adamw: optim.lr=0.003 (final_eval_loss 3.0000, 0.1000 nats ahead of 0.001" in proc.stdout
-    assert not any((root / n / "train.log").stat().st_size for n in ("rmsnorm-adamw-s0", "derf-adamw-s0")
-                   if (root / n / "train.log").exists())
+    assert not any(
+        (root / n / "train.log").stat().st_size
+        for n in ("rmsnorm-adamw-s0", "derf-adamw-s0")
+        if (root / n / "train.log").exists()
+    )
     record = json.loads((root / TUNING_DIR / TUNING_FILE).read_text())
     assert record["choices"]["derf-adamw"]["chosen"] == 3e-3 and record["seeds"] == [7]
     assert "## Tuning" in (root / "report.md").read_text()
@@ -483,8 +563,10 @@ def test_finished_tuned_grid_is_skipped_on_rerun_and_a_changed_choice_refused(tm
     fake_run(root / TUNING_DIR / "derf-adamw-lr0.001-s7", "derf", "adamw", 7, {2: 2.9}, lr=1e-3, steps=2)
     refused = _factorial(spec_path)
     assert refused.returncode == 2  # after the (skipped) tuning runs' progress bar, one line
-    assert "cell derf-adamw-s0 ran at optim.lr=0.003 but the tuning runs choose 0.001" in \
-        refused.stderr.strip().splitlines()[-1]
+    assert (
+        "cell derf-adamw-s0 ran at optim.lr=0.003 but the tuning runs choose 0.001"
+        in refused.stderr.strip().splitlines()[-1]
+    )
     # --slurm refuses it too, before it writes or submits anything (its dry run as well)
     for extra in (["--dry-run"], []):
         before = sorted(p.relative_to(root) for p in root.rglob("*"))

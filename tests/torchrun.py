@@ -27,10 +27,14 @@ def run_torchrun(
     With ``check`` a non-zero exit raises with the captured output attached.
     """
     cmd = [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
         f"--nproc_per_node={nproc}",
-        "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
-        str(script), *args,
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+        str(script),
+        *args,
     ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=child_env(env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

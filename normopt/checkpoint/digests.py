@@ -53,8 +53,13 @@ def recorded_digests(checkpoint: Path, trainer_state: dict) -> dict[str, str] | 
     if recorded is None:
         return None
     if not isinstance(recorded, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and _HEX.fullmatch(v) and not k.startswith("/")
-            and ".." not in Path(k).parts for k, v in recorded.items()):
+        isinstance(k, str)
+        and isinstance(v, str)
+        and _HEX.fullmatch(v)
+        and not k.startswith("/")
+        and ".." not in Path(k).parts
+        for k, v in recorded.items()
+    ):
         raise damaged_checkpoint(f"{checkpoint / 'trainer_state.json'} holds a malformed {DIGESTS_KEY} record")
     return recorded
 
@@ -68,10 +73,13 @@ def check_digests(checkpoint: Path, recorded: dict[str, str], names: list[str]) 
         try:
             actual = file_sha256(checkpoint / name)
         except OSError as exc:
-            raise damaged_checkpoint(f"{checkpoint / name} does not read ({exc.strerror or type(exc).__name__})") from None
+            raise damaged_checkpoint(
+                f"{checkpoint / name} does not read ({exc.strerror or type(exc).__name__})"
+            ) from None
         if actual != recorded[name]:
-            raise damaged_checkpoint(f"{checkpoint / name} does not match its recorded SHA-256 "
-                                     f"(its bytes changed after it was written)")
+            raise damaged_checkpoint(
+                f"{checkpoint / name} does not match its recorded SHA-256 (its bytes changed after it was written)"
+            )
 
 
 def share_of(names: list[str], rank: int, world_size: int) -> list[str]:

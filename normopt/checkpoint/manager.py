@@ -2,7 +2,8 @@
 
 Layout (the names are :mod:`normopt.run_dir`'s): ``<run>/checkpoints/step_00000100/`` holds
 every rank's shards of the model and optimizer state (including ``derf_ema`` running scales,
-which are model buffers), ``trainer_state.json`` (step, tokens, world size, the SHA-256 of every other piece: ``digests``),
+which are model buffers), ``trainer_state.json`` (step, tokens, world size, the SHA-256 of
+every other piece: ``digests``),
 ``non_tensor_state.json`` (optimizer hyperparameters and any other non-tensor entry),
 ``rng/rank_XXXXX.safetensors`` (each rank's RNG states: tensors, with the Python and numpy
 scalars as JSON metadata) and a copy of the run's ``config.yaml``. Nothing in a checkpoint is
@@ -30,6 +31,8 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from normopt import progress
+from normopt.checkpoint.digests import DIGESTS_KEY, digest_own_files
 from normopt.checkpoint.safe_dcp import (
     SafeReader,
     TensorOnlyPlanner,
@@ -40,9 +43,7 @@ from normopt.checkpoint.safe_dcp import (
     split_tensors,
     write_non_tensor_state,
 )
-from normopt.checkpoint.digests import DIGESTS_KEY, digest_own_files
 from normopt.checkpoint.verify import checkpoint_problem, read_trainer_state
-from normopt import progress
 from normopt.errors import UserError
 from normopt.parallel import collectives
 from normopt.parallel.timeouts import collective_timeout
@@ -68,8 +69,10 @@ def save_rng_state(folder: Path) -> None:
     tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["cuda"] = torch.cuda.get_rng_state()
-    meta = {"numpy": json.dumps([kind, int(pos), int(has_gauss), float(cached)]),
-            "python": json.dumps([version, list(python_state), gauss_next])}
+    meta = {
+        "numpy": json.dumps([kind, int(pos), int(has_gauss), float(cached)]),
+        "python": json.dumps([version, list(python_state), gauss_next]),
+    }
     _rng_path(folder).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(_rng_path(folder)), metadata=meta)
 
@@ -83,8 +86,10 @@ def load_rng_state(folder: Path) -> bool:
         raise UserError(f"cannot load checkpoint: {path} is not a regular file")
     if not path.is_file():
         if list((folder / RNG_DIR).glob("*.pt")):
-            raise UserError(f"{folder / RNG_DIR}: pickled RNG states of an older normopt; refusing to "
-                            f"unpickle them (start a new run.dir)")
+            raise UserError(
+                f"{folder / RNG_DIR}: pickled RNG states of an older normopt; refusing to "
+                f"unpickle them (start a new run.dir)"
+            )
         return False
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -117,11 +122,11 @@ class CheckpointWriter:
         self._pending = None  # (future, step, trainer_state)
         # background writes coordinate over their own gloo group, away from training's collectives,
         # with the checkpoint timeout (a rank that never arrives fails the save instead of hanging it)
-        self._group = collectives.new_group(backend="gloo", timeout=collective_timeout("checkpoint")) \
-            if async_save else None
+        self._group = (
+            collectives.new_group(backend="gloo", timeout=collective_timeout("checkpoint")) if async_save else None
+        )
 
-    def save(self, step: int, model: nn.Module, optimizers: list, trainer_state: dict,
-             block: bool = False) -> Path:
+    def save(self, step: int, model: nn.Module, optimizers: list, trainer_state: dict, block: bool = False) -> Path:
         self.wait()
         progress.mark("checkpoint save", step)
         final, tmp = self.run.checkpoint(step), self.run.partial_checkpoint(step)
@@ -197,12 +202,16 @@ class CheckpointWriter:
             shutil.rmtree(partial, ignore_errors=True)
         collectives.barrier()
         previous = self.run.complete_steps()
-        kept = f"the last complete checkpoint {self.run.checkpoint(previous[-1])} is kept" if previous \
+        kept = (
+            f"the last complete checkpoint {self.run.checkpoint(previous[-1])} is kept"
+            if previous
             else "no earlier checkpoint exists"
+        )
         rank, reason = failed[0]
         where = f" on rank {rank}" if len(failures) > 1 else ""
-        raise UserError(f"writing checkpoint step {step}{where} failed ({reason}); the partial "
-                        f"checkpoint was removed and {kept}")
+        raise UserError(
+            f"writing checkpoint step {step}{where} failed ({reason}); the partial checkpoint was removed and {kept}"
+        )
 
     def _mark_complete(self, step: int, trainer_state: dict) -> None:
         final, tmp = self.run.checkpoint(step), self.run.partial_checkpoint(step)
@@ -231,7 +240,6 @@ class CheckpointWriter:
                 shutil.rmtree(stale, ignore_errors=True)
         collectives.barrier()
 
-
     def _prune(self, step: int) -> None:
         """Rank 0, after ``step``'s checkpoint was renamed complete: keep the newest
         ``keep_latest_k`` checkpoints that verify (``checkpoint.verify``; their structure: the
@@ -241,8 +249,11 @@ class CheckpointWriter:
         (a damaged checkpoint is never counted as one kept, nor deleted by retention)."""
         problem = checkpoint_problem(self.run.checkpoint(step), contents=False)
         if problem is not None:
-            print(f"normopt: warning: checkpoints not pruned: the new one does not verify ({problem})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"normopt: warning: checkpoints not pruned: the new one does not verify ({problem})",
+                file=sys.stderr,
+                flush=True,
+            )
             return
         verified = []
         for candidate in reversed(self.run.complete_steps()):
@@ -287,22 +298,32 @@ def is_disk_full(exc: BaseException) -> bool:
     import errno
 
     text = str(exc)
-    return (getattr(exc, "errno", None) == errno.ENOSPC or "No space left on device" in text
-            or "StorageFull" in text or (exc.__cause__ is not None and is_disk_full(exc.__cause__)))
+    return (
+        getattr(exc, "errno", None) == errno.ENOSPC
+        or "No space left on device" in text
+        or "StorageFull" in text
+        or (exc.__cause__ is not None and is_disk_full(exc.__cause__))
+    )
 
 
 def check_same_model(path: Path, metadata, model: nn.Module) -> None:
     """Refuse a checkpoint of another model: its model tensors must be the built model's, by
     name and full shape (a DyT checkpoint holds RMSNorm's ``weight`` names too, plus alpha,
     and DCP would load the shared names and ignore the rest)."""
-    saved = {key.removeprefix("model."): tuple(entry.size) for key, entry in metadata.state_dict_metadata.items()
-             if key.startswith("model.") and hasattr(entry, "size")}
+    saved = {
+        key.removeprefix("model."): tuple(entry.size)
+        for key, entry in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and hasattr(entry, "size")
+    }
     built = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     missing, extra = sorted(built.keys() - saved.keys()), sorted(saved.keys() - built.keys())
     shapes = sorted(name for name in built.keys() & saved.keys() if built[name] != saved[name])
     if missing or extra or shapes:
-        parts = [f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}" for what, names in
-                 (("lacks", missing), ("has extra", extra), ("has other shapes for", shapes)) if names]
+        parts = [
+            f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+            for what, names in (("lacks", missing), ("has extra", extra), ("has other shapes for", shapes))
+            if names
+        ]
         raise UserError(f"checkpoint {path} holds another model than this config builds: it {'; '.join(parts)}")
 
 
@@ -320,8 +341,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizers: list) -> dict:
     tensors, expected = split_tensors(_state(model, optimizers))
     check_non_tensor_state(path, non_tensors, expected)
     try:
-        dcp.load(tensors, checkpoint_id=str(path), storage_reader=SafeReader(str(path)),
-                 planner=TensorOnlyPlanner(str(path)))
+        dcp.load(
+            tensors, checkpoint_id=str(path), storage_reader=SafeReader(str(path)), planner=TensorOnlyPlanner(str(path))
+        )
     except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
         reason = _first_cause(exc)
         raise UserError(f"cannot load checkpoint {path}: {reason[:300]}") from None

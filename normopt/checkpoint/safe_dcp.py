@@ -37,8 +37,15 @@ NON_TENSOR_FILE = NON_TENSOR_STATE
 
 _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {
-        "Metadata", "MetadataIndex", "TensorProperties", "_MEM_FORMAT_ENCODING", "StorageMeta",
-        "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata"},
+        "Metadata",
+        "MetadataIndex",
+        "TensorProperties",
+        "_MEM_FORMAT_ENCODING",
+        "StorageMeta",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+    },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},
@@ -60,8 +67,10 @@ class MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
-        raise UserError(f"{self.source}: refusing to load {module}.{name} (checkpoint metadata may "
-                        f"only hold DCP metadata types; this file may be crafted)")
+        raise UserError(
+            f"{self.source}: refusing to load {module}.{name} (checkpoint metadata may "
+            f"only hold DCP metadata types; this file may be crafted)"
+        )
 
 
 class SafeReader(FileSystemReader):
@@ -100,8 +109,10 @@ class TensorOnlyPlanner(DefaultLoadPlanner):
 def refuse_pickled_entries(metadata: Metadata, source: str) -> None:
     pickled = sorted(k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
     if pickled:
-        raise UserError(f"{source}: refusing a checkpoint with pickled entries ({pickled[0]}"
-                        f"{' and more' if len(pickled) > 1 else ''}); normopt writes tensors only")
+        raise UserError(
+            f"{source}: refusing a checkpoint with pickled entries ({pickled[0]}"
+            f"{' and more' if len(pickled) > 1 else ''}); normopt writes tensors only"
+        )
 
 
 def read_metadata(checkpoint: Path) -> Metadata:
@@ -166,9 +177,9 @@ def split_tensors(tree: Any, path: tuple = ()) -> tuple[Any, dict[str, Any]]:
     return _NOTHING, {json.dumps(_encode(path)): _encode(tree)}
 
 
-
 def merge_tensors(tree: Any, moved: dict[str, Any]) -> Any:
     """Undo :func:`split_tensors`: put the non-tensor leaves back into ``tree``."""
+
     def restore_lists(node: Any) -> Any:
         if isinstance(node, dict):
             if set(node) == {"__list__"}:
@@ -227,8 +238,10 @@ def check_non_tensor_state(path: Path, saved: dict[str, Any], expected: dict[str
         raise UserError(f"{path / NON_TENSOR_FILE}: {which} (not this run's optimizer state)")
     for key in sorted(saved):
         if not _same_shape(saved[key], expected[key]):
-            raise UserError(f"{path / NON_TENSOR_FILE}: {key} is {_json_kind(saved[key])} "
-                            f"({saved[key]!r:.60}), expected {_json_kind(expected[key])}")
+            raise UserError(
+                f"{path / NON_TENSOR_FILE}: {key} is {_json_kind(saved[key])} "
+                f"({saved[key]!r:.60}), expected {_json_kind(expected[key])}"
+            )
 
 
 def write_non_tensor_state(folder: Path, moved: dict[str, Any]) -> None:
@@ -238,8 +251,10 @@ def write_non_tensor_state(folder: Path, moved: dict[str, Any]) -> None:
 def read_non_tensor_state(folder: Path) -> dict[str, Any]:
     path = folder / NON_TENSOR_FILE
     if not path.is_file():
-        raise UserError(f"checkpoint {folder} has no {NON_TENSOR_FILE} (written by an older normopt "
-                        f"whose checkpoints hold pickled entries; start a new run.dir)")
+        raise UserError(
+            f"checkpoint {folder} has no {NON_TENSOR_FILE} (written by an older normopt "
+            f"whose checkpoints hold pickled entries; start a new run.dir)"
+        )
     try:
         moved = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

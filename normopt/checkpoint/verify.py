@@ -97,8 +97,9 @@ def verify_checkpoint(checkpoint: Path, contents: bool = True, rank: int = 0, wo
         pieces.append(f"{RNG_DIR}/{rng_file(writer)}")
         path = rng / rng_file(writer)
         if not os.path.lexists(path) and list(rng.glob("*.pt")):
-            raise UserError(f"{rng}: pickled RNG states of an older normopt; refusing to unpickle them "
-                            f"(start a new run.dir)")
+            raise UserError(
+                f"{rng}: pickled RNG states of an older normopt; refusing to unpickle them (start a new run.dir)"
+            )
         _require(path, "file")
     _require(checkpoint / METADATA_FILE, "file")
     if recorded is not None:
@@ -109,7 +110,9 @@ def verify_checkpoint(checkpoint: Path, contents: bool = True, rank: int = 0, wo
         relative = str(getattr(info, "relative_path", ""))
         end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
         if not relative or os.path.isabs(relative) or ".." in Path(relative).parts:
-            raise damaged_checkpoint(f"{checkpoint / METADATA_FILE} names a shard outside its folder ({relative!r:.80})")
+            raise damaged_checkpoint(
+                f"{checkpoint / METADATA_FILE} names a shard outside its folder ({relative!r:.80})"
+            )
         needed[relative] = max(end, needed.get(relative, 0))
     for relative, end in sorted(needed.items()):
         path = checkpoint / relative

@@ -39,7 +39,7 @@ def global_batch_indices(step: int, global_batch_size: int, num_sequences: int, 
 def rank_share(indices: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """The contiguous r-th 1/W of a batch (its length must divide by W)."""
     per_rank = len(indices) // world_size
-    return indices[rank * per_rank:(rank + 1) * per_rank]
+    return indices[rank * per_rank : (rank + 1) * per_rank]
 
 
 def to_inputs_targets(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,8 +51,17 @@ def to_inputs_targets(windows: np.ndarray, device: torch.device) -> tuple[torch.
 class TrainBatches:
     """This rank's micro-batches for any optimizer step."""
 
-    def __init__(self, data: TokenData, seq_len: int, global_batch_size: int, micro_batch_size: int,
-                 rank: int, world_size: int, seed: int, device: torch.device):
+    def __init__(
+        self,
+        data: TokenData,
+        seq_len: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+    ):
         self.data, self.seq_len = data, seq_len
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.rank, self.world_size, self.seed, self.device = rank, world_size, seed, device
@@ -65,16 +74,22 @@ class TrainBatches:
     def micro_batches(self, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         mine = self.rank_indices(step)
         for start in range(0, len(mine), self.micro_batch_size):
-            windows = self.data.sequences(mine[start:start + self.micro_batch_size], self.seq_len, "train")
+            windows = self.data.sequences(mine[start : start + self.micro_batch_size], self.seq_len, "train")
             yield to_inputs_targets(windows, self.device)
 
     def epoch_of(self, step: int) -> float:
         return step * self.global_batch_size / self.num_sequences
 
 
-def eval_micro_batches(data: TokenData, seq_len: int, num_sequences: int, micro_batch_size: int,
-                       rank: int, world_size: int, device: torch.device
-                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def eval_micro_batches(
+    data: TokenData,
+    seq_len: int,
+    num_sequences: int,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The first ``num_sequences`` validation windows (0 = all), dealt round-robin to ranks.
 
     Yields (inputs, targets, weights). Every rank yields the same number of micro-batches,
@@ -87,10 +102,10 @@ def eval_micro_batches(data: TokenData, seq_len: int, num_sequences: int, micro_
     slots = -(-count // world_size)
     slots = -(-slots // micro_batch_size) * micro_batch_size
     indices = np.zeros(slots, dtype=np.int64)
-    indices[:len(mine)] = mine
+    indices[: len(mine)] = mine
     weights = np.zeros(slots, dtype=np.float32)
-    weights[:len(mine)] = 1.0
+    weights[: len(mine)] = 1.0
     for start in range(0, slots, micro_batch_size):
-        windows = data.sequences(indices[start:start + micro_batch_size], seq_len, "val")
+        windows = data.sequences(indices[start : start + micro_batch_size], seq_len, "val")
         inputs, targets = to_inputs_targets(windows, device)
-        yield inputs, targets, torch.from_numpy(weights[start:start + micro_batch_size]).to(device)
+        yield inputs, targets, torch.from_numpy(weights[start : start + micro_batch_size]).to(device)

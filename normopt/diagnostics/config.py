@@ -11,14 +11,15 @@ from normopt.key_roles import EXECUTION, require, role
 class DiagnosticsConfig:
     """What the run measures about itself; diagnostics observe the run and never change it."""
 
-    interval: int = role(EXECUTION, 50, "norm stats, spectral norms, NS spectrum and isotropy every N steps "
-                                        "(0 = off)")
+    interval: int = role(EXECUTION, 50, "norm stats, spectral norms, NS spectrum and isotropy every N steps (0 = off)")
     probe_sequences: int = role(EXECUTION, 8, "validation windows in the fixed probe batch of the norm stats")
-    power_iterations: int = role(EXECUTION, 2, "power iterations per spectral-norm estimate, warm-started from "
-                                               "the last call's vector")
+    power_iterations: int = role(
+        EXECUTION, 2, "power iterations per spectral-norm estimate, warm-started from the last call's vector"
+    )
     ns_spectrum: bool = role(EXECUTION, True, "Muon/NorMuon runs: singular values of the matrices NS receives")
-    ns_band: str = role(EXECUTION, "", "'lo,hi' target band of NS output singular values; empty = per the "
-                                       "NS coefficients")
+    ns_band: str = role(
+        EXECUTION, "", "'lo,hi' target band of NS output singular values; empty = per the NS coefficients"
+    )
     isotropy: bool = role(EXECUTION, True, "singular-value entropy of each block matrix's update and weight")
     tail_buckets: int = role(EXECUTION, 10, "eval loss by token-frequency bucket at every evaluation (0 = off)")
     histograms: bool = role(EXECUTION, True, "TensorBoard histograms of pre-activations and spectral norms")
@@ -34,5 +35,8 @@ class DiagnosticsConfig:
                 lo, hi = (float(x) for x in parts)
             except ValueError:
                 lo = hi = float("nan")
-            require(len(parts) == 2 and 0 < lo < 1 < hi, "diagnostics.ns_band",
-                    f"expected 'lo,hi' with 0 < lo < 1 < hi, got {self.ns_band!r}")
+            require(
+                len(parts) == 2 and 0 < lo < 1 < hi,
+                "diagnostics.ns_band",
+                f"expected 'lo,hi' with 0 < lo < 1 < hi, got {self.ns_band!r}",
+            )

@@ -81,8 +81,9 @@ def mean_or_none(values: Iterable[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def cell_means(matrices: Mapping[str, Mapping[str, float | None]], cell_of: Mapping[str, str],
-               fields: Sequence[str]) -> dict[str, dict[str, float | None]]:
+def cell_means(
+    matrices: Mapping[str, Mapping[str, float | None]], cell_of: Mapping[str, str], fields: Sequence[str]
+) -> dict[str, dict[str, float | None]]:
     """Per cell, the mean of each of ``fields`` over the cell's matrices (``mean_or_none``:
     a matrix whose value is None, e.g. an all-zero update, is left out of that mean).
 
@@ -91,5 +92,4 @@ def cell_means(matrices: Mapping[str, Mapping[str, float | None]], cell_of: Mapp
     members: dict[str, list[str]] = {}
     for name in matrices:
         members.setdefault(cell_of[name], []).append(name)
-    return {cell: {k: mean_or_none(matrices[n][k] for n in names) for k in fields}
-            for cell, names in members.items()}
+    return {cell: {k: mean_or_none(matrices[n][k] for n in names) for k in fields} for cell, names in members.items()}

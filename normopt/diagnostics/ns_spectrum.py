@@ -134,8 +134,9 @@ def singular_value_quantiles(G: torch.Tensor, levels: Sequence[float] = DEFAULT_
 # --------------------------------------------------------------------------- NS response
 
 
-def ns_output_deviation(sigma_rel_fro: SigmaLike, steps: int = 5,
-                        coefficients: CoefficientSpec = "quintic") -> torch.Tensor:
+def ns_output_deviation(
+    sigma_rel_fro: SigmaLike, steps: int = 5, coefficients: CoefficientSpec = "quintic"
+) -> torch.Tensor:
     """|p_k(sigma) - 1| elementwise, p_k = ``ns_scalar_map`` with k = ``steps``.
 
     ``sigma_rel_fro`` are singular values of the NS input X_0 (a float, a sequence or a
@@ -144,8 +145,7 @@ def ns_output_deviation(sigma_rel_fro: SigmaLike, steps: int = 5,
     return (ns_scalar_map(_as_float64(sigma_rel_fro), steps, coefficients) - 1.0).abs()
 
 
-def _in_band_by_step(sigma: torch.Tensor, band: Band, coefficients: CoefficientSpec,
-                     max_steps: int) -> torch.Tensor:
+def _in_band_by_step(sigma: torch.Tensor, band: Band, coefficients: CoefficientSpec, max_steps: int) -> torch.Tensor:
     """Boolean (max_steps + 1, *sigma.shape): row k says lo <= p_k(sigma) <= hi."""
     lo, hi = _check_band(band)
     out = sigma
@@ -165,18 +165,24 @@ def _first_true_per_column(table: torch.Tensor) -> list[int | None]:
     return [_first_true(table[:, i]) for i in range(table.shape[1])]
 
 
-def fewest_ns_steps_many(sigma_rel_fro: SigmaLike, band: Band | None = None,
-                         coefficients: CoefficientSpec = "quintic",
-                         max_steps: int = DEFAULT_MAX_STEPS) -> list[int | None]:
+def fewest_ns_steps_many(
+    sigma_rel_fro: SigmaLike,
+    band: Band | None = None,
+    coefficients: CoefficientSpec = "quintic",
+    max_steps: int = DEFAULT_MAX_STEPS,
+) -> list[int | None]:
     """``fewest_ns_steps`` for each of several singular values (flattened), in one pass."""
     sigma = _as_float64(sigma_rel_fro).reshape(-1)
     band = default_band(coefficients) if band is None else band
     return _first_true_per_column(_in_band_by_step(sigma, band, coefficients, max_steps))
 
 
-def fewest_ns_steps(sigma_rel_fro: float, band: Band | None = None,
-                    coefficients: CoefficientSpec = "quintic",
-                    max_steps: int = DEFAULT_MAX_STEPS) -> int | None:
+def fewest_ns_steps(
+    sigma_rel_fro: float,
+    band: Band | None = None,
+    coefficients: CoefficientSpec = "quintic",
+    max_steps: int = DEFAULT_MAX_STEPS,
+) -> int | None:
     """Smallest k >= 0 with lo <= p_k(sigma) <= hi, or None if no k <= ``max_steps`` does.
 
     p_k is ``ns_scalar_map`` (k steps of ``coefficients``), sigma a singular value of the
@@ -186,9 +192,12 @@ def fewest_ns_steps(sigma_rel_fro: float, band: Band | None = None,
     return fewest_ns_steps_many([float(sigma_rel_fro)], band, coefficients, max_steps)[0]
 
 
-def fewest_ns_steps_joint(sigma_rel_fro: SigmaLike, band: Band | None = None,
-                          coefficients: CoefficientSpec = "quintic",
-                          max_steps: int = DEFAULT_MAX_STEPS) -> int | None:
+def fewest_ns_steps_joint(
+    sigma_rel_fro: SigmaLike,
+    band: Band | None = None,
+    coefficients: CoefficientSpec = "quintic",
+    max_steps: int = DEFAULT_MAX_STEPS,
+) -> int | None:
     """Smallest k >= 0 with lo <= p_k(sigma) <= hi for every given sigma at once (None if
     no k <= ``max_steps``, or no sigma given).
 
@@ -205,9 +214,15 @@ def fewest_ns_steps_joint(sigma_rel_fro: SigmaLike, band: Band | None = None,
 # --------------------------------------------------------------------------- record
 
 
-def ns_spectrum_record(G: torch.Tensor, steps: int = 5, coefficients: CoefficientSpec = "quintic",
-                       levels: Sequence[float] = DEFAULT_LEVELS, band: Band | None = None,
-                       max_steps: int = DEFAULT_MAX_STEPS, momentum: torch.Tensor | None = None) -> dict:
+def ns_spectrum_record(
+    G: torch.Tensor,
+    steps: int = 5,
+    coefficients: CoefficientSpec = "quintic",
+    levels: Sequence[float] = DEFAULT_LEVELS,
+    band: Band | None = None,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    momentum: torch.Tensor | None = None,
+) -> dict:
     """Everything the diagnostics log says about one matrix G handed to NS (or a stack of the
     matrices NS runs on separately, pooled as in ``relative_singular_values``):
 
@@ -229,8 +244,11 @@ def ns_spectrum_record(G: torch.Tensor, steps: int = 5, coefficients: Coefficien
     rel_max, rel_fro = relative_singular_values(G)
     q_max, q_fro = _quantiles(rel_max, levels), _quantiles(rel_fro, levels)
     in_band = _in_band_by_step(_as_float64(q_fro), band, coefficients, max_steps)
-    m_quantiles = ({"sv_rel_max": list(q_max), "sv_rel_fro": list(q_fro)} if momentum is None
-                   else singular_value_quantiles(momentum, levels))
+    m_quantiles = (
+        {"sv_rel_max": list(q_max), "sv_rel_fro": list(q_fro)}
+        if momentum is None
+        else singular_value_quantiles(momentum, levels)
+    )
     return {
         "sv_rel_max": q_max,
         "sv_rel_fro": q_fro,

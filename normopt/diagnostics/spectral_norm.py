@@ -27,6 +27,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+
 from normopt.models.matrix_roles import depth_group, matrix_type
 from normopt.parallel import collectives
 from normopt.parallel.row_shards import row_shards_of
@@ -53,8 +54,9 @@ def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tenso
 
 
 @torch.no_grad()
-def power_iteration(weight: torch.Tensor, v: torch.Tensor, iterations: int,
-                    max_iterations: int | None = None, tol: float = 1e-4) -> tuple[float, torch.Tensor]:
+def power_iteration(
+    weight: torch.Tensor, v: torch.Tensor, iterations: int, max_iterations: int | None = None, tol: float = 1e-4
+) -> tuple[float, torch.Tensor]:
     """(sigma_max estimate, updated unit vector v), starting from ``v``.
 
     Runs at least ``iterations`` steps, then continues (up to ``max_iterations``) while the
@@ -96,8 +98,7 @@ class SpectralNormTracker:
     first time a matrix is seen, at least ``iterations`` after that, and more (up to
     ``max_iterations``) while the estimate still moves by more than ``tol``."""
 
-    def __init__(self, iterations: int = 2, cold_iterations: int = 20, max_iterations: int = 100,
-                 tol: float = 1e-4):
+    def __init__(self, iterations: int = 2, cold_iterations: int = 20, max_iterations: int = 100, tol: float = 1e-4):
         self.iterations, self.cold_iterations = iterations, cold_iterations
         self.max_iterations, self.tol = max_iterations, tol
         self.vectors: dict[str, torch.Tensor] = {}

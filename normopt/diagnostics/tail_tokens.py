@@ -21,7 +21,7 @@ def token_counts(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 26) -> n
     """Occurrences of every token id in ``tokens`` (read in chunks: it may be a memmap)."""
     counts = np.zeros(vocab_size, dtype=np.int64)
     for start in range(0, len(tokens), chunk):
-        counts += np.bincount(np.asarray(tokens[start:start + chunk]), minlength=vocab_size)[:vocab_size]
+        counts += np.bincount(np.asarray(tokens[start : start + chunk]), minlength=vocab_size)[:vocab_size]
     return counts
 
 
@@ -38,8 +38,9 @@ def frequency_buckets(counts: np.ndarray, n_buckets: int) -> np.ndarray:
     return buckets
 
 
-def bucket_sums(per_token_loss: torch.Tensor, bucket_ids: torch.Tensor, weights: torch.Tensor,
-                n_buckets: int) -> torch.Tensor:
+def bucket_sums(
+    per_token_loss: torch.Tensor, bucket_ids: torch.Tensor, weights: torch.Tensor, n_buckets: int
+) -> torch.Tensor:
     """(2, n) float64: per bucket, the weighted sum of losses and the weighted token count.
     ``per_token_loss`` and ``bucket_ids`` have the shape of the targets (B, T), ``weights``
     shape (B,) (0 for padding windows)."""
@@ -79,5 +80,10 @@ class TailTokenBuckets:
     def record(self, step: int, sums: torch.Tensor) -> dict:
         """The diagnostics record of one evaluation from its all-reduced sums."""
         means, shares = bucket_losses(sums)
-        return {"step": step, "kind": RecordKind.TAIL_TOKENS, "bucket_loss": means, "bucket_token_share": shares,
-                "bucket_vocab_size": self.vocab_per_bucket}
+        return {
+            "step": step,
+            "kind": RecordKind.TAIL_TOKENS,
+            "bucket_loss": means,
+            "bucket_token_share": shares,
+            "bucket_vocab_size": self.vocab_per_bucket,
+        }

@@ -106,8 +106,9 @@ class GridClock:
 
     def _measured(self) -> list[tuple[float, float]]:
         """(prior FLOPs per step, measured seconds per step) of every cell with a rate."""
-        return [(self.step_flops[i], rate) for i, p in self.progress.items()
-                if (rate := p.seconds_per_step()) is not None]
+        return [
+            (self.step_flops[i], rate) for i, p in self.progress.items() if (rate := p.seconds_per_step()) is not None
+        ]
 
     def predicted_seconds_per_step(self, index: int) -> float | None:
         return predicted_seconds_per_step(self.step_flops[index], self._measured())

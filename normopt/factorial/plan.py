@@ -88,19 +88,39 @@ def cell_diverged(run: RunDir) -> bool:
     return recorded_exit_status(run) == DIVERGED_EXIT_CODE
 
 
-def grid_plan(base: Path, root: Path, cells: list[CellSpec], tune: TuneSpec | None, runs: list[CellSpec],
-              gpus_per_node: int = 1, nodes: int = 1) -> GridPlan:
+def grid_plan(
+    base: Path,
+    root: Path,
+    cells: list[CellSpec],
+    tune: TuneSpec | None,
+    runs: list[CellSpec],
+    gpus_per_node: int = 1,
+    nodes: int = 1,
+) -> GridPlan:
     """The plan of a grid as it stands on disk: every run, and those neither complete nor
     diverged to run."""
     steps, flops = plan_step_costs(base, [*runs, *cells])
 
     def incomplete(folder: Path, group: list[CellSpec]) -> list[str]:
-        return [c.name for c in group if not cell_is_complete(RunDir(folder / c.name), steps[c.name])
-                and not cell_diverged(RunDir(folder / c.name))]
+        return [
+            c.name
+            for c in group
+            if not cell_is_complete(RunDir(folder / c.name), steps[c.name])
+            and not cell_diverged(RunDir(folder / c.name))
+        ]
 
-    return GridPlan(str(Path(base).resolve()), os.getcwd(), gpus_per_node, None if tune is None else tune.to_json(),
-                    runs, cells, {"tuning": incomplete(Path(root) / TUNING_DIR, runs),
-                                  "evaluation": incomplete(Path(root), cells)}, steps, flops, nodes)
+    return GridPlan(
+        str(Path(base).resolve()),
+        os.getcwd(),
+        gpus_per_node,
+        None if tune is None else tune.to_json(),
+        runs,
+        cells,
+        {"tuning": incomplete(Path(root) / TUNING_DIR, runs), "evaluation": incomplete(Path(root), cells)},
+        steps,
+        flops,
+        nodes,
+    )
 
 
 def write_plan(root: Path, plan: GridPlan) -> Path:
@@ -114,10 +134,18 @@ def read_plan(root: Path) -> GridPlan:
     path = Path(root) / PLAN_FILE
     try:
         record = json.loads(path.read_text())
-        return GridPlan(record["base"], record["workdir"], record["gpus_per_node"], record["tune"],
-                        [CellSpec(**c) for c in record["tuning"]], [CellSpec(**c) for c in record["evaluation"]],
-                        record["to_run"], record.get("steps", {}), record.get("step_flops", {}),
-                        record.get("nodes", 1))
+        return GridPlan(
+            record["base"],
+            record["workdir"],
+            record["gpus_per_node"],
+            record["tune"],
+            [CellSpec(**c) for c in record["tuning"]],
+            [CellSpec(**c) for c in record["evaluation"]],
+            record["to_run"],
+            record.get("steps", {}),
+            record.get("step_flops", {}),
+            record.get("nodes", 1),
+        )
     except FileNotFoundError:
         raise UserError(f"{path}: no such file (a grid's plan, written by normopt factorial)") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -57,8 +57,16 @@ def train_command(base: Path, cell: CellSpec, nproc: int) -> list[str]:
     """One process for one rank; ``normopt launch`` for several, so that the cell's status
     (3 diverged, 75 preempted) reaches the runner as it is, not as torchrun's 1."""
     if nproc > 1:
-        return [sys.executable, "-m", "normopt.cli", "launch", f"--nproc={nproc}", "--config", str(base),
-                *cell.overrides]
+        return [
+            sys.executable,
+            "-m",
+            "normopt.cli",
+            "launch",
+            f"--nproc={nproc}",
+            "--config",
+            str(base),
+            *cell.overrides,
+        ]
     return [sys.executable, str(REPO_ROOT / "train.py"), "--config", str(base), *cell.overrides]
 
 
@@ -74,8 +82,9 @@ def _run_cell(command: list[str], run: RunDir, progress: "_GridProgress", index:
     which checkpoints and exits 75; SIGTERM and SIGUSR1 sent to the runner (a scheduler's
     stop) are forwarded to the cell, to the same end. This waits for that."""
     with open(run.train_log, "a") as log:
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=None if verbose else log,
-                                stderr=None if verbose else subprocess.STDOUT)
+        proc = subprocess.Popen(
+            command, cwd=REPO_ROOT, stdout=None if verbose else log, stderr=None if verbose else subprocess.STDOUT
+        )
         forward = lambda signum, frame: proc.poll() is None and proc.send_signal(signum)  # noqa: E731
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         try:
@@ -96,12 +105,18 @@ class _GridProgress:
 
     def __init__(self, step_flops: list[float], steps: list[int], first_steps: list[int], verbose: bool):
         self.steps, self.first_steps = steps, first_steps
-        self.clock = GridClock([flops if first < total else 0.0
-                                for flops, total, first in zip(step_flops, steps, first_steps)],
-                               [total - first for total, first in zip(steps, first_steps)])
-        self.bar = tqdm(total=sum(steps), unit="step", dynamic_ncols=True, disable=verbose,
-                        mininterval=0.5 if sys.stderr.isatty() else 30.0,
-                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]")
+        self.clock = GridClock(
+            [flops if first < total else 0.0 for flops, total, first in zip(step_flops, steps, first_steps)],
+            [total - first for total, first in zip(steps, first_steps)],
+        )
+        self.bar = tqdm(
+            total=sum(steps),
+            unit="step",
+            dynamic_ncols=True,
+            disable=verbose,
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]",
+        )
         self.bar.set_postfix_str("time left: after the first steps", refresh=False)
         self.done_before = 0
 
@@ -131,8 +146,15 @@ def _log_tail(run: RunDir, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
-def run_cells(base: Path, root: Path, cells: list[CellSpec], nproc: int = 1, verbose: bool = False,
-              wall_times: dict[str, float] | None = None, plan: GridPlan | None = None) -> int:
+def run_cells(
+    base: Path,
+    root: Path,
+    cells: list[CellSpec],
+    nproc: int = 1,
+    verbose: bool = False,
+    wall_times: dict[str, float] | None = None,
+    plan: GridPlan | None = None,
+) -> int:
     """Run the cells in order under one progress bar over all their steps; return 0, or the
     status that stopped the grid (75: preempted or Ctrl-C, resumable). The wall time of each
     cell run here goes into ``wall_times`` (by cell name). Steps and FLOPs per step come from
@@ -141,11 +163,13 @@ def run_cells(base: Path, root: Path, cells: list[CellSpec], nproc: int = 1, ver
     flops_known = plan.step_flops if plan is not None else {}
     steps = [known[c.name] if c.name in known else load_config(base, c.overrides).train.steps for c in cells]
     runs = [RunDir(root / cell.name) for cell in cells]
-    first_steps = [min(run.complete_steps()[-1], total) if run.complete_steps() else 0
-                   for run, total in zip(runs, steps)]
-    step_flops = [flops_known[c.name] if c.name in flops_known else
-                  (cell_step_flops(base, c.overrides) if first < total else 0.0)
-                  for c, total, first in zip(cells, steps, first_steps)]
+    first_steps = [
+        min(run.complete_steps()[-1], total) if run.complete_steps() else 0 for run, total in zip(runs, steps)
+    ]
+    step_flops = [
+        flops_known[c.name] if c.name in flops_known else (cell_step_flops(base, c.overrides) if first < total else 0.0)
+        for c, total, first in zip(cells, steps, first_steps)
+    ]
     progress = _GridProgress(step_flops, steps, first_steps, verbose)
     bar = progress.bar
     wall_times = {} if wall_times is None else wall_times
@@ -177,8 +201,9 @@ def run_cells(base: Path, root: Path, cells: list[CellSpec], nproc: int = 1, ver
                 return status
             else:
                 tail = "" if verbose else f"\n{_log_tail(run)}\n"
-                raise UserError(f"cell {cell.name} failed with exit status {status}"
-                                f"{tail}(full output: {run.train_log})")
+                raise UserError(
+                    f"cell {cell.name} failed with exit status {status}{tail}(full output: {run.train_log})"
+                )
     finally:
         bar.close()
     return 0
@@ -221,43 +246,72 @@ def print_plan(base: Path, root: Path, cells: list[CellSpec], notes: dict[str, s
 def print_tuned_plan(base: Path, root: Path, tune: TuneSpec, cells: list[CellSpec], runs: list[CellSpec]) -> None:
     """``--dry-run`` of a tuned spec: the tuning runs, then the evaluation cells (at the value
     chosen where a group's tuning runs have all finished), then the cost in runs and steps."""
-    print(f"tuning: {len(runs)} runs under {root / TUNING_DIR} ({len(tune.values)} values of {tune.key} x "
-          f"{len(tune.seeds)} tuning seed(s) x {len(runs) // (len(tune.values) * len(tune.seeds))} cells)")
+    print(
+        f"tuning: {len(runs)} runs under {root / TUNING_DIR} ({len(tune.values)} values of {tune.key} x "
+        f"{len(tune.seeds)} tuning seed(s) x {len(runs) // (len(tune.values) * len(tune.seeds))} cells)"
+    )
     tuning_steps = print_plan(base, root / TUNING_DIR, runs)
     choices = choose_values(root, tune, runs)
     chosen = {g: c for g, c in choices.items() if c.chosen is not None}
     ready, _ = tuned_cells(root, tune, cells, chosen)
     by_name = {c.name: c for c in ready}
     shown = [by_name.get(c.name, c) for c in cells]
-    notes = {c.name: (f" (at the chosen {tune.key}={level_label(chosen[c.group].chosen)})" if c.name in by_name
-                      else f" (at the {tune.key} the tuning runs choose)") for c in cells}
+    notes = {
+        c.name: (
+            f" (at the chosen {tune.key}={level_label(chosen[c.group].chosen)})"
+            if c.name in by_name
+            else f" (at the {tune.key} the tuning runs choose)"
+        )
+        for c in cells
+    }
     print(f"evaluation: {len(cells)} cells under {root}")
     eval_steps = print_plan(base, root, shown, notes)
-    print(f"cost: {len(runs)} tuning runs, {tuning_steps[0]} steps; {len(cells)} evaluation runs, "
-          f"{eval_steps[0]} steps; in all {len(runs) + len(cells)} runs, {tuning_steps[0] + eval_steps[0]} steps "
-          f"({tuning_steps[1] + eval_steps[1]} still to run)")
+    print(
+        f"cost: {len(runs)} tuning runs, {tuning_steps[0]} steps; {len(cells)} evaluation runs, "
+        f"{eval_steps[0]} steps; in all {len(runs) + len(cells)} runs, {tuning_steps[0] + eval_steps[0]} steps "
+        f"({tuning_steps[1] + eval_steps[1]} still to run)"
+    )
 
 
 def factorial_main(argv: list[str] | None = None) -> int:
-    parser = CommandParser(prog="normopt factorial",
-                                     description="Run every cell of a factorial spec, then report.")
+    parser = CommandParser(prog="normopt factorial", description="Run every cell of a factorial spec, then report.")
     parser.add_argument("spec", help="factorial spec (YAML)")
     parser.add_argument("--nproc", type=int, default=1, help="ranks per cell (normopt launch); default 1")
-    parser.add_argument("--slurm", action="store_true",
-                        help="submit the grid to SLURM instead: an array of cells (after a tuning array and a "
-                             "choice job for a tuned spec), then a job that writes the report")
-    parser.add_argument("--gpus-per-node", type=int, default=None,
-                        help="with --slurm: GPUs (ranks) per cell (default: the spec's slurm.gpus_per_node, else 8)")
-    parser.add_argument("--nodes", type=int, default=None,
-                        help="with --slurm: nodes per cell, one launcher each (default: the spec's slurm.nodes, else 1)")
-    parser.add_argument("--sbatch-option", action="append", default=[], metavar="OPTION",
-                        help="with --slurm: an extra sbatch option, e.g. --sbatch-option=--time=04:00:00 "
-                             "(repeatable; overrides the script's)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="list the cells and what would happen to each (with --slurm: also the job scripts "
-                             "and the chain of sbatch commands); run and submit nothing")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show each cell's training output instead of one progress bar")
+    parser.add_argument(
+        "--slurm",
+        action="store_true",
+        help="submit the grid to SLURM instead: an array of cells (after a tuning array and a "
+        "choice job for a tuned spec), then a job that writes the report",
+    )
+    parser.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="with --slurm: GPUs (ranks) per cell (default: the spec's slurm.gpus_per_node, else 8)",
+    )
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=None,
+        help="with --slurm: nodes per cell, one launcher each (default: the spec's slurm.nodes, else 1)",
+    )
+    parser.add_argument(
+        "--sbatch-option",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="with --slurm: an extra sbatch option, e.g. --sbatch-option=--time=04:00:00 "
+        "(repeatable; overrides the script's)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the cells and what would happen to each (with --slurm: also the job scripts "
+        "and the chain of sbatch commands); run and submit nothing",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show each cell's training output instead of one progress bar"
+    )
     args = parser.parse_args(argv)
     if args.nproc < 1:
         raise UserError("--nproc must be at least 1")

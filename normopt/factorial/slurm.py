@@ -88,15 +88,23 @@ def slurm_folder(root: Path) -> Path:
 
 
 def _header(name: str, root: Path, options: list[str] | tuple[str, ...], output: str) -> list[str]:
-    return ["#!/usr/bin/env bash", f"#SBATCH --job-name={name}", f"#SBATCH --output={slurm_folder(root) / output}",
-            "#SBATCH --open-mode=append", *(f"#SBATCH {option}" for option in options)]
+    return [
+        "#!/usr/bin/env bash",
+        f"#SBATCH --job-name={name}",
+        f"#SBATCH --output={slurm_folder(root) / output}",
+        "#SBATCH --open-mode=append",
+        *(f"#SBATCH {option}" for option in options),
+    ]
 
 
 def _python_lines(workdir: str) -> list[str]:
     """The jobs start where the grid was submitted (relative paths in the spec mean the same)
     and use the submitting Python unless NORMOPT_PYTHON names another."""
-    return [f"cd {shlex.quote(workdir)} || exit 2",
-            f'PYTHON=${{NORMOPT_PYTHON:-{shlex.quote(sys.executable)}}}', "export NORMOPT_PYTHON=$PYTHON"]
+    return [
+        f"cd {shlex.quote(workdir)} || exit 2",
+        f"PYTHON=${{NORMOPT_PYTHON:-{shlex.quote(sys.executable)}}}",
+        "export NORMOPT_PYTHON=$PYTHON",
+    ]
 
 
 def array_script(phase: str, root: Path, plan: GridPlan, options: list[str] | tuple[str, ...] = ()) -> str:
@@ -106,14 +114,25 @@ def array_script(phase: str, root: Path, plan: GridPlan, options: list[str] | tu
     count, gpus = len(plan.to_run[phase]), plan.gpus_per_node
     log = f"{phase}-%A_%a.out"
     lines = [
-        *_header(f"normopt-{phase}", root, (f"--array=0-{count - 1}", f"--nodes={plan.nodes}", "--ntasks-per-node=1",
-                                            f"--gpus-per-node={gpus}", "--signal=B:USR1@300", "--requeue",
-                                            *options), log),
+        *_header(
+            f"normopt-{phase}",
+            root,
+            (
+                f"--array=0-{count - 1}",
+                f"--nodes={plan.nodes}",
+                "--ntasks-per-node=1",
+                f"--gpus-per-node={gpus}",
+                "--signal=B:USR1@300",
+                "--requeue",
+                *options,
+            ),
+            log,
+        ),
         f"# one {phase} run per array task (the cells: ROOT/plan.json); sbatch's command-line options override these",
         *_python_lines(plan.workdir),
         f"export NORMOPT_GPUS_PER_NODE={gpus}",
-        f'export NORMOPT_JOB_LOG={shlex.quote(str(slurm_folder(root)))}/{phase}-${{SLURM_ARRAY_JOB_ID}}_'
-        '${SLURM_ARRAY_TASK_ID}.out',
+        f"export NORMOPT_JOB_LOG={shlex.quote(str(slurm_folder(root)))}/{phase}-${{SLURM_ARRAY_JOB_ID}}_"
+        "${SLURM_ARRAY_TASK_ID}.out",
         f'TASK=$("$PYTHON" -m normopt.factorial.slurm_task args {shlex.quote(str(root))} {phase} '
         '"$SLURM_ARRAY_TASK_ID") || exit $?',
         '[ -n "$TASK" ] || exit 0  # nothing to run (the line above says why)',
@@ -128,11 +147,15 @@ def array_script(phase: str, root: Path, plan: GridPlan, options: list[str] | tu
 
 def step_script(step: str, root: Path, plan: GridPlan, options: list[str] | tuple[str, ...] = ()) -> str:
     """A one-CPU job: ``choose`` (the tuned values) or ``report`` (report.md)."""
-    command = {"choose": f'"$PYTHON" -m normopt.factorial.slurm_task choose {shlex.quote(str(root))}',
-               "report": f'"$PYTHON" -m normopt.cli report {shlex.quote(str(root))}'}[step]
-    lines = [*_header(f"normopt-{step}", root, ("--nodes=1", "--ntasks=1", "--cpus-per-task=1", *options),
-                      f"{step}-%j.out"),
-             *_python_lines(plan.workdir), f"exec {command}"]
+    command = {
+        "choose": f'"$PYTHON" -m normopt.factorial.slurm_task choose {shlex.quote(str(root))}',
+        "report": f'"$PYTHON" -m normopt.cli report {shlex.quote(str(root))}',
+    }[step]
+    lines = [
+        *_header(f"normopt-{step}", root, ("--nodes=1", "--ntasks=1", "--cpus-per-task=1", *options), f"{step}-%j.out"),
+        *_python_lines(plan.workdir),
+        f"exec {command}",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -172,8 +195,11 @@ def chain(root: Path, plan: GridPlan) -> list[ChainJob]:
 def scripts(root: Path, plan: GridPlan, options: list[str]) -> dict[Path, str]:
     texts = {}
     for job in chain(root, plan):
-        texts[job.script] = (array_script(job.phase, root, plan, options) if job.phase in PHASES
-                             else step_script(job.phase, root, plan, options))
+        texts[job.script] = (
+            array_script(job.phase, root, plan, options)
+            if job.phase in PHASES
+            else step_script(job.phase, root, plan, options)
+        )
     return texts
 
 
@@ -191,8 +217,14 @@ def print_chain(root: Path, plan: GridPlan, options: list[str], extra_options: l
         print(f"{job.phase.upper()}=$({command}){tasks}")
 
 
-def submit_chain(root: Path, plan: GridPlan, options: list[str], extra_options: list[str],
-                 spec_axes: dict[str, list], spec_report: dict[str, Any] | None) -> dict[str, str]:
+def submit_chain(
+    root: Path,
+    plan: GridPlan,
+    options: list[str],
+    extra_options: list[str],
+    spec_axes: dict[str, list],
+    spec_report: dict[str, Any] | None,
+) -> dict[str, str]:
     """Write the plan, the scripts and the cells' cell.json, then submit the chain; returns
     the job id of each phase. An sbatch that fails cancels the jobs already submitted."""
     folder = slurm_folder(root)
@@ -227,8 +259,9 @@ def submit_chain(root: Path, plan: GridPlan, options: list[str], extra_options: 
 def _append_submission(root: Path, plan: GridPlan, ids: dict[str, str]) -> None:
     path = slurm_folder(root) / JOBS_FILE
     submissions = read_submissions(root)
-    submissions.append({"submitted": time.time(), "jobs": ids,
-                        "tasks": {phase: plan.to_run.get(phase, []) for phase in PHASES}})
+    submissions.append(
+        {"submitted": time.time(), "jobs": ids, "tasks": {phase: plan.to_run.get(phase, []) for phase in PHASES}}
+    )
     path.write_text(json.dumps(submissions, indent=2) + "\n")
 
 
@@ -270,12 +303,24 @@ def refuse_while_queued(root: Path) -> None:
     queued = squeue_states(ids)
     if queued:
         jobs = sorted({task.split("_")[0] for task in queued})
-        raise UserError(f"{root}: jobs {', '.join(jobs)} of its last submission are still in the queue; wait for "
-                        f"them (normopt status {root}) or cancel them (scancel {' '.join(jobs)}) before submitting again")
+        raise UserError(
+            f"{root}: jobs {', '.join(jobs)} of its last submission are still in the queue; wait for "
+            f"them (normopt status {root}) or cancel them (scancel {' '.join(jobs)}) before submitting again"
+        )
 
 
-def submit_grid(spec: dict[str, Any], base: Path, root: Path, cells: list[CellSpec], tune: TuneSpec | None,
-                runs: list[CellSpec], gpus_per_node: int, nodes: int, extra_options: list[str], dry_run: bool) -> int:
+def submit_grid(
+    spec: dict[str, Any],
+    base: Path,
+    root: Path,
+    cells: list[CellSpec],
+    tune: TuneSpec | None,
+    runs: list[CellSpec],
+    gpus_per_node: int,
+    nodes: int,
+    extra_options: list[str],
+    dry_run: bool,
+) -> int:
     """``--slurm``: the grid's chain of jobs for the runs still to run, printed (``dry_run``)
     or submitted. A tuned grid whose tuning runs are all complete has its choice made here
     already, so an evaluation cell that ran at a value it no longer chooses is refused before
@@ -292,7 +337,9 @@ def submit_grid(spec: dict[str, Any], base: Path, root: Path, cells: list[CellSp
         print(f"dry run: nothing was submitted (base config {base})")
         return 0
     ids = submit_chain(abs_root, plan, options, extra_options, spec["axes"], spec.get("report"))
-    jobs = ", ".join(f"{phase} {job}" + (f" ({len(plan.to_run[phase])} tasks)" if phase in PHASES else "")
-                     for phase, job in ids.items())
+    jobs = ", ".join(
+        f"{phase} {job}" + (f" ({len(plan.to_run[phase])} tasks)" if phase in PHASES else "")
+        for phase, job in ids.items()
+    )
     print(f"[factorial] submitted {jobs}; follow it with: normopt status {root}", flush=True)
     return 0

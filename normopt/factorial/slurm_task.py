@@ -34,8 +34,9 @@ def evaluation_cell(root: Path, plan: GridPlan, cell: CellSpec) -> tuple[CellSpe
     if tune is None:
         return cell, ""
     choices = choose_values(root, tune, plan.tuning)
-    ready, lines = tuned_cells(root, tune, [c for c in plan.evaluation if c.group == cell.group],
-                               {cell.group: choices[cell.group]})
+    ready, lines = tuned_cells(
+        root, tune, [c for c in plan.evaluation if c.group == cell.group], {cell.group: choices[cell.group]}
+    )
     return next((c for c in ready if c.name == cell.name), None), lines[0]
 
 

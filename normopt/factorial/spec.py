@@ -22,8 +22,8 @@ the axis whose levels are measured against a baseline level, the axis across whi
 are compared (at a reference level), and ``fixes`` (level -> the level whose gap it recovers).
 Without it: norm x optimizer when both are axes, else the first axis against its first level
 across the second axis. ``tune`` (optional) chooses one key's value per cell on separate tuning
-seeds before the cell's seeds run (:mod:`normopt.factorial.tuning`). The runner writes the axes and these settings into the root's
-``experiment.json``, where ``normopt report ROOT`` finds them.
+seeds before the cell's seeds run (:mod:`normopt.factorial.tuning`). The runner writes the axes
+and these settings into the root's ``experiment.json``, where ``normopt report ROOT`` finds them.
 
 Cell names join the axis values (``derf-muon-s0``; arms ``alpha0.3-muon-s0``). Every cell's
 global batch must split evenly over the ranks it will run on (``--nproc``, or the GPUs of a
@@ -75,8 +75,7 @@ def expand_cells(spec: dict[str, Any]) -> list[CellSpec]:
         labels = [_value_label(v) for v in values.values()]
         group = "-".join(([arm] if arm else []) + labels)
         settings = {**common, **values, **arm_settings, "train.seed": seed}
-        coords = {SHORT_AXIS_NAMES.get(k, k): v for k, v in {**values, **arm_settings}.items()
-                  if k in axes}
+        coords = {SHORT_AXIS_NAMES.get(k, k): v for k, v in {**values, **arm_settings}.items() if k in axes}
         cells.append(CellSpec(f"{group}-s{seed}" if group else f"s{seed}", settings, coords, seed, arm, group=group))
 
     for combo in itertools.product(*axes.values()):
@@ -124,8 +123,10 @@ def load_spec(path: str | Path, world_size: int | None = None) -> tuple[dict[str
             raise UserError(f"{path}: {key} must be a mapping")
     for arm, settings in (spec.get("arms") or {}).items():
         if not isinstance(arm, str) or not ARM_NAME.fullmatch(arm):
-            raise UserError(f"{path}: arm name {arm!r} must be letters, digits, '_', '.', '=', '+' or '-' "
-                            f"(it names folders under the grid root)")
+            raise UserError(
+                f"{path}: arm name {arm!r} must be letters, digits, '_', '.', '=', '+' or '-' "
+                f"(it names folders under the grid root)"
+            )
         if not isinstance(settings, dict) or not settings:
             raise UserError(f"{path}: arm {arm!r} must map config keys to values")
     check_slurm_section(spec, path)

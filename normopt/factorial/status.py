@@ -103,8 +103,14 @@ def measured_seconds_per_step(run: RunDir) -> float | None:
     return None
 
 
-def run_status(phase: str, run: RunDir, steps: int, queue: tuple[str, str] | None, job_id: str | None,
-               left_queue: str | None = None) -> RunStatus:
+def run_status(
+    phase: str,
+    run: RunDir,
+    steps: int,
+    queue: tuple[str, str] | None,
+    job_id: str | None,
+    left_queue: str | None = None,
+) -> RunStatus:
     """One run's state (module docstring) from its folder and its SLURM queue entry;
     ``left_queue`` is the log of its job when SLURM was asked and no longer lists that job."""
     metrics = read_metrics(run.metrics) if run.metrics.is_file() else None
@@ -143,8 +149,11 @@ def run_status(phase: str, run: RunDir, steps: int, queue: tuple[str, str] | Non
         where = f"job {record.get('job_id')}" + (f" on {record.get('host')}" if record.get("host") else "")
         if left_queue is None:  # SLURM not asked: the record is all there is
             return status("running", f"step {last}/{steps} ({where}, by its job.json; squeue not available)")
-        return status("failed", f"{where} ended without a record at step {last} (node lost or job killed), "
-                                f"{checkpoint}{f', log {log}' if log else ''}")
+        return status(
+            "failed",
+            f"{where} ended without a record at step {last} (node lost or job killed), "
+            f"{checkpoint}{f', log {log}' if log else ''}",
+        )
     if last == 0 and left_queue is not None:
         return status("failed", f"its job{job} ended before training started, log {left_queue}", 0)
     if last == 0:
@@ -176,10 +185,14 @@ def grid_status(root: Path) -> tuple[list[RunStatus], list[str], bool]:
             entry = queue.get(task) if queue is not None and task else None
             if entry is None and queue is not None and task is not None and jobs[phase] in queue:
                 entry = queue[jobs[phase]]  # a pending array shown whole
-            gone = (str(slurm_folder(root) / f"{phase}-{task}.out")
-                    if queue is not None and task is not None and entry is None else None)
-            statuses.append(run_status(phase, RunDir(folder / cell.name), plan.steps.get(cell.name, 0), entry, task,
-                                       gone))
+            gone = (
+                str(slurm_folder(root) / f"{phase}-{task}.out")
+                if queue is not None and task is not None and entry is None
+                else None
+            )
+            statuses.append(
+                run_status(phase, RunDir(folder / cell.name), plan.steps.get(cell.name, 0), entry, task, gone)
+            )
     return statuses, _step_lines(root, plan, jobs, queue), queue is not None
 
 
@@ -206,8 +219,9 @@ def _step_lines(root: Path, plan: GridPlan, jobs: dict[str, str], queue: dict | 
 def time_left(plan: GridPlan, statuses: list[RunStatus]) -> float | None:
     """Cell time left: each unfinished run's steps left at its measured seconds per step, or
     at the grid clock's prediction from the measured runs. None with no measurement yet."""
-    measured = [(plan.step_flops.get(s.name, 0.0), s.seconds_per_step) for s in statuses
-                if s.seconds_per_step is not None]
+    measured = [
+        (plan.step_flops.get(s.name, 0.0), s.seconds_per_step) for s in statuses if s.seconds_per_step is not None
+    ]
     total = 0.0
     for s in statuses:
         if s.steps_left <= 0 or s.state in ("diverged", "failed", "skipped"):
@@ -220,10 +234,12 @@ def time_left(plan: GridPlan, statuses: list[RunStatus]) -> float | None:
 
 
 def status_main(argv: list[str] | None = None) -> int:
-    parser = CommandParser(prog="normopt status",
-                           description="Where a grid stands: one line per run (done, running, queued, preempted, "
-                                       "diverged, failed, skipped), SLURM job ids where squeue answers, and the "
-                                       "time left.")
+    parser = CommandParser(
+        prog="normopt status",
+        description="Where a grid stands: one line per run (done, running, queued, preempted, "
+        "diverged, failed, skipped), SLURM job ids where squeue answers, and the "
+        "time left.",
+    )
     parser.add_argument("root", help="the grid's root folder (the spec's root)")
     args = parser.parse_args(argv)
     root = Path(args.root)
@@ -232,7 +248,9 @@ def status_main(argv: list[str] | None = None) -> int:
     plan = read_plan(root)
     statuses, step_lines, from_slurm = grid_status(root)
     source = "SLURM queue and run folders" if from_slurm else "run folders"
-    print(f"grid {root}: {len(plan.tuning)} tuning run(s), {len(plan.evaluation)} evaluation cell(s) (from the {source})")
+    print(
+        f"grid {root}: {len(plan.tuning)} tuning run(s), {len(plan.evaluation)} evaluation cell(s) (from the {source})"
+    )
     for s in statuses:
         print(f"{s.phase:<11} {s.name:<34} {s.state:<10} {s.detail}")
     for line in step_lines:

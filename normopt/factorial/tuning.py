@@ -35,11 +35,11 @@ import yaml
 from normopt.config import flat_config
 from normopt.errors import DIVERGED_EXIT_CODE, UserError
 from normopt.factorial.cells import CellSpec, format_value
+from normopt.job_record import recorded_exit_status
 from normopt.report.axes import level_label
 from normopt.report.cell_assessment import assess_cell
 from normopt.report.cell_reading import load_cell
 from normopt.report.tuning import METRICS, TUNING_DIR, TUNING_FILE, Choice, ValueOutcome, choose_value
-from normopt.job_record import recorded_exit_status
 from normopt.run_dir import RunDir
 
 TUNE_KEYS = {"key", "values", "by", "seeds", "steps"}
@@ -56,8 +56,13 @@ class TuneSpec:
     steps: int | None  # None = the evaluation cells' train.steps
 
     def to_json(self) -> dict[str, Any]:
-        return {"key": self.key, "values": list(self.values), "by": self.by, "seeds": list(self.seeds),
-                "steps": self.steps}
+        return {
+            "key": self.key,
+            "values": list(self.values),
+            "by": self.by,
+            "seeds": list(self.seeds),
+            "steps": self.steps,
+        }
 
 
 def _is_seed(value: Any) -> bool:
@@ -91,8 +96,7 @@ def read_tune_section(spec: Mapping[str, Any], path: Path) -> TuneSpec | None:
     if key in RESERVED_KEYS:
         raise UserError(f"{where}.key cannot be {key} (the tuning runs set it themselves)")
     values = raw["values"]
-    if (not isinstance(values, list) or len(values) < 2
-            or any(isinstance(v, (dict, list)) or v is None for v in values)):
+    if not isinstance(values, list) or len(values) < 2 or any(isinstance(v, (dict, list)) or v is None for v in values):
         raise UserError(f"{where}.values must be a list of at least 2 plain values, got {values!r}")
     labels = [level_label(v) for v in values]
     if len(set(labels)) != len(labels):
@@ -105,8 +109,10 @@ def read_tune_section(spec: Mapping[str, Any], path: Path) -> TuneSpec | None:
         raise UserError(f"{where}.seeds must be a non-empty list of distinct integers >= 0, got {seeds!r}")
     shared = sorted(set(seeds) & set(spec["seeds"]))
     if shared:
-        raise UserError(f"{where}.seeds share {', '.join(map(str, shared))} with seeds (the evaluation seeds): "
-                        "a seed that chose the value would bias its own loss, so use other seeds")
+        raise UserError(
+            f"{where}.seeds share {', '.join(map(str, shared))} with seeds (the evaluation seeds): "
+            "a seed that chose the value would bias its own loss, so use other seeds"
+        )
     steps = raw.get("steps")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise UserError(f"{where}.steps must be an integer >= 1, got {steps!r}")
@@ -129,14 +135,24 @@ def tuning_cells(cells: Sequence[CellSpec], tune: TuneSpec, root: Path) -> list[
             for seed in tune.seeds:
                 label = level_label(value).replace("/", "_")
                 # tune.steps is the tuning runs' own horizon: it replaces a train.tokens_per_param
-                settings = {**cell.settings, tune.key: value, "train.seed": seed,
-                            **({"train.steps": tune.steps, "train.tokens_per_param": 0}
-                               if tune.steps is not None else {})}
+                settings = {
+                    **cell.settings,
+                    tune.key: value,
+                    "train.seed": seed,
+                    **({"train.steps": tune.steps, "train.tokens_per_param": 0} if tune.steps is not None else {}),
+                }
                 name = f"{group}-{_short_key(tune.key)}{label}-s{seed}"
                 # the tuned key is a coordinate too: `normopt report ROOT/tuning` then analyses
                 # each value on its own (a stratum) instead of pooling the values
-                run = CellSpec(name, settings, {**cell.coords, tune.key: value}, seed, cell.arm, group=group,
-                               record={"tune": {"key": tune.key, "value": value}})
+                run = CellSpec(
+                    name,
+                    settings,
+                    {**cell.coords, tune.key: value},
+                    seed,
+                    cell.arm,
+                    group=group,
+                    record={"tune": {"key": tune.key, "value": value}},
+                )
                 run.overrides = [f"{k}={format_value(v)}" for k, v in settings.items()]
                 run.overrides.append(f"run.dir={root / TUNING_DIR / name}")
                 runs.append(run)
@@ -148,8 +164,7 @@ def tuning_outcomes(root: Path, tune: TuneSpec, runs: Sequence[CellSpec]) -> dic
     (with their seeds) and why the others do not (not run yet, diverged, stopped early)."""
     found: dict[tuple[str, str], tuple[list[float], list[str], list[int]]] = {}
     for run in runs:
-        losses, failures, seeds = found.setdefault((run.group, level_label(run.record["tune"]["value"])),
-                                                   ([], [], []))
+        losses, failures, seeds = found.setdefault((run.group, level_label(run.record["tune"]["value"])), ([], [], []))
         folder = root / TUNING_DIR / run.name
         if not RunDir(folder).metrics.is_file():
             failures.append(f"incomplete: {run.name} has not run")
@@ -159,8 +174,10 @@ def tuning_outcomes(root: Path, tune: TuneSpec, runs: Sequence[CellSpec]) -> dic
         if recorded_exit_status(RunDir(folder)) == DIVERGED_EXIT_CODE and "diverged" not in assessment.flags:
             # it stopped before an update whose gradient norm was not finite: the losses it logged are
             last = cell.metrics.last_step if cell.metrics else None
-            failures.append(f"{run.name}: diverged: exited {DIVERGED_EXIT_CODE} (loss or gradient norm not finite) "
-                            f"after step {last}")
+            failures.append(
+                f"{run.name}: diverged: exited {DIVERGED_EXIT_CODE} (loss or gradient norm not finite) "
+                f"after step {last}"
+            )
         elif not assessment.flags:
             losses.append(assessment.final_eval_loss)
             seeds.append(run.seed)
@@ -169,14 +186,14 @@ def tuning_outcomes(root: Path, tune: TuneSpec, runs: Sequence[CellSpec]) -> dic
         else:
             failures.append(f"{run.name}: {'; '.join(assessment.reasons)}")
     groups = list(dict.fromkeys(run.group for run in runs))
-    return {g: [ValueOutcome(v, *(tuple(x) for x in found[g, level_label(v)])) for v in tune.values]
-            for g in groups}
+    return {g: [ValueOutcome(v, *(tuple(x) for x in found[g, level_label(v)])) for v in tune.values] for g in groups}
 
 
 def choose_values(root: Path, tune: TuneSpec, runs: Sequence[CellSpec]) -> dict[str, Choice]:
     """Each group's choice from its tuning runs as they are on disk now."""
-    return {group: choose_value(outcomes, len(tune.seeds))
-            for group, outcomes in tuning_outcomes(root, tune, runs).items()}
+    return {
+        group: choose_value(outcomes, len(tune.seeds)) for group, outcomes in tuning_outcomes(root, tune, runs).items()
+    }
 
 
 def write_tuning_file(root: Path, tune: TuneSpec, choices: Mapping[str, Choice] | None = None) -> None:
@@ -184,10 +201,22 @@ def write_tuning_file(root: Path, tune: TuneSpec, choices: Mapping[str, Choice] 
     choices (a record for people; the report recomputes them from the runs)."""
     folder = root / TUNING_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    record = {**tune.to_json(), "choices": {
-        group: {"chosen": c.chosen, "mean": c.metric, "runner_up": c.runner_up, "margin": c.margin,
-                "tied": list(c.tied), "at_edge": c.at_edge, "excluded": dict(c.excluded), "reason": c.reason}
-        for group, c in (choices or {}).items()}}
+    record = {
+        **tune.to_json(),
+        "choices": {
+            group: {
+                "chosen": c.chosen,
+                "mean": c.metric,
+                "runner_up": c.runner_up,
+                "margin": c.margin,
+                "tied": list(c.tied),
+                "at_edge": c.at_edge,
+                "excluded": dict(c.excluded),
+                "reason": c.reason,
+            }
+            for group, c in (choices or {}).items()
+        },
+    }
     (folder / TUNING_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -205,13 +234,17 @@ def with_choice(cell: CellSpec, tune: TuneSpec, value: Any) -> CellSpec:
     """The evaluation cell at the chosen value (its override before ``run.dir``)."""
     overrides = [o for o in cell.overrides if not o.startswith("run.dir=")]
     run_dir = [o for o in cell.overrides if o.startswith("run.dir=")]
-    return replace(cell, settings={**cell.settings, tune.key: value},
-                   overrides=[*overrides, f"{tune.key}={format_value(value)}", *run_dir],
-                   record={**cell.record, "tuned": {"key": tune.key, "value": value, "by": tune.by}})
+    return replace(
+        cell,
+        settings={**cell.settings, tune.key: value},
+        overrides=[*overrides, f"{tune.key}={format_value(value)}", *run_dir],
+        record={**cell.record, "tuned": {"key": tune.key, "value": value, "by": tune.by}},
+    )
 
 
-def tuned_cells(root: Path, tune: TuneSpec, cells: Sequence[CellSpec],
-                choices: Mapping[str, Choice]) -> tuple[list[CellSpec], list[str]]:
+def tuned_cells(
+    root: Path, tune: TuneSpec, cells: Sequence[CellSpec], choices: Mapping[str, Choice]
+) -> tuple[list[CellSpec], list[str]]:
     """The evaluation cells whose group has a choice, at that value, and one line per group
     (its choice, or why it has none and its cells do not run). An evaluation cell that already
     ran at another value is a UserError: its loss would not be at the chosen value."""
@@ -219,18 +252,24 @@ def tuned_cells(root: Path, tune: TuneSpec, cells: Sequence[CellSpec],
     for group, choice in choices.items():
         members = [c for c in cells if c.group == group]
         if choice.chosen is None:
-            lines.append(f"[tuning] {group}: no value chosen ({choice.reason}); its {len(members)} evaluation "
-                         f"cell(s) do not run")
+            lines.append(
+                f"[tuning] {group}: no value chosen ({choice.reason}); its {len(members)} evaluation cell(s) do not run"
+            )
             continue
         margin = "" if choice.margin is None else f", {choice.margin:.4f} nats ahead of {level_label(choice.runner_up)}"
-        flags = (["at the edge of the range"] if choice.at_edge else []) + \
-                ([f"excluded {', '.join(choice.excluded)}"] if choice.excluded else [])
-        lines.append(f"[tuning] {group}: {tune.key}={level_label(choice.chosen)} ({tune.by} "
-                     f"{choice.metric:.4f}{margin}{'; ' + '; '.join(flags) if flags else ''})")
+        flags = (["at the edge of the range"] if choice.at_edge else []) + (
+            [f"excluded {', '.join(choice.excluded)}"] if choice.excluded else []
+        )
+        lines.append(
+            f"[tuning] {group}: {tune.key}={level_label(choice.chosen)} ({tune.by} "
+            f"{choice.metric:.4f}{margin}{'; ' + '; '.join(flags) if flags else ''})"
+        )
         for cell in members:
             ran = _ran_at(root / cell.name, tune.key)
             if ran is not None and ran != level_label(choice.chosen):
-                raise UserError(f"cell {cell.name} ran at {tune.key}={ran} but the tuning runs choose "
-                                f"{level_label(choice.chosen)}: move {root / cell.name} away to rerun it")
+                raise UserError(
+                    f"cell {cell.name} ran at {tune.key}={ran} but the tuning runs choose "
+                    f"{level_label(choice.chosen)}: move {root / cell.name} away to rerun it"
+                )
             ready.append(with_choice(cell, tune, choice.chosen))
     return ready, lines

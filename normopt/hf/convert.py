@@ -38,19 +38,30 @@ LLAMA_LAYER_NAMES = {
 def exports_as_llama(args) -> bool:
     """Whether the model (its ``ModelArgs``) is exactly a Llama: RMSNorm, GQA, dense SwiGLU,
     no embedding scale."""
-    return (args.norm == "rmsnorm" and args.attention == "gqa" and args.ffn == "dense"
-            and args.embed_scale is None)
+    return args.norm == "rmsnorm" and args.attention == "gqa" and args.ffn == "dense" and args.embed_scale is None
 
 
 def llama_config_fields(args, max_positions: int, eos_id: int) -> dict:
     """``LlamaConfig`` keyword arguments of the model."""
     return dict(
-        vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden,
-        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
-        head_dim=args.head_dim, hidden_act="silu", max_position_embeddings=max_positions,
-        rms_norm_eps=args.norm_config.eps, rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
-        tie_word_embeddings=args.tie_embeddings, attention_bias=False, mlp_bias=False, initializer_range=args.init_std,
-        bos_token_id=None, eos_token_id=eos_id, pad_token_id=None,
+        vocab_size=args.vocab_size,
+        hidden_size=args.dim,
+        intermediate_size=args.ffn_hidden,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads,
+        head_dim=args.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=max_positions,
+        rms_norm_eps=args.norm_config.eps,
+        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
+        tie_word_embeddings=args.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        initializer_range=args.init_std,
+        bos_token_id=None,
+        eos_token_id=eos_id,
+        pad_token_id=None,
     )
 
 
@@ -58,18 +69,36 @@ def normopt_config_fields(args, max_positions: int, eos_id: int) -> dict:
     """``NormoptConfig`` keyword arguments of the model (modeling_normopt.py)."""
     norm = args.norm_config
     return dict(
-        vocab_size=args.vocab_size, hidden_size=args.dim, num_hidden_layers=args.n_layers,
-        num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads, intermediate_size=args.ffn_hidden,
-        rope_theta=args.rope_theta, max_position_embeddings=max_positions,
-        norm=norm.name, norm_eps=norm.eps, norm_bias=norm.bias,
+        vocab_size=args.vocab_size,
+        hidden_size=args.dim,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads,
+        intermediate_size=args.ffn_hidden,
+        rope_theta=args.rope_theta,
+        max_position_embeddings=max_positions,
+        norm=norm.name,
+        norm_eps=norm.eps,
+        norm_bias=norm.bias,
         embed_scale=args.embed_scale is not None,
-        attention=args.attention, attention_window=args.attention_window if args.attention == "swa" else 0,
-        q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank, qk_nope_head_dim=args.qk_nope_head_dim,
-        qk_rope_head_dim=args.qk_rope_head_dim, v_head_dim=args.v_head_dim,
-        ffn=args.ffn, n_experts=args.n_experts, moe_top_k=args.moe_top_k, moe_hidden=args.moe_hidden,
-        n_shared_experts=args.n_shared_experts, moe_score=args.moe_score,
-        moe_routing_bias=args.ffn == "moe" and args.moe_balance == "aux_free", tie_word_embeddings=args.tie_embeddings,
-        bos_token_id=None, eos_token_id=eos_id, pad_token_id=None,
+        attention=args.attention,
+        attention_window=args.attention_window if args.attention == "swa" else 0,
+        q_lora_rank=args.q_lora_rank,
+        kv_lora_rank=args.kv_lora_rank,
+        qk_nope_head_dim=args.qk_nope_head_dim,
+        qk_rope_head_dim=args.qk_rope_head_dim,
+        v_head_dim=args.v_head_dim,
+        ffn=args.ffn,
+        n_experts=args.n_experts,
+        moe_top_k=args.moe_top_k,
+        moe_hidden=args.moe_hidden,
+        n_shared_experts=args.n_shared_experts,
+        moe_score=args.moe_score,
+        moe_routing_bias=args.ffn == "moe" and args.moe_balance == "aux_free",
+        tie_word_embeddings=args.tie_embeddings,
+        bos_token_id=None,
+        eos_token_id=eos_id,
+        pad_token_id=None,
     )
 
 
@@ -104,7 +133,17 @@ def hf_tensors(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Te
         out[hf_name] = tensor.detach().to(dtype if name in parameters else torch.float32).contiguous().clone()
     for name, module in model.named_modules():
         if isinstance(module, DerfEMA):
-            scale = blended_scale(module.running_mean_square, module.reference_mean_square, module.commits,
-                                  module.momentum, module.blend).detach().reshape(1).clone()
+            scale = (
+                blended_scale(
+                    module.running_mean_square,
+                    module.reference_mean_square,
+                    module.commits,
+                    module.momentum,
+                    module.blend,
+                )
+                .detach()
+                .reshape(1)
+                .clone()
+            )
             out[_top_level_name(f"{name}.input_scale")] = scale
     return out

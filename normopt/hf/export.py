@@ -30,7 +30,7 @@ from normopt.output_paths import check_output_folder, write_failed
 
 TEMPLATE = Path(__file__).with_name("modeling_normopt.py")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 TRANSFORMERS_HINT = "pip install 'transformers>=5.25,<6' (or pip install -e '.[hf]')"
 
 
@@ -41,8 +41,13 @@ def require_transformers() -> None:
         raise UserError(f"--format hf needs transformers: {TRANSFORMERS_HINT}") from None
 
 
-def export_hf(run_dir: Path, step: int | None = None, dtype: str = "float32", out: Path | None = None,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> tuple[Path, Parity]:
+def export_hf(
+    run_dir: Path,
+    step: int | None = None,
+    dtype: str = "float32",
+    out: Path | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> tuple[Path, Parity]:
     """Export ``step``'s checkpoint (default: the latest complete one) of the run as a
     transformers folder, ``RUN_DIR/export/step_N_hf`` unless ``out``; return its path and
     the parity it passed the gate with."""
@@ -57,8 +62,9 @@ def export_hf(run_dir: Path, step: int | None = None, dtype: str = "float32", ou
     out = out or run.hf_export_folder(checkpoint)
     check_new_folder(out)
     loaded = load_run(run_dir, int(checkpoint.name.split("_")[1]))
-    return write_hf_folder(loaded.model, loaded.tokenizer, loaded.cfg.train.seq_len, DTYPES[dtype], out,
-                           max_shard_bytes)
+    return write_hf_folder(
+        loaded.model, loaded.tokenizer, loaded.cfg.train.seq_len, DTYPES[dtype], out, max_shard_bytes
+    )
 
 
 def check_new_folder(out: Path) -> None:
@@ -67,8 +73,14 @@ def check_new_folder(out: Path) -> None:
         raise UserError(f"--out {out}: already exists; remove it or choose another folder")
 
 
-def write_hf_folder(model: torch.nn.Module, tokenizer, max_positions: int, dtype: torch.dtype, out: Path,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> tuple[Path, Parity]:
+def write_hf_folder(
+    model: torch.nn.Module,
+    tokenizer,
+    max_positions: int,
+    dtype: torch.dtype,
+    out: Path,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> tuple[Path, Parity]:
     """Write the normopt ``model`` (a ``Transformer``, eval mode) and its ``tokenizer``
     (``tokenizers.Tokenizer``) as a transformers folder at ``out``, once it passed the
     parity gate (returned with the path). In a ``bfloat16`` export the model's own parameters are rounded to bfloat16
@@ -101,8 +113,7 @@ def write_hf_folder(model: torch.nn.Module, tokenizer, max_positions: int, dtype
         os.rename(staging, out)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        failure = write_failed("--out", out, exc) if type(exc) is not UserError and isinstance(exc, Exception) \
-            else None
+        failure = write_failed("--out", out, exc) if type(exc) is not UserError and isinstance(exc, Exception) else None
         if failure is not None:
             raise failure from None
         raise
@@ -121,8 +132,10 @@ def write_config(args, max_positions: int, eos: int, dtype: torch.dtype, llama: 
 
         config = NormoptConfig(**normopt_config_fields(args, max_positions, eos))
         config.architectures = ["NormoptForCausalLM"]
-        config.auto_map = {"AutoConfig": "modeling_normopt.NormoptConfig",
-                           "AutoModelForCausalLM": "modeling_normopt.NormoptForCausalLM"}
+        config.auto_map = {
+            "AutoConfig": "modeling_normopt.NormoptConfig",
+            "AutoModelForCausalLM": "modeling_normopt.NormoptForCausalLM",
+        }
         shutil.copyfile(TEMPLATE, folder / TEMPLATE.name)
     config.dtype = dtype
     config.save_pretrained(folder)
@@ -144,9 +157,14 @@ def write_tokenizer(tokenizer, max_positions: int, folder: Path) -> None:
     from normopt.data.tokenizer import eos_id
 
     eos_token = tokenizer.id_to_token(eos_id(tokenizer))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos_token, pad_token=eos_token,
-                                   model_max_length=max_positions, clean_up_tokenization_spaces=False,
-                                   model_input_names=["input_ids", "attention_mask"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=eos_token,
+        pad_token=eos_token,
+        model_max_length=max_positions,
+        clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],
+    )
     fast.save_pretrained(folder)
     # transformers 5 names the class TokenizersBackend; the name it shares with transformers 4
     # (and the special tokens map 4 reads) let tools on either load the tokenizer
@@ -154,8 +172,9 @@ def write_tokenizer(tokenizer, max_positions: int, folder: Path) -> None:
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": eos_token, "pad_token": eos_token},
-                                                               indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": eos_token, "pad_token": eos_token}, indent=2) + "\n"
+    )
 
 
 def write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
@@ -165,11 +184,14 @@ def write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_byte
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    split = split_torch_state_dict_into_shards(tensors, filename_pattern="model{suffix}.safetensors",
-                                               max_shard_size=max_shard_bytes)
+    split = split_torch_state_dict_into_shards(
+        tensors, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_bytes
+    )
     for filename, names in split.filename_to_tensors.items():
         save_file({name: tensors[name] for name in names}, str(folder / filename), metadata={"format": "pt"})
     if split.is_sharded:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": split.tensor_to_filename}
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": split.tensor_to_filename,
+        }
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

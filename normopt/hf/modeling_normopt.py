@@ -32,12 +32,37 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 class NormoptConfig(PretrainedConfig):
     model_type = "normopt"
 
-    def __init__(self, vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, intermediate_size=128, rope_theta=10000.0, max_position_embeddings=256,
-                 norm="rmsnorm", norm_eps=1e-5, norm_bias=False, embed_scale=False, attention="gqa",
-                 attention_window=0, q_lora_rank=0, kv_lora_rank=0, qk_nope_head_dim=0, qk_rope_head_dim=0,
-                 v_head_dim=0, ffn="dense", n_experts=0, moe_top_k=2, moe_hidden=0, n_shared_experts=0,
-                 moe_score="softmax", moe_routing_bias=False, tie_word_embeddings=False, **kwargs):
+    def __init__(
+        self,
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=128,
+        rope_theta=10000.0,
+        max_position_embeddings=256,
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        norm_bias=False,
+        embed_scale=False,
+        attention="gqa",
+        attention_window=0,
+        q_lora_rank=0,
+        kv_lora_rank=0,
+        qk_nope_head_dim=0,
+        qk_rope_head_dim=0,
+        v_head_dim=0,
+        ffn="dense",
+        n_experts=0,
+        moe_top_k=2,
+        moe_hidden=0,
+        n_shared_experts=0,
+        moe_score="softmax",
+        moe_routing_bias=False,
+        tie_word_embeddings=False,
+        **kwargs,
+    ):
         self.vocab_size, self.hidden_size, self.num_hidden_layers = vocab_size, hidden_size, num_hidden_layers
         self.num_attention_heads, self.num_key_value_heads = num_attention_heads, num_key_value_heads
         self.intermediate_size, self.rope_theta = intermediate_size, rope_theta
@@ -57,6 +82,7 @@ class NormoptConfig(PretrainedConfig):
 
 
 # -- norms: y = g * core(x) (+ b), in float32 -------------------------------------------
+
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * g."""
@@ -134,6 +160,7 @@ def build_norm(config, dim):
 
 # -- rotary position embeddings (rotate-half form) --------------------------------------
 
+
 def rope_cos_sin(positions, dim, theta):
     """cos and sin of angle[b, t, i] = position[b, t] * theta^(-2i / dim), each (batch, 1, seq, dim)."""
     inv_freq = theta ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
@@ -166,11 +193,15 @@ def visibility_mask(seq, window, padding, device):
 
 # -- attention ----------------------------------------------------------------------------
 
+
 class GroupedQueryAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
-                                                        config.head_dim)
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
         dim = config.hidden_size
         self.wq = nn.Linear(dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -183,8 +214,9 @@ class GroupedQueryAttention(nn.Module):
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+        )
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -226,6 +258,7 @@ class LatentAttention(nn.Module):
 
 
 # -- feed-forward -------------------------------------------------------------------------
+
 
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x)."""
@@ -279,10 +312,10 @@ class GroupedExperts(nn.Module):
         start = 0
         for e, n in enumerate(counts):
             if n:
-                rows = token[start:start + n]
+                rows = token[start : start + n]
                 h = x[rows]
                 y = (F.silu(h @ self.w1[e].T) * (h @ self.w3[e].T)) @ self.w2[e].T
-                out.index_add_(0, rows, y * gate[start:start + n])
+                out.index_add_(0, rows, y * gate[start : start + n])
                 start += n
         return out
 
@@ -292,8 +325,11 @@ class MoEFeedForward(nn.Module):
         super().__init__()
         self.router = Router(config)
         self.experts = GroupedExperts(config.n_experts, config.hidden_size, config.moe_hidden)
-        self.shared = (SwiGLU(config.hidden_size, config.n_shared_experts * config.moe_hidden)
-                       if config.n_shared_experts > 0 else None)
+        self.shared = (
+            SwiGLU(config.hidden_size, config.n_shared_experts * config.moe_hidden)
+            if config.n_shared_experts > 0
+            else None
+        )
 
     def forward(self, x):
         idx, weights = self.router(x)
@@ -303,14 +339,16 @@ class MoEFeedForward(nn.Module):
 
 # -- the model ----------------------------------------------------------------------------
 
+
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.attn_norm = build_norm(config, config.hidden_size)
         self.attn = LatentAttention(config) if config.attention == "mla" else GroupedQueryAttention(config)
         self.ffn_norm = build_norm(config, config.hidden_size)
-        self.ffn = MoEFeedForward(config) if config.ffn == "moe" else SwiGLU(config.hidden_size,
-                                                                             config.intermediate_size)
+        self.ffn = (
+            MoEFeedForward(config) if config.ffn == "moe" else SwiGLU(config.hidden_size, config.intermediate_size)
+        )
 
     def forward(self, x, cos, sin, mask):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
@@ -393,11 +431,20 @@ class NormoptForCausalLM(NormoptPreTrainedModel, GenerationMixin):
         if attention_mask is not None:
             attention_mask = attention_mask[:, -window:]
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        return super().prepare_inputs_for_generation(input_ids, next_sequence_length=None,
-                                                     attention_mask=attention_mask, **kwargs)
+        return super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=None, attention_mask=attention_mask, **kwargs
+        )
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, logits_to_keep=0,
-                return_dict=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        labels=None,
+        logits_to_keep=0,
+        return_dict=None,
+        **kwargs,
+    ):
         """Logits (batch, seq, vocab); with ``labels``, the mean next-token cross-entropy
         (label -100 ignored). Cache arguments from ``generate`` are accepted and unused."""
         h = self.model(input_ids, attention_mask, position_ids)

@@ -41,8 +41,10 @@ class Parity:
         return self.max_abs <= MAX_ABS_LOGIT_DIFF * self.scale and self.kl <= MAX_KL
 
     def describe(self) -> str:
-        return (f"max |logit difference| {self.max_abs:.3g} (bound {MAX_ABS_LOGIT_DIFF * self.scale:.3g}), "
-                f"mean KL {self.kl:.3g} nats (bound {MAX_KL:g})")
+        return (
+            f"max |logit difference| {self.max_abs:.3g} (bound {MAX_ABS_LOGIT_DIFF * self.scale:.3g}), "
+            f"mean KL {self.kl:.3g} nats (bound {MAX_KL:g})"
+        )
 
 
 def compare_logits(reference: torch.Tensor, logits: torch.Tensor) -> Parity:
@@ -100,13 +102,16 @@ def parity_gate(model: torch.nn.Module, tokenizer, folder: Path, remote_code: bo
             exported_tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote_code)
             exported_ids = exported_tokenizer(GATE_TEXT)["input_ids"]
     except Exception as exc:  # any failure to load is a failed gate
-        raise UserError(f"the export does not load in transformers ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}); nothing was written") from None
+        raise UserError(
+            f"the export does not load in transformers ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); nothing was written"
+        ) from None
     tokens = gate_tokens(model.args.vocab_size, exported.config.max_position_embeddings)
     parity = measure_parity(model, exported, tokens)
     if not parity.ok:
-        raise UserError(f"the export failed its parity gate against normopt's forward: {parity.describe()}; "
-                        f"nothing was written")
+        raise UserError(
+            f"the export failed its parity gate against normopt's forward: {parity.describe()}; nothing was written"
+        )
     if exported_ids != tokenizer.encode(GATE_TEXT).ids:
         raise UserError("the exported tokenizer encodes text differently from the run's; nothing was written")
     return parity

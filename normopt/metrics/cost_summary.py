@@ -19,12 +19,21 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-COST_KEYS: tuple[str, ...] = ("tokens_per_s", "mfu", "mfu_with_ns", "optimizer_share", "ns_tflop_per_step", "ns_s",
-                              "ns_share", "ns_tflops")
+COST_KEYS: tuple[str, ...] = (
+    "tokens_per_s",
+    "mfu",
+    "mfu_with_ns",
+    "optimizer_share",
+    "ns_tflop_per_step",
+    "ns_s",
+    "ns_share",
+    "ns_tflops",
+)
 
 
-def ns_window_fields(ns_flops_per_step: float, ns_seconds: float, ns_flops: float, steps: int,
-                     elapsed: float) -> dict[str, float | None]:
+def ns_window_fields(
+    ns_flops_per_step: float, ns_seconds: float, ns_flops: float, steps: int, elapsed: float
+) -> dict[str, float | None]:
     """The NS fields of one logging window (module docstring) from the step's NS FLOPs, and
     the NS seconds and FLOPs this rank spent in the window's ``steps`` steps; ``ns_tflops``
     is None when no NS time was measured (a rank that owned no matrix)."""
@@ -59,12 +68,16 @@ def describe_cost(cost: Mapping[str, Any] | None, ns_flops_per_step: float) -> s
     def pct(key: str) -> str:
         return "—" if cost.get(key) is None else f"{100 * cost[key]:.1f}%"
 
-    text = (f"cost (median of {cost['windows']} logging window(s), the first left out when there are more): "
-            f"{cost['tokens_per_s']:,.0f} tokens/s, model MFU {pct('mfu')}, optimizer {pct('optimizer_share')} "
-            f"of step time")
+    text = (
+        f"cost (median of {cost['windows']} logging window(s), the first left out when there are more): "
+        f"{cost['tokens_per_s']:,.0f} tokens/s, model MFU {pct('mfu')}, optimizer {pct('optimizer_share')} "
+        f"of step time"
+    )
     if ns_flops_per_step:
         rate = "—" if cost.get("ns_tflops") is None else f"{cost['ns_tflops']:.3g} TFLOP/s"
         ns_s = "—" if cost.get("ns_s") is None else f"{1e3 * cost['ns_s']:.3g} ms"
-        text += (f"; Newton-Schulz {ns_flops_per_step / 1e12:.4g} TFLOP per step, {ns_s} per step on rank 0 "
-                 f"({pct('ns_share')} of step time) at {rate}; model + NS MFU {pct('mfu_with_ns')}")
+        text += (
+            f"; Newton-Schulz {ns_flops_per_step / 1e12:.4g} TFLOP per step, {ns_s} per step on rank 0 "
+            f"({pct('ns_share')} of step time) at {rate}; model + NS MFU {pct('mfu_with_ns')}"
+        )
     return text

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 class SectionTimer:
@@ -53,7 +53,9 @@ def pop_peak_memory(device: torch.device) -> dict[str, float]:
     empty on a CPU."""
     if device.type != "cuda":
         return {}
-    record = {"mem_peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
-              "mem_peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB}
+    record = {
+        "mem_peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
+        "mem_peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB,
+    }
     torch.cuda.reset_peak_memory_stats(device)
     return record

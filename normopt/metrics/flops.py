@@ -43,8 +43,13 @@ def gpu_peak_flops(device_name: str) -> float | None:
     return None
 
 
-def measure_matmul_flops(dtype: torch.dtype, device: torch.device, size: int = 1024,
-                         seconds: float = PROBE_SECONDS, repeats: int = PROBE_REPEATS) -> float:
+def measure_matmul_flops(
+    dtype: torch.dtype,
+    device: torch.device,
+    size: int = 1024,
+    seconds: float = PROBE_SECONDS,
+    repeats: int = PROBE_REPEATS,
+) -> float:
     """FLOP/s of repeated (size x size) @ (size x size) matmuls (2 n^3 per product): the best of
     ``repeats`` timings of about ``seconds`` each. The best, not the mean: other load only ever
     slows a timing down, so the fastest is the closest to what the hardware can do."""
@@ -66,8 +71,9 @@ def measure_matmul_flops(dtype: torch.dtype, device: torch.device, size: int = 1
     return best
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype, probe: bool = True,
-               peak_tflops: float = 0.0) -> tuple[float | None, str]:
+def peak_flops(
+    device: torch.device, dtype: torch.dtype, probe: bool = True, peak_tflops: float = 0.0
+) -> tuple[float | None, str]:
     """(peak FLOP/s of one rank, how it was obtained). ``peak_tflops`` > 0 (``train.peak_tflops``)
     is taken as given; 0 = look the device up or measure it."""
     if peak_tflops > 0:
@@ -81,8 +87,10 @@ def peak_flops(device: torch.device, dtype: torch.dtype, probe: bool = True,
     if not probe:
         return None, "not measured"
     flops = measure_matmul_flops(dtype, device)
-    return flops, (f"CPU {str(dtype).removeprefix('torch.')} matmul probe, best of {PROBE_REPEATS}, "
-                   f"{torch.get_num_threads()} thread(s)")
+    return flops, (
+        f"CPU {str(dtype).removeprefix('torch.')} matmul probe, best of {PROBE_REPEATS}, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
 
 
 class MfuMeter:
@@ -90,8 +98,14 @@ class MfuMeter:
     1, which means the peak was underestimated). The first such window is reported through
     ``log`` once; later ones stay silent (their MFU is still null)."""
 
-    def __init__(self, peak: float | None, source: str, flops_per_token: float, world_size: int = 1,
-                 log: Callable[[str], object] = print):
+    def __init__(
+        self,
+        peak: float | None,
+        source: str,
+        flops_per_token: float,
+        world_size: int = 1,
+        log: Callable[[str], object] = print,
+    ):
         self.peak, self.source = peak, source
         self.flops_per_token, self.world_size = flops_per_token, world_size
         self.log = log
@@ -108,7 +122,9 @@ class MfuMeter:
         if not self.warned:
             self.warned = True
             fix = "too low" if self.source == "train.peak_tflops" else "a way to give the peak"
-            self.log(f"MFU would be {100 * mfu:.0f}%: the peak ({self.peak / 1e9:,.4g} GFLOP/s per rank, "
-                     f"{self.source}) is underestimated; MFU is logged as null where it exceeds 100% "
-                     f"(train.peak_tflops is {fix})")
+            self.log(
+                f"MFU would be {100 * mfu:.0f}%: the peak ({self.peak / 1e9:,.4g} GFLOP/s per rank, "
+                f"{self.source}) is underestimated; MFU is logged as null where it exceeds 100% "
+                f"(train.peak_tflops is {fix})"
+            )
         return None

@@ -47,5 +47,4 @@ def statistics_kept(module: nn.Module) -> Iterator[None]:
 def checkpointed_call(module: nn.Module, fn: Callable, *args):
     """``fn(*args)`` (``module``'s computation), saving only ``args`` for backward and
     recomputing the rest there (non-reentrant checkpointing, which composes with FSDP2)."""
-    return checkpoint(fn, *args, use_reentrant=False,
-                      context_fn=lambda: (nullcontext(), statistics_kept(module)))
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), statistics_kept(module)))

@@ -15,15 +15,21 @@ from normopt.models.moe import MoEFeedForward
 from normopt.models.sliding_window import SlidingWindowAttention
 from normopt.models.swiglu import SwiGLU
 
-ATTENTIONS: dict[str, type] = {cls.name: cls for cls in (
-    GroupedQueryAttention,
-    LatentAttention,
-    SlidingWindowAttention,
-)}
-FEED_FORWARDS: dict[str, type] = {cls.name: cls for cls in (
-    SwiGLU,
-    MoEFeedForward,
-)}
+ATTENTIONS: dict[str, type] = {
+    cls.name: cls
+    for cls in (
+        GroupedQueryAttention,
+        LatentAttention,
+        SlidingWindowAttention,
+    )
+}
+FEED_FORWARDS: dict[str, type] = {
+    cls.name: cls
+    for cls in (
+        SwiGLU,
+        MoEFeedForward,
+    )
+}
 ATTENTION_NAMES: tuple[str, ...] = tuple(ATTENTIONS)
 FEED_FORWARD_NAMES: tuple[str, ...] = tuple(FEED_FORWARDS)
 
@@ -44,5 +50,8 @@ def feed_forward_class(name: str) -> type:
 
 def matrix_components() -> dict[str, str]:
     """Every registered block matrix type -> its component (see models/matrix_roles.py)."""
-    return {name: component for cls in (*ATTENTIONS.values(), *FEED_FORWARDS.values())
-            for name, component in cls.matrix_components.items()}
+    return {
+        name: component
+        for cls in (*ATTENTIONS.values(), *FEED_FORWARDS.values())
+        for name, component in cls.matrix_components.items()
+    }

@@ -36,8 +36,14 @@ from normopt.models.norm_layer import Location, NormConfig, NormLayer
 from normopt.parallel import collectives
 
 
-def derf(x: torch.Tensor, alpha: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
-         bias: torch.Tensor | None, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+def derf(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | float = 1.0,
+) -> torch.Tensor:
     """y = g * erf(alpha * x / scale + s) (+ b), evaluated in float32."""
     arg = alpha.float() * (x.float() / scale) + shift.float()
     y = torch.erf(arg) * weight.float()
@@ -51,14 +57,16 @@ def ema_update(running: torch.Tensor, observed: torch.Tensor, momentum: float) -
     return running * momentum + observed * (1.0 - momentum)
 
 
-def blended_scale(running: torch.Tensor, reference: torch.Tensor, commits: torch.Tensor,
-                  momentum: float, blend: float) -> torch.Tensor:
+def blended_scale(
+    running: torch.Tensor, reference: torch.Tensor, commits: torch.Tensor, momentum: float, blend: float
+) -> torch.Tensor:
     """c = (1 - lambda) + lambda sqrt(rh / r*) with rh = r / (1 - m^n) after n >= 1 commits;
     c = 1 before the first commit (n = 0) or when r* = 0 (an all-zero first input)."""
     started = (commits > 0) & (reference > 0)
     corrected = running / (1.0 - momentum ** commits.clamp(min=1))
-    ratio = torch.where(started, corrected / torch.where(started, reference, torch.ones_like(reference)),
-                        torch.ones_like(running))
+    ratio = torch.where(
+        started, corrected / torch.where(started, reference, torch.ones_like(reference)), torch.ones_like(running)
+    )
     return (1.0 - blend) + blend * ratio.sqrt()
 
 
@@ -107,8 +115,10 @@ class Derf(NormLayer):
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        return (f"{self.weight.shape[0]}, alpha_init={self.alpha_init}, shift_init={self.shift_init}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"{self.weight.shape[0]}, alpha_init={self.alpha_init}, shift_init={self.shift_init}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 class DerfEMA(Derf):
@@ -124,8 +134,15 @@ class DerfEMA(Derf):
     name = "derf_ema"
     fix_of = Derf.name
 
-    def __init__(self, dim: int, alpha_init: float = 0.5, shift_init: float = 0.0,
-                 momentum: float = 0.99, blend: float = 0.5, bias: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        alpha_init: float = 0.5,
+        shift_init: float = 0.0,
+        momentum: float = 0.99,
+        blend: float = 0.5,
+        bias: bool = True,
+    ):
         super().__init__(dim, alpha_init, shift_init, bias)
         self.momentum, self.blend = momentum, blend
         f64 = torch.float64
@@ -140,8 +157,9 @@ class DerfEMA(Derf):
         return cls(dim, cfg.alpha_init(location), cfg.shift_init, cfg.ema_momentum, cfg.ema_blend, bias=cfg.bias)
 
     def input_scale(self) -> torch.Tensor:
-        return blended_scale(self.running_mean_square, self.reference_mean_square, self.commits,
-                             self.momentum, self.blend).float()
+        return blended_scale(
+            self.running_mean_square, self.reference_mean_square, self.commits, self.momentum, self.blend
+        ).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -158,14 +176,20 @@ class DerfEMA(Derf):
         observed = total / count.clamp(min=1)
         first = seen & (self.commits == 0)
         self.reference_mean_square.copy_(torch.where(first, observed, self.reference_mean_square))
-        self.running_mean_square.copy_(torch.where(
-            seen, ema_update(self.running_mean_square, observed, self.momentum), self.running_mean_square))
+        self.running_mean_square.copy_(
+            torch.where(seen, ema_update(self.running_mean_square, observed, self.momentum), self.running_mean_square)
+        )
         self.commits.add_(seen.to(self.commits.dtype))
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        for buffer in (self.running_mean_square, self.reference_mean_square, self.commits,
-                       self.pending_sum, self.pending_count):
+        for buffer in (
+            self.running_mean_square,
+            self.reference_mean_square,
+            self.commits,
+            self.pending_sum,
+            self.pending_count,
+        ):
             buffer.zero_()
 
     def diagnostic_extras(self) -> dict[str, float]:

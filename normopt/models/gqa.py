@@ -46,8 +46,12 @@ class GroupedQueryAttention(nn.Module):
         (``optim.muon_split_heads``): W_q's rows in n_heads blocks of head_dim, W_k's and
         W_v's rows in n_kv_heads blocks (GQA's key-value heads), W_o's columns (its input
         features, the concatenated head outputs) in n_heads blocks."""
-        return [(self.wq.weight, "rows", self.n_heads), (self.wk.weight, "rows", self.n_kv_heads),
-                (self.wv.weight, "rows", self.n_kv_heads), (self.wo.weight, "cols", self.n_heads)]
+        return [
+            (self.wq.weight, "rows", self.n_heads),
+            (self.wk.weight, "rows", self.n_kv_heads),
+            (self.wv.weight, "rows", self.n_kv_heads),
+            (self.wo.weight, "cols", self.n_heads),
+        ]
 
     def norms(self) -> list[nn.Module]:
         return []

@@ -66,7 +66,7 @@ def matrix_type(name: str) -> str:
     parts = name.split(".")
     parts = parts[:-1] if len(parts) > 1 and parts[-1] == "weight" else parts
     block = next((i for i, part in enumerate(parts) if part.isdigit()), -1)
-    return ".".join(p for p in parts[block + 1:] if not p.isdigit()) or name
+    return ".".join(p for p in parts[block + 1 :] if not p.isdigit()) or name
 
 
 def component(name: str) -> str | None:
@@ -99,8 +99,10 @@ def parse_muon_params(value: str | Sequence[str]) -> str | tuple[str, ...]:
             return text
         globs = tuple(g.strip() for g in text.split(",") if g.strip())
         if not globs or not any(ch in text for ch in "*?[."):
-            raise UserError(f"optim.muon_params: unknown set {value!r} (sets: {', '.join(MUON_SETS)}; or a list of "
-                            f"parameter-name globs such as layers.*.attn.wv.weight)")
+            raise UserError(
+                f"optim.muon_params: unknown set {value!r} (sets: {', '.join(MUON_SETS)}; or a list of "
+                f"parameter-name globs such as layers.*.attn.wv.weight)"
+            )
         return globs
     if not value or not all(isinstance(g, str) and g.strip() for g in value):
         raise UserError("optim.muon_params: a list must hold parameter-name globs (non-empty strings)")
@@ -126,8 +128,10 @@ def check_globs_match(value: str | Sequence[str], names: Iterable[str]) -> None:
         return
     names = list(names)
     if not any(fnmatch.fnmatchcase(n, g) for n in names for g in parsed):
-        raise UserError(f"optim.muon_params: the globs {', '.join(parsed)} match no block matrix "
-                        f"(for example: {', '.join(names[:4])})")
+        raise UserError(
+            f"optim.muon_params: the globs {', '.join(parsed)} match no block matrix "
+            f"(for example: {', '.join(names[:4])})"
+        )
 
 
 def head_blocks_by_name(model, setting: str) -> dict[str, tuple[str, int]]:

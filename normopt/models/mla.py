@@ -31,8 +31,15 @@ from normopt.models.rope import apply_rope
 class LatentAttention(nn.Module):
     name = "mla"
     # the joint key-value projections are neither k nor v alone (models/matrix_roles.py)
-    matrix_components = {"attn.wq": "q", "attn.wo": "o", "attn.wq_a": "q", "attn.wq_b": "q", "attn.wkv_a": "kv",
-                         "attn.wkv_b": "kv"}
+    matrix_components = {
+        "attn.wq": "q",
+        "attn.wo": "o",
+        "attn.wq_a": "q",
+        "attn.wq_b": "q",
+        "attn.wkv_a": "kv",
+        "attn.wkv_b": "kv",
+    }
+
     def __init__(self, args):
         super().__init__()
         self.n_heads = args.n_heads
@@ -86,8 +93,11 @@ class LatentAttention(nn.Module):
         W_qa and W_kva have no head structure (their outputs are latents shared by every
         head, and W_kva's RoPE key is shared too), so they never split."""
         q = self.wq_b if self.q_lora_rank > 0 else self.wq
-        return [(q.weight, "rows", self.n_heads), (self.wkv_b.weight, "rows", self.n_heads),
-                (self.wo.weight, "cols", self.n_heads)]
+        return [
+            (q.weight, "rows", self.n_heads),
+            (self.wkv_b.weight, "rows", self.n_heads),
+            (self.wo.weight, "cols", self.n_heads),
+        ]
 
     def norms(self) -> list[nn.Module]:
         return [self.q_norm, self.kv_norm] if self.q_lora_rank > 0 else [self.kv_norm]
@@ -103,8 +113,9 @@ class LatentAttention(nn.Module):
 
     @classmethod
     def check_shapes(cls, args) -> None:
-        require(args.qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim",
-                f"{args.qk_rope_head_dim} must be even for RoPE")
+        require(
+            args.qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim", f"{args.qk_rope_head_dim} must be even for RoPE"
+        )
 
     @classmethod
     def rope_dim(cls, args) -> int:
@@ -131,8 +142,10 @@ class LatentAttention(nn.Module):
 
     @classmethod
     def describe(cls, args) -> str | None:
-        return (f"attention: mla q_lora={args.q_lora_rank} kv_lora={args.kv_lora_rank} qk_nope={args.qk_nope_head_dim} "
-                f"qk_rope={args.qk_rope_head_dim} v={args.v_head_dim}")
+        return (
+            f"attention: mla q_lora={args.q_lora_rank} kv_lora={args.kv_lora_rank} qk_nope={args.qk_nope_head_dim} "
+            f"qk_rope={args.qk_rope_head_dim} v={args.v_head_dim}"
+        )
 
 
 def mla_param_count(args, norm_params) -> int:

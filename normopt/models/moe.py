@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
 from normopt.key_roles import require
 from normopt.models.swiglu import SwiGLU
 from normopt.parallel import collectives
@@ -48,8 +49,9 @@ def router_scores(logits: torch.Tensor, score: str) -> torch.Tensor:
     return logits.softmax(dim=-1) if score == "softmax" else logits.sigmoid()
 
 
-def top_k_routing(scores: torch.Tensor, bias: torch.Tensor | None, k: int,
-                  normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_routing(
+    scores: torch.Tensor, bias: torch.Tensor | None, k: int, normalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(expert indices, weights), each (..., k): the k experts with the largest s + b, and
     their scores s (not s + b) divided by their sum when ``normalize``."""
     choice = scores if bias is None else scores + bias
@@ -138,10 +140,10 @@ class GroupedExperts(nn.Module):
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            rows = token[start:start + n]
+            rows = token[start : start + n]
             h = x[rows]
             y = (F.silu(h @ self.w1[e].T) * (h @ self.w3[e].T)) @ self.w2[e].T
-            out.index_add_(0, rows, y * gate[start:start + n])
+            out.index_add_(0, rows, y * gate[start : start + n])
             start += n
         return out
 
@@ -155,8 +157,7 @@ class MoEFeedForward(nn.Module):
         super().__init__()
         self.router = Router(args.dim, args.n_experts, args.moe_top_k, args.moe_score, args.moe_balance)
         self.experts = GroupedExperts(args.n_experts, args.dim, args.moe_hidden)
-        self.shared = (SwiGLU(args.dim, args.n_shared_experts * args.moe_hidden)
-                       if args.n_shared_experts > 0 else None)
+        self.shared = SwiGLU(args.dim, args.n_shared_experts * args.moe_hidden) if args.n_shared_experts > 0 else None
         self.aux_coef = args.moe_aux_coef if args.moe_balance == "aux_loss" else 0.0
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,8 +166,11 @@ class MoEFeedForward(nn.Module):
         out = self.experts(x.flatten(0, 1), idx.flatten(0, 1), weights.flatten(0, 1)).view_as(x)
         if self.shared is not None:
             out = out + self.shared(x)
-        aux = (self.aux_coef * balance_loss(scores, idx, self.router.n_experts)
-               if self.aux_coef and self.training else scores.new_zeros(()))
+        aux = (
+            self.aux_coef * balance_loss(scores, idx, self.router.n_experts)
+            if self.aux_coef and self.training
+            else scores.new_zeros(())
+        )
         return out, aux
 
     def input_matrices(self) -> list[torch.Tensor]:
@@ -185,8 +189,11 @@ class MoEFeedForward(nn.Module):
 
     @classmethod
     def check_shapes(cls, args) -> None:
-        require(args.moe_top_k <= args.n_experts, "model.moe_top_k",
-                f"{args.moe_top_k} experts per token but only {args.n_experts} experts")
+        require(
+            args.moe_top_k <= args.n_experts,
+            "model.moe_top_k",
+            f"{args.moe_top_k} experts per token but only {args.n_experts} experts",
+        )
 
     @classmethod
     def fill_shapes(cls, args) -> dict:
@@ -206,9 +213,11 @@ class MoEFeedForward(nn.Module):
 
     @classmethod
     def describe(cls, args, total_params: int, active_params: int) -> str | None:
-        return (f"ffn: moe {args.n_experts} experts (hidden {args.moe_hidden}), top-{args.moe_top_k} {args.moe_score}, "
-                f"{args.n_shared_experts} shared, balance {args.moe_balance}; active parameters "
-                f"{active_params:,} of {total_params:,}")
+        return (
+            f"ffn: moe {args.n_experts} experts (hidden {args.moe_hidden}), top-{args.moe_top_k} {args.moe_score}, "
+            f"{args.n_shared_experts} shared, balance {args.moe_balance}; active parameters "
+            f"{active_params:,} of {total_params:,}"
+        )
 
 
 def moe_param_counts(args) -> tuple[int, int]:
@@ -220,14 +229,15 @@ def moe_param_counts(args) -> tuple[int, int]:
     return router + args.n_experts * expert + shared, router + args.moe_top_k * expert + shared
 
 
-
 def moe_routers(model: nn.Module) -> list[Router]:
     """The routers of the model's MoE layers, shallowest first."""
     return [m for m in model.modules() if isinstance(m, Router)]
 
 
 @torch.no_grad()
-def commit_expert_loads(model: nn.Module, bias_rate: float, group: dist.ProcessGroup | None = None) -> torch.Tensor | None:
+def commit_expert_loads(
+    model: nn.Module, bias_rate: float, group: dist.ProcessGroup | None = None
+) -> torch.Tensor | None:
     """End of an optimizer step: sum every router's token counts over the ranks (one
     all-reduce for all layers), step the aux-free biases with them and clear the counts.
     Returns the step's counts, (MoE layers, experts), or None for a model without MoE.

@@ -32,13 +32,16 @@ from normopt.models.norm_layer import Location, NormConfig, NormLayer
 from normopt.models.rmsnorm import RMSNorm
 
 # one line per norm; the order is the order of config messages and of the report's rows
-NORMS: dict[str, type[NormLayer]] = {cls.name: cls for cls in (
-    RMSNorm,
-    DyT,
-    Derf,
-    DerfEMA,
-    LayerNorm,
-)}
+NORMS: dict[str, type[NormLayer]] = {
+    cls.name: cls
+    for cls in (
+        RMSNorm,
+        DyT,
+        Derf,
+        DerfEMA,
+        LayerNorm,
+    )
+}
 NORM_NAMES: tuple[str, ...] = tuple(NORMS)
 NORM_TYPES: tuple[type[NormLayer], ...] = tuple(NORMS.values())
 

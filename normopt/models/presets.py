@@ -18,7 +18,6 @@ the dense model, 4x its total.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, fields, replace
 
 from normopt.models.components import attention_class, feed_forward_class
@@ -76,8 +75,9 @@ class ModelArgs:
 
 
 def _preset(dim, n_layers, n_heads, n_kv_heads, ffn_hidden, tie=False, theta=10000.0, **latent_moe) -> ModelArgs:
-    return fill_derived_shapes(ModelArgs(NAMING_VOCAB, dim, n_layers, n_heads, n_kv_heads, ffn_hidden, tie, theta,
-                                         **latent_moe))
+    return fill_derived_shapes(
+        ModelArgs(NAMING_VOCAB, dim, n_layers, n_heads, n_kv_heads, ffn_hidden, tie, theta, **latent_moe)
+    )
 
 
 def fill_derived_shapes(args: ModelArgs) -> ModelArgs:
@@ -104,9 +104,24 @@ PRESETS: dict[str, ModelArgs] = {
     # ~0.97B total, ~0.27B active (32k vocabulary): MLA (query latent 512, KV latent 256) and 32 fine-grained
     # experts (hidden 512), top-4, plus 2 shared experts; a GPU model in the range of the
     # MLA/MoE/Muon study's larger models
-    "mla-moe-1b": _preset(1024, 16, 16, 16, 4096, attention="mla", q_lora_rank=512, kv_lora_rank=256,
-                          qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, ffn="moe", n_experts=32,
-                          moe_top_k=4, moe_hidden=512, n_shared_experts=2),
+    "mla-moe-1b": _preset(
+        1024,
+        16,
+        16,
+        16,
+        4096,
+        attention="mla",
+        q_lora_rank=512,
+        kv_lora_rank=256,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        ffn="moe",
+        n_experts=32,
+        moe_top_k=4,
+        moe_hidden=512,
+        n_shared_experts=2,
+    ),
 }
 
 
@@ -116,8 +131,9 @@ def resolve_model_args(model_cfg, vocab_size: int) -> ModelArgs:
     :func:`~normopt.models.norms.resolve_norm_config`, and an ``auto`` embedding scale
     resolved to the reference value of the norm (see ``models.norms``)."""
     base = PRESETS[model_cfg.preset]
-    overrides = {f.name: getattr(model_cfg, f.name) for f in fields(ModelArgs)
-                 if getattr(model_cfg, f.name, None) is not None}
+    overrides = {
+        f.name: getattr(model_cfg, f.name) for f in fields(ModelArgs) if getattr(model_cfg, f.name, None) is not None
+    }
     if "dim" in overrides and "n_heads" not in overrides:
         # a width override keeps the preset's head size
         overrides["n_heads"] = max(1, overrides["dim"] // base.head_dim)
@@ -127,9 +143,15 @@ def resolve_model_args(model_cfg, vocab_size: int) -> ModelArgs:
     norm_config = overrides["norm_config"] = resolve_norm_config(model_cfg)
     dim = overrides.get("dim", base.dim)
     scale = overrides.pop("embed_scale", None)
-    overrides["embed_scale"] = (reference_embed_scale(norm_config.name, dim) if scale == "auto"
-                                else math.sqrt(dim) if scale == "sqrt_dim"
-                                else None if scale in (None, "none") else float(scale))
+    overrides["embed_scale"] = (
+        reference_embed_scale(norm_config.name, dim)
+        if scale == "auto"
+        else math.sqrt(dim)
+        if scale == "sqrt_dim"
+        else None
+        if scale in (None, "none")
+        else float(scale)
+    )
     return fill_derived_shapes(replace(base, **overrides, vocab_size=vocab_size))
 
 
@@ -137,7 +159,8 @@ def _attention_params(args: ModelArgs, norms: bool = True) -> int:
     """One block's attention (its latent norms included unless ``norms`` is False): the
     registered class's count."""
     return attention_class(args.attention).param_count(
-        args, lambda features: norm_param_count(args.norm_config, features) if norms else 0)
+        args, lambda features: norm_param_count(args.norm_config, features) if norms else 0
+    )
 
 
 def _ffn_params(args: ModelArgs, active: bool) -> int:
@@ -189,6 +212,7 @@ def count_flops_per_token(args: ModelArgs, seq_len: int) -> float:
     the PaLM MFU convention; SWA 12 d min(T, w); MLA: ``mla_attention_flops``). The embedding
     lookup is free; a tied output head still costs its matmul."""
     attention = attention_class(args.attention)
-    matmul_params = (args.n_layers * (attention.matmul_params(args) + _ffn_params(args, active=True))
-                     + args.vocab_size * args.dim)
+    matmul_params = (
+        args.n_layers * (attention.matmul_params(args) + _ffn_params(args, active=True)) + args.vocab_size * args.dim
+    )
     return 6.0 * matmul_params + args.n_layers * attention.score_flops(args, seq_len)

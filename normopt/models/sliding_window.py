@@ -39,8 +39,9 @@ class SlidingWindowAttention(GroupedQueryAttention):
         key = (seq, str(q.device))
         if key not in self._masks:
             self._masks[key] = band_mask(seq, self.window, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self._masks[key],
-                                              enable_gqa=self.n_kv_heads != self.n_heads)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=self._masks[key], enable_gqa=self.n_kv_heads != self.n_heads
+        )
 
     @classmethod
     def fill_shapes(cls, args) -> dict:

@@ -69,8 +69,9 @@ GRAM_PERTURBATION = -4e-4  # the simulated error on each Gram eigenvalue (half p
 _SIGMA_GRID = 4000  # log-spaced singular values in [1e-10, 1] for the restart simulation
 
 
-def q_spread(schedule: Sequence[Coefficients], restarts: Sequence[int],
-             perturbation: float = GRAM_PERTURBATION) -> float:
+def q_spread(
+    schedule: Sequence[Coefficients], restarts: Sequence[int], perturbation: float = GRAM_PERTURBATION
+) -> float:
     """Worst max|q| / min|q| over the steps of the Gram iteration's scalar recursion.
 
     For each singular value sigma of X_0 (a log grid on [1e-10, 1]): at step 0 and at each
@@ -103,8 +104,10 @@ def gram_restarts(schedule: tuple[Coefficients, ...]) -> tuple[int, ...]:
     """
     steps = len(schedule)
     for count in range(steps):
-        best = min(((q_spread(schedule, places), places) for places in combinations(range(1, steps), count)),
-                   key=lambda t: t[0])
+        best = min(
+            ((q_spread(schedule, places), places) for places in combinations(range(1, steps), count)),
+            key=lambda t: t[0],
+        )
         if best[0] <= RESTART_Q_SPREAD:
             return best[1]
     return tuple(range(1, steps))
@@ -126,7 +129,7 @@ def gram_ns_flops(m: int, n: int, steps: int, restarts: int) -> float:
     """Matmul FLOPs of ``gram_iterate`` on a wide m x n matrix (m <= n) with ``steps``
     steps and ``restarts`` restarts: 4 s m^2 n + (8 K - 6 s) m^3, s = restarts + 1."""
     segments = restarts + 1
-    return 4.0 * segments * m * m * n + (8.0 * steps - 6.0 * segments) * m ** 3
+    return 4.0 * segments * m * m * n + (8.0 * steps - 6.0 * segments) * m**3
 
 
 def gram_iterate(X: torch.Tensor, schedule: Sequence[Coefficients], restarts: Sequence[int]) -> torch.Tensor:

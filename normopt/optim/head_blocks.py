@@ -39,11 +39,18 @@ def check_head_blocks(layout: object, shape: Sequence[int] | None = None) -> Non
     (rows, cols) or a stack (..., rows, cols))."""
     if layout is None:
         return
-    if (not isinstance(layout, Sequence) or isinstance(layout, str) or len(layout) != 2
-            or layout[0] not in HEAD_AXES or not isinstance(layout[1], int) or isinstance(layout[1], bool)
-            or layout[1] < 1):
-        raise ValueError(f"head_blocks must be None or (axis, heads) with axis in {HEAD_AXES} and heads >= 1, "
-                         f"got {layout!r}")
+    if (
+        not isinstance(layout, Sequence)
+        or isinstance(layout, str)
+        or len(layout) != 2
+        or layout[0] not in HEAD_AXES
+        or not isinstance(layout[1], int)
+        or isinstance(layout[1], bool)
+        or layout[1] < 1
+    ):
+        raise ValueError(
+            f"head_blocks must be None or (axis, heads) with axis in {HEAD_AXES} and heads >= 1, got {layout!r}"
+        )
     if shape is not None:
         axis, heads = layout
         size = int(shape[-2] if axis == "rows" else shape[-1])

@@ -25,8 +25,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def lion_update_(param: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor, lr: float, beta1: float,
-                 beta2: float, weight_decay: float) -> None:
+def lion_update_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    momentum: torch.Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> None:
     """One Lion step of ``param`` in place (module docstring), ``momentum`` updated in place."""
     update = momentum.lerp(grad, 1.0 - beta1).sign_()
     param.mul_(1.0 - lr * weight_decay).add_(update, alpha=-lr)
@@ -55,8 +62,15 @@ class Lion(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p)
-                lion_update_(_local(p), _local(p.grad), _local(state["exp_avg"]), group["lr"], beta1, beta2,
-                             group["weight_decay"])
+                lion_update_(
+                    _local(p),
+                    _local(p.grad),
+                    _local(state["exp_avg"]),
+                    group["lr"],
+                    beta1,
+                    beta2,
+                    group["weight_decay"],
+                )
         return loss
 
 

@@ -22,8 +22,7 @@ def cosine_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def wsd_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float,
-               decay_fraction: float) -> float:
+def wsd_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float, decay_fraction: float) -> float:
     """Warmup-stable-decay: linear warmup, constant 1, then a linear decay to ``min_ratio``
     over the last ``decay_fraction`` of the steps."""
     if step < warmup_steps:
@@ -41,6 +40,5 @@ def lr_factor(optim_cfg, step: int, total_steps: int) -> float:
     if optim_cfg.schedule == "constant":
         return warmup_factor(step, optim_cfg.warmup_steps)
     if optim_cfg.schedule == "wsd":
-        return wsd_factor(step, total_steps, optim_cfg.warmup_steps, optim_cfg.min_lr_ratio,
-                          optim_cfg.decay_fraction)
+        return wsd_factor(step, total_steps, optim_cfg.warmup_steps, optim_cfg.min_lr_ratio, optim_cfg.decay_fraction)
     return cosine_factor(step, total_steps, optim_cfg.warmup_steps, optim_cfg.min_lr_ratio)

@@ -35,8 +35,8 @@ from torch.distributed.tensor import DTensor
 from normopt.dtypes import dtype_name
 from normopt.optim.head_blocks import HeadBlocks, block_shape, check_head_blocks
 from normopt.optim.muon_update import (
-    is_real_number,
     apply_update_,
+    is_real_number,
     matrix_dims,
     momentum_update_,
     nesterov_direction,
@@ -144,14 +144,28 @@ class Muon(torch.optim.Optimizer):
         **execution: Any,
     ):
         defaults = dict(
-            lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-            ns_steps=ns_steps, ns_coefficients=ns_coefficients, scale_rule=scale_rule, ns_dtype=ns_dtype,
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            ns_steps=ns_steps,
+            ns_coefficients=ns_coefficients,
+            scale_rule=scale_rule,
+            ns_dtype=ns_dtype,
             ns_algorithm=ns_algorithm,
         )
         self._setup(params, defaults, ns_mode, **execution)
 
-    def _setup(self, params, defaults: dict[str, Any], ns_mode: str, ns_batch_size: int = 1, ns_row_blocks: int = 1,
-               ns_bucket_mb: float = DEFAULT_BUCKET_MB, ns_overlap: bool = True) -> None:
+    def _setup(
+        self,
+        params,
+        defaults: dict[str, Any],
+        ns_mode: str,
+        ns_batch_size: int = 1,
+        ns_row_blocks: int = 1,
+        ns_bucket_mb: float = DEFAULT_BUCKET_MB,
+        ns_overlap: bool = True,
+    ) -> None:
         """Shared constructor body: validate the optimizer-wide NS options, then register
         the param groups."""
         if ns_mode not in NS_MODES:
@@ -176,8 +190,10 @@ class Muon(torch.optim.Optimizer):
         """Validate hyperparameters and shapes before registering the group."""
         validate_muon_group({**self.defaults, **param_group})
         if self.ns_row_blocks > 1 and {**self.defaults, **param_group}["ns_algorithm"] == "gram":
-            raise ValueError("ns_algorithm 'gram' runs each matrix on one process: it needs ns_row_blocks=1, "
-                             f"got {self.ns_row_blocks}")
+            raise ValueError(
+                "ns_algorithm 'gram' runs each matrix on one process: it needs ns_row_blocks=1, "
+                f"got {self.ns_row_blocks}"
+            )
         params = param_group["params"]
         # Materialize once: a generator would be exhausted by the shape check below.
         params = [params] if isinstance(params, torch.Tensor) else list(params)
@@ -221,11 +237,13 @@ class Muon(torch.optim.Optimizer):
         # Cast before shipping: NS starts with this cast anyway, so the result is the
         # same and the all_to_all carries bf16 instead of fp32.
         return RowShardedJob(
-            inputs=lambda: [item.direction().to(ns_dtype) for item in batch], rows=p0.shape[0],
+            inputs=lambda: [item.direction().to(ns_dtype) for item in batch],
+            rows=p0.shape[0],
             compute=self._counted(compute, p0, len(batch), group),
             output_specs=[(tuple(p0.shape[1:]), ns_dtype)] * len(batch),
             input_specs=[(tuple(p0.shape[1:]), ns_dtype)] * len(batch),
-            cost=len(batch) * _ns_job_cost(p0.shape, layout), mesh=batch[0].mesh,
+            cost=len(batch) * _ns_job_cost(p0.shape, layout),
+            mesh=batch[0].mesh,
         )
 
     def _counted(self, compute, p0: torch.Tensor, count: int, group: dict):
@@ -233,8 +251,11 @@ class Muon(torch.optim.Optimizer):
         runs here to ``ns_flops_computed`` and timing it with ``ns_timer`` when set (the time
         then includes a row-block team's all-gathers)."""
         matrices, rows, cols = ns_matrices(p0.shape, group.get("head_blocks"))
-        flops = count * matrices * ns_flops(rows, cols, int(group["ns_steps"]), group["ns_algorithm"],
-                                            group["ns_coefficients"])
+        flops = (
+            count
+            * matrices
+            * ns_flops(rows, cols, int(group["ns_steps"]), group["ns_algorithm"], group["ns_coefficients"])
+        )
 
         def run(full: list[torch.Tensor], team) -> list[torch.Tensor]:
             self.ns_flops_computed += flops * (1.0 if team is None else team.share(min(rows, cols)))
@@ -242,6 +263,7 @@ class Muon(torch.optim.Optimizer):
                 return compute(full, team)
             with self.ns_timer.section():
                 return compute(full, team)
+
         return run
 
     def _finish(self, p: torch.Tensor, outputs: list[torch.Tensor], state: dict, group: dict) -> None:
@@ -287,8 +309,9 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 count, rows, cols = ns_matrices(p.shape, group.get("head_blocks"))
-                total += count * ns_flops(rows, cols, int(group["ns_steps"]), group["ns_algorithm"],
-                                          group["ns_coefficients"])
+                total += count * ns_flops(
+                    rows, cols, int(group["ns_steps"]), group["ns_algorithm"], group["ns_coefficients"]
+                )
         return total
 
     # -- the step ----------------------------------------------------------------------
@@ -331,8 +354,12 @@ class Muon(torch.optim.Optimizer):
                 self._finish(item.p, outputs[i::n], item.state, group)
 
         _, self.last_step_stats = run_row_sharded_jobs(
-            jobs, self.ns_mode, row_blocks=self.ns_row_blocks, bucket_mb=self.ns_bucket_mb,
-            overlap=self.ns_overlap, on_result=apply,
+            jobs,
+            self.ns_mode,
+            row_blocks=self.ns_row_blocks,
+            bucket_mb=self.ns_bucket_mb,
+            overlap=self.ns_overlap,
+            on_result=apply,
         )
         return loss
 
@@ -350,15 +377,35 @@ class NorMuon(Muon):
     sharded params.
     """
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0, ns_steps: int = 5, ns_coefficients: CoefficientSpec = "quintic",
-                 scale_rule: str = "match_adamw", ns_mode: str = "distributed",
-                 ns_dtype: torch.dtype | str = torch.bfloat16, beta2: float = 0.95, eps: float = 1e-8,
-                 ns_algorithm: str = "standard", **execution: Any):
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        ns_steps: int = 5,
+        ns_coefficients: CoefficientSpec = "quintic",
+        scale_rule: str = "match_adamw",
+        ns_mode: str = "distributed",
+        ns_dtype: torch.dtype | str = torch.bfloat16,
+        beta2: float = 0.95,
+        eps: float = 1e-8,
+        ns_algorithm: str = "standard",
+        **execution: Any,
+    ):
         defaults = dict(
-            lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-            ns_steps=ns_steps, ns_coefficients=ns_coefficients, scale_rule=scale_rule, ns_dtype=ns_dtype,
-            ns_algorithm=ns_algorithm, beta2=beta2, eps=eps,
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            ns_steps=ns_steps,
+            ns_coefficients=ns_coefficients,
+            scale_rule=scale_rule,
+            ns_dtype=ns_dtype,
+            ns_algorithm=ns_algorithm,
+            beta2=beta2,
+            eps=eps,
         )
         self._setup(params, defaults, ns_mode, **execution)
 
@@ -372,7 +419,11 @@ class NorMuon(Muon):
             # (and checkpoints) the statistics of the rows it holds.
             shape = torch.Size(p.shape[:-1])
             state["row_second_moment"] = DTensor.from_local(
-                local, p.device_mesh, p.placements, shape=shape, stride=torch.empty(shape, device="meta").stride(),
+                local,
+                p.device_mesh,
+                p.placements,
+                shape=shape,
+                stride=torch.empty(shape, device="meta").stride(),
                 run_check=False,
             )
         else:
@@ -396,14 +447,19 @@ class NorMuon(Muon):
             return unstack_batch(O_hat, n) + unstack_batch(v_new, n)
 
         def inputs() -> list[torch.Tensor]:
-            return ([item.direction().to(ns_dtype) for item in batch]
-                    + [_local(item.state["row_second_moment"]) for item in batch])
+            return [item.direction().to(ns_dtype) for item in batch] + [
+                _local(item.state["row_second_moment"]) for item in batch
+            ]
 
         out_specs = [(tuple(p0.shape[1:]), update_dtype)] * n + [(tuple(p0.shape[1:-1]), v_dtype)] * n
         return RowShardedJob(
-            inputs=inputs, rows=p0.shape[0], compute=self._counted(compute, p0, n, group), output_specs=out_specs,
+            inputs=inputs,
+            rows=p0.shape[0],
+            compute=self._counted(compute, p0, n, group),
+            output_specs=out_specs,
             input_specs=[(tuple(p0.shape[1:]), ns_dtype)] * n + [(tuple(p0.shape[1:-1]), v_dtype)] * n,
-            cost=n * _ns_job_cost(p0.shape, layout), mesh=batch[0].mesh,
+            cost=n * _ns_job_cost(p0.shape, layout),
+            mesh=batch[0].mesh,
         )
 
     def _finish(self, p: torch.Tensor, outputs: list[torch.Tensor], state: dict, group: dict) -> None:

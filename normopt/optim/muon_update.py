@@ -99,8 +99,15 @@ def ns_matrices(shape: Sequence[int], layout: HeadBlocks | None = None) -> tuple
     return (stack_size(shape) * block_count(layout), *block_shape(rows, cols, layout))
 
 
-def orthogonalize(U: torch.Tensor, steps: int, coefficients: CoefficientSpec, dtype: torch.dtype,
-                  team=None, layout: HeadBlocks | None = None, algorithm: str = "standard") -> torch.Tensor:
+def orthogonalize(
+    U: torch.Tensor,
+    steps: int,
+    coefficients: CoefficientSpec,
+    dtype: torch.dtype,
+    team=None,
+    layout: HeadBlocks | None = None,
+    algorithm: str = "standard",
+) -> torch.Tensor:
     """O = NS(U) for U of shape (..., rows, cols); with a head layout, each head block on its
     own, batched, and reassembled: O = merge(NS(split(U))) (``normopt.optim.head_blocks``).
     ``algorithm``: ``newton_schulz``'s 'standard' or 'gram'."""
@@ -118,9 +125,7 @@ def nesterov_direction(buf: torch.Tensor, grad: torch.Tensor, beta: float, neste
     return grad.add(buf, alpha=beta) if nesterov else buf
 
 
-def normuon_normalize(
-    O: torch.Tensor, v: torch.Tensor, beta2: float, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def normuon_normalize(O: torch.Tensor, v: torch.Tensor, beta2: float, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """NorMuon's per-row normalization of an orthogonalized update O of shape (rows, cols).
 
         v_new = beta2 * v + (1 - beta2) * mean(O^2, dim=cols)     (one value per row)

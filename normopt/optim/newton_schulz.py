@@ -33,8 +33,13 @@ from typing import Union
 
 import torch
 
-from normopt.optim.gram_newton_schulz import (gram_compute_dtype, gram_iterate, gram_ns_flops, gram_restarts,
-                                              uses_gram_form)
+from normopt.optim.gram_newton_schulz import (
+    gram_compute_dtype,
+    gram_iterate,
+    gram_ns_flops,
+    gram_restarts,
+    uses_gram_form,
+)
 from normopt.optim.symmetric_matmul import gram_matrix, gram_poly
 from normopt.parallel.row_block_team import RowBlockTeam, blocked_ns_step
 
@@ -178,8 +183,9 @@ def newton_schulz(
     return X.to(G.dtype)
 
 
-def ns_flops(rows: int, cols: int, steps: int, algorithm: str = "standard",
-             coefficients: CoefficientSpec = "quintic") -> float:
+def ns_flops(
+    rows: int, cols: int, steps: int, algorithm: str = "standard", coefficients: CoefficientSpec = "quintic"
+) -> float:
     """Floating-point operations of ``steps`` NS steps on one rows x cols matrix, on its
     smaller Gram side (m = min, n = max dimension). 'standard':
 
@@ -193,7 +199,7 @@ def ns_flops(rows: int, cols: int, steps: int, algorithm: str = "standard",
     if algorithm == "gram" and uses_gram_form(rows, cols) and steps > 0:
         restarts = gram_restarts(tuple(coefficients_for_steps(coefficients, steps)))
         return gram_ns_flops(m, n, steps, len(restarts))
-    return float(steps) * (4.0 * m * m * n + 2.0 * m ** 3)
+    return float(steps) * (4.0 * m * m * n + 2.0 * m**3)
 
 
 def frobenius_normalize(X: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
@@ -231,4 +237,3 @@ def ns_scalar_map(
         sq = sigma * sigma
         sigma = sigma * (a + sq * (b + c * sq))
     return sigma
-

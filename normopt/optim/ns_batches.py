@@ -38,7 +38,7 @@ def batch_by_shape(keys: Sequence[object], batch_size: int) -> list[list[int]]:
     by_key: dict[object, list[int]] = {}
     for i, key in enumerate(keys):
         by_key.setdefault(key, []).append(i)
-    return [idx[k:k + batch_size] for idx in by_key.values() for k in range(0, len(idx), batch_size)]
+    return [idx[k : k + batch_size] for idx in by_key.values() for k in range(0, len(idx), batch_size)]
 
 
 def stack_batch(full: list[torch.Tensor]) -> torch.Tensor:

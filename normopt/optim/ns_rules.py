@@ -44,16 +44,13 @@ class NSStepRule:
 
     def __post_init__(self) -> None:
         if not is_step_count(self.steps):
-            raise ValueError(
-                f"ns_steps rules: steps for {self.pattern!r} must be an integer >= 1, got {self.steps!r}"
-            )
+            raise ValueError(f"ns_steps rules: steps for {self.pattern!r} must be an integer >= 1, got {self.steps!r}")
         regex = None
         if self.pattern.startswith(REGEX_PREFIX):
             try:
-                regex = re.compile(self.pattern[len(REGEX_PREFIX):])
+                regex = re.compile(self.pattern[len(REGEX_PREFIX) :])
             except re.error as exc:
-                raise ValueError(f"ns_steps rules: {self.pattern!r} is not a valid regular expression "
-                                 f"({exc})") from exc
+                raise ValueError(f"ns_steps rules: {self.pattern!r} is not a valid regular expression ({exc})") from exc
         object.__setattr__(self, "_regex", regex)
 
     def matches(self, name: str) -> bool:

@@ -48,15 +48,18 @@ class ParamGroup:
 
     def torch_group(self) -> dict:
         """The group as a torch optimizer param group (``peak_lr`` is what the schedule scales)."""
-        return {"params": self.params, "lr": self.lr, "peak_lr": self.lr, "weight_decay": self.weight_decay,
-                "role": self.role}
+        return {
+            "params": self.params,
+            "lr": self.lr,
+            "peak_lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "role": self.role,
+        }
 
 
 def parameter_roles(model: nn.Module) -> dict[str, str]:
     """Map each parameter name (as in ``named_parameters``) to its role."""
-    norm_params = {
-        id(p) for module in model.modules() if isinstance(module, NORM_TYPES) for p in module.parameters()
-    }
+    norm_params = {id(p) for module in model.modules() if isinstance(module, NORM_TYPES) for p in module.parameters()}
     embedding_params = {
         id(p) for module in model.modules() if isinstance(module, nn.Embedding) for p in module.parameters()
     }
@@ -105,9 +108,14 @@ def build_param_groups(model: nn.Module, optim_cfg) -> list[ParamGroup]:
         check_globs_match(optim_cfg.muon_params, [n for n, r in roles.items() if r in ("matrix", "router")])
         on_muon = muon_selector(optim_cfg.muon_params)
         named_by_glob = not isinstance(parse_muon_params(optim_cfg.muon_params), str)
-        roles = {n: "matrix_adamw" if r == "matrix" and not on_muon(n)
-                 else "matrix" if r == "router" and named_by_glob and on_muon(n) else r
-                 for n, r in roles.items()}
+        roles = {
+            n: "matrix_adamw"
+            if r == "matrix" and not on_muon(n)
+            else "matrix"
+            if r == "router" and named_by_glob and on_muon(n)
+            else r
+            for n, r in roles.items()
+        }
     for name, p in model.named_parameters():
         group = groups[roles[name]]
         group.names.append(name)

@@ -14,12 +14,15 @@ from normopt.optim.muon_family import MUON, NORMUON
 from normopt.optim.spec import OptimizerSpec
 
 # one line per optimizer; the order is the order of config messages and report columns
-OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
-    ADAMW,
-    MUON,
-    NORMUON,
-    LION,
-)}
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    spec.name: spec
+    for spec in (
+        ADAMW,
+        MUON,
+        NORMUON,
+        LION,
+    )
+}
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(OPTIMIZERS)
 FALLBACK = ADAMW.name  # takes what a matrices-only optimizer leaves (embeddings, head, norms, router)
 REFERENCE_OPTIMIZER = ADAMW.name  # the level reports compare the other optimizers with

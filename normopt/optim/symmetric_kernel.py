@@ -12,9 +12,28 @@ CUDA_TILE = (128, 64)  # (output tile, K step) on CUDA; fixed so the bits never 
 
 
 @triton.jit
-def _sym_kernel(x_ptr, out_ptr, add_ptr, M, K, sxb, sxr, sxc, sob, sor, soc, sab, sar, sac, alpha, beta,
-                HAS_ADD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                PRECISION: tl.constexpr):
+def _sym_kernel(
+    x_ptr,
+    out_ptr,
+    add_ptr,
+    M,
+    K,
+    sxb,
+    sxr,
+    sxc,
+    sob,
+    sor,
+    soc,
+    sab,
+    sar,
+    sac,
+    alpha,
+    beta,
+    HAS_ADD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """out = alpha X X^T (+ beta ADD) for one batch entry and one tile (i, j) with j <= i;
     the tile is stored at (i, j) and, off the diagonal, transposed at (j, i)."""
     i, j, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -27,10 +46,12 @@ def _sym_kernel(x_ptr, out_ptr, add_ptr, M, K, sxb, sxr, sxc, sob, sor, soc, sab
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + ks
-        left = tl.load(x + rows[:, None] * sxr + k[None, :] * sxc,
-                       mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
-        right = tl.load(x + k[:, None] * sxc + cols[None, :] * sxr,
-                        mask=(k[:, None] < K) & (cols[None, :] < M), other=0.0)
+        left = tl.load(
+            x + rows[:, None] * sxr + k[None, :] * sxc, mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0
+        )
+        right = tl.load(
+            x + k[:, None] * sxc + cols[None, :] * sxr, mask=(k[:, None] < K) & (cols[None, :] < M), other=0.0
+        )
         acc = tl.dot(left, right, acc, input_precision=PRECISION)
     acc = acc * alpha
     inside = (rows[:, None] < M) & (cols[None, :] < M)
@@ -41,12 +62,20 @@ def _sym_kernel(x_ptr, out_ptr, add_ptr, M, K, sxb, sxr, sxc, sob, sor, soc, sab
     o = out_ptr + batch.to(tl.int64) * sob
     tl.store(o + rows[:, None] * sor + cols[None, :] * soc, tile, mask=inside)
     if i != j:
-        tl.store(o + cols[:, None] * sor + rows[None, :] * soc, tl.trans(tile),
-                 mask=(cols[:, None] < M) & (rows[None, :] < M))
+        tl.store(
+            o + cols[:, None] * sor + rows[None, :] * soc,
+            tl.trans(tile),
+            mask=(cols[:, None] < M) & (rows[None, :] < M),
+        )
 
 
-def symmetric_product(X: torch.Tensor, alpha: float = 1.0, add: torch.Tensor | None = None, beta: float = 0.0,
-                      tile: tuple[int, int] | None = None) -> torch.Tensor:
+def symmetric_product(
+    X: torch.Tensor,
+    alpha: float = 1.0,
+    add: torch.Tensor | None = None,
+    beta: float = 0.0,
+    tile: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """alpha X X^T (+ beta ``add``, which must be symmetric) with the Triton kernel, batched
     over leading dims. Accumulates in float32 (float32 inputs at full precision, not TF32);
     the result has X's dtype. ``tile`` = (output tile, K step), at least 16 each; the CUDA
@@ -58,8 +87,19 @@ def symmetric_product(X: torch.Tensor, alpha: float = 1.0, add: torch.Tensor | N
     block, block_k = tile or CUDA_TILE
     tiles = triton.cdiv(m, block)
     _sym_kernel[(tiles, tiles, x3.size(0))](
-        x3, out, a3, m, k, *x3.stride(), *out.stride(), *a3.stride(), float(alpha), float(beta),
-        HAS_ADD=add is not None, BLOCK=block, BLOCK_K=block_k,
+        x3,
+        out,
+        a3,
+        m,
+        k,
+        *x3.stride(),
+        *out.stride(),
+        *a3.stride(),
+        float(alpha),
+        float(beta),
+        HAS_ADD=add is not None,
+        BLOCK=block,
+        BLOCK_K=block_k,
         PRECISION="ieee" if X.dtype == torch.float32 else "tf32",
         **({"num_warps": 8, "num_stages": 3} if X.is_cuda else {}),
     )

@@ -108,8 +108,14 @@ def all_gather(tensor: torch.Tensor, group: ProcessGroup | None = None) -> list[
     return [g if g.device == tensor.device else g.to(tensor.device) for g in gathered]
 
 
-def all_to_all_single(recv: torch.Tensor, send: torch.Tensor, recv_splits: list[int], send_splits: list[int],
-                      group: ProcessGroup | None = None, async_op: bool = False):
+def all_to_all_single(
+    recv: torch.Tensor,
+    send: torch.Tensor,
+    recv_splits: list[int],
+    send_splits: list[int],
+    group: ProcessGroup | None = None,
+    async_op: bool = False,
+):
     """Uneven all_to_all of ``send`` into ``recv`` (both already on the group's device, as
     the caller reads ``recv`` after an asynchronous wait); returns the work handle when
     ``async_op``."""

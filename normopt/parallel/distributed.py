@@ -61,8 +61,9 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
     device mesh) serves 1 and N ranks alike.
     """
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device_type = pick_device_type(device_preference)
@@ -76,9 +77,13 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         # start-up's timeout until the loop begins (``normopt.parallel.timeouts``); gloo's
         # default would hold a rank for 30 minutes on a peer that never arrives
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                device_id=device if device_type == "cuda" else None,
-                                timeout=collective_timeout("start-up"))
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            device_id=device if device_type == "cuda" else None,
+            timeout=collective_timeout("start-up"),
+        )
     mesh = init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp",))
     collectives.follow_phase(mesh.get_group("dp"))
     return DistInfo(rank, world_size, local_rank, device, mesh)
@@ -120,4 +125,3 @@ def shutdown_distributed() -> None:
     gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
-

@@ -8,10 +8,11 @@ matrix goes to the rank (or the team of ranks, ``row_blocks > 1``) that computes
     3. scatter: a second all_to_all sends every rank its rows of every result.
 
 The step's jobs go in buckets of about ``bucket_bytes`` of whole inputs each (job order
-in replicated mode; by cost per rank in distributed mode, see below). With ``overlap`` the gather of bucket k+1 and the scatter of bucket k-1 are in flight
-(async collectives) while bucket k computes, and each bucket's results are handed to
-``on_result`` (which applies the update) as soon as they arrive, so the buffers held at
-once are those of about three buckets, not of the model (``ExchangeStats.peak_buffer_bytes``).
+in replicated mode; by cost per rank in distributed mode, see below). With ``overlap`` the
+gather of bucket k+1 and the scatter of bucket k-1 are in flight (async collectives) while
+bucket k computes, and each bucket's results are handed to ``on_result`` (which applies the
+update) as soon as they arrive, so the buffers held at once are those of about three
+buckets, not of the model (``ExchangeStats.peak_buffer_bytes``).
 
 Owners are chosen greedily over the whole step (longest job first to the least-loaded
 rank), and each rank's jobs are then spread over the buckets by cost, so that every
@@ -187,7 +188,7 @@ class _MeshPlan:
     def rows_of(self, outputs: list[torch.Tensor], j: int, r: int) -> list[torch.Tensor]:
         """Rank r's rows of job j's full outputs (views)."""
         start, length = self.layouts[j][r]
-        return [o[start:start + length] for o in outputs]
+        return [o[start : start + length] for o in outputs]
 
     def mine(self, k: int) -> list[int]:
         """The jobs of bucket k this rank computes, in job order."""
@@ -202,8 +203,9 @@ class _MeshPlan:
 def _plan(jobs: list[RowShardedJob], mesh: RowShards, mode: str, row_blocks: int, bucket_bytes: float) -> _MeshPlan:
     world, rank = mesh.size(), mesh.local_rank()
     in_specs = [job.specs() for job in jobs]
-    full_bytes = [sum(padded_nbytes(numel_of(job.rows, tr), dt) for tr, dt in specs)
-                  for job, specs in zip(jobs, in_specs)]
+    full_bytes = [
+        sum(padded_nbytes(numel_of(job.rows, tr), dt) for tr, dt in specs) for job, specs in zip(jobs, in_specs)
+    ]
     team: RowBlockTeam | None = RowBlockTeam(row_blocks) if row_blocks > 1 else None
     if mode == "distributed":
         buckets, computes_on = plan_teams([job.cost for job in jobs], full_bytes, world, row_blocks, bucket_bytes)
@@ -218,14 +220,27 @@ def _plan(jobs: list[RowShardedJob], mesh: RowShards, mode: str, row_blocks: int
     first = jobs[0].inputs if not callable(jobs[0].inputs) else None
     device = first[0].device if first else torch.device(mesh.device_type)
     return _MeshPlan(
-        jobs=jobs, world=world, rank=rank, group=mesh.group(), device=device,
-        layouts=[shard_rows(job.rows, world) for job in jobs], in_specs=in_specs, buckets=buckets,
-        computes_on=computes_on, team=team, replicated=mode == "replicated",
+        jobs=jobs,
+        world=world,
+        rank=rank,
+        group=mesh.group(),
+        device=device,
+        layouts=[shard_rows(job.rows, world) for job in jobs],
+        in_specs=in_specs,
+        buckets=buckets,
+        computes_on=computes_on,
+        team=team,
+        replicated=mode == "replicated",
     )
 
 
-def _post(send_pieces: list[torch.Tensor], send_splits: list[int], recv_splits: list[int], plan: _MeshPlan,
-          stats: ExchangeStats) -> PendingExchange:
+def _post(
+    send_pieces: list[torch.Tensor],
+    send_splits: list[int],
+    recv_splits: list[int],
+    plan: _MeshPlan,
+    stats: ExchangeStats,
+) -> PendingExchange:
     """Pack and start one all_to_all; counts packing as visible communication."""
     t0 = time.perf_counter()
     send = pack(send_pieces, sum(send_splits), plan.device)
@@ -256,8 +271,9 @@ def _post_gather(plan: _MeshPlan, k: int, stats: ExchangeStats) -> PendingExchan
     return _post(pieces, send_splits, recv_splits, plan, stats)
 
 
-def _compute_bucket(plan: _MeshPlan, k: int, gathered: PendingExchange,
-                    stats: ExchangeStats) -> dict[int, list[torch.Tensor]]:
+def _compute_bucket(
+    plan: _MeshPlan, k: int, gathered: PendingExchange, stats: ExchangeStats
+) -> dict[int, list[torch.Tensor]]:
     """Rebuild each job of bucket k this rank computes from the gathered slices (source
     s's slices sit back to back in its part of the buffer; concatenating over s in rank
     order rebuilds the exact matrix) and run it. Returns the full outputs by job index."""
@@ -288,8 +304,9 @@ def _compute_bucket(plan: _MeshPlan, k: int, gathered: PendingExchange,
     return outputs
 
 
-def _post_scatter(plan: _MeshPlan, k: int, outputs: dict[int, list[torch.Tensor]],
-                  stats: ExchangeStats) -> PendingExchange:
+def _post_scatter(
+    plan: _MeshPlan, k: int, outputs: dict[int, list[torch.Tensor]], stats: ExchangeStats
+) -> PendingExchange:
     """Send every rank its rows of each result of bucket k this rank is the source of.
     Empties ``outputs`` once packed, so the full results are freed."""
     mine = plan.mine(k)
@@ -298,16 +315,19 @@ def _post_scatter(plan: _MeshPlan, k: int, outputs: dict[int, list[torch.Tensor]
         todo = [j for j in mine if plan.source(j, d) == plan.rank]
         pieces += [t.contiguous() for j in todo for t in plan.rows_of(outputs[j], j, d)]
         send_splits.append(sum(plan.out_bytes(j, d) for j in todo))
-    recv_splits = [sum(plan.out_bytes(j, plan.rank) for j in plan.buckets[k] if plan.source(j, plan.rank) == s)
-                   for s in range(plan.world)]
+    recv_splits = [
+        sum(plan.out_bytes(j, plan.rank) for j in plan.buckets[k] if plan.source(j, plan.rank) == s)
+        for s in range(plan.world)
+    ]
     pending = _post(pieces, send_splits, recv_splits, plan, stats)
     stats.release(sum(_nbytes(o) for o in outputs.values()))
     outputs.clear()
     return pending
 
 
-def _finish_scatter(plan: _MeshPlan, k: int, pending: PendingExchange, on_result: OnResult,
-                    stats: ExchangeStats) -> None:
+def _finish_scatter(
+    plan: _MeshPlan, k: int, pending: PendingExchange, on_result: OnResult, stats: ExchangeStats
+) -> None:
     """Wait for bucket k's result rows and hand each job's rows to ``on_result``."""
     _wait(pending, stats)
     src_offset = [sum(pending.recv_splits[:s]) for s in range(plan.world)]
@@ -322,8 +342,16 @@ def _finish_scatter(plan: _MeshPlan, k: int, pending: PendingExchange, on_result
     stats.release(pending.recv.numel())
 
 
-def _run_on_mesh(jobs: list[RowShardedJob], mesh: RowShards, mode: str, row_blocks: int, bucket_bytes: float,
-                 overlap: bool, stats: ExchangeStats, on_result: OnResult) -> None:
+def _run_on_mesh(
+    jobs: list[RowShardedJob],
+    mesh: RowShards,
+    mode: str,
+    row_blocks: int,
+    bucket_bytes: float,
+    overlap: bool,
+    stats: ExchangeStats,
+    on_result: OnResult,
+) -> None:
     """Bucket by bucket: gather -> compute -> scatter; with ``overlap`` the next gather and
     the previous scatter are in flight during the compute. Every rank posts the
     collectives in the same order: G0, G1, S0, G2, S1, ... (G0, S0, G1, S1, ... without)."""
@@ -361,8 +389,13 @@ def _run_on_mesh(jobs: list[RowShardedJob], mesh: RowShards, mode: str, row_bloc
 
 
 def run_row_sharded_jobs(
-    jobs: Sequence[RowShardedJob], mode: str = "distributed", *, row_blocks: int = 1,
-    bucket_mb: float = DEFAULT_BUCKET_MB, overlap: bool = True, on_result: OnResult | None = None,
+    jobs: Sequence[RowShardedJob],
+    mode: str = "distributed",
+    *,
+    row_blocks: int = 1,
+    bucket_mb: float = DEFAULT_BUCKET_MB,
+    overlap: bool = True,
+    on_result: OnResult | None = None,
 ) -> tuple[list[list[torch.Tensor]] | None, ExchangeStats]:
     """Run every job's ``compute`` on its full rows and give each rank its rows of the outputs.
 
@@ -405,6 +438,14 @@ def run_row_sharded_jobs(
         else:
             by_mesh.append((shards, [j]))
     for mesh, members in by_mesh:
-        _run_on_mesh([jobs[j] for j in members], mesh, mode, row_blocks, bucket_mb * 2**20, overlap, stats,
-                     lambda i, rows, members=members: deliver(members[i], rows))
+        _run_on_mesh(
+            [jobs[j] for j in members],
+            mesh,
+            mode,
+            row_blocks,
+            bucket_mb * 2**20,
+            overlap,
+            stats,
+            lambda i, rows, members=members: deliver(members[i], rows),
+        )
     return (None if on_result else collected), stats  # type: ignore[return-value]

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate
+
 from normopt.parallel import collectives
 from normopt.parallel.row_shards import RowShards, row_shards_of
 

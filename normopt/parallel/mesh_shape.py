@@ -34,6 +34,8 @@ def data_parallel_shape(replicate: int, shard: int, world_size: int) -> tuple[in
         rest = world_size // given
         return (given, rest) if shard == 0 else (rest, given)
     if replicate * shard != world_size:
-        raise UserError(f"train.dp_replicate x train.dp_shard: {replicate} x {shard} = {replicate * shard} "
-                        f"ranks, but this run has {world_size} (set one of them to 0 for the rest)")
+        raise UserError(
+            f"train.dp_replicate x train.dp_shard: {replicate} x {shard} = {replicate * shard} "
+            f"ranks, but this run has {world_size} (set one of them to 0 for the rest)"
+        )
     return replicate, shard

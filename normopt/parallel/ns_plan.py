@@ -54,8 +54,9 @@ def bucket_jobs(nbytes: Sequence[int], bucket_bytes: float) -> list[list[int]]:
     return buckets if buckets[0] else []
 
 
-def plan_teams(costs: Sequence[float], nbytes: Sequence[int], world: int, row_blocks: int,
-               bucket_bytes: float) -> tuple[list[list[int]], list[list[int]]]:
+def plan_teams(
+    costs: Sequence[float], nbytes: Sequence[int], world: int, row_blocks: int, bucket_bytes: float
+) -> tuple[list[list[int]], list[list[int]]]:
     """(buckets, computes_on) of distributed mode.
 
     computes_on[j]: the ranks computing job j: one owner, or a team of

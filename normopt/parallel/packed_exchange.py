@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from normopt.parallel import collectives
 
 ALIGN = 16
@@ -45,17 +46,18 @@ def pack(pieces: Sequence[torch.Tensor], total_bytes: int, device: torch.device)
     for t in pieces:
         n = t.numel() * t.element_size()
         if n:
-            buf[offset:offset + n].view(t.dtype).copy_(t.reshape(-1))
+            buf[offset : offset + n].view(t.dtype).copy_(t.reshape(-1))
         offset += padded_nbytes(t.numel(), t.dtype)
     assert offset == total_bytes, (offset, total_bytes)
     return buf
 
 
-def view_piece(buf: torch.Tensor, offset: int, rows: int, trailing: tuple[int, ...],
-               dtype: torch.dtype) -> torch.Tensor:
+def view_piece(
+    buf: torch.Tensor, offset: int, rows: int, trailing: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
     """The piece of shape (rows, *trailing) stored at byte ``offset`` of ``buf`` (no copy)."""
     n = numel_of(rows, trailing) * dtype.itemsize
-    return buf[offset:offset + n].view(dtype).view(rows, *trailing)
+    return buf[offset : offset + n].view(dtype).view(rows, *trailing)
 
 
 @dataclass
@@ -78,8 +80,9 @@ class PendingExchange:
         return time.perf_counter() - t0
 
 
-def post_all_to_all(send: torch.Tensor, send_splits: list[int], recv_splits: list[int], group,
-                    async_op: bool = True) -> PendingExchange:
+def post_all_to_all(
+    send: torch.Tensor, send_splits: list[int], recv_splits: list[int], group, async_op: bool = True
+) -> PendingExchange:
     """Start one uneven all_to_all_single on uint8 buffers (in rank order of ``group``)."""
     recv = torch.empty(sum(recv_splits), dtype=torch.uint8, device=send.device)
     work = collectives.all_to_all_single(recv, send, recv_splits, send_splits, group=group, async_op=async_op)

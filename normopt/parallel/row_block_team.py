@@ -30,8 +30,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from normopt.parallel.row_layout import shard_rows
 from normopt.parallel import collectives
+from normopt.parallel.row_layout import shard_rows
 
 
 class RowBlockTeam:
@@ -82,12 +82,12 @@ class GroupTeam(RowBlockTeam):
         mine = torch.cat(pieces, dim=-2)  # size <= blocks, so every member holds a block
         shape = (*mine.shape[:-2], width, mine.shape[-1])
         padded = torch.zeros(shape, dtype=mine.dtype, device=mine.device)
-        padded[..., :mine.shape[-2], :] = mine
+        padded[..., : mine.shape[-2], :] = mine
         gathered = collectives.all_gather(padded, self.group)
         ordered, offsets = [], [0] * self.size
         for b in range(self.blocks):
             i, length = b % self.size, layout[b][1]
-            ordered.append(gathered[i][..., offsets[i]:offsets[i] + length, :])
+            ordered.append(gathered[i][..., offsets[i] : offsets[i] + length, :])
             offsets[i] += length
         self.comm_s += time.perf_counter() - t0
         self.bytes_received += padded.numel() * padded.element_size() * (self.size - 1)
@@ -97,14 +97,14 @@ class GroupTeam(RowBlockTeam):
 def blocked_ns_step(X: torch.Tensor, a: float, b: float, c: float, team: RowBlockTeam) -> torch.Tensor:
     """One Newton-Schulz step on X (..., m, n) in row blocks (module docstring):
 
-        A_b = X_b X^T;  A = gather(A_b);  X_b <- a X_b + (b A_b + c A_b A) X;  X = gather(X_b)
+    A_b = X_b X^T;  A = gather(A_b);  X_b <- a X_b + (b A_b + c A_b A) X;  X = gather(X_b)
     """
     layout = shard_rows(X.size(-2), team.blocks)
-    A = team.all_gather([X[..., s:s + n, :] @ X.mT for s, n in (layout[i] for i in team.mine)], layout)
+    A = team.all_gather([X[..., s : s + n, :] @ X.mT for s, n in (layout[i] for i in team.mine)], layout)
     new_blocks = []
     for i in team.mine:
         s, n = layout[i]
-        A_i = A[..., s:s + n, :]
+        A_i = A[..., s : s + n, :]
         B_i = b * A_i + c * (A_i @ A)
-        new_blocks.append(a * X[..., s:s + n, :] + B_i @ X)
+        new_blocks.append(a * X[..., s : s + n, :] + B_i @ X)
     return team.all_gather(new_blocks, layout)

@@ -100,7 +100,7 @@ def team_groups(shards: RowShards, size: int) -> list[dist.ProcessGroup]:
         mine = None
         me = collectives.rank()
         for ranks in shards.rank_groups():
-            teams = [collectives.new_group(ranks[t * size:(t + 1) * size]) for t in range(len(ranks) // size)]
+            teams = [collectives.new_group(ranks[t * size : (t + 1) * size]) for t in range(len(ranks) // size)]
             if me in ranks:
                 mine = teams
         _TEAM_GROUPS[key] = mine if mine is not None else []

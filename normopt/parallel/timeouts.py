@@ -24,8 +24,11 @@ from datetime import timedelta
 from normopt.errors import UserError
 
 PHASE_TIMEOUTS_S = {"start-up": 1800.0, "step": 600.0, "checkpoint": 1800.0}
-PHASE_ENV = {"start-up": "NORMOPT_START_UP_TIMEOUT_S", "step": "NORMOPT_STEP_TIMEOUT_S",
-             "checkpoint": "NORMOPT_CHECKPOINT_TIMEOUT_S"}
+PHASE_ENV = {
+    "start-up": "NORMOPT_START_UP_TIMEOUT_S",
+    "step": "NORMOPT_STEP_TIMEOUT_S",
+    "checkpoint": "NORMOPT_CHECKPOINT_TIMEOUT_S",
+}
 
 
 def collective_timeout(phase: str) -> timedelta:

@@ -92,9 +92,14 @@ class Rate:
         return predicted_seconds_per_step(run.step_flops, list(self.measured))
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
-                "peak_tflops": self.peak_tflops, "measured_cells": len(self.measured),
-                "gpus_per_run": self.gpus_per_run}
+        return {
+            "source": self.source,
+            "tokens_per_s": self.tokens_per_s,
+            "mfu": self.mfu,
+            "peak_tflops": self.peak_tflops,
+            "measured_cells": len(self.measured),
+            "gpus_per_run": self.gpus_per_run,
+        }
 
 
 def measured_rate(cells: Sequence[Cell], root: Path, gpus_per_run: int) -> Rate | None:
@@ -116,11 +121,14 @@ def measured_rate(cells: Sequence[Cell], root: Path, gpus_per_run: int) -> Rate 
         measured.append((cache[key], tokens / cell.cost["tokens_per_s"] * gpus_per_run))
     if not measured:
         return None
-    return Rate(f"measured: the median tokens/s of {len(measured)} cell{'s' if len(measured) != 1 else ''} of "
-                f"{root}, taken as run on {gpus_per_run} GPU{'s' if gpus_per_run != 1 else ''} each; a planned run "
-                "gets the mean of the measured cells with its FLOPs per step, else its FLOPs times the median "
-                "measured seconds per FLOP",
-                measured=tuple(measured), gpus_per_run=gpus_per_run)
+    return Rate(
+        f"measured: the median tokens/s of {len(measured)} cell{'s' if len(measured) != 1 else ''} of "
+        f"{root}, taken as run on {gpus_per_run} GPU{'s' if gpus_per_run != 1 else ''} each; a planned run "
+        "gets the mean of the measured cells with its FLOPs per step, else its FLOPs times the median "
+        "measured seconds per FLOP",
+        measured=tuple(measured),
+        gpus_per_run=gpus_per_run,
+    )
 
 
 @dataclass(frozen=True)
@@ -133,8 +141,14 @@ class Cost:
     gpu_hours: float | None
 
     def to_json(self) -> dict[str, Any]:
-        return {"seeds": self.seeds, "runs": self.runs, "tuning_runs": self.tuning_runs, "steps": self.steps,
-                "tokens": self.tokens, "gpu_hours": self.gpu_hours}
+        return {
+            "seeds": self.seeds,
+            "runs": self.runs,
+            "tuning_runs": self.tuning_runs,
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "gpu_hours": self.gpu_hours,
+        }
 
 
 def _gpu_hours(runs: Sequence[RunCost], rate: Rate | None) -> float | None:
@@ -154,8 +168,9 @@ def grid_cost(per_seed: Sequence[RunCost], tuning: Sequence[RunCost], seeds: int
     runs (every seed's cost the same), ``tuning`` = the tuning runs (run once)."""
     runs = len(per_seed) * seeds + len(tuning)
     steps = sum(r.steps for r in per_seed) * seeds + sum(r.steps for r in tuning)
-    tokens = sum(r.steps * r.tokens_per_step for r in per_seed) * seeds + \
-        sum(r.steps * r.tokens_per_step for r in tuning)
+    tokens = sum(r.steps * r.tokens_per_step for r in per_seed) * seeds + sum(
+        r.steps * r.tokens_per_step for r in tuning
+    )
     hours = None
     one_seed, tuned = _gpu_hours(per_seed, rate), _gpu_hours(tuning, rate)
     if one_seed is not None and tuned is not None:

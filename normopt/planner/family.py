@@ -94,14 +94,22 @@ class FamilyPlan:
         return always, len(self.members)
 
     def to_json(self) -> dict[str, Any]:
-        return {"groups": list(self.groups), "target": self.target_member.label, "single": self.single,
-                "members": [{"kind": m.kind, "label": m.label, "terms": dict(m.terms),
-                             "condition": dict(m.condition) or None} for m in self.members],
-                "size": list(self.size_range()), "shift": dict(self.shift), "non_null": self.non_null()}
+        return {
+            "groups": list(self.groups),
+            "target": self.target_member.label,
+            "single": self.single,
+            "members": [
+                {"kind": m.kind, "label": m.label, "terms": dict(m.terms), "condition": dict(m.condition) or None}
+                for m in self.members
+            ],
+            "size": list(self.size_range()),
+            "shift": dict(self.shift),
+            "non_null": self.non_null(),
+        }
 
 
 def _stratum_prefix(record: Mapping[str, Any]) -> str:
-    """"key=level, key=level | " of a record's stratum (a summary's mapping, or a cell record's
+    """ "key=level, key=level | " of a record's stratum (a summary's mapping, or a cell record's
     label), "" without strata."""
     stratum = record.get("stratum") or ""
     if isinstance(stratum, Mapping):
@@ -138,8 +146,11 @@ def _label(kind: str, record: Mapping[str, Any]) -> str:
         return f"{prefix}gap {record['variant']} − {record['baseline']} under {record['optim']}"
     if kind == "factor effect":
         return f"{prefix}factor {record['factor']} under {record['optim']}"
-    return f"{prefix}{record['fix']}'s share of {record['base_norm']}'s " + \
-        ("gap" if record.get("reference_optim") is None else "interaction") + f" under {record['optim']}"
+    return (
+        f"{prefix}{record['fix']}'s share of {record['base_norm']}'s "
+        + ("gap" if record.get("reference_optim") is None else "interaction")
+        + f" under {record['optim']}"
+    )
 
 
 def family_plan(summary: Mapping[str, Any], target: str | None = None) -> FamilyPlan:
@@ -159,31 +170,52 @@ def family_plan(summary: Mapping[str, Any], target: str | None = None) -> Family
         owners.append(None)
     for record in summary["recoveries"]:
         prefix = _stratum_prefix(record)
-        denominator = next((r for r in records[primary] if r["variant"] == record["base_norm"]
-                            and r["optim"] == record["optim"] and r.get("stratum") == record.get("stratum")), None)
+        denominator = next(
+            (
+                r
+                for r in records[primary]
+                if r["variant"] == record["base_norm"]
+                and r["optim"] == record["optim"]
+                and r.get("stratum") == record.get("stratum")
+            ),
+            None,
+        )
         if denominator is None:  # the fixed norm's own contrast is not computable: never tested
             continue
-        gain = ((prefix + f"{record['base_norm']}/{record['optim']}", 1.0),
-                (prefix + f"{record['fix']}/{record['optim']}", -1.0))
+        gain = (
+            (prefix + f"{record['base_norm']}/{record['optim']}", 1.0),
+            (prefix + f"{record['fix']}/{record['optim']}", -1.0),
+        )
         members.append(Member("share", _label("share", record), gain, _terms(denominator)))
         owners.append(None)
     primaries = [i for i, m in enumerate(members) if m.kind == primary]
     if not primaries:
-        need = ("2 levels of the compared axis" if single else
-                "a compared level with cells at the across axis's reference level and another")
+        need = (
+            "2 levels of the compared axis"
+            if single
+            else "a compared level with cells at the across axis's reference level and another"
+        )
         raise UserError(f"the report of this spec has no {primary} to plan for (it needs {need})")
     fixed = {(r["base_norm"], r["optim"], repr(r.get("stratum"))): [] for r in summary["recoveries"]}
     for r in summary["recoveries"]:
         fixed[r["base_norm"], r["optim"], repr(r.get("stratum"))].append(r["fix"])
     if target is None:
-        chosen = next((i for i in primaries if (owners[i]["variant"], owners[i]["optim"],
-                                                repr(owners[i].get("stratum"))) in fixed), primaries[0])
+        chosen = next(
+            (
+                i
+                for i in primaries
+                if (owners[i]["variant"], owners[i]["optim"], repr(owners[i].get("stratum"))) in fixed
+            ),
+            primaries[0],
+        )
     else:
         chosen = next((i for i in primaries if f"{owners[i]['variant']}/{owners[i]['optim']}" == target), None)
         if chosen is None:
             names = ", ".join(dict.fromkeys(f"{owners[i]['variant']}/{owners[i]['optim']}" for i in primaries))
-            raise UserError(f"--target {target}: not {'a gap' if single else 'an interaction'} of this spec's "
-                            f"report (those: {names})")
+            raise UserError(
+                f"--target {target}: not {'a gap' if single else 'an interaction'} of this spec's "
+                f"report (those: {names})"
+            )
     record = owners[chosen]
     prefix = _stratum_prefix(record)
     shift = {group_key(record): 1.0}

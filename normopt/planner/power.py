@@ -76,8 +76,9 @@ def simulate(plan: FamilyPlan, n: int, simulations: int, seed: int) -> Batch:
             values.append(c.value)
             ses.append(c.se)
             dfs.append(c.df)
-            conditions.append(sum(coefficient * stats[g].mean for g, coefficient in member.condition)
-                              if member.condition else None)
+            conditions.append(
+                sum(coefficient * stats[g].mean for g, coefficient in member.condition) if member.condition else None
+            )
         batch.values.append(values)
         batch.ses.append(ses)
         batch.dfs.append(dfs)
@@ -93,17 +94,22 @@ class Power:
     mean_family_size: float
 
     def to_json(self) -> dict[str, float | int]:
-        return {"power": self.power, "mcse": self.mcse, "simulations": self.simulations,
-                "mean_family_size": self.mean_family_size}
+        return {
+            "power": self.power,
+            "mcse": self.mcse,
+            "simulations": self.simulations,
+            "mean_family_size": self.mean_family_size,
+        }
 
 
 def _fixed_p(plan: FamilyPlan, batch: Batch) -> list[list[float | None]]:
     """The p-values that do not move with delta (slope 0), computed once per batch."""
     if batch.fixed_p is None:
         slopes = plan.slopes
-        batch.fixed_p = [[t_p_value(v, s, d) if slopes[k] == 0 else None
-                          for k, (v, s, d) in enumerate(zip(vs, ss, ds))]
-                         for vs, ss, ds in zip(batch.values, batch.ses, batch.dfs)]
+        batch.fixed_p = [
+            [t_p_value(v, s, d) if slopes[k] == 0 else None for k, (v, s, d) in enumerate(zip(vs, ss, ds))]
+            for vs, ss, ds in zip(batch.values, batch.ses, batch.dfs)
+        ]
     return batch.fixed_p
 
 
@@ -181,8 +187,7 @@ def minimum_detectable(plan: FamilyPlan, batch: Batch, power: float = DEFAULT_PO
 class Batches:
     """Simulated grids per seed count, made once each (``progress`` is told of each new one)."""
 
-    def __init__(self, plan: FamilyPlan, simulations: int, seed: int,
-                 progress: Callable[[str], None] | None = None):
+    def __init__(self, plan: FamilyPlan, simulations: int, seed: int, progress: Callable[[str], None] | None = None):
         self.plan, self.simulations, self.seed, self.progress = plan, simulations, seed, progress
         self.made: dict[int, Batch] = {}
 
@@ -202,8 +207,9 @@ class SeedsNeeded:
     max_seeds: int
 
 
-def seeds_needed(batches: Batches, effect: float, power: float = DEFAULT_POWER,
-                 max_seeds: int = DEFAULT_MAX_SEEDS) -> SeedsNeeded:
+def seeds_needed(
+    batches: Batches, effect: float, power: float = DEFAULT_POWER, max_seeds: int = DEFAULT_MAX_SEEDS
+) -> SeedsNeeded:
     """The smallest n in [2, max_seeds] whose grids detect ``effect`` (sigmas) with ``power``."""
     plan = batches.plan
 

@@ -88,8 +88,7 @@ def chi2_quantile(p: float, df: float) -> float:
 def sigma_interval(sigma: float, df: float, level: float = 0.95) -> tuple[float, float]:
     """The chi-square interval of a standard deviation estimated on ``df`` degrees of freedom."""
     tail = (1.0 - level) / 2.0
-    return (sigma * math.sqrt(df / chi2_quantile(1.0 - tail, df)),
-            sigma * math.sqrt(df / chi2_quantile(tail, df)))
+    return (sigma * math.sqrt(df / chi2_quantile(1.0 - tail, df)), sigma * math.sqrt(df / chi2_quantile(tail, df)))
 
 
 @dataclass(frozen=True)
@@ -105,8 +104,15 @@ class Spread:
     left_out: int = 0  # cells the report leaves out (missing, diverged, stopped early)
 
     def to_json(self) -> dict[str, Any]:
-        return {"sigma": self.sigma, "df": self.df, "ci95": None if self.ci95 is None else list(self.ci95),
-                "source": self.source, "groups": self.groups, "cells": self.cells, "left_out": self.left_out}
+        return {
+            "sigma": self.sigma,
+            "df": self.df,
+            "ci95": None if self.ci95 is None else list(self.ci95),
+            "source": self.source,
+            "groups": self.groups,
+            "cells": self.cells,
+            "left_out": self.left_out,
+        }
 
 
 def stated_spread(sigma: float) -> Spread:
@@ -127,12 +133,17 @@ def pooled_spread(root: Path, summary: dict[str, Any]) -> Spread:
     used = [g for g in summary["groups"] if g["n"] >= 2 and g["std"] is not None]
     left_out = sum(1 for c in summary["cells"] if not c["included"])
     if not used:
-        raise UserError(f"{root}: no group has 2 or more included seeds, so no seed-to-seed spread can be "
-                        f"measured ({len(summary['cells'])} cells, {left_out} left out); pass --sigma")
+        raise UserError(
+            f"{root}: no group has 2 or more included seeds, so no seed-to-seed spread can be "
+            f"measured ({len(summary['cells'])} cells, {left_out} left out); pass --sigma"
+        )
     df = sum(g["n"] - 1 for g in used)
     sigma = math.sqrt(sum((g["n"] - 1) * g["std"] ** 2 for g in used) / df)
     if sigma <= 0:
-        raise UserError(f"{root}: the final eval losses do not vary between seeds (pooled spread 0), so "
-                        f"they say nothing about seed noise; pass --sigma")
-    return Spread(sigma, df, sigma_interval(sigma, df), f"pooled from {root}", len(used),
-                  sum(g["n"] for g in used), left_out)
+        raise UserError(
+            f"{root}: the final eval losses do not vary between seeds (pooled spread 0), so "
+            f"they say nothing about seed noise; pass --sigma"
+        )
+    return Spread(
+        sigma, df, sigma_interval(sigma, df), f"pooled from {root}", len(used), sum(g["n"] for g in used), left_out
+    )

@@ -35,12 +35,12 @@ NON_ARM_SECTIONS = _sections(keys_with_role(EXECUTION)) - _sections(keys_with_ro
 
 
 def _arm_keys(key: str, coordinate_keys: frozenset[str] = COORDINATE_KEYS) -> bool:
-    return (key.split(".", 1)[0] not in NON_ARM_SECTIONS and key not in EXECUTION_KEYS
-            and key not in coordinate_keys)
+    return key.split(".", 1)[0] not in NON_ARM_SECTIONS and key not in EXECUTION_KEYS and key not in coordinate_keys
 
 
-def reference_settings(configs: Sequence[Mapping[str, Any]],
-                       coordinate_keys: frozenset[str] = COORDINATE_KEYS) -> tuple[dict[str, Any], list[str]]:
+def reference_settings(
+    configs: Sequence[Mapping[str, Any]], coordinate_keys: frozenset[str] = COORDINATE_KEYS
+) -> tuple[dict[str, Any], list[str]]:
     """The settings all ``configs`` agree on (arm-relevant keys only: not EXECUTION, not a
     coordinate), and the keys on which they disagree. Empty input -> ({}, [])."""
     if not configs:
@@ -70,8 +70,9 @@ def infer_arm(config: Mapping[str, Any], reference: Mapping[str, Any]) -> str | 
     return ",".join(f"{name}={value}" for name, value in zip(names, diffs.values()))
 
 
-def assign_arms(cells: Sequence[Cell], baseline_norm: str,
-                coordinate_keys: frozenset[str] = COORDINATE_KEYS) -> tuple[list[Cell], list[str]]:
+def assign_arms(
+    cells: Sequence[Cell], baseline_norm: str, coordinate_keys: frozenset[str] = COORDINATE_KEYS
+) -> tuple[list[Cell], list[str]]:
     """Give every cell its arm; returns (cells, notes). ``coordinate_keys``: the keys that place
     a cell (the report's axes and the seed; default the norm x optimizer study's).
 
@@ -85,13 +86,17 @@ def assign_arms(cells: Sequence[Cell], baseline_norm: str,
     notes = []
     refs: dict[str, dict[str, Any]] = {}
     for optim in sorted({c.optim for c in cells if c.optim is not None}):
-        base_configs = [c.config for c in cells
-                        if c.norm == baseline_norm and c.optim == optim and c.config
-                        and not (c.arm_explicit and c.arm is not None)]
+        base_configs = [
+            c.config
+            for c in cells
+            if c.norm == baseline_norm and c.optim == optim and c.config and not (c.arm_explicit and c.arm is not None)
+        ]
         refs[optim], disputed = reference_settings(base_configs, coordinate_keys)
         if disputed:
-            notes.append(f"{baseline_norm} cells under {optim} differ in {', '.join(disputed)}: "
-                         f"they are pooled, and those keys define no arm")
+            notes.append(
+                f"{baseline_norm} cells under {optim} differ in {', '.join(disputed)}: "
+                f"they are pooled, and those keys define no arm"
+            )
     assigned = []
     for cell in cells:
         if not cell.arm_explicit and cell.config and cell.optim in refs:
@@ -100,8 +105,9 @@ def assign_arms(cells: Sequence[Cell], baseline_norm: str,
     return assigned, notes
 
 
-def fix_base(variant: str, norm: str | None, arm: str | None, fixes: Mapping[str, str],
-             baseline_norm: str) -> str | None:
+def fix_base(
+    variant: str, norm: str | None, arm: str | None, fixes: Mapping[str, str], baseline_norm: str
+) -> str | None:
     """The norm a variant is a fix of, or None. Rule, first match wins: ``fixes[variant]``;
     ``fixes[norm]`` (an arm of a fix norm fixes the same norm); the variant's own norm when it
     is an arm. Fixes of the baseline norm are none (the baseline has no gap to recover)."""

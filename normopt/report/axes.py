@@ -99,13 +99,19 @@ class ReportAxes:
         return AXIS_NOUNS.get(key or "", key or "")
 
     def to_json(self) -> dict[str, Any]:
-        return {"compare": self.compare, "baseline": self.baseline, "across": self.across,
-                "reference": self.reference, "strata": list(self.strata),
-                "fixes": None if self.fixes is None else dict(self.fixes),
-                "order": {k: list(v) for k, v in self.order.items()},
-                "factors": {k: list(v) for k, v in self.factors.items()},
-                "equivalence_margin": self.equivalence_margin,
-                "size": None if self.size is None else list(self.size), "size_keys": list(self.size_keys)}
+        return {
+            "compare": self.compare,
+            "baseline": self.baseline,
+            "across": self.across,
+            "reference": self.reference,
+            "strata": list(self.strata),
+            "fixes": None if self.fixes is None else dict(self.fixes),
+            "order": {k: list(v) for k, v in self.order.items()},
+            "factors": {k: list(v) for k, v in self.factors.items()},
+            "equivalence_margin": self.equivalence_margin,
+            "size": None if self.size is None else list(self.size),
+            "size_keys": list(self.size_keys),
+        }
 
 
 def level_label(value: Any) -> str:
@@ -137,8 +143,14 @@ def place_cells(cells: Sequence[Cell], axes: ReportAxes) -> list[Cell]:
     the across axis (SINGLE_COLUMN without one): the statistics read these two fields."""
     if axes.is_norm_by_optimizer:
         return list(cells)
-    return [replace(cell, norm=cell_level(cell, axes.compare),
-                    optim=cell_level(cell, axes.across) if axes.across else SINGLE_COLUMN) for cell in cells]
+    return [
+        replace(
+            cell,
+            norm=cell_level(cell, axes.compare),
+            optim=cell_level(cell, axes.across) if axes.across else SINGLE_COLUMN,
+        )
+        for cell in cells
+    ]
 
 
 def stratum_of(cell: Cell, axes: ReportAxes) -> tuple[tuple[str, str | None], ...]:
@@ -187,19 +199,23 @@ def axes_from_levels(levels: Mapping[str, Sequence[Any]], report: Mapping[str, A
         return default if default in order[key] else order[key][0]
 
     fixes = report.get("fixes")
-    if fixes is not None and (not isinstance(fixes, Mapping)
-                              or not all(level_label(k) in order[compare] and level_label(v) in order[compare]
-                                         for k, v in fixes.items())):
+    if fixes is not None and (
+        not isinstance(fixes, Mapping)
+        or not all(level_label(k) in order[compare] and level_label(v) in order[compare] for k, v in fixes.items())
+    ):
         raise UserError(f"report.fixes must map levels of {compare} to levels of {compare}")
     return ReportAxes(
         factors=_factors(report.get("factors"), compare, order[compare]),
         equivalence_margin=_margin(report.get("equivalence_margin", DEFAULT_EQUIVALENCE_MARGIN)),
         size=_size_keys(report.get("size"), order, compare, across),
-        compare=compare, baseline=level(compare, report.get("baseline")),
-        across=across, reference=level(across, report.get("reference")),
+        compare=compare,
+        baseline=level(compare, report.get("baseline")),
+        across=across,
+        reference=level(across, report.get("reference")),
         strata=tuple(k for k in keys if k not in (compare, across)),
         fixes=None if fixes is None else {level_label(k): level_label(v) for k, v in fixes.items()},
-        order=order)
+        order=order,
+    )
 
 
 def _variant_level(variant: str) -> str:
@@ -212,28 +228,38 @@ def _factors(given: Any, compare: str, levels: Sequence[str]) -> dict[str, tuple
     level of the compared axis or ``level[arm]`` (an arm of the spec)."""
     if given is None:
         return {}
-    shape = (f"report.factors must map a name to [variant without, variant with] "
-             f"(a variant: a level of {compare} or level[arm])")
+    shape = (
+        f"report.factors must map a name to [variant without, variant with] "
+        f"(a variant: a level of {compare} or level[arm])"
+    )
     if not isinstance(given, Mapping):
         raise UserError(shape)
     factors = {}
     for name, pair in given.items():
-        if (not isinstance(name, str) or not isinstance(pair, (list, tuple)) or len(pair) != 2
-                or not all(isinstance(v, str) and v for v in pair)):
+        if (
+            not isinstance(name, str)
+            or not isinstance(pair, (list, tuple))
+            or len(pair) != 2
+            or not all(isinstance(v, str) and v for v in pair)
+        ):
             raise UserError(f"{shape}; got {name!r}: {pair!r}")
         for variant in pair:
             if _variant_level(variant) not in levels or (
-                    "[" in variant and not (variant.endswith("]") and len(variant) > len(_variant_level(variant)) + 2)):
-                raise UserError(f"report.factors.{name}: {variant!r} is not a level of {compare} "
-                                f"({', '.join(levels)}) or level[arm]")
+                "[" in variant and not (variant.endswith("]") and len(variant) > len(_variant_level(variant)) + 2)
+            ):
+                raise UserError(
+                    f"report.factors.{name}: {variant!r} is not a level of {compare} "
+                    f"({', '.join(levels)}) or level[arm]"
+                )
         if pair[0] == pair[1]:
             raise UserError(f"report.factors.{name}: the two variants are the same ({pair[0]!r})")
         factors[name] = (pair[0], pair[1])
     return factors
 
 
-def _size_keys(given: Any, order: Mapping[str, Sequence[str]], compare: str,
-               across: str | None) -> tuple[str, ...] | None:
+def _size_keys(
+    given: Any, order: Mapping[str, Sequence[str]], compare: str, across: str | None
+) -> tuple[str, ...] | None:
     """report.size: None (the strata among SIZE_KEYS), ``none`` or [] (no size axis), a key or a
     list of keys, each an axis that is neither compared nor across (a stratum)."""
     if given is None:
@@ -247,8 +273,10 @@ def _size_keys(given: Any, order: Mapping[str, Sequence[str]], compare: str,
         if key not in order:
             raise UserError(f"report.size: {key!r} is not an axis (axes: {', '.join(order)})")
         if key in (compare, across):
-            raise UserError(f"report.size: {key!r} is the {'compared' if key == compare else 'across'} axis; "
-                            "a size axis is a further axis (a stratum)")
+            raise UserError(
+                f"report.size: {key!r} is the {'compared' if key == compare else 'across'} axis; "
+                "a size axis is a further axis (a stratum)"
+            )
     return tuple(dict.fromkeys(keys))
 
 
@@ -277,8 +305,10 @@ def infer_axes(cells: Sequence[Cell]) -> ReportAxes:
 def write_experiment_file(root: Path, levels: Mapping[str, Sequence[Any]], report: Mapping[str, Any] | None) -> None:
     """The spec's axes and report settings, for ``normopt report ROOT`` to read later."""
     root.mkdir(parents=True, exist_ok=True)
-    record = {"axes": {k: [level_label(v) for v in values] for k, values in levels.items()},
-              "report": dict(report or {})}
+    record = {
+        "axes": {k: [level_label(v) for v in values] for k, values in levels.items()},
+        "report": dict(report or {}),
+    }
     (root / EXPERIMENT_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -307,9 +337,15 @@ def read_experiment_file(root: Path) -> ReportAxes | None:
         raise UserError(f"{path}: {exc}") from None
 
 
-def override_axes(axes: ReportAxes, *, compare: str | None = None, baseline: str | None = None,
-                  across: str | None = None, reference: str | None = None,
-                  fixes: Mapping[str, str] | None = None) -> ReportAxes:
+def override_axes(
+    axes: ReportAxes,
+    *,
+    compare: str | None = None,
+    baseline: str | None = None,
+    across: str | None = None,
+    reference: str | None = None,
+    fixes: Mapping[str, str] | None = None,
+) -> ReportAxes:
     """``axes`` with the command line's choices applied (``across="none"``: no across axis).
     A changed compared axis drops its old baseline and fixes; a changed across axis its
     reference; levels not given then default as in :func:`axes_from_levels`."""
@@ -317,15 +353,17 @@ def override_axes(axes: ReportAxes, *, compare: str | None = None, baseline: str
     if compare is not None and compare != axes.compare:
         if compare == axes.across:
             changes.update(across=axes.compare, reference=axes.baseline)
-        changes.update(compare=compare, fixes=None,
-                       baseline=_default_level(compare, axes.order))
+        changes.update(compare=compare, fixes=None, baseline=_default_level(compare, axes.order))
     if across is not None:
         key = None if across == "none" else across
         if key != axes.across:
             changes.update(across=key, reference=None if key is None else _default_level(key, axes.order))
     result = replace(axes, **changes)
-    strata = tuple(k for k in (*axes.strata, axes.compare, axes.across)
-                   if k is not None and k not in (result.compare, result.across))
+    strata = tuple(
+        k
+        for k in (*axes.strata, axes.compare, axes.across)
+        if k is not None and k not in (result.compare, result.across)
+    )
     result = replace(result, strata=strata)
     if baseline is not None:
         result = replace(result, baseline=baseline)

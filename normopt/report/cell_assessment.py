@@ -31,8 +31,9 @@ class Assessment:
     reasons: tuple[str, ...]  # one human-readable line per flag
 
 
-def learned_no_context(final_loss: float | None, unigram_entropy: float | None,
-                       margin: float = CONTEXT_MARGIN_NATS) -> bool | None:
+def learned_no_context(
+    final_loss: float | None, unigram_entropy: float | None, margin: float = CONTEXT_MARGIN_NATS
+) -> bool | None:
     """True when final_loss > unigram_entropy - margin; None when either is unknown."""
     if final_loss is None or unigram_entropy is None:
         return None
@@ -59,8 +60,10 @@ def divergence_reason(metrics: Metrics, nats: float = DIVERGENCE_NATS) -> str | 
             best_step, best = min(series, key=lambda sv: sv[1])
             last_step, last = series[-1]
             if last - best > nats:
-                return (f"{name} ended at {last:.3f} (step {last_step}), {last - best:.2f} nats above "
-                        f"its best {best:.3f} (step {best_step})")
+                return (
+                    f"{name} ended at {last:.3f} (step {last_step}), {last - best:.2f} nats above "
+                    f"its best {best:.3f} (step {best_step})"
+                )
     return None
 
 

@@ -96,11 +96,14 @@ def read_metrics(path: Path) -> Metrics:
     """Parse ``metrics.jsonl``. A later line for a step replaces an earlier one (a resumed run
     that was not truncated logs some steps twice). An unterminated last line that does not
     parse is skipped (a killed writer leaves one); any other bad line is a UserError."""
+
     def parse(record: dict[str, Any]) -> tuple[int, float | None, float | None, float | None]:
-        return (record["step"],
-                parse_metric(record["loss"]) if "loss" in record else None,
-                parse_metric(record["eval_loss"]) if "eval_loss" in record else None,
-                parse_metric(record["unigram_entropy"]) if "unigram_entropy" in record else None)
+        return (
+            record["step"],
+            parse_metric(record["loss"]) if "loss" in record else None,
+            parse_metric(record["eval_loss"]) if "eval_loss" in record else None,
+            parse_metric(record["unigram_entropy"]) if "unigram_entropy" in record else None,
+        )
 
     records, partial = read_step_records(path, "metrics", parse)
     train: dict[int, float] = {}
@@ -218,19 +221,23 @@ def _spectral_norms(record: Mapping[str, Any]) -> dict[str, Any]:
 
 def _tail_tokens(step: int, record: Mapping[str, Any]) -> TailTokens:
     sizes = record.get("bucket_vocab_size", [])
-    if not isinstance(sizes, list) or any(s is not None and (isinstance(s, bool) or not isinstance(s, int))
-                                          for s in sizes):
+    if not isinstance(sizes, list) or any(
+        s is not None and (isinstance(s, bool) or not isinstance(s, int)) for s in sizes
+    ):
         raise ValueError("'bucket_vocab_size' is not a list of integers")
-    return TailTokens(step, _number_list(record, "bucket_loss"), _number_list(record, "bucket_token_share", False),
-                      tuple(sizes))
+    return TailTokens(
+        step, _number_list(record, "bucket_loss"), _number_list(record, "bucket_token_share", False), tuple(sizes)
+    )
 
 
 def _isotropy(step: int, record: Mapping[str, Any]) -> Isotropy:
     cells = _mapping(record, "groups")
     if not all(isinstance(v, Mapping) for v in cells.values()):
         raise ValueError("'groups' is not an object of objects")
-    columns = {field: {str(cell): _optional_metric(values.get(field)) for cell, values in cells.items()}
-               for field in ("update_entropy", "update_erank", "weight_entropy", "weight_erank")}
+    columns = {
+        field: {str(cell): _optional_metric(values.get(field)) for cell, values in cells.items()}
+        for field in ("update_entropy", "update_erank", "weight_entropy", "weight_erank")
+    }
     return Isotropy(step, **columns)
 
 
@@ -243,9 +250,13 @@ def read_diagnostics(path: Path) -> Diagnostics:
     ignored. Numbers may be null or "nan"/"inf"/"-inf". As in ``read_metrics``, an
     unterminated last line that does not parse is skipped and any other bad line is a
     UserError."""
-    readers = {RecordKind.NORM: _saturations, RecordKind.SPECTRAL_NORM: _spectral_norms,
-               RecordKind.TAIL_TOKENS: lambda r: _tail_tokens(r["step"], r), RecordKind.RUN: dict,
-               RecordKind.ISOTROPY: lambda r: _isotropy(r["step"], r)}
+    readers = {
+        RecordKind.NORM: _saturations,
+        RecordKind.SPECTRAL_NORM: _spectral_norms,
+        RecordKind.TAIL_TOKENS: lambda r: _tail_tokens(r["step"], r),
+        RecordKind.RUN: dict,
+        RecordKind.ISOTROPY: lambda r: _isotropy(r["step"], r),
+    }
 
     def parse(record: dict[str, Any]) -> tuple[str, int, Any]:
         kind = record.get("kind")
@@ -355,11 +366,14 @@ def discover_cells(root: Path) -> list[Cell]:
     folder name."""
     if not root.is_dir():
         raise UserError(f"{root}: no such folder")
-    folders = [d for d in sorted(root.iterdir())
-               if d.is_dir() and not d.name.startswith(".") and RunDir(d).has_marker()]
+    folders = [
+        d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".") and RunDir(d).has_marker()
+    ]
     if not folders:
-        hint = ("; it looks like a single run directory: pass the folder that holds the cells"
-                if RunDir(root).has_marker() else "")
-        raise UserError(f"{root}: no cells found (expected subfolders with "
-                        f"{', '.join(MARKER_FILES)}){hint}")
+        hint = (
+            "; it looks like a single run directory: pass the folder that holds the cells"
+            if RunDir(root).has_marker()
+            else ""
+        )
+        raise UserError(f"{root}: no cells found (expected subfolders with {', '.join(MARKER_FILES)}){hint}")
     return [load_cell(d) for d in folders]

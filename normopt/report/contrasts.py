@@ -63,7 +63,7 @@ def contrast(terms: Sequence[tuple[float, GroupStats]]) -> Contrast:
     value = sum(c * g.mean for c, g in terms)
     if any(g.n < 2 for _, g in terms):
         return Contrast(value, None, None, None)
-    weights = [c * c * g.std ** 2 / g.n for c, g in terms]
+    weights = [c * c * g.std**2 / g.n for c, g in terms]
     se = math.sqrt(sum(weights))
     df = welch_df(weights, [g.n for _, g in terms])
     return Contrast(value, se, df, t_interval(value, se, df))
@@ -87,13 +87,22 @@ def paired_contrast(terms: Sequence[tuple[float, GroupStats]]) -> dict[str, Any]
     k = len(d)
     se = statistics.stdev(d) / math.sqrt(k) if k >= 2 else None
     value = statistics.fmean(d)
-    return {"n_seeds": k, "value": value, "se": se, "df": k - 1 if k >= 2 else None,
-            "ci95": t_interval(value, se, k - 1 if k >= 2 else None),
-            "per_seed": {str(s): v for s, v in per_seed.items()}}
+    return {
+        "n_seeds": k,
+        "value": value,
+        "se": se,
+        "df": k - 1 if k >= 2 else None,
+        "ci95": t_interval(value, se, k - 1 if k >= 2 else None),
+        "per_seed": {str(s): v for s, v in per_seed.items()},
+    }
 
 
-def ratio_of_contrasts(numerator: Mapping[Any, float], denominator: Mapping[Any, float],
-                       groups: Mapping[Any, GroupStats], level: float = LEVEL) -> dict[str, Any]:
+def ratio_of_contrasts(
+    numerator: Mapping[Any, float],
+    denominator: Mapping[Any, float],
+    groups: Mapping[Any, GroupStats],
+    level: float = LEVEL,
+) -> dict[str, Any]:
     """R = N / D for two contrasts of the same independent group means, N = sum_i a_i m_i,
     D = sum_i b_i m_i (coefficients keyed by group), with Fieller's 95% interval:
     var N = sum a_i^2 v_i, var D = sum b_i^2 v_i, cov = sum a_i b_i v_i (v_i = s_i^2 / n_i),
@@ -119,14 +128,22 @@ def ratio_of_contrasts(numerator: Mapping[Any, float], denominator: Mapping[Any,
     if df is None:
         out["ci95"], out["df"] = (ratio, ratio), None
         return out
-    ci = fieller_interval(num, den, sum(a[k] ** 2 * v[k] for k in keys), sum(b[k] ** 2 * v[k] for k in keys),
-                          sum(a[k] * b[k] * v[k] for k in keys), df, level)
+    ci = fieller_interval(
+        num,
+        den,
+        sum(a[k] ** 2 * v[k] for k in keys),
+        sum(b[k] ** 2 * v[k] for k in keys),
+        sum(a[k] * b[k] * v[k] for k in keys),
+        df,
+        level,
+    )
     out.update(ci95=ci, df=df, reason=None if ci is not None else "unbounded: the denominator's interval contains 0")
     return out
 
 
-def paired_ratio(numerator: Mapping[Any, float], denominator: Mapping[Any, float],
-                 groups: Mapping[Any, GroupStats]) -> dict[str, Any] | None:
+def paired_ratio(
+    numerator: Mapping[Any, float], denominator: Mapping[Any, float], groups: Mapping[Any, GroupStats]
+) -> dict[str, Any] | None:
     """R = mean(N_s) / mean(D_s) over the seeds common to every group, with Fieller's
     interval from the per-seed sample (co)variances / k and k - 1 degrees of freedom."""
     keys = sorted(set(numerator) | set(denominator))

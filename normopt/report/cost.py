@@ -39,19 +39,43 @@ def cost_section(summary: Mapping[str, Any]) -> list[str]:
     rows = []
     for c in cells:
         cost = c["cost"]
-        rows.append([c["name"], f"{cost['tokens_per_s']:,.0f}" if cost.get("tokens_per_s") is not None else "—",
-                     _pct(cost.get("mfu")), _pct(cost.get("mfu_with_ns")), _pct(cost.get("optimizer_share")),
-                     "—" if cost.get("ns_tflop_per_step") is None else f"{cost['ns_tflop_per_step']:.4g}",
-                     _pct(cost.get("ns_share")),
-                     "—" if cost.get("ns_tflops") is None else f"{cost['ns_tflops']:.3g}", str(cost["windows"])])
+        rows.append(
+            [
+                c["name"],
+                f"{cost['tokens_per_s']:,.0f}" if cost.get("tokens_per_s") is not None else "—",
+                _pct(cost.get("mfu")),
+                _pct(cost.get("mfu_with_ns")),
+                _pct(cost.get("optimizer_share")),
+                "—" if cost.get("ns_tflop_per_step") is None else f"{cost['ns_tflop_per_step']:.4g}",
+                _pct(cost.get("ns_share")),
+                "—" if cost.get("ns_tflops") is None else f"{cost['ns_tflops']:.3g}",
+                str(cost["windows"]),
+            ]
+        )
     return [
-        "## Cost", "",
-        ("Per cell, from its metrics.jsonl: medians over the logging windows (the first, which holds the "
-         "warm-up, left out when there are more). Model MFU counts the model's forward and backward FLOPs; "
-         "model + NS adds the optimizer's Newton-Schulz FLOPs; the shares are of wall time per step; the NS "
-         "rate is rank 0's NS FLOPs over its NS time. Timings depend on the machine and its load: compare "
-         "cells run on the same hardware."), "",
-        markdown_table(["cell", "tokens/s", "model MFU", "model + NS MFU", "optimizer share", "NS TFLOP/step",
-                        "NS share", "NS TFLOP/s", "windows"], rows),
+        "## Cost",
+        "",
+        (
+            "Per cell, from its metrics.jsonl: medians over the logging windows (the first, which holds the "
+            "warm-up, left out when there are more). Model MFU counts the model's forward and backward FLOPs; "
+            "model + NS adds the optimizer's Newton-Schulz FLOPs; the shares are of wall time per step; the NS "
+            "rate is rank 0's NS FLOPs over its NS time. Timings depend on the machine and its load: compare "
+            "cells run on the same hardware."
+        ),
+        "",
+        markdown_table(
+            [
+                "cell",
+                "tokens/s",
+                "model MFU",
+                "model + NS MFU",
+                "optimizer share",
+                "NS TFLOP/step",
+                "NS share",
+                "NS TFLOP/s",
+                "windows",
+            ],
+            rows,
+        ),
         "",
     ]

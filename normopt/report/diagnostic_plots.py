@@ -29,13 +29,19 @@ SPARSE_POINTS = 30  # a series with at most this many points gets a marker at ev
 def _diagnosed(cells: Sequence[Cell], summary: Mapping[str, Any], has) -> list[tuple[Cell, Mapping[str, Any]]]:
     """(cell, its summary record) for the placed cells whose diagnostics satisfy ``has``."""
     records = {r["path"]: r for r in summary["cells"]}
-    return [(c, records[str(c.path)]) for c in cells
-            if c.diagnostics is not None and has(c.diagnostics) and c.optim in summary["optims"]
-            and records[str(c.path)]["variant"] in summary["variants"]]
+    return [
+        (c, records[str(c.path)])
+        for c in cells
+        if c.diagnostics is not None
+        and has(c.diagnostics)
+        and c.optim in summary["optims"]
+        and records[str(c.path)]["variant"] in summary["variants"]
+    ]
 
 
-def _panels(members: Sequence[tuple[Cell, Mapping[str, Any]]], summary: Mapping[str, Any], rows: int = 1,
-            height: float = 4.2):
+def _panels(
+    members: Sequence[tuple[Cell, Mapping[str, Any]]], summary: Mapping[str, Any], rows: int = 1, height: float = 4.2
+):
     """A figure with one column per optimizer that has a member; returns (fig, axes[row][col], optims)."""
     optims = [o for o in summary["optims"] if any(c.optim == o for c, _ in members)]
     fig = figure(figsize=(5.5 * max(1, len(optims)), height * rows))
@@ -43,8 +49,9 @@ def _panels(members: Sequence[tuple[Cell, Mapping[str, Any]]], summary: Mapping[
     return fig, axes, optims
 
 
-def _plot_series(cells: Sequence[Cell], summary: Mapping[str, Any], path: Path, series, ylabel: str,
-                 title: str, log: bool = False) -> bool:
+def _plot_series(
+    cells: Sequence[Cell], summary: Mapping[str, Any], path: Path, series, ylabel: str, title: str, log: bool = False
+) -> bool:
     """One panel per optimizer, one line per cell of ``series(diagnostics)`` (step, value) pairs;
     color and marker = variant, line style = seed, left-out cells dotted. Every point of a
     sparse series gets a marker (a denser one about 10). Non-finite points (and on a log axis,
@@ -62,11 +69,18 @@ def _plot_series(cells: Sequence[Cell], summary: Mapping[str, Any], path: Path, 
             group = [(c, r) for c, r in members if c.optim == optim and r["variant"] == variant]
             for i, (cell, record) in enumerate(group):
                 points = [(s, v) for s, v in series(cell.diagnostics) if math.isfinite(v) and (v > 0 or not log)]
-                ax.plot([s for s, _ in points], [v for _, v in points], color=color, lw=1.2, marker=marker, ms=4,
-                        markevery=1 if len(points) <= SPARSE_POINTS else max(1, len(points) // 10),
-                        alpha=0.85 if record["included"] else 0.45,
-                        ls=dashes[cell.seed] if record["included"] else ":",
-                        label=f"{variant} (n={len(group)})" if i == 0 else "_nolegend_")
+                ax.plot(
+                    [s for s, _ in points],
+                    [v for _, v in points],
+                    color=color,
+                    lw=1.2,
+                    marker=marker,
+                    ms=4,
+                    markevery=1 if len(points) <= SPARSE_POINTS else max(1, len(points) // 10),
+                    alpha=0.85 if record["included"] else 0.45,
+                    ls=dashes[cell.seed] if record["included"] else ":",
+                    label=f"{variant} (n={len(group)})" if i == 0 else "_nolegend_",
+                )
         if log:
             ax.set_yscale("log")
         ax.set_title(optim)
@@ -84,8 +98,14 @@ def plot_saturation(cells: Sequence[Cell], summary: Mapping[str, Any], path: Pat
     """Saturation vs step, the mean over each cell's bounded norm layers (cells without any, e.g.
     RMSNorm cells, are not drawn); one panel per optimizer. False (no file) without data. The
     per-layer picture is ``plot_saturation_layers``."""
-    return _plot_series(cells, summary, path, lambda d: d.saturation, "saturation (mean over bounded norm layers)",
-                 "norm-layer saturation")
+    return _plot_series(
+        cells,
+        summary,
+        path,
+        lambda d: d.saturation,
+        "saturation (mean over bounded norm layers)",
+        "norm-layer saturation",
+    )
 
 
 def plot_saturation_layers(cells: Sequence[Cell], summary: Mapping[str, Any], path: Path) -> bool:
@@ -102,8 +122,9 @@ def plot_saturation_layers(cells: Sequence[Cell], summary: Mapping[str, Any], pa
     members.sort(key=lambda m: (summary["optims"].index(m[0].optim), order[m[1]["variant"]], m[0].seed or 0))
     columns = min(3, len(members))
     rows = math.ceil(len(members) / columns)
-    layer_counts = [len({name for _, layers in c.diagnostics.saturation_by_step for name in layers})
-                    for c, _ in members]
+    layer_counts = [
+        len({name for _, layers in c.diagnostics.saturation_by_step for name in layers}) for c, _ in members
+    ]
     fig = figure(figsize=(4.6 * columns, max(2.4, 0.5 + 0.22 * max(layer_counts)) * rows))
     axes = fig.subplots(rows, columns, squeeze=False)
     cmap = colormaps["magma"].with_extremes(bad="lightgrey")
@@ -118,9 +139,11 @@ def plot_saturation_layers(cells: Sequence[Cell], summary: Mapping[str, Any], pa
         ax.set_xticks(list(ticks), [str(steps[i]) for i in ticks], fontsize=7)
         ax.set_yticks(range(len(layers)), layers, fontsize=6 if len(layers) > 12 else 7)
         ax.set_xlabel("step")
-        ax.set_title(f"{cell.name} ({record['variant']}, {cell.optim})" +
-                     ("" if record["included"] else " — left out"), fontsize=8)
-    for ax in list(axes.flat)[len(members):]:
+        ax.set_title(
+            f"{cell.name} ({record['variant']}, {cell.optim})" + ("" if record["included"] else " — left out"),
+            fontsize=8,
+        )
+    for ax in list(axes.flat)[len(members) :]:
         ax.set_visible(False)
     fig.colorbar(image, ax=axes, shrink=0.8, label="saturation (0..1)")
     fig.suptitle("norm-layer saturation per layer and step (grey: no value)")
@@ -131,9 +154,15 @@ def plot_saturation_layers(cells: Sequence[Cell], summary: Mapping[str, Any], pa
 def plot_spectral_norm(cells: Sequence[Cell], summary: Mapping[str, Any], path: Path) -> bool:
     """Mean spectral norm of the block matrices vs step (log scale; the embedding and output
     matrices are not in it); one panel per optimizer. False (no file) without data."""
-    return _plot_series(cells, summary, path, lambda d: d.spectral_norm,
-                        "mean spectral norm of the block matrices (embedding, output excluded)",
-                        "spectral norm", log=True)
+    return _plot_series(
+        cells,
+        summary,
+        path,
+        lambda d: d.spectral_norm,
+        "mean spectral norm of the block matrices (embedding, output excluded)",
+        "spectral norm",
+        log=True,
+    )
 
 
 def _bucket_mean(curves: Sequence[Sequence[float]]) -> list[float]:
@@ -176,13 +205,26 @@ def plot_tail_tokens(cells: Sequence[Cell], summary: Mapping[str, Any], path: Pa
             group = [(c, r) for c, r in members if c.optim == optim and r["variant"] == variant]
             mean = means.get(optim, {}).get(variant)
             for i, (cell, record) in enumerate(group):
-                ax.plot(range(len(losses(cell))), losses(cell), color=colors[variant], lw=0.8, alpha=0.35,
-                        ls="-" if record["included"] else ":",
-                        label=f"{variant} (left out)" if mean is None and i == 0 else "_nolegend_")
+                ax.plot(
+                    range(len(losses(cell))),
+                    losses(cell),
+                    color=colors[variant],
+                    lw=0.8,
+                    alpha=0.35,
+                    ls="-" if record["included"] else ":",
+                    label=f"{variant} (left out)" if mean is None and i == 0 else "_nolegend_",
+                )
             if mean is not None:
                 n = sum(r["included"] for _, r in group)
-                ax.plot(range(len(mean)), mean, marker=styles[variant][1], color=colors[variant], lw=2.0, ms=4,
-                        label=f"{variant} (mean of {n})")
+                ax.plot(
+                    range(len(mean)),
+                    mean,
+                    marker=styles[variant][1],
+                    color=colors[variant],
+                    lw=2.0,
+                    ms=4,
+                    label=f"{variant} (mean of {n})",
+                )
         ax.set_title(optim)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -196,8 +238,15 @@ def plot_tail_tokens(cells: Sequence[Cell], summary: Mapping[str, Any], path: Pa
                 for variant, mean in means[optim].items():
                     if variant != base:
                         diff = [a - b for a, b in zip(mean, reference)]
-                        ax.plot(range(len(diff)), diff, marker=styles[variant][1], color=colors[variant], lw=1.5, ms=4,
-                                label=variant)
+                        ax.plot(
+                            range(len(diff)),
+                            diff,
+                            marker=styles[variant][1],
+                            color=colors[variant],
+                            lw=1.5,
+                            ms=4,
+                            label=variant,
+                        )
                 ax.axhline(0.0, color=colors.get(base, "black"), lw=1.0)
             ax.grid(alpha=0.3)
         axes[-1][k].set_xlabel("token-frequency bucket (0 = most frequent → last = rarest)")

@@ -30,9 +30,14 @@ def factor_terms(without: str, with_: str, optim: str, reference: str) -> dict[t
     return {(with_, optim): 1.0, (with_, reference): -1.0, (without, optim): -1.0, (without, reference): 1.0}
 
 
-def compute_factor_effects(groups: Mapping[tuple[str, str], GroupStats], factors: Mapping[str, Sequence[str]],
-                           optims: Sequence[str], reference: str | None, margin: float,
-                           notes: list[str]) -> list[dict[str, Any]]:
+def compute_factor_effects(
+    groups: Mapping[tuple[str, str], GroupStats],
+    factors: Mapping[str, Sequence[str]],
+    optims: Sequence[str],
+    reference: str | None,
+    margin: float,
+    notes: list[str],
+) -> list[dict[str, Any]]:
     """One record per (factor, O != reference) with the effect (module docstring); a note for
     each factor whose cells are missing."""
     items: list[dict[str, Any]] = []
@@ -47,18 +52,33 @@ def compute_factor_effects(groups: Mapping[tuple[str, str], GroupStats], factors
             coefficients = factor_terms(without, with_, optim, reference)
             empty = ["/".join(k) for k in coefficients if k not in groups or groups[k].n == 0]
             if empty:
-                notes.append(f"factor {name} ({without} -> {with_}) under {optim}: not computable "
-                             f"(no usable cells in {', '.join(empty)})")
+                notes.append(
+                    f"factor {name} ({without} -> {with_}) under {optim}: not computable "
+                    f"(no usable cells in {', '.join(empty)})"
+                )
                 continue
             terms = [(c, groups[k]) for k, c in coefficients.items()]
             c = contrast(terms)
             gap_change = contrast([(1.0, groups[with_, optim]), (-1.0, groups[without, optim])])
-            items.append({
-                "factor": name, "without": without, "with": with_, "optim": optim, "reference_optim": reference,
-                "value": c.value, "se": c.se, "df": c.df, "ci95": c.ci95, "p": t_p_value(c.value, c.se, c.df),
-                "n": [groups[k].n for k in coefficients], "groups": ["/".join(k) for k in coefficients],
-                "coefficients": list(coefficients.values()),
-                "equivalence": tost(c.value, c.se, c.df, margin), "paired": paired_contrast(terms),
-                "gap_change": {"value": gap_change.value, "ci95": gap_change.ci95, "family": "exploratory"},
-                "method": "independent means, Welch t"})
+            items.append(
+                {
+                    "factor": name,
+                    "without": without,
+                    "with": with_,
+                    "optim": optim,
+                    "reference_optim": reference,
+                    "value": c.value,
+                    "se": c.se,
+                    "df": c.df,
+                    "ci95": c.ci95,
+                    "p": t_p_value(c.value, c.se, c.df),
+                    "n": [groups[k].n for k in coefficients],
+                    "groups": ["/".join(k) for k in coefficients],
+                    "coefficients": list(coefficients.values()),
+                    "equivalence": tost(c.value, c.se, c.df, margin),
+                    "paired": paired_contrast(terms),
+                    "gap_change": {"value": gap_change.value, "ci95": gap_change.ci95, "family": "exploratory"},
+                    "method": "independent means, Welch t",
+                }
+            )
     return items

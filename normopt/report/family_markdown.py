@@ -50,8 +50,9 @@ def flag_text(record: Mapping[str, Any]) -> str:
 def holm_verdict(p_holm: float | None) -> str:
     if p_holm is None:
         return "not tested (1 seed)"
-    return f"Holm p={p_holm:.3g}, " + ("distinguishable from 0 in the family" if p_holm < ALPHA
-                                       else "not distinguishable from 0 in the family")
+    return f"Holm p={p_holm:.3g}, " + (
+        "distinguishable from 0 in the family" if p_holm < ALPHA else "not distinguishable from 0 in the family"
+    )
 
 
 def family_rows(summary: Mapping[str, Any]) -> list[list[str]]:
@@ -60,26 +61,57 @@ def family_rows(summary: Mapping[str, Any]) -> list[list[str]]:
     single = summary["settings"]["axes"]["across"] is None
     if single:
         for g in summary["gaps"]:
-            rows.append([f"{_prefix(g)}gap {g['variant']} − {g['baseline']}", _signed(g["value"]),
-                         _interval(g["ci95"]), _interval(g.get("ci_simultaneous")), _p(g["p"]), _p(g.get("p_holm")),
-                         flag_text(g).strip() or "—"])
+            rows.append(
+                [
+                    f"{_prefix(g)}gap {g['variant']} − {g['baseline']}",
+                    _signed(g["value"]),
+                    _interval(g["ci95"]),
+                    _interval(g.get("ci_simultaneous")),
+                    _p(g["p"]),
+                    _p(g.get("p_holm")),
+                    flag_text(g).strip() or "—",
+                ]
+            )
     for i in summary["interactions"]:
-        rows.append([f"{_prefix(i)}interaction {i['variant']} × {i['optim']}", _signed(i["value"]),
-                     _interval(i["ci95"]), _interval(i.get("ci_simultaneous")), _p(i["p"]), _p(i.get("p_holm")),
-                     flag_text(i).strip() or "—"])
+        rows.append(
+            [
+                f"{_prefix(i)}interaction {i['variant']} × {i['optim']}",
+                _signed(i["value"]),
+                _interval(i["ci95"]),
+                _interval(i.get("ci_simultaneous")),
+                _p(i["p"]),
+                _p(i.get("p_holm")),
+                flag_text(i).strip() or "—",
+            ]
+        )
     key = "share" if single else "interaction_share"
     for r in summary["recoveries"]:
         if r.get("family") != "main" or r[key] is None:
             continue
-        rows.append([f"{_prefix(r)}{r['fix']}'s share of {r['base_norm']}'s "
-                     f"{'gap' if single else 'interaction'} under {r['optim']}",
-                     f"{100 * r[key]:.1f}%", _pct_interval(r["ci95"] if single else r["interaction_ci95"]),
-                     _pct_interval(r.get(f"{key}_ci_simultaneous")), _p(r["p"]), _p(r.get(f"{key}_p_holm")),
-                     flag_text(r).strip() or "—"])
+        rows.append(
+            [
+                f"{_prefix(r)}{r['fix']}'s share of {r['base_norm']}'s "
+                f"{'gap' if single else 'interaction'} under {r['optim']}",
+                f"{100 * r[key]:.1f}%",
+                _pct_interval(r["ci95"] if single else r["interaction_ci95"]),
+                _pct_interval(r.get(f"{key}_ci_simultaneous")),
+                _p(r["p"]),
+                _p(r.get(f"{key}_p_holm")),
+                flag_text(r).strip() or "—",
+            ]
+        )
     for f in summary.get("factor_effects", []):
-        rows.append([f"{_prefix(f)}factor {f['factor']} under {f['optim']}", _signed(f["value"]),
-                     _interval(f["ci95"]), _interval(f.get("ci_simultaneous")), _p(f["p"]), _p(f.get("p_holm")),
-                     flag_text(f).strip() or "—"])
+        rows.append(
+            [
+                f"{_prefix(f)}factor {f['factor']} under {f['optim']}",
+                _signed(f["value"]),
+                _interval(f["ci95"]),
+                _interval(f.get("ci_simultaneous")),
+                _p(f["p"]),
+                _p(f.get("p_holm")),
+                flag_text(f).strip() or "—",
+            ]
+        )
     return rows
 
 
@@ -95,15 +127,29 @@ def family_section(summary: Mapping[str, Any]) -> list[str]:
         return []
     m = family["size"]
     return [
-        "## The main family of comparisons", "",
-        (f"The answer above rests on {family['members']} comparisons ({family['composition']}); {m} of them "
-         f"have a test. Adjustment: {family['method']}. {family['rejected']} of {m} are distinguishable from 0 "
-         f"after adjustment. A share is tested through its gain (H0: the fix gains nothing). Labelled "
-         f"exploratory, with unadjusted 95% intervals and not to be read one at a time as findings: "
-         f"{family['exploratory']}."), "",
-        markdown_table(["comparison", "estimate", "95% CI (unadjusted)",
-                        f"simultaneous {family['simultaneous_level']:.2%} CI (Bonferroni)", "p", "p (Holm)",
-                        "left-out cells"], family_rows(summary)), "",
+        "## The main family of comparisons",
+        "",
+        (
+            f"The answer above rests on {family['members']} comparisons ({family['composition']}); {m} of them "
+            f"have a test. Adjustment: {family['method']}. {family['rejected']} of {m} are distinguishable from 0 "
+            f"after adjustment. A share is tested through its gain (H0: the fix gains nothing). Labelled "
+            f"exploratory, with unadjusted 95% intervals and not to be read one at a time as findings: "
+            f"{family['exploratory']}."
+        ),
+        "",
+        markdown_table(
+            [
+                "comparison",
+                "estimate",
+                "95% CI (unadjusted)",
+                f"simultaneous {family['simultaneous_level']:.2%} CI (Bonferroni)",
+                "p",
+                "p (Holm)",
+                "left-out cells",
+            ],
+            family_rows(summary),
+        ),
+        "",
     ]
 
 
@@ -120,20 +166,30 @@ def factor_lines(summary: Mapping[str, Any]) -> list[str]:
             f"- {_prefix(f)}**factor {f['factor']}** ({f['without']} → {f['with']}): changes the interaction "
             f"with {f['optim']} by {_signed(f['value'])} nats {_interval(f['ci95'])} (simultaneous "
             f"{_interval(f.get('ci_simultaneous'))}; {holm_verdict(f.get('p_holm'))}; "
-            f"{equivalence_phrase(f.get('equivalence'))}).{flag_text(f)}")
+            f"{equivalence_phrase(f.get('equivalence'))}).{flag_text(f)}"
+        )
         if f.get("p_holm") is not None and f["p_holm"] < ALPHA:
-            carriers.append(f"{_prefix(f)}{f['factor']} under {f['optim']} (effect on the {f['optim']} − "
-                            f"{f['reference_optim']} interaction {_signed(f['value'])} nats)")
+            carriers.append(
+                f"{_prefix(f)}{f['factor']} under {f['optim']} (effect on the {f['optim']} − "
+                f"{f['reference_optim']} interaction {_signed(f['value'])} nats)"
+            )
     m = summary["family"]["size"]
     if carriers:
-        rest = ("; the other factors' effects are not distinguishable from 0 at these seeds"
-                if len(carriers) < len(effects) else "")
-        lines.append(f"- **Which factor carries the interaction**: after Holm adjustment over the {m} main "
-                     f"comparisons, switching {', '.join(carriers)} changes it{rest}.")
+        rest = (
+            "; the other factors' effects are not distinguishable from 0 at these seeds"
+            if len(carriers) < len(effects)
+            else ""
+        )
+        lines.append(
+            f"- **Which factor carries the interaction**: after Holm adjustment over the {m} main "
+            f"comparisons, switching {', '.join(carriers)} changes it{rest}."
+        )
     else:
-        lines.append(f"- **Which factor carries the interaction**: none of the factors' effects is "
-                     f"distinguishable from 0 after Holm adjustment over the {m} main comparisons; the "
-                     f"intervals above bound how much each could carry.")
+        lines.append(
+            f"- **Which factor carries the interaction**: none of the factors' effects is "
+            f"distinguishable from 0 after Holm adjustment over the {m} main comparisons; the "
+            f"intervals above bound how much each could carry."
+        )
     return lines
 
 
@@ -141,20 +197,43 @@ def factor_section(summary: Mapping[str, Any]) -> list[str]:
     effects = summary.get("factor_effects") or []
     if not effects:
         return []
-    rows = [[f"{_prefix(f)}{f['factor']}", f"{f['without']} → {f['with']}",
-             f"{f['optim']} − {f['reference_optim']}",
-             _signed(f["value"]), _interval(f["ci95"]),
-             "—" if f["paired"] is None else f"{_signed(f['paired']['value'])} {_interval(f['paired']['ci95'])}",
-             equivalence_phrase(f.get("equivalence")),
-             f"{_signed(f['gap_change']['value'])} {_interval(f['gap_change']['ci95'])}"] for f in effects]
+    rows = [
+        [
+            f"{_prefix(f)}{f['factor']}",
+            f"{f['without']} → {f['with']}",
+            f"{f['optim']} − {f['reference_optim']}",
+            _signed(f["value"]),
+            _interval(f["ci95"]),
+            "—" if f["paired"] is None else f"{_signed(f['paired']['value'])} {_interval(f['paired']['ci95'])}",
+            equivalence_phrase(f.get("equivalence")),
+            f"{_signed(f['gap_change']['value'])} {_interval(f['gap_change']['ci95'])}",
+        ]
+        for f in effects
+    ]
     return [
-        "## Factor effects", "",
-        ("effect = interaction(with the factor) − interaction(without it) = (L[with,O] − L[with,ref]) − "
-         "(L[without,O] − L[without,ref]): how much switching that one factor changes the across axis's "
-         "effect. 95% CI: Welch t over the four independent means (main family); paired per seed and the change "
-         "of the gap under O alone, L[with,O] − L[without,O], are exploratory."), "",
-        markdown_table(["factor", "switch", "across", "effect (nats)", "95% CI (Welch)", "paired, 95% CI",
-                        "equivalence", "gap change under O, 95% CI"], rows), "",
+        "## Factor effects",
+        "",
+        (
+            "effect = interaction(with the factor) − interaction(without it) = (L[with,O] − L[with,ref]) − "
+            "(L[without,O] − L[without,ref]): how much switching that one factor changes the across axis's "
+            "effect. 95% CI: Welch t over the four independent means (main family); paired per seed and the change "
+            "of the gap under O alone, L[with,O] − L[without,O], are exploratory."
+        ),
+        "",
+        markdown_table(
+            [
+                "factor",
+                "switch",
+                "across",
+                "effect (nats)",
+                "95% CI (Welch)",
+                "paired, 95% CI",
+                "equivalence",
+                "gap change under O, 95% CI",
+            ],
+            rows,
+        ),
+        "",
     ]
 
 
@@ -175,25 +254,40 @@ def left_out_section(summary: Mapping[str, Any]) -> list[str]:
     records = summary.get("left_out_by_group") or []
     if not records:
         return []
-    rows = [[r["stratum"] or "—", r["variant"], r["optim"],
-             ", ".join(f"{n} {combo}" for combo, n in r["by_flags"].items()), ", ".join(r["cells"])]
-            for r in records]
+    rows = [
+        [
+            r["stratum"] or "—",
+            r["variant"],
+            r["optim"],
+            ", ".join(f"{n} {combo}" for combo, n in r["by_flags"].items()),
+            ", ".join(r["cells"]),
+        ]
+        for r in records
+    ]
     total = sum(len(r["cells"]) for r in records)
     diverged = sum(r["flags"].get("diverged", 0) for r in records)
-    directions = [f"- {_contrast_label(kind, r)}: " + "; ".join(bias_phrase(b) for b in r["left_out_bias"]) + "."
-                  for kind in ("interactions", "recoveries", "factor_effects", "gaps")
-                  for r in summary.get(kind) or () if r.get("left_out_bias")]
+    directions = [
+        f"- {_contrast_label(kind, r)}: " + "; ".join(bias_phrase(b) for b in r["left_out_bias"]) + "."
+        for kind in ("interactions", "recoveries", "factor_effects", "gaps")
+        for r in summary.get(kind) or ()
+        if r.get("left_out_bias")
+    ]
     return [
-        "## Cells left out, per group", "",
-        (f"{total} cell{'s' if total != 1 else ''} left out, {diverged} of them diverged (each cell counted once; "
-         "'diverged + stopped_early' is one cell with both flags). A group that lost a diverged cell shows its "
-         "surviving seeds only, so its mean is lower than the group trained. What that does to a contrast "
-         "depends on the sign with which the group enters it: a group entering with + (in an interaction the "
-         "compared level under O and the baseline under the reference) biases the contrast low, understating a "
-         "penalty; a group entering with − (the baseline under O and the compared level under the reference) "
-         "biases it high, overstating a penalty. A missing or stopped cell implies no direction. Every contrast "
-         "of the answer and the family table that lost cells carries a ⚠; the list below the table gives the "
-         "direction of each estimate a lost diverged cell moves."), "",
-        markdown_table(["stratum", "variant", "optimizer", "left out (cells, by flags)", "cells"], rows), "",
+        "## Cells left out, per group",
+        "",
+        (
+            f"{total} cell{'s' if total != 1 else ''} left out, {diverged} of them diverged (each cell counted once; "
+            "'diverged + stopped_early' is one cell with both flags). A group that lost a diverged cell shows its "
+            "surviving seeds only, so its mean is lower than the group trained. What that does to a contrast "
+            "depends on the sign with which the group enters it: a group entering with + (in an interaction the "
+            "compared level under O and the baseline under the reference) biases the contrast low, understating a "
+            "penalty; a group entering with − (the baseline under O and the compared level under the reference) "
+            "biases it high, overstating a penalty. A missing or stopped cell implies no direction. Every contrast "
+            "of the answer and the family table that lost cells carries a ⚠; the list below the table gives the "
+            "direction of each estimate a lost diverged cell moves."
+        ),
+        "",
+        markdown_table(["stratum", "variant", "optimizer", "left out (cells, by flags)", "cells"], rows),
+        "",
         *(["Direction of each affected estimate:", "", *directions, ""] if directions else []),
     ]

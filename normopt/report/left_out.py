@@ -59,11 +59,14 @@ def by_flag_set(flags: Mapping[str, Sequence[str]]) -> dict[str, int]:
 
 
 def group_line(group: str, flags: Mapping[str, Sequence[str]]) -> str:
-    """"derf/muon: 2 cells left out (1 diverged + stopped_early, 1 missing)"."""
+    """ "derf/muon: 2 cells left out (1 diverged + stopped_early, 1 missing)"."""
     counts = by_flag_set(flags)
     total = sum(counts.values())
-    return (f"{group}: {total} cell{'s' if total != 1 else ''} left out ("
-            + ", ".join(f"{n} {combo}" for combo, n in counts.items()) + ")")
+    return (
+        f"{group}: {total} cell{'s' if total != 1 else ''} left out ("
+        + ", ".join(f"{n} {combo}" for combo, n in counts.items())
+        + ")"
+    )
 
 
 def _group_flags(group: str, stratum: str, left_out: LeftOut) -> Mapping[str, Sequence[str]]:
@@ -103,10 +106,16 @@ def bias_phrase(record: Mapping[str, Any]) -> str:
         return f"{', '.join(groups)} (entering with {sign})"
 
     if record["direction"] == "low":
-        return (f"the {record['estimate']} is biased low, a positive value understated: {who(plus, '+')} lost "
-                "a diverged seed, so its mean is lower than it trained")
+        return (
+            f"the {record['estimate']} is biased low, a positive value understated: {who(plus, '+')} lost "
+            "a diverged seed, so its mean is lower than it trained"
+        )
     if record["direction"] == "high":
-        return (f"the {record['estimate']} is biased high, a positive value overstated: {who(minus, '−')} lost "
-                "a diverged seed, so its mean is lower than it trained")
-    return (f"the direction of the {record['estimate']}'s bias is unknown: {who(plus, '+')} and "
-            f"{who(minus, '−')} both lost diverged seeds")
+        return (
+            f"the {record['estimate']} is biased high, a positive value overstated: {who(minus, '−')} lost "
+            "a diverged seed, so its mean is lower than it trained"
+        )
+    return (
+        f"the direction of the {record['estimate']}'s bias is unknown: {who(plus, '+')} and "
+        f"{who(minus, '−')} both lost diverged seeds"
+    )

@@ -85,8 +85,11 @@ def main_table(summary: Mapping[str, Any], stratum: Mapping[str, str] | None = N
     compare_noun, _ = _nouns(summary)
     header = ["variant"]
     for optim in summary["optims"]:
-        header += (["final eval loss", f"gap to {base}, 95% CI"] if single else
-                   [f"{optim} final eval loss", f"gap to {base} ({optim}), 95% CI"])
+        header += (
+            ["final eval loss", f"gap to {base}, 95% CI"]
+            if single
+            else [f"{optim} final eval loss", f"gap to {base} ({optim}), 95% CI"]
+        )
     rows = []
     for variant in summary["variants"]:
         if not any((variant, optim) in groups for optim in summary["optims"]):
@@ -94,13 +97,21 @@ def main_table(summary: Mapping[str, Any], stratum: Mapping[str, str] | None = N
         row = [variant]
         for optim in summary["optims"]:
             g = groups.get((variant, optim))
-            row.append("—" if g is None or not g["n"] else
-                       f"{_num(g['mean'])} ± {_num(g['std'])} (n={g['n']})" if g["n"] > 1 else
-                       f"{_num(g['mean'])} (n=1)")
+            row.append(
+                "—"
+                if g is None or not g["n"]
+                else f"{_num(g['mean'])} ± {_num(g['std'])} (n={g['n']})"
+                if g["n"] > 1
+                else f"{_num(g['mean'])} (n=1)"
+            )
             gap = gaps.get((variant, optim))
-            row.append("—" if gap is None else
-                       f"{_num(gap['value'], sign=True)} {_ci(gap['ci95'])}" if gap["ci95"] is not None
-                       else _num(gap["value"], sign=True))
+            row.append(
+                "—"
+                if gap is None
+                else f"{_num(gap['value'], sign=True)} {_ci(gap['ci95'])}"
+                if gap["ci95"] is not None
+                else _num(gap["value"], sign=True)
+            )
         rows.append(row)
     if compare_noun != "norm":
         header[0] = compare_noun
@@ -114,16 +125,29 @@ def interaction_table(summary: Mapping[str, Any], stratum: Mapping[str, str] | N
     stability = bool((summary.get("over_training") or {}).get("interactions"))
     for item in in_stratum(summary["interactions"], stratum):
         paired = item["paired"]
-        rows.append([item["variant"], f"{item['optim']} − {item['reference_optim']}",
-                     _num(item["value"], sign=True), _ci(item["ci95"]),
-                     "—" if paired is None else f"{_num(paired['value'], sign=True)} {_ci(paired['ci95'])} "
-                                                f"({paired['n_seeds']} seeds)",
-                     *([stability_of(summary, item) or "—"] if stability else [])])
-    return markdown_table(["variant" if compare_noun == "norm" else compare_noun, across_noun,
-                           "interaction (nats)", "95% CI (independent means, Welch t)",
-                           "paired per-seed estimate, 95% CI (t, k−1 df)",
-                           *(["over the last quarter of training (section Over training)"] if stability else [])],
-                          rows)
+        rows.append(
+            [
+                item["variant"],
+                f"{item['optim']} − {item['reference_optim']}",
+                _num(item["value"], sign=True),
+                _ci(item["ci95"]),
+                "—"
+                if paired is None
+                else f"{_num(paired['value'], sign=True)} {_ci(paired['ci95'])} ({paired['n_seeds']} seeds)",
+                *([stability_of(summary, item) or "—"] if stability else []),
+            ]
+        )
+    return markdown_table(
+        [
+            "variant" if compare_noun == "norm" else compare_noun,
+            across_noun,
+            "interaction (nats)",
+            "95% CI (independent means, Welch t)",
+            "paired per-seed estimate, 95% CI (t, k−1 df)",
+            *(["over the last quarter of training (section Over training)"] if stability else []),
+        ],
+        rows,
+    )
 
 
 def recovery_table(summary: Mapping[str, Any], stratum: Mapping[str, str] | None = None) -> str:
@@ -133,14 +157,30 @@ def recovery_table(summary: Mapping[str, Any], stratum: Mapping[str, str] | None
     compare_noun, across_noun = _nouns(summary)
     rows = []
     for r in in_stratum(summary["recoveries"], stratum):
-        row = [r["fix"], r["base_norm"], *([] if single else [r["optim"]]), _num(r["gap_base"], sign=True),
-               _num(r["gap_fix"], sign=True), _pct(r["share"]), _pct_ci(r["ci95"], r["ci_note"])]
+        row = [
+            r["fix"],
+            r["base_norm"],
+            *([] if single else [r["optim"]]),
+            _num(r["gap_base"], sign=True),
+            _num(r["gap_fix"], sign=True),
+            _pct(r["share"]),
+            _pct_ci(r["ci95"], r["ci_note"]),
+        ]
         if not single:
-            row += [_pct(r["interaction_share"]),
-                    "—" if r["interaction_share"] is None else _pct_ci(r["interaction_ci95"], r["interaction_ci_note"])]
+            row += [
+                _pct(r["interaction_share"]),
+                "—" if r["interaction_share"] is None else _pct_ci(r["interaction_ci95"], r["interaction_ci_note"]),
+            ]
         rows.append(row)
-    header = ["fix", "of", *([] if single else [across_noun]), f"gap of the {compare_noun}", "gap of the fix",
-              "share of the gap recovered", "95% CI (Fieller)"]
+    header = [
+        "fix",
+        "of",
+        *([] if single else [across_noun]),
+        f"gap of the {compare_noun}",
+        "gap of the fix",
+        "share of the gap recovered",
+        "95% CI (Fieller)",
+    ]
     if not single:
         header += ["share of the interaction recovered", "95% CI (Fieller)"]
     return markdown_table(header, rows)
@@ -156,8 +196,13 @@ def stratum_prefix(record: Mapping[str, Any]) -> str:
 
 
 def _verdict(ci: Sequence[float] | None) -> str:
-    return ("no interval (1 seed)" if ci is None else
-            "its 95% interval excludes 0" if _excludes_zero(ci) else "its 95% interval includes 0")
+    return (
+        "no interval (1 seed)"
+        if ci is None
+        else "its 95% interval excludes 0"
+        if _excludes_zero(ci)
+        else "its 95% interval includes 0"
+    )
 
 
 def _direction(item: Mapping[str, Any], baseline: str) -> str:
@@ -165,10 +210,14 @@ def _direction(item: Mapping[str, Any], baseline: str) -> str:
     (an estimate that rounds to 0 reads as the same gap under both levels)."""
     optim, reference = item["optim"], item["reference_optim"]
     if round(item["value"], 3) == 0:
-        return (f"the point estimate of the gap to {baseline} is the same under {optim} as under {reference} "
-                "(to the 0.001 nats shown)")
-    return (f"the point estimate of the gap to {baseline} is {'larger' if item['value'] > 0 else 'smaller'} under "
-            f"{optim} than under {reference}")
+        return (
+            f"the point estimate of the gap to {baseline} is the same under {optim} as under {reference} "
+            "(to the 0.001 nats shown)"
+        )
+    return (
+        f"the point estimate of the gap to {baseline} is {'larger' if item['value'] > 0 else 'smaller'} under "
+        f"{optim} than under {reference}"
+    )
 
 
 def answer_paragraph(summary: Mapping[str, Any]) -> str:
@@ -183,28 +232,36 @@ def answer_paragraph(summary: Mapping[str, Any]) -> str:
     for item in summary["interactions"]:
         ci = item["ci95"]
         stability = stability_clause(summary, item)
-        lines.append(f"- {stratum_prefix(item)}**{item['variant']} × {item['optim']}**: interaction "
-                     f"{_num(item['value'], 3, True)} nats {'' if ci is None else _ci(ci, 3) + ' '}"
-                     f"({_verdict(ci)}; {holm_verdict(item.get('p_holm'))}"
-                     f"{' at the final step; ' + stability if stability else ''}; "
-                     f"{equivalence_phrase(item.get('equivalence'))}): {_direction(item, s['baseline_norm'])}."
-                     f"{flag_text(item)}")
+        lines.append(
+            f"- {stratum_prefix(item)}**{item['variant']} × {item['optim']}**: interaction "
+            f"{_num(item['value'], 3, True)} nats {'' if ci is None else _ci(ci, 3) + ' '}"
+            f"({_verdict(ci)}; {holm_verdict(item.get('p_holm'))}"
+            f"{' at the final step; ' + stability if stability else ''}; "
+            f"{equivalence_phrase(item.get('equivalence'))}): {_direction(item, s['baseline_norm'])}."
+            f"{flag_text(item)}"
+        )
     if single:
         for gap in summary["gaps"]:
             ci = gap["ci95"]
-            lines.append(f"- {stratum_prefix(gap)}**{gap['variant']}**: gap to {s['baseline_norm']} "
-                         f"{_num(gap['value'], 3, True)} nats {'' if ci is None else _ci(ci, 3) + ' '}"
-                         f"({_verdict(ci)}; {holm_verdict(gap.get('p_holm'))}; "
-                         f"{equivalence_phrase(gap.get('equivalence'))}).{flag_text(gap)}")
+            lines.append(
+                f"- {stratum_prefix(gap)}**{gap['variant']}**: gap to {s['baseline_norm']} "
+                f"{_num(gap['value'], 3, True)} nats {'' if ci is None else _ci(ci, 3) + ' '}"
+                f"({_verdict(ci)}; {holm_verdict(gap.get('p_holm'))}; "
+                f"{equivalence_phrase(gap.get('equivalence'))}).{flag_text(gap)}"
+            )
     for r in summary["recoveries"]:
         if r["share"] is None:
             continue
         under = "" if single else f", under {r['optim']}"
-        text = (f"- {stratum_prefix(r)}**{r['fix']}** (fix of {r['base_norm']}{under}): recovers {_pct(r['share'])} "
-                f"of the gap {_pct_ci(r['ci95'], r['ci_note'])}")
+        text = (
+            f"- {stratum_prefix(r)}**{r['fix']}** (fix of {r['base_norm']}{under}): recovers {_pct(r['share'])} "
+            f"of the gap {_pct_ci(r['ci95'], r['ci_note'])}"
+        )
         if r["interaction_share"] is not None:
-            text += f" and {_pct(r['interaction_share'])} of the interaction " \
-                    f"{_pct_ci(r['interaction_ci95'], r['interaction_ci_note'])}"
+            text += (
+                f" and {_pct(r['interaction_share'])} of the interaction "
+                f"{_pct_ci(r['interaction_ci95'], r['interaction_ci_note'])}"
+            )
         p_holm = r.get("share_p_holm" if single else "interaction_share_p_holm")
         if r.get("family") == "main":
             text += f" ({holm_verdict(p_holm)})"
@@ -213,10 +270,13 @@ def answer_paragraph(summary: Mapping[str, Any]) -> str:
     lines += size_answer_lines(summary)
     flat = [c["name"] for c in summary["cells"] if c.get("learned_no_context")]
     if flat:
-        lines.insert(0, f"- **Caution**: {len(flat)} of {len(summary['cells'])} cells learned almost no context "
-                        f"(final loss within 0.1 nats of, or above, the unigram entropy of their training "
-                        f"tokens): {', '.join(flat)}. Their gaps measure noise more than the "
-                        f"{compare_noun if compare_noun != 'norm' else 'norm or the optimizer'}.")
+        lines.insert(
+            0,
+            f"- **Caution**: {len(flat)} of {len(summary['cells'])} cells learned almost no context "
+            f"(final loss within 0.1 nats of, or above, the unigram entropy of their training "
+            f"tokens): {', '.join(flat)}. Their gaps measure noise more than the "
+            f"{compare_noun if compare_noun != 'norm' else 'norm or the optimizer'}.",
+        )
     if not lines:
         return "No interaction or recovery is computable from these cells (see the notes)."
     return "\n".join(lines)
@@ -243,12 +303,30 @@ def _placement(summary: Mapping[str, Any], c: Mapping[str, Any]) -> list[str]:
 
 
 def cell_table(summary: Mapping[str, Any]) -> str:
-    rows = [[c["name"], *_placement(summary, c), str(c["seed"]), _num(c["final_eval_loss"]),
-             _below_unigram(c),
-             f"{c['last_step'] if c['last_step'] is not None else '—'} / {c['steps'] if c['steps'] is not None else '?'}",
-             ", ".join(c["flags"]) or "ok"] for c in summary["cells"]]
-    return markdown_table(["cell", *_placement_columns(summary), "seed", "final eval loss", "minus unigram entropy",
-                           "last step / steps", "flags"], rows)
+    rows = [
+        [
+            c["name"],
+            *_placement(summary, c),
+            str(c["seed"]),
+            _num(c["final_eval_loss"]),
+            _below_unigram(c),
+            f"{'—' if c['last_step'] is None else c['last_step']} / {'?' if c['steps'] is None else c['steps']}",
+            ", ".join(c["flags"]) or "ok",
+        ]
+        for c in summary["cells"]
+    ]
+    return markdown_table(
+        [
+            "cell",
+            *_placement_columns(summary),
+            "seed",
+            "final eval loss",
+            "minus unigram entropy",
+            "last step / steps",
+            "flags",
+        ],
+        rows,
+    )
 
 
 def tail_table(summary: Mapping[str, Any], stratum: Mapping[str, str] | None = None) -> str:
@@ -265,10 +343,16 @@ def tail_table(summary: Mapping[str, Any], stratum: Mapping[str, str] | None = N
             else:
                 cells.append(f"{_num(b['value'], 3, True)} ± {(b['ci95'][1] - b['ci95'][0]) / 2:.3f}")
         spread = item["tail_minus_head"]
-        rows.append([f"{item['first_label']} − {item['second_label']}", "; ".join(cells),
-                     f"{_num(spread['value'], 3, True)} {_ci(spread['ci95'], 3)}"])
-    return markdown_table(["A − B (nats)", "per bucket, head → tail (± 95% CI half-width)",
-                           "tail − head, 95% CI (Welch t)"], rows)
+        rows.append(
+            [
+                f"{item['first_label']} − {item['second_label']}",
+                "; ".join(cells),
+                f"{_num(spread['value'], 3, True)} {_ci(spread['ci95'], 3)}",
+            ]
+        )
+    return markdown_table(
+        ["A − B (nats)", "per bucket, head → tail (± 95% CI half-width)", "tail − head, 95% CI (Welch t)"], rows
+    )
 
 
 def _bucket_losses(losses: Sequence[float | None] | None, step: int | None) -> str:
@@ -286,18 +370,37 @@ def diagnostics_table(summary: Mapping[str, Any]) -> str:
         if d is None:
             continue
         steps = d["spectral_norm_steps"]
-        rows.append([
-            c["name"], *_placement(summary, c), str(c["seed"]),
-            "—" if d["final_saturation"] is None else f"{_num(d['final_saturation'])} (step {d['saturation_step']})",
-            "—" if d["final_spectral_norm"] is None else f"{_num(d['final_spectral_norm'], 3)} (step {steps[1]})",
-            f"{_num(d.get('embedding_spectral_norm'), 3)} / {_num(d.get('output_spectral_norm'), 3)}",
-            "—" if d["spectral_norm_growth"] is None else f"×{_num(d['spectral_norm_growth'], 3)} "
-                                                         f"(step {steps[0]} → {steps[1]})",
-            _bucket_losses(d["tail_bucket_loss"], d["tail_tokens_step"]),
-            ", ".join(c["flags"]) or "ok"])
-    return markdown_table(["cell", *_placement_columns(summary), "seed", "final saturation",
-                           "final mean spectral norm, block matrices", "embedding / output spectral norm",
-                           "spectral norm growth", "loss per token bucket, head → tail (nats)", "flags"], rows)
+        rows.append(
+            [
+                c["name"],
+                *_placement(summary, c),
+                str(c["seed"]),
+                "—"
+                if d["final_saturation"] is None
+                else f"{_num(d['final_saturation'])} (step {d['saturation_step']})",
+                "—" if d["final_spectral_norm"] is None else f"{_num(d['final_spectral_norm'], 3)} (step {steps[1]})",
+                f"{_num(d.get('embedding_spectral_norm'), 3)} / {_num(d.get('output_spectral_norm'), 3)}",
+                "—"
+                if d["spectral_norm_growth"] is None
+                else f"×{_num(d['spectral_norm_growth'], 3)} (step {steps[0]} → {steps[1]})",
+                _bucket_losses(d["tail_bucket_loss"], d["tail_tokens_step"]),
+                ", ".join(c["flags"]) or "ok",
+            ]
+        )
+    return markdown_table(
+        [
+            "cell",
+            *_placement_columns(summary),
+            "seed",
+            "final saturation",
+            "final mean spectral norm, block matrices",
+            "embedding / output spectral norm",
+            "spectral norm growth",
+            "loss per token bucket, head → tail (nats)",
+            "flags",
+        ],
+        rows,
+    )
 
 
 def _type_of(cell_key: str) -> str:
@@ -325,8 +428,9 @@ def isotropy_table(summary: Mapping[str, Any]) -> str | None:
         d = c.get("diagnostics") or {}
         if d.get("update_isotropy") is None:
             continue
-        cells = [f"{_num(mean_of(d['update_isotropy'], t), 2)} / {_num(mean_of(d['weight_isotropy'], t), 2)}"
-                 for t in types]
+        cells = [
+            f"{_num(mean_of(d['update_isotropy'], t), 2)} / {_num(mean_of(d['weight_isotropy'], t), 2)}" for t in types
+        ]
         rows.append([c["name"], *_placement(summary, c), str(d["isotropy_step"]), *cells])
     return markdown_table(["cell", *_placement_columns(summary), "step", *types], rows)
 
@@ -345,14 +449,20 @@ def tail_section(summary: Mapping[str, Any]) -> list[str]:
     """The head-versus-tail section: what it measures, one sentence per pair, the table."""
     if not summary["tail_classes"]:
         return []
-    parts = ["## Head and tail: differences by token frequency (exploratory)", "",
-             ("Per pair of groups A, B that differ in one axis: B's gain over A, mean(A) − mean(B), of the "
-              "validation loss in each token-frequency bucket (equal shares of the training tokens, bucket 0 "
-              "= the most frequent tokens, the last = the rarest), ± the half-width of its 95% Welch t "
-              "interval over seeds. tail − head = the gain in the tail bucket minus the gain in the head "
-              "bucket, from the per-cell difference L_tail − L_head (a positive value: B gains more on the "
-              "rare tokens). Exploratory: one unadjusted interval per bucket and pair, outside the main family; "
-              "about 1 in 20 null intervals here excludes 0 by chance."), ""]
+    parts = [
+        "## Head and tail: differences by token frequency (exploratory)",
+        "",
+        (
+            "Per pair of groups A, B that differ in one axis: B's gain over A, mean(A) − mean(B), of the "
+            "validation loss in each token-frequency bucket (equal shares of the training tokens, bucket 0 "
+            "= the most frequent tokens, the last = the rarest), ± the half-width of its 95% Welch t "
+            "interval over seeds. tail − head = the gain in the tail bucket minus the gain in the head "
+            "bucket, from the per-cell difference L_tail − L_head (a positive value: B gains more on the "
+            "rare tokens). Exploratory: one unadjusted interval per bucket and pair, outside the main family; "
+            "about 1 in 20 null intervals here excludes 0 by chance."
+        ),
+        "",
+    ]
     parts += [f"- {stratum_prefix(item)}{item['sentence']}" for item in summary["tail_classes"]]
     return [*parts, "", *_per_stratum(summary, tail_table)]
 
@@ -362,8 +472,9 @@ def _file_name(summary: Mapping[str, Any], name: str) -> str | None:
     return None if path is None else Path(path).name
 
 
-def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
-                    diagnostic_plots: Mapping[str, str] | None = None) -> str:
+def render_markdown(
+    summary: Mapping[str, Any], plots: Mapping[str, str], diagnostic_plots: Mapping[str, str] | None = None
+) -> str:
     """report.md: the tables, the plots (paths relative to report.md), the diagnostics (only when
     some cell has diagnostics.jsonl) and the flags/notes."""
     s = summary["settings"]
@@ -372,88 +483,135 @@ def render_markdown(summary: Mapping[str, Any], plots: Mapping[str, str],
     single = s["axes"]["across"] is None
     kept = sum(c["included"] for c in cells)
     fixes = ", ".join(f"`{k}` → `{v}`" for k, v in s["fixes"].items()) or "none declared"
-    axes_text = (f"Baseline {c_noun}: `{s['baseline_norm']}`" +
-                 ("" if single else f"; reference {a_noun}: `{s['reference_optim']}`"))
+    axes_text = f"Baseline {c_noun}: `{s['baseline_norm']}`" + (
+        "" if single else f"; reference {a_noun}: `{s['reference_optim']}`"
+    )
     if c_noun != "norm" or s["axes"]["strata"] or single:
-        axes_text = (f"Compared: `{s['axes']['compare']}` against `{s['baseline_norm']}`" +
-                     ("" if single else f", across `{s['axes']['across']}` with reference `{s['reference_optim']}`") +
-                     (f"; analysed within each level of {', '.join(f'`{k}`' for k in s['axes']['strata'])}"
-                      if s["axes"]["strata"] else ""))
+        axes_text = (
+            f"Compared: `{s['axes']['compare']}` against `{s['baseline_norm']}`"
+            + ("" if single else f", across `{s['axes']['across']}` with reference `{s['reference_optim']}`")
+            + (
+                f"; analysed within each level of {', '.join(f'`{k}`' for k in s['axes']['strata'])}"
+                if s["axes"]["strata"]
+                else ""
+            )
+        )
     parts = ["# normopt factorial report", ""]
     if "setup" in summary:
         parts += [*setup_lines(summary["setup"]), ""]
     parts += [
-        (f"{len(cells)} cells, {kept} included, {len(cells) - kept} left out. {axes_text}. Losses in nats "
-         f"(final validation loss). Intervals: {s['interval']}."), "",
-        "## Answer", "",
-        answer_paragraph(summary), "",
+        (
+            f"{len(cells)} cells, {kept} included, {len(cells) - kept} left out. {axes_text}. Losses in nats "
+            f"(final validation loss). Intervals: {s['interval']}."
+        ),
+        "",
+        "## Answer",
+        "",
+        answer_paragraph(summary),
+        "",
         *tuning_lead(summary),
         *family_section(summary),
         *left_out_section(summary),
-        "## Final eval loss and gap to the baseline", "",
-        (f"mean ± sample std over seeds (n cells); gap = mean({c_noun}) − mean({s['baseline_norm']})"
-         f"{'' if single else f' under the same {a_noun}'}, with its 95% t interval "
-         "(Welch-Satterthwaite degrees of freedom)" +
-         (": the gaps are the main family here (Holm-adjusted p-values in the family table)." if single else
-          ": exploratory, unadjusted (the interactions built from them are the main family).")), "",
+        "## Final eval loss and gap to the baseline",
+        "",
+        (
+            f"mean ± sample std over seeds (n cells); gap = mean({c_noun}) − mean({s['baseline_norm']})"
+            f"{'' if single else f' under the same {a_noun}'}, with its 95% t interval "
+            "(Welch-Satterthwaite degrees of freedom)"
+            + (
+                ": the gaps are the main family here (Holm-adjusted p-values in the family table)."
+                if single
+                else ": exploratory, unadjusted (the interactions built from them are the main family)."
+            )
+        ),
+        "",
         *_per_stratum(summary, main_table),
     ]
     if not single:
         parts += [
-            "## Interaction", "",
-            (f"interaction = gap under the {a_noun} − gap under {s['reference_optim']} = "
-             "(L[n,O] − L[base,O]) − (L[n,ref] − L[base,ref]). 95% CI: t quantile with Welch-Satterthwaite "
-             "degrees of freedom × sqrt(Σ s²/n) over the four independent group means. Paired: the same "
-             "contrast per seed over the seeds present in all four groups, t with k−1 degrees of freedom."), "",
+            "## Interaction",
+            "",
+            (
+                f"interaction = gap under the {a_noun} − gap under {s['reference_optim']} = "
+                "(L[n,O] − L[base,O]) − (L[n,ref] − L[base,ref]). 95% CI: t quantile with Welch-Satterthwaite "
+                "degrees of freedom × sqrt(Σ s²/n) over the four independent group means. Paired: the same "
+                "contrast per seed over the seeds present in all four groups, t with k−1 degrees of freedom."
+            ),
+            "",
             *_per_stratum(summary, interaction_table),
         ]
     parts += [
-        "## Fix recovery", "",
-        (f"gain = L[{c_noun}, O] − L[fix, O]; share of the gap = gain / gap({c_noun}, O)" +
-         ("" if single else
-          f"; share of the interaction = gain / interaction({c_noun}, O) (needs the {c_noun}'s cells under the "
-          f"reference {a_noun})") +
-         (". The shares of the gap are exploratory; the shares of the interaction are in the main family"
-          if not single else "") +
-         ". Both are ratios, so their 95% intervals are Fieller's (unbounded, hence not given, when the "
-         f"denominator's own interval contains 0). Fixes: {fixes}; an arm of a {c_noun} is a fix of that "
-         f"{c_noun}."), "",
+        "## Fix recovery",
+        "",
+        (
+            f"gain = L[{c_noun}, O] − L[fix, O]; share of the gap = gain / gap({c_noun}, O)"
+            + (
+                ""
+                if single
+                else f"; share of the interaction = gain / interaction({c_noun}, O) (needs the {c_noun}'s "
+                f"cells under the reference {a_noun})"
+            )
+            + (
+                ". The shares of the gap are exploratory; the shares of the interaction are in the main family"
+                if not single
+                else ""
+            )
+            + ". Both are ratios, so their 95% intervals are Fieller's (unbounded, hence not given, when the "
+            f"denominator's own interval contains 0). Fixes: {fixes}; an arm of a {c_noun} is a fix of that "
+            f"{c_noun}."
+        ),
+        "",
         *_per_stratum(summary, recovery_table),
         *tuning_section(summary, _file_name(summary, "tuning")),
         *over_training_section(summary, _file_name(summary, "over_training")),
         *size_section(summary, _file_name(summary, "model_size")),
         *factor_section(summary),
         *tail_section(summary),
-        "## Plots", "",
+        "## Plots",
+        "",
     ]
     parts += [f"![{name}]({path})" for name, path in plots.items()]
     if any(c.get("diagnostics") is not None for c in cells):
         parts += [
-            "", "## Diagnostics", "",
-            ("From each cell's diagnostics.jsonl, every cell including left-out ones (descriptive, no "
-             "statistics). Saturation: mean over the bounded norm layers (none for RMSNorm) at the last "
-             "step logged. Spectral norm: mean over the block matrices (attention, feed-forward, routers, "
-             "each MoE expert as its own matrix) at the last record; growth = that mean at the last "
-             "record / at the first. The token embedding and the output matrix are not block matrices "
-             "(larger at init, and AdamW-trained under Muon): their spectral norms stand apart, and the "
-             "means per matrix type and depth group are in the table below. Token buckets: validation loss per token-frequency "
-             "bucket, most frequent tokens first, at the last record (— = empty bucket)."), "",
-            diagnostics_table(summary), "",
+            "",
+            "## Diagnostics",
+            "",
+            (
+                "From each cell's diagnostics.jsonl, every cell including left-out ones (descriptive, no "
+                "statistics). Saturation: mean over the bounded norm layers (none for RMSNorm) at the last "
+                "step logged. Spectral norm: mean over the block matrices (attention, feed-forward, routers, "
+                "each MoE expert as its own matrix) at the last record; growth = that mean at the last "
+                "record / at the first. The token embedding and the output matrix are not block matrices "
+                "(larger at init, and AdamW-trained under Muon): their spectral norms stand apart, and the "
+                "means per matrix type and depth group are in the table below. Token buckets: validation loss "
+                "per token-frequency bucket, most frequent tokens first, at the last record (— = empty bucket)."
+            ),
+            "",
+            diagnostics_table(summary),
+            "",
         ]
         spectral = spectral_norm_table(summary, _placement_columns(summary), lambda c: _placement(summary, c))
         if spectral is not None:
-            parts += ["Spectral norms at the last record, per block-matrix type: the mean over each depth group's "
-                      "matrices (each MoE expert one matrix), then the token embedding and the output matrix.",
-                      "", spectral, ""]
+            parts += [
+                "Spectral norms at the last record, per block-matrix type: the mean over each depth group's "
+                "matrices (each MoE expert one matrix), then the token embedding and the output matrix.",
+                "",
+                spectral,
+                "",
+            ]
         isotropy = isotropy_table(summary)
         if isotropy is not None:
             parts += [
-                ("Isotropy of the update each optimizer step applied (W after − W before) and of the weights, "
-                 "at the last diagnostics step: the normalised singular-value entropy "
-                 "−Σ p_i log p_i / log r with p_i = s_i² / Σ s_j² (1 = every direction moved equally, "
-                 "0 = rank one), mean over the matrices of each type and depth group, shown as "
-                 "update / weight per matrix type; per depth group and the effective ranks in summary.json."),
-                "", isotropy, "",
+                (
+                    "Isotropy of the update each optimizer step applied (W after − W before) and of the weights, "
+                    "at the last diagnostics step: the normalised singular-value entropy "
+                    "−Σ p_i log p_i / log r with p_i = s_i² / Σ s_j² (1 = every direction moved equally, "
+                    "0 = rank one), mean over the matrices of each type and depth group, shown as "
+                    "update / weight per matrix type; per depth group and the effective ranks in summary.json."
+                ),
+                "",
+                isotropy,
+                "",
             ]
         parts += [f"![{name}]({path})" for name, path in (diagnostic_plots or {}).items()]
     parts += ["", *cost_section(summary), "## Cells", "", cell_table(summary), "", "## Notes", ""]

@@ -81,8 +81,7 @@ def tost(value: float, se: float | None, df: float | None, margin: float) -> dic
     p_low = 1.0 - t_cdf((value + margin) / se, df)  # H0: d <= -margin
     p_high = t_cdf((value - margin) / se, df)  # H0: d >= margin
     p = max(p_low, p_high)
-    return {"margin": margin, "ci90": t_interval(value, se, df, level=1.0 - 2 * ALPHA), "p": p,
-            "equivalent": p < ALPHA}
+    return {"margin": margin, "ci90": t_interval(value, se, df, level=1.0 - 2 * ALPHA), "p": p, "equivalent": p < ALPHA}
 
 
 def equivalence_phrase(record: dict[str, Any] | None) -> str:
@@ -91,10 +90,14 @@ def equivalence_phrase(record: dict[str, Any] | None) -> str:
         return "no equivalence test (1 seed)"
     ci = record["ci90"]
     if record["equivalent"]:
-        return (f"negligible within ±{record['margin']:g} nats (90% interval [{ci[0]:+.3f}, {ci[1]:+.3f}], "
-                f"TOST p={record['p']:.3g})")
-    return (f"not shown negligible at ±{record['margin']:g} nats (90% interval [{ci[0]:+.3f}, {ci[1]:+.3f}], "
-            f"TOST p={record['p']:.3g})")
+        return (
+            f"negligible within ±{record['margin']:g} nats (90% interval [{ci[0]:+.3f}, {ci[1]:+.3f}], "
+            f"TOST p={record['p']:.3g})"
+        )
+    return (
+        f"not shown negligible at ±{record['margin']:g} nats (90% interval [{ci[0]:+.3f}, {ci[1]:+.3f}], "
+        f"TOST p={record['p']:.3g})"
+    )
 
 
 def adjust_family(members: Sequence[MutableMapping[str, Any]]) -> dict[str, Any]:
@@ -105,23 +108,32 @@ def adjust_family(members: Sequence[MutableMapping[str, Any]]) -> dict[str, Any]
         member["family"] = MAIN
     m = sum(1 for member in members if member.get("p") is not None)
     rejected = sum(1 for member in members if member.get("p_holm") is not None and member["p_holm"] < ALPHA)
-    return {"size": m, "members": len(members), "rejected": rejected, "alpha": ALPHA,
-            "simultaneous_level": simultaneous_level(m),
-            "method": (f"Holm's step-down adjustment of two-sided t p-values over the m={m} tested members "
-                       f"(family-wise error rate {ALPHA:.0%}); simultaneous intervals: Bonferroni, each at "
-                       f"{simultaneous_level(m):.2%}")}
+    return {
+        "size": m,
+        "members": len(members),
+        "rejected": rejected,
+        "alpha": ALPHA,
+        "simultaneous_level": simultaneous_level(m),
+        "method": (
+            f"Holm's step-down adjustment of two-sided t p-values over the m={m} tested members "
+            f"(family-wise error rate {ALPHA:.0%}); simultaneous intervals: Bonferroni, each at "
+            f"{simultaneous_level(m):.2%}"
+        ),
+    }
 
 
-def main_family(gaps: list[dict[str, Any]], interactions: list[dict[str, Any]],
-                 share_groups: Sequence[tuple[dict[str, Any], Mapping[Any, GroupStats]]],
-                 factor_effects: list[dict[str, Any]],
-                 single: bool) -> dict[str, Any]:
+def main_family(
+    gaps: list[dict[str, Any]],
+    interactions: list[dict[str, Any]],
+    share_groups: Sequence[tuple[dict[str, Any], Mapping[Any, GroupStats]]],
+    factor_effects: list[dict[str, Any]],
+    single: bool,
+) -> dict[str, Any]:
     """The main family (:mod:`normopt.report.multiplicity`): the interactions, each fix's share
     of the interaction (of the gap, with the gaps themselves, without an across axis) and the
     factor effects. Holm-adjusts their p-values in place and gives each a Bonferroni
     simultaneous interval (``ci_simultaneous``); every other record is exploratory."""
-    shares = [(r, g) for r, g in share_groups
-              if (r["share"] if single else r["interaction_share"]) is not None]
+    shares = [(r, g) for r, g in share_groups if (r["share"] if single else r["interaction_share"]) is not None]
     contrasts = [*(gaps if single else []), *interactions, *factor_effects]
     members: list[dict[str, Any]] = [*contrasts]
     share_members = []
@@ -138,18 +150,30 @@ def main_family(gaps: list[dict[str, Any]], interactions: list[dict[str, Any]],
         key = "share" if single else "interaction_share"
         target, fix, optim = record["base_norm"], record["fix"], record["optim"]
         gain = {(target, optim): 1.0, (fix, optim): -1.0}
-        inter = ({(target, optim): 1.0, (record["baseline"], optim): -1.0} if single else
-                 {(target, optim): 1.0, (record["baseline"], optim): -1.0,
-                  (target, record["reference_optim"]): -1.0, (record["baseline"], record["reference_optim"]): 1.0})
+        inter = (
+            {(target, optim): 1.0, (record["baseline"], optim): -1.0}
+            if single
+            else {
+                (target, optim): 1.0,
+                (record["baseline"], optim): -1.0,
+                (target, record["reference_optim"]): -1.0,
+                (record["baseline"], record["reference_optim"]): 1.0,
+            }
+        )
         record[f"{key}_ci_simultaneous"] = ratio_of_contrasts(gain, inter, groups, level)["ci95"]
         record[f"{key}_p_holm"] = member["p_holm"]
         record["family"] = MAIN
     for record, _ in share_groups:
         record.setdefault("family", EXPLORATORY)
     family["composition"] = (
-        ("gaps, fixes' shares of the gap, factor effects" if single else
-         "interactions (Welch), fixes' shares of the interaction (tested by their gain), factor effects"))
-    family["exploratory"] = ("everything else: " + ("" if single else "gaps, shares of the gap, ") +
-                             "paired per-seed estimates, token-frequency buckets, factors' gap changes "
-                             "(unadjusted 95% intervals)")
+        "gaps, fixes' shares of the gap, factor effects"
+        if single
+        else "interactions (Welch), fixes' shares of the interaction (tested by their gain), factor effects"
+    )
+    family["exploratory"] = (
+        "everything else: "
+        + ("" if single else "gaps, shares of the gap, ")
+        + "paired per-seed estimates, token-frequency buckets, factors' gap changes "
+        "(unadjusted 95% intervals)"
+    )
     return family

@@ -20,7 +20,7 @@ def collapse_notes(notes: Sequence[str], cell_names: Sequence[str]) -> list[str]
         if name is None:
             order.append(("note", note))
             continue
-        rest = note[len(name):]
+        rest = note[len(name) :]
         key = rest.removeprefix(" ") if rest.startswith(" left out: ") else rest.removeprefix(": ")
         if key not in said:
             said[key] = []

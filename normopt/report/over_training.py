@@ -40,8 +40,8 @@ estimates share their seeds). With M = the report's equivalence margin
 
 With one seed per group Delta has no interval: only the sign is checked, and the verdict says
 so (``sign kept, change not tested (1 seed)``); where some group has no cell with an eval at
-both ends of the window Delta is not computable, and the verdict says that instead. ``sign_settled_at`` is the first eval step from
-which every later estimate has the final sign.
+both ends of the window Delta is not computable, and the verdict says that instead.
+``sign_settled_at`` is the first eval step from which every later estimate has the final sign.
 
 summary.json ``over_training``: ``rule`` (the rule above, in words, with M), ``margin`` (M),
 ``window_fraction``, ``min_window_evals``, ``gaps`` and ``interactions`` (per curve: variant,
@@ -73,12 +73,14 @@ MIN_WINDOW_EVALS = 3
 
 def stability_rule(margin: float) -> str:
     """The stability rule in words (module docstring), with the report's margin M."""
-    return (f"over the last {WINDOW_FRACTION:.0%} of training (eval steps >= {1 - WINDOW_FRACTION:.2f} x the last "
-            f"eval step, at least {MIN_WINDOW_EVALS} evals), Δ = the interaction at the last eval step − at the "
-            "window's first, a contrast of the cells' own changes with its Welch t interval; sign changes = some "
-            f"estimate in the window has the other sign; stable = the 90% interval of Δ lies inside ±{margin:g} "
-            f"nats (two one-sided tests at 5%, margin M = {margin:g}); drifts = not stable and the 95% interval "
-            "of Δ excludes 0; change unresolved = neither; with 1 seed only the sign is checked")
+    return (
+        f"over the last {WINDOW_FRACTION:.0%} of training (eval steps >= {1 - WINDOW_FRACTION:.2f} x the last "
+        f"eval step, at least {MIN_WINDOW_EVALS} evals), Δ = the interaction at the last eval step − at the "
+        "window's first, a contrast of the cells' own changes with its Welch t interval; sign changes = some "
+        f"estimate in the window has the other sign; stable = the 90% interval of Δ lies inside ±{margin:g} "
+        f"nats (two one-sided tests at 5%, margin M = {margin:g}); drifts = not stable and the 95% interval "
+        "of Δ excludes 0; change unresolved = neither; with 1 seed only the sign is checked"
+    )
 
 
 def _sign(x: float) -> int:
@@ -93,27 +95,46 @@ def window_of(points: Sequence[Mapping[str, Any]], fraction: float = WINDOW_FRAC
     return [p for p in points if p["step"] >= (1 - fraction) * points[-1]["step"]]
 
 
-def change_record(value: float, se: float | None, df: float | None, margin: float, from_step: int, to_step: int,
-                  n: Sequence[int] = ()) -> dict[str, Any]:
+def change_record(
+    value: float, se: float | None, df: float | None, margin: float, from_step: int, to_step: int, n: Sequence[int] = ()
+) -> dict[str, Any]:
     """Delta's record (module docstring): its 95% and 90% t intervals, whether the 90% one lies
     inside (-margin, margin) (TOST at 5%) and whether the 95% one excludes 0."""
     ci95 = t_interval(value, se, df)
     equivalence = tost(value, se, df, margin)
-    return {"from_step": from_step, "to_step": to_step, "value": value, "se": se, "df": df, "ci95": ci95,
-            "ci90": None if equivalence is None else equivalence["ci90"], "margin": margin,
-            "equivalent": None if equivalence is None else equivalence["equivalent"],
-            "excludes_0": None if ci95 is None else (ci95[0] > 0 or ci95[1] < 0), "n": list(n)}
+    return {
+        "from_step": from_step,
+        "to_step": to_step,
+        "value": value,
+        "se": se,
+        "df": df,
+        "ci95": ci95,
+        "ci90": None if equivalence is None else equivalence["ci90"],
+        "margin": margin,
+        "equivalent": None if equivalence is None else equivalence["equivalent"],
+        "excludes_0": None if ci95 is None else (ci95[0] > 0 or ci95[1] < 0),
+        "n": list(n),
+    }
 
 
-def interaction_stability(points: Sequence[Mapping[str, Any]], change: Mapping[str, Any] | None = None,
-                          fraction: float = WINDOW_FRACTION, min_evals: int = MIN_WINDOW_EVALS) -> dict[str, Any]:
+def interaction_stability(
+    points: Sequence[Mapping[str, Any]],
+    change: Mapping[str, Any] | None = None,
+    fraction: float = WINDOW_FRACTION,
+    min_evals: int = MIN_WINDOW_EVALS,
+) -> dict[str, Any]:
     """The stability verdict of one curve (module docstring) from its points
     ``{"step", "value", "ci95"}`` in step order and the change over its window (a
     :func:`change_record`; None = not computable, which checks the sign only)."""
     window = window_of(points, fraction)
     if not window:
-        return {"verdict": "no estimate", "window_steps": [], "sign_settled_at": None, "intervals": False,
-                "change": None}
+        return {
+            "verdict": "no estimate",
+            "window_steps": [],
+            "sign_settled_at": None,
+            "intervals": False,
+            "change": None,
+        }
     finite = [p for p in points if p["value"] is not None and math.isfinite(p["value"])]
     final = finite[-1]
     sign = _sign(final["value"])
@@ -124,16 +145,23 @@ def interaction_stability(points: Sequence[Mapping[str, Any]], change: Mapping[s
         settled = p["step"]
     values = [p["value"] for p in window]
     intervals = all(p["ci95"] is not None for p in window)
-    record = {"window_steps": [p["step"] for p in window], "window_range": [min(values), max(values)],
-              "final": final["value"], "sign_settled_at": settled, "intervals": intervals,
-              "change": None if change is None else dict(change)}
+    record = {
+        "window_steps": [p["step"] for p in window],
+        "window_range": [min(values), max(values)],
+        "final": final["value"],
+        "sign_settled_at": settled,
+        "intervals": intervals,
+        "change": None if change is None else dict(change),
+    }
     if len(window) < min_evals:
         return {**record, "verdict": f"too few evals ({len(window)} in the window, needs {min_evals})"}
     if any(_sign(v) != sign for v in values):
         return {**record, "verdict": "sign changes"}
     if change is None:
-        return {**record, "verdict": "sign kept, change not computable (a group has no cell with an eval at both "
-                                     "ends of the window)"}
+        return {
+            **record,
+            "verdict": "sign kept, change not computable (a group has no cell with an eval at both ends of the window)",
+        }
     if change["ci95"] is None:
         return {**record, "verdict": "sign kept, change not tested (1 seed)"}
     if change["equivalent"]:
@@ -162,8 +190,9 @@ def over_training(cells: Sequence[Cell], summary: Mapping[str, Any]) -> dict[str
     interactions: dict[tuple, dict[str, Any]] = {}
     evals_of: dict[str, Mapping[tuple[str, str], list[tuple[int | None, dict[int, float]]]]] = {}
     for stratum, groups in strata.values():
-        evals = {(g["variant"], g["optim"]): [(by_name[n].seed, _eval_at(by_name[n])) for n in g["cells"]]
-                 for g in groups}
+        evals = {
+            (g["variant"], g["optim"]): [(by_name[n].seed, _eval_at(by_name[n])) for n in g["cells"]] for g in groups
+        }
         evals_of[repr({} if stratum is None else {"stratum": stratum})] = evals
         steps = sorted({t for members in evals.values() for _, at in members for t in at})
         tag = {} if stratum is None else {"stratum": stratum}
@@ -176,31 +205,56 @@ def over_training(cells: Sequence[Cell], summary: Mapping[str, Any]) -> dict[str
             ignored: list[str] = []
             for gap in compute_gaps(at_step, summary["variants"], summary["optims"], base, ignored):
                 key = (repr(tag), gap["variant"], gap["optim"])
-                gaps.setdefault(key, {"variant": gap["variant"], "optim": gap["optim"], "baseline": base,
-                                      **tag, "points": []})["points"].append(
-                    {"step": step, "value": gap["value"], "ci95": gap["ci95"], "df": gap["df"], "n": gap["n"]})
+                gaps.setdefault(
+                    key, {"variant": gap["variant"], "optim": gap["optim"], "baseline": base, **tag, "points": []}
+                )["points"].append(
+                    {"step": step, "value": gap["value"], "ci95": gap["ci95"], "df": gap["df"], "n": gap["n"]}
+                )
             if reference is None:
                 continue
-            for item in compute_interactions(at_step, summary["variants"], summary["optims"], base, reference,
-                                             ignored):
+            for item in compute_interactions(at_step, summary["variants"], summary["optims"], base, reference, ignored):
                 key = (repr(tag), item["variant"], item["optim"])
                 paired = item["paired"]
-                interactions.setdefault(key, {"variant": item["variant"], "optim": item["optim"],
-                                              "reference_optim": reference, **tag, "points": []})["points"].append(
-                    {"step": step, "value": item["value"], "ci95": item["ci95"], "df": item["df"], "n": item["n"],
-                     "paired_ci95": None if paired is None else paired["ci95"]})
+                interactions.setdefault(
+                    key,
+                    {
+                        "variant": item["variant"],
+                        "optim": item["optim"],
+                        "reference_optim": reference,
+                        **tag,
+                        "points": [],
+                    },
+                )["points"].append(
+                    {
+                        "step": step,
+                        "value": item["value"],
+                        "ci95": item["ci95"],
+                        "df": item["df"],
+                        "n": item["n"],
+                        "paired_ci95": None if paired is None else paired["ci95"],
+                    }
+                )
     for (tag, variant, optim), record in interactions.items():
         terms = {(variant, optim): 1.0, (base, optim): -1.0, (variant, reference): -1.0, (base, reference): 1.0}
         record["stability"] = interaction_stability(
-            record["points"], window_change(evals_of[tag], terms, window_of(record["points"]), margin))
-    return {"rule": stability_rule(margin), "margin": margin, "window_fraction": WINDOW_FRACTION,
-            "min_window_evals": MIN_WINDOW_EVALS, "gaps": list(gaps.values()),
-            "interactions": list(interactions.values())}
+            record["points"], window_change(evals_of[tag], terms, window_of(record["points"]), margin)
+        )
+    return {
+        "rule": stability_rule(margin),
+        "margin": margin,
+        "window_fraction": WINDOW_FRACTION,
+        "min_window_evals": MIN_WINDOW_EVALS,
+        "gaps": list(gaps.values()),
+        "interactions": list(interactions.values()),
+    }
 
 
-def window_change(evals: Mapping[tuple[str, str], Sequence[tuple[int | None, Mapping[int, float]]]],
-                  terms: Mapping[tuple[str, str], float], window: Sequence[Mapping[str, Any]],
-                  margin: float) -> dict[str, Any] | None:
+def window_change(
+    evals: Mapping[tuple[str, str], Sequence[tuple[int | None, Mapping[int, float]]]],
+    terms: Mapping[tuple[str, str], float],
+    window: Sequence[Mapping[str, Any]],
+    margin: float,
+) -> dict[str, Any] | None:
     """Delta over the window (module docstring): the contrast ``terms`` of each group's mean
     per-cell change L(t_final) - L(t_0), over the cells with an eval at both steps, with its
     Welch t interval; None without a window of 2 steps or with a group that has no such cell."""
@@ -221,8 +275,11 @@ def stability_record(summary: Mapping[str, Any], item: Mapping[str, Any]) -> Map
     """The ``stability`` record of a final-step interaction (matched by variant, optimizer and
     stratum); None without over-training curves."""
     for record in (summary.get("over_training") or {}).get("interactions", ()):
-        if (record["variant"], record["optim"], record.get("stratum")) == \
-                (item["variant"], item["optim"], item.get("stratum")):
+        if (record["variant"], record["optim"], record.get("stratum")) == (
+            item["variant"],
+            item["optim"],
+            item.get("stratum"),
+        ):
             return record["stability"]
     return None
 
@@ -231,8 +288,11 @@ def _change_text(change: Mapping[str, Any] | None) -> str:
     if change is None:
         return "—"
     ci = change["ci95"]
-    return (f"{_num(change['value'])} " + ("(no interval)" if ci is None else f"[{_num(ci[0])}, {_num(ci[1])}]")
-            + f" (step {change['from_step']} → {change['to_step']})")
+    return (
+        f"{_num(change['value'])} "
+        + ("(no interval)" if ci is None else f"[{_num(ci[0])}, {_num(ci[1])}]")
+        + f" (step {change['from_step']} → {change['to_step']})"
+    )
 
 
 def stability_of(summary: Mapping[str, Any], item: Mapping[str, Any]) -> str | None:
@@ -241,8 +301,11 @@ def stability_of(summary: Mapping[str, Any], item: Mapping[str, Any]) -> str | N
     st = stability_record(summary, item)
     if st is None:
         return None
-    settled = (f", sign since step {st['sign_settled_at']}"
-               if st.get("sign_settled_at") is not None and not st["verdict"].startswith("too few") else "")
+    settled = (
+        f", sign since step {st['sign_settled_at']}"
+        if st.get("sign_settled_at") is not None and not st["verdict"].startswith("too few")
+        else ""
+    )
     return f"{st['verdict']}{settled}"
 
 
@@ -258,8 +321,9 @@ def stability_clause(summary: Mapping[str, Any], item: Mapping[str, Any]) -> str
     delta = "" if change is None else f"; change Δ over the window {_change_text(change)}"
     margin = (summary.get("over_training") or {}).get("margin")
     meaning = {
-        "sign changes": (" — the final-step estimate's sign is not settled, so its test says nothing about "
-                         "later steps"),
+        "sign changes": (
+            " — the final-step estimate's sign is not settled, so its test says nothing about later steps"
+        ),
         "drifts": " — the estimate was still moving, so the final step may not be where it settles",
         "stable": f" — the change is shown within ±{margin:g} nats" if margin is not None else "",
         "change unresolved": " — the change is neither shown small nor distinguishable from 0",
@@ -292,8 +356,11 @@ def plot_over_training(summary: Mapping[str, Any], path: Path) -> bool:
     grid = fig.subplots(rows, cols, squeeze=False)
     s = summary["settings"]
     for row, (records, panels, what) in enumerate(
-            [(curves["gaps"], gap_panels, f"gap to {s['baseline_norm']}"),
-             (curves["interactions"], inter_panels, f"interaction (gap − gap under {s['reference_optim']})")][:rows]):
+        [
+            (curves["gaps"], gap_panels, f"gap to {s['baseline_norm']}"),
+            (curves["interactions"], inter_panels, f"interaction (gap − gap under {s['reference_optim']})"),
+        ][:rows]
+    ):
         for col in range(cols):
             ax = grid[row][col]
             if col >= len(panels):
@@ -304,12 +371,24 @@ def plot_over_training(summary: Mapping[str, Any], path: Path) -> bool:
                 color, marker = styles.get(record["variant"], ("C0", "o"))
                 steps = [p["step"] for p in record["points"]]
                 last = max(last, *steps)
-                ax.plot(steps, [p["value"] for p in record["points"]], marker=marker, color=color, ms=4,
-                        label=record["variant"])
+                ax.plot(
+                    steps,
+                    [p["value"] for p in record["points"]],
+                    marker=marker,
+                    color=color,
+                    ms=4,
+                    label=record["variant"],
+                )
                 band = [p for p in record["points"] if p["ci95"] is not None]
                 if band:
-                    ax.fill_between([p["step"] for p in band], [p["ci95"][0] for p in band],
-                                    [p["ci95"][1] for p in band], color=color, alpha=0.15, lw=0)
+                    ax.fill_between(
+                        [p["step"] for p in band],
+                        [p["ci95"][0] for p in band],
+                        [p["ci95"][1] for p in band],
+                        color=color,
+                        alpha=0.15,
+                        lw=0,
+                    )
             ax.axvspan((1 - WINDOW_FRACTION) * last, last, color="grey", alpha=0.08)
             ax.axhline(0.0, color="black", lw=0.8)
             ax.set_title(f"{what}: {panels[col]}", fontsize=9)
@@ -317,8 +396,11 @@ def plot_over_training(summary: Mapping[str, Any], path: Path) -> bool:
             ax.set_ylabel("nats")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.suptitle("over training: estimates at every eval step, 95% t interval bands where seeds allow; "
-                 "grey = the last quarter (stability window)", fontsize=9)
+    fig.suptitle(
+        "over training: estimates at every eval step, 95% t interval bands where seeds allow; "
+        "grey = the last quarter (stability window)",
+        fontsize=9,
+    )
     fig.savefig(path, dpi=110)
     return True
 
@@ -333,33 +415,66 @@ def over_training_section(summary: Mapping[str, Any], plot: str | None) -> list[
     curves = summary.get("over_training") or {}
     if not curves.get("interactions") and not curves.get("gaps"):
         return []
-    parts = ["## Over training", "",
-             ("The gaps and interactions at every eval step, from the same included cells as the final-step "
-              "tables (Welch t intervals; intervals at different steps share their seeds, so they are not "
-              f"independent tests). Stability: {curves['rule']}."), ""]
+    parts = [
+        "## Over training",
+        "",
+        (
+            "The gaps and interactions at every eval step, from the same included cells as the final-step "
+            "tables (Welch t intervals; intervals at different steps share their seeds, so they are not "
+            f"independent tests). Stability: {curves['rule']}."
+        ),
+        "",
+    ]
     rows = []
     for r in curves["interactions"]:
         st = r["stability"]
         lo_hi = st.get("window_range")
         change = st.get("change")
-        rows.append([r["variant"], _label(r), _num(st.get("final")),
-                     "—" if not lo_hi else f"{_num(lo_hi[0])} … {_num(lo_hi[1])}",
-                     ", ".join(str(t) for t in st["window_steps"]) or "—", _change_text(change),
-                     "—" if change is None or change["ci90"] is None else
-                     f"[{_num(change['ci90'][0])}, {_num(change['ci90'][1])}]", st["verdict"],
-                     "—" if st.get("sign_settled_at") is None else str(st["sign_settled_at"])])
+        rows.append(
+            [
+                r["variant"],
+                _label(r),
+                _num(st.get("final")),
+                "—" if not lo_hi else f"{_num(lo_hi[0])} … {_num(lo_hi[1])}",
+                ", ".join(str(t) for t in st["window_steps"]) or "—",
+                _change_text(change),
+                "—"
+                if change is None or change["ci90"] is None
+                else f"[{_num(change['ci90'][0])}, {_num(change['ci90'][1])}]",
+                st["verdict"],
+                "—" if st.get("sign_settled_at") is None else str(st["sign_settled_at"]),
+            ]
+        )
     if not rows:
-        parts += ["No interaction to follow (the report has no across axis, or no computable interaction): "
-                  "the gaps over steps are in the plot and in summary.json.", ""]
+        parts += [
+            "No interaction to follow (the report has no across axis, or no computable interaction): "
+            "the gaps over steps are in the plot and in summary.json.",
+            "",
+        ]
     if rows:
-        parts += [markdown_table(["variant", "optimizer", "final interaction", "range over the window",
-                                  "window eval steps", "change Δ over the window, 95% CI (Welch t)",
-                                  f"Δ's 90% CI (stable if inside ±{curves['margin']:g})", "verdict",
-                                  "final sign since step"], rows), ""]
+        parts += [
+            markdown_table(
+                [
+                    "variant",
+                    "optimizer",
+                    "final interaction",
+                    "range over the window",
+                    "window eval steps",
+                    "change Δ over the window, 95% CI (Welch t)",
+                    f"Δ's 90% CI (stable if inside ±{curves['margin']:g})",
+                    "verdict",
+                    "final sign since step",
+                ],
+                rows,
+            ),
+            "",
+        ]
     for r in curves["interactions"]:  # the gaps' curves: the plot and summary.json
-        cells = [f"{p['step']}: {_num(p['value'])}" +
-                 (f" [{_num(p['ci95'][0])}, {_num(p['ci95'][1])}]" if p["ci95"] is not None else "")
-                 for p in r["points"]]
+        cells = [
+            f"{p['step']}: {_num(p['value'])}"
+            + (f" [{_num(p['ci95'][0])}, {_num(p['ci95'][1])}]" if p["ci95"] is not None else "")
+            for p in r["points"]
+        ]
         parts.append(f"- interaction {r['variant']} × {_label(r)} at each eval step: " + "; ".join(cells))
     parts.append("")
     if plot:

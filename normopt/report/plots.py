@@ -64,8 +64,11 @@ def _every(n: int, marks: int = 8) -> int:
 
 def smoothing_label(smoothing: float) -> str:
     half = centred_half_width(smoothing)
-    return ("logged values, unsmoothed" if half == 0 else
-            f"centred mean over up to {2 * half + 1} logged points (at most 1/10 of a curve)")
+    return (
+        "logged values, unsmoothed"
+        if half == 0
+        else f"centred mean over up to {2 * half + 1} logged points (at most 1/10 of a curve)"
+    )
 
 
 def plot_loss_curves(cells: Sequence[Cell], summary: Mapping[str, Any], path: Path, smoothing: float) -> None:
@@ -89,8 +92,9 @@ def plot_loss_curves(cells: Sequence[Cell], summary: Mapping[str, Any], path: Pa
         for variant in summary["variants"]:
             color, marker = styles[variant]
             # the summary holds the inferred arms; the cells as read may not
-            members = [c for c in cells if c.optim == optim and c.metrics
-                       and records[str(c.path)]["variant"] == variant]
+            members = [
+                c for c in cells if c.optim == optim and c.metrics and records[str(c.path)]["variant"] == variant
+            ]
             curves = []
             for cell in members:
                 included = records[str(cell.path)]["included"]
@@ -98,12 +102,29 @@ def plot_loss_curves(cells: Sequence[Cell], summary: Mapping[str, Any], path: Pa
                 smooth = centred_smooth(losses, half)
                 if half:
                     ax.plot(steps, losses, color=color, lw=0.4, marker=".", ms=2, alpha=0.25 if included else 0.12)
-                ax.plot(steps, smooth, color=color, lw=1.0, alpha=0.75 if included else 0.4,
-                        ls=dashes[cell.seed] if included else ":", marker=marker, ms=3,
-                        markevery=_every(len(steps)), fillstyle="none")
+                ax.plot(
+                    steps,
+                    smooth,
+                    color=color,
+                    lw=1.0,
+                    alpha=0.75 if included else 0.4,
+                    ls=dashes[cell.seed] if included else ":",
+                    marker=marker,
+                    ms=3,
+                    markevery=_every(len(steps)),
+                    fillstyle="none",
+                )
                 eval_steps, eval_losses = _finite(cell.metrics.evals)
-                ax.plot(eval_steps, eval_losses, marker, ms=5, color=color, mec="black", mew=0.4,
-                        alpha=0.9 if included else 0.3)
+                ax.plot(
+                    eval_steps,
+                    eval_losses,
+                    marker,
+                    ms=5,
+                    color=color,
+                    mec="black",
+                    mew=0.4,
+                    alpha=0.9 if included else 0.3,
+                )
                 if included and steps:
                     curves.append(dict(zip(steps, smooth)))
                     cut = 0.1 * steps[-1]
@@ -111,26 +132,38 @@ def plot_loss_curves(cells: Sequence[Cell], summary: Mapping[str, Any], path: Pa
                     focus += [v for s, v in zip(eval_steps, eval_losses) if s >= cut]
             if curves:
                 common = sorted(set.intersection(*(set(c) for c in curves)))
-                ax.plot(common, [statistics.fmean(c[s] for c in curves) for s in common], color=color, lw=2.2,
-                        marker=marker, ms=5, markevery=_every(len(common)),
-                        label=f"{variant}: mean of {len(curves)} seed{'s' if len(curves) > 1 else ''}")
+                ax.plot(
+                    common,
+                    [statistics.fmean(c[s] for c in curves) for s in common],
+                    color=color,
+                    lw=2.2,
+                    marker=marker,
+                    ms=5,
+                    markevery=_every(len(common)),
+                    label=f"{variant}: mean of {len(curves)} seed{'s' if len(curves) > 1 else ''}",
+                )
         ax.set_title(optim)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     key = [Line2D([], [], color="grey", ls=ls, label=f"seed {seed}") for seed, ls in dashes.items()]
-    key += [Line2D([], [], color="grey", ls=":", label="left out"),
-            Line2D([], [], color="grey", lw=0.4, marker=".", ms=2, label="train loss, logged"),
-            Line2D([], [], color="grey", ls="none", marker="o", mec="black", mew=0.4, label="eval loss")]
+    key += [
+        Line2D([], [], color="grey", ls=":", label="left out"),
+        Line2D([], [], color="grey", lw=0.4, marker=".", ms=2, label="train loss, logged"),
+        Line2D([], [], color="grey", ls="none", marker="o", mec="black", mew=0.4, label="eval loss"),
+    ]
     fig.legend(handles=key, loc="outside lower center", ncols=len(key), fontsize=7)
     axes[0].set_ylabel("loss (nats)")
     if focus:
         low, high = min(focus), max(focus)
         margin = 0.05 * (high - low) or 0.05
         axes[0].set_ylim(low - margin, high + margin)
-    fig.suptitle(f"loss curves; train: {smoothing_label(smoothing)}, no lag\n"
-                 "color + marker: variant; thick: mean of the included seeds", fontsize=10)
+    fig.suptitle(
+        f"loss curves; train: {smoothing_label(smoothing)}, no lag\n"
+        "color + marker: variant; thick: mean of the included seeds",
+        fontsize=10,
+    )
     fig.savefig(path, dpi=110)
 
 
@@ -145,8 +178,14 @@ def plot_final_losses(summary: Mapping[str, Any], path: Path) -> None:
     axes = fig.subplots(1, max(1, len(optims)), sharey=True, squeeze=False)[0]
     for ax, optim in zip(axes, optims):
         for x, variant in enumerate(variants):
-            cells = [c for c in summary["cells"] if c["optim"] == optim and c["variant"] == variant
-                     and c["final_eval_loss"] is not None and math.isfinite(c["final_eval_loss"])]
+            cells = [
+                c
+                for c in summary["cells"]
+                if c["optim"] == optim
+                and c["variant"] == variant
+                and c["final_eval_loss"] is not None
+                and math.isfinite(c["final_eval_loss"])
+            ]
             for j, cell in enumerate(cells):
                 offset = 0.08 * (j - (len(cells) - 1) / 2)  # spread seeds so equal values stay visible
                 if cell["included"]:
@@ -158,8 +197,14 @@ def plot_final_losses(summary: Mapping[str, Any], path: Path) -> None:
                 ax.errorbar(x + 0.3, g["mean"], yerr=g["std"], fmt="s", ms=6, capsize=4, color=colors[variant])
             elif g and g["n"]:
                 ax.plot(x + 0.3, g["mean"], "s", ms=6, color=colors[variant])
-                ax.annotate("1 seed:\nno interval", (x + 0.3, g["mean"]), textcoords="offset points",
-                            xytext=(0, 5), ha="center", fontsize=6)
+                ax.annotate(
+                    "1 seed:\nno interval",
+                    (x + 0.3, g["mean"]),
+                    textcoords="offset points",
+                    xytext=(0, 5),
+                    ha="center",
+                    fontsize=6,
+                )
         ax.set_xticks(range(len(variants)), [_tick_label(v) for v in variants], fontsize=7)
         ax.set_title(optim)
         ax.grid(alpha=0.3, axis="y")
@@ -169,8 +214,7 @@ def plot_final_losses(summary: Mapping[str, Any], path: Path) -> None:
     if kept:  # scale to the included cells: one blown-up left-out cell would flatten the rest
         margin = 0.15 * (max(kept) - min(kept)) or 0.05
         axes[0].set_ylim(min(kept) - margin, max(kept) + margin)
-    fig.suptitle("final eval loss per cell (dots), group mean ± sample std (squares), "
-                 "left out (x, if in range)")
+    fig.suptitle("final eval loss per cell (dots), group mean ± sample std (squares), left out (x, if in range)")
     fig.savefig(path, dpi=110)
 
 
@@ -194,20 +238,34 @@ def plot_gaps(summary: Mapping[str, Any], path: Path) -> None:
             values.append(gap["value"])
             if gap["ci95"] is not None:
                 lo, hi = gap["ci95"]
-                ax.errorbar(xs[-1], gap["value"], yerr=[[gap["value"] - lo], [hi - gap["value"]]],
-                            color="black", capsize=3, lw=0.9)
+                ax.errorbar(
+                    xs[-1],
+                    gap["value"],
+                    yerr=[[gap["value"] - lo], [hi - gap["value"]]],
+                    color="black",
+                    capsize=3,
+                    lw=0.9,
+                )
             else:
                 without_interval += 1
-                ax.annotate("1 seed:\nno interval", (xs[-1], gap["value"]), textcoords="offset points",
-                            xytext=(0, 3 if gap["value"] >= 0 else -14), ha="center", fontsize=6)
+                ax.annotate(
+                    "1 seed:\nno interval",
+                    (xs[-1], gap["value"]),
+                    textcoords="offset points",
+                    xytext=(0, 3 if gap["value"] >= 0 else -14),
+                    ha="center",
+                    fontsize=6,
+                )
         ax.bar(xs, values, width, label=optim, color=f"C{k % 10}", alpha=0.8)
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xticks(range(len(variants)), [_tick_label(v) for v in variants], fontsize=7)
     ax.set_ylabel(f"gap to {summary['settings']['baseline_norm']} (nats)")
     s = summary["settings"]
-    ax.set_title(f"gap to the baseline {s.get('compare_noun', 'norm')}"
-                 f"{' per ' + s['across_noun'] if s.get('across_noun', 'optimizer') else ''}" +
-                 (" (95% t interval)" if without_interval < len(gaps) else " (1 seed: no intervals)"))
+    ax.set_title(
+        f"gap to the baseline {s.get('compare_noun', 'norm')}"
+        f"{' per ' + s['across_noun'] if s.get('across_noun', 'optimizer') else ''}"
+        + (" (95% t interval)" if without_interval < len(gaps) else " (1 seed: no intervals)")
+    )
     ax.grid(alpha=0.3, axis="y")
     if optims:
         ax.legend()

@@ -48,10 +48,24 @@ def code_version() -> dict[str, str | None]:
     except importlib.metadata.PackageNotFoundError:
         version = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, timeout=5, check=True).stdout.strip() or None
-        if commit and subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                     capture_output=True, timeout=5).returncode == 1:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=Path(__file__).resolve().parent,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            ).stdout.strip()
+            or None
+        )
+        if (
+            commit
+            and subprocess.run(
+                ["git", "diff", "--quiet", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, timeout=5
+            ).returncode
+            == 1
+        ):
             commit += "-dirty"
     except (OSError, subprocess.SubprocessError):
         commit = None
@@ -119,12 +133,13 @@ def setup_lines(setup: Mapping[str, Any]) -> list[str]:
     """The setup as a few markdown list lines (values that differ between cells joined by " / ")."""
     code = setup["normopt"]
     commit = code["commit"] and code["commit"][:12] + ("-dirty" if code["commit"].endswith("-dirty") else "")
-    version = " ".join(filter(None, [code["version"] and f"normopt {code['version']}",
-                                     commit and f"commit `{commit}`"])) or "unknown"
+    version = (
+        " ".join(filter(None, [code["version"] and f"normopt {code['version']}", commit and f"commit `{commit}`"]))
+        or "unknown"
+    )
     sources = f" (from {', '.join(setup['parameters_from'])})" if setup["parameters_from"] else ""
     return [
-        f"- **model**: {_parameters(setup['parameters'])} parameters{sources}; "
-        f"preset {_listed(setup['presets'])}",
+        f"- **model**: {_parameters(setup['parameters'])} parameters{sources}; preset {_listed(setup['presets'])}",
         f"- **length**: {_listed(setup['steps'])} steps × {_listed(setup['global_batch_size'])} sequences × "
         f"{_listed(setup['seq_len'])} tokens = {_listed(setup['tokens'], _count)} training tokens per run",
         f"- **data**: {_listed(setup['data'])}",

@@ -39,5 +39,5 @@ def centred_smooth(values: Sequence[float], half_width: int) -> list[float]:
     smoothed = []
     for t in range(len(values)):
         k = min(half_width, t, len(values) - 1 - t)
-        smoothed.append(statistics.fmean(values[t - k:t + k + 1]))
+        smoothed.append(statistics.fmean(values[t - k : t + k + 1]))
     return smoothed

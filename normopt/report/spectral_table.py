@@ -14,8 +14,9 @@ def _value(x: float | None) -> str:
     return "—" if x is None else f"{x:.2f}"
 
 
-def spectral_norm_table(summary: Mapping[str, Any], placement_columns: Sequence[str],
-                        placement: Callable[[Mapping[str, Any]], list[str]]) -> str | None:
+def spectral_norm_table(
+    summary: Mapping[str, Any], placement_columns: Sequence[str], placement: Callable[[Mapping[str, Any]], list[str]]
+) -> str | None:
     """One row per cell with a spectral_norm record: per matrix type the last record's mean
     per depth group ("early / mid / late", in depth order), then the embedding and the output
     matrix; None when no cell logged one."""
@@ -35,9 +36,22 @@ def spectral_norm_table(summary: Mapping[str, Any], placement_columns: Sequence[
     for c in cells:
         d = c["diagnostics"]
         by_cell = d["spectral_norm_by_cell"]
-        rows.append([c["name"], *placement(c), str(d["spectral_norm_steps"][1]),
-                     *(" / ".join(_value(by_cell.get(f"{t}/{g}")) for g in groups) for t in types),
-                     _value(d.get("embedding_spectral_norm")), _value(d.get("output_spectral_norm"))])
-    header = ["cell", *placement_columns, "step", *(f"{t} ({' / '.join(groups)})" for t in types),
-              "embedding", "output"]
+        rows.append(
+            [
+                c["name"],
+                *placement(c),
+                str(d["spectral_norm_steps"][1]),
+                *(" / ".join(_value(by_cell.get(f"{t}/{g}")) for g in groups) for t in types),
+                _value(d.get("embedding_spectral_norm")),
+                _value(d.get("output_spectral_norm")),
+            ]
+        )
+    header = [
+        "cell",
+        *placement_columns,
+        "step",
+        *(f"{t} ({' / '.join(groups)})" for t in types),
+        "embedding",
+        "output",
+    ]
     return markdown_table(header, rows)

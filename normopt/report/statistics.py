@@ -76,8 +76,10 @@ from normopt.report.multiplicity import EXPLORATORY, main_family, t_p_value, tos
 from normopt.report.student_t import LEVEL
 from normopt.report.tail_classes import tail_comparisons
 
-INTERVAL_METHOD = ("95% t intervals: Welch-Satterthwaite degrees of freedom for independent means, "
-                   "k-1 for paired per-seed contrasts, Fieller's interval for recovered shares")
+INTERVAL_METHOD = (
+    "95% t intervals: Welch-Satterthwaite degrees of freedom for independent means, "
+    "k-1 for paired per-seed contrasts, Fieller's interval for recovered shares"
+)
 # the norm registry's fixes (derf_ema of derf) and its order
 DEFAULT_FIXES: dict[str, str] = {name: cls.fix_of for name, cls in NORMS.items() if cls.fix_of is not None}
 NORM_ORDER = NORM_NAMES
@@ -145,8 +147,11 @@ def _variant_order(cells: Sequence[Cell], baseline: str, canonical: Sequence[str
     """Baseline first, then the compared axis's levels in ``canonical`` order (others by name),
     each level's arms after it."""
     rank = {name: i for i, name in enumerate(canonical)}
-    keys = {(c.norm != baseline, rank.get(c.norm, len(rank)), c.norm, c.arm is not None, c.arm or ""): c.variant
-            for c in cells if c.norm is not None and c.optim is not None}
+    keys = {
+        (c.norm != baseline, rank.get(c.norm, len(rank)), c.norm, c.arm is not None, c.arm or ""): c.variant
+        for c in cells
+        if c.norm is not None and c.optim is not None
+    }
     return [keys[k] for k in sorted(keys)]
 
 
@@ -158,8 +163,10 @@ def _check_factor_arms(factors: Mapping[str, Sequence[str]], cells: Sequence[Cel
     for name, pair in factors.items():
         for variant in pair:
             if "[" in variant and (arm := variant.split("[", 1)[1].removesuffix("]")) not in arms:
-                raise UserError(f"report.factors.{name}: {variant!r} names an arm {arm!r} that no cell has "
-                                f"(arms: {', '.join(arms) or 'none'})")
+                raise UserError(
+                    f"report.factors.{name}: {variant!r} names an arm {arm!r} that no cell has "
+                    f"(arms: {', '.join(arms) or 'none'})"
+                )
 
 
 Groups = Mapping[tuple[str, str], GroupStats]  # (variant, optimizer) -> its included cells
@@ -180,14 +187,24 @@ def one_seed_note(groups: Groups) -> str | None:
     if not single:
         return None
     if len(single) == sum(1 for g in groups.values() if g.n > 0):
-        return ("1 seed per cell: every gap, interaction and share below is an estimate without "
-                "an interval (an interval needs at least 2 seeds per group).")
-    return (f"1 seed in {', '.join(single)}: contrasts involving these groups are estimates without "
-            f"an interval (an interval needs at least 2 seeds per group).")
+        return (
+            "1 seed per cell: every gap, interaction and share below is an estimate without "
+            "an interval (an interval needs at least 2 seeds per group)."
+        )
+    return (
+        f"1 seed in {', '.join(single)}: contrasts involving these groups are estimates without "
+        f"an interval (an interval needs at least 2 seeds per group)."
+    )
 
 
-def compute_gaps(groups: Groups, variants: Sequence[str], optims: Sequence[str], base: str,
-                 notes: list[str], margin: float = DEFAULT_EQUIVALENCE_MARGIN) -> list[dict[str, Any]]:
+def compute_gaps(
+    groups: Groups,
+    variants: Sequence[str],
+    optims: Sequence[str],
+    base: str,
+    notes: list[str],
+    margin: float = DEFAULT_EQUIVALENCE_MARGIN,
+) -> list[dict[str, Any]]:
     """gap(v, O) = mean(v, O) - mean(base, O), se = sqrt(s_v^2/n_v + s_b^2/n_b), 95% t interval
     with Welch-Satterthwaite degrees of freedom, its two-sided p-value and an equivalence test
     at ``margin`` (:mod:`normopt.report.multiplicity`)."""
@@ -200,11 +217,23 @@ def compute_gaps(groups: Groups, variants: Sequence[str], optims: Sequence[str],
             if not _usable(groups, keys, f"gap {variant} vs {base} under {optim}", notes):
                 continue
             c = contrast([(1.0, groups[keys[0]]), (-1.0, groups[keys[1]])])
-            gaps.append({"variant": variant, "optim": optim, "baseline": base, "value": c.value, "se": c.se,
-                         "df": c.df, "ci95": c.ci95, "n": [groups[k].n for k in keys],
-                         "p": t_p_value(c.value, c.se, c.df), "equivalence": tost(c.value, c.se, c.df, margin),
-                         "groups": ["/".join(k) for k in keys], "coefficients": [1.0, -1.0],
-                         "family": EXPLORATORY})
+            gaps.append(
+                {
+                    "variant": variant,
+                    "optim": optim,
+                    "baseline": base,
+                    "value": c.value,
+                    "se": c.se,
+                    "df": c.df,
+                    "ci95": c.ci95,
+                    "n": [groups[k].n for k in keys],
+                    "p": t_p_value(c.value, c.se, c.df),
+                    "equivalence": tost(c.value, c.se, c.df, margin),
+                    "groups": ["/".join(k) for k in keys],
+                    "coefficients": [1.0, -1.0],
+                    "family": EXPLORATORY,
+                }
+            )
     return gaps
 
 
@@ -213,9 +242,15 @@ def _interaction_terms(variant: str, optim: str, base: str, reference: str) -> d
     return {(variant, optim): 1.0, (base, optim): -1.0, (variant, reference): -1.0, (base, reference): 1.0}
 
 
-def compute_interactions(groups: Groups, variants: Sequence[str], optims: Sequence[str], base: str,
-                         reference: str, notes: list[str],
-                         margin: float = DEFAULT_EQUIVALENCE_MARGIN) -> list[dict[str, Any]]:
+def compute_interactions(
+    groups: Groups,
+    variants: Sequence[str],
+    optims: Sequence[str],
+    base: str,
+    reference: str,
+    notes: list[str],
+    margin: float = DEFAULT_EQUIVALENCE_MARGIN,
+) -> list[dict[str, Any]]:
     """interaction(v, O) = (L[v,O] - L[base,O]) - (L[v,ref] - L[base,ref]) for O != ref, with a
     95% t interval from the four independent means (Welch-Satterthwaite degrees of freedom),
     its two-sided p-value, an equivalence test at ``margin`` and the paired per-seed estimate
@@ -230,17 +265,35 @@ def compute_interactions(groups: Groups, variants: Sequence[str], optims: Sequen
                 continue
             terms = [(c, groups[k]) for k, c in coefficients.items()]
             c = contrast(terms)
-            items.append({
-                "variant": variant, "optim": optim, "reference_optim": reference, "value": c.value, "se": c.se,
-                "df": c.df, "ci95": c.ci95, "n": [groups[k].n for k in coefficients],
-                "p": t_p_value(c.value, c.se, c.df), "equivalence": tost(c.value, c.se, c.df, margin),
-                "groups": ["/".join(k) for k in coefficients], "coefficients": list(coefficients.values()),
-                "method": "independent means, Welch t", "paired": paired_contrast(terms)})
+            items.append(
+                {
+                    "variant": variant,
+                    "optim": optim,
+                    "reference_optim": reference,
+                    "value": c.value,
+                    "se": c.se,
+                    "df": c.df,
+                    "ci95": c.ci95,
+                    "n": [groups[k].n for k in coefficients],
+                    "p": t_p_value(c.value, c.se, c.df),
+                    "equivalence": tost(c.value, c.se, c.df, margin),
+                    "groups": ["/".join(k) for k in coefficients],
+                    "coefficients": list(coefficients.values()),
+                    "method": "independent means, Welch t",
+                    "paired": paired_contrast(terms),
+                }
+            )
     return items
 
 
-def compute_recoveries(groups: Groups, fixes_of: Mapping[str, str], optims: Sequence[str], base: str,
-                       reference: str | None, notes: list[str]) -> list[dict[str, Any]]:
+def compute_recoveries(
+    groups: Groups,
+    fixes_of: Mapping[str, str],
+    optims: Sequence[str],
+    base: str,
+    reference: str | None,
+    notes: list[str],
+) -> list[dict[str, Any]]:
     """For each fix F of norm n (``fixes_of[F] = n``) and optimizer O != ref (every column when
     there is no reference), the fix's gain L[n,O] - L[F,O] as a share of
 
@@ -268,34 +321,58 @@ def compute_recoveries(groups: Groups, fixes_of: Mapping[str, str], optims: Sequ
             gap_n = contrast([(1.0, groups[keys[0]]), (-1.0, groups[keys[2]])])
             gain_c = contrast([(1.0, groups[keys[0]]), (-1.0, groups[keys[1]])])
             if gap_n.value <= 0:
-                notes.append(f"{label}: {target} has no gap to recover ({gap_n.value:+.4f} nats: it is no worse "
-                             f"than {base}), so no share of it is reported")
+                notes.append(
+                    f"{label}: {target} has no gap to recover ({gap_n.value:+.4f} nats: it is no worse "
+                    f"than {base}), so no share of it is reported"
+                )
                 share = {"value": None, "ci95": None, "df": None, "reason": "no gap to recover"}
-            item = {"fix": fix, "base_norm": target, "optim": optim, "baseline": base, "reference_optim": reference,
-                    "gap_base": gap_n.value,
-                    "gap_fix": groups[keys[1]].mean - groups[keys[2]].mean,
-                    "share": share["value"], "ci95": share["ci95"], "df": share["df"],
-                    "ci_note": share["reason"],
-                    "paired": None if share["value"] is None else paired_ratio(gain, gap, groups),
-                    "interaction": None, "interaction_share": None, "interaction_ci95": None,
-                    "interaction_ci_note": None, "interaction_paired": None,
-                    "gain": gain_c.value, "gain_ci95": gain_c.ci95, "p": t_p_value(gain_c.value, gain_c.se, gain_c.df),
-                    "groups": ["/".join(k) for k in keys],
-                    "method": "Fieller's interval (t, Welch-Satterthwaite df; paired: k-1 df)"}
+            item = {
+                "fix": fix,
+                "base_norm": target,
+                "optim": optim,
+                "baseline": base,
+                "reference_optim": reference,
+                "gap_base": gap_n.value,
+                "gap_fix": groups[keys[1]].mean - groups[keys[2]].mean,
+                "share": share["value"],
+                "ci95": share["ci95"],
+                "df": share["df"],
+                "ci_note": share["reason"],
+                "paired": None if share["value"] is None else paired_ratio(gain, gap, groups),
+                "interaction": None,
+                "interaction_share": None,
+                "interaction_ci95": None,
+                "interaction_ci_note": None,
+                "interaction_paired": None,
+                "gain": gain_c.value,
+                "gain_ci95": gain_c.ci95,
+                "p": t_p_value(gain_c.value, gain_c.se, gain_c.df),
+                "groups": ["/".join(k) for k in keys],
+                "method": "Fieller's interval (t, Welch-Satterthwaite df; paired: k-1 df)",
+            }
             inter = {} if reference is None else _interaction_terms(target, optim, base, reference)
             item["groups"] = list(dict.fromkeys(item["groups"] + ["/".join(k) for k in inter]))
-            interaction = (sum(c * groups[k].mean for k, c in inter.items())
-                           if inter and all(k in groups and groups[k].n for k in inter) else None)
+            interaction = (
+                sum(c * groups[k].mean for k, c in inter.items())
+                if inter and all(k in groups and groups[k].n for k in inter)
+                else None
+            )
             if interaction is not None and interaction <= 0:
                 # no penalty to recover: a share of a negative interaction would read as a recovery
                 item["interaction"] = interaction
-                notes.append(f"{label}: {target} has no interaction penalty under {optim} "
-                             f"({interaction:+.4f} nats), so no share of it is reported")
+                notes.append(
+                    f"{label}: {target} has no interaction penalty under {optim} "
+                    f"({interaction:+.4f} nats), so no share of it is reported"
+                )
             elif interaction is not None:
                 ratio = ratio_of_contrasts(gain, inter, groups)
-                item.update(interaction=interaction, interaction_share=ratio["value"], interaction_ci95=ratio["ci95"],
-                            interaction_ci_note=ratio["reason"],
-                            interaction_paired=paired_ratio(gain, inter, groups))
+                item.update(
+                    interaction=interaction,
+                    interaction_share=ratio["value"],
+                    interaction_ci95=ratio["ci95"],
+                    interaction_ci_note=ratio["reason"],
+                    interaction_paired=paired_ratio(gain, inter, groups),
+                )
             items.append(item)
     return items
 
@@ -311,10 +388,10 @@ def _canonical_orders(axes: ReportAxes) -> tuple[Sequence[str], Sequence[str]]:
 def _stratum_order(strata: Sequence[Stratum], axes: ReportAxes) -> list[Stratum]:
     """The strata in the order of the spec's levels (a size ladder reads smallest first), levels
     the spec does not list after them in the order found."""
+
     def rank(stratum: Stratum) -> tuple[int, ...]:
         levels = [axes.order.get(key, ()) for key, _ in stratum]
-        return tuple(known.index(level) if level in known else len(known) for known, (_, level) in
-                     zip(levels, stratum))
+        return tuple(known.index(level) if level in known else len(known) for known, (_, level) in zip(levels, stratum))
 
     return sorted(strata, key=rank)  # stable: the order found among equal ranks
 
@@ -327,9 +404,15 @@ def _prefixed(notes: Sequence[str], stratum: Stratum) -> list[str]:
     return [f"[{_stratum_label(stratum)}] {note}" for note in notes] if stratum else list(notes)
 
 
-def build_summary(cells: Sequence[Cell], *, axes: ReportAxes | None = None, baseline_norm: str | None = None,
-                  reference_optim: str | None = None, fixes: Mapping[str, str] | None = None,
-                  divergence_nats: float = DIVERGENCE_NATS) -> dict[str, Any]:
+def build_summary(
+    cells: Sequence[Cell],
+    *,
+    axes: ReportAxes | None = None,
+    baseline_norm: str | None = None,
+    reference_optim: str | None = None,
+    fixes: Mapping[str, str] | None = None,
+    divergence_nats: float = DIVERGENCE_NATS,
+) -> dict[str, Any]:
     """Everything the report shows, as plain data (the content of summary.json): cells with
     their flags, groups (included cells only), gaps, interactions, recoveries and notes.
 
@@ -354,8 +437,9 @@ def build_summary(cells: Sequence[Cell], *, axes: ReportAxes | None = None, base
     notes: list[str] = []
     by_name: dict[str, Cell] = {}
     for stratum in strata:
-        members, arm_notes = assign_arms([c for c in placed if stratum_of(c, axes) == stratum], base,
-                                         axes.coordinate_keys)
+        members, arm_notes = assign_arms(
+            [c for c in placed if stratum_of(c, axes) == stratum], base, axes.coordinate_keys
+        )
         notes += _prefixed(arm_notes, stratum)
         by_name.update({c.name: c for c in members})
     cells = [by_name[c.name] for c in placed]
@@ -368,11 +452,14 @@ def build_summary(cells: Sequence[Cell], *, axes: ReportAxes | None = None, base
     compare_noun, across_noun = axes.noun(axes.compare), axes.noun(axes.across)
 
     if base not in variants:
-        notes.append(f"no {base} cells: no gaps, interactions or recoveries "
-                     f"({compare_noun} levels found: {', '.join(sorted({c.norm for c in cells if c.norm}))})")
+        notes.append(
+            f"no {base} cells: no gaps, interactions or recoveries "
+            f"({compare_noun} levels found: {', '.join(sorted({c.norm for c in cells if c.norm}))})"
+        )
     if axes.across is not None and reference not in optims:
-        notes.append(f"no {reference} cells: no interactions or recoveries "
-                     f"({across_noun} levels found: {', '.join(optims)})")
+        notes.append(
+            f"no {reference} cells: no interactions or recoveries ({across_noun} levels found: {', '.join(optims)})"
+        )
     for cell, assessment in assessed:
         if assessment.flags:
             notes.append(f"{cell.name} left out: {'; '.join(assessment.reasons)}")
@@ -396,30 +483,44 @@ def build_summary(cells: Sequence[Cell], *, axes: ReportAxes | None = None, base
                     kept = [(c, a) for c, a in in_group if not a.flags]
                     for c, a in in_group:
                         for flag in a.flags:
-                            left_out_by_group.setdefault((_stratum_label(stratum), variant, optim), {}) \
-                                .setdefault(flag, []).append(c.name)
+                            left_out_by_group.setdefault((_stratum_label(stratum), variant, optim), {}).setdefault(
+                                flag, []
+                            ).append(c.name)
                     groups[variant, optim] = describe([a.final_eval_loss for _, a in kept], [c.seed for c, _ in kept])
         tag = {"stratum": dict(stratum)} if axes.strata else {}
         label = _stratum_label(stratum)
         all_groups.update({((label,) if label else ()) + key: g for key, g in groups.items()})
         stratum_notes: list[str] = []
-        group_records += [{"variant": v, "norm": norm_of[v][0], "arm": norm_of[v][1], "optim": o, "n": g.n,
-                           "mean": g.mean, "std": g.std, "sem": g.sem, "seeds": list(g.by_seed),
-                           "cells": [c.name for c, a in members if c.variant == v and c.optim == o and not a.flags],
-                           "left_out": {flag: len(names) for flag, names in
-                                        left_out_by_group.get((label, v, o), {}).items()},
-                           **tag} for (v, o), g in groups.items()]
+        group_records += [
+            {
+                "variant": v,
+                "norm": norm_of[v][0],
+                "arm": norm_of[v][1],
+                "optim": o,
+                "n": g.n,
+                "mean": g.mean,
+                "std": g.std,
+                "sem": g.sem,
+                "seeds": list(g.by_seed),
+                "cells": [c.name for c, a in members if c.variant == v and c.optim == o and not a.flags],
+                "left_out": {flag: len(names) for flag, names in left_out_by_group.get((label, v, o), {}).items()},
+                **tag,
+            }
+            for (v, o), g in groups.items()
+        ]
         gaps += [{**g, **tag} for g in compute_gaps(groups, variants, optims, base, stratum_notes, margin)]
         if reference is not None:
-            interactions += [{**i, **tag} for i in
-                             compute_interactions(groups, variants, optims, base, reference, stratum_notes, margin)]
+            interactions += [
+                {**i, **tag}
+                for i in compute_interactions(groups, variants, optims, base, reference, stratum_notes, margin)
+            ]
         for r in compute_recoveries(groups, fixes_of, optims, base, reference, stratum_notes):
             recoveries.append({**r, **tag})
             share_groups.append((recoveries[-1], groups))
-        factor_effects += [{**f, **tag} for f in compute_factor_effects(groups, axes.factors, optims, reference,
-                                                                        margin, stratum_notes)]
-        tail += [{**t, **tag} for t in tail_comparisons(members, variants, optims, base, reference,
-                                                                  stratum_notes)]
+        factor_effects += [
+            {**f, **tag} for f in compute_factor_effects(groups, axes.factors, optims, reference, margin, stratum_notes)
+        ]
+        tail += [{**t, **tag} for t in tail_comparisons(members, variants, optims, base, reference, stratum_notes)]
         notes += _prefixed(stratum_notes, stratum)
 
     family = main_family(gaps, interactions, share_groups, factor_effects, single=axes.across is None)
@@ -435,39 +536,63 @@ def build_summary(cells: Sequence[Cell], *, axes: ReportAxes | None = None, base
         record["left_out_bias"] = _recovery_bias(record, label, left_out_by_group)
     if (note := one_seed_note(all_groups)) is not None:
         notes.insert(0, note)
-    flat = [c.name for c, a in assessed if c.metrics is not None
-            and learned_no_context(a.final_eval_loss, c.metrics.unigram_entropy)]
+    flat = [
+        c.name
+        for c, a in assessed
+        if c.metrics is not None and learned_no_context(a.final_eval_loss, c.metrics.unigram_entropy)
+    ]
     if flat:
-        notes.insert(0, f"{len(flat)} of {len(assessed)} cells end less than {CONTEXT_MARGIN_NATS} nats below the "
-                        f"unigram entropy of their training tokens, i.e. they learned almost no context "
-                        f"({', '.join(flat)}): gaps and interactions involving them measure noise more than "
-                        f"the {compare_noun} or the {across_noun or compare_noun}.")
+        notes.insert(
+            0,
+            f"{len(flat)} of {len(assessed)} cells end less than {CONTEXT_MARGIN_NATS} nats below the "
+            f"unigram entropy of their training tokens, i.e. they learned almost no context "
+            f"({', '.join(flat)}): gaps and interactions involving them measure noise more than "
+            f"the {compare_noun} or the {across_noun or compare_noun}.",
+        )
     return {
-        "settings": {"baseline_norm": base, "reference_optim": reference, "fixes": fixes,
-                     "axes": axes.to_json(), "compare_noun": compare_noun, "across_noun": across_noun,
-                     "divergence_nats": divergence_nats, "interval": INTERVAL_METHOD, "level": LEVEL,
-                     "equivalence_margin": margin},
+        "settings": {
+            "baseline_norm": base,
+            "reference_optim": reference,
+            "fixes": fixes,
+            "axes": axes.to_json(),
+            "compare_noun": compare_noun,
+            "across_noun": across_noun,
+            "divergence_nats": divergence_nats,
+            "interval": INTERVAL_METHOD,
+            "level": LEVEL,
+            "equivalence_margin": margin,
+        },
         "variants": variants,
         "optims": optims,
-        "cells": [_cell_record(c, a, fixes_of.get(c.variant) if c.norm else None,
-                               _stratum_label(stratum_of(c, axes))) for c, a in assessed],
+        "cells": [
+            _cell_record(c, a, fixes_of.get(c.variant) if c.norm else None, _stratum_label(stratum_of(c, axes)))
+            for c, a in assessed
+        ],
         "groups": group_records,
         "gaps": gaps,
         "interactions": interactions,
         "recoveries": recoveries,
         "factor_effects": factor_effects,
         "family": family,
-        "left_out_by_group": [{"stratum": s, "variant": v, "optim": o, "flags": {f: len(n) for f, n in flags.items()},
-                               "by_flags": by_flag_set(flags),
-                               "cells": sorted({n for names in flags.values() for n in names})}
-                              for (s, v, o), flags in left_out_by_group.items()],
+        "left_out_by_group": [
+            {
+                "stratum": s,
+                "variant": v,
+                "optim": o,
+                "flags": {f: len(n) for f, n in flags.items()},
+                "by_flags": by_flag_set(flags),
+                "cells": sorted({n for names in flags.values() for n in names}),
+            }
+            for (s, v, o), flags in left_out_by_group.items()
+        ],
         "tail_classes": tail,
         "notes": notes,
     }
 
 
-def _recovery_bias(record: Mapping[str, Any], stratum: str,
-                   left_out: Mapping[tuple[str, str, str], Mapping[str, list[str]]]) -> list[dict[str, Any]]:
+def _recovery_bias(
+    record: Mapping[str, Any], stratum: str, left_out: Mapping[tuple[str, str, str], Mapping[str, list[str]]]
+) -> list[dict[str, Any]]:
     """Which way lost diverged cells push a recovery's shares (:mod:`normopt.report.left_out`):
     share of the gap = (L[n,O] - L[F,O]) / (L[n,O] - L[base,O]), share of the interaction =
     the same gain / interaction(n, O); each only where the report gives it."""
@@ -478,10 +603,10 @@ def _recovery_bias(record: Mapping[str, Any], stratum: str,
         gap = {f"{target}/{optim}": 1.0, f"{base}/{optim}": -1.0}
         out.append(bias("share of the gap", ratio_signs(gain, gap, record["share"]), stratum, left_out))
     if record["interaction_share"] is not None:
-        inter = {"/".join(k): c for k, c in
-                 _interaction_terms(target, optim, base, record["reference_optim"]).items()}
-        out.append(bias("share of the interaction", ratio_signs(gain, inter, record["interaction_share"]),
-                        stratum, left_out))
+        inter = {"/".join(k): c for k, c in _interaction_terms(target, optim, base, record["reference_optim"]).items()}
+        out.append(
+            bias("share of the interaction", ratio_signs(gain, inter, record["interaction_share"]), stratum, left_out)
+        )
     return [b for b in out if b is not None]
 
 
@@ -489,16 +614,25 @@ def _cell_record(cell: Cell, assessment: Assessment, fix_of: str | None, stratum
     metrics = cell.metrics
     return {
         **({"stratum": stratum} if stratum else {}),
-        "name": cell.name, "path": str(cell.path), "norm": cell.norm, "arm": cell.arm,
+        "name": cell.name,
+        "path": str(cell.path),
+        "norm": cell.norm,
+        "arm": cell.arm,
         "variant": cell.variant if cell.norm is not None else None,
-        "optim": cell.optim, "seed": cell.seed, "fix_of": fix_of, "steps": cell.steps,
-        "last_step": metrics.last_step if metrics else None, "final_eval_loss": assessment.final_eval_loss,
+        "optim": cell.optim,
+        "seed": cell.seed,
+        "fix_of": fix_of,
+        "steps": cell.steps,
+        "last_step": metrics.last_step if metrics else None,
+        "final_eval_loss": assessment.final_eval_loss,
         "unigram_entropy": metrics.unigram_entropy if metrics else None,
-        "learned_no_context": learned_no_context(assessment.final_eval_loss,
-                                                 metrics.unigram_entropy if metrics else None),
-        "flags": list(assessment.flags), "reasons": list(assessment.reasons), "included": not assessment.flags,
+        "learned_no_context": learned_no_context(
+            assessment.final_eval_loss, metrics.unigram_entropy if metrics else None
+        ),
+        "flags": list(assessment.flags),
+        "reasons": list(assessment.reasons),
+        "included": not assessment.flags,
         "partial_last_line": bool(metrics and metrics.partial_last_line),
         "diagnostics": None if cell.diagnostics is None else diagnostics_numbers(cell.diagnostics),
         "cost": cell.cost,
     }
-

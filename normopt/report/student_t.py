@@ -61,8 +61,7 @@ def regularized_beta(a: float, b: float, x: float) -> float:
         return 0.0
     if x >= 1.0:
         return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
     if x < (a + 1.0) / (a + b + 2.0):
         return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
     return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
@@ -131,8 +130,7 @@ def welch_df(weights: Sequence[float], ns: Sequence[int]) -> float | None:
     return sum(weights) ** 2 / denominator
 
 
-def t_interval(value: float, se: float | None, df: float | None,
-               level: float = LEVEL) -> tuple[float, float] | None:
+def t_interval(value: float, se: float | None, df: float | None, level: float = LEVEL) -> tuple[float, float] | None:
     """value -/+ t_{(1+level)/2, df} se; a point when se = 0; None without se or df."""
     if se is None:
         return None
@@ -144,8 +142,9 @@ def t_interval(value: float, se: float | None, df: float | None,
     return (value - half, value + half)
 
 
-def fieller_interval(num: float, den: float, var_num: float, var_den: float, cov: float,
-                     df: float, level: float = LEVEL) -> tuple[float, float] | None:
+def fieller_interval(
+    num: float, den: float, var_num: float, var_den: float, cov: float, df: float, level: float = LEVEL
+) -> tuple[float, float] | None:
     """Fieller's interval for R = num / den: the R with (N - R D)^2 <= t^2 var(N - R D),
     var(N - R D) = var_N - 2 R cov + R^2 var_D, i.e. the R between the roots of
         A R^2 - 2 B R + C = 0,  A = D^2 - t^2 var_D,  B = N D - t^2 cov,  C = N^2 - t^2 var_N.

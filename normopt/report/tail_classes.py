@@ -57,8 +57,12 @@ def shared_head_tail(rows: Sequence[Sequence[float | None]]) -> tuple[int, int] 
     return (shared[0], shared[-1]) if len(shared) >= 2 else None
 
 
-def _difference(first: Sequence[float], second: Sequence[float], seeds_first: Sequence[int | None],
-                seeds_second: Sequence[int | None]) -> dict[str, Any]:
+def _difference(
+    first: Sequence[float],
+    second: Sequence[float],
+    seeds_first: Sequence[int | None],
+    seeds_second: Sequence[int | None],
+) -> dict[str, Any]:
     c = contrast([(1.0, describe(first, seeds_first)), (-1.0, describe(second, seeds_second))])
     return {"value": c.value, "se": c.se, "df": c.df, "ci95": c.ci95, "n": [len(first), len(second)]}
 
@@ -97,12 +101,17 @@ def compare_buckets(first: Sequence[Cell], second: Sequence[Cell]) -> dict[str, 
     buckets = []
     for b in range(len(rows_first[0])):
         if all(_finite(r[b]) for r in rows_first + rows_second):
-            buckets.append({"bucket": b, **_difference([r[b] for r in rows_first], [r[b] for r in rows_second],
-                                                       seeds_first, seeds_second)})
+            buckets.append(
+                {
+                    "bucket": b,
+                    **_difference([r[b] for r in rows_first], [r[b] for r in rows_second], seeds_first, seeds_second),
+                }
+            )
         else:
             buckets.append({"bucket": b, "value": None, "se": None, "df": None, "ci95": None, "n": None})
-    spread = _difference([r[tail] - r[head] for r in rows_first], [r[tail] - r[head] for r in rows_second],
-                         seeds_first, seeds_second)
+    spread = _difference(
+        [r[tail] - r[head] for r in rows_first], [r[tail] - r[head] for r in rows_second], seeds_first, seeds_second
+    )
     return {"buckets": buckets, "head_bucket": head, "tail_bucket": tail, "tail_minus_head": spread}
 
 
@@ -119,22 +128,31 @@ def tail_sentence(item: dict[str, Any]) -> str:
         verdict = f"95% CI [{ci[0]:+.3f}, {ci[1]:+.3f}] excludes 0"
     else:
         verdict = f"95% CI [{ci[0]:+.3f}, {ci[1]:+.3f}] includes 0: not distinguishable from an even gain"
-    return (f"{item['second_label']} vs {item['first_label']}: the tail bucket gains {more} than the head bucket "
-            f"({tail:+.3f} vs {head:+.3f} nats; tail − head {spread['value']:+.3f}, {verdict}).")
+    return (
+        f"{item['second_label']} vs {item['first_label']}: the tail bucket gains {more} than the head bucket "
+        f"({tail:+.3f} vs {head:+.3f} nats; tail − head {spread['value']:+.3f}, {verdict})."
+    )
 
 
-def tail_comparisons(members: Sequence[tuple[Cell, Assessment]], variants: Sequence[str], optims: Sequence[str],
-                     baseline: str, reference: str | None,
-                     notes: list[str] | None = None) -> list[dict[str, Any]]:
+def tail_comparisons(
+    members: Sequence[tuple[Cell, Assessment]],
+    variants: Sequence[str],
+    optims: Sequence[str],
+    baseline: str,
+    reference: str | None,
+    notes: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """The bucket comparisons of one stratum's cells (module doc): first the across-axis pairs,
     then the compared-axis pairs (no across pairs without a ``reference``); each with labels,
     per-bucket differences, the head/tail contrast and its sentence. A pair dropped for its
     bucket rows gets a line in ``notes``."""
+
     def group(variant: str, optim: str) -> list[Cell]:
         return [c for c, a in members if c.variant == variant and c.optim == optim and not a.flags]
 
-    pairs = [("across", (v, reference), (v, o)) for v in variants for o in optims
-             if reference is not None and o != reference]
+    pairs = [
+        ("across", (v, reference), (v, o)) for v in variants for o in optims if reference is not None and o != reference
+    ]
     pairs += [("compare", (v, o), (baseline, o)) for o in optims for v in variants if v != baseline]
     items = []
     for kind, first, second in pairs:
@@ -144,11 +162,21 @@ def tail_comparisons(members: Sequence[tuple[Cell, Assessment]], variants: Seque
             if problem is not None and notes is not None:
                 notes.append(f"head/tail comparison {'/'.join(second)} vs {'/'.join(first)} left out: {problem}")
             continue
-        label = ((lambda g: f"{g[1]} ({g[0]})") if kind == "across" else
-                 (lambda g: f"{g[0]} ({g[1]})") if reference is not None else (lambda g: g[0]))
-        item = {"kind": kind, "first": {"variant": first[0], "optim": first[1]},
-                "second": {"variant": second[0], "optim": second[1]},
-                "first_label": label(first), "second_label": label(second), **result}
+        label = (
+            (lambda g: f"{g[1]} ({g[0]})")
+            if kind == "across"
+            else (lambda g: f"{g[0]} ({g[1]})")
+            if reference is not None
+            else (lambda g: g[0])
+        )
+        item = {
+            "kind": kind,
+            "first": {"variant": first[0], "optim": first[1]},
+            "second": {"variant": second[0], "optim": second[1]},
+            "first_label": label(first),
+            "second_label": label(second),
+            **result,
+        }
         item["sentence"] = tail_sentence(item)
         items.append(item)
     return items

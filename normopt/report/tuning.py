@@ -142,8 +142,7 @@ def choose_value(outcomes: Sequence[ValueOutcome], n_seeds: int) -> Choice:
         elif len(o.losses) < n_seeds or any(not math.isfinite(x) for x in o.losses):
             waiting.append(level_label(o.value))
     if waiting:
-        return Choice(None, None, excluded=excluded,
-                      reason=f"tuning runs not finished for {', '.join(waiting)}")
+        return Choice(None, None, excluded=excluded, reason=f"tuning runs not finished for {', '.join(waiting)}")
     usable = [o for o in outcomes if level_label(o.value) not in excluded]
     if not usable:
         return Choice(None, None, excluded=excluded, reason="every value has a diverged tuning run")
@@ -152,9 +151,15 @@ def choose_value(outcomes: Sequence[ValueOutcome], n_seeds: int) -> Choice:
     runner = usable[ranked[1]] if len(ranked) > 1 else None
     numbers = _numeric([o.value for o in outcomes])
     edge = numbers is not None and len(numbers) > 1 and float(best.value) in (min(numbers), max(numbers))
-    return Choice(best.value, best.mean, runner.value if runner else None,
-                  None if runner is None else runner.mean - best.mean,
-                  tuple(o.value for o in usable if o is not best and o.mean == best.mean), edge, excluded)
+    return Choice(
+        best.value,
+        best.mean,
+        runner.value if runner else None,
+        None if runner is None else runner.mean - best.mean,
+        tuple(o.value for o in usable if o is not best and o.mean == best.mean),
+        edge,
+        excluded,
+    )
 
 
 BOOTSTRAP_RESAMPLES = 2000  # B: resamples of the tuning seeds per cell
@@ -166,8 +171,9 @@ def _winner(means: Sequence[float]) -> int:
     return min(range(len(means)), key=lambda i: (means[i], i))
 
 
-def choice_reliability(outcomes: Sequence[ValueOutcome], choice: Choice, resamples: int = BOOTSTRAP_RESAMPLES,
-                       seed: int = BOOTSTRAP_SEED) -> dict[str, Any] | None:
+def choice_reliability(
+    outcomes: Sequence[ValueOutcome], choice: Choice, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> dict[str, Any] | None:
     """How reliable a made choice is (module docstring): the share of ``resamples`` bootstrap
     resamples of the tuning seeds in which the chosen value still wins, and the runner-up's
     difference with its 95% t interval. None when no value was chosen."""
@@ -176,11 +182,22 @@ def choice_reliability(outcomes: Sequence[ValueOutcome], choice: Choice, resampl
     usable = [o for o in outcomes if level_label(o.value) not in choice.excluded]
     chosen = next(i for i, o in enumerate(usable) if level_label(o.value) == level_label(choice.chosen))
     k = min(len(o.losses) for o in usable)
-    seed_sets = {tuple(sorted(o.seeds)) if len(o.seeds) == len(o.losses) and None not in o.seeds
-                 and len(set(o.seeds)) == len(o.seeds) else None for o in usable}
+    seed_sets = {
+        tuple(sorted(o.seeds))
+        if len(o.seeds) == len(o.losses) and None not in o.seeds and len(set(o.seeds)) == len(o.seeds)
+        else None
+        for o in usable
+    }
     paired = len(seed_sets) == 1 and None not in seed_sets
-    out: dict[str, Any] = {"share_chosen_wins": None, "resamples": resamples, "resample_seed": seed,
-                           "n_seeds": k, "paired": paired, "reason": None, "runner_up_difference": None}
+    out: dict[str, Any] = {
+        "share_chosen_wins": None,
+        "resamples": resamples,
+        "resample_seed": seed,
+        "n_seeds": k,
+        "paired": paired,
+        "reason": None,
+        "runner_up_difference": None,
+    }
     if len(usable) < 2:
         out["reason"] = "no other value to compare with"
         return out
@@ -216,8 +233,14 @@ def choice_reliability(outcomes: Sequence[ValueOutcome], choice: Choice, resampl
     else:
         c = contrast([(1.0, describe(runner.losses)), (-1.0, describe(best.losses))])
         value, se, df, ci = c.value, c.se, c.df, c.ci95
-    out["runner_up_difference"] = {"value": value, "se": se, "df": df, "ci95": ci, "paired": paired,
-                                   "within_noise": None if ci is None else ci[0] <= 0.0 <= ci[1]}
+    out["runner_up_difference"] = {
+        "value": value,
+        "se": se,
+        "df": df,
+        "ci95": ci,
+        "paired": paired,
+        "within_noise": None if ci is None else ci[0] <= 0.0 <= ci[1],
+    }
     return out
 
 
@@ -238,8 +261,9 @@ def _unit(record: Mapping[str, Any]) -> tuple[str, str, str]:
     return (record.get("stratum") or "", record["variant"] or "", record["optim"] or "")
 
 
-def tuning_analysis(root: Path, cells: Sequence[Cell], summary: Mapping[str, Any], axes: ReportAxes,
-                    fixes: Mapping[str, str] | None) -> dict[str, Any] | None:
+def tuning_analysis(
+    root: Path, cells: Sequence[Cell], summary: Mapping[str, Any], axes: ReportAxes, fixes: Mapping[str, str] | None
+) -> dict[str, Any] | None:
     """For a root with a tuning folder: per cell (variant, optimizer, stratum) the metric at
     every value and the choice; per value the interactions at that common value (the tuning
     runs' report statistics); the value each evaluation cell ran at; the selection-bias
@@ -254,8 +278,11 @@ def tuning_analysis(root: Path, cells: Sequence[Cell], summary: Mapping[str, Any
     runs: dict[tuple, dict[str, list[Mapping[str, Any]]]] = {}  # cell -> value label -> its run records
     for value in values:
         members = [c for c in tuning_cells if key in c.config and level_label(c.config[key]) == level_label(value)]
-        s_v = build_summary(members, axes=axes, fixes=fixes) if members else {"interactions": [], "groups": [],
-                                                                             "cells": []}
+        s_v = (
+            build_summary(members, axes=axes, fixes=fixes)
+            if members
+            else {"interactions": [], "groups": [], "cells": []}
+        )
         per_value.append({"value": value, "interactions": s_v["interactions"], "groups": s_v["groups"]})
         for record in s_v["cells"]:
             runs.setdefault(_unit(record), {}).setdefault(level_label(value), []).append(record)
@@ -266,8 +293,11 @@ def tuning_analysis(root: Path, cells: Sequence[Cell], summary: Mapping[str, Any
             records = by_value.get(level_label(value), [])
             losses = tuple(r["final_eval_loss"] for r in records if r["included"])
             run_seeds = tuple(r["seed"] for r in records if r["included"])
-            failures = tuple(("incomplete: " if set(r["flags"]) <= {"missing", "stopped_early"} else "") +
-                             "; ".join(r["reasons"]) for r in records if not r["included"])
+            failures = tuple(
+                ("incomplete: " if set(r["flags"]) <= {"missing", "stopped_early"} else "") + "; ".join(r["reasons"])
+                for r in records
+                if not r["included"]
+            )
             failures += ("incomplete: no tuning run",) * max(0, len(seeds) - len(records))
             outcomes[unit].append(ValueOutcome(value, losses, failures, run_seeds))
     eval_values: dict[tuple, list[str]] = {}
@@ -276,8 +306,10 @@ def tuning_analysis(root: Path, cells: Sequence[Cell], summary: Mapping[str, Any
         ran = {level_label(by_name[n].config[key]) for n in group["cells"] if key in by_name[n].config}
         stratum = ", ".join(f"{k}={v}" for k, v in (group.get("stratum") or {}).items())
         eval_values[(stratum, group["variant"], group["optim"])] = sorted(ran)
-    eval_groups = {_unit({**g, "stratum": ", ".join(f"{k}={v}" for k, v in (g.get("stratum") or {}).items())}): g
-                   for g in summary["groups"]}
+    eval_groups = {
+        _unit({**g, "stratum": ", ".join(f"{k}={v}" for k, v in (g.get("stratum") or {}).items())}): g
+        for g in summary["groups"]
+    }
     choices = []
     notes = []
     for unit, unit_outcomes in outcomes.items():
@@ -286,34 +318,69 @@ def tuning_analysis(root: Path, cells: Sequence[Cell], summary: Mapping[str, Any
         group = eval_groups.get(unit)
         chosen_label = None if choice.chosen is None else level_label(choice.chosen)
         if ran and chosen_label is not None and ran != [chosen_label]:
-            notes.append(f"{'/'.join(p for p in unit if p)}: evaluation cells ran at {key}={', '.join(ran)}, "
-                         f"but the tuning runs now choose {chosen_label}")
+            notes.append(
+                f"{'/'.join(p for p in unit if p)}: evaluation cells ran at {key}={', '.join(ran)}, "
+                f"but the tuning runs now choose {chosen_label}"
+            )
         same_horizon = tune.get("steps") in (None, summary_steps(summary, unit))
         chosen_outcome = next((o for o in unit_outcomes if o.value == choice.chosen), None)
-        optimism = (chosen_outcome.mean - group["mean"]
-                    if same_horizon and chosen_outcome is not None and chosen_outcome.mean is not None
-                    and group and group["n"] else None)
-        choices.append({
-            "stratum": unit[0], "variant": unit[1], "optim": unit[2],
-            "by_value": [{"value": o.value, "mean": o.mean, "n": len(o.losses), "complete": len(o.losses) == len(seeds),
-                          "losses": list(o.losses), "seeds": list(o.seeds), "failures": list(o.failures)}
-                         for o in unit_outcomes],
-            "chosen": choice.chosen, "metric": choice.metric, "runner_up": choice.runner_up,
-            "margin": choice.margin, "tied": list(choice.tied), "at_edge": choice.at_edge,
-            "excluded": dict(choice.excluded), "reason": choice.reason,
-            "reliability": choice_reliability(unit_outcomes, choice), "evaluation_ran_at": ran,
-            "evaluation_mean": group["mean"] if group else None, "evaluation_n": group["n"] if group else 0,
-            "tuning_minus_evaluation": optimism})
+        optimism = (
+            chosen_outcome.mean - group["mean"]
+            if same_horizon and chosen_outcome is not None and chosen_outcome.mean is not None and group and group["n"]
+            else None
+        )
+        choices.append(
+            {
+                "stratum": unit[0],
+                "variant": unit[1],
+                "optim": unit[2],
+                "by_value": [
+                    {
+                        "value": o.value,
+                        "mean": o.mean,
+                        "n": len(o.losses),
+                        "complete": len(o.losses) == len(seeds),
+                        "losses": list(o.losses),
+                        "seeds": list(o.seeds),
+                        "failures": list(o.failures),
+                    }
+                    for o in unit_outcomes
+                ],
+                "chosen": choice.chosen,
+                "metric": choice.metric,
+                "runner_up": choice.runner_up,
+                "margin": choice.margin,
+                "tied": list(choice.tied),
+                "at_edge": choice.at_edge,
+                "excluded": dict(choice.excluded),
+                "reason": choice.reason,
+                "reliability": choice_reliability(unit_outcomes, choice),
+                "evaluation_ran_at": ran,
+                "evaluation_mean": group["mean"] if group else None,
+                "evaluation_n": group["n"] if group else 0,
+                "tuning_minus_evaluation": optimism,
+            }
+        )
     rank = {name: i for i, name in enumerate([*summary["variants"], *summary["optims"]])}
     choices.sort(key=lambda c: (c["stratum"], rank.get(c["variant"], len(rank)), rank.get(c["optim"], len(rank))))
     eval_seeds = sorted({c.seed for c in cells if c.seed is not None})
     tuning_seeds = sorted({c.seed for c in tuning_cells if c.seed is not None})
-    return {"key": key, "values": values, "by": tune["by"], "metric": METRICS.get(tune["by"], tune["by"]),
-            "tuning_seeds": tuning_seeds, "evaluation_seeds": eval_seeds, "tuning_steps": tune.get("steps"),
-            "choices": choices, "per_value": per_value, "notes": notes,
-            "survival": survival(summary, per_value),
-            "resamples": BOOTSTRAP_RESAMPLES, "resample_seed": BOOTSTRAP_SEED,
-            "selection_bias": selection_bias_statement(tuning_seeds, eval_seeds, choices, per_value, len(values))}
+    return {
+        "key": key,
+        "values": values,
+        "by": tune["by"],
+        "metric": METRICS.get(tune["by"], tune["by"]),
+        "tuning_seeds": tuning_seeds,
+        "evaluation_seeds": eval_seeds,
+        "tuning_steps": tune.get("steps"),
+        "choices": choices,
+        "per_value": per_value,
+        "notes": notes,
+        "survival": survival(summary, per_value),
+        "resamples": BOOTSTRAP_RESAMPLES,
+        "resample_seed": BOOTSTRAP_SEED,
+        "selection_bias": selection_bias_statement(tuning_seeds, eval_seeds, choices, per_value, len(values)),
+    }
 
 
 def _interaction_key(item: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -330,20 +397,40 @@ def survival(summary: Mapping[str, Any], per_value: Sequence[Mapping[str, Any]])
     keys += [k for k in tuned if k not in keys]
     out = []
     for key in keys:
-        at = [(v["value"], next((i for i in v["interactions"] if _interaction_key(i) == key), None))
-              for v in per_value]
+        at = [(v["value"], next((i for i in v["interactions"] if _interaction_key(i) == key), None)) for v in per_value]
         clean = [(value, i) for value, i in at if i is not None and not i.get("left_out")]
         t = tuned.get(key)
-        out.append({
-            "variant": key[0], "optim": key[1], "stratum": key[2],
-            "tuned": None if t is None else {"value": t["value"], "ci95": t["ci95"], "left_out": t.get("left_out", []),
-                                             "left_out_bias": t.get("left_out_bias", [])},
-            "common_range": [min(i["value"] for _, i in clean), max(i["value"] for _, i in clean)] if clean else None,
-            "common_range_values": [value for value, _ in clean],
-            "flagged": [{"value": value, "estimate": i["value"], "ci95": i["ci95"], "left_out": i["left_out"],
-                         "left_out_bias": i.get("left_out_bias", [])}
-                        for value, i in at if i is not None and i.get("left_out")],
-            "not_computable": [value for value, i in at if i is None]})
+        out.append(
+            {
+                "variant": key[0],
+                "optim": key[1],
+                "stratum": key[2],
+                "tuned": None
+                if t is None
+                else {
+                    "value": t["value"],
+                    "ci95": t["ci95"],
+                    "left_out": t.get("left_out", []),
+                    "left_out_bias": t.get("left_out_bias", []),
+                },
+                "common_range": [min(i["value"] for _, i in clean), max(i["value"] for _, i in clean)]
+                if clean
+                else None,
+                "common_range_values": [value for value, _ in clean],
+                "flagged": [
+                    {
+                        "value": value,
+                        "estimate": i["value"],
+                        "ci95": i["ci95"],
+                        "left_out": i["left_out"],
+                        "left_out_bias": i.get("left_out_bias", []),
+                    }
+                    for value, i in at
+                    if i is not None and i.get("left_out")
+                ],
+                "not_computable": [value for value, i in at if i is None],
+            }
+        )
     return out
 
 
@@ -353,26 +440,37 @@ def summary_steps(summary: Mapping[str, Any], unit: tuple[str, str, str]) -> int
     return steps.pop() if len(steps) == 1 else None
 
 
-def selection_bias_statement(tuning_seeds: Sequence[int], eval_seeds: Sequence[int],
-                             choices: Sequence[Mapping[str, Any]], per_value: Sequence[Mapping[str, Any]],
-                             k: int) -> str:
+def selection_bias_statement(
+    tuning_seeds: Sequence[int],
+    eval_seeds: Sequence[int],
+    choices: Sequence[Mapping[str, Any]],
+    per_value: Sequence[Mapping[str, Any]],
+    k: int,
+) -> str:
     """What the tuned losses' selection does to them (module docstring), as one paragraph."""
     shared = sorted(set(tuning_seeds) & set(eval_seeds))
     if not shared:
-        return (f"The tuned cells' losses and interactions come from the evaluation seeds "
-                f"{', '.join(map(str, eval_seeds)) or '—'}, none of which chose the value (tuning seeds "
-                f"{', '.join(map(str, tuning_seeds)) or '—'}): the choice is independent of them, so they carry "
-                "no selection bias. Noise in the choice can only pick a value other than the true best, which "
-                "makes a tuned loss pessimistic, not optimistic; the runner-up − chosen column shows how close each "
-                "choice was.")
+        return (
+            f"The tuned cells' losses and interactions come from the evaluation seeds "
+            f"{', '.join(map(str, eval_seeds)) or '—'}, none of which chose the value (tuning seeds "
+            f"{', '.join(map(str, tuning_seeds)) or '—'}): the choice is independent of them, so they carry "
+            "no selection bias. Noise in the choice can only pick a value other than the true best, which "
+            "makes a tuned loss pessimistic, not optimistic; the runner-up − chosen column shows how close each "
+            "choice was."
+        )
     sems = [g["sem"] for v in per_value for g in v["groups"] if g.get("sem") is not None]
     bound = max(sems) * math.sqrt(2 * math.log(k)) if sems and k > 1 else None
-    return (f"Seeds {', '.join(map(str, shared))} both chose the value and are evaluated: the tuned losses are "
-            "optimistic (a minimum over noisy means is biased low). " +
-            (f"Expected optimism at most sigma·sqrt(2 ln k) = {bound:.4f} nats (sigma = {max(sems):.4f}, the "
-             f"largest standard error of a tuning mean; k = {k} values)." if bound is not None else
-             "With one tuning seed per value the noise of a mean is unknown, so the optimism cannot be bounded "
-             "from these runs."))
+    return (
+        f"Seeds {', '.join(map(str, shared))} both chose the value and are evaluated: the tuned losses are "
+        "optimistic (a minimum over noisy means is biased low). "
+        + (
+            f"Expected optimism at most sigma·sqrt(2 ln k) = {bound:.4f} nats (sigma = {max(sems):.4f}, the "
+            f"largest standard error of a tuning mean; k = {k} values)."
+            if bound is not None
+            else "With one tuning seed per value the noise of a mean is unknown, so the optimism cannot be bounded "
+            "from these runs."
+        )
+    )
 
 
 # --------------------------------------------------------------------------- plot and markdown
@@ -402,16 +500,26 @@ def plot_tuning(summary: Mapping[str, Any], path: Path) -> bool:
     for ax, (optim, stratum) in zip(axes, panels):
         for c in (c for c in tuning["choices"] if (c["optim"], c["stratum"]) == (optim, stratum)):
             color, marker = styles.get(c["variant"], ("C0", "o"))
-            line = [(xs[level_label(b["value"])], b["mean"]) for b in c["by_value"]
-                    if b["mean"] is not None and level_label(b["value"]) not in c["excluded"]
-                    and b.get("complete", True)]
+            line = [
+                (xs[level_label(b["value"])], b["mean"])
+                for b in c["by_value"]
+                if b["mean"] is not None and level_label(b["value"]) not in c["excluded"] and b.get("complete", True)
+            ]
             ax.plot([x for x, _ in line], [y for _, y in line], marker=marker, color=color, label=c["variant"])
             for b in c["by_value"]:
                 for loss in b["losses"]:
                     ax.plot(xs[level_label(b["value"])], loss, ".", color=color, alpha=0.35)
                 if level_label(b["value"]) in c["excluded"]:
-                    ax.plot(xs[level_label(b["value"])], 1.0, "x", color=color, ms=9, mew=2,
-                            transform=ax.get_xaxis_transform(), clip_on=False)
+                    ax.plot(
+                        xs[level_label(b["value"])],
+                        1.0,
+                        "x",
+                        color=color,
+                        ms=9,
+                        mew=2,
+                        transform=ax.get_xaxis_transform(),
+                        clip_on=False,
+                    )
             if c["chosen"] is not None and c["metric"] is not None:
                 ax.plot(xs[level_label(c["chosen"])], c["metric"], "o", ms=14, mfc="none", mec=color, mew=2)
         if log_x:
@@ -424,10 +532,12 @@ def plot_tuning(summary: Mapping[str, Any], path: Path) -> bool:
         ax.legend(fontsize=7)
     axes[0].set_ylabel("final tuning eval loss (nats)")
     horizon = f"{tuning['tuning_steps']} steps" if tuning.get("tuning_steps") else "the grid's steps"
-    fig.suptitle(f"tuning: final eval loss vs {tuning['key']} ({horizon}, seeds "
-                 f"{', '.join(map(str, tuning['tuning_seeds']))}); open circle = chosen, x = diverged (excluded); "
-                 "the line joins complete means only",
-                 fontsize=9)
+    fig.suptitle(
+        f"tuning: final eval loss vs {tuning['key']} ({horizon}, seeds "
+        f"{', '.join(map(str, tuning['tuning_seeds']))}); open circle = chosen, x = diverged (excluded); "
+        "the line joins complete means only",
+        fontsize=9,
+    )
     fig.savefig(path, dpi=110)
     return True
 
@@ -494,16 +604,19 @@ def tuning_lines(summary: Mapping[str, Any]) -> list[str]:
         if c["chosen"] is None:
             lines.append(f"tuned {t['key']} {c['variant']} ({where}): none ({c['reason']})")
             continue
-        flags = (["at the edge of the range"] if c["at_edge"] else []) + \
-                ([f"excluded {', '.join(c['excluded'])}"] if c["excluded"] else [])
+        flags = (["at the edge of the range"] if c["at_edge"] else []) + (
+            [f"excluded {', '.join(c['excluded'])}"] if c["excluded"] else []
+        )
         r = c.get("reliability") or {}
         if r.get("share_chosen_wins") is not None:
             flags.append(f"wins {_share(r)} of {r['resamples']} seed resamples")
         diff = r.get("runner_up_difference")
         if diff is not None and diff["within_noise"]:
             flags.append(f"runner-up {level_label(c['runner_up'])} within the noise")
-        lines.append(f"tuned {t['key']} {c['variant']} ({where}): {level_label(c['chosen'])}, {t['by']} "
-                     f"{_num(c['metric'])}" + (f" ({'; '.join(flags)})" if flags else ""))
+        lines.append(
+            f"tuned {t['key']} {c['variant']} ({where}): {level_label(c['chosen'])}, {t['by']} "
+            f"{_num(c['metric'])}" + (f" ({'; '.join(flags)})" if flags else "")
+        )
     return lines
 
 
@@ -512,10 +625,15 @@ def tuning_lead(summary: Mapping[str, Any]) -> list[str]:
     t = summary.get("tuning")
     if not t:
         return []
-    return [(f"Every table below is at each cell's tuned `{t['key']}`, chosen on the tuning seeds "
-             f"{', '.join(map(str, t['tuning_seeds'])) or '—'} and measured on the evaluation seeds "
-             f"{', '.join(map(str, t['evaluation_seeds'])) or '—'}; the section Tuning gives each choice and "
-             "the interaction at every common value."), ""]
+    return [
+        (
+            f"Every table below is at each cell's tuned `{t['key']}`, chosen on the tuning seeds "
+            f"{', '.join(map(str, t['tuning_seeds'])) or '—'} and measured on the evaluation seeds "
+            f"{', '.join(map(str, t['evaluation_seeds'])) or '—'}; the section Tuning gives each choice and "
+            "the interaction at every common value."
+        ),
+        "",
+    ]
 
 
 def _survival_line(k: Mapping[str, Any], key: str, reference: str) -> str:
@@ -529,8 +647,10 @@ def _survival_line(k: Mapping[str, Any], key: str, reference: str) -> str:
     at = ", ".join(level_label(v) for v in k["common_range_values"])
     if k["common_range"] is not None:
         where = "at the common values" if not k["flagged"] else "at the common values whose tuning runs all counted"
-        text += (f"; {where} from {_num(k['common_range'][0], True)} to {_num(k['common_range'][1], True)} "
-                 f"(point estimates at {key}={at}; their intervals in the table below)")
+        text += (
+            f"; {where} from {_num(k['common_range'][0], True)} to {_num(k['common_range'][1], True)} "
+            f"(point estimates at {key}={at}; their intervals in the table below)"
+        )
     else:
         text += "; at no common value without a left-out tuning run"
     for f in k["flagged"]:
@@ -551,22 +671,40 @@ def tuning_section(summary: Mapping[str, Any], plot: str | None) -> list[str]:
     key = t["key"]
     n_seeds = len(t["tuning_seeds"])
     resamples = t.get("resamples", BOOTSTRAP_RESAMPLES)
-    horizon = (f"{t['tuning_steps']} steps each (their own horizon)" if t.get("tuning_steps")
-               else "as many steps as the evaluation runs")
-    parts = ["## Tuning", "",
-             (f"Each cell (its axes and arm, without the seed) ran every value of `{key}` "
-              f"({', '.join(level_label(v) for v in t['values'])}) on the tuning seeds "
-              f"{', '.join(map(str, t['tuning_seeds'])) or '—'}, {horizon}. Chosen: the lowest {t['by']} "
-              f"({t['metric']}); a value with a diverged tuning run is excluded; a value with a tuning run not "
-              "finished (not run yet, or stopped before its last step without diverging; rerunning the grid "
-              "resumes it) makes the choice wait; a tie (equal means) goes to the value listed first; a choice at "
-              "the smallest or largest value tried is flagged (the best value may lie outside the range). Every "
-              "table above this section is at the chosen values, on the evaluation seeds "
-              f"{', '.join(map(str, t['evaluation_seeds'])) or '—'}."), "",
-             t["selection_bias"], ""]
-    header = ["variant", "optimizer", *[f"{key}={level_label(v)}" for v in t["values"]], "chosen",
-              "runner-up − chosen, 95% t CI", f"chosen still wins (share of {resamples} seed resamples)", "note",
-              "evaluation mean at chosen (n)", "tuning − evaluation"]
+    horizon = (
+        f"{t['tuning_steps']} steps each (their own horizon)"
+        if t.get("tuning_steps")
+        else "as many steps as the evaluation runs"
+    )
+    parts = [
+        "## Tuning",
+        "",
+        (
+            f"Each cell (its axes and arm, without the seed) ran every value of `{key}` "
+            f"({', '.join(level_label(v) for v in t['values'])}) on the tuning seeds "
+            f"{', '.join(map(str, t['tuning_seeds'])) or '—'}, {horizon}. Chosen: the lowest {t['by']} "
+            f"({t['metric']}); a value with a diverged tuning run is excluded; a value with a tuning run not "
+            "finished (not run yet, or stopped before its last step without diverging; rerunning the grid "
+            "resumes it) makes the choice wait; a tie (equal means) goes to the value listed first; a choice at "
+            "the smallest or largest value tried is flagged (the best value may lie outside the range). Every "
+            "table above this section is at the chosen values, on the evaluation seeds "
+            f"{', '.join(map(str, t['evaluation_seeds'])) or '—'}."
+        ),
+        "",
+        t["selection_bias"],
+        "",
+    ]
+    header = [
+        "variant",
+        "optimizer",
+        *[f"{key}={level_label(v)}" for v in t["values"]],
+        "chosen",
+        "runner-up − chosen, 95% t CI",
+        f"chosen still wins (share of {resamples} seed resamples)",
+        "note",
+        "evaluation mean at chosen (n)",
+        "tuning − evaluation",
+    ]
     rows = []
     partial = False
     for c in t["choices"]:
@@ -584,24 +722,40 @@ def tuning_section(summary: Mapping[str, Any], plot: str | None) -> list[str]:
             note.append(f"runner-up {level_label(c['runner_up'])} within the noise")
         if c["reason"]:
             note.append(c["reason"])
-        rows.append([c["variant"], c["optim"] + (f" | {c['stratum']}" if c["stratum"] else ""), *cells,
-                     "none" if c["chosen"] is None else level_label(c["chosen"]),
-                     _runner_up_text(c), _share(c.get("reliability")), "; ".join(note) or "—",
-                     f"{_num(c['evaluation_mean'])} ({c['evaluation_n']})",
-                     _num(c["tuning_minus_evaluation"], True)])
-    parts += [f"{t['by']} per value (mean over the tuning seeds), the choice, how reliable it is, and the "
-              "evaluation seeds' mean at the chosen value. Runner-up − chosen: the difference of their means over "
-              "the tuning seeds with its 95% t interval (paired per seed, k−1 degrees of freedom); the runner-up is "
-              "within the noise when the interval includes 0 (measured on the seeds that chose, so it favours the "
-              f"chosen value). Chosen still wins: the share of {resamples} bootstrap resamples of the tuning seeds "
-              f"(with replacement, each seed with all its values' runs; random.Random({t.get('resample_seed', 0)})"
-              ") in which the chosen value still has the lowest mean; with k seeds there are few distinct "
-              "resamples (3 at k = 2), so the share is coarse. Tuning − evaluation: the tuning runs' mean at the "
-              "chosen value minus the evaluation mean, shown only when both ran the same number of steps; negative "
-              "= the tuning estimate looked better than held-out seeds confirm.", "", markdown_table(header, rows), ""]
+        rows.append(
+            [
+                c["variant"],
+                c["optim"] + (f" | {c['stratum']}" if c["stratum"] else ""),
+                *cells,
+                "none" if c["chosen"] is None else level_label(c["chosen"]),
+                _runner_up_text(c),
+                _share(c.get("reliability")),
+                "; ".join(note) or "—",
+                f"{_num(c['evaluation_mean'])} ({c['evaluation_n']})",
+                _num(c["tuning_minus_evaluation"], True),
+            ]
+        )
+    parts += [
+        f"{t['by']} per value (mean over the tuning seeds), the choice, how reliable it is, and the "
+        "evaluation seeds' mean at the chosen value. Runner-up − chosen: the difference of their means over "
+        "the tuning seeds with its 95% t interval (paired per seed, k−1 degrees of freedom); the runner-up is "
+        "within the noise when the interval includes 0 (measured on the seeds that chose, so it favours the "
+        f"chosen value). Chosen still wins: the share of {resamples} bootstrap resamples of the tuning seeds "
+        f"(with replacement, each seed with all its values' runs; random.Random({t.get('resample_seed', 0)})"
+        ") in which the chosen value still has the lowest mean; with k seeds there are few distinct "
+        "resamples (3 at k = 2), so the share is coarse. Tuning − evaluation: the tuning runs' mean at the "
+        "chosen value minus the evaluation mean, shown only when both ran the same number of steps; negative "
+        "= the tuning estimate looked better than held-out seeds confirm.",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
     if partial:
-        parts += [f"† not the mean over the {n_seeds} tuning seeds: the mean of the runs that finished so far "
-                  "(how many in brackets); the choice waits for the others.", ""]
+        parts += [
+            f"† not the mean over the {n_seeds} tuning seeds: the mean of the runs that finished so far "
+            "(how many in brackets); the choice waits for the others.",
+            "",
+        ]
     records = t.get("survival") or []
     if records:
         reference = summary["settings"]["reference_optim"]
@@ -609,18 +763,36 @@ def tuning_section(summary: Mapping[str, Any], plot: str | None) -> list[str]:
         rows = []
         for k in records:
             label = f"{k['optim']} − {reference}" + (f" | {k['stratum']}" if k["stratum"] else "")
-            at = {level_label(v["value"]): next((i for i in v["interactions"] if _interaction_key(i) ==
-                                                 (k["variant"], k["optim"], k["stratum"])), None)
-                  for v in t["per_value"]}
-            rows.append([k["variant"], label, *[_estimate(at.get(level_label(v))) for v in t["values"]],
-                         _estimate(k["tuned"])])
-        parts += [(f"The interaction at each common `{key}` (every cell at that value: the tuning runs, "
-                   f"{horizon}; 95% Welch t interval where the tuning seeds allow) beside the interaction at the "
-                   "tuned values (evaluation seeds). ⚠ = a cell of its groups was left out (which, and the "
-                   "direction of the bias, in the list above). Whether the interaction survives tuning is the last "
-                   "column against the others."), "",
-                  markdown_table(["variant", "optimizer", *[f"at {key}={level_label(v)}" for v in t["values"]],
-                                  "at the tuned values (evaluation seeds)"], rows), ""]
+            at = {
+                level_label(v["value"]): next(
+                    (i for i in v["interactions"] if _interaction_key(i) == (k["variant"], k["optim"], k["stratum"])),
+                    None,
+                )
+                for v in t["per_value"]
+            }
+            rows.append(
+                [k["variant"], label, *[_estimate(at.get(level_label(v))) for v in t["values"]], _estimate(k["tuned"])]
+            )
+        parts += [
+            (
+                f"The interaction at each common `{key}` (every cell at that value: the tuning runs, "
+                f"{horizon}; 95% Welch t interval where the tuning seeds allow) beside the interaction at the "
+                "tuned values (evaluation seeds). ⚠ = a cell of its groups was left out (which, and the "
+                "direction of the bias, in the list above). Whether the interaction survives tuning is the last "
+                "column against the others."
+            ),
+            "",
+            markdown_table(
+                [
+                    "variant",
+                    "optimizer",
+                    *[f"at {key}={level_label(v)}" for v in t["values"]],
+                    "at the tuned values (evaluation seeds)",
+                ],
+                rows,
+            ),
+            "",
+        ]
     parts += [f"- {note}" for note in t["notes"]]
     if plot:
         parts += ["", f"![tuning]({plot})", ""]

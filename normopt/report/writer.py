@@ -68,29 +68,39 @@ from normopt.report.markdown import (
     stratum_prefix,
 )
 from normopt.report.model_size import plot_model_size, size_analysis
+from normopt.report.over_training import over_training, plot_over_training
 from normopt.report.plots import (
     plot_final_losses,
     plot_gaps,
     plot_loss_curves,
     smoothing_label,
 )
-from normopt.report.over_training import over_training, plot_over_training
 from normopt.report.run_setup import experiment_setup
 from normopt.report.statistics import DEFAULT_FIXES, build_summary
 from normopt.report.tuning import plot_tuning, tuning_analysis, tuning_lines
 
-PLOT_FILES = {"loss_curves": "loss_curves.png", "final_eval_loss": "final_eval_loss.png",
-              "gaps": "gaps.png"}
+PLOT_FILES = {"loss_curves": "loss_curves.png", "final_eval_loss": "final_eval_loss.png", "gaps": "gaps.png"}
 # written only when some cell logged the records each one draws
-DIAGNOSTIC_PLOT_FILES = {"saturation": "saturation.png", "saturation_layers": "saturation_layers.png",
-                         "spectral_norm": "spectral_norm.png", "tail_tokens": "tail_tokens.png"}
+DIAGNOSTIC_PLOT_FILES = {
+    "saturation": "saturation.png",
+    "saturation_layers": "saturation_layers.png",
+    "spectral_norm": "spectral_norm.png",
+    "tail_tokens": "tail_tokens.png",
+}
 # the over-training curves, a tuned grid's loss against the tuned value and the interaction against
 # model size, each drawn inside its own report.md section (only when there is something to draw)
-ANALYSIS_PLOT_FILES = {"over_training": "over_training.png", "tuning": "tuning.png",
-                       "model_size": "interaction_vs_size.png"}
+ANALYSIS_PLOT_FILES = {
+    "over_training": "over_training.png",
+    "tuning": "tuning.png",
+    "model_size": "interaction_vs_size.png",
+}
 ANALYSIS_DRAWERS = {"over_training": plot_over_training, "tuning": plot_tuning, "model_size": plot_model_size}
-DIAGNOSTIC_DRAWERS = {"saturation": plot_saturation, "saturation_layers": plot_saturation_layers,
-                      "spectral_norm": plot_spectral_norm, "tail_tokens": plot_tail_tokens}
+DIAGNOSTIC_DRAWERS = {
+    "saturation": plot_saturation,
+    "saturation_layers": plot_saturation_layers,
+    "spectral_norm": plot_spectral_norm,
+    "tail_tokens": plot_tail_tokens,
+}
 
 
 # --------------------------------------------------------------------------- edges
@@ -116,9 +126,16 @@ def plot_view(cells: Sequence[Cell], summary: Mapping[str, Any]) -> tuple[list[C
     return placed, view
 
 
-def write_report(root: str | Path, out: str | Path | None = None, *, axes: ReportAxes | None = None,
-                 baseline_norm: str | None = None, reference_optim: str | None = None, smoothing: float = 0.9,
-                 fixes: Mapping[str, str] | None = None) -> dict[str, Any]:
+def write_report(
+    root: str | Path,
+    out: str | Path | None = None,
+    *,
+    axes: ReportAxes | None = None,
+    baseline_norm: str | None = None,
+    reference_optim: str | None = None,
+    smoothing: float = 0.9,
+    fixes: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """Read the cells under ``root``, write report.md, summary.json and the PNG plots into
     ``out`` (default ``root``), and return the summary (with "files": the paths written).
     ``axes``: which keys are compared (default: the root's experiment file, else inferred from
@@ -130,8 +147,7 @@ def write_report(root: str | Path, out: str | Path | None = None, *, axes: Repor
     out = root if out is None else Path(out)
     cells = discover_cells(root)
     axes = axes or read_experiment_file(root) or infer_axes(cells)
-    summary = build_summary(cells, axes=axes, baseline_norm=baseline_norm, reference_optim=reference_optim,
-                            fixes=fixes)
+    summary = build_summary(cells, axes=axes, baseline_norm=baseline_norm, reference_optim=reference_optim, fixes=fixes)
     summary["root"] = str(root)
     summary["over_training"] = over_training(cells, summary)
     tuning = tuning_analysis(root, cells, summary, axes, fixes)
@@ -146,18 +162,32 @@ def write_report(root: str | Path, out: str | Path | None = None, *, axes: Repor
     plot_loss_curves(plot_cells, view, plots["loss_curves"], smoothing)
     plot_final_losses(view, plots["final_eval_loss"])
     plot_gaps(view, plots["gaps"])
-    diagnostic_plots = {name: out / filename for name, filename in DIAGNOSTIC_PLOT_FILES.items()
-                        if DIAGNOSTIC_DRAWERS[name](plot_cells, view, out / filename)}
-    analysis_plots = {name: out / filename for name, filename in ANALYSIS_PLOT_FILES.items()
-                      if ANALYSIS_DRAWERS[name](summary, out / filename)}
-    files = {"report": out / "report.md", "summary": out / "summary.json", **plots, **diagnostic_plots,
-             **analysis_plots}
+    diagnostic_plots = {
+        name: out / filename
+        for name, filename in DIAGNOSTIC_PLOT_FILES.items()
+        if DIAGNOSTIC_DRAWERS[name](plot_cells, view, out / filename)
+    }
+    analysis_plots = {
+        name: out / filename
+        for name, filename in ANALYSIS_PLOT_FILES.items()
+        if ANALYSIS_DRAWERS[name](summary, out / filename)
+    }
+    files = {
+        "report": out / "report.md",
+        "summary": out / "summary.json",
+        **plots,
+        **diagnostic_plots,
+        **analysis_plots,
+    }
     summary["settings"]["smoothing"] = smoothing
     summary["settings"]["smoothing_window"] = smoothing_label(smoothing)
     summary["setup"] = experiment_setup(cells)
     summary["files"] = {name: str(p) for name, p in files.items()}
-    files["report"].write_text(render_markdown(summary, {n: p.name for n, p in plots.items()},
-                                               {n: p.name for n, p in diagnostic_plots.items()}))
+    files["report"].write_text(
+        render_markdown(
+            summary, {n: p.name for n, p in plots.items()}, {n: p.name for n, p in diagnostic_plots.items()}
+        )
+    )
     files["summary"].write_text(json.dumps(jsonable(summary), indent=2) + "\n")
     return summary
 
@@ -177,37 +207,73 @@ def report_main(argv: Sequence[str] | None = None) -> int:
     parser = CommandParser(
         prog="normopt report",
         description="Summarize a factorial experiment: one subfolder of ROOT per cell (run directory). "
-                    "The axes come from ROOT's experiment.json (written by normopt factorial), else from "
-                    "the cells; the options below override them.")
+        "The axes come from ROOT's experiment.json (written by normopt factorial), else from "
+        "the cells; the options below override them.",
+    )
     parser.add_argument("root", help="folder holding one run directory per cell")
     parser.add_argument("--out", default=None, help="where to write report.md, summary.json, plots (default: ROOT)")
-    parser.add_argument("--compare", default=None, metavar="KEY",
-                        help="config key whose levels are compared with the baseline (default model.norm)")
-    parser.add_argument("--baseline", "--baseline-norm", dest="baseline", default=None, metavar="LEVEL",
-                        help="level the gaps are measured against (default rmsnorm, or the axis's first level)")
-    parser.add_argument("--across", default=None, metavar="KEY",
-                        help="config key whose levels the gaps are compared across (default optim.name; "
-                             "'none' for gaps only)")
-    parser.add_argument("--reference", "--reference-optim", dest="reference", default=None, metavar="LEVEL",
-                        help="level of the across axis the interactions are measured against (default adamw, "
-                             "or the axis's first level)")
-    parser.add_argument("--smoothing", type=float, default=0.9,
-                        help="train-loss smoothing in [0, 1): a centred mean over about (1+s)/(1-s) logged points "
-                             "(0 = none)")
-    parser.add_argument("--fix", type=_parse_fix, action="append", default=[], metavar="VARIANT=LEVEL",
-                        help=f"declare a fix arm (added to the defaults; for the norm axis {DEFAULT_FIXES})")
+    parser.add_argument(
+        "--compare",
+        default=None,
+        metavar="KEY",
+        help="config key whose levels are compared with the baseline (default model.norm)",
+    )
+    parser.add_argument(
+        "--baseline",
+        "--baseline-norm",
+        dest="baseline",
+        default=None,
+        metavar="LEVEL",
+        help="level the gaps are measured against (default rmsnorm, or the axis's first level)",
+    )
+    parser.add_argument(
+        "--across",
+        default=None,
+        metavar="KEY",
+        help="config key whose levels the gaps are compared across (default optim.name; 'none' for gaps only)",
+    )
+    parser.add_argument(
+        "--reference",
+        "--reference-optim",
+        dest="reference",
+        default=None,
+        metavar="LEVEL",
+        help="level of the across axis the interactions are measured against (default adamw, "
+        "or the axis's first level)",
+    )
+    parser.add_argument(
+        "--smoothing",
+        type=float,
+        default=0.9,
+        help="train-loss smoothing in [0, 1): a centred mean over about (1+s)/(1-s) logged points (0 = none)",
+    )
+    parser.add_argument(
+        "--fix",
+        type=_parse_fix,
+        action="append",
+        default=[],
+        metavar="VARIANT=LEVEL",
+        help=f"declare a fix arm (added to the defaults; for the norm axis {DEFAULT_FIXES})",
+    )
     args = parser.parse_args(argv)
     root = Path(args.root)
     cells = discover_cells(root)
-    axes = override_axes(read_experiment_file(root) or infer_axes(cells), compare=args.compare,
-                         baseline=args.baseline, across=args.across, reference=args.reference,
-                         fixes=dict(args.fix))
+    axes = override_axes(
+        read_experiment_file(root) or infer_axes(cells),
+        compare=args.compare,
+        baseline=args.baseline,
+        across=args.across,
+        reference=args.reference,
+        fixes=dict(args.fix),
+    )
     levels = {cell_level(cell, axes.compare) for cell in cells} - {None}
     for variant, base in args.fix:
         for level in (variant, base):
             if level not in levels:
-                raise UserError(f"--fix {variant}={base}: no cell has {axes.compare}={level} "
-                                f"(levels: {', '.join(sorted(levels)) or 'none'})")
+                raise UserError(
+                    f"--fix {variant}={base}: no cell has {axes.compare}={level} "
+                    f"(levels: {', '.join(sorted(levels)) or 'none'})"
+                )
     if args.out:
         check_output_folder(Path(args.out), "--out")
     summary = write_report(root, args.out, axes=axes, smoothing=args.smoothing)

@@ -55,8 +55,10 @@ TRIVIAL_SHAPE_ONLY = 0.0
 SOURCES = {"ns_input": "", "momentum": "momentum_"}  # field prefix in the ns_spectrum record
 DEFAULT_BURN_IN = 0.5
 DEFAULT_LEVEL = 0.1
-MODEL_SIZE = ("M = n_params of the run line: total learnable parameters including the token embedding "
-              "(and the output head when untied; a tied head counts once)")
+MODEL_SIZE = (
+    "M = n_params of the run line: total learnable parameters including the token embedding "
+    "(and the output head when untied; a tied head counts once)"
+)
 
 Cell = tuple[str, str, float]  # (depth group, matrix type, quantile level)
 
@@ -112,8 +114,13 @@ def load_run(path: Path) -> RunSpectra | None:
         return None
     if run is None:
         raise UserError(f"{path}: ns_spectrum records but no 'run' line (model size unknown)")
-    return RunSpectra(path.parent, _positive_int(run, "n_params", path), _positive_int(run, "n_layers", path),
-                      _positive_int(run, "steps", path, required=False), tuple(records))
+    return RunSpectra(
+        path.parent,
+        _positive_int(run, "n_params", path),
+        _positive_int(run, "n_layers", path),
+        _positive_int(run, "steps", path, required=False),
+        tuple(records),
+    )
 
 
 def discover_runs(root: Path) -> list[RunSpectra]:
@@ -137,7 +144,7 @@ def post_burn_in(run: RunSpectra, burn_in: float) -> list[dict]:
 
 
 def value_kind(value: Any) -> str:
-    """"ok" for a finite q > 0, "zero" for q <= 0 (no logarithm), "missing" for anything
+    """ "ok" for a finite q > 0, "zero" for q <= 0 (no logarithm), "missing" for anything
     else: null, a non-finite float, or the "nan"/"inf" string the log writes for one."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return "missing"
@@ -150,8 +157,9 @@ def geometric_mean(values: Sequence[Any]) -> float | None:
     return math.exp(math.fsum(logs) / len(logs)) if logs else None
 
 
-def run_samples(run: RunSpectra, burn_in: float = DEFAULT_BURN_IN, field: str = "sv_rel_fro",
-                n_groups: int = 3) -> dict[Cell, list[Any]]:
+def run_samples(
+    run: RunSpectra, burn_in: float = DEFAULT_BURN_IN, field: str = "sv_rel_fro", n_groups: int = 3
+) -> dict[Cell, list[Any]]:
     """(group, type, level) -> every logged value of ``field`` in the post-burn-in records,
     zeros and missing values included."""
     samples: dict[Cell, list[Any]] = defaultdict(list)
@@ -164,8 +172,7 @@ def run_samples(run: RunSpectra, burn_in: float = DEFAULT_BURN_IN, field: str = 
             values = matrix.get(field)
             where = f"{RunDir(run.folder).diagnostics}: step {record['step']}, {name}"
             if values is None and field.startswith(SOURCES["momentum"]):
-                raise UserError(f"{where}: no {field!r} (logged before momentum quantiles were); "
-                                f"use --source ns_input")
+                raise UserError(f"{where}: no {field!r} (logged before momentum quantiles were); use --source ns_input")
             if not isinstance(values, list) or len(values) != len(levels):
                 raise UserError(f"{where}: {field!r} should list one value per level {levels}")
             try:
@@ -198,8 +205,9 @@ def cell_means(samples: Mapping[Cell, Sequence[Any]]) -> dict[Cell, float]:
     return {cell: q for cell, values in samples.items() if (q := geometric_mean(values)) is not None}
 
 
-def run_quantiles(run: RunSpectra, burn_in: float = DEFAULT_BURN_IN, field: str = "sv_rel_fro",
-                  n_groups: int = 3) -> dict[Cell, float]:
+def run_quantiles(
+    run: RunSpectra, burn_in: float = DEFAULT_BURN_IN, field: str = "sv_rel_fro", n_groups: int = 3
+) -> dict[Cell, float]:
     """``cell_means`` of ``run_samples``: a run's value per (group, type, level)."""
     return cell_means(run_samples(run, burn_in, field, n_groups))
 
@@ -242,8 +250,9 @@ class PowerLawFit:
         if self.residual_sd is None or self.df < 1:
             return None
         x = math.log(n_params)
-        half = t_critical(self.df) * self.residual_sd * math.sqrt(1 / self.n_runs + (x - self.mean_log_m) ** 2
-                                                                  / self.sxx)
+        half = (
+            t_critical(self.df) * self.residual_sd * math.sqrt(1 / self.n_runs + (x - self.mean_log_m) ** 2 / self.sxx)
+        )
         centre = math.log(self.c) + self.beta * x
         return math.exp(centre - half), math.exp(centre + half)
 
@@ -312,13 +321,14 @@ def trivial_exponent(ranks: Sequence[tuple[float, float]] | None, field: str) ->
     if field.endswith("sv_rel_max"):
         return TRIVIAL_SHAPE_ONLY, "sv_rel_max is shape-only: 0"
     if ranks and distinct_sizes([m for m, _ in ranks]) >= 2:
-        _, slope, _ = fit_power_law([m for m, _ in ranks], [r ** -0.5 for _, r in ranks])
+        _, slope, _ = fit_power_law([m for m, _ in ranks], [r**-0.5 for _, r in ranks])
         return slope, "slope of rank^(-1/2) over these runs"
     return TRIVIAL_WIDTH_ONLY, "assumed width-only growth at fixed depth (no rank logged)"
 
 
-def fit_all(points: Sequence[Mapping[str, Any]], groups: Sequence[str],
-            field: str = "sv_rel_fro") -> tuple[list[PowerLawFit], list[str]]:
+def fit_all(
+    points: Sequence[Mapping[str, Any]], groups: Sequence[str], field: str = "sv_rel_fro"
+) -> tuple[list[PowerLawFit], list[str]]:
     """One fit per (group, type, level) seen in ``points`` ({"group", "type", "level",
     "n_params", "q"} and optionally "rank", one per run); cells with fewer than two sizes get
     a note instead (one per group and type). Each fit carries its interval, its trivial
@@ -340,11 +350,24 @@ def fit_all(points: Sequence[Mapping[str, Any]], groups: Sequence[str],
         stats = fit_residuals([m for m, _ in pairs], [q for _, q in pairs], beta, c)
         trivial, source = trivial_exponent(list(ranks[cell[:2]].values()) or None, field)
         ci = stats["beta_ci95"]
-        fits.append(PowerLawFit(*cell, c, beta, r2, len(pairs), sizes, **stats, trivial_beta=trivial,
-                                trivial_source=source,
-                                indistinguishable_from_trivial=None if ci is None else ci[0] <= trivial <= ci[1]))
-    return fits, [f"{cell_label(*key)}: only one model size has data at {', '.join(levels)}, no fit"
-                  for key, levels in unfitted.items()]
+        fits.append(
+            PowerLawFit(
+                *cell,
+                c,
+                beta,
+                r2,
+                len(pairs),
+                sizes,
+                **stats,
+                trivial_beta=trivial,
+                trivial_source=source,
+                indistinguishable_from_trivial=None if ci is None else ci[0] <= trivial <= ci[1],
+            )
+        )
+    return fits, [
+        f"{cell_label(*key)}: only one model size has data at {', '.join(levels)}, no fit"
+        for key, levels in unfitted.items()
+    ]
 
 
 def unusable_cells(samples: Mapping[str, Mapping[Cell, list[Any]]], level: float) -> tuple[list[dict], list[str]]:
@@ -357,13 +380,23 @@ def unusable_cells(samples: Mapping[str, Mapping[Cell, list[Any]]], level: float
         total = sum(kinds.values(), Counter())
         if total["zero"] + total["missing"] == 0:
             continue
-        rows.append(row := {"group": cell[0], "type": cell[1], "level": cell[2], "values": total.total(),
-                            "zero": total["zero"], "missing": total["missing"],
-                            "runs": [r for r, k in kinds.items() if k["zero"] + k["missing"]],
-                            "runs_without_value": [r for r, k in kinds.items() if k and not k["ok"]]})
+        rows.append(
+            row := {
+                "group": cell[0],
+                "type": cell[1],
+                "level": cell[2],
+                "values": total.total(),
+                "zero": total["zero"],
+                "missing": total["missing"],
+                "runs": [r for r, k in kinds.items() if k["zero"] + k["missing"]],
+                "runs_without_value": [r for r, k in kinds.items() if k and not k["ok"]],
+            }
+        )
         what = [f"{row['zero']} of {row['values']} values are 0"] if row["zero"] else []
         what += [f"{row['missing']} of {row['values']} missing or non-finite"] if row["missing"] else []
-        note = f"{cell_label(*cell)}: {', '.join(what)} (in {', '.join(row['runs'])}); the means and the fit excluded them"
+        note = (
+            f"{cell_label(*cell)}: {', '.join(what)} (in {', '.join(row['runs'])}); the means and the fit excluded them"
+        )
         if row["runs_without_value"]:
             note += f"; no point left for {', '.join(row['runs_without_value'])}"
         if row["zero"] and cell[2] >= level:
@@ -379,9 +412,15 @@ def cell_label(group: str, mtype: str, level: float | None = None) -> str:
 
 # --------------------------------------------------------------------------- recommendation
 
-def recommend_steps(fits: Sequence[PowerLawFit], target_params: float, level: float,
-                    coefficients: str, band: Sequence[float],
-                    max_steps: int = DEFAULT_MAX_STEPS) -> dict[str, dict[str, Any]]:
+
+def recommend_steps(
+    fits: Sequence[PowerLawFit],
+    target_params: float,
+    level: float,
+    coefficients: str,
+    band: Sequence[float],
+    max_steps: int = DEFAULT_MAX_STEPS,
+) -> dict[str, dict[str, Any]]:
     """Per depth group:
 
     - "types": per matrix type with a fit at ``level``, the predicted quantiles
@@ -408,24 +447,38 @@ def recommend_steps(fits: Sequence[PowerLawFit], target_params: float, level: fl
             tracked = [predicted[f.level] for f in tracked_fits]
             crossed = crossed_levels(predicted)
             ends = [f.predict_interval(target_params) for f in tracked_fits]
-            bounds = None if any(e is None for e in ends) else ([min(e[0], 1.0) for e in ends],
-                                                                [min(e[1], 1.0) for e in ends])
+            bounds = (
+                None
+                if any(e is None for e in ends)
+                else ([min(e[0], 1.0) for e in ends], [min(e[1], 1.0) for e in ends])
+            )
             out.setdefault(group, {"types": {}})["types"][mtype] = {
-                "predicted": predicted, "tracked": tracked, "bounds": bounds, "crossed": crossed,
+                "predicted": predicted,
+                "tracked": tracked,
+                "bounds": bounds,
+                "crossed": crossed,
                 "predicted_ci95": {f.level: e for f, e in zip(tracked_fits, ends)},
                 "ns_steps": None if crossed else joint(tracked),
-                "ns_steps_ci95": None if crossed or bounds is None else step_range(joint, *bounds)}
+                "ns_steps_ci95": None if crossed or bounds is None else step_range(joint, *bounds),
+            }
     for entry in out.values():
         types = entry["types"]
-        entry["worst_type"] = max(types, key=lambda t: (math.inf if types[t]["ns_steps"] is None
-                                                        else types[t]["ns_steps"], -types[t]["predicted"][level]))
+        entry["worst_type"] = max(
+            types,
+            key=lambda t: (
+                math.inf if types[t]["ns_steps"] is None else types[t]["ns_steps"],
+                -types[t]["predicted"][level],
+            ),
+        )
         tracked = [q for t in types.values() for q in t.pop("tracked")]
         bounds = [t.pop("bounds") for t in types.values()]
         entry["crossed_types"] = sorted(t for t, e in types.items() if e["crossed"])
         entry["ns_steps"] = None if entry["crossed_types"] else joint(tracked)
-        entry["ns_steps_ci95"] = (None if entry["crossed_types"] or any(b is None for b in bounds) else
-                                  step_range(joint, [q for b in bounds for q in b[0]],
-                                             [q for b in bounds for q in b[1]]))
+        entry["ns_steps_ci95"] = (
+            None
+            if entry["crossed_types"] or any(b is None for b in bounds)
+            else step_range(joint, [q for b in bounds for q in b[0]], [q for b in bounds for q in b[1]])
+        )
     return out
 
 
@@ -442,5 +495,6 @@ def crossed_levels(predicted: Mapping[float, float]) -> list[tuple[float, float]
     the lower quantile above the higher one. Fits that cross at the target describe no
     distribution, so no NS steps are derived from them."""
     levels = sorted(predicted)
-    return [(lo, hi) for i, lo in enumerate(levels) for hi in levels[i + 1:]
-            if predicted[lo] > predicted[hi] * (1 + 1e-9)]
+    return [
+        (lo, hi) for i, lo in enumerate(levels) for hi in levels[i + 1 :] if predicted[lo] > predicted[hi] * (1 + 1e-9)
+    ]

@@ -29,7 +29,7 @@ def _same_length_globs(lo: str, hi: str) -> list[str]:
     common = next(i for i, (a, b) in enumerate(zip(lo, hi)) if a != b)
     prefix, rest = lo[:common], len(lo) - common - 1
     a, b = int(lo[common]), int(hi[common])
-    low_full, high_full = lo[common + 1:] == "0" * rest, hi[common + 1:] == "9" * rest
+    low_full, high_full = lo[common + 1 :] == "0" * rest, hi[common + 1 :] == "9" * rest
     digits = lambda x, y: str(x) if x == y else f"[{x}-{y}]"  # noqa: E731
     patterns = []
     if not low_full:  # lo's leading digit with a partial tail

@@ -18,11 +18,11 @@ from typing import Any
 from normopt.cli_args import CommandParser
 from normopt.diagnostics.ns_spectrum import DEFAULT_MAX_STEPS, default_band
 from normopt.errors import UserError
+from normopt.models.matrix_roles import group_names
 from normopt.optim.newton_schulz import coefficient_schedule
 from normopt.output_paths import check_output_folder
 from normopt.report.plots import figure
 from normopt.report.tables import text_table
-from normopt.models.matrix_roles import group_names
 from normopt.spectrum.fit import (
     DEFAULT_BURN_IN,
     DEFAULT_LEVEL,
@@ -71,12 +71,12 @@ def format_size(n_params: float) -> str:
     return f"{n_params:.3g}"
 
 
-
 # --------------------------------------------------------------------------- analysis
 
 
-def _ns_config(runs: Sequence[RunSpectra], coefficients: str | None, band: Sequence[float] | None,
-               notes: list[str]) -> tuple[str, tuple[float, ...]]:
+def _ns_config(
+    runs: Sequence[RunSpectra], coefficients: str | None, band: Sequence[float] | None, notes: list[str]
+) -> tuple[str, tuple[float, ...]]:
     """(coefficients, band) to recommend for: as given, else as the largest run's last record
     logs them; a band not given nor logged for those coefficients is their default band."""
     name = lambda run: str(run.records[-1].get("coefficients", "quintic"))  # noqa: E731
@@ -96,10 +96,20 @@ def _ns_config(runs: Sequence[RunSpectra], coefficients: str | None, band: Seque
         raise UserError(f"{exc} (use --band LO,HI)") from None
 
 
-def analyze(root: str | Path, *, burn_in: float = DEFAULT_BURN_IN, quantity: str = "sv_rel_fro",
-            source: str = "ns_input", n_groups: int = 3, target_params: float | None = None,
-            target_layers: int | None = None, level: float = DEFAULT_LEVEL, coefficients: str | None = None,
-            band: Sequence[float] | None = None, max_steps: int = DEFAULT_MAX_STEPS) -> dict[str, Any]:
+def analyze(
+    root: str | Path,
+    *,
+    burn_in: float = DEFAULT_BURN_IN,
+    quantity: str = "sv_rel_fro",
+    source: str = "ns_input",
+    n_groups: int = 3,
+    target_params: float | None = None,
+    target_layers: int | None = None,
+    level: float = DEFAULT_LEVEL,
+    coefficients: str | None = None,
+    band: Sequence[float] | None = None,
+    max_steps: int = DEFAULT_MAX_STEPS,
+) -> dict[str, Any]:
     """Read the runs under ``root``, fit the power laws and build the recommendation.
 
     Returns a JSON-ready summary: settings (with the model-size convention), runs, points
@@ -123,17 +133,30 @@ def analyze(root: str | Path, *, burn_in: float = DEFAULT_BURN_IN, quantity: str
             continue
         runs.append(run)
         ranks = run_ranks(run, burn_in, n_groups)
-        points += [{"run": str(run.folder), "n_params": run.n_params, "group": g, "type": t, "level": lv, "q": q,
-                    "rank": ranks.get((g, t))} for (g, t, lv), q in means.items()]
+        points += [
+            {
+                "run": str(run.folder),
+                "n_params": run.n_params,
+                "group": g,
+                "type": t,
+                "level": lv,
+                "q": q,
+                "rank": ranks.get((g, t)),
+            }
+            for (g, t, lv), q in means.items()
+        ]
         if control_field is not None:
             control = cell_means(run_samples(run, burn_in, control_field, n_groups))
-            control_points += [{"run": str(run.folder), "n_params": run.n_params, "group": g, "type": t,
-                                "level": lv, "q": q} for (g, t, lv), q in control.items()]
+            control_points += [
+                {"run": str(run.folder), "n_params": run.n_params, "group": g, "type": t, "level": lv, "q": q}
+                for (g, t, lv), q in control.items()
+            ]
     sizes = sorted({run.n_params for run in runs})
     if distinct_sizes(sizes) < 2:
         found = ", ".join(format_size(m) for m in sizes) or "none"
-        raise UserError(f"{root}: need runs of at least 2 model sizes ({SAME_SIZE_RATIO}x apart) after the burn-in, "
-                        f"found {found}")
+        raise UserError(
+            f"{root}: need runs of at least 2 model sizes ({SAME_SIZE_RATIO}x apart) after the burn-in, found {found}"
+        )
     unusable, unusable_notes = unusable_cells(samples, level)
     fits, fit_notes = fit_all(points, groups, field)
     control_fits = fit_all(control_points, groups, control_field)[0] if control_field else []
@@ -141,23 +164,47 @@ def analyze(root: str | Path, *, burn_in: float = DEFAULT_BURN_IN, quantity: str
     notes += _trivial_notes(fits, field)
     coefficients, band = _ns_config(runs, coefficients, band, notes)
     largest = max(runs, key=lambda r: (r.n_params, r.n_layers))
-    settings = {"root": str(root), "model_size": MODEL_SIZE, "burn_in": burn_in, "quantity": quantity,
-                "source": source, "field": field, "groups": list(groups), "level": level,
-                "target_params": float(target_params or largest.n_params),
-                "target_layers": target_layers or largest.n_layers, "coefficients": coefficients,
-                "band": list(band), "max_steps": max_steps}
+    settings = {
+        "root": str(root),
+        "model_size": MODEL_SIZE,
+        "burn_in": burn_in,
+        "quantity": quantity,
+        "source": source,
+        "field": field,
+        "groups": list(groups),
+        "level": level,
+        "target_params": float(target_params or largest.n_params),
+        "target_layers": target_layers or largest.n_layers,
+        "coefficients": coefficients,
+        "band": list(band),
+        "max_steps": max_steps,
+    }
     span = math.log10(settings["target_params"] / sizes[-1])
     if span > 1:  # a power law fitted over a narrow range says little this far out
-        notes.append(f"the target is {span:.1f} decades above the largest run "
-                     f"({format_size(sizes[-1])}): an extrapolation, read it as a trend")
+        notes.append(
+            f"the target is {span:.1f} decades above the largest run "
+            f"({format_size(sizes[-1])}): an extrapolation, read it as a trend"
+        )
     cells = {(p["group"], p["type"]) for p in points}
-    return {"settings": settings,
-            "runs": [{"folder": str(r.folder), "n_params": r.n_params, "n_layers": r.n_layers,
-                      "planned_steps": r.planned_steps, "records_used": len(post_burn_in(r, burn_in))}
-                     for r in runs],
-            "points": points, "fits": [asdict(f) for f in fits],
-            "control_fits": [asdict(f) for f in control_fits], "unusable": unusable,
-            "recommendation": _recommendation(fits, cells, settings, notes), "notes": notes}
+    return {
+        "settings": settings,
+        "runs": [
+            {
+                "folder": str(r.folder),
+                "n_params": r.n_params,
+                "n_layers": r.n_layers,
+                "planned_steps": r.planned_steps,
+                "records_used": len(post_burn_in(r, burn_in)),
+            }
+            for r in runs
+        ],
+        "points": points,
+        "fits": [asdict(f) for f in fits],
+        "control_fits": [asdict(f) for f in control_fits],
+        "unusable": unusable,
+        "recommendation": _recommendation(fits, cells, settings, notes),
+        "notes": notes,
+    }
 
 
 def _trivial_notes(fits: Sequence[PowerLawFit], field: str) -> list[str]:
@@ -167,17 +214,22 @@ def _trivial_notes(fits: Sequence[PowerLawFit], field: str) -> list[str]:
     trivial = [f for f in fits if f.indistinguishable_from_trivial]
     if trivial:
         cells = ", ".join(cell_label(f.group, f.type, f.level) for f in trivial)
-        notes.append(f"{len(trivial)} of {len(fits)} {field} exponents are indistinguishable from the trivial one "
-                     f"(their 95% interval contains what a fixed spectral shape gives these runs; "
-                     f"{trivial[0].trivial_source}): {cells}. They show no change of the spectrum's shape with M")
+        notes.append(
+            f"{len(trivial)} of {len(fits)} {field} exponents are indistinguishable from the trivial one "
+            f"(their 95% interval contains what a fixed spectral shape gives these runs; "
+            f"{trivial[0].trivial_source}): {cells}. They show no change of the spectrum's shape with M"
+        )
     if any(f.beta_ci95 is None for f in fits):
-        notes.append("fits over 2 runs have no interval on their exponent (0 residual degrees of freedom): "
-                     "add a run at a third size, or a second seed")
+        notes.append(
+            "fits over 2 runs have no interval on their exponent (0 residual degrees of freedom): "
+            "add a run at a third size, or a second seed"
+        )
     return notes
 
 
-def _recommendation(fits: Sequence[PowerLawFit], cells: set[tuple[str, str]], settings: Mapping[str, Any],
-                    notes: list[str]) -> dict[str, Any] | None:
+def _recommendation(
+    fits: Sequence[PowerLawFit], cells: set[tuple[str, str]], settings: Mapping[str, Any], notes: list[str]
+) -> dict[str, Any] | None:
     """``recommend_steps`` as JSON (groups in depth order, their block ranges in the target
     model, the ns_steps_per_layer value), with a note for every type or group that has fits
     but none at --level (left out of the steps), every group out of reach, and every group
@@ -186,14 +238,17 @@ def _recommendation(fits: Sequence[PowerLawFit], cells: set[tuple[str, str]], se
         notes.append("no NS-step recommendation: NS sees sv_rel_fro, not " + settings["quantity"])
         return None
     if settings["source"] == "momentum":
-        notes.append("recommending from the momentum buffer's quantiles: what NS receives without "
-                     "Nesterov; with Nesterov it receives g + beta m (--source ns_input)")
+        notes.append(
+            "recommending from the momentum buffer's quantiles: what NS receives without "
+            "Nesterov; with Nesterov it receives g + beta m (--source ns_input)"
+        )
     level, n_groups, n_layers = settings["level"], len(settings["groups"]), settings["target_layers"]
     fitted_levels = sorted({f.level for f in fits})
     if level not in fitted_levels:
         raise UserError(f"--level {level} is not a fitted quantile level; choose one of {fitted_levels}")
-    per_group = recommend_steps(fits, settings["target_params"], level, settings["coefficients"],
-                                settings["band"], settings["max_steps"])
+    per_group = recommend_steps(
+        fits, settings["target_params"], level, settings["coefficients"], settings["band"], settings["max_steps"]
+    )
     fitted = {(f.group, f.type) for f in fits}
     for group, mtype in sorted(fitted - {(g, t) for g, e in per_group.items() for t in e["types"]}):
         notes.append(f"{cell_label(group, mtype)}: no fit at q{level:g}, so it does not enter the {group} steps")
@@ -204,29 +259,50 @@ def _recommendation(fits: Sequence[PowerLawFit], cells: set[tuple[str, str]], se
         worst = per_group[group]["worst_type"]
         for mtype in per_group[group]["crossed_types"]:
             pairs = ", ".join(f"q{lo:g} above q{hi:g}" for lo, hi in per_group[group]["types"][mtype]["crossed"])
-            notes.append(f"{cell_label(group, mtype)}: the quantile fits cross at M* ({pairs}): no NS-steps advice "
-                         f"for {group}; its blocks are left to optim.ns_steps")
+            notes.append(
+                f"{cell_label(group, mtype)}: the quantile fits cross at M* ({pairs}): no NS-steps advice "
+                f"for {group}; its blocks are left to optim.ns_steps"
+            )
         if per_group[group]["crossed_types"]:
             continue
         if value is None:
-            notes.append(f"{group}: the predicted quantiles of {worst} (or of all types at once) do not reach "
-                         f"the band within {settings['max_steps']} steps; left to optim.ns_steps")
+            notes.append(
+                f"{group}: the predicted quantiles of {worst} (or of all types at once) do not reach "
+                f"the band within {settings['max_steps']} steps; left to optim.ns_steps"
+            )
         elif value != per_group[group]["types"][worst]["ns_steps"]:
-            notes.append(f"{group}: every type in the band at once takes {value} steps, more than {worst} alone "
-                         f"(the schedule leaves the band again after entering it)")
+            notes.append(
+                f"{group}: every type in the band at once takes {value} steps, more than {worst} alone "
+                f"(the schedule leaves the band again after entering it)"
+            )
     members = defaultdict(list)
     for layer in range(n_layers):
         members[depth_group(layer, n_layers, n_groups)].append(layer)
-    return {"groups": [{"group": g, "layers": "-".join(map(str, sorted({members[g][0], members[g][-1]})))
-                        if members[g] else None, "ns_steps": steps[g], "worst_type": per_group[g]["worst_type"],
-                        "ns_steps_ci95": per_group[g]["ns_steps_ci95"],
-                        "crossed_types": per_group[g]["crossed_types"],
-                        "types": [{"type": t, "ns_steps": e["ns_steps"], "ns_steps_ci95": e["ns_steps_ci95"],
-                                   "crossed": [list(pair) for pair in e["crossed"]],
-                                   "predicted": [{"level": lv, "q": q} for lv, q in sorted(e["predicted"].items())]}
-                                  for t, e in sorted(per_group[g]["types"].items())]}
-                       for g in settings["groups"] if g in per_group],
-            "ns_steps_per_layer": ns_steps_per_layer(steps, n_layers, n_groups)}
+    return {
+        "groups": [
+            {
+                "group": g,
+                "layers": "-".join(map(str, sorted({members[g][0], members[g][-1]}))) if members[g] else None,
+                "ns_steps": steps[g],
+                "worst_type": per_group[g]["worst_type"],
+                "ns_steps_ci95": per_group[g]["ns_steps_ci95"],
+                "crossed_types": per_group[g]["crossed_types"],
+                "types": [
+                    {
+                        "type": t,
+                        "ns_steps": e["ns_steps"],
+                        "ns_steps_ci95": e["ns_steps_ci95"],
+                        "crossed": [list(pair) for pair in e["crossed"]],
+                        "predicted": [{"level": lv, "q": q} for lv, q in sorted(e["predicted"].items())],
+                    }
+                    for t, e in sorted(per_group[g]["types"].items())
+                ],
+            }
+            for g in settings["groups"]
+            if g in per_group
+        ],
+        "ns_steps_per_layer": ns_steps_per_layer(steps, n_layers, n_groups),
+    }
 
 
 # --------------------------------------------------------------------------- output
@@ -249,11 +325,17 @@ def plot_spectrum(summary: Mapping[str, Any], path: Path) -> None:
         for i, mtype in enumerate(types):
             pts = [p for p in points if p["group"] == group and p["type"] == mtype]
             ax.scatter([p["n_params"] for p in pts], [p["q"] for p in pts], color=f"C{i % 10}", s=18)
-            fit = next((f for f in summary["fits"] if (f["group"], f["type"], f["level"]) == (group, mtype, level)),
-                       None)
+            fit = next(
+                (f for f in summary["fits"] if (f["group"], f["type"], f["level"]) == (group, mtype, level)), None
+            )
             if fit:
-                ax.plot(grid, [fit["c"] * m ** fit["beta"] for m in grid], color=f"C{i % 10}", lw=1.2,
-                        label=f"{mtype}: beta={fit['beta']:.3f}")
+                ax.plot(
+                    grid,
+                    [fit["c"] * m ** fit["beta"] for m in grid],
+                    color=f"C{i % 10}",
+                    lw=1.2,
+                    label=f"{mtype}: beta={fit['beta']:.3f}",
+                )
         ax.axvline(s["target_params"], color="0.5", ls=":", lw=1)
         ax.set(xscale="log", yscale="log", title=f"{group} layers, q{level:g}", xlabel="parameters M (n_params)")
         ax.grid(alpha=0.3, which="both")
@@ -290,35 +372,66 @@ def _trivial(fit: Mapping[str, Any]) -> str:
 
 def fits_table(summary: Mapping[str, Any]) -> str:
     s = summary["settings"]
-    head = (f"{s['model_size']}\nlog q = log c + beta log M ({s['field']} quantiles, geometric mean over a "
-            f"type's matrices and the records from {s['burn_in']:.0%} of training on; {len(summary['runs'])} runs). "
-            f"beta with its 95% t interval from the fit's residuals (runs - 2 df). trivial: the exponent a fixed "
-            f"spectral shape gives these runs (sv_rel_fro ~ rank^(-1/2); -0.25 for width-only growth), and whether "
-            f"the interval contains it")
+    head = (
+        f"{s['model_size']}\nlog q = log c + beta log M ({s['field']} quantiles, geometric mean over a "
+        f"type's matrices and the records from {s['burn_in']:.0%} of training on; {len(summary['runs'])} runs). "
+        f"beta with its 95% t interval from the fit's residuals (runs - 2 df). trivial: the exponent a fixed "
+        f"spectral shape gives these runs (sv_rel_fro ~ rank^(-1/2); -0.25 for width-only growth), and whether "
+        f"the interval contains it"
+    )
     control = {(f["group"], f["type"], f["level"]): f for f in summary.get("control_fits", [])}
-    rows = [[f["group"], f["type"], f"{f['level']:g}", f"{f['c']:.4g}", _beta_ci(f), _trivial(f),
-             _beta_ci(control.get((f["group"], f["type"], f["level"]))),
-             "-" if f["r2"] is None else f"{f['r2']:.4f}", str(f["n_runs"])] for f in summary["fits"]]
-    header = ["group", "type", "level", "c", "beta [95% CI]", "trivial beta",
-              "control: sv_rel_max beta [95% CI]" if control else "control", "R^2", "runs"]
+    rows = [
+        [
+            f["group"],
+            f["type"],
+            f"{f['level']:g}",
+            f"{f['c']:.4g}",
+            _beta_ci(f),
+            _trivial(f),
+            _beta_ci(control.get((f["group"], f["type"], f["level"]))),
+            "-" if f["r2"] is None else f"{f['r2']:.4f}",
+            str(f["n_runs"]),
+        ]
+        for f in summary["fits"]
+    ]
+    header = [
+        "group",
+        "type",
+        "level",
+        "c",
+        "beta [95% CI]",
+        "trivial beta",
+        "control: sv_rel_max beta [95% CI]" if control else "control",
+        "R^2",
+        "runs",
+    ]
     return head + "\n" + text_table(header, rows)
 
 
 def recommendation_table(summary: Mapping[str, Any]) -> str:
     s, rec = summary["settings"], summary["recommendation"]
     levels = sorted({p["level"] for g in rec["groups"] for t in g["types"] for p in t["predicted"]})
-    head = (f"NS steps for M* = {format_size(s['target_params'])} params (n_params), {s['target_layers']} layers "
-            f"({s['coefficients']}, band [{s['band'][0]:g}, {s['band'][1]:g}], quantiles >= {s['level']:g} in band)")
+    head = (
+        f"NS steps for M* = {format_size(s['target_params'])} params (n_params), {s['target_layers']} layers "
+        f"({s['coefficients']}, band [{s['band'][0]:g}, {s['band'][1]:g}], quantiles >= {s['level']:g} in band)"
+    )
     rows, summary_rows = [], []
     for g in rec["groups"]:
         steps = "crossed" if g["crossed_types"] else "-" if g["ns_steps"] is None else str(g["ns_steps"])
-        summary_rows.append([g["group"], g["layers"] or "-", steps, _step_range(g.get("ns_steps_ci95")),
-                             g["worst_type"]])
+        summary_rows.append(
+            [g["group"], g["layers"] or "-", steps, _step_range(g.get("ns_steps_ci95")), g["worst_type"]]
+        )
         for t in g["types"]:
             q = {p["level"]: p["q"] for p in t["predicted"]}
-            rows.append([g["group"], t["type"], *(f"{q[lv]:.3g}" if lv in q else "-" for lv in levels),
-                         "crossed" if t["crossed"] else "-" if t["ns_steps"] is None else str(t["ns_steps"]),
-                         _step_range(t.get("ns_steps_ci95"))])
+            rows.append(
+                [
+                    g["group"],
+                    t["type"],
+                    *(f"{q[lv]:.3g}" if lv in q else "-" for lv in levels),
+                    "crossed" if t["crossed"] else "-" if t["ns_steps"] is None else str(t["ns_steps"]),
+                    _step_range(t.get("ns_steps_ci95")),
+                ]
+            )
     per_type = text_table(["group", "type", *(f"q{lv:g}(M*)" for lv in levels), "ns_steps", "95% range"], rows)
     per_group = text_table(["group", "layers", "ns_steps", "95% range", "worst type"], summary_rows)
     return f"{head}\n{per_type}\n\n{per_group}\n\noptim.ns_steps_per_layer={rec['ns_steps_per_layer']}"
@@ -350,26 +463,57 @@ def spectrum_main(argv: Sequence[str] | None = None) -> int:
     parser = CommandParser(
         prog="normopt spectrum",
         description="Fit power laws of the NS-input singular-value quantiles in model size, per depth "
-                    "group and matrix type, and recommend Newton-Schulz steps per layer for a target size.")
+        "group and matrix type, and recommend Newton-Schulz steps per layer for a target size.",
+    )
     parser.add_argument("root", help="folder searched recursively for run directories with diagnostics.jsonl")
-    parser.add_argument("--burn-in", type=float, default=DEFAULT_BURN_IN,
-                        help="use records from this fraction of the planned steps on (default 0.5)")
-    parser.add_argument("--target-params", type=parse_size, default=None,
-                        help="model size to recommend for, counted like n_params (all parameters, embeddings "
-                             "included), e.g. 1.1e9, 1.1B, 350M (default: largest run)")
-    parser.add_argument("--target-layers", type=int, default=None,
-                        help="blocks of the target model (default: n_layers of the largest run)")
-    parser.add_argument("--level", type=float, default=DEFAULT_LEVEL,
-                        help="smallest quantile level that must reach the band (default 0.1)")
-    parser.add_argument("--quantity", choices=QUANTITIES, default="sv_rel_fro",
-                        help="sigma / ||G||_F (what NS sees; default) or sigma / sigma_max (fits only)")
-    parser.add_argument("--source", choices=tuple(SOURCES), default="ns_input",
-                        help="quantiles of the matrix fed to NS (default) or of the momentum buffer")
+    parser.add_argument(
+        "--burn-in",
+        type=float,
+        default=DEFAULT_BURN_IN,
+        help="use records from this fraction of the planned steps on (default 0.5)",
+    )
+    parser.add_argument(
+        "--target-params",
+        type=parse_size,
+        default=None,
+        help="model size to recommend for, counted like n_params (all parameters, embeddings "
+        "included), e.g. 1.1e9, 1.1B, 350M (default: largest run)",
+    )
+    parser.add_argument(
+        "--target-layers",
+        type=int,
+        default=None,
+        help="blocks of the target model (default: n_layers of the largest run)",
+    )
+    parser.add_argument(
+        "--level",
+        type=float,
+        default=DEFAULT_LEVEL,
+        help="smallest quantile level that must reach the band (default 0.1)",
+    )
+    parser.add_argument(
+        "--quantity",
+        choices=QUANTITIES,
+        default="sv_rel_fro",
+        help="sigma / ||G||_F (what NS sees; default) or sigma / sigma_max (fits only)",
+    )
+    parser.add_argument(
+        "--source",
+        choices=tuple(SOURCES),
+        default="ns_input",
+        help="quantiles of the matrix fed to NS (default) or of the momentum buffer",
+    )
     parser.add_argument("--groups", type=int, default=3, dest="n_groups", help="number of depth groups (default 3)")
-    parser.add_argument("--coefficients", default=None,
-                        help="NS coefficients to recommend for (default: as logged by the largest run)")
-    parser.add_argument("--band", type=_parse_band, default=None, metavar="LO,HI",
-                        help="target band for NS outputs (default: as logged, or the coefficients' default)")
+    parser.add_argument(
+        "--coefficients", default=None, help="NS coefficients to recommend for (default: as logged by the largest run)"
+    )
+    parser.add_argument(
+        "--band",
+        type=_parse_band,
+        default=None,
+        metavar="LO,HI",
+        help="target band for NS outputs (default: as logged, or the coefficients' default)",
+    )
     parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="give up past this many steps")
     parser.add_argument("--out", default=None, help="where to write spectrum.png and spectrum.json (default: ROOT)")
     args = parser.parse_args(argv)

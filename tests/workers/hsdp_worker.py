@@ -25,9 +25,14 @@ from tests.workers.muon_worker import MATH_OPTIONS, OPTIMIZERS, VARIANTS, run_fs
 # real gradients, per-head blocks, a bucket per job, batched NS, row-block teams (which
 # must form within a shard group) and Gram NS
 RUNS = [
-    ("uneven", "inject", "default"), ("uneven", "backward", "default"), ("experts", "backward", "default"),
-    ("heads", "inject", "default"), ("uneven", "inject", "buckets"), ("repeated", "inject", "batched"),
-    ("few", "inject", "row_blocks"), ("uneven", "inject", "gram"),
+    ("uneven", "inject", "default"),
+    ("uneven", "backward", "default"),
+    ("experts", "backward", "default"),
+    ("heads", "inject", "default"),
+    ("uneven", "inject", "buckets"),
+    ("repeated", "inject", "batched"),
+    ("few", "inject", "row_blocks"),
+    ("uneven", "inject", "gram"),
 ]
 REPLICATED_TOO = ("default",)  # ns_mode="replicated" also runs for these variants (case "uneven" only)
 # (replicate, shard) layouts of 4 ranks
@@ -49,11 +54,14 @@ def main() -> None:
     for replicate, shard in LAYOUTS[world]:
         mesh = data_parallel_mesh("cpu", replicate, shard)
         for case, source, variant in RUNS:
-            modes = ("distributed", "replicated") if variant in REPLICATED_TOO and case == "uneven" else ("distributed",)
+            modes = (
+                ("distributed", "replicated") if variant in REPLICATED_TOO and case == "uneven" else ("distributed",)
+            )
             for opt_name in OPTIMIZERS:
                 if rank == 0 and (case, opt_name, source, math_key(variant)) not in results["reference"]:
                     results["reference"][(case, opt_name, source, math_key(variant))] = run_reference(
-                        case, opt_name, source, variant)
+                        case, opt_name, source, variant
+                    )
                 for ns_mode in modes:
                     params, exchange = run_fsdp(case, opt_name, source, ns_mode, mesh, variant)
                     key = ((replicate, shard), case, opt_name, source, ns_mode, variant)

@@ -75,15 +75,24 @@ REPLICATED_TOO = ("default", "row_blocks")  # variants also run with ns_mode="re
 # (case, gradient source, variant) of every run, each with both optimizers (and both
 # ns_modes for the variants in REPLICATED_TOO).
 RUNS = [(case, source, "default") for case in ("uneven", "few", "experts") for source in ("inject", "backward")] + [
-    ("uneven", "inject", "buckets"), ("experts", "inject", "buckets"), ("uneven", "inject", "buckets_sync"),
-    ("repeated", "inject", "batched"), ("few", "inject", "row_blocks"), ("uneven", "inject", "row_blocks"),
+    ("uneven", "inject", "buckets"),
+    ("experts", "inject", "buckets"),
+    ("uneven", "inject", "buckets_sync"),
+    ("repeated", "inject", "batched"),
+    ("few", "inject", "row_blocks"),
+    ("uneven", "inject", "row_blocks"),
     ("repeated", "inject", "row_blocks_batched"),
-    ("heads", "inject", "default"), ("heads", "backward", "default"), ("heads", "inject", "row_blocks"),
+    ("heads", "inject", "default"),
+    ("heads", "backward", "default"),
+    ("heads", "inject", "row_blocks"),
     ("heads", "inject", "batched"),
     # Gram NS: quintic on tall, wide and square matrices (3 and 5 steps), Polar Express, a
     # 3-D expert stack, batches of equal shapes, per-head blocks, and real backward passes
-    ("uneven", "backward", "gram"), ("few", "inject", "gram"), ("experts", "inject", "gram"),
-    ("repeated", "inject", "gram_batched"), ("heads", "inject", "gram"),
+    ("uneven", "backward", "gram"),
+    ("few", "inject", "gram"),
+    ("experts", "inject", "gram"),
+    ("repeated", "inject", "gram_batched"),
+    ("heads", "inject", "gram"),
 ]
 STEPS = 4
 BATCH = 6
@@ -94,7 +103,7 @@ class Experts(nn.Module):
 
     def __init__(self, experts: int, out_features: int, in_features: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(experts, out_features, in_features) / in_features ** 0.5)
+        self.weight = nn.Parameter(torch.randn(experts, out_features, in_features) / in_features**0.5)
 
     def forward(self, x):
         return torch.einsum("bi,eoi->beo", x, self.weight)
@@ -105,8 +114,7 @@ class LinearStack(nn.Module):
 
     def __init__(self, shapes):
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(s[1], s[0], bias=False) if len(s) == 2 else Experts(*s)
-                                    for s in shapes)
+        self.layers = nn.ModuleList(nn.Linear(s[1], s[0], bias=False) if len(s) == 2 else Experts(*s) for s in shapes)
 
     def forward(self, xs):
         return sum(torch.tanh(layer(x)).square().mean() for layer, x in zip(self.layers, xs))
@@ -129,8 +137,10 @@ def param_groups(model: LinearStack, case: str) -> list[dict]:
     params = list(model.layers.parameters())
     if case in HEAD_BLOCKS:
         parts = [params[:1], params[1:3], params[3:4], params[4:]]
-        groups = [{"params": part, **({} if layout is None else {"head_blocks": layout})}
-                  for part, layout in zip(parts, HEAD_BLOCKS[case])]
+        groups = [
+            {"params": part, **({} if layout is None else {"head_blocks": layout})}
+            for part, layout in zip(parts, HEAD_BLOCKS[case])
+        ]
         groups[0]["ns_steps"] = 3
         return groups
     return [{"params": params[:1], "ns_steps": 3}, {"params": params[1:]}]
@@ -157,8 +167,14 @@ def set_grads(model: LinearStack, case: str, step: int, source: str) -> None:
         if isinstance(p, DTensor):  # FSDP2 (Shard(0)) or HSDP (Replicate(), Shard(0)): p's layout
             shards = row_shards_of(p)
             start, length = shard_rows(p.shape[0], shards.size())[shards.local_rank()]
-            p.grad = DTensor.from_local(full[start:start + length].clone(), p.device_mesh, p.placements,
-                                        shape=p.shape, stride=p.stride(), run_check=False)
+            p.grad = DTensor.from_local(
+                full[start : start + length].clone(),
+                p.device_mesh,
+                p.placements,
+                shape=p.shape,
+                stride=p.stride(),
+                run_check=False,
+            )
         else:
             p.grad = full
 
@@ -244,15 +260,22 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
-    results: dict = {"world_size": world, "fsdp": {}, "reference": {}, "exchange": {}, "checkpoint": {},
-                     "initial": {case: full_params(build_model(case, seed=0)) for case in CASES}}
+    results: dict = {
+        "world_size": world,
+        "fsdp": {},
+        "reference": {},
+        "exchange": {},
+        "checkpoint": {},
+        "initial": {case: full_params(build_model(case, seed=0)) for case in CASES},
+    }
     for case, source, variant in RUNS:
         for opt_name in OPTIMIZERS:
             if rank == 0:
                 math = tuple(sorted((k, v) for k, v in VARIANTS[variant].items() if k in MATH_OPTIONS))
                 if (case, opt_name, source, math) not in results["reference"]:
                     results["reference"][(case, opt_name, source, math)] = run_reference(
-                        case, opt_name, source, variant)
+                        case, opt_name, source, variant
+                    )
             # replicated NS has no buckets to schedule: the execution variants need only distributed
             for ns_mode in ("distributed", "replicated") if variant in REPLICATED_TOO else ("distributed",):
                 params, exchange = run_fsdp(case, opt_name, source, ns_mode, mesh, variant)
