@@ -220,6 +220,11 @@ def _guarded(fn) -> int:
     except KeyboardInterrupt:
         print("normopt: interrupted", file=sys.stderr, flush=True)
         return 130
+    except BrokenPipeError:
+        # the reader went away (``normopt config --reference | head``): no traceback, and none
+        # from the interpreter's final flush of stdout either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command that a closed pipe ended
 
 
 USAGE = """usage: normopt {train,launch,check,config,export,sample,report,factorial,plan,status,spectrum} ...

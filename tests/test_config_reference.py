@@ -145,3 +145,24 @@ def test_write_replaces_only_the_generated_part(tmp_path, capsys):
 def test_reference_prints_the_markdown(capsys):
     assert main(["config", "--reference"]) == 0
     assert capsys.readouterr().out == reference_markdown() + "\n"
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """``normopt config --reference | head -1``: the closed pipe ends the command quietly (the
+    reading end is closed before the command writes, so its first write meets the closed pipe)."""
+    import subprocess
+    import sys
+
+    from tests.processes import REPO_ROOT, child_env
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "normopt.cli", "config", "--reference"],
+        cwd=REPO_ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in stderr and proc.returncode == 141, (proc.returncode, stderr)
