@@ -40,7 +40,7 @@ from pathlib import Path
 
 from normopt.errors import PREEMPTED_EXIT_CODE
 from normopt.launch import CRASH_EXIT_CODE
-from tests.processes import REPO_ROOT, child_env
+from tests.processes import REPO_ROOT, child_env, child_pids, normopt_lines, rank_pid
 
 PROCESS_FAULTS = ("kill_rank", "kill_launcher", "term_launcher", "term_rank")
 DISK_FAULTS = ("full_disk_sync", "full_disk_async")
@@ -81,10 +81,6 @@ def logged(run_dir: Path) -> dict[int, dict]:
     }
 
 
-def normopt_lines(text: str) -> list[str]:
-    return [part for line in text.split("\n") for part in line.split("\r") if part.strip().startswith("normopt")]
-
-
 def processes_naming(needle: str) -> list[int]:
     """Live (not zombie) processes whose command line holds ``needle``."""
     found = []
@@ -102,24 +98,12 @@ def processes_naming(needle: str) -> list[int]:
     return found
 
 
-def rank_pid(launcher_pid: int, rank: int) -> int | None:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher_pid)], capture_output=True, text=True).stdout
-    for pid in out.split():
-        try:
-            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                return int(pid)
-        except OSError:
-            continue
-    return None
-
-
 def hang_report(launcher_pid: int) -> str:
     """Where a hung launcher and its ranks are: each rank's last progress record (phase, step,
     age of its beat) and, where py-spy is installed, every process's Python stack."""
     from normopt.progress import PROGRESS_DIR_ENV, progress_file, read_progress
 
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher_pid)], capture_output=True, text=True).stdout
-    pids = [launcher_pid, *map(int, out.split())]
+    pids = [launcher_pid, *child_pids(launcher_pid)]
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     lines = []
     for pid in pids:
@@ -414,7 +398,7 @@ class FaultChain:
             raise self.fail("finish", f"the last resume ended with exit {proc.returncode}:\n{err.read_text()[-3000:]}")
 
 
-def reference_run(run_dir: Path, base_args: list[str], nproc: int, logs: Path) -> dict[int, dict]:
+def reference_run(run_dir: Path, base_args: list[str], nproc: int) -> dict[int, dict]:
     """The same run, uninterrupted, under the launcher."""
     proc = subprocess.run(
         [sys.executable, "-m", "normopt.cli", "launch", "--nproc", str(nproc), *base_args],

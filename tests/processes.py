@@ -20,7 +20,18 @@ from normopt.parallel.distributed import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["REPO_ROOT", "InProcessResult", "child_env", "free_port", "start", "train_in_process", "wait_for_step"]
+__all__ = [
+    "REPO_ROOT",
+    "InProcessResult",
+    "child_env",
+    "child_pids",
+    "free_port",
+    "normopt_lines",
+    "rank_pid",
+    "start",
+    "train_in_process",
+    "wait_for_step",
+]
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -76,3 +87,25 @@ def train_in_process(args: list[str], capsys) -> InProcessResult:
         os.environ.update(saved)
     captured = capsys.readouterr()
     return InProcessResult(code, captured.err, captured.out)
+
+
+def child_pids(parent: int) -> list[int]:
+    """The pids of ``parent``'s children (a launcher's ranks)."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the launcher's rank ``rank`` (its RANK in its environment); None if none is."""
+    for pid in child_pids(launcher_pid):
+        try:
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def normopt_lines(text: str) -> list[str]:
+    """The lines of ``text`` that start with "normopt" (a progress bar's \\r ends a line too)."""
+    return [part for line in text.split("\n") for part in line.split("\r") if part.strip().startswith("normopt")]

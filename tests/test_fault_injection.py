@@ -36,7 +36,7 @@ def _args(run_dir, corpus):
 def _survive(tmp_path, corpus, capsys, seed: int, nproc: int, rounds: int) -> None:
     from tests.mounts import tmpfs
 
-    reference = reference_run(tmp_path / "reference", _args(tmp_path / "reference", corpus), nproc, tmp_path)
+    reference = reference_run(tmp_path / "reference", _args(tmp_path / "reference", corpus), nproc)
     run_dir = tmp_path / "run"
     chain = FaultChain(run_dir, _args(run_dir, corpus), STEPS, seed, nproc=nproc, logs=tmp_path / "logs")
     kinds = KINDS

@@ -16,7 +16,7 @@ import pytest
 
 from normopt.launch import CRASH_EXIT_CODE, agreed_status, thread_default, usable_cores
 from tests.conftest import tiny_run_args
-from tests.processes import child_env, start, wait_for_step
+from tests.processes import child_env, rank_pid, start, wait_for_step
 
 
 def _rank_pids(launcher_pid: int) -> list[int]:
@@ -144,15 +144,6 @@ def test_launcher_sets_threads_per_rank_unless_the_user_did(tmp_path, tiny_corpu
     assert threads == own and "OMP_NUM_THREADS=" not in stderr  # passed through, nothing said
 
 
-def _rank_pid(launcher_pid: int, rank: int) -> int:
-    """The pid of the launcher's rank ``rank`` (its RANK in its environment)."""
-    for pid in _rank_pids(launcher_pid):
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        if f"RANK={rank}".encode() in environ:
-            return pid
-    raise AssertionError(f"no rank {rank} under launcher {launcher_pid}")
-
-
 @pytest.mark.slow  # the fault injection kills a seeded rank in the default run, checking this line
 def test_a_killed_rank_is_named_and_its_peer_exits_without_a_traceback(tmp_path, tiny_corpus):
     """One rank killed outright (the OOM killer, say): the other rank's collective breaks; it
@@ -163,7 +154,9 @@ def test_a_killed_rank_is_named_and_its_peer_exits_without_a_traceback(tmp_path,
         launcher=True,
     )
     wait_for_step(proc, run_dir, 3)
-    os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+    killed = rank_pid(proc.pid, 1)
+    assert killed is not None, "no rank 1 under the launcher"
+    os.kill(killed, signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == CRASH_EXIT_CODE, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if line.startswith("normopt")]

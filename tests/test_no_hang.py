@@ -22,7 +22,7 @@ from normopt.launch import Watchdog
 from normopt.parallel.timeouts import collective_timeout
 from normopt.progress import progress_file
 from tests.conftest import tiny_run_args
-from tests.processes import REPO_ROOT, child_env, wait_for_step
+from tests.processes import REPO_ROOT, child_env, normopt_lines, wait_for_step
 
 # measured on 2 shared cores: the whole 2-rank run (start-up included) ended 13-17 s after
 # it started; the bound leaves room for a loaded machine
@@ -59,10 +59,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _normopt_lines(stderr: str) -> list[str]:
-    return [part for line in stderr.split("\n") for part in line.split("\r") if part.strip().startswith("normopt")]
-
-
 # the default run's fault injection fills the checkpoints' disk during a sync and an async save
 @pytest.mark.slow
 @pytest.mark.parametrize("async_save", ["true", "false"])
@@ -93,7 +89,7 @@ def test_a_full_disk_in_a_checkpoint_ends_every_rank_with_one_line(tmp_path, tin
         left = sorted(p.name for p in checkpoints.iterdir())
     assert proc.returncode == 2, stderr[-3000:]
     assert elapsed < CHECKPOINT_FAILURE_BOUND_S, elapsed
-    lines = _normopt_lines(stderr)
+    lines = normopt_lines(stderr)
     assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
     assert re.match(
         r"normopt: error: writing checkpoint step \d+ on rank [01] failed \(no space left on device\); "
@@ -129,7 +125,7 @@ def test_a_full_disk_under_the_logs_of_two_ranks_ends_both_with_one_line(tmp_pat
         elapsed = time.monotonic() - started
     assert proc.returncode == 2, stderr[-3000:]
     assert elapsed < CHECKPOINT_FAILURE_BOUND_S, elapsed
-    lines = _normopt_lines(stderr)
+    lines = normopt_lines(stderr)
     assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
     assert lines[0].startswith("normopt: error: writing ") and "failed (no space left on device) at step" in lines[0]
 
@@ -154,7 +150,7 @@ def test_a_stopped_rank_is_named_by_the_watchdog_and_nothing_outlives_the_launch
         proc.kill()
     assert proc.returncode == NO_PROGRESS_EXIT_CODE, stderr[-3000:]
     assert elapsed < WATCHDOG_S + WATCHDOG_GRACE_S, elapsed
-    lines = _normopt_lines(stderr)
+    lines = normopt_lines(stderr)
     assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
     found = re.fullmatch(
         rf"normopt launch: no progress for (\d+) s: rank 1 was in step at step \d+ "
@@ -191,7 +187,7 @@ def test_the_step_timeout_bounds_a_collective_without_the_watchdog(tmp_path, tin
     finally:
         proc.kill()
     assert proc.returncode == 1 and elapsed < 3 + 5 + 6, (proc.returncode, elapsed, stderr[-3000:])
-    lines = _normopt_lines(stderr)
+    lines = normopt_lines(stderr)
     assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
     assert "(rank 0: lost its peers (Timed out waiting 3000ms" in lines[0], lines[0]
     assert lines[0].endswith("rank 1: stopped by the launcher); exit 1"), lines[0]
