@@ -14,6 +14,7 @@ before any work starts, each failing with a UserError naming the key.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -30,6 +31,7 @@ from normopt.errors import UserError
 from normopt.key_roles import role_of
 from normopt.models.config import ModelConfig
 from normopt.optim.config import OptimConfig
+from normopt.registry import generation, section_class
 from normopt.train_config import RunConfig, TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -38,15 +40,21 @@ FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 
+def _section(base: type, name: str):
+    """A default ``name`` section: ``base`` with the keys its registered components declared
+    (a plugin's optimizer adds optim.<name>_<key>; normopt/registry.py)."""
+    return field(default_factory=lambda: section_class(base, name)())
+
+
 @dataclass
 class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    run: RunConfig = _section(RunConfig, "run")
+    data: DataConfig = _section(DataConfig, "data")
+    model: ModelConfig = _section(ModelConfig, "model")
+    optim: OptimConfig = _section(OptimConfig, "optim")
+    train: TrainConfig = _section(TrainConfig, "train")
+    checkpoint: CheckpointConfig = _section(CheckpointConfig, "checkpoint")
+    diagnostics: DiagnosticsConfig = _section(DiagnosticsConfig, "diagnostics")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -61,11 +69,24 @@ class Config:
         self.checkpoint.validate()
 
 
+def section_classes() -> dict[str, type]:
+    """Section name -> its dataclass as now extended by the registered components' keys, in
+    the order of :class:`Config`."""
+    cfg = Config()
+    return {f.name: type(getattr(cfg, f.name)) for f in dataclasses.fields(Config)}
+
+
 def keys_with_role(*roles: str) -> frozenset[str]:
-    """The dotted keys ("section.name") whose role is one of ``roles`` (untagged = MATH)."""
+    """The dotted keys ("section.name") whose role is one of ``roles`` (untagged = MATH),
+    the keys loaded plugins' components declared included."""
+    return _keys_with_role(roles, generation())
+
+
+@functools.lru_cache(maxsize=64)
+def _keys_with_role(roles: tuple[str, ...], _generation: int) -> frozenset[str]:
     return frozenset(
         f"{section}.{f.name}"
-        for section, cls in typing.get_type_hints(Config).items()
+        for section, cls in section_classes().items()
         for f in dataclasses.fields(cls)
         if role_of(f) in roles
     )
@@ -177,6 +198,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return resolve_config(path, overrides)[0]
 
 
+PLUGINS_KEY = "plugins"  # top level of a config file: plugins to load (normopt/plugins.py), not a section
+
+
+def load_config_plugins(entries: Any, path: Path) -> None:
+    """Load the plugins a config file names under ``plugins:`` (paths relative to the file)."""
+    if entries is None:
+        return
+    if not isinstance(entries, list) or not all(isinstance(e, str) and e.strip() for e in entries):
+        raise UserError(f"{path}: plugins must be a list of plugin files or module names, got {entries!r}")
+    from normopt.plugins import load_plugins
+
+    load_plugins(entries, base=path.resolve().parent)
+
+
 # where a resolved key's value came from (``normopt config --show``)
 DEFAULT, FILE, OVERRIDE, DERIVED = "default", "file", "override", "derived"
 
@@ -202,6 +237,7 @@ def resolve_config(
         raise UserError(f"{path}: cannot parse YAML ({first})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: top level must be a mapping of sections")
+    load_config_plugins(raw.pop(PLUGINS_KEY, None), path)
     cfg = Config()
     origins = dict.fromkeys(flat_config(cfg.to_dict()), DEFAULT)
     for section_name, entries in raw.items():

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from normopt.cli_args import CommandParser
-from normopt.config import Config, resolve_config
+from normopt.config import resolve_config, section_classes
 from normopt.errors import UserError
 from normopt.key_roles import help_of, role_of
 
@@ -29,8 +29,9 @@ END = "<!-- end generated -->"
 
 
 def sections() -> dict[str, type]:
-    """Section name -> its dataclass, in the order of :class:`~normopt.config.Config`."""
-    return typing.get_type_hints(Config)
+    """Section name -> its dataclass, in the order of :class:`~normopt.config.Config` (with
+    the keys of loaded plugins' components)."""
+    return section_classes()
 
 
 def type_name(annotation: Any) -> str:

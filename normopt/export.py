@@ -21,6 +21,7 @@ from normopt.checkpoint.safe_dcp import SafeReader, TensorOnlyPlanner, read_meta
 from normopt.checkpoint.verify import read_trainer_state, verify_checkpoint
 from normopt.errors import UserError
 from normopt.output_paths import check_output_file, write_failed
+from normopt.plugins import check_run_plugins
 from normopt.run_dir import RunDir
 
 MODEL_PREFIX = "model."
@@ -87,6 +88,7 @@ def export_safetensors(run_dir: Path, step: int | None = None, out: Path | None 
     from safetensors.torch import save_file
 
     run = RunDir(run_dir)
+    check_run_plugins(run.path, "export")
     checkpoint = run.find_checkpoint(step, "--step")
     config = run.config_of(checkpoint)
     tokenizer = run_tokenizer(run, config)  # before writing anything: an export is complete or absent

@@ -310,11 +310,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = CommandParser(
         prog="normopt launch",
         allow_abbrev=False,
+        plugins=False,  # --plugin is training's: it goes on to every rank
         description="Train on N ranks of this node (one launcher per node for "
         "multi-node jobs), keeping normopt's exit statuses (0 done, 2 user error, 3 diverged, 75 "
         "stopped after a checkpoint, 69 a node was lost, 124 no progress) and forwarding "
         "SIGTERM/SIGUSR1/SIGINT to every rank.",
-        epilog="Everything after the launcher's options goes to training: --config PATH and section.key=value.",
+        epilog="Everything after the launcher's options goes to training: --plugin, --config PATH and "
+        "section.key=value.",
     )
     parser.add_argument("--nproc", type=int, default=None, help="ranks on this node (default: visible GPUs, else 1)")
     parser.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1)")

@@ -20,16 +20,19 @@ from pathlib import Path
 from normopt.config import Config, flat_config, keys_with_role, read_saved_config
 from normopt.errors import UserError
 from normopt.key_roles import EVALUATION, EXECUTION, LENGTH
+from normopt.plugins import check_run_plugins
 from normopt.run_dir import PARTIAL, RunDir
 
-RESUME_SAFE_KEYS = keys_with_role(EXECUTION, LENGTH, EVALUATION)
+RESUME_SAFE_KEYS = keys_with_role(EXECUTION, LENGTH, EVALUATION)  # normopt's own
 
 
 def check_resume_compatible(saved: Config, current: Config) -> None:
-    """Refuse to resume when a key outside RESUME_SAFE_KEYS differs from the checkpoint's."""
+    """Refuse to resume when a key outside the resume-safe roles (execution, length,
+    evaluation; plugins' keys by their declared roles) differs from the checkpoint's."""
     old, new = flat_config(saved.to_dict()), flat_config(current.to_dict())
+    safe = keys_with_role(EXECUTION, LENGTH, EVALUATION)
     for key in sorted(old):
-        if key not in RESUME_SAFE_KEYS and old[key] != new.get(key):
+        if key not in safe and old[key] != new.get(key):
             raise UserError(
                 f"{key}: the run being resumed used {old[key]!r}, this config says {new.get(key)!r} "
                 f"(start a new run.dir to change it)"
@@ -70,6 +73,7 @@ def find_resume_point(run: RunDir, cfg: Config, log=None, rank: int = 0, world_s
         )
     if checkpoint is None:
         return None
+    check_run_plugins(run.path, "resume")  # before its saved config, whose plugin keys need them
     saved = run.config_of(checkpoint)
     if saved is not None:
         check_resume_compatible(read_saved_config(saved), cfg)

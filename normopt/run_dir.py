@@ -3,6 +3,7 @@
 One run = one folder (``run.dir``)::
 
     config.yaml          the resolved config the run was started (or last continued) with
+    plugins.json         the plugins loaded when it was: name, source, SHA-256 (normopt.plugins)
     metrics.jsonl        training and evaluation lines, one JSON object a line
     diagnostics.jsonl    diagnostics records (norm stats, spectral norms, NS spectrum, ...)
     tensorboard/         TensorBoard event files
@@ -35,6 +36,7 @@ from pathlib import Path
 from normopt.errors import UserError
 
 CONFIG_FILE = "config.yaml"
+PLUGINS_FILE = "plugins.json"  # the plugins the run was started with (normopt.plugins)
 METRICS_FILE = "metrics.jsonl"
 DIAGNOSTICS_FILE = "diagnostics.jsonl"
 TENSORBOARD_DIR = "tensorboard"

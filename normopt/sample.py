@@ -20,6 +20,7 @@ from normopt.cli_args import CommandParser
 from normopt.config import Config, read_saved_config
 from normopt.errors import UserError
 from normopt.export import load_model_weights, run_tokenizer
+from normopt.plugins import check_run_plugins
 from normopt.run_dir import RunDir
 
 
@@ -32,9 +33,10 @@ class LoadedRun:
     source: Path  # the export file or checkpoint folder the weights came from
 
 
-def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
+def load_run(run_dir: Path, step: int | None = None, doing: str = "sample") -> LoadedRun:
     """The run's model at ``step`` (default: latest complete checkpoint) in eval mode on the
-    CPU, with the config and tokenizer it was trained with."""
+    CPU, with the config and tokenizer it was trained with (and the plugins it records loaded
+    unchanged; ``doing`` names the command in the refusal)."""
     from safetensors.torch import load_file
 
     from normopt.data.tokenizer import load_tokenizer
@@ -44,6 +46,7 @@ def load_run(run_dir: Path, step: int | None = None) -> LoadedRun:
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
+    check_run_plugins(run.path, doing)
     checkpoint = run.find_checkpoint(step, "--step")
     exported = run.export_files(run.export / f"{checkpoint.name}.safetensors")
     if all(path.is_file() for path in exported.values()):

@@ -42,6 +42,7 @@ from normopt.parallel import collectives
 from normopt.parallel.distributed import DistInfo, with_data_parallel_layout
 from normopt.parallel.fsdp import apply_fsdp
 from normopt.parallel.grad_clip import clip_grad_norm_
+from normopt.plugins import write_run_plugins
 from normopt.resume_policy import find_resume_point
 from normopt.run_checks import check_run_dir
 from normopt.run_dir import RunDir
@@ -153,7 +154,7 @@ class Trainer:
         # rank 0 decides for all (an error raised on one rank alone would hang the others)
         on_main_then_share(self._check_memory, dist_info)
         self.model = self._build_model()
-        self.moe = self.model.routed
+        self.aux_loss_name = self.model.aux_loss_name  # the blocks' auxiliary loss (moe_aux_loss), if any
         self.step_statistics: dict[str, torch.Tensor] = {}  # the model's, summed over the logging window
         self.aux_loss_sum, self.window_steps = 0.0, 0  # over the logging window's steps
         self.flops_per_token = count_flops_per_token(self.model_args, t.seq_len)
@@ -234,6 +235,7 @@ class Trainer:
             self.lock.record_holder()
             if self.start_step < self.cfg.train.steps or not run.config.exists():
                 save_config(self.cfg, run.config)
+                write_run_plugins(run.path)  # which plugins (and which versions) the run needs
             if self.start_step == 0:
                 run.metrics.unlink(missing_ok=True)
                 run.diagnostics.unlink(missing_ok=True)
@@ -374,8 +376,7 @@ class Trainer:
                         record["mfu_with_ns"] = self.mfu(tokens_per_s, self.ns_flops_per_step / tokens_per_step)
                 self.cost_windows.append({key: record.get(key) for key in COST_KEYS})
                 record.update(pop_peak_memory(self.dist.device))
-                if self.moe:
-                    record.update(self._moe_window_record())
+                record.update(self._step_statistics_window_record())
                 self.metrics.log(record)
                 progress.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             if self.cfg.diagnostics.interval and (self.diagnostics.due(done) or done == t.steps):
@@ -412,7 +413,7 @@ class Trainer:
         for index, (inputs, targets) in enumerate(micro_batches):
             # gradients are reduced across ranks once, after the last micro-batch
             self.model.set_requires_gradient_sync(index == len(micro_batches) - 1)
-            if self.moe:
+            if self.aux_loss_name:
                 logits, aux = self.model(inputs, with_aux=True)
                 aux = aux / self.accum_steps
                 aux_sum += aux.detach()
@@ -449,13 +450,13 @@ class Trainer:
             self.step_statistics[key] = value + self.step_statistics[key] if key in self.step_statistics else value
         return loss, grad_norm, bool(shared[1] > 0), float(shared[2]) / self.dist.world_size
 
-    def _moe_window_record(self) -> dict:
-        """The logging window's MoE numbers: mean balance loss per step, and per layer the
-        tokens routed to each expert, the load entropy and max/mean load; then a new window."""
-        record = {
-            "moe_aux_loss": self.aux_loss_sum / max(1, self.window_steps),
-            **self.model.step_statistics_record(self.step_statistics),
-        }
+    def _step_statistics_window_record(self) -> dict:
+        """The logging window's numbers from the model (the model protocol, models/llama.py):
+        the mean auxiliary loss per step (``moe_aux_loss``), then the step statistics (per MoE
+        layer: tokens routed to each expert, load entropy and max/mean load); then a new window."""
+        record = {self.aux_loss_name: self.aux_loss_sum / max(1, self.window_steps)} if self.aux_loss_name else {}
+        if self.step_statistics:
+            record.update(self.model.step_statistics_record(self.step_statistics))
         self.step_statistics, self.aux_loss_sum, self.window_steps = {}, 0.0, 0
         return record
 

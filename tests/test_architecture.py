@@ -15,7 +15,23 @@ from tests.conftest import REPO_ROOT
 
 COMPONENTS = ("models", "optim", "data", "parallel", "diagnostics", "checkpoint", "metrics")
 # top-level modules any component may use: they import nothing of normopt but each other
-LEAVES = ("normopt.errors", "normopt.dtypes", "normopt.key_roles", "normopt.run_dir", "normopt.progress")
+LEAVES = (
+    "normopt.errors",
+    "normopt.dtypes",
+    "normopt.key_roles",
+    "normopt.run_dir",
+    "normopt.progress",
+    "normopt.registry",
+)
+# the modules that compose components: they ask the registries and the model protocol
+# (models/llama.py), never a component's own module
+HUBS = (
+    "normopt.trainer",
+    "normopt.models.llama",
+    "normopt.optim.param_groups",
+    "normopt.optim.builder",
+    "normopt.diagnostics.collector",
+)
 
 
 def _modules() -> dict[str, Path]:
@@ -115,3 +131,22 @@ def test_leaves_stay_leaves():
     graph = import_graph()
     for leaf in LEAVES:
         assert graph[leaf] <= set(LEAVES), (leaf, graph[leaf])
+
+
+def component_modules() -> set[str]:
+    """The modules that implement a registered norm, attention, feed-forward or optimizer."""
+    from normopt.models.components import ATTENTIONS, FEED_FORWARDS
+    from normopt.models.norms import NORMS
+    from normopt.optim.registry import OPTIMIZERS
+
+    classes = [*NORMS.values(), *ATTENTIONS.values(), *FEED_FORWARDS.values()]
+    modules = {cls.__module__ for cls in classes} | {spec.build.__module__ for spec in OPTIMIZERS.values()}
+    return modules | {"normopt.optim.muon"}  # what the Muon family's builder builds
+
+
+def test_hubs_ask_registries_not_components():
+    graph = import_graph()
+    internals = component_modules()
+    assert {"normopt.models.derf", "normopt.models.moe", "normopt.optim.muon_family"} <= internals
+    reaching = {hub: sorted(graph[hub] & internals) for hub in HUBS if graph[hub] & internals}
+    assert not reaching, f"hubs importing a component's module: {reaching}"

@@ -25,7 +25,7 @@ from normopt.models.derf import Derf, DerfEMA, commit_running_scales
 from normopt.models.dyt import DyT
 from normopt.models.layernorm import LayerNorm
 from normopt.models.norm_layer import NormConfig
-from normopt.models.norms import NORM_NAMES, build_norm
+from normopt.models.norms import NORMS, build_norm
 from normopt.models.rmsnorm import RMSNorm
 from tests.conftest import run_cli, tiny_run_args
 
@@ -115,7 +115,7 @@ def test_layernorm_is_scale_blind_and_linear_without_saturation():
     assert ln["linearity_within_token"] == pytest.approx(1.0, abs=1e-9)
 
 
-@pytest.mark.parametrize("name", NORM_NAMES)
+@pytest.mark.parametrize("name", NORMS.names())
 def test_every_registered_norm_has_a_record_under_its_name(name):
     record, z = norm_layer_stats(build_norm(NormConfig(name), 16, "attn"), torch.randn(8, 16))
     assert record["type"] == name

@@ -21,18 +21,18 @@ from safetensors import safe_open
 
 from normopt.hf.export import TEMPLATE, write_hf_folder
 from normopt.hf.parity import MAX_ABS_LOGIT_DIFF, MAX_KL, compare_logits, load_exported
-from normopt.models.components import ATTENTION_NAMES, FEED_FORWARD_NAMES
+from normopt.models.components import ATTENTIONS, FEED_FORWARDS
 from normopt.models.derf import DerfEMA
 from normopt.models.llama import build_model
 from normopt.models.norm_layer import NormConfig
-from normopt.models.norms import NORM_NAMES, reference_bias, reference_embed_scale
+from normopt.models.norms import NORMS, reference_bias, reference_embed_scale
 from normopt.models.presets import ModelArgs, fill_derived_shapes
 from tests.conftest import run_cli, tiny_run_args
 
 # the modeling files transformers caches per loaded folder go to a temporary folder, not ~/.cache
 os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="normopt-test-hf-modules-"))
 
-COMBINATIONS = list(product(NORM_NAMES, ATTENTION_NAMES, FEED_FORWARD_NAMES))
+COMBINATIONS = list(product(NORMS.names(), ATTENTIONS.names(), FEED_FORWARDS.names()))
 MAX_POSITIONS = 32
 DIM = 32
 

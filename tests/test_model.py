@@ -10,14 +10,14 @@ import torch
 
 from normopt.models.llama import build_model
 from normopt.models.norm_layer import NormConfig
-from normopt.models.norms import NORM_NAMES, NORMS
+from normopt.models.norms import NORMS
 from normopt.models.presets import PRESETS, count_parameters
 
 BOUNDED = [name for name, cls in NORMS.items() if cls.bounded()]
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-@pytest.mark.parametrize("norm", NORM_NAMES)
+@pytest.mark.parametrize("norm", NORMS.names())
 def test_parameter_count_matches_analytic_formula(preset, norm):
     for bias, scale in ((True, None), (False, 3.0)):
         args = replace(PRESETS[preset], vocab_size=32768, norm_config=NormConfig(norm, bias=bias), embed_scale=scale)
@@ -157,7 +157,7 @@ def test_config_overrides_reach_the_model_args():
     assert args.n_kv_heads == 3  # the preset's 2 KV heads cannot group 3 heads
 
 
-@pytest.mark.parametrize("norm", NORM_NAMES)
+@pytest.mark.parametrize("norm", NORMS.names())
 def test_a_model_builds_and_runs_for_every_registered_norm(norm):
     """The config's name reaches every norm location as the registered class, with the
     resolved settings, and the model trains (finite loss, gradients on the norms)."""

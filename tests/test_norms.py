@@ -12,7 +12,7 @@ from normopt.models.derf import Derf, DerfEMA, commit_running_scales
 from normopt.models.dyt import DyT
 from normopt.models.layernorm import LayerNorm
 from normopt.models.norm_layer import NormConfig
-from normopt.models.norms import NORM_NAMES, NORM_TYPES, NORMS, build_norm, norm_class
+from normopt.models.norms import NORMS, build_norm, norm_class
 from normopt.models.rmsnorm import RMSNorm
 
 torch.manual_seed(0)
@@ -113,7 +113,7 @@ def test_layernorm_matches_torch_layer_norm_and_grads(bias):
     _check_grads(norm, x, ref)
 
 
-@pytest.mark.parametrize("cls", NORM_TYPES)
+@pytest.mark.parametrize("cls", tuple(NORMS.values()))
 def test_bf16_is_safe_for_large_inputs(cls):
     """bf16 activations far outside erf/tanh's linear range stay finite and close to fp32."""
     norm = cls(32)
@@ -232,7 +232,7 @@ def test_derf_ema_rescales_grown_inputs_away_from_saturation():
 
 
 def test_registry_lists_the_five_norms_by_their_own_names():
-    assert NORM_NAMES == ("rmsnorm", "dyt", "derf", "derf_ema", "layernorm")
+    assert NORMS.names() == ("rmsnorm", "dyt", "derf", "derf_ema", "layernorm")
     assert all(cls.name == name and norm_class(name) is cls for name, cls in NORMS.items())
     assert {name for name, cls in NORMS.items() if cls.bounded()} == {"dyt", "derf", "derf_ema"}
     assert {name: cls.fix_of for name, cls in NORMS.items() if cls.fix_of} == {"derf_ema": "derf"}
@@ -240,7 +240,7 @@ def test_registry_lists_the_five_norms_by_their_own_names():
         norm_class("batchnorm")
 
 
-@pytest.mark.parametrize("name", NORM_NAMES)
+@pytest.mark.parametrize("name", NORMS.names())
 @pytest.mark.parametrize("bias", [True, False])
 def test_param_count_is_the_layers_real_parameter_count(name, bias):
     cfg = NormConfig(name, bias=bias)
@@ -276,7 +276,7 @@ def test_layers_read_their_settings_from_the_norm_config():
     assert build_norm(NormConfig("layernorm", eps=1e-3, bias=False), 8, "attn").eps == 1e-3
 
 
-@pytest.mark.parametrize("name", NORM_NAMES)
+@pytest.mark.parametrize("name", NORMS.names())
 def test_output_is_the_affine_of_the_core_the_diagnostics_read(name):
     """y = g * core(x) + b, with core = f(preactivation) for a bounded layer."""
     torch.manual_seed(7)

@@ -10,7 +10,7 @@ import torch
 from normopt.config import load_config
 from normopt.models.llama import build_model
 from normopt.models.norm_layer import NormConfig
-from normopt.models.norms import NORM_NAMES
+from normopt.models.norms import NORMS
 from normopt.models.presets import PRESETS
 from normopt.optim.builder import build_optimizers
 from normopt.optim.muon import Muon, NorMuon
@@ -60,7 +60,7 @@ def test_groups_by_role(optim):
     assert "matrix" in format_group_table(list(groups.values()))
 
 
-@pytest.mark.parametrize("norm", NORM_NAMES)
+@pytest.mark.parametrize("norm", NORMS.names())
 def test_every_registered_norms_parameters_are_norm_parameters(norm):
     """Whatever the norm, every parameter of its layers lands in the no-decay norm group."""
     model = _model(norm)

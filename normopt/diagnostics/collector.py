@@ -52,9 +52,8 @@ from normopt.diagnostics.tail_tokens import TailTokenBuckets
 from normopt.metrics.jsonl import append_record, close_log, log_writes
 from normopt.metrics.logger import jsonable
 from normopt.models.matrix_roles import depth_group, matrix_type
-from normopt.models.norms import NORM_TYPES
+from normopt.models.norm_layer import NormLayer
 from normopt.optim.head_blocks import split_heads
-from normopt.optim.muon import Muon
 from normopt.parallel import collectives
 from normopt.run_dir import RecordKind
 
@@ -158,7 +157,7 @@ class Diagnostics:
         self.probe_inputs, self.writer = probe_inputs, writer
         self.rank, self.world_size = rank, world_size
         self.spectral = SpectralNormTracker(cfg.power_iterations)
-        self.norm_layers = {name: m for name, m in model.named_modules() if isinstance(m, NORM_TYPES)}
+        self.norm_layers = {name: m for name, m in model.named_modules() if isinstance(m, NormLayer)}
         self.seconds = 0.0  # total time spent collecting, all kinds
         self._before: dict[str, torch.Tensor] | None = None  # block matrices before a diagnosed step
         self._snapshot_seconds = 0.0
@@ -229,9 +228,7 @@ class Diagnostics:
         matrix NS received (``Muon.ns_input``) and m the momentum buffer, or None when U
         is the buffer itself (no Nesterov)."""
         name_of = {id(p): name for name, p in self.model.named_parameters()}
-        for optimizer in self.optimizers.optimizers:
-            if not isinstance(optimizer, Muon):
-                continue
+        for optimizer in self.optimizers.reporting(RecordKind.NS_SPECTRUM):
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     if p.ndim not in (2, 3):

@@ -48,6 +48,8 @@ class GridPlan:
     steps: dict[str, int] = field(default_factory=dict)
     step_flops: dict[str, float] = field(default_factory=dict)
     nodes: int = 1  # per SLURM array task
+    # the --plugin arguments every job of the grid passes (the spec's and the command's plugins)
+    plugin_args: list[str] = field(default_factory=list)
 
     def cell(self, phase: str, index: int) -> CellSpec:
         """Array task ``index`` of ``phase``: the ``index``-th of the runs to run."""
@@ -96,6 +98,7 @@ def grid_plan(
     runs: list[CellSpec],
     gpus_per_node: int = 1,
     nodes: int = 1,
+    plugin_args: list[str] | tuple[str, ...] = (),
 ) -> GridPlan:
     """The plan of a grid as it stands on disk: every run, and those neither complete nor
     diverged to run."""
@@ -120,6 +123,7 @@ def grid_plan(
         steps,
         flops,
         nodes,
+        list(plugin_args),
     )
 
 
@@ -145,6 +149,7 @@ def read_plan(root: Path) -> GridPlan:
             record.get("steps", {}),
             record.get("step_flops", {}),
             record.get("nodes", 1),
+            record.get("plugin_args", []),
         )
     except FileNotFoundError:
         raise UserError(f"{path}: no such file (a grid's plan, written by normopt factorial)") from None

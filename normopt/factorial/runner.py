@@ -45,6 +45,7 @@ from normopt.factorial.tuning import (
     tuning_cells,
     write_tuning_file,
 )
+from normopt.plugins import plugin_args
 from normopt.report.axes import level_label, write_experiment_file
 from normopt.report.cell_assessment import final_eval_loss
 from normopt.report.cell_reading import read_metrics
@@ -55,7 +56,9 @@ from normopt.run_dir import RunDir
 
 def train_command(base: Path, cell: CellSpec, nproc: int) -> list[str]:
     """One process for one rank; ``normopt launch`` for several, so that the cell's status
-    (3 diverged, 75 preempted) reaches the runner as it is, not as torchrun's 1."""
+    (3 diverged, 75 preempted) reaches the runner as it is, not as torchrun's 1. The plugins
+    loaded here (the spec's and the command's) are loaded by the cell too."""
+    plugins = plugin_args()
     if nproc > 1:
         return [
             sys.executable,
@@ -63,11 +66,12 @@ def train_command(base: Path, cell: CellSpec, nproc: int) -> list[str]:
             "normopt.cli",
             "launch",
             f"--nproc={nproc}",
+            *plugins,
             "--config",
             str(base),
             *cell.overrides,
         ]
-    return [sys.executable, str(REPO_ROOT / "train.py"), "--config", str(base), *cell.overrides]
+    return [sys.executable, str(REPO_ROOT / "train.py"), *plugins, "--config", str(base), *cell.overrides]
 
 
 def steps_logged(run: RunDir) -> int:

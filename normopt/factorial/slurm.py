@@ -42,6 +42,7 @@ from normopt.errors import UserError
 from normopt.factorial.cells import CellSpec, write_cell_json
 from normopt.factorial.plan import PHASES, GridPlan, grid_plan, run_dir_of, write_plan
 from normopt.factorial.tuning import TuneSpec, choose_values, tuned_cells
+from normopt.plugins import plugin_args
 from normopt.report.axes import write_experiment_file
 from normopt.run_dir import SLURM_DIR, RunDir
 
@@ -140,16 +141,21 @@ def array_script(phase: str, root: Path, plan: GridPlan, options: list[str] | tu
         '{ IFS= read -r NORMOPT_RECORD_DIR; IFS= read -r OVERRIDES; } <<< "$TASK"',
         "export NORMOPT_RECORD_DIR",
         'eval "ARGS=($OVERRIDES)"',
-        f'exec bash {shlex.quote(str(SLURM_SBATCH))} --config {shlex.quote(plan.base)} "${{ARGS[@]}}"',
+        f'exec bash {shlex.quote(str(SLURM_SBATCH))} {_plugins(plan)}--config {shlex.quote(plan.base)} "${{ARGS[@]}}"',
     ]
     return "\n".join(lines) + "\n"
+
+
+def _plugins(plan: GridPlan) -> str:
+    """The grid's ``--plugin`` arguments, shell-quoted, each followed by a space."""
+    return "".join(f"{shlex.quote(arg)} " for arg in plan.plugin_args)
 
 
 def step_script(step: str, root: Path, plan: GridPlan, options: list[str] | tuple[str, ...] = ()) -> str:
     """A one-CPU job: ``choose`` (the tuned values) or ``report`` (report.md)."""
     command = {
         "choose": f'"$PYTHON" -m normopt.factorial.slurm_task choose {shlex.quote(str(root))}',
-        "report": f'"$PYTHON" -m normopt.cli report {shlex.quote(str(root))}',
+        "report": f'"$PYTHON" -m normopt.cli report {_plugins(plan)}{shlex.quote(str(root))}',
     }[step]
     lines = [
         *_header(f"normopt-{step}", root, ("--nodes=1", "--ntasks=1", "--cpus-per-task=1", *options), f"{step}-%j.out"),
@@ -327,7 +333,7 @@ def submit_grid(
     anything is submitted, as on the local path."""
     if not dry_run:
         refuse_while_queued(root)
-    plan = grid_plan(base, root, cells, tune, runs, gpus_per_node, nodes)
+    plan = grid_plan(base, root, cells, tune, runs, gpus_per_node, nodes, plugin_args())
     if tune is not None and not plan.to_run["tuning"]:
         tuned_cells(root, tune, cells, choose_values(root, tune, runs))
     options = (spec.get("slurm") or {}).get("options", [])

@@ -14,6 +14,7 @@ crossed, optional arms (extra settings crossed with the axes they do not set) an
       alpha0.3: {model.norm: derf, model.alpha_init_attn: 0.3}
     seeds: [0, 1]
     slurm: {gpus_per_node: 8, nodes: 1, options: [--time=24:00:00]}   # optional, for --slurm
+    plugins: [my_norm.py]                # optional: loaded here and by every cell (normopt/plugins.py)
     report: {compare: model.norm, baseline: rmsnorm, across: optim.name, reference: adamw}
     tune: {key: optim.lr, values: [1.0e-3, 3.0e-3], seeds: [100], steps: 50}   # optional
 
@@ -39,14 +40,14 @@ from typing import Any
 
 import yaml
 
-from normopt.config import REPO_ROOT, check_world_size, load_config
+from normopt.config import REPO_ROOT, check_world_size, load_config, load_config_plugins
 from normopt.errors import UserError
 from normopt.factorial.cells import CellSpec, format_value
 from normopt.factorial.slurm import check_slurm_section
 from normopt.factorial.tuning import read_tune_section, tuning_cells
 from normopt.report.axes import SHORT_AXIS_NAMES, axes_from_levels
 
-SPEC_KEYS = {"base", "root", "set", "axes", "arms", "seeds", "slurm", "report", "tune"}
+SPEC_KEYS = {"base", "root", "set", "axes", "arms", "seeds", "slurm", "report", "tune", "plugins"}
 
 
 def _resolve_path(text: str, spec_dir: Path) -> Path:
@@ -112,6 +113,7 @@ def load_spec(path: str | Path, world_size: int | None = None) -> tuple[dict[str
     for key in ("base", "root", "axes", "seeds"):
         if key not in spec:
             raise UserError(f"{path}: missing spec key {key!r}")
+    load_config_plugins(spec.get("plugins"), path)  # before any cell's config is read
     axes = spec["axes"]
     if not isinstance(axes, dict) or not axes or not all(isinstance(v, list) and v for v in axes.values()):
         raise UserError(f"{path}: axes must map config keys to non-empty lists of values")

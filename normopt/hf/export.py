@@ -61,7 +61,7 @@ def export_hf(
     checkpoint = run.find_checkpoint(step, "--step")
     out = out or run.hf_export_folder(checkpoint)
     check_new_folder(out)
-    loaded = load_run(run_dir, int(checkpoint.name.split("_")[1]))
+    loaded = load_run(run_dir, int(checkpoint.name.split("_")[1]), doing="export")
     return write_hf_folder(
         loaded.model, loaded.tokenizer, loaded.cfg.train.seq_len, DTYPES[dtype], out, max_shard_bytes
     )

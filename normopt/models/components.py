@@ -4,7 +4,8 @@
 Everything else (shape defaults, parameter and FLOP counts, the memory estimate, matrix
 roles, the start-up log) asks the registered class, never a component's name. Adding an
 attention or a feed-forward is one module with its class (the classmethods the existing
-ones have) and one line here.
+ones have) and one line here, or ``ATTENTIONS.register`` / ``FEED_FORWARDS.register`` in a
+plugin (:mod:`normopt.plugins`).
 """
 
 from __future__ import annotations
@@ -14,38 +15,22 @@ from normopt.models.mla import LatentAttention
 from normopt.models.moe import MoEFeedForward
 from normopt.models.sliding_window import SlidingWindowAttention
 from normopt.models.swiglu import SwiGLU
+from normopt.registry import Registry
 
-ATTENTIONS: dict[str, type] = {
-    cls.name: cls
-    for cls in (
-        GroupedQueryAttention,
-        LatentAttention,
-        SlidingWindowAttention,
-    )
-}
-FEED_FORWARDS: dict[str, type] = {
-    cls.name: cls
-    for cls in (
-        SwiGLU,
-        MoEFeedForward,
-    )
-}
-ATTENTION_NAMES: tuple[str, ...] = tuple(ATTENTIONS)
-FEED_FORWARD_NAMES: tuple[str, ...] = tuple(FEED_FORWARDS)
+ATTENTIONS: Registry[type] = Registry("attention", "attentions", section="model")
+for _cls in (GroupedQueryAttention, LatentAttention, SlidingWindowAttention):
+    ATTENTIONS.register(_cls)
+FEED_FORWARDS: Registry[type] = Registry("feed-forward", "feed-forwards", section="model")
+for _cls in (SwiGLU, MoEFeedForward):
+    FEED_FORWARDS.register(_cls)
 
 
 def attention_class(name: str) -> type:
-    try:
-        return ATTENTIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown attention {name!r} (attentions: {', '.join(ATTENTION_NAMES)})") from None
+    return ATTENTIONS.get_entry(name)
 
 
 def feed_forward_class(name: str) -> type:
-    try:
-        return FEED_FORWARDS[name]
-    except KeyError:
-        raise ValueError(f"unknown feed-forward {name!r} (feed-forwards: {', '.join(FEED_FORWARD_NAMES)})") from None
+    return FEED_FORWARDS.get_entry(name)
 
 
 def matrix_components() -> dict[str, str]:

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from normopt.key_roles import MATH, require, role
-from normopt.models.components import ATTENTION_NAMES, FEED_FORWARD_NAMES, attention_class, feed_forward_class
+from normopt.models.components import ATTENTIONS, FEED_FORWARDS, attention_class, feed_forward_class
 from normopt.models.moe import BALANCE, SCORES
-from normopt.models.norms import NORM_NAMES, norm_class
+from normopt.models.norms import NORMS, norm_class
+from normopt.registry import check_registered
 
 
 @dataclass
@@ -17,8 +18,11 @@ class ModelConfig:
     """The preset, shape overrides, the norm and its settings, the attention and feed-forward."""
 
     preset: str = role(MATH, "debug", "the shape preset (models/presets.py: debug, 77m, 124m, 350m, 1b, ...)")
-    norm: Literal[NORM_NAMES] = role(
-        MATH, "rmsnorm", "the norm of every block and of the final layer (the norm registry, models/norms.py)"
+    norm: str = role(
+        MATH,
+        "rmsnorm",
+        "the norm of every block and of the final layer: rmsnorm, dyt, derf, derf_ema, layernorm "
+        "(the norm registry, models/norms.py), or a plugin's",
     )
     # optional overrides of the preset's shape (None = the preset's value)
     dim: int | None = role(
@@ -70,10 +74,11 @@ class ModelConfig:
     )
     # attention and feed-forward: registry names (models/components.py); None = the preset's.
     # The MLA and MoE shape keys left unset (or 0) follow the dense shape (models/presets.py).
-    attention: Literal[ATTENTION_NAMES] | None = role(
+    attention: str | None = role(
         MATH,
         None,
-        "gqa (grouped-query), mla (DeepSeek-V2 latent attention) or swa (sliding window); null = the preset's",
+        "gqa (grouped-query), mla (DeepSeek-V2 latent attention), swa (sliding window) or a plugin's; "
+        "null = the preset's",
     )
     attention_window: int | None = role(MATH, None, "swa: keys per query, itself included; null = 128")
     q_lora_rank: int | None = role(
@@ -89,8 +94,10 @@ class ModelConfig:
         MATH, None, "mla: per-head RoPE dims (one RoPE key shared by the heads); null = the preset's or head size / 2"
     )
     v_head_dim: int | None = role(MATH, None, "mla: per-head value dims; null = the preset's or the head size")
-    ffn: Literal[FEED_FORWARD_NAMES] | None = role(
-        MATH, None, "dense (SwiGLU) or moe (routed SwiGLU experts, models/moe.py); null = the preset's"
+    ffn: str | None = role(
+        MATH,
+        None,
+        "dense (SwiGLU), moe (routed SwiGLU experts, models/moe.py) or a plugin's; null = the preset's",
     )
     n_experts: int | None = role(MATH, None, "moe: routed experts; null = the preset's or 8")
     moe_top_k: int | None = role(MATH, None, "moe: experts per token; null = the preset's or 2")
@@ -121,6 +128,9 @@ class ModelConfig:
         require(
             self.preset in PRESETS, "model.preset", f"unknown preset {self.preset!r} (presets: {', '.join(PRESETS)})"
         )
+        check_registered(NORMS, "model.norm", self.norm)
+        check_registered(ATTENTIONS, "model.attention", self.attention)
+        check_registered(FEED_FORWARDS, "model.ffn", self.ffn)
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "attention_window"):
             value = getattr(self, name)
             require(value is None or value > 0, f"model.{name}", "must be positive")

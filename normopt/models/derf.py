@@ -126,13 +126,20 @@ class DerfEMA(Derf):
 
     In training mode each forward adds mean(x^2) of its micro-batch to a pending sum; the
     trainer folds the pending statistics into the running estimate once per optimizer step
-    with :func:`commit_running_scales`, which averages them over all ranks.
+    (the model's end-of-step hook, :meth:`end_optimizer_step`), averaged over all ranks.
     """
 
     forward_statistics = ("pending_sum", "pending_count")  # see models/activation_checkpoint.py
 
     name = "derf_ema"
     fix_of = Derf.name
+
+    @classmethod
+    def end_optimizer_step(cls, layers: list[DerfEMA]) -> dict[str, torch.Tensor]:
+        """The model's end-of-step hook (models/llama.py): fold every layer's pending
+        statistics, one all-reduce for all of them; nothing to log."""
+        fold_running_scales(layers)
+        return {}
 
     def __init__(
         self,
@@ -208,7 +215,11 @@ def commit_running_scales(model: nn.Module, group: dist.ProcessGroup | None = No
     One all-reduce carries all layers' statistics, so the buffers stay identical on every
     rank. Call it once per optimizer step, on every rank.
     """
-    layers = [m for m in model.modules() if isinstance(m, DerfEMA)]
+    fold_running_scales([m for m in model.modules() if isinstance(m, DerfEMA)], group)
+
+
+def fold_running_scales(layers: list[DerfEMA], group: dist.ProcessGroup | None = None) -> None:
+    """:func:`commit_running_scales` for the given layers."""
     if not layers:
         return
     stats = torch.cat([torch.cat([m.pending_sum, m.pending_count]) for m in layers]).view(-1, 2)

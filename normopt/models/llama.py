@@ -1,6 +1,23 @@
 """Llama-style decoder: token embedding, RoPE, pre-norm residual blocks of an attention and a
 feed-forward (registry names: models/components.py), final norm and output head (tied or
-untied)."""
+untied).
+
+The model protocol: what the trainer, the parameter groups and the diagnostics ask of the
+model and of its modules, so that none of them names a component (a plugin's module answers
+the same questions):
+
+* ``param_role`` (a module's class attribute): the optimizer group of the parameters under it
+  (``"norm"`` for every norm layer, ``"router"`` for an MoE gate); unset, a parameter's group
+  follows from its place and shape (optim/param_groups.py).
+* ``end_optimizer_step(modules)`` (a classmethod): called once per optimizer step on every
+  rank with all of the model's modules of that class, to fold cross-rank state (derf_ema's
+  running scales, MoE expert loads) in one collective per class; returns tensors worth
+  logging, which the trainer sums over a logging window and hands to the class's
+  ``step_statistics_record(summed)`` for the metrics line.
+* ``reset_buffers()``: buffers (not parameters) to their init, when weights are initialised.
+* ``aux_loss_name`` (a feed-forward's class attribute): when set, its forward returns
+  (output, auxiliary loss); the loss is added to the training loss and logged under that name.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +28,6 @@ from torch import nn
 
 from normopt.models.activation_checkpoint import checkpointed_call
 from normopt.models.components import attention_class, feed_forward_class
-from normopt.models.derf import commit_running_scales
-from normopt.models.moe import commit_expert_loads, load_summary
 from normopt.models.norms import build_norm
 from normopt.models.presets import ModelArgs
 from normopt.models.rope import rope_frequencies
@@ -20,7 +35,7 @@ from normopt.models.rope import rope_frequencies
 
 class Block(nn.Module):
     """x + attn(norm(x)), then + ffn(norm(.)); forward also returns the block's auxiliary
-    loss (the MoE balance loss; zero for a dense block)."""
+    loss (its feed-forward's, e.g. the MoE balance loss; zero for a dense block)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -28,7 +43,7 @@ class Block(nn.Module):
         self.attn = attention_class(args.attention)(args)
         self.ffn_norm = build_norm(args.norm_config, args.dim, "ffn")
         self.ffn = feed_forward_class(args.ffn).build(args)
-        self.moe = self.ffn.routed
+        self.has_aux_loss = getattr(self.ffn, "aux_loss_name", None) is not None
         # recompute the block in backward (models/activation_checkpoint.py); set by the trainer
         self.activation_checkpointing = False
 
@@ -44,7 +59,7 @@ class Block(nn.Module):
 
     def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x + self.attn(self.attn_norm(x), cos, sin)
-        if self.moe:
+        if self.has_aux_loss:
             out, aux = self.ffn(self.ffn_norm(x))
             return x + out, aux
         return x + self.ffn(self.ffn_norm(x)), x.new_zeros((), dtype=torch.float32)
@@ -59,9 +74,9 @@ class Block(nn.Module):
             nn.init.normal_(weight, std=out_std)
         for norm in (*self.attn.norms(), self.attn_norm, self.ffn_norm):
             norm.reset_parameters()
-        if self.moe:
-            self.ffn.router.expert_bias.zero_()
-            self.ffn.router.load_counts.zero_()
+        for module in (*self.attn.modules(), *self.ffn.modules()):
+            if hasattr(module, "reset_buffers"):
+                module.reset_buffers()
 
 
 class Transformer(nn.Module):
@@ -104,25 +119,41 @@ class Transformer(nn.Module):
         return (logits, aux) if with_aux else logits
 
     @property
-    def routed(self) -> bool:
-        """Whether any block routes tokens to experts (its forward then has a balance loss)."""
-        return any(block.moe for block in self.layers)
+    def aux_loss_name(self) -> str | None:
+        """The metric name of the blocks' auxiliary loss (``moe_aux_loss``); None when no
+        block's forward has one."""
+        names = [block.ffn.aux_loss_name for block in self.layers if block.has_aux_loss]
+        return names[0] if names else None
+
+    def _step_hooks(self) -> dict[type, list[nn.Module]]:
+        """Each module class with an ``end_optimizer_step`` hook -> its modules, in model order."""
+        hooked: dict[type, list[nn.Module]] = {}
+        for module in self.modules():
+            if module is not self and hasattr(type(module), "end_optimizer_step"):
+                hooked.setdefault(type(module), []).append(module)
+        return hooked
 
     @torch.no_grad()
     def end_optimizer_step(self) -> dict[str, torch.Tensor]:
         """Fold the layers' cross-rank state once per optimizer step, on every rank (one
-        all-reduce per kind): derf_ema's running input scales, the MoE routers' expert loads
-        and with them the aux-free routing biases. Returns the step's statistics worth
-        logging, kept on the device (``expert_loads``: tokens per (MoE layer, expert))."""
-        commit_running_scales(self)
-        counts = commit_expert_loads(self, self.args.moe_bias_rate)
-        return {} if counts is None else {"expert_loads": counts}
+        collective per module class; the model protocol, module docstring): derf_ema's
+        running input scales, the MoE routers' expert loads and with them the aux-free
+        routing biases, a plugin's own. Returns the step's statistics worth logging, kept on
+        the device (``expert_loads``: tokens per (MoE layer, expert))."""
+        stats: dict[str, torch.Tensor] = {}
+        for cls, modules in self._step_hooks().items():
+            stats.update(cls.end_optimizer_step(modules))
+        return stats
 
-    @staticmethod
-    def step_statistics_record(summed: dict[str, torch.Tensor]) -> dict:
+    def step_statistics_record(self, summed: dict[str, torch.Tensor]) -> dict:
         """Metrics fields of :meth:`end_optimizer_step`'s statistics summed over a logging
-        window (per MoE layer: tokens per expert, load entropy, max over mean load)."""
-        return load_summary(summed["expert_loads"].cpu()) if "expert_loads" in summed else {}
+        window, from each hooked class (per MoE layer: tokens per expert, load entropy, max
+        over mean load)."""
+        record: dict = {}
+        for cls in self._step_hooks():
+            if hasattr(cls, "step_statistics_record"):
+                record.update(cls.step_statistics_record(summed))
+        return record
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -87,10 +87,12 @@ def load_entropy(counts: torch.Tensor) -> float:
 
 class Router(nn.Module):
     forward_statistics = ("load_counts",)  # see models/activation_checkpoint.py
+    param_role = "router"  # its gate is an optimizer group of its own (optim/param_groups.py)
 
-    def __init__(self, dim: int, n_experts: int, top_k: int, score: str, balance: str):
+    def __init__(self, dim: int, n_experts: int, top_k: int, score: str, balance: str, bias_rate: float = 0.0):
         super().__init__()
         self.n_experts, self.top_k, self.score, self.balance = n_experts, top_k, score, balance
+        self.bias_rate = bias_rate
         self.gate = nn.Linear(dim, n_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(n_experts))
         self.register_buffer("load_counts", torch.zeros(n_experts), persistent=False)
@@ -111,6 +113,23 @@ class Router(nn.Module):
         all ranks."""
         if self.balance == "aux_free":
             self.expert_bias += rate * torch.sign(global_counts.mean() - global_counts).to(self.expert_bias.dtype)
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """The routing biases and pending counts at their init (zero)."""
+        self.expert_bias.zero_()
+        self.load_counts.zero_()
+
+    @classmethod
+    def end_optimizer_step(cls, routers: list[Router]) -> dict[str, torch.Tensor]:
+        """The model's end-of-step hook (models/llama.py): :func:`commit_routers`, the
+        step's token counts per (MoE layer, expert) to log (``expert_loads``)."""
+        return {"expert_loads": commit_routers(routers)}
+
+    @staticmethod
+    def step_statistics_record(summed: dict[str, torch.Tensor]) -> dict:
+        """Metrics fields of the expert loads summed over a logging window (:func:`load_summary`)."""
+        return load_summary(summed["expert_loads"].cpu()) if "expert_loads" in summed else {}
 
 
 class GroupedExperts(nn.Module):
@@ -150,12 +169,14 @@ class GroupedExperts(nn.Module):
 
 class MoEFeedForward(nn.Module):
     name = "moe"
-    routed = True  # forward returns (output, balance loss)
+    aux_loss_name = "moe_aux_loss"  # forward returns (output, balance loss); logged under this name
     matrix_components = {f"ffn.{part}.{w}": "ffn" for part in ("experts", "shared") for w in ("w1", "w2", "w3")}
 
     def __init__(self, args):
         super().__init__()
-        self.router = Router(args.dim, args.n_experts, args.moe_top_k, args.moe_score, args.moe_balance)
+        self.router = Router(
+            args.dim, args.n_experts, args.moe_top_k, args.moe_score, args.moe_balance, args.moe_bias_rate
+        )
         self.experts = GroupedExperts(args.n_experts, args.dim, args.moe_hidden)
         self.shared = SwiGLU(args.dim, args.n_shared_experts * args.moe_hidden) if args.n_shared_experts > 0 else None
         self.aux_coef = args.moe_aux_coef if args.moe_balance == "aux_loss" else 0.0
@@ -243,12 +264,19 @@ def commit_expert_loads(
     Returns the step's counts, (MoE layers, experts), or None for a model without MoE.
     Call it once per optimizer step, on every rank."""
     routers = moe_routers(model)
-    if not routers:
-        return None
+    return commit_routers(routers, bias_rate, group) if routers else None
+
+
+@torch.no_grad()
+def commit_routers(
+    routers: list[Router], bias_rate: float | None = None, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """:func:`commit_expert_loads` for the given routers, each stepping its biases at
+    ``bias_rate`` (None: its own ``bias_rate``)."""
     counts = torch.stack([r.load_counts for r in routers])
     collectives.all_reduce_sum(counts, group)
     for router, layer_counts in zip(routers, counts):
-        router.update_bias(layer_counts, bias_rate)
+        router.update_bias(layer_counts, router.bias_rate if bias_rate is None else bias_rate)
         router.load_counts.zero_()
     return counts
 

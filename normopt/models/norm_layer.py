@@ -52,6 +52,9 @@ class NormLayer(nn.Module):
     saturating_function: ClassVar[str | None] = None
     supports_bias: ClassVar[bool] = True  # whether ``model.norm_bias`` may switch b on
     fix_of: ClassVar[str | None] = None  # the registry name of the norm this one is a fix of
+    param_role: ClassVar[str] = "norm"  # its parameters' optimizer group (optim/param_groups.py)
+    # its own config keys, joining the model section as model.<name>_<field> (normopt/registry.py)
+    config: ClassVar[type | None] = None
 
     @classmethod
     def bounded(cls) -> bool:

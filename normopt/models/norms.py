@@ -4,7 +4,8 @@
 Everything else (parameter count, config validation, diagnostics, parameter groups, the
 report's ordering) asks this module or the layer classes, never a norm's name. Adding a
 norm is one :class:`~normopt.models.norm_layer.NormLayer` subclass in its own module and
-one line in :data:`NORMS`.
+one line in :data:`NORMS`, or, outside normopt, ``NORMS.register`` in a plugin
+(:mod:`normopt.plugins`).
 
 Reference defaults of the bounded norms (read from the published language-model code):
 
@@ -30,20 +31,12 @@ from normopt.models.dyt import DyT
 from normopt.models.layernorm import LayerNorm
 from normopt.models.norm_layer import Location, NormConfig, NormLayer
 from normopt.models.rmsnorm import RMSNorm
+from normopt.registry import Registry
 
 # one line per norm; the order is the order of config messages and of the report's rows
-NORMS: dict[str, type[NormLayer]] = {
-    cls.name: cls
-    for cls in (
-        RMSNorm,
-        DyT,
-        Derf,
-        DerfEMA,
-        LayerNorm,
-    )
-}
-NORM_NAMES: tuple[str, ...] = tuple(NORMS)
-NORM_TYPES: tuple[type[NormLayer], ...] = tuple(NORMS.values())
+NORMS: Registry[type[NormLayer]] = Registry("norm", "norms", section="model")
+for _cls in (RMSNorm, DyT, Derf, DerfEMA, LayerNorm):
+    NORMS.register(_cls)
 
 # alpha init per location and whether the layer has a bias b, for `auto` settings of the
 # bounded norms (module docstring)
@@ -57,10 +50,12 @@ REFERENCE_BIAS: dict[str, bool] = {"dyt": False, "derf": True, "derf_ema": True}
 
 def norm_class(name: str) -> type[NormLayer]:
     """The layer class registered as ``name``."""
-    try:
-        return NORMS[name]
-    except KeyError:
-        raise ValueError(f"unknown norm {name!r} (norms: {', '.join(NORM_NAMES)})") from None
+    return NORMS.get_entry(name)
+
+
+def default_fixes() -> dict[str, str]:
+    """Norm -> the norm it is a fix of (``fix_of``), the report's default fix arms."""
+    return {name: cls.fix_of for name, cls in NORMS.items() if cls.fix_of is not None}
 
 
 def reference_alpha(norm: str, location: Location) -> float:

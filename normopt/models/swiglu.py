@@ -9,7 +9,7 @@ from torch import nn
 
 class SwiGLU(nn.Module):
     name = "dense"
-    routed = False  # returns its output only (a routed feed-forward also returns a balance loss)
+    aux_loss_name = None  # returns its output only (see the model protocol, models/llama.py)
     matrix_components = {"ffn.w1": "ffn", "ffn.w2": "ffn", "ffn.w3": "ffn"}
 
     def __init__(self, dim: int, hidden: int):

@@ -10,8 +10,9 @@ from typing import Literal
 from normopt.errors import UserError
 from normopt.key_roles import EXECUTION, MATH, require, role
 from normopt.optim.ns_rules import NSStepRules, is_step_count
-from normopt.optim.registry import OPTIMIZER_NAMES
+from normopt.optim.registry import OPTIMIZERS
 from normopt.parallel.ns_plan import DEFAULT_BUCKET_MB
+from normopt.registry import check_registered
 
 # no optimizer here trains above this; far larger rates overflow float32 inside the update
 # (lr x Muon's scale as a kernel's scalar argument) instead of diverging cleanly (exit 3)
@@ -27,10 +28,11 @@ def _ns_rules(text: str) -> NSStepRules:
 class OptimConfig:
     """The optimizer, its hyperparameters, the Muon family's Newton-Schulz settings and the schedule."""
 
-    name: Literal[OPTIMIZER_NAMES] = role(
+    name: str = role(
         MATH,
         "adamw",
-        "the optimizer (the registry, optim/registry.py); muon and normuon take the block matrices, AdamW the rest",
+        "the optimizer: adamw, muon, normuon, lion (the registry, optim/registry.py) or a plugin's; "
+        "muon and normuon take the block matrices, AdamW the rest",
     )
     lr: float = role(
         MATH,
@@ -144,6 +146,7 @@ class OptimConfig:
         return _ns_rules(self.ns_steps_per_layer)
 
     def validate(self) -> None:
+        check_registered(OPTIMIZERS, "optim.name", self.name)
         require(0 < self.lr <= MAX_LR, "optim.lr", f"must be in (0, {MAX_LR:g}]")
         require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         require(0 <= self.beta1 < 1, "optim.beta1", "must be in [0, 1)")

@@ -69,5 +69,6 @@ def build_normuon(groups: list, optim_cfg, device_type: str) -> NorMuon:
     )
 
 
-MUON = OptimizerSpec("muon", build_muon, state_bytes=4, matrices_only=True)  # one float32 momentum
-NORMUON = OptimizerSpec("normuon", build_normuon, state_bytes=4, matrices_only=True)  # + per-row second moment
+_NS = dict(matrices_only=True, newton_schulz=True, reports=("ns_spectrum",))
+MUON = OptimizerSpec("muon", build_muon, state_bytes=4, **_NS)  # one float32 momentum
+NORMUON = OptimizerSpec("normuon", build_normuon, state_bytes=4, **_NS)  # + per-row second moment

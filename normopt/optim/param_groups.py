@@ -26,8 +26,6 @@ from normopt.models.matrix_roles import (
     muon_selector,
     parse_muon_params,
 )
-from normopt.models.moe import Router
-from normopt.models.norms import NORM_TYPES
 from normopt.optim.registry import FALLBACK, optimizer_spec
 
 
@@ -57,23 +55,45 @@ class ParamGroup:
         }
 
 
+# the groups parameters are sorted into; a module may declare one of the last three
+ROLES = ("matrix", "matrix_adamw", "head", "router", "embedding", "norm")
+DECLARABLE_ROLES = ("router", "embedding", "norm")
+
+
+def declared_roles(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> the ``param_role`` its module declares (the model protocol,
+    models/llama.py: every norm layer "norm", an MoE router "router"); a module nested in
+    another declares for its own parameters."""
+    declared = {}
+    for module in model.modules():
+        role = getattr(module, "param_role", None)
+        if role is None:
+            continue
+        if role not in DECLARABLE_ROLES:
+            raise ValueError(
+                f"{type(module).__name__}.param_role is {role!r}; a module may declare one of "
+                f"{', '.join(DECLARABLE_ROLES)} (matrices and the head follow from their shape and place)"
+            )
+        declared.update((id(p), role) for p in module.parameters())
+    return declared
+
+
 def parameter_roles(model: nn.Module) -> dict[str, str]:
     """Map each parameter name (as in ``named_parameters``) to its role."""
-    norm_params = {id(p) for module in model.modules() if isinstance(module, NORM_TYPES) for p in module.parameters()}
+    declared = declared_roles(model)
     embedding_params = {
         id(p) for module in model.modules() if isinstance(module, nn.Embedding) for p in module.parameters()
     }
     if getattr(model, "embed_scale", None) is not None:
         embedding_params.add(id(model.embed_scale))
-    router_params = {id(p) for module in model.modules() if isinstance(module, Router) for p in module.parameters()}
     roles = {}
     for name, p in model.named_parameters():
-        if id(p) in norm_params:
+        if declared.get(id(p)) == "norm":
             roles[name] = "norm"
         elif id(p) in embedding_params:
             roles[name] = "embedding"
-        elif id(p) in router_params:
-            roles[name] = "router"
+        elif id(p) in declared:
+            roles[name] = declared[id(p)]
         elif name.split(".")[-2:-1] == ["output"] or name.startswith("output."):
             roles[name] = "head"
         elif p.ndim in (2, 3):

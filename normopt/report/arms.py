@@ -35,7 +35,9 @@ NON_ARM_SECTIONS = _sections(keys_with_role(EXECUTION)) - _sections(keys_with_ro
 
 
 def _arm_keys(key: str, coordinate_keys: frozenset[str] = COORDINATE_KEYS) -> bool:
-    return key.split(".", 1)[0] not in NON_ARM_SECTIONS and key not in EXECUTION_KEYS and key not in coordinate_keys
+    # execution keys as now registered: a loaded plugin's declared keys count by their role
+    execution = keys_with_role(EXECUTION)
+    return key.split(".", 1)[0] not in NON_ARM_SECTIONS and key not in execution and key not in coordinate_keys
 
 
 def reference_settings(

@@ -50,8 +50,8 @@ from dataclasses import replace
 from typing import Any
 
 from normopt.errors import UserError
-from normopt.models.norms import NORM_NAMES, NORMS
-from normopt.optim.registry import OPTIMIZER_NAMES
+from normopt.models.norms import NORMS, default_fixes
+from normopt.optim.registry import OPTIMIZERS
 from normopt.report.arms import assign_arms, fix_base
 from normopt.report.axes import DEFAULT_EQUIVALENCE_MARGIN, SINGLE_COLUMN, ReportAxes, place_cells, stratum_of
 from normopt.report.cell_assessment import (
@@ -81,9 +81,8 @@ INTERVAL_METHOD = (
     "k-1 for paired per-seed contrasts, Fieller's interval for recovered shares"
 )
 # the norm registry's fixes (derf_ema of derf) and its order
-DEFAULT_FIXES: dict[str, str] = {name: cls.fix_of for name, cls in NORMS.items() if cls.fix_of is not None}
-NORM_ORDER = NORM_NAMES
-OPTIM_ORDER = OPTIMIZER_NAMES  # the optimizer registry's order
+NORM_ORDER = NORMS  # the norm registry's order (plugins' norms after the built-ins)
+OPTIM_ORDER = OPTIMIZERS  # the optimizer registry's order
 
 
 # --------------------------------------------------------------------------- statistics
@@ -427,7 +426,7 @@ def build_summary(
     if reference_optim is not None:
         axes = replace(axes, reference=reference_optim)
     if fixes is None:
-        fixes = axes.fixes if axes.fixes is not None else (DEFAULT_FIXES if axes.compare == NORM_KEY else {})
+        fixes = axes.fixes if axes.fixes is not None else (default_fixes() if axes.compare == NORM_KEY else {})
     fixes = dict(fixes)
     base, reference = axes.baseline, axes.reference if axes.across is not None else None
     compare_order, across_order = _canonical_orders(axes)

@@ -40,6 +40,7 @@ from typing import Any
 from normopt.cli_args import CommandParser
 from normopt.errors import UserError
 from normopt.metrics.logger import jsonable
+from normopt.models.norms import default_fixes
 from normopt.output_paths import check_output_folder
 from normopt.report.axes import (
     ReportAxes,
@@ -76,7 +77,7 @@ from normopt.report.plots import (
     smoothing_label,
 )
 from normopt.report.run_setup import experiment_setup
-from normopt.report.statistics import DEFAULT_FIXES, build_summary
+from normopt.report.statistics import build_summary
 from normopt.report.tuning import plot_tuning, tuning_analysis, tuning_lines
 
 PLOT_FILES = {"loss_curves": "loss_curves.png", "final_eval_loss": "final_eval_loss.png", "gaps": "gaps.png"}
@@ -253,7 +254,7 @@ def report_main(argv: Sequence[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="VARIANT=LEVEL",
-        help=f"declare a fix arm (added to the defaults; for the norm axis {DEFAULT_FIXES})",
+        help=f"declare a fix arm (added to the defaults; for the norm axis {default_fixes()})",
     )
     args = parser.parse_args(argv)
     root = Path(args.root)
