@@ -272,8 +272,8 @@ def test_moe_experts_are_in_the_spectral_norms_and_the_ns_spectrum():
     diag = Diagnostics(DiagnosticsConfig(), model, optimizers, tokens, SimpleNamespace(write=lambda r: None), 0, 1)
     stacks = {n: p for n, p in model.named_parameters() if p.ndim == 3}
     assert stacks, "the debug-moe preset has expert stacks"
-    spectral = diag.spectral_norm_record(1)
-    ns = diag.ns_spectrum_record(1)
+    spectral = diag.collectors["spectral_norm"].collect(1)
+    ns = diag.collectors["ns_spectrum"].collect(1)
     for name, stack in stacks.items():
         for e in range(stack.shape[0]):
             exact = float(torch.linalg.svdvals(stack[e].detach().double())[0])

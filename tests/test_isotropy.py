@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from normopt.diagnostics.collector import ISOTROPY_FIELDS, DiagnosticsWriter, isotropy_cell
+from normopt.diagnostics.collector import DiagnosticsWriter
+from normopt.diagnostics.isotropy import ISOTROPY_FIELDS, isotropy_cell
 from normopt.diagnostics.isotropy import cell_means, effective_rank, isotropy, normalised_entropy
 from normopt.errors import UserError
 from normopt.export import load_model_weights

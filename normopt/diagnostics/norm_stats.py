@@ -26,11 +26,15 @@ alpha alpha / c).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from normopt.diagnostics.diagnostic import Diagnostic, DiagnosticRun, full_matrix
+from normopt.metrics.record_fields import mapping_field, optional_metric
 from normopt.models.norm_layer import NormLayer
+from normopt.run_dir import RecordKind
 
 SLOPE_FRACTION = 0.1
 SATURATION_THRESHOLD = {
@@ -94,3 +98,70 @@ def norm_layer_stats(module: nn.Module, x: torch.Tensor) -> tuple[dict, torch.Te
     }
     record.update(module.diagnostic_extras())
     return record, z
+
+
+# --------------------------------------------------------------------------- the diagnostic
+
+
+class NormStats(Diagnostic):
+    """Per norm layer, on the probe batch: saturation, alpha, shift, scale_across_tokens,
+    linearity_within_token, input_rms (module docstring), and what a layer adds of its own;
+    the embedding scale, when the model has one. Every record's ``layers``: name -> stats."""
+
+    name = RecordKind.NORM
+    help = "norm-layer statistics on a fixed probe batch (saturation, scale and linearity)"
+    keys = ("interval", "probe_sequences", "histograms")
+
+    def __init__(self, run: DiagnosticRun):
+        super().__init__(run)
+        self.norm_layers = {name: m for name, m in run.model.named_modules() if isinstance(m, NormLayer)}
+
+    @torch.no_grad()
+    def collect(self, step: int, **inputs) -> dict:
+        """Forward the probe batch with hooks on every norm layer (eval mode: derf_ema's
+        running scale is not touched, so training is unchanged)."""
+        stats: dict[str, dict] = {}
+        preacts: dict[str, torch.Tensor] = {}
+
+        def hook(name):
+            def capture(module, args, output):
+                stats[name], z = norm_layer_stats(module, args[0])
+                if z is not None:
+                    preacts[name] = z
+
+            return capture
+
+        model = self.run.model
+        handles = [m.register_forward_hook(hook(n)) for n, m in self.norm_layers.items()]
+        was_training = model.training
+        model.eval()
+        try:
+            model(self.run.probe_inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
+        for name, z in preacts.items():
+            self.run.histogram(f"diag_norm/{name}/preactivation", z, step)
+        record: dict = {"layers": stats}
+        scale = getattr(model, "embed_scale", None)
+        if scale is not None:  # a collective on sharded models: every rank calls this
+            record["embed_scale"] = float(full_matrix(scale).detach())
+        return record
+
+    @classmethod
+    def mirror(cls, record, tensorboard, histograms: bool) -> None:
+        if "embed_scale" in record:
+            tensorboard.add_scalar("diag_norm/embed_scale", record["embed_scale"], record["step"])
+
+    @staticmethod
+    def read(record) -> dict[str, float]:
+        """Layer name -> saturation, for the layers of the record that report one."""
+        found = {}
+        for name, layer in mapping_field(record, "layers").items():
+            if not isinstance(layer, Mapping):
+                raise ValueError(f"layer {name!r} is not an object")
+            value = optional_metric(layer.get("saturation"))
+            if value is not None:
+                found[str(name)] = value
+        return found

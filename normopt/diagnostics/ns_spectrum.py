@@ -42,7 +42,11 @@ from typing import Union
 
 import torch
 
+from normopt.diagnostics.diagnostic import OPTIMIZER_STEP, Diagnostic, block_index, full_matrix
+from normopt.optim.head_blocks import split_heads
 from normopt.optim.newton_schulz import CoefficientSpec, coefficients_for_steps, ns_scalar_map
+from normopt.parallel import collectives
+from normopt.run_dir import RecordKind
 
 Band = tuple[float, float]
 SigmaLike = Union[torch.Tensor, float, Sequence[float]]
@@ -261,3 +265,97 @@ def ns_spectrum_record(
         "min_ns_steps_all": _first_true(in_band.all(dim=1)),  # = fewest_ns_steps_joint(q_fro, ...)
         "rank": min(G.shape[-2:]),
     }
+
+
+# --------------------------------------------------------------------------- the diagnostic
+
+
+def parse_band(text: str, coefficients) -> tuple[float, float]:
+    """``diagnostics.ns_band`` ("lo,hi"), or the coefficients' default band when empty."""
+    if text:
+        lo, hi = (float(x) for x in text.split(","))
+        return lo, hi
+    return default_band(coefficients)
+
+
+class NSSpectrum(Diagnostic):
+    """Per matrix Newton-Schulz receives, right after the optimizer step: the singular-value
+    quantiles of its input, the NS output's deviation from 1 and the fewest NS steps into the
+    band (:func:`ns_spectrum_record`), from exactly the matrix the step handed to NS (in
+    float32); with Nesterov also the quantiles of the momentum buffer itself. An expert stack
+    is analysed per expert, a matrix orthogonalised per head by its head blocks. Runs for the
+    optimizers whose spec says they report it (Muon, NorMuon)."""
+
+    name = RecordKind.NS_SPECTRUM
+    when = OPTIMIZER_STEP
+    help = "singular values of the matrices Newton-Schulz receives, and the NS steps they need"
+    keys = ("interval", "ns_spectrum", "ns_band")
+
+    @classmethod
+    def enabled(cls, cfg) -> bool:
+        return cfg.ns_spectrum
+
+    def _ns_inputs(self):
+        """(name, group, U, m) for every matrix the step just handed to NS: U the matrix NS
+        received (``ns_input``) and m the momentum buffer, or None when U is the buffer
+        itself (no Nesterov)."""
+        name_of = {id(p): name for name, p in self.run.model.named_parameters()}
+        for optimizer in self.run.optimizers.reporting(self.name):
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.ndim not in (2, 3):
+                        continue
+                    U = optimizer.ns_input(p)
+                    if U is None:
+                        continue
+                    yield name_of[id(p)], group, U, optimizer.momentum_buffer(p) if group["nesterov"] else None
+
+    @torch.no_grad()
+    def collect(self, step: int, **inputs) -> dict | None:
+        """Gather each matrix (all ranks, in the same order), analyse matrix i on rank
+        i % world_size, collect the records on every rank. With Nesterov the momentum
+        buffer is gathered and analysed too (its quantiles differ from the NS input's);
+        without, the NS input is the buffer and its quantiles are reused."""
+        todo = list(self._ns_inputs())
+        if not todo:
+            return None
+        rank, world_size = self.run.rank, self.run.world_size
+        mine: dict[str, dict] = {}
+        coefficients = None
+        band = None
+        names: list[str] = []
+        for name, group, U, buf in todo:
+            full, momentum = full_matrix(U), None if buf is None else full_matrix(buf)
+            coefficients = group["ns_coefficients"]
+            band = parse_band(self.run.cfg.ns_band, coefficients)
+            # an expert stack (E, rows, cols) is E matrices, named <stack>.<expert>
+            parts = (
+                [(name, full, momentum)]
+                if full.ndim == 2
+                else [(f"{name}.{e}", full[e], None if momentum is None else momentum[e]) for e in range(full.shape[0])]
+            )
+            # a matrix orthogonalised per head: its head blocks are what NS receives
+            layout = group.get("head_blocks")
+            for part_name, part, part_momentum in parts:
+                if len(names) % world_size == rank:
+                    blocks = split_heads(part.float(), layout)
+                    momentum_blocks = None if part_momentum is None else split_heads(part_momentum.float(), layout)
+                    record = ns_spectrum_record(
+                        blocks, group["ns_steps"], coefficients, DEFAULT_LEVELS, band, momentum=momentum_blocks
+                    )
+                    mine[part_name] = {
+                        "layer": block_index(name),
+                        **record,
+                        **({} if layout is None else {"head_blocks": list(layout)}),
+                    }
+                names.append(part_name)
+        if world_size > 1:
+            mine = {k: v for part in collectives.all_gather_object(mine) for k, v in part.items()}
+        ordered = {name: mine[name] for name in names}
+        return {
+            "experts": "per expert (<stack>.<e>)",
+            "coefficients": coefficients if isinstance(coefficients, str) else "custom",
+            "levels": list(DEFAULT_LEVELS),
+            "band": list(band),
+            "matrices": ordered,
+        }

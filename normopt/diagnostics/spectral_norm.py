@@ -28,9 +28,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from normopt.diagnostics.diagnostic import Diagnostic, DiagnosticRun, full_matrix
+from normopt.metrics.record_fields import mapping_field, optional_metric
 from normopt.models.matrix_roles import depth_group, matrix_type
 from normopt.parallel import collectives
 from normopt.parallel.row_shards import row_shards_of
+from normopt.run_dir import RecordKind
 
 # the two matrices outside the blocks, reported apart (module docstring)
 EMBEDDING_MATRIX = "tok_embeddings.weight"
@@ -143,3 +146,43 @@ def spectral_norm_groups(sigmas: dict[str, float]) -> dict[str, object]:
         "output": sigmas.get(OUTPUT_MATRIX),
         "other": sorted(n for n in sigmas if n not in blocks and n not in (EMBEDDING_MATRIX, OUTPUT_MATRIX)),
     }
+
+
+# --------------------------------------------------------------------------- the diagnostic
+
+
+class SpectralNorm(Diagnostic):
+    """sigma_max of every weight matrix (power iteration, warm-started from the last record's
+    vectors): every 2-D weight, and each expert of an MoE expert stack (E, rows, cols) as its
+    own matrix ``<stack>.<e>``. The report reads the summary by type and depth group."""
+
+    name = RecordKind.SPECTRAL_NORM
+    help = "largest singular value of every weight matrix (warm-started power iteration)"
+    keys = ("interval", "power_iterations", "histograms")
+
+    def __init__(self, run: DiagnosticRun):
+        super().__init__(run)
+        self.tracker = SpectralNormTracker(run.cfg.power_iterations)
+
+    def collect(self, step: int, **inputs) -> dict:
+        matrices = []
+        for name, p in self.run.model.named_parameters():
+            if p.ndim == 2:
+                matrices.append((name, p))
+            elif p.ndim == 3:  # an expert stack: gathered whole (a collective, same order on every rank)
+                stack = full_matrix(p.detach())
+                matrices += [(f"{name}.{e}", stack[e]) for e in range(stack.shape[0])]
+        return {"experts": "per expert (<stack>.<e>)", "matrices": self.tracker(matrices)}
+
+    @classmethod
+    def mirror(cls, record, tensorboard, histograms: bool) -> None:
+        if histograms and record["matrices"]:
+            tensorboard.add_histogram(
+                "diag_spectral_norm/all_matrices", torch.tensor(list(record["matrices"].values())), record["step"]
+            )
+
+    @staticmethod
+    def read(record) -> dict[str, object]:
+        """:func:`spectral_norm_groups` of the record's matrices (null values left out)."""
+        values = {str(k): optional_metric(v) for k, v in mapping_field(record, "matrices").items()}
+        return spectral_norm_groups({k: v for k, v in values.items() if v is not None})

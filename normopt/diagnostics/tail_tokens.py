@@ -11,9 +11,14 @@ are about equally precise (deciles of the vocabulary would leave the rare ones n
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from normopt.diagnostics.diagnostic import EVALUATION, Diagnostic
+from normopt.metrics.record_fields import number_list
 from normopt.run_dir import RecordKind
 
 
@@ -87,3 +92,58 @@ class TailTokenBuckets:
             "bucket_token_share": shares,
             "bucket_vocab_size": self.vocab_per_bucket,
         }
+
+
+# --------------------------------------------------------------------------- the diagnostic
+
+
+@dataclass(frozen=True)
+class TailTokens:
+    """One ``tail_tokens`` record: validation loss by token-frequency bucket, ordered from the
+    most frequent tokens (bucket 0, the head) to the rarest (the last bucket, the tail)."""
+
+    step: int
+    bucket_loss: tuple[float | None, ...]  # mean cross-entropy (nats) over the bucket's targets; None = empty
+    bucket_token_share: tuple[float | None, ...] = ()  # the bucket's share of the target tokens
+    bucket_vocab_size: tuple[int | None, ...] = ()  # vocabulary entries in the bucket
+
+
+class TailTokenLoss(Diagnostic):
+    """Every evaluation's loss per token-frequency bucket (``diagnostics.tail_buckets``
+    buckets of the training split's token counts), with each bucket's share of the target
+    tokens and its vocabulary size."""
+
+    name = RecordKind.TAIL_TOKENS
+    when = EVALUATION
+    help = "evaluation loss by token-frequency bucket, head to tail"
+    keys = ("tail_buckets",)
+
+    @classmethod
+    def enabled(cls, cfg) -> bool:
+        return cfg.tail_buckets > 0
+
+    def collect(self, step: int, **inputs) -> dict | None:
+        if self.run.tail is None:
+            return None
+        record = self.run.tail.record(step, inputs["sums"])
+        return {k: v for k, v in record.items() if k not in ("step", "kind")}
+
+    @classmethod
+    def mirror(cls, record, tensorboard, histograms: bool) -> None:
+        for index, loss in enumerate(record["bucket_loss"]):
+            if loss is not None:
+                tensorboard.add_scalar(f"diag_tail_tokens/bucket_{index}", loss, record["step"])
+
+    @staticmethod
+    def read(record: Mapping) -> TailTokens:
+        sizes = record.get("bucket_vocab_size", [])
+        if not isinstance(sizes, list) or any(
+            s is not None and (isinstance(s, bool) or not isinstance(s, int)) for s in sizes
+        ):
+            raise ValueError("'bucket_vocab_size' is not a list of integers")
+        return TailTokens(
+            record["step"],
+            number_list(record, "bucket_loss"),
+            number_list(record, "bucket_token_share", False),
+            tuple(sizes),
+        )
