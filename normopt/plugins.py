@@ -89,9 +89,24 @@ def _credited_components(name: str) -> tuple[str, ...]:
     return tuple(f"{r.kind}:{entry}" for r in REGISTRIES for entry in r if r.owner(entry) == name)
 
 
+HOOK = "normopt_plugin"  # a plugin module's optional registration function, given normopt.extend
+
+
+def call_hook(module) -> None:
+    """Call the module's ``normopt_plugin(normopt)`` with :mod:`normopt.extend`, if it has one
+    (a module that registers at import needs none)."""
+    hook = getattr(module, HOOK, None)
+    if callable(hook):
+        import normopt.extend
+
+        hook(normopt.extend)
+
+
 def _import(name: str, source: str, load) -> Plugin:
     """Run ``load`` (the import) with every registration credited to ``name``; any failure is
     one line naming the plugin."""
+    import normopt.extend  # noqa: F401  (every registry fills with the built-ins first, credited to normopt)
+
     try:
         with crediting(name):
             load()
@@ -132,6 +147,7 @@ def load_plugin(spec: str, base: Path | None = None) -> Plugin:
             except BaseException:
                 sys.modules.pop(module_name, None)
                 raise
+            call_hook(module)
 
         digest_path = path
     else:
@@ -146,7 +162,7 @@ def load_plugin(spec: str, base: Path | None = None) -> Plugin:
             )
 
         def load() -> None:
-            importlib.import_module(spec)
+            call_hook(importlib.import_module(spec))
 
     if name in _loaded:
         if _loaded[name].source != source:
@@ -182,7 +198,9 @@ def load_entry_points() -> None:
         if file is None:
             raise UserError(f"entry point {point.name} ({ENTRY_POINT_GROUP}): module {module} is not importable")
         if point.name not in _loaded:
-            plugin = _import(point.name, f"entry point {point.name}", lambda m=module: importlib.import_module(m))
+            plugin = _import(
+                point.name, f"entry point {point.name}", lambda m=module: call_hook(importlib.import_module(m))
+            )
             _loaded[point.name] = Plugin(plugin.name, plugin.source, source_digest(file), plugin.components)
 
 

@@ -328,8 +328,7 @@ class Trainer:
                     "steps": t.steps,
                 }
             )
-            if self.cfg.diagnostics.interval:
-                self.diagnostics.after_step(0)
+            self.diagnostics.after_step(0)
             if t.eval_interval:
                 self._evaluate_and_log(0)
         window_start, window_tokens = time.perf_counter(), 0
@@ -337,9 +336,7 @@ class Trainer:
             done = step + 1
             run_progress.mark("step", done)
             self.optimizers.apply_schedule(cfg.optim, step, t.steps)
-            loss, grad_norm, stop, aux_loss = self._train_step(
-                step, diagnose=self.diagnostics.due(done) or done == t.steps
-            )
+            loss, grad_norm, stop, aux_loss = self._train_step(step, final=done == t.steps)
             self.aux_loss_sum, self.window_steps = self.aux_loss_sum + aux_loss, self.window_steps + 1
             window_tokens += tokens_per_step
             progress.update(1)
@@ -379,8 +376,7 @@ class Trainer:
                 record.update(self._step_statistics_window_record())
                 self.metrics.log(record)
                 progress.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-            if self.cfg.diagnostics.interval and (self.diagnostics.due(done) or done == t.steps):
-                self.diagnostics.after_step(done)
+            self.diagnostics.after_step(done, final=done == t.steps)
             if (t.eval_interval and done % t.eval_interval == 0) or done == t.steps:
                 eval_loss = self._evaluate_and_log(done)
                 if self.dist.is_main:
@@ -399,13 +395,14 @@ class Trainer:
         progress.close()
         return self._summary(eval_loss)
 
-    def _train_step(self, step: int, diagnose: bool = False) -> tuple[float, float, bool, float]:
+    def _train_step(self, step: int, final: bool = False) -> tuple[float, float, bool, float]:
         """Forward/backward over this rank's micro-batches, clip, step. Returns the global
         mean loss (cross-entropy) of the step's batch, the gradient norm, whether any rank
         was asked to stop and the MoE balance loss (0 without MoE; all four identical on
-        every rank). The balance loss is added to the loss that is differentiated. With
-        ``diagnose``, the matrices the step handed to Newton-Schulz and the update it
-        applied are analysed before the gradients are cleared."""
+        every rank). The balance loss is added to the loss that is differentiated. On a
+        diagnosed step (``final``: the run's last, when every diagnostic is due), the
+        diagnostics of the optimizer step (the matrices the step handed to Newton-Schulz, the
+        update it applied) run before the gradients are cleared."""
         self.model.train()
         loss_sum = torch.zeros((), device=self.dist.device)
         aux_sum = torch.zeros((), device=self.dist.device)
@@ -439,12 +436,13 @@ class Trainer:
                 f"at step {step + 1} the loss is {loss} and the gradient norm {grad_norm}; "
                 f"stopping before the update (last checkpoint kept untouched)"
             )
-        if diagnose and self.cfg.diagnostics.interval:
-            self.diagnostics.before_optimizer_step()  # the update is measured against these weights
+        diagnose = self.diagnostics.due(step + 1, final)  # every diagnostic is due on the last step
+        if diagnose:
+            self.diagnostics.before_optimizer_step(step + 1, final)  # the update is measured against these weights
         with self.optimizer_timer.section():
             self.optimizers.step()
-        if diagnose and self.cfg.diagnostics.interval:
-            self.diagnostics.after_optimizer_step(step + 1)
+        if diagnose:
+            self.diagnostics.after_optimizer_step(step + 1, final)
         self.optimizers.zero_grad()
         for key, value in self.model.end_optimizer_step().items():  # kept on the device until logged
             self.step_statistics[key] = value + self.step_statistics[key] if key in self.step_statistics else value

@@ -125,11 +125,19 @@ class Diagnostics:
         self.seconds = 0.0  # total time spent collecting, all kinds
         self._before_seconds: dict[str, float] = {}
 
-    def due(self, step: int) -> bool:
-        return bool(self.cfg.interval) and step % self.cfg.interval == 0
+    def _due(self, diagnostic: Diagnostic, step: int, final: bool) -> bool:
+        """Every ``interval`` steps (its own, or diagnostics.interval; 0 = never), and on the
+        run's last step."""
+        every = diagnostic.interval(self.cfg)
+        return bool(every) and (step % every == 0 or final)
 
-    def _phase(self, when: str) -> list[Diagnostic]:
-        return [d for d in self.collectors.values() if d.when == when]
+    def due(self, step: int, final: bool = False) -> bool:
+        """Whether any step diagnostic runs at ``step`` (``final``: the run's last step)."""
+        return any(self._due(d, step, final) for d in self.collectors.values() if d.when != EVALUATION)
+
+    def _phase(self, when: str, step: int | None = None, final: bool = False) -> list[Diagnostic]:
+        """The diagnostics of a phase, those due at ``step`` when given."""
+        return [d for d in self.collectors.values() if d.when == when and (step is None or self._due(d, step, final))]
 
     def _collect(self, diagnostic: Diagnostic, step: int, **inputs) -> None:
         """Collect and write one record; its ``seconds`` include the diagnostic's preparation
@@ -143,18 +151,18 @@ class Diagnostics:
         self.seconds += record["seconds"]
         self.writer.write(record)
 
-    def before_optimizer_step(self) -> None:
-        """On a diagnosed step, just before ``optimizer.step()`` (the isotropy record keeps
+    def before_optimizer_step(self, step: int, final: bool = False) -> None:
+        """Just before the ``optimizer.step()`` that makes ``step`` (the isotropy record keeps
         what it needs to measure the update the step applies)."""
-        for diagnostic in self._phase(OPTIMIZER_STEP):
+        for diagnostic in self._phase(OPTIMIZER_STEP, step, final):
             self._before_seconds[diagnostic.name] = diagnostic.before_optimizer_step()
 
-    def after_optimizer_step(self, step: int) -> None:
-        for diagnostic in self._phase(OPTIMIZER_STEP):
+    def after_optimizer_step(self, step: int, final: bool = False) -> None:
+        for diagnostic in self._phase(OPTIMIZER_STEP, step, final):
             self._collect(diagnostic, step)
 
-    def after_step(self, step: int) -> None:
-        for diagnostic in self._phase(STEP):
+    def after_step(self, step: int, final: bool = False) -> None:
+        for diagnostic in self._phase(STEP, step, final):
             self._collect(diagnostic, step)
 
     def tail_tokens(self, step: int, sums: torch.Tensor) -> None:

@@ -64,9 +64,14 @@ class Diagnostic:
 
     @classmethod
     def enabled(cls, cfg) -> bool:
-        """Whether it runs under the ``diagnostics`` section ``cfg`` (diagnostics.interval > 0
-        is asked before this, except for evaluation diagnostics)."""
+        """Whether it runs at all under the ``diagnostics`` section ``cfg``."""
         return True
+
+    @classmethod
+    def interval(cls, cfg) -> int:
+        """Every how many steps it runs (and on the run's last step); 0 = never. Default:
+        ``diagnostics.interval``. Evaluation diagnostics run after every evaluation."""
+        return cfg.interval
 
     def before_optimizer_step(self) -> float:
         """On a diagnosed step, just before ``optimizer.step()``; returns the seconds spent

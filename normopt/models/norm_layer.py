@@ -11,7 +11,7 @@ setting is ``auto``), and what the diagnostics measure on it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -34,9 +34,15 @@ class NormConfig:
     ema_momentum: float = 0.99  # derf_ema's m (``model.derf_ema_momentum``)
     ema_blend: float = 0.5  # derf_ema's lambda (``model.derf_ema_blend``)
     bias: bool = True  # a per-feature bias b, for layers that can have one (``model.norm_bias``)
+    # the norm's own keys (a plugin's ``config``: model.<name>_<field>), as (field, value) pairs
+    options: tuple[tuple[str, Any], ...] = ()
 
     def alpha_init(self, location: Location) -> float:
         return {"attn": self.alpha_init_attn, "ffn": self.alpha_init_ffn, "final": self.alpha_init_final}[location]
+
+    def option(self, field: str) -> Any:
+        """The value of one of the norm's own keys (``model.<name>_<field>``)."""
+        return dict(self.options)[field]
 
 
 class NormLayer(nn.Module):

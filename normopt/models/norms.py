@@ -24,14 +24,16 @@ they can have one: RMSNorm (Llama) has none, LayerNorm has its standard b.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 from normopt.models.derf import Derf, DerfEMA
 from normopt.models.dyt import DyT
 from normopt.models.layernorm import LayerNorm
 from normopt.models.norm_layer import Location, NormConfig, NormLayer
 from normopt.models.rmsnorm import RMSNorm
-from normopt.registry import Registry
+from normopt.registry import Registry, component_options
 
 # one line per norm; the order is the order of config messages and of the report's rows
 NORMS: Registry[type[NormLayer]] = Registry("norm", "norms", section="model")
@@ -96,7 +98,14 @@ def resolve_norm_config(model_cfg) -> NormConfig:
         ema_momentum=model_cfg.derf_ema_momentum,
         ema_blend=model_cfg.derf_ema_blend,
         bias=reference_bias(name) if model_cfg.norm_bias == "auto" else model_cfg.norm_bias,
+        options=norm_options(model_cfg, name),
     )
+
+
+def norm_options(model_cfg, name: str) -> tuple[tuple[str, Any], ...]:
+    """The norm's own keys (its class's ``config``; normopt/registry.py) as (field, value) pairs."""
+    options = component_options(model_cfg, name) if NORMS[name].config is not None else None
+    return () if options is None else tuple(dataclasses.asdict(options).items())
 
 
 def build_norm(cfg: NormConfig, dim: int, location: Location) -> NormLayer:
