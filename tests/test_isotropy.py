@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from normopt.diagnostics.collector import DiagnosticsWriter
-from normopt.diagnostics.isotropy import ISOTROPY_FIELDS, isotropy_cell
-from normopt.diagnostics.isotropy import cell_means, effective_rank, isotropy, normalised_entropy
+from normopt.diagnostics.isotropy import (
+    ISOTROPY_FIELDS,
+    cell_means,
+    effective_rank,
+    isotropy,
+    isotropy_cell,
+    normalised_entropy,
+)
 from normopt.errors import UserError
 from normopt.export import load_model_weights
 from normopt.report.cell_reading import read_diagnostics
