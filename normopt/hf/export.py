@@ -26,6 +26,7 @@ from normopt.errors import UserError
 from normopt.export import EXPORT_DIR_MODE, EXPORT_FILE_MODE
 from normopt.hf.convert import exports_as_llama, hf_tensors, llama_config_fields, normopt_config_fields
 from normopt.hf.parity import Parity, parity_gate
+from normopt.hf.plugin_modules import check_exportable, norm_settings, plugin_norm, write_plugin_norm
 from normopt.output_paths import check_output_folder, write_failed
 
 TEMPLATE = Path(__file__).with_name("modeling_normopt.py")
@@ -89,6 +90,7 @@ def write_hf_folder(
 
     require_transformers()
     check_new_folder(out)
+    check_exportable(model.args)
     model.eval()
     if dtype != torch.float32:
         with torch.no_grad():
@@ -137,6 +139,9 @@ def write_config(args, max_positions: int, eos: int, dtype: torch.dtype, llama: 
             "AutoModelForCausalLM": "modeling_normopt.NormoptForCausalLM",
         }
         shutil.copyfile(TEMPLATE, folder / TEMPLATE.name)
+        if plugin_norm(args) is not None:
+            config.norm_settings = norm_settings(args)
+            write_plugin_norm(args, folder, folder / TEMPLATE.name)
     config.dtype = dtype
     config.save_pretrained(folder)
 

@@ -6,7 +6,8 @@ decoder, x + attn(norm(x)) then + ffn(norm(.)), with
 
 * norm (``config.norm``): rmsnorm, layernorm, dyt (g tanh(a x) + b), derf
   (g erf(a x + s) + b) or derf_ema (derf with its input divided by a running scale c,
-  frozen at export time and stored as the ``input_scale`` buffer of each layer);
+  frozen at export time and stored as the ``input_scale`` buffer of each layer), or a
+  plugin's norm, whose module the export copies beside this file (``PLUGIN_NORMS``);
 * attention (``config.attention``): gqa (grouped-query), swa (gqa restricted to the last
   ``attention_window`` keys) or mla (DeepSeek-V2 latent attention), all with rotate-half
   RoPE (only the ``qk_rope_head_dim`` dims under mla);
@@ -61,6 +62,7 @@ class NormoptConfig(PretrainedConfig):
         moe_score="softmax",
         moe_routing_bias=False,
         tie_word_embeddings=False,
+        norm_settings=None,
         **kwargs,
     ):
         self.vocab_size, self.hidden_size, self.num_hidden_layers = vocab_size, hidden_size, num_hidden_layers
@@ -68,6 +70,7 @@ class NormoptConfig(PretrainedConfig):
         self.intermediate_size, self.rope_theta = intermediate_size, rope_theta
         self.max_position_embeddings = max_position_embeddings
         self.norm, self.norm_eps, self.norm_bias, self.embed_scale = norm, norm_eps, norm_bias, embed_scale
+        self.norm_settings = norm_settings  # a plugin norm's resolved settings (PLUGIN_NORMS below)
         self.attention, self.attention_window = attention, attention_window
         self.q_lora_rank, self.kv_lora_rank = q_lora_rank, kv_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
@@ -146,7 +149,28 @@ class Derf(nn.Module):
         return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
 
 
+# a plugin norm: registry name -> its layer class, imported from the plugin's module beside
+# this file by the lines normopt export appends at the end
+PLUGIN_NORMS = {}
+
+
+class NormSettings:
+    """What a plugin norm's ``from_config`` reads: normopt's resolved norm settings."""
+
+    def __init__(self, fields):
+        self.__dict__.update(fields)
+        self.options = tuple(tuple(pair) for pair in fields.get("options", ()))
+
+    def alpha_init(self, location):
+        return getattr(self, f"alpha_init_{location}")
+
+    def option(self, field):
+        return dict(self.options)[field]
+
+
 def build_norm(config, dim):
+    if config.norm in PLUGIN_NORMS:  # the location only sets inits: the weights are loaded
+        return PLUGIN_NORMS[config.norm].from_config(dim, NormSettings(config.norm_settings), "attn")
     if config.norm == "rmsnorm":
         return RMSNorm(dim, config.norm_eps)
     if config.norm == "layernorm":
