@@ -44,12 +44,35 @@ def render_markdown(
 ) -> str:
     """report.md: the tables, the plots (paths relative to report.md), the diagnostics (only when
     some cell has diagnostics.jsonl) and the flags/notes."""
+    sections = [
+        _heading(summary),
+        _answer_section(summary),
+        tuning_lead(summary),
+        family_section(summary),
+        left_out_section(summary),
+        _final_loss_section(summary),
+        _interaction_section(summary),
+        _recovery_section(summary),
+        tuning_section(summary, _file_name(summary, "tuning")),
+        over_training_section(summary, _file_name(summary, "over_training")),
+        size_section(summary, _file_name(summary, "model_size")),
+        factor_section(summary),
+        tail_section(summary),
+        _plots_section(plots),
+        _diagnostics_section(summary, diagnostic_plots or {}),
+        [""],  # the plots' images end without a blank line
+        cost_section(summary),
+        _cells_section(summary),
+        _notes_section(summary),
+    ]
+    return "\n".join(line for section in sections for line in section) + "\n"
+
+
+def _axes_text(summary: Mapping[str, Any]) -> str:
+    """What is compared with what: the baseline and reference levels, or the keys and strata."""
     s = summary["settings"]
-    cells = summary["cells"]
     c_noun, a_noun = nouns(summary)
     single = s["axes"]["across"] is None
-    kept = sum(c["included"] for c in cells)
-    fixes = ", ".join(f"`{k}` → `{v}`" for k, v in s["fixes"].items()) or "none declared"
     axes_text = f"Baseline {c_noun}: `{s['baseline_norm']}`" + (
         "" if single else f"; reference {a_noun}: `{s['reference_optim']}`"
     )
@@ -63,22 +86,37 @@ def render_markdown(
                 else ""
             )
         )
+    return axes_text
+
+
+def _heading(summary: Mapping[str, Any]) -> list[str]:
+    """The title, the setup block, and how many cells count with what is compared."""
+    cells = summary["cells"]
+    kept = sum(c["included"] for c in cells)
     parts = ["# normopt factorial report", ""]
     if "setup" in summary:
         parts += [*setup_lines(summary["setup"]), ""]
-    parts += [
+    return [
+        *parts,
         (
-            f"{len(cells)} cells, {kept} included, {len(cells) - kept} left out. {axes_text}. Losses in nats "
-            f"(final validation loss). Intervals: {s['interval']}."
+            f"{len(cells)} cells, {kept} included, {len(cells) - kept} left out. {_axes_text(summary)}. Losses in "
+            f"nats (final validation loss). Intervals: {summary['settings']['interval']}."
         ),
         "",
-        "## Answer",
-        "",
-        answer_paragraph(summary),
-        "",
-        *tuning_lead(summary),
-        *family_section(summary),
-        *left_out_section(summary),
+    ]
+
+
+def _answer_section(summary: Mapping[str, Any]) -> list[str]:
+    """The short answer."""
+    return ["## Answer", "", answer_paragraph(summary), ""]
+
+
+def _final_loss_section(summary: Mapping[str, Any]) -> list[str]:
+    """The final eval losses and the gaps to the baseline, per stratum."""
+    s = summary["settings"]
+    c_noun, a_noun = nouns(summary)
+    single = s["axes"]["across"] is None
+    return [
         "## Final eval loss and gap to the baseline",
         "",
         (
@@ -94,20 +132,35 @@ def render_markdown(
         "",
         *per_stratum(summary, main_table),
     ]
-    if not single:
-        parts += [
-            "## Interaction",
-            "",
-            (
-                f"interaction = gap under the {a_noun} − gap under {s['reference_optim']} = "
-                "(L[n,O] − L[base,O]) − (L[n,ref] − L[base,ref]). 95% CI: t quantile with Welch-Satterthwaite "
-                "degrees of freedom × sqrt(Σ s²/n) over the four independent group means. Paired: the same "
-                "contrast per seed over the seeds present in all four groups, t with k−1 degrees of freedom."
-            ),
-            "",
-            *per_stratum(summary, interaction_table),
-        ]
-    parts += [
+
+
+def _interaction_section(summary: Mapping[str, Any]) -> list[str]:
+    """The interactions with their independent and paired intervals (none without an across axis)."""
+    s = summary["settings"]
+    if s["axes"]["across"] is None:
+        return []
+    _, a_noun = nouns(summary)
+    return [
+        "## Interaction",
+        "",
+        (
+            f"interaction = gap under the {a_noun} − gap under {s['reference_optim']} = "
+            "(L[n,O] − L[base,O]) − (L[n,ref] − L[base,ref]). 95% CI: t quantile with Welch-Satterthwaite "
+            "degrees of freedom × sqrt(Σ s²/n) over the four independent group means. Paired: the same "
+            "contrast per seed over the seeds present in all four groups, t with k−1 degrees of freedom."
+        ),
+        "",
+        *per_stratum(summary, interaction_table),
+    ]
+
+
+def _recovery_section(summary: Mapping[str, Any]) -> list[str]:
+    """Each fix's recovered shares of the gap and the interaction, per stratum."""
+    s = summary["settings"]
+    c_noun, a_noun = nouns(summary)
+    single = s["axes"]["across"] is None
+    fixes = ", ".join(f"`{k}` → `{v}`" for k, v in s["fixes"].items()) or "none declared"
+    return [
         "## Fix recovery",
         "",
         (
@@ -129,58 +182,80 @@ def render_markdown(
         ),
         "",
         *per_stratum(summary, recovery_table),
-        *tuning_section(summary, _file_name(summary, "tuning")),
-        *over_training_section(summary, _file_name(summary, "over_training")),
-        *size_section(summary, _file_name(summary, "model_size")),
-        *factor_section(summary),
-        *tail_section(summary),
-        "## Plots",
+    ]
+
+
+def _plots_section(plots: Mapping[str, str]) -> list[str]:
+    """The main plots' images."""
+    return ["## Plots", "", *(f"![{name}]({path})" for name, path in plots.items())]
+
+
+def _diagnostics_section(summary: Mapping[str, Any], diagnostic_plots: Mapping[str, str]) -> list[str]:
+    """The diagnostics tables and plots; nothing when no cell has diagnostics.jsonl."""
+    if not any(c.get("diagnostics") is not None for c in summary["cells"]):
+        return []
+    return [
+        "",
+        "## Diagnostics",
+        "",
+        (
+            "From each cell's diagnostics.jsonl, every cell including left-out ones (descriptive, no "
+            "statistics). Saturation: mean over the bounded norm layers (none for RMSNorm) at the last "
+            "step logged. Spectral norm: mean over the block matrices (attention, feed-forward, routers, "
+            "each MoE expert as its own matrix) at the last record; growth = that mean at the last "
+            "record / at the first. The token embedding and the output matrix are not block matrices "
+            "(larger at init, and AdamW-trained under Muon): their spectral norms stand apart, and the "
+            "means per matrix type and depth group are in the table below. Token buckets: validation loss "
+            "per token-frequency bucket, most frequent tokens first, at the last record (— = empty bucket)."
+        ),
+        "",
+        diagnostics_table(summary),
+        "",
+        *_spectral_lines(summary),
+        *_isotropy_lines(summary),
+        *(f"![{name}]({path})" for name, path in diagnostic_plots.items()),
+    ]
+
+
+def _spectral_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The spectral norms per block-matrix type; nothing when no cell logged them."""
+    spectral = spectral_norm_table(summary, placement_columns(summary), lambda c: placement(summary, c))
+    if spectral is None:
+        return []
+    return [
+        "Spectral norms at the last record, per block-matrix type: the mean over each depth group's "
+        "matrices (each MoE expert one matrix), then the token embedding and the output matrix.",
+        "",
+        spectral,
         "",
     ]
-    parts += [f"![{name}]({path})" for name, path in plots.items()]
-    if any(c.get("diagnostics") is not None for c in cells):
-        parts += [
-            "",
-            "## Diagnostics",
-            "",
-            (
-                "From each cell's diagnostics.jsonl, every cell including left-out ones (descriptive, no "
-                "statistics). Saturation: mean over the bounded norm layers (none for RMSNorm) at the last "
-                "step logged. Spectral norm: mean over the block matrices (attention, feed-forward, routers, "
-                "each MoE expert as its own matrix) at the last record; growth = that mean at the last "
-                "record / at the first. The token embedding and the output matrix are not block matrices "
-                "(larger at init, and AdamW-trained under Muon): their spectral norms stand apart, and the "
-                "means per matrix type and depth group are in the table below. Token buckets: validation loss "
-                "per token-frequency bucket, most frequent tokens first, at the last record (— = empty bucket)."
-            ),
-            "",
-            diagnostics_table(summary),
-            "",
-        ]
-        spectral = spectral_norm_table(summary, placement_columns(summary), lambda c: placement(summary, c))
-        if spectral is not None:
-            parts += [
-                "Spectral norms at the last record, per block-matrix type: the mean over each depth group's "
-                "matrices (each MoE expert one matrix), then the token embedding and the output matrix.",
-                "",
-                spectral,
-                "",
-            ]
-        isotropy = isotropy_table(summary)
-        if isotropy is not None:
-            parts += [
-                (
-                    "Isotropy of the update each optimizer step applied (W after − W before) and of the weights, "
-                    "at the last diagnostics step: the normalised singular-value entropy "
-                    "−Σ p_i log p_i / log r with p_i = s_i² / Σ s_j² (1 = every direction moved equally, "
-                    "0 = rank one), mean over the matrices of each type and depth group, shown as "
-                    "update / weight per matrix type; per depth group and the effective ranks in summary.json."
-                ),
-                "",
-                isotropy,
-                "",
-            ]
-        parts += [f"![{name}]({path})" for name, path in (diagnostic_plots or {}).items()]
-    parts += ["", *cost_section(summary), "## Cells", "", cell_table(summary), "", "## Notes", ""]
-    parts += [f"- {note}" for note in collapse_notes(summary["notes"], [c["name"] for c in cells])] or ["- none"]
-    return "\n".join(parts) + "\n"
+
+
+def _isotropy_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The isotropy of the updates and the weights per matrix type; nothing when no cell logged it."""
+    isotropy = isotropy_table(summary)
+    if isotropy is None:
+        return []
+    return [
+        (
+            "Isotropy of the update each optimizer step applied (W after − W before) and of the weights, "
+            "at the last diagnostics step: the normalised singular-value entropy "
+            "−Σ p_i log p_i / log r with p_i = s_i² / Σ s_j² (1 = every direction moved equally, "
+            "0 = rank one), mean over the matrices of each type and depth group, shown as "
+            "update / weight per matrix type; per depth group and the effective ranks in summary.json."
+        ),
+        "",
+        isotropy,
+        "",
+    ]
+
+
+def _cells_section(summary: Mapping[str, Any]) -> list[str]:
+    """Every cell with its placement, loss and flags."""
+    return ["## Cells", "", cell_table(summary), ""]
+
+
+def _notes_section(summary: Mapping[str, Any]) -> list[str]:
+    """The notes, one line per statement said of several cells."""
+    notes = collapse_notes(summary["notes"], [c["name"] for c in summary["cells"]])
+    return ["## Notes", "", *([f"- {note}" for note in notes] or ["- none"])]
