@@ -4,7 +4,7 @@
 
 Each scenario draws normal final losses for the groups of one contrast (k seeds per group,
 true contrast known), builds the report's interval with normopt's own estimators
-(:mod:`normopt.report.contrasts`) and counts how often it covers the truth:
+(:mod:`normopt.report.stats.contrasts`) and counts how often it covers the truth:
 
 * gap (2 groups) and interaction (4 groups), independent means, Welch t;
 * the same with one group's standard deviation 2x, 4x or 10x the others' (one group
@@ -26,8 +26,8 @@ import argparse
 import math
 import random
 
-from normopt.report.contrasts import contrast, describe, paired_contrast, ratio_of_contrasts
-from normopt.report.multiplicity import holm, t_p_value
+from normopt.report.stats.contrasts import contrast, describe, paired_contrast, ratio_of_contrasts
+from normopt.report.stats.multiplicity import holm, t_p_value
 
 INTERACTION = (1.0, -1.0, -1.0, 1.0)
 

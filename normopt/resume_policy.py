@@ -8,7 +8,7 @@ and the new one may differ only in keys whose role (``normopt.key_roles``) is no
 * LENGTH (``train.steps``) may be raised to continue a finished run;
 * EVALUATION (``train.eval_sequences``) changes only what later evaluations measure.
 
-The report's notion of an arm (``normopt.report.arms``) reads the same tags but is
+The report's notion of an arm (``normopt.report.cells.arms``) reads the same tags but is
 stricter: there only EXECUTION keys may differ within an arm, because runs of different
 lengths or measured on different validation sequences are not comparable cells.
 """

@@ -47,7 +47,7 @@ TRAIN_LOG = "train.log"
 EXPORT_DIR = "export"
 LOCK_FILE = ".lock"
 # An experiment root (a factorial's ``root``, one run directory per cell below it) holds the
-# spec's axes and report settings (see ``normopt.report.axes``), the grid's plan, and, for a
+# spec's axes and report settings (see ``normopt.report.cells.axes``), the grid's plan, and, for a
 # grid submitted to SLURM, a folder with the job scripts, the submitted job ids and the job
 # logs (``normopt.factorial.slurm``).
 EXPERIMENT_FILE = "experiment.json"

@@ -3,7 +3,8 @@
 Components (models, optim, data, parallel, diagnostics, checkpoint, metrics) import each
 other and a few leaf modules only; the run-level modules (config, trainer, cli, factorial,
 report, ...) compose them. A component that imported the top-level config would tie every
-component to every other's keys.
+component to every other's keys. Inside the report, the stages (cells, stats, render, plots)
+import one way as well.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ HUBS = (
     "normopt.optim.builder",
     "normopt.diagnostics.collector",
 )
+# the report's stages and the stages each may import (writer.py, above them, imports all four)
+REPORT_STAGES = {
+    "cells": set(),
+    "stats": {"cells"},
+    "render": {"stats", "cells"},
+    "plots": {"stats", "cells"},
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -150,3 +158,26 @@ def test_hubs_ask_registries_not_components():
     assert {"normopt.models.derf", "normopt.models.moe", "normopt.optim.muon_family"} <= internals
     reaching = {hub: sorted(graph[hub] & internals) for hub in HUBS if graph[hub] & internals}
     assert not reaching, f"hubs importing a component's module: {reaching}"
+
+
+def _report_stage(module: str) -> str | None:
+    """normopt.report.stats.summary -> stats; None outside a stage (writer.py, other packages)."""
+    parts = module.split(".")
+    return parts[2] if parts[:2] == ["normopt", "report"] and len(parts) > 2 and parts[2] in REPORT_STAGES else None
+
+
+def test_report_stages_import_one_way():
+    assert set(REPORT_STAGES) <= {_report_stage(m) for m in import_graph()}, "a report stage is missing"
+    backward = {}
+    for module, targets in import_graph().items():
+        stage = _report_stage(module)
+        if stage is None:
+            continue
+        bad = sorted(
+            t
+            for t in targets
+            if t.startswith("normopt.report") and _report_stage(t) not in {stage, *REPORT_STAGES[stage]}
+        )
+        if bad:
+            backward[module] = bad
+    assert not backward, f"report stages importing against the order: {backward}"

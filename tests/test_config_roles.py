@@ -10,7 +10,7 @@ import pytest
 from normopt.config import Config, keys_with_role, load_config
 from normopt.errors import UserError
 from normopt.key_roles import EVALUATION, EXECUTION, LENGTH, MATH, ROLES
-from normopt.report.arms import COORDINATE_KEYS, NON_ARM_KEYS, NON_ARM_SECTIONS, reference_settings
+from normopt.report.cells.arms import COORDINATE_KEYS, NON_ARM_KEYS, NON_ARM_SECTIONS, reference_settings
 from normopt.resume_policy import RESUME_SAFE_KEYS, check_resume_compatible, find_resume_point
 from normopt.run_dir import RunDir
 from tests.conftest import FINISHED_RUN_ARGS, tiny_run_args

@@ -20,8 +20,8 @@ from normopt.diagnostics.isotropy import (
 )
 from normopt.errors import UserError
 from normopt.export import load_model_weights
-from normopt.report.cell_reading import read_diagnostics
-from normopt.report.statistics import diagnostics_numbers
+from normopt.report.cells.cell_reading import read_diagnostics
+from normopt.report.stats.cell_records import diagnostics_numbers
 from normopt.run_dir import RunDir
 from tests.conftest import run_cli, tiny_run_args
 

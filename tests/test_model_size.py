@@ -30,22 +30,16 @@ from normopt.models.presets import (
     count_parameters,
     count_parameters_without_norms,
 )
-from normopt.report.axes import (
+from normopt.report.cells.axes import (
     axes_from_levels,
     read_experiment_file,
     write_experiment_file,
 )
-from normopt.report.cell_reading import discover_cells
-from normopt.report.model_size import (
-    FLAT,
-    GROWS,
-    NOT_TESTED,
-    SHRINKS,
-    size_analysis,
-    size_section,
-    weighted_line_fit,
-)
-from normopt.report.statistics import build_summary
+from normopt.report.cells.cell_reading import discover_cells
+from normopt.report.render.model_size import size_section
+from normopt.report.stats.line_fit import FLAT, GROWS, NOT_TESTED, SHRINKS, weighted_line_fit
+from normopt.report.stats.model_size import size_analysis
+from normopt.report.stats.summary import build_summary
 from normopt.report.writer import write_report
 from tests.test_report import t95_by_integration
 

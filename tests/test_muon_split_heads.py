@@ -32,7 +32,7 @@ from normopt.optim.muon import Muon, NorMuon
 from normopt.optim.muon_update import ns_matrices, orthogonalize
 from normopt.optim.newton_schulz import newton_schulz, ns_flops
 from normopt.optim.param_groups import describe_head_blocks
-from normopt.report.axes import write_experiment_file
+from normopt.report.cells.axes import write_experiment_file
 from normopt.report.writer import write_report
 from normopt.resume_policy import check_resume_compatible
 from tests.conftest import REPO_ROOT, run_cli, tiny_run_args

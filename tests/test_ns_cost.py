@@ -8,7 +8,8 @@ import json
 import pytest
 
 from normopt.metrics.cost_summary import describe_cost, ns_window_fields, summarize_cost
-from normopt.report.cost import cost_section, read_cost
+from normopt.report.cells.cost import read_cost
+from normopt.report.render.cost import cost_section
 from tests.conftest import run_cli, tiny_run_args
 
 

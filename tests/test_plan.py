@@ -33,10 +33,10 @@ from normopt.planner.spread import (
     regularized_gamma,
     sigma_interval,
 )
-from normopt.report.axes import axes_from_levels
-from normopt.report.cell_reading import discover_cells
-from normopt.report.statistics import build_summary
-from normopt.report.student_t import t_quantile
+from normopt.report.cells.axes import axes_from_levels
+from normopt.report.cells.cell_reading import discover_cells
+from normopt.report.stats.student_t import t_quantile
+from normopt.report.stats.summary import build_summary
 from normopt.run_dir import RunDir
 from tests.processes import REPO_ROOT
 

@@ -131,7 +131,10 @@ def test_installed_entry_points_load_unless_switched_off(tmp_path):
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-norms\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text("[normopt.plugins]\nmy_norms = my_norms\n")
-    code = "from normopt.plugins import load_plugins, loaded_plugins; load_plugins([]); print([p.name for p in loaded_plugins()])"
+    code = (
+        "from normopt.plugins import load_plugins, loaded_plugins; "
+        "load_plugins([]); print([p.name for p in loaded_plugins()])"
+    )
     env = {"PYTHONPATH": f"{site}:{REPO_ROOT}"}
     found = subprocess.run([sys.executable, "-c", code], env=child_env(env), capture_output=True, text=True)
     assert found.stdout.strip() == "['my_norms']", found.stderr

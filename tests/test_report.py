@@ -11,12 +11,13 @@ import yaml
 
 from normopt.config import Config
 from normopt.errors import UserError
-from normopt.report import plots
-from normopt.report.cell_assessment import assess_cell, divergence_reason
-from normopt.report.cell_reading import Metrics, discover_cells, read_metrics
-from normopt.report.notes import collapse_notes
-from normopt.report.smoothing import centred_half_width, centred_smooth, ema_smooth
-from normopt.report.statistics import build_summary, describe
+from normopt.report.cells.cell_assessment import assess_cell, divergence_reason
+from normopt.report.cells.cell_reading import Metrics, discover_cells, read_metrics
+from normopt.report.plots import losses
+from normopt.report.render.notes import collapse_notes
+from normopt.report.stats.contrasts import describe
+from normopt.report.stats.smoothing import centred_half_width, centred_smooth, ema_smooth
+from normopt.report.stats.summary import build_summary
 from normopt.report.writer import report_main, write_report
 
 T1 = 12.706204736174698  # two-sided 95% t quantile, 1 degree of freedom (tables)
@@ -458,8 +459,8 @@ def drawn_figures(monkeypatch) -> list:
         made.append(figure(**kwargs))
         return made[-1]
 
-    figure = plots.figure
-    monkeypatch.setattr(plots, "figure", keep)
+    figure = losses.figure
+    monkeypatch.setattr(losses, "figure", keep)
     return made
 
 
@@ -476,7 +477,7 @@ def test_centred_smoothing_has_no_lag():
 def test_loss_curves_show_logged_points_units_and_styles(report, monkeypatch, tmp_path):
     root, summary = report
     made = drawn_figures(monkeypatch)
-    plots.plot_loss_curves(discover_cells(root), summary, tmp_path / "curves.png", 0.9)
+    losses.plot_loss_curves(discover_cells(root), summary, tmp_path / "curves.png", 0.9)
     (fig,) = made
     assert "centred mean" in fig._suptitle.get_text() and "no lag" in fig._suptitle.get_text()
     ax = fig.axes[0]
@@ -494,8 +495,8 @@ def test_one_seed_group_has_no_error_bar(tmp_path, monkeypatch):
         write_cell(tmp_path, norm, "adamw", 0, 3.0 if norm == "rmsnorm" else 3.3)
     summary = build_summary(discover_cells(tmp_path))
     made = drawn_figures(monkeypatch)
-    plots.plot_final_losses(summary, tmp_path / "final.png")
-    plots.plot_gaps(summary, tmp_path / "gaps.png")
+    losses.plot_final_losses(summary, tmp_path / "final.png")
+    losses.plot_gaps(summary, tmp_path / "gaps.png")
     for fig in made:
         texts = [t.get_text() for ax in fig.axes for t in ax.texts]
         assert texts and all(t == "1 seed:\nno interval" for t in texts)

@@ -12,15 +12,15 @@ import yaml
 
 from normopt.config import Config
 from normopt.errors import UserError
-from normopt.report.axes import (
+from normopt.report.cells.axes import (
     ReportAxes,
     axes_from_levels,
     infer_axes,
     read_experiment_file,
     write_experiment_file,
 )
-from normopt.report.cell_reading import discover_cells
-from normopt.report.student_t import t_quantile
+from normopt.report.cells.cell_reading import discover_cells
+from normopt.report.stats.student_t import t_quantile
 from normopt.report.writer import report_main, write_report
 from tests.test_report import metrics_lines, t95_by_integration
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from normopt.errors import UserError
-from normopt.report import plots
-from normopt.report.cell_reading import TailTokens, discover_cells, read_diagnostics
-from normopt.report.diagnostic_plots import plot_saturation_layers
-from normopt.report.statistics import build_summary, diagnostics_numbers
+from normopt.report.cells.cell_reading import TailTokens, discover_cells, read_diagnostics
+from normopt.report.plots import style
+from normopt.report.plots.diagnostics import plot_saturation_layers
+from normopt.report.stats.cell_records import diagnostics_numbers
+from normopt.report.stats.summary import build_summary
 from normopt.report.writer import write_report
 from tests.test_report import write_cell
 
@@ -293,8 +294,8 @@ def test_saturation_heat_map_shows_every_layer(report, monkeypatch, tmp_path):
         made.append(figure(**kwargs))
         return made[-1]
 
-    figure = plots.figure
-    monkeypatch.setattr("normopt.report.diagnostic_plots.figure", keep)
+    figure = style.figure
+    monkeypatch.setattr("normopt.report.plots.diagnostics.figure", keep)
     assert plot_saturation_layers(discover_cells(root), summary, tmp_path / "layers.png")
     (fig,) = made
     maps = [ax for ax in fig.axes if ax.images]

@@ -9,13 +9,13 @@ import shutil
 import pytest
 
 from normopt.errors import UserError
-from normopt.report.axes import DEFAULT_EQUIVALENCE_MARGIN, ReportAxes, axes_from_levels
-from normopt.report.cell_reading import discover_cells
-from normopt.report.contrasts import contrast, describe
-from normopt.report.markdown import render_markdown
-from normopt.report.multiplicity import holm, t_p_value, tost
-from normopt.report.statistics import build_summary
-from normopt.report.student_t import t_cdf, t_critical
+from normopt.report.cells.axes import DEFAULT_EQUIVALENCE_MARGIN, ReportAxes, axes_from_levels
+from normopt.report.cells.cell_reading import discover_cells
+from normopt.report.render.markdown import render_markdown
+from normopt.report.stats.contrasts import contrast, describe
+from normopt.report.stats.multiplicity import holm, t_p_value, tost
+from normopt.report.stats.student_t import t_cdf, t_critical
+from normopt.report.stats.summary import build_summary
 from tests.test_report import by, write_cell
 
 # ---------------------------------------------------------------------------- Holm, p, TOST
@@ -243,7 +243,7 @@ def test_confound_specs_name_factors_their_cells_have(name):
     """Every factor of the shipped confound specs names variants the spec's cells will have."""
     from normopt.config import REPO_ROOT
     from normopt.factorial.spec import load_spec
-    from normopt.report.cell_reading import variant_label
+    from normopt.report.cells.cell_reading import variant_label
 
     spec, _, cells = load_spec(REPO_ROOT / "configs" / "factorial" / name)
     axes = axes_from_levels(spec["axes"], spec["report"])

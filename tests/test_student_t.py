@@ -9,8 +9,8 @@ import statistics
 
 import pytest
 
-from normopt.report.statistics import contrast, describe, paired_contrast, ratio_of_contrasts
-from normopt.report.student_t import (
+from normopt.report.stats.contrasts import contrast, describe, paired_contrast, ratio_of_contrasts
+from normopt.report.stats.student_t import (
     fieller_interval,
     t_cdf,
     t_critical,

@@ -17,12 +17,11 @@ import yaml
 from normopt.config import Config
 from normopt.errors import UserError
 from normopt.factorial.spec import load_spec
-from normopt.report.over_training import change_record, interaction_stability
-from normopt.report.student_t import t_critical
-from normopt.report.tuning import (
+from normopt.report.cells.tuning_runs import TUNING_DIR, TUNING_FILE
+from normopt.report.stats.over_training import change_record, interaction_stability
+from normopt.report.stats.student_t import t_critical
+from normopt.report.stats.tuning_choice import (
     BOOTSTRAP_RESAMPLES,
-    TUNING_DIR,
-    TUNING_FILE,
     Choice,
     ValueOutcome,
     choice_reliability,

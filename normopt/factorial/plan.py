@@ -27,7 +27,7 @@ from normopt.errors import DIVERGED_EXIT_CODE, UserError
 from normopt.factorial.cells import CellSpec
 from normopt.factorial.tuning import TuneSpec
 from normopt.job_record import recorded_exit_status
-from normopt.report.tuning import TUNING_DIR
+from normopt.report.cells.tuning_runs import TUNING_DIR
 from normopt.run_dir import PLAN_FILE, RunDir
 
 PHASES = ("tuning", "evaluation")

@@ -46,10 +46,10 @@ from normopt.factorial.tuning import (
     write_tuning_file,
 )
 from normopt.plugins import plugin_args
-from normopt.report.axes import level_label, write_experiment_file
-from normopt.report.cell_assessment import final_eval_loss
-from normopt.report.cell_reading import read_metrics
-from normopt.report.tuning import TUNING_DIR
+from normopt.report.cells.axes import level_label, write_experiment_file
+from normopt.report.cells.cell_assessment import final_eval_loss
+from normopt.report.cells.cell_reading import read_metrics
+from normopt.report.cells.tuning_runs import TUNING_DIR
 from normopt.report.writer import print_summary, write_report
 from normopt.run_dir import RunDir
 

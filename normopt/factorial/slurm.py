@@ -43,7 +43,7 @@ from normopt.factorial.cells import CellSpec, write_cell_json
 from normopt.factorial.plan import PHASES, GridPlan, grid_plan, run_dir_of, write_plan
 from normopt.factorial.tuning import TuneSpec, choose_values, tuned_cells
 from normopt.plugins import plugin_args
-from normopt.report.axes import write_experiment_file
+from normopt.report.cells.axes import write_experiment_file
 from normopt.run_dir import SLURM_DIR, RunDir
 
 SLURM_KEYS = {"gpus_per_node", "nodes", "options"}

@@ -18,7 +18,7 @@ crossed, optional arms (extra settings crossed with the axes they do not set) an
     report: {compare: model.norm, baseline: rmsnorm, across: optim.name, reference: adamw}
     tune: {key: optim.lr, values: [1.0e-3, 3.0e-3], seeds: [100], steps: 50}   # optional
 
-``report`` (optional) says what the report compares (:mod:`normopt.report.axes`):
+``report`` (optional) says what the report compares (:mod:`normopt.report.cells.axes`):
 the axis whose levels are measured against a baseline level, the axis across which those gaps
 are compared (at a reference level), and ``fixes`` (level -> the level whose gap it recovers).
 Without it: norm x optimizer when both are axes, else the first axis against its first level
@@ -45,7 +45,7 @@ from normopt.errors import UserError
 from normopt.factorial.cells import CellSpec, format_value
 from normopt.factorial.slurm import check_slurm_section
 from normopt.factorial.tuning import read_tune_section, tuning_cells
-from normopt.report.axes import SHORT_AXIS_NAMES, axes_from_levels
+from normopt.report.cells.axes import SHORT_AXIS_NAMES, axes_from_levels
 
 SPEC_KEYS = {"base", "root", "set", "axes", "arms", "seeds", "slurm", "report", "tune", "plugins"}
 

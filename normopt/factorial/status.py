@@ -36,9 +36,9 @@ from normopt.factorial.grid_clock import format_duration, predicted_seconds_per_
 from normopt.factorial.plan import PHASES, GridPlan, read_plan
 from normopt.factorial.slurm import read_submissions, slurm_folder, squeue_states
 from normopt.job_record import read_job_record, recorded_exit_status
-from normopt.report.cell_assessment import divergence_reason, final_eval_loss
-from normopt.report.cell_reading import read_metrics
-from normopt.report.tuning import TUNING_DIR, TUNING_FILE
+from normopt.report.cells.cell_assessment import divergence_reason, final_eval_loss
+from normopt.report.cells.cell_reading import read_metrics
+from normopt.report.cells.tuning_runs import TUNING_DIR, TUNING_FILE
 from normopt.run_dir import RunDir
 
 STATES = ("done", "running", "queued", "preempted", "diverged", "failed", "skipped")

@@ -12,7 +12,7 @@ the cell's evaluation seeds run::
 Every cell of the grid without its seed (``derf-muon``, ``alpha0.3-muon``: its *group*) runs
 every value on every tuning seed, as ``ROOT/tuning/<group>-<key><value>-s<seed>`` (with its own
 full learning-rate schedule over ``steps``). Once a group's tuning runs have finished, the
-value is chosen (:func:`normopt.report.tuning.choose_value`: lowest mean, diverged values
+value is chosen (:func:`normopt.report.stats.tuning_choice.choose_value`: lowest mean, diverged values
 excluded, ties to the value listed first; a run not finished, not run yet or stopped early,
 makes the group wait, and rerunning resumes it) and the group's evaluation cells (``ROOT/<group>-s<seed>``,
 the spec's seeds) run at it. The tuning seeds must differ from the evaluation seeds, so
@@ -36,10 +36,11 @@ from normopt.config import flat_config
 from normopt.errors import DIVERGED_EXIT_CODE, UserError
 from normopt.factorial.cells import CellSpec, format_value
 from normopt.job_record import recorded_exit_status
-from normopt.report.axes import level_label
-from normopt.report.cell_assessment import assess_cell
-from normopt.report.cell_reading import load_cell
-from normopt.report.tuning import METRICS, TUNING_DIR, TUNING_FILE, Choice, ValueOutcome, choose_value
+from normopt.report.cells.axes import level_label
+from normopt.report.cells.cell_assessment import assess_cell
+from normopt.report.cells.cell_reading import load_cell
+from normopt.report.cells.tuning_runs import TUNING_DIR, TUNING_FILE
+from normopt.report.stats.tuning_choice import METRICS, Choice, ValueOutcome, choose_value
 from normopt.run_dir import RunDir
 
 TUNE_KEYS = {"key", "values", "by", "seeds", "steps"}

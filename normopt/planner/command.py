@@ -48,8 +48,8 @@ from normopt.planner.power import (
     seeds_needed,
 )
 from normopt.planner.spread import Spread, grid_cells, pooled_spread, stated_spread
-from normopt.report.axes import axes_from_levels
-from normopt.report.multiplicity import ALPHA
+from normopt.report.cells.axes import axes_from_levels
+from normopt.report.stats.multiplicity import ALPHA
 
 PUBLISHED_EFFECT = 0.66  # nats: Derf's interaction penalty with Muon at 1B (arXiv 2604.01563)
 SMALL_EFFECT = 0.2

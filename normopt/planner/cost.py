@@ -37,7 +37,7 @@ from normopt.factorial.cells import CellSpec
 from normopt.factorial.grid_clock import cell_step_flops, predicted_seconds_per_step
 from normopt.factorial.plan import plan_step_costs
 from normopt.factorial.slurm import spec_gpus_per_node, spec_nodes
-from normopt.report.cell_reading import Cell
+from normopt.report.cells.cell_reading import Cell
 
 
 @dataclass(frozen=True)

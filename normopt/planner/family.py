@@ -1,6 +1,6 @@
 """The main family of tests the report would form for a spec, and the contrast a plan is for.
 
-The report (:func:`normopt.report.statistics.build_summary`, :func:`normopt.report.multiplicity.main_family`)
+The report (:func:`normopt.report.stats.summary.build_summary`, :func:`normopt.report.stats.multiplicity.main_family`)
 forms its family from the groups it finds. To get exactly that family for a spec that has not
 run, :func:`family_plan` writes a skeleton of the grid into a temporary folder (each cell's
 ``cell.json`` as the runner writes it, and one evaluation line), reads it back with the
@@ -39,9 +39,9 @@ from typing import Any
 
 from normopt.errors import UserError
 from normopt.factorial.cells import CellSpec, write_cell_json
-from normopt.report.axes import ReportAxes
-from normopt.report.cell_reading import discover_cells
-from normopt.report.statistics import build_summary
+from normopt.report.cells.axes import ReportAxes
+from normopt.report.cells.cell_reading import discover_cells
+from normopt.report.stats.summary import build_summary
 from normopt.run_dir import RunDir
 
 

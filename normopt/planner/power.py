@@ -5,16 +5,16 @@ scale-equivariant, so power depends on delta / sigma only, and a minimum detecta
 scales with sigma exactly):
 
 1. every group gets n final losses drawn independently from N(0, 1) (normal seed noise, the
-   same spread in every cell), summarised by the report's :func:`normopt.report.contrasts.describe`;
+   same spread in every cell), summarised by the report's :func:`normopt.report.stats.contrasts.describe`;
 2. every member of the report's family (:mod:`normopt.planner.family`) is estimated by the
-   report's :func:`normopt.report.contrasts.contrast` (Welch standard error and
+   report's :func:`normopt.report.stats.contrasts.contrast` (Welch standard error and
    Welch-Satterthwaite degrees of freedom) and tested by its
-   :func:`normopt.report.multiplicity.t_p_value`; a share is in the family only where its
+   :func:`normopt.report.stats.multiplicity.t_p_value`; a share is in the family only where its
    condition holds, as in the report;
 3. under the alternative delta, each member's estimate moves by its slope x delta (the group
    means move; the standard errors and degrees of freedom, which depend on the spreads only, do
    not), and the family's p-values get the report's Holm adjustment
-   (:func:`normopt.report.multiplicity.holm`);
+   (:func:`normopt.report.stats.multiplicity.holm`);
 4. the grid **detects** delta when the target's Holm-adjusted p-value is below the report's
    alpha (5%) and its estimate has delta's sign.
 
@@ -36,8 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from normopt.planner.family import FamilyPlan
-from normopt.report.contrasts import contrast, describe
-from normopt.report.multiplicity import ALPHA, holm, t_p_value
+from normopt.report.stats.contrasts import contrast, describe
+from normopt.report.stats.multiplicity import ALPHA, holm, t_p_value
 
 DEFAULT_SIMULATIONS = 2000
 DEFAULT_POWER = 0.8

@@ -1,7 +1,7 @@
 """The seed-to-seed spread of a finished or pilot grid, and how well its seeds pin it down.
 
 The grid's cells are read by the report's own reader and summarised by the report
-(:func:`normopt.report.statistics.build_summary`: the same groups, the same left-out cells).
+(:func:`normopt.report.stats.summary.build_summary`: the same groups, the same left-out cells).
 Every group with at least 2 included cells (seeds) gives a sample standard deviation s_i of its
 final eval losses on n_i - 1 degrees of freedom; the pooled spread is
 
@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from normopt.errors import UserError
-from normopt.report.axes import infer_axes, read_experiment_file
-from normopt.report.cell_reading import Cell, discover_cells
-from normopt.report.statistics import build_summary
+from normopt.report.cells.axes import infer_axes, read_experiment_file
+from normopt.report.cells.cell_reading import Cell, discover_cells
+from normopt.report.stats.summary import build_summary
 
 
 def regularized_gamma(a: float, x: float) -> float:

@@ -1,29 +1,26 @@
 """Report over a factorial experiment: final losses, gaps to a baseline, interactions.
 
 ``normopt report ROOT`` reads the cells under ROOT (one subfolder per training run) and writes
-``report.md``, ``summary.json`` and PNG plots. The work is split by stage:
+``report.md``, ``summary.json`` and PNG plots. The work is split by stage, one sub-package each,
+and each stage imports only those before it (``render`` and ``plots`` never each other):
 
-* :mod:`normopt.report.cell_reading`: reading run directories (metrics, config,
-  cell.json, diagnostics);
-* :mod:`normopt.report.axes`: which config keys are compared (norm x optimizer by
-  default; any axes a spec names);
-* :mod:`normopt.report.arms` and :mod:`normopt.report.cell_assessment`: placing
-  cells into arms and flagging the cells that cannot count;
-* :mod:`normopt.report.statistics`: group statistics, gaps, interactions, fix recovery
-  and ``build_summary`` (the content of summary.json), with the formulas
-  (:mod:`normopt.report.contrasts` the estimators, :mod:`normopt.report.tail_classes`
-  the head/tail split, :mod:`normopt.report.left_out` the cells left out of each contrast
-  and which way they push it);
-* :mod:`normopt.report.over_training`: the gaps and interactions at every eval step and whether
-  the interaction was stable over the last quarter of training; :mod:`normopt.report.tuning`:
-  a tuned grid's choices and the interaction at each common value of the tuned key;
-  :mod:`normopt.report.model_size`: with a size axis, each interaction against log(parameters);
-* :mod:`normopt.report.run_setup`: the setup the report opens with (model size, steps,
-  tokens, data, seeds, code version);
-* :mod:`normopt.report.plots` and :mod:`normopt.report.diagnostic_plots`: the PNG plots
-  (:mod:`normopt.report.smoothing` the centred mean drawn over the loss curves);
-* :mod:`normopt.report.markdown`: report.md (:mod:`normopt.report.notes` merges a note said of
-  several cells into one line, :mod:`normopt.report.tables` the table syntax);
+* :mod:`normopt.report.cells`: reading run directories (``cell_reading``: metrics, config,
+  cell.json, diagnostics; ``cost``), which config keys are compared (``axes``: norm x optimizer
+  by default; any axes a spec names), placing cells into arms and flagging the cells that cannot
+  count (``arms``, ``cell_assessment``), the setup the report opens with (``run_setup``) and a
+  tuned grid's tuning folder (``tuning_runs``);
+* :mod:`normopt.report.stats`: group statistics, gaps, interactions, fix recovery and
+  ``build_summary`` (``summary``: the content of summary.json), with the formulas (``contrasts``
+  the estimators, ``tail_classes`` the head/tail split, ``left_out`` the cells left out of each
+  contrast and which way they push it); ``over_training``: the gaps and interactions at every
+  eval step and whether the interaction was stable over the last quarter of training;
+  ``tuning``: a tuned grid's choices and the interaction at each common value of the tuned key;
+  ``model_size``: with a size axis, each interaction against log(parameters);
+* :mod:`normopt.report.render`: report.md and the terminal's text (``markdown`` puts report.md
+  together from the sections; ``notes`` merges a note said of several cells into one line,
+  ``tables`` the table syntax);
+* :mod:`normopt.report.plots`: the PNG plots (``smoothing`` in stats the centred mean drawn over
+  the loss curves);
 * this module: ``write_report`` (all of the above for one root) and the ``normopt report``
   command line (``report_main``).
 """
@@ -42,7 +39,7 @@ from normopt.errors import UserError
 from normopt.metrics.logger import jsonable
 from normopt.models.norms import default_fixes
 from normopt.output_paths import check_output_folder
-from normopt.report.axes import (
+from normopt.report.cells.axes import (
     ReportAxes,
     cell_level,
     infer_axes,
@@ -50,35 +47,32 @@ from normopt.report.axes import (
     place_cells,
     read_experiment_file,
 )
-from normopt.report.cell_reading import Cell, discover_cells
-from normopt.report.diagnostic_plots import (
+from normopt.report.cells.cell_reading import Cell, discover_cells
+from normopt.report.cells.run_setup import experiment_setup
+from normopt.report.plots.diagnostics import (
     plot_saturation,
     plot_saturation_layers,
     plot_spectral_norm,
     plot_tail_tokens,
 )
-from normopt.report.markdown import (
-    answer_paragraph,
-    in_stratum,
-    interaction_table,
-    main_table,
-    recovery_table,
-    render_markdown,
-    strata,
-    stratum_label,
-    stratum_prefix,
-)
-from normopt.report.model_size import plot_model_size, size_analysis
-from normopt.report.over_training import over_training, plot_over_training
-from normopt.report.plots import (
+from normopt.report.plots.losses import (
     plot_final_losses,
     plot_gaps,
     plot_loss_curves,
     smoothing_label,
 )
-from normopt.report.run_setup import experiment_setup
-from normopt.report.statistics import build_summary
-from normopt.report.tuning import plot_tuning, tuning_analysis, tuning_lines
+from normopt.report.plots.model_size import plot_model_size
+from normopt.report.plots.over_training import plot_over_training
+from normopt.report.plots.tuning import plot_tuning
+from normopt.report.render.answer import answer_paragraph
+from normopt.report.render.final_step_tables import interaction_table, main_table, recovery_table
+from normopt.report.render.markdown import render_markdown
+from normopt.report.render.text import in_stratum, strata, stratum_label, stratum_prefix
+from normopt.report.render.tuning import tuning_lines
+from normopt.report.stats.model_size import size_analysis
+from normopt.report.stats.over_training import over_training
+from normopt.report.stats.summary import build_summary
+from normopt.report.stats.tuning import tuning_analysis
 
 PLOT_FILES = {"loss_curves": "loss_curves.png", "final_eval_loss": "final_eval_loss.png", "gaps": "gaps.png"}
 # written only when some cell logged the records each one draws
@@ -140,7 +134,7 @@ def write_report(
     """Read the cells under ``root``, write report.md, summary.json and the PNG plots into
     ``out`` (default ``root``), and return the summary (with "files": the paths written).
     ``axes``: which keys are compared (default: the root's experiment file, else inferred from
-    the cells; :mod:`normopt.report.axes`); ``baseline_norm`` / ``reference_optim``
+    the cells; :mod:`normopt.report.cells.axes`); ``baseline_norm`` / ``reference_optim``
     override its levels and ``fixes`` its fixes."""
     if not 0.0 <= smoothing < 1.0:
         raise UserError(f"--smoothing must be in [0, 1), got {smoothing}")

@@ -44,7 +44,7 @@ from normopt.diagnostics.ns_spectrum import DEFAULT_MAX_STEPS, fewest_ns_steps_j
 from normopt.errors import UserError
 from normopt.metrics.jsonl import read_step_records
 from normopt.models.matrix_roles import depth_group, matrix_type
-from normopt.report.student_t import t_critical
+from normopt.report.stats.student_t import t_critical
 from normopt.run_dir import DIAGNOSTICS_FILE, RecordKind, RunDir
 
 QUANTITIES = ("sv_rel_fro", "sv_rel_max")

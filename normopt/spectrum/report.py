@@ -21,8 +21,8 @@ from normopt.errors import UserError
 from normopt.models.matrix_roles import group_names
 from normopt.optim.newton_schulz import coefficient_schedule
 from normopt.output_paths import check_output_folder
-from normopt.report.plots import figure
-from normopt.report.tables import text_table
+from normopt.report.plots.style import figure
+from normopt.report.render.tables import text_table
 from normopt.spectrum.fit import (
     DEFAULT_BURN_IN,
     DEFAULT_LEVEL,

@@ -3,7 +3,7 @@ evaluation step, and whether the interaction was stable over the last part of tr
 
 Bounded norms start slowly, so a gap measured at one step may be transient. At each eval step
 t > 0 the included cells of each group (the same cells the final-step statistics use) give
-their eval loss at t, and the estimators of :mod:`normopt.report.statistics` run on those
+their eval loss at t, and the estimators of :mod:`normopt.report.stats.estimates` run on those
 losses unchanged:
 
 * gap(v, O, t) = mean_t(v, O) − mean_t(base, O), Welch t interval;
@@ -55,17 +55,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from normopt.report.axes import DEFAULT_EQUIVALENCE_MARGIN
-from normopt.report.cell_reading import Cell
-from normopt.report.contrasts import contrast, describe
-from normopt.report.multiplicity import tost
-from normopt.report.plots import figure, variant_styles
-from normopt.report.statistics import compute_gaps, compute_interactions
-from normopt.report.student_t import t_interval
-from normopt.report.tables import markdown_table
+from normopt.report.cells.axes import DEFAULT_EQUIVALENCE_MARGIN
+from normopt.report.cells.cell_reading import Cell
+from normopt.report.stats.contrasts import contrast, describe
+from normopt.report.stats.estimates import compute_gaps, compute_interactions
+from normopt.report.stats.multiplicity import tost
+from normopt.report.stats.student_t import t_interval
 
 WINDOW_FRACTION = 0.25  # the last quarter of training
 MIN_WINDOW_EVALS = 3
@@ -284,199 +281,7 @@ def stability_record(summary: Mapping[str, Any], item: Mapping[str, Any]) -> Map
     return None
 
 
-def _change_text(change: Mapping[str, Any] | None) -> str:
-    if change is None:
-        return "—"
-    ci = change["ci95"]
-    return (
-        f"{_num(change['value'])} "
-        + ("(no interval)" if ci is None else f"[{_num(ci[0])}, {_num(ci[1])}]")
-        + f" (step {change['from_step']} → {change['to_step']})"
-    )
-
-
-def stability_of(summary: Mapping[str, Any], item: Mapping[str, Any]) -> str | None:
-    """The stability verdict of a final-step interaction record, for the final-step table;
-    None without over-training curves."""
-    st = stability_record(summary, item)
-    if st is None:
-        return None
-    settled = (
-        f", sign since step {st['sign_settled_at']}"
-        if st.get("sign_settled_at") is not None and not st["verdict"].startswith("too few")
-        else ""
-    )
-    return f"{st['verdict']}{settled}"
-
-
-def stability_clause(summary: Mapping[str, Any], item: Mapping[str, Any]) -> str | None:
-    """The answer's words for a final-step interaction's stability: the verdict, the change Delta
-    over the window with its 95% interval, and what the verdict means for the final-step
-    reading; None without over-training curves."""
-    st = stability_record(summary, item)
-    if st is None:
-        return None
-    verdict = st["verdict"]
-    change = st.get("change")
-    delta = "" if change is None else f"; change Δ over the window {_change_text(change)}"
-    margin = (summary.get("over_training") or {}).get("margin")
-    meaning = {
-        "sign changes": (
-            " — the final-step estimate's sign is not settled, so its test says nothing about later steps"
-        ),
-        "drifts": " — the estimate was still moving, so the final step may not be where it settles",
-        "stable": f" — the change is shown within ±{margin:g} nats" if margin is not None else "",
-        "change unresolved": " — the change is neither shown small nor distinguishable from 0",
-    }.get(verdict, "")
-    return f"over the last quarter of training: {verdict}{delta}{meaning}"
-
-
-# --------------------------------------------------------------------------- plot and markdown
-
-
-def _label(record: Mapping[str, Any]) -> str:
+def curve_label(record: Mapping[str, Any]) -> str:
+    """A curve's across level, with its stratum: the panel it is drawn in and its row's name."""
     stratum = record.get("stratum")
     return record["optim"] + (f" | {', '.join(f'{k}={v}' for k, v in stratum.items())}" if stratum else "")
-
-
-def plot_over_training(summary: Mapping[str, Any], path: Path) -> bool:
-    """Top row: each variant's gap to the baseline over steps, one panel per across level (and
-    stratum); bottom row: the interaction over steps per non-reference level. Shaded band =
-    the 95% Welch t interval where seeds allow; the last quarter of training (the stability
-    window) is shaded grey. False (nothing drawn) without curves."""
-    curves = summary.get("over_training") or {}
-    if not curves.get("gaps"):
-        return False
-    styles = variant_styles(summary)
-    gap_panels = list(dict.fromkeys(_label(r) for r in curves["gaps"]))
-    inter_panels = list(dict.fromkeys(_label(r) for r in curves["interactions"]))
-    rows = 2 if inter_panels else 1
-    cols = max(len(gap_panels), len(inter_panels))
-    fig = figure(figsize=(4.6 * cols, 3.6 * rows))
-    grid = fig.subplots(rows, cols, squeeze=False)
-    s = summary["settings"]
-    for row, (records, panels, what) in enumerate(
-        [
-            (curves["gaps"], gap_panels, f"gap to {s['baseline_norm']}"),
-            (curves["interactions"], inter_panels, f"interaction (gap − gap under {s['reference_optim']})"),
-        ][:rows]
-    ):
-        for col in range(cols):
-            ax = grid[row][col]
-            if col >= len(panels):
-                ax.set_visible(False)
-                continue
-            last = 0
-            for record in (r for r in records if _label(r) == panels[col]):
-                color, marker = styles.get(record["variant"], ("C0", "o"))
-                steps = [p["step"] for p in record["points"]]
-                last = max(last, *steps)
-                ax.plot(
-                    steps,
-                    [p["value"] for p in record["points"]],
-                    marker=marker,
-                    color=color,
-                    ms=4,
-                    label=record["variant"],
-                )
-                band = [p for p in record["points"] if p["ci95"] is not None]
-                if band:
-                    ax.fill_between(
-                        [p["step"] for p in band],
-                        [p["ci95"][0] for p in band],
-                        [p["ci95"][1] for p in band],
-                        color=color,
-                        alpha=0.15,
-                        lw=0,
-                    )
-            ax.axvspan((1 - WINDOW_FRACTION) * last, last, color="grey", alpha=0.08)
-            ax.axhline(0.0, color="black", lw=0.8)
-            ax.set_title(f"{what}: {panels[col]}", fontsize=9)
-            ax.set_xlabel("step")
-            ax.set_ylabel("nats")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.suptitle(
-        "over training: estimates at every eval step, 95% t interval bands where seeds allow; "
-        "grey = the last quarter (stability window)",
-        fontsize=9,
-    )
-    fig.savefig(path, dpi=110)
-    return True
-
-
-def _num(x: float | None) -> str:
-    return "—" if x is None else f"{x:+.4f}"
-
-
-def over_training_section(summary: Mapping[str, Any], plot: str | None) -> list[str]:
-    """report.md's section: the rule, one table row per interaction (final, window range,
-    verdict) and each interaction's values at every eval step (the gaps' in summary.json)."""
-    curves = summary.get("over_training") or {}
-    if not curves.get("interactions") and not curves.get("gaps"):
-        return []
-    parts = [
-        "## Over training",
-        "",
-        (
-            "The gaps and interactions at every eval step, from the same included cells as the final-step "
-            "tables (Welch t intervals; intervals at different steps share their seeds, so they are not "
-            f"independent tests). Stability: {curves['rule']}."
-        ),
-        "",
-    ]
-    rows = []
-    for r in curves["interactions"]:
-        st = r["stability"]
-        lo_hi = st.get("window_range")
-        change = st.get("change")
-        rows.append(
-            [
-                r["variant"],
-                _label(r),
-                _num(st.get("final")),
-                "—" if not lo_hi else f"{_num(lo_hi[0])} … {_num(lo_hi[1])}",
-                ", ".join(str(t) for t in st["window_steps"]) or "—",
-                _change_text(change),
-                "—"
-                if change is None or change["ci90"] is None
-                else f"[{_num(change['ci90'][0])}, {_num(change['ci90'][1])}]",
-                st["verdict"],
-                "—" if st.get("sign_settled_at") is None else str(st["sign_settled_at"]),
-            ]
-        )
-    if not rows:
-        parts += [
-            "No interaction to follow (the report has no across axis, or no computable interaction): "
-            "the gaps over steps are in the plot and in summary.json.",
-            "",
-        ]
-    if rows:
-        parts += [
-            markdown_table(
-                [
-                    "variant",
-                    "optimizer",
-                    "final interaction",
-                    "range over the window",
-                    "window eval steps",
-                    "change Δ over the window, 95% CI (Welch t)",
-                    f"Δ's 90% CI (stable if inside ±{curves['margin']:g})",
-                    "verdict",
-                    "final sign since step",
-                ],
-                rows,
-            ),
-            "",
-        ]
-    for r in curves["interactions"]:  # the gaps' curves: the plot and summary.json
-        cells = [
-            f"{p['step']}: {_num(p['value'])}"
-            + (f" [{_num(p['ci95'][0])}, {_num(p['ci95'][1])}]" if p["ci95"] is not None else "")
-            for p in r["points"]
-        ]
-        parts.append(f"- interaction {r['variant']} × {_label(r)} at each eval step: " + "; ".join(cells))
-    parts.append("")
-    if plot:
-        parts += [f"![over_training]({plot})", ""]
-    return parts

@@ -14,8 +14,8 @@ what runs leave behind (file names: :mod:`normopt.run_dir`):
   saturation, spectral norms of the weight matrices, loss by token-frequency bucket, the
   singular-value isotropy of updates and weights).
 
-Placing cells into arms is :mod:`normopt.report.arms`; flagging cells that cannot count
-is :mod:`normopt.report.cell_assessment`.
+Placing cells into arms is :mod:`normopt.report.cells.arms`; flagging cells that cannot count
+is :mod:`normopt.report.cells.cell_assessment`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from normopt.config import flat_config
 from normopt.diagnostics.spectral_norm import spectral_norm_groups
 from normopt.errors import UserError
 from normopt.metrics.jsonl import read_step_records
-from normopt.report.cost import read_cost
+from normopt.report.cells.cost import read_cost
 from normopt.run_dir import MARKER_FILES, RecordKind, RunDir
 
 # A cell's coordinates: the config keys, and the cell.json axes naming them under the names a

@@ -18,7 +18,7 @@ from typing import Any
 
 from normopt.config import keys_with_role
 from normopt.key_roles import EVALUATION, EXECUTION, LENGTH, MATH
-from normopt.report.cell_reading import NORM_KEY, OPTIM_KEY, SEED_KEY, Cell
+from normopt.report.cells.cell_reading import NORM_KEY, OPTIM_KEY, SEED_KEY, Cell
 
 
 def _sections(keys: frozenset[str]) -> frozenset[str]:

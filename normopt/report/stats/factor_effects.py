@@ -12,7 +12,7 @@ each factor and each level O of the across axis other than the reference,
 effect, e.g. Muon's advantage over AdamW. A 4-group linear contrast of independent means,
 with a Welch t interval (Welch-Satterthwaite degrees of freedom), its paired per-seed
 estimate where seeds match, and an equivalence test at the report's margin
-(:mod:`normopt.report.multiplicity`). The change of the gap under O alone,
+(:mod:`normopt.report.stats.multiplicity`). The change of the gap under O alone,
 L[with, O] - L[without, O], is given beside it (exploratory).
 """
 
@@ -21,8 +21,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from normopt.report.contrasts import GroupStats, contrast, paired_contrast
-from normopt.report.multiplicity import t_p_value, tost
+from normopt.errors import UserError
+from normopt.report.cells.cell_reading import Cell
+from normopt.report.stats.contrasts import GroupStats, contrast, paired_contrast
+from normopt.report.stats.multiplicity import t_p_value, tost
 
 
 def factor_terms(without: str, with_: str, optim: str, reference: str) -> dict[tuple[str, str], float]:
@@ -82,3 +84,17 @@ def compute_factor_effects(
                 }
             )
     return items
+
+
+def check_factor_arms(factors: Mapping[str, Sequence[str]], cells: Sequence[Cell]) -> None:
+    """A factor's ``level[arm]`` must name an arm some cell has (a level is checked against the
+    spec's levels when the axes are read); a misspelt arm is refused, not reported as missing
+    cells."""
+    arms = sorted({c.arm for c in cells if c.arm is not None})
+    for name, pair in factors.items():
+        for variant in pair:
+            if "[" in variant and (arm := variant.split("[", 1)[1].removesuffix("]")) not in arms:
+                raise UserError(
+                    f"report.factors.{name}: {variant!r} names an arm {arm!r} that no cell has "
+                    f"(arms: {', '.join(arms) or 'none'})"
+                )

@@ -8,7 +8,7 @@ rests on) and adjusts within it; everything else is labelled exploratory (unadju
 * main family: every interaction (Welch, independent means), every fix's share of the
   interaction (of the gap when the report has no across axis; then the gaps themselves, the
   only contrasts left, join the family too), and every declared factor effect
-  (:mod:`normopt.report.factor_effects`);
+  (:mod:`normopt.report.stats.factor_effects`);
 * Holm's step-down adjustment of the members' two-sided p-values (H0: the contrast is 0; for
   a share, H0: the fix's gain is 0, the share's numerator). With p_(1) <= ... <= p_(m),
       p_adj(i) = max_{j <= i} min(1, (m - j + 1) p_(j));
@@ -20,11 +20,11 @@ rests on) and adjusts within it; everything else is labelled exploratory (unadju
   when both H0: d <= -M and H0: d >= M are rejected at 5%, i.e. when the 90% t interval lies
   inside (-M, M); p_TOST = max(P(T >= (d + M)/se), P(T <= (d - M)/se)). "No penalty" in a
   report means exactly this, with M = ``report.equivalence_margin``
-  (:data:`normopt.report.axes.DEFAULT_EQUIVALENCE_MARGIN` unless the spec sets one); an
+  (:data:`normopt.report.cells.axes.DEFAULT_EQUIVALENCE_MARGIN` unless the spec sets one); an
   interval that includes 0 without lying inside +/-M says nothing either way.
 
 Each member is a Welch-t (or Fieller) quantity whose coverage is only approximate at 2-3
-seeds; see :mod:`normopt.report.statistics` for the measured coverage.
+seeds; see :mod:`normopt.report.stats.summary` for the measured coverage.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from __future__ import annotations
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
-from normopt.report.contrasts import GroupStats, ratio_of_contrasts
-from normopt.report.student_t import LEVEL, t_cdf, t_interval
+from normopt.report.stats.contrasts import GroupStats, ratio_of_contrasts
+from normopt.report.stats.student_t import LEVEL, t_cdf, t_interval
 
 ALPHA = 1.0 - LEVEL
 MAIN = "main"
@@ -129,7 +129,7 @@ def main_family(
     factor_effects: list[dict[str, Any]],
     single: bool,
 ) -> dict[str, Any]:
-    """The main family (:mod:`normopt.report.multiplicity`): the interactions, each fix's share
+    """The main family (:mod:`normopt.report.stats.multiplicity`): the interactions, each fix's share
     of the interaction (of the gap, with the gaps themselves, without an across axis) and the
     factor effects. Holm-adjusts their p-values in place and gives each a Bonferroni
     simultaneous interval (``ci_simultaneous``); every other record is exploratory."""

@@ -1,13 +1,13 @@
 """The report's loss plots, drawn with matplotlib's Agg renderer (no pyplot, no global state):
 training curves per cell (``plot_loss_curves``), final eval losses per group
 (``plot_final_losses``) and gaps to the baseline norm (``plot_gaps``). The diagnostics plots
-are :mod:`normopt.report.diagnostic_plots`.
+are :mod:`normopt.report.plots.diagnostics`.
 
 Rules every plot keeps so that it cannot mislead: one color and one marker per variant (in the
 summary's variant order), so overlapping lines stay apart; units on the axes; smoothing only
 with a centred window, named in the title; no error bar where no interval exists (a group of
-one seed says "1 seed: no interval" instead). ``figure`` is how every experiment plot (the
-spectrum fit's too) gets its matplotlib Figure.
+one seed says "1 seed: no interval" instead). The figure and the styles are
+:mod:`normopt.report.plots.style`.
 """
 
 from __future__ import annotations
@@ -18,21 +18,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from normopt.errors import UserError
-from normopt.report.cell_reading import Cell
-from normopt.report.smoothing import centred_half_width, centred_smooth
-
-MARKERS = "osD^v<>ph*"
-SEED_LINESTYLES = ("-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)))
-
-
-def figure(**kwargs):
-    """A matplotlib Figure without pyplot: no global backend state, PNGs drawn by Agg."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("the plots need matplotlib: pip install matplotlib") from None
-    return Figure(layout="constrained", **kwargs)
+from normopt.report.cells.cell_reading import Cell
+from normopt.report.plots.style import figure, seed_styles, variant_styles
+from normopt.report.stats.smoothing import centred_half_width, centred_smooth
 
 
 def _tick_label(variant: str) -> str:
@@ -43,18 +31,6 @@ def _tick_label(variant: str) -> str:
 def _finite(series: Sequence[tuple[int, float]]) -> tuple[list[int], list[float]]:
     points = [(s, v) for s, v in series if math.isfinite(v)]
     return [s for s, _ in points], [v for _, v in points]
-
-
-def variant_styles(summary: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
-    """variant -> (color, marker), in the summary's variant order: lines that overlap stay
-    distinguishable by their markers, not only by a color."""
-    return {v: (f"C{i % 10}", MARKERS[i % len(MARKERS)]) for i, v in enumerate(summary["variants"])}
-
-
-def seed_styles(cells: Sequence[Cell]) -> dict[int | None, str]:
-    """seed -> line style, the same in every panel (seeds sorted; None last)."""
-    seeds = sorted({c.seed for c in cells}, key=lambda s: (s is None, s or 0))
-    return {s: SEED_LINESTYLES[i % len(SEED_LINESTYLES)] for i, s in enumerate(seeds)}
 
 
 def _every(n: int, marks: int = 8) -> int:

@@ -1,7 +1,7 @@
 """The report's multiplicity and confound sections (markdown): the main family with its
 Holm-adjusted p-values and simultaneous intervals, the factor effects of a confound ablation,
-and the cells left out per group. Reads only the summary (:mod:`normopt.report.multiplicity`,
-:mod:`normopt.report.factor_effects` say what the numbers are).
+and the cells left out per group. Reads only the summary (:mod:`normopt.report.stats.multiplicity`,
+:mod:`normopt.report.stats.factor_effects` say what the numbers are).
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from normopt.report.left_out import bias_phrase
-from normopt.report.multiplicity import ALPHA, equivalence_phrase
-from normopt.report.tables import markdown_table
+from normopt.report.render.tables import markdown_table
+from normopt.report.stats.left_out import bias_phrase
+from normopt.report.stats.multiplicity import ALPHA, equivalence_phrase
 
 
 def _signed(x: float | None, digits: int = 3) -> str:
@@ -34,7 +34,7 @@ def _prefix(record: Mapping[str, Any]) -> str:
 def flag_text(record: Mapping[str, Any]) -> str:
     """' ⚠ cells left out of its groups (derf/muon: 1 cell left out (1 diverged)): the
     interaction is biased low, ...' when a group of the contrast lost cells (with the direction
-    of ``left_out_bias``, :mod:`normopt.report.left_out`), else ''."""
+    of ``left_out_bias``, :mod:`normopt.report.stats.left_out`), else ''."""
     flags = record.get("left_out") or []
     if not flags:
         return ""
@@ -250,7 +250,7 @@ def _contrast_label(kind: str, record: Mapping[str, Any]) -> str:
 def left_out_section(summary: Mapping[str, Any]) -> list[str]:
     """The cells left out of each group (each cell counted once, with all its flags), and for
     each contrast whose group lost a diverged cell, which way that pushes it
-    (:mod:`normopt.report.left_out`)."""
+    (:mod:`normopt.report.stats.left_out`)."""
     records = summary.get("left_out_by_group") or []
     if not records:
         return []

@@ -16,12 +16,12 @@ whose gap it is meant to recover (``derf_ema`` -> ``derf``; in a component ablat
 baseline ``all``, ``vo_ffn`` -> ``none`` reads as the share of Muon's advantage over AdamW
 that Muon on the VO and FFN matrices carries). ``factors`` names pairs of variants that differ
 in one setting, ``name: [without, with]`` (a variant is a level or ``level[arm]``): the
-report gives each factor's change of the interaction (:mod:`normopt.report.factor_effects`).
+report gives each factor's change of the interaction (:mod:`normopt.report.stats.factor_effects`).
 ``equivalence_margin`` (nats, :data:`DEFAULT_EQUIVALENCE_MARGIN`) is the margin of the
-report's equivalence ("no penalty") tests (:mod:`normopt.report.multiplicity`). ``size`` names the
+report's equivalence ("no penalty") tests (:mod:`normopt.report.stats.multiplicity`). ``size`` names the
 strata that are model sizes (a key or a list; ``none`` for no size axis; default: the strata
 among :data:`SIZE_KEYS`): the report then fits each interaction against log(parameters)
-(:mod:`normopt.report.model_size`).
+(:mod:`normopt.report.stats.model_size`).
 
 Where the settings come from, first found wins: the command line of ``normopt report``; the
 experiment file a factorial runner writes into its root (:data:`EXPERIMENT_FILE`, the spec's
@@ -40,7 +40,7 @@ from typing import Any
 
 from normopt.errors import UserError
 from normopt.optim.registry import REFERENCE_OPTIMIZER
-from normopt.report.cell_reading import NORM_AXES, NORM_KEY, OPTIM_AXES, OPTIM_KEY, SEED_KEY, Cell
+from normopt.report.cells.cell_reading import NORM_AXES, NORM_KEY, OPTIM_AXES, OPTIM_KEY, SEED_KEY, Cell
 from normopt.run_dir import EXPERIMENT_FILE
 
 # cell.json may name an axis by a short name (the factorial runner writes these two so)
@@ -75,7 +75,7 @@ class ReportAxes:
     fixes: Mapping[str, str] | None = None  # None = the norm registry's fixes (norm axis only)
     order: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # factor name -> (variant without it, variant with it): the change of the interaction when
-    # that one factor is switched (:func:`normopt.report.statistics.compute_factor_effects`)
+    # that one factor is switched (:func:`normopt.report.stats.factor_effects.compute_factor_effects`)
     factors: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     equivalence_margin: float = DEFAULT_EQUIVALENCE_MARGIN
     # the keys report.size names (None = the strata among SIZE_KEYS; () = no size axis)
@@ -83,7 +83,7 @@ class ReportAxes:
 
     @property
     def size_keys(self) -> tuple[str, ...]:
-        """The strata that are model sizes (:mod:`normopt.report.model_size`)."""
+        """The strata that are model sizes (:mod:`normopt.report.stats.model_size`)."""
         return tuple(k for k in (SIZE_KEYS if self.size is None else self.size) if k in self.strata)
 
     @property

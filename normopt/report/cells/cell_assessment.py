@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from normopt.errors import DIVERGED_EXIT_CODE
-from normopt.report.cell_reading import Cell, Metrics
+from normopt.report.cells.cell_reading import Cell, Metrics
 
 # A run whose loss ends this far above its own best value has blown up, even without a NaN.
 # One nat is far beyond seed noise or a late-training bump (both are hundredths of a nat) and

@@ -1,7 +1,7 @@
 """Estimators over independent groups of cells (seeds): group statistics, linear contrasts of
 group means with Welch t intervals, their paired per-seed versions, and ratios of contrasts
 with Fieller's interval. Every interval is a two-sided 95% t interval
-(:mod:`normopt.report.student_t`); a group with one cell has no variance, so contrasts
+(:mod:`normopt.report.stats.student_t`); a group with one cell has no variance, so contrasts
 involving it have no interval.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from normopt.report.student_t import LEVEL, fieller_interval, t_interval, welch_df
+from normopt.report.stats.student_t import LEVEL, fieller_interval, t_interval, welch_df
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from normopt.report.tables import markdown_table
+from normopt.report.render.tables import markdown_table
 
 
 def _value(x: float | None) -> str:

@@ -8,7 +8,7 @@ that differ in one axis, per bucket b:
     d_b = mean_A(L_b) - mean_B(L_b)        (B's gain over A in bucket b, nats)
 
 with a 95% Welch t interval over the two groups' seeds (as every independent-means contrast
-in :mod:`normopt.report.statistics`). Whether the tail gains more than the head is the
+in :mod:`normopt.report.stats.summary`). Whether the tail gains more than the head is the
 contrast of the per-cell quantity x = L_tail - L_head between the groups,
 
     d_tail - d_head = mean_A(x) - mean_B(x),
@@ -34,9 +34,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from normopt.report.cell_assessment import Assessment
-from normopt.report.cell_reading import Cell
-from normopt.report.contrasts import contrast, describe
+from normopt.report.cells.cell_assessment import Assessment
+from normopt.report.cells.cell_reading import Cell
+from normopt.report.stats.contrasts import contrast, describe
 
 
 def _bucket_losses(cell: Cell) -> tuple[float | None, ...] | None:

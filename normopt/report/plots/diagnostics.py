@@ -1,5 +1,5 @@
 """The report's diagnostics plots, from the cells' ``diagnostics.jsonl`` (read by
-:mod:`normopt.report.cell_reading`), drawn like the loss plots (:mod:`.plots`):
+:mod:`normopt.report.cells.cell_reading`), drawn like the loss plots (:mod:`.plots`):
 
 * ``plot_saturation``: mean norm-layer saturation vs step, one line per cell;
 * ``plot_saturation_layers``: saturation per layer x step, one heat map per cell. A mean over
@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from normopt.report.cell_reading import Cell
-from normopt.report.plots import figure, seed_styles, variant_styles
+from normopt.report.cells.cell_reading import Cell
+from normopt.report.plots.style import figure, seed_styles, variant_styles
 
 SPARSE_POINTS = 30  # a series with at most this many points gets a marker at every one
 

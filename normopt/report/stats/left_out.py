@@ -1,7 +1,7 @@
 """Cells left out of a contrast's groups, and which way their absence pushes the estimate.
 
 A cell flagged missing, diverged, stopped early or unplaced is left out of every statistic
-(:mod:`normopt.report.cell_assessment`); a cell can carry several flags. Each contrast of the
+(:mod:`normopt.report.cells.cell_assessment`); a cell can carry several flags. Each contrast of the
 summary (gap, interaction, fix recovery, factor effect) names the groups of its own that lost
 cells, in ``left_out``: one line per group, each cell counted once with all its flags, e.g.
 "derf/muon: 1 cell left out (1 diverged + stopped_early)".
@@ -33,10 +33,11 @@ entering with -]}`` (only the groups that lost a diverged cell).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
-from normopt.report.cell_assessment import FLAGS
+from normopt.report.cells.cell_assessment import FLAGS
+from normopt.report.stats.estimates import interaction_terms
 
 LeftOut = Mapping[tuple[str, str, str], Mapping[str, Sequence[str]]]  # (stratum, variant, optim) -> flag -> cells
 
@@ -119,3 +120,46 @@ def bias_phrase(record: Mapping[str, Any]) -> str:
         f"the direction of the {record['estimate']}'s bias is unknown: {who(plus, '+')} and "
         f"{who(minus, '−')} both lost diverged seeds"
     )
+
+
+def _stratum_of(record: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key}={level}" for key, level in (record.get("stratum") or {}).items())
+
+
+def mark_left_out(
+    gaps: Sequence[MutableMapping[str, Any]],
+    interactions: Sequence[MutableMapping[str, Any]],
+    factor_effects: Sequence[MutableMapping[str, Any]],
+    recoveries: Sequence[MutableMapping[str, Any]],
+    left_out: LeftOut,
+) -> None:
+    """Set every contrast's ``left_out`` (its groups that lost cells) and ``left_out_bias``
+    (which way the lost diverged cells push it)."""
+    for kind, records in (("gap", gaps), ("interaction", interactions), ("factor effect", factor_effects)):
+        for record in records:
+            stratum = _stratum_of(record)
+            record["left_out"] = left_out_lines(record["groups"], stratum, left_out)
+            found = bias(kind, dict(zip(record["groups"], record["coefficients"])), stratum, left_out)
+            record["left_out_bias"] = [found] if found else []
+    for record in recoveries:
+        stratum = _stratum_of(record)
+        record["left_out"] = left_out_lines(record["groups"], stratum, left_out)
+        record["left_out_bias"] = recovery_bias(record, stratum, left_out)
+
+
+def recovery_bias(record: Mapping[str, Any], stratum: str, left_out: LeftOut) -> list[dict[str, Any]]:
+    """Which way lost diverged cells push a recovery's shares (module docstring):
+    share of the gap = (L[n,O] - L[F,O]) / (L[n,O] - L[base,O]), share of the interaction =
+    the same gain / interaction(n, O); each only where the report gives it."""
+    target, fix, optim, base = record["base_norm"], record["fix"], record["optim"], record["baseline"]
+    gain = {f"{target}/{optim}": 1.0, f"{fix}/{optim}": -1.0}
+    out = []
+    if record["share"] is not None:
+        gap = {f"{target}/{optim}": 1.0, f"{base}/{optim}": -1.0}
+        out.append(bias("share of the gap", ratio_signs(gain, gap, record["share"]), stratum, left_out))
+    if record["interaction_share"] is not None:
+        inter = {"/".join(k): c for k, c in interaction_terms(target, optim, base, record["reference_optim"]).items()}
+        out.append(
+            bias("share of the interaction", ratio_signs(gain, inter, record["interaction_share"]), stratum, left_out)
+        )
+    return [b for b in out if b is not None]
