@@ -277,7 +277,7 @@ def test_update_rms_is_recomputed_from_two_checkpoints(tmp_path, tiny_corpus):
 
     run_dir = tmp_path / "run"
     plugin_args = [f"--plugin={UPDATE_RMS}"]
-    extra = ["optim.name=muon", "checkpoint.interval=1", "checkpoint.keep_latest_k=0", "train.steps=3"]
+    extra = ["optim.name=muon", "checkpoint.interval=1", "checkpoint.keep_latest_k=3", "train.steps=3"]
     proc = run_cli([*plugin_args, *tiny_run_args(run_dir, tiny_corpus, *extra, "diagnostics.interval=0")])
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = [json.loads(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines()]

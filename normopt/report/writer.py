@@ -39,6 +39,7 @@ from normopt.errors import UserError
 from normopt.metrics.logger import jsonable
 from normopt.models.norms import default_fixes
 from normopt.output_paths import check_output_folder
+from normopt.plugins import check_run_plugins
 from normopt.report.cells.axes import (
     ReportAxes,
     cell_level,
@@ -141,6 +142,8 @@ def write_report(
     root = Path(root)
     out = root if out is None else Path(out)
     cells = discover_cells(root)
+    for cell in cells:  # a cell trained with a plugin is read only with that plugin, unchanged
+        check_run_plugins(cell.path, "report")
     axes = axes or read_experiment_file(root) or infer_axes(cells)
     summary = build_summary(cells, axes=axes, baseline_norm=baseline_norm, reference_optim=reference_optim, fixes=fixes)
     summary["root"] = str(root)

@@ -29,9 +29,12 @@ from typing import Any
 import yaml
 
 from normopt.config import flat_config
-from normopt.diagnostics.spectral_norm import spectral_norm_groups
+from normopt.diagnostics.isotropy import IsotropyMeans
+from normopt.diagnostics.registry import DIAGNOSTICS
+from normopt.diagnostics.tail_tokens import TailTokens
 from normopt.errors import UserError
 from normopt.metrics.jsonl import read_step_records
+from normopt.metrics.record_fields import parse_metric
 from normopt.report.cells.cost import read_cost
 from normopt.run_dir import MARKER_FILES, RecordKind, RunDir
 
@@ -84,14 +87,6 @@ def variant_label(norm: str | None, arm: str | None) -> str:
     return f"{norm}[{arm}]" if arm and arm != norm else str(norm)
 
 
-def parse_metric(value: Any) -> float:
-    """A logged number as a float: JSON numbers as they are; the strings "nan", "inf" and
-    "-inf" (how the metrics logger writes non-finite floats) as the matching float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"not a number: {value!r}")
-    return float(value)  # float("nan") / float("-inf") parse; other strings raise ValueError
-
-
 def read_metrics(path: Path) -> Metrics:
     """Parse ``metrics.jsonl``. A later line for a step replaces an earlier one (a resumed run
     that was not truncated logs some steps twice). An unterminated last line that does not
@@ -123,31 +118,6 @@ def read_metrics(path: Path) -> Metrics:
 
 
 @dataclass(frozen=True)
-class TailTokens:
-    """One ``tail_tokens`` record: validation loss by token-frequency bucket, ordered from the
-    most frequent tokens (bucket 0, the head) to the rarest (the last bucket, the tail)."""
-
-    step: int
-    bucket_loss: tuple[float | None, ...]  # mean cross-entropy (nats) over the bucket's targets; None = empty
-    bucket_token_share: tuple[float | None, ...] = ()  # the bucket's share of the target tokens
-    bucket_vocab_size: tuple[int | None, ...] = ()  # vocabulary entries in the bucket
-
-
-@dataclass(frozen=True)
-class Isotropy:
-    """One ``isotropy`` record's means per "type/group" cell (``attn.wq/early``; see
-    ``normopt.diagnostics.collector``): for the update the optimizer step applied and for
-    the weights after it, the normalised singular-value entropy (energy shares; 1 = all
-    singular values equal, 0 = rank one) and the effective rank; None = undefined."""
-
-    step: int
-    update_entropy: Mapping[str, float | None]
-    update_erank: Mapping[str, float | None]
-    weight_entropy: Mapping[str, float | None]
-    weight_erank: Mapping[str, float | None]
-
-
-@dataclass(frozen=True)
 class Diagnostics:
     """What the report shows of one cell's ``diagnostics.jsonl``: per-step series sorted by step,
     one value per step (a later record for a step replaces an earlier one, as in metrics.jsonl).
@@ -167,8 +137,10 @@ class Diagnostics:
     # (step, layer name -> saturation) for every step with a bounded layer: what a mean hides
     saturation_by_step: tuple[tuple[int, Mapping[str, float]], ...] = ()
     run: Mapping[str, Any] | None = None  # the last "run" record (n_params, n_layers, ...), if any
-    isotropy: Isotropy | None = None  # the isotropy record with the largest step
+    isotropy: IsotropyMeans | None = None  # the isotropy record with the largest step
     spectral_groups: Mapping[str, Any] | None = None  # spectral_norm_groups of the last record
+    # every other registered diagnostic (a plugin's): kind -> its ``read`` of the last record
+    others: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -176,87 +148,34 @@ class Diagnostics:
         return not (self.saturation or self.spectral_norm or self.tail_tokens)
 
 
-def _optional_metric(value: Any) -> float | None:
-    """null -> None, else ``parse_metric``."""
-    return None if value is None else parse_metric(value)
-
-
 def _mean(values: Sequence[float]) -> float:
     # plain sum, not math.fsum: inf + -inf gives nan here where fsum raises
     return sum(values) / len(values)
 
 
-def _mapping(record: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    value = record.get(key)
-    if not isinstance(value, Mapping):
-        raise ValueError(f"'{key}' is not an object")
-    return value
-
-
-def _number_list(record: Mapping[str, Any], key: str, required: bool = True) -> tuple[float | None, ...]:
-    if key not in record and not required:
-        return ()
-    value = record.get(key)
-    if not isinstance(value, list):
-        raise ValueError(f"'{key}' is not a list")
-    return tuple(_optional_metric(v) for v in value)
-
-
-def _saturations(record: Mapping[str, Any]) -> dict[str, float]:
-    """layer name -> saturation, for the layers of a ``norm`` record that report one."""
-    found = {}
-    for name, layer in _mapping(record, "layers").items():
-        if not isinstance(layer, Mapping):
-            raise ValueError(f"layer {name!r} is not an object")
-        value = _optional_metric(layer.get("saturation"))
-        if value is not None:
-            found[str(name)] = value
-    return found
-
-
-def _spectral_norms(record: Mapping[str, Any]) -> dict[str, Any]:
-    values = {str(k): _optional_metric(v) for k, v in _mapping(record, "matrices").items()}
-    return spectral_norm_groups({k: v for k, v in values.items() if v is not None})
-
-
-def _tail_tokens(step: int, record: Mapping[str, Any]) -> TailTokens:
-    sizes = record.get("bucket_vocab_size", [])
-    if not isinstance(sizes, list) or any(
-        s is not None and (isinstance(s, bool) or not isinstance(s, int)) for s in sizes
-    ):
-        raise ValueError("'bucket_vocab_size' is not a list of integers")
-    return TailTokens(
-        step, _number_list(record, "bucket_loss"), _number_list(record, "bucket_token_share", False), tuple(sizes)
-    )
-
-
-def _isotropy(step: int, record: Mapping[str, Any]) -> Isotropy:
-    cells = _mapping(record, "groups")
-    if not all(isinstance(v, Mapping) for v in cells.values()):
-        raise ValueError("'groups' is not an object of objects")
-    columns = {
-        field: {str(cell): _optional_metric(values.get(field)) for cell, values in cells.items()}
-        for field in ("update_entropy", "update_erank", "weight_entropy", "weight_erank")
-    }
-    return Isotropy(step, **columns)
+# the kinds the report's own sections show (the rest: Diagnostics.others)
+BUILT_IN_KINDS = (
+    RecordKind.RUN,
+    RecordKind.NORM,
+    RecordKind.SPECTRAL_NORM,
+    RecordKind.NS_SPECTRUM,
+    RecordKind.TAIL_TOKENS,
+    RecordKind.ISOTROPY,
+)
 
 
 def read_diagnostics(path: Path) -> Diagnostics:
     """Parse ``diagnostics.jsonl``: one JSON object a line with an integer "step" and a "kind".
-    Kept: "norm" (per-layer ``saturation``), "spectral_norm" (``matrices``: name -> spectral
-    norm), "run" (the run's description, as written), "tail_tokens" (``bucket_loss``,
-    ``bucket_token_share``, ``bucket_vocab_size``) and "isotropy" (``groups``: "type/group"
-    -> update_entropy, update_erank, weight_entropy, weight_erank); other kinds are
-    ignored. Numbers may be null or "nan"/"inf"/"-inf". As in ``read_metrics``, an
-    unterminated last line that does not parse is skipped and any other bad line is a
-    UserError."""
-    readers = {
-        RecordKind.NORM: _saturations,
-        RecordKind.SPECTRAL_NORM: _spectral_norms,
-        RecordKind.TAIL_TOKENS: lambda r: _tail_tokens(r["step"], r),
-        RecordKind.RUN: dict,
-        RecordKind.ISOTROPY: lambda r: _isotropy(r["step"], r),
-    }
+    Each kind the diagnostics registry holds is read by its diagnostic's ``read``
+    (diagnostics/registry.py): "norm" (per-layer ``saturation``), "spectral_norm"
+    (``matrices``: name -> spectral norm, summarised), "tail_tokens" (``bucket_loss``,
+    ``bucket_token_share``, ``bucket_vocab_size``), "isotropy" (``groups``: "type/group" ->
+    update_entropy, update_erank, weight_entropy, weight_erank) and a plugin's own kinds;
+    "run" is the run's description, as written; other kinds are ignored. Numbers may be
+    null or "nan"/"inf"/"-inf". As in ``read_metrics``, an unterminated last line that does
+    not parse is skipped and any other bad line is a UserError."""
+    readers = {kind: cls.read for kind, cls in DIAGNOSTICS.items()}
+    readers[RecordKind.RUN] = dict
 
     def parse(record: dict[str, Any]) -> tuple[str, int, Any]:
         kind = record.get("kind")
@@ -283,6 +202,11 @@ def read_diagnostics(path: Path) -> Diagnostics:
         saturation_by_step=tuple(saturation.items()),
         run=runs[max(runs)] if runs else None,
         isotropy=isotropy[max(isotropy)] if isotropy else None,
+        others={
+            kind: by_step[max(by_step)]
+            for kind, by_step in by_kind.items()
+            if kind not in BUILT_IN_KINDS and by_step and by_step[max(by_step)] is not None
+        },
     )
 
 

@@ -29,6 +29,7 @@ from normopt.report.render.notes import collapse_notes
 from normopt.report.render.over_training import over_training_section
 from normopt.report.render.run_setup import setup_lines
 from normopt.report.render.spectral_table import spectral_norm_table
+from normopt.report.render.tables import markdown_table
 from normopt.report.render.tail_section import tail_section
 from normopt.report.render.text import nouns, per_stratum
 from normopt.report.render.tuning import tuning_lead, tuning_section
@@ -61,6 +62,7 @@ def render_markdown(
         _plots_section(plots),
         _diagnostics_section(summary, diagnostic_plots or {}),
         [""],  # the plots' images end without a blank line
+        _diagnostic_tables_section(summary),
         cost_section(summary),
         _cells_section(summary),
         _notes_section(summary),
@@ -188,6 +190,14 @@ def _recovery_section(summary: Mapping[str, Any]) -> list[str]:
 def _plots_section(plots: Mapping[str, str]) -> list[str]:
     """The main plots' images."""
     return ["## Plots", "", *(f"![{name}]({path})" for name, path in plots.items())]
+
+
+def _diagnostic_tables_section(summary: Mapping[str, Any]) -> list[str]:
+    """The tables of diagnostics without a section of their own (a plugin's), one each."""
+    lines: list[str] = []
+    for table in summary.get("diagnostic_tables", ()):
+        lines += [f"### {table['title']} (`{table['kind']}`)", "", markdown_table(table["header"], table["rows"]), ""]
+    return lines
 
 
 def _diagnostics_section(summary: Mapping[str, Any], diagnostic_plots: Mapping[str, str]) -> list[str]:

@@ -63,6 +63,7 @@ from normopt.report.cells.cell_assessment import (
 from normopt.report.cells.cell_reading import NORM_KEY, OPTIM_KEY, Cell
 from normopt.report.stats.cell_records import cell_record
 from normopt.report.stats.contrasts import GroupStats, describe
+from normopt.report.stats.diagnostic_tables import diagnostic_tables
 from normopt.report.stats.estimates import (
     Groups,
     compute_gaps,
@@ -217,7 +218,14 @@ def build_summary(
         "left_out_by_group": _left_out_records(estimates.left_out_by_group),
         "tail_classes": estimates.tail,
         "notes": _lead_notes(assessed, estimates.all_groups, axes) + notes + estimates.notes,
+        **_diagnostic_tables([cell for cell, _ in assessed]),
     }
+
+
+def _diagnostic_tables(cells) -> dict[str, Any]:
+    """``diagnostic_tables``: the rows of diagnostics without a section of their own, if any."""
+    tables = diagnostic_tables(cells)
+    return {"diagnostic_tables": tables} if tables else {}
 
 
 def _resolved_axes(axes: ReportAxes, baseline: str | None, reference: str | None) -> ReportAxes:
