@@ -1,5 +1,6 @@
-"""What a plugin imports: every registry and the interface each kind of component answers,
-in one place (docs/extending.md walks through each kind with the examples in
+"""What a plugin imports: every registry (norms, optimizers, attentions, feed-forwards,
+diagnostics, report axes) and the interface each kind of component answers, in one place
+(docs/extending.md walks through each kind with the examples in
 ``examples/plugins/``).
 
 A plugin is a Python file, a package or an installed module that registers components when
@@ -37,6 +38,7 @@ from normopt.models.norms import NORMS
 from normopt.optim.registry import OPTIMIZERS
 from normopt.optim.spec import OptimizerSpec
 from normopt.registry import component_options
+from normopt.report.cells.report_axes import REPORT_AXES, ReportAxis
 
 __all__ = [
     "AFTER_EVALUATION",
@@ -57,6 +59,8 @@ __all__ = [
     "NormLayer",
     "OPTIMIZERS",
     "OptimizerSpec",
+    "REPORT_AXES",
+    "ReportAxis",
     "UserError",
     "block_index",
     "block_matrices",

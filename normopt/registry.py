@@ -69,8 +69,8 @@ class Registry(Mapping[str, T], Generic[T]):
         is refused, naming both owners. Its ``config`` dataclass, if it has one, declares
         its own keys (:func:`declare_keys`)."""
         name = self._name_of(entry)
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ValueError(f"a {self.kind}'s name must be an identifier, got {name!r}")
+        if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
+            raise ValueError(f"a {self.kind}'s name must be an identifier (or dotted ones), got {name!r}")
         owner = current_owner()
         if name in self._entries:
             raise ValueError(

@@ -45,7 +45,7 @@ from normopt.errors import UserError
 from normopt.factorial.cells import CellSpec, format_value
 from normopt.factorial.slurm import check_slurm_section
 from normopt.factorial.tuning import read_tune_section, tuning_cells
-from normopt.report.cells.axes import SHORT_AXIS_NAMES, axes_from_levels
+from normopt.report.cells.axes import axes_from_levels, short_axis_name
 
 SPEC_KEYS = {"base", "root", "set", "axes", "arms", "seeds", "slurm", "report", "tune", "plugins"}
 
@@ -76,7 +76,7 @@ def expand_cells(spec: dict[str, Any]) -> list[CellSpec]:
         labels = [_value_label(v) for v in values.values()]
         group = "-".join(([arm] if arm else []) + labels)
         settings = {**common, **values, **arm_settings, "train.seed": seed}
-        coords = {SHORT_AXIS_NAMES.get(k, k): v for k, v in {**values, **arm_settings}.items() if k in axes}
+        coords = {short_axis_name(k): v for k, v in {**values, **arm_settings}.items() if k in axes}
         cells.append(CellSpec(f"{group}-s{seed}" if group else f"s{seed}", settings, coords, seed, arm, group=group))
 
     for combo in itertools.product(*axes.values()):

@@ -40,15 +40,26 @@ from typing import Any
 
 from normopt.errors import UserError
 from normopt.optim.registry import REFERENCE_OPTIMIZER
-from normopt.report.cells.cell_reading import NORM_AXES, NORM_KEY, OPTIM_AXES, OPTIM_KEY, SEED_KEY, Cell
+from normopt.report.cells.cell_reading import NORM_KEY, OPTIM_KEY, SEED_KEY, Cell
+from normopt.report.cells.report_axes import REPORT_AXES
 from normopt.run_dir import EXPERIMENT_FILE
 
-# cell.json may name an axis by a short name (the factorial runner writes these two so)
-SHORT_AXIS_NAMES = {NORM_KEY: "norm", OPTIM_KEY: "optim"}
-AXIS_ALIASES = {NORM_KEY: NORM_AXES, OPTIM_KEY: OPTIM_AXES}
-# how the report's prose names an axis
-AXIS_NOUNS = {NORM_KEY: "norm", OPTIM_KEY: "optimizer"}
-DEFAULT_LEVELS = {NORM_KEY: "rmsnorm", OPTIM_KEY: REFERENCE_OPTIMIZER}
+
+def short_axis_name(key: str) -> str:
+    """The name a cell.json gives the axis ``key`` (the key itself for an unregistered one)."""
+    return REPORT_AXES[key].short if key in REPORT_AXES else key
+
+
+def default_level(key: str) -> str | None:
+    return REPORT_AXES[key].default_level if key in REPORT_AXES else None
+
+
+def canonical_levels(key: str | None) -> Sequence[str]:
+    """The registered order of an axis's levels (the norm and optimizer registries'); () if none."""
+    axis = REPORT_AXES.get(key or "")
+    return () if axis is None or axis.levels is None else axis.levels()
+
+
 # the one column label of a report without an across axis
 SINGLE_COLUMN = "all"
 REPORT_KEYS = {"compare", "baseline", "across", "reference", "fixes", "factors", "equivalence_margin", "size"}
@@ -96,7 +107,7 @@ class ReportAxes:
         return frozenset({self.compare, SEED_KEY, *self.strata} | ({self.across} if self.across else set()))
 
     def noun(self, key: str | None) -> str:
-        return AXIS_NOUNS.get(key or "", key or "")
+        return REPORT_AXES[key].noun if key in REPORT_AXES else (key or "")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -132,7 +143,7 @@ def cell_level(cell: Cell, key: str) -> str | None:
         return cell.norm
     if key == OPTIM_KEY and cell.optim is not None:
         return cell.optim
-    for name in AXIS_ALIASES.get(key, (key,)):
+    for name in (short_axis_name(key), key):
         if name in cell.coords:
             return level_label(cell.coords[name])
     return level_label(cell.config[key]) if key in cell.config else None
@@ -158,7 +169,7 @@ def stratum_of(cell: Cell, axes: ReportAxes) -> tuple[tuple[str, str | None], ..
 
 
 def _full_key(name: str) -> str:
-    return {short: key for key, short in SHORT_AXIS_NAMES.items()}.get(name, name)
+    return {axis.short: key for key, axis in REPORT_AXES.items()}.get(name, name)
 
 
 def axes_from_levels(levels: Mapping[str, Sequence[Any]], report: Mapping[str, Any] | None = None) -> ReportAxes:
@@ -195,7 +206,7 @@ def axes_from_levels(levels: Mapping[str, Sequence[Any]], report: Mapping[str, A
             if label not in order[key]:
                 raise UserError(f"report: {label!r} is not a level of {key} ({', '.join(order[key])})")
             return label
-        default = DEFAULT_LEVELS.get(key)
+        default = default_level(key)
         return default if default in order[key] else order[key][0]
 
     fixes = report.get("fixes")
@@ -377,7 +388,7 @@ def override_axes(
 
 
 def _default_level(key: str, order: Mapping[str, Sequence[str]]) -> str:
-    default = DEFAULT_LEVELS.get(key)
+    default = default_level(key)
     levels = order.get(key, ())
     if default is not None and (not levels or default in levels):
         return default

@@ -36,11 +36,12 @@ from normopt.errors import UserError
 from normopt.metrics.jsonl import read_step_records
 from normopt.metrics.record_fields import parse_metric
 from normopt.report.cells.cost import read_cost
+from normopt.report.cells.report_axes import NORM_KEY, OPTIM_KEY
 from normopt.run_dir import MARKER_FILES, RecordKind, RunDir
 
 # A cell's coordinates: the config keys, and the cell.json axes naming them under the names a
 # runner may use (short or the config key)
-NORM_KEY, OPTIM_KEY, SEED_KEY = "model.norm", "optim.name", "train.seed"
+SEED_KEY = "train.seed"
 NORM_AXES = ("norm", NORM_KEY)
 OPTIM_AXES = ("optim", OPTIM_KEY)
 SEED_AXES = ("seed", SEED_KEY)

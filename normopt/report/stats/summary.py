@@ -49,10 +49,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from normopt.models.norms import NORMS, default_fixes
-from normopt.optim.registry import OPTIMIZERS
+from normopt.models.norms import default_fixes
 from normopt.report.cells.arms import assign_arms, fix_base
-from normopt.report.cells.axes import SINGLE_COLUMN, ReportAxes, place_cells, stratum_of
+from normopt.report.cells.axes import SINGLE_COLUMN, ReportAxes, canonical_levels, place_cells, stratum_of
 from normopt.report.cells.cell_assessment import (
     CONTEXT_MARGIN_NATS,
     DIVERGENCE_NATS,
@@ -60,7 +59,7 @@ from normopt.report.cells.cell_assessment import (
     assess_cell,
     learned_no_context,
 )
-from normopt.report.cells.cell_reading import NORM_KEY, OPTIM_KEY, Cell
+from normopt.report.cells.cell_reading import NORM_KEY, Cell
 from normopt.report.stats.cell_records import cell_record
 from normopt.report.stats.contrasts import GroupStats, describe
 from normopt.report.stats.diagnostic_tables import diagnostic_tables
@@ -82,8 +81,6 @@ INTERVAL_METHOD = (
     "k-1 for paired per-seed contrasts, Fieller's interval for recovered shares"
 )
 # the norm registry's fixes (derf_ema of derf) and its order
-NORM_ORDER = NORMS  # the norm registry's order (plugins' norms after the built-ins)
-OPTIM_ORDER = OPTIMIZERS  # the optimizer registry's order
 
 
 def _order(values: Iterable[str], canonical: Sequence[str], first: str | None) -> list[str]:
@@ -110,8 +107,8 @@ LostCells = dict[tuple[str, str, str], dict[str, list[str]]]  # (stratum, varian
 def _canonical_orders(axes: ReportAxes) -> tuple[Sequence[str], Sequence[str]]:
     """The level orders of the compared and the across axis: the spec's, else the registry's
     norms and the known optimizers."""
-    compare = axes.order.get(axes.compare) or (NORM_ORDER if axes.compare == NORM_KEY else ())
-    across = axes.order.get(axes.across or "") or (OPTIM_ORDER if axes.across == OPTIM_KEY else ())
+    compare = axes.order.get(axes.compare) or canonical_levels(axes.compare)
+    across = axes.order.get(axes.across or "") or canonical_levels(axes.across)
     return compare, across
 
 
