@@ -10,7 +10,7 @@ The rules (also in docs/contributing.md, "The docs"):
    entry of the repository (``normopt/launch.py``, ``configs/factorial/tiny_cpu.yaml``) exists.
 3. **Commands.** Every line of a ```bash block is one command (a trailing ``\\`` continues it).
    It runs from a scratch folder that links the repository's ``configs``, ``launch``,
-   ``scripts``, ``benchmarks`` and ``train.py`` (so ``runs/`` and the corpus cache land there),
+   ``scripts``, ``benchmarks``, ``examples`` and ``train.py`` (so ``runs/`` and the corpus cache land there),
    and must exit 0, unless its trailing comment carries a marker:
 
    * ``# exit: N``: it runs and must exit with status N (a refused input);
@@ -70,7 +70,7 @@ TOP_LEVEL = (
     "pyproject.toml",
     "README.md",
 )
-SCRATCH_LINKS = ("configs", "launch", "scripts", "benchmarks", "train.py")
+SCRATCH_LINKS = ("configs", "launch", "scripts", "benchmarks", "examples", "train.py")
 NEEDS = frozenset({"gpu", "slurm", "network", "long", "run"})
 COMMAND_TIMEOUT_S = 60
 # how an argument error reads (argparse and normopt's CommandParser): a `needs: run` command
@@ -349,15 +349,15 @@ def option(args: list[str], *names: str) -> str | None:
 
 
 def config_args(args: list[str]) -> list[str]:
-    """--config PATH and the section.key=value overrides of a training command."""
+    """--plugin and --config PATH and the section.key=value overrides of a training command."""
     out, i = [], 0
     while i < len(args):
         arg = args[i]
-        if arg == "--config" and i + 1 < len(args):
-            out += ["--config", args[i + 1]]
+        if arg in ("--config", "--plugin") and i + 1 < len(args):
+            out += [arg, args[i + 1]]
             i += 2
             continue
-        if arg.startswith("--config="):
+        if arg.startswith(("--config=", "--plugin=")):
             out.append(arg)
         elif re.match(r"[a-z_]+\.[a-z_0-9]+=", arg):
             out.append(arg)

@@ -17,12 +17,15 @@ the dense model, 4x its total.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from normopt.models.components import attention_class, feed_forward_class
 from normopt.models.norm_layer import NormConfig
 from normopt.models.norms import norm_param_count, reference_embed_scale, resolve_norm_config
+from normopt.registry import component_options
 
 NAMING_VOCAB = 32768
 
@@ -58,6 +61,12 @@ class ModelArgs:
     moe_balance: str = "aux_loss"  # aux_loss | aux_free | none
     moe_aux_coef: float = 0.01
     moe_bias_rate: float = 1e-3  # aux_free: bias step per optimizer step
+    # a plugin attention's or feed-forward's own keys (model.<name>_<field>): (name, ((field, value), ...))
+    component_options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+
+    def options(self, component: str) -> dict[str, Any]:
+        """The own keys of the attention or feed-forward ``component`` ({} when it has none)."""
+        return dict(dict(self.component_options).get(component, ()))
 
     @property
     def head_dim(self) -> int:
@@ -152,7 +161,10 @@ def resolve_model_args(model_cfg, vocab_size: int) -> ModelArgs:
         if scale in (None, "none")
         else float(scale)
     )
-    return fill_derived_shapes(replace(base, **overrides, vocab_size=vocab_size))
+    args = replace(base, **overrides, vocab_size=vocab_size)
+    own = {name: component_options(model_cfg, name) for name in (args.attention, args.ffn)}
+    options = tuple((name, tuple(dataclasses.asdict(o).items())) for name, o in own.items() if o is not None)
+    return fill_derived_shapes(replace(args, component_options=options))
 
 
 def _attention_params(args: ModelArgs, norms: bool = True) -> int:
