@@ -519,7 +519,7 @@ def spectrum_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.target_layers is not None and args.target_layers < 1:
         raise UserError(f"--target-layers must be >= 1, got {args.target_layers}")
-    options = {key: value for key, value in vars(args).items() if key not in ("root", "out")}
+    options = {key: value for key, value in vars(args).items() if key not in ("root", "out", "plugin")}
     if args.out:
         check_output_folder(Path(args.out), "--out")
     summary = write_spectrum(args.root, args.out, **options)
