@@ -309,3 +309,23 @@ def test_a_plugin_module_can_stay_torch_only():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env())
     assert proc.stdout.strip() == "[[1.0, 1.0, 1.0, 1.0]] False", proc.stderr
+
+
+def test_a_specs_plugins_reach_every_job_of_a_slurm_grid():
+    """The array tasks (the sbatch script, its config check and its launcher) and the report
+    job name the spec's plugins: the generated scripts carry them, as the command line would."""
+    proc = _cli("factorial", REPO_ROOT / "configs" / "factorial" / "plugins_cpu.yaml", "--slurm", "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plugins = " ".join(f"--plugin={path}" for path in ALL)
+    assert f"launch/slurm.sbatch {plugins} --config " in proc.stdout
+    assert f"-m normopt.cli report {plugins} " in proc.stdout
+    env = {"NORMOPT_DRY_RUN": "1", "SLURM_JOB_NUM_NODES": "1", "NORMOPT_GPUS_PER_NODE": "1"}
+    dry = subprocess.run(
+        ["bash", "launch/slurm.sbatch", *plugins.split(), "model.norm=scalenorm", "optim.name=ademamix"],
+        cwd=REPO_ROOT,
+        env=child_env(env),
+        capture_output=True,
+        text=True,
+    )
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert "--plugin=" in dry.stdout + dry.stderr

@@ -106,10 +106,10 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
 def build_param_groups(model: nn.Module, optim_cfg) -> list[ParamGroup]:
     """One ParamGroup per role that has parameters, with its optimizer, lr and weight decay
     (under Muon/NorMuon, the matrices ``optim.muon_params`` leaves out are ``matrix_adamw``)."""
-    muon_family = optimizer_spec(optim_cfg.name).matrices_only
-    others = FALLBACK if muon_family else optim_cfg.name  # what takes the non-matrix roles
+    matrices_only = optimizer_spec(optim_cfg.name).matrices_only
+    others = FALLBACK if matrices_only else optim_cfg.name  # what takes the non-matrix roles
     no_decay = 0.0 if not optim_cfg.decay_norms_and_embeddings else optim_cfg.weight_decay
-    if muon_family:
+    if matrices_only:
         matrix_lr = optim_cfg.lr if optim_cfg.muon_lr is None else optim_cfg.muon_lr
         matrix_wd = optim_cfg.weight_decay if optim_cfg.muon_weight_decay is None else optim_cfg.muon_weight_decay
     else:
@@ -124,7 +124,7 @@ def build_param_groups(model: nn.Module, optim_cfg) -> list[ParamGroup]:
     }
     groups = {role: ParamGroup(role, *spec) for role, spec in specs.items()}
     roles = parameter_roles(model)
-    if muon_family:
+    if matrices_only:
         check_globs_match(optim_cfg.muon_params, [n for n, r in roles.items() if r in ("matrix", "router")])
         on_muon = muon_selector(optim_cfg.muon_params)
         named_by_glob = not isinstance(parse_muon_params(optim_cfg.muon_params), str)
@@ -140,7 +140,7 @@ def build_param_groups(model: nn.Module, optim_cfg) -> list[ParamGroup]:
         group = groups[roles[name]]
         group.names.append(name)
         group.params.append(p)
-    if muon_family:
+    if matrices_only:
         split = head_blocks_by_name(model, optim_cfg.muon_split_heads)
         groups["matrix"].head_blocks = {n: split[n] for n in groups["matrix"].names if n in split}
     return [g for g in groups.values() if g.params]
