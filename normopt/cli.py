@@ -243,7 +243,10 @@ USAGE = """usage: normopt {train,launch,check,config,export,sample,report,factor
   plan    what a spec's grid can detect (minimum detectable interaction, seeds needed, cost) from a
           seed-to-seed spread, by simulating the report's own tests
   status  where a grid stands: each run done, running, queued, preempted, diverged or failed, and the time left
-  spectrum  power laws of the NS-input spectrum in model size; NS steps per layer"""
+  spectrum  power laws of the NS-input spectrum in model size; NS steps per layer
+
+Every command takes --plugin FILE_OR_MODULE (repeatable): your own norm, optimizer, attention,
+feed-forward, diagnostic or report axis, loaded first (docs/extending.md)."""
 
 
 def main(argv: list[str] | None = None) -> int:

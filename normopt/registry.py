@@ -58,8 +58,9 @@ class Registry(Mapping[str, T], Generic[T]):
     ``section`` is the config section a component's own keys join (see
     :func:`declare_keys`); ``name_of`` reads a component's registry name."""
 
-    def __init__(self, kind: str, plural: str, section: str, name_of=lambda entry: entry.name):
+    def __init__(self, kind: str, plural: str, section: str, name_of=lambda entry: entry.name, check=None):
         self.kind, self.plural, self.section, self._name_of = kind, plural, section, name_of
+        self._check = check  # entry -> a problem in words, or None
         self._entries: dict[str, T] = {}
         self._owners: dict[str, str] = {}
         REGISTRIES.append(self)
@@ -72,6 +73,9 @@ class Registry(Mapping[str, T], Generic[T]):
         if not isinstance(name, str) or not all(part.isidentifier() for part in name.split(".")):
             raise ValueError(f"a {self.kind}'s name must be an identifier (or dotted ones), got {name!r}")
         owner = current_owner()
+        problem = self._check(entry) if self._check is not None else None
+        if problem:
+            raise ValueError(f"{self.kind} {name!r}: {problem}")
         if name in self._entries:
             raise ValueError(
                 f"{self.kind} {name!r} is registered twice (by {self._owners[name]} and by {owner}); "

@@ -36,7 +36,16 @@ from normopt.models.rmsnorm import RMSNorm
 from normopt.registry import Registry, component_options
 
 # one line per norm; the order is the order of config messages and of the report's rows
-NORMS: Registry[type[NormLayer]] = Registry("norm", "norms", section="model")
+NORMS: Registry[type[NormLayer]] = Registry(
+    "norm",
+    "norms",
+    section="model",
+    check=lambda cls: (
+        None
+        if isinstance(cls, type) and issubclass(cls, NormLayer)
+        else "register a NormLayer subclass (a torch-only layer: wrapped by normopt.extend.norm_layer)"
+    ),
+)
 for _cls in (RMSNorm, DyT, Derf, DerfEMA, LayerNorm):
     NORMS.register(_cls)
 

@@ -16,7 +16,12 @@ from normopt.optim.spec import OptimizerSpec
 from normopt.registry import Registry
 
 # one line per optimizer; the order is the order of config messages and report columns
-OPTIMIZERS: Registry[OptimizerSpec] = Registry("optimizer", "optimizers", section="optim")
+OPTIMIZERS: Registry[OptimizerSpec] = Registry(
+    "optimizer",
+    "optimizers",
+    section="optim",
+    check=lambda spec: None if isinstance(spec, OptimizerSpec) else "register an OptimizerSpec",
+)
 for _spec in (ADAMW, MUON, NORMUON, LION):
     OPTIMIZERS.register(_spec)
 FALLBACK = ADAMW.name  # takes what a matrices-only optimizer leaves (embeddings, head, norms, router)
