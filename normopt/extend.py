@@ -33,8 +33,10 @@ from normopt.diagnostics.registry import DIAGNOSTICS
 from normopt.errors import UserError
 from normopt.key_roles import EVALUATION, EXECUTION, LENGTH, MATH, require, role
 from normopt.models.components import ATTENTIONS, FEED_FORWARDS
+from normopt.models.gqa import GroupedQueryAttention
 from normopt.models.norm_layer import Location, NormConfig, NormLayer
 from normopt.models.norms import NORMS
+from normopt.models.swiglu import SwiGLU
 from normopt.optim.registry import OPTIMIZERS
 from normopt.optim.spec import OptimizerSpec
 from normopt.registry import component_options
@@ -51,6 +53,7 @@ __all__ = [
     "EVALUATION",
     "EXECUTION",
     "FEED_FORWARDS",
+    "GroupedQueryAttention",
     "LENGTH",
     "Location",
     "MATH",
@@ -61,6 +64,7 @@ __all__ = [
     "OptimizerSpec",
     "REPORT_AXES",
     "ReportAxis",
+    "SwiGLU",
     "UserError",
     "block_index",
     "block_matrices",

@@ -329,3 +329,112 @@ def test_a_specs_plugins_reach_every_job_of_a_slurm_grid():
     )
     assert dry.returncode == 0, dry.stderr[-2000:]
     assert "--plugin=" in dry.stdout + dry.stderr
+
+
+HELD_OUT = '''
+"""An attention and a feed-forward written from docs/extending.md alone."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from normopt.extend import ATTENTIONS, FEED_FORWARDS, MATH, GroupedQueryAttention, require, role
+
+
+@dataclass
+class TemperatureConfig:
+    scale: float = role(MATH, 0.5, "tempered: multiplies the attention logits")
+
+    def validate(self):
+        require(self.scale > 0, "model.tempered_scale", "must be positive")
+
+
+@ATTENTIONS.register
+class Tempered(GroupedQueryAttention):
+    """softmax(scale q k^T / sqrt(h)) v."""
+
+    name = "tempered"
+    config = TemperatureConfig
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.scale = args.options("tempered")["scale"]
+
+    def attend(self, q, k, v):
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=self.scale / q.shape[-1] ** 0.5, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+
+
+@FEED_FORWARDS.register
+class ReluSquared(torch.nn.Module):
+    """So et al. 2021 (Primer): w2 relu(w1 x)^2."""
+
+    name = "relu2"
+    aux_loss_name = None
+    matrix_components = {"ffn.w1": "ffn", "ffn.w2": "ffn"}
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w1 = torch.nn.Linear(dim, hidden, bias=False)
+        self.w2 = torch.nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.relu(self.w1(x)).square())
+
+    def input_matrices(self):
+        return [self.w1.weight]
+
+    def output_matrices(self):
+        return [self.w2.weight]
+
+    @classmethod
+    def build(cls, args):
+        return cls(args.dim, args.ffn_hidden)
+
+    @classmethod
+    def check_shapes(cls, args):
+        pass
+
+    @classmethod
+    def fill_shapes(cls, args):
+        return {}
+
+    @classmethod
+    def param_counts(cls, args):
+        return (2 * args.dim * args.ffn_hidden,) * 2
+
+    @classmethod
+    def saved_bytes_per_token(cls, args, compute_bytes):
+        return 2 * compute_bytes * args.ffn_hidden
+
+    @classmethod
+    def describe(cls, args, total_params, active_params):
+        return "ffn: relu2"
+'''
+
+
+def test_a_held_out_attention_and_feed_forward(tmp_path, tiny_corpus):
+    """Written from the docs: they train, keep their own key, continue a finished run, report,
+    and are refused by the Hugging Face export in one line (safetensors exports them)."""
+    plugin = tmp_path / "held_out.py"
+    plugin.write_text(HELD_OUT)
+    run_dir = tmp_path / "run"
+    args = [f"--plugin={plugin}", *tiny_run_args(run_dir, tiny_corpus, "model.attention=tempered", "model.ffn=relu2")]
+    proc = run_cli([*args, "model.tempered_scale=2.0"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert yaml_load(run_dir / "config.yaml")["model"]["tempered_scale"] == 2.0
+    refused = run_cli([*args, "model.tempered_scale=2.0", "train.steps=8", "model.tempered_scale=1.0"])
+    assert "model.tempered_scale: the run being resumed used 2.0" in _one_line(refused)
+    assert run_cli([*args, "model.tempered_scale=2.0", "train.steps=8"]).returncode == 0
+    line = _one_line(_cli("export", run_dir, "--format", "hf", f"--plugin={plugin}"))
+    assert "plugin attention tempered (held_out): --format hf exports built-in attentions" in line
+    assert _cli("export", run_dir, f"--plugin={plugin}").returncode == 0
+    report = _cli("report", tmp_path, f"--plugin={plugin}")
+    assert report.returncode == 0, report.stderr[-2000:]
+
+
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
