@@ -66,6 +66,9 @@ def grid(tmp_path_factory, tiny_corpus):
     return folder / "grid"
 
 
+# the grid's 12 cells take about 1.5 minutes on 2 cores: with -m slow; the default run covers
+# the plugins in single runs (tests/test_plugins.py) and in the kill-and-resume below
+@pytest.mark.slow
 def test_the_grid_runs_every_cell_with_the_plugins_and_reports_them(grid):
     cells = sorted(p for p in grid.iterdir() if p.is_dir())
     assert len(cells) == 12
@@ -86,6 +89,7 @@ def test_the_grid_runs_every_cell_with_the_plugins_and_reports_them(grid):
     assert [(g["variant"], g["optim"]) for g in summary["gaps"]] == [("scalenorm", o) for o in OPTIMS]
 
 
+@pytest.mark.slow
 def test_the_report_needs_the_same_plugins(grid, tmp_path):
     line = _one_line(_cli("report", grid, "--out", tmp_path / "without"))
     assert "trained with plugin scalenorm" in line and "name it to report this run" in line
@@ -94,6 +98,7 @@ def test_the_report_needs_the_same_plugins(grid, tmp_path):
     assert (tmp_path / "with" / "report.md").read_text() == (grid / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_the_plugin_norm_exports_and_loads_in_transformers(grid, tmp_path):
     transformers = pytest.importorskip("transformers")
     cell = grid / "scalenorm-ademamix-s0"
