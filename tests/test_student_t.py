@@ -120,3 +120,30 @@ def test_paired_interval_with_two_seeds_uses_one_degree_of_freedom():
     p = paired_contrast([(1.0, groups[0]), (-1.0, groups[1])])
     se = statistics.stdev([0.5, 0.7]) / math.sqrt(2)
     assert p["df"] == 1 and p["ci95"] == pytest.approx([0.6 - 12.706205 * se, 0.6 + 12.706205 * se])
+
+
+def test_the_share_of_a_gap_is_the_same_in_every_process():
+    """The ratio's sums run in the contrasts' order, not a set's: string hashing differs from
+    one process to the next (PYTHONHASHSEED), and it must not reach the last bits."""
+    import subprocess
+    import sys
+
+    code = (
+        "import statistics, random\n"
+        "from normopt.report.stats.contrasts import describe, ratio_of_contrasts\n"
+        "rng = random.Random(3)\n"
+        "means = {('derf_ema', 'muon'): 3.17, ('derf', 'muon'): 3.31, ('rmsnorm', 'muon'): 3.0,"
+        " ('derf', 'adamw'): 3.02, ('rmsnorm', 'adamw'): 3.01}\n"
+        "names = list(means)\n"
+        "groups = {k: describe([rng.gauss(m, 0.01) for _ in range(3)]) for k, m in means.items()}\n"
+        "r = ratio_of_contrasts({names[0]: 1.0, names[1]: -1.0}, {names[1]: 1.0, names[2]: -1.0, names[3]: -1.0,"
+        " names[4]: 1.0}, groups)\n"
+        "print(repr(r['value']), repr(r['ci95']), repr(r['df']))\n"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", code], env={"PYTHONHASHSEED": str(seed), "PATH": ""}, capture_output=True, text=True
+        ).stdout
+        for seed in range(6)
+    }
+    assert len(outputs) == 1 and "None" not in next(iter(outputs)), outputs

@@ -110,7 +110,9 @@ def ratio_of_contrasts(
     interval's coverage, 95% unless a family adjustment asks for more). ``ci95`` is None
     with a ``reason`` when a group has n < 2, or when D is not distinguishable from 0 (the
     Fieller set is then unbounded)."""
-    keys = set(numerator) | set(denominator)
+    # in the contrasts' own order: a set's order follows string hashing, which changes from one
+    # process to the next, and with it the last bits of every sum below
+    keys = list(dict.fromkeys([*numerator, *denominator]))
     a = {k: numerator.get(k, 0.0) for k in keys}
     b = {k: denominator.get(k, 0.0) for k in keys}
     num = sum(a[k] * groups[k].mean for k in keys)
