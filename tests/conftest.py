@@ -44,6 +44,16 @@ def write_corpus(folder: Path, documents: int = 40, words: int = 400, seed: int 
     return folder
 
 
+@pytest.fixture(autouse=True)
+def _plugins_forgotten():
+    """Every test starts from normopt's own registries: a plugin a test loads in this process
+    (directly, or through a config or spec that names one) is forgotten when it ends."""
+    yield
+    from normopt.plugins import forget_all
+
+    forget_all()
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))
