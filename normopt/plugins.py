@@ -77,8 +77,12 @@ def _is_path(spec: str, base: Path | None) -> bool:
 
 
 def _module_file(module_name: str) -> Path | None:
-    """The file or package folder an importable module's source lives in, without importing it."""
-    found = importlib.util.find_spec(module_name)
+    """The file or package folder an importable module's source lives in, without importing
+    it (None when it is not importable)."""
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return None
     if found is None or found.origin in (None, "built-in", "frozen"):
         return None
     origin = Path(found.origin)
@@ -102,11 +106,12 @@ def call_hook(module) -> None:
         hook(normopt.extend)
 
 
-def _import(name: str, source: str, load) -> Plugin:
-    """Run ``load`` (the import) with every registration credited to ``name``; any failure is
-    one line naming the plugin."""
+def _import(name: str, source: str, digest_path: Path, load) -> Plugin:
+    """Run ``load`` (the import) with every registration credited to ``name`` and record the
+    plugin, its source hashed as it was imported; any failure is one line naming the plugin."""
     import normopt.extend  # noqa: F401  (every registry fills with the built-ins first, credited to normopt)
 
+    digest = source_digest(digest_path)
     try:
         with crediting(name):
             load()
@@ -117,7 +122,8 @@ def _import(name: str, source: str, load) -> Plugin:
         forget(name)
         detail = str(exc).splitlines()[0] if str(exc) else ""
         raise UserError(f"plugin {name} ({source}) failed to load: {type(exc).__name__}: {detail}") from None
-    return Plugin(name, source, "", _credited_components(name))
+    _loaded[name] = Plugin(name, source, digest, _credited_components(name))
+    return _loaded[name]
 
 
 def load_plugin(spec: str, base: Path | None = None) -> Plugin:
@@ -152,10 +158,7 @@ def load_plugin(spec: str, base: Path | None = None) -> Plugin:
         digest_path = path
     else:
         name, source = spec, f"module {spec}"
-        try:
-            digest_path = _module_file(spec)
-        except (ImportError, ValueError):
-            digest_path = None
+        digest_path = _module_file(spec)
         if digest_path is None:
             raise UserError(
                 f"plugin {spec}: no importable module of that name (a file needs its path, e.g. ./{spec}.py)"
@@ -168,10 +171,7 @@ def load_plugin(spec: str, base: Path | None = None) -> Plugin:
         if _loaded[name].source != source:
             raise UserError(f"plugin {spec}: another plugin named {name} is already loaded ({_loaded[name].source})")
         return _loaded[name]
-    plugin = _import(name, source, load)
-    plugin = Plugin(plugin.name, plugin.source, source_digest(digest_path), plugin.components)
-    _loaded[name] = plugin
-    return plugin
+    return _import(name, source, digest_path, load)
 
 
 def load_plugins(specs, base: Path | None = None) -> list[Plugin]:
@@ -191,17 +191,12 @@ def load_entry_points() -> None:
     _entry_points_loaded = True
     for point in entry_points(group=ENTRY_POINT_GROUP):
         module = point.value.split(":", 1)[0]
-        try:
-            file = _module_file(module)
-        except (ImportError, ValueError):
-            file = None
+        file = _module_file(module)
         if file is None:
             raise UserError(f"entry point {point.name} ({ENTRY_POINT_GROUP}): module {module} is not importable")
         if point.name not in _loaded:
-            plugin = _import(
-                point.name, f"entry point {point.name}", lambda m=module: call_hook(importlib.import_module(m))
-            )
-            _loaded[point.name] = Plugin(plugin.name, plugin.source, source_digest(file), plugin.components)
+            source = f"entry point {point.name}"
+            _import(point.name, source, file, lambda m=module: call_hook(importlib.import_module(m)))
 
 
 def plugin_args(plugins: list[Plugin] | None = None) -> list[str]:
@@ -223,8 +218,11 @@ def forget(name: str) -> None:
 
 
 def forget_all() -> None:
+    """Every plugin forgotten; the next :func:`load_plugins` loads the entry points again."""
+    global _entry_points_loaded
     for name in list(_loaded):
         forget(name)
+    _entry_points_loaded = False
 
 
 # ------------------------------------------------------------------ the run directory's record

@@ -211,7 +211,7 @@ def component_options(section_values: Any, component: str) -> Any | None:
     """The config dataclass instance of ``component``'s own keys, read from a section
     (``cfg.optim`` for an optimizer's); None when the component declared no keys there."""
     for (_, name), config in _declared.items():
-        if name == component:
-            values = {f.name: getattr(section_values, key_name(component, f.name)) for f in dataclasses.fields(config)}
-            return config(**values)
+        keys = {f.name: key_name(component, f.name) for f in dataclasses.fields(config)}
+        if name == component and all(hasattr(section_values, key) for key in keys.values()):
+            return config(**{field: getattr(section_values, key) for field, key in keys.items()})
     return None

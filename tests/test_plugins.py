@@ -311,10 +311,15 @@ def test_a_plugin_module_can_stay_torch_only():
     assert proc.stdout.strip() == "[[1.0, 1.0, 1.0, 1.0]] False", proc.stderr
 
 
-def test_a_specs_plugins_reach_every_job_of_a_slurm_grid():
+def test_a_specs_plugins_reach_every_job_of_a_slurm_grid(tmp_path):
     """The array tasks (the sbatch script, its config check and its launcher) and the report
     job name the spec's plugins: the generated scripts carry them, as the command line would."""
-    proc = _cli("factorial", REPO_ROOT / "configs" / "factorial" / "plugins_cpu.yaml", "--slurm", "--dry-run")
+    import yaml
+
+    spec = yaml.safe_load((REPO_ROOT / "configs" / "factorial" / "plugins_cpu.yaml").read_text())
+    spec.update(base=str(REPO_ROOT / "configs" / "demo.yaml"), root=str(tmp_path / "grid"), plugins=list(ALL))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    proc = _cli("factorial", tmp_path / "spec.yaml", "--slurm", "--dry-run")
     assert proc.returncode == 0, proc.stderr[-2000:]
     plugins = " ".join(f"--plugin={path}" for path in ALL)
     assert f"launch/slurm.sbatch {plugins} --config " in proc.stdout
